@@ -1,0 +1,53 @@
+"""The ``visae`` console entry point: one subcommand per pipeline stage.
+
+Each stage module exposes ``main(argv: list[str] | None = None) -> int``; this file only
+dispatches, importing the stage lazily so ``visae --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line description)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("visae.demo", "end to end on the synthetic world: generate, extract, sweep, select, name, browse"),
+    "extract": ("visae.extract", "run a vision model over images and write a shard set of activations"),
+    "train": ("visae.train", "train an SAE on a shard set"),
+    "sweep": ("visae.sweep", "train a grid of SAEs (lr x lambda x expansion) and select the best"),
+    "select": ("visae.select", "re-select the best SAE of a sweep under constraints, without retraining"),
+    "zeroshot": ("visae.zeroshot", "zero-shot accuracy of a labelled shard set and of SAE reconstructions"),
+    "name": ("visae.naming", "name each SAE latent by matching its decoder direction to text embeddings"),
+    "browse": ("visae.browse", "write (and optionally serve) a static site of named concepts with top images"),
+    "toyworld": ("visae.toyworld", "generate images of the synthetic world with their factor labels"),
+    "train-toy-clip": ("visae.toyclip", "train the project's small CLIP on the synthetic world"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: visae <command> [--help] [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from visae import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"visae: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

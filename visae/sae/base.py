@@ -1,0 +1,482 @@
+"""The stacked SAE base class: config, initialisation, encode/decode, training loss, checkpoints.
+
+Every parameter has a leading member axis ``S`` (``cfg.n_models``), so one module holds a
+single SAE (S = 1) or a sweep's stack of same-shape SAEs, trained in one pass over the data
+with one code path::
+
+    W_enc [S, d_in, d_sae]   b_enc [S, d_sae]   W_dec [S, d_sae, d_in]   b_dec [S, d_in]
+
+Spaces. Shards hold per-example unit-norm activations (``input_normalization="unit_norm"``).
+The weights work in *SAE space*: ``x_sae = x_shard * scale_factor``. ``training_loss``
+takes shard batches; ``encode`` / ``forward`` take RAW activations and apply the input
+normalisation themselves (divide by the example's norm, multiply by ``scale_factor``), and
+``forward`` maps the reconstruction back to raw space, so a loaded SAE needs no manual
+normalisation. ``fold_scale_factor_`` folds ``scale_factor`` into the weights exactly.
+
+Architectures (``relu``, ``topk``, ``batchtopk``, ``jumprelu``) subclass :class:`SAE` and
+are registered by name in :mod:`visae.sae` (see ``register_architecture``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SAEConfig", "SAE", "LossOutput", "SAEFormatError", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "visae.sae"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+CFG_FILE = "cfg.json"
+
+
+class SAEFormatError(ValueError):
+    """An SAE directory is missing, malformed, or does not fit the data it is given."""
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """Shape and architecture of a (stack of) sparse autoencoder(s)."""
+
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu"] = field(
+        default="relu", metadata={"help": "SAE architecture: relu (+L1), topk, batchtopk, jumprelu"})
+    d_in: int = field(default=512, metadata={"help": "input (activation) width"})
+    d_sae: int = field(default=4096, metadata={"help": "number of latents (dictionary size)"})
+    n_models: int = field(default=1, metadata={"help": "stack size S: same-shape SAEs held and trained as one module"})
+    k: int = field(default=32, metadata={"help": "topk / batchtopk: active latents per example (batchtopk: on average)"})
+    aux_k: int = field(default=512, metadata={"help": "topk / batchtopk: dead latents used by the aux-k loss"})
+    aux_coeff: float = field(default=1.0 / 32, metadata={"help": "topk / batchtopk: weight of the aux-k loss"})
+    threshold_momentum: float = field(
+        default=0.99, metadata={"help": "batchtopk: momentum of the running inference threshold"})
+    jumprelu_bandwidth: float = field(
+        default=1e-3, metadata={"help": "jumprelu: bandwidth of the straight-through threshold gradient"})
+    jumprelu_init_threshold: float = field(default=1e-3, metadata={"help": "jumprelu: initial threshold"})
+    input_normalization: Literal["unit_norm", "none"] = field(
+        default="unit_norm", metadata={"help": "unit_norm: the SAE divides each raw input by its L2 norm and "
+                                               "multiplies the reconstruction back; none: inputs used as given"})
+    scale_factor: float = field(
+        default=1.0, metadata={"help": "dataset-wide factor: SAE space = normalised input * scale_factor "
+                                       "(folded into the weights by fold_scale_factor_)"})
+    impl: Literal["auto", "reference", "fused", "sparse"] = field(
+        default="auto", metadata={"help": "training-step kernels: auto picks the fastest exact one; reference "
+                                          "is plain autograd"})
+    sparse_threshold: float = field(
+        default=0.02, metadata={"help": "auto impl: use the sparse path when the fraction of active codes is below this"})
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_sae", "n_models", "k"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"SAEConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.k > self.d_sae:
+            raise ValueError(f"SAEConfig.k={self.k} exceeds d_sae={self.d_sae}")
+        if self.input_normalization not in ("unit_norm", "none"):
+            raise ValueError(f"SAEConfig.input_normalization must be 'unit_norm' or 'none', got {self.input_normalization!r}")
+        if not (self.scale_factor > 0 and math.isfinite(self.scale_factor)):
+            raise ValueError(f"SAEConfig.scale_factor must be a positive finite number, got {self.scale_factor}")
+        if self.impl not in ("auto", "reference", "fused", "sparse"):
+            raise ValueError(f"SAEConfig.impl must be auto/reference/fused/sparse, got {self.impl!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "SAEConfig") -> "SAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SAEFormatError(f"{where}: unknown SAE config field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class LossOutput(NamedTuple):
+    """What ``training_loss`` returns. ``loss`` is a scalar (summed over members); the rest are detached.
+
+    mse [S]: mean over batch and d_in of the squared error (SAE space); l1 [S]: mean over batch
+    of sum_j f_j * ||W_dec_j||; l0 [S]: mean active latents per example; explained_variance [S];
+    aux [S]: aux-k loss (0 when unused); fired [S, d_sae] bool; sq_err [S, B]: per-example
+    squared error summed over d_in.
+    """
+
+    loss: Tensor
+    mse: Tensor
+    l1: Tensor
+    l0: Tensor
+    explained_variance: Tensor
+    aux: Tensor
+    fired: Tensor
+    sq_err: Tensor
+
+
+def _coeff(value: float | Tensor, S: int, like: Tensor) -> Tensor:
+    """A per-member coefficient [S] from a float or a tensor [S] / [] (no grad)."""
+    t = torch.as_tensor(value, dtype=torch.float32, device=like.device).detach()
+    if t.ndim == 0:
+        t = t.expand(S)
+    if t.shape != (S,):
+        raise ValueError(f"coefficient must be a float or a tensor of shape [{S}] (one per member), got {list(t.shape)}")
+    return t
+
+
+class SAE(nn.Module):
+    """A stack of ``cfg.n_models`` same-shape sparse autoencoders (base class; see module docstring).
+
+    Subclasses set ``architecture`` and implement ``_activate`` (pre-activations -> codes at
+    inference) and ``_train_codes`` (pre-activations -> codes + sparsity loss, with autograd).
+    """
+
+    architecture: ClassVar[str] = ""
+    uses_aux: ClassVar[bool] = False
+
+    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None, device: Any = None):
+        super().__init__()
+        if cfg.architecture != self.architecture:
+            raise ValueError(f"{type(self).__name__} is architecture {self.architecture!r}, cfg says {cfg.architecture!r}")
+        self.cfg = cfg
+        self.extra: dict[str, Any] = {}
+        S, d_in, d_sae = cfg.n_models, cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(S, d_in, d_sae, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(S, d_sae, device=device))
+        self.W_dec = nn.Parameter(torch.empty(S, d_sae, d_in, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(S, d_in, device=device))
+        self._init_extra()
+        self.reset_parameters(generator=generator)
+
+    # ------------------------------------------------------------------ shape facts
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def n_models(self) -> int:
+        return self.cfg.n_models
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"{type(self).__name__}(d_in={c.d_in}, d_sae={c.d_sae}, n_models={c.n_models}, k={c.k}, "
+                f"input_normalization={c.input_normalization!r}, scale_factor={c.scale_factor:g})")
+
+    # ------------------------------------------------------------------ init
+    def _init_extra(self) -> None:
+        """Register architecture-specific parameters / buffers (leading axis S)."""
+
+    def _reset_extra(self) -> None:
+        """Initialise architecture-specific parameters / buffers."""
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The recipe: W_dec He-uniform, rows rescaled to unit norm, W_enc = W_dec^T, biases zero."""
+        S, d_in, d_sae = self.n_models, self.d_in, self.d_sae
+        w = torch.empty(S, d_sae, d_in, device=self.W_dec.device)
+        bound = math.sqrt(6.0 / d_in)  # kaiming_uniform (gain sqrt 2) with fan_in = d_in
+        w.uniform_(-bound, bound, generator=generator)
+        w /= w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.transpose(1, 2))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        self._reset_extra()
+
+    @torch.no_grad()
+    def init_b_dec_(self, sample: Tensor, method: str = "geometric_median", n_iter: int = 10) -> Tensor:
+        """Set every member's b_dec to the geometric median (Weiszfeld) or mean of ``sample`` [N, d_in].
+
+        ``sample`` is in shard space (like training batches); returns the new b_dec [d_in] (SAE space).
+        """
+        sample = torch.as_tensor(sample)
+        self.check_input(sample, where="init_b_dec_ sample", allow_stacked=False)
+        x = sample.to(self.b_dec.device, torch.float32) * self.cfg.scale_factor
+        y = x.mean(0)
+        if method == "geometric_median":
+            for _ in range(n_iter):
+                w = 1.0 / (x - y).norm(dim=-1).clamp_min(1e-8)
+                y = (w[:, None] * x).sum(0) / w.sum()
+        elif method != "mean":
+            raise ValueError(f"init_b_dec_: method must be 'geometric_median' or 'mean', got {method!r}")
+        self.b_dec.copy_(y.expand_as(self.b_dec))
+        return y
+
+    # ------------------------------------------------------------------ input checks & normalisation
+    def check_input(self, x: Tensor, where: str = "input", allow_stacked: bool = True) -> None:
+        """Raise a clear error unless ``x`` is [B, d_in] (or [S, B, d_in]) for this SAE."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
+        ok_ndim = (2, 3) if allow_stacked else (2,)
+        if x.ndim not in ok_ndim:
+            shapes = "[B, d_in] or [S, B, d_in]" if allow_stacked else "[N, d_in]"
+            raise SAEFormatError(f"{where}: expected a tensor of shape {shapes} with d_in={self.d_in}, got {list(x.shape)}")
+        if x.shape[-1] != self.d_in:
+            raise SAEFormatError(
+                f"{where}: has width {x.shape[-1]} but this SAE was trained on d_in={self.d_in} "
+                f"({self.extra.get('source', {}).get('model', 'see cfg.json')}); were these activations "
+                "extracted from another model or layer?")
+        if x.ndim == 3 and x.shape[0] != self.n_models:
+            raise SAEFormatError(f"{where}: stacked input has {x.shape[0]} members, this SAE stack has {self.n_models}")
+
+    def normalize_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Raw activations -> (SAE-space x, per-example norms [..., 1] or None)."""
+        norm = None
+        if self.cfg.input_normalization == "unit_norm":
+            norm = x.norm(dim=-1, keepdim=True)
+            x = x / norm.clamp_min(1e-12)
+        if self.cfg.scale_factor != 1.0:
+            x = x * self.cfg.scale_factor
+        return x, norm
+
+    # ------------------------------------------------------------------ building blocks
+    def _stacked(self, x: Tensor) -> Tensor:
+        """[B, d] -> [S, B, d] (a broadcast view) ; [S, B, d] unchanged."""
+        return x.expand(self.n_models, *x.shape) if x.ndim == 2 else x
+
+    def preacts(self, x_sae: Tensor) -> Tensor:
+        """Encoder pre-activations (x - b_dec) W_enc + b_enc: x_sae [B, d_in] | [S, B, d_in] -> [S, B, d_sae]."""
+        W_enc = self.W_enc.to(x_sae.dtype) if x_sae.dtype != self.W_enc.dtype else self.W_enc
+        xc = self._stacked(x_sae) - self.b_dec[:, None, :].to(x_sae.dtype)
+        return torch.baddbmm(self.b_enc[:, None, :].to(x_sae.dtype), xc, W_enc)
+
+    def _decode_sae(self, f: Tensor) -> Tensor:
+        """Codes [S, B, d_sae] -> SAE-space reconstruction [S, B, d_in]."""
+        return torch.baddbmm(self.b_dec[:, None, :].to(f.dtype), f, self.W_dec.to(f.dtype))
+
+    def _activate(self, pre: Tensor) -> Tensor:
+        """Pre-activations [S, B, d_sae] -> codes at inference (architecture-specific)."""
+        raise NotImplementedError
+
+    def _train_codes(self, pre: Tensor, sparsity_coeff: Tensor) -> tuple[Tensor, Tensor]:
+        """Pre-activations -> (codes [S, B, d_sae], per-member sparsity loss [S]) for training, with autograd."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ public inference API (raw inputs)
+    def _squeeze(self, t: Tensor, x: Tensor) -> Tensor:
+        return t[0] if (self.n_models == 1 and x.ndim == 2) else t
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Codes of RAW activations: x [B, d_in] | [S, B, d_in] -> [S, B, d_sae] ([B, d_sae] when S == 1 and x is 2-D)."""
+        self.check_input(x, where="encode input")
+        x_sae, _ = self.normalize_input(x.to(self.W_enc.dtype))
+        return self._squeeze(self._activate(self.preacts(x_sae)), x)
+
+    def decode(self, f: Tensor, norm: Tensor | None = None) -> Tensor:
+        """Reconstruction from codes f [B, d_sae] | [S, B, d_sae] -> [S, B, d_in] (2-D when S == 1 and f is 2-D).
+
+        Without ``norm`` the result is in normalised (shard) space; pass the inputs' norms
+        [B, 1] (or call ``forward``) to get raw space when ``input_normalization == "unit_norm"``.
+        """
+        if f.shape[-1] != self.d_sae:
+            raise SAEFormatError(f"decode: codes have width {f.shape[-1]}, this SAE has d_sae={self.d_sae}")
+        fs = f[None] if f.ndim == 2 and self.n_models == 1 else self._stacked(f)
+        x_hat = self._decode_sae(fs.to(self.W_dec.dtype))
+        if self.cfg.scale_factor != 1.0:
+            x_hat = x_hat / self.cfg.scale_factor
+        if norm is not None:
+            x_hat = x_hat * norm
+        return x_hat[0] if (self.n_models == 1 and f.ndim == 2) else x_hat
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """RAW activations x [B, d_in] | [S, B, d_in] -> (x_hat in raw space, codes f); shapes as in encode/decode."""
+        self.check_input(x, where="SAE input")
+        x_sae, norm = self.normalize_input(x.to(self.W_enc.dtype))
+        f = self._activate(self.preacts(x_sae))
+        x_hat = self._decode_sae(f)
+        if self.cfg.scale_factor != 1.0:
+            x_hat = x_hat / self.cfg.scale_factor
+        if norm is not None:
+            x_hat = x_hat * norm
+        return self._squeeze(x_hat, x), self._squeeze(f, x)
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, x: Tensor, l1_coeff: float | Tensor = 0.0, dead_mask: Tensor | None = None,
+                      impl: str | None = None) -> LossOutput:
+        """Loss and metrics on a shard batch ``x`` [B, d_in] (already normalised, as stored) or [S, B, d_in].
+
+        ``l1_coeff``: float or [S] -- the sparsity coefficient (ReLU: L1 on decoder-norm-weighted
+        codes; JumpReLU: L0; TopK / BatchTopK: unused). ``dead_mask`` [S, d_sae] bool: latents the
+        trainer considers dead, used by the aux-k loss (TopK / BatchTopK). ``impl`` overrides
+        ``cfg.impl``: "reference" (plain autograd), "fused", "sparse" or "auto".
+        """
+        self.check_input(x, where="training batch")
+        x = x.to(self.W_enc.dtype)
+        if self.cfg.scale_factor != 1.0:
+            x = x * self.cfg.scale_factor
+        coeff = _coeff(l1_coeff, self.n_models, x)
+        if dead_mask is not None:
+            dead_mask = torch.as_tensor(dead_mask, device=x.device, dtype=torch.bool)
+            if dead_mask.shape != (self.n_models, self.d_sae):
+                raise ValueError(f"dead_mask must be [S={self.n_models}, d_sae={self.d_sae}] bool, got {list(dead_mask.shape)}")
+        return self._training_loss(x, coeff, dead_mask, impl or self.cfg.impl)
+
+    def _training_loss(self, x: Tensor, coeff: Tensor, dead_mask: Tensor | None, impl: str) -> LossOutput:
+        """Dispatch to a fast path (architecture-specific) or the reference path."""
+        return self._reference_loss(x, coeff, dead_mask)
+
+    def _reference_loss(self, x: Tensor, coeff: Tensor, dead_mask: Tensor | None) -> LossOutput:
+        """Plain-autograd training loss: the definition every fast path is tested against."""
+        S, B = self.n_models, x.shape[-2]
+        pre = self.preacts(x)
+        f, sparsity = self._train_codes(pre, coeff)
+        x_hat = self._decode_sae(f)
+        xs = self._stacked(x)
+        err = x_hat - xs
+        mse = err.pow(2).mean(dim=(1, 2))
+        aux = torch.zeros(S, device=x.device)
+        if self.uses_aux and dead_mask is not None and bool(dead_mask.any()):
+            aux = self._aux_loss_reference(pre, err, dead_mask)
+        loss = (mse + sparsity + self.cfg.aux_coeff * aux).sum()
+        with torch.no_grad():
+            active = f > 0
+            counts = active.sum(dim=1)  # [S, d_sae]
+            dec_norm = self.W_dec.norm(dim=-1)
+            l1 = (f.float().sum(dim=1) * dec_norm).sum(-1) / B
+            sq_err = err.detach().float().pow(2).sum(-1)
+            return LossOutput(loss=loss, mse=mse.detach(), l1=l1, l0=counts.sum(-1).float() / B,
+                              explained_variance=_explained_variance(sq_err, xs),
+                              aux=aux.detach(), fired=counts > 0, sq_err=sq_err)
+
+    def _aux_loss_reference(self, pre: Tensor, err: Tensor, dead_mask: Tensor) -> Tensor:
+        """Aux-k loss (Gao et al. 2024): the top ``aux_k`` dead latents reconstruct the residual.
+
+        Normalised by the residual's squared norm so it is scale free; [S].
+        """
+        k_aux = min(self.cfg.aux_k, self.d_sae)
+        masked = pre.masked_fill(~dead_mask[:, None, :], float("-inf"))
+        vals, idx = masked.topk(k_aux, dim=-1)
+        vals = torch.relu(torch.nan_to_num(vals, neginf=0.0))
+        f_aux = torch.zeros_like(pre).scatter(-1, idx, vals)
+        e_hat = torch.bmm(f_aux, self.W_dec)
+        residual = -err.detach()  # x - x_hat
+        num = (e_hat - residual).pow(2).sum(dim=(1, 2))
+        den = (residual - residual.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2)).clamp_min(1e-12)
+        return num / den
+
+    # ------------------------------------------------------------------ decoder constraints
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Remove from W_dec.grad the component parallel to each (unit) decoder row; call before the optimizer step."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        w = self.W_dec
+        unit = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        proj = (g * unit).sum(-1, keepdim=True)
+        g.sub_(proj * unit)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every decoder row W_dec[s, j, :] to unit norm; call after the optimizer step."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def fold_scale_factor_(self, keep_codes: bool = False) -> "SAE":
+        """Fold ``cfg.scale_factor`` (c) into the weights exactly; afterwards ``scale_factor == 1``.
+
+        Default (``keep_codes=False``): decoder rows stay unit-norm and the codes come out in raw
+        units (f / c): b_enc /= c, b_dec /= c, architecture thresholds /= c.
+        ``keep_codes=True`` (Gemma Scope, appendix A): codes unchanged, W_enc *= c, W_dec /= c,
+        b_dec /= c (decoder rows then have norm 1 / c). Either way ``forward`` on raw activations
+        is unchanged. Returns self.
+        """
+        c = float(self.cfg.scale_factor)
+        if c == 1.0:
+            return self
+        if keep_codes:
+            self.W_enc.mul_(c)
+            self.W_dec.div_(c)
+        else:
+            self.b_enc.div_(c)
+            self._fold_extra(c)
+        self.b_dec.div_(c)
+        self.cfg = dataclasses.replace(self.cfg, scale_factor=1.0)
+        return self
+
+    def _fold_extra(self, c: float) -> None:
+        """Scale architecture thresholds (in code units) by 1 / c."""
+
+    def exported(self, keep_codes: bool = False) -> "SAE":
+        """A copy with the scale factor folded in, for inference on raw activations."""
+        out = self.copy()
+        return out.fold_scale_factor_(keep_codes=keep_codes)
+
+    def copy(self) -> "SAE":
+        out = type(self)(self.cfg, device=self.W_enc.device)
+        out.load_state_dict(self.state_dict())
+        out.extra = json.loads(json.dumps(self.extra))
+        return out
+
+    # ------------------------------------------------------------------ members
+    def member(self, i: int) -> "SAE":
+        """Member ``i`` of the stack as a single SAE (S = 1), parameters copied."""
+        if not -self.n_models <= i < self.n_models:
+            raise IndexError(f"member {i} out of range for a stack of {self.n_models}")
+        cfg = dataclasses.replace(self.cfg, n_models=1)
+        out = type(self)(cfg, device=self.W_enc.device)
+        out.load_state_dict({k: v[i:i + 1].clone() for k, v in self.state_dict().items()})
+        out.extra = json.loads(json.dumps(self.extra))
+        members = self.extra.get("members")
+        if isinstance(members, list) and len(members) == self.n_models:
+            out.extra.pop("members")
+            out.extra["member"] = members[i]
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``path/weights.safetensors`` and ``path/cfg.json`` (the commit point, written last, atomically).
+
+        ``extra`` (JSON-able: training config, shard source, metrics) is stored in cfg.json under
+        ``"extra"`` and kept on ``self.extra``.
+        """
+        from safetensors.torch import save as st_save
+
+        from visae.shards import atomic_write_bytes, atomic_write_text
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if extra is not None:
+            self.extra = dict(extra)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "architecture": self.architecture}
+        atomic_write_bytes(path / WEIGHTS_FILE, st_save(tensors, metadata=meta))
+        doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.cfg.to_dict(), "extra": self.extra}
+        atomic_write_text(path / CFG_FILE, json.dumps(doc, indent=1, default=_json_default))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: Any = "cpu") -> "SAE":
+        """Load an SAE directory written by ``save`` (any registered architecture)."""
+        from visae.sae import load_sae
+
+        sae = load_sae(path, device=device)
+        if cls is not SAE and not isinstance(sae, cls):
+            raise SAEFormatError(f"{path}: holds a {type(sae).__name__}, not a {cls.__name__}")
+        return sae
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"cfg.json extra: {type(o).__name__} is not JSON-serialisable")
+
+
+def _explained_variance(sq_err: Tensor, xs: Tensor) -> Tensor:
+    """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 per member: sq_err [S, B], xs [S, B, d] -> [S]."""
+    xs = xs.detach().float()
+    var = (xs - xs.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2))
+    return 1.0 - sq_err.sum(-1) / var.clamp_min(1e-12)

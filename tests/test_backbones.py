@@ -1,0 +1,212 @@
+"""Backbone registry: names, random init, local checkpoints, offline errors, hook read-outs."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from visae.backbones import (
+    Backbone,
+    BackboneError,
+    WeightsNotAvailableError,
+    load_backbone,
+    parse_backbone_name,
+    register_tiny_clip,
+)
+
+TINY = register_tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Backbone:
+    return load_backbone(TINY, random_init=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_timm() -> Backbone:
+    return load_backbone("timm:vit_tiny_patch16_224", random_init=True)
+
+
+def test_parse_names():
+    assert parse_backbone_name("ViT-B-32:laion2b_s34b_b79k", None) == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert parse_backbone_name("ViT-B-32", "openai") == ("ViT-B-32", "openai")
+    assert parse_backbone_name("timm:vit_base_patch16_224.augreg_in21k", None) == ("timm:vit_base_patch16_224.augreg_in21k", None)
+    assert parse_backbone_name("hf-hub:org/repo", None) == ("hf-hub:org/repo", None)
+    with pytest.raises(BackboneError, match="pretrained given twice"):
+        parse_backbone_name("ViT-B-32:openai", "laion2b_s34b_b79k")
+
+
+def test_tiny_clip_random_init(tiny):
+    assert tiny.family == "open_clip" and tiny.has_text and tiny.random_init and tiny.pretrained is None
+    assert tiny.embed_dim == 32 and tiny.width == 48 and tiny.num_layers == 3
+    assert not tiny.model.training
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        e = tiny.encode_image(x)
+        t = tiny.encode_text(tiny.tokenizer(["a red square", "a blue circle"]))
+    assert e.shape == (3, 32) and t.shape == (2, 32)
+    assert tiny.logit_scale == pytest.approx(1 / 0.07, rel=1e-4)
+    # same seed -> same weights (multi-rank extraction relies on it); other seed -> different
+    again = load_backbone(TINY, random_init=True)
+    other = load_backbone(TINY, random_init=True, seed=1)
+    sd, sd2, sd3 = tiny.model.state_dict(), again.model.state_dict(), other.model.state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert not torch.equal(sd["visual.proj"], sd3["visual.proj"])
+
+
+def test_local_checkpoint_roundtrip(tmp_path, tiny):
+    other = load_backbone(TINY, random_init=True, seed=5)
+    ckpt = tmp_path / "ckpt.bin"
+    torch.save(other.model.state_dict(), ckpt)
+    loaded = load_backbone(TINY, str(ckpt))
+    assert loaded.pretrained == str(ckpt) and not loaded.random_init
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(loaded.encode_image(x), other.encode_image(x))
+        assert not torch.allclose(loaded.encode_image(x), tiny.encode_image(x))
+    with pytest.raises(WeightsNotAvailableError, match="does not exist"):
+        load_backbone(TINY, str(tmp_path / "nope.bin"))
+
+
+def test_unknown_names():
+    with pytest.raises(BackboneError, match="unknown open_clip model"):
+        load_backbone("ViT-Nope-1", random_init=True)
+    with pytest.raises(BackboneError, match="unknown timm model"):
+        load_backbone("timm:not_a_model_xyz", random_init=True)
+    with pytest.raises(BackboneError, match="neither a known pretrained tag"):
+        load_backbone("ViT-B-32", "not_a_tag")
+
+
+_OFFLINE_SNIPPET = """
+import time, sys
+t = time.time()
+from visae.backbones import load_backbone, WeightsNotAvailableError
+t_import = time.time() - t
+t = time.time()
+try:
+    load_backbone(sys.argv[1])
+except WeightsNotAvailableError as e:
+    print(str(e))
+    print("ELAPSED", time.time() - t)
+else:
+    print("LOADED")
+"""
+
+
+@pytest.mark.parametrize(
+    "name, must_name",
+    [
+        ("ViT-B-32:laion2b_s34b_b79k", ["laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "open_clip_pytorch_model.bin"]),
+        ("timm:vit_base_patch16_224.augreg_in21k", ["timm/vit_base_patch16_224.augreg_in21k", "model.safetensors"]),
+    ],
+)
+def test_offline_pretrained_fails_fast_with_remedy(tmp_path, name, must_name):
+    # a fresh process with an empty HF cache, offline: no hang, an error naming file + remedy
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    t = time.time()
+    out = subprocess.run([sys.executable, "-c", _OFFLINE_SNIPPET, name], env=env, capture_output=True, text=True, timeout=60)
+    wall = time.time() - t
+    assert "LOADED" not in out.stdout, out.stdout
+    assert "ELAPSED" in out.stdout, out.stderr
+    elapsed = float(out.stdout.split("ELAPSED")[1])
+    assert elapsed < 3.0, f"resolution took {elapsed:.1f}s"
+    assert wall < 30
+    msg = out.stdout
+    for s in must_name:
+        assert s in msg
+    assert "--pretrained /path/to/" in msg and "HF cache" in msg and "HF_HUB_OFFLINE" in msg
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    # not offline by env, but the hub host does not answer: still no hang
+    import visae.backbones as bb
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(bb, "HUB_HOST", "nonexistent.invalid")
+    t = time.time()
+    with pytest.raises(WeightsNotAvailableError, match="cannot be reached"):
+        bb._resolve_open_clip_weights("ViT-B-32", "laion2b_s34b_b79k")
+    assert time.time() - t < bb.HUB_PROBE_TIMEOUT_S + 2
+
+
+def _direct_open_clip_block_output(bb: Backbone, x: torch.Tensor, layer: int) -> torch.Tensor:
+    """Run the ViT by hand up to block ``layer`` and return its output [B, N, W]."""
+    v = bb.visual
+    h = v._embeds(x)
+    if not v.transformer.batch_first:
+        h = h.transpose(0, 1)
+    for blk in v.transformer.resblocks[: layer + 1]:
+        h = blk(h)
+    return h if v.transformer.batch_first else h.transpose(0, 1)
+
+
+def _direct_timm_block_output(bb: Backbone, x: torch.Tensor, layer: int) -> torch.Tensor:
+    m = bb.model
+    h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+    for blk in m.blocks[: layer + 1]:
+        h = blk(h)
+    return h
+
+
+@pytest.mark.parametrize("which", ["open_clip", "timm"])
+def test_layer_hook_matches_direct_block_output(which, tiny, tiny_timm):
+    bb = tiny if which == "open_clip" else tiny_timm
+    size = bb.image_size
+    x = torch.randn(2, 3, *size)
+    layer = 1
+    with torch.inference_mode():
+        direct = (_direct_open_clip_block_output if which == "open_clip" else _direct_timm_block_output)(bb, x, layer)
+        # blocks after the hooked one must not run
+        ran = []
+        h = bb.blocks[layer + 1].register_forward_hook(lambda *a: ran.append(1))
+        try:
+            cls = bb.encode_layer(x, layer, "cls")
+            patch = bb.encode_layer(x, layer, "patch")
+            mean = bb.encode_layer(x, layer, "mean")
+        finally:
+            h.remove()
+        assert ran == []
+        # negative index = from the end
+        last = bb.encode_layer(x, -1, "cls")
+        assert torch.allclose(last, (_direct_open_clip_block_output if which == "open_clip" else _direct_timm_block_output)(bb, x, bb.num_layers - 1)[:, 0], atol=1e-5)
+    n_patches = (size[0] // 8) * (size[1] // 8) if which == "open_clip" else (size[0] // 16) * (size[1] // 16)
+    assert cls.shape == (2, bb.width)
+    assert patch.shape == (2, n_patches, bb.width)
+    assert mean.shape == (2, bb.width)
+    p = bb.num_prefix_tokens
+    assert torch.allclose(cls, direct[:, 0], atol=1e-5)
+    assert torch.allclose(patch, direct[:, p:], atol=1e-5)
+    assert torch.allclose(mean, direct[:, p:].mean(1), atol=1e-5)
+    # the final embedding still works after hooking (hook removed)
+    with torch.inference_mode():
+        assert bb.encode_image(x).shape == (2, bb.embed_dim)
+    with pytest.raises(BackboneError, match="out of range"):
+        bb.encode_layer(x, bb.num_layers, "cls")
+
+
+def test_timm_backbone(tiny_timm):
+    assert tiny_timm.family == "timm" and not tiny_timm.has_text and tiny_timm.tokenizer is None
+    with pytest.raises(BackboneError, match="no text tower"):
+        tiny_timm.encode_text(torch.zeros(1, 4, dtype=torch.long))
+    from PIL import Image
+
+    img = Image.new("RGB", (300, 200), (10, 200, 30))
+    assert tiny_timm.preprocess(img).shape == (3, 224, 224)
+
+
+def test_toyclip_through_registry():
+    toyclip = pytest.importorskip("visae.toyclip", reason="visae.toyclip (toy-world helper) not landed yet")
+    bb = load_backbone("visae-toyclip")
+    assert bb.name == "visae-toyclip" and bb.has_text and not bb.random_init
+    rnd = load_backbone("visae-toyclip", random_init=True)
+    x = torch.randn(2, 3, *bb.image_size)
+    with torch.inference_mode():
+        e = bb.encode_image(x)
+        t = bb.encode_text(bb.tokenizer(["a photo of a red object"]))
+        assert not torch.allclose(e, rnd.encode_image(x))
+    assert e.shape == (2, bb.embed_dim) and t.shape == (1, bb.embed_dim)
+    # the shipped weights are what was loaded
+    assert os.path.exists(toyclip.TOYCLIP_WEIGHTS)

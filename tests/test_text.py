@@ -1,0 +1,123 @@
+"""visae.text: fast causal-truncation text path equals encode_text; on-disk cache."""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+open_clip = pytest.importorskip("open_clip")
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP  # noqa: E402
+
+from visae.text import embed_prompts, encode_texts, fast_text_parts  # noqa: E402
+
+# Words of varied token lengths: one token, several BPE pieces, a phrase, and one longer than the context.
+WORDS = ["cat", "a", "hippopotamus", "antidisestablishmentarianism", "photograph of a red bicycle near the sea",
+         "x" * 300, "dog", "Zürich", "0.5", ""]
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer():
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_backbone(cls=CLIP, pool="argmax", seed=0, name="tiny"):
+    torch.manual_seed(seed)
+    model = cls(
+        embed_dim=32,
+        vision_cfg=CLIPVisionCfg(layers=1, width=32, patch_size=16, image_size=32, head_width=16),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2, pool_type=pool, eos_id=49407),
+    ).eval()
+    tok = _tokenizer()
+    return SimpleNamespace(name=name, pretrained=None, model=model, tokenizer=tok, encode_text=model.encode_text,
+                           embed_dim=32, has_text=True)
+
+
+def reference(bb, texts):
+    with torch.no_grad():
+        return F.normalize(bb.model.encode_text(bb.tokenizer(texts)).float(), dim=-1)
+
+
+@pytest.mark.parametrize("cls", [CLIP, CustomTextCLIP])
+@pytest.mark.parametrize("pool", ["argmax", "eos", "first"])
+def test_fast_path_equals_encode_text_tiny(cls, pool):
+    bb = tiny_backbone(cls, pool)
+    assert fast_text_parts(bb.model) is not None
+    got = embed_prompts(bb, WORDS, batch_size=3)
+    torch.testing.assert_close(got, reference(bb, WORDS), atol=1e-5, rtol=0)
+
+
+def test_last_pooling_falls_back_to_full_context():
+    bb = tiny_backbone(CLIP, "last")
+    assert fast_text_parts(bb.model) is None
+    torch.testing.assert_close(embed_prompts(bb, WORDS[:4]), reference(bb, WORDS[:4]), atol=1e-6, rtol=0)
+
+
+def test_fast_path_equals_encode_text_vit_b32_random_init():
+    try:
+        from visae.backbones import load_backbone
+    except ImportError:
+        load_backbone = None
+    if load_backbone is not None:
+        bb = load_backbone("ViT-B-32", random_init=True)
+    else:  # before the registry lands: the same model straight from open_clip
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-32").eval()
+        bb = SimpleNamespace(name="ViT-B-32", pretrained=None, model=model, tokenizer=open_clip.get_tokenizer("ViT-B-32"),
+                             encode_text=model.encode_text, embed_dim=512, has_text=True)
+    got = embed_prompts(bb, WORDS, batch_size=4)
+    ref = reference(bb, WORDS)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0)
+    assert got.shape == (len(WORDS), 512)
+
+
+def test_templates_are_mean_of_unit_prompt_embeddings():
+    bb = tiny_backbone()
+    words, templates = ["cat", "dog", "sea urchin"], ["a photo of a {}.", "{}", "a drawing of the {}"]
+    got = encode_texts(bb, words, templates)
+    per = torch.stack([reference(bb, [t.format(w) for w in words]) for t in templates])  # [T, n, D]
+    torch.testing.assert_close(got, F.normalize(per.mean(0), dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="placeholder"):
+        encode_texts(bb, words, ["no placeholder"])
+
+
+def test_cache_hit_identical_and_changed_inputs_miss(tmp_path, monkeypatch):
+    bb = tiny_backbone()
+    words = ["cat", "dog", "bird"]
+    first = encode_texts(bb, words, ["a photo of a {}."], cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1
+
+    calls = []
+    import visae.text as text_mod
+
+    real = text_mod.embed_prompts
+    monkeypatch.setattr(text_mod, "embed_prompts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = encode_texts(bb, words, ["a photo of a {}."], cache_dir=tmp_path)
+    assert calls == [] and torch.equal(first, again)  # served from disk, bit-identical
+
+    other = encode_texts(bb, words, ["a drawing of a {}."], cache_dir=tmp_path)  # template changed: miss
+    assert calls == [1] and len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert not torch.allclose(first, other)
+
+    encode_texts(bb, words + ["fish"], ["a photo of a {}."], cache_dir=tmp_path)  # texts changed: miss
+    assert calls == [1, 1]
+
+    # Same name, different weights (another random init): must miss, not return stale embeddings.
+    bb2 = tiny_backbone(seed=1)
+    fresh = encode_texts(bb2, words, ["a photo of a {}."], cache_dir=tmp_path)
+    assert calls == [1, 1, 1]
+    torch.testing.assert_close(fresh, reference(bb2, ["a photo of a " + w + "." for w in words]), atol=1e-5, rtol=0)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp files left behind
+
+
+def test_no_text_tower_is_a_clear_error():
+    bb = SimpleNamespace(name="timm:resnet18", pretrained=None, model=torch.nn.Linear(2, 2), tokenizer=None,
+                         has_text=False)
+    with pytest.raises(ValueError, match="no text tower"):
+        encode_texts(bb, ["cat"])

@@ -1,0 +1,598 @@
+"""Zero-shot classification of a labelled shard set and of its SAE reconstructions.
+
+The Discover-then-Name selection score: CLIP's zero-shot accuracy when the image embeddings
+are replaced by an SAE's reconstructions of them. Done correctly:
+
+* the classifier is built from class names x prompt templates through the *same* model's
+  text tower: per class the mean of the unit-normalised template embeddings, renormalised
+  (``visae.text.encode_texts``, cached on disk keyed by model and prompts) -> ``W [C, D]``;
+* image embeddings (and reconstructions) are unit-normalised, and
+  ``logits = logit_scale * cos(x, W_c)`` with the model's own (exp'd) logit scale. The scale
+  does not move the argmax but it does set the cross-entropy / KL figures reported here;
+* the shard set must hold that model's *final* image embedding (``manifest["source"]``):
+  a residual-stream layer is not in the text tower's space and is refused;
+* reconstructions come from the SAE applied to the **raw** activations (stored unit rows x
+  stored norms), the input the SAE contract defines. For an SAE with per-example
+  ``unit_norm`` input normalisation this equals feeding the stored unit rows (it divides by
+  the norm and multiplies back, and cosine ignores the scale); for an SAE trained on
+  dataset-scaled raw activations (``input_normalization: none`` with a folded scale factor)
+  only the raw rows are right, because its biases make it not scale-equivariant.
+
+Ties: top-k membership is decided by rank with an explicit tie-break, the lower class index
+wins (``rank(y) = #{c: l_c > l_y} + #{c < y: l_c = l_y}``; correct at k iff ``rank < k``).
+An all-zero reconstruction (all logits equal) therefore predicts class 0, and its top-1
+accuracy is exactly the frequency of class 0 in the set.
+
+Streaming: shards are read one at a time through memmaps, only the ``label`` and ``norm``
+metadata columns are loaded, and the work is done in batches of ``batch_size`` rows.
+
+    python scripts/zeroshot.py --shards DIR --model NAME [--pretrained TAG] [--sae DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+
+from visae.shards import ShardError, ShardSet, ShardView, atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_YAML = REPO / "configs" / "zeroshot.yaml"
+
+__all__ = [
+    "ZeroShotConfig",
+    "ZeroShotClassifier",
+    "ZeroShotError",
+    "benchmark_classes",
+    "build_classifier",
+    "check_source",
+    "rank_of_label",
+    "evaluate",
+    "zeroshot",
+    "main",
+]
+
+# layer / token values that mean "the model's final (projected) image embedding"
+_FINAL_LAYERS = (None, "", "final", "embedding", "embed", "output", "proj", "projection", "image_embedding")
+_FINAL_TOKENS = (None, "", "cls", "embedding", "pooled")
+
+
+class ZeroShotError(ValueError):
+    """The shard set, SAE or classifier cannot be zero-shot evaluated together."""
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    """Zero-shot accuracy of a labelled shard set's image embeddings and of their SAE reconstructions."""
+
+    shards: str = field(default="", metadata={"help": "labelled shard set of the model's final image embedding"})
+    model: str = field(default="", metadata={"help": "backbone name (visae.backbones); empty: the shard set's source model"})
+    pretrained: Optional[str] = field(default=None, metadata={"help": "pretrained tag or checkpoint path; null: the shard set's source"})
+    random_init: bool = field(default=False, metadata={"help": "random-initialised backbone (tests only; accuracy is "
+                                                               "chance); implied when the shard source says so"})
+    sae: Optional[str] = field(default=None, metadata={"help": "SAE dir whose reconstructions are scored too"})
+    benchmark: str = field(
+        default="auto",
+        metadata={"help": "class names + templates: imagenet (open_clip's, OpenAI templates), toy (= toy:colour_shape) "
+                          "or toy:<factor> (visae.toyworld), files (--classnames_file/--templates_file), auto (from "
+                          "the shard source)"})
+    classnames_file: Optional[str] = field(default=None, metadata={"help": "text file, one class name a line (benchmark=files)"})
+    templates_file: Optional[str] = field(default=None, metadata={"help": "text file, one template with '{}' a line (benchmark=files)"})
+    label_column: str = field(default="", metadata={"help": "metadata column holding the class index (-1 = unknown, "
+                                                            "skipped); empty: the benchmark's column if the shards "
+                                                            "have it, else 'label'"})
+    batch_size: int = field(default=8192, metadata={"help": "rows per batch"})
+    text_cache: Optional[str] = field(default=None, metadata={"help": "text-embedding cache dir; null: $VISAE_TEXT_CACHE "
+                                                                      "or ~/.cache/visae/text"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    out: Optional[str] = field(default=None, metadata={"help": "write the result JSON here (default: print only)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+@dataclass
+class ZeroShotClassifier:
+    """Class text embeddings ``weights [C, D]`` (unit rows) and the model's ``logit_scale`` (exp'd)."""
+
+    weights: torch.Tensor
+    logit_scale: float
+    classnames: list[str]
+    key: dict[str, Any] = field(default_factory=dict)  # what made it (model, benchmark, n templates)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weights.shape[0])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., B, D] (any scale) -> [..., B, C] = logit_scale * cos(x, W_c); zero rows give all-zero logits."""
+        w = self.__dict__.get("_scaled_t")
+        if w is None or w.device != self.weights.device:
+            # scale folded into W^T once: one [B, D] x [D, C] matmul, no pass over [B, C]
+            w = self.__dict__["_scaled_t"] = (self.weights.T * self.logit_scale).contiguous()
+        x = x.to(w.dtype)
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return x @ w
+
+
+def _template_strings(templates: Sequence[str | Callable[[str], str]]) -> list[str]:
+    """open_clip ships its templates as lambdas; the text cache keys on strings with '{}'."""
+    out = []
+    for t in templates:
+        s = t if isinstance(t, str) else t("{}")
+        if s.count("{}") != 1:
+            raise ZeroShotError(f"template {s!r} must contain exactly one '{{}}' for the class name")
+        out.append(s)
+    return out
+
+
+def benchmark_classes(benchmark: str, classnames_file: str | None = None,
+                      templates_file: str | None = None) -> tuple[list[str], list[str], str | None]:
+    """(class names, template strings, label column or None) of a benchmark.
+
+    ``imagenet``: open_clip's 1000 class names and the 80 OpenAI templates (labels in the
+    standard class index, column ``label``). ``toy`` / ``toy:<name>``: a benchmark of
+    ``visae.toyworld.toy_classnames_and_templates()`` (``toy`` = ``toy:colour_shape``), its
+    labels in the factor's column. ``files``: names / templates from text files.
+    """
+    if benchmark == "imagenet":
+        import open_clip
+
+        return list(open_clip.IMAGENET_CLASSNAMES), _template_strings(open_clip.OPENAI_IMAGENET_TEMPLATES), None
+    if benchmark == "toy" or benchmark.startswith("toy:"):
+        from visae.toyworld import toy_classnames_and_templates
+
+        table = toy_classnames_and_templates()
+        name = benchmark.split(":", 1)[1] if ":" in benchmark else "colour_shape"
+        if name not in table:
+            raise ZeroShotError(f"unknown toy benchmark {name!r}; the toy world has {sorted(table)}")
+        spec = table[name]
+        return list(spec["classnames"]), _template_strings(spec["templates"]), spec.get("column", name)
+    if benchmark == "files":
+        if not classnames_file:
+            raise ZeroShotError("benchmark 'files' needs --classnames_file (one class name a line)")
+        names = [ln.strip() for ln in Path(classnames_file).read_text().splitlines() if ln.strip()]
+        templates = (["{}"] if not templates_file else
+                     [ln.strip() for ln in Path(templates_file).read_text().splitlines() if ln.strip()])
+        return names, _template_strings(templates), None
+    raise ZeroShotError(f"unknown benchmark {benchmark!r}; expected imagenet, toy, toy:<factor> or files")
+
+
+def build_classifier(backbone: Any, classnames: Sequence[str], templates: Sequence[str | Callable],
+                     *, cache_dir: str | Path | None = None, device: str | torch.device = "cpu") -> ZeroShotClassifier:
+    """Per class: mean of unit template embeddings, renormalised -> weights [C, D] (cached by visae.text)."""
+    from visae.text import encode_texts
+
+    if not getattr(backbone, "has_text", False):
+        raise ZeroShotError(f"backbone {backbone.name!r} has no text tower; zero-shot classification needs a CLIP model")
+    templates = _template_strings(templates)
+    w = encode_texts(backbone, list(classnames), templates, cache_dir=cache_dir)
+    w = torch.as_tensor(w, dtype=torch.float32).to(device)
+    w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # renormalise defensively: exact unit rows
+    key = {"model": backbone.name, "pretrained": backbone.pretrained, "num_classes": len(classnames),
+           "num_templates": len(templates)}
+    return ZeroShotClassifier(weights=w, logit_scale=float(backbone.logit_scale), classnames=list(classnames), key=key)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _parse_name(name: str, pretrained: str | None) -> tuple[str, str | None]:
+    from visae.backbones import parse_backbone_name
+
+    return parse_backbone_name(name, pretrained)
+
+
+def check_source(source: dict[str, Any], model: str, pretrained: str | None, where: str = "shard set",
+                 random_init: bool = False) -> None:
+    """Refuse a shard set that is not ``model``'s final image embedding (names the offending field)."""
+    if not source.get("model"):
+        raise ZeroShotError(f"{where}: manifest source has no 'model'; cannot check it holds {model}'s image embeddings")
+    src_model, src_pre = _parse_name(str(source["model"]), source.get("pretrained"))
+    model, pretrained = _parse_name(model, pretrained)
+    if src_model != model:
+        raise ZeroShotError(f"{where}: activations come from model {src_model!r} (manifest source.model) but the "
+                            f"classifier is {model!r}; zero-shot needs the same model's image and text towers")
+    if bool(source.get("random_init", False)) != bool(random_init):
+        raise ZeroShotError(f"{where}: source.random_init is {bool(source.get('random_init', False))} but the "
+                            f"classifier's backbone has random_init={bool(random_init)}; their weights differ")
+    if not random_init and pretrained is not None and src_pre is not None and str(src_pre) != str(pretrained):
+        raise ZeroShotError(f"{where}: activations come from {src_model} weights {src_pre!r} (source.pretrained) "
+                            f"but the classifier uses {pretrained!r}")
+    layer = source.get("layer")
+    if isinstance(layer, str):
+        layer = layer.lower()
+    if layer not in _FINAL_LAYERS:
+        raise ZeroShotError(f"{where}: activations are from layer {source.get('layer')!r} (source.layer), not the final "
+                            "image embedding; only the projected embedding lives in the text tower's space. Extract "
+                            "without --layer to zero-shot score it")
+    token = source.get("token")
+    if isinstance(token, str):
+        token = token.lower()
+    if layer in (None, "") and token not in _FINAL_TOKENS:
+        raise ZeroShotError(f"{where}: activations use token {source.get('token')!r} (source.token); zero-shot scoring "
+                            "needs one pooled image embedding per image")
+
+
+def _auto_benchmark(ss: ShardSet, label_column: str) -> str:
+    src = ss.source
+    text = " ".join(str(src.get(k, "")) for k in ("dataset", "images", "benchmark", "model")).lower()
+    if "toy" in text:
+        return "toy"
+    names = ss.label_names.get(label_column)
+    if "imagenet" in text or (names is not None and len(names) == 1000):
+        return "imagenet"
+    raise ZeroShotError(f"{ss.path}: cannot tell the zero-shot benchmark from the manifest source {src!r}; "
+                        "pass --benchmark imagenet|toy|files")
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def rank_of_label(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Rank of the true class under "higher logit first, ties to the lower class index" (exact, O(B*C)).
+
+    logits: [..., B, C]; labels: [B] -> [..., B] long. Top-k correct iff rank < k.
+    """
+    ly = logits.gather(-1, labels.expand(*logits.shape[:-1]).unsqueeze(-1))  # [..., B, 1]
+    gt = (logits > ly).sum(-1)
+    cls = torch.arange(logits.shape[-1], device=logits.device)
+    before = (logits == ly) & (cls < labels.unsqueeze(-1))
+    return gt + before.sum(-1)
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Per k, a bool [..., B]: is the label within the top k (ties to the lower class index)?
+
+    Fast path: the k-th largest logit ``v_k`` (from ``topk``) decides every row where the
+    label's logit differs from it (``l_y > v_k``: in, ``l_y < v_k``: out); only rows where
+    ``l_y == v_k`` for some k (a tie at the boundary, e.g. all logits equal) go through the
+    exact rank count of :func:`rank_of_label`.
+    """
+    kmax = max(ks)
+    ly = logits.gather(-1, labels.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)  # [..., B]
+    vals = logits.topk(kmax, dim=-1, sorted=True).values  # [..., B, kmax]
+    hits = {k: ly > vals[..., k - 1] for k in ks}
+    boundary = torch.zeros_like(ly, dtype=torch.bool)
+    for k in ks:
+        boundary |= ly == vals[..., k - 1]
+    if bool(boundary.any()):
+        flat_b = boundary.reshape(-1, boundary.shape[-1])
+        flat_l = logits.reshape(-1, *logits.shape[-2:])
+        for m in range(flat_b.shape[0]):
+            rows = flat_b[m].nonzero().squeeze(-1)
+            if rows.numel():
+                rank = rank_of_label(flat_l[m, rows], labels[rows])
+                for k in ks:
+                    hits[k].view(-1, boundary.shape[-1])[m, rows] = rank < k
+    return hits
+
+
+class _Acc:
+    """Running sums for one set of logits: top-k hits, cross-entropy, KL to the clean logits."""
+
+    def __init__(self, shape: tuple[int, ...], ks: Sequence[int], device):
+        self.ks = tuple(ks)
+        self.hits = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k in self.ks}
+        self.ce = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.kl = torch.zeros(shape, dtype=torch.float64, device=device)
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, clean_logp: torch.Tensor | None = None,
+            want_logp: bool = False) -> torch.Tensor | None:
+        """logits [..., B, C]; clean_logp [B, C] (for the KL) -> log-probabilities when asked for."""
+        for k, hit in topk_hits(logits, labels, self.ks).items():
+            self.hits[k] += hit.sum(-1)
+        if clean_logp is None and not want_logp:
+            # fused log-softmax + NLL: no [B, C] log-probability tensor
+            flat = logits.reshape(-1, logits.shape[-1])
+            self.ce += torch.nn.functional.cross_entropy(
+                flat, labels.repeat(flat.shape[0] // labels.shape[0]), reduction="none"
+            ).view(logits.shape[:-1]).double().sum(-1)
+            return None
+        logp = torch.log_softmax(logits, dim=-1)
+        self.ce -= logp.gather(-1, labels.expand(*logp.shape[:-1]).unsqueeze(-1)).squeeze(-1).double().sum(-1)
+        if clean_logp is not None:
+            self.kl += (clean_logp.exp() * (clean_logp - logp)).sum(-1).double().sum(-1)
+        return logp
+
+
+def _view_rows(data: ShardSet | ShardView) -> tuple[ShardSet, list[np.ndarray | None]]:
+    """Per shard, the rows to score (None = all of them)."""
+    if isinstance(data, ShardSet):
+        return data, [None] * data.num_shards
+    ss = data.shards
+    shard, row = ss.locate(data.index)
+    order = np.argsort(shard, kind="stable")
+    shard, row = shard[order], row[order]
+    bounds = np.searchsorted(shard, np.arange(ss.num_shards + 1))
+    return ss, [np.sort(row[bounds[i]:bounds[i + 1]]) for i in range(ss.num_shards)]
+
+
+def _shard_columns(ss: ShardSet, i: int, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Only the metadata columns we need (ids of a big set would cost far more than the labels)."""
+    f = ss.path / f"{ss.manifest['shards'][i]['name']}.meta.npz"
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise ShardError(f"{f}: metadata column(s) {missing} missing; has {sorted(z.files)}")
+            return {k: z[k] for k in keys}
+    except ShardError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ShardError(f"{f}: cannot read metadata ({e})") from None
+
+
+def iter_labelled_batches(data: ShardSet | ShardView, batch_size: int, label_column: str = "label"
+                          ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Stream (unit rows [B, d] float32, norms [B] float32, labels [B] int64), one shard at a time."""
+    ss, rows = _view_rows(data)
+    if label_column != "label" and label_column not in ss.manifest["columns"]:
+        raise ZeroShotError(f"{ss.path}: label column {label_column!r} not in the shard set; columns: "
+                            f"['label', {', '.join(map(repr, ss.manifest['columns']))}]")
+    for i in range(ss.num_shards):
+        sel = rows[i]
+        if sel is not None and sel.size == 0:
+            continue
+        meta = _shard_columns(ss, i, ("norm", label_column))
+        mm = ss.shard_acts(i)
+        n = len(mm) if sel is None else sel.size
+        for start in range(0, n, batch_size):
+            if sel is None:
+                idx = slice(start, min(start + batch_size, n))
+                acts = np.asarray(mm[idx], dtype=np.float32)
+            else:
+                idx = sel[start:start + batch_size]
+                acts = mm[idx].astype(np.float32)
+            yield acts, meta["norm"][idx].astype(np.float32), meta[label_column][idx].astype(np.int64)
+        del mm
+
+
+def _sae_forward(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, d] raw -> (x_hat [S, B, d], f [S, B, d_sae]) whatever the stack size."""
+    x_hat, f = sae(x)
+    if x_hat.dim() == 2:
+        x_hat, f = x_hat.unsqueeze(0), f.unsqueeze(0)
+    return x_hat, f
+
+
+def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier, sae: Any = None, *,
+             label_column: str = "label", batch_size: int = 8192, ks: Sequence[int] = (1, 5),
+             device: str | torch.device = "cpu", progress: bool = False, sae_chunk_elems: int = 1 << 25
+             ) -> dict[str, Any]:
+    """Zero-shot accuracy of ``data``'s embeddings and, with ``sae`` (S >= 1 stacked members), of its reconstructions.
+
+    Returns a JSON-able dict: ``clean`` {top1, top5, loss}, and when an SAE is given
+    ``recon`` (one dict per member: top1, top5, loss, kl_to_clean, l0, explained_variance,
+    dead_fraction, mse) and ``delta_top1`` / ``delta_top5`` (recon - clean) per member.
+    Rows whose label is -1 are skipped and counted in ``n_unlabelled``.
+    """
+    ss = data if isinstance(data, ShardSet) else data.shards
+    if ss.d != classifier.weights.shape[1]:
+        raise ZeroShotError(f"{ss.path}: activations have d={ss.d} but the classifier's text embeddings have "
+                            f"D={classifier.weights.shape[1]}; not the same model's embedding space")
+    C = classifier.num_classes
+    names = ss.label_names.get(label_column)
+    if names is not None and len(names) not in (0, C):
+        raise ZeroShotError(f"{ss.path}: manifest label_names[{label_column!r}] has {len(names)} classes but the "
+                            f"zero-shot benchmark has {C}")
+    ks = tuple(k for k in ks if k <= C) or (1,)
+    dev = torch.device(device)
+    classifier = ZeroShotClassifier(classifier.weights.to(dev), classifier.logit_scale, classifier.classnames,
+                                    classifier.key)
+    S = 0
+    if sae is not None:
+        if sae.d_in != ss.d:
+            raise ZeroShotError(f"SAE has d_in={sae.d_in} but {ss.path} has d={ss.d}")
+        S = int(sae.n_models)
+        sae_unit = getattr(sae.cfg, "input_normalization", "unit_norm") == "unit_norm"
+        fired = torch.zeros(S, sae.d_sae, dtype=torch.bool, device=dev)
+        l0_sum = torch.zeros(S, dtype=torch.float64, device=dev)
+        sse = torch.zeros(S, dtype=torch.float64, device=dev)
+        rec = _Acc((S,), ks, dev)
+        # rows per SAE sub-batch so that the codes [S, b, d_sae] stay under sae_chunk_elems floats
+        sub = max(16, sae_chunk_elems // max(1, S * sae.d_sae))
+    clean = _Acc((), ks, dev)
+    sum_x = torch.zeros(ss.d, dtype=torch.float64, device=dev)
+    sum_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    n = n_unlab = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(data), unit="ex", desc="zero-shot", leave=False)
+    with torch.inference_mode():
+        for acts, norms, labels in iter_labelled_batches(data, batch_size, label_column):
+            if bar is not None:
+                bar.update(len(labels))
+            keep = labels >= 0
+            if not keep.all():
+                n_unlab += int((~keep).sum())
+                acts, norms, labels = acts[keep], norms[keep], labels[keep]
+            if not len(labels):
+                continue
+            if labels.max() >= C:
+                raise ZeroShotError(f"{ss.path}: label {int(labels.max())} in column {label_column!r} is out of range "
+                                    f"for a {C}-class zero-shot benchmark")
+            x = torch.from_numpy(acts).to(dev)
+            y = torch.from_numpy(labels).to(dev)
+            n += len(y)
+            clean_logp = clean.add(classifier.logits(x), y, want_logp=sae is not None)
+            if sae is None:
+                continue
+            nrm = torch.from_numpy(norms).to(dev)
+            unit = x if ss.normalization == "unit_norm" else x / x.norm(dim=-1, keepdim=True)
+            raw = x * nrm[:, None] if ss.normalization == "unit_norm" else x
+            for s0 in range(0, len(y), sub):
+                sl = slice(s0, s0 + sub)
+                x_hat, f = _sae_forward(sae, raw[sl])  # [S, b, d], [S, b, d_sae]
+                x_hat = x_hat.float()
+                active = f != 0
+                fired |= active.any(1)
+                l0_sum += active.sum((1, 2)).double()
+                # explained variance in the SAE's own input space (per-example unit norm or raw)
+                target = unit[sl] if sae_unit else raw[sl]
+                pred = x_hat / nrm[sl, None] if sae_unit else x_hat
+                sse += ((pred - target) ** 2).sum((1, 2)).double()
+                rec.add(classifier.logits(x_hat), y[sl], clean_logp[sl])
+            target_all = unit if sae_unit else raw
+            sum_x += target_all.double().sum(0)
+            sum_sq += (target_all.double() ** 2).sum()
+    if bar is not None:
+        bar.close()
+    if n == 0:
+        raise ZeroShotError(f"{ss.path}: no labelled examples in column {label_column!r} (all -1); zero-shot "
+                            "accuracy needs labels")
+    out: dict[str, Any] = {
+        "n": n,
+        "n_unlabelled": n_unlab,
+        "num_classes": C,
+        "logit_scale": classifier.logit_scale,
+        "tie_break": "lower class index",
+        "clean": {**{f"top{k}": float(clean.hits[k]) / n for k in ks}, "loss": float(clean.ce) / n},
+    }
+    if sae is not None:
+        total_var = float(sum_sq) - float((sum_x ** 2).sum()) / n
+        members = []
+        for s in range(S):
+            m = {f"top{k}": float(rec.hits[k][s]) / n for k in ks}
+            m.update({
+                "loss": float(rec.ce[s]) / n,
+                "kl_to_clean": float(rec.kl[s]) / n,
+                "l0": float(l0_sum[s]) / n,
+                "explained_variance": 1.0 - float(sse[s]) / total_var if total_var > 0 else float("nan"),
+                "mse": float(sse[s]) / (n * ss.d),
+                "dead_fraction": 1.0 - float(fired[s].double().mean()),
+            })
+            for k in ks:
+                m[f"delta_top{k}"] = m[f"top{k}"] - out["clean"][f"top{k}"]
+            members.append(m)
+        out["recon"] = members
+        out["ev_space"] = "unit_norm" if sae_unit else "raw"
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _resolve_label_column(ss: ShardSet, explicit: str, bench_column: str | None) -> str:
+    if explicit:
+        return explicit
+    if bench_column and bench_column in ss.manifest["columns"]:
+        return bench_column
+    return "label"
+
+
+def default_text_cache() -> Path:
+    """``$VISAE_TEXT_CACHE`` or ``~/.cache/visae/text`` (shared with naming)."""
+    import os
+
+    v = os.environ.get("VISAE_TEXT_CACHE")
+    return Path(v) if v else Path.home() / ".cache" / "visae" / "text"
+
+
+def classifier_for_shards(ss: ShardSet, *, model: str = "", pretrained: str | None = None, random_init: bool = False,
+                          benchmark: str = "auto", label_column: str = "", classnames_file: str | None = None,
+                          templates_file: str | None = None, text_cache: str | Path | None = None,
+                          device: str = "cpu") -> tuple[ZeroShotClassifier, str, dict[str, Any]]:
+    """The zero-shot classifier that fits shard set ``ss`` -> (classifier, label column, facts).
+
+    The model defaults to the shard set's source (``manifest["source"]``) and is checked
+    against it: same model, same weights, the final image embedding.
+    """
+    from visae.backbones import load_backbone
+
+    src = ss.source
+    if model:
+        model, pretrained = _parse_name(model, pretrained)
+    elif src.get("model"):
+        model, pretrained = _parse_name(str(src["model"]), pretrained if pretrained is not None else src.get("pretrained"))
+    else:
+        raise ZeroShotError(f"{ss.path}: manifest source names no model; pass --model")
+    random_init = bool(random_init or src.get("random_init", False))
+    if pretrained is None and not random_init:
+        pretrained = src.get("pretrained")
+    check_source(src, model, pretrained, where=str(ss.path), random_init=random_init)
+    if benchmark == "auto":
+        benchmark = _auto_benchmark(ss, label_column or "label")
+    classnames, templates, bench_column = benchmark_classes(benchmark, classnames_file, templates_file)
+    column = _resolve_label_column(ss, label_column, bench_column)
+    load_pre = None if pretrained in (None, "shipped") else pretrained
+    backbone = load_backbone(model, load_pre, random_init=random_init, device=device,
+                             seed=int(src.get("seed", 0) or 0))
+    if backbone.embed_dim != ss.d:
+        raise ZeroShotError(f"{ss.path}: activations have d={ss.d} but {model}'s image embedding has "
+                            f"{backbone.embed_dim} dimensions; not its final embedding")
+    if text_cache is None:
+        text_cache = default_text_cache()
+    clf = build_classifier(backbone, classnames, templates, cache_dir=text_cache, device=device)
+    facts = {"model": model, "pretrained": backbone.pretrained, "random_init": random_init, "benchmark": benchmark,
+             "label_column": column, "num_templates": len(templates)}
+    return clf, column, facts
+
+
+def zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
+    """Run the evaluation that ``cfg`` describes; returns (and with ``cfg.out`` writes) the result dict."""
+    if not cfg.shards:
+        raise ZeroShotError("--shards is required: a labelled shard set of the model's final image embedding")
+    ss = ShardSet(cfg.shards)
+    clf, column, facts = classifier_for_shards(
+        ss, model=cfg.model, pretrained=cfg.pretrained, random_init=cfg.random_init, benchmark=cfg.benchmark,
+        label_column=cfg.label_column, classnames_file=cfg.classnames_file, templates_file=cfg.templates_file,
+        text_cache=cfg.text_cache, device=cfg.device)
+    sae = None
+    if cfg.sae:
+        from visae.sae import load_sae
+
+        sae = load_sae(cfg.sae, device=cfg.device)
+    res = evaluate(ss, clf, sae, label_column=column, batch_size=cfg.batch_size, device=cfg.device,
+                   progress=cfg.progress)
+    res.update({"shards": str(ss.path), **facts, "sae": cfg.sae, "config": asdict(cfg)})
+    if sae is not None and sae.n_models == 1:
+        res["recon"] = res["recon"][0]
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg.out, json.dumps(res, indent=1))
+    return res
+
+
+def format_result(res: dict[str, Any]) -> str:
+    c = res["clean"]
+    lines = [f"zero-shot on {res.get('shards', '?')} ({res['n']} labelled, {res['num_classes']} classes, "
+             f"benchmark {res.get('benchmark', '?')}, logit scale {res['logit_scale']:.2f})",
+             f"  clean          top1 {c['top1']:.4f}  top5 {c.get('top5', float('nan')):.4f}  loss {c['loss']:.4f}"]
+    recs = res.get("recon")
+    if recs is not None:
+        for i, r in enumerate(recs if isinstance(recs, list) else [recs]):
+            tag = "reconstruction" if not isinstance(recs, list) else f"recon[{i}]"
+            lines.append(f"  {tag:<14} top1 {r['top1']:.4f}  top5 {r.get('top5', float('nan')):.4f}  loss {r['loss']:.4f}"
+                         f"  (delta top1 {r['delta_top1']:+.4f})  L0 {r['l0']:.1f}  EV {r['explained_variance']:.4f}"
+                         f"  dead {r['dead_fraction']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from visae.config import ConfigError, parse_config
+
+    try:
+        cfg = parse_config(ZeroShotConfig, argv, default_yaml=DEFAULT_YAML, prog="visae zeroshot")
+        res = zeroshot(cfg)
+    except (ZeroShotError, ShardError, ConfigError) as e:
+        print(f"visae zeroshot: error: {e}", file=sys.stderr)
+        return 2
+    print(format_result(res))
+    if cfg.out:
+        print(f"wrote {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

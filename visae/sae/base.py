@@ -133,6 +133,7 @@ class SAE(nn.Module):
 
     architecture: ClassVar[str] = ""
     uses_aux: ClassVar[bool] = False
+    sparse_needs_dec_norm: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None, device: Any = None):
         super().__init__()
@@ -256,6 +257,16 @@ class SAE(nn.Module):
         """Pre-activations -> (codes [S, B, d_sae], per-member sparsity loss [S]) for training, with autograd."""
         raise NotImplementedError
 
+    def _sparse_select(self, pre: Tensor, s: int) -> tuple[Any, Tensor]:
+        """Sparse path: member ``s``'s pre [B, d_sae] -> (kernels.Pattern of the codes that may be non-zero or
+        get a gradient, their pre-activation values [nnz])."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse training path")
+
+    def _sparse_codes(self, vals: Tensor, pattern: Any, s: int, coeff: Tensor,
+                      dec_norm: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Sparse path: pre-activation values [nnz] (with grad) -> (codes [nnz], sparsity loss [])."""
+        raise NotImplementedError(f"{type(self).__name__} has no sparse training path")
+
     # ------------------------------------------------------------------ public inference API (raw inputs)
     def _squeeze(self, t: Tensor, x: Tensor) -> Tensor:
         return t[0] if (self.n_models == 1 and x.ndim == 2) else t
@@ -356,7 +367,7 @@ class SAE(nn.Module):
         residual = -err.detach()  # x - x_hat
         num = (e_hat - residual).pow(2).sum(dim=(1, 2))
         den = (residual - residual.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2)).clamp_min(1e-12)
-        return num / den
+        return num / den * dead_mask.any(-1)  # 0 for members with no dead latent
 
     # ------------------------------------------------------------------ decoder constraints
     @torch.no_grad()

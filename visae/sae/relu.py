@@ -18,6 +18,7 @@ __all__ = ["ReLUSAE"]
 
 class ReLUSAE(SAE):
     architecture = "relu"
+    sparse_needs_dec_norm = True
 
     def _activate(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
@@ -34,3 +35,14 @@ class ReLUSAE(SAE):
         from visae.sae import kernels
 
         return kernels.relu_training_loss(self, x, coeff, impl)
+
+    def _sparse_select(self, pre: Tensor, s: int):
+        from visae.sae.kernels import Pattern
+
+        nz = (pre > 0).nonzero()
+        row, col = nz[:, 0], nz[:, 1]
+        return Pattern.from_rows_cols(row, col, pre.shape[0], pre.shape[1]), pre[row, col]
+
+    def _sparse_codes(self, vals: Tensor, pattern, s: int, coeff: Tensor, dec_norm: Tensor | None):
+        l1 = (vals * dec_norm[s, pattern.col]).sum() / pattern.B
+        return vals, coeff * l1

@@ -1,0 +1,197 @@
+"""The toy world: deterministic by seed, and its labels say what the pixels show."""
+
+import json
+
+import numpy as np
+import pytest
+
+from visae import toyworld as tw
+
+FI = tw.FACTOR_INDEX
+PALETTE = np.array([tw.COLOUR_RGB[c] for c in tw.COLOURS], np.float64)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return tw.sample_world(240, seed=7)
+
+
+def _saturated(img: np.ndarray) -> np.ndarray:
+    """Object pixels: the background is grey (saturation ~0), every object colour is saturated."""
+    x = img.astype(np.float64)
+    mx, mn = x.max(-1), x.min(-1)
+    return (mx - mn) / np.maximum(mx, 1) > 0.35
+
+
+def _nearest_colour(rgb: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(rgb[..., None, :] - PALETTE, axis=-1).argmin(-1)
+
+
+def test_deterministic_by_seed(world):
+    again = tw.sample_world(240, seed=7)
+    assert np.array_equal(world.images, again.images)
+    assert np.array_equal(world.factors, again.factors)
+    other = tw.sample_world(240, seed=8)
+    assert not np.array_equal(world.factors, other.factors)
+    assert not np.array_equal(world.images, other.images)
+    # Image i depends only on (seed, i): a slice rendered alone is the same image.
+    assert np.array_equal(tw.render_batch(world.factors[100:110], seed=7, start=100), world.images[100:110])
+
+
+def test_factor_values_all_occur(world):
+    for name in tw.MAIN_FACTORS:
+        vals = np.unique(world.factor(name))
+        assert list(vals) == list(range(len(tw.FACTORS[name]))), name
+    two = world.factor("n_objects") == 1
+    assert 0.1 < two.mean() < 0.4
+    assert (world.factor("shape2")[~two] == -1).all() and (world.factor("shape2")[two] >= 0).all()
+    assert (world.factor("colour2")[two] != world.factor("colour")[two]).all()
+    cs = world.factor("colour_shape")
+    assert np.array_equal(cs, world.factor("colour") * len(tw.SHAPES) + world.factor("shape"))
+
+
+def test_colour_labels_match_pixels(world):
+    for i in np.flatnonzero(world.factor("n_objects") == 0):
+        img = world.images[i]
+        mask = _saturated(img)
+        assert mask.sum() > 20, i
+        got = _nearest_colour(img[mask].mean(0))
+        assert got == world.factor("colour")[i], (i, tw.COLOURS[got], tw.COLOURS[world.factor("colour")[i]])
+
+
+def test_second_object_has_its_colour(world):
+    for i in np.flatnonzero(world.factor("n_objects") == 1):
+        img = world.images[i]
+        mask = _saturated(img)
+        per_pixel = _nearest_colour(img[mask].astype(np.float64))
+        counts = np.bincount(per_pixel, minlength=len(tw.COLOURS))
+        main, second = world.factor("colour")[i], world.factor("colour2")[i]
+        assert counts[main] > counts[second] > 5, (i, counts)
+
+
+def test_position_and_size_labels_match_pixels(world):
+    single = np.flatnonzero(world.factor("n_objects") == 0)
+    areas = {0: [], 1: []}
+    for i in single:
+        mask = _saturated(world.images[i])
+        ys, xs = np.nonzero(mask)
+        cx = xs.mean()
+        pos = world.factor("position")[i]
+        # Columns are centred at x = 16, 32, 48 (of 64).
+        assert {0: cx < 24, 1: 24 <= cx < 40, 2: cx >= 40}[pos], (i, cx, tw.POSITIONS[pos])
+        areas[int(world.factor("size")[i])].append(mask.sum())
+    assert max(areas[0]) < min(areas[1]), (max(areas[0]), min(areas[1]))
+
+
+def test_shape_labels_match_pixels(world):
+    """Fill ratio of the bounding box and vertical balance tell the shapes apart."""
+    big = np.flatnonzero((world.factor("n_objects") == 0) & (world.factor("size") == 1))
+    seen = set()
+    for i in big:
+        mask = _saturated(world.images[i])
+        ys, xs = np.nonzero(mask)
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        fill = mask.sum() / (h * w)
+        mid = (ys.max() + ys.min()) / 2
+        bottom_heavy = (ys > mid).sum() / max(1, (ys < mid).sum())
+        shape = tw.SHAPES[world.factor("shape")[i]]
+        seen.add(shape)
+        if shape == "square":
+            assert fill > 0.9, (i, fill)
+        elif shape == "circle":
+            assert 0.7 < fill < 0.86, (i, fill)
+        elif shape == "triangle":
+            assert bottom_heavy > 1.8 and fill < 0.62, (i, fill, bottom_heavy)
+        elif shape == "diamond":
+            assert fill < 0.62 and 0.8 < bottom_heavy < 1.25, (i, fill, bottom_heavy)
+        elif shape == "star":
+            assert fill < 0.5, (i, fill)
+        elif shape == "cross":
+            # The centre row and column are full, the bounding-box corners empty.
+            cy, cx = int(round(ys.mean())), int(round(xs.mean()))
+            assert mask[cy, xs.min():xs.max() + 1].mean() > 0.9 and mask[ys.min():ys.max() + 1, cx].mean() > 0.9
+            assert not mask[ys.min(), xs.min()] and not mask[ys.max(), xs.max()]
+    assert seen == set(tw.SHAPES)
+
+
+def test_background_labels_match_pixels(world):
+    spread = {0: [], 1: [], 2: []}
+    for i in np.flatnonzero(world.factor("n_objects") == 0):
+        img = world.images[i].astype(np.float64)
+        # Rows far from the object: the bare background.
+        mask = _saturated(world.images[i])
+        rows = ~mask.any(1)
+        grey = img[rows].mean(-1)
+        spread[int(world.factor("background")[i])].append(grey.std())
+    assert max(spread[0]) < 6 < min(spread[1]) and 6 < min(spread[2]), {k: (min(v), max(v)) for k, v in spread.items()}
+
+
+def test_captions_are_true_of_their_image(world):
+    for i in range(40):
+        row = world.factors[i]
+        opts = tw.caption_options(row)
+        assert all(c.matches(row) for c in opts)
+        caps = world.captions(i)
+        full = caps[0]
+        for name in ("shape", "colour", "size", "background"):
+            assert tw.FACTORS[name][row[FI[name]]] in full, (full, name)
+        assert any(c == f"something {tw.COLOURS[row[FI['colour']]]}" for c in caps)
+        assert f"a {tw.SHAPES[row[FI['shape']]]}" in caps
+    # A caption about another colour is false of the image.
+    row = world.factors[0].copy()
+    cap = tw.caption_options(row)[12]  # "a {colour} object"
+    row[FI["colour"]] = (row[FI["colour"]] + 1) % len(tw.COLOURS)
+    assert not cap.matches(row)
+
+
+def test_benchmarks_in_imagenet_form():
+    b = tw.toy_classnames_and_templates()
+    assert {"colour", "shape", "colour_shape"} <= set(b)
+    for name, spec in b.items():
+        assert spec["column"] in tw.FACTORS
+        assert len(spec["classnames"]) == len(tw.FACTORS[spec["column"]])
+        assert spec["templates"] and all("{}" in t for t in spec["templates"])
+    assert len(b["colour_shape"]["classnames"]) == 48
+
+
+def test_render_from_names_and_bad_input():
+    img = tw.render({"shape": "star", "colour": "blue", "size": "large", "position": "right", "background": "plain"}, rng=0)
+    assert img.size == (64, 64) and img.mode == "RGB"
+    a = np.asarray(img)
+    assert _nearest_colour(a[_saturated(a)].mean(0)) == tw.COLOURS.index("blue")
+    with pytest.raises(ValueError, match="unknown value"):
+        tw.render({"shape": "hexagon", "colour": "blue", "size": "large", "position": "right", "background": "plain"})
+    with pytest.raises(ValueError, match="colour"):
+        tw.render({"shape": "star", "size": "large", "position": "right", "background": "plain"})
+
+
+def test_generate_world_on_disk_and_resume(tmp_path):
+    out = tw.generate_world(tmp_path / "w", n=25, seed=3, chunk=10, progress=False)
+    meta, recs = tw.read_world(out)
+    assert meta["n"] == 25 and meta["seed"] == 3 and set(meta["factors"]) == set(tw.FACTORS)
+    assert [r["file"] for r in recs[:2]] == ["images/000000.png", "images/000001.png"]
+    mem = tw.sample_world(25, seed=3)
+    from PIL import Image
+
+    for i in (0, 13, 24):
+        r = recs[i]
+        assert np.array_equal(np.asarray(Image.open(out / r["file"])), mem.images[i])
+        assert r["factors"] == tw.factors_to_dict(mem.factors[i])
+        assert r["captions"] == mem.captions(i)
+    # A kill after the first chunk: world.jsonl holds 10 lines; the rerun completes it identically.
+    full = (out / "world.jsonl").read_text()
+    (out / "world.jsonl").write_text("".join(full.splitlines(keepends=True)[:13]))  # mid-chunk too
+    (out / "images" / "000020.png").unlink()
+    tw.generate_world(out, n=25, seed=3, chunk=10, progress=False)
+    assert (out / "world.jsonl").read_text() == full
+    assert (out / "images" / "000020.png").is_file()
+    with pytest.raises(ValueError, match="seed"):
+        tw.generate_world(out, n=25, seed=4, progress=False)
+    with pytest.raises(FileNotFoundError, match="world.json"):
+        tw.read_world(tmp_path / "nothing")
+
+
+def test_cli(tmp_path):
+    assert tw.main(["--out", str(tmp_path / "c"), "--n", "5", "--seed", "1"]) == 0
+    meta = json.loads((tmp_path / "c" / "world.json").read_text())
+    assert meta["n"] == 5 and len((tmp_path / "c" / "world.jsonl").read_text().splitlines()) == 5

@@ -1,6 +1,14 @@
-import sys
+"""Zero-shot accuracy of a shard set and of SAE reconstructions: ``python scripts/zeroshot.py --shards DIR [--model NAME] [--sae DIR]``.
 
-from visae.zeroshot import main
+See docs/sweeps.md; ``--help`` lists every option.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from visae.zeroshot import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -210,6 +210,11 @@ def check_source(source: dict[str, Any], model: str, pretrained: str | None, whe
     layer = source.get("layer")
     if isinstance(layer, str):
         layer = layer.lower()
+    read = source.get("read")
+    if read is not None and read != "image_embedding":
+        raise ZeroShotError(f"{where}: activations are {read!r} (source.read), not the final image embedding; only "
+                            "the projected embedding lives in the text tower's space. Extract without --layer to "
+                            "zero-shot score it")
     if layer not in _FINAL_LAYERS:
         raise ZeroShotError(f"{where}: activations are from layer {source.get('layer')!r} (source.layer), not the final "
                             "image embedding; only the projected embedding lives in the text tower's space. Extract "
@@ -224,6 +229,11 @@ def check_source(source: dict[str, Any], model: str, pretrained: str | None, whe
 
 def _auto_benchmark(ss: ShardSet, label_column: str) -> str:
     src = ss.source
+    kind = str(src.get("dataset_kind", "")).lower()
+    if kind == "toyworld":
+        return "toy"
+    if kind == "imagenet":
+        return "imagenet"
     text = " ".join(str(src.get(k, "")) for k in ("dataset", "images", "benchmark", "model")).lower()
     if "toy" in text:
         return "toy"
@@ -364,30 +374,40 @@ def _sae_forward(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return x_hat, f
 
 
-def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier, sae: Any = None, *,
+def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier | None, sae: Any = None, *,
              label_column: str = "label", batch_size: int = 8192, ks: Sequence[int] = (1, 5),
              device: str | torch.device = "cpu", progress: bool = False, sae_chunk_elems: int = 1 << 25
              ) -> dict[str, Any]:
     """Zero-shot accuracy of ``data``'s embeddings and, with ``sae`` (S >= 1 stacked members), of its reconstructions.
 
-    Returns a JSON-able dict: ``clean`` {top1, top5, loss}, and when an SAE is given
-    ``recon`` (one dict per member: top1, top5, loss, kl_to_clean, l0, explained_variance,
-    dead_fraction, mse) and ``delta_top1`` / ``delta_top5`` (recon - clean) per member.
-    Rows whose label is -1 are skipped and counted in ``n_unlabelled``.
+    data: a shard set or a view of one (e.g. the held-out split). classifier: None scores
+    only the SAE (L0, explained variance, dead fraction, MSE), for activations that have no
+    zero-shot classifier (a residual-stream layer).
+
+    Returns a JSON-able dict: ``clean`` {top1, top5, loss} (with a classifier), and when an
+    SAE is given ``recon``, one dict per member: top1, top5, loss, kl_to_clean,
+    delta_top1/5 (recon - clean) with a classifier; l0, explained_variance, mse,
+    dead_fraction always. With a classifier, rows whose label is -1 are skipped (counted in
+    ``n_unlabelled``) and every metric is over the labelled rows.
     """
     ss = data if isinstance(data, ShardSet) else data.shards
-    if ss.d != classifier.weights.shape[1]:
-        raise ZeroShotError(f"{ss.path}: activations have d={ss.d} but the classifier's text embeddings have "
-                            f"D={classifier.weights.shape[1]}; not the same model's embedding space")
-    C = classifier.num_classes
-    names = ss.label_names.get(label_column)
-    if names is not None and len(names) not in (0, C):
-        raise ZeroShotError(f"{ss.path}: manifest label_names[{label_column!r}] has {len(names)} classes but the "
-                            f"zero-shot benchmark has {C}")
-    ks = tuple(k for k in ks if k <= C) or (1,)
+    if classifier is None and sae is None:
+        raise ZeroShotError("evaluate: nothing to do (no classifier and no SAE)")
     dev = torch.device(device)
-    classifier = ZeroShotClassifier(classifier.weights.to(dev), classifier.logit_scale, classifier.classnames,
-                                    classifier.key)
+    C = 0
+    if classifier is not None:
+        if ss.d != classifier.weights.shape[1]:
+            raise ZeroShotError(f"{ss.path}: activations have d={ss.d} but the classifier's text embeddings have "
+                                f"D={classifier.weights.shape[1]}; not the same model's embedding space")
+        C = classifier.num_classes
+        names = ss.label_names.get(label_column)
+        if names is not None and len(names) not in (0, C):
+            raise ZeroShotError(f"{ss.path}: manifest label_names[{label_column!r}] has {len(names)} classes but the "
+                                f"zero-shot benchmark has {C}")
+        ks = tuple(k for k in ks if k <= C) or (1,)
+        classifier = ZeroShotClassifier(classifier.weights.to(dev), classifier.logit_scale, classifier.classnames,
+                                        classifier.key)
+        clean = _Acc((), ks, dev)
     S = 0
     if sae is not None:
         if sae.d_in != ss.d:
@@ -397,10 +417,11 @@ def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier, sae: An
         fired = torch.zeros(S, sae.d_sae, dtype=torch.bool, device=dev)
         l0_sum = torch.zeros(S, dtype=torch.float64, device=dev)
         sse = torch.zeros(S, dtype=torch.float64, device=dev)
-        rec = _Acc((S,), ks, dev)
+        rec = _Acc((S,), ks, dev) if classifier is not None else None
         # rows per SAE sub-batch so that the codes [S, b, d_sae] stay under sae_chunk_elems floats
         sub = max(16, sae_chunk_elems // max(1, S * sae.d_sae))
-    clean = _Acc((), ks, dev)
+        was_training = sae.training
+        sae.eval()
     sum_x = torch.zeros(ss.d, dtype=torch.float64, device=dev)
     sum_sq = torch.zeros((), dtype=torch.float64, device=dev)
     n = n_unlab = 0
@@ -408,24 +429,29 @@ def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier, sae: An
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(data), unit="ex", desc="zero-shot", leave=False)
+        bar = tqdm(total=len(data), unit="ex", desc="zero-shot" if classifier is not None else "evaluate",
+                   leave=False, file=sys.stderr)
+    column = label_column if classifier is not None else "label"
     with torch.inference_mode():
-        for acts, norms, labels in iter_labelled_batches(data, batch_size, label_column):
+        for acts, norms, labels in iter_labelled_batches(data, batch_size, column):
             if bar is not None:
                 bar.update(len(labels))
-            keep = labels >= 0
-            if not keep.all():
-                n_unlab += int((~keep).sum())
-                acts, norms, labels = acts[keep], norms[keep], labels[keep]
-            if not len(labels):
-                continue
-            if labels.max() >= C:
-                raise ZeroShotError(f"{ss.path}: label {int(labels.max())} in column {label_column!r} is out of range "
-                                    f"for a {C}-class zero-shot benchmark")
+            if classifier is not None:
+                keep = labels >= 0
+                if not keep.all():
+                    n_unlab += int((~keep).sum())
+                    acts, norms, labels = acts[keep], norms[keep], labels[keep]
+                if not len(labels):
+                    continue
+                if labels.max() >= C:
+                    raise ZeroShotError(f"{ss.path}: label {int(labels.max())} in column {label_column!r} is out of "
+                                        f"range for a {C}-class zero-shot benchmark")
             x = torch.from_numpy(acts).to(dev)
             y = torch.from_numpy(labels).to(dev)
             n += len(y)
-            clean_logp = clean.add(classifier.logits(x), y, want_logp=sae is not None)
+            clean_logp = None
+            if classifier is not None:
+                clean_logp = clean.add(classifier.logits(x), y, want_logp=sae is not None)
             if sae is None:
                 continue
             nrm = torch.from_numpy(norms).to(dev)
@@ -442,38 +468,45 @@ def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier, sae: An
                 target = unit[sl] if sae_unit else raw[sl]
                 pred = x_hat / nrm[sl, None] if sae_unit else x_hat
                 sse += ((pred - target) ** 2).sum((1, 2)).double()
-                rec.add(classifier.logits(x_hat), y[sl], clean_logp[sl])
+                if rec is not None:
+                    rec.add(classifier.logits(x_hat), y[sl], clean_logp[sl])
             target_all = unit if sae_unit else raw
             sum_x += target_all.double().sum(0)
             sum_sq += (target_all.double() ** 2).sum()
     if bar is not None:
         bar.close()
+    if sae is not None:
+        sae.train(was_training)
     if n == 0:
-        raise ZeroShotError(f"{ss.path}: no labelled examples in column {label_column!r} (all -1); zero-shot "
-                            "accuracy needs labels")
-    out: dict[str, Any] = {
-        "n": n,
-        "n_unlabelled": n_unlab,
-        "num_classes": C,
-        "logit_scale": classifier.logit_scale,
-        "tie_break": "lower class index",
-        "clean": {**{f"top{k}": float(clean.hits[k]) / n for k in ks}, "loss": float(clean.ce) / n},
-    }
+        if classifier is not None:
+            raise ZeroShotError(f"{ss.path}: no labelled examples in column {label_column!r} (all -1); zero-shot "
+                                "accuracy needs labels")
+        raise ZeroShotError(f"{ss.path}: no examples to evaluate")
+    out: dict[str, Any] = {"n": n}
+    if classifier is not None:
+        out.update({
+            "n_unlabelled": n_unlab,
+            "num_classes": C,
+            "logit_scale": classifier.logit_scale,
+            "tie_break": "lower class index",
+            "clean": {**{f"top{k}": float(clean.hits[k]) / n for k in ks}, "loss": float(clean.ce) / n},
+        })
     if sae is not None:
         total_var = float(sum_sq) - float((sum_x ** 2).sum()) / n
         members = []
         for s in range(S):
-            m = {f"top{k}": float(rec.hits[k][s]) / n for k in ks}
+            m: dict[str, Any] = {}
+            if rec is not None:
+                m.update({f"top{k}": float(rec.hits[k][s]) / n for k in ks})
+                m.update({"loss": float(rec.ce[s]) / n, "kl_to_clean": float(rec.kl[s]) / n})
+                for k in ks:
+                    m[f"delta_top{k}"] = m[f"top{k}"] - out["clean"][f"top{k}"]
             m.update({
-                "loss": float(rec.ce[s]) / n,
-                "kl_to_clean": float(rec.kl[s]) / n,
                 "l0": float(l0_sum[s]) / n,
                 "explained_variance": 1.0 - float(sse[s]) / total_var if total_var > 0 else float("nan"),
                 "mse": float(sse[s]) / (n * ss.d),
                 "dead_fraction": 1.0 - float(fired[s].double().mean()),
             })
-            for k in ks:
-                m[f"delta_top{k}"] = m[f"top{k}"] - out["clean"][f"top{k}"]
             members.append(m)
         out["recon"] = members
         out["ev_space"] = "unit_norm" if sae_unit else "raw"

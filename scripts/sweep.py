@@ -1,0 +1,14 @@
+"""Train a grid of SAEs and select the best: ``python scripts/sweep.py --config configs/sweep_dncbm.yaml --shards DIR``.
+
+See docs/sweeps.md; ``--help`` lists every option.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from visae.sweep import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,478 @@
+"""Select the best SAE of a sweep by the zero-shot accuracy of its reconstructions.
+
+    python scripts/select.py --sweep runs/sweep [--max_l0 64] [--max_dead 0.1]
+
+Each trial of ``<sweep>/trials/`` is scored once on the selection set (the sweep's
+``val_shards``, or the held-out split of its training shards) with
+:func:`visae.zeroshot.evaluate`: zero-shot top-1 / top-5 of its reconstructions, the clean
+accuracy, L0, explained variance and dead fraction on that same set. Scores are cached in
+``trials/<name>/zeroshot.json`` (keyed by the selection set, classifier and the weights
+file), so re-selecting under other constraints costs nothing. Trials of one shape are
+scored together as one stacked SAE in one pass over the data.
+
+The best trial maximises the metric (``zeroshot_top1`` by default) among the finished
+trials that meet the constraints (``max_l0``, ``max_dead``); ties go to the lower L0, then
+the name. Written to the sweep directory: ``leaderboard.csv`` / ``leaderboard.md`` (every
+trial, best first, with ``feasible`` / ``pareto`` / ``chosen`` columns), ``pareto.png``
+(L0 against the metric, clean accuracy as a horizontal line, the chosen SAE marked),
+``selection.json``, and ``best/`` (a copy of the chosen trial's SAE dir plus
+``selection.json`` naming the trial).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from visae.config import ConfigError, parse_config
+from visae.shards import ShardError, ShardSet, atomic_write_text
+from visae.sweep import DONE_FILE, SweepError, load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_YAML = REPO / "configs" / "select.yaml"
+SCORE_FILE = "zeroshot.json"
+SCORE_FORMAT = "visae.trial-score.v1"
+METRICS = ("zeroshot_top1", "zeroshot_top5", "explained_variance")
+
+__all__ = ["SelectConfig", "SelectError", "score_trials", "select", "select_if_complete", "leaderboard", "main"]
+
+
+class SelectError(ValueError):
+    """Selection cannot proceed (no scored trials, no trial meets the constraints, ...)."""
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Re-select the best SAE of a sweep under constraints, without retraining (scores are cached per trial)."""
+
+    sweep: str = field(default="", metadata={"help": "sweep directory (made by `visae sweep`)"})
+    max_l0: Optional[float] = field(default=None, metadata={"help": "constraint: mean L0 at most this (null: the "
+                                                                    "sweep's setting; inf: none)"})
+    max_dead: Optional[float] = field(default=None, metadata={"help": "constraint: dead fraction at most this (null: "
+                                                                      "the sweep's setting; inf: none)"})
+    metric: Optional[str] = field(default=None, metadata={"help": "zeroshot_top1 | zeroshot_top5 | "
+                                                                  "explained_variance (null: the sweep's)"})
+    val_shards: Optional[str] = field(default=None, metadata={"help": "selection shard set (null: the sweep's)"})
+    rescore: bool = field(default=False, metadata={"help": "ignore cached scores and score every trial again"})
+    device: str = field(default="cpu", metadata={"help": "torch device for scoring"})
+    batch_size: int = field(default=4096, metadata={"help": "rows per scoring batch"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class _Context:
+    """What scoring needs, built once: the selection data, the classifier (or None), the cache key."""
+
+    data: Any
+    classifier: Any
+    label_column: str
+    key: dict[str, Any]
+    facts: dict[str, Any]
+
+
+def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = None, device: str = "cpu"
+                       ) -> _Context:
+    from visae.zeroshot import ZeroShotError, classifier_for_shards
+
+    cfg, tcfg = doc["config"], doc["train_config"]
+    val = val_shards if val_shards is not None else cfg.get("val_shards", "")
+    try:
+        if val:
+            ss = ShardSet(val)
+            data = ss
+            subset = "all"
+        else:
+            ss = ShardSet(cfg["shards"])
+            vf, seed = float(tcfg.get("val_fraction", 0.0)), int(tcfg.get("seed", 0))
+            if vf <= 0:
+                raise SelectError(f"{out}: no selection set: the sweep has no --val_shards and its training split "
+                                  "holds nothing out (val_fraction 0); pass --val_shards")
+            data = ss.split(vf, seed=seed)[1]
+            subset = f"split(val_fraction={vf}, seed={seed})"
+    except ShardError as e:
+        raise SelectError(f"selection shard set: {e}") from None
+    metric = cfg.get("metric", "zeroshot_top1")
+    classifier, column, facts = None, "label", {}
+    try:
+        classifier, column, facts = classifier_for_shards(
+            ss, model=cfg.get("model", ""), pretrained=cfg.get("pretrained"), benchmark=cfg.get("benchmark", "auto"),
+            label_column=cfg.get("label_column", ""), classnames_file=cfg.get("classnames_file"),
+            templates_file=cfg.get("templates_file"), text_cache=cfg.get("text_cache"), device=device)
+    except Exception as e:  # noqa: BLE001 - no classifier is fine for the explained-variance metric
+        if metric.startswith("zeroshot"):
+            raise SelectError(f"cannot zero-shot score on {ss.path}: {e}\n(select with --metric explained_variance "
+                              "to choose by reconstruction alone)") from e
+        facts = {"zeroshot_unavailable": str(e)}
+        if not isinstance(e, (ZeroShotError, ValueError, OSError)):
+            print(f"visae select: no zero-shot classifier ({type(e).__name__}: {e})", file=sys.stderr)
+    key = {"format": SCORE_FORMAT, "data": str(ss.path.resolve()), "subset": subset, "n": len(data),
+           "classifier": None if classifier is None else {**classifier.key, "label_column": column,
+                                                           "benchmark": facts.get("benchmark")}}
+    return _Context(data, classifier, column, key, facts)
+
+
+def _weights_stamp(trial_dir: Path) -> list[int]:
+    st = (trial_dir / "weights.safetensors").stat()
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _cached(trial_dir: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    f = trial_dir / SCORE_FILE
+    if not f.is_file():
+        return None
+    try:
+        doc = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+    if doc.get("key") != key or doc.get("weights") != _weights_stamp(trial_dir):
+        return None
+    return doc
+
+
+def _trial_dirs(out: Path, names: Iterable[str] | None) -> list[Path]:
+    tdir = out / "trials"
+    if names is None:
+        return sorted(p for p in tdir.iterdir() if (p / "weights.safetensors").is_file()) if tdir.is_dir() else []
+    return [tdir / n for n in names if (tdir / n / "weights.safetensors").is_file()]
+
+
+def score_trials(out: str | Path, names: Sequence[str] | None = None, *, val_shards: str | None = None,
+                 device: str = "cpu", batch_size: int = 4096, rescore: bool = False, progress: bool = False,
+                 max_stack: int = 32) -> dict[str, dict[str, Any]]:
+    """Score the trials ``names`` (default: every trial with weights) of sweep ``out``; cached per trial.
+
+    Returns {trial name: score doc} where score doc = {"key", "weights", "result"} and
+    ``result`` has ``clean`` (when zero-shot applies) and ``recon`` (one member's metrics).
+    """
+    import dataclasses
+
+    import torch
+
+    from visae.sae import load_sae, stack_saes
+    from visae.zeroshot import evaluate
+
+    out = Path(out)
+    doc = load_sweep(out)
+    dirs = _trial_dirs(out, names)
+    if not dirs:
+        return {}
+    ctx = _selection_context(out, doc, val_shards, device)
+    scores: dict[str, dict[str, Any]] = {}
+    todo: list[Path] = []
+    for d in dirs:
+        hit = None if rescore else _cached(d, ctx.key)
+        if hit is not None:
+            scores[d.name] = hit
+        else:
+            todo.append(d)
+    if not todo:
+        return scores
+    # one stacked pass per same-shape batch of trials
+    loaded = [(d, load_sae(d, device=device)) for d in todo]
+    buckets: dict[Any, list[tuple[Path, Any]]] = {}
+    for d, sae in loaded:
+        buckets.setdefault(dataclasses.replace(sae.cfg, n_models=1), []).append((d, sae))
+    for items in buckets.values():
+        for i in range(0, len(items), max_stack):
+            chunk = items[i:i + max_stack]
+            stacked = stack_saes([s for _, s in chunk]) if len(chunk) > 1 else chunk[0][1]
+            with torch.inference_mode():
+                res = evaluate(ctx.data, ctx.classifier, stacked, label_column=ctx.label_column,
+                               batch_size=batch_size, device=device, progress=progress)
+            for j, (d, _) in enumerate(chunk):
+                member = {k: v for k, v in res.items() if k != "recon"}
+                member["recon"] = res["recon"][j]
+                member.update(ctx.facts)
+                entry = {"key": ctx.key, "weights": _weights_stamp(d), "result": member}
+                atomic_write_text(d / SCORE_FILE, json.dumps(entry, indent=1))
+                scores[d.name] = entry
+    return scores
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def _metric_value(result: dict[str, Any], metric: str) -> float:
+    r = result["recon"]
+    if metric == "explained_variance":
+        return float(r["explained_variance"])
+    k = metric.split("_")[-1]
+    if k not in r:
+        raise SelectError(f"metric {metric} needs zero-shot scores; these trials were scored without a classifier")
+    return float(r[k])
+
+
+def _trial_info(out: Path, name: str) -> dict[str, Any]:
+    try:
+        cfg = json.loads((out / "trials" / name / "cfg.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        cfg = {}
+    extra = cfg.get("extra", {}) or {}
+    sw = extra.get("sweep", {})
+    return {"architecture": cfg.get("architecture"), "d_sae": cfg.get("d_sae"), "expansion": sw.get("expansion"),
+            "lr": sw.get("lr", extra.get("train", {}).get("lr")),
+            "l1_coeff": sw.get("l1_coeff", extra.get("train", {}).get("l1_coeff")),
+            "finished": bool(extra.get("finished", False))}
+
+
+def leaderboard(out: Path, scores: dict[str, dict[str, Any]], metric: str, max_l0: float | None,
+                max_dead: float | None) -> list[dict[str, Any]]:
+    """One row per scored trial, best first; marks feasible, Pareto-optimal (L0 vs metric) and chosen."""
+    rows = []
+    for name, doc in scores.items():
+        res = doc["result"]
+        r = res["recon"]
+        row = {"trial": name, **_trial_info(out, name), "score": _metric_value(res, metric),
+               "l0": r["l0"], "dead_fraction": r["dead_fraction"], "explained_variance": r["explained_variance"],
+               "recon_top1": r.get("top1"), "recon_top5": r.get("top5"),
+               "clean_top1": res.get("clean", {}).get("top1"), "clean_top5": res.get("clean", {}).get("top5"),
+               "delta_top1": r.get("delta_top1"), "recon_loss": r.get("loss"), "kl_to_clean": r.get("kl_to_clean"),
+               "n_val": res.get("n")}
+        why = []
+        if not row["finished"]:
+            why.append("unfinished")
+        if max_l0 is not None and not row["l0"] <= max_l0:
+            why.append(f"L0 {row['l0']:.1f} > {max_l0:g}")
+        if max_dead is not None and not row["dead_fraction"] <= max_dead:
+            why.append(f"dead {row['dead_fraction']:.3f} > {max_dead:g}")
+        if not math.isfinite(row["score"]):
+            why.append("score not finite")
+        row["feasible"] = not why
+        row["excluded_by"] = "; ".join(why)
+        rows.append(row)
+    # Pareto front over all trials: no other trial has L0 <= and score >= with one strict
+    for a in rows:
+        a["pareto"] = not any((b["l0"] <= a["l0"] and b["score"] >= a["score"])
+                              and (b["l0"] < a["l0"] or b["score"] > a["score"]) for b in rows)
+    rows.sort(key=lambda r: (not r["feasible"], -r["score"] if math.isfinite(r["score"]) else math.inf,
+                             r["l0"], r["trial"]))
+    for i, r in enumerate(rows):
+        r["rank"] = i + 1
+        r["chosen"] = False
+    if rows and rows[0]["feasible"]:
+        rows[0]["chosen"] = True
+    return rows
+
+
+_COLUMNS = ["rank", "trial", "chosen", "feasible", "excluded_by", "pareto", "score", "recon_top1", "recon_top5",
+            "clean_top1", "clean_top5", "delta_top1", "l0", "dead_fraction", "explained_variance", "recon_loss",
+            "kl_to_clean", "expansion", "d_sae", "lr", "l1_coeff", "architecture", "finished", "n_val"]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraints: dict[str, Any]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in _COLUMNS})
+    atomic_write_text(out / "leaderboard.csv", buf.getvalue())
+    md_cols = ["rank", "trial", "score", "recon_top1", "recon_top5", "delta_top1", "l0", "dead_fraction",
+               "explained_variance", "feasible", "pareto", "chosen"]
+    clean = next((r["clean_top1"] for r in rows if r.get("clean_top1") is not None), None)
+    cons = ", ".join(f"{k} <= {v:g}" for k, v in constraints.items() if v is not None) or "none"
+    lines = [f"# Sweep leaderboard: {out}", "",
+             f"Metric: **{metric}** (of reconstructions, on the selection set); constraints: {cons}."]
+    if clean is not None:
+        lines.append(f"Clean zero-shot top-1 of the original embeddings: {clean:.4f}.")
+    chosen = [r for r in rows if r["chosen"]]
+    lines.append(f"Chosen: **{chosen[0]['trial']}**." if chosen else "Chosen: none (no trial meets the constraints).")
+    lines += ["", "| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
+    for r in rows:
+        cells = [_fmt(r.get(k)) for k in md_cols]
+        if r["chosen"]:
+            cells[1] = f"**{cells[1]}**"
+        lines.append("| " + " | ".join(cells) + " |")
+    atomic_write_text(out / "leaderboard.md", "\n".join(lines) + "\n")
+
+
+def _plot(out: Path, rows: list[dict[str, Any]], metric: str, max_l0: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    exps = sorted({r["expansion"] for r in rows if r["expansion"] is not None}) or [None]
+    cmap = plt.get_cmap("viridis")
+    for i, e in enumerate(exps):
+        sel = [r for r in rows if r["expansion"] == e]
+        colour = cmap(i / max(1, len(exps) - 1)) if len(exps) > 1 else "tab:blue"
+        feas = [r for r in sel if r["feasible"]]
+        infeas = [r for r in sel if not r["feasible"]]
+        label = f"expansion {e}" if e is not None else "trials"
+        ax.scatter([r["l0"] for r in feas], [r["score"] for r in feas], color=colour, s=28, label=label, zorder=3)
+        if infeas:
+            ax.scatter([r["l0"] for r in infeas], [r["score"] for r in infeas], facecolors="none",
+                       edgecolors=colour, s=28, zorder=3)
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["l0"])
+    if len(front) > 1:
+        ax.plot([r["l0"] for r in front], [r["score"] for r in front], color="grey", lw=1, ls="-", zorder=2,
+                label="Pareto front")
+    clean_key = {"zeroshot_top1": "clean_top1", "zeroshot_top5": "clean_top5"}.get(metric)
+    clean = next((r[clean_key] for r in rows if clean_key and r.get(clean_key) is not None), None)
+    if clean is not None:
+        ax.axhline(clean, color="black", ls="--", lw=1, label=f"clean accuracy {clean:.3f}")
+    if max_l0 is not None and math.isfinite(max_l0):
+        ax.axvline(max_l0, color="tab:red", ls=":", lw=1, label=f"max L0 {max_l0:g}")
+    for r in rows:
+        if r["chosen"]:
+            ax.scatter([r["l0"]], [r["score"]], marker="*", s=260, color="tab:red", edgecolors="black", zorder=4,
+                       label=f"chosen: {r['trial']}")
+    l0s = [r["l0"] for r in rows if r["l0"] > 0]
+    if l0s and max(l0s) / min(l0s) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("L0 (mean active latents per example, selection set)")
+    ax.set_ylabel({"zeroshot_top1": "zero-shot top-1 of reconstructions", "zeroshot_top5":
+                   "zero-shot top-5 of reconstructions"}.get(metric, metric))
+    ax.set_title(f"{out.name}: {len(rows)} trials" + (" (hollow: excluded by constraints)"
+                                                       if any(not r["feasible"] for r in rows) else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    tmp = out / f".pareto.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out / "pareto.png")
+
+
+def _publish_best(out: Path, trial: str, info: dict[str, Any]) -> Path:
+    """Copy trials/<trial> to best/ (swap in place) with best/selection.json naming the trial."""
+    src = out / "trials" / trial
+    best = out / "best"
+    tmp = out / f".best.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*.tmp"))
+    atomic_write_text(tmp / "selection.json", json.dumps(info, indent=1))
+    old = out / f".best.{os.getpid()}.old"
+    if best.is_symlink() or best.is_file():
+        best.unlink()
+    elif best.exists():
+        os.replace(best, old)
+    os.replace(tmp, best)
+    shutil.rmtree(old, ignore_errors=True)
+    return best
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    import fcntl
+
+    with open(out / ".select.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _resolve(value: float | None, recorded: Any) -> float | None:
+    v = recorded if value is None else value
+    if v is None or (isinstance(v, float) and math.isinf(v) and v > 0):
+        return None
+    return float(v)
+
+
+def select(cfg: SelectConfig) -> dict[str, Any]:
+    """Score (cached) and rank every trial of ``cfg.sweep``; write leaderboard, plot, selection.json and best/."""
+    if not cfg.sweep:
+        raise SelectError("--sweep is required: a sweep directory (made by `visae sweep`)")
+    out = Path(cfg.sweep)
+    doc = load_sweep(out)
+    scfg = doc["config"]
+    metric = cfg.metric or scfg.get("metric", "zeroshot_top1")
+    if metric not in METRICS:
+        raise SelectError(f"--metric must be one of {METRICS}, got {metric!r}")
+    if cfg.metric and cfg.metric != scfg.get("metric"):
+        doc = {**doc, "config": {**scfg, "metric": metric}}
+        atomic_write_text(out / "sweep.json", json.dumps(doc, indent=1))
+    max_l0 = _resolve(cfg.max_l0, scfg.get("max_l0"))
+    max_dead = _resolve(cfg.max_dead, scfg.get("max_dead"))
+    planned = [t["name"] for t in doc.get("trials", [])]
+    with _lock(out):
+        scores = score_trials(out, None, val_shards=cfg.val_shards, device=cfg.device, batch_size=cfg.batch_size,
+                              rescore=cfg.rescore, progress=cfg.progress)
+        if not scores:
+            raise SelectError(f"{out}: no trained trials in {out / 'trials'} yet; run the sweep first")
+        rows = leaderboard(out, scores, metric, max_l0, max_dead)
+        constraints = {"max_l0": max_l0, "max_dead": max_dead}
+        _write_tables(out, rows, metric, constraints)
+        _plot(out, rows, metric, max_l0)
+        chosen = next((r for r in rows if r["chosen"]), None)
+        missing = sorted(set(planned) - set(scores))
+        info = {"trial": chosen["trial"] if chosen else None, "path": f"trials/{chosen['trial']}" if chosen else None,
+                "metric": metric, "score": chosen["score"] if chosen else None, "constraints": constraints,
+                "row": chosen, "n_trials_scored": len(scores), "trials_missing": missing,
+                "selection_set": next(iter(scores.values()))["key"], "config": asdict(cfg)}
+        atomic_write_text(out / "selection.json", json.dumps(info, indent=1, default=str))
+        if chosen is None:
+            best = out / "best"
+            if best.exists() or best.is_symlink():
+                shutil.rmtree(best) if best.is_dir() and not best.is_symlink() else best.unlink()
+            raise SelectError(f"{out}: no finished trial meets the constraints ({constraints}); see "
+                              f"{out / 'leaderboard.md'} for each trial's L0 and dead fraction")
+        _publish_best(out, chosen["trial"], info)
+    return info
+
+
+def select_if_complete(out: str | Path) -> dict[str, Any] | None:
+    """Select when every planned trial's group is done (the last rank to finish does it); else None."""
+    out = Path(out)
+    doc = load_sweep(out)
+    for g in doc.get("groups", []):
+        if not (out / "groups" / g["name"] / DONE_FILE).is_file():
+            return None
+    return select(SelectConfig(sweep=str(out), device=_device(doc), progress=bool(doc["config"].get("progress", True))))
+
+
+def _device(doc: dict[str, Any]) -> str:
+    dev = doc.get("train_config", {}).get("device", "cpu")
+    return dev if dev else "cpu"
+
+
+def format_selection(info: dict[str, Any], out: Path) -> str:
+    row = info.get("row") or {}
+    lines = [f"chosen: {info['trial']}  ({info['metric']} {info['score']:.4f}, L0 {row.get('l0', float('nan')):.1f}, "
+             f"dead {row.get('dead_fraction', float('nan')):.3f}, EV {row.get('explained_variance', float('nan')):.4f})"]
+    if row.get("clean_top1") is not None:
+        lines.append(f"clean zero-shot top-1 {row['clean_top1']:.4f}; reconstruction top-1 {row['recon_top1']:.4f} "
+                     f"({row['delta_top1']:+.4f})")
+    lines.append(f"best SAE: {out / 'best'}   leaderboard: {out / 'leaderboard.md'}   plot: {out / 'pareto.png'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_config(SelectConfig, argv, default_yaml=DEFAULT_YAML, prog="visae select",
+                           description=(SelectConfig.__doc__ or "").strip())
+        info = select(cfg)
+    except (ConfigError, ShardError, SweepError, SelectError) as e:
+        print(f"visae select: error: {e}", file=sys.stderr)
+        return 2
+    print(format_selection(info, Path(cfg.sweep)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Browse named concepts: a static site with top images, written and (optionally) served locally.
+
+    python scripts/browse.py --sae runs/best --shards runs/feats --out runs/site [--concepts runs/concepts] [--serve true]
+
+Without ``--concepts`` the naming stage runs first (``visae.naming``, its options from
+``--naming_config`` or configs/naming.yaml, with ``--model`` / ``--vocab`` passed through); when
+the SAE cannot be named (not trained on a final image embedding, no text tower) the site still
+shows every latent's images, unnamed. With ``--concepts DIR`` its ``concepts.json`` is used and its
+``top_images.npz`` too when it matches the shard set. ``--serve true`` serves the site on
+127.0.0.1 only (http.server) and prints the URL. Layout: :mod:`visae.browse.site`.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import logging
+import sys
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from visae.config import config_to_dict, load_yaml_config, parse_config
+
+__all__ = ["BrowseConfig", "build_site", "serve", "main"]
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class BrowseConfig:
+    """Write a static site of an SAE's named concepts with their top images (and serve it on 127.0.0.1)."""
+
+    sae: str = field(default="", metadata={"help": "SAE directory (cfg.json + weights.safetensors)"})
+    shards: Optional[str] = field(default=None, metadata={
+        "help": "shard set whose images are shown; null: the one recorded in the SAE's cfg.json"})
+    concepts: Optional[str] = field(default=None, metadata={
+        "help": "directory with concepts.json from `visae name` (and top_images.npz); null: name them now"})
+    out: str = field(default="site", metadata={"help": "output directory of the site"})
+    serve: bool = field(default=False, metadata={"help": "serve the site on 127.0.0.1 after writing it (Ctrl-C stops)"})
+    port: int = field(default=8000, metadata={"help": "port for --serve (0: any free port)"})
+    member: int = field(default=0, metadata={"help": "which member of a stacked SAE"})
+    images_root: Optional[str] = field(default=None, metadata={
+        "help": "where the images are now, if moved since extraction; null: the manifest's source.dataset"})
+    n_top: int = field(default=16, metadata={"help": "top-activating images per concept"})
+    n_random: int = field(default=8, metadata={"help": "random activating images per concept"})
+    thumb_size: int = field(default=160, metadata={"help": "thumbnail size in pixels (longest side)"})
+    workers: int = field(default=0, metadata={"help": "threads making thumbnails (0: up to 8, one per core)"})
+    naming_config: Optional[str] = field(default=None, metadata={
+        "help": "YAML of visae name options used when --concepts is not given; null: configs/naming.yaml"})
+    model: Optional[str] = field(default=None, metadata={"help": "naming: backbone for the text tower; null: from the SAE"})
+    pretrained: Optional[str] = field(default=None, metadata={"help": "naming: pretrained tag or checkpoint"})
+    vocab: Optional[str] = field(default=None, metadata={"help": "naming: word-list file; null: wordfreq's top words"})
+    text_cache: Optional[str] = field(default="~/.cache/visae/text", metadata={"help": "naming: text-embedding cache dir"})
+    batch_size: int = field(default=4096, metadata={"help": "shard rows per SAE forward pass"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    seed: int = field(default=0, metadata={"help": "seed of the random activating-image sample"})
+    title: str = field(default="", metadata={"help": "page title; empty: from the SAE and model"})
+
+
+def _naming_config(cfg: BrowseConfig, shards: Path, out: Path) -> Any:
+    from visae.naming import NameConfig
+
+    path = Path(cfg.naming_config) if cfg.naming_config else REPO / "configs" / "naming.yaml"
+    base = load_yaml_config(NameConfig, path) if path.is_file() else NameConfig()
+    over: dict[str, Any] = {"sae": cfg.sae, "member": cfg.member, "shards": str(shards), "out": str(out),
+                            "n_top": cfg.n_top, "n_random": cfg.n_random, "batch_size": cfg.batch_size,
+                            "device": cfg.device, "seed": cfg.seed, "text_cache": cfg.text_cache}
+    for k in ("model", "pretrained", "vocab"):
+        if getattr(cfg, k) is not None:
+            over[k] = getattr(cfg, k)
+    return replace(base, **over)
+
+
+def _matching_stats(path: Path, n_examples: int, d_sae: int, cfg: BrowseConfig) -> Any:
+    from visae.topimages import TopImages
+
+    if not path.is_file():
+        return None
+    try:
+        st = TopImages.load(path)
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s (%s)", path, e)
+        return None
+    if (st.n_examples != n_examples or st.d_sae != d_sae or st.top_index.shape[1] < cfg.n_top
+            or st.rand_index.shape[1] < cfg.n_random):
+        log.info("%s was made for another shard set or fewer images; recomputing", path)
+        return None
+    return st
+
+
+def build_site(cfg: BrowseConfig) -> Path:
+    """Write the site; returns the path of its index.html."""
+    from visae.browse.images import ImageResolver, image_id, make_thumbnails
+    from visae.browse.site import write_site
+    from visae.naming import NamingError, _shards_path, name_concepts, read_concepts
+    from visae.sae import load_sae
+    from visae.shards import ShardSet
+    from visae.topimages import compute_top_images
+
+    if not cfg.sae:
+        raise ValueError("--sae is required: an SAE directory (cfg.json + weights.safetensors)")
+    sae = load_sae(cfg.sae, device=cfg.device)
+    if not 0 <= cfg.member < sae.n_models:
+        raise ValueError(f"SAE {cfg.sae}: member {cfg.member} out of range (stack of {sae.n_models})")
+    single = sae.member(cfg.member) if sae.n_models > 1 else sae
+    from visae.naming import NameConfig
+
+    shards = Path(cfg.shards) if cfg.shards else _shards_path(NameConfig(member=cfg.member), sae)
+    if shards is None:
+        raise ValueError(f"SAE {cfg.sae}: pass --shards (its cfg.json records no shard set that still exists)")
+    ss = ShardSet(shards)
+    site = Path(cfg.out)
+    site.mkdir(parents=True, exist_ok=True)
+
+    stats = None
+    if cfg.concepts:
+        doc = read_concepts(cfg.concepts)
+        stats = _matching_stats(Path(cfg.concepts) / "top_images.npz", len(ss), sae.d_sae, cfg)
+    else:
+        ncfg = _naming_config(cfg, shards, site / "concepts_data")
+        try:
+            name_concepts(ncfg, sae=sae)
+            doc = read_concepts(site / "concepts_data")
+            stats = _matching_stats(site / "concepts_data" / "top_images.npz", len(ss), sae.d_sae, cfg)
+        except NamingError as e:
+            log.warning("concepts cannot be named (%s); the site shows them unnamed", e)
+            doc = {"concepts": [{"latent": j, "name": None, "alternatives": [], "unnamed_reason": "not nameable"}
+                                for j in range(sae.d_sae)], "model": {}, "vocabulary": {}}
+    if stats is None:
+        stats = compute_top_images(single, ss, n_top=cfg.n_top, n_random=cfg.n_random, batch_size=cfg.batch_size,
+                                   seed=cfg.seed, device=cfg.device)
+    concepts = doc["concepts"]
+    if len(concepts) != sae.d_sae:
+        raise ValueError(f"{cfg.concepts}: concepts.json has {len(concepts)} concepts but the SAE has d_sae={sae.d_sae}")
+    for c in concepts:  # statistics of this shard set
+        j = c["latent"]
+        c["frequency"] = float(stats.frequency[j])
+        c["mean_activation"] = float(stats.mean_activation[j])
+
+    meta = ss.metadata()
+    ids = meta["id"]
+    need = set(stats.top_index[:, : cfg.n_top].ravel().tolist()) | set(stats.rand_index[:, : cfg.n_random].ravel().tolist())
+    need.discard(-1)
+    resolver = ImageResolver(ss.source, cfg.images_root)
+    thumbs = make_thumbnails(resolver, [str(ids[i]) for i in sorted(need)], site / "thumbs", size=cfg.thumb_size,
+                             workers=cfg.workers)
+    n_thumbs = sum(v is not None for v in thumbs.values())
+    if need and n_thumbs == 0:
+        log.warning("no image could be found for the shard ids (source.dataset=%r); pages show ids. Pass --images_root "
+                    "if the images moved", ss.source.get("dataset"))
+    label_names = ss.label_names.get("label")
+    model = doc.get("model") or {}
+    title = cfg.title or f"Concepts of {Path(cfg.sae).name}"
+    n_named = sum(1 for c in concepts if c.get("name"))
+    subtitle = (f"{sae.d_sae} latents, {n_named} named; model {model.get('name') or ss.source.get('model', '?')}; "
+                f"{len(ss):,} images from {ss.source.get('dataset', shards)}")
+    info = {"config": config_to_dict(cfg), "sae": str(cfg.sae), "shards": str(shards), "n_examples": len(ss),
+            "concepts_from": cfg.concepts or str(site / "concepts_data"), "thumbnails": n_thumbs,
+            "images_needed": len(need), "model": model, "vocabulary": doc.get("vocabulary")}
+    stats_top = stats
+    if stats.top_index.shape[1] > cfg.n_top or stats.rand_index.shape[1] > cfg.n_random:
+        stats_top = replace(stats, top_index=stats.top_index[:, : cfg.n_top], top_value=stats.top_value[:, : cfg.n_top],
+                            rand_index=stats.rand_index[:, : cfg.n_random], rand_value=stats.rand_value[:, : cfg.n_random])
+    return write_site(site, concepts, stats_top, ids, meta.get("label"), label_names, thumbs, title=title,
+                      subtitle=subtitle, info=info)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
+        log.debug("%s - %s", self.address_string(), format % args)
+
+
+def serve(site: str | Path, port: int = 8000, *, block: bool = True) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """Serve ``site`` on 127.0.0.1:``port`` (0 = any free port); returns (server, index URL).
+
+    ``block=False`` runs it in a daemon thread (call ``server.shutdown()`` to stop).
+    """
+    handler = functools.partial(_QuietHandler, directory=str(site))
+    httpd = http.server.ThreadingHTTPServer((HOST, port), handler)
+    url = f"http://{HOST}:{httpd.server_address[1]}/index.html"
+    if not block:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        return httpd, url
+    print(f"serving {site} at {url} (Ctrl-C stops)", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return httpd, url
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(BrowseConfig, argv, default_yaml=REPO / "configs" / "browse.yaml", prog="visae browse")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        index = build_site(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"visae browse: error: {e}", file=sys.stderr)
+        return 2
+    print(f"site written: {index}")
+    if cfg.serve:
+        serve(index.parent, cfg.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Static site of named concepts: ``index.html`` (search / filter / sort) and one page per concept.
+
+Layout (all relative links, works from a file:// URL or ``--serve``)::
+
+    SITE/index.html              the concept table; data embedded as JSON, vanilla JS (static/index.js)
+    SITE/concepts/<latent>.html  name candidates, statistics, activation histogram (inline SVG),
+                                 top-activating and random activating images with their activations
+    SITE/thumbs/<sha1>.jpg       thumbnails, made with PIL from the images behind the shard ids
+    SITE/static/                 style.css, index.js, concept.js (copied from the package)
+    SITE/site.json               what the site was built from (config, SAE, shards, concepts)
+    SITE/concepts_data/          concepts.json / .csv / top_images.npz when the naming ran here
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from visae.shards import atomic_write_text
+
+STATIC = Path(__file__).resolve().parent / "static"
+STATIC_FILES = ("style.css", "index.js", "concept.js")
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "\u2013"
+    return f"{float(x):.{digits}f}"
+
+
+def _pct(x: Any) -> str:
+    if x is None:
+        return "\u2013"
+    x = float(x)
+    if x == 0:
+        return "0"
+    if x < 1e-4:
+        return "<0.01%"
+    return f"{100 * x:.{2 if x < 0.01 else 1}f}%"
+
+
+def histogram_svg(counts: np.ndarray, edges: np.ndarray, width: int = 420, height: int = 150) -> str:
+    """Inline SVG bar chart of one latent's activation histogram (log-spaced bins, empty tails cropped)."""
+    counts = np.asarray(counts)
+    nz = np.flatnonzero(counts)
+    if nz.size == 0:
+        return '<p class="note">This latent never fired on the shard set.</p>'
+    lo, hi = int(nz[0]), int(nz[-1]) + 1
+    pad = max(0, 8 - (hi - lo))  # at least a few bins wide
+    lo, hi = max(0, lo - pad // 2), min(len(counts), hi + (pad - pad // 2))
+    c = counts[lo:hi]
+    m_left, m_bottom, m_top = 44, 34, 8
+    w, h = width - m_left - 8, height - m_bottom - m_top
+    bw = w / len(c)
+    cmax = max(int(c.max()), 1)
+    bars = []
+    for i, v in enumerate(c):
+        if v <= 0:
+            continue
+        bh = h * v / cmax
+        x0 = m_left + i * bw
+        bars.append(f'<rect x="{x0 + 0.5:.1f}" y="{m_top + h - bh:.1f}" width="{max(bw - 1, 0.5):.1f}" height="{bh:.1f}" '
+                    f'fill="#5b7fc7"><title>{edges[lo + i]:.3g} to {edges[lo + i + 1]:.3g}: {int(v)} examples</title></rect>')
+    ticks = []
+    for i in range(0, len(c) + 1, max(1, len(c) // 5)):
+        x = m_left + i * bw
+        ticks.append(f'<line x1="{x:.1f}" y1="{m_top + h}" x2="{x:.1f}" y2="{m_top + h + 4}" stroke="#888"/>'
+                     f'<text x="{x:.1f}" y="{m_top + h + 16}" font-size="10" text-anchor="middle" fill="#555">{edges[lo + i]:.3g}</text>')
+    axis = (f'<line x1="{m_left}" y1="{m_top + h}" x2="{m_left + w}" y2="{m_top + h}" stroke="#888"/>'
+            f'<text x="{m_left - 6}" y="{m_top + 10}" font-size="10" text-anchor="end" fill="#555">{cmax}</text>'
+            f'<text x="{m_left - 6}" y="{m_top + h}" font-size="10" text-anchor="end" fill="#555">0</text>'
+            f'<text x="{m_left + w / 2:.1f}" y="{height - 3}" font-size="11" text-anchor="middle" fill="#555">'
+            'activation (log scale; examples where the latent fires)</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+            f'aria-label="activation histogram">{axis}{"".join(ticks)}{"".join(bars)}</svg>')
+
+
+def _figure(entry: dict[str, Any]) -> str:
+    cap = f'<b>{entry["value"]:.3f}</b> {_e(entry["caption"])}'
+    if entry.get("thumb"):
+        img = f'<img loading="lazy" src="../thumbs/{_e(entry["thumb"])}" alt="{_e(entry["id"])}">'
+    else:
+        img = f'<div class="noimg">{_e(entry["id"])}</div>'
+    return f'<figure title="{_e(entry["id"])}">{img}<figcaption>{cap}</figcaption></figure>'
+
+
+def concept_page(c: dict[str, Any], *, top: Sequence[dict[str, Any]], rand: Sequence[dict[str, Any]], hist_svg: str,
+                 n_concepts: int, title: str, max_activation: float | None, count: int | None) -> str:
+    j = c["latent"]
+    name = c.get("name")
+    head = _e(name) if name else '<span class="unnamed">unnamed</span>'
+    reason = f' <span class="note">({_e(c["unnamed_reason"])})</span>' if (not name and c.get("unnamed_reason")) else ""
+    alts = c.get("alternatives") or []
+    smax = max([a["score"] for a in alts if a.get("score") is not None] + [1e-9])
+    rows = []
+    for a in alts:
+        s = a.get("score")
+        wpct = 0 if s is None else max(0.0, min(100.0, 100 * s / smax))
+        cls = ' class="chosen"' if a["name"] == name else ""
+        rows.append(f'<tr{cls}><td>{_e(a["name"])}</td><td class="num">{_num(s)}</td>'
+                    f'<td style="width:120px"><div class="bar"><span style="width:{wpct:.0f}%"></span></div></td></tr>')
+    stats = [("latent", f"#{j}"), ("cosine score", _num(c.get("score"))), ("margin (1st - 2nd)", _num(c.get("margin"))),
+             ("z vs vocabulary", _num(c.get("z"), 2)), ("frequency", _pct(c.get("frequency"))),
+             ("mean activation (active)", _num(c.get("mean_activation"))), ("max activation", _num(max_activation)),
+             ("active examples", "\u2013" if count is None else f"{count:,}")]
+    nav = [f'<a href="../index.html">\u2190 all concepts</a>']
+    if j > 0:
+        nav.append(f'<a href="{j - 1}.html">\u2039 #{j - 1}</a>')
+    if j + 1 < n_concepts:
+        nav.append(f'<a href="{j + 1}.html">#{j + 1} \u203a</a>')
+    top_html = "".join(_figure(e) for e in top) or '<p class="note">No activating images.</p>'
+    rand_html = "".join(_figure(e) for e in rand) or '<p class="note">No activating images.</p>'
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(name or "unnamed")} (#{j}) - {_e(title)}</title>
+<link rel="stylesheet" href="../static/style.css"></head>
+<body data-latent="{j}">
+<header><h1>{head} <span class="latent">#{j}</span>{reason}</h1><div class="sub">{_e(title)}</div></header>
+<main>
+<div class="nav">{" ".join(nav)}</div>
+<div class="summary">
+ <div class="panel"><dl class="stats">{"".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in stats)}</dl></div>
+ <div class="panel"><b>Name candidates</b> (cosine with the decoder direction)
+  <table class="cands" id="candidates">{"".join(rows) or "<tr><td>none</td></tr>"}</table></div>
+ <div class="panel hist"><b>Activation histogram</b>{hist_svg}</div>
+</div>
+<h2>Top-activating images</h2>
+<div class="grid" id="top-images">{top_html}</div>
+<h2>Random activating images</h2>
+<div class="grid" id="random-images">{rand_html}</div>
+</main>
+<script src="../static/concept.js"></script>
+</body></html>
+"""
+
+
+def index_page(data: dict[str, Any], title: str, subtitle: str) -> str:
+    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<link rel="stylesheet" href="static/style.css"></head>
+<body>
+<header><h1>{_e(title)}</h1><div class="sub">{_e(subtitle)}</div></header>
+<main>
+<div class="controls">
+ <label>Search <input type="search" id="search" placeholder="name, candidate or #latent" autofocus></label>
+ <label>Sort by <select id="sort">
+  <option value="frequency">frequency</option><option value="score">score</option><option value="name">name</option>
+  <option value="margin">margin</option><option value="mean">mean activation</option><option value="latent">latent id</option>
+ </select></label>
+ <label><input type="checkbox" id="named-only"> named only</label>
+ <label>min frequency % <input type="number" id="min-freq" min="0" max="100" step="0.1"></label>
+ <label>min score <input type="number" id="min-score" min="-1" max="1" step="0.01"></label>
+ <span id="count"></span>
+</div>
+<table class="concepts">
+ <thead><tr><th></th><th data-sort="name">concept</th><th class="num" data-sort="score">score</th>
+  <th class="num" data-sort="margin">margin</th><th class="num" data-sort="frequency">frequency</th>
+  <th class="num" data-sort="mean">mean act.</th></tr></thead>
+ <tbody id="rows"></tbody>
+</table>
+<button id="more" type="button">Show more</button>
+<noscript><p class="note">The search needs JavaScript; concept pages are in concepts/&lt;latent&gt;.html.</p></noscript>
+</main>
+<script id="concept-data" type="application/json">{blob}</script>
+<script src="static/index.js"></script>
+</body></html>
+"""
+
+
+def copy_static(site: Path) -> None:
+    dst = site / "static"
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in STATIC_FILES:
+        shutil.copyfile(STATIC / name, dst / name)
+
+
+def write_site(site: Path, concepts: list[dict[str, Any]], stats: Any, ids: np.ndarray, labels: np.ndarray | None,
+               label_names: Sequence[str] | None, thumbs: dict[str, str | None], *, title: str, subtitle: str,
+               info: dict[str, Any]) -> Path:
+    """Write index.html, one page per concept, the static files and site.json into ``site``."""
+    from visae.browse.images import image_id
+
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "concepts").mkdir(exist_ok=True)
+    copy_static(site)
+
+    def entries(idx_row: np.ndarray, val_row: np.ndarray) -> list[dict[str, Any]]:
+        out = []
+        for i, v in zip(idx_row, val_row):
+            if i < 0:
+                continue
+            sid = str(ids[i])
+            cap = sid
+            if labels is not None and label_names is not None and 0 <= int(labels[i]) < len(label_names):
+                cap = f"{label_names[int(labels[i])]} \u00b7 {sid}"
+            out.append({"id": sid, "value": float(v), "caption": cap, "thumb": thumbs.get(image_id(sid))})
+        return out
+
+    rows = []
+    n = len(concepts)
+    for c in concepts:
+        j = c["latent"]
+        top = entries(stats.top_index[j], stats.top_value[j]) if stats is not None else []
+        rnd = entries(stats.rand_index[j], stats.rand_value[j]) if stats is not None else []
+        hist = histogram_svg(stats.hist_counts[j], stats.hist_edges) if stats is not None else ""
+        page = concept_page(c, top=top, rand=rnd, hist_svg=hist, n_concepts=n, title=title,
+                            max_activation=float(stats.max[j]) if stats is not None else None,
+                            count=int(stats.count[j]) if stats is not None else None)
+        atomic_write_text(site / "concepts" / f"{j}.html", page)
+        thumb = next((e["thumb"] for e in top if e["thumb"]), None)
+        rows.append({
+            "latent": j, "name": c.get("name"), "score": c.get("score"), "margin": c.get("margin"), "z": c.get("z"),
+            "frequency": c.get("frequency"), "mean_activation": c.get("mean_activation"),
+            "alternatives": [{"name": a["name"], "score": a.get("score")} for a in (c.get("alternatives") or [])],
+            "thumb": f"thumbs/{thumb}" if thumb else None,
+        })
+    atomic_write_text(site / "index.html", index_page({"concepts": rows}, title, subtitle))
+    atomic_write_text(site / "site.json", json.dumps(info, indent=1, default=str))
+    return site / "index.html"

@@ -12,17 +12,20 @@ vocabulary; the fast path is additionally timed over the whole vocabulary.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
+from pathlib import Path
 
-import torch
+# the repo root instead of scripts/ (whose select.py would shadow the standard library's select)
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -7,7 +7,8 @@ option (defaults in configs/naming.yaml). See docs/naming.md.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the repo root instead of scripts/ (whose select.py would shadow the standard library's select)
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from visae.naming import main  # noqa: E402
 

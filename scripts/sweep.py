@@ -6,7 +6,8 @@ See docs/sweeps.md; ``--help`` lists every option.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the repo root instead of scripts/ (whose select.py would shadow the standard library's select)
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from visae.sweep import main  # noqa: E402
 

@@ -57,7 +57,7 @@ DONE_FILE = "done.json"
 FORMAT_NAME = "visae.sweep"
 FORMAT_VERSION = 1
 
-__all__ = ["SweepConfig", "SweepError", "Trial", "Group", "plan_trials", "plan_groups", "assign_groups",
+__all__ = ["SweepConfig", "SweepError", "Trial", "Group", "plan_trials", "plan_groups", "assign_groups", "train_trial_alone",
            "train_config_for", "prepare_init", "sweep", "main", "trial_name"]
 
 # SweepConfig fields that may change between a sweep and its rerun without changing any trial
@@ -355,6 +355,25 @@ def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any) -> bool:
                           json.dumps({"trials": [t.name for t in trials], "steps": res.steps,
                                       "train_seconds": res.train_seconds, "act_per_s": res.act_per_s}, indent=1))
     return bool(res.finished)
+
+
+def train_trial_alone(cfg: SweepConfig, trial: Trial | str, out_dir: str | Path) -> Path:
+    """Train one trial of the grid by itself (S = 1), from the sweep's shared init: the reference the stack must equal.
+
+    Used by tests and by ``scripts/bench_sweep.py`` (K sequential runs against one stacked pass).
+    """
+    from visae.train import sae_config_for, train_stack
+
+    trials = {t.name: t for t in plan_trials(cfg)}
+    t = trials[trial] if isinstance(trial, str) else trial
+    shards = ShardSet(cfg.shards)
+    tcfg = train_config_for(cfg)
+    init = prepare_init(Path(cfg.out), t.expansion, shards, tcfg)
+    gcfg = dataclasses.replace(tcfg, expansion_factor=t.expansion, out=str(out_dir), init_from=str(init))
+    train_stack(shards, sae_config_for(gcfg, shards), [t.lr], [t.l1_coeff], gcfg, [Path(out_dir)],
+                extra=[{"sweep": {"trial": t.name, "alone": True, "expansion": t.expansion, "lr": t.lr,
+                                  "l1_coeff": t.l1_coeff}}])
+    return Path(out_dir)
 
 
 def _write_plan(out: Path, cfg: SweepConfig, tcfg: Any, trials: list[Trial], groups: list[Group], world: int) -> None:

@@ -6,7 +6,9 @@ Defaults come from configs/train_sae.yaml; ``--help`` lists every option. See do
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Put the repo root in place of scripts/ on the path: scripts/ holds files named like
+# stdlib modules (select.py) that would otherwise shadow them.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from visae.train import main  # noqa: E402
 

@@ -262,9 +262,19 @@ def sae_config_for(cfg: TrainConfig, shards: ShardSet, n_models: int = 1) -> "An
     scale = 1.0
     if shards.normalization == "none":
         scale = _estimate_scale(shards, cfg)
-    return SAEConfig(architecture=cfg.architecture, d_in=d_in, d_sae=d_in * cfg.expansion_factor, n_models=n_models,
-                     k=cfg.k, input_normalization="unit_norm" if shards.normalization == "unit_norm" else "none",
-                     scale_factor=scale, impl=cfg.impl)
+    d_sae = d_in * cfg.expansion_factor
+    k = cfg.k
+    if cfg.architecture in ("topk", "batchtopk"):
+        if k > d_sae:
+            raise TrainError(f"--k {k} exceeds d_sae = {d_in} (shard d) x {cfg.expansion_factor} (--expansion_factor) = {d_sae}")
+    else:
+        k = min(k, d_sae)  # unused by this architecture; keep the config valid
+    try:
+        return SAEConfig(architecture=cfg.architecture, d_in=d_in, d_sae=d_sae, n_models=n_models, k=k,
+                         input_normalization="unit_norm" if shards.normalization == "unit_norm" else "none",
+                         scale_factor=scale, impl=cfg.impl)
+    except ValueError as e:
+        raise TrainError(f"SAE config: {e}") from None
 
 
 def _estimate_scale(shards: ShardSet, cfg: TrainConfig) -> float:
@@ -429,8 +439,8 @@ def evaluate(sae: Any, view: ShardView, batch_size: int, l1_coeff: torch.Tensor,
         B = x.shape[0]
         with amp or nullcontext():
             out = sae.training_loss(x, l1_coeff)
-            pre = sae.preacts(x.to(sae.W_enc.dtype) * sae.cfg.scale_factor)
-            f = sae._activate(pre)
+            f = sae.encode(x)  # x is unit-norm (or raw for "none" shards): the SAE's own input path
+            f = f[None] if f.ndim == 2 else f
         loss = _member_loss(sae.architecture, out, l1_coeff, aux_coeff)
         sums += torch.stack([out.mse.double(), out.l1.double(), out.l0.double(), loss.double()]) * B
         sse += out.sq_err.double().sum(-1)
@@ -588,10 +598,11 @@ def train_stack(
     sae_cfg = dataclasses.replace(sae_cfg, n_models=S)
     device = resolve_device(cfg.device)
     B = cfg.batch_size
-    steps_per_epoch = len(train_view) // B
+    # Every example once per epoch: the last batch of an epoch may be short (drop_last=False).
+    steps_per_epoch = -(-len(train_view) // B)
     if steps_per_epoch == 0:
-        raise TrainError(f"training split of {shards.path} has {len(train_view)} examples, fewer than one batch "
-                         f"(--batch_size {B}); lower --batch_size or --val_fraction")
+        raise TrainError(f"training split of {shards.path} is empty ({len(shards)} examples, "
+                         f"--val_fraction {cfg.val_fraction})")
     total_steps = steps_per_epoch * cfg.num_epochs
 
     ckpt_path = run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE
@@ -650,10 +661,13 @@ def train_stack(
                 src = load_sae(cfg.init_from)
             except SAEFormatError as e:
                 raise TrainError(f"--init_from: {e}") from None
-            if src.d_in != shards.d or src.d_sae != sae.d_sae or src.architecture != sae.architecture:
-                raise TrainError(f"--init_from {cfg.init_from}: SAE is {src.architecture} d_in={src.d_in} d_sae={src.d_sae}, "
-                                 f"but this run needs {sae.architecture} d_in={shards.d} (shard set {shards.path}) "
-                                 f"d_sae={sae.d_sae}")
+            if src.d_in != shards.d:
+                raise TrainError(f"--init_from {cfg.init_from}: the SAE has d_in={src.d_in} but shard set {shards.path} "
+                                 f"has d={shards.d} (activations of another model or layer?)")
+            if src.d_sae != sae.d_sae or src.architecture != sae.architecture:
+                raise TrainError(f"--init_from {cfg.init_from}: the SAE is {src.architecture} with d_sae={src.d_sae}, "
+                                 f"this run trains {sae.architecture} with d_sae={sae.d_sae} (--architecture, "
+                                 "--expansion_factor)")
             st0 = src.state_dict()
             sae.load_state_dict({k: v[:1].expand(S, *v.shape[1:]).clone().to(device) for k, v in st0.items()})
         elif cfg.b_dec_init != "zeros":
@@ -700,7 +714,7 @@ def train_stack(
     limit = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     bar = tqdm(total=limit, initial=min(step, limit), unit="step", disable=not cfg.progress, dynamic_ncols=True,
                desc=f"train {run_dir.name}" + (f" (S={S})" if S > 1 else ""), file=sys.stderr)
-    acc = torch.zeros(7, S, dtype=torch.float32, device=device)
+    acc = torch.zeros(6, S, dtype=torch.float32, device=device)
     n_acc = 0
     t_interval, ex_interval = time.perf_counter(), 0
     stopped = False
@@ -711,7 +725,8 @@ def train_stack(
                 stopped = True
                 break
             batches = train_view.epoch_batches(B, epoch=epoch, seed=cfg.seed, start_batch=batch_in_epoch,
-                                               buffer_size=max(cfg.shuffle_buffer, B), prefetch=cfg.prefetch)
+                                               buffer_size=max(cfg.shuffle_buffer, B), prefetch=cfg.prefetch,
+                                               drop_last=False)
             feeder = _Feeder(batches, device)
             t0 = time.perf_counter()
             try:
@@ -729,22 +744,23 @@ def train_stack(
                     dead.update(out.fired)
                     acc += torch.stack([_member_loss(sae.architecture, out, l1_now, aux_coeff), out.mse.float(),
                                         out.l1.float(), out.l0.float(), out.explained_variance.float(),
-                                        out.aux.float(), l1_now.float()])
+                                        out.aux.float()])
                     n_acc += 1
                     step += 1
                     batch_in_epoch += 1
-                    examples += B
-                    ex_interval += B
+                    examples += x.shape[0]
+                    ex_interval += x.shape[0]
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == limit:
+                        # Interval means, then the dead fractions and the last step's lr and lambda.
                         stats = torch.cat([acc / n_acc, dead.dead_mask(cfg.dead_window_steps).float().mean(-1)[None],
                                            (~dead.fired_since_resample).float().mean(-1)[None],
-                                           lr_now.float()[None]]).cpu().numpy()  # the one sync per interval
+                                           lr_now.float()[None], l1_now.float()[None]]).cpu().numpy()  # the one sync
                         now = time.perf_counter()
                         rate = ex_interval / max(now - t_interval, 1e-9)
                         recs = []
-                        keys = ["loss", "mse", "l1", "l0", "explained_variance", "aux", "l1_coeff",
-                                "dead_fraction", "dead_since_resample_fraction", "lr"]
+                        keys = ["loss", "mse", "l1", "l0", "explained_variance", "aux", "dead_fraction",
+                                "dead_since_resample_fraction", "lr", "l1_coeff"]
                         for s in range(S):
                             r = {"type": "train", "step": step, "epoch": epoch, "examples": examples}
                             r |= {k: float(stats[i, s]) for i, k in enumerate(keys)}

@@ -427,6 +427,11 @@ def _open_clip_backbone(
         return _wrap_open_clip(model_name, None, model, preprocess, tokenizer, random_init=False, meta={})
     if open_clip.get_model_config(model_name) is None:
         raise BackboneError(f"unknown open_clip model {model_name!r}; known: {open_clip.list_models()} (or use 'timm:<name>')")
+    if pretrained is None and weights_path is None and not random_init:
+        # random weights by accident are a silent disaster: ask for them explicitly
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise BackboneError(f"{model_name}: no weights asked for; give a pretrained tag ({', '.join(tags) or 'none known'}) "
+                            f"as '{model_name}:<tag>' or pretrained=..., a checkpoint file, or random_init=True")
     meta: dict[str, Any] = {}
     force_pp: dict[str, Any] = {}
     quick_gelu = False
@@ -685,6 +690,12 @@ def register_tiny_clip() -> str:
     return TINY_CLIP_NAME
 
 
+def _load_tiny_clip(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int) -> Backbone:
+    register_tiny_clip()
+    return _open_clip_backbone(TINY_CLIP_NAME, pretrained, random_init=random_init, device=device, seed=seed)
+
+
 register_backbone("", _load_open_clip, description="any open_clip model: 'ViT-B-32', 'ViT-B-32:laion2b_s34b_b79k', 'hf-hub:org/repo'")
 register_backbone("timm:", _load_timm, description="timm image models: 'timm:vit_base_patch16_224.augreg_in21k'")
 register_backbone("visae-toyclip", _load_toyclip, exact=True, description="the project's small CLIP trained on the toy world")
+register_backbone(TINY_CLIP_NAME, _load_tiny_clip, exact=True, description="a tiny random CLIP for tests (random_init or a checkpoint file)")

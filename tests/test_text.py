@@ -121,3 +121,17 @@ def test_no_text_tower_is_a_clear_error():
                          has_text=False)
     with pytest.raises(ValueError, match="no text tower"):
         encode_texts(bb, ["cat"])
+
+
+def test_fast_path_equals_encode_text_toyclip():
+    from visae.backbones import load_backbone
+
+    pytest.importorskip("visae.toyclip")
+    bb = load_backbone("visae-toyclip", random_init=True)
+    words = ["red", "circle", "a photo of a red circle on the left", "something striped", "hippopotamus", "x" * 100]
+    assert fast_text_parts(bb.model) is not None
+    got = embed_prompts(bb, words, batch_size=4)
+    torch.testing.assert_close(got, reference(bb, words), atol=1e-5, rtol=0)
+    # and through the registry's Backbone (its encode_text), with templates and the cache key it exposes
+    emb = encode_texts(bb, words[:2], ["a {} object", "something {}"])
+    assert emb.shape == (2, bb.embed_dim)

@@ -1,0 +1,275 @@
+"""Sweeps: the plan and rank split, one stacked pass equals each trial alone, resume after a kill, selection."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from conftest import REPO  # noqa: E402
+from visae.backbones import load_backbone, register_tiny_clip  # noqa: E402
+from visae.sae import load_sae  # noqa: E402
+from visae.select import SelectConfig, SelectError, select  # noqa: E402
+from visae.shards import ShardSet, ShardWriter  # noqa: E402
+from visae.sweep import (SweepConfig, SweepError, assign_groups, plan_groups, plan_trials, sweep,  # noqa: E402
+                         train_trial_alone)
+from visae.zeroshot import build_classifier  # noqa: E402
+
+CLASSES = ["cat", "dog", "car", "tree", "house"]
+PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: one intra-op thread (with two, OpenMP barriers cost ~10 ms an op on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def test_default_grid_is_discover_then_name():
+    trials = plan_trials(SweepConfig())
+    assert len(trials) == 75 and len({t.name for t in trials}) == 75
+    assert sorted({t.lr for t in trials}) == [1e-5, 5e-5, 1e-4, 5e-4, 1e-3]
+    assert sorted({t.l1_coeff for t in trials}) == [3e-5, 1.5e-4, 3e-4, 1.5e-3, 3e-3]
+    assert sorted({t.expansion for t in trials}) == [2, 4, 8]
+    assert "exp8_lr5e-4_lam1.5e-4" in {t.name for t in trials}
+    groups = plan_groups(trials)
+    assert [(g.name, len(g.trials)) for g in groups] == [("exp2", 25), ("exp4", 25), ("exp8", 25)]
+
+
+@pytest.mark.parametrize("world,max_group", [(1, 0), (2, 0), (8, 0), (3, 10), (100, 0)])
+def test_groups_split_among_ranks_cover_every_trial_once(world, max_group):
+    trials = plan_trials(SweepConfig())
+    groups = plan_groups(trials, max_group, world)
+    assert groups == plan_groups(trials, max_group, world)  # deterministic: every rank computes the same plan
+    per_rank = assign_groups(groups, world)
+    names = [t.name for rank in per_rank for g in rank for t in g.trials]
+    assert sorted(names) == sorted(t.name for t in trials)
+    for g in groups:
+        assert len({t.expansion for t in g.trials}) == 1  # a group is one shape
+        if max_group:
+            assert len(g.trials) <= max_group
+    if world <= 75:
+        assert all(per_rank), "a rank got no work although there are enough trials"
+        loads = [sum(g.cost for g in r) for r in per_rank]
+        assert max(loads) <= 2.5 * (sum(loads) / world)
+
+
+def test_changed_grid_in_the_same_directory_is_refused(tmp_path, planted):
+    cfg = _cfg(planted, tmp_path / "sw", lrs=(1e-3,), l1_coeffs=(1e-4,), expansion_factors=(2,), num_epochs=1,
+               select=False)
+    sweep(cfg)
+    with pytest.raises(SweepError, match="another config"):
+        sweep(_cfg(planted, tmp_path / "sw", lrs=(2e-3,), l1_coeffs=(1e-4,), expansion_factors=(2,), num_epochs=1,
+                   select=False))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    from visae.synthetic import make_planted_dictionary, write_planted_shards
+
+    d = tmp_path_factory.mktemp("planted")
+    write_planted_shards(d / "s", n=1536, dictionary=make_planted_dictionary(d=16, n_atoms=48, seed=0),
+                         shard_size=512, seed=0)
+    return d / "s"
+
+
+def _cfg(shards, out, **kw):
+    base = dict(shards=str(shards), out=str(out), lrs=(1e-3, 4e-3), l1_coeffs=(1e-4, 2e-3), expansion_factors=(2,),
+                num_epochs=3, batch_size=128, val_fraction=0.25, seed=0, resample_every=0, lr_warmup_steps=5,
+                l1_warmup_steps=5, device="cpu", progress=False, plot=False, metric="explained_variance")
+    base.update(kw)
+    return SweepConfig(**base)
+
+
+def _weights(d):
+    sae = load_sae(d)
+    return {k: getattr(sae, k).detach().clone() for k in PARAMS}
+
+
+def test_one_stacked_pass_equals_each_trial_alone(planted, tmp_path):
+    cfg = _cfg(planted, tmp_path / "sw", select=False)
+    sweep(cfg)
+    trials = plan_trials(cfg)
+    assert len(trials) == 4
+    init = _weights(tmp_path / "sw" / "init" / "exp2")
+    for t in trials:
+        stacked = _weights(tmp_path / "sw" / "trials" / t.name)
+        alone = _weights(train_trial_alone(cfg, t, tmp_path / "alone" / t.name))
+        for k in PARAMS:
+            torch.testing.assert_close(stacked[k], alone[k], atol=2e-5, rtol=1e-4, msg=f"{t.name}.{k}")
+        assert not torch.allclose(stacked["W_dec"], init["W_dec"], atol=1e-3), "the trial did not train"
+    # the members really differ (lr and lambda reached each of them)
+    a, b = (_weights(tmp_path / "sw" / "trials" / t.name)["W_dec"] for t in trials[:2])
+    assert not torch.allclose(a, b, atol=1e-4)
+    extra = json.loads((tmp_path / "sw" / "trials" / trials[3].name / "cfg.json").read_text())["extra"]
+    assert extra["sweep"]["lr"] == trials[3].lr and extra["train"]["l1_coeff"] == trials[3].l1_coeff
+
+
+def _checkpoint_step(path):
+    """The step recorded in a trainer checkpoint (its safetensors metadata), or -1."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(json.loads(f.metadata()["state"])["step"])
+    except Exception:  # noqa: BLE001 - not there yet
+        return -1
+
+
+def _run_and_kill(cfg_args, out, wait_for, forbid):
+    """Start scripts/sweep.py, SIGKILL it as soon as ``wait_for()`` holds (and ``forbid`` does not exist)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "sweep.py"), *cfg_args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, env=env)
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if wait_for():
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"sweep ended before the kill: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not forbid.exists(), "the group finished before the kill; the test did not interrupt it"
+
+
+def test_killed_sweep_resumes_to_the_uninterrupted_result(planted, tmp_path):
+    grid = dict(lrs=(1e-3, 4e-3), l1_coeffs=(1e-4,), expansion_factors=(2, 4), num_epochs=4,
+                checkpoint_every_steps=1, select=True)
+    ref = _cfg(planted, tmp_path / "ref", **grid)
+    sweep(ref)
+    out = tmp_path / "killed"
+    cfg = _cfg(planted, out, **grid)
+    args = ["--shards", str(planted), "--out", str(out)]
+    for k in ("lrs", "l1_coeffs", "expansion_factors"):
+        args += [f"--{k}", *map(str, getattr(cfg, k))]
+    for k in ("num_epochs", "batch_size", "val_fraction", "seed", "resample_every", "lr_warmup_steps",
+              "l1_warmup_steps", "checkpoint_every_steps", "device", "progress", "plot", "metric"):
+        args += [f"--{k}", str(getattr(cfg, k)).lower() if isinstance(getattr(cfg, k), bool) else str(getattr(cfg, k))]
+    # groups run costliest first: exp4, then exp2; kill exp2 a third of the way (step 12 of 36)
+    ckpt2 = out / "groups" / "exp2" / "checkpoint" / "checkpoint.safetensors"
+    _run_and_kill(args, out, lambda: _checkpoint_step(ckpt2) >= 12, out / "groups" / "exp2" / "done.json")
+    assert 12 <= _checkpoint_step(ckpt2) < 36
+    assert (out / "groups" / "exp4" / "done.json").is_file()
+    exp4 = [t for t in plan_trials(cfg) if t.expansion == 4]
+    stamps = {t.name: (out / "trials" / t.name / "weights.safetensors").stat().st_mtime_ns for t in exp4}
+    sweep(cfg)  # rerun the same sweep: exp4 skipped, exp2 resumed from its checkpoint
+    for t in exp4:
+        assert (out / "trials" / t.name / "weights.safetensors").stat().st_mtime_ns == stamps[t.name], "retrained"
+    for t in plan_trials(cfg):
+        got, want = _weights(out / "trials" / t.name), _weights(tmp_path / "ref" / "trials" / t.name)
+        for k in PARAMS:
+            torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-6, msg=f"{t.name}.{k}")
+    assert json.loads((out / "selection.json").read_text())["trial"] == \
+        json.loads((tmp_path / "ref" / "selection.json").read_text())["trial"]
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+@pytest.fixture(scope="module")
+def zs_sweep(tmp_path_factory):
+    """A small sweep on tiny-CLIP embeddings (labels = the clean zero-shot argmax), selected by zero-shot top-1."""
+    d = tmp_path_factory.mktemp("zssweep")
+    bb = load_backbone(register_tiny_clip(), random_init=True)
+    clf = build_classifier(bb, CLASSES, ["{}"], cache_dir=d / "text")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        emb = bb.encode_image(torch.randn(1536, 3, 32, 32))
+    y = (emb @ clf.weights.T).argmax(1).numpy()
+    src = {"model": bb.name, "pretrained": None, "random_init": True, "seed": 0, "layer": None,
+           "read": "image_embedding"}
+    with ShardWriter(d / "s", emb.shape[1], shard_size=512, source=src) as w:
+        w.add(emb.numpy(), ids=[str(i) for i in range(len(y))], labels=y)
+    (d / "classes.txt").write_text("\n".join(CLASSES))
+    cfg = _cfg(d / "s", d / "sw", lrs=(1e-3, 5e-3), l1_coeffs=(1e-4, 3e-3), expansion_factors=(2, 4), num_epochs=2,
+               metric="zeroshot_top1", benchmark="files", classnames_file=str(d / "classes.txt"),
+               text_cache=str(d / "text"))
+    sweep(cfg)
+    return d / "sw", cfg
+
+
+def _rows(sw):
+    with open(sw / "leaderboard.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_selects_by_zero_shot_accuracy_of_reconstructions(zs_sweep):
+    sw, cfg = zs_sweep
+    rows = _rows(sw)
+    assert len(rows) == 8 and rows[0]["chosen"] == "True"
+    info = json.loads((sw / "selection.json").read_text())
+    best = max(rows, key=lambda r: (float(r["recon_top1"]), -float(r["l0"])))
+    assert info["trial"] == rows[0]["trial"] and float(best["recon_top1"]) == float(rows[0]["recon_top1"])
+    assert all(float(r["clean_top1"]) == 1.0 for r in rows)
+    score = json.loads((sw / "trials" / info["trial"] / "zeroshot.json").read_text())["result"]
+    assert score["recon"]["top1"] == info["score"] and score["clean"]["top1"] == 1.0
+    # best/ is the chosen SAE, loadable, with a note saying which trial it is
+    for k in PARAMS:
+        assert torch.equal(_weights(sw / "best")[k], _weights(sw / "trials" / info["trial"])[k])
+    assert json.loads((sw / "best" / "selection.json").read_text())["trial"] == info["trial"]
+    assert (sw / "pareto.png").stat().st_size > 1000 and "| rank |" in (sw / "leaderboard.md").read_text()
+
+
+def test_reselection_obeys_constraints_without_rescoring(zs_sweep, monkeypatch):
+    sw, _ = zs_sweep
+    rows = _rows(sw)
+    l0s = sorted(float(r["l0"]) for r in rows)
+    cap = (l0s[2] + l0s[3]) / 2  # three trials fit
+    import visae.zeroshot
+
+    def no_scoring(*a, **k):
+        raise AssertionError("re-selection scored a trial again instead of using the cache")
+
+    monkeypatch.setattr(visae.zeroshot, "evaluate", no_scoring)
+    info = select(SelectConfig(sweep=str(sw), max_l0=cap, progress=False))
+    feasible = [r for r in rows if float(r["l0"]) <= cap]
+    assert len(feasible) == 3
+    assert info["row"]["l0"] <= cap
+    assert info["score"] == max(float(r["recon_top1"]) for r in feasible)
+    new_rows = _rows(sw)
+    assert sum(r["feasible"] == "True" for r in new_rows) == 3
+    assert all(r["feasible"] == "False" for r in new_rows if float(r["l0"]) > cap)
+    assert json.loads((sw / "best" / "selection.json").read_text())["trial"] == info["trial"]
+    # a dead-fraction cap nobody meets: a clear error, and no stale best/
+    deads = [float(r["dead_fraction"]) for r in rows]
+    if min(deads) > 0:
+        with pytest.raises(SelectError, match="no finished trial meets"):
+            select(SelectConfig(sweep=str(sw), max_dead=min(deads) / 2, progress=False))
+        assert not (sw / "best").exists()
+    with pytest.raises(SelectError, match="no finished trial meets"):
+        select(SelectConfig(sweep=str(sw), max_l0=l0s[0] / 2, progress=False))
+    # and back to no constraint
+    info = select(SelectConfig(sweep=str(sw), max_l0=float("inf"), max_dead=float("inf"), progress=False))
+    assert info["score"] == max(float(r["recon_top1"]) for r in rows)
+
+
+def test_select_cli(zs_sweep, capsys):
+    from visae.select import main
+
+    sw, _ = zs_sweep
+    assert main(["--sweep", str(sw), "--max_l0", "inf", "--progress", "false"]) == 0
+    assert "chosen:" in capsys.readouterr().out
+    assert main(["--sweep", str(sw / "nope")]) == 2
+    assert "not a sweep directory" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["encode_texts", "embed_prompts", "cache_key", "text_fingerprint", "fast_text_parts"]
+__all__ = ["encode_texts", "embed_prompts", "cache_key", "default_cache_dir", "text_fingerprint", "fast_text_parts"]
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ def cache_key(backbone: Any, texts: Sequence[str], templates: Sequence[str] | No
         "format": CACHE_FORMAT,
         "model": str(getattr(backbone, "name", "")),
         "pretrained": str(getattr(backbone, "pretrained", "")),
+        "backbone_key": str(getattr(backbone, "cache_key", "")),
         "weights": text_fingerprint(backbone.model),
         "texts": list(texts),
         "templates": None if templates is None else list(templates),
@@ -258,11 +259,14 @@ def encode_texts(
         texts: the words / class names.
         templates: prompt templates with a ``{}`` placeholder; the embedding of a text is then the
             renormalised mean over templates of its unit prompt embeddings.
-        cache_dir: directory of the text cache (shared by zero-shot and naming).
+        cache_dir: directory of the text cache (shared by zero-shot and naming); None: ``$VISAE_TEXT_CACHE``
+            when set, else nothing is cached.
         batch_size: prompts per forward pass.
         fast: use the causal-truncation fast path where the model allows it.
     """
     texts = [str(t) for t in texts]
+    if cache_dir is None:
+        cache_dir = default_cache_dir()
     if templates is not None:
         templates = _check_templates(templates)
     if not texts:
@@ -295,7 +299,7 @@ def encode_texts(
     return emb
 
 
-def _env_cache_dir() -> Path | None:
-    """``VISAE_TEXT_CACHE`` environment variable, if set (used by the CLIs as their default cache dir)."""
+def default_cache_dir() -> Path | None:
+    """The cache used when ``cache_dir`` is None: ``$VISAE_TEXT_CACHE`` if set, else no cache."""
     v = os.environ.get("VISAE_TEXT_CACHE")
     return Path(v) if v else None

@@ -427,3 +427,12 @@ def test_wandb_offline(planted, tmp_path, monkeypatch):
     assert runs, list(out.iterdir())
     assert any(p.suffix == ".wandb" for p in runs[0].iterdir())
     assert read_metrics(out)
+
+
+def test_wandb_missing_gives_a_clear_error(planted, tmp_path, monkeypatch):
+    import sys
+
+    shards, _ = planted
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(T.TrainError, match=r"pip install wandb.*--wandb false"):
+        T.train(_cfg(shards, tmp_path / "nowb", num_epochs=1, wandb=True))

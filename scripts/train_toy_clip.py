@@ -1,0 +1,13 @@
+"""Train the project's small CLIP on the toy world: python scripts/train_toy_clip.py --help"""
+import os
+import sys
+
+# Python puts this folder first on sys.path; keep it off, so sibling scripts named like
+# standard modules (e.g. select.py) cannot shadow them.
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+from visae.toyclip import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""The project's own small CLIP ("visae-toyclip"), trained on the synthetic toy world.
+
+It is an ordinary open_clip model: ``register()`` adds its config
+(``visae/model_configs/visae-toyclip.json``: embed 96; vision ViT 4 layers, width 96,
+patch 8 on 64 x 64; text 3 layers, width 64, context 16) to open_clip's registry, after
+which ::
+
+    model, _, preprocess = open_clip.create_model_and_transforms("visae-toyclip", pretrained=TOYCLIP_WEIGHTS)
+    tokenizer = open_clip.get_tokenizer("visae-toyclip")
+
+gives the shipped model (fp16 safetensors, loaded into an fp32 model) with its 64 x 64
+preprocessing (OpenAI mean / std, as in training).
+
+Training (``python scripts/train_toy_clip.py``, ``visae train-toy-clip``): images of the
+world are generated in memory, each step pairs every image with one of its captions
+(full or partial, ``visae.toyworld.caption_options``), and the contrastive loss treats
+every caption that is *true* of an image as a positive of it (partial captions such as
+"something red" are true of many images in a batch; plain CLIP would call them negatives).
+Resumable from ``<out>/checkpoint.pt``; deterministic given the seed and thread count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from visae import toyworld as tw
+from visae.shards import atomic_write_text
+
+__all__ = [
+    "MODEL_NAME",
+    "MODEL_CONFIG",
+    "TOYCLIP_WEIGHTS",
+    "TOYCLIP_CARD",
+    "register",
+    "create_toyclip",
+    "load_toyclip",
+    "images_to_tensor",
+    "zero_shot_eval",
+    "ToyClipConfig",
+    "train_toy_clip",
+    "main",
+]
+
+MODEL_NAME = "visae-toyclip"
+MODEL_CONFIG = Path(__file__).resolve().parent / "model_configs" / f"{MODEL_NAME}.json"
+REPO = Path(__file__).resolve().parents[1]
+TOYCLIP_WEIGHTS = REPO / "assets" / "toyclip" / f"{MODEL_NAME}.safetensors"
+TOYCLIP_CARD = REPO / "assets" / "toyclip" / f"{MODEL_NAME}.json"
+
+
+def register() -> str:
+    """Add the "visae-toyclip" config to open_clip's model registry (idempotent); returns the name."""
+    import open_clip
+
+    if MODEL_NAME not in open_clip.list_models():
+        if not MODEL_CONFIG.is_file():
+            raise FileNotFoundError(f"{MODEL_CONFIG} is missing: the visae package is incomplete")
+        open_clip.add_model_config(MODEL_CONFIG)
+    return MODEL_NAME
+
+
+def create_toyclip(weights: str | Path | None = None, device: str = "cpu"):
+    """``(model, preprocess, tokenizer)`` through open_clip; ``weights=None`` is a random init."""
+    import open_clip
+
+    register()
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(
+            f"toy CLIP weights {weights} not found; they ship in assets/toyclip/ "
+            "(or train them: python scripts/train_toy_clip.py --export <file>)")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        MODEL_NAME, pretrained=str(weights) if weights is not None else None, device=device)
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(MODEL_NAME)
+
+
+def load_toyclip(device: str = "cpu"):
+    """The shipped, trained toy CLIP: ``(model, preprocess, tokenizer)``."""
+    return create_toyclip(TOYCLIP_WEIGHTS, device=device)
+
+
+_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)  # open_clip's OPENAI_DATASET_MEAN
+_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` -> normalised float ``[B, 3, H, W]``: equal to open_clip's preprocess on 64 x 64 images."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - _MEAN) / _STD
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def _class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """[C, D] unit class embeddings: mean over templates of unit text embeddings, renormalised."""
+    texts = [t.format(c) for c in classnames for t in templates]
+    emb = F.normalize(model.encode_text(tokenizer(texts)).float(), dim=-1)
+    emb = emb.view(len(classnames), len(templates), -1).mean(1)
+    return F.normalize(emb, dim=-1)
+
+
+@torch.no_grad()
+def encode_world_images(model, images: np.ndarray, batch_size: int = 500) -> torch.Tensor:
+    """Unit image embeddings ``[n, D]`` of uint8 images ``[n, H, W, 3]``."""
+    out = [F.normalize(model.encode_image(images_to_tensor(images[i:i + batch_size])).float(), dim=-1)
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, model.visual.output_dim)
+
+
+@torch.no_grad()
+def zero_shot_eval(model, tokenizer, world: tw.ToyWorld, benchmarks: dict[str, dict] | None = None) -> dict[str, Any]:
+    """Zero-shot top-1 of ``model`` on ``world`` for every toy benchmark (class names x templates).
+
+    Returns ``{"all": {bench: acc}, "single_object": {bench: acc}, "chance": {bench: 1/C}, "n": ...}``;
+    "single_object" restricts to images with one object (in two-object images a prompt like
+    "a red object" is also true of the second object).
+    """
+    was_training = model.training
+    model.eval()
+    benchmarks = benchmarks or tw.toy_classnames_and_templates()
+    img = encode_world_images(model, world.images)
+    single = world.factor("n_objects") == 0
+    res: dict[str, Any] = {"all": {}, "single_object": {}, "chance": {}, "n": len(world), "n_single": int(single.sum())}
+    for name, b in benchmarks.items():
+        cls = _class_embeddings(model, tokenizer, b["classnames"], b["templates"])
+        pred = (img @ cls.T).argmax(1).numpy()
+        y = world.factor(b["column"])
+        ok = pred == y
+        res["all"][name] = float(ok[y >= 0].mean())
+        res["single_object"][name] = float(ok[(y >= 0) & single].mean())
+        res["chance"][name] = 1.0 / len(b["classnames"])
+    model.train(was_training)
+    return res
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class ToyClipConfig:
+    """Train the project's small CLIP (visae-toyclip) on the synthetic toy world."""
+
+    out: str = field(default="runs/toyclip", metadata={"help": "run directory: checkpoint.pt, log.jsonl, metrics.json"})
+    export: str = field(default="", metadata={"help": "where to write the fp16 weights (.safetensors) and their card (.json); "
+                                                      "empty: <out>/visae-toyclip.safetensors"})
+    seed: int = field(default=0, metadata={"help": "seed of the training world, the init and the batches"})
+    n_train: int = field(default=40000, metadata={"help": "training images (generated in memory)"})
+    two_object_fraction: float = field(default=0.25, metadata={"help": "fraction of images with a second object"})
+    steps: int = field(default=1500, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=256, metadata={"help": "images (and captions) per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (cosine decay to 0)"})
+    warmup: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on matrices (not on gains, biases, logit scale)"})
+    eval_seed: int = field(default=1000, metadata={"help": "seed of the held-out evaluation world"})
+    eval_n: int = field(default=2000, metadata={"help": "held-out images for the zero-shot evaluation"})
+    eval_every: int = field(default=250, metadata={"help": "zero-shot evaluation every N steps (on 500 held-out images); 0: only at the end"})
+    checkpoint_every: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    resume: bool = field(default=True, metadata={"help": "continue from <out>/checkpoint.pt when it exists"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "logit_scale" in n else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_at(step: int, cfg: ToyClipConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1.0 + np.cos(np.pi * min(1.0, t)))
+
+
+class _CaptionSampler:
+    """One random true caption per image, its tokens (cached) and its factor constraints."""
+
+    UNCONSTRAINED = -2
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._tok: dict[str, torch.Tensor] = {}
+
+    def __call__(self, factors: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+        """``factors [B, F]`` -> tokens ``[B, ctx]``, constraints ``[B, F]`` (-2 = unconstrained), texts."""
+        cons = np.full(factors.shape, self.UNCONSTRAINED, np.int64)
+        texts = []
+        for i, row in enumerate(factors):
+            opts = tw.caption_options(row)
+            c = opts[int(rng.integers(len(opts)))]
+            texts.append(c.text)
+            for k, v in c.constraints:
+                cons[i, tw.FACTOR_INDEX[k]] = v
+        missing = [t for t in set(texts) if t not in self._tok]
+        if missing:
+            for t, row in zip(missing, self.tokenizer(missing)):
+                self._tok[t] = row
+        return torch.stack([self._tok[t] for t in texts]), cons, texts
+
+
+def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                             positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric contrastive loss with several positives per row.
+
+    ``img, txt: [B, D]`` unit embeddings; ``positives [B_img, B_txt]`` bool (True where the
+    caption is true of the image; the diagonal must be True). Each image's target is uniform
+    over its true captions, and each caption's over the images it is true of.
+    """
+    logits = logit_scale * img @ txt.T
+    pos = positives.float()
+    t_i = pos / pos.sum(1, keepdim=True)
+    t_t = pos.T / pos.T.sum(1, keepdim=True)
+    li = -(t_i * F.log_softmax(logits, 1)).sum(1).mean()
+    lt = -(t_t * F.log_softmax(logits.T, 1)).sum(1).mean()
+    return 0.5 * (li + lt)
+
+
+def _positives(factors: np.ndarray, cons: np.ndarray) -> torch.Tensor:
+    """[B_img, B_txt] bool: caption k's constraints all hold for image j."""
+    c = cons[None, :, :]
+    ok = (c == _CaptionSampler.UNCONSTRAINED) | (c == factors[:, None, :])
+    return torch.from_numpy(ok.all(-1))
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def export_fp16(model: torch.nn.Module, path: str | Path) -> Path:
+    """Write the model's state dict in fp16 safetensors (atomically)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(sd, str(tmp), metadata={"model": MODEL_NAME, "format": "open_clip state_dict, fp16"})
+    os.replace(tmp, path)
+    return path
+
+
+def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, stop_after: int | None = None) -> Path | None:
+    """Train visae-toyclip; returns the exported fp16 weights file (its card ``.json`` beside it).
+
+    ``stop_after``: return (None) after that many steps of this call, leaving only the
+    checkpoint, as a kill would (for tests of resumption).
+    """
+    import open_clip
+    from tqdm import tqdm
+
+    t_start = time.time()
+    cpu_start = time.process_time()
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    export = Path(cfg.export) if cfg.export else out / f"{MODEL_NAME}.safetensors"
+    cfg_dict = dataclasses.asdict(cfg)
+    # Fields that may change between a run and its resumption without changing the result.
+    volatile = ("out", "export", "resume", "progress", "eval_every", "checkpoint_every", "device", "threads")
+    atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
+
+    register()
+    torch.manual_seed(cfg.seed)
+    model = open_clip.create_model(MODEL_NAME, device=cfg.device)
+    model.train()
+    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    step, train_seconds = 0, 0.0
+    ckpt = out / "checkpoint.pt"
+    if cfg.resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
+        old = {k: v for k, v in state["config"].items() if k not in volatile}
+        new = {k: v for k, v in cfg_dict.items() if k not in volatile}
+        if old != new:
+            diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+            raise ValueError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --resume false")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, train_seconds = int(state["step"]), float(state["train_seconds"])
+        print(f"resuming {ckpt} at step {step}/{cfg.steps}", file=sys.stderr)
+        logp = out / "log.jsonl"
+        if logp.is_file():  # drop records of steps after the checkpoint (they are redone)
+            keep = [l for l in logp.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+            atomic_write_text(logp, "".join(l + "\n" for l in keep))
+    if step == 0:
+        atomic_write_text(out / "log.jsonl", "")
+
+    t_data = time.time()
+    world = tw.sample_world(cfg.n_train, cfg.seed, cfg.two_object_fraction, progress=cfg.progress)
+    held = tw.sample_world(cfg.eval_n, cfg.eval_seed, cfg.two_object_fraction, progress=False)
+    data_seconds = time.time() - t_data
+    sampler = _CaptionSampler(tokenizer)
+    logf = open(out / "log.jsonl", "a")
+
+    def save_ckpt() -> None:
+        _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                            "train_seconds": train_seconds, "config": cfg_dict}, ckpt)
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="toy CLIP", disable=not cfg.progress)
+    t_seg = time.time()
+    steps_this_call = 0
+    while step < cfg.steps:
+        if stop_after is not None and steps_this_call >= stop_after:
+            bar.close()
+            logf.close()
+            return None
+        steps_this_call += 1
+        # Every step's randomness comes from (seed, step): a resumed run draws the same batches.
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0xC11F]))
+        idx = rng.choice(len(world), cfg.batch_size, replace=False)
+        fac = world.factors[idx]
+        tokens, cons, _ = sampler(fac, rng)
+        pos = _positives(fac, cons).to(cfg.device)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        x = images_to_tensor(world.images[idx]).to(cfg.device)
+        img = F.normalize(model.encode_image(x), dim=-1)
+        txt = F.normalize(model.encode_text(tokens.to(cfg.device)), dim=-1)
+        loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), pos)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
+        step += 1
+        rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": _lr_at(step - 1, cfg),
+               "logit_scale": round(float(model.logit_scale.detach().exp()), 3)}
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            sub = tw.ToyWorld(held.images[:500], held.factors[:500], held.seed)
+            rec["zero_shot"] = zero_shot_eval(model, tokenizer, sub)["all"]
+            model.train()
+            tqdm.write(f"step {step}: zero-shot {json.dumps({k: round(v, 3) for k, v in rec['zero_shot'].items()})}")
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", scale=f"{rec['logit_scale']:.1f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            now = time.time()
+            train_seconds += now - t_seg
+            t_seg = now
+            save_ckpt()
+    bar.close()
+    logf.close()
+    train_seconds += time.time() - t_seg
+
+    model.eval()
+    export_fp16(model, export)
+    # Evaluate what ships: the fp16 weights loaded back through open_clip.
+    shipped, _, _ = create_toyclip(export)
+    metrics = zero_shot_eval(shipped, tokenizer, held)
+    card = {
+        "model": MODEL_NAME,
+        "weights": export.name,
+        "sha256": _file_sha256(export),
+        "bytes": export.stat().st_size,
+        "command": "python scripts/train_toy_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": cfg_dict,
+        "train_world": {"seed": cfg.seed, "n": cfg.n_train, "two_object_fraction": cfg.two_object_fraction},
+        "eval_world": {"seed": cfg.eval_seed, "n": cfg.eval_n},
+        "steps": cfg.steps,
+        "train_seconds": round(train_seconds, 1),
+        "data_seconds": round(data_seconds, 1),
+        "wall_seconds_this_process": round(time.time() - t_start, 1),
+        "cpu_seconds_this_process": round(time.process_time() - cpu_start, 1),
+        "zero_shot_top1": metrics,
+        "final_loss_mean_last50": float(np.mean([json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines()[-50:]])),
+        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": cfg.threads,
+                    "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+    }
+    atomic_write_text(export.with_suffix(".json"), json.dumps(card, indent=1))
+    atomic_write_text(out / "metrics.json", json.dumps(card, indent=1))
+    print(json.dumps({"weights": str(export), "zero_shot_top1": metrics["all"], "train_seconds": card["train_seconds"]}, indent=1))
+    return export
+
+
+def main(argv: list[str] | None = None) -> int:
+    from visae.config import parse_config
+
+    cfg = parse_config(ToyClipConfig, argv, default_yaml=REPO / "configs" / "toy_clip.yaml", prog="visae train-toy-clip")
+    train_toy_clip(cfg, argv)
+    return 0

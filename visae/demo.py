@@ -1,0 +1,256 @@
+"""The whole pipeline on the toy world, offline, in minutes: ``visae demo`` / ``python scripts/demo.py``.
+
+Stages (each writes its artifact under ``--out``; a rerun skips the finished ones)::
+
+    world/      visae.toyworld.generate_world   images + factor labels + captions
+    shards/     visae.extract.extract           the shipped toy CLIP's image embeddings, factor columns
+    sweep/      visae.sweep.sweep               a small grid of SAEs, selected by the zero-shot accuracy
+                                                of the toy CLIP on their reconstructions -> sweep/best/
+    concepts/   visae.naming.name_concepts      each latent named by its decoder direction's nearest word
+    site/       visae.browse.build_site         a static page per concept with its top images
+    recovery.json  visae.recovery               did the SAE find the world's known concepts (AUROC), named right?
+
+Nothing is downloaded: the model is ``visae-toyclip`` with the weights in ``assets/toyclip/``.
+``--quick true`` runs a reduced size (a few hundred images, one SAE) for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from visae.config import config_to_dict, parse_config
+from visae.shards import atomic_write_text
+
+__all__ = ["DemoConfig", "QUICK", "run_demo", "toy_vocabulary", "main"]
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_YAML = REPO / "configs" / "demo.yaml"
+STATE = "demo_state.json"
+STAGES = ("world", "extract", "sweep", "name", "browse", "recovery")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """End to end on the synthetic world: generate, extract, sweep, select, name, browse, score concept recovery."""
+
+    out: str = field(default="demo_out", metadata={"help": "output directory (world/, shards/, sweep/, concepts/, site/)"})
+    quick: bool = field(default=False, metadata={"help": "reduced size (for tests): the quick_* settings replace the others"})
+    n_images: int = field(default=10000, metadata={"help": "toy-world images"})
+    seed: int = field(default=0, metadata={"help": "seed of the world (its images) and of the SAE training"})
+    world_seed_offset: int = field(default=5000, metadata={
+        "help": "the demo's world has seed seed + this (not the toy CLIP's training world, seed 0)"})
+    model: str = field(default="visae-toyclip", metadata={"help": "backbone (the shipped toy CLIP)"})
+    pretrained: Optional[str] = field(default=None, metadata={"help": "other toy CLIP weights (.safetensors); null: the shipped ones"})
+    lrs: tuple[float, ...] = field(default=(1e-3, 3e-3), metadata={"help": "sweep: learning rates"})
+    l1_coeffs: tuple[float, ...] = field(default=(1e-3, 3e-3), metadata={"help": "sweep: sparsity coefficients"})
+    expansion_factors: tuple[int, ...] = field(default=(4, 8), metadata={"help": "sweep: d_sae / d_in"})
+    architecture: str = field(default="relu", metadata={"help": "sweep: SAE architecture"})
+    num_epochs: int = field(default=40, metadata={"help": "sweep: epochs per SAE"})
+    batch_size: int = field(default=256, metadata={"help": "sweep: examples per step"})
+    vocab: str = field(default="toy", metadata={
+        "help": "naming vocabulary: toy (the world's words and synonyms plus distractors), wordfreq (20k English words) or a file"})
+    templates: tuple[str, ...] = field(default=(), metadata={"help": "naming: prompt templates with {} (empty: bare words)"})
+    n_top: int = field(default=16, metadata={"help": "browse: top images per concept"})
+    text_cache: str = field(default="", metadata={"help": "text-embedding cache directory; empty: <out>/text_cache"})
+    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
+    quick_n_images: int = field(default=400, metadata={"help": "--quick: images"})
+    quick_num_epochs: int = field(default=8, metadata={"help": "--quick: epochs of the one SAE"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+
+
+def effective(cfg: DemoConfig) -> DemoConfig:
+    """The settings actually used (``--quick`` replaces sizes and shrinks the grid to one SAE)."""
+    if not cfg.quick:
+        return cfg
+    return dataclasses.replace(cfg, n_images=cfg.quick_n_images, num_epochs=cfg.quick_num_epochs, lrs=cfg.lrs[-1:],
+                               l1_coeffs=cfg.l1_coeffs[:1], expansion_factors=cfg.expansion_factors[:1], n_top=4)
+
+
+QUICK = DemoConfig(quick=True)
+
+# Distractors: colours, shapes, sizes, places and textures the world does not have, and other words.
+_DISTRACTORS = ("orange white black grey gray gold silver beige maroon navy lime olive "
+                "hexagon oval rectangle heart arrow ring crescent pentagon line curve spiral "
+                "medium tiny huge top bottom upper lower corner edge "
+                "checkered wavy grid noise gradient texture pattern "
+                "object thing shape picture photo image background colour color size dog cat car house tree").split()
+
+
+def toy_vocabulary() -> list[str]:
+    """The demo's naming vocabulary: every factor value word of the world, their synonyms, and distractors."""
+    from visae.recovery import SYNONYMS, _words_of
+    from visae.toyworld import FACTORS, MAIN_FACTORS
+
+    words: list[str] = []
+    for f in MAIN_FACTORS:
+        for v in FACTORS[f]:
+            words += _words_of(v)
+    for w in list(words):
+        words += list(SYNONYMS.get(w, ()))
+    words += _DISTRACTORS
+    return list(dict.fromkeys(words))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _state(out: Path) -> dict[str, Any]:
+    p = out / STATE
+    return json.loads(p.read_text()) if p.is_file() else {"stages": {}}
+
+
+def _save_state(out: Path, st: dict[str, Any]) -> None:
+    atomic_write_text(out / STATE, json.dumps(st, indent=1))
+
+
+def _say(msg: str) -> None:
+    print(f"visae demo: {msg}", file=sys.stderr, flush=True)
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Run (or finish) the demo; returns the summary also written to ``<out>/demo.json``."""
+    import torch
+
+    run = effective(cfg)
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if run.threads > 0:
+        torch.set_num_threads(run.threads)
+    st = _state(out)
+    key = {k: v for k, v in config_to_dict(run).items() if k not in ("progress", "threads", "text_cache")}
+    text_cache = run.text_cache or str(out / "text_cache")
+    if st.get("config") not in (None, key):
+        old = st["config"]
+        diff = {k: (old.get(k), key.get(k)) for k in key if old.get(k) != key.get(k)}
+        raise ValueError(f"{out / STATE}: this directory holds a demo with other settings {diff} (old, new); "
+                         "use another --out or delete it")
+    st["config"] = key
+    _save_state(out, st)
+    world_dir, shards_dir, sweep_dir = out / "world", out / "shards", out / "sweep"
+    concepts_dir, site_dir = out / "concepts", out / "site"
+    best = sweep_dir / "best"
+
+    def stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if name in st["stages"]:
+            _say(f"{name}: done before ({st['stages'][name]['seconds']:.1f} s), skipped")
+            return st["stages"][name]
+        _say(f"{name} ...")
+        t = time.time()
+        info = fn() or {}
+        info["seconds"] = round(time.time() - t, 2)
+        st["stages"][name] = info
+        _save_state(out, st)
+        _say(f"{name}: {info['seconds']:.1f} s")
+        return info
+
+    def do_world() -> dict[str, Any]:
+        from visae.toyworld import generate_world
+
+        generate_world(world_dir, run.n_images, run.seed + run.world_seed_offset, progress=run.progress)
+        return {"dir": str(world_dir), "n": run.n_images, "seed": run.seed + run.world_seed_offset}
+
+    def do_extract() -> dict[str, Any]:
+        from visae.extract import ExtractConfig, extract
+
+        ss = extract(ExtractConfig(images=str(world_dir), source="toyworld", out=str(shards_dir), model=run.model,
+                                   pretrained=run.pretrained, batch_size=250, num_workers=0, device="cpu",
+                                   dtype="float32", progress=run.progress))
+        return {"dir": str(shards_dir), "rows": len(ss), "d": ss.d}
+
+    def do_sweep() -> dict[str, Any]:
+        from visae.sweep import SweepConfig, sweep
+
+        sweep(SweepConfig(shards=str(shards_dir), out=str(sweep_dir), lrs=run.lrs, l1_coeffs=run.l1_coeffs,
+                          expansion_factors=run.expansion_factors, architecture=run.architecture,
+                          num_epochs=run.num_epochs, batch_size=run.batch_size, seed=run.seed, device="cpu",
+                          benchmark="toy", progress=run.progress, plot=not run.quick, text_cache=text_cache))
+        sel = json.loads((sweep_dir / "selection.json").read_text()) if (sweep_dir / "selection.json").is_file() else {}
+        if not (best / "cfg.json").is_file():
+            raise RuntimeError(f"the sweep in {sweep_dir} selected no SAE (see its leaderboard)")
+        return {"dir": str(sweep_dir), "best": str(best), "trials": len(run.lrs) * len(run.l1_coeffs) * len(run.expansion_factors),
+                "selection": {k: sel.get(k) for k in ("trial", "metric", "score") if k in sel}}
+
+    def do_name() -> dict[str, Any]:
+        from visae.naming import NameConfig, name_concepts
+
+        vocab = run.vocab
+        if vocab == "toy":
+            vocab = str(out / "vocab.txt")
+            atomic_write_text(vocab, "\n".join(toy_vocabulary()) + "\n")
+        name_concepts(NameConfig(sae=str(best), shards=str(shards_dir), out=str(concepts_dir),
+                                 vocab=None if vocab == "wordfreq" else vocab, vocab_size=0 if vocab != "wordfreq" else 20000,
+                                 templates=run.templates, stopwords=False, n_top=run.n_top, device="cpu",
+                                 text_cache=text_cache))
+        doc = json.loads((concepts_dir / "concepts.json").read_text())
+        return {"dir": str(concepts_dir), "named": doc.get("num_named"), "latents": doc.get("num_concepts"),
+                "vocabulary": vocab}
+
+    def do_browse() -> dict[str, Any]:
+        from visae.browse import BrowseConfig, build_site
+
+        index = build_site(BrowseConfig(sae=str(best), shards=str(shards_dir), concepts=str(concepts_dir),
+                                        out=str(site_dir), n_top=run.n_top, n_random=min(8, run.n_top), device="cpu",
+                                        text_cache=text_cache, title="visae demo: concepts of the toy world"))
+        return {"index": str(index)}
+
+    def do_recovery() -> dict[str, Any]:
+        from visae.recovery import concept_recovery, format_recovery
+
+        res = concept_recovery(str(best), shards_dir, concepts=concepts_dir)
+        atomic_write_text(out / "recovery.json", json.dumps(res, indent=1))
+        atomic_write_text(out / "recovery.txt", format_recovery(res) + "\n")
+        return {"file": str(out / "recovery.json"), **{k: res["summary"][k] for k in
+                ("mean_best_auroc", "fraction_recovered", "fraction_named_right") if k in res["summary"]}}
+
+    t0 = time.time()
+    stage("world", do_world)
+    stage("extract", do_extract)
+    stage("sweep", do_sweep)
+    stage("name", do_name)
+    stage("browse", do_browse)
+    stage("recovery", do_recovery)
+    summary = {"out": str(out), "config": key, "stages": st["stages"],
+               "seconds_this_run": round(time.time() - t0, 1),
+               "seconds_all_stages": round(sum(s["seconds"] for s in st["stages"].values()), 1)}
+    atomic_write_text(out / "demo.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    s = summary["stages"]
+    lines = ["", "visae demo finished: everything is under " + summary["out"]]
+    rows = [("images + labels", s["world"]["dir"]), ("activations (shard set)", s["extract"]["dir"]),
+            ("SAE sweep + leaderboard", s["sweep"]["dir"] + "/leaderboard.md"), ("selected SAE", s["sweep"]["best"]),
+            ("named concepts", s["name"]["dir"] + "/concepts.csv"), ("concept-recovery score", s["recovery"]["file"]),
+            ("browsable page", s["browse"]["index"])]
+    w = max(len(a) for a, _ in rows)
+    lines += [f"  {a:<{w}}  {b}" for a, b in rows]
+    sel = s["sweep"].get("selection") or {}
+    if sel:
+        lines.append(f"  selected {sel.get('trial')} by {sel.get('metric')} = {sel.get('score'):.3f}")
+    rec = s["recovery"]
+    msg = f"  concept recovery: mean best-latent AUROC {rec['mean_best_auroc']:.3f}, recovered {rec['fraction_recovered']:.0%}"
+    if "fraction_named_right" in rec:
+        msg += f", named right {rec['fraction_named_right']:.0%}"
+    lines.append(msg)
+    lines.append(f"  time: {summary['seconds_all_stages']:.0f} s over all stages. Open {s['browse']['index']} in a browser "
+                 f"(or: visae browse --sae {s['sweep']['best']} --concepts {s['name']['dir']} --out {Path(s['browse']['index']).parent} --serve true)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(DemoConfig, argv, default_yaml=DEFAULT_YAML, prog="visae demo")
+    summary = run_demo(cfg)
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,16 @@ from visae.sae import SAE, SAEConfig, SAEFormatError, build_sae, load_sae, stack
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small matrices: one thread avoids OpenMP barrier stalls on a busy 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def _cfg(arch="relu", **kw):
     base = dict(architecture=arch, d_in=16, d_sae=48, k=4, aux_k=8)
     base.update(kw)
@@ -188,3 +198,14 @@ def test_fold_export_roundtrip(tmp_path, arch, keep_codes):
     if not keep_codes:
         n = loaded.W_dec.norm(dim=-1)
         torch.testing.assert_close(n, torch.ones_like(n))
+
+
+def test_jumprelu_reset_latents():
+    sae = build_sae(_cfg("jumprelu", n_models=2, jumprelu_init_threshold=0.01))
+    with torch.no_grad():
+        sae.log_threshold.fill_(0.0)
+    mask = torch.zeros(2, 48, dtype=torch.bool)
+    mask[1, :5] = True
+    sae.reset_latents_(mask)
+    torch.testing.assert_close(sae.threshold[1, :5], torch.full((5,), 0.01))
+    assert (sae.threshold[0] == 1.0).all() and (sae.threshold[1, 5:] == 1.0).all()

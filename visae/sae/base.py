@@ -372,19 +372,28 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ decoder constraints
     @torch.no_grad()
     def remove_parallel_grad_(self) -> None:
-        """Remove from W_dec.grad the component parallel to each (unit) decoder row; call before the optimizer step."""
+        """Remove from W_dec.grad the component parallel to each decoder row; call before the optimizer step."""
         g = self.W_dec.grad
         if g is None:
             return
         w = self.W_dec
-        unit = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        proj = (g * unit).sum(-1, keepdim=True)
-        g.sub_(proj * unit)
+        # g -= (g . w / ||w||^2) w, row by row, without [S, d_sae, d_in] temporaries.
+        dot = torch.matmul(g.unsqueeze(-2), w.unsqueeze(-1))[..., 0]  # [S, d_sae, 1]
+        sq = torch.linalg.vector_norm(w, dim=-1, keepdim=True).square_().clamp_min_(1e-24)
+        g.addcmul_(w, dot.div_(sq), value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale every decoder row W_dec[s, j, :] to unit norm; call after the optimizer step."""
-        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=-1, keepdim=True).clamp_min_(1e-12))
+
+    @torch.no_grad()
+    def reset_latents_(self, mask: Tensor) -> None:
+        """Hook for dead-latent resampling: reset architecture extras of latents ``mask [S, d_sae]`` (True = reset).
+
+        The trainer rewrites W_enc / W_dec / b_enc itself; subclasses reset what only they know
+        (JumpReLU: the threshold back to its initial value).
+        """
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()

@@ -3,7 +3,7 @@
 Training: f = ReLU(pre) restricted to the batch's top k*B entries, so an example may use more
 or fewer than k latents (k on average). A running threshold (``threshold`` [S], the smallest
 kept code, exponentially averaged with ``threshold_momentum``) is updated on every training
-step with grad enabled; at inference the codes are f = pre * (pre > threshold): a fixed
+step (grad enabled and module in train mode); at inference the codes are f = pre * (pre > threshold): a fixed
 JumpReLU, independent of the batch. The threshold is saved in the checkpoint; -1 means
 "never estimated" (inference then behaves as plain ReLU).
 """
@@ -106,7 +106,7 @@ class BatchTopKSAE(SAE):
 
     def _training_loss(self, x: Tensor, coeff: Tensor, dead_mask: Tensor | None, impl: str) -> LossOutput:
         # Threshold updates only on training steps (grad enabled), not on validation passes.
-        self._grad_enabled = torch.is_grad_enabled()
+        self._grad_enabled = torch.is_grad_enabled() and self.training
         if impl == "reference" or impl == "fused":
             try:
                 return self._reference_loss(x, coeff, dead_mask)

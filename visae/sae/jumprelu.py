@@ -83,6 +83,11 @@ class JumpReLUSAE(SAE):
     def _reset_extra(self) -> None:
         self.log_threshold.fill_(math.log(self.cfg.jumprelu_init_threshold))
 
+    @torch.no_grad()
+    def reset_latents_(self, mask: Tensor) -> None:
+        self.log_threshold.masked_fill_(mask.to(self.log_threshold.device, torch.bool),
+                                        math.log(self.cfg.jumprelu_init_threshold))
+
     def _fold_extra(self, c: float) -> None:
         self.log_threshold.sub_(math.log(c))
 

@@ -98,7 +98,13 @@ def _mm_s(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _FusedReLULoss(torch.autograd.Function):
-    """Dense ReLU + L1 loss over all members; outputs (loss, mse [S], l1 [S], counts [S, d_sae], sq_err [S, B])."""
+    """Dense ReLU + L1 loss over all members; outputs (loss, mse [S], l1 [S], counts [S, d_sae], sq_err [S, B]).
+
+    Passes over the [S, B, d_sae] matrices: forward = encoder GEMM (bias in its epilogue), ReLU in
+    place, decoder GEMM, sign (into the g_f buffer, free until the backward) and two GEMVs for the
+    per-latent sums and counts; backward = g_f GEMM (the L1 gradient as its bias), the ReLU mask in
+    place, one GEMV for db_enc, and the two weight-gradient GEMMs.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, coeff: Tensor,
@@ -110,20 +116,19 @@ class _FusedReLULoss(torch.autograd.Function):
         get = (lambda name, shape, dt: ws.get(name, shape, dt, dev)) if ws is not None else \
             (lambda name, shape, dt: torch.empty(shape, dtype=dt, device=dev))
         xc = xs.to(cd)
-        We, Wd = W_enc.to(cd), W_dec.to(cd)
         b_eff = b_enc - torch.bmm(b_dec[:, None, :], W_enc)[:, 0]  # [S, n]: b_dec folded into the encoder bias
-        f = _addmm_s(b_eff[:, None, :].to(cd), xc, We, get("f", (S, B, n), cd))
+        f = _addmm_s(b_eff[:, None, :].to(cd), xc, W_enc.to(cd), get("f", (S, B, n), cd))
         f.relu_()
-        x_hat = _addmm_s(b_dec[:, None, :].to(cd), f, Wd, get("xhat", (S, B, d), cd))
+        x_hat = _addmm_s(b_dec[:, None, :].to(cd), f, W_dec.to(cd), get("xhat", (S, B, d), cd))
         err = (x_hat if cd == torch.float32 else x_hat.float()).sub_(xs)  # in place: x_hat is not needed again
-        sq_err = err.square().sum(-1)  # [S, B]
+        sq_err = torch.linalg.vector_norm(err, dim=-1).square_()  # [S, B]
         mse = sq_err.sum(-1) / (B * d)
-        dec_norm = W_dec.norm(dim=-1)  # [S, n]
-        fsum = f.sum(1, dtype=torch.float32)  # [S, n]
+        dec_norm = torch.linalg.vector_norm(W_dec, dim=-1)  # [S, n]
+        fsum = _colsum(f, get)  # [S, n] fp32
+        counts = _colsum(torch.sign(f, out=get("gf", (S, B, n), cd)), get)  # exact: integers < 2^24
         l1 = (fsum * dec_norm).sum(-1) / B
-        counts = torch.count_nonzero(f, dim=1)  # [S, n]
         loss = (mse + coeff * l1).sum()
-        ctx.save_for_backward(xc, f, err, W_enc, W_dec, b_dec, dec_norm, fsum, coeff)
+        ctx.save_for_backward(xs, f, err, W_enc, W_dec, b_dec, dec_norm, fsum, coeff)
         ctx.ws, ctx.generation, ctx.cd = ws, (ws.generation if ws is not None else None), cd
         ctx.mark_non_differentiable(mse, l1, counts, sq_err)
         return loss, mse, l1, counts, sq_err
@@ -134,7 +139,7 @@ class _FusedReLULoss(torch.autograd.Function):
         if ws is not None and ws.generation != ctx.generation:
             raise RuntimeError("visae fused SAE loss: training_loss was called again before backward() of an "
                                "earlier call; call backward() (or use torch.no_grad() for evaluation) in between")
-        xc, f, err, W_enc, W_dec, b_dec, dec_norm, fsum, coeff = ctx.saved_tensors
+        xs, f, err, W_enc, W_dec, b_dec, dec_norm, fsum, coeff = ctx.saved_tensors
         S, B, n = f.shape
         d = W_enc.shape[1]
         dev = f.device
@@ -143,21 +148,34 @@ class _FusedReLULoss(torch.autograd.Function):
         g = g_loss.float()
         # dL/dx_hat = 2 (x_hat - x) / (B d)
         g_xhat = torch.mul(err, 2.0 / (B * d) * g, out=get("gxhat", (S, B, d), err.dtype))
-        g_xc = g_xhat.to(cd)
         db_dec = g_xhat.sum(1)
-        # Decoder: reconstruction part + L1 part (d ||W_dec_j|| = W_dec_j / ||W_dec_j||).
+        g_xc = g_xhat.to(cd)
+        # Decoder: reconstruction part + L1 part (d||W_dec_j|| / dW_dec_j = W_dec_j / ||W_dec_j||).
         l1w = (g * coeff / B)[:, None]  # [S, 1]
         dW_dec = _mm_s(f.transpose(1, 2), g_xc).float()
-        dW_dec.add_(W_dec * (l1w * fsum / dec_norm.clamp_min(1e-12))[..., None])
-        # Codes: g_f = g_xhat W_dec^T + l1_coeff ||W_dec_j|| / B, then the ReLU mask (from f > 0).
-        g_f = _addmm_s((l1w * dec_norm)[:, None, :].to(cd), g_xc, W_dec.to(cd).transpose(1, 2), get("gf", (S, B, n), cd))
+        dW_dec.addcmul_(W_dec, (l1w * fsum / dec_norm.clamp_min(1e-12))[..., None])
+        # Codes: g_f = g_xhat W_dec^T + l1_coeff ||W_dec_j|| / B, then the ReLU mask (from f > 0), in place.
+        g_f = _addmm_s((l1w * dec_norm)[:, None, :].to(cd), g_xc, W_dec.to(cd).transpose(1, 2),
+                       get("gf", (S, B, n), cd))
         torch.ops.aten.threshold_backward.grad_input(g_f, f, 0, grad_input=g_f)
-        db_enc = g_f.sum(1, dtype=torch.float32)  # = d b_eff
-        dW_enc = _mm_s(xc.transpose(1, 2), g_f).float()
-        # b_eff = b_enc - b_dec W_enc
-        dW_enc.sub_(b_dec[:, :, None] * db_enc[:, None, :])
+        db_enc = _colsum(g_f, get)  # = dL/db_eff
+        # pre = x W_enc + b_enc - b_dec W_enc = (x - b_dec) W_enc + b_enc
+        x_centred = torch.sub(xs, b_dec[:, None, :], out=get("xcent", (S, B, d), xs.dtype)).to(cd)
+        dW_enc = _mm_s(x_centred.transpose(1, 2), g_f).float()
         db_dec.sub_(torch.bmm(W_enc, db_enc[:, :, None])[..., 0])
         return None, dW_enc, db_enc, dW_dec, db_dec, None, None, None
+
+
+def _colsum(m: Tensor, get) -> Tensor:
+    """Sum over the batch axis of m [S, B, n] -> [S, n] fp32, as a GEMV (faster than a strided reduction)."""
+    S, B, n = m.shape
+    if m.dtype != torch.float32:
+        return m.sum(1, dtype=torch.float32)
+    ones = get("ones", (S, 1, B), m.dtype)
+    ones.fill_(1.0)
+    if S == 1:
+        return torch.mv(m[0].t(), ones[0, 0])[None]
+    return torch.bmm(ones, m)[:, 0]
 
 
 def relu_training_loss(sae: "SAE", x: Tensor, coeff: Tensor, impl: str) -> LossOutput:

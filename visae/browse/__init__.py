@@ -92,8 +92,8 @@ def _matching_stats(path: Path, n_examples: int, d_sae: int, cfg: BrowseConfig) 
     return st
 
 
-def build_site(cfg: BrowseConfig) -> Path:
-    """Write the site; returns the path of its index.html."""
+def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
+    """Write the site; returns the path of its index.html (``backbone``: an already loaded text model for naming)."""
     from visae.browse.images import ImageResolver, image_id, make_thumbnails
     from visae.browse.site import write_site
     from visae.naming import NamingError, _shards_path, name_concepts, read_concepts
@@ -123,7 +123,7 @@ def build_site(cfg: BrowseConfig) -> Path:
     else:
         ncfg = _naming_config(cfg, shards, site / "concepts_data")
         try:
-            name_concepts(ncfg, sae=sae)
+            name_concepts(ncfg, sae=sae, backbone=backbone)
             doc = read_concepts(site / "concepts_data")
             stats = _matching_stats(site / "concepts_data" / "top_images.npz", len(ss), sae.d_sae, cfg)
         except NamingError as e:

@@ -290,3 +290,38 @@ def test_toy_clip_zero_shot_accuracy_and_identity(toy_shards, factor, required, 
     assert res["label_column"] == factor and res["model"] == "visae-toyclip"
     assert res["clean"]["top1"] >= required, res["clean"]
     assert res["recon"]["top1"] == res["clean"]["top1"]
+
+
+def test_labels_in_another_class_order_are_refused(tiny_shards, tmp_path):
+    _, ss, clf, emb, y = tiny_shards
+    names = list(reversed(CLASSES))
+    with ShardWriter(tmp_path / "s", ss.d, source=ss.source, label_names={"label": names}) as w:
+        w.add(emb[:20].numpy(), ids=[str(i) for i in range(20)], labels=np.clip(y[:20], 0, None))
+    with pytest.raises(ZeroShotError, match="different order"):
+        evaluate(ShardSet(tmp_path / "s"), clf)
+
+
+def test_imagenet_layout_folder_through_the_extractor(imagenet_sample, tiny, tmp_path):
+    """The extractor's output on an ImageNet-layout folder carries the labels zero-shot scoring needs."""
+    import open_clip
+
+    from visae.extract import ExtractConfig, extract
+    from visae.images import imagenet_wnids
+    from visae.zeroshot import ZeroShotConfig, _auto_benchmark, benchmark_classes, zeroshot
+
+    ss = extract(ExtractConfig(images=str(imagenet_sample), model=tiny.name, random_init=True, out=str(tmp_path / "s"),
+                               limit=24, num_workers=0, batch_size=12, progress=False))
+    assert _auto_benchmark(ss, "label") == "imagenet"
+    names, _, _ = benchmark_classes("imagenet")
+    assert ss.label_names["label"] == names == list(open_clip.IMAGENET_CLASSNAMES)
+    meta = ss.metadata()
+    wnids = imagenet_wnids()
+    for i, lab in zip(meta["id"], meta["label"]):
+        assert wnids[lab] == os.path.basename(i).split("_")[0]  # n01440764_tench.JPEG -> class 0, "tench"
+    # all 1000 ImageNet classes, one template (80 templates through even a tiny text tower is slow on a CPU)
+    (tmp_path / "classes.txt").write_text("\n".join(names))
+    res = zeroshot(ZeroShotConfig(shards=str(tmp_path / "s"), benchmark="files",
+                                  classnames_file=str(tmp_path / "classes.txt"), text_cache=str(tmp_path / "text"),
+                                  progress=False))
+    assert res["n"] == 24 and res["num_classes"] == 1000 and res["label_column"] == "label"
+    assert res["model"] == tiny.name and res["random_init"] is True

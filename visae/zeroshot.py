@@ -404,6 +404,12 @@ def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier | None, 
         if names is not None and len(names) not in (0, C):
             raise ZeroShotError(f"{ss.path}: manifest label_names[{label_column!r}] has {len(names)} classes but the "
                                 f"zero-shot benchmark has {C}")
+        if names and list(names) != list(classifier.classnames) and sorted(names) == sorted(classifier.classnames):
+            # the same classes in another order: label i would be scored against the wrong text embedding
+            bad = next(i for i, (a, b) in enumerate(zip(names, classifier.classnames)) if a != b)
+            raise ZeroShotError(f"{ss.path}: label {bad} is {names[bad]!r} in manifest label_names[{label_column!r}] "
+                                f"but {classifier.classnames[bad]!r} in the zero-shot benchmark: same classes, "
+                                "different order")
         ks = tuple(k for k in ks if k <= C) or (1,)
         classifier = ZeroShotClassifier(classifier.weights.to(dev), classifier.logit_scale, classifier.classnames,
                                         classifier.key)

@@ -273,3 +273,24 @@ def test_select_cli(zs_sweep, capsys):
     assert "chosen:" in capsys.readouterr().out
     assert main(["--sweep", str(sw / "nope")]) == 2
     assert "not a sweep directory" in capsys.readouterr().err
+
+
+def test_ranks_split_the_work_and_the_last_one_selects(planted, tmp_path, monkeypatch):
+    cfg = _cfg(planted, tmp_path / "sw", num_epochs=1)
+    out = tmp_path / "sw"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    sweep(cfg)  # rank 1 alone: its half of the trials, no selection yet (rank 0's groups are missing)
+    trained = {p.name for p in (out / "trials").iterdir()}
+    assert len(trained) == 2 and not (out / "best").exists()
+    monkeypatch.setenv("RANK", "0")
+    sweep(cfg)  # rank 0 finishes the rest and, finding every group done, selects
+    assert {p.name for p in (out / "trials").iterdir()} == {t.name for t in plan_trials(cfg)}
+    assert (out / "best" / "selection.json").is_file()
+    assert len(_rows(out)) == 4
+    # rerun on one process: the split changes, but finished trials are not trained again
+    stamps = {p.name: (p / "weights.safetensors").stat().st_mtime_ns for p in (out / "trials").iterdir()}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    sweep(cfg)
+    assert {p.name: (p / "weights.safetensors").stat().st_mtime_ns for p in (out / "trials").iterdir()} == stamps

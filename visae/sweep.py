@@ -337,22 +337,45 @@ def group_done(out: Path, group: Group) -> bool:
     return all((out / "trials" / t.name / "weights.safetensors").is_file() for t in group.trials)
 
 
+def trial_finished(out: Path, trial: Trial) -> bool:
+    """The trial's SAE dir holds the finished result of this very trial (from any group split)."""
+    d = out / "trials" / trial.name
+    try:
+        extra = json.loads((d / "cfg.json").read_text()).get("extra", {}) or {}
+    except (OSError, json.JSONDecodeError):
+        return False
+    sw = extra.get("sweep", {}) or {}
+    return (bool(extra.get("finished")) and sw.get("trial") == trial.name and sw.get("lr") == trial.lr
+            and sw.get("l1_coeff") == trial.l1_coeff and (d / "weights.safetensors").is_file())
+
+
 def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any) -> bool:
-    """Train (or resume) one group's stack; returns whether it finished."""
+    """Train (or resume) one group's stack; returns whether it finished.
+
+    Trials already finished (e.g. by a run with another world size, whose split differed)
+    are left alone; the rest train as one stack.
+    """
     from visae.train import sae_config_for, train_stack
 
-    init = prepare_init(out, group.expansion, shards, tcfg)
-    gcfg = dataclasses.replace(tcfg, expansion_factor=group.expansion, out=str(out / "groups" / group.name),
-                               init_from=str(init))
-    sae_cfg = sae_config_for(gcfg, shards)
+    gdir = out / "groups" / group.name
     trials = list(group.trials)
+    if not (gdir / "checkpoint").exists():
+        trials = [t for t in trials if not trial_finished(out, t)]
+    if not trials:
+        gdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(gdir / DONE_FILE, json.dumps({"trials": [t.name for t in group.trials],
+                                                        "note": "every trial was already finished"}, indent=1))
+        return True
+    init = prepare_init(out, group.expansion, shards, tcfg)
+    gcfg = dataclasses.replace(tcfg, expansion_factor=group.expansion, out=str(gdir), init_from=str(init))
+    sae_cfg = sae_config_for(gcfg, shards)
     extra = [{"sweep": {"trial": t.name, "group": group.name, "expansion": t.expansion, "lr": t.lr,
                         "l1_coeff": t.l1_coeff, "sweep_dir": str(out.resolve())}} for t in trials]
     res = train_stack(shards, sae_cfg, [t.lr for t in trials], [t.l1_coeff for t in trials], gcfg,
                       [out / "trials" / t.name for t in trials], extra=extra)
     if res.finished:
-        atomic_write_text(out / "groups" / group.name / DONE_FILE,
-                          json.dumps({"trials": [t.name for t in trials], "steps": res.steps,
+        atomic_write_text(gdir / DONE_FILE,
+                          json.dumps({"trials": [t.name for t in group.trials], "steps": res.steps,
                                       "train_seconds": res.train_seconds, "act_per_s": res.act_per_s}, indent=1))
     return bool(res.finished)
 

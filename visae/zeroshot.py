@@ -177,8 +177,12 @@ def build_classifier(backbone: Any, classnames: Sequence[str], templates: Sequen
     w = encode_texts(backbone, list(classnames), templates, cache_dir=cache_dir)
     w = torch.as_tensor(w, dtype=torch.float32).to(device)
     w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # renormalise defensively: exact unit rows
+    import hashlib
+
+    prompts = hashlib.sha256(json.dumps([list(classnames), templates]).encode()).hexdigest()[:16]
     key = {"model": backbone.name, "pretrained": backbone.pretrained, "num_classes": len(classnames),
-           "num_templates": len(templates)}
+           "num_templates": len(templates), "prompts_sha256": prompts,
+           "weights": getattr(backbone, "cache_key", None)}
     return ZeroShotClassifier(weights=w, logit_scale=float(backbone.logit_scale), classnames=list(classnames), key=key)
 
 

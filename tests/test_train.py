@@ -436,3 +436,22 @@ def test_wandb_missing_gives_a_clear_error(planted, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     with pytest.raises(T.TrainError, match=r"pip install wandb.*--wandb false"):
         T.train(_cfg(shards, tmp_path / "nowb", num_epochs=1, wandb=True))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_every_architecture_trains_and_resamples_through_the_trainer(planted, tmp_path, arch):
+    if arch not in ARCHITECTURES:
+        pytest.skip(f"{arch} SAE not registered yet")
+    shards, _ = planted
+    l1 = {"jumprelu": 1e-3}.get(arch, 0.0)
+    out = T.train(_cfg(shards, tmp_path / arch, architecture=arch, k=4, l1_coeff=l1, num_epochs=3, resample_every=1,
+                       dead_window_steps=20))
+    recs = read_metrics(out)
+    val = [r for r in recs if r["type"] == "val"]
+    assert len(val) == 3 and all(np.isfinite(r["mse"]) for r in val)
+    assert [r["epoch"] for r in recs if r["type"] == "resample"] == [0, 1]  # not in the last period
+    assert val[-1]["explained_variance"] > 0.5, val[-1]
+    if arch in ("topk", "batchtopk"):
+        assert val[-1]["l0"] <= 4.0 * 1.5
+    sae = load_sae(out)
+    assert sae.architecture == arch and torch.isfinite(sae.W_dec).all()

@@ -159,11 +159,14 @@ def plot_curves(metrics: str | Path, out_png: str | Path | None = None) -> Path:
     rows = math.ceil(len(_PANELS) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, (key, title) in zip(axes.flat, _PANELS):
-        for recs, style, label in ((train, "-", "train"), (val, "o", "val")):
+        for recs, style, label, color, z in ((val, "o", "val", "tab:orange", 2), (train, "-", "train", "tab:blue", 3)):
             pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, style, label=label, markersize=3, linewidth=1.2)
+                ax.plot(xs, ys, style, label=label, color=color, markersize=2.5, linewidth=1.2, zorder=z)
+        if key == "explained_variance":
+            lo = ax.get_ylim()[0]
+            ax.set_ylim(max(lo, -0.2), 1.02)  # the first steps can be far below 0; keep the useful range
         for s in resamples:
             ax.axvline(s, color="grey", alpha=0.3, linewidth=0.8)
         ax.set_title(title, fontsize=10)

@@ -54,7 +54,7 @@ SUMMARY_FILE = "train_summary.json"
 # Fields that may differ between a run and its --resume without changing the result.
 _RESUME_FREE_FIELDS = {"resume", "overwrite", "max_steps", "progress", "wandb", "wandb_project", "wandb_name",
                        "plot", "validate_shards", "prefetch", "device", "num_epochs", "log_every",
-                       "checkpoint_every_steps", "keep_checkpoint"}
+                       "checkpoint_every_steps", "keep_checkpoint", "shards"}  # shards: checked by content
 
 
 class TrainError(ValueError):
@@ -481,9 +481,12 @@ def resample_dead_latents(sae: Any, opt: StackedAdam, dead: torch.Tensor, view: 
     pos = np.sort(rng.choice(len(view), size=n, replace=False))
     sub = ShardView(view.shards, view.index[pos])
     errs = []
+    was_training = sae.training
+    sae.eval()  # scoring must not move running statistics (e.g. BatchTopK's threshold)
     for b in sub.sequential_batches(batch_size):
         out = sae.training_loss(torch.from_numpy(b.acts).to(dev), 0.0)
         errs.append(out.sq_err.float().cpu())
+    sae.train(was_training)
     sq_err = torch.cat(errs, dim=1).clamp_min(0)  # [S, n], positions in `pos` order
     gen = torch.Generator().manual_seed(_seed_int(cfg.seed, tag, 0x51E))
     for s in range(S):
@@ -505,8 +508,11 @@ def resample_dead_latents(sae: Any, opt: StackedAdam, dead: torch.Tensor, view: 
         sae.W_enc[s, :, idx] = (x * (cfg.resample_encoder_scale * scale)).T.to(sae.W_enc.dtype)
         sae.b_enc[s, idx] = 0.0
     hook = getattr(sae, "reset_latents_", None)
-    if callable(hook):  # architecture extras (e.g. jumprelu thresholds), when the SAE offers it
+    if callable(hook):  # architecture extras, when the SAE offers a hook
         hook(dead)
+    elif isinstance(getattr(sae, "log_threshold", None), torch.Tensor):
+        # JumpReLU: a learned threshold could keep the new direction silent; restart it at its init value.
+        sae.log_threshold.masked_fill_(dead, math.log(sae.cfg.jumprelu_init_threshold))
     opt.reset_latents_(dead)
     return n_dead
 
@@ -838,6 +844,10 @@ def _check_resume(st: dict[str, Any], cfg_dict: dict[str, Any], sae_cfg: Any, sh
     if old_sae.get("d_in") != shards.d:
         raise TrainError(f"{ckpt}: the checkpointed SAE has d_in={old_sae.get('d_in')} but shard set {shards.path} "
                          f"has d={shards.d}; resume with the shard set it was trained on, or start a new --out")
+    old_n = st.get("shards", {}).get("num_examples")
+    if old_n is not None and old_n != len(shards):
+        raise TrainError(f"{ckpt}: the run was trained on {old_n} examples ({st['shards'].get('path')}), shard set "
+                         f"{shards.path} has {len(shards)}; resume with the same data or start a new --out")
     if old_sae != sae_cfg.to_dict():
         diff = {k: (old_sae.get(k), v) for k, v in sae_cfg.to_dict().items() if old_sae.get(k) != v}
         raise TrainError(f"{ckpt}: SAE config differs from this run's (checkpoint, now): {diff}")

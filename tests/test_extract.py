@@ -217,9 +217,9 @@ def test_layer_tokens(folder, tmp_path, tiny, token):
 
 
 def test_timm_layer_extraction(folder, tmp_path):
-    ss = extract(_cfg(folder, tmp_path / "out", model="timm:vit_tiny_patch16_224", layer=2, token="mean", limit=3))
+    bb = load_backbone("timm:vit_tiny_patch16_224", random_init=True, model_kwargs={"img_size": 32, "patch_size": 8, "depth": 3})
+    ss = extract(_cfg(folder, tmp_path / "out", model="timm:vit_tiny_patch16_224", layer=2, token="mean", limit=3), backbone=bb)
     assert len(ss) == 3 and ss.d == 192 and ss.source["model"] == "timm:vit_tiny_patch16_224"
-    bb = load_backbone("timm:vit_tiny_patch16_224", random_init=True)
     direct = _direct(bb, open_source(folder).items[:3], layer=2, token="mean").numpy()
     assert np.allclose(ss.read(np.arange(3), raw=True), direct, rtol=1e-4, atol=1e-4)
 
@@ -312,7 +312,7 @@ def test_torchrun_two_ranks_equal_one_rank(tars, tmp_path):
            str(REPO / "scripts" / "extract_features.py"), "--images", str(tars), "--out", str(tmp_path / "two"),
            "--model", TINY_CLIP_NAME, "--random_init", "true", "--batch_size", "2", "--shard_size", "2",
            "--num_workers", "0", "--dtype", "float32", "--progress", "false", "--device", "cpu"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     two = ShardSet(tmp_path / "two", require_complete=True)
     assert list(two.metadata()["id"]) == list(one.metadata()["id"])

@@ -256,8 +256,12 @@ def load_backbone(
     random_init: bool = False,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> Backbone:
     """Load a backbone by name (see module docstring); eval mode, on ``device``.
+
+    ``model_kwargs`` go to the family's model constructor (``timm.create_model`` kwargs such
+    as ``img_size``/``depth``, open_clip config overrides), e.g. to build small test models.
 
     ``random_init=True`` ignores weights and initialises with ``seed`` (identical in every
     process, which multi-rank extraction relies on); ``pretrained`` then only selects the
@@ -268,7 +272,7 @@ def load_backbone(
     for fam in BACKBONE_FAMILIES:
         if (fam.exact and full == fam.prefix) or (not fam.exact and full.startswith(fam.prefix)):
             rest = full if fam.exact else full[len(fam.prefix):]
-            bb = fam.loader(rest, pretrained, random_init=random_init, device=device, seed=seed)
+            bb = fam.loader(rest, pretrained, random_init=random_init, device=device, seed=seed, **(model_kwargs or {}))
             bb.model.eval()
             for p in bb.model.parameters():
                 p.requires_grad_(False)
@@ -416,6 +420,7 @@ def _open_clip_backbone(
     seed: int,
     display_name: str | None = None,
     weights_path: str | None = None,
+    **model_kwargs: Any,
 ) -> Backbone:
     import open_clip
 
@@ -466,6 +471,7 @@ def _open_clip_backbone(
             image_resize_mode=force_pp.get("resize_mode"),
             pretrained_image=False,
             pretrained_text=False,
+            **model_kwargs,
         )
     try:
         tokenizer = open_clip.get_tokenizer(model_name)
@@ -532,8 +538,8 @@ def _image_size_of(visual: nn.Module) -> tuple[int, int]:
     return (int(size[0]), int(size[1]))
 
 
-def _load_open_clip(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int) -> Backbone:
-    return _open_clip_backbone(name, pretrained, random_init=random_init, device=device, seed=seed)
+def _load_open_clip(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int, **kw: Any) -> Backbone:
+    return _open_clip_backbone(name, pretrained, random_init=random_init, device=device, seed=seed, **kw)
 
 
 # ----------------------------------------------------------------------------- timm family
@@ -570,7 +576,7 @@ def _resolve_timm_weights(model_name: str) -> str:
     return ""  # downloadable: let timm fetch it
 
 
-def _load_timm(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int) -> Backbone:
+def _load_timm(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int, **model_kwargs: Any) -> Backbone:
     import timm
     from timm.data import create_transform, resolve_data_config
 
@@ -578,7 +584,7 @@ def _load_timm(name: str, pretrained: str | None, *, random_init: bool, device: 
         raise BackboneError("timm backbone needs a model name: 'timm:<model_name>'")
     if pretrained and not random_init and not os.path.isfile(pretrained):
         raise WeightsNotAvailableError(f"timm:{name}: checkpoint file {pretrained!r} does not exist (for timm pass tags in the name, e.g. timm:vit_base_patch16_224.augreg_in21k)")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(model_kwargs)
     weights = None
     if random_init:
         use_pretrained = False
@@ -598,6 +604,9 @@ def _load_timm(name: str, pretrained: str | None, *, random_init: bool, device: 
         raise
     model.to(device).eval()
     data_cfg = resolve_data_config({}, model=model)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None and tuple(data_cfg["input_size"][1:]) != tuple(img_size):
+        data_cfg["input_size"] = (3, *img_size)  # built at another size (img_size=...): preprocess to it
     preprocess = create_transform(**data_cfg, is_training=False)
     blocks, n_prefix, has_cls, width = _timm_hook_info(model)
 
@@ -634,7 +643,7 @@ def _load_timm(name: str, pretrained: str | None, *, random_init: bool, device: 
 # ----------------------------------------------------------------------------- toy CLIP
 
 
-def _load_toyclip(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int) -> Backbone:
+def _load_toyclip(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int, **kw: Any) -> Backbone:
     try:
         from visae import toyclip
     except ImportError as e:
@@ -649,6 +658,7 @@ def _load_toyclip(name: str, pretrained: str | None, *, random_init: bool, devic
         seed=seed,
         display_name="visae-toyclip",
         weights_path=weights,
+        **kw,
     )
     if not random_init and pretrained is None:
         bb.pretrained = "shipped"
@@ -690,9 +700,9 @@ def register_tiny_clip() -> str:
     return TINY_CLIP_NAME
 
 
-def _load_tiny_clip(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int) -> Backbone:
+def _load_tiny_clip(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int, **kw: Any) -> Backbone:
     register_tiny_clip()
-    return _open_clip_backbone(TINY_CLIP_NAME, pretrained, random_init=random_init, device=device, seed=seed)
+    return _open_clip_backbone(TINY_CLIP_NAME, pretrained, random_init=random_init, device=device, seed=seed, **kw)
 
 
 register_backbone("", _load_open_clip, description="any open_clip model: 'ViT-B-32', 'ViT-B-32:laion2b_s34b_b79k', 'hf-hub:org/repo'")

@@ -75,7 +75,8 @@ class ExtractConfig:
                                                                   "unset = the final image embedding"})
     token: Literal["cls", "patch", "mean"] = field(default="cls", metadata={"help": "with --layer: class token, every patch token, or mean of patch tokens"})
     batch_size: int = field(default=64, metadata={"help": "images per forward pass"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes decoding images (0 = in the main process)"})
+    num_workers: int = field(default=-1, metadata={"help": "DataLoader worker processes decoding images (0 = in the main process, "
+                                                            "-1 = auto: min(8, cpus - 1), at least 1)"})
     threads: int = field(default=0, metadata={"help": "torch threads of the main process (0 = leave torch's default)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:1 or auto (the rank's GPU if any)"})
     precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={"help": "autocast dtype; auto = bf16 on GPU (fp16 if unsupported), fp32 on CPU"})
@@ -148,6 +149,15 @@ class _DistInfo:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _auto_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 2
+    per_rank = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_rank - 1))
 
 
 def _resolve_device(cfg: ExtractConfig, dist_info: _DistInfo) -> torch.device:
@@ -363,6 +373,7 @@ def _extract_part(cfg: ExtractConfig, part_dir: Path, bb: Any, src: Any, lo: int
         persistent_workers=False,
     )
     cols = list(src.columns)
+    batches = iter(loader)  # fork the workers before the writer thread exists
     async_writer = _AsyncWriter(writer)
     n_skipped_before = len(read_skipped(part_dir))
     n_skip = 0
@@ -371,7 +382,7 @@ def _extract_part(cfg: ExtractConfig, part_dir: Path, bb: Any, src: Any, lo: int
     ok_run = False
     try:
         with torch.inference_mode():
-            for b, batch in enumerate(loader):
+            for b, batch in enumerate(batches):
                 bad = [(todo[p].id, e) for p, e, ok in zip(batch["pos"], batch["errors"], batch["ok"]) if not ok]
                 if bad:
                     _append_skipped(part_dir, bad)
@@ -454,8 +465,12 @@ def _merge_parts(out: Path, world: int) -> ShardSet:
     return ss
 
 
-def extract(cfg: ExtractConfig, *, _fail_after_batches: int | None = None) -> ShardSet:
-    """Extract activations as ``cfg`` says; returns the (complete) shard set in ``cfg.out``."""
+def extract(cfg: ExtractConfig, *, backbone: Any = None, _fail_after_batches: int | None = None) -> ShardSet:
+    """Extract activations as ``cfg`` says; returns the (complete) shard set in ``cfg.out``.
+
+    ``backbone``: an already loaded :class:`visae.backbones.Backbone` to use instead of
+    loading ``cfg.model`` (it must be that model; the manifest records ``backbone.name``).
+    """
     from visae.backbones import load_backbone
     from visae.images import open_source, rank_bounds
 
@@ -463,8 +478,10 @@ def extract(cfg: ExtractConfig, *, _fail_after_batches: int | None = None) -> Sh
         raise ConfigError("--images is required: a folder, ImageNet-layout folder, webdataset tars or toy-world directory")
     if cfg.layer is None and cfg.token != "cls":
         raise ConfigError(f"--token {cfg.token} needs --layer: the final image embedding is one vector per image")
-    if cfg.batch_size <= 0 or cfg.num_workers < 0 or cfg.shard_size <= 0:
-        raise ConfigError("batch_size and shard_size must be positive, num_workers >= 0")
+    if cfg.batch_size <= 0 or cfg.num_workers < -1 or cfg.shard_size <= 0:
+        raise ConfigError("batch_size and shard_size must be positive, num_workers >= 0 (or -1 = auto)")
+    if cfg.num_workers == -1:
+        cfg = dataclasses.replace(cfg, num_workers=_auto_workers())
     if cfg.limit is not None and cfg.limit <= 0:
         raise ConfigError(f"--limit must be positive, got {cfg.limit}")
     if cfg.pretrained is not None and cfg.pretrained.strip().lower() in ("", "none", "null"):
@@ -495,7 +512,10 @@ def extract(cfg: ExtractConfig, *, _fail_after_batches: int | None = None) -> Sh
                         shutil.rmtree(out / f"rank_{k}", ignore_errors=True)
                 return ShardSet(out)
 
-        bb = load_backbone(cfg.model, cfg.pretrained, random_init=cfg.random_init, device=device, seed=cfg.seed)
+        if backbone is not None:
+            bb = backbone.to(device)
+        else:
+            bb = load_backbone(cfg.model, cfg.pretrained, random_init=cfg.random_init, device=device, seed=cfg.seed)
         if cfg.layer is not None:
             bb.resolve_layer(cfg.layer)
         src = open_source(cfg.images, cfg.source, folder_labels=cfg.folder_labels)

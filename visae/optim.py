@@ -109,21 +109,31 @@ class StackedAdam:
         grads = [self.params[i].grad for i in idx]
         m = [self.exp_avg[i] for i in idx]
         v = [self.exp_avg_sq[i] for i in idx]
+        steps = [self.steps[i] for i in idx]
         # Moments: same-shape lists, so the fused multi-tensor kernels apply.
         torch._foreach_lerp_(m, grads, 1.0 - self.beta1)
         torch._foreach_mul_(v, self.beta2)
         torch._foreach_addcmul_(v, grads, grads, value=1.0 - self.beta2)
-        for j, i in enumerate(idx):
-            p = params[j]
-            step = self.steps[i]
-            step.add_(1.0)
-            view = [-1] + [1] * (step.dim() - 1)
-            # Per (member, latent) bias corrections and step size, in double, then cast.
-            step_size = (lr_t.view(view) / (1.0 - torch.pow(self.beta1, step))).to(p.dtype)
-            bc2_sqrt = torch.sqrt(1.0 - torch.pow(self.beta2, step)).to(p.dtype)
-            denom = v[j].sqrt().div_(bc2_sqrt).add_(self.eps)
-            upd = torch.div(m[j], denom, out=denom)
-            p.sub_(upd.mul_(step_size))
+        # Bias corrections per (member, latent), in double as torch.optim.Adam computes them:
+        # bc1 = 1 - beta1^t, bc2_sqrt = sqrt(1 - beta2^t). Small tensors, one kernel per op for all.
+        torch._foreach_add_(steps, 1.0)
+        bc1 = list(torch._foreach_pow(self.beta1, steps))
+        bc2 = list(torch._foreach_pow(self.beta2, steps))
+        torch._foreach_neg_(bc1)
+        torch._foreach_add_(bc1, 1.0)
+        torch._foreach_neg_(bc2)
+        torch._foreach_add_(bc2, 1.0)
+        torch._foreach_sqrt_(bc2)
+        denom = torch._foreach_sqrt(v)
+        for j, p in enumerate(params):
+            view = [-1] + [1] * (steps[j].dim() - 1)
+            denom[j].div_(bc2[j].to(p.dtype))
+            bc1[j] = (lr_t.view(view) / bc1[j]).to(p.dtype)  # step size lr / bc1
+        torch._foreach_add_(denom, self.eps)
+        upd = torch._foreach_div(m, denom)
+        for j in range(len(params)):
+            upd[j].mul_(bc1[j])
+        torch._foreach_sub_(params, upd)
 
     @torch.no_grad()
     def reset_latents_(self, mask: torch.Tensor) -> None:

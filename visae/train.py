@@ -370,30 +370,43 @@ class _Feeder:
 
 
 class _DeadTracker:
-    """Per (member, latent): fired since the last resampling, and steps since last fired (on device, no syncs)."""
+    """When each (member, latent) last fired, as a completed-step count (0 = never); one on-device op per step.
+
+    ``dead_mask``: not fired in the last ``window`` steps (the aux-k loss's mask); ``not_fired_since_resample``:
+    not fired since the last resampling (or the start), the latents to resample.
+    """
 
     def __init__(self, S: int, d_sae: int, device: torch.device):
-        self.fired_since_resample = torch.zeros(S, d_sae, dtype=torch.bool, device=device)
-        self.steps_since_fired = torch.zeros(S, d_sae, dtype=torch.int64, device=device)
+        self.last_fired = torch.zeros(S, d_sae, dtype=torch.int64, device=device)
+        self.resample_step = 0
 
-    def update(self, fired: torch.Tensor) -> None:
-        self.fired_since_resample |= fired
-        self.steps_since_fired.add_(1).masked_fill_(fired, 0)
+    def update(self, fired: torch.Tensor, step_after: int) -> None:
+        self.last_fired.masked_fill_(fired, step_after)
 
-    def dead_mask(self, window: int) -> torch.Tensor:
-        return self.steps_since_fired >= window
+    def dead_mask(self, window: int, step: int) -> torch.Tensor:
+        return self.last_fired <= step - window
+
+    def not_fired_since_resample(self) -> torch.Tensor:
+        return self.last_fired <= self.resample_step
+
+    def resampled(self, mask: torch.Tensor, step: int) -> None:
+        """After a resampling at ``step``: ``mask`` latents get a fresh window; 'since resampling' restarts."""
+        self.last_fired.masked_fill_(mask, step)
+        self.resample_step = step
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"dead.fired_since_resample": self.fired_since_resample,
-                "dead.steps_since_fired": self.steps_since_fired}
+        return {"dead.last_fired": self.last_fired}
 
-    def load(self, t: dict[str, torch.Tensor]) -> None:
-        self.fired_since_resample.copy_(t["dead.fired_since_resample"])
-        self.steps_since_fired.copy_(t["dead.steps_since_fired"])
+    def load(self, t: dict[str, torch.Tensor], resample_step: int) -> None:
+        self.last_fired.copy_(t["dead.last_fired"])
+        self.resample_step = int(resample_step)
 
 
 class _Schedules:
-    """lr [S]: warm-up from lr/10 over N steps, restarted per member after its resampling; lambda [S]: linear from 0."""
+    """lr [S]: warm-up from lr/10 over N steps, restarted per member after its resampling; lambda [S]: linear from 0.
+
+    Past the warm-ups both return their constant tensors (no per-step kernels).
+    """
 
     def __init__(self, lrs: torch.Tensor, l1s: torch.Tensor, lr_warmup: int, l1_warmup: int):
         self.lrs = lrs  # [S] float64, on device
@@ -401,20 +414,27 @@ class _Schedules:
         self.lr_warmup = lr_warmup
         self.l1_warmup = l1_warmup
         self.warm_start = torch.zeros_like(lrs, dtype=torch.int64)  # step each member's (re)warm-up began
+        self._warm_start_host = [0] * lrs.numel()
 
     def lr(self, step: int) -> torch.Tensor:
-        if self.lr_warmup <= 0:
+        if self.lr_warmup <= 0 or step - max(self._warm_start_host) >= self.lr_warmup:
             return self.lrs
         frac = ((step - self.warm_start).to(torch.float64) / self.lr_warmup).clamp_(0.0, 1.0)
         return self.lrs * (0.1 + 0.9 * frac)
 
     def l1(self, step: int) -> torch.Tensor:
-        if self.l1_warmup <= 0:
+        if self.l1_warmup <= 0 or step >= self.l1_warmup:
             return self.l1s
-        return self.l1s * min(1.0, step / self.l1_warmup)
+        return self.l1s * (step / self.l1_warmup)
 
     def rewarm(self, members: torch.Tensor, step: int) -> None:
+        members = members.to("cpu", torch.bool)
         self.warm_start.masked_fill_(members.to(self.warm_start.device), step)
+        self._warm_start_host = [step if m else w for m, w in zip(members.tolist(), self._warm_start_host)]
+
+    def load(self, warm_start: torch.Tensor) -> None:
+        self.warm_start.copy_(warm_start)
+        self._warm_start_host = [int(v) for v in warm_start.tolist()]
 
 
 # ============================================================================ evaluation and resampling
@@ -651,8 +671,8 @@ def train_stack(
         _check_resume(st, cfg_dict, sae_cfg, shards, ckpt_path, lrs, l1_coeffs, out_dirs)
         sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
         opt.load_state_dict({k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("opt.")})
-        dead.load({k: v.to(device) for k, v in tensors.items() if k.startswith("dead.")})
-        sched.warm_start.copy_(tensors["sched.warm_start"])
+        dead.load({k: v.to(device) for k, v in tensors.items() if k.startswith("dead.")}, st["resample_step"])
+        sched.load(tensors["sched.warm_start"])
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -707,6 +727,7 @@ def train_stack(
         tensors["sched.warm_start"] = sched.warm_start
         tensors |= _rng_state()
         state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "steps_per_epoch": steps_per_epoch,
+                 "resample_step": dead.resample_step,
                  "examples": examples, "train_seconds": train_seconds, "finished": finished,
                  "n_resampled": n_resampled, "last_val": last_val, "config": cfg_dict, "sae_config": sae_cfg.to_dict(),
                  "lrs": [float(v) for v in lrs], "l1_coeffs": [float(v) for v in l1_coeffs],
@@ -720,7 +741,9 @@ def train_stack(
     limit = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     bar = tqdm(total=limit, initial=min(step, limit), unit="step", disable=not cfg.progress, dynamic_ncols=True,
                desc=f"train {run_dir.name}" + (f" (S={S})" if S > 1 else ""), file=sys.stderr)
-    acc = torch.zeros(6, S, dtype=torch.float32, device=device)
+    # Per-step metric rows summed on device: mse, l1, l0, explained_variance, aux, sparsity term.
+    sparsity_of = {"relu": "l1", "jumprelu": "l0"}.get(sae.architecture)
+    acc = torch.zeros(6 if sparsity_of else 5, S, dtype=torch.float32, device=device)
     n_acc = 0
     t_interval, ex_interval = time.perf_counter(), 0
     stopped = False
@@ -739,7 +762,7 @@ def train_stack(
                 for x in feeder:
                     lr_now = sched.lr(step)
                     l1_now = sched.l1(step)
-                    dead_mask = dead.dead_mask(cfg.dead_window_steps) if wants_dead else None
+                    dead_mask = dead.dead_mask(cfg.dead_window_steps, step) if wants_dead else None
                     with amp or nullcontext():
                         out = sae.training_loss(x, l1_now, dead_mask=dead_mask)
                     out.loss.backward()
@@ -747,10 +770,11 @@ def train_stack(
                     opt.step(lr_now)
                     opt.zero_grad(set_to_none=True)
                     sae.normalize_decoder_()
-                    dead.update(out.fired)
-                    acc += torch.stack([_member_loss(sae.architecture, out, l1_now, aux_coeff), out.mse.float(),
-                                        out.l1.float(), out.l0.float(), out.explained_variance.float(),
-                                        out.aux.float()])
+                    dead.update(out.fired, step + 1)
+                    rows = [out.mse, out.l1, out.l0, out.explained_variance, out.aux]
+                    if sparsity_of:
+                        rows.append(l1_now * getattr(out, sparsity_of))
+                    acc += torch.stack(rows).float()
                     n_acc += 1
                     step += 1
                     batch_in_epoch += 1
@@ -759,24 +783,28 @@ def train_stack(
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == limit:
                         # Interval means, then the dead fractions and the last step's lr and lambda.
-                        stats = torch.cat([acc / n_acc, dead.dead_mask(cfg.dead_window_steps).float().mean(-1)[None],
-                                           (~dead.fired_since_resample).float().mean(-1)[None],
-                                           lr_now.float()[None], l1_now.float()[None]]).cpu().numpy()  # the one sync
+                        stats = torch.cat([acc[:5] / n_acc,
+                                           dead.dead_mask(cfg.dead_window_steps, step).float().mean(-1)[None],
+                                           dead.not_fired_since_resample().float().mean(-1)[None],
+                                           lr_now.float()[None], l1_now.float()[None],
+                                           acc[5:] / n_acc]).cpu().numpy()  # the one sync per interval
+                        loss = stats[0] + aux_coeff * stats[4] + (stats[9] if sparsity_of else 0.0)
                         now = time.perf_counter()
                         rate = ex_interval / max(now - t_interval, 1e-9)
                         recs = []
-                        keys = ["loss", "mse", "l1", "l0", "explained_variance", "aux", "dead_fraction",
+                        keys = ["mse", "l1", "l0", "explained_variance", "aux", "dead_fraction",
                                 "dead_since_resample_fraction", "lr", "l1_coeff"]
                         for s in range(S):
-                            r = {"type": "train", "step": step, "epoch": epoch, "examples": examples}
+                            r = {"type": "train", "step": step, "epoch": epoch, "examples": examples,
+                                 "loss": float(loss[s])}
                             r |= {k: float(stats[i, s]) for i, k in enumerate(keys)}
                             r["act_per_s"] = rate
                             recs.append(r)
                         logger.log(recs)
-                        if not np.isfinite(stats[0]).all():
-                            raise TrainError(f"training diverged at step {step} (loss {stats[0].tolist()}): lower --lr, "
+                        if not np.isfinite(loss).all():
+                            raise TrainError(f"training diverged at step {step} (loss {loss.tolist()}): lower --lr, "
                                              f"or check the data with --validate_shards full (NaN/Inf rows in {shards.path}?)")
-                        bar.set_postfix(act_s=f"{rate:,.0f}", mse=f"{stats[1].mean():.3g}", l0=f"{stats[3].mean():.3g}",
+                        bar.set_postfix(act_s=f"{rate:,.0f}", mse=f"{stats[0].mean():.3g}", l0=f"{stats[2].mean():.3g}",
                                         refresh=False)
                         acc.zero_()
                         n_acc = 0
@@ -801,10 +829,9 @@ def train_stack(
             logger.log([{"type": "val", "step": step, "epoch": epoch} | v for v in last_val])
             ep_done = epoch + 1
             if (cfg.resample_every and ep_done % cfg.resample_every == 0 and ep_done + cfg.resample_every <= cfg.num_epochs):
-                to_resample = ~dead.fired_since_resample
+                to_resample = dead.not_fired_since_resample()
                 n = resample_dead_latents(sae, opt, to_resample, train_view, cfg, tag=ep_done, batch_size=B)
-                dead.steps_since_fired.masked_fill_(to_resample, 0)  # a fresh window for the new directions
-                dead.fired_since_resample.zero_()
+                dead.resampled(to_resample, step)  # the new directions get a fresh dead window
                 sched.rewarm(n.to(device) > 0, step)
                 n_resampled = [a + int(b) for a, b in zip(n_resampled, n.tolist())]
                 logger.log([{"type": "resample", "step": step, "epoch": epoch, "n_resampled": int(c)} for c in n.tolist()])

@@ -43,7 +43,8 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "python": platform.python_version(),
+            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()], "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def main(argv: list[str] | None = None) -> int:

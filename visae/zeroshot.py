@@ -266,27 +266,30 @@ def rank_of_label(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
     """Per k, a bool [..., B]: is the label within the top k (ties to the lower class index)?
 
-    Fast path: the k-th largest logit ``v_k`` (from ``topk``) decides every row where the
-    label's logit differs from it (``l_y > v_k``: in, ``l_y < v_k``: out); only rows where
-    ``l_y == v_k`` for some k (a tie at the boundary, e.g. all logits equal) go through the
-    exact rank count of :func:`rank_of_label`.
+    Fast path from ``topk`` values ``v_1 >= v_2 >= ...`` (k_max + 1 of them): where the label's
+    logit ``l_y`` is unique in its row, it is in the top k iff ``l_y >= v_k``. A tie can only
+    matter when ``l_y == v_k`` for some k and another of the top k_max + 1 values equals
+    ``l_y`` (an equal value further down forces one there too); only those rows (e.g. all
+    logits equal) go through the exact count of :func:`rank_of_label`.
     """
     kmax = max(ks)
+    C = logits.shape[-1]
     ly = logits.gather(-1, labels.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)  # [..., B]
-    vals = logits.topk(kmax, dim=-1, sorted=True).values  # [..., B, kmax]
-    hits = {k: ly > vals[..., k - 1] for k in ks}
-    boundary = torch.zeros_like(ly, dtype=torch.bool)
+    vals = logits.topk(min(kmax + 1, C), dim=-1, sorted=True).values  # [..., B, kmax+1]
+    hits = {k: ly >= vals[..., k - 1] for k in ks}
+    at_boundary = torch.zeros_like(ly, dtype=torch.bool)
     for k in ks:
-        boundary |= ly == vals[..., k - 1]
-    if bool(boundary.any()):
-        flat_b = boundary.reshape(-1, boundary.shape[-1])
+        at_boundary |= ly == vals[..., k - 1]
+    ambiguous = at_boundary & ((vals == ly.unsqueeze(-1)).sum(-1) >= 2)
+    if bool(ambiguous.any()):
+        flat_a = ambiguous.reshape(-1, ambiguous.shape[-1])
         flat_l = logits.reshape(-1, *logits.shape[-2:])
-        for m in range(flat_b.shape[0]):
-            rows = flat_b[m].nonzero().squeeze(-1)
+        for m in range(flat_a.shape[0]):
+            rows = flat_a[m].nonzero().squeeze(-1)
             if rows.numel():
                 rank = rank_of_label(flat_l[m, rows], labels[rows])
                 for k in ks:
-                    hits[k].view(-1, boundary.shape[-1])[m, rows] = rank < k
+                    hits[k].view(-1, ambiguous.shape[-1])[m, rows] = rank < k
     return hits
 
 

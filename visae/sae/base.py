@@ -350,7 +350,7 @@ class SAE(nn.Module):
             l1 = (f.float().sum(dim=1) * dec_norm).sum(-1) / B
             sq_err = err.detach().float().pow(2).sum(-1)
             return LossOutput(loss=loss, mse=mse.detach(), l1=l1, l0=counts.sum(-1).float() / B,
-                              explained_variance=_explained_variance(sq_err, xs),
+                              explained_variance=_explained_variance(sq_err, x),
                               aux=aux.detach(), fired=counts > 0, sq_err=sq_err)
 
     def _aux_loss_reference(self, pre: Tensor, err: Tensor, dead_mask: Tensor) -> Tensor:
@@ -378,9 +378,9 @@ class SAE(nn.Module):
             return
         w = self.W_dec
         # g -= (g . w / ||w||^2) w, row by row, without [S, d_sae, d_in] temporaries.
-        dot = torch.matmul(g.unsqueeze(-2), w.unsqueeze(-1))[..., 0]  # [S, d_sae, 1]
-        sq = torch.linalg.vector_norm(w, dim=-1, keepdim=True).square_().clamp_min_(1e-24)
-        g.addcmul_(w, dot.div_(sq), value=-1.0)
+        dot = torch.linalg.vecdot(g, w, dim=-1)  # [S, d_sae]
+        sq = torch.linalg.vector_norm(w, dim=-1).square_().clamp_min_(1e-24)
+        g.addcmul_(w, dot.div_(sq).unsqueeze(-1), value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -495,8 +495,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cfg.json extra: {type(o).__name__} is not JSON-serialisable")
 
 
-def _explained_variance(sq_err: Tensor, xs: Tensor) -> Tensor:
-    """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 per member: sq_err [S, B], xs [S, B, d] -> [S]."""
-    xs = xs.detach().float()
-    var = (xs - xs.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2))
-    return 1.0 - sq_err.sum(-1) / var.clamp_min(1e-12)
+def _explained_variance(sq_err: Tensor, x: Tensor) -> Tensor:
+    """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 per member: sq_err [S, B], x [B, d] (shared) or [S, B, d] -> [S]."""
+    x = x.detach()
+    B = x.shape[-2]
+    # sum ||x - mean||^2 = sum ||x||^2 - B ||mean||^2, in float64 (no [S, B, d] temporaries)
+    total = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=torch.float64).square()
+    mean_sq = torch.linalg.vector_norm(x.sum(-2, dtype=torch.float64), dim=-1).square() / B
+    var = (total - mean_sq).clamp_min(1e-12)
+    return (1.0 - sq_err.double().sum(-1) / var).float()

@@ -20,7 +20,7 @@ losses, metrics and parameter gradients stay fp32.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -193,7 +193,7 @@ def relu_training_loss(sae: "SAE", x: Tensor, coeff: Tensor, impl: str) -> LossO
     loss, mse, l1, counts, sq_err = _FusedReLULoss.apply(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, coeff, ws, cd)
     l0 = counts.sum(-1).float() / B
     sae.__dict__["_last_active_frac"] = float(l0.max()) / sae.d_sae
-    return LossOutput(loss=loss, mse=mse, l1=l1, l0=l0, explained_variance=_explained_variance(sq_err, _x_stats(x, S)),
+    return LossOutput(loss=loss, mse=mse, l1=l1, l0=l0, explained_variance=_explained_variance(sq_err, x),
                       aux=torch.zeros(S, device=x.device), fired=counts > 0, sq_err=sq_err)
 
 
@@ -210,14 +210,14 @@ def _x_stats(x: Tensor, S: int) -> Tensor:
 # ----------------------------------------------------------------------------- sparse paths
 
 
-class Pattern(NamedTuple):
+class Pattern:
     """Positions of the touched codes of one member, row-major (CSR): crow [B+1], col [nnz], row [nnz]."""
 
-    crow: Tensor
-    col: Tensor
-    row: Tensor
-    B: int
-    n: int
+    __slots__ = ("crow", "col", "row", "B", "n", "_t")
+
+    def __init__(self, crow: Tensor, col: Tensor, row: Tensor, B: int, n: int):
+        self.crow, self.col, self.row, self.B, self.n = crow, col, row, B, n
+        self._t: tuple[Tensor, Tensor, Tensor] | None = None
 
     @staticmethod
     def from_rows_cols(row: Tensor, col: Tensor, B: int, n: int) -> "Pattern":
@@ -235,14 +235,18 @@ class Pattern(NamedTuple):
         row = torch.arange(B, device=dev).repeat_interleave(k)
         return Pattern(crow, idx.reshape(-1), row, B, n)
 
+    def transposed(self) -> tuple[Tensor, Tensor, Tensor]:
+        """CSR structure of G^T [n, B]: (crow_t [n+1], batch row of each entry [nnz], order [nnz]); computed once."""
+        if self._t is None:
+            order = torch.argsort(self.col, stable=True)
+            crow_t = torch.zeros(self.n + 1, dtype=torch.int64, device=self.col.device)
+            torch.cumsum(torch.bincount(self.col, minlength=self.n), 0, out=crow_t[1:])
+            self._t = (crow_t, self.row[order], order)
+        return self._t
+
     @property
     def nnz(self) -> int:
         return int(self.col.numel())
-
-    def transposed_coo(self, values: Tensor) -> Tensor:
-        """Sparse COO [n, B] with ``values`` at (col, row): G^T, for G^T @ dense."""
-        return torch.sparse_coo_tensor(torch.stack([self.col, self.row]), values, (self.n, self.B),
-                                       check_invariants=False)
 
     def gather_dot(self, a: Tensor, b_t: Tensor) -> Tensor:
         """(a @ b_t^T) at the pattern's positions: a [B, d], b_t [n, d] -> [nnz] (SDDMM)."""
@@ -256,10 +260,14 @@ class Pattern(NamedTuple):
 
 
 def _spmm_t(p: Pattern, values: Tensor, dense: Tensor) -> Tensor:
-    """G^T @ dense where G [B, n] holds ``values`` at the pattern: -> [n, d]."""
+    """G^T @ dense where G [B, n] holds ``values`` at the pattern: -> [n, d] (sparse CSR x dense)."""
     if p.nnz == 0:
         return dense.new_zeros(p.n, dense.shape[1])
-    return torch.sparse.mm(p.transposed_coo(values.to(dense.dtype)), dense)
+    crow_t, row_t, order = p.transposed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        gt = torch.sparse_csr_tensor(crow_t, row_t, values.to(dense.dtype)[order], (p.n, p.B), check_invariants=False)
+    return gt @ dense
 
 
 class _SparseEncode(torch.autograd.Function):
@@ -329,6 +337,20 @@ class _SparseDecode(torch.autograd.Function):
         return (dW_dec, db_dec, None) + tuple(g_vals)
 
 
+class _SquaredError(torch.autograd.Function):
+    """sq_err[s, b] = ||err[s, b, :]||^2 (one pass forward, one backward)."""
+
+    @staticmethod
+    def forward(ctx, err: Tensor) -> Tensor:
+        ctx.save_for_backward(err)
+        return torch.linalg.vector_norm(err, dim=-1).square_()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        (err,) = ctx.saved_tensors
+        return err * (2.0 * g).unsqueeze(-1)
+
+
 def sparse_training_loss(sae: "SAE", x: Tensor, coeff: Tensor, dead_mask: Tensor | None) -> LossOutput:
     """The training loss touching only the active codes after the encoder GEMM (any architecture).
 
@@ -373,8 +395,9 @@ def sparse_training_loss(sae: "SAE", x: Tensor, coeff: Tensor, dead_mask: Tensor
     x_hat = _SparseDecode.apply(sae.W_dec, sae.b_dec, patterns, *codes)
     xs_all = _x_stats(x.float(), S)
     err = x_hat - xs_all
-    sq_err = err.detach().square().sum(-1)
-    mse = err.square().mean(dim=(1, 2))
+    sq_err_g = _SquaredError.apply(err)  # [S, B], one pass each way
+    sq_err = sq_err_g.detach()
+    mse = sq_err_g.sum(-1) / (B * d)
     aux = torch.zeros(S, device=dev)
     if use_aux:
         f_aux = [torch.relu(v) for v in aux_pre_vals]
@@ -391,7 +414,7 @@ def sparse_training_loss(sae: "SAE", x: Tensor, coeff: Tensor, dead_mask: Tensor
         l0 = counts.sum(-1).float() / B
         sae.__dict__["_last_active_frac"] = float(l0.max()) / n
         return LossOutput(loss=loss, mse=mse.detach(), l1=l1, l0=l0,
-                          explained_variance=_explained_variance(sq_err, xs_all), aux=aux.detach(),
+                          explained_variance=_explained_variance(sq_err, x), aux=aux.detach(),
                           fired=counts > 0, sq_err=sq_err)
 
 

@@ -129,3 +129,23 @@ def test_fused_repeated_steps_match_reference():
             sae.normalize_decoder_()
     for n in PARAMS:
         torch.testing.assert_close(getattr(a, n), getattr(b, n), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,impl", CASES)
+def test_bf16_autocast_close_to_fp32(arch, impl):
+    """Under bf16 autocast the fast paths run their GEMMs in bf16; loss and gradients stay close to fp32."""
+    sae = _make(arch, 1)
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(2))
+    x = x / x.norm(dim=-1, keepdim=True)
+    ref_sae = sae.copy()
+    ref, g_ref = _run(ref_sae, x, 1e-2, "reference")
+    for p in sae.parameters():
+        p.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae.training_loss(x, 1e-2, impl=impl)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and out.mse.dtype == torch.float32
+    assert abs(out.loss.item() - ref.loss.item()) <= 0.01 * ref.loss.item()
+    for name, p in sae.named_parameters():
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), g_ref[name].flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))

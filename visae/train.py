@@ -838,6 +838,9 @@ def train_stack(
             epoch, batch_in_epoch = ep_done, 0
             t_interval, ex_interval = time.perf_counter(), 0
             checkpoint()
+    except BaseException:
+        logger.close()  # flush the log and finish a wandb run; the checkpoint is the resume point
+        raise
     finally:
         bar.close()
 

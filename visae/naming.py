@@ -14,10 +14,10 @@ and report, per concept, scores a user can judge:
 - ``frequency`` and ``mean_activation`` (when active) from the top-images pass.
 
 Options: subtract the mean text embedding from every word embedding before matching (then
-renormalise; removes the component all words share), one name per concept (greedy global
+renormalise; removes the component all words share), duplicates allowed (default: several
+latents may be "green", e.g. a feature split by size) or one name per concept (greedy global
 matching: pairs taken in decreasing score, each word used at most once, concepts that lose
-their words search deeper) or duplicates allowed, and a score threshold below which a concept
-is left unnamed. Dead latents (never active in the top-images pass) are left unnamed.
+their words search deeper), and a score threshold below which a concept is left unnamed. Dead latents (never active in the top-images pass) are left unnamed.
 
     python scripts/name_concepts.py --sae runs/best --out runs/concepts      # model from the SAE's cfg.json
     python scripts/name_concepts.py --sae DIR --model ViT-B-32 --pretrained laion2b_s34b_b79k \\
@@ -114,7 +114,8 @@ class NameConfig:
     subtract_mean: bool = field(default=False, metadata={
         "help": "subtract the mean word embedding from every word embedding (then renormalise) before matching"})
     top_k: int = field(default=5, metadata={"help": "name candidates kept per concept"})
-    unique_names: bool = field(default=True, metadata={"help": "give each word to at most one concept (greedy by score)"})
+    unique_names: bool = field(default=False, metadata={
+        "help": "give each word to at most one concept (greedy by score); false: each concept gets its best word"})
     min_score: float = field(default=0.0, metadata={"help": "leave a concept unnamed when its best available cosine is below this"})
     skip_dead: bool = field(default=True, metadata={"help": "leave latents that never fire (in the shard set) unnamed"})
     shards: Optional[str] = field(default=None, metadata={

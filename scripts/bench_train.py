@@ -30,9 +30,14 @@ import sys
 # scripts/ is sys.path[0] when run as a script; its select.py would shadow the stdlib module.
 sys.path[:] = [p for p in sys.path if p != __import__("os").path.dirname(__import__("os").path.abspath(__file__))]
 
+import os
+
+# Waiting OpenMP threads sleep instead of spinning, so CPU time measures work, not waiting
+# (set before torch starts its thread pool; override by exporting OMP_WAIT_POLICY).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
-import os
 import platform
 import resource
 import shutil
@@ -89,8 +94,8 @@ def random_shards(path: Path, n: int, d: int) -> ShardSet:
 # ----------------------------------------------------------------------------- GEMM peak
 
 
-def gemm_peak(B: int, d: int, n: int, reps: int = 3) -> float:
-    """act/s of the six GEMMs of a standard step alone (median of ``reps``)."""
+def gemm_peak(B: int, d: int, n: int, reps: int = 3) -> tuple[float, float]:
+    """(wall, CPU-time) act/s of the six GEMMs of a standard step alone (medians of ``reps``)."""
     g = torch.Generator().manual_seed(0)
     x, gx = torch.randn(B, d, generator=g), torch.randn(B, d, generator=g)
     We, Wd = torch.randn(d, n, generator=g), torch.randn(n, d, generator=g)
@@ -107,12 +112,13 @@ def gemm_peak(B: int, d: int, n: int, reps: int = 3) -> float:
         torch.mm(o_gf, We.t(), out=o_dx)    # dL/dx (the one a folded decoder bias makes unnecessary)
 
     six()
-    ts = []
+    walls, cpus = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         six()
-        ts.append(time.perf_counter() - t0)
-    return B / med(ts)
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return B / med(walls), B / med(cpus)
 
 
 # ----------------------------------------------------------------------------- our trainer
@@ -131,12 +137,25 @@ def run_trainer(shards: ShardSet, out: Path, *, arch: str, B: int, expansion: in
                       init_from=init_from, l1_coeff=l1_coeff, lr=lr, lr_warmup_steps=warmup, l1_warmup_steps=warmup,
                       val_fraction=0.02, resample_every=0, b_dec_init="mean", init_examples=4096, progress=False,
                       plot=False, overwrite=True, validate_shards="meta", device="cpu")
+    w0, c0 = time.perf_counter(), time.process_time()
     res = train_stack(shards, sae_config_for(cfg, shards), [cfg.lr], [cfg.l1_coeff], cfg, [out])
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rates = [r["act_per_s"] for r in recs if r.get("type") == "train"]
     last = [r for r in recs if r.get("type") == "train"][-1]
     return {"interval_rates": rates[1:], "rate": med(rates[1:]), "overall_rate": res.act_per_s, "out": out,
-            "last": last}
+            "last": last, "wall": wall, "cpu": cpu, "steps": steps}
+
+
+def run_pair(shards: ShardSet, out: Path, B: int, steps: int, **kw) -> dict:
+    """Differential measurement: a run of 2 steps and one of ``steps``; the difference per extra step is the
+    steady-state step (set-up, warm-up and the final checkpoint cancel out), in wall and in CPU time."""
+    short = run_trainer(shards, out.with_name(out.name + "_short"), B=B, steps=2, log_every=2, **kw)
+    long = run_trainer(shards, out, B=B, steps=steps, log_every=2, **kw)
+    extra = (steps - 2) * B
+    long["wall_rate"] = extra / max(long["wall"] - short["wall"], 1e-9)
+    long["cpu_rate"] = extra / max(long["cpu"] - short["cpu"], 1e-9)
+    return long
 
 
 def low_l0_init(shards: ShardSet, path: Path, d_sae: int, target_l0: float) -> str:
@@ -157,7 +176,8 @@ def low_l0_init(shards: ShardSet, path: Path, d_sae: int, target_l0: float) -> s
 # ----------------------------------------------------------------------------- overcomplete
 
 
-def overcomplete_rate(batches: list[torch.Tensor], arch: str, d: int, n: int, k: int) -> float:
+def overcomplete_rate(batches: list[torch.Tensor], arch: str, d: int, n: int, k: int) -> tuple[float, float]:
+    """(wall, CPU-time) act/s of overcomplete's own train_sae step on in-memory batches."""
     import matplotlib
     import matplotlib.cm
 
@@ -182,21 +202,23 @@ def overcomplete_rate(batches: list[torch.Tensor], arch: str, d: int, n: int, k:
     opt = torch.optim.Adam(model.parameters(), lr=5e-4)
     with redirect_stdout(io.StringIO()):
         train_sae(model, batches[:1], criterion, opt, nb_epochs=1)  # warm-up
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         train_sae(model, batches[1:], criterion, opt, nb_epochs=1)
-    return sum(b.shape[0] for b in batches[1:]) / (time.perf_counter() - t0)
+    n_ex = sum(b.shape[0] for b in batches[1:])
+    return n_ex / (time.perf_counter() - w0), n_ex / (time.process_time() - c0)
 
 
 # ----------------------------------------------------------------------------- loader & RSS
 
 
-def loader_rate(shards: ShardSet, B: int, buffer_size: int) -> float:
+def loader_rate(shards: ShardSet, B: int, buffer_size: int) -> tuple[float, float]:
+    """(wall, CPU-time) act/s of ShardView.epoch_batches alone over the training split (trainer settings)."""
     view, _ = shards.split(0.02, seed=0)
-    t0 = time.perf_counter()
+    w0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for b in view.epoch_batches(B, epoch=0, seed=0, buffer_size=buffer_size, prefetch=4):
         n += torch.from_numpy(b.acts).shape[0]
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - w0), n / (time.process_time() - c0)
 
 
 RSS_CHILD = r"""
@@ -286,61 +308,66 @@ def main(argv: list[str] | None = None) -> int:
     def add(name, value):
         rows.setdefault(name, []).append(value)
 
-    run = lambda name, **kw: run_trainer(shards, work / name, B=B, expansion=expansion, k=k,  # noqa: E731
-                                         steps=steps, log_every=2, **kw)
+    run = lambda name, **kw: run_pair(shards, work / name, B=B, steps=steps, expansion=expansion, k=k, **kw)  # noqa: E731
     batches = None
     if "relu" in sections or "sparse" in sections:
         view, _ = shards.split(0.02, seed=0)
         batches = [torch.from_numpy(b.acts.copy()) for _, b in zip(range(1 + 2 * a.intervals),
                                                                    view.epoch_batches(B, epoch=0, seed=0))]
     lowl0 = low_l0_init(shards, work / "lowl0_init", n, float(k)) if "sparse" in sections else ""
+
+    def record(name, r, peak=None):
+        """r: a run_pair result or a (wall, cpu) pair; adds name (wall) and name@cpu rows (+ ratios to peak)."""
+        wall, cpu = (r["rate"], r["cpu_rate"]) if isinstance(r, dict) else r
+        add(name, wall)
+        add(name + " @cpu", cpu)
+        if isinstance(r, dict):
+            add(name + " (diff)", r["wall_rate"])
+        if peak is not None:
+            add(name + "/peak", wall / peak[0])
+            add(name + "/peak @cpu", cpu / peak[1])
+        return wall, cpu
+
     for rep in range(a.repeats):
         print(f"--- repeat {rep + 1}/{a.repeats}", flush=True)
         peak = gemm_peak(B, d, n)
-        add("gemm_peak", peak)
+        record("gemm_peak", peak)
         if "relu" in sections:
-            r = run("relu_fp32", arch="relu")
-            add("relu_fp32", r["rate"])
-            add("relu_fp32_overall", r["overall_rate"])
-            add("relu_fp32/peak", r["rate"] / peak)
-            oc = overcomplete_rate(batches, "relu", d, n, k)
-            add("overcomplete_relu", oc)
-            add("overcomplete_relu/peak", oc / peak)
-            print(f"gemm peak {peak:,.0f} act/s | ours relu fp32 {r['rate']:,.0f} ({r['rate'] / peak:.2f} of peak) | "
-                  f"overcomplete relu {oc:,.0f} ({oc / peak:.2f})", flush=True)
+            w, c = record("relu_fp32", run("relu_fp32", arch="relu"), peak)
+            ow, oc = record("overcomplete_relu", overcomplete_rate(batches, "relu", d, n, k), peak)
+            print(f"gemm peak {peak[0]:,.0f} act/s ({peak[1]:,.0f} per CPU-s) | ours relu fp32 {w:,.0f} ({w / peak[0]:.2f} "
+                  f"of peak; CPU-time {c / peak[1]:.2f}) | overcomplete relu {ow:,.0f} ({ow / peak[0]:.2f}; CPU-time "
+                  f"{oc / peak[1]:.2f})", flush=True)
         if "bf16" in sections:
-            r16 = run("relu_bf16", arch="relu", bf16=True)
-            add("relu_bf16", r16["rate"])
+            w16, c16 = record("relu_bf16", run("relu_bf16", arch="relu", bf16=True), peak)
             if "relu" in sections:
-                add("bf16/fp32", r16["rate"] / rows["relu_fp32"][-1])
-            print(f"ours relu bf16 {r16['rate']:,.0f} act/s", flush=True)
+                add("bf16/fp32", w16 / rows["relu_fp32"][-1])
+                add("bf16/fp32 @cpu", c16 / rows["relu_fp32 @cpu"][-1])
+            print(f"ours relu bf16 {w16:,.0f} act/s ({c16:,.0f} per CPU-s)", flush=True)
         if "sparse" in sections:
-            rt = run("topk_sparse", arch="topk")
-            rd = run("topk_dense", arch="topk", impl="reference")
-            oc = overcomplete_rate(batches, "topk", d, n, k)
+            tw, tc = record("topk_sparse", run("topk_sparse", arch="topk"), peak)
+            dw, dc = record("topk_dense_reference", run("topk_dense", arch="topk", impl="reference"), peak)
+            ow, oc = record("overcomplete_topk", overcomplete_rate(batches, "topk", d, n, k), peak)
+            add("topk/overcomplete", tw / ow)
+            add("topk/overcomplete @cpu", tc / oc)
             rl = run("relu_lowl0_sparse", arch="relu", init_from=lowl0, lr=1e-5)
-            rf = run("relu_lowl0_fused", arch="relu", init_from=lowl0, lr=1e-5, impl="fused")
-            add("topk_sparse", rt["rate"])
-            add("topk_dense_reference", rd["rate"])
-            add("overcomplete_topk", oc)
-            add("topk/overcomplete", rt["rate"] / oc)
-            add("relu_lowl0_sparse", rl["rate"])
-            add("relu_lowl0_fused", rf["rate"])
+            lw, lc = record("relu_lowl0_auto", rl, peak)
+            fw, fc = record("relu_lowl0_fused", run("relu_lowl0_fused", arch="relu", init_from=lowl0, lr=1e-5,
+                                                    impl="fused"), peak)
             add("relu_lowl0_l0", rl["last"]["l0"])
-            add("lowl0 sparse/fused", rl["rate"] / rf["rate"])
-            print(f"topk k={k}: ours {rt['rate']:,.0f} act/s (dense reference {rd['rate']:,.0f}), overcomplete "
-                  f"{oc:,.0f} -> {rt['rate'] / oc:.2f}x | relu L0~{rl['last']['l0']:.0f}: sparse {rl['rate']:,.0f} "
-                  f"vs fused {rf['rate']:,.0f}", flush=True)
+            add("lowl0 auto/fused", lw / fw)
+            add("lowl0 auto/fused @cpu", lc / fc)
+            print(f"topk k={k}: ours {tw:,.0f} act/s (dense reference {dw:,.0f}), overcomplete {ow:,.0f} -> "
+                  f"{tw / ow:.2f}x (CPU-time {tc / oc:.2f}x) | relu L0~{rl['last']['l0']:.0f}: auto (sparse) {lw:,.0f} vs "
+                  f"fused {fw:,.0f}", flush=True)
         if "loader" in sections:
-            lr_ = loader_rate(shards, B, 262144)
-            add("loader", lr_)
-            ref = rows.get("relu_fp32", rows.get("topk_sparse", [None]))[-1]
-            if ref:
-                add("loader/trainer", lr_ / ref)
-            if "sparse" in sections:
-                add("loader/topk", lr_ / rows["topk_sparse"][-1])
-            print(f"loader {lr_:,.0f} act/s", flush=True)
-        add("gemm_peak_after", gemm_peak(B, d, n))
+            lw_, lc_ = record("loader", loader_rate(shards, B, 262144))
+            for ref in ("relu_fp32", "topk_sparse"):
+                if ref in rows:
+                    add(f"loader/{ref}", lw_ / rows[ref][-1])
+                    add(f"loader/{ref} @cpu", lc_ / rows[ref + " @cpu"][-1])
+            print(f"loader {lw_:,.0f} act/s ({lc_:,.0f} per CPU-s)", flush=True)
+        record("gemm_peak_after", gemm_peak(B, d, n))
 
     if "bf16" in sections:  # final MSE after the same steps, fp32 vs bf16 autocast
         from visae.sae import load_sae
@@ -349,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, bf in (("mse_fp32", False), ("mse_bf16", True)):
             r = run_trainer(shards, work / name, arch="relu", B=B, expansion=expansion, k=k, steps=a.mse_steps,
                             log_every=max(2, a.mse_steps // 5), bf16=bf, warmup=10)
+            res.setdefault("bf16_mse_runs", {})[name] = {"wall": r["wall"], "cpu": r["cpu"], "rate": r["rate"]}
             sae = load_sae(r["out"])
             _, val = shards.split(0.02, seed=0)
             x = torch.from_numpy(val.read(np.arange(len(val))))
@@ -371,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     res["rows"] = {k_: {"median": med(v), "values": v} for k_, v in rows.items()}
     print("\n| measure | median | values |\n|---|---:|---|")
     for k_, v in rows.items():
-        fmt = (lambda x: f"{x:.2f}") if ("/" in k_ or k_.endswith("_l0")) else (lambda x: f"{x:,.0f}")
+        fmt = (lambda x: f"{x:.2f}") if ("/" in k_ or "_l0" in k_) else (lambda x: f"{x:,.0f}")
         print(f"| {k_} | {fmt(med(v))} | {', '.join(fmt(x) for x in v)} |")
     print(f"\nmax RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if a.json:

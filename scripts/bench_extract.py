@@ -10,7 +10,11 @@ For each repeat, interleaved so that load changes on a shared machine hit both a
            processes, forward, normalising, shard writing), backbone already loaded.
 Each setting is "threads:workers" (torch threads in the main process : DataLoader workers).
 Prints images/s medians and the ratio extract / forward (median of per-repeat ratios), and
-writes them as JSON (``--json``).
+writes them as JSON (``--json``). Also the same ratio in images per CPU-second (this process
+and its DataLoader workers): on a machine shared with other jobs the wall-clock rates swing
+with the load, while the CPU cost per image shows what decoding and writing add to the
+forward pass (on a dedicated machine whose cores the forward saturates, the wall-clock ratio
+approaches it).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -36,15 +41,22 @@ from visae.extract import ExtractConfig, extract  # noqa: E402
 from visae.images import load_image, open_source  # noqa: E402
 
 
-def forward_rate(bb, batches: list[torch.Tensor], amp) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) plus its reaped children (DataLoader workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def forward_rate(bb, batches: list[torch.Tensor], amp) -> tuple[float, float]:
+    """(images per wall second, images per CPU second) of the bare forward pass."""
     n = sum(len(b) for b in batches)
     with torch.inference_mode(), amp:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), cpu_seconds()
         for x in batches:
             bb.encode_image(x).float().cpu()
         if bb.device.type == "cuda":
             torch.cuda.synchronize()
-        return n / (time.perf_counter() - t)
+        return n / (time.perf_counter() - t), n / (cpu_seconds() - c)
 
 
 def main() -> int:
@@ -67,6 +79,7 @@ def main() -> int:
     print(f"{len(items)} images from {args.images} ({src.kind}); model {args.model} (random init), batch {args.batch_size}, "
           f"device {device}, {os.cpu_count()} cpus", flush=True)
     t = time.perf_counter()
+    torch.set_num_threads(1)  # preprocessing is single-image work; avoid thread-pool overhead
     pre = torch.stack([bb.preprocess(load_image(it)[0]) for it in items]).to(device)
     print(f"preloaded {len(items)} images in {time.perf_counter() - t:.1f}s", flush=True)
     batches = list(pre.split(args.batch_size))
@@ -81,29 +94,42 @@ def main() -> int:
             bb.encode_image(batches[0])
         for threads, workers in settings:
             key = f"threads={threads},workers={workers}"
-            fwd, ext, ratio = [], [], []
+            fwd, ext, ratio, cpu_ratio = [], [], [], []
             for r in range(args.repeats):
                 torch.set_num_threads(threads)
-                f = forward_rate(bb, batches, amp)
                 out = os.path.join(tmp, f"{threads}_{workers}_{r}")
                 cfg = ExtractConfig(images=args.images, out=out, model=args.model, random_init=True, batch_size=args.batch_size,
                                     num_workers=workers, threads=threads, limit=args.n, progress=False, device=str(device))
-                t = time.perf_counter()
-                ss = extract(cfg, backbone=bb)
-                e = len(items) / (time.perf_counter() - t)
-                assert len(ss) == len(items)
-                shutil.rmtree(out)
+
+                def run_extract() -> tuple[float, float]:
+                    t, c = time.perf_counter(), cpu_seconds()
+                    ss = extract(cfg, backbone=bb)
+                    rate, cpu_rate = len(items) / (time.perf_counter() - t), len(items) / (cpu_seconds() - c)
+                    assert len(ss) == len(items)
+                    shutil.rmtree(out)
+                    return rate, cpu_rate
+
+                # alternate which runs first, so a load change during a repeat hits both sides alike
+                if r % 2 == 0:
+                    f, fc = forward_rate(bb, batches, amp)
+                    e, ec = run_extract()
+                else:
+                    e, ec = run_extract()
+                    f, fc = forward_rate(bb, batches, amp)
                 fwd.append(f)
                 ext.append(e)
                 ratio.append(e / f)
-                print(f"  {key} repeat {r}: forward {f:.2f} img/s, extract {e:.2f} img/s, ratio {e / f:.3f}", flush=True)
+                cpu_ratio.append(ec / fc)
+                print(f"  {key} repeat {r}: forward {f:.2f} img/s, extract {e:.2f} img/s, ratio {e / f:.3f}; "
+                      f"per CPU-second: forward {fc:.2f}, extract {ec:.2f} img, ratio {ec / fc:.3f}", flush=True)
             results[key] = {"forward_img_s": statistics.median(fwd), "extract_img_s": statistics.median(ext),
-                            "ratio_median": statistics.median(ratio), "ratios": ratio, "forward": fwd, "extract": ext}
+                            "ratio_median": statistics.median(ratio), "cpu_ratio_median": statistics.median(cpu_ratio),
+                            "ratios": ratio, "cpu_ratios": cpu_ratio, "forward": fwd, "extract": ext}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print("\nsetting                     forward img/s  extract img/s  extract/forward (median of repeats)")
+    print("\nsetting                     forward img/s  extract img/s  extract/forward  (same, per CPU-second)   [medians of repeats]")
     for key, v in results.items():
-        print(f"{key:<28}{v['forward_img_s']:>13.2f}{v['extract_img_s']:>15.2f}{v['ratio_median']:>14.3f}")
+        print(f"{key:<28}{v['forward_img_s']:>13.2f}{v['extract_img_s']:>15.2f}{v['ratio_median']:>17.3f}{v['cpu_ratio_median']:>22.3f}")
     meta = {"n": len(items), "model": args.model, "batch_size": args.batch_size, "device": str(device), "precision": precision,
             "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "results": results}
     if args.json:

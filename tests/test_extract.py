@@ -337,3 +337,21 @@ def test_config_yaml_matches_defaults():
     from visae.config import load_yaml_config
 
     assert load_yaml_config(ExtractConfig, REPO / "configs" / "extract.yaml") == ExtractConfig()
+
+
+def test_toyworld_from_generator_with_toyclip(tmp_path):
+    """The real toy-world writer's output reads as a source; the toy CLIP extracts it with factor columns."""
+    from visae import toyworld
+
+    world = toyworld.generate_world(tmp_path / "world", n=6, seed=1, progress=False)
+    meta, recs = toyworld.read_world(world)
+    src = open_source(world)
+    assert src.kind == "toyworld" and len(src) == 6 and set(src.columns) == set(meta["factors"])
+    ss = extract(_cfg(world, tmp_path / "out", model="visae-toyclip"))
+    md = ss.metadata()
+    by_id = {r["id"]: r for r in recs}
+    for i, sid in enumerate(md["id"]):
+        for f in meta["factors"]:
+            assert md[f][i] == by_id[sid]["factors"].get(f, -1)
+        assert md["label"][i] == by_id[sid]["factors"][meta["label"]]
+    assert ss.d == 96 and ss.source["model"] == "visae-toyclip" and ss.label_names["label"] == meta["factors"][meta["label"]]

@@ -163,9 +163,15 @@ class ToyClipConfig:
     two_object_fraction: float = field(default=0.25, metadata={"help": "fraction of images with a second object"})
     steps: int = field(default=1500, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=256, metadata={"help": "images (and captions) per step"})
-    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (cosine decay to 0)"})
+    lr: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (cosine decay to 0)"})
     warmup: int = field(default=100, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on matrices (not on gains, biases, logit scale)"})
+    aux_weight: float = field(default=5.0, metadata={
+        "help": "weight of an auxiliary loss: linear heads on the image embedding classify every main factor "
+                "(the heads are not part of the exported model); 0: off"})
+    concept_captions: bool = field(default=True, metadata={
+        "help": "every step also add one caption per main-factor value ('something red', 'a triangle', ...): "
+                "a direct signal for every factor on every image"})
     eval_seed: int = field(default=1000, metadata={"help": "seed of the held-out evaluation world"})
     eval_n: int = field(default=2000, metadata={"help": "held-out images for the zero-shot evaluation"})
     eval_every: int = field(default=250, metadata={"help": "zero-shot evaluation every N steps (on 500 held-out images); 0: only at the end"})
@@ -181,6 +187,17 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for n, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "logit_scale" in n else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _aux_heads(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """One linear classifier per main factor on the unit image embedding (training aid only)."""
+    g = torch.Generator().manual_seed(1234)
+    heads = torch.nn.ModuleList(torch.nn.Linear(model.visual.output_dim, len(tw.FACTORS[f])) for f in tw.MAIN_FACTORS)
+    with torch.no_grad():
+        for h in heads:
+            h.weight.copy_(torch.randn(h.weight.shape, generator=g) * 0.1)
+            h.bias.zero_()
+    return heads
 
 
 def _lr_at(step: int, cfg: ToyClipConfig) -> float:
@@ -209,27 +226,45 @@ class _CaptionSampler:
             texts.append(c.text)
             for k, v in c.constraints:
                 cons[i, tw.FACTOR_INDEX[k]] = v
+        return self._tokens(texts), cons, texts
+
+    def concept_captions(self, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+        """One caption per value of every main factor ("something red", "a triangle", ...; a random
+        template of the factor's zero-shot benchmark): tokens [V, ctx], constraints [V, F], texts."""
+        texts, rows = [], []
+        for name, b in tw.toy_classnames_and_templates().items():
+            if b["column"] not in tw.MAIN_FACTORS:
+                continue
+            for v, cname in enumerate(b["classnames"]):
+                texts.append(b["templates"][int(rng.integers(len(b["templates"])))].format(cname))
+                row = np.full(len(tw.FACTORS), self.UNCONSTRAINED, np.int64)
+                row[tw.FACTOR_INDEX[b["column"]]] = v
+                rows.append(row)
+        return self._tokens(texts), np.stack(rows), texts
+
+    def _tokens(self, texts: list[str]) -> torch.Tensor:
         missing = [t for t in set(texts) if t not in self._tok]
         if missing:
             for t, row in zip(missing, self.tokenizer(missing)):
                 self._tok[t] = row
-        return torch.stack([self._tok[t] for t in texts]), cons, texts
+        return torch.stack([self._tok[t] for t in texts])
 
 
 def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                              positives: torch.Tensor) -> torch.Tensor:
     """Symmetric contrastive loss with several positives per row.
 
-    ``img, txt: [B, D]`` unit embeddings; ``positives [B_img, B_txt]`` bool (True where the
-    caption is true of the image; the diagonal must be True). Each image's target is uniform
-    over its true captions, and each caption's over the images it is true of.
+    ``img: [B_img, D]``, ``txt: [B_txt, D]`` unit embeddings; ``positives [B_img, B_txt]`` bool
+    (True where the caption is true of the image; every image needs a true caption). Each
+    image's target is uniform over its true captions, and each caption's over the images it is
+    true of (captions true of no image in the batch only act as negatives).
     """
     logits = logit_scale * img @ txt.T
     pos = positives.float()
-    t_i = pos / pos.sum(1, keepdim=True)
-    t_t = pos.T / pos.T.sum(1, keepdim=True)
-    li = -(t_i * F.log_softmax(logits, 1)).sum(1).mean()
-    lt = -(t_t * F.log_softmax(logits.T, 1)).sum(1).mean()
+    n_i, n_t = pos.sum(1, keepdim=True), pos.T.sum(1, keepdim=True)
+    li = -((pos / n_i) * F.log_softmax(logits, 1)).sum(1).mean()
+    has = n_t[:, 0] > 0
+    lt = -((pos.T[has] / n_t[has]) * F.log_softmax(logits.T[has], 1)).sum(1).mean()
     return 0.5 * (li + lt)
 
 
@@ -288,7 +323,9 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
     model = open_clip.create_model(MODEL_NAME, device=cfg.device)
     model.train()
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    heads = _aux_heads(model) if cfg.aux_weight > 0 else None
+    params = _param_groups(model, cfg.weight_decay) + ([{"params": list(heads.parameters()), "weight_decay": 0.0}] if heads else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     step, train_seconds = 0, 0.0
     ckpt = out / "checkpoint.pt"
     if cfg.resume and ckpt.is_file():
@@ -299,6 +336,8 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise ValueError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --resume false")
         model.load_state_dict(state["model"])
+        if heads is not None:
+            heads.load_state_dict(state["aux_heads"])
         opt.load_state_dict(state["opt"])
         step, train_seconds = int(state["step"]), float(state["train_seconds"])
         print(f"resuming {ckpt} at step {step}/{cfg.steps}", file=sys.stderr)
@@ -318,6 +357,7 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
 
     def save_ckpt() -> None:
         _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                            "aux_heads": heads.state_dict() if heads is not None else None,
                             "train_seconds": train_seconds, "config": cfg_dict}, ckpt)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="toy CLIP", disable=not cfg.progress)
@@ -334,6 +374,9 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
         idx = rng.choice(len(world), cfg.batch_size, replace=False)
         fac = world.factors[idx]
         tokens, cons, _ = sampler(fac, rng)
+        if cfg.concept_captions:
+            ctok, ccons, _ = sampler.concept_captions(rng)
+            tokens, cons = torch.cat([tokens, ctok]), np.concatenate([cons, ccons])
         pos = _positives(fac, cons).to(cfg.device)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
@@ -341,6 +384,10 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
         img = F.normalize(model.encode_image(x), dim=-1)
         txt = F.normalize(model.encode_text(tokens.to(cfg.device)), dim=-1)
         loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), pos)
+        if heads is not None:
+            y = torch.from_numpy(fac[:, [tw.FACTOR_INDEX[f] for f in tw.MAIN_FACTORS]]).to(cfg.device)
+            aux = sum(F.cross_entropy(h(img), y[:, i]) for i, h in enumerate(heads)) / len(heads)
+            loss = loss + cfg.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -111,7 +111,7 @@ FACTOR_INDEX = {name: i for i, name in enumerate(FACTORS)}
 ABSENT = -1
 
 # Geometry (pixels of the 64 x 64 image): object radius ranges and column centres.
-_RADIUS = {"small": (5.0, 7.5), "large": (12.0, 15.0)}
+_RADIUS = {"small": (6.5, 8.5), "large": (12.5, 14.5)}
 _COLUMN_X = (16.0, 32.0, 48.0)
 _SUPERSAMPLE = 2  # draw at 2x and box-filter down: smooth edges at small sizes
 
@@ -241,7 +241,7 @@ def _draw_object(draw: ImageDraw.ImageDraw, shape: str, colour: tuple[int, int, 
 def _object_place(position: int, size: str, rng: np.random.Generator, img_size: int) -> tuple[float, float, float]:
     lo, hi = _RADIUS[size]
     r = float(rng.uniform(lo, hi)) * img_size / IMAGE_SIZE
-    cx = (_COLUMN_X[position] + float(rng.uniform(-2.5, 2.5))) * img_size / IMAGE_SIZE
+    cx = (_COLUMN_X[position] + float(rng.uniform(-2.0, 2.0))) * img_size / IMAGE_SIZE
     margin = r + 1.0
     cy = float(rng.uniform(margin, img_size - margin))
     return cx, cy, r

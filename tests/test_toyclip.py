@@ -32,6 +32,22 @@ def test_register_with_open_clip():
     assert int((t != 0).sum()) < t.shape[1]  # the longest caption fits without truncation
 
 
+def test_shipped_tag_loads_the_shipped_weights():
+    """A shard set made with the shipped weights records pretrained="shipped"; later stages load it back by that tag."""
+    import open_clip
+
+    from visae.backbones import load_backbone
+
+    tc.register()
+    assert "shipped" in open_clip.list_pretrained_tags_by_model("visae-toyclip")
+    default = load_backbone("visae-toyclip")
+    tagged = load_backbone("visae-toyclip", "shipped")
+    assert default.pretrained == "shipped" and tagged.cache_key == default.cache_key
+    model = open_clip.create_model("visae-toyclip", pretrained="shipped")
+    for sd in (tagged.model.state_dict(), model.state_dict()):
+        assert all(torch.equal(a, b) for a, b in zip(default.model.state_dict().values(), sd.values()))
+
+
 def test_images_to_tensor_matches_open_clip_preprocess():
     _, preprocess, _ = tc.create_toyclip(None)
     w = tw.sample_world(3, seed=1)

@@ -204,10 +204,29 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         from visae.recovery import concept_recovery, format_recovery
 
         res = concept_recovery(str(best), shards_dir, concepts=concepts_dir)
+        # Every trial of the sweep too: how the selected SAE compares with the others on the ground truth.
+        sel = json.loads((sweep_dir / "selection.json").read_text()) if (sweep_dir / "selection.json").is_file() else {}
+        trials = {}
+        for t in sorted((sweep_dir / "trials").iterdir()) if (sweep_dir / "trials").is_dir() else []:
+            if (t / "cfg.json").is_file():
+                r = concept_recovery(str(t), shards_dir)
+                trials[t.name] = {"mean_best_auroc": r["summary"]["mean_best_auroc"],
+                                  "fraction_recovered": r["summary"]["fraction_recovered"], "factors": r["factors"]}
+        res["selected_trial"] = sel.get("trial")
+        res["sweep_trials"] = trials
         atomic_write_text(out / "recovery.json", json.dumps(res, indent=1))
-        atomic_write_text(out / "recovery.txt", format_recovery(res) + "\n")
-        return {"file": str(out / "recovery.json"), **{k: res["summary"][k] for k in
+        text = format_recovery(res)
+        if trials:
+            text += "\n\nevery trial of the sweep (mean best-latent AUROC, fraction recovered):\n" + "\n".join(
+                f"  {n:<24} {v['mean_best_auroc']:.3f}  {v['fraction_recovered']:.0%}" + ("  <- selected" if n == sel.get("trial") else "")
+                for n, v in sorted(trials.items(), key=lambda kv: -kv[1]["mean_best_auroc"]))
+        atomic_write_text(out / "recovery.txt", text + "\n")
+        info = {"file": str(out / "recovery.json"), **{k: res["summary"][k] for k in
                 ("mean_best_auroc", "fraction_recovered", "fraction_named_right") if k in res["summary"]}}
+        if trials:
+            top = max(trials, key=lambda n: trials[n]["mean_best_auroc"])
+            info["best_trial_in_sweep"] = {"trial": top, "mean_best_auroc": trials[top]["mean_best_auroc"]}
+        return info
 
     t0 = time.time()
     stage("world", do_world)
@@ -240,6 +259,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "fraction_named_right" in rec:
         msg += f", named right {rec['fraction_named_right']:.0%}"
     lines.append(msg)
+    if rec.get("best_trial_in_sweep"):
+        b = rec["best_trial_in_sweep"]
+        lines.append(f"  (best recovery in the sweep: {b['trial']}, mean AUROC {b['mean_best_auroc']:.3f}; see recovery.txt)")
     lines.append(f"  time: {summary['seconds_all_stages']:.0f} s over all stages. Open {s['browse']['index']} in a browser "
                  f"(or: visae browse --sae {s['sweep']['best']} --concepts {s['name']['dir']} --out {Path(s['browse']['index']).parent} --serve true)")
     return "\n".join(lines)

@@ -44,6 +44,7 @@ __all__ = [
     "MODEL_CONFIG",
     "TOYCLIP_WEIGHTS",
     "TOYCLIP_CARD",
+    "TOYCLIP_TAG",
     "register",
     "create_toyclip",
     "load_toyclip",
@@ -61,14 +62,28 @@ TOYCLIP_WEIGHTS = REPO / "assets" / "toyclip" / f"{MODEL_NAME}.safetensors"
 TOYCLIP_CARD = REPO / "assets" / "toyclip" / f"{MODEL_NAME}.json"
 
 
+TOYCLIP_TAG = "shipped"
+
+
 def register() -> str:
-    """Add the "visae-toyclip" config to open_clip's model registry (idempotent); returns the name."""
+    """Make open_clip know "visae-toyclip" (idempotent); returns the name.
+
+    Adds the model config to open_clip's model registry and the pretrained tag ``"shipped"``
+    (a local file: ``TOYCLIP_WEIGHTS``) to its pretrained registry, so that
+    ``open_clip.create_model("visae-toyclip", pretrained="shipped")`` and
+    ``load_backbone("visae-toyclip", "shipped")`` (what a shard set made with the shipped weights
+    records as its source) load the shipped weights.
+    """
     import open_clip
+    from open_clip import pretrained as oc_pretrained
 
     if MODEL_NAME not in open_clip.list_models():
         if not MODEL_CONFIG.is_file():
             raise FileNotFoundError(f"{MODEL_CONFIG} is missing: the visae package is incomplete")
         open_clip.add_model_config(MODEL_CONFIG)
+    tags = oc_pretrained._PRETRAINED.setdefault(MODEL_NAME, {})
+    if TOYCLIP_TAG not in tags:
+        tags[TOYCLIP_TAG] = oc_pretrained._pcfg(file=str(TOYCLIP_WEIGHTS), quick_gelu=False)
     return MODEL_NAME
 
 

@@ -263,8 +263,14 @@ def machine() -> str:
         model = next((ln.split(":", 1)[1].strip() for ln in cpu if ln.startswith("Model name")), platform.processor())
     except OSError:
         model = platform.processor()
-    return (f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"python {platform.python_version()}")
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "visae"], capture_output=True, text=True, cwd=REPO).stdout
+        rev += " (visae/ modified)" if dirty.strip() else ""
+    except OSError:
+        rev = "?"
+    return (f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), python {platform.python_version()}, visae {rev}")
 
 
 def main(argv: list[str] | None = None) -> int:

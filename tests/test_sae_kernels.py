@@ -149,3 +149,22 @@ def test_bf16_autocast_close_to_fp32(arch, impl):
     for name, p in sae.named_parameters():
         cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), g_ref[name].flatten(), dim=0)
         assert cos > 0.99, (name, float(cos))
+
+
+def test_auto_switches_to_sparse_when_codes_are_sparse(monkeypatch):
+    from visae.sae import kernels
+
+    calls = []
+    real = kernels.sparse_training_loss
+    monkeypatch.setattr(kernels, "sparse_training_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    sae = _make("relu", 1, sparse_threshold=0.05)
+    x = torch.randn(32, 24)
+    sae.training_loss(x, 1e-3).loss.backward()  # first step: dense (no L0 known yet), L0 ~ half the latents
+    assert not calls
+    with torch.no_grad():
+        sae.b_enc.fill_(-6.0)  # now only a few codes fire
+    out = sae.training_loss(x, 1e-3)
+    out.loss.backward()
+    assert not calls and out.l0.item() / 96 < 0.05  # this step measured the low L0 ...
+    sae.training_loss(x, 1e-3).loss.backward()
+    assert calls  # ... so the next one takes the sparse path

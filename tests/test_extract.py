@@ -347,7 +347,7 @@ def test_toyworld_from_generator_with_toyclip(tmp_path):
     meta, recs = toyworld.read_world(world)
     src = open_source(world)
     assert src.kind == "toyworld" and len(src) == 6 and set(src.columns) == set(meta["factors"])
-    ss = extract(_cfg(world, tmp_path / "out", model="visae-toyclip"))
+    ss = extract(_cfg(world, tmp_path / "out", model="visae-toyclip", random_init=False))  # the shipped weights
     md = ss.metadata()
     by_id = {r["id"]: r for r in recs}
     for i, sid in enumerate(md["id"]):
@@ -355,3 +355,12 @@ def test_toyworld_from_generator_with_toyclip(tmp_path):
             assert md[f][i] == by_id[sid]["factors"].get(f, -1)
         assert md["label"][i] == by_id[sid]["factors"][meta["label"]]
     assert ss.d == 96 and ss.source["model"] == "visae-toyclip" and ss.label_names["label"] == meta["factors"][meta["label"]]
+    assert ss.source["pretrained"] == "shipped" and not ss.source["random_init"]
+    # same values as the toy CLIP's own loader and preprocessing
+    from visae import toyclip
+
+    model, preprocess, _ = toyclip.load_toyclip()
+    with torch.inference_mode():
+        x = torch.stack([preprocess(Image.open(world / by_id[sid]["file"]).convert("RGB")) for sid in md["id"]])
+        ref = model.encode_image(x).numpy()
+    assert np.allclose(ss.read(np.arange(6), raw=True), ref, rtol=1e-4, atol=1e-5)

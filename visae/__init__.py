@@ -6,3 +6,12 @@ extract (visae.extract) -> shard set (visae.shards) -> train / sweep (visae.trai
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy re-exports, so `import visae` stays light: visae.SAE.load(path), visae.load_sae(path).
+    if name in ("SAE", "SAEConfig", "load_sae"):
+        from visae import sae as _sae
+
+        return getattr(_sae, name)
+    raise AttributeError(f"module 'visae' has no attribute {name!r}")

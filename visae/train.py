@@ -441,6 +441,7 @@ class _Schedules:
 
 
 @torch.no_grad()
+@torch.no_grad()  # validation only: no autograd graphs
 def evaluate(sae: Any, view: ShardView, batch_size: int, l1_coeff: torch.Tensor, device: torch.device,
              amp: Any = None, dense_threshold: float = 0.1, aux_coeff: float = 0.0) -> list[dict[str, float]]:
     """Metrics of every member on ``view`` (one pass): mse, l1, l0, loss, explained variance (over the

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     clf = ZeroShotClassifier(W, 100.0, [str(i) for i in range(args.classes)])
     # embeddings with a real signal: class direction + noise, so accuracies are neither 0 nor 1
     y = torch.randint(0, args.classes, (args.n,), generator=g)
-    x = W[y] + 0.11 * torch.randn(args.n, args.d, generator=g)
+    x = W[y] + 0.3 * torch.randn(args.n, args.d, generator=g)
 
     def classifier_only() -> dict[str, float]:
         hits = {1: 0, 5: 0}

@@ -183,3 +183,22 @@ def test_serve_binds_localhost_only(world):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_toyworld_ids_resolve_to_thumbnails_from_many_threads(tmp_path):
+    from visae.browse.images import ImageResolver, image_id, make_thumbnails
+    from visae.toyworld import generate_world
+
+    root = generate_world(tmp_path / "world", 40, seed=3, progress=False)
+    src = {"dataset": str(root), "dataset_kind": "toyworld"}
+    ids = [f"{i:06d}" for i in range(40)] + ["000007#p3", "no-such-image"]
+    thumbs = make_thumbnails(ImageResolver(src), ids, tmp_path / "thumbs", size=32, workers=8, progress=False)
+    assert all(thumbs[f"{i:06d}"] for i in range(40)) and thumbs["no-such-image"] is None
+    assert image_id("000007#p3") == "000007" and len(list((tmp_path / "thumbs").glob("*.jpg"))) == 40
+    with Image.open(tmp_path / "thumbs" / thumbs["000005"]) as im:
+        assert max(im.size) == 32
+    # moved images: --images_root points the resolver at their new place
+    moved = tmp_path / "moved"
+    shutil.move(str(root), moved)
+    assert ImageResolver(src).open("000001") is None
+    assert ImageResolver(src, images_root=str(moved)).open("000001") is not None

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable
@@ -44,20 +45,23 @@ class ImageResolver:
         self.root = str(root) if root else None
         self._items: dict[str, Any] | None = None
         self._error: str | None = None
+        self._lock = threading.Lock()
 
     def _index(self) -> dict[str, Any]:
-        if self._items is None:
-            self._items = {}
-            if self.root and self.kind in ("toyworld", "webdataset"):
-                try:
-                    from visae.images import open_source
+        # Thumbnail threads call this concurrently: build the index once, under a lock, and publish it whole.
+        with self._lock:
+            if self._items is None:
+                items: dict[str, Any] = {}
+                if self.root and self.kind in ("toyworld", "webdataset"):
+                    try:
+                        from visae.images import open_source
 
-                    src = open_source(self.root, self.kind)
-                    self._items = {it.id: it for it in src.items}
-                except Exception as e:  # noqa: BLE001 - images unavailable: the site shows ids instead
-                    self._error = f"{type(e).__name__}: {e}"
-                    log.warning("cannot list the images of %s (%s); concept pages will show ids", self.root, self._error)
-        return self._items
+                        items = {it.id: it for it in open_source(self.root, self.kind).items}
+                    except Exception as e:  # noqa: BLE001 - images unavailable: the site shows ids instead
+                        self._error = f"{type(e).__name__}: {e}"
+                        log.warning("cannot list the images of %s (%s); concept pages will show ids", self.root, self._error)
+                self._items = items
+            return self._items
 
     def path_of(self, example_id: str) -> str | None:
         """A file path for folder-like sources (None when unknown or missing)."""

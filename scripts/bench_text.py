@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--full_vocab", default="true", choices=["true", "false"], help="also time the fast path on the whole vocabulary")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
 
     from visae.backbones import load_backbone
     from visae.naming import load_vocabulary

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from conftest import REPO  # noqa: E402
 from visae.backbones import load_backbone, register_tiny_clip  # noqa: E402
 from visae.sae import load_sae  # noqa: E402
 from visae.select import SelectConfig, SelectError, select  # noqa: E402
-from visae.shards import ShardSet, ShardWriter  # noqa: E402
+from visae.shards import ShardWriter  # noqa: E402
 from visae.sweep import (SweepConfig, SweepError, assign_groups, plan_groups, plan_trials, sweep,  # noqa: E402
                          train_trial_alone)
 from visae.zeroshot import build_classifier  # noqa: E402

@@ -32,11 +32,10 @@ metadata columns are loaded, and the work is done in batches of ``batch_size`` r
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +53,10 @@ __all__ = [
     "build_classifier",
     "check_source",
     "rank_of_label",
+    "topk_hits",
+    "iter_labelled_batches",
+    "classifier_for_shards",
+    "default_text_cache",
     "evaluate",
     "zeroshot",
     "main",

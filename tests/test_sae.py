@@ -12,16 +12,6 @@ from visae.sae import SAE, SAEConfig, SAEFormatError, build_sae, load_sae, stack
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matrices: one thread avoids OpenMP barrier stalls on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def _cfg(arch="relu", **kw):
     base = dict(architecture=arch, d_in=16, d_sae=48, k=4, aux_k=8)
     base.update(kw)

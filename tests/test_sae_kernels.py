@@ -8,15 +8,6 @@ import torch
 from visae.sae import SAEConfig, build_sae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matrices: one thread avoids OpenMP barrier stalls on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 

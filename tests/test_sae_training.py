@@ -24,15 +24,6 @@ from visae.sae import SAEConfig, build_sae
 from visae.synthetic import atom_recovery, make_planted_dictionary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: one thread avoids OpenMP barrier stalls on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def planted():
     D = make_planted_dictionary(d=32, n_atoms=64, mean_active=3, noise=0.01, seed=0)

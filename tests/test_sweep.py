@@ -27,14 +27,6 @@ PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread (with two, OpenMP barriers cost ~10 ms an op on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # ----------------------------------------------------------------------------- the plan
 
 

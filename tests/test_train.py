@@ -17,15 +17,6 @@ from visae.synthetic import atom_recovery, make_planted_dictionary, write_plante
 D_IN, ATOMS, N = 32, 64, 8192
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: one thread is fastest and keeps runs bit-reproducible on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     path = tmp_path_factory.mktemp("planted") / "shards"

@@ -6,14 +6,6 @@ import torch
 from visae.optim import StackedAdam
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _loss(W, b, x):
     # W: [S, d_in, d_sae], b: [S, d_sae] -> a non-trivial scalar using every member
     return (torch.relu(torch.baddbmm(b[:, None, :], x.expand(W.shape[0], *x.shape), W)) ** 2).mean(dim=(1, 2)).sum()

@@ -20,14 +20,6 @@ TEMPLATES = ["a photo of a {}.", "a {}", "a drawing of a {}."]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: one intra-op thread (with two, OpenMP barriers cost ~10 ms an op on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def tiny():
     """A random-init tiny CLIP (seeded, so image and text towers agree across loads)."""

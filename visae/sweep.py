@@ -11,8 +11,8 @@ per-member lr and lambda). All members of a group start from the same initialisa
 (``<out>/init/exp<E>/``: seeded weights, b_dec at the geometric median of a seeded sample of
 the training split), which is what separate runs with the same seed would do; the
 stack's member i therefore trains exactly like trial i alone (up to float rounding of the
-batched kernels; with resampling on, the resampled directions of a member also depend
-on the members before it in the stack, see docs/sweeps.md).
+batched kernels), resampling included: each member's resampling draws are seeded by its
+own lr and lambda, not by its position in the stack (docs/sweeps.md).
 
 Layout of ``<out>/``::
 

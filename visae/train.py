@@ -213,6 +213,16 @@ def _seed_int(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def member_key(lr: float, l1_coeff: float) -> int:
+    """A stack member's identity for its random draws: the bits of its (lr, l1_coeff), all that tells members apart.
+
+    Seeding a member's resampling from this (not from its position in the stack) makes a
+    sweep's member draw exactly what the same trial trained alone draws.
+    """
+    lr_bits, l1_bits = np.array([lr, l1_coeff], dtype=np.float64).view(np.uint64).tolist()
+    return (lr_bits << 64) | l1_bits
+
+
 def open_shards(cfg: TrainConfig) -> ShardSet:
     """The shard set to train on: ``--shards``, or a generated planted one with ``--synthetic true``."""
     if cfg.shards:
@@ -483,13 +493,15 @@ def evaluate(sae: Any, view: ShardView, batch_size: int, l1_coeff: torch.Tensor,
 
 @torch.no_grad()
 def resample_dead_latents(sae: Any, opt: StackedAdam, dead: torch.Tensor, view: ShardView, cfg: TrainConfig,
-                          tag: int, batch_size: int) -> torch.Tensor:
+                          tag: int, batch_size: int, member_keys: Sequence[int] | None = None) -> torch.Tensor:
     """Anthropic resampling of ``dead [S, d_sae]`` latents; returns the number resampled per member [S] (CPU).
 
     Scores a seeded subset of ``view`` with the current SAE; each dead latent gets as decoder row a
     unit-normalised input drawn with probability proportional to its squared reconstruction
     error (per member), as encoder column that input times ``resample_encoder_scale`` times the
     mean norm of the member's alive encoder columns, a zero encoder bias, and fresh Adam state.
+    Member s draws from its own generator seeded by ``(cfg.seed, tag, member_keys[s])``
+    (:func:`member_key`; default: the member index), so its draws do not depend on the other members.
     """
     dead = dead.to(sae.W_enc.device)
     n_dead = dead.sum(-1).cpu()
@@ -509,12 +521,15 @@ def resample_dead_latents(sae: Any, opt: StackedAdam, dead: torch.Tensor, view: 
         errs.append(out.sq_err.float().cpu())
     sae.train(was_training)
     sq_err = torch.cat(errs, dim=1).clamp_min(0)  # [S, n], positions in `pos` order
-    gen = torch.Generator().manual_seed(_seed_int(cfg.seed, tag, 0x51E))
+    keys = list(member_keys) if member_keys is not None else list(range(S))
+    if len(keys) != S:
+        raise TrainError(f"resample_dead_latents: {S} members need {S} member_keys, got {len(keys)}")
     for s in range(S):
         idx = torch.nonzero(dead[s]).flatten()
         m = idx.numel()
         if m == 0:
             continue
+        gen = torch.Generator().manual_seed(_seed_int(cfg.seed, tag, 0x51E, keys[s]))
         p = sq_err[s].double()
         if not torch.isfinite(p).all() or p.sum() <= 0:
             p = torch.ones_like(p)
@@ -831,7 +846,8 @@ def train_stack(
             ep_done = epoch + 1
             if (cfg.resample_every and ep_done % cfg.resample_every == 0 and ep_done + cfg.resample_every <= cfg.num_epochs):
                 to_resample = dead.not_fired_since_resample()
-                n = resample_dead_latents(sae, opt, to_resample, train_view, cfg, tag=ep_done, batch_size=B)
+                n = resample_dead_latents(sae, opt, to_resample, train_view, cfg, tag=ep_done, batch_size=B,
+                                          member_keys=[member_key(a, b) for a, b in zip(lrs, l1_coeffs)])
                 dead.resampled(to_resample, step)  # the new directions get a fresh dead window
                 sched.rewarm(n.to(device) > 0, step)
                 n_resampled = [a + int(b) for a, b in zip(n_resampled, n.tolist())]

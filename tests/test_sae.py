@@ -152,6 +152,23 @@ def test_load_errors(tmp_path):
         load_sae(d)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_k_is_validated_only_where_it_is_used(tmp_path, arch):
+    # d_sae=8 < k=32 (the default k) and aux_k=512: only topk / batchtopk read k.
+    if arch in ("topk", "batchtopk"):
+        with pytest.raises(ValueError, match="k=32 exceeds d_sae=8"):
+            _cfg(arch, d_sae=8, k=32)
+        with pytest.raises(ValueError, match="k must be positive"):
+            _cfg(arch, k=0)
+        cfg = _cfg(arch, d_sae=8, k=8, aux_k=512)  # aux_k > d_sae is fine: clamped where used
+    else:
+        cfg = _cfg(arch, d_sae=8, k=32, aux_k=512)
+    sae = build_sae(cfg)
+    out = sae.training_loss(_unit(6, 16), l1_coeff=1e-3, dead_mask=torch.ones(1, 8, dtype=torch.bool))
+    assert torch.isfinite(out.loss) and out.l0.item() <= 8
+    loaded = load_sae(sae.save(tmp_path / "s"))
+    assert loaded.cfg == cfg
+
 def test_d_in_mismatch_error():
     sae = build_sae(_cfg())
     with pytest.raises(SAEFormatError, match="d_in=16"):

@@ -274,11 +274,8 @@ def sae_config_for(cfg: TrainConfig, shards: ShardSet, n_models: int = 1) -> "An
         scale = _estimate_scale(shards, cfg)
     d_sae = d_in * cfg.expansion_factor
     k = cfg.k
-    if cfg.architecture in ("topk", "batchtopk"):
-        if k > d_sae:
-            raise TrainError(f"--k {k} exceeds d_sae = {d_in} (shard d) x {cfg.expansion_factor} (--expansion_factor) = {d_sae}")
-    else:
-        k = min(k, d_sae)  # unused by this architecture; keep the config valid
+    if cfg.architecture in ("topk", "batchtopk") and k > d_sae:
+        raise TrainError(f"--k {k} exceeds d_sae = {d_in} (shard d) x {cfg.expansion_factor} (--expansion_factor) = {d_sae}")
     try:
         return SAEConfig(architecture=cfg.architecture, d_in=d_in, d_sae=d_sae, n_models=n_models, k=k,
                          input_normalization="unit_norm" if shards.normalization == "unit_norm" else "none",

@@ -35,6 +35,7 @@ FORMAT_NAME = "visae.sae"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 CFG_FILE = "cfg.json"
+K_ARCHITECTURES = ("topk", "batchtopk")  # the architectures that read SAEConfig.k
 
 
 class SAEFormatError(ValueError):
@@ -71,11 +72,14 @@ class SAEConfig:
         default=0.02, metadata={"help": "auto impl: use the sparse path when the fraction of active codes is below this"})
 
     def __post_init__(self) -> None:
-        for name in ("d_in", "d_sae", "n_models", "k"):
+        for name in ("d_in", "d_sae", "n_models"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"SAEConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.k > self.d_sae:
-            raise ValueError(f"SAEConfig.k={self.k} exceeds d_sae={self.d_sae}")
+        if self.architecture in K_ARCHITECTURES:  # relu / jumprelu ignore k (aux_k is clamped to d_sae where used)
+            if int(self.k) <= 0:
+                raise ValueError(f"SAEConfig.k must be positive for {self.architecture}, got {self.k}")
+            if self.k > self.d_sae:
+                raise ValueError(f"SAEConfig.k={self.k} exceeds d_sae={self.d_sae} ({self.architecture} keeps k latents)")
         if self.input_normalization not in ("unit_norm", "none"):
             raise ValueError(f"SAEConfig.input_normalization must be 'unit_norm' or 'none', got {self.input_normalization!r}")
         if not (self.scale_factor > 0 and math.isfinite(self.scale_factor)):

@@ -42,12 +42,12 @@ import numpy as np
 import torch
 
 from visae.config import ConfigError, config_to_dict, parse_config
+from visae.resources import config_yaml
 from visae.shards import MANIFEST, ShardError, ShardSet, ShardWriter, atomic_write_text, merge_shard_sets
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = REPO / "configs" / "extract.yaml"
+DEFAULT_YAML = config_yaml("extract.yaml")
 SKIPPED = "skipped.txt"
 REPORT = "extract_report.json"
 PART = "part.json"

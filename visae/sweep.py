@@ -48,10 +48,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from visae.config import ConfigError, config_to_dict, load_yaml_config, parse_config
+from visae.resources import config_yaml
 from visae.shards import ShardError, ShardSet, atomic_write_text
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = REPO / "configs" / "sweep_dncbm.yaml"
+DEFAULT_YAML = config_yaml("sweep_dncbm.yaml")
 SWEEP_FILE = "sweep.json"
 DONE_FILE = "done.json"
 FORMAT_NAME = "visae.sweep"

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from visae import toyworld as tw
+from visae.resources import config_yaml, shipped_dir
 from visae.shards import atomic_write_text
 
 __all__ = [
@@ -57,9 +58,8 @@ __all__ = [
 
 MODEL_NAME = "visae-toyclip"
 MODEL_CONFIG = Path(__file__).resolve().parent / "model_configs" / f"{MODEL_NAME}.json"
-REPO = Path(__file__).resolve().parents[1]
-TOYCLIP_WEIGHTS = REPO / "assets" / "toyclip" / f"{MODEL_NAME}.safetensors"
-TOYCLIP_CARD = REPO / "assets" / "toyclip" / f"{MODEL_NAME}.json"
+TOYCLIP_WEIGHTS = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME}.safetensors"
+TOYCLIP_CARD = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME}.json"
 
 
 TOYCLIP_TAG = "shipped"
@@ -463,6 +463,6 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
 def main(argv: list[str] | None = None) -> int:
     from visae.config import parse_config
 
-    cfg = parse_config(ToyClipConfig, argv, default_yaml=REPO / "configs" / "toy_clip.yaml", prog="visae train-toy-clip")
+    cfg = parse_config(ToyClipConfig, argv, default_yaml=config_yaml("toy_clip.yaml"), prog="visae train-toy-clip")
     train_toy_clip(cfg, argv)
     return 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import secrets
 import shutil
 import sys
@@ -38,13 +37,13 @@ import torch
 from visae.config import ConfigError, config_to_dict, parse_config
 from visae.metrics import CURVES_FILE, METRICS_FILE, MetricsLogger, plot_curves
 from visae.optim import StackedAdam
+from visae.resources import REPO, config_yaml  # noqa: F401 - REPO: the checkout, for scripts and tests
 from visae.shards import ShardError, ShardSet, ShardView, atomic_write_bytes, atomic_write_text
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "train_stack", "main", "load_checkpoint",
            "CHECKPOINT_DIR", "CHECKPOINT_FILE"]
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = REPO / "configs" / "train_sae.yaml"
+DEFAULT_YAML = config_yaml("train_sae.yaml")
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "visae.train-checkpoint"

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from visae.config import config_to_dict, load_yaml_config, parse_config
+from visae.resources import config_yaml
 
 __all__ = ["BrowseConfig", "build_site", "serve", "main"]
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 
 
@@ -64,7 +64,7 @@ class BrowseConfig:
 def _naming_config(cfg: BrowseConfig, shards: Path, out: Path) -> Any:
     from visae.naming import NameConfig
 
-    path = Path(cfg.naming_config) if cfg.naming_config else REPO / "configs" / "naming.yaml"
+    path = Path(cfg.naming_config) if cfg.naming_config else config_yaml("naming.yaml")
     base = load_yaml_config(NameConfig, path) if path.is_file() else NameConfig()
     over: dict[str, Any] = {"sae": cfg.sae, "member": cfg.member, "shards": str(shards), "out": str(out),
                             "n_top": cfg.n_top, "n_random": cfg.n_random, "batch_size": cfg.batch_size,
@@ -196,7 +196,7 @@ def serve(site: str | Path, port: int = 8000, *, block: bool = True) -> tuple[ht
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(BrowseConfig, argv, default_yaml=REPO / "configs" / "browse.yaml", prog="visae browse")
+    cfg = parse_config(BrowseConfig, argv, default_yaml=config_yaml("browse.yaml"), prog="visae browse")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         index = build_site(cfg)

@@ -12,15 +12,15 @@ vocabulary; the fast path is additionally timed over the whole vocabulary.
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
-# the repo root instead of scripts/ (whose select.py would shadow the standard library's select)
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
+_here = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402

@@ -25,12 +25,12 @@ shows medians, and ratios are medians of per-repeat ratios (this is a noisy shar
 
 from __future__ import annotations
 
+import os
 import sys
 
-# scripts/ is sys.path[0] when run as a script; its select.py would shadow the stdlib module.
-sys.path[:] = [p for p in sys.path if p != __import__("os").path.dirname(__import__("os").path.abspath(__file__))]
-
-import os
+# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
+_here = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 # Waiting OpenMP threads sleep instead of spinning, so CPU time measures work, not waiting
 # (set before torch starts its thread pool; override by exporting OMP_WAIT_POLICY).
@@ -50,7 +50,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from visae.shards import ShardSet, ShardWriter  # noqa: E402
 

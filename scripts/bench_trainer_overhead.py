@@ -13,13 +13,16 @@ Side by side, interleaved, medians of ``--repeats``:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
+_here = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -4,11 +4,12 @@
 ``--help`` lists every option (defaults in configs/browse.yaml). See docs/naming.md.
 """
 
+import os
 import sys
-from pathlib import Path
 
-# the repo root instead of scripts/ (whose select.py would shadow the standard library's select)
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
+_here = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 from visae.browse import main  # noqa: E402
 

@@ -2,10 +2,9 @@
 import os
 import sys
 
-# Python puts this folder first on sys.path; keep it off, so sibling scripts named like
-# standard modules (e.g. select.py) cannot shadow them.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
+_here = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 from visae.demo import main  # noqa: E402
 

@@ -6,9 +6,9 @@
 import os
 import sys
 
-# scripts/ must not shadow standard modules (e.g. a scripts/select.py hides stdlib `select`)
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
+_here = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 from visae.extract import main  # noqa: E402
 

@@ -3,12 +3,12 @@
 Scores are cached per trial, so this never retrains; see docs/sweeps.md.
 """
 
+import os
 import sys
-from pathlib import Path
 
-# the repo root instead of scripts/: this file's name would shadow the standard library's
-# `select` module (imported by subprocess, hence by torch)
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
+_here = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 from visae.select import main  # noqa: E402
 

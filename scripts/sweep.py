@@ -3,11 +3,12 @@
 See docs/sweeps.md; ``--help`` lists every option.
 """
 
+import os
 import sys
-from pathlib import Path
 
-# the repo root instead of scripts/ (whose select.py would shadow the standard library's select)
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
+_here = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 from visae.sweep import main  # noqa: E402
 

@@ -3,12 +3,12 @@
 Defaults come from configs/train_sae.yaml; ``--help`` lists every option. See docs/training.md.
 """
 
+import os
 import sys
-from pathlib import Path
 
-# Put the repo root in place of scripts/ on the path: scripts/ holds files named like
-# stdlib modules (select.py) that would otherwise shadow them.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
+_here = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 from visae.train import main  # noqa: E402
 

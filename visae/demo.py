@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from visae.config import config_to_dict, parse_config
+from visae.resources import config_yaml
 from visae.shards import atomic_write_text
 
 __all__ = ["DemoConfig", "QUICK", "run_demo", "toy_vocabulary", "main"]
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = REPO / "configs" / "demo.yaml"
+DEFAULT_YAML = config_yaml("demo.yaml")
 STATE = "demo_state.json"
 STAGES = ("world", "extract", "sweep", "name", "browse", "recovery")
 
@@ -47,8 +47,9 @@ class DemoConfig:
         "help": "the demo's world has seed seed + this (not the toy CLIP's training world, seed 0)"})
     model: str = field(default="visae-toyclip", metadata={"help": "backbone (the shipped toy CLIP)"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "other toy CLIP weights (.safetensors); null: the shipped ones"})
-    lrs: tuple[float, ...] = field(default=(1e-3, 3e-3), metadata={"help": "sweep: learning rates"})
-    l1_coeffs: tuple[float, ...] = field(default=(1e-3, 3e-3), metadata={"help": "sweep: sparsity coefficients"})
+    lrs: tuple[float, ...] = field(default=(2e-3, 5e-3), metadata={"help": "sweep: learning rates"})
+    l1_coeffs: tuple[float, ...] = field(default=(5e-5, 1e-4), metadata={
+        "help": "sweep: sparsity coefficients (>= 1e-3 merges colour and shape into joint latents, see docs/toyworld.md)"})
     expansion_factors: tuple[int, ...] = field(default=(4, 8), metadata={"help": "sweep: d_sae / d_in"})
     architecture: str = field(default="relu", metadata={"help": "sweep: SAE architecture"})
     num_epochs: int = field(default=40, metadata={"help": "sweep: epochs per SAE"})

@@ -34,7 +34,6 @@ import io
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from visae.config import config_to_dict, parse_config
+from visae.resources import config_yaml
 from visae.shards import atomic_write_text
 
 __all__ = [
@@ -63,7 +63,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 CONCEPTS_FORMAT = "visae.concepts"
 CONCEPTS_VERSION = 1
 
@@ -534,7 +533,7 @@ def read_concepts(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(NameConfig, argv, default_yaml=REPO / "configs" / "naming.yaml", prog="visae name")
+    cfg = parse_config(NameConfig, argv, default_yaml=config_yaml("naming.yaml"), prog="visae name")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out = name_concepts(cfg)

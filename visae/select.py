@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from visae.config import ConfigError, parse_config
+from visae.resources import config_yaml
 from visae.shards import ShardError, ShardSet, atomic_write_text
 from visae.sweep import DONE_FILE, SweepError, load_sweep
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = REPO / "configs" / "select.yaml"
+DEFAULT_YAML = config_yaml("select.yaml")
 SCORE_FILE = "zeroshot.json"
 SCORE_FORMAT = "visae.trial-score.v1"
 METRICS = ("zeroshot_top1", "zeroshot_top5", "explained_variance")

@@ -536,8 +536,9 @@ class ToyWorldConfig:
 def main(argv: list[str] | None = None) -> int:
     from visae.config import parse_config
 
-    repo = Path(__file__).resolve().parents[1]
-    cfg = parse_config(ToyWorldConfig, argv, default_yaml=repo / "configs" / "toyworld.yaml", prog="visae toyworld")
+    from visae.resources import config_yaml
+
+    cfg = parse_config(ToyWorldConfig, argv, default_yaml=config_yaml("toyworld.yaml"), prog="visae toyworld")
     out = generate_world(cfg.out, cfg.n, cfg.seed, two_object_fraction=cfg.two_object_fraction, image_size=cfg.image_size)
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     print(f"wrote {cfg.n} images to {out}")

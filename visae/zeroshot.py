@@ -40,10 +40,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from visae.resources import config_yaml
 from visae.shards import ShardError, ShardSet, ShardView, atomic_write_text
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_YAML = REPO / "configs" / "zeroshot.yaml"
+DEFAULT_YAML = config_yaml("zeroshot.yaml")
 
 __all__ = [
     "ZeroShotConfig",

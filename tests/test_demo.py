@@ -41,13 +41,13 @@ def test_demo_writes_every_artifact(quick_demo, capsys):
 
 def test_demo_finds_a_real_signal(quick_demo):
     """With the trained toy CLIP even the quick demo's SAE has latents that detect the world's concepts,
-    named with the right words more often than chance would (measured: mean AUROC 0.91, 41% named right)."""
+    named with the right words more often than chance would (measured: mean AUROC 0.978, 59-77% named right)."""
     out, _ = quick_demo
     rec = json.loads((out / "recovery.json").read_text())
-    assert rec["summary"]["mean_best_auroc"] > 0.85, rec["summary"]
+    assert rec["summary"]["mean_best_auroc"] > 0.9, rec["summary"]
     colours = [r["auroc"] for r in rec["values"] if r["factor"] == "colour"]
     assert min(colours) > 0.8, colours
-    assert rec["summary"]["fraction_named_right"] >= 0.25, rec["summary"]
+    assert rec["summary"]["fraction_named_right"] >= 0.4, rec["summary"]
     sel = json.loads((out / "sweep" / "selection.json").read_text())
     assert sel["score"] > 3 / 48  # zero-shot on reconstructions, well above the 1/48 chance
 

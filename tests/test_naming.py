@@ -181,31 +181,23 @@ def test_name_concepts_refuses_layer_shards_and_other_model(tiny, emb, vocab, tm
         name_concepts(NameConfig(sae=str(sae_dir), model="ViT-B-32", out=str(tmp_path / "o"), text_cache=None))
 
 
-def _train_steps(sae, opt, x, g, n, steps=1500, l1=1e-3, l1_warmup=1000):
-    for step in range(steps):
-        out = sae.training_loss(x[torch.randint(0, n, (256,), generator=g)], l1_coeff=l1 * min(1.0, (step + 1) / l1_warmup))
-        opt.zero_grad()
-        out.loss.backward()
-        sae.remove_parallel_grad_()
-        opt.step()
-        sae.normalize_decoder_()
-
-
 def test_toy_world_recovered_factor_values_are_named_right(tmp_path):
-    """Ground truth with the shipped toy CLIP: an SAE trained here on its image embeddings of the toy world
-    recovers factor values (a latent with AUROC >= 0.95), and naming gives those latents the values' words.
-    Vocabulary: the world's words and their synonyms (the demo's) plus 600 distractor words."""
+    """Issue 6's ground truth with the shipped toy CLIP: an SAE trained by ``visae.train`` with the demo's
+    recipe on the toy world's image embeddings has, for >= 80% of the 22 factor values, a latent with
+    AUROC >= 0.95 that naming calls by the value's word. Vocabulary: the demo's, the world's words and their
+    synonyms plus 600 distractor words."""
     from visae import toyclip
     from visae import toyworld as tw
     from visae.backbones import load_backbone
-    from visae.demo import toy_vocabulary
+    from visae.demo import DemoConfig, toy_vocabulary
     from visae.recovery import concept_recovery
+    from visae.train import TrainConfig, train
 
     if not toyclip.TOYCLIP_WEIGHTS.is_file():
         pytest.skip(f"{toyclip.TOYCLIP_WEIGHTS} is not shipped")
     bb = load_backbone("visae-toyclip")
-    n = 3000
-    world = tw.sample_world(n, 5000)  # not the toy CLIP's training world (seed 0)
+    n = 6000
+    world = tw.sample_world(n, 5000)  # the demo's world seed, not the toy CLIP's training world (seed 0)
     with torch.no_grad():
         x = toyclip.encode_world_images(bb.model, world.images)
     source = {"model": bb.name, "pretrained": bb.pretrained, "random_init": False, "layer": None, "token": None,
@@ -215,27 +207,21 @@ def test_toy_world_recovered_factor_values_are_named_right(tmp_path):
     with ShardWriter(shards, d=x.shape[1], source=source, label_names={k: list(v) for k, v in tw.FACTORS.items()},
                      columns={k: "int64" for k in names}) as w:
         w.add(x.numpy(), ids=[f"{i:06d}" for i in range(n)], columns={k: world.factors[:, i] for i, k in enumerate(names)})
-    # A ReLU SAE as in the demo's sweep (expansion 8, lr 1e-3, lambda 1e-3 warmed up over 1000 steps), trained briefly.
-    g = torch.Generator().manual_seed(0)
-    sae = build_sae(SAEConfig(architecture="relu", d_in=x.shape[1], d_sae=8 * x.shape[1], k=4), generator=g)
-    sae.init_b_dec_(x[:2000], method="geometric_median")
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is faster than two that wait on each other
-    try:
-        _train_steps(sae, opt, x, g, n)
-    finally:
-        torch.set_num_threads(threads)
-    sae_dir = tmp_path / "sae"
-    sae.save(sae_dir, extra={"shards": {"path": str(shards), "source": source}})
+    # One point of the demo's sweep grid (the largest dictionary and learning rate, the smallest lambda).
+    demo = DemoConfig()
+    sae_dir = train(TrainConfig(shards=str(shards), out=str(tmp_path / "sae"), architecture=demo.architecture,
+                                expansion_factor=max(demo.expansion_factors), lr=max(demo.lrs),
+                                l1_coeff=min(demo.l1_coeffs), num_epochs=demo.num_epochs, batch_size=demo.batch_size,
+                                seed=demo.seed, progress=False, plot=False))
 
-    words = toy_vocabulary()
-    distractors = [w for w in load_vocabulary(None, 1500, stopwords=True, alpha_only=True) if w not in words][:600]
-    assert len(distractors) == 600
+    vocabulary = toy_vocabulary(demo.n_distractors)  # the demo's: the world's words, synonyms, distractors
+    world_words = toy_vocabulary(0)
+    assert len(vocabulary) - len(world_words) >= 500 and vocabulary[: len(world_words)] == world_words
     vfile = tmp_path / "vocab.txt"
-    vfile.write_text("\n".join(words + distractors))
+    vfile.write_text("\n".join(vocabulary))
     out_dir = name_concepts(NameConfig(sae=str(sae_dir), vocab=str(vfile), vocab_size=0, stopwords=False,
-                                       out=str(tmp_path / "concepts"), text_cache=None), backbone=bb)
+                                       subtract_mean=demo.subtract_mean, out=str(tmp_path / "concepts"),
+                                       text_cache=None), backbone=bb)
     res = concept_recovery(str(sae_dir), shards, concepts=out_dir)
     vals = res["values"]
     assert len(vals) == sum(len(tw.FACTORS[f]) for f in tw.MAIN_FACTORS)
@@ -243,5 +229,4 @@ def test_toy_world_recovered_factor_values_are_named_right(tmp_path):
     named_right = [v["value"] for v in vals if v["named_auroc"] is not None and v["named_auroc"] >= 0.95]
     msg = f"recovered at AUROC >= 0.95: {recovered}; a latent at AUROC >= 0.95 named with the word: {named_right}"
     print(msg)
-    assert len(recovered) >= 12, msg  # every shape and colour, at least
-    assert len(named_right) >= 0.9 * len(recovered), msg
+    assert len(named_right) >= 0.8 * len(vals), msg

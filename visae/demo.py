@@ -55,13 +55,17 @@ class DemoConfig:
     num_epochs: int = field(default=40, metadata={"help": "sweep: epochs per SAE"})
     batch_size: int = field(default=256, metadata={"help": "sweep: examples per step"})
     vocab: str = field(default="toy", metadata={
-        "help": "naming vocabulary: toy (the world's words and synonyms plus distractors), wordfreq (20k English words) or a file"})
+        "help": "naming vocabulary: toy (the world's words and synonyms plus n_distractors other words), wordfreq "
+                "(20k English words) or a file"})
+    n_distractors: int = field(default=600, metadata={"help": "vocab toy: words that name no factor value"})
     templates: tuple[str, ...] = field(default=(), metadata={"help": "naming: prompt templates with {} (empty: bare words)"})
+    subtract_mean: bool = field(default=False, metadata={"help": "naming: subtract the vocabulary's mean text embedding first"})
     n_top: int = field(default=16, metadata={"help": "browse: top images per concept"})
     text_cache: str = field(default="", metadata={"help": "text-embedding cache directory; empty: <out>/text_cache"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
-    quick_n_images: int = field(default=400, metadata={"help": "--quick: images"})
-    quick_num_epochs: int = field(default=8, metadata={"help": "--quick: epochs of the one SAE"})
+    quick_n_images: int = field(default=1000, metadata={"help": "--quick: images"})
+    quick_num_epochs: int = field(default=20, metadata={"help": "--quick: epochs of the one SAE"})
+    quick_batch_size: int = field(default=32, metadata={"help": "--quick: examples per step (enough steps to learn)"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
 
@@ -70,7 +74,8 @@ def effective(cfg: DemoConfig) -> DemoConfig:
     """The settings actually used (``--quick`` replaces sizes and shrinks the grid to one SAE)."""
     if not cfg.quick:
         return cfg
-    return dataclasses.replace(cfg, n_images=cfg.quick_n_images, num_epochs=cfg.quick_num_epochs, lrs=cfg.lrs[-1:],
+    return dataclasses.replace(cfg, n_images=cfg.quick_n_images, num_epochs=cfg.quick_num_epochs,
+                               batch_size=cfg.quick_batch_size, lrs=cfg.lrs[-1:],
                                l1_coeffs=cfg.l1_coeffs[:1], expansion_factors=cfg.expansion_factors[:1], n_top=4)
 
 
@@ -84,10 +89,14 @@ _DISTRACTORS = ("orange white black grey gray gold silver beige maroon navy lime
                 "object thing shape picture photo image background colour color size dog cat car house tree").split()
 
 
-def toy_vocabulary() -> list[str]:
-    """The demo's naming vocabulary: every factor value word of the world, their synonyms, and distractors."""
+def toy_vocabulary(n_distractors: int = 600) -> list[str]:
+    """The demo's naming vocabulary: every factor value word of the world, its synonyms and the world's position
+    phrases, then distractors:
+    the hand-picked ones above, topped up with wordfreq's most frequent English words (stop words dropped)
+    until there are ``n_distractors`` words that name no factor value."""
+    from visae.naming import load_vocabulary
     from visae.recovery import SYNONYMS, _words_of
-    from visae.toyworld import FACTORS, MAIN_FACTORS
+    from visae.toyworld import FACTORS, MAIN_FACTORS, POSITION_PHRASES
 
     words: list[str] = []
     for f in MAIN_FACTORS:
@@ -95,8 +104,19 @@ def toy_vocabulary() -> list[str]:
             words += _words_of(v)
     for w in list(words):
         words += list(SYNONYMS.get(w, ()))
-    words += _DISTRACTORS
-    return list(dict.fromkeys(words))
+    world = set(words)
+    words += list(POSITION_PHRASES)  # the world says "on the left", never "left" alone
+    distractors = [w for w in dict.fromkeys(_DISTRACTORS) if w not in world]
+    if len(distractors) < n_distractors:
+        pool = load_vocabulary(None, max(2000, 3 * n_distractors), stopwords=True, alpha_only=True)
+        seen = world | set(distractors)
+        for w in pool:
+            if w.lower() not in seen:
+                seen.add(w.lower())
+                distractors.append(w)
+        if len(distractors) < n_distractors:
+            raise ValueError(f"wordfreq gave only {len(distractors)} distractor words, {n_distractors} asked for")
+    return list(dict.fromkeys(words)) + distractors[:max(n_distractors, 0)]
 
 
 # ----------------------------------------------------------------------------- stages
@@ -184,10 +204,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         vocab = run.vocab
         if vocab == "toy":
             vocab = str(out / "vocab.txt")
-            atomic_write_text(vocab, "\n".join(toy_vocabulary()) + "\n")
+            atomic_write_text(vocab, "\n".join(toy_vocabulary(run.n_distractors)) + "\n")
         name_concepts(NameConfig(sae=str(best), shards=str(shards_dir), out=str(concepts_dir),
                                  vocab=None if vocab == "wordfreq" else vocab, vocab_size=0 if vocab != "wordfreq" else 20000,
-                                 templates=run.templates, stopwords=False, n_top=run.n_top, device="cpu",
+                                 templates=run.templates, subtract_mean=run.subtract_mean, stopwords=False, n_top=run.n_top, device="cpu",
                                  text_cache=text_cache))
         doc = json.loads((concepts_dir / "concepts.json").read_text())
         return {"dir": str(concepts_dir), "named": doc.get("num_named"), "latents": doc.get("num_concepts"),

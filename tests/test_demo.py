@@ -49,6 +49,10 @@ def test_demo_finds_a_real_signal(quick_demo):
     assert min(colours) > 0.8, colours
     assert rec["summary"]["fraction_named_right"] >= 0.4, rec["summary"]
     sel = json.loads((out / "sweep" / "selection.json").read_text())
+    # the per-trial ground truth (names matched again from the trial's own weights) agrees for the selected trial
+    assert rec["selected_trial"] == sel["trial"]
+    assert rec["sweep_trials"][sel["trial"]]["fraction_named_at"] == rec["summary"]["fraction_named_at"]
+    assert rec["summary"]["fraction_named_at"] >= 0.3, rec["summary"]
     assert sel["score"] > 3 / 48  # zero-shot on reconstructions, well above the 1/48 chance
 
 

@@ -103,6 +103,10 @@ def test_planted_concepts_are_recovered(planted, tmp_path):
     assert green["named_latents"] == [] and green["named_auroc"] is None
     assert res["summary"]["fraction_named_right"] == pytest.approx(3 / 5)
     assert "named right 60%" in format_recovery(res)
+    # issue 6's count: red, circle and square have a latent named by their word at AUROC >= 0.95
+    assert res["summary"]["fraction_named_at"] == pytest.approx(3 / 5) and res["summary"]["named_at"] == 0.95
+    strict = concept_recovery(sae, shards, factors=["colour", "shape"], concepts=concepts, named_at=1.01)
+    assert strict["summary"]["fraction_named_at"] == 0
 
     # The same SAE against the labels of other images (a shuffled copy of the shard set): nothing
     # is recovered, so the score can fail.

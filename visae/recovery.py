@@ -199,13 +199,15 @@ def _load_concepts(concepts: Any) -> dict[int, dict[str, Any]] | None:
 
 def concept_recovery(sae: Any, shards: str | Path | ShardSet, *, member: int = 0, factors: Sequence[str] | None = None,
                      concepts: Any = None, batch_size: int = 4096, device: str = "cpu", recovered_at: float = 0.9,
-                     progress: bool = False) -> dict[str, Any]:
+                     named_at: float = 0.95, progress: bool = False) -> dict[str, Any]:
     """Concept-recovery score of ``sae`` (an SAE object or directory) on a labelled toy-world shard set.
 
     Args:
         factors: factor columns to score (default: the toy world's main factors present in the shards).
         concepts: naming result (``concepts.json`` path / dir, its dict, or its "concepts" list), optional.
         recovered_at: a value counts as recovered when its best latent's AUROC >= this.
+        named_at: with ``concepts``, ``fraction_named_at`` counts the values that have a latent with
+            AUROC >= this which naming calls by the value's word (issue 6's ground truth, target 80%).
 
     Returns ``{"values": [per value: factor, value, n_pos, best_latent, auroc, firing_rate,
     name, name_correct, named_latents, named_auroc], "factors": {factor: mean best AUROC},
@@ -275,6 +277,9 @@ def concept_recovery(sae: Any, shards: str | Path | ShardSet, *, member: int = 0
         summary["fraction_with_named_latent"] = float(np.mean([r["named_auroc"] is not None for r in out_vals]))
         na = [r["named_auroc"] for r in out_vals if r["named_auroc"] is not None]
         summary["mean_named_auroc"] = float(np.mean(na)) if na else None
+        summary["named_at"] = named_at
+        summary["fraction_named_at"] = float(np.mean([r["named_auroc"] is not None and r["named_auroc"] >= named_at
+                                                      for r in out_vals]))
     res["summary"] = summary
     return res
 
@@ -296,6 +301,8 @@ def format_recovery(res: dict[str, Any]) -> str:
     if named:
         lines.append(f"named right {s['fraction_named_right']:.0%}; a latent named the value's word exists for "
                      f"{s['fraction_with_named_latent']:.0%} (mean AUROC {s['mean_named_auroc'] if s['mean_named_auroc'] is None else round(s['mean_named_auroc'], 3)})")
+        lines.append(f"a latent with AUROC >= {s['named_at']} named the value's word: {s['fraction_named_at']:.0%} "
+                     f"of {s['n_values']} values")
     return "\n".join(lines)
 
 

@@ -313,3 +313,27 @@ def test_ranks_split_the_work_and_the_last_one_selects(planted, tmp_path, monkey
     monkeypatch.setenv("RANK", "0")
     sweep(cfg)
     assert {p.name: (p / "weights.safetensors").stat().st_mtime_ns for p in (out / "trials").iterdir()} == stamps
+
+
+def test_leaderboard_marks_trials_the_selection_set_cannot_separate(tmp_path):
+    """Binomial noise: on n=1000 examples 0.990 vs 0.985 is within 2 standard errors (tied), 0.990 vs 0.950 is not;
+    an infeasible trial is never tied; with n=100000 the 0.005 gap is resolved."""
+    from visae.select import leaderboard
+
+    def score(top1, l0, n):
+        return {"result": {"n": n, "clean": {"top1": 0.99}, "recon": {"top1": top1, "l0": l0, "dead_fraction": 0.0,
+                                                                        "explained_variance": 0.9}}}
+
+    for name in "abcd":
+        (tmp_path / "trials" / name).mkdir(parents=True)
+        (tmp_path / "trials" / name / "cfg.json").write_text(json.dumps({"extra": {"finished": True}}))
+    for n, expect in ((1000, {"b": True, "c": False, "d": None}), (100000, {"b": False, "c": False, "d": None})):
+        scores = {"a": score(0.990, 10.0, n), "b": score(0.985, 5.0, n), "c": score(0.950, 5.0, n),
+                  "d": score(0.990, 50.0, n)}
+        rows = leaderboard(tmp_path, scores, "zeroshot_top1", max_l0=20.0, max_dead=None)
+        by = {r["trial"]: r for r in rows}
+        assert by["a"]["chosen"] and by["a"]["tied"] is None
+        assert {k: by[k]["tied"] for k in "bcd"} == expect, n
+    # explained variance is not a binomial estimate: nothing is marked
+    rows = leaderboard(tmp_path, scores, "explained_variance", max_l0=None, max_dead=None)
+    assert all(r["tied"] is None for r in rows)

@@ -12,8 +12,11 @@ scored together as one stacked SAE in one pass over the data.
 
 The best trial maximises the metric (``zeroshot_top1`` by default) among the finished
 trials that meet the constraints (``max_l0``, ``max_dead``); ties go to the lower L0, then
-the name. Written to the sweep directory: ``leaderboard.csv`` / ``leaderboard.md`` (every
-trial, best first, with ``feasible`` / ``pareto`` / ``chosen`` columns), ``pareto.png``
+the name. Trials whose zero-shot accuracy is within 2 binomial standard errors of the chosen
+one's are marked ``tied`` (the selection set cannot tell them apart; the leaderboard and
+``selection.json`` say so). Written to the sweep directory: ``leaderboard.csv`` /
+``leaderboard.md`` (every trial, best first, with ``feasible`` / ``pareto`` / ``tied`` /
+``chosen`` columns), ``pareto.png``
 (L0 against the metric, clean accuracy as a horizontal line, the chosen SAE marked),
 ``selection.json``, and ``best/`` (a copy of the chosen trial's SAE dir plus
 ``selection.json`` naming the trial).
@@ -263,10 +266,34 @@ def leaderboard(out: Path, scores: dict[str, dict[str, Any]], metric: str, max_l
         r["chosen"] = False
     if rows and rows[0]["feasible"]:
         rows[0]["chosen"] = True
+        _mark_ties(rows, metric)
     return rows
 
 
-_COLUMNS = ["rank", "trial", "chosen", "feasible", "excluded_by", "pareto", "score", "recon_top1", "recon_top5",
+def _mark_ties(rows: list[dict[str, Any]], metric: str, z: float = 2.0) -> None:
+    """``tied``: a feasible trial whose zero-shot accuracy is within ``z`` standard errors of the chosen one's.
+
+    Accuracy on n selection examples is a binomial estimate; the standard error of a difference
+    of two is sqrt(p1 (1 - p1) / n + p2 (1 - p2) / n) (treating the two as independent, which
+    overstates the noise of a paired comparison a little). Tied trials are ones the selection set
+    cannot tell apart: the choice among them rests on noise (or, for equal scores, the lower L0).
+    """
+    best = rows[0]
+    n = best.get("n_val") or 0
+    for r in rows:
+        r["tied"] = None
+    if not metric.startswith("zeroshot") or n <= 0:
+        return
+    p1 = best["score"]
+    for r in rows:
+        if r is best or not r["feasible"]:
+            continue
+        p2 = r["score"]
+        se = math.sqrt(max(p1 * (1 - p1), 0.0) / n + max(p2 * (1 - p2), 0.0) / n)
+        r["tied"] = abs(p1 - p2) <= z * se if se > 0 else p1 == p2
+
+
+_COLUMNS = ["rank", "trial", "chosen", "tied", "feasible", "excluded_by", "pareto", "score", "recon_top1", "recon_top5",
             "clean_top1", "clean_top5", "delta_top1", "l0", "dead_fraction", "explained_variance", "recon_loss",
             "kl_to_clean", "expansion", "d_sae", "lr", "l1_coeff", "architecture", "finished", "n_val"]
 
@@ -289,7 +316,7 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in _COLUMNS})
     atomic_write_text(out / "leaderboard.csv", buf.getvalue())
     md_cols = ["rank", "trial", "score", "recon_top1", "recon_top5", "delta_top1", "l0", "dead_fraction",
-               "explained_variance", "feasible", "pareto", "chosen"]
+               "explained_variance", "feasible", "pareto", "tied", "chosen"]
     clean = next((r["clean_top1"] for r in rows if r.get("clean_top1") is not None), None)
     cons = ", ".join(f"{k} <= {v:g}" for k, v in constraints.items() if v is not None) or "none"
     lines = [f"# Sweep leaderboard: {out}", "",
@@ -298,6 +325,13 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
         lines.append(f"Clean zero-shot top-1 of the original embeddings: {clean:.4f}.")
     chosen = [r for r in rows if r["chosen"]]
     lines.append(f"Chosen: **{chosen[0]['trial']}**." if chosen else "Chosen: none (no trial meets the constraints).")
+    tied = [r["trial"] for r in rows if r.get("tied") and not r["chosen"]]
+    if tied:
+        lines += ["", f"**{len(tied)} other trial(s) tie with the chosen one**: their {metric} is within 2 standard "
+                  f"errors of it on {rows[0].get('n_val')} selection examples ({', '.join(tied)}). The selection set "
+                  "cannot tell them apart: the choice among them rests on differences within noise (and, for equal "
+                  "scores, on the lower L0). A larger selection set (--val_shards) or another criterion would be "
+                  "needed to separate them."]
     lines += ["", "| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
     for r in rows:
         cells = [_fmt(r.get(k)) for k in md_cols]
@@ -423,7 +457,8 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
         missing = sorted(set(planned) - set(scores))
         info = {"trial": chosen["trial"] if chosen else None, "path": f"trials/{chosen['trial']}" if chosen else None,
                 "metric": metric, "score": chosen["score"] if chosen else None, "constraints": constraints,
-                "row": chosen, "n_trials_scored": len(scores), "trials_missing": missing,
+                "row": chosen, "tied_with_chosen": [r["trial"] for r in rows if r.get("tied") and not r["chosen"]],
+                "n_trials_scored": len(scores), "trials_missing": missing,
                 "selection_set": next(iter(scores.values()))["key"], "config": asdict(cfg)}
         atomic_write_text(out / "selection.json", json.dumps(info, indent=1, default=str))
         if chosen is None:
@@ -458,6 +493,10 @@ def format_selection(info: dict[str, Any], out: Path) -> str:
     if row.get("clean_top1") is not None:
         lines.append(f"clean zero-shot top-1 {row['clean_top1']:.4f}; reconstruction top-1 {row['recon_top1']:.4f} "
                      f"({row['delta_top1']:+.4f})")
+    tied = info.get("tied_with_chosen") or []
+    if tied:
+        lines.append(f"note: {len(tied)} other trial(s) score within 2 standard errors of the chosen one "
+                     f"({', '.join(tied[:4])}{', ...' if len(tied) > 4 else ''}): the selection set cannot separate them")
     lines.append(f"best SAE: {out / 'best'}   leaderboard: {out / 'leaderboard.md'}   plot: {out / 'pareto.png'}")
     return "\n".join(lines)
 

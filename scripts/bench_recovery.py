@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 def main() -> int:
     from visae.demo import DemoConfig, toy_vocabulary
+    from visae.machine import describe_machine, machine_info
     from visae.naming import NameConfig, name_concepts
     from visae.recovery import concept_recovery
     from visae.sae import load_sae
@@ -91,7 +92,8 @@ def main() -> int:
                   f"AUROC {run['mean_best_auroc']:.3f}  recovered {run['recovered_095']}/{run['n_values']}  "
                   f"named {run['named_right_095']}/{run['n_values']}  missed {','.join(run['missed'])}", flush=True)
 
-    print("\nmedians over seeds (expansion %d, lr %g, %d epochs, batch %d; held-out n=%d for zero-shot)"
+    print(f"\nmachine: {describe_machine()}")
+    print("medians over seeds (expansion %d, lr %g, %d epochs, batch %d; held-out n=%d for zero-shot)"
           % (args.expansion_factor, args.lr, args.num_epochs, args.batch_size, int(len(ss) * TrainConfig().val_fraction)))
     print("| lambda | L0 | EV | zero-shot top-1 (recon / clean) | mean best AUROC | named right (AUROC >= 0.95) |")
     print("|---|---|---|---|---|---|")
@@ -103,7 +105,7 @@ def main() -> int:
               f"{med['zeroshot_clean']:.4f} | {med['mean_best_auroc']:.3f} | {med['named_right_095']:g} / 22 "
               f"({med['named_right_095'] / 22:.0%}) |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine_info(), "runs": runs}, indent=1))
     return 0
 
 

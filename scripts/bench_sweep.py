@@ -25,7 +25,6 @@ sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpat
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -33,19 +32,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(),
-            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()], "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+from visae.machine import machine_info  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                "stacked_s_median": statistics.median(stacked_t), "sequential_s_median": statistics.median(seq_t),
                "speedup": statistics.median(seq_t) / statistics.median(stacked_t),
                "speedup_median_of_paired": statistics.median(q / s for q, s in zip(seq_t, stacked_t)),
-               "stacked_s": stacked_t, "sequential_s": seq_t, "machine": machine(),
+               "stacked_s": stacked_t, "sequential_s": seq_t, "machine": machine_info(),
                "command": "python scripts/bench_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         print(json.dumps(res, indent=1))
         if args.out:

@@ -21,11 +21,12 @@ sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpat
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+
+from visae.machine import describe_machine  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": a.model, "random_init": True, "n_words": len(sample), "repeats": a.repeats,
         "fast_s_median": med_fast, "full_s_median": med_full, "speedup": med_full / med_fast,
         "max_abs_diff": maxdiff, "words_per_s_fast": len(sample) / med_fast, "words_per_s_full": len(sample) / med_full,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": describe_machine(),
     }
     print(f"median fast {med_fast:.3f} s, full {med_full:.3f} s -> speed-up {res['speedup']:.1f}x; max |diff| {maxdiff:.2e}")
     if a.full_vocab == "true":

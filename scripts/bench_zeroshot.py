@@ -30,23 +30,9 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-import platform  # noqa: E402
-
 import torch  # noqa: E402
 
-
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(),
-            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()]}
+from visae.machine import machine_info  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                "classifier_s_median": statistics.median(t_clf), "end_to_end_s_median": statistics.median(t_e2e),
                "classifier_s": t_clf, "end_to_end_s": t_e2e, "accuracy_in_memory": acc,
                "accuracy_from_shards": {k: res["clean"][k] for k in ("top1", "top5")},
-               "gflop_matmul": 2 * args.n * args.d * args.classes / 1e9, "machine": machine(),
+               "gflop_matmul": 2 * args.n * args.d * args.classes / 1e9, "machine": machine_info(),
                "command": "python scripts/bench_zeroshot.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         print(json.dumps(out, indent=1))
         if args.out:

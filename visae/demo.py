@@ -196,7 +196,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         if not (best / "cfg.json").is_file():
             raise RuntimeError(f"the sweep in {sweep_dir} selected no SAE (see its leaderboard)")
         return {"dir": str(sweep_dir), "best": str(best), "trials": len(run.lrs) * len(run.l1_coeffs) * len(run.expansion_factors),
-                "selection": {k: sel.get(k) for k in ("trial", "metric", "score") if k in sel}}
+                "selection": {k: sel.get(k) for k in ("trial", "metric", "score", "tied_with_chosen") if k in sel}}
 
     def do_name() -> dict[str, Any]:
         from visae.naming import NameConfig, name_concepts
@@ -293,7 +293,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines += [f"  {a:<{w}}  {b}" for a, b in rows]
     sel = s["sweep"].get("selection") or {}
     if sel:
-        lines.append(f"  selected {sel.get('trial')} by {sel.get('metric')} = {sel.get('score'):.3f}")
+        tied = sel.get("tied_with_chosen") or []
+        lines.append(f"  selected {sel.get('trial')} by {sel.get('metric')} = {sel.get('score'):.3f}"
+                     + (f" ({len(tied)} other trial(s) tie within noise, see the leaderboard)" if tied else ""))
     rec = s["recovery"]
     msg = f"  concept recovery: mean best-latent AUROC {rec['mean_best_auroc']:.3f}, recovered {rec['fraction_recovered']:.0%}"
     if "fraction_named_right" in rec:

@@ -67,8 +67,6 @@ CONCEPTS_FORMAT = "visae.concepts"
 CONCEPTS_VERSION = 1
 
 # layer / token values that mean "the model's final (projected) image embedding"
-_FINAL_LAYERS = (None, "", "final", "embedding", "embed", "output", "proj", "projection", "image_embedding")
-_FINAL_TOKENS = (None, "", "cls", "embedding", "pooled")
 
 # English function words: useless as concept names. Short on purpose: content words stay.
 STOPWORDS = frozenset("""
@@ -207,18 +205,14 @@ def check_embedding_space(source: dict[str, Any] | None, where: str, assume: boo
             f"{where}: cfg.json records no shard source (extra.shards.source), so it is unknown whether the SAE was "
             "trained on a CLIP model's final image embedding, the only space where decoder directions can be compared "
             "with text embeddings. Pass --assume_embedding_space true (with --model) if it was")
-    layer = source.get("layer")
-    layer_l = layer.lower() if isinstance(layer, str) else layer
-    if layer_l not in _FINAL_LAYERS:
+    from visae.zeroshot import final_embedding_problem
+
+    problem = final_embedding_problem(source)
+    if problem:
         raise NamingError(
-            f"{where}: the SAE was trained on activations of layer {layer!r} (extra.shards.source.layer), not the "
-            "final image embedding; decoder directions of a residual-stream layer are not in the text tower's space "
-            "and cannot be named by text embeddings. Train on shards extracted without --layer")
-    token = source.get("token")
-    token_l = token.lower() if isinstance(token, str) else token
-    if layer_l in (None, "") and token_l not in _FINAL_TOKENS:
-        raise NamingError(f"{where}: the SAE was trained on token {token!r} (extra.shards.source.token); naming needs "
-                          "the pooled final image embedding")
+            f"{where}: the SAE's training {problem} (recorded in extra.shards.source); decoder directions outside "
+            "the final image embedding are not in the text tower's space and cannot be named by text embeddings. "
+            "Train on shards extracted without --layer")
 
 
 def decoder_directions(sae: Any, member: int = 0) -> torch.Tensor:

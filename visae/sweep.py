@@ -481,16 +481,11 @@ def sweep(cfg: SweepConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from visae.zeroshot import ZeroShotError
-
     try:
         cfg = parse_config(SweepConfig, argv, default_yaml=DEFAULT_YAML, prog="visae sweep",
                            description=(SweepConfig.__doc__ or "").strip())
         out = sweep(cfg)
-    except (ConfigError, ShardError, SweepError, ZeroShotError) as e:
-        print(f"visae sweep: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # TrainError, SAEFormatError, SelectError: all ValueErrors with clear messages
+    except ValueError as e:  # ConfigError, ShardError, SweepError, TrainError, SelectError, ZeroShotError, ...
         print(f"visae sweep: error: {e}", file=sys.stderr)
         return 2
     print(out)

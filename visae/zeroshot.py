@@ -49,6 +49,7 @@ __all__ = [
     "ZeroShotConfig",
     "ZeroShotClassifier",
     "ZeroShotError",
+    "final_embedding_problem",
     "benchmark_classes",
     "build_classifier",
     "check_source",
@@ -214,24 +215,25 @@ def check_source(source: dict[str, Any], model: str, pretrained: str | None, whe
     if not random_init and pretrained is not None and src_pre is not None and str(src_pre) != str(pretrained):
         raise ZeroShotError(f"{where}: activations come from {src_model} weights {src_pre!r} (source.pretrained) "
                             f"but the classifier uses {pretrained!r}")
-    layer = source.get("layer")
-    if isinstance(layer, str):
-        layer = layer.lower()
-    read = source.get("read")
+    problem = final_embedding_problem(source)
+    if problem:
+        raise ZeroShotError(f"{where}: {problem}; only the pooled, projected image embedding lives in the text tower's "
+                            "space. Extract without --layer to zero-shot score it")
+
+
+def final_embedding_problem(source: dict[str, Any]) -> str | None:
+    """Why the activations a manifest ``source`` describes are not one final (projected) image embedding per
+    image, naming the field; None when they are. Zero-shot scoring and naming both need that space."""
+    layer, token, read = source.get("layer"), source.get("token"), source.get("read")
+    layer_l = layer.lower() if isinstance(layer, str) else layer
+    token_l = token.lower() if isinstance(token, str) else token
+    if layer_l not in _FINAL_LAYERS:
+        return f"activations are from layer {layer!r} (source.layer), not the final image embedding"
+    if layer_l in (None, "") and token_l not in _FINAL_TOKENS:
+        return f"activations use token {token!r} (source.token), not the pooled image embedding"
     if read is not None and read != "image_embedding":
-        raise ZeroShotError(f"{where}: activations are {read!r} (source.read), not the final image embedding; only "
-                            "the projected embedding lives in the text tower's space. Extract without --layer to "
-                            "zero-shot score it")
-    if layer not in _FINAL_LAYERS:
-        raise ZeroShotError(f"{where}: activations are from layer {source.get('layer')!r} (source.layer), not the final "
-                            "image embedding; only the projected embedding lives in the text tower's space. Extract "
-                            "without --layer to zero-shot score it")
-    token = source.get("token")
-    if isinstance(token, str):
-        token = token.lower()
-    if layer in (None, "") and token not in _FINAL_TOKENS:
-        raise ZeroShotError(f"{where}: activations use token {source.get('token')!r} (source.token); zero-shot scoring "
-                            "needs one pooled image embedding per image")
+        return f"activations are {read!r} (source.read), not the final image embedding"
+    return None
 
 
 def _auto_benchmark(ss: ShardSet, label_column: str) -> str:

@@ -53,21 +53,20 @@ def run_chromium(url: str, tmp_path, *, screenshot: str | None = None, budget_ms
     return r.stdout
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A planted SAE (latent i = word i's text embedding), images on disk, shards whose ids are those images."""
+def _planted_site(tmp, words, rel_of, *, naming_config=None):
+    """A planted SAE (latent i = word i's text embedding), images on disk named ``rel_of(i)``, shards whose
+    ids are those images, and the site built from them; returns the site directory and its config."""
     from visae.backbones import load_backbone, register_tiny_clip
 
-    tmp = tmp_path_factory.mktemp("browse")
     bb = load_backbone(register_tiny_clip(), random_init=True)
-    vocab = load_vocabulary(None, 1500, stopwords=True, alpha_only=True, extra=WORDS)
+    vocab = load_vocabulary(None, 1500, stopwords=True, alpha_only=True, extra=words)
     emb = encode_texts(bb, vocab)
     d = emb.shape[1]
     g = torch.Generator().manual_seed(0)
-    sae = build_sae(SAEConfig(architecture="relu", d_in=d, d_sae=len(WORDS) + 2, k=2), generator=g)
-    rows = [vocab.index(w) for w in WORDS]
+    sae = build_sae(SAEConfig(architecture="relu", d_in=d, d_sae=len(words) + 2, k=2), generator=g)
+    rows = [vocab.index(w) for w in words]
     with torch.no_grad():
-        sae.W_dec[0, : len(WORDS)] = emb[rows]
+        sae.W_dec[0, : len(words)] = emb[rows]
         sae.W_enc[0] = sae.W_dec[0].T
         sae.b_enc.fill_(-0.5)
         sae.b_enc[0, -1] = -1e4  # dead
@@ -76,9 +75,9 @@ def world(tmp_path_factory):
     (images / "sub").mkdir(parents=True)
     x, ids = [], []
     for i in range(60):
-        k = i % len(WORDS)
-        rel = f"sub/img_{i:03d}.png" if i % 2 else f"img_{i:03d}.png"
-        Image.new("RGB", (48, 40), COLOURS[k]).save(images / rel)
+        k = i % len(words)
+        rel = rel_of(i)
+        Image.new("RGB", (48, 40), COLOURS[k]).save(images / rel, format="PNG")
         ids.append(rel)
         x.append((emb[rows[k]] + 0.2 * torch.randn(d, generator=g)).numpy())
     x.append(emb[rows[0]].numpy())
@@ -86,16 +85,23 @@ def world(tmp_path_factory):
     source = {"model": "visae-tiny-test", "pretrained": None, "random_init": True, "seed": 0, "layer": None,
               "token": None, "dataset": str(images), "dataset_kind": "folder"}
     shards = tmp / "shards"
-    with ShardWriter(shards, d=d, shard_size=16, source=source, label_names={"label": WORDS}) as w:
-        w.add(np.stack(x), ids=ids, labels=[i % len(WORDS) for i in range(60)] + [-1])
+    with ShardWriter(shards, d=d, shard_size=16, source=source, label_names={"label": words}) as w:
+        w.add(np.stack(x), ids=ids, labels=[i % len(words) for i in range(60)] + [-1])
     sae_dir = tmp / "sae"
     sae.save(sae_dir, extra={"shards": {"path": str(shards), "source": source}})
     vfile = tmp / "vocab.txt"
     vfile.write_text("\n".join(vocab))
     site = tmp / "site"
     cfg = BrowseConfig(sae=str(sae_dir), out=str(site), vocab=str(vfile), text_cache=str(tmp / "cache"), n_top=6,
-                       n_random=3, batch_size=16, thumb_size=64)
+                       n_random=3, batch_size=16, thumb_size=64, naming_config=naming_config)
     build_site(cfg, backbone=bb)
+    return site, cfg
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browse")
+    site, cfg = _planted_site(tmp, WORDS, lambda i: f"sub/img_{i:03d}.png" if i % 2 else f"img_{i:03d}.png")
     return {"site": site, "cfg": cfg, "tmp": tmp}
 
 
@@ -202,3 +208,43 @@ def test_toyworld_ids_resolve_to_thumbnails_from_many_threads(tmp_path):
     shutil.move(str(root), moved)
     assert ImageResolver(src).open("000001") is None
     assert ImageResolver(src, images_root=str(moved)).open("000001") is not None
+
+
+HOSTILE = ["<!--<script>", "</script><script>document.title='pwned'</script>",
+           "\"><img src=x onerror=\"document.title='pwned'\">", "a & b <i>italic", "&amp; not an entity",
+           "caf\u00e9 \u2028 line"]
+
+
+def test_hostile_names_ids_and_file_names_in_headless_chromium(tmp_path):
+    """Vocabulary entries, ids and file names full of markup: the index's embedded JSON still parses, every
+    concept is listed, nothing injected runs, and a concept page shows its images."""
+    if _chromium() is None:
+        if os.environ.get("VISAE_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed but VISAE_REQUIRE_BROWSER is set (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from visae.resources import config_yaml
+
+    naming_yaml = tmp_path / "naming.yaml"  # the hostile entries are not word-like: keep them in the vocabulary
+    naming_yaml.write_text(config_yaml("naming.yaml").read_text().replace("alpha_only: true", "alpha_only: false"))
+    site, _ = _planted_site(tmp_path, HOSTILE, lambda i: f"sub/we\"ird <b>{i}<\\b> & #?%20 '{i}'.png",
+                            naming_config=str(naming_yaml))
+    html = (site / "index.html").read_text()
+    blob = re.search(r'<script id="concept-data" type="application/json">(.*?)</script>', html, re.S).group(1)
+    assert "<" not in blob and json.loads(blob)["concepts"][0]["name"] == HOSTILE[0]
+    httpd, url = serve(site, 0, block=False)
+    try:
+        dom = run_chromium(url, tmp_path)
+        assert 'data-ready="1"' in dom, dom[-500:]
+        rows = re.findall(r'<tr class="concept" data-latent="(\d+)"', dom)
+        assert sorted(map(int, rows)) == list(range(len(HOSTILE) + 2))
+        assert re.search(r"<title>(.*?)</title>", dom, re.S).group(1) != "pwned"  # no injected script ran
+        assert "&lt;!--&lt;script&gt;" in dom and '<img src="x"' not in dom  # shown as text, not markup
+        for j in range(len(HOSTILE)):
+            dom = run_chromium(url.replace("index.html", f"concepts/{j}.html"), tmp_path)
+            assert re.search(r"<title>(.*?)</title>", dom, re.S).group(1) != "pwned"
+            assert '<img src="x"' not in dom
+            m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+            assert m and int(m.group(1)) >= 6, (j, m and m.group(0))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

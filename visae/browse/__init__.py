@@ -12,9 +12,11 @@ shows every latent's images, unnamed. With ``--concepts DIR`` its ``concepts.jso
 
 from __future__ import annotations
 
+import errno
 import functools
 import http.server
 import logging
+import os
 import sys
 import threading
 from dataclasses import dataclass, field, replace
@@ -169,18 +171,73 @@ def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
                       subtitle=subtitle, info=info)
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class _SiteHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the regular files under the site root and nothing else.
+
+    Every request gets an answer: a path that resolves (symlinks followed) outside the root, a
+    directory without ``index.html``, or anything that is not a regular file is 404; a path the
+    file system cannot represent (a NUL byte, an undecodable escape) is 400. No directory listings.
+    """
+
+    root: str = ""  # realpath of the site, set by serve()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
         log.debug("%s - %s", self.address_string(), format % args)
+
+    def _resolve(self) -> str | None:
+        path = self.translate_path(self.path)
+        if "\x00" in path:
+            raise ValueError("NUL byte in the path")
+        real = os.path.realpath(path)
+        if os.path.isdir(real):
+            real = os.path.realpath(os.path.join(real, "index.html"))
+        inside = real == self.root or real.startswith(self.root + os.sep)
+        return real if inside and os.path.isfile(real) else None
+
+    def send_head(self):  # type: ignore[override] - same contract as the base class
+        try:
+            real = self._resolve()
+        except ValueError:
+            self.send_error(400, "bad request path")
+            return None
+        if real is None:
+            self.send_error(404, "not found")
+            return None
+        return super().send_head()
+
+
+class _SiteServer(http.server.ThreadingHTTPServer):
+    # The listen backlog: socketserver's default of 5 drops connections when a browser (or a script)
+    # opens many at once; the kernel caps this at net.core.somaxconn.
+    request_queue_size = 1024
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away mid-reply (closed tab, reload) is routine: logged at debug, no traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("client %s went away", client_address)
+            return
+        super().handle_error(request, client_address)
 
 
 def serve(site: str | Path, port: int = 8000, *, block: bool = True) -> tuple[http.server.ThreadingHTTPServer, str]:
     """Serve ``site`` on 127.0.0.1:``port`` (0 = any free port); returns (server, index URL).
 
-    ``block=False`` runs it in a daemon thread (call ``server.shutdown()`` to stop).
+    Only regular files under ``site`` are served (resolved paths: a symlink out of the site is 404);
+    every request is answered (400 for paths with a NUL byte, 404 otherwise). ``block=False`` runs it
+    in a daemon thread (call ``server.shutdown()`` then ``server.server_close()`` to stop).
+
+    Raises:
+        ValueError: the port is in use or cannot be bound (the message says which and what to do).
     """
-    handler = functools.partial(_QuietHandler, directory=str(site))
-    httpd = http.server.ThreadingHTTPServer((HOST, port), handler)
+    root = os.path.realpath(site)
+    handler = functools.partial(type("_Handler", (_SiteHandler,), {"root": root}), directory=root)
+    try:
+        httpd = _SiteServer((HOST, port), handler)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {HOST} is in use; pass --port 0 (any free port) or another port") from e
+        raise ValueError(f"cannot serve on {HOST}:{port}: {e.strerror or e}") from e
     url = f"http://{HOST}:{httpd.server_address[1]}/index.html"
     if not block:
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -205,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"site written: {index}")
     if cfg.serve:
-        serve(index.parent, cfg.port)
+        try:
+            serve(index.parent, cfg.port)
+        except ValueError as e:
+            print(f"visae browse: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

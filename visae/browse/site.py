@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from visae.shards import atomic_write_text
+from visae.atomic import atomic_write_text
 
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = ("style.css", "index.js", "concept.js")
@@ -144,8 +144,26 @@ def concept_page(c: dict[str, Any], *, top: Sequence[dict[str, Any]], rand: Sequ
 """
 
 
+# Inside <script type="application/json"> the HTML parser, not JSON, decides where the element ends:
+# "</script" closes it and "<!--<script" switches to the double-escaped state where the real closing
+# tag no longer ends it. JSON allows any character as a \uXXXX escape, so <, > and & (and the two
+# line separators some JS engines reject) are written that way: the parser then never sees markup.
+_JSON_IN_HTML = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
+                 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def json_for_html(data: Any) -> str:
+    """``data`` as JSON safe to embed in an HTML ``<script type="application/json">`` element.
+
+    ``<``, ``>``, ``&``, U+2028 and U+2029 are written as ``\\uXXXX`` escapes, so no string in the data
+    (a vocabulary entry ``<!--<script>``, an id ``</script>``) can end or re-open the element; ``JSON.parse``
+    of the element's text gives back ``data`` unchanged.
+    """
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_JSON_IN_HTML)
+
+
 def index_page(data: dict[str, Any], title: str, subtitle: str) -> str:
-    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    blob = json_for_html(data)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)}</title>

@@ -1,0 +1,210 @@
+"""visae.splice: an SAE inside open_clip / timm ViTs (tiny random-init models)."""
+
+import pytest
+import torch
+
+from visae.backbones import load_backbone, register_tiny_clip
+from visae.sae import SAEConfig, build_sae
+from visae.splice import SpliceError, splice, splice_target
+
+TINY = register_tiny_clip()  # open_clip ViT: 32x32 images, patch 8 -> 1 + 16 tokens, width 48, 3 blocks
+TIMM_SMALL = {"img_size": 32, "patch_size": 8, "depth": 3}
+EPS64 = torch.finfo(torch.float64).eps
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _backbone(family: str, double: bool = False):
+    if family == "open_clip":
+        bb = load_backbone(TINY, random_init=True)
+    else:
+        bb = load_backbone("timm:vit_tiny_patch16_224", random_init=True, model_kwargs=TIMM_SMALL)
+    if double:
+        bb.model.double()
+    return bb
+
+
+@pytest.fixture(scope="module", params=["open_clip", "timm"])
+def family(request):
+    return request.param
+
+
+def _sae(bb, layer, token, *, norm="unit_norm", seed=0, d_sae=96):
+    g = torch.Generator().manual_seed(seed)
+    sae = build_sae(SAEConfig(architecture="relu", d_in=bb.width, d_sae=d_sae, input_normalization=norm), generator=g)
+    with torch.no_grad():
+        sae.b_enc.normal_(0.0, 0.05, generator=g)
+        sae.b_dec.normal_(0.0, 0.1, generator=g)
+    sae.extra = {"source": {"model": bb.name, "layer": layer, "token": token}}
+    return sae.eval()
+
+
+def _images(bb, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(bb.model.parameters()).dtype
+    return torch.randn(n, 3, *bb.image_size, generator=g).to(dtype)
+
+
+def _select(x, token, p):
+    """Indices (as a slice) of the tokens an SAE with ``token`` reads in x [B, N, W]."""
+    return {"cls": slice(0, 1), "patch": slice(p, None), "all": slice(None)}[token]
+
+
+@pytest.mark.parametrize("token", ["cls", "patch", "all"])
+def test_error_node_splice_equals_clean_forward(family, token):
+    # float64 model and SAE: x_hat + (x - x_hat) differs from x by rounding only (<= 2 eps |.|
+    # per element at the splice), which the 2 blocks after it and the head carry to the output.
+    bb = _backbone(family, double=True)
+    sae = _sae(bb, 0, token).double()
+    imgs = _images(bb)
+    with torch.no_grad():
+        clean_res = bb.encode_layer(imgs, 0, "patch" if token == "patch" else "cls")
+        clean = bb.encode_image(imgs)
+        with splice(bb, sae, error_node=True) as sp:
+            res = bb.encode_layer(imgs, 0, "patch" if token == "patch" else "cls")
+            out = bb.encode_image(imgs)
+        # the SAE really reconstructs badly (random weights): without the error node the output moves
+        with splice(bb, sae):
+            moved = bb.encode_image(imgs)
+    assert sp.calls == 2 and sp.layer == 0 and sp.token == token
+    # at the splice point: |x_hat + (x - x_hat) - x| <= 2 eps (|x_hat| + |x|) elementwise (two roundings)
+    x_hat = sae(clean_res.reshape(-1, bb.width))[0].reshape(clean_res.shape)
+    bound = 2 * EPS64 * (x_hat.abs() + clean_res.abs())
+    assert bool(((res - clean_res).abs() <= bound).all()), f"max diff {(res - clean_res).abs().max():.3g}"
+    # end to end: a perturbation of relative size ~eps64 stays far below 1e-9 after 2 random blocks
+    scale = clean.abs().max()
+    diff = (out - clean).abs().max()
+    assert diff <= 1e-9 * scale, f"error-node splice differs from the clean forward by {diff:.3g} (scale {scale:.3g})"
+    assert (moved - clean).abs().max() > 1e-3 * scale
+
+
+def _hand_forward_timm(bb, imgs, layer, fn):
+    """timm ViT forward written out block by block, ``fn`` applied to the residual after ``layer``."""
+    m = bb.model
+    x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(imgs))))
+    for i, blk in enumerate(m.blocks):
+        x = blk(x)
+        if i == layer:
+            x = fn(x)
+    return m.forward_head(m.norm(x), pre_logits=True)
+
+
+def _hand_forward_open_clip(bb, imgs, layer, fn):
+    """open_clip forward with ``fn`` applied to the INPUT of block layer + 1 (a pre-hook: another mechanism)."""
+    assert layer + 1 < bb.num_layers
+
+    def pre(_m, args):
+        return (fn(args[0]), *args[1:])
+
+    h = bb.blocks[layer + 1].register_forward_pre_hook(pre)
+    try:
+        return bb.encode_image(imgs)
+    finally:
+        h.remove()
+
+
+def _insert(sae, token, p):
+    def fn(x):
+        x = x.clone()
+        s = _select(x, token, p)
+        sel = x[:, s]
+        x[:, s] = sae(sel.reshape(-1, sel.shape[-1]))[0].reshape(sel.shape)
+        return x
+    return fn
+
+
+@pytest.mark.parametrize("token", ["cls", "patch", "all"])
+def test_splice_equals_forward_by_hand(family, token):
+    bb = _backbone(family)
+    layer = 1
+    sae = _sae(bb, layer, token, seed=1)
+    imgs = _images(bb, seed=1)
+    hand = _hand_forward_timm if family == "timm" else _hand_forward_open_clip
+    with torch.no_grad():
+        ref = hand(bb, imgs, layer, _insert(sae, token, bb.num_prefix_tokens))
+        with splice(bb, sae):
+            out = bb.encode_image(imgs)
+        clean = bb.encode_image(imgs)
+    # the same float32 operations in the same order: equal up to a few roundings of the output's size
+    tol = 8 * EPS32 * ref.abs().max()
+    assert (out - ref).abs().max() <= tol, f"splice vs hand forward: {(out - ref).abs().max():.3g} > {tol:.3g}"
+    assert (clean - ref).abs().max() > 1e3 * tol  # the SAE changed the output: the comparison is not vacuous
+
+
+def test_splice_last_block_by_hand_timm():
+    bb = _backbone("timm")
+    sae = _sae(bb, -1, "all", seed=2)
+    imgs = _images(bb, seed=2)
+    with torch.no_grad():
+        ref = _hand_forward_timm(bb, imgs, bb.num_layers - 1, _insert(sae, "all", bb.num_prefix_tokens))
+        with splice(bb, sae) as sp:
+            out = bb.encode_image(imgs)
+    assert sp.layer == bb.num_layers - 1
+    tol = 8 * EPS32 * ref.abs().max()
+    assert (out - ref).abs().max() <= tol, f"{(out - ref).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("token", ["cls", "patch"])
+def test_ablating_every_latent_is_mean_ablation(family, token):
+    bb = _backbone(family)
+    layer = 1
+    imgs = _images(bb, n=4, seed=3)
+    p = bb.num_prefix_tokens
+    with torch.no_grad():
+        res = bb.encode_layer(imgs, layer, token)  # [B, W] (cls) or [B, P, W] (patch)
+        mean = res.reshape(-1, bb.width).mean(0)
+        sae = _sae(bb, layer, token, norm="none", seed=3)
+        sae.b_dec.copy_(mean[None])  # decode(0) = b_dec = the tokens' mean over the data
+
+        def mean_ablate(_m, _i, out):
+            x = out.clone()
+            x[:, _select(x, token, p)] = mean
+            return x
+
+        h = bb.blocks[layer].register_forward_hook(mean_ablate)
+        try:
+            ref = bb.encode_image(imgs)
+        finally:
+            h.remove()
+        with splice(bb, sae, ablate=range(sae.d_sae)):
+            out = bb.encode_image(imgs)
+    assert torch.equal(out, ref), f"max diff {(out - ref).abs().max():.3g}"
+
+
+def test_clamp_and_record_codes():
+    bb = _backbone("open_clip")
+    sae = _sae(bb, 1, "patch", seed=4)
+    imgs = _images(bb, n=2, seed=4)
+    with torch.no_grad():
+        x = bb.encode_layer(imgs, 1, "patch")  # [2, 16, 48]
+        with splice(bb, sae, clamp={5: 3.0}, ablate=[7], record_codes=True) as sp:
+            got = bb.encode_layer(imgs, 1, "patch")
+        flat = x.reshape(-1, bb.width)
+        f = sae.encode(flat)
+        assert sp.codes.shape == (2, 16, sae.d_sae) and torch.equal(sp.codes.reshape(-1, sae.d_sae), f)
+        f[:, 5], f[:, 7] = 3.0, 0.0
+        want = sae.decode(f, flat.norm(dim=-1, keepdim=True)).reshape(x.shape)
+    assert torch.equal(got, want)
+
+
+def test_refusals():
+    bb = _backbone("open_clip")
+    with pytest.raises(SpliceError, match="mean of the patch tokens"):
+        with splice(bb, _sae(bb, 1, "mean")):
+            pass
+    with pytest.raises(SpliceError, match="final image embedding"):
+        splice_target(bb, _sae(bb, None, None))
+    wrong = build_sae(SAEConfig(d_in=bb.width + 1, d_sae=8))
+    wrong.extra = {"source": {"model": bb.name, "layer": 0, "token": "cls"}}
+    with pytest.raises(SpliceError, match="width 48"):
+        splice_target(bb, wrong)
+    other = _sae(bb, 0, "cls")
+    other.extra["source"]["model"] = "ViT-B-16"
+    with pytest.raises(SpliceError, match="ViT-B-16"):
+        splice_target(bb, other)
+    with pytest.raises(SpliceError, match="out of range"):
+        with splice(bb, _sae(bb, 0, "cls"), ablate=[10_000]):
+            pass
+    with pytest.raises(SpliceError, match="layer 7 out of range|out of range"):
+        splice_target(bb, _sae(bb, 7, "cls"))
+    # nothing left hooked after a refusal or a normal exit
+    assert all(not blk._forward_hooks for blk in bb.blocks)

@@ -1,0 +1,236 @@
+"""Splicing: an SAE inside the backbone, at the hook it was trained on.
+
+    from visae.backbones import load_backbone
+    from visae.sae import load_sae
+    from visae.splice import splice
+
+    bb, sae = load_backbone("ViT-B-16:openai"), load_sae("runs/sae_layer8")
+    with splice(bb, sae):                              # layer and token from the SAE's cfg.json
+        emb = bb.encode_image(images)                  # the model with x_hat at that block
+    with splice(bb, sae, error_node=True, ablate=[17]) as sp:
+        emb = bb.encode_image(images)                  # latent 17 removed, everything else exact
+    with splice(bb, sae, clamp={42: 5.0}):             # steering: latent 42 held at 5.0
+        emb = bb.encode_image(images)
+
+The residual stream after block ``layer`` (the output of ``backbone.blocks[layer]``, shape
+``[B, N, W]``: ``N`` tokens, ``num_prefix_tokens`` of them class / register tokens first) is
+replaced, for the tokens the SAE was trained on, by the SAE's reconstruction:
+
+* ``token="cls"``: token 0; ``"patch"``: the tokens after the prefix tokens; ``"all"``: every token.
+* The ``B * n`` selected vectors go through the SAE as one ``[B * n, W]`` batch (raw
+  activations: the SAE applies its own input normalisation), so callers never reshape.
+* ``ablate`` (latent indices) sets those codes to 0, ``clamp`` (``{latent: value}``, values
+  in the SAE's code units) sets them to a value, before decoding.
+* ``error_node=True`` adds back the SAE's error of the *unmodified* codes, detached:
+  ``x_new = x_hat' + (x - x_hat).detach()`` where ``x_hat'`` is the reconstruction after
+  ablation / clamping (the "error node" of Marks et al. 2024, *Sparse Feature Circuits*,
+  section 2). Without interventions the output then equals the clean forward (up to float
+  rounding), while gradients flow through the latents for attribution.
+
+SAEs trained on the mean of the patch tokens (``token="mean"``) cannot be spliced: the mean
+has no inverse that would give back one vector per token; they are refused with
+:class:`SpliceError`. So are SAEs on the final image embedding (there is no residual block
+to put them in: use their reconstructions of the embedding directly).
+
+Zero-ablating every latent leaves ``decode(0) = b_dec`` (times the input norm for a
+``unit_norm`` SAE), so with ``b_dec`` set to the tokens' mean it is mean-ablation of those
+tokens (``tests/test_splice.py`` checks this).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from visae.errors import VisaeError
+
+__all__ = ["SpliceError", "Splice", "splice", "splice_target", "SPLICE_TOKENS"]
+
+SPLICE_TOKENS = ("cls", "patch", "all")
+
+
+class SpliceError(VisaeError, ValueError):
+    """An SAE cannot be put into this backbone (wrong layer / token / width, or no residual hook)."""
+
+
+@dataclass
+class Splice:
+    """What an active :func:`splice` does, and what it saw.
+
+    Attributes:
+        layer: 0-based block index whose output is replaced.
+        token: "cls" | "patch" | "all".
+        error_node: whether the detached SAE error is added back.
+        ablate: latent indices set to 0.
+        clamp: {latent: value} codes set to a value.
+        calls: how many forward passes went through the hook.
+        codes: with ``record_codes=True``, the (unmodified) codes of the last pass,
+            ``[B, n, d_sae]`` float32, detached; otherwise None.
+    """
+
+    layer: int
+    token: str
+    error_node: bool
+    ablate: tuple[int, ...]
+    clamp: dict[int, float]
+    calls: int = 0
+    codes: Tensor | None = field(default=None, repr=False)
+
+
+def _sae_source(sae: Any) -> dict[str, Any]:
+    """The ``source`` record of the activations the SAE was trained on (cfg.json extra), or {}."""
+    extra = dict(getattr(sae, "extra", {}) or {})
+    if isinstance(extra.get("member"), dict):
+        extra = {**extra, **extra["member"]}
+    shards = extra.get("shards")
+    if isinstance(shards, dict) and isinstance(shards.get("source"), dict):
+        return dict(shards["source"])
+    if isinstance(extra.get("source"), dict):
+        return dict(extra["source"])
+    return {}
+
+
+def splice_target(backbone: Any, sae: Any, layer: int | None = None, token: str | None = None,
+                  check_model: bool = True) -> tuple[int, str]:
+    """Resolve (block index, token choice) for ``sae`` in ``backbone``, checking everything before any forward.
+
+    ``layer`` / ``token`` default to the SAE's cfg.json record (``extra.shards.source`` or
+    ``extra.source``: ``layer``, ``token``). Raises :class:`SpliceError` for a final-embedding
+    or mean-of-patches SAE, a width that is not the backbone's residual width, a model other
+    than the one recorded (``check_model``), or a backbone without residual blocks.
+    """
+    src = _sae_source(sae)
+    where = "SAE (cfg.json extra.shards.source)"
+    if layer is None:
+        layer = src.get("layer")
+        if layer is None or isinstance(layer, str):
+            if not src:
+                raise SpliceError(f"{where}: records no source layer; pass layer=... (and token=...) to splice it")
+            raise SpliceError(f"{where}: trained on the final image embedding (layer {layer!r}), not a residual "
+                              "stream; there is no block to splice it into (use its reconstructions of the embedding "
+                              "directly, e.g. visae zeroshot)")
+    if token is None:
+        token = src.get("token") or ("all" if src.get("tokens") == "all" else None)
+        if token is None:
+            raise SpliceError(f"{where}: records no token choice (cls / patch / all); pass token=...")
+    token = str(token).lower()
+    if token == "mean":
+        raise SpliceError(f"{where}: trained on the mean of the patch tokens (token 'mean'); the mean has no inverse "
+                          "(one vector cannot be put back as many tokens), so it cannot be spliced. Train on "
+                          "token 'patch' or 'cls' to splice")
+    if token not in SPLICE_TOKENS:
+        raise SpliceError(f"token must be one of {SPLICE_TOKENS}, got {token!r}")
+    if check_model and src.get("model") and str(src["model"]) != str(backbone.name):
+        raise SpliceError(f"{where}: trained on activations of {src['model']!r}, the backbone is {backbone.name!r} "
+                          "(pass check_model=False to splice anyway)")
+    if backbone.blocks is None:
+        raise SpliceError(f"{backbone.name}: its image tower has no residual blocks to splice into")
+    try:
+        idx = backbone.resolve_layer(int(layer))
+    except (TypeError, ValueError) as e:
+        raise SpliceError(f"layer {layer!r}: {e}") from None
+    if token == "cls" and not backbone.has_cls_token:
+        raise SpliceError(f"{backbone.name} has no class token; a token 'cls' SAE cannot be spliced into it")
+    if int(sae.d_in) != int(backbone.width):
+        raise SpliceError(f"SAE d_in={sae.d_in} but {backbone.name}'s residual stream has width {backbone.width}")
+    return idx, token
+
+
+def _codes_vector(sae: Any, idx: Sequence[int], what: str) -> list[int]:
+    out = []
+    for j in idx:
+        j = int(j)
+        if not 0 <= j < sae.d_sae:
+            raise SpliceError(f"{what}: latent {j} out of range (the SAE has d_sae={sae.d_sae} latents, 0..{sae.d_sae - 1})")
+        out.append(j)
+    return out
+
+
+@contextlib.contextmanager
+def splice(backbone: Any, sae: Any, *, layer: int | None = None, token: str | None = None,
+           error_node: bool = False, ablate: Sequence[int] | None = None,
+           clamp: Mapping[int, float] | None = None, member: int = 0, record_codes: bool = False,
+           check_model: bool = True) -> Iterator[Splice]:
+    """Put ``sae`` into ``backbone`` at the block it was trained on while the ``with`` body runs.
+
+    Args:
+        backbone: a :class:`visae.backbones.Backbone` (open_clip or timm ViT, any registry name).
+        sae: a :class:`visae.sae.SAE` (a stack: ``member`` picks one) whose ``d_in`` is the
+            backbone's residual width.
+        layer, token: override the SAE's recorded block (0-based, negative from the end) and
+            token choice ("cls" | "patch" | "all").
+        error_node: add back the detached error of the unmodified reconstruction.
+        ablate: latents whose codes are set to 0 before decoding.
+        clamp: ``{latent: value}``; codes set to ``value`` (the SAE's code units) before decoding.
+        record_codes: keep the last pass's codes ``[B, n, d_sae]`` on the yielded :class:`Splice`.
+
+    The SAE runs in its own dtype (float32 as loaded; ``sae.double()`` for float64) and the
+    replacement is cast back to the residual stream's dtype.
+
+    Every forward of the backbone's image tower inside the block (``encode_image``,
+    ``encode_layer`` of a later block, the model's own ``forward``) sees the replaced residual
+    stream. Raises :class:`SpliceError` (before anything runs) when the SAE does not fit.
+    """
+    idx, token = splice_target(backbone, sae, layer, token, check_model=check_model)
+    if sae.n_models > 1:
+        sae = sae.member(member)
+    ablate_idx = _codes_vector(sae, list(ablate or ()), "ablate")
+    clamp_map = {int(k): float(v) for k, v in (clamp or {}).items()}
+    clamp_idx = _codes_vector(sae, list(clamp_map), "clamp")
+    device = next(backbone.model.parameters()).device
+    sae = sae.to(device).eval()
+    state = Splice(layer=idx, token=token, error_node=bool(error_node), ablate=tuple(ablate_idx), clamp=clamp_map)
+    p = int(backbone.num_prefix_tokens)
+    intervene = bool(ablate_idx or clamp_idx)
+    clamp_vals = torch.tensor([clamp_map[j] for j in clamp_idx], dtype=sae.W_enc.dtype, device=device)
+
+    def replace(flat: Tensor) -> Tensor:
+        """[M, W] raw residual vectors -> [M, W] replacement (same dtype)."""
+        x = flat.to(sae.W_enc.dtype)
+        norm = x.norm(dim=-1, keepdim=True) if sae.cfg.input_normalization == "unit_norm" else None
+        f = sae.encode(x)
+        x_hat = sae.decode(f, norm)
+        if record_codes:
+            state.codes = f.detach()
+        if intervene:
+            f2 = f.clone()
+            if ablate_idx:
+                f2[:, ablate_idx] = 0.0
+            if clamp_idx:
+                f2[:, clamp_idx] = clamp_vals.to(f2.dtype)
+            new = sae.decode(f2, norm)
+        else:
+            new = x_hat
+        if error_node:
+            new = new + (x - x_hat).detach()
+        return new.to(flat.dtype)
+
+    def hook(_module: Any, _inputs: Any, output: Any) -> Any:
+        out = output[0] if isinstance(output, tuple) else output
+        x = out if backbone.batch_first else out.transpose(0, 1)  # [B, N, W]
+        B, N, W = x.shape
+        if token == "cls":
+            head, sel, tail = x[:, :0], x[:, :1], x[:, 1:]
+        elif token == "patch":
+            head, sel, tail = x[:, :p], x[:, p:], x[:, N:]
+        else:
+            head, sel, tail = x[:, :0], x, x[:, N:]
+        n = sel.shape[1]
+        new = replace(sel.reshape(B * n, W)).reshape(B, n, W)
+        if record_codes and state.codes is not None:
+            state.codes = state.codes.reshape(B, n, -1)
+        y = torch.cat([head, new, tail], dim=1)
+        if not backbone.batch_first:
+            y = y.transpose(0, 1)
+        state.calls += 1
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    handle = backbone.blocks[idx].register_forward_hook(hook)
+    try:
+        yield state
+    finally:
+        handle.remove()

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from visae.config import ConfigError, config_to_dict, dump_yaml_config, load_yaml_config, parse_config
+from visae.config import ConfigError, Runtime, config_to_dict, dump_yaml_config, load_yaml_config, parse_config
 
 
 @dataclass(frozen=True)
@@ -24,45 +24,151 @@ class Toy:
     limit: Optional[int] = None
 
 
+@dataclass(frozen=True)
+class Inner:
+    """A nested config."""
+
+    depth: int = 2
+    out: str = field(default="inner", metadata={"help": "set by the parent"})
+    tags: tuple[str, ...] = ("a",)
+
+
+@dataclass(frozen=True)
+class Outer:
+    """A config with a nested one."""
+
+    out: str = field(default="runs/x", metadata={"help": "the parent's output"})
+    data: str = field(default="", metadata={"help": "input", "required": True})
+    inner: Inner = field(default_factory=lambda: Inner(depth=3), metadata={"fixed": ("out",)})
+
+    def __post_init__(self) -> None:
+        if self.inner.depth < 0:
+            raise ConfigError(f"Outer.inner.depth must be >= 0, got {self.inner.depth}")
+
+
+def _usage_error(capsys, cls, argv):
+    """parse_config must exit 2 and print exactly one line naming the problem; returns that line."""
+    with pytest.raises(SystemExit) as e:
+        parse_config(cls, argv, prog="visae toy")
+    captured = capsys.readouterr()
+    assert e.value.code == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("visae toy: error: "), captured.err
+    return lines[0]
+
+
 def test_defaults_yaml_and_flags_in_order(tmp_path):
     assert parse_config(Toy, []) == Toy()
     y = tmp_path / "c.yaml"
-    y.write_text("num_epochs: 3\nlr: 1.0e-3\n")
-    cfg = parse_config(Toy, ["--config", str(y), "--num_epochs", "7", "--bf16", "true", "--lrs", "1", "2", "3"])
+    y.write_text("num_epochs: 3\nlr: 1.0e-3\nbf16: true\n")
+    cfg = parse_config(Toy, ["--config", str(y), "--num_epochs", "7", "--lrs", "1", "2", "3"])
     assert cfg == Toy(num_epochs=7, lr=1e-3, bf16=True, lrs=(1.0, 2.0, 3.0))
     assert parse_config(Toy, [], default_yaml=y).num_epochs == 3
+    assert parse_config(Toy, ["--config", str(y), "--no_bf16"], default_yaml=tmp_path / "absent.yaml").bf16 is False
     assert parse_config(Toy, ["--limit", "5"]).limit == 5
+    assert parse_config(Toy, ["--num-epochs", "4"]).num_epochs == 4  # the hyphen spelling is the same flag
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 1  # type: ignore[misc]
 
 
-def test_bad_values_are_named(tmp_path):
-    with pytest.raises(SystemExit):
-        parse_config(Toy, ["--arch", "nope"])
+def test_bare_booleans_null_and_empty_lists(tmp_path):
+    assert parse_config(Toy, ["--bf16"]).bf16 is True
+    assert parse_config(Toy, ["--bf16", "--no_bf16"]).bf16 is False
+    assert parse_config(Toy, ["--no-bf16"]).bf16 is False
+    y = tmp_path / "c.yaml"
+    y.write_text("limit: 9\nlrs: [1.0]\n")
+    cfg = parse_config(Toy, ["--config", str(y), "--limit", "None", "--lrs"])
+    assert cfg.limit is None and cfg.lrs == ()
+
+
+def test_usage_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    line = _usage_error(capsys, Toy, ["--arch", "nope"])
+    assert "--arch" in line and "relu" in line and "topk" in line
+    line = _usage_error(capsys, Toy, ["--num_ep", "3"])  # no silent abbreviation
+    assert "--num_ep" in line and "--num_epochs" in line
+    line = _usage_error(capsys, Toy, ["--num_epochs", "many"])
+    assert "--num_epochs" in line and "many" in line
+    line = _usage_error(capsys, Toy, ["--bf16", "true"])  # booleans take no value
+    assert "--no_name" in line
+    line = _usage_error(capsys, Outer, ["--data", "d", "--depth", "-1"])  # the config's own check
+    assert "depth must be >= 0" in line
+    line = _usage_error(capsys, Outer, [])
+    assert "missing required flag --data" in line
+    line = _usage_error(capsys, Toy, ["--config", str(tmp_path / "missing.yaml")])
+    assert "does not exist" in line
     y = tmp_path / "c.yaml"
     y.write_text("num_epoch: 3\n")
+    assert "unknown field(s) ['num_epoch']" in _usage_error(capsys, Toy, ["--config", str(y)])
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['num_epoch'\]"):
         load_yaml_config(Toy, y)
     y.write_text("num_epochs: many\n")
     with pytest.raises(ConfigError, match="field 'num_epochs': expected an integer"):
         load_yaml_config(Toy, y)
-    with pytest.raises(ConfigError, match="does not exist"):
-        parse_config(Toy, ["--config", str(tmp_path / "missing.yaml")])
+    assert "field 'num_epochs': expected an integer" in _usage_error(capsys, Toy, ["--config", str(y)])
+
+
+def test_nested_config_flags_yaml_and_fixed_fields(tmp_path, capsys):
+    cfg = parse_config(Outer, ["--data", "d", "--depth", "5", "--tags"])
+    assert cfg == Outer(data="d", inner=Inner(depth=5, tags=()))
+    assert parse_config(Outer, ["--data", "d"]).inner.depth == 3  # the parent's default for the nested config
+    y = tmp_path / "c.yaml"
+    y.write_text("data: d\ninner:\n  tags: [x, y]\n")
+    cfg = parse_config(Outer, ["--config", str(y)])
+    assert cfg.inner == Inner(depth=3, tags=("x", "y")) and cfg.data == "d"  # required flag given by the YAML
+    y.write_text("inner:\n  depht: 1\n")
+    with pytest.raises(ConfigError, match=r"\['inner.depht'\]"):
+        load_yaml_config(Outer, y)
+    assert config_to_dict(cfg)["inner"] == {"depth": 3, "out": "inner", "tags": ["x", "y"]}
+    # a field the parent fixes has no flag: --out is the parent's own
+    assert parse_config(Outer, ["--data", "d", "--out", "o"]) == Outer(out="o", data="d")
+    with pytest.raises(SystemExit):
+        parse_config(Outer, ["--help"])
+    out = capsys.readouterr().out
+    assert out.count("--out") == 1 and "--depth" in out and "(required)" in out
 
 
 def test_help_lists_every_field_with_default(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         parse_config(Toy, ["--help"])
+    assert e.value.code == 0
     out = capsys.readouterr().out
     for f in dataclasses.fields(Toy):
         assert f"--{f.name}" in out
+    for f in dataclasses.fields(Runtime):
+        assert f"--{f.name}" in out
     assert "passes over the data (default: 200)" in out
+    assert "--bf16, --no_bf16" in out
+
+
+def test_threads_and_verbose(capsys):
+    import logging
+
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        parse_config(Toy, ["--threads", "1"])
+        assert torch.get_num_threads() == 1
+        parse_config(Toy, [])  # 0: leaves the setting as it is
+        assert torch.get_num_threads() == 1
+        logging.getLogger("faiss.loader").info("Could not load library with AVX2 support")
+        logging.getLogger("visae.toy").info("visae says")
+        err = capsys.readouterr().err
+        assert "visae says" in err and "Could not load library" not in err
+        parse_config(Toy, ["--verbose"])
+        logging.getLogger("faiss.loader").info("Could not load library with AVX2 support")
+        assert "Could not load library" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+        parse_config(Toy, [])  # back to the quiet terminal for the tests that follow
 
 
 def test_yaml_dump_round_trip(tmp_path):
     p = tmp_path / "t.yaml"
     dump_yaml_config(Toy(lrs=(1.0,)), p)
     assert load_yaml_config(Toy, p) == Toy(lrs=(1.0,))
+    dump_yaml_config(Outer(data="d", inner=Inner(depth=7)), p)
+    assert load_yaml_config(Outer, p) == Outer(data="d", inner=Inner(depth=7))
 
 
 def _config_files():

@@ -2,26 +2,43 @@
 
 Every stage has one frozen dataclass. Its field defaults are the single source of
 truth; the YAML files in ``configs/`` are dumps of those defaults (a test keeps them
-in sync) that users copy and edit. ``parse_config`` builds an argparse parser from
-the dataclass so ``--help`` lists every field with its default, and ``--num_epochs
-200`` style flags override it.
+in sync) that users copy and edit. A stage that runs another stage's settings nests that
+stage's config (``SweepConfig.train: TrainConfig``) instead of copying its fields; a YAML file
+gives a nested config as a nested mapping.
+
+``parse_config`` is the command line of every stage, on tyro (the convention of saev and
+much of this field; docs/cli.md says why): ``--num_epochs 200`` style flags (spelled like
+the fields), bare boolean flags with ``--no_`` forms, ``None`` for null, a list flag with no
+values for an empty list, no abbreviations, ``--help`` with every option and its default,
+and usage errors as one line with exit status 2. The nested configs' flags are unprefixed
+(``visae sweep --num_epochs 3`` sets ``SweepConfig.train.num_epochs``) unless the field asks
+for a prefix. Every command also takes the :class:`Runtime` options ``--config``,
+``--threads`` and ``--verbose``.
 
 Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Optional[...]`` of
-those, ``Literal[...]`` and ``tuple[T, ...]`` (given on the command line as
-``--lrs 1e-4 5e-4``).
+those, ``Literal[...]``, ``tuple[T, ...]`` (given on the command line as ``--lrs 1e-4 5e-4``)
+and nested config dataclasses.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import copy
 import dataclasses
-import json
+import io
+import logging
+import os
+import re
+import sys
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 import yaml
+
+from visae.errors import VisaeError
 
 C = TypeVar("C")
 
@@ -32,12 +49,16 @@ __all__ = [
     "load_yaml_config",
     "dump_yaml_config",
     "parse_config",
-    "build_parser",
+    "parse_args",
+    "apply_runtime",
+    "Runtime",
 ]
 
 
-class ConfigError(ValueError):
-    """A config file or flag does not fit the dataclass it is meant for."""
+class ConfigError(VisaeError, ValueError):
+    """A config file or flag does not fit the dataclass it is meant for (a usage error: exit status 2)."""
+
+    exit_code = 2
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -91,6 +112,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(base, type) and dataclasses.is_dataclass(base):
+        if isinstance(value, base):
+            return value
+        raise ConfigError(f"{where}: expected a mapping of {base.__name__} fields, got {value!r}")
     if base is str:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -98,22 +123,53 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
-    """Build ``cls`` from a mapping; unknown keys and ill-typed values raise ConfigError."""
+def _field_default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config", *, base: Any = None,
+                     _prefix: str = "") -> C:
+    """Build ``cls`` from a mapping (fields it leaves out keep ``base``'s values, or the defaults).
+
+    A nested config (a field whose type is a config dataclass) is given as a nested mapping;
+    the fields it leaves out keep the parent's default for that field. Unknown keys,
+    ill-typed values and values the config's own checks reject raise ConfigError naming
+    ``source`` and the (dotted) field.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {_prefix.rstrip('.') or 'the config'}: expected a mapping of field: value, "
+                          f"got {type(data).__name__}")
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(types_)}")
-    kwargs = {k: _coerce(v, types_[k], f"{source}: field '{k}'") for k, v in data.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"{source}: unknown field(s) {[_prefix + u for u in unknown]} for {cls.__name__}; "
+                          f"known: {sorted(types_)}")
+    kwargs = {}
+    for k, v in data.items():
+        sub = _nested_dataclass(types_[k])
+        if sub is not None and isinstance(v, dict):
+            sub_base = getattr(base, k) if base is not None else _field_default(cls, k)
+            kwargs[k] = config_from_dict(sub, v, source, base=sub_base, _prefix=f"{_prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(v, types_[k], f"{source}: field '{_prefix}{k}'")
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {cls.__name__}: {e}") from None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain JSON/YAML-able dict of a config (tuples become lists)."""
-    out = {}
+    """Plain JSON/YAML-able dict of a config: tuples become lists, nested configs nested dicts."""
+    out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        out[f.name] = list(v) if isinstance(v, tuple) else v
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            out[f.name] = config_to_dict(v)
+        else:
+            out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
 
 
@@ -140,77 +196,284 @@ def dump_yaml_config(cfg: Any, path: str | Path | None = None, header: str = "")
     return text
 
 
-def _arg_kwargs(tp: Any) -> dict[str, Any]:
+# ----------------------------------------------------------------------------- the command line (tyro)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Options of every command: where its settings come from and how it runs (not part of any result)."""
+
+    config: Optional[str] = field(default=None, metadata={
+        "help": "YAML file of field: value lines (nested sections for nested configs), laid under the flags"})
+    threads: int = field(default=0, metadata={
+        "help": "CPU threads for torch (0: all cores, torch's default of one per physical core)"})
+    verbose: bool = field(default=False, metadata={
+        "help": "also show the libraries' log lines (open_clip, faiss, ...), not only visae's"})
+
+
+# Field metadata understood by the command line (all optional):
+#   "help":     the help text of the flag
+#   "required": True: the flag must be given (unless a YAML file sets the field); on a nested
+#               config field: a tuple of the nested config's field names that are required there
+#   "fixed":    on a nested config field: names of the nested config's fields that the parent
+#               sets itself; they get no flag (the parent's __post_init__ checks they keep
+#               their defaults)
+#   "prefix":   on a nested config field: True to spell its flags --<field>.<name> (default:
+#               the nested fields' flags are unprefixed, as short as the stage's own)
+
+
+def _nested_dataclass(tp: Any) -> type | None:
     base, _ = _unwrap_optional(tp)
-    origin = typing.get_origin(base)
-    if origin is typing.Literal:
-        return {"choices": list(typing.get_args(base)), "type": type(typing.get_args(base)[0])}
-    if origin in (tuple, list):
-        args = typing.get_args(base)
-        item = args[0] if args else str
-        return {"nargs": "+", "type": item if item in (int, float, str) else str}
-    if base is bool:
-        return {"type": str, "metavar": "{true,false}"}
-    if base in (int, float, str):
-        return {"type": base}
-    return {"type": str}
+    return base if isinstance(base, type) and dataclasses.is_dataclass(base) else None
 
 
-def build_parser(cls: type, description: str = "", defaults: Any = None, prog: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with ``--config`` plus one flag per field of ``cls``."""
-    defaults = defaults if defaults is not None else cls()
-    doc = (cls.__doc__ or "").strip()
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=description or (doc.splitlines()[0] if doc else None),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", default=None, help="YAML file with field: value lines; flags override it")
-    field_help = _field_docs(cls)
+def _walk_fixed(cls: type, fixed: dict[type, set[str]], seen: set[type]) -> None:
+    """Collect {nested config class: names its parent fixes} over the config tree of ``cls``."""
+    if cls in seen:
+        return
+    seen.add(cls)
     for name, tp in _field_types(cls).items():
-        kw = _arg_kwargs(tp)
-        default = getattr(defaults, name)
-        parser.add_argument(
-            f"--{name}",
-            dest=name,
-            default=argparse.SUPPRESS,
-            help=(field_help.get(name, "") + f" (default: {json.dumps(list(default) if isinstance(default, tuple) else default)})").strip(),
-            **kw,
-        )
-    return parser
+        sub = _nested_dataclass(tp)
+        if sub is None:
+            continue
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)
+        fixed.setdefault(sub, set()).update(f.metadata.get("fixed", ()))
+        _walk_fixed(sub, fixed, seen)
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """Per-field help from ``field(metadata={'help': ...})``."""
-    docs = {}
-    for f in dataclasses.fields(cls):
-        if "help" in f.metadata:
-            docs[f.name] = f.metadata["help"]
-    return docs
+def _registry(cls: type) -> Any:
+    """A tyro constructor registry that spells ``cls``'s tree as this project wants (see the metadata above)."""
+    import tyro
+    from tyro.constructors import ConstructorRegistry, StructConstructorSpec, StructFieldSpec, StructTypeInfo
+
+    fixed: dict[type, set[str]] = {}
+    _walk_fixed(cls, fixed, set())
+    fixed.setdefault(cls, set())
+    fixed.setdefault(Runtime, set())
+    registry = ConstructorRegistry()
+
+    @registry.struct_rule
+    def _rule(info: StructTypeInfo) -> Any:
+        if info.type not in fixed:
+            return None
+        hints = typing.get_type_hints(info.type, include_extras=True)
+        specs = []
+        for f in dataclasses.fields(info.type):
+            if dataclasses.is_dataclass(info.default) and not isinstance(info.default, type):
+                default = getattr(info.default, f.name)
+            elif f.default is not dataclasses.MISSING:
+                default = f.default
+            else:
+                default = f.default_factory()  # type: ignore[misc]
+            tp = hints[f.name]
+            if _nested_dataclass(tp) is not None and not f.metadata.get("prefix", False):
+                tp = typing.Annotated[tp, tyro.conf.OmitArgPrefixes]
+            if f.name in fixed[info.type]:
+                tp = typing.Annotated[tp, tyro.conf.Suppress]
+            specs.append(StructFieldSpec(name=f.name, type=tp, default=default, helptext=f.metadata.get("help")))
+        return StructConstructorSpec(instantiate=info.type, fields=tuple(specs))
+
+    return registry
 
 
-def parse_config(
-    cls: type[C],
-    argv: Sequence[str] | None = None,
-    default_yaml: str | Path | None = None,
-    description: str = "",
-    prog: str | None = None,
-) -> C:
-    """Parse command-line flags into ``cls``: defaults < ``default_yaml`` / ``--config`` < flags."""
-    # First pass: find --config so that --help shows the defaults actually in force.
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(argv)
-    yaml_path = known.config or default_yaml
-    base = load_yaml_config(cls, yaml_path) if yaml_path is not None and Path(yaml_path).exists() else cls()
-    if known.config is not None and not Path(known.config).exists():
-        raise ConfigError(f"--config {known.config}: file does not exist")
-    parser = build_parser(cls, description=description, defaults=base, prog=prog)
-    ns = vars(parser.parse_args(argv))
-    ns.pop("config", None)
-    types_ = _field_types(cls)
-    overrides = {k: _coerce(v, types_[k], f"--{k}") for k, v in ns.items()}
+def _mark_required(cfg: Any, required: Sequence[str] = ()) -> Any:
+    """A copy of ``cfg`` whose required fields still at their declared default are tyro.MISSING (flag required)."""
+    import tyro
+
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            req = f.metadata.get("required", ())
+            changes[f.name] = _mark_required(value, req if isinstance(req, (tuple, list)) else ())
+        elif f.metadata.get("required") is True or f.name in required:
+            declared = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if value == declared:
+                changes[f.name] = tyro.MISSING
+    if not changes:
+        return cfg
+    out = copy.copy(cfg)  # not dataclasses.replace: __post_init__ must not see MISSING
+    for k, v in changes.items():
+        object.__setattr__(out, k, v)
+    return out
+
+
+_ARGS_CLASSES: dict[type, type] = {}
+
+
+def _args_class(cls: type) -> type:
+    """The dataclass tyro parses: the stage's config (its flags unprefixed) and the Runtime options."""
+    if cls not in _ARGS_CLASSES:
+        import tyro
+
+        _ARGS_CLASSES[cls] = dataclasses.make_dataclass(
+            f"{cls.__name__}Args",
+            [("cfg", typing.Annotated[cls, tyro.conf.OmitArgPrefixes, tyro.conf.arg(name="")]),
+             ("runtime", typing.Annotated[Runtime, tyro.conf.OmitArgPrefixes])],
+            frozen=True)
+    return _ARGS_CLASSES[cls]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _one_line(text: str) -> str:
+    """tyro's error message (a box with a title, the message, hints; or the same as plain text) as one line."""
+    rows: list[str] = []
+    for raw in _ANSI.sub("", text).splitlines():
+        s = raw.strip()
+        if s.startswith("╰"):
+            break  # the end of the first box
+        top = s.startswith("╭")
+        s = s.strip("│╭╮╯ ")
+        rows.append(s.strip("─ ") if top else s)
+    rows = [r for r in rows if r]
+    title, sections = (rows[0] if rows else ""), [[]]  # type: tuple[str, list[list[str]]]
+    for r in rows[1:]:
+        if set(r) <= {"─", "-"}:
+            sections.append([])
+        else:
+            sections[-1].append(r)
+    sections = [sec for sec in sections if sec]
+    words = " ".join(sections[0]).split() if sections else []
+    if title.lower().startswith("required"):
+        flags = [w for w in words if w.startswith("-")]
+        return f"missing required flag{'s' if len(flags) > 1 else ''} {', '.join(flags)}" if flags else " ".join(words)
+    msg = " ".join(words)
+    for sec in sections[1:]:
+        if sec[0].lower().startswith("perhaps you meant"):
+            flags = [w.split()[0] for w in sec[1:] if w.startswith("-")]
+            if flags:
+                msg += f" (did you mean {' or '.join(flags[:3])}?)"
+    if title.lower().startswith("unrecognized") and any(w.strip(",").lower() in ("true", "false") for w in words):
+        msg += " (a boolean flag takes no value: --name sets it, --no_name clears it)"
+    return msg or title or "invalid command line"
+
+
+def _usage_error(prog: str, message: str) -> typing.NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _config_flag(argv: Sequence[str]) -> str | None:
+    """The value of --config in ``argv`` (exact spelling: no abbreviations), or None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == "--config":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError("--config expects a YAML file path")
+            value = argv[i + 1]
+        elif a.startswith("--config="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def parse_args(cls: type[C], argv: Sequence[str] | None = None, default_yaml: str | Path | None = None,
+               description: str = "", prog: str | None = None) -> tuple[C, Runtime]:
+    """Parse flags into ``cls`` and the :class:`Runtime` options: defaults < ``default_yaml`` / ``--config`` < flags.
+
+    The parser is tyro's (``use_underscores``: flags are spelled like the fields, ``--num_epochs``;
+    ``--num-epochs`` is read too). Booleans are bare flags with a ``--no_`` form, ``None`` sets an
+    optional field back to null, a list flag with no values empties the list, flags are never
+    abbreviated, and ``--help`` lists every option with its default (required ones marked).
+
+    Raises:
+        SystemExit: 0 after ``--help``; 2 after printing one line ``<prog>: error: <what>`` for a
+            usage error: an unknown flag, a value of the wrong type or outside its choices, a
+            missing required flag, a config file that is missing or does not fit ``cls``, or a
+            value the config's own checks (``__post_init__``) reject.
+    """
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or Path(sys.argv[0]).name
     try:
-        return dataclasses.replace(base, **overrides)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
+        given = _config_flag(argv)
+        if given is not None and not Path(given).is_file():
+            raise ConfigError(f"--config {given}: file does not exist")
+        path = given if given is not None else default_yaml
+        base = load_yaml_config(cls, path) if path is not None and Path(path).is_file() else cls()
+    except ConfigError as e:
+        _usage_error(prog, str(e))
+    args_cls = _args_class(cls)
+    default = args_cls(cfg=_mark_required(base), runtime=Runtime(config=str(path) if path is not None else None))
+    desc = description or (cls.__doc__ or "").strip()
+    kw = dict(prog=prog, description=desc, args=argv, default=default, use_underscores=True,
+              registry=_registry(cls))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # some errors print even without console outputs
+            args = tyro.cli(args_cls, console_outputs=False, **kw)
+    except ConfigError as e:  # the config's own checks (__post_init__) on the top-level config
+        _usage_error(prog, str(e))
+    except SystemExit as e:
+        if e.code in (0, None):  # --help: print it for real
+            tyro.cli(args_cls, **kw)
+            raise
+        buf = io.StringIO()  # the same error again, rendered wide into a buffer, then as one line
+        old = os.environ.get("COLUMNS")
+        os.environ["COLUMNS"] = "4000"
+        try:
+            with contextlib.redirect_stderr(buf):
+                tyro.cli(args_cls, **kw)
+        except SystemExit:
+            pass
+        finally:
+            if old is None:
+                os.environ.pop("COLUMNS", None)
+            else:
+                os.environ["COLUMNS"] = old
+        _usage_error(prog, _one_line(buf.getvalue()))
+    return args.cfg, args.runtime
+
+
+def parse_config(cls: type[C], argv: Sequence[str] | None = None, default_yaml: str | Path | None = None,
+                 description: str = "", prog: str | None = None) -> C:
+    """:func:`parse_args`, then :func:`apply_runtime`; returns the config (a stage's ``main`` starts with this)."""
+    cfg, runtime = parse_args(cls, argv, default_yaml=default_yaml, description=description, prog=prog)
+    apply_runtime(runtime)
+    return cfg
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (pytest and the demo swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+class _OnlyVisae(logging.Filter):
+    """visae's records from INFO up; other libraries' (open_clip, faiss, ...) only from WARNING up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name == "visae" or record.name.startswith("visae.")
+
+
+def apply_runtime(runtime: Runtime) -> None:
+    """Set torch's CPU threads and the terminal's log lines as ``runtime`` says (idempotent).
+
+    Log lines go to stderr as bare messages: visae's from INFO up, the libraries' only from
+    WARNING up unless ``runtime.verbose`` (then everything from INFO up).
+    """
+    if runtime.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0: all cores), got {runtime.threads}")
+    if runtime.threads > 0:
+        import torch
+
+        torch.set_num_threads(runtime.threads)
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    for f in list(handler.filters):
+        handler.removeFilter(f)
+    if not runtime.verbose:
+        handler.addFilter(_OnlyVisae())
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)

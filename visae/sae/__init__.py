@@ -13,28 +13,15 @@ Adding an architecture = one file with a subclass of :class:`SAE` decorated by
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from visae.sae.base import (CFG_FILE, FORMAT_NAME, FORMAT_VERSION, WEIGHTS_FILE, SAE, LossOutput, SAEConfig,
-                            SAEFormatError)
+from visae.sae.base import (ARCHITECTURES, CFG_FILE, FORMAT_NAME, FORMAT_VERSION, SAE, WEIGHTS_FILE,  # noqa: F401
+                            LossOutput, SAEConfig, SAEFormatError, load_sae, register_architecture, sae_class)
 
 __all__ = ["SAE", "SAEConfig", "LossOutput", "SAEFormatError", "ARCHITECTURES", "register_architecture",
            "build_sae", "load_sae", "stack_saes"]
-
-ARCHITECTURES: dict[str, type[SAE]] = {}
-
-
-def register_architecture(cls: type[SAE]) -> type[SAE]:
-    """Class decorator: make ``cls`` buildable / loadable under ``cls.architecture``."""
-    if not cls.architecture:
-        raise ValueError(f"{cls.__name__}.architecture is empty")
-    ARCHITECTURES[cls.architecture] = cls
-    return cls
-
 
 def _register_builtin() -> None:
     from visae.sae.relu import ReLUSAE
@@ -58,16 +45,40 @@ def _register_builtin() -> None:
         register_architecture(JumpReLUSAE)
     except ImportError:
         pass
+    try:
+        from visae.sae.matryoshka import MatryoshkaSAE
+
+        register_architecture(MatryoshkaSAE)
+    except ImportError:
+        pass
 
 
 _register_builtin()
 
 
-def sae_class(architecture: str) -> type[SAE]:
+def load_sae(path: Any, device: Any = "cpu") -> SAE:  # noqa: F811 - wraps visae.sae.base.load_sae
+    """Load an SAE directory (``cfg.json`` + ``weights.safetensors``) into a ready-to-use SAE (raw-input inference).
+
+    ``path`` may also be ``"hf://org/repo[/subfolder]"``: fetched through ``huggingface_hub``'s
+    cache (``HF_HUB_OFFLINE=1`` honoured), see :func:`visae.interop.hub.load_sae_from_hub`.
+    A directory in another tool's layout (SAELens, saev, Discover-then-Name) raises
+    :class:`SAEFormatError` naming the importer to use (docs/interop.md).
+    """
+    from visae.sae import base as _base
+
+    if str(path).startswith("hf://"):
+        from visae.interop.hub import load_sae_from_hub
+
+        return load_sae_from_hub(str(path), device=device)
     try:
-        return ARCHITECTURES[architecture]
-    except KeyError:
-        raise SAEFormatError(f"unknown SAE architecture {architecture!r}; registered: {sorted(ARCHITECTURES)}") from None
+        return _base.load_sae(path, device=device)
+    except SAEFormatError as e:
+        from visae.interop import import_hint
+
+        hint = import_hint(path)
+        if hint is None:
+            raise
+        raise SAEFormatError(f"{e}\n{hint}") from None
 
 
 def build_sae(cfg: SAEConfig | None = None, *, generator: torch.Generator | None = None, device: Any = None,
@@ -77,52 +88,6 @@ def build_sae(cfg: SAEConfig | None = None, *, generator: torch.Generator | None
 
     cfg = dataclasses.replace(cfg or SAEConfig(), **overrides) if overrides else (cfg or SAEConfig())
     return sae_class(cfg.architecture)(cfg, generator=generator, device=device)
-
-
-def load_sae(path: str | Path, device: Any = "cpu") -> SAE:
-    """Load ``path/cfg.json`` + ``path/weights.safetensors`` into a ready-to-use SAE (raw-input inference)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
-    if not path.is_dir():
-        raise SAEFormatError(f"SAE directory {path} does not exist")
-    if not cfg_path.is_file():
-        raise SAEFormatError(f"{cfg_path} is missing: {path} is not an SAE directory (expected {CFG_FILE} + {WEIGHTS_FILE})")
-    if not w_path.is_file():
-        raise SAEFormatError(f"{w_path} is missing (the weights of the SAE described by {cfg_path})")
-    try:
-        doc = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise SAEFormatError(f"{cfg_path} is not valid JSON: {e}") from None
-    if doc.get("format") != FORMAT_NAME:
-        raise SAEFormatError(f"{cfg_path}: field 'format' is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise SAEFormatError(f"{cfg_path}: field 'format_version' is {doc.get('format_version')!r}, "
-                             f"this visae reads version {FORMAT_VERSION}")
-    extra = doc.pop("extra", {}) or {}
-    doc.pop("format"), doc.pop("format_version")
-    try:
-        cfg = SAEConfig.from_dict(doc, where=str(cfg_path))
-    except (TypeError, ValueError) as e:
-        raise SAEFormatError(f"{cfg_path}: {e}") from None
-    sae = sae_class(cfg.architecture)(cfg, device=device)
-    try:
-        state = load_file(str(w_path), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise SAEFormatError(f"{w_path}: not a readable safetensors file ({e})") from None
-    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != got:
-        missing = sorted(set(expected) - set(got))
-        bad = {k: (got[k], expected[k]) for k in expected if k in got and got[k] != expected[k]}
-        raise SAEFormatError(f"{w_path}: tensors do not fit {cfg_path} (missing {missing}, unexpected "
-                             f"{sorted(set(got) - set(expected))}, shape (file, cfg) {bad})")
-    sae.load_state_dict(state)
-    sae.extra = extra
-    sae.eval()
-    return sae
 
 
 def stack_saes(saes: Sequence[SAE]) -> SAE:

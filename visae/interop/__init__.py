@@ -1,0 +1,111 @@
+"""Import and export of other tools' SAEs and activations: one small module per format.
+
+=====================  ======================================  =========================================
+format                 module                                  what
+=====================  ======================================  =========================================
+SAELens (>= 6)         :mod:`visae.interop.saelens`            SAE dirs both ways (cfg.json +
+                                                               sae_weights.safetensors)
+Discover-then-Name     :mod:`visae.interop.dncbm`              ``sparse_autoencoder_final.pt`` -> visae
+saev                   :mod:`visae.interop.saev`               activation shards (protocol 2.1) -> shard
+                                                               set; ``sae.pt`` checkpoints -> visae
+Hugging Face hub       :mod:`visae.interop.hub`                ``load_sae("hf://org/repo[/sub]")``,
+                                                               ``visae push``
+=====================  ======================================  =========================================
+
+Every importer returns a :class:`visae.sae.SAE` that works on raw activations and records in
+``extra`` where it came from (``imported_from``) and, where the foreign format says so, the
+activations it was trained on (``source``: model, layer, token), which splicing and naming
+read. ``detect_layout(path)`` names the foreign layout of a directory; ``visae.sae.load_sae``
+uses it to point at the right importer. The formats, with the versions and commits they
+were taken from, are written down in docs/interop.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visae.errors import VisaeError
+
+__all__ = ["InteropError", "detect_layout", "import_hint", "sae_from_matrices"]
+
+
+class InteropError(VisaeError, ValueError):
+    """A foreign SAE / activation file is malformed, of an unsupported version, or cannot be represented."""
+
+
+def detect_layout(path: str | Path) -> str | None:
+    """The foreign layout of ``path`` ("saelens", "saev-shards", "saev-checkpoint", "dncbm"), or None."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix == ".pt":
+            with open(p, "rb") as fh:
+                head = fh.read(1)
+            return "saev-checkpoint" if head == b"{" else "dncbm"
+        return None
+    if not p.is_dir():
+        return None
+    if (p / "sae_weights.safetensors").is_file():
+        return "saelens"
+    if (p / "metadata.json").is_file() and (p / "shards.json").is_file():
+        return "saev-shards"
+    if (p / "checkpoint" / "sae.pt").is_file() or (p / "sae.pt").is_file():
+        return "saev-checkpoint"
+    if (p / "sae_checkpoints" / "sparse_autoencoder_final.pt").is_file() or (p / "sparse_autoencoder_final.pt").is_file():
+        return "dncbm"
+    return None
+
+
+_HINTS = {
+    "saelens": "a SAELens SAE directory (cfg.json + sae_weights.safetensors): convert it with "
+               "`python -c \"from visae.interop.saelens import import_saelens; import_saelens('{p}', out='OUT')\"` "
+               "(or load it in Python with import_saelens('{p}'))",
+    "saev-shards": "a saev activation shard folder (metadata.json + shards.json + acts*.bin): convert it with "
+                   "`python -c \"from visae.interop.saev import convert_saev_shards; "
+                   "convert_saev_shards('{p}', 'OUT', layer=L)\"`",
+    "saev-checkpoint": "a saev SAE checkpoint (sae.pt): convert it with "
+                       "`python -c \"from visae.interop.saev import import_saev_sae; import_saev_sae('{p}', out='OUT')\"`",
+    "dncbm": "a Discover-then-Name checkpoint (sparse_autoencoder library state_dict): convert it with "
+             "`python -c \"from visae.interop.dncbm import import_dncbm; import_dncbm('{p}', out='OUT', model='ViT-B-16:openai')\"`",
+}
+
+
+def import_hint(path: str | Path) -> str | None:
+    """A sentence naming the foreign layout of ``path`` and the importer to use, or None."""
+    kind = detect_layout(path)
+    return None if kind is None else f"{path} is {_HINTS[kind].format(p=path)}; see docs/interop.md"
+
+
+def sae_from_matrices(architecture: str, *, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+                      b_dec: torch.Tensor, extra_tensors: dict[str, torch.Tensor] | None = None,
+                      extra: dict[str, Any] | None = None, where: str = "checkpoint", **cfg: Any):
+    """A single visae SAE (S = 1) from plain matrices, float32.
+
+    W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] in visae's convention
+    (``pre = (x - b_dec) W_enc + b_enc``, ``x_hat = f W_dec + b_dec``); ``extra_tensors`` are
+    architecture tensors without the member axis (``threshold`` [], ``log_threshold`` [d_sae]).
+    ``cfg`` holds further :class:`visae.sae.SAEConfig` fields. Raises :class:`InteropError` on shapes.
+    """
+    from visae.sae import SAEConfig, build_sae
+
+    W_enc, b_enc, W_dec, b_dec = (t.detach().to(torch.float32).cpu() for t in (W_enc, b_enc, W_dec, b_dec))
+    if W_enc.ndim != 2:
+        raise InteropError(f"{where}: encoder weight must be 2-D [d_in, d_sae], got {list(W_enc.shape)}")
+    d_in, d_sae = W_enc.shape
+    want = {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    for name, t in (("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+        if tuple(t.shape) != want[name]:
+            raise InteropError(f"{where}: {name} has shape {list(t.shape)}, expected {list(want[name])} "
+                               f"(from the encoder's [d_in={d_in}, d_sae={d_sae}])")
+    try:
+        sae = build_sae(SAEConfig(architecture=architecture, d_in=int(d_in), d_sae=int(d_sae), **cfg))
+    except ValueError as e:
+        raise InteropError(f"{where}: {e}") from None
+    state = {"W_enc": W_enc[None], "b_enc": b_enc[None], "W_dec": W_dec[None], "b_dec": b_dec[None]}
+    for k, v in (extra_tensors or {}).items():
+        state[k] = v.detach().to(torch.float32).cpu()[None]
+    sae.load_state_dict(state)
+    sae.extra = dict(extra or {})
+    return sae.eval()

@@ -34,6 +34,8 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
+from visae.errors import VisaeError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -52,11 +54,11 @@ HUB_HOST = "huggingface.co"
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
-class BackboneError(ValueError):
+class BackboneError(VisaeError, ValueError):
     """A backbone name, checkpoint or read-out request is invalid."""
 
 
-class WeightsNotAvailableError(FileNotFoundError):
+class WeightsNotAvailableError(VisaeError, FileNotFoundError):
     """Pretrained weights are not on this machine and cannot be downloaded."""
 
 

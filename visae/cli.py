@@ -1,13 +1,20 @@
 """The ``visae`` console entry point: one subcommand per pipeline stage.
 
 Each stage module exposes ``main(argv: list[str] | None = None) -> int``; this file only
-dispatches, importing the stage lazily so ``visae --help`` stays fast.
+dispatches, importing the stage lazily so ``visae --help`` stays fast. A project error
+(``visae.errors.VisaeError``) that reaches it is printed as one line,
+``visae <command>: error: <message>``, and the command exits with the error's ``exit_code``
+(2 for a usage error, ``ConfigError``; 1 otherwise). ``VISAE_TRACEBACK=1`` shows the traceback
+instead. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from visae.errors import VisaeError
 
 # subcommand -> (module, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -46,8 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"visae: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(SUBCOMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except VisaeError as e:
+        if os.environ.get("VISAE_TRACEBACK"):
+            raise
+        print(f"visae {name}: error: {one_line(e)}", file=sys.stderr)
+        return int(getattr(e, "exit_code", 1))
+
+
+def one_line(e: BaseException) -> str:
+    """The error's message on one line (its own line breaks become '; ')."""
+    return "; ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -249,7 +249,10 @@ def _registry(cls: type) -> Any:
     fixed: dict[type, set[str]] = {}
     _walk_fixed(cls, fixed, set())
     fixed.setdefault(cls, set())
-    fixed.setdefault(Runtime, set())
+    # a stage whose config has its own field of a Runtime option's name (extract's, the demo's and the
+    # toy CLIP's ``threads``: their library functions set it) takes that flag from its config
+    fixed.setdefault(Runtime, set()).update(f.name for f in dataclasses.fields(cls)
+                                            if f.name in {r.name for r in dataclasses.fields(Runtime)})
     registry = ConstructorRegistry()
 
     @registry.struct_rule

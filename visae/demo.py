@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from visae.atomic import atomic_write_text
 from visae.config import config_to_dict, parse_config
 from visae.resources import config_yaml
-from visae.shards import atomic_write_text
 
 __all__ = ["DemoConfig", "QUICK", "run_demo", "toy_vocabulary", "main"]
 
@@ -188,10 +188,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     def do_sweep() -> dict[str, Any]:
         from visae.sweep import SweepConfig, sweep
 
-        sweep(SweepConfig(shards=str(shards_dir), out=str(sweep_dir), lrs=run.lrs, l1_coeffs=run.l1_coeffs,
-                          expansion_factors=run.expansion_factors, architecture=run.architecture,
-                          num_epochs=run.num_epochs, batch_size=run.batch_size, seed=run.seed, device="cpu",
-                          benchmark="toy", progress=run.progress, plot=not run.quick, text_cache=text_cache))
+        from visae.sweep import SweepSelection
+
+        trainer = dataclasses.replace(SweepConfig().train, shards=str(shards_dir), architecture=run.architecture,
+                                      num_epochs=run.num_epochs, batch_size=run.batch_size, seed=run.seed,
+                                      device="cpu", progress=run.progress, plot=not run.quick)
+        sweep(SweepConfig(out=str(sweep_dir), lrs=run.lrs, l1_coeffs=run.l1_coeffs,
+                          expansion_factors=run.expansion_factors, train=trainer,
+                          selection=SweepSelection(benchmark="toy", text_cache=text_cache)))
         sel = json.loads((sweep_dir / "selection.json").read_text()) if (sweep_dir / "selection.json").is_file() else {}
         if not (best / "cfg.json").is_file():
             raise RuntimeError(f"the sweep in {sweep_dir} selected no SAE (see its leaderboard)")

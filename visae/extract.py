@@ -14,7 +14,7 @@ tokens (``mean``) or every patch token (``patch``: one row per patch, ids ``<id>
 Resumption: the input order is deterministic (sorted), rows are committed shard by shard,
 and a rerun of the same command finds the last committed id and continues right after it
 (mid-image for patch rows), so nothing is lost or duplicated. Undecodable images are
-skipped, counted and listed in ``skipped.txt`` (``id<TAB>reason``).
+skipped, counted and listed in ``skipped.jsonl`` (one JSON object ``{"id", "reason"}`` a line).
 
 Multi-process (torchrun): rank k takes a contiguous slice of the items (whole tar files for
 webdataset sources), writes ``out/rank_k/``; after a barrier rank 0 merges the parts in rank
@@ -41,14 +41,15 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 
+from visae.atomic import atomic_write_text
 from visae.config import ConfigError, config_to_dict, parse_config
 from visae.resources import config_yaml
-from visae.shards import MANIFEST, ShardError, ShardSet, ShardWriter, atomic_write_text, merge_shard_sets
+from visae.shards import MANIFEST, ShardError, ShardSet, ShardWriter, merge_shard_sets
 
 log = logging.getLogger(__name__)
 
 DEFAULT_YAML = config_yaml("extract.yaml")
-SKIPPED = "skipped.txt"
+SKIPPED = "skipped.jsonl"
 REPORT = "extract_report.json"
 PART = "part.json"
 
@@ -101,22 +102,42 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
 
+def _skipped_line(sid: str, why: str) -> str:
+    # JSON with ASCII escapes: any id (tabs, newlines, unpaired surrogates) and reason fits on one line
+    return json.dumps({"id": sid, "reason": " ".join(str(why).split())}, ensure_ascii=True) + "\n"
+
+
 def read_skipped(directory: str | Path) -> dict[str, str]:
-    """``{id: reason}`` of the images an extraction skipped (``skipped.txt``; later duplicates ignored)."""
+    """``{id: reason}`` of the images an extraction skipped (``skipped.jsonl``; later duplicates ignored).
+
+    A line cut off by a kill mid-append (the last one) is ignored: the item is redone on resume.
+    """
     f = Path(directory) / SKIPPED
     out: dict[str, str] = {}
     if f.is_file():
-        for line in f.read_text().splitlines():
-            if line.strip():
-                sid, _, why = line.partition("\t")
-                out.setdefault(sid, why)
+        for line in f.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out.setdefault(rec["id"], rec["reason"])
     return out
 
 
 def _append_skipped(directory: Path, rows: list[tuple[str, str]]) -> None:
-    with open(directory / SKIPPED, "a") as f:
+    path = directory / SKIPPED
+    torn = False  # a line cut off by a kill: start on a fresh line so the next record stays whole
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as g:
+            g.seek(-1, os.SEEK_END)
+            torn = g.read(1) != b"\n"
+    with open(path, "a", encoding="utf-8") as f:
+        if torn:
+            f.write("\n")
         for sid, why in rows:
-            f.write(f"{sid}\t{' '.join(why.split())}\n")
+            f.write(_skipped_line(sid, why))
         f.flush()
         os.fsync(f.fileno())
 
@@ -466,8 +487,8 @@ def _merge_parts(out: Path, world: int) -> ShardSet:
         staging.append(st)
     skipped_lines = []
     for p in parts:
-        skipped_lines += [f"{sid}\t{why}" for sid, why in read_skipped(p).items()]
-    atomic_write_text(out / SKIPPED, "".join(line + "\n" for line in skipped_lines))
+        skipped_lines += [_skipped_line(sid, why) for sid, why in read_skipped(p).items()]
+    atomic_write_text(out / SKIPPED, "".join(skipped_lines))
     ss = merge_shard_sets(staging, out, remove_parts=True)
     for p in parts:
         shutil.rmtree(p, ignore_errors=True)

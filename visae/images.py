@@ -40,12 +40,18 @@ from typing import Any, Sequence
 
 from PIL import Image
 
+from visae.errors import VisaeError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "Item",
     "ImageSource",
     "open_source",
     "load_image",
+    "as_browser_rgb",
+    "encode_id",
+    "decode_id",
+    "UndecodableRange",
     "imagenet_wnids",
     "imagenet_classnames",
     "SOURCE_KINDS",
@@ -60,9 +66,10 @@ SOURCE_KINDS = ("auto", "folder", "imagenet", "webdataset", "toyworld")
 _WNID = re.compile(r"^n\d{8}$")
 _WNID_PREFIX = re.compile(r"^(n\d{8})_")
 _DATA = Path(__file__).resolve().parent / "data"
+ID_BYTES_PREFIX = "%b:"  # ids of names that are not valid Unicode: see encode_id
 
 
-class SourceError(ValueError):
+class SourceError(VisaeError, ValueError):
     """An image source cannot be read or is not what was asked for."""
 
 
@@ -131,16 +138,88 @@ def load_image(item: Item) -> tuple[Image.Image | None, int, str]:
             data = _read_bytes(item.path, item.offset, item.size)
             if item.cls_offset >= 0:
                 label = int(_read_bytes(item.path, item.cls_offset, item.cls_size).decode().strip())
-            img = Image.open(io.BytesIO(data))
-            img.load()
-        else:
-            with Image.open(item.path) as im:
-                im.load()
-                img = im
-        # load() fully decodes, so truncated files fail here rather than later in a transform
-        return img.convert("RGB"), label, ""
+            with Image.open(io.BytesIO(data)) as im:
+                return as_browser_rgb(im), label, ""
+        with Image.open(item.path) as im:
+            return as_browser_rgb(im), label, ""
     except Exception as e:  # noqa: BLE001 - any decode failure means: skip this image
         return None, label, f"{type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------- decoding policy
+#
+# What the model sees is the picture a web browser shows when it opens the file. The rules, in
+# order (docs/extraction.md, "Decoding policy"; tests/test_images_decoding.py tests each one):
+#   1. first frame of animated / multi-page files (GIF, APNG, animated WebP, multi-page TIFF);
+#   2. EXIF orientation applied (ImageOps.exif_transpose), as browsers do by default;
+#   3. by mode: 1 / L / P / RGB / CMYK / YCbCr -> Pillow's conversion to RGB; with an alpha channel
+#      (RGBA, LA, PA, P or L with transparency, RGBa, La) composited over white, the page background;
+#      16-bit greyscale (I;16, I;16L, I;16B, I;16N, and mode I read from a PNG, whose range is
+#      16 bits) scaled to 8 bits by v * 255 / 65535 rounded; F (float) and I from other containers
+#      (TIFF, ...) have no known range: refused with a counted skip; any other mode: refused;
+#   4. an embedded ICC profile is applied (converted to sRGB with ImageCms), as colour-managed
+#      browsers do; a profile that cannot be read is ignored (the pixels are taken as sRGB).
+
+_WHITE = (255, 255, 255)
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class UndecodableRange(VisaeError, ValueError):
+    """An image whose pixel range is not defined by its format (float, 32-bit integer): refused."""
+
+
+def _icc_to_srgb(img: Image.Image) -> Image.Image:
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "CMYK", "L", "LAB"):
+        return img
+    from PIL import ImageCms
+
+    try:
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return img  # an unreadable profile: browsers ignore it too
+
+
+def as_browser_rgb(img: Image.Image) -> Image.Image:
+    """The 8-bit RGB picture a web browser shows for ``img`` (rules 1-4 above). ``[H, W, 3]`` uint8.
+
+    Raises:
+        UndecodableRange: float images, 32-bit integer images outside PNG, and modes with no rule
+            (the extractor counts them as skipped, with this message as the reason).
+    """
+    from PIL import ImageOps
+
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    img.load()  # full decode here: a truncated file fails now, not later in a transform
+    fmt = img.format
+    img = ImageOps.exif_transpose(img) or img
+    mode = img.mode
+    if mode in _GREY16_MODES or (mode == "I" and fmt == "PNG"):
+        import numpy as np
+
+        a = np.asarray(img).astype(np.float64)
+        if a.min() < 0 or a.max() > 65535:
+            raise UndecodableRange(f"{mode} image from {fmt} has values outside 0..65535")
+        return Image.fromarray(np.rint(a * (255.0 / 65535.0)).astype(np.uint8), "L").convert("RGB")
+    if mode in ("F", "I"):
+        raise UndecodableRange(f"{'floating-point' if mode == 'F' else '32-bit integer'} image (mode {mode}, "
+                               f"{fmt or 'unknown container'}): its range is not defined, so it cannot be shown as a browser would")
+    if mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, _WHITE)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    if mode in ("RGB", "CMYK", "L", "LAB"):
+        img = _icc_to_srgb(img)
+    if img.mode in ("1", "L", "P", "RGB", "CMYK", "YCbCr", "RGBX"):
+        return img.convert("RGB")
+    raise UndecodableRange(f"image mode {img.mode} ({fmt or 'unknown container'}) has no decoding rule")
 
 
 # ----------------------------------------------------------------------------- ImageNet facts
@@ -165,14 +244,96 @@ def imagenet_classnames() -> list[str]:
 # ----------------------------------------------------------------------------- listing
 
 
-def _list_images(root: Path) -> list[Path]:
-    out = []
+def encode_id(name: str) -> str:
+    """The id stored in shards, JSON, CSV and the site for a file or member ``name``.
+
+    A name that is valid Unicode (no lone surrogates, as Python gives for file-name bytes that are
+    not UTF-8) and does not start with ``%b:`` is its own id. Any other name is written as ``%b:``
+    followed by its bytes (UTF-8, undecodable bytes as they were) percent-encoded, ``/`` kept:
+    ``caf\\xe9.jpg`` (a Latin-1 byte) -> ``%b:caf%E9.jpg``. :func:`decode_id` gives the name back, so the
+    id always leads back to the file. docs/shard_format.md, "Ids".
+    """
+    try:
+        name.encode("utf-8")
+        if not name.startswith(ID_BYTES_PREFIX):
+            return name
+    except UnicodeEncodeError:
+        pass
+    from urllib.parse import quote_from_bytes
+
+    return ID_BYTES_PREFIX + quote_from_bytes(name.encode("utf-8", "surrogateescape"), safe="/")
+
+
+def decode_id(example_id: str) -> str:
+    """The file or member name behind an id of :func:`encode_id` (undecodable bytes as surrogates, as
+    ``os`` functions take them)."""
+    if not example_id.startswith(ID_BYTES_PREFIX):
+        return example_id
+    from urllib.parse import unquote_to_bytes
+
+    return unquote_to_bytes(example_id[len(ID_BYTES_PREFIX):]).decode("utf-8", "surrogateescape")
+
+
+def _list_files(root: Path) -> tuple[list[tuple[str, Path]], list[Item]]:
+    """Image files under ``root``, each read once: ([(relative name, path)] sorted, [skip items]).
+
+    Symlinked folders are followed, but a folder already walked (a link loop such as ``loop -> .``,
+    or a second link to the same folder) is not walked again, and a file already listed through
+    another name (a symlink or hard link to it) is not read again: each becomes a skip item with
+    the reason, so it is counted in ``skipped.jsonl`` rather than read twice or lost silently.
+    """
+    seen_dirs: dict[tuple[int, int], str] = {}
+    found: list[tuple[str, Path, tuple[int, int]]] = []
+    skips: list[Item] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        here = Path(dirpath)
+        rel_dir = here.relative_to(root).as_posix()
+        st = here.stat()
+        seen_dirs.setdefault((st.st_dev, st.st_ino), rel_dir)
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            try:
+                dst = (here / d).stat()
+            except OSError as e:
+                rel = (here / d).relative_to(root).as_posix()
+                skips.append(Item(id=encode_id(rel + "/"), path=str(here / d), error=f"folder cannot be read ({e.strerror})"))
+                continue
+            key = (dst.st_dev, dst.st_ino)
+            if key in seen_dirs:
+                rel = (here / d).relative_to(root).as_posix()
+                skips.append(Item(id=encode_id(rel + "/"), path=str(here / d),
+                                  error=f"folder link to {seen_dirs[key] or '.'!r}, which is already read (not read twice)"))
+                continue
+            seen_dirs[key] = (here / d).relative_to(root).as_posix()
+            keep.append(d)
+        dirnames[:] = keep
         for fn in filenames:
             if not fn.startswith(".") and fn.lower().endswith(IMAGE_EXTENSIONS):
-                out.append(Path(dirpath) / fn)
-    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+                f = here / fn
+                try:
+                    fst = f.stat()
+                except OSError as e:  # a dangling symlink
+                    skips.append(Item(id=encode_id(f.relative_to(root).as_posix()), path=str(f),
+                                      error=f"cannot be read ({e.strerror})"))
+                    continue
+                found.append((f.relative_to(root).as_posix(), f, (fst.st_dev, fst.st_ino)))
+    found.sort(key=lambda t: t[0])
+    first: dict[tuple[int, int], str] = {}
+    out: list[tuple[str, Path]] = []
+    for rel, f, key in found:
+        if key in first:
+            skips.append(Item(id=encode_id(rel), path=str(f),
+                              error=f"same file as {encode_id(first[key])!r} (a symlink or hard link), which is read once"))
+            continue
+        first[key] = rel
+        out.append((rel, f))
+    return out, skips
+
+
+def _list_images(root: Path) -> list[Path]:
+    return [f for _, f in _list_files(root)[0]]
 
 
 def _wnid_of(rel: Path) -> str | None:
@@ -184,10 +345,10 @@ def _wnid_of(rel: Path) -> str | None:
 
 
 def _folder_source(root: Path, folder_labels: bool) -> ImageSource:
-    files = _list_images(root)
+    files, skips = _list_files(root)
     if not files:
         raise SourceError(f"{root}: no image files found (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    rels = [f.relative_to(root) for f in files]
+    rels = [Path(r) for r, _ in files]
     label_names: dict[str, list[str]] = {}
     labels = [-1] * len(files)
     if folder_labels:
@@ -197,30 +358,36 @@ def _folder_source(root: Path, folder_labels: bool) -> ImageSource:
         index = {c: i for i, c in enumerate(classes)}
         labels = [index[r.parts[0]] if len(r.parts) > 1 else -1 for r in rels]
         label_names["label"] = classes
-    items = [Item(id=r.as_posix(), path=str(f), label=lab) for r, f, lab in zip(rels, files, labels)]
-    return ImageSource("folder", str(root), items, label_names, info={"folder_labels": folder_labels})
+    items = [Item(id=encode_id(r), path=str(f), label=lab) for (r, f), lab in zip(files, labels)]
+    return ImageSource("folder", str(root), _with_skips(items, skips), label_names, info={"folder_labels": folder_labels})
+
+
+def _with_skips(items: list[Item], skips: list[Item]) -> list[Item]:
+    """Items and skip items in one deterministic order (by id)."""
+    return sorted(items + skips, key=lambda it: it.id)
 
 
 def _imagenet_source(root: Path) -> ImageSource:
-    files = _list_images(root)
+    files, skips = _list_files(root)
     if not files:
         raise SourceError(f"{root}: no image files found")
     wnids = imagenet_wnids()
     index = {w: i for i, w in enumerate(wnids)}
     items, missing = [], []
-    for f in files:
-        rel = f.relative_to(root)
+    for r, f in files:
+        rel = Path(r)
         w = _wnid_of(rel)
         if w is None or w not in index:
-            missing.append(rel.as_posix())
+            missing.append(r)
             continue
-        items.append(Item(id=rel.as_posix(), path=str(f), label=index[w]))
+        items.append(Item(id=encode_id(r), path=str(f), label=index[w]))
     if missing:
         raise SourceError(
             f"{root}: {len(missing)} image(s) have no ImageNet wnid in their folder or file name "
             f"(expected <wnid>/<file> or <wnid>_<name>.JPEG), e.g. {missing[:3]}; use --source folder for unlabelled images"
         )
-    return ImageSource("imagenet", str(root), items, {"label": imagenet_classnames()}, info={"wnids": "ILSVRC2012 (sorted)"})
+    return ImageSource("imagenet", str(root), _with_skips(items, skips), {"label": imagenet_classnames()},
+                       info={"wnids": "ILSVRC2012 (sorted)"})
 
 
 def _looks_imagenet(root: Path) -> bool:
@@ -303,6 +470,7 @@ def _index_tar(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     samples: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     errors: list[str] = []
+    names: set[str] = set()
     try:
         with tarfile.open(path, mode="r:") as tf:
             while True:
@@ -318,6 +486,11 @@ def _index_tar(path: str) -> tuple[list[dict[str, Any]], list[str]]:
                 key, ext = base_plus_ext(ti.name)
                 if key is None or os.path.basename(ti.name).startswith("__"):
                     continue
+                if ti.name in names:  # webdataset itself refuses this; the first member of the name is used
+                    errors.append(f"repeated member name {ti.name!r} at byte {ti.offset}: skipped (the first "
+                                  f"member of that name is used)")
+                    continue
+                names.add(ti.name)
                 if key not in samples:
                     samples[key] = {"key": key, "image": None, "cls": None, "error": ""}
                     order.append(key)
@@ -362,19 +535,26 @@ def _webdataset_source(spec: str) -> ImageSource:
         tar_starts.append(len(items))
         stem = os.path.basename(t)
         for s in ss:
-            sid = f"{stem}/{s['key']}" if prefix else s["key"]
+            sid = encode_id(f"{stem}/{s['key']}" if prefix else s["key"])
             err = s["error"]
             if s["image"] is None and not err:
-                err = f"sample has no image member (one of {WDS_IMAGE_EXTS})"
+                err = (f"sample has no image member (one of {WDS_IMAGE_EXTS})"
+                       + (": an orphan label" if s["cls"] is not None else ""))
             img = s["image"] or ("", 0, 0)
             cls = s["cls"] or (-1, -1)
             has_cls |= s["cls"] is not None
             items.append(Item(id=sid, path=t, offset=img[1], size=img[2], cls_offset=cls[0], cls_size=cls[1], error=err))
-        # a tar that breaks off (truncated header, garbage) becomes one skipped pseudo-item, in order
+        # a tar that breaks off (truncated header, garbage) or a repeated member becomes one skipped
+        # pseudo-item, in order
         for j, e in enumerate(errs):
-            items.append(Item(id=f"{stem}#unreadable-{j}", path=t, error=e))
+            items.append(Item(id=encode_id(f"{stem}#unreadable-{j}"), path=t, error=e))
     if not items:
         raise SourceError(f"{spec}: the tar shards hold no samples")
+    if has_cls:  # a labelled set: a sample without its label is a missing part, not an unlabelled image
+        from dataclasses import replace
+
+        items = [replace(it, error="sample has no cls member while the other samples have one (label unknown)")
+                 if (it.offset >= 0 and it.size > 0 and it.cls_offset < 0 and not it.error) else it for it in items]
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise SourceError(f"{spec}: sample keys repeat within a shard; ids must be unique")

@@ -2,8 +2,10 @@
 
 Every record is one JSON object per line in ``<sae dir>/metrics.jsonl`` with a ``type``:
 
-- ``"train"``: interval means at ``step`` (loss, mse, l1, l0, explained_variance, aux,
-  dead_fraction, dead_since_resample_fraction, lr, l1_coeff, act_per_s, ...);
+- ``"train"``: example-weighted means over the interval ending at ``step`` (loss, mse, l1, l0,
+  aux; explained_variance over all the interval's examples, null when undefined),
+  dead_fraction, dead_since_resample_fraction, lr, l1_coeff, act_per_s; ``partial: true``
+  when ``--max_steps`` cut the interval short (dropped on resume);
 - ``"val"``: validation metrics at the end of an epoch (held-out split);
 - ``"resample"``: dead latents resampled at the end of an epoch;
 - ``"summary"``: written once at the end (throughput, final validation metrics).
@@ -19,6 +21,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
+
+from visae.atomic import atomic_path
 
 __all__ = ["MetricsLogger", "read_metrics", "plot_curves", "import_wandb"]
 
@@ -76,8 +80,9 @@ class MetricsLogger:
         dirs: one directory per stack member.
         wandb_cfg: None (no wandb) or a dict with ``project``, ``name``, ``config``, ``dir``
             and optionally ``id`` (to continue a run after ``--resume``).
-        truncate_after_step: on resume, records with ``step`` beyond this are dropped first so
-            the log reads as if the run had never stopped.
+        truncate_after_step: on resume, records with ``step`` beyond this, the summary and
+            ``partial`` train records (an interval cut short by ``--max_steps``, continued after
+            the resume) are dropped first so the log reads as if the run had never stopped.
     """
 
     def __init__(self, dirs: Sequence[str | Path], wandb_cfg: dict[str, Any] | None = None,
@@ -90,7 +95,8 @@ class MetricsLogger:
             if truncate_after_step is None:
                 p.write_text("")
             else:
-                keep = [r for r in read_metrics(p) if r.get("type") != "summary" and r.get("step", 0) <= truncate_after_step]
+                keep = [r for r in read_metrics(p) if r.get("type") != "summary" and not r.get("partial")
+                        and r.get("step", 0) <= truncate_after_step]
                 p.write_text("".join(json.dumps(_clean(r)) + "\n" for r in keep))
             self.files.append(open(p, "a"))
         self.wandb_run = None
@@ -179,8 +185,9 @@ def plot_curves(metrics: str | Path, out_png: str | Path | None = None) -> Path:
     for ax in list(axes.flat)[len(_PANELS):]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        with atomic_path(out_png) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+    finally:
+        plt.close(fig)
     return out_png

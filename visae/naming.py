@@ -43,13 +43,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from visae.atomic import atomic_write_text
 from visae.config import config_to_dict, parse_config
+from visae.errors import VisaeError
 from visae.resources import config_yaml
-from visae.shards import atomic_write_text
 
 __all__ = [
     "NamingError",
     "NameConfig",
+    "NULL_QUANTILE",
+    "NULL_DIRECTIONS",
+    "NEAR_DUPLICATE_COSINE",
+    "null_min_z",
+    "near_duplicates",
+    "VocabularyEmbedding",
+    "embed_vocabulary",
     "STOPWORDS",
     "load_vocabulary",
     "decoder_directions",
@@ -66,7 +74,12 @@ log = logging.getLogger(__name__)
 CONCEPTS_FORMAT = "visae.concepts"
 CONCEPTS_VERSION = 1
 
-# layer / token values that mean "the model's final (projected) image embedding"
+# Default naming decision: a latent is named when its best word's z reaches the NULL_QUANTILE quantile of the
+# best word's z over NULL_DIRECTIONS random directions (see null_min_z).
+NULL_QUANTILE = 0.99
+NULL_DIRECTIONS = 1000
+# Words whose embeddings have a cosine above this are one name to the text tower (merged, see embed_vocabulary).
+NEAR_DUPLICATE_COSINE = 1.0 - 1e-6
 
 # English function words: useless as concept names. Short on purpose: content words stay.
 STOPWORDS = frozenset("""
@@ -83,7 +96,7 @@ yourself yourselves also just may might must shall upon yet however whether eith
 """.split())
 
 
-class NamingError(ValueError):
+class NamingError(VisaeError, ValueError):
     """The SAE, vocabulary or model cannot be used for naming (the message says which and why)."""
 
 
@@ -113,7 +126,15 @@ class NameConfig:
     top_k: int = field(default=5, metadata={"help": "name candidates kept per concept"})
     unique_names: bool = field(default=False, metadata={
         "help": "give each word to at most one concept (greedy by score); false: each concept gets its best word"})
-    min_score: float = field(default=0.0, metadata={"help": "leave a concept unnamed when its best available cosine is below this"})
+    min_z: Optional[float] = field(default=None, metadata={
+        "help": "leave a concept unnamed when its best available word's z (how far it stands out from the vocabulary) "
+                "is below this; null: the vocabulary's null threshold (null_quantile of the best word's z over "
+                "null_directions random directions); -inf: name every live latent"})
+    null_quantile: float = field(default=NULL_QUANTILE, metadata={"help": "quantile of the null threshold (min_z null)"})
+    null_directions: int = field(default=NULL_DIRECTIONS, metadata={"help": "random directions of the null threshold"})
+    min_score: Optional[float] = field(default=None, metadata={
+        "help": "also leave a concept unnamed when its best available cosine is below this (null: no cosine "
+                "threshold; cosines move with the offset all text embeddings share, see docs/naming.md)"})
     skip_dead: bool = field(default=True, metadata={"help": "leave latents that never fire (in the shard set) unnamed"})
     shards: Optional[str] = field(default=None, metadata={
         "help": "shard set for activation statistics and top images; null: the one recorded in the SAE's cfg.json, if present"})
@@ -126,6 +147,16 @@ class NameConfig:
     device: str = field(default="cpu", metadata={"help": "torch device"})
     seed: int = field(default=0, metadata={"help": "seed of the random activating-image sample"})
     out: str = field(default="concepts", metadata={"help": "output directory"})
+
+    def __post_init__(self) -> None:
+        from visae.config import ConfigError
+
+        if not 0.0 < self.null_quantile <= 1.0:
+            raise ConfigError(f"NameConfig.null_quantile must be in (0, 1], got {self.null_quantile}")
+        if self.null_directions < 1:
+            raise ConfigError(f"NameConfig.null_directions must be positive, got {self.null_directions}")
+        if self.min_z is not None and math.isnan(self.min_z):
+            raise ConfigError("NameConfig.min_z is NaN; give a number, -inf (name every live latent) or null (the null threshold)")
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -172,6 +203,98 @@ def load_vocabulary(path: str | Path | None = None, size: int = 20000, *, stopwo
     if not out:
         raise NamingError(f"vocabulary {path or 'wordfreq'} is empty after filtering")
     return out
+
+
+def near_duplicates(emb: torch.Tensor, threshold: float = NEAR_DUPLICATE_COSINE, block: int = 512) -> dict[int, list[int]]:
+    """Rows of ``emb [V, D]`` that the text tower does not tell apart: ``{kept row: [merged rows]}``.
+
+    Rows are taken in order; each row not merged yet keeps every later row whose cosine with it exceeds
+    ``threshold`` (so no two kept rows are above it). Exact: a blocked float32 ``X X^T`` finds the candidate
+    pairs with a margin of ``4 D 2^-24`` (twice the float32 rounding bound of a dot product of D terms of
+    unit rows, |error| <= D u), and each candidate's cosine is recomputed in float64.
+    """
+    V, D = emb.shape
+    if V < 2:
+        return {}
+    X = F.normalize(emb.float(), dim=-1)
+    X64 = F.normalize(emb.double(), dim=-1)
+    cand_thr = threshold - 4.0 * D * 2.0 ** -24
+    pairs: list[tuple[int, int]] = []
+    for i0 in range(0, V, block):
+        S = X[i0:i0 + block] @ X[i0:].T  # [b, V - i0]: this block against itself and every later row
+        r, c = torch.nonzero(S > cand_thr, as_tuple=True)
+        r, c = r + i0, c + i0
+        later = c > r
+        r, c = r[later], c[later]
+        if r.numel():
+            ok = (X64[r] * X64[c]).sum(1) > threshold
+            pairs += list(zip(r[ok].tolist(), c[ok].tolist()))
+    groups: dict[int, list[int]] = {}
+    merged: set[int] = set()
+    for r, c in sorted(pairs):
+        if r in merged or c in merged:
+            continue
+        groups.setdefault(r, []).append(c)
+        merged.add(c)
+    return groups
+
+
+@dataclass
+class VocabularyEmbedding:
+    """A vocabulary as the text tower sees it: ``words`` and their unit embeddings ``emb [V, D]``, after
+    dropping the entries that do not fit the context (``too_long``) and merging entries with one embedding
+    (``merged``: kept word -> the words merged into it)."""
+
+    words: list[str]
+    emb: torch.Tensor
+    too_long: list[str]
+    merged: dict[str, list[str]]
+
+
+def embed_vocabulary(backbone: Any, words: Sequence[str], templates: Sequence[str] | None = None, *,
+                     cache_dir: str | Path | None = None, batch_size: int = 256, progress: bool = False,
+                     threshold: float = NEAR_DUPLICATE_COSINE) -> VocabularyEmbedding:
+    """Embed a naming vocabulary so that every name is one the text tower can represent, and no two names share
+    an embedding.
+
+    1. Entries some prompt of which does not fit the text context (:func:`visae.text.texts_that_do_not_fit`;
+       16 tokens for the toy CLIP, 77 for CLIP) would be cut by the tokenizer, and entries that differ only
+       after the cut get identical embeddings: they are dropped with a warning listing them.
+    2. The rest are embedded (:func:`visae.text.encode_texts`, cached).
+    3. Entries whose embeddings have cosine > ``threshold`` (default 1 - 1e-6) with an earlier entry (the
+       same tokens after the tokenizer's cleaning, e.g. "Apple" / "apple") are merged into the earlier one
+       with a warning listing them (:func:`near_duplicates`): a tie at margin 0 between two names is not a name.
+
+    Raises:
+        NamingError: no entry fits the context.
+    """
+    from visae.text import context_length, encode_texts, texts_that_do_not_fit
+
+    words = list(dict.fromkeys(str(w) for w in words))
+    tpl = list(templates) if templates else None
+    too_long = texts_that_do_not_fit(backbone.tokenizer, words, tpl)
+    name = getattr(backbone, "name", "the model")
+    if too_long:
+        log.warning("vocabulary: %d of %d entries do not fit %s's text context of %d tokens%s and are dropped (the "
+                    "tokenizer would cut them, and entries that differ after the cut would get one embedding): %s",
+                    len(too_long), len(words), name, context_length(backbone.tokenizer),
+                    " with the templates" if tpl else "", too_long)
+        drop = set(too_long)
+        words = [w for w in words if w not in drop]
+    if not words:
+        raise NamingError(f"no vocabulary entry fits {name}'s text context of {context_length(backbone.tokenizer)} tokens")
+    emb = encode_texts(backbone, words, tpl, cache_dir=cache_dir, batch_size=batch_size, progress=progress)
+    groups = near_duplicates(emb, threshold)
+    merged: dict[str, list[str]] = {}
+    if groups:
+        merged = {words[i]: [words[j] for j in js] for i, js in groups.items()}
+        gone = {j for js in groups.values() for j in js}
+        log.warning("vocabulary: %d entries have an embedding with cosine > %.7g to an earlier entry (the text tower "
+                    "does not tell them apart) and are merged into it (kept <- merged): %s", len(gone), threshold,
+                    "; ".join(f"{k} <- {', '.join(v)}" for k, v in merged.items()))
+        keep = [i for i in range(len(words)) if i not in gone]
+        words, emb = [words[i] for i in keep], emb[keep]
+    return VocabularyEmbedding(words=words, emb=emb, too_long=too_long, merged=merged)
 
 
 # ----------------------------------------------------------------------------- SAE side
@@ -230,8 +353,9 @@ def decoder_directions(sae: Any, member: int = 0) -> torch.Tensor:
 
 @dataclass
 class NamingResult:
-    """Per concept j (arrays of length d_sae): chosen name (None = unnamed), its cosine, the margin, z, rank,
-    and the top-k candidates ``cand_idx [d_sae, k]`` (word indices) with cosines ``cand_score``."""
+    """Per concept j (arrays of length d_sae): chosen name (None = unnamed), its score (the cosine for unit text
+    embeddings), the margin, z, rank, and the top-k candidates ``cand_idx [d_sae, k]`` (word indices) with
+    scores ``cand_score``; and the decision's thresholds (``min_z`` used, where it came from, ``min_score``)."""
 
     words: list[str]
     names: list[Optional[str]]
@@ -242,6 +366,9 @@ class NamingResult:
     cand_idx: np.ndarray
     cand_score: np.ndarray
     reason: list[str]
+    min_z: float = float("-inf")
+    min_z_source: str = "given"
+    min_score: Optional[float] = None
 
     def alternatives(self, j: int) -> list[dict[str, Any]]:
         return [{"name": self.words[int(i)], "score": float(s)} for i, s in zip(self.cand_idx[j], self.cand_score[j]) if i >= 0]
@@ -252,6 +379,53 @@ def _faiss_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, 
     return scores, idx
 
 
+def null_min_z(ranking_emb: torch.Tensor, *, quantile: float = NULL_QUANTILE, n: int = NULL_DIRECTIONS,
+               seed: int = 0) -> float:
+    """The vocabulary's own naming threshold: the ``quantile`` of the best word's z over ``n`` random directions.
+
+    A random unit direction (isotropic, seeded) has a best word too; its z (see :func:`match_names`) says how
+    far the best of V words stands out by chance in this vocabulary. A latent whose best word stands out
+    no more than that for 99% of random directions (``quantile`` 0.99) is not named. Like z, the threshold
+    does not change when one vector is added to every word embedding.
+
+    Args:
+        ranking_emb: ``[V, D]`` the word vectors matching ranks by (centred embeddings, or centred and
+            renormalised with ``subtract_mean``).
+        quantile: in (0, 1].
+        n: random directions drawn (seeded by ``seed``; the same draws every run).
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise NamingError(f"null_quantile must be in (0, 1], got {quantile}")
+    if n < 1:
+        raise NamingError(f"null_directions must be positive, got {n}")
+    R = ranking_emb.double()
+    V, D = R.shape
+    mu, C = _moments(R)
+    Rf = R.float().T.contiguous()
+    g = torch.Generator().manual_seed(int(seed))
+    tops = []
+    for start in range(0, n, 256):
+        d = F.normalize(torch.randn(min(256, n - start), D, generator=g, dtype=torch.float64), dim=-1)
+        top = (d.float() @ Rf).max(1).values.double()
+        m, s = _score_moments(d, mu, C)
+        tops.append((top - m) / s)
+    return float(torch.quantile(torch.cat(tops), quantile))
+
+
+def _moments(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [D] and (population) covariance [D, D] of the rows of R [V, D], float64."""
+    R = R.double()
+    mu = R.mean(0)
+    C = torch.cov(R.T, correction=0) if R.shape[0] > 1 else torch.zeros(R.shape[1], R.shape[1], dtype=torch.float64)
+    return mu, C
+
+
+def _score_moments(d: torch.Tensor, mu: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std over the vocabulary of the scores ``R d`` of each direction d [n, D]: d.mu, sqrt(d^T C d)."""
+    d = d.double()
+    return d @ mu, torch.einsum("nd,de,ne->n", d, C, d).clamp_min(1e-24).sqrt()
+
+
 def match_names(
     directions: torch.Tensor,
     text_emb: torch.Tensor,
@@ -259,16 +433,39 @@ def match_names(
     *,
     top_k: int = 5,
     unique: bool = True,
-    min_score: float = 0.0,
+    min_z: Optional[float] = None,
+    min_score: Optional[float] = None,
+    null_quantile: float = NULL_QUANTILE,
+    null_directions: int = NULL_DIRECTIONS,
+    seed: int = 0,
     subtract_mean: bool = False,
     active: np.ndarray | None = None,
 ) -> NamingResult:
-    """Match unit decoder directions ``[d_sae, D]`` to unit word embeddings ``text_emb [V, D]``.
+    """Match decoder directions ``[d_sae, D]`` (any scale) to word embeddings ``text_emb [V, D]``.
+
+    ``text_emb`` is used as given (:func:`visae.text.encode_texts` gives unit rows). Ranking: the word
+    vectors are centred, ``R_w = t_w - mean(t)`` (with ``subtract_mean`` also renormalised,
+    ``R_w = (t_w - mean(t)) / |t_w - mean(t)|``), and each unit direction d ranks the words by
+    ``d . R_w``. Without ``subtract_mean`` that is the order of ``d . t_w`` (the cosine for unit rows):
+    centring shifts every word's score by the same ``d . mean(t)``, and it makes the ranking, the margin
+    and z exactly independent of any vector added to every word embedding.
+
+    Decision (the default is independent of that offset): a concept is named when its best (free) word's
+    ``z = (d.R_w - mean_v d.R_v) / std_v d.R_v`` (over the vocabulary, exact from R's mean and covariance)
+    is at least ``min_z``; ``min_z=None`` takes the vocabulary's null threshold (:func:`null_min_z`,
+    ``null_quantile`` of the best z of ``null_directions`` random directions, seeded by ``seed``);
+    ``-inf`` names every live latent. ``min_score`` (off by default) also requires the reported score
+    (``d . t_w``, or the cosine with ``R_w`` under ``subtract_mean``) to reach it; without
+    ``subtract_mean`` that score includes ``d . mean(t)``, the same for every word, so it depends on the
+    direction's angle to the mean text embedding, not on the word.
 
     ``active [d_sae] bool``: latents allowed a name (others get reason "dead"). With ``unique`` a greedy
     global matching gives each word to at most one concept: candidate pairs are taken in decreasing
-    cosine; a concept whose candidates were all taken searches deeper (doubling k) until it gets a free
-    word or its best free word scores below ``min_score``.
+    score; a concept whose candidates were all taken searches deeper until it gets a free word or its best
+    free word falls below its threshold.
+
+    Raises:
+        NamingError: embeddings and words disagree in number, or directions and embeddings in width.
     """
     import faiss
 
@@ -278,34 +475,46 @@ def match_names(
     if directions.shape[1] != text_emb.shape[1]:
         raise NamingError(f"decoder directions have width {directions.shape[1]} but the text embeddings have "
                           f"{text_emb.shape[1]}: the SAE was not trained on this model's image embedding")
-    T = F.normalize(text_emb.float(), dim=-1)
+    E = text_emb.double()
+    mean_t = E.mean(0)
+    R = E - mean_t  # float64: a vector added to every row cancels here up to float64 rounding
     if subtract_mean:
-        T = F.normalize(T - T.mean(0, keepdim=True), dim=-1)
-    Dn = F.normalize(directions.float(), dim=-1)
-    n, V = Dn.shape[0], T.shape[0]
-    T_np = T.numpy().astype(np.float32)
-    D_np = Dn.numpy().astype(np.float32)
-    index = faiss.IndexFlatIP(T_np.shape[1])
-    index.add(T_np)
+        R = F.normalize(R, dim=-1)
+    Dn = F.normalize(directions.double(), dim=-1)
+    n, V = Dn.shape[0], R.shape[0]
+    # reported score = ranking score + offset: d.t_w without subtract_mean, the cosine with R_w with it
+    offset = (Dn @ mean_t).numpy() if not subtract_mean else np.zeros(n)
+    R_np = np.ascontiguousarray(R.numpy().astype(np.float32))
+    D_np = np.ascontiguousarray(Dn.numpy().astype(np.float32))
+    index = faiss.IndexFlatIP(R_np.shape[1])
+    index.add(R_np)
 
     k = max(1, min(top_k, V))
-    cand_score, cand_idx = _faiss_search(index, D_np, max(k, min(2, V)))
-    margin = cand_score[:, 0] - cand_score[:, 1] if cand_score.shape[1] > 1 else np.full(n, np.nan, np.float32)
-    cand_score, cand_idx = cand_score[:, :k], cand_idx[:, :k]
+    cand_s, cand_idx = _faiss_search(index, D_np, max(k, min(2, V)))
+    cand_s = cand_s.astype(np.float64)
+    margin = cand_s[:, 0] - cand_s[:, 1] if cand_s.shape[1] > 1 else np.full(n, np.nan)
+    cand_s, cand_idx = cand_s[:, :k], cand_idx[:, :k]
 
-    # z of a cosine against the direction's distribution over the vocabulary: mean d.mu, variance d^T C d.
-    mu = T.mean(0).double()
-    C = torch.cov(T.double().T, correction=0) if V > 1 else torch.zeros(T.shape[1], T.shape[1], dtype=torch.float64)
-    Dd = Dn.double()
-    mean_cos = (Dd @ mu).numpy()
-    std_cos = torch.einsum("nd,de,ne->n", Dd, C, Dd).clamp_min(1e-24).sqrt().numpy()
+    mu, C = _moments(R)
+    m_t, s_t = _score_moments(Dn, mu, C)
+    mean_s, std_s = m_t.numpy(), s_t.numpy()
+    if min_z is None:
+        min_z_used = null_min_z(R, quantile=null_quantile, n=null_directions, seed=seed)
+        min_z_source = f"null: quantile {null_quantile:g} of the best word's z over {null_directions} random directions"
+    else:
+        min_z_used = float(min_z)
+        min_z_source = "given" if math.isfinite(min_z_used) else f"given ({min_z_used}: no z threshold)"
+    # per-concept threshold on the ranking score: z >= min_z and (optionally) score >= min_score
+    thr = mean_s + min_z_used * std_s if math.isfinite(min_z_used) else np.full(n, -np.inf if min_z_used < 0 else np.inf)
+    if min_score is not None:
+        thr = np.maximum(thr, float(min_score) - offset)
 
     if active is None:
         active = np.ones(n, bool)
     active = np.asarray(active, bool)
-    nonzero = Dn.norm(dim=1).numpy() > 0.5
+    nonzero = directions.double().norm(dim=1).numpy() > 0
     name_idx = np.full(n, -1, np.int64)
-    name_score = np.full(n, np.nan, np.float64)
+    name_s = np.full(n, np.nan, np.float64)
     reason = [""] * n
     for j in range(n):
         if not active[j]:
@@ -315,36 +524,40 @@ def match_names(
 
     eligible = active & nonzero
     if not unique:
-        ok = eligible & (cand_score[:, 0] >= min_score)
+        ok = eligible & (cand_s[:, 0] >= thr)
         name_idx[ok] = cand_idx[ok, 0]
-        name_score[ok] = cand_score[ok, 0]
+        name_s[ok] = cand_s[ok, 0]
     else:
-        name_idx, name_score = _greedy_unique(index, D_np, np.flatnonzero(eligible), min_score, max(k, 8), V,
-                                              name_idx, name_score)
+        name_idx, name_s = _greedy_unique(index, D_np, np.flatnonzero(eligible), thr, max(k, 8), V, name_idx, name_s)
     names: list[Optional[str]] = []
     rank = np.full(n, -1, np.int64)
+    best_z = (cand_s[:, 0] - mean_s) / std_s
     for j in range(n):
         w = int(name_idx[j])
         if w < 0:
             names.append(None)
             if not reason[j]:
-                reason[j] = "below min_score" if (cand_score[j, 0] < min_score or not unique) else "words taken by better matches"
+                if cand_s[j, 0] < thr[j]:
+                    reason[j] = "below min_z" if best_z[j] < min_z_used else "below min_score"
+                else:
+                    reason[j] = "words taken by better matches"
             continue
         names.append(words[w])
         hit = np.flatnonzero(cand_idx[j] == w)
         rank[j] = int(hit[0]) if hit.size else -1  # -1: chosen below the top-k list (unique matching)
-    z = (name_score - mean_cos) / std_cos
-    return NamingResult(words=words, names=names, score=name_score.astype(np.float64), margin=margin.astype(np.float64),
-                        z=z, rank=rank, cand_idx=cand_idx.astype(np.int64), cand_score=cand_score.astype(np.float64),
-                        reason=reason)
+    z = (name_s - mean_s) / std_s
+    return NamingResult(words=words, names=names, score=name_s + offset, margin=margin, z=z, rank=rank,
+                        cand_idx=cand_idx.astype(np.int64), cand_score=cand_s + offset[:, None], reason=reason,
+                        min_z=min_z_used, min_z_source=min_z_source, min_score=min_score)
 
 
-def _greedy_unique(index: Any, queries: np.ndarray, concepts: np.ndarray, min_score: float, depth: int, V: int,
+def _greedy_unique(index: Any, queries: np.ndarray, concepts: np.ndarray, thr: np.ndarray, depth: int, V: int,
                    name_idx: np.ndarray, name_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact global greedy matching: (concept, word) pairs in decreasing cosine, each word and concept used once.
+    """Exact global greedy matching: (concept, word) pairs in decreasing score, each word and concept used once.
 
     Lazy: each concept walks down its own ranking (a heap holds every concept's best not-yet-tried word);
-    a concept whose list runs out is searched again four times deeper. Stops per concept below ``min_score``.
+    a concept whose list runs out is searched again four times deeper. Stops per concept below its
+    threshold ``thr[c]``.
     """
     import heapq
 
@@ -359,8 +572,8 @@ def _greedy_unique(index: Any, queries: np.ndarray, concepts: np.ndarray, min_sc
     used = np.zeros(V, bool)
     while heap:
         neg, c = heapq.heappop(heap)
-        if -neg < min_score:
-            continue  # this concept's best free word is below the threshold: unnamed
+        if -neg < thr[c]:
+            continue  # this concept's best free word is below its threshold: unnamed
         sc, ix = lists[c]
         w = int(ix[pos[c]])
         if w >= 0 and not used[w]:
@@ -419,7 +632,6 @@ def _fmt(x: float) -> Any:
 def name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) -> Path:
     """Run the naming stage; returns the output directory (concepts.json, concepts.csv[, top_images.npz])."""
     from visae.sae import load_sae
-    from visae.text import encode_texts
 
     if not cfg.sae and sae is None:
         raise NamingError("--sae is required: an SAE directory (cfg.json + weights.safetensors)")
@@ -444,8 +656,9 @@ def name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) -> 
 
     words = load_vocabulary(cfg.vocab, cfg.vocab_size, stopwords=cfg.stopwords, alpha_only=cfg.alpha_only)
     cache = Path(cfg.text_cache).expanduser() if cfg.text_cache else None
-    emb = encode_texts(backbone, words, list(cfg.templates) or None, cache_dir=cache, batch_size=cfg.text_batch_size,
-                       progress=True)
+    vocab = embed_vocabulary(backbone, words, list(cfg.templates) or None, cache_dir=cache,
+                             batch_size=cfg.text_batch_size, progress=True)
+    emb = vocab.emb
     if emb.shape[1] != sae.d_in:
         raise NamingError(f"{where}: d_in={sae.d_in} but {backbone.name}'s text embeddings have width {emb.shape[1]}")
 
@@ -459,13 +672,15 @@ def name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) -> 
                                    batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
         stats.save(out / "top_images.npz")
     active = (stats.count > 0) if (stats is not None and cfg.skip_dead) else None
-    res = match_names(decoder_directions(sae, cfg.member), emb, words, top_k=cfg.top_k, unique=cfg.unique_names,
-                      min_score=cfg.min_score, subtract_mean=cfg.subtract_mean, active=active)
-    write_concepts(out, res, cfg, backbone, stats, source)
+    res = match_names(decoder_directions(sae, cfg.member), emb, vocab.words, top_k=cfg.top_k, unique=cfg.unique_names,
+                      min_z=cfg.min_z, min_score=cfg.min_score, null_quantile=cfg.null_quantile,
+                      null_directions=cfg.null_directions, seed=cfg.seed, subtract_mean=cfg.subtract_mean, active=active)
+    write_concepts(out, res, cfg, backbone, stats, source, vocab)
     return out
 
 
-def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any, stats: Any, source: Any) -> None:
+def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any, stats: Any, source: Any,
+                   vocab: Optional[VocabularyEmbedding] = None) -> None:
     n = len(res.names)
     concepts = []
     for j in range(n):
@@ -488,7 +703,10 @@ def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any,
         "member": cfg.member,
         "model": {"name": backbone.name, "pretrained": backbone.pretrained, "random_init": bool(getattr(backbone, "random_init", False))},
         "shard_source": source,
-        "vocabulary": {"source": cfg.vocab or "wordfreq:en", "size": len(res.words)},
+        "vocabulary": {"source": cfg.vocab or "wordfreq:en", "size": len(res.words),
+                       "too_long": list(vocab.too_long) if vocab is not None else [],
+                       "merged": dict(vocab.merged) if vocab is not None else {}},
+        "decision": {"min_z": _fmt(res.min_z), "min_z_source": res.min_z_source, "min_score": res.min_score},
         "num_concepts": n,
         "num_named": int(sum(x is not None for x in res.names)),
         "top_images": "top_images.npz" if stats is not None else None,

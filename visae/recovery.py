@@ -28,7 +28,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from visae.shards import ShardSet, atomic_write_text
+from visae.atomic import atomic_write_text
+from visae.shards import ShardSet
 
 __all__ = [
     "SYNONYMS",

@@ -24,32 +24,28 @@ one's are marked ``tied`` (the selection set cannot tell them apart; the leaderb
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import json
 import math
-import os
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
+from visae.atomic import atomic_path, atomic_write_text
 from visae.config import ConfigError, parse_config
+from visae.errors import VisaeError
 from visae.resources import config_yaml
-from visae.shards import ShardError, ShardSet, atomic_write_text
-from visae.sweep import DONE_FILE, SweepError, load_sweep
+from visae.shards import ShardError, ShardSet
+from visae.sweepdir import SCORE_FORMAT, SweepDir, SweepError
 
 DEFAULT_YAML = config_yaml("select.yaml")
-SCORE_FILE = "zeroshot.json"
-SCORE_FORMAT = "visae.trial-score.v1"
 METRICS = ("zeroshot_top1", "zeroshot_top5", "explained_variance")
 
 __all__ = ["SelectConfig", "SelectError", "score_trials", "select", "select_if_complete", "leaderboard", "main"]
 
 
-class SelectError(ValueError):
+class SelectError(VisaeError, ValueError):
     """Selection cannot proceed (no scored trials, no trial meets the constraints, ...)."""
 
 
@@ -85,11 +81,12 @@ class _Context:
     facts: dict[str, Any]
 
 
-def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = None, device: str = "cpu"
-                       ) -> _Context:
+def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = None, device: str = "cpu",
+                       metric: str | None = None) -> _Context:
     from visae.zeroshot import ZeroShotError, classifier_for_shards
 
-    cfg, tcfg = doc["config"], doc["train_config"]
+    tcfg = doc["train_config"]
+    cfg = doc["config"].get("selection", doc["config"])  # sweep.json v1 had the selection fields at the top
     val = val_shards if val_shards is not None else cfg.get("val_shards", "")
     try:
         if val:
@@ -97,7 +94,7 @@ def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = 
             data = ss
             subset = "all"
         else:
-            ss = ShardSet(cfg["shards"])
+            ss = ShardSet(tcfg["shards"])
             vf, seed = float(tcfg.get("val_fraction", 0.0)), int(tcfg.get("seed", 0))
             if vf <= 0:
                 raise SelectError(f"{out}: no selection set: the sweep has no --val_shards and its training split "
@@ -106,7 +103,7 @@ def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = 
             subset = f"split(val_fraction={vf}, seed={seed})"
     except ShardError as e:
         raise SelectError(f"selection shard set: {e}") from None
-    metric = cfg.get("metric", "zeroshot_top1")
+    metric = metric or cfg.get("metric", "zeroshot_top1")
     classifier, column, facts = None, "label", {}
     try:
         classifier, column, facts = classifier_for_shards(
@@ -126,35 +123,13 @@ def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = 
     return _Context(data, classifier, column, key, facts)
 
 
-def _weights_stamp(trial_dir: Path) -> list[int]:
-    st = (trial_dir / "weights.safetensors").stat()
-    return [int(st.st_size), int(st.st_mtime_ns)]
-
-
-def _cached(trial_dir: Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    f = trial_dir / SCORE_FILE
-    if not f.is_file():
-        return None
-    try:
-        doc = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return None
-    if doc.get("key") != key or doc.get("weights") != _weights_stamp(trial_dir):
-        return None
-    return doc
-
-
-def _trial_dirs(out: Path, names: Iterable[str] | None) -> list[Path]:
-    tdir = out / "trials"
-    if names is None:
-        return sorted(p for p in tdir.iterdir() if (p / "weights.safetensors").is_file()) if tdir.is_dir() else []
-    return [tdir / n for n in names if (tdir / n / "weights.safetensors").is_file()]
-
-
 def score_trials(out: str | Path, names: Sequence[str] | None = None, *, val_shards: str | None = None,
                  device: str = "cpu", batch_size: int = 4096, rescore: bool = False, progress: bool = False,
-                 max_stack: int = 32) -> dict[str, dict[str, Any]]:
+                 max_stack: int = 32, metric: str | None = None) -> dict[str, dict[str, Any]]:
     """Score the trials ``names`` (default: every trial with weights) of sweep ``out``; cached per trial.
+
+    ``metric`` (default: the sweep's) only decides whether a missing zero-shot classifier is
+    an error (zero-shot metrics) or is recorded and skipped (``explained_variance``).
 
     Returns {trial name: score doc} where score doc = {"key", "weights", "result"} and
     ``result`` has ``clean`` (when zero-shot applies) and ``recon`` (one member's metrics).
@@ -167,26 +142,27 @@ def score_trials(out: str | Path, names: Sequence[str] | None = None, *, val_sha
     from visae.zeroshot import evaluate
 
     out = Path(out)
-    doc = load_sweep(out)
-    dirs = _trial_dirs(out, names)
-    if not dirs:
+    sd = SweepDir(out)
+    doc = sd.read_plan()
+    trials = sd.trials_with_weights(names)
+    if not trials:
         return {}
-    ctx = _selection_context(out, doc, val_shards, device)
+    ctx = _selection_context(out, doc, val_shards, device, metric)
     scores: dict[str, dict[str, Any]] = {}
-    todo: list[Path] = []
-    for d in dirs:
-        hit = None if rescore else _cached(d, ctx.key)
+    todo: list[str] = []
+    for name in trials:
+        hit = None if rescore else sd.read_score(name, ctx.key)
         if hit is not None:
-            scores[d.name] = hit
+            scores[name] = hit
         else:
-            todo.append(d)
+            todo.append(name)
     if not todo:
         return scores
     # one stacked pass per same-shape batch of trials
-    loaded = [(d, load_sae(d, device=device)) for d in todo]
-    buckets: dict[Any, list[tuple[Path, Any]]] = {}
-    for d, sae in loaded:
-        buckets.setdefault(dataclasses.replace(sae.cfg, n_models=1), []).append((d, sae))
+    loaded = [(name, load_sae(sd.trial_dir(name), device=device)) for name in todo]
+    buckets: dict[Any, list[tuple[str, Any]]] = {}
+    for name, sae in loaded:
+        buckets.setdefault(dataclasses.replace(sae.cfg, n_models=1), []).append((name, sae))
     for items in buckets.values():
         for i in range(0, len(items), max_stack):
             chunk = items[i:i + max_stack]
@@ -194,13 +170,11 @@ def score_trials(out: str | Path, names: Sequence[str] | None = None, *, val_sha
             with torch.inference_mode():
                 res = evaluate(ctx.data, ctx.classifier, stacked, label_column=ctx.label_column,
                                batch_size=batch_size, device=device, progress=progress)
-            for j, (d, _) in enumerate(chunk):
+            for j, (name, _) in enumerate(chunk):
                 member = {k: v for k, v in res.items() if k != "recon"}
                 member["recon"] = res["recon"][j]
                 member.update(ctx.facts)
-                entry = {"key": ctx.key, "weights": _weights_stamp(d), "result": member}
-                atomic_write_text(d / SCORE_FILE, json.dumps(entry, indent=1))
-                scores[d.name] = entry
+                scores[name] = sd.write_score(name, ctx.key, member)
     return scores
 
 
@@ -217,27 +191,15 @@ def _metric_value(result: dict[str, Any], metric: str) -> float:
     return float(r[k])
 
 
-def _trial_info(out: Path, name: str) -> dict[str, Any]:
-    try:
-        cfg = json.loads((out / "trials" / name / "cfg.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        cfg = {}
-    extra = cfg.get("extra", {}) or {}
-    sw = extra.get("sweep", {})
-    return {"architecture": cfg.get("architecture"), "d_sae": cfg.get("d_sae"), "expansion": sw.get("expansion"),
-            "lr": sw.get("lr", extra.get("train", {}).get("lr")),
-            "l1_coeff": sw.get("l1_coeff", extra.get("train", {}).get("l1_coeff")),
-            "finished": bool(extra.get("finished", False))}
-
-
 def leaderboard(out: Path, scores: dict[str, dict[str, Any]], metric: str, max_l0: float | None,
                 max_dead: float | None) -> list[dict[str, Any]]:
     """One row per scored trial, best first; marks feasible, Pareto-optimal (L0 vs metric) and chosen."""
     rows = []
+    sd = SweepDir(out)
     for name, doc in scores.items():
         res = doc["result"]
         r = res["recon"]
-        row = {"trial": name, **_trial_info(out, name), "score": _metric_value(res, metric),
+        row = {"trial": name, **sd.trial_record(name), "score": _metric_value(res, metric),
                "l0": r["l0"], "dead_fraction": r["dead_fraction"], "explained_variance": r["explained_variance"],
                "recon_top1": r.get("top1"), "recon_top5": r.get("top5"),
                "clean_top1": res.get("clean", {}).get("top1"), "clean_top5": res.get("clean", {}).get("top5"),
@@ -314,7 +276,8 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in _COLUMNS})
-    atomic_write_text(out / "leaderboard.csv", buf.getvalue())
+    sd = SweepDir(out)
+    atomic_write_text(sd.leaderboard_csv, buf.getvalue())
     md_cols = ["rank", "trial", "score", "recon_top1", "recon_top5", "delta_top1", "l0", "dead_fraction",
                "explained_variance", "feasible", "pareto", "tied", "chosen"]
     clean = next((r["clean_top1"] for r in rows if r.get("clean_top1") is not None), None)
@@ -338,7 +301,7 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
         if r["chosen"]:
             cells[1] = f"**{cells[1]}**"
         lines.append("| " + " | ".join(cells) + " |")
-    atomic_write_text(out / "leaderboard.md", "\n".join(lines) + "\n")
+    atomic_write_text(sd.leaderboard_md, "\n".join(lines) + "\n")
 
 
 def _plot(out: Path, rows: list[dict[str, Any]], metric: str, max_l0: float | None) -> None:
@@ -385,40 +348,11 @@ def _plot(out: Path, rows: list[dict[str, Any]], metric: str, max_l0: float | No
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = out / f".pareto.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out / "pareto.png")
-
-
-def _publish_best(out: Path, trial: str, info: dict[str, Any]) -> Path:
-    """Copy trials/<trial> to best/ (swap in place) with best/selection.json naming the trial."""
-    src = out / "trials" / trial
-    best = out / "best"
-    tmp = out / f".best.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*.tmp"))
-    atomic_write_text(tmp / "selection.json", json.dumps(info, indent=1))
-    old = out / f".best.{os.getpid()}.old"
-    if best.is_symlink() or best.is_file():
-        best.unlink()
-    elif best.exists():
-        os.replace(best, old)
-    os.replace(tmp, best)
-    shutil.rmtree(old, ignore_errors=True)
-    return best
-
-
-@contextlib.contextmanager
-def _lock(out: Path):
-    import fcntl
-
-    with open(out / ".select.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    try:
+        with atomic_path(SweepDir(out).pareto_png) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _resolve(value: float | None, recorded: Any) -> float | None:
@@ -433,22 +367,20 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
     if not cfg.sweep:
         raise SelectError("--sweep is required: a sweep directory (made by `visae sweep`)")
     out = Path(cfg.sweep)
-    doc = load_sweep(out)
-    scfg = doc["config"]
+    sd = SweepDir(out)
+    doc = sd.read_plan()
+    scfg = doc["config"].get("selection", doc["config"])  # sweep.json v1 had the selection fields at the top
     metric = cfg.metric or scfg.get("metric", "zeroshot_top1")
     if metric not in METRICS:
         raise SelectError(f"--metric must be one of {METRICS}, got {metric!r}")
-    if cfg.metric and cfg.metric != scfg.get("metric"):
-        doc = {**doc, "config": {**scfg, "metric": metric}}
-        atomic_write_text(out / "sweep.json", json.dumps(doc, indent=1))
     max_l0 = _resolve(cfg.max_l0, scfg.get("max_l0"))
     max_dead = _resolve(cfg.max_dead, scfg.get("max_dead"))
-    planned = [t["name"] for t in doc.get("trials", [])]
-    with _lock(out):
+    planned = [t["name"] for t in doc["trials"]]
+    with sd.lock():
         scores = score_trials(out, None, val_shards=cfg.val_shards, device=cfg.device, batch_size=cfg.batch_size,
-                              rescore=cfg.rescore, progress=cfg.progress)
+                              rescore=cfg.rescore, progress=cfg.progress, metric=metric)
         if not scores:
-            raise SelectError(f"{out}: no trained trials in {out / 'trials'} yet; run the sweep first")
+            raise SelectError(f"{out}: no trained trials in {sd.trials_dir} yet; run the sweep first")
         rows = leaderboard(out, scores, metric, max_l0, max_dead)
         constraints = {"max_l0": max_l0, "max_dead": max_dead}
         _write_tables(out, rows, metric, constraints)
@@ -460,25 +392,23 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                 "row": chosen, "tied_with_chosen": [r["trial"] for r in rows if r.get("tied") and not r["chosen"]],
                 "n_trials_scored": len(scores), "trials_missing": missing,
                 "selection_set": next(iter(scores.values()))["key"], "config": asdict(cfg)}
-        atomic_write_text(out / "selection.json", json.dumps(info, indent=1, default=str))
+        sd.write_selection(info)
         if chosen is None:
-            best = out / "best"
-            if best.exists() or best.is_symlink():
-                shutil.rmtree(best) if best.is_dir() and not best.is_symlink() else best.unlink()
+            sd.remove_best()
             raise SelectError(f"{out}: no finished trial meets the constraints ({constraints}); see "
-                              f"{out / 'leaderboard.md'} for each trial's L0 and dead fraction")
-        _publish_best(out, chosen["trial"], info)
+                              f"{sd.leaderboard_md} for each trial's L0 and dead fraction")
+        sd.publish_best(chosen["trial"], info)
     return info
 
 
 def select_if_complete(out: str | Path) -> dict[str, Any] | None:
     """Select when every planned trial's group is done (the last rank to finish does it); else None."""
     out = Path(out)
-    doc = load_sweep(out)
-    for g in doc.get("groups", []):
-        if not (out / "groups" / g["name"] / DONE_FILE).is_file():
-            return None
-    return select(SelectConfig(sweep=str(out), device=_device(doc), progress=bool(doc["config"].get("progress", True))))
+    sd = SweepDir(out)
+    doc = sd.read_plan()
+    if not sd.all_groups_done(doc):
+        return None
+    return select(SelectConfig(sweep=str(out), device=_device(doc), progress=bool(doc["train_config"].get("progress", True))))
 
 
 def _device(doc: dict[str, Any]) -> str:

@@ -35,6 +35,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from visae.atomic import atomic_path, atomic_write_text
+from visae.errors import VisaeError
+
 FORMAT_NAME = "visae.shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,49 +52,24 @@ __all__ = [
     "ShardView",
     "Batch",
     "merge_shard_sets",
-    "atomic_write_bytes",
-    "atomic_write_text",
 ]
 
 
-class ShardError(ValueError):
+class ShardError(VisaeError, ValueError):
     """A shard set is missing, malformed, or was given bad data."""
 
 
 # ----------------------------------------------------------------------------- atomic io
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + rename (all-or-nothing)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _atomic_save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _shard_name(i: int) -> str:

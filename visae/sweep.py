@@ -14,7 +14,7 @@ stack's member i therefore trains exactly like trial i alone (up to float roundi
 batched kernels), resampling included: each member's resampling draws are seeded by its
 own lr and lambda, not by its position in the stack (docs/sweeps.md).
 
-Layout of ``<out>/``::
+Layout of ``<out>/`` (read and written through ``visae.sweepdir``; format: docs/sweep_format.md)::
 
     sweep.json                   the sweep config, the trainer config and the plan (trials, groups)
     init/exp<E>/                 the shared initial SAE of expansion E
@@ -39,93 +39,95 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 
+from visae.atomic import atomic_dir
 from visae.config import ConfigError, config_to_dict, load_yaml_config, parse_config
 from visae.resources import config_yaml
-from visae.shards import ShardError, ShardSet, atomic_write_text
+from visae.shards import ShardError, ShardSet
+from visae.train import TrainConfig
+from visae.sweepdir import FORMAT_NAME, FORMAT_VERSION, SweepDir, SweepError
 
 DEFAULT_YAML = config_yaml("sweep_dncbm.yaml")
-SWEEP_FILE = "sweep.json"
-DONE_FILE = "done.json"
-FORMAT_NAME = "visae.sweep"
-FORMAT_VERSION = 1
 
 __all__ = ["SweepConfig", "SweepError", "Trial", "Group", "plan_trials", "plan_groups", "assign_groups", "train_trial_alone",
            "train_config_for", "prepare_init", "sweep", "main", "trial_name"]
 
-# SweepConfig fields that may change between a sweep and its rerun without changing any trial
-_RESUME_FREE = {"device", "progress", "plot", "select", "max_l0", "max_dead", "metric", "eval_batch_size", "text_cache",
-                "keep_checkpoints", "model", "pretrained", "benchmark", "label_column", "val_shards",
-                "classnames_file", "templates_file"}
+# SweepConfig fields (dotted: nested configs) that may change between a sweep and its rerun without changing
+# any trial; a name matches itself and every field under it
+_RESUME_FREE = {"train.device", "train.progress", "train.plot", "train.keep_checkpoint", "train.wandb",
+                "train.wandb_project", "train.wandb_name", "select", "selection"}
+
+# The trainer fields a sweep sets itself, per group and trial: no flag in `visae sweep`, and a SweepConfig
+# must leave them at the trainer's defaults.
+SET_BY_SWEEP = {"out": "each trial's directory is <out>/trials/<trial>", "lr": "from --lrs",
+                "l1_coeff": "from --l1_coeffs", "expansion_factor": "from --expansion_factors",
+                "init_from": "the sweep's shared init", "resume": "a sweep always resumes",
+                "overwrite": "use a new --out", "synthetic": "give --shards", "synthetic_examples": "give --shards",
+                "synthetic_d": "give --shards", "synthetic_atoms": "give --shards"}
 
 
-class SweepError(ValueError):
-    """A sweep config or sweep directory is unusable."""
+@dataclass(frozen=True)
+class SweepSelection:
+    """How the finished trials are scored and the best one chosen (visae.select; rerun it alone with `visae select`)."""
+
+    val_shards: str = field(default="", metadata={"help": "labelled shard set to select on (e.g. ImageNet val "
+                                                          "embeddings); empty: the held-out split of --shards"})
+    model: str = field(default="", metadata={"help": "zero-shot backbone (empty: the shard set's source model)"})
+    pretrained: Optional[str] = field(default=None, metadata={"help": "its pretrained tag (None: the source's)"})
+    benchmark: str = field(default="auto", metadata={"help": "zero-shot classes: auto, imagenet, toy, toy:<factor>, "
+                                                             "files"})
+    classnames_file: Optional[str] = field(default=None, metadata={"help": "benchmark files: class names, one a line"})
+    templates_file: Optional[str] = field(default=None, metadata={"help": "benchmark files: templates with '{}'"})
+    label_column: str = field(default="", metadata={"help": "label column of the selection set (empty: the "
+                                                            "benchmark's)"})
+    metric: Literal["zeroshot_top1", "zeroshot_top5", "explained_variance"] = field(
+        default="zeroshot_top1", metadata={"help": "selection score: zero-shot top-1 / top-5 accuracy of the "
+                                                   "reconstructions, or explained variance (no text tower needed)"})
+    max_l0: Optional[float] = field(default=None, metadata={"help": "constraint: mean L0 on the selection set at "
+                                                                    "most this"})
+    max_dead: Optional[float] = field(default=None, metadata={"help": "constraint: dead-latent fraction at most this"})
+    eval_batch_size: int = field(default=4096, metadata={"help": "rows per batch when scoring"})
+    text_cache: Optional[str] = field(default=None, metadata={"help": "text-embedding cache (None: "
+                                                                      "$VISAE_TEXT_CACHE or ~/.cache/visae/text)"})
+
+    def __post_init__(self) -> None:
+        if self.eval_batch_size <= 0:
+            raise ConfigError(f"SweepSelection.eval_batch_size must be positive, got {self.eval_batch_size}")
+        for name in ("max_l0", "max_dead"):
+            v = getattr(self, name)
+            if v is not None and not v >= 0:
+                raise ConfigError(f"SweepSelection.{name} must be >= 0 (or None: no constraint), got {v}")
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """A grid of SAEs (lr x lambda x expansion factor), trained group-wise in one pass, selected by zero-shot accuracy."""
+    """A grid of SAEs (lr x lambda x expansion factor), trained group-wise in one pass, selected by zero-shot accuracy.
 
-    shards: str = field(default="", metadata={"help": "training shard set (manifest.json + shards)"})
+    Every trainer setting is the trainer's own flag (--num_epochs, --architecture, ...: `visae train --help`
+    says what each does), except those the sweep sets per trial (--out, --lr, --l1_coeff, --expansion_factor,
+    --init_from, --resume, --overwrite, --synthetic*).
+    """
+
     out: str = field(default="runs/sweep", metadata={"help": "sweep directory (trials/, groups/, leaderboard, best/)"})
     lrs: tuple[float, ...] = field(default=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3),
                                    metadata={"help": "learning rates of the grid"})
     l1_coeffs: tuple[float, ...] = field(default=(3e-5, 1.5e-4, 3e-4, 1.5e-3, 3e-3),
                                          metadata={"help": "sparsity coefficients (lambda) of the grid"})
     expansion_factors: tuple[int, ...] = field(default=(2, 4, 8), metadata={"help": "d_sae / d_in of the grid"})
-    train_config: str = field(default="", metadata={"help": "TrainConfig YAML for every other trainer setting "
-                                                            "(empty: the trainer's defaults); the fields below "
-                                                            "override it when set"})
-    architecture: Optional[str] = field(default=None, metadata={"help": "relu | topk | batchtopk | jumprelu"})
-    k: Optional[int] = field(default=None, metadata={"help": "topk / batchtopk: active latents"})
-    num_epochs: Optional[int] = field(default=None, metadata={"help": "epochs per trial"})
-    batch_size: Optional[int] = field(default=None, metadata={"help": "examples per step"})
-    val_fraction: Optional[float] = field(default=None, metadata={"help": "held-out fraction of --shards (the "
-                                                                          "trainer's validation split)"})
-    seed: Optional[int] = field(default=None, metadata={"help": "seed of init, data order and split"})
-    resample_every: Optional[int] = field(default=None, metadata={"help": "epochs between dead-latent resamplings "
-                                                                          "(0: never)"})
-    lr_warmup_steps: Optional[int] = field(default=None, metadata={"help": "lr warm-up steps"})
-    l1_warmup_steps: Optional[int] = field(default=None, metadata={"help": "lambda warm-up steps"})
-    checkpoint_every_steps: Optional[int] = field(default=None, metadata={"help": "extra mid-epoch checkpoints"})
-    max_steps: Optional[int] = field(default=None, metadata={"help": "stop each group after this many steps "
-                                                                     "(a later rerun continues)"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda:LOCAL_RANK if available), cpu, cuda, ..."})
     max_group_size: int = field(default=0, metadata={"help": "at most this many trials in one stacked group "
                                                              "(0: a whole expansion factor); bounds memory"})
-    keep_checkpoints: bool = field(default=False, metadata={"help": "keep each finished group's trainer "
-                                                                    "checkpoint (stack weights + Adam state)"})
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
-    plot: bool = field(default=True, metadata={"help": "each trial's training curves (curves.png; about 2 s each on "
-                                                       "a CPU)"})
-    # ---- selection (visae.select; rerun it alone with scripts/select.py)
     select: bool = field(default=True, metadata={"help": "score every trial and select the best when all are done"})
-    val_shards: str = field(default="", metadata={"help": "labelled shard set to select on (e.g. ImageNet val "
-                                                          "embeddings); empty: the held-out split of --shards"})
-    model: str = field(default="", metadata={"help": "zero-shot backbone (empty: the shard set's source model)"})
-    pretrained: Optional[str] = field(default=None, metadata={"help": "its pretrained tag (null: the source's)"})
-    benchmark: str = field(default="auto", metadata={"help": "zero-shot classes: auto, imagenet, toy, toy:<factor>"})
-    classnames_file: Optional[str] = field(default=None, metadata={"help": "benchmark files: class names, one a line"})
-    templates_file: Optional[str] = field(default=None, metadata={"help": "benchmark files: templates with '{}'"})
-    label_column: str = field(default="", metadata={"help": "label column of the selection set (empty: the "
-                                                            "benchmark's)"})
-    metric: str = field(default="zeroshot_top1", metadata={"help": "selection score: zeroshot_top1, zeroshot_top5 "
-                                                                   "(of reconstructions) or explained_variance "
-                                                                   "(no text tower needed)"})
-    max_l0: Optional[float] = field(default=None, metadata={"help": "constraint: mean L0 on the selection set at "
-                                                                    "most this"})
-    max_dead: Optional[float] = field(default=None, metadata={"help": "constraint: dead-latent fraction at most this"})
-    eval_batch_size: int = field(default=4096, metadata={"help": "rows per batch when scoring"})
-    text_cache: Optional[str] = field(default=None, metadata={"help": "text-embedding cache (null: "
-                                                                      "$VISAE_TEXT_CACHE or ~/.cache/visae/text)"})
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(keep_checkpoint=False),
+        metadata={"help": "the trainer's settings, shared by every trial", "fixed": tuple(SET_BY_SWEEP),
+                  "required": ("shards",)})
+    selection: SweepSelection = field(default_factory=SweepSelection)
 
     def __post_init__(self) -> None:
         for name in ("lrs", "l1_coeffs", "expansion_factors"):
@@ -136,15 +138,17 @@ class SweepConfig:
                 raise ConfigError(f"SweepConfig.{name} has repeated values {list(vals)}")
         if any(not v > 0 for v in self.lrs):
             raise ConfigError(f"SweepConfig.lrs must be positive, got {list(self.lrs)}")
-        if any(v < 0 for v in self.l1_coeffs):
+        if any(not v >= 0 for v in self.l1_coeffs):
             raise ConfigError(f"SweepConfig.l1_coeffs must be >= 0, got {list(self.l1_coeffs)}")
         if any(int(e) < 1 for e in self.expansion_factors):
             raise ConfigError(f"SweepConfig.expansion_factors must be >= 1, got {list(self.expansion_factors)}")
         if self.max_group_size < 0:
             raise ConfigError(f"SweepConfig.max_group_size must be >= 0, got {self.max_group_size}")
-        if self.metric not in ("zeroshot_top1", "zeroshot_top5", "explained_variance"):
-            raise ConfigError(f"SweepConfig.metric must be zeroshot_top1, zeroshot_top5 or explained_variance, "
-                              f"got {self.metric!r}")
+        trainer = TrainConfig()
+        for name, why in SET_BY_SWEEP.items():
+            if getattr(self.train, name) != getattr(trainer, name):
+                raise ConfigError(f"SweepConfig.train.{name} is set by the sweep ({why}); leave it at the trainer's "
+                                  f"default {getattr(trainer, name)!r}")
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -256,25 +260,19 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def train_config_for(cfg: SweepConfig) -> Any:
-    """The TrainConfig shared by every trial (lr / l1_coeff / expansion / out are set per group)."""
-    from visae.train import TrainConfig
+    """The TrainConfig shared by every trial (lr / l1_coeff / expansion / out are set per group).
 
-    base = load_yaml_config(TrainConfig, cfg.train_config) if cfg.train_config else TrainConfig()
-    over = {name: getattr(cfg, name) for name in ("architecture", "k", "num_epochs", "batch_size", "val_fraction",
-                                                  "seed", "resample_every", "lr_warmup_steps", "l1_warmup_steps",
-                                                  "checkpoint_every_steps", "max_steps")
-            if getattr(cfg, name) is not None}
-    over.update(shards=cfg.shards, resume=True, overwrite=False, progress=cfg.progress, plot=cfg.plot,
-                keep_checkpoint=cfg.keep_checkpoints, init_from="", synthetic=False)
-    device = cfg.device
+    ``cfg.train`` with ``resume`` on and the device resolved: ``auto`` is ``cuda:$LOCAL_RANK``
+    (as torchrun sets it) when CUDA is there, else the CPU.
+    """
+    device = cfg.train.device
     if device == "auto":
         import torch
 
         local = os.environ.get("LOCAL_RANK")
         device = (f"cuda:{local}" if local is not None else "cuda") if torch.cuda.is_available() else "cpu"
-    over["device"] = device
     try:
-        return dataclasses.replace(base, **over)
+        return dataclasses.replace(cfg.train, resume=True, device=device)
     except (TypeError, ValueError) as e:
         raise SweepError(f"trainer settings: {e}") from None
 
@@ -297,7 +295,7 @@ def prepare_init(out: Path, expansion: int, shards: ShardSet, tcfg: Any) -> Path
     from visae.sae import build_sae, load_sae
     from visae.train import sae_config_for
 
-    path = out / "init" / f"exp{expansion}"
+    path = SweepDir(out).init_dir(expansion)
     sae_cfg = sae_config_for(dataclasses.replace(tcfg, expansion_factor=int(expansion)), shards)
     if (path / "cfg.json").is_file():
         sae = load_sae(path)
@@ -311,42 +309,10 @@ def prepare_init(out: Path, expansion: int, shards: ShardSet, tcfg: Any) -> Path
         train_view, _ = shards.split(tcfg.val_fraction, seed=tcfg.seed)
         sae.init_b_dec_(torch.from_numpy(_init_sample(train_view, tcfg.init_examples, tcfg.seed)),
                         method=tcfg.b_dec_init)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    sae.save(tmp, extra={"sweep_init": {"expansion": int(expansion), "seed": int(tcfg.seed),
-                                        "b_dec_init": tcfg.b_dec_init}})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another rank made it first: identical content
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(path, if_exists="keep") as tmp:  # another rank may make it first: identical content
+        sae.save(tmp, extra={"sweep_init": {"expansion": int(expansion), "seed": int(tcfg.seed),
+                                            "b_dec_init": tcfg.b_dec_init}})
     return path
-
-
-def group_done(out: Path, group: Group) -> bool:
-    """A group is done when its done.json lists its trials and each trial dir holds a finished SAE."""
-    f = out / "groups" / group.name / DONE_FILE
-    if not f.is_file():
-        return False
-    try:
-        doc = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return False
-    if doc.get("trials") != [t.name for t in group.trials]:
-        return False
-    return all((out / "trials" / t.name / "weights.safetensors").is_file() for t in group.trials)
-
-
-def trial_finished(out: Path, trial: Trial) -> bool:
-    """The trial's SAE dir holds the finished result of this very trial (from any group split)."""
-    d = out / "trials" / trial.name
-    try:
-        extra = json.loads((d / "cfg.json").read_text()).get("extra", {}) or {}
-    except (OSError, json.JSONDecodeError):
-        return False
-    sw = extra.get("sweep", {}) or {}
-    return (bool(extra.get("finished")) and sw.get("trial") == trial.name and sw.get("lr") == trial.lr
-            and sw.get("l1_coeff") == trial.l1_coeff and (d / "weights.safetensors").is_file())
 
 
 def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any) -> bool:
@@ -357,14 +323,13 @@ def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any) -> bool:
     """
     from visae.train import sae_config_for, train_stack
 
-    gdir = out / "groups" / group.name
+    sd = SweepDir(out)
+    gdir = sd.group_dir(group.name)
     trials = list(group.trials)
-    if not (gdir / "checkpoint").exists():
-        trials = [t for t in trials if not trial_finished(out, t)]
+    if not sd.checkpoint_dir(group.name).exists():
+        trials = [t for t in trials if not sd.trial_finished(t.name, t.lr, t.l1_coeff)]
     if not trials:
-        gdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(gdir / DONE_FILE, json.dumps({"trials": [t.name for t in group.trials],
-                                                        "note": "every trial was already finished"}, indent=1))
+        sd.write_done(group.name, [t.name for t in group.trials], note="every trial was already finished")
         return True
     init = prepare_init(out, group.expansion, shards, tcfg)
     gcfg = dataclasses.replace(tcfg, expansion_factor=group.expansion, out=str(gdir), init_from=str(init))
@@ -372,11 +337,10 @@ def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any) -> bool:
     extra = [{"sweep": {"trial": t.name, "group": group.name, "expansion": t.expansion, "lr": t.lr,
                         "l1_coeff": t.l1_coeff, "sweep_dir": str(out.resolve())}} for t in trials]
     res = train_stack(shards, sae_cfg, [t.lr for t in trials], [t.l1_coeff for t in trials], gcfg,
-                      [out / "trials" / t.name for t in trials], extra=extra)
+                      [sd.trial_dir(t.name) for t in trials], extra=extra)
     if res.finished:
-        atomic_write_text(gdir / DONE_FILE,
-                          json.dumps({"trials": [t.name for t in group.trials], "steps": res.steps,
-                                      "train_seconds": res.train_seconds, "act_per_s": res.act_per_s}, indent=1))
+        sd.write_done(group.name, [t.name for t in group.trials], steps=res.steps, train_seconds=res.train_seconds,
+                      act_per_s=res.act_per_s)
     return bool(res.finished)
 
 
@@ -389,7 +353,7 @@ def train_trial_alone(cfg: SweepConfig, trial: Trial | str, out_dir: str | Path)
 
     trials = {t.name: t for t in plan_trials(cfg)}
     t = trials[trial] if isinstance(trial, str) else trial
-    shards = ShardSet(cfg.shards)
+    shards = ShardSet(cfg.train.shards)
     tcfg = train_config_for(cfg)
     init = prepare_init(Path(cfg.out), t.expansion, shards, tcfg)
     gcfg = dataclasses.replace(tcfg, expansion_factor=t.expansion, out=str(out_dir), init_from=str(init))
@@ -399,19 +363,29 @@ def train_trial_alone(cfg: SweepConfig, trial: Trial | str, out_dir: str | Path)
     return Path(out_dir)
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _resume_free(key: str) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in _RESUME_FREE)
+
+
 def _write_plan(out: Path, cfg: SweepConfig, tcfg: Any, trials: list[Trial], groups: list[Group], world: int) -> None:
     """Record (or check against) the sweep's config and plan: a rerun must describe the same trials."""
     doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config_to_dict(cfg),
            "train_config": config_to_dict(tcfg), "world_size": world,
            "trials": [t.to_dict() for t in trials], "groups": [g.to_dict() for g in groups]}
-    path = out / SWEEP_FILE
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SweepError(f"{path} is not valid JSON ({e}); delete it to start the sweep again") from None
-        old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in _RESUME_FREE}
-        new_cfg = {k: v for k, v in doc["config"].items() if k not in _RESUME_FREE}
+    sd = SweepDir(out)
+    path = sd.plan_file
+    if sd.has_plan():
+        old = sd.read_plan()
+        old_cfg = {k: v for k, v in _flat(old.get("config", {})).items() if not _resume_free(k)}
+        new_cfg = {k: v for k, v in _flat(doc["config"]).items() if not _resume_free(k)}
         if old_cfg != new_cfg:
             diff = {k: (old_cfg.get(k), v) for k, v in new_cfg.items() if old_cfg.get(k) != v}
             raise SweepError(f"{path}: this directory holds a sweep with another config (on disk, now): {diff}; "
@@ -419,48 +393,96 @@ def _write_plan(out: Path, cfg: SweepConfig, tcfg: Any, trials: list[Trial], gro
         if old.get("groups") != doc["groups"]:
             print(f"visae sweep: the group split changed (world size {old.get('world_size')} -> {world}); "
                   "finished trials are kept, unfinished groups of the old split restart", file=sys.stderr)
-    atomic_write_text(path, json.dumps(doc, indent=1))
-
-
-def load_sweep(path: str | Path) -> dict[str, Any]:
-    """``<sweep>/sweep.json`` with a clear error when it is not a sweep directory."""
-    f = Path(path) / SWEEP_FILE
-    if not f.is_file():
-        raise SweepError(f"{f} is missing: {path} is not a sweep directory (made by `visae sweep`)")
-    try:
-        doc = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise SweepError(f"{f} is not valid JSON: {e}") from None
-    if doc.get("format") != FORMAT_NAME:
-        raise SweepError(f"{f}: field 'format' is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
-    return doc
+    sd.write_plan(doc)
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
-def sweep(cfg: SweepConfig) -> Path:
-    """Train this rank's groups (skipping finished ones, resuming half-finished ones), score, select; returns ``out``."""
-    if not cfg.shards:
+def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
+    """Everything a sweep can check before it writes anything; returns (training shards, shared TrainConfig).
+
+    The shard set opens; every expansion factor gives a valid SAE config on it (architecture,
+    k, ...); the device parses; wandb is installed when asked for; with ``select``, the
+    selection set opens and the benchmark (its class-name / template files) can be read.
+
+    Raises:
+        SweepError: naming the flag and what is wrong.
+    """
+    import torch
+
+    from visae.train import sae_config_for
+
+    if not cfg.train.shards:
         raise SweepError("--shards is required: the training shard set (from `visae extract`)")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        shards = ShardSet(cfg.shards)
+        shards = ShardSet(cfg.train.shards)
     except ShardError as e:
-        raise SweepError(f"--shards {cfg.shards}: {e}") from None
-    rank, world = rank_and_world()
+        raise SweepError(f"--shards {cfg.train.shards}: {e}") from None
     tcfg = train_config_for(cfg)
+    try:
+        torch.device(tcfg.device)
+    except RuntimeError as e:
+        raise SweepError(f"--device {cfg.train.device!r}: {e}") from None
+    for e in cfg.expansion_factors:
+        try:
+            sae_config_for(dataclasses.replace(tcfg, expansion_factor=int(e)), shards)
+        except ValueError as err:
+            raise SweepError(f"expansion factor {e}: {err}") from None
+    if tcfg.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise SweepError("--wandb: the wandb package is not installed (pip install wandb)")
+    if cfg.select:
+        sel = cfg.selection
+        if sel.val_shards:
+            try:
+                ShardSet(sel.val_shards)
+            except ShardError as e:
+                raise SweepError(f"--val_shards {sel.val_shards}: {e}") from None
+        for flag in ("classnames_file", "templates_file"):
+            path = getattr(sel, flag)
+            if path is not None and not Path(path).is_file():
+                raise SweepError(f"--{flag} {path}: no such file")
+        if sel.metric != "explained_variance":
+            from visae.backbones import parse_backbone_name
+            from visae.zeroshot import benchmark_classes
+
+            try:
+                if sel.model:
+                    parse_backbone_name(sel.model, sel.pretrained)
+                if sel.benchmark != "auto":
+                    benchmark_classes(sel.benchmark, sel.classnames_file, sel.templates_file)
+            except (ValueError, OSError) as e:
+                raise SweepError(f"selection: {e}") from None
+    return shards, tcfg
+
+
+def sweep(cfg: SweepConfig) -> Path:
+    """Train this rank's groups (skipping finished ones, resuming half-finished ones), score, select; returns ``out``.
+
+    Nothing is written before the whole config is checked (:func:`check_sweep`, and a rerun's
+    config against the one recorded in ``sweep.json``).
+    """
+    shards, tcfg = check_sweep(cfg)
+    out = Path(cfg.out)
+    rank, world = rank_and_world()
     trials = plan_trials(cfg)
     groups = plan_groups(trials, cfg.max_group_size, world)
     mine = assign_groups(groups, world)[rank]
+    out.mkdir(parents=True, exist_ok=True)
     _write_plan(out, cfg, tcfg, trials, groups, world)  # also checks a rerun against the recorded config
     tag = f"[rank {rank}/{world}] " if world > 1 else ""
     print(f"visae sweep: {tag}{len(trials)} trials in {len(groups)} groups; this rank: "
           f"{', '.join(g.name for g in mine) or 'none'}", file=sys.stderr)
+    from visae.train import plan_warnings, planned_steps
+
+    for w in plan_warnings(planned_steps(len(shards), tcfg), tcfg, shards.source):  # short schedule, random weights
+        print(f"visae sweep: {tag}warning: {w}", file=sys.stderr)
     unfinished = []
     for g in mine:
-        if group_done(out, g):
+        if SweepDir(out).group_done(g.name, [t.name for t in g.trials]):
             print(f"visae sweep: {tag}group {g.name} already done, skipped", file=sys.stderr)
             continue
         print(f"visae sweep: {tag}training group {g.name} ({len(g.trials)} trials, expansion {g.expansion})",
@@ -474,20 +496,57 @@ def sweep(cfg: SweepConfig) -> Path:
     if cfg.select:
         from visae.select import score_trials, select_if_complete
 
-        score_trials(out, [t.name for g in mine for t in g.trials], device=tcfg.device, batch_size=cfg.eval_batch_size,
-                     progress=cfg.progress)
+        score_trials(out, [t.name for g in mine for t in g.trials], device=tcfg.device,
+                     batch_size=cfg.selection.eval_batch_size, progress=tcfg.progress)
         select_if_complete(out)
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def format_summary(out: str | Path) -> str:
+    """The sweep's trials (finished, of planned), the best one's held-out EV / L0 / dead fraction, where they are."""
+    from visae.sweepdir import SweepDir
+
+    out = Path(out)
+    sd = SweepDir(out)
     try:
-        cfg = parse_config(SweepConfig, argv, default_yaml=DEFAULT_YAML, prog="visae sweep",
-                           description=(SweepConfig.__doc__ or "").strip())
+        names = [t["name"] for t in sd.read_plan().get("trials", [])]
+    except (ValueError, OSError) as e:
+        return f"no sweep plan in {out}: {e}"
+    rows = []
+    for name in names:
+        try:
+            extra = json.loads((sd.trial_dir(name) / "cfg.json").read_text()).get("extra", {}) or {}
+        except (OSError, ValueError):
+            continue
+        if extra.get("finished"):
+            rows.append((name, extra.get("val") or {}))
+    lines = [f"trained {len(rows)} of {len(names)} trials in {out / 'trials'}"]
+    if rows:
+        name, val = max(rows, key=lambda r: r[1].get("explained_variance", float("-inf")))
+        lines.append(f"highest held-out EV: {name} (EV {val.get('explained_variance', float('nan')):.4f}, "
+                     f"L0 {val.get('l0', float('nan')):.1f}, dead {val.get('dead_fraction', float('nan')):.3f})")
+    sel = out / "selection.json"
+    if sel.is_file():
+        from visae.select import format_selection
+
+        lines.append(format_selection(json.loads(sel.read_text()), out))
+    elif len(rows) == len(names):
+        lines.append(f"not selected yet: `visae select --sweep {out}` scores the trials and picks the best")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``visae sweep`` / ``scripts/sweep.py``: parse flags (defaults from configs/sweep_dncbm.yaml), sweep, summarise.
+
+    Prints the summary (:func:`format_summary`) on stderr and the sweep directory on stdout.
+    """
+    cfg = parse_config(SweepConfig, argv, default_yaml=DEFAULT_YAML, prog="visae sweep")
+    try:
         out = sweep(cfg)
     except ValueError as e:  # ConfigError, ShardError, SweepError, TrainError, SelectError, ZeroShotError, ...
         print(f"visae sweep: error: {e}", file=sys.stderr)
         return 2
+    print(format_summary(out), file=sys.stderr)
     print(out)
     return 0
 

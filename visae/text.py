@@ -34,11 +34,64 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["encode_texts", "embed_prompts", "cache_key", "default_cache_dir", "text_fingerprint", "fast_text_parts"]
+__all__ = ["encode_texts", "embed_prompts", "cache_key", "default_cache_dir", "text_fingerprint", "fast_text_parts",
+           "context_length", "prompts_that_do_not_fit", "texts_that_do_not_fit"]
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "visae.textcache.v1"
+
+
+# ----------------------------------------------------------------------------- what fits the context
+
+
+def _token_ids(tokens: Any) -> torch.Tensor:
+    return tokens if isinstance(tokens, torch.Tensor) else tokens["input_ids"]  # HF tokenizers: a BatchEncoding
+
+
+def context_length(tokenizer: Any) -> int:
+    """Positions the text tower reads: the width of the tokenizer's output (77 for CLIP, 16 for the toy CLIP)."""
+    return int(_token_ids(tokenizer(["x"])).shape[1])
+
+
+def prompts_that_do_not_fit(tokenizer: Any, prompts: Sequence[str]) -> list[int]:
+    """Indices of ``prompts`` whose tokens (with start and end tokens) need more positions than the context.
+
+    A CLIP tokenizer cuts such a prompt to the context silently (open_clip keeps the first ``ctx - 1``
+    tokens and puts the end token last), so two prompts that differ only after the cut get identical
+    embeddings. Exact: each prompt is tokenised with one position more than the context, and it fits iff
+    that extra position holds padding (the value an empty prompt has there). A tokenizer that takes no
+    ``context_length`` argument is judged at its own context: a prompt that fills every position counts
+    as not fitting (it may have been cut).
+    """
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        return []
+    ctx = context_length(tokenizer)
+    try:
+        wide = _token_ids(tokenizer(prompts, context_length=ctx + 1))
+        pad = _token_ids(tokenizer([""], context_length=ctx + 1))[0, -1]
+        last = wide[:, ctx] if wide.shape[1] == ctx + 1 else None
+    except TypeError:
+        last = None
+    if last is None:  # no context_length argument: conservative check at the tokenizer's own context
+        toks = _token_ids(tokenizer(prompts))
+        pad = _token_ids(tokenizer([""]))[0, -1]
+        last = toks[:, -1]
+    return [int(i) for i in torch.nonzero(last != pad).flatten()]
+
+
+def texts_that_do_not_fit(tokenizer: Any, texts: Sequence[str], templates: Sequence[str] | None = None) -> list[str]:
+    """The texts (in order, each once) some prompt of which does not fit the text tower's context.
+
+    With ``templates`` a text's prompts are ``t.format(text)`` for every template (its embedding is their
+    mean, so one cut prompt is enough to spoil it); without, the text itself. See :func:`prompts_that_do_not_fit`.
+    """
+    texts = [str(t) for t in texts]
+    tpl = list(templates) if templates else ["{}"]
+    prompts = [t.format(x) for x in texts for t in tpl]
+    bad = {i // len(tpl) for i in prompts_that_do_not_fit(tokenizer, prompts)}
+    return list(dict.fromkeys(texts[i] for i in sorted(bad)))
 
 
 # ----------------------------------------------------------------------------- fast path
@@ -134,9 +187,14 @@ def embed_prompts(backbone: Any, prompts: Sequence[str], *, batch_size: int = 25
     if not prompts:
         return torch.zeros(0, int(getattr(backbone, "embed_dim", 0) or 0))
     device = _model_device(backbone.model)
-    tokens = backbone.tokenizer(prompts)
-    if not isinstance(tokens, torch.Tensor):  # some HF tokenizers return a BatchEncoding
-        tokens = tokens["input_ids"]
+    tokens = _token_ids(backbone.tokenizer(prompts))
+    full = torch.nonzero(tokens[:, -1] != _token_ids(backbone.tokenizer([""]))[0, -1]).flatten().tolist()
+    if full:  # prompts that fill the context: only these can have been cut, check them exactly
+        cut = [prompts[full[i]] for i in prompts_that_do_not_fit(backbone.tokenizer, [prompts[i] for i in full])]
+        if cut:
+            log.warning("%d prompt(s) longer than the text context of %d tokens were cut to it (their embeddings "
+                        "ignore the rest; prompts that differ only after the cut embed identically): %s",
+                        len(cut), tokens.shape[1], cut)
     tokens = tokens.to(device)
     parts = fast_text_parts(backbone.model) if fast else None
     if parts is not None and not _fast_path_agrees(backbone, parts, tokens):
@@ -222,7 +280,7 @@ def _cache_load(path: Path, n: int) -> torch.Tensor | None:
 def _cache_save(path: Path, emb: torch.Tensor, meta: dict[str, str]) -> None:
     from safetensors.torch import save
 
-    from visae.shards import atomic_write_bytes
+    from visae.atomic import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, save({"embeddings": emb.contiguous()}, metadata=meta))

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from visae.shards import ShardSet, atomic_write_bytes
+from visae.atomic import atomic_write_bytes
+from visae.shards import ShardSet
 
 __all__ = ["TopImages", "compute_top_images", "hash_keys", "default_hist_edges", "TOP_IMAGES_FILE"]
 

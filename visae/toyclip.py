@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from visae import toyworld as tw
+from visae.atomic import atomic_path, atomic_write_text
 from visae.resources import config_yaml, shipped_dir
-from visae.shards import atomic_write_text
 
 __all__ = [
     "MODEL_NAME",
@@ -191,7 +191,7 @@ class ToyClipConfig:
     eval_n: int = field(default=2000, metadata={"help": "held-out images for the zero-shot evaluation"})
     eval_every: int = field(default=250, metadata={"help": "zero-shot evaluation every N steps (on 500 held-out images); 0: only at the end"})
     checkpoint_every: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps"})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores, torch's default)"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     resume: bool = field(default=True, metadata={"help": "continue from <out>/checkpoint.pt when it exists"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
@@ -291,9 +291,8 @@ def _positives(factors: np.ndarray, cons: np.ndarray) -> torch.Tensor:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _file_sha256(path: Path) -> str:
@@ -307,9 +306,8 @@ def export_fp16(model: torch.nn.Module, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(sd, str(tmp), metadata={"model": MODEL_NAME, "format": "open_clip state_dict, fp16"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata={"model": MODEL_NAME, "format": "open_clip state_dict, fp16"})
     return path
 
 
@@ -324,7 +322,8 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
 
     t_start = time.time()
     cpu_start = time.process_time()
-    torch.set_num_threads(cfg.threads)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     export = Path(cfg.export) if cfg.export else out / f"{MODEL_NAME}.safetensors"
@@ -451,7 +450,7 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
         "zero_shot_top1": metrics,
         "final_loss_mean_last50": float(np.mean([json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines()[-50:]])),
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version()},
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": cfg.threads,
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
     }
     atomic_write_text(export.with_suffix(".json"), json.dumps(card, indent=1))

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -42,7 +41,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from visae.shards import atomic_write_text
+from visae.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "FORMAT_NAME",
@@ -442,10 +441,7 @@ def _replace_bytes(path: Path, data: bytes) -> None:
     """Temp file + rename, without fsync: a killed process leaves no partial image. (An fsync per
     image tripled the time of writing a world; images are a pure function of (seed, index), and
     world.jsonl, which is fsync'd, only lists a chunk once all its images are written.)"""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fraction: float = 0.25,

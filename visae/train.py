@@ -26,6 +26,7 @@ import secrets
 import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,13 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 import torch
 
+from visae.atomic import atomic_write_bytes, atomic_write_text
 from visae.config import ConfigError, config_to_dict, parse_config
+from visae.errors import VisaeError
 from visae.metrics import CURVES_FILE, METRICS_FILE, MetricsLogger, plot_curves
 from visae.optim import StackedAdam
 from visae.resources import REPO, config_yaml  # noqa: F401 - REPO: the checkout, for scripts and tests
-from visae.shards import ShardError, ShardSet, ShardView, atomic_write_bytes, atomic_write_text
+from visae.shards import ShardError, ShardSet, ShardView
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "train_stack", "main", "load_checkpoint",
            "CHECKPOINT_DIR", "CHECKPOINT_FILE"]
@@ -47,7 +50,8 @@ DEFAULT_YAML = config_yaml("train_sae.yaml")
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "visae.train-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+READABLE_CHECKPOINT_VERSIONS = ("1", "2")  # 1: no kernel / logging state (resume is then not bit-identical)
 SUMMARY_FILE = "train_summary.json"
 
 # Fields that may differ between a run and its --resume without changing the result.
@@ -56,7 +60,7 @@ _RESUME_FREE_FIELDS = {"resume", "overwrite", "max_steps", "progress", "wandb", 
                        "checkpoint_every_steps", "keep_checkpoint", "shards"}  # shards: checked by content
 
 
-class TrainError(ValueError):
+class TrainError(VisaeError, ValueError):
     """Training cannot start or continue: bad config, data that does not fit, a broken checkpoint."""
 
 
@@ -79,10 +83,12 @@ class TrainConfig:
         default="meta", metadata={"help": "shard checks before training: meta (manifest, file sizes, metadata), "
                                           "full (also scan every row for NaN/Inf/zero), none"})
     # -- model
-    architecture: Literal["relu", "topk", "batchtopk", "jumprelu"] = field(
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = field(
         default="relu", metadata={"help": "SAE architecture"})
     expansion_factor: int = field(default=8, metadata={"help": "d_sae = expansion_factor * d_in"})
-    k: int = field(default=32, metadata={"help": "topk / batchtopk: active latents per example"})
+    k: int = field(default=32, metadata={"help": "topk / batchtopk / matryoshka: active latents per example"})
+    matryoshka_levels: int = field(default=5, metadata={"help": "matryoshka: nested prefixes of sizes d_sae / "
+                                                                "2^(L-1), ..., d_sae / 2, d_sae"})
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = field(
         default="geometric_median", metadata={"help": "decoder bias initialisation from a data sample"})
     init_examples: int = field(default=16384, metadata={"help": "examples sampled for the b_dec initialisation"})
@@ -110,7 +116,8 @@ class TrainConfig:
     resample_every: int = field(default=10, metadata={"help": "resample dead latents every this many epochs "
                                                               "(never in the last period); 0 = never"})
     resample_examples: int = field(default=131072, metadata={"help": "training examples scored to draw resampled "
-                                                                     "directions from (prob. ~ squared error)"})
+                                                                     "directions from (prob. ~ loss^2, loss = "
+                                                                     "squared error)"})
     resample_encoder_scale: float = field(default=0.2, metadata={"help": "resampled encoder column = input * this * "
                                                                          "mean norm of the alive encoder columns"})
     dead_window_steps: int = field(default=1000, metadata={"help": "a latent not fired for this many steps counts "
@@ -169,6 +176,8 @@ class TrainResult:
     finished: bool
     val: list[dict[str, float]]
     n_resampled: list[int]
+    warnings: list[str] = field(default_factory=list)
+    backbone_random_init: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -198,14 +207,13 @@ def _latent_axis(name: str, p: torch.Tensor, d_sae: int) -> int | None:
     return None
 
 
-def _member_loss(arch: str, out: Any, l1: torch.Tensor, aux_coeff: float) -> torch.Tensor:
-    """Per-member loss [S] as the SAE sums it (mse + sparsity + aux), for logging."""
-    loss = out.mse.float() + aux_coeff * out.aux.float()
+def _sparsity_metric(arch: str, l1: torch.Tensor, l0: torch.Tensor) -> torch.Tensor:
+    """The metric lambda multiplies in the loss [S] (relu: l1; jumprelu: l0; others: none -> 0)."""
     if arch == "relu":
-        loss = loss + l1 * out.l1.float()
-    elif arch == "jumprelu":
-        loss = loss + l1 * out.l0.float()
-    return loss
+        return l1
+    if arch == "jumprelu":
+        return l0
+    return torch.zeros_like(l1)
 
 
 def _seed_int(*parts: int) -> int:
@@ -220,6 +228,51 @@ def member_key(lr: float, l1_coeff: float) -> int:
     """
     lr_bits, l1_bits = np.array([lr, l1_coeff], dtype=np.float64).view(np.uint64).tolist()
     return (lr_bits << 64) | l1_bits
+
+
+def backbone_random_init(source: dict[str, Any] | None) -> bool:
+    """Whether a shard set's recorded provenance (manifest ``source.random_init``) says the backbone had random weights."""
+    return bool((source or {}).get("random_init", False))
+
+
+RANDOM_WEIGHTS_WARNING = ("the activations come from a backbone with random weights (shard manifest "
+                          "source.random_init = true): its latents and their names are not concepts of a trained model")
+
+
+def plan_warnings(total_steps: int, cfg: TrainConfig, source: dict[str, Any] | None) -> list[str]:
+    """Why a planned run cannot have learnt anything meaningful, before it starts (empty list: nothing to say).
+
+    A run of ``total_steps`` (all epochs) shorter than the lr warm-up (``lr_warmup_steps``) or the
+    lambda warm-up (``l1_warmup_steps``) ends before its schedule reaches the configured values;
+    a shard set whose provenance records ``random_init`` was extracted from random weights.
+    """
+    out = []
+    short = [f"{name} warm-up ({n} steps, --{flag})" for name, n, flag in
+             (("lr", cfg.lr_warmup_steps, "lr_warmup_steps"), ("lambda", cfg.l1_warmup_steps, "l1_warmup_steps"))
+             if total_steps < n]
+    if short:
+        out.append(f"the run is {total_steps} steps ({cfg.num_epochs} epochs of batch {cfg.batch_size}), shorter than "
+                   f"its {' and '.join(short)}: it cannot have learnt with the configured schedule (more --num_epochs, "
+                   "a smaller --batch_size, or shorter warm-ups)")
+    if backbone_random_init(source):
+        out.append(RANDOM_WEIGHTS_WARNING)
+    return out
+
+
+def planned_steps(n_examples: int, cfg: TrainConfig) -> int:
+    """Optimiser steps of a full run on a shard set of ``n_examples`` split as ``ShardSet.split`` does."""
+    n_train = n_examples - int(round(n_examples * cfg.val_fraction))
+    return -(-n_train // cfg.batch_size) * cfg.num_epochs
+
+
+def warmups_incomplete(step: int, sched: Any, cfg: TrainConfig) -> list[str]:
+    """Which warm-ups had not completed at ``step``: "lr" (any member's, re-warm-ups included), "lambda"."""
+    out = []
+    if cfg.lr_warmup_steps > 0 and any(step - w < cfg.lr_warmup_steps for w in sched.warm_start.tolist()):
+        out.append("lr")
+    if step < cfg.l1_warmup_steps:
+        out.append("lambda")
+    return out
 
 
 def open_shards(cfg: TrainConfig) -> ShardSet:
@@ -273,12 +326,12 @@ def sae_config_for(cfg: TrainConfig, shards: ShardSet, n_models: int = 1) -> "An
         scale = _estimate_scale(shards, cfg)
     d_sae = d_in * cfg.expansion_factor
     k = cfg.k
-    if cfg.architecture in ("topk", "batchtopk") and k > d_sae:
+    if cfg.architecture in ("topk", "batchtopk", "matryoshka") and k > d_sae:
         raise TrainError(f"--k {k} exceeds d_sae = {d_in} (shard d) x {cfg.expansion_factor} (--expansion_factor) = {d_sae}")
     try:
         return SAEConfig(architecture=cfg.architecture, d_in=d_in, d_sae=d_sae, n_models=n_models, k=k,
                          input_normalization="unit_norm" if shards.normalization == "unit_norm" else "none",
-                         scale_factor=scale, impl=cfg.impl)
+                         scale_factor=scale, impl=cfg.impl, matryoshka_levels=cfg.matryoshka_levels)
     except ValueError as e:
         raise TrainError(f"SAE config: {e}") from None
 
@@ -408,6 +461,66 @@ class _DeadTracker:
         self.resample_step = int(resample_step)
 
 
+class _IntervalLog:
+    """On-device sums of one logging interval, example-weighted, checkpointed with the run.
+
+    Per member [S]: batch-size-weighted sums of mse, l1, l0, aux and the sparsity term
+    (lambda x the architecture's metric), and the SSE; shared by the members: sum x [d_in] and
+    sum ||x||^2 (float64, shard space; times scale_factor (squared) in SAE space), examples
+    ``n`` and ``steps``. The interval's explained variance is 1 - SSE / SST over all its
+    examples (mean over the interval), so a 1-row batch is just one more example; null (with
+    a warning) only when the interval's examples have no spread. Checkpointing these sums makes
+    a resumed run log the records an uninterrupted run logs.
+    """
+
+    KEYS = ("mse", "l1", "l0", "aux", "sparsity")
+
+    def __init__(self, S: int, d_in: int, device: torch.device):
+        self.sums = torch.zeros(len(self.KEYS), S, dtype=torch.float64, device=device)
+        self.sse = torch.zeros(S, dtype=torch.float64, device=device)
+        self.sx = torch.zeros(d_in, dtype=torch.float64, device=device)
+        self.sxx = torch.zeros((), dtype=torch.float64, device=device)
+        self.n = 0
+        self.steps = 0
+
+    def add(self, out: Any, x: torch.Tensor, sparsity: torch.Tensor) -> None:
+        """One step: ``out`` the LossOutput, ``x`` the shard batch [B, d_in], ``sparsity`` [S] = lambda x metric."""
+        B = x.shape[0]
+        rows = torch.stack([out.mse.detach(), out.l1, out.l0, out.aux, sparsity.detach()]).double()
+        self.sums.add_(rows, alpha=B)
+        self.sse.add_(out.sq_err.sum(-1, dtype=torch.float64))
+        self.sx.add_(x.sum(0, dtype=torch.float64))
+        self.sxx.add_(torch.linalg.vector_norm(x, dtype=torch.float64).square())
+        self.n += B
+        self.steps += 1
+
+    def means(self, scale: float) -> tuple[np.ndarray, list[float | None]]:
+        """(interval means [5, S] in KEYS order, explained variance per member or None); one host transfer."""
+        packed = torch.cat([self.sums.flatten(), self.sse, self.sx, self.sxx[None]]).cpu()
+        k, S = self.sums.shape
+        sums = packed[:k * S].reshape(k, S)
+        sse, sx, sxx = packed[k * S:k * S + S], packed[k * S + S:-1], packed[-1]
+        ev = _ev_or_none(sse, sx * scale, sxx * scale * scale, self.n, sx.numel())
+        return (sums / max(self.n, 1)).numpy(), ev
+
+    def reset(self) -> None:
+        for t in (self.sums, self.sse, self.sx, self.sxx):
+            t.zero_()
+        self.n = self.steps = 0
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        return ({"log.sums": self.sums, "log.sse": self.sse, "log.sx": self.sx, "log.sxx": self.sxx},
+                {"n": self.n, "steps": self.steps})
+
+    def load(self, tensors: dict[str, torch.Tensor], st: dict[str, int] | None) -> None:
+        if st is None:  # a version-1 checkpoint: the interval restarts at the resume point
+            self.reset()
+            return
+        for name, t in (("sums", self.sums), ("sse", self.sse), ("sx", self.sx), ("sxx", self.sxx)):
+            t.copy_(tensors[f"log.{name}"])
+        self.n, self.steps = int(st["n"]), int(st["steps"])
+
+
 class _Schedules:
     """lr [S]: warm-up from lr/10 over N steps, restarted per member after its resampling; lambda [S]: linear from 0.
 
@@ -446,12 +559,44 @@ class _Schedules:
 # ============================================================================ evaluation and resampling
 
 
-@torch.no_grad()
+def _ev_or_none(sse: torch.Tensor, sx: torch.Tensor, sxx: torch.Tensor, n: int, d: int) -> list[float | None]:
+    """Explained variance 1 - SSE / SST per member over ``n`` examples, None where SST is undefined.
+
+    sse [S], sx [d_in] (sum of x), sxx [] (sum of ||x||^2), all float64 sums over the same n
+    examples in SAE space. SST = sxx - ||sx||^2 / n = sum ||x - mean||^2. It is undefined (None)
+    when n < 2 or when SST is within float64 rounding of 0: the cancellation error of
+    ``sxx - ||sx||^2 / n`` is at most about (n * d) * eps64 * sxx (n * d summed terms).
+    """
+    S = sse.shape[0]
+    if n < 2:
+        return [None] * S
+    sst = float(sxx - sx.square().sum() / n)
+    tol = 4.0 * (n * d) * float(np.finfo(np.float64).eps) * float(sxx)
+    if not sst > tol:
+        return [None] * S
+    return [float(1.0 - v / sst) for v in sse.tolist()]
+
+
+def _warn_undefined_ev(where: str, n: int) -> None:
+    warnings.warn(f"{where}: explained variance is undefined over {n} example(s) with no spread "
+                  "(sum ||x - mean||^2 = 0); logged as null", RuntimeWarning, stacklevel=3)
+
+
 @torch.no_grad()  # validation only: no autograd graphs
 def evaluate(sae: Any, view: ShardView, batch_size: int, l1_coeff: torch.Tensor, device: torch.device,
-             amp: Any = None, dense_threshold: float = 0.1, aux_coeff: float = 0.0) -> list[dict[str, float]]:
-    """Metrics of every member on ``view`` (one pass): mse, l1, l0, loss, explained variance (over the
-    whole view), dead_fraction (never fired on it), dense_fraction (fires on > ``dense_threshold``)."""
+             amp: Any = None, dense_threshold: float = 0.1, aux_coeff: float = 0.0) -> list[dict[str, float | None]]:
+    """Metrics of every member on ``view`` (one pass) through the INFERENCE path, as the saved SAE computes them.
+
+    Codes are ``sae._activate(sae.preacts(x))`` on the inputs normalised as ``SAE.forward``
+    normalises raw activations (so BatchTopK uses its running threshold, not the batch top-k of
+    training): the logged validation L0 / EV equal those of the exported SAE on the same rows.
+    Returns per member: ``mse`` (mean over examples and d_in, SAE space), ``l1`` (mean of
+    sum_j f_j ||W_dec_j||), ``l0`` (mean active latents per example), ``loss`` (mse + the
+    architecture's sparsity term x lambda; no aux-k term: it needs the trainer's dead mask),
+    ``explained_variance`` (1 - SSE / SST over the whole view; None with a warning when SST = 0,
+    e.g. a 1-row split), ``dead_fraction`` (never fired on it), ``dense_fraction`` (fires on more
+    than ``dense_threshold`` of it), ``examples``. ``aux_coeff`` is accepted for compatibility.
+    """
     S, d_sae = sae.n_models, sae.d_sae
     n = 0
     sums = torch.zeros(4, S, dtype=torch.float64, device=device)
@@ -459,32 +604,44 @@ def evaluate(sae: Any, view: ShardView, batch_size: int, l1_coeff: torch.Tensor,
     fire = torch.zeros(S, d_sae, dtype=torch.float64, device=device)
     sx = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
     sxx = torch.zeros((), dtype=torch.float64, device=device)
+    coeff = torch.as_tensor(l1_coeff, dtype=torch.float64, device=device).reshape(-1).expand(S)
     was_training = sae.training
     sae.eval()
+    dec_norm = sae.W_dec.detach().norm(dim=-1).double()  # [S, d_sae]
     for b in view.sequential_batches(batch_size):
         x = torch.from_numpy(b.acts).to(device)
         B = x.shape[0]
         with amp or nullcontext():
-            out = sae.training_loss(x, l1_coeff)
-            f = sae.encode(x)  # x is unit-norm (or raw for "none" shards): the SAE's own input path
-            f = f[None] if f.ndim == 2 else f
-        loss = _member_loss(sae.architecture, out, l1_coeff, aux_coeff)
-        sums += torch.stack([out.mse.double(), out.l1.double(), out.l0.double(), loss.double()]) * B
-        sse += out.sq_err.double().sum(-1)
+            xs, _ = sae.normalize_input(x.to(sae.W_enc.dtype))  # SAE.forward's input path
+            f = sae._activate(sae.preacts(xs))  # [S, B, d_sae] inference codes
+            x_hat = sae._decode_sae(f)
+        xs = xs.double()
+        f = f.double()
+        sq = (x_hat.double() - xs).square().sum(-1)  # [S, B]
+        l0 = (f > 0).sum(-1).double().sum(-1)  # [S]
+        l1 = (f.sum(1) * dec_norm).sum(-1)  # [S]
+        sums += torch.stack([sq.sum(-1) / sae.d_in, l1, l0, _sparsity_metric(sae.architecture, l1, l0)])
+        sse += sq.sum(-1)
         fire += (f > 0).sum(dim=1).double()
-        xs = x.double() * sae.cfg.scale_factor
         sx += xs.sum(0)
-        sxx += xs.pow(2).sum()
+        sxx += xs.square().sum()
         n += B
     sae.train(was_training)
     if n == 0:
         return [{} for _ in range(S)]
-    var = (sxx - sx.pow(2).sum() / n).clamp_min(1e-12)
+    means = (sums / n).cpu()
     freq = fire / n
-    stats = torch.cat([sums / n, (1.0 - sse / var)[None], (freq == 0).double().mean(-1)[None],
-                       (freq > dense_threshold).double().mean(-1)[None]]).cpu().numpy()
-    keys = ["mse", "l1", "l0", "loss", "explained_variance", "dead_fraction", "dense_fraction"]
-    return [{k: float(stats[i, s]) for i, k in enumerate(keys)} | {"examples": n} for s in range(S)]
+    dead_frac = (freq == 0).double().mean(-1).cpu().tolist()
+    dense_frac = (freq > dense_threshold).double().mean(-1).cpu().tolist()
+    ev = _ev_or_none(sse.cpu(), sx.cpu(), sxx.cpu(), n, sae.d_in)
+    if ev[0] is None:
+        _warn_undefined_ev(f"validation split ({n} examples)", n)
+    out = []
+    for s in range(S):
+        mse, l1, l0, sp = (float(v) for v in means[:, s])
+        out.append({"mse": mse, "l1": l1, "l0": l0, "loss": mse + float(coeff[s]) * sp, "explained_variance": ev[s],
+                    "dead_fraction": dead_frac[s], "dense_fraction": dense_frac[s], "examples": n})
+    return out
 
 
 @torch.no_grad()
@@ -493,8 +650,10 @@ def resample_dead_latents(sae: Any, opt: StackedAdam, dead: torch.Tensor, view: 
     """Anthropic resampling of ``dead [S, d_sae]`` latents; returns the number resampled per member [S] (CPU).
 
     Scores a seeded subset of ``view`` with the current SAE; each dead latent gets as decoder row a
-    unit-normalised input drawn with probability proportional to its squared reconstruction
-    error (per member), as encoder column that input times ``resample_encoder_scale`` times the
+    unit-normalised input drawn with probability proportional to loss^2, the square of the
+    input's squared reconstruction error ``loss = ||x - x_hat||^2`` (Anthropic, "Towards
+    Monosemanticity" (2023), appendix "Neuron Resampling"; the resampler Discover-then-Name
+    uses), per member, as encoder column that input times ``resample_encoder_scale`` times the
     mean norm of the member's alive encoder columns, a zero encoder bias, and fresh Adam state.
     Member s draws from its own generator seeded by ``(cfg.seed, tag, member_keys[s])``
     (:func:`member_key`; default: the member index), so its draws do not depend on the other members.
@@ -511,11 +670,13 @@ def resample_dead_latents(sae: Any, opt: StackedAdam, dead: torch.Tensor, view: 
     sub = ShardView(view.shards, view.index[pos])
     errs = []
     was_training = sae.training
+    kernel_state = sae.kernel_state()  # scoring must not change the training kernels' choice
     sae.eval()  # scoring must not move running statistics (e.g. BatchTopK's threshold)
     for b in sub.sequential_batches(batch_size):
         out = sae.training_loss(torch.from_numpy(b.acts).to(dev), 0.0)
         errs.append(out.sq_err.float().cpu())
     sae.train(was_training)
+    sae.load_kernel_state(kernel_state)
     sq_err = torch.cat(errs, dim=1).clamp_min(0)  # [S, n], positions in `pos` order
     keys = list(member_keys) if member_keys is not None else list(range(S))
     if len(keys) != S:
@@ -526,7 +687,7 @@ def resample_dead_latents(sae: Any, opt: StackedAdam, dead: torch.Tensor, view: 
         if m == 0:
             continue
         gen = torch.Generator().manual_seed(_seed_int(cfg.seed, tag, 0x51E, keys[s]))
-        p = sq_err[s].double()
+        p = sq_err[s].double().square()  # loss^2, loss = per-input squared error
         if not torch.isfinite(p).all() or p.sum() <= 0:
             p = torch.ones_like(p)
         replace = m > int((p > 0).sum())
@@ -586,8 +747,9 @@ def load_checkpoint(path: str | Path, device: Any = "cpu") -> tuple[dict[str, to
         raise TrainError(f"checkpoint {path} is not a readable safetensors file ({e}); delete it or start a new --out") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{path}: not a visae trainer checkpoint (format {meta.get('format')!r})")
-    if meta.get("version") != str(CHECKPOINT_VERSION):
-        raise TrainError(f"{path}: checkpoint version {meta.get('version')!r}, this visae reads {CHECKPOINT_VERSION}")
+    if meta.get("version") not in READABLE_CHECKPOINT_VERSIONS:
+        raise TrainError(f"{path}: checkpoint version {meta.get('version')!r}, this visae reads versions "
+                         f"{', '.join(READABLE_CHECKPOINT_VERSIONS)}")
     return tensors, json.loads(meta["state"])
 
 
@@ -642,6 +804,10 @@ def train_stack(
         raise TrainError(f"training split of {shards.path} is empty ({len(shards)} examples, "
                          f"--val_fraction {cfg.val_fraction})")
     total_steps = steps_per_epoch * cfg.num_epochs
+    random_init = backbone_random_init(shards.source)
+    planned = plan_warnings(total_steps, cfg, shards.source)
+    for w in planned:
+        warnings.warn(w, UserWarning, stacklevel=2)
 
     ckpt_path = run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE
     cfg_dict = config_to_dict(cfg)
@@ -671,6 +837,7 @@ def train_stack(
                        torch.tensor(list(l1_coeffs), dtype=torch.float32, device=device),
                        cfg.lr_warmup_steps, cfg.l1_warmup_steps)
     dead = _DeadTracker(S, sae.d_sae, device)
+    interval = _IntervalLog(S, sae.d_in, device)
     step, epoch, batch_in_epoch = 0, 0, 0
     examples, train_seconds = 0, 0.0
     n_resampled = [0] * S
@@ -688,6 +855,8 @@ def train_stack(
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and device.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
+        sae.load_kernel_state(st.get("kernel"))
+        interval.load(tensors, st.get("log"))
         step, epoch, batch_in_epoch = st["step"], st["epoch"], st["batch_in_epoch"]
         examples, train_seconds = st["examples"], st["train_seconds"]
         n_resampled, last_val = st["n_resampled"], st["last_val"]
@@ -738,13 +907,16 @@ def train_stack(
         tensors |= dead.state()
         tensors["sched.warm_start"] = sched.warm_start
         tensors |= _rng_state()
+        log_tensors, log_state = interval.state()
+        tensors |= log_tensors
         state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "steps_per_epoch": steps_per_epoch,
                  "resample_step": dead.resample_step,
                  "examples": examples, "train_seconds": train_seconds, "finished": finished,
                  "n_resampled": n_resampled, "last_val": last_val, "config": cfg_dict, "sae_config": sae_cfg.to_dict(),
                  "lrs": [float(v) for v in lrs], "l1_coeffs": [float(v) for v in l1_coeffs],
                  "out_dirs": [str(d) for d in out_dirs], "shards": shards_info, "param_names": names,
-                 "wandb_id": wandb_id, "run_id": run_id}
+                 "wandb_id": wandb_id, "run_id": run_id, "kernel": sae.kernel_state(), "log": log_state,
+                 "world_size": 1, "rank": 0}
         save_checkpoint(ckpt_path, tensors, state)
 
     # ---------------------------------------------------------------- loop
@@ -753,10 +925,6 @@ def train_stack(
     limit = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     bar = tqdm(total=limit, initial=min(step, limit), unit="step", disable=not cfg.progress, dynamic_ncols=True,
                desc=f"train {run_dir.name}" + (f" (S={S})" if S > 1 else ""), file=sys.stderr)
-    # Per-step metric rows summed on device: mse, l1, l0, explained_variance, aux, sparsity term.
-    sparsity_of = {"relu": "l1", "jumprelu": "l0"}.get(sae.architecture)
-    acc = torch.zeros(6 if sparsity_of else 5, S, dtype=torch.float32, device=device)
-    n_acc = 0
     t_interval, ex_interval = time.perf_counter(), 0
     stopped = False
     sae.train()
@@ -783,11 +951,7 @@ def train_stack(
                     opt.zero_grad(set_to_none=True)
                     sae.normalize_decoder_()
                     dead.update(out.fired, step + 1)
-                    rows = [out.mse, out.l1, out.l0, out.explained_variance, out.aux]
-                    if sparsity_of:
-                        rows.append(l1_now * getattr(out, sparsity_of))
-                    acc += torch.stack(rows).float()
-                    n_acc += 1
+                    interval.add(out, x, l1_now * _sparsity_metric(sae.architecture, out.l1, out.l0))
                     step += 1
                     batch_in_epoch += 1
                     examples += x.shape[0]
@@ -795,31 +959,40 @@ def train_stack(
                     bar.update(1)
                     if step % cfg.log_every == 0 or step == limit:
                         # Interval means, then the dead fractions and the last step's lr and lambda.
-                        stats = torch.cat([acc[:5] / n_acc,
-                                           dead.dead_mask(cfg.dead_window_steps, step).float().mean(-1)[None],
-                                           dead.not_fired_since_resample().float().mean(-1)[None],
-                                           lr_now.float()[None], l1_now.float()[None],
-                                           acc[5:] / n_acc]).cpu().numpy()  # the one sync per interval
-                        loss = stats[0] + aux_coeff * stats[4] + (stats[9] if sparsity_of else 0.0)
+                        means, ev = interval.means(sae.cfg.scale_factor)  # the one sync per interval
+                        extra_stats = torch.stack([dead.dead_mask(cfg.dead_window_steps, step).float().mean(-1),
+                                                   dead.not_fired_since_resample().float().mean(-1),
+                                                   lr_now.float(), l1_now.float()]).cpu().numpy()
+                        m = dict(zip(_IntervalLog.KEYS, means))
+                        loss = m["mse"] + aux_coeff * m["aux"] + m["sparsity"]
+                        if ev[0] is None:
+                            _warn_undefined_ev(f"training interval ending at step {step}", interval.n)
                         now = time.perf_counter()
                         rate = ex_interval / max(now - t_interval, 1e-9)
+                        # An interval cut short by --max_steps: a resume drops this record and
+                        # continues the interval from the checkpointed sums (as if never stopped).
+                        partial = step % cfg.log_every != 0 and step < total_steps
                         recs = []
-                        keys = ["mse", "l1", "l0", "explained_variance", "aux", "dead_fraction",
-                                "dead_since_resample_fraction", "lr", "l1_coeff"]
                         for s in range(S):
                             r = {"type": "train", "step": step, "epoch": epoch, "examples": examples,
                                  "loss": float(loss[s])}
-                            r |= {k: float(stats[i, s]) for i, k in enumerate(keys)}
+                            r |= {k: float(m[k][s]) for k in ("mse", "l1", "l0")}
+                            r["explained_variance"] = ev[s]
+                            r["aux"] = float(m["aux"][s])
+                            r |= {k: float(extra_stats[i, s]) for i, k in enumerate(
+                                ["dead_fraction", "dead_since_resample_fraction", "lr", "l1_coeff"])}
                             r["act_per_s"] = rate
+                            if partial:
+                                r["partial"] = True
                             recs.append(r)
                         logger.log(recs)
                         if not np.isfinite(loss).all():
                             raise TrainError(f"training diverged at step {step} (loss {loss.tolist()}): lower --lr, "
                                              f"or check the data with --validate_shards full (NaN/Inf rows in {shards.path}?)")
-                        bar.set_postfix(act_s=f"{rate:,.0f}", mse=f"{stats[0].mean():.3g}", l0=f"{stats[2].mean():.3g}",
+                        bar.set_postfix(act_s=f"{rate:,.0f}", mse=f"{m['mse'].mean():.3g}", l0=f"{m['l0'].mean():.3g}",
                                         refresh=False)
-                        acc.zero_()
-                        n_acc = 0
+                        if not partial:
+                            interval.reset()
                         t_interval, ex_interval = time.perf_counter(), 0
                     if step >= limit:
                         stopped = True
@@ -859,16 +1032,29 @@ def train_stack(
 
     finished = epoch >= cfg.num_epochs
     rate = examples / train_seconds if train_seconds > 0 else 0.0
+    incomplete = warmups_incomplete(step, sched, cfg)
+    notes = ([f"the run ended at step {step}, before its {' and '.join(incomplete)} warm-up completed: it cannot "
+              "have learnt with the configured schedule (more --num_epochs, a smaller --batch_size, or shorter "
+              "--lr_warmup_steps / --l1_warmup_steps)"] if incomplete else [])
+    for w in notes:
+        if finished and not any(w != RANDOM_WEIGHTS_WARNING for w in planned):  # else warned at the start already;
+            # a run stopped by --max_steps is paused, not ended
+            warnings.warn(w, UserWarning, stacklevel=2)
+    flags = [w for w in planned if w == RANDOM_WEIGHTS_WARNING] + notes
     result = TrainResult(out_dirs=out_dirs, steps=step, examples=examples, train_seconds=train_seconds,
-                         act_per_s=rate, finished=finished, val=last_val, n_resampled=n_resampled)
+                         act_per_s=rate, finished=finished, val=last_val, n_resampled=n_resampled,
+                         warnings=flags, backbone_random_init=random_init)
     if finished:
         checkpoint(finished=True)
     for i, d in enumerate(out_dirs):
         member = sae.member(i) if S > 1 else sae
         member.save(d, extra={"train": member_train_cfg[i], "shards": shards_info, "val": last_val[i],
-                              "steps": step, "epochs_done": epoch, "finished": finished, **extra[i]})
+                              "steps": step, "epochs_done": epoch, "finished": finished,
+                              "warmup_incomplete": incomplete, "backbone_random_init": random_init,
+                              "warnings": flags, **extra[i]})
     logger.log([{"type": "summary", "step": step, "epoch": epoch, "finished": finished, "act_per_s": rate,
-                 "train_seconds": train_seconds, "examples": examples, "n_resampled": n_resampled[i]}
+                 "train_seconds": train_seconds, "examples": examples, "n_resampled": n_resampled[i],
+                 "warmup_incomplete": incomplete, "backbone_random_init": random_init, "warnings": flags}
                 | {f"val_{k}": v for k, v in last_val[i].items()} for i in range(S)])
     logger.close()
     if cfg.plot:
@@ -913,15 +1099,37 @@ def train(cfg: TrainConfig) -> Path:
     return result.out_dirs[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``visae train`` / ``scripts/train_sae.py``: parse flags (defaults from configs/train_sae.yaml) and train."""
+def format_summary(sae_dir: str | Path) -> str:
+    """What was trained, its final held-out EV / L0 / dead fraction and where it is (from its cfg.json)."""
+    d = Path(sae_dir)
     try:
-        cfg = parse_config(TrainConfig, argv, default_yaml=DEFAULT_YAML, prog="visae train",
-                           description=(TrainConfig.__doc__ or "").strip())
+        doc = json.loads((d / "cfg.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"no finished SAE in {d} yet (cfg.json missing)"
+    extra = doc.get("extra", {}) or {}
+    val = extra.get("val") or {}
+    state = "finished" if extra.get("finished") else "stopped early (rerun with --resume to continue)"
+    line = (f"trained {doc.get('architecture', '?')} SAE {doc.get('d_in', '?')} -> {doc.get('d_sae', '?')} latents, "
+            f"{extra.get('steps', '?')} steps, {state}")
+    if val:
+        line += (f"; held-out EV {val.get('explained_variance', float('nan')):.4f}, "
+                 f"L0 {val.get('l0', float('nan')):.1f}, dead {val.get('dead_fraction', float('nan')):.3f}")
+    return f"{line}\nSAE: {d}   curves: {d / CURVES_FILE}   metrics: {d / METRICS_FILE}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``visae train`` / ``scripts/train_sae.py``: parse flags (defaults from configs/train_sae.yaml), train, summarise.
+
+    Prints the summary (:func:`format_summary`) on stderr and the SAE directory on stdout.
+    """
+    cfg = parse_config(TrainConfig, argv, default_yaml=DEFAULT_YAML, prog="visae train",
+                       description=(TrainConfig.__doc__ or "").strip())
+    try:
         out = train(cfg)
     except (ConfigError, ShardError, TrainError) as e:
         print(f"visae train: error: {e}", file=sys.stderr)
         return 2
+    print(format_summary(out), file=sys.stderr)
     print(out)
     return 0
 

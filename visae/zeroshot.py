@@ -40,8 +40,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from visae.atomic import atomic_write_text
+from visae.errors import VisaeError
 from visae.resources import config_yaml
-from visae.shards import ShardError, ShardSet, ShardView, atomic_write_text
+from visae.shards import ShardError, ShardSet, ShardView
 
 DEFAULT_YAML = config_yaml("zeroshot.yaml")
 
@@ -68,7 +70,7 @@ _FINAL_LAYERS = (None, "", "final", "embedding", "embed", "output", "proj", "pro
 _FINAL_TOKENS = (None, "", "cls", "embedding", "pooled")
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(VisaeError, ValueError):
     """The shard set, SAE or classifier cannot be zero-shot evaluated together."""
 
 
@@ -178,6 +180,7 @@ def build_classifier(backbone: Any, classnames: Sequence[str], templates: Sequen
     if not getattr(backbone, "has_text", False):
         raise ZeroShotError(f"backbone {backbone.name!r} has no text tower; zero-shot classification needs a CLIP model")
     templates = _template_strings(templates)
+    _check_classnames_fit(backbone, classnames, templates)
     w = encode_texts(backbone, list(classnames), templates, cache_dir=cache_dir)
     w = torch.as_tensor(w, dtype=torch.float32).to(device)
     w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # renormalise defensively: exact unit rows
@@ -188,6 +191,19 @@ def build_classifier(backbone: Any, classnames: Sequence[str], templates: Sequen
            "num_templates": len(templates), "prompts_sha256": prompts,
            "weights": getattr(backbone, "cache_key", None)}
     return ZeroShotClassifier(weights=w, logit_scale=float(backbone.logit_scale), classnames=list(classnames), key=key)
+
+
+def _check_classnames_fit(backbone: Any, classnames: Sequence[str], templates: Sequence[str]) -> None:
+    """Refuse class names whose prompts the text tower would cut to its context (two such names can get one
+    embedding, and a cut name is not the class the user asked for)."""
+    from visae.text import context_length, texts_that_do_not_fit
+
+    bad = texts_that_do_not_fit(backbone.tokenizer, list(classnames), templates)
+    if bad:
+        ctx = context_length(backbone.tokenizer)
+        raise ZeroShotError(
+            f"{len(bad)} class name(s) do not fit {backbone.name}'s text context of {ctx} tokens with the templates "
+            f"(the tokenizer would cut them): {bad}; shorten them or use shorter templates")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -223,13 +239,19 @@ def check_source(source: dict[str, Any], model: str, pretrained: str | None, whe
 
 def final_embedding_problem(source: dict[str, Any]) -> str | None:
     """Why the activations a manifest ``source`` describes are not one final (projected) image embedding per
-    image, naming the field; None when they are. Zero-shot scoring and naming both need that space."""
+    image, naming the field; None when they are. Zero-shot scoring and naming both need that space.
+
+    Every field is checked on its own: ``layer`` must be absent or name the final embedding
+    (``"final"``, ``"output"``, ...), ``token`` must be absent or the pooled one (``"cls"``, ``"pooled"``,
+    ...; ``"patch"`` or ``"mean"`` rows are not the embedding whatever ``layer`` says) and ``read``
+    absent or ``"image_embedding"``.
+    """
     layer, token, read = source.get("layer"), source.get("token"), source.get("read")
     layer_l = layer.lower() if isinstance(layer, str) else layer
     token_l = token.lower() if isinstance(token, str) else token
     if layer_l not in _FINAL_LAYERS:
         return f"activations are from layer {layer!r} (source.layer), not the final image embedding"
-    if layer_l in (None, "") and token_l not in _FINAL_TOKENS:
+    if token_l not in _FINAL_TOKENS:
         return f"activations use token {token!r} (source.token), not the pooled image embedding"
     if read is not None and read != "image_embedding":
         return f"activations are {read!r} (source.read), not the final image embedding"

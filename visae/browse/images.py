@@ -21,6 +21,8 @@ from typing import Any, Iterable
 
 from PIL import Image
 
+from visae.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 _PATCH = re.compile(r"#p\d+$")
@@ -65,12 +67,14 @@ class ImageResolver:
 
     def path_of(self, example_id: str) -> str | None:
         """A file path for folder-like sources (None when unknown or missing)."""
-        iid = image_id(example_id)
+        from visae.images import decode_id
+
+        name = decode_id(image_id(example_id))  # ids of names that are not UTF-8 are escaped (shard format, "Ids")
         cands = []
         if self.root and self.kind not in ("webdataset",):
-            cands.append(os.path.join(self.root, iid))
-        if os.path.isabs(iid):
-            cands.append(iid)
+            cands.append(os.path.join(self.root, name))
+        if os.path.isabs(name):
+            cands.append(name)
         for c in cands:
             if os.path.isfile(c):
                 return c
@@ -88,12 +92,10 @@ class ImageResolver:
         p = self.path_of(iid)
         if p is None:
             return None
-        try:
-            with Image.open(p) as im:
-                im.load()
-                return im.convert("RGB")
-        except Exception:  # noqa: BLE001 - unreadable image: no thumbnail
-            return None
+        from visae.images import Item, load_image
+
+        img, _, err = load_image(Item(id=iid, path=p))  # the extractor's decoding policy: same picture as the model saw
+        return img
 
 
 def make_thumbnails(resolver: ImageResolver, ids: Iterable[str], out_dir: Path, size: int = 160,
@@ -117,9 +119,8 @@ def make_thumbnails(resolver: ImageResolver, ids: Iterable[str], out_dir: Path, 
         if max(img.size) < size:  # tiny images (the toy world's 64 px) are upscaled crisply
             scale = size / max(img.size)
             img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.NEAREST)
-        tmp = dst.with_name(f".{name}.{os.getpid()}.tmp")
-        img.save(tmp, format="JPEG", quality=85)
-        os.replace(tmp, dst)
+        with atomic_path(dst, fsync=False) as tmp:  # thumbnails are regenerated from the images at will
+            img.save(tmp, format="JPEG", quality=85)
         return iid, name
 
     n_workers = workers or min(8, os.cpu_count() or 1)

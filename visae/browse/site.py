@@ -94,8 +94,13 @@ def _figure(entry: dict[str, Any]) -> str:
     return f'<figure title="{_e(entry["id"])}">{img}<figcaption>{cap}</figcaption></figure>'
 
 
+def _warning_html(warning: str | None) -> str:
+    return f'<div class="warning" role="alert"><strong>Warning:</strong> {_e(warning)}</div>' if warning else ""
+
+
 def concept_page(c: dict[str, Any], *, top: Sequence[dict[str, Any]], rand: Sequence[dict[str, Any]], hist_svg: str,
-                 n_concepts: int, title: str, max_activation: float | None, count: int | None) -> str:
+                 n_concepts: int, title: str, max_activation: float | None, count: int | None,
+                 warning: str | None = None) -> str:
     j = c["latent"]
     name = c.get("name")
     head = _e(name) if name else '<span class="unnamed">unnamed</span>'
@@ -125,7 +130,7 @@ def concept_page(c: dict[str, Any], *, top: Sequence[dict[str, Any]], rand: Sequ
 <title>{_e(name or "unnamed")} (#{j}) - {_e(title)}</title>
 <link rel="stylesheet" href="../static/style.css"></head>
 <body data-latent="{j}">
-<header><h1>{head} <span class="latent">#{j}</span>{reason}</h1><div class="sub">{_e(title)}</div></header>
+<header><h1>{head} <span class="latent">#{j}</span>{reason}</h1><div class="sub">{_e(title)}</div>{_warning_html(warning)}</header>
 <main>
 <div class="nav">{" ".join(nav)}</div>
 <div class="summary">
@@ -162,14 +167,14 @@ def json_for_html(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_JSON_IN_HTML)
 
 
-def index_page(data: dict[str, Any], title: str, subtitle: str) -> str:
+def index_page(data: dict[str, Any], title: str, subtitle: str, warning: str | None = None) -> str:
     blob = json_for_html(data)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)}</title>
 <link rel="stylesheet" href="static/style.css"></head>
 <body>
-<header><h1>{_e(title)}</h1><div class="sub">{_e(subtitle)}</div></header>
+<header><h1>{_e(title)}</h1><div class="sub">{_e(subtitle)}</div>{_warning_html(warning)}</header>
 <main>
 <div class="controls">
  <label>Search <input type="search" id="search" placeholder="name, candidate or #latent" autofocus></label>
@@ -206,8 +211,11 @@ def copy_static(site: Path) -> None:
 
 def write_site(site: Path, concepts: list[dict[str, Any]], stats: Any, ids: np.ndarray, labels: np.ndarray | None,
                label_names: Sequence[str] | None, thumbs: dict[str, str | None], *, title: str, subtitle: str,
-               info: dict[str, Any]) -> Path:
-    """Write index.html, one page per concept, the static files and site.json into ``site``."""
+               info: dict[str, Any], warning: str | None = None) -> Path:
+    """Write index.html, one page per concept, the static files and site.json into ``site``.
+
+    ``warning``: shown at the top of every page (e.g. the backbone had random weights).
+    """
     from visae.browse.images import image_id
 
     site.mkdir(parents=True, exist_ok=True)
@@ -235,7 +243,7 @@ def write_site(site: Path, concepts: list[dict[str, Any]], stats: Any, ids: np.n
         hist = histogram_svg(stats.hist_counts[j], stats.hist_edges) if stats is not None else ""
         page = concept_page(c, top=top, rand=rnd, hist_svg=hist, n_concepts=n, title=title,
                             max_activation=float(stats.max[j]) if stats is not None else None,
-                            count=int(stats.count[j]) if stats is not None else None)
+                            count=int(stats.count[j]) if stats is not None else None, warning=warning)
         atomic_write_text(site / "concepts" / f"{j}.html", page)
         thumb = next((e["thumb"] for e in top if e["thumb"]), None)
         rows.append({
@@ -244,6 +252,6 @@ def write_site(site: Path, concepts: list[dict[str, Any]], stats: Any, ids: np.n
             "alternatives": [{"name": a["name"], "score": a.get("score")} for a in (c.get("alternatives") or [])],
             "thumb": f"thumbs/{thumb}" if thumb else None,
         })
-    atomic_write_text(site / "index.html", index_page({"concepts": rows}, title, subtitle))
+    atomic_write_text(site / "index.html", index_page({"concepts": rows}, title, subtitle, warning))
     atomic_write_text(site / "site.json", json.dumps(info, indent=1, default=str))
     return site / "index.html"

@@ -29,16 +29,18 @@ from typing import Any, ClassVar, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SAEConfig", "SAE", "LossOutput", "SAEFormatError", "FORMAT_NAME", "FORMAT_VERSION"]
+from visae.errors import VisaeError
+
+__all__ = ["SAEConfig", "SAE", "LossOutput", "SAEFormatError", "FORMAT_NAME", "FORMAT_VERSION", "aux_k_term"]
 
 FORMAT_NAME = "visae.sae"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 CFG_FILE = "cfg.json"
-K_ARCHITECTURES = ("topk", "batchtopk")  # the architectures that read SAEConfig.k
+K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")  # the architectures that read SAEConfig.k
 
 
-class SAEFormatError(ValueError):
+class SAEFormatError(VisaeError, ValueError):
     """An SAE directory is missing, malformed, or does not fit the data it is given."""
 
 
@@ -46,8 +48,9 @@ class SAEFormatError(ValueError):
 class SAEConfig:
     """Shape and architecture of a (stack of) sparse autoencoder(s)."""
 
-    architecture: Literal["relu", "topk", "batchtopk", "jumprelu"] = field(
-        default="relu", metadata={"help": "SAE architecture: relu (+L1), topk, batchtopk, jumprelu"})
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = field(
+        default="relu", metadata={"help": "SAE architecture: relu (+L1), topk, batchtopk, jumprelu, matryoshka "
+                                          "(nested prefixes, BatchTopK codes)"})
     d_in: int = field(default=512, metadata={"help": "input (activation) width"})
     d_sae: int = field(default=4096, metadata={"help": "number of latents (dictionary size)"})
     n_models: int = field(default=1, metadata={"help": "stack size S: same-shape SAEs held and trained as one module"})
@@ -59,6 +62,9 @@ class SAEConfig:
     jumprelu_bandwidth: float = field(
         default=1e-3, metadata={"help": "jumprelu: bandwidth of the straight-through threshold gradient"})
     jumprelu_init_threshold: float = field(default=1e-3, metadata={"help": "jumprelu: initial threshold"})
+    matryoshka_levels: int = field(
+        default=5, metadata={"help": "matryoshka: number of nested prefixes, of sizes d_sae / 2^(L-1), ..., "
+                                     "d_sae / 2, d_sae (rounded down)"})
     input_normalization: Literal["unit_norm", "none"] = field(
         default="unit_norm", metadata={"help": "unit_norm: the SAE divides each raw input by its L2 norm and "
                                                "multiplies the reconstruction back; none: inputs used as given"})
@@ -80,6 +86,10 @@ class SAEConfig:
                 raise ValueError(f"SAEConfig.k must be positive for {self.architecture}, got {self.k}")
             if self.k > self.d_sae:
                 raise ValueError(f"SAEConfig.k={self.k} exceeds d_sae={self.d_sae} ({self.architecture} keeps k latents)")
+        if self.architecture == "matryoshka" and not 1 <= int(self.matryoshka_levels) <= int(self.d_sae).bit_length():
+            raise ValueError(f"SAEConfig.matryoshka_levels must be in [1, {int(self.d_sae).bit_length()}] for "
+                             f"d_sae={self.d_sae} (the smallest prefix, d_sae / 2^(levels-1), must hold a latent), "
+                             f"got {self.matryoshka_levels}")
         if self.input_normalization not in ("unit_norm", "none"):
             raise ValueError(f"SAEConfig.input_normalization must be 'unit_norm' or 'none', got {self.input_normalization!r}")
         if not (self.scale_factor > 0 and math.isfinite(self.scale_factor)):
@@ -345,7 +355,7 @@ class SAE(nn.Module):
         mse = err.pow(2).mean(dim=(1, 2))
         aux = torch.zeros(S, device=x.device)
         if self.uses_aux and dead_mask is not None and bool(dead_mask.any()):
-            aux = self._aux_loss_reference(pre, err, dead_mask)
+            aux = self._aux_loss_reference(pre, err, dead_mask, x)
         loss = (mse + sparsity + self.cfg.aux_coeff * aux).sum()
         with torch.no_grad():
             active = f > 0
@@ -357,21 +367,21 @@ class SAE(nn.Module):
                               explained_variance=_explained_variance(sq_err, x),
                               aux=aux.detach(), fired=counts > 0, sq_err=sq_err)
 
-    def _aux_loss_reference(self, pre: Tensor, err: Tensor, dead_mask: Tensor) -> Tensor:
-        """Aux-k loss (Gao et al. 2024): the top ``aux_k`` dead latents reconstruct the residual.
+    def _aux_loss_reference(self, pre: Tensor, err: Tensor, dead_mask: Tensor, x: Tensor) -> Tensor:
+        """Aux-k term [S] (plain autograd): the top ``aux_k`` dead latents reconstruct the residual.
 
-        Normalised by the residual's squared norm so it is scale free; [S].
+        pre [S, B, d_sae] pre-activations, err [S, B, d_in] = x_hat - x, dead_mask [S, d_sae],
+        x [B, d_in] | [S, B, d_in] the SAE-space batch. The aux reconstruction is
+        ``ReLU(TopK_aux_k(pre over dead latents)) W_dec + b_dec``; its target ``(x - x_hat) + b_dec``
+        is detached (Gao et al. 2024, A.2, as in their reference code). See :func:`aux_k_term`.
         """
         k_aux = min(self.cfg.aux_k, self.d_sae)
         masked = pre.masked_fill(~dead_mask[:, None, :], float("-inf"))
         vals, idx = masked.topk(k_aux, dim=-1)
         vals = torch.relu(torch.nan_to_num(vals, neginf=0.0))
         f_aux = torch.zeros_like(pre).scatter(-1, idx, vals)
-        e_hat = torch.bmm(f_aux, self.W_dec)
-        residual = -err.detach()  # x - x_hat
-        num = (e_hat - residual).pow(2).sum(dim=(1, 2))
-        den = (residual - residual.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2)).clamp_min(1e-12)
-        return num / den * dead_mask.any(-1)  # 0 for members with no dead latent
+        e_hat = torch.bmm(f_aux, self.W_dec.to(f_aux.dtype))
+        return aux_k_term(e_hat, -err, x, self.b_dec) * dead_mask.any(-1)  # 0 for members with no dead latent
 
     # ------------------------------------------------------------------ decoder constraints
     @torch.no_grad()
@@ -398,6 +408,26 @@ class SAE(nn.Module):
         The trainer rewrites W_enc / W_dec / b_enc itself; subclasses reset what only they know
         (JumpReLU: the threshold back to its initial value).
         """
+
+    # ------------------------------------------------------------------ kernel choice (checkpointed)
+    def kernel_state(self) -> dict[str, Any]:
+        """What the ``impl="auto"`` dispatch remembers between steps, JSON-able (the trainer checkpoints it).
+
+        ``last_active_frac``: the largest per-member fraction of active codes on the last
+        ``training_loss`` call (None before the first); the fused / sparse kernel choice of the
+        next step depends on it (``kernels._looks_sparse``), so a resume must restore it to be
+        bit-identical.
+        """
+        v = self.__dict__.get("_last_active_frac")
+        return {"last_active_frac": None if v is None else float(v)}
+
+    def load_kernel_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``kernel_state`` returned (missing keys: as a fresh module)."""
+        v = (state or {}).get("last_active_frac")
+        if v is None:
+            self.__dict__.pop("_last_active_frac", None)
+        else:
+            self.__dict__["_last_active_frac"] = float(v)
 
     # ------------------------------------------------------------------ export
     @torch.no_grad()
@@ -461,7 +491,7 @@ class SAE(nn.Module):
         """
         from safetensors.torch import save as st_save
 
-        from visae.shards import atomic_write_bytes, atomic_write_text
+        from visae.atomic import atomic_write_bytes, atomic_write_text
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -477,12 +507,79 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, path: str | Path, device: Any = "cpu") -> "SAE":
         """Load an SAE directory written by ``save`` (any registered architecture)."""
-        from visae.sae import load_sae
-
         sae = load_sae(path, device=device)
         if cls is not SAE and not isinstance(sae, cls):
             raise SAEFormatError(f"{path}: holds a {type(sae).__name__}, not a {cls.__name__}")
         return sae
+
+
+
+# ----------------------------------------------------------------------------- registry and loading
+# Here, beside ``SAE.save``, so that ``SAE.load`` needs no import of the package (no import cycle);
+# ``visae.sae`` re-exports them and registers the built-in architectures.
+
+ARCHITECTURES: dict[str, type[SAE]] = {}
+
+
+def register_architecture(cls: type[SAE]) -> type[SAE]:
+    """Class decorator: make ``cls`` buildable / loadable under ``cls.architecture``."""
+    if not cls.architecture:
+        raise ValueError(f"{cls.__name__}.architecture is empty")
+    ARCHITECTURES[cls.architecture] = cls
+    return cls
+
+
+def sae_class(architecture: str) -> type[SAE]:
+    try:
+        return ARCHITECTURES[architecture]
+    except KeyError:
+        raise SAEFormatError(f"unknown SAE architecture {architecture!r}; registered: {sorted(ARCHITECTURES)}") from None
+
+
+def load_sae(path: str | Path, device: Any = "cpu") -> SAE:
+    """Load ``path/cfg.json`` + ``path/weights.safetensors`` into a ready-to-use SAE (raw-input inference)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
+    if not path.is_dir():
+        raise SAEFormatError(f"SAE directory {path} does not exist")
+    if not cfg_path.is_file():
+        raise SAEFormatError(f"{cfg_path} is missing: {path} is not an SAE directory (expected {CFG_FILE} + {WEIGHTS_FILE})")
+    if not w_path.is_file():
+        raise SAEFormatError(f"{w_path} is missing (the weights of the SAE described by {cfg_path})")
+    try:
+        doc = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SAEFormatError(f"{cfg_path} is not valid JSON: {e}") from None
+    if doc.get("format") != FORMAT_NAME:
+        raise SAEFormatError(f"{cfg_path}: field 'format' is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise SAEFormatError(f"{cfg_path}: field 'format_version' is {doc.get('format_version')!r}, "
+                             f"this visae reads version {FORMAT_VERSION}")
+    extra = doc.pop("extra", {}) or {}
+    doc.pop("format"), doc.pop("format_version")
+    try:
+        cfg = SAEConfig.from_dict(doc, where=str(cfg_path))
+    except (TypeError, ValueError) as e:
+        raise SAEFormatError(f"{cfg_path}: {e}") from None
+    sae = sae_class(cfg.architecture)(cfg, device=device)
+    try:
+        state = load_file(str(w_path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise SAEFormatError(f"{w_path}: not a readable safetensors file ({e})") from None
+    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))
+        bad = {k: (got[k], expected[k]) for k in expected if k in got and got[k] != expected[k]}
+        raise SAEFormatError(f"{w_path}: tensors do not fit {cfg_path} (missing {missing}, unexpected "
+                             f"{sorted(set(got) - set(expected))}, shape (file, cfg) {bad})")
+    sae.load_state_dict(state)
+    sae.extra = extra
+    sae.eval()
+    return sae
 
 
 def _json_default(o: Any) -> Any:
@@ -499,12 +596,58 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cfg.json extra: {type(o).__name__} is not JSON-serialisable")
 
 
+def aux_k_term(e_hat: Tensor, residual: Tensor, x: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """The aux-k term [S] of TopK-style SAEs, in the units of ``LossOutput.mse`` (Gao et al. 2024, A.2).
+
+    e_hat [S, B, d_in]: the aux reconstruction decoded from the top ``aux_k`` dead latents
+    (with grad, no decoder bias); residual [S, B, d_in] = x - x_hat (detached here);
+    x [B, d_in] | [S, B, d_in]: the SAE-space batch; b_dec [S, d_in] or None.
+
+    Gao et al. (their reference ``train.py``) minimise, with alpha = ``aux_coeff`` = 1/32,
+
+        L = MSE(x_hat, x) / Var(x)  +  alpha * MSE(e_hat + b_dec, r + sg(b_dec)) / Var(r),   r = sg(x - x_hat)
+
+    where MSE is the mean over batch and d_in, Var(v) = mean over batch and d_in of
+    (v - batch mean of v)^2 (the per-element variance), and sg() stops the gradient. visae
+    keeps the main term in plain MSE units (``mse``, comparable with the ReLU runs) and
+    returns ``aux = MSE(e_hat, r) * Var(x) / Var(r)``, so that ``loss = mse + alpha * aux``
+    equals ``Var(x) * L``: the same objective times a per-batch constant, hence the same
+    gradient directions and the same ratio of the two terms (Adam is invariant to the
+    constant). Var(x) is the batch's (the reference estimates it once from a data sample;
+    for training batches of thousands the two agree to sampling error). When ``b_dec`` is
+    given it receives the aux term's gradient as in the reference, where the aux decode adds
+    ``b_dec`` and the target adds it detached (the value does not change).
+
+    Where Var(r) is 0 (a 1-row batch, or one residual for every row) the term is 0, as the
+    reference's ``nan_to_num(0)``. Raises nothing; shapes are the caller's contract.
+    """
+    S, B, d = e_hat.shape
+    r = residual.detach().float()
+    xd = x.detach().float()
+    r_c = r - r.mean(dim=1, keepdim=True)
+    sst_r = r_c.square().sum(dim=(1, 2))  # [S] = B * d * Var(r)
+    sst_x = (xd - xd.mean(dim=-2, keepdim=True)).square().sum(dim=(-2, -1))  # [] or [S] = B * d * Var(x)
+    # Below the float32 cancellation error of the centring, the residual has no spread: undefined.
+    defined = sst_r > 4.0 * (B * d) * torch.finfo(torch.float32).eps * r.square().sum(dim=(1, 2))
+    ratio = torch.where(defined, sst_x / sst_r.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(sst_r))
+    diff = e_hat.float() - r
+    if b_dec is not None:
+        diff = diff + (b_dec - b_dec.detach()).float()[:, None, :]  # value 0, gradient into b_dec
+    return diff.square().sum(dim=(1, 2)) / (B * d) * ratio
+
+
 def _explained_variance(sq_err: Tensor, x: Tensor) -> Tensor:
-    """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 per member: sq_err [S, B], x [B, d] (shared) or [S, B, d] -> [S]."""
+    """1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 per member: sq_err [S, B], x [B, d] (shared) or [S, B, d] -> [S].
+
+    NaN where the batch has no spread (B = 1, or identical rows): the denominator is then 0 up to
+    the float64 cancellation error of sum ||x||^2 - B ||mean||^2, about (B * d) * eps64 * sum ||x||^2.
+    """
     x = x.detach()
-    B = x.shape[-2]
+    B, d = x.shape[-2], x.shape[-1]
     # sum ||x - mean||^2 = sum ||x||^2 - B ||mean||^2, in float64 (no [S, B, d] temporaries)
     total = torch.linalg.vector_norm(x, dim=(-2, -1), dtype=torch.float64).square()
     mean_sq = torch.linalg.vector_norm(x.sum(-2, dtype=torch.float64), dim=-1).square() / B
-    var = (total - mean_sq).clamp_min(1e-12)
-    return (1.0 - sq_err.double().sum(-1) / var).float()
+    var = total - mean_sq
+    tol = 4.0 * (B * d) * torch.finfo(torch.float64).eps * total
+    ev = 1.0 - sq_err.double().sum(-1) / var.clamp_min(1e-300)
+    return torch.where(var > tol, ev, torch.full_like(ev, float("nan"))).float()

@@ -1,0 +1,120 @@
+"""visae.atomic: writes appear whole or not at all, and a failed write leaves no temporary file behind."""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import REPO
+from visae.atomic import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_json, atomic_write_text
+
+
+def _names(d):
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_write_replaces_the_file_and_leaves_nothing_else(tmp_path):
+    f = tmp_path / "a.json"
+    atomic_write_text(f, "old")
+    atomic_write_json(f, {"x": [1, 2]})
+    assert json.loads(f.read_text()) == {"x": [1, 2]} and _names(tmp_path) == ["a.json"]
+    atomic_write_bytes(f, b"\x00\x01", fsync=False)
+    assert f.read_bytes() == b"\x00\x01" and _names(tmp_path) == ["a.json"]
+
+
+def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path):
+    f = tmp_path / "cfg.json"
+    f.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(f) as tmp:
+            tmp.write_text("half of the new")
+            raise RuntimeError("boom")
+    assert f.read_text() == "old" and _names(tmp_path) == ["cfg.json"]
+    # not JSON-able: serialised before anything is written
+    with pytest.raises(TypeError):
+        atomic_write_json(tmp_path / "new.json", {"x": object()})
+    assert _names(tmp_path) == ["cfg.json"]
+    # a block that writes nothing is an error, not an empty file
+    with pytest.raises(FileNotFoundError, match="nothing was written"):
+        with atomic_path(tmp_path / "empty.png"):
+            pass
+    assert _names(tmp_path) == ["cfg.json"]
+
+
+def test_a_killed_writer_leaves_the_old_file_whole(tmp_path):
+    # a child writes 1 MB in pieces and is SIGKILLed mid-write: the destination keeps the old content
+    f = tmp_path / "big.bin"
+    f.write_bytes(b"o" * 10)
+    code = ("import os, signal, sys\nfrom visae.atomic import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp, open(tmp, 'wb') as fh:\n"
+            "    fh.write(b'n' * 500000); fh.flush(); os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(f)], cwd=REPO, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL
+    assert f.read_bytes() == b"o" * 10
+    strays = [n for n in _names(tmp_path) if n != "big.bin"]
+    assert len(strays) == 1 and strays[0].startswith(".big.bin.") and strays[0].endswith(".tmp")
+
+
+def test_temporary_names_differ_between_threads(tmp_path):
+    # eight threads write the same destination at once: each rename is whole, the last one wins
+    f = tmp_path / "t.txt"
+    errors = []
+
+    def write(i):
+        try:
+            for _ in range(20):
+                atomic_write_text(f, str(i) * 1000, fsync=False)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    text = f.read_text()
+    assert len(text) == 1000 and len(set(text)) == 1 and _names(tmp_path) == ["t.txt"]
+
+
+def test_atomic_dir_error_keep_replace(tmp_path):
+    d = tmp_path / "out"
+    with atomic_dir(d) as tmp:
+        (tmp / "a").write_text("1")
+    assert (d / "a").read_text() == "1"
+    with pytest.raises(FileExistsError):
+        with atomic_dir(d) as tmp:
+            (tmp / "a").write_text("2")
+    with atomic_dir(d, if_exists="keep") as tmp:  # another process made it first
+        (tmp / "a").write_text("2")
+    assert (d / "a").read_text() == "1"
+    with atomic_dir(d, if_exists="replace") as tmp:
+        (tmp / "b").write_text("3")
+    assert _names(d) == ["b"]
+    with pytest.raises(RuntimeError):
+        with atomic_dir(d, if_exists="replace") as tmp:
+            (tmp / "c").write_text("4")
+            raise RuntimeError("failed half-way")
+    assert _names(d) == ["b"] and _names(tmp_path) == ["out"]
+    with pytest.raises(ValueError, match="if_exists"):
+        with atomic_dir(d, if_exists="overwrite"):
+            pass
+
+
+def test_no_module_hand_rolls_a_temp_file_and_rename():
+    # every atomic write goes through visae.atomic: os.replace / os.rename appear nowhere else in the package,
+    # except merging shard sets, which moves finished shard files (not a write)
+    allowed = {("visae/shards.py", "os.replace(src, dst)")}
+    found = []
+    for path in sorted((REPO / "visae").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel == "visae/atomic.py":
+            continue
+        for line in path.read_text().splitlines():
+            for call in ("os.replace(", "os.rename(", ".rename("):
+                if call in line and not any(rel == a and s in line for a, s in allowed):
+                    found.append(f"{rel}: {line.strip()}")
+    assert not found, "hand-rolled temp file + rename (use visae.atomic):\n" + "\n".join(found)

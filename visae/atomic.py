@@ -1,0 +1,147 @@
+"""Atomic writes: every file and directory visae writes appears whole or not at all.
+
+(Named ``atomic``, not ``io``: a module named like one of the standard library's shadows it
+whenever its directory is on ``sys.path``.)
+
+A file is written under a temporary name beside its destination (``.<name>.<pid>.<token>.tmp``,
+same directory, so the final rename never crosses a filesystem), flushed and fsync'd, then
+``os.replace``'d onto the destination, which is atomic on POSIX: a reader sees the old file or
+the new one, and a process killed mid-write leaves at most a stray temporary file, never a
+truncated artifact. If the writer raises, the temporary file is removed and the error
+propagates; the destination is untouched.
+
+    atomic_write_text(out / "cfg.json", json.dumps(doc))      # text / bytes / JSON in hand
+    with atomic_path(out / "curves.png") as tmp:               # a library that writes to a path
+        fig.savefig(tmp, format="png")
+    with atomic_dir(out / "best", if_exists="replace") as tmp: # a whole directory
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+Temporary names start with ``.`` and end with ``.tmp``; nothing in visae reads such a name
+as an artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_dir", "temp_name"]
+
+
+def temp_name(path: str | Path) -> Path:
+    """A fresh temporary path beside ``path``: ``.<name>.<pid>.<8 hex>.tmp`` (unique across processes and threads)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path for the caller to write ``path``'s new content to; on success rename it onto ``path``.
+
+    Args:
+        path: the destination file; its parent directory must exist.
+        fsync: flush the file to disk before the rename (default). ``False`` for many small
+            files that are cheap to regenerate (the toy world's images): still never partial
+            after a killed process, but may be empty after a power loss.
+
+    Raises:
+        FileNotFoundError: the block wrote nothing to the temporary path.
+        Whatever the block raises; the temporary file is removed first and ``path`` is unchanged.
+    """
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"atomic write of {path}: nothing was written to {tmp}")
+        if fsync:
+            _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` all-or-nothing (temp file + fsync + rename)."""
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> None:
+    """Write ``text`` (UTF-8) to ``path`` all-or-nothing."""
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 1, **dumps_kw: Any) -> None:
+    """Write ``json.dumps(obj, indent=indent, **dumps_kw)`` to ``path`` all-or-nothing.
+
+    The document is serialised before anything is written: an object that is not JSON-able
+    raises ``TypeError`` and leaves no file behind.
+    """
+    atomic_write_text(path, json.dumps(obj, indent=indent, **dumps_kw))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, if_exists: Literal["error", "keep", "replace"] = "error") -> Iterator[Path]:
+    """Yield a fresh temporary directory for the caller to fill; on success rename it to ``path``.
+
+    Args:
+        path: the destination directory (its parent is created if missing).
+        if_exists: what to do when ``path`` exists once the block is done:
+            ``"error"`` raise ``FileExistsError``; ``"keep"`` keep the existing directory and drop
+            the new one (several processes making the same content: the first one wins);
+            ``"replace"`` swap the new one in (the old one is moved aside, then deleted; a reader
+            sees the old or the new directory, except for the instant between the two renames).
+
+    Raises:
+        FileExistsError: ``path`` exists and ``if_exists="error"``.
+        Whatever the block raises; the temporary directory is removed and ``path`` is unchanged.
+    """
+    if if_exists not in ("error", "keep", "replace"):
+        raise ValueError(f"atomic_dir: if_exists must be 'error', 'keep' or 'replace', got {if_exists!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        exists = path.exists() or path.is_symlink()
+        if exists and if_exists == "error":
+            raise FileExistsError(f"{path} exists")
+        if exists and if_exists == "replace":
+            old = temp_name(path)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+            return
+        try:
+            os.rename(tmp, path)  # fails on an existing non-empty directory (another process made it first)
+        except OSError:
+            if not (path.exists() and if_exists == "keep"):
+                raise
+            _remove(tmp)
+    except BaseException:
+        _remove(tmp)
+        raise

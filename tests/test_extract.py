@@ -247,7 +247,7 @@ def test_bad_images_skipped_and_reported(folder, tmp_path, capsys):
     assert sorted(skipped) == bad and all(skipped.values())
     assert "truncated" in skipped["aa_truncated.jpg"].lower()
     rep = json.loads((out / "extract_report.json").read_text())
-    assert rep["skipped"] == 3 and rep["items"] == 12 and rep["skipped_file"] == "skipped.txt"
+    assert rep["skipped"] == 3 and rep["items"] == 12 and rep["skipped_file"] == "skipped.jsonl"
     assert "3 skipped" in capsys.readouterr().out
 
 

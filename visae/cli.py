@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "toyworld": ("visae.toyworld", "generate images of the synthetic world with their factor labels"),
     "train-toy-clip": ("visae.toyclip", "train the project's small CLIP on the synthetic world"),
     "recovery": ("visae.recovery", "score how well an SAE recovers the synthetic world's known concepts (AUROC, naming)"),
+    "push": ("visae.interop.hub", "upload an SAE directory to the Hugging Face hub in SAELens's layout (load_sae('hf://...'))"),
 }
 
 

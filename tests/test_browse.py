@@ -248,3 +248,20 @@ def test_hostile_names_ids_and_file_names_in_headless_chromium(tmp_path):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_random_weight_backbone_is_flagged_on_every_page(world):
+    """The shard set's provenance records random_init: the index and every concept page say so (issue 10.9)."""
+    from visae.browse import RANDOM_WEIGHTS_SITE_NOTE, random_weights_recorded
+
+    site = world["site"]
+    pages = [site / "index.html"] + sorted((site / "concepts").glob("*.html"))
+    assert len(pages) > 1
+    for p in pages:
+        assert 'class="warning"' in p.read_text() and "RANDOM weights" in p.read_text(), p
+    assert json.loads((site / "site.json").read_text())["backbone_random_init"] is True
+    assert "RANDOM weights" in RANDOM_WEIGHTS_SITE_NOTE
+    trained = {"model": "ViT-B-32", "random_init": False}
+    assert not random_weights_recorded(trained, {"shards": {"source": trained}}, {"random_init": False})
+    assert random_weights_recorded(trained, {"backbone_random_init": True}, {})
+    assert random_weights_recorded(None, {"shards": {"source": {"random_init": True}}}, None)

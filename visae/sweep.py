@@ -347,7 +347,7 @@ def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any) -> bool:
 def train_trial_alone(cfg: SweepConfig, trial: Trial | str, out_dir: str | Path) -> Path:
     """Train one trial of the grid by itself (S = 1), from the sweep's shared init: the reference the stack must equal.
 
-    Used by tests and by ``scripts/bench_sweep.py`` (K sequential runs against one stacked pass).
+    Used by tests and by ``benchmarks/bench_sweep.py`` (K sequential runs against one stacked pass).
     """
     from visae.train import sae_config_for, train_stack
 
@@ -397,6 +397,22 @@ def _write_plan(out: Path, cfg: SweepConfig, tcfg: Any, trials: list[Trial], gro
 
 
 # ----------------------------------------------------------------------------- the stage
+
+
+def _check_model_name(name: str, pretrained: str | None) -> None:
+    """A backbone name some family knows (open_clip's names are checked against its model list), without loading it."""
+    from visae.backbones import BACKBONE_FAMILIES
+
+    for fam in BACKBONE_FAMILIES:
+        if fam.exact and name == fam.prefix:
+            return
+        if not fam.exact and fam.prefix and name.startswith(fam.prefix):
+            return
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise SweepError(f"--model {name!r}: not a known backbone (open_clip has {len(open_clip.list_models())} "
+                         "models, e.g. ViT-B-32; see visae.backbones)")
 
 
 def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
@@ -451,7 +467,7 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
 
             try:
                 if sel.model:
-                    parse_backbone_name(sel.model, sel.pretrained)
+                    _check_model_name(*parse_backbone_name(sel.model, sel.pretrained))
                 if sel.benchmark != "auto":
                     benchmark_classes(sel.benchmark, sel.classnames_file, sel.templates_file)
             except (ValueError, OSError) as e:

@@ -43,7 +43,7 @@ from visae.optim import StackedAdam
 from visae.resources import REPO, config_yaml  # noqa: F401 - REPO: the checkout, for scripts and tests
 from visae.shards import ShardError, ShardSet, ShardView
 
-__all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "train_stack", "main", "load_checkpoint",
+__all__ = ["TrainConfig", "TrainError", "TrainResult", "train", "train_stack", "main", "load_checkpoint", "l1_coeffs_used",
            "CHECKPOINT_DIR", "CHECKPOINT_FILE"]
 
 DEFAULT_YAML = config_yaml("train_sae.yaml")
@@ -103,6 +103,11 @@ class TrainConfig:
     lr: float = field(default=5e-4, metadata={"help": "Adam learning rate (after warm-up)"})
     l1_coeff: float = field(default=3e-5, metadata={"help": "sparsity coefficient lambda (relu: L1 on "
                                                             "decoder-norm-weighted codes; jumprelu: L0)"})
+    l1_convention: Literal["unit", "raw"] = field(
+        default="unit", metadata={"help": "what --l1_coeff means: unit = lambda of the loss on the SAE's own inputs "
+                                          "(unit-norm rows), used as given; raw = lambda of the loss on raw "
+                                          "activations (Discover-then-Name's), converted with the shards' stored "
+                                          "norms (docs/training.md)"})
     adam_beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
     adam_beta2: float = field(default=0.999, metadata={"help": "Adam beta2"})
     adam_eps: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
@@ -160,6 +165,8 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr}")
         if not self.l1_coeff >= 0:
             raise ConfigError(f"TrainConfig.l1_coeff must be >= 0, got {self.l1_coeff}")
+        if self.l1_convention not in ("unit", "raw"):
+            raise ConfigError(f"TrainConfig.l1_convention must be 'unit' or 'raw', got {self.l1_convention!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -344,6 +351,45 @@ def _estimate_scale(shards: ShardSet, cfg: TrainConfig) -> float:
     x = shards.read(idx)
     msn = float((x.astype(np.float64) ** 2).sum(1).mean())
     return 1.0 / math.sqrt(msn) if msn > 0 else 1.0
+
+
+def l1_coeffs_used(l1_coeffs: Sequence[float], convention: str, view: ShardView, sae_cfg: Any) -> tuple[list[float], dict[str, Any]]:
+    """The sparsity coefficients the loss uses, from those given in ``convention`` ("unit" | "raw").
+
+    visae's loss is computed on the SAE's inputs x = rho_i^-1 * raw_i, where rho_i = r_i / c for
+    unit_norm shards (r_i: the example's original norm, kept in the shard metadata) and
+    rho_i = 1 / c for shards stored as given (c = ``sae_cfg.scale_factor``). For one example
+    the raw-space loss is loss_raw(lambda) = rho^2 * loss_unit(lambda / rho^(2-p)), with p = 1
+    for an L1 term (relu) and p = 0 for an L0 term (jumprelu). Over the training ``view`` the
+    raw loss weighs the reconstruction of example i by rho_i^2 and its sparsity term by
+    rho_i^p, so the one coefficient that keeps their ratio is
+
+        lambda_unit = lambda_raw * mean(rho^p) / mean(rho^2)     (relu: mean(r) / mean(r^2) when c = 1)
+
+    exact when all norms are equal, the best single-lambda match otherwise (a per-example
+    lambda would be needed to be exact). ``convention="unit"``: the coefficients are used as
+    given. Returns (coefficients used [S], a JSON-able record of the conversion). Raises
+    TrainError on an unknown convention or stored norms that are not positive and finite.
+    """
+    given = [float(v) for v in l1_coeffs]
+    if convention == "unit":
+        return given, {"convention": "unit", "factor": 1.0}
+    if convention != "raw":
+        raise TrainError(f"l1_convention must be 'unit' or 'raw', got {convention!r}")
+    c = float(sae_cfg.scale_factor)
+    if view.shards.normalization == "unit_norm":
+        rho = view.shards.metadata()["norm"][view.index].astype(np.float64) / c
+        if rho.size == 0 or not np.all(np.isfinite(rho) & (rho > 0)):
+            raise TrainError(f"l1_convention raw: shard set {view.shards.path} has example norms (metadata 'norm') "
+                             "that are not positive and finite; the raw-to-unit conversion needs them")
+    else:
+        rho = np.full(1, 1.0 / c)
+    p = 0 if sae_cfg.architecture == "jumprelu" else 1
+    factor = float(np.mean(rho ** p) / np.mean(rho ** 2))
+    info = {"convention": "raw", "factor": factor, "sparsity_power": p, "mean_norm": float(rho.mean()),
+            "mean_sq_norm": float(np.mean(rho ** 2)), "norm_cv": float(rho.std() / rho.mean()),
+            "exact": bool(rho.max() == rho.min())}
+    return [v * factor for v in given], info
 
 
 def _split(data: Any, cfg: TrainConfig) -> tuple[ShardSet, ShardView, ShardView]:
@@ -796,6 +842,8 @@ def train_stack(
     if sae_cfg.d_in != shards.d:
         raise TrainError(f"SAE d_in={sae_cfg.d_in} but shard set {shards.path} has d={shards.d}")
     sae_cfg = dataclasses.replace(sae_cfg, n_models=S)
+    # lambda as given (member identity: resume check, resampling seeds) -> lambda the loss uses
+    l1_used, l1_conversion = l1_coeffs_used(l1_coeffs, cfg.l1_convention, train_view, sae_cfg)
     device = resolve_device(cfg.device)
     B = cfg.batch_size
     # Every example once per epoch: the last batch of an epoch may be short (drop_last=False).
@@ -834,7 +882,7 @@ def train_stack(
     opt = StackedAdam(params, lr=torch.tensor(list(lrs), dtype=torch.float64), betas=(cfg.adam_beta1, cfg.adam_beta2),
                       eps=cfg.adam_eps, latent_axes=[_latent_axis(n, p, sae.d_sae) for n, p in zip(names, params)])
     sched = _Schedules(torch.tensor(list(lrs), dtype=torch.float64, device=device),
-                       torch.tensor(list(l1_coeffs), dtype=torch.float32, device=device),
+                       torch.tensor(l1_used, dtype=torch.float32, device=device),
                        cfg.lr_warmup_steps, cfg.l1_warmup_steps)
     dead = _DeadTracker(S, sae.d_sae, device)
     interval = _IntervalLog(S, sae.d_in, device)
@@ -882,7 +930,8 @@ def train_stack(
             sae.init_b_dec_(torch.from_numpy(sample), method=cfg.b_dec_init)
 
     # ---------------------------------------------------------------- logging
-    member_train_cfg = [cfg_dict | {"lr": float(lrs[i]), "l1_coeff": float(l1_coeffs[i])} for i in range(S)]
+    member_train_cfg = [cfg_dict | {"lr": float(lrs[i]), "l1_coeff": float(l1_coeffs[i]), "l1_coeff_used": l1_used[i],
+                                    "l1_conversion": l1_conversion} for i in range(S)]
     shards_info = {"path": str(shards.path.resolve()), "source": shards.source, "d": shards.d,
                    "num_examples": len(shards), "normalization": shards.normalization,
                    "val_fraction": cfg.val_fraction, "split_seed": cfg.seed}

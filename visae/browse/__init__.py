@@ -167,8 +167,28 @@ def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     if stats.top_index.shape[1] > cfg.n_top or stats.rand_index.shape[1] > cfg.n_random:
         stats_top = replace(stats, top_index=stats.top_index[:, : cfg.n_top], top_value=stats.top_value[:, : cfg.n_top],
                             rand_index=stats.rand_index[:, : cfg.n_random], rand_value=stats.rand_value[:, : cfg.n_random])
+    random_init = random_weights_recorded(ss.source, sae.extra, model)
+    info["backbone_random_init"] = random_init
+    warning = RANDOM_WEIGHTS_SITE_NOTE if random_init else None
+    if random_init:
+        log.warning("%s", RANDOM_WEIGHTS_SITE_NOTE)
     return write_site(site, concepts, stats_top, ids, meta.get("label"), label_names, thumbs, title=title,
-                      subtitle=subtitle, info=info)
+                      subtitle=subtitle, info=info, warning=warning)
+
+
+RANDOM_WEIGHTS_SITE_NOTE = ("these activations come from a backbone with RANDOM weights (recorded in the shard set's or "
+                            "the SAE's provenance): the latents and their names are not concepts of a trained model")
+
+
+def random_weights_recorded(source: dict[str, Any] | None, sae_extra: dict[str, Any] | None,
+                            model: dict[str, Any] | None) -> bool:
+    """Whether any recorded provenance says the backbone had random weights: the browsed shard set's
+    ``source.random_init``, the SAE's training record (``extra.backbone_random_init`` or
+    ``extra.shards.source.random_init``), or the naming record (``model.random_init``)."""
+    extra = sae_extra or {}
+    return bool((source or {}).get("random_init") or extra.get("backbone_random_init")
+                or ((extra.get("shards") or {}).get("source") or {}).get("random_init")
+                or (model or {}).get("random_init"))
 
 
 class _SiteHandler(http.server.SimpleHTTPRequestHandler):

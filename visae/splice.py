@@ -107,6 +107,9 @@ def splice_target(backbone: Any, sae: Any, layer: int | None = None, token: str 
     where = "SAE (cfg.json extra.shards.source)"
     if layer is None:
         layer = src.get("layer")
+        if isinstance(layer, str) and layer.strip().lower() not in ("", "final", "embedding", "image_embedding"):
+            raise SpliceError(f"{where}: records layer {layer!r}, not a block index (an imported SAE whose format "
+                              "does not say); pass layer=... (and token=...) to splice it")
         if layer is None or isinstance(layer, str):
             if not src:
                 raise SpliceError(f"{where}: records no source layer; pass layer=... (and token=...) to splice it")

@@ -25,8 +25,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from visae.errors import VisaeError
 
 __all__ = ["InteropError", "detect_layout", "import_hint", "sae_from_matrices"]
@@ -78,8 +76,8 @@ def import_hint(path: str | Path) -> str | None:
     return None if kind is None else f"{path} is {_HINTS[kind].format(p=path)}; see docs/interop.md"
 
 
-def sae_from_matrices(architecture: str, *, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
-                      b_dec: torch.Tensor, extra_tensors: dict[str, torch.Tensor] | None = None,
+def sae_from_matrices(architecture: str, *, W_enc: Any, b_enc: Any, W_dec: Any,
+                      b_dec: Any, extra_tensors: dict[str, Any] | None = None,
                       extra: dict[str, Any] | None = None, where: str = "checkpoint", **cfg: Any):
     """A single visae SAE (S = 1) from plain matrices, float32.
 
@@ -88,6 +86,8 @@ def sae_from_matrices(architecture: str, *, W_enc: torch.Tensor, b_enc: torch.Te
     architecture tensors without the member axis (``threshold`` [], ``log_threshold`` [d_sae]).
     ``cfg`` holds further :class:`visae.sae.SAEConfig` fields. Raises :class:`InteropError` on shapes.
     """
+    import torch
+
     from visae.sae import SAEConfig, build_sae
 
     W_enc, b_enc, W_dec, b_dec = (t.detach().to(torch.float32).cpu() for t in (W_enc, b_enc, W_dec, b_dec))

@@ -137,3 +137,40 @@ def test_load_sae_points_to_the_importer_and_refusals(tmp_path):
     with pytest.raises(InteropError, match="normalize_activations='layer_norm'"):
         import_saelens(tmp_path / "sl", out=tmp_path / "never")
     assert not (tmp_path / "never").exists()  # refused before anything was written
+
+
+def test_imported_saelens_sae_splices_into_the_model(tmp_path):
+    """An imported SAELens SAE on blocks.1.hook_resid_post goes into the ViT at block 1, all tokens."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from visae.backbones import load_backbone, register_tiny_clip
+    from visae.splice import splice, splice_target
+
+    bb = load_backbone(register_tiny_clip(), random_init=True)
+    s = StandardSAE(StandardSAEConfig(d_in=bb.width, d_sae=64, metadata=SAEMetadata(
+        model_name=bb.name, hook_name="blocks.1.hook_resid_post")))
+    with torch.no_grad():
+        s.b_enc.fill_(0.05)
+    s.save_model(tmp_path / "sl")
+    sae = import_saelens(tmp_path / "sl")
+    assert splice_target(bb, sae) == (1, "all")
+    imgs = torch.randn(2, 3, *bb.image_size, generator=torch.Generator().manual_seed(0))
+
+    def pre(_m, args):  # by hand: the SAELens SAE itself applied to the input of block 2
+        x = args[0]
+        return (s(x.reshape(-1, x.shape[-1])).reshape(x.shape), *args[1:])
+
+    with torch.no_grad():
+        h = bb.blocks[2].register_forward_pre_hook(pre)
+        try:
+            ref = bb.encode_image(imgs)
+        finally:
+            h.remove()
+        with splice(bb, sae) as sp:
+            out = bb.encode_image(imgs)
+        clean = bb.encode_image(imgs)
+    assert sp.calls == 1
+    tol = _tol(ref, terms=bb.width + 64)
+    assert (out - ref).abs().max() <= tol, f"{(out - ref).abs().max():.3g}"
+    assert (clean - ref).abs().max() > 100 * tol

@@ -1,10 +1,8 @@
-"""The whole pipeline on the toy world, offline: python scripts/demo.py [--quick true] [--out demo_out]"""
+"""The whole pipeline on the toy world, offline: python scripts/demo.py [--quick] [--out demo_out]"""
 import os
 import sys
 
-# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
-_here = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # this checkout's visae first
 
 from visae.demo import main  # noqa: E402
 

@@ -25,3 +25,136 @@ def test_every_subcommand_has_main_and_help(name, capsys):
         cli.main([name, "--help"])
     assert e.value.code == 0
     assert "--" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- usage errors (visae sweep)
+
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
+import typing  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from visae.sweep import SET_BY_SWEEP, SweepConfig  # noqa: E402
+
+# Free-form strings (a directory to create, a name, a cache path, a tag) have no value that is a typo;
+# for them the typo is a flag left without its value.
+_FREE = {"out", "wandb_project", "wandb_name", "label_column", "text_cache", "pretrained"}
+# Values that name something that does not exist (checked before anything is written)
+_MISSING = {"shards": "/nonexistent/shards", "val_shards": "/nonexistent/val", "classnames_file": "/nonexistent/c.txt",
+            "templates_file": "/nonexistent/t.txt", "device": "cpuu", "model": "ViT-B-32x", "benchmark": "toyy"}
+_ZEROSHOT = {"model", "benchmark"}  # only read (and checked) when selecting by zero-shot accuracy
+
+
+def _leaf_fields(cls, fixed=()):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in fixed:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_fields(tp, f.metadata.get("fixed", ()))
+        else:
+            yield f.name, tp
+
+
+SWEEP_FIELDS = dict(_leaf_fields(SweepConfig))
+
+
+def _typo(name, tp):
+    """argv that gets field ``name`` wrong."""
+    if name in _FREE:
+        return [f"--{name}"]
+    if name in _MISSING:
+        return [f"--{name}", _MISSING[name]] + (["--metric", "zeroshot_top1"] if name in _ZEROSHOT else [])
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if typing.get_origin(tp) is typing.Union else tp
+    if base is bool:
+        return [f"--{name}", "maybe"]
+    if typing.get_origin(base) is typing.Literal:
+        return [f"--{name}", f"{typing.get_args(base)[0]}x"]
+    if typing.get_origin(base) is tuple:
+        return [f"--{name}", "2", "x"]
+    if base in (int, float):
+        return [f"--{name}", "3x"]
+    raise AssertionError(f"no typo defined for field {name} of type {tp}: add it to _FREE or _MISSING")
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    from visae.synthetic import make_planted_dictionary, write_planted_shards
+
+    d = tmp_path_factory.mktemp("cli_shards") / "s"
+    write_planted_shards(d, n=512, dictionary=make_planted_dictionary(d=8, n_atoms=16, seed=0), shard_size=256, seed=0)
+    return d
+
+
+def _sweep_argv(shards, out):
+    return ["--shards", str(shards), "--out", str(out), "--lrs", "1e-3", "--l1_coeffs", "1e-4",
+            "--expansion_factors", "2", "--num_epochs", "1", "--batch_size", "128", "--lr_warmup_steps", "2",
+            "--l1_warmup_steps", "2", "--device", "cpu", "--no_progress", "--no_plot", "--metric",
+            "explained_variance"]
+
+
+def _tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _run_sweep(argv, capsys):
+    from visae.sweep import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr()
+
+
+def test_every_sweep_field_has_a_flag():
+    """Every sweep setting is reachable from the command line (the trainer's too), except those the sweep sets."""
+    assert {"num_epochs", "architecture", "shards", "metric", "max_l0", "lrs", "select"} <= set(SWEEP_FIELDS)
+    assert not set(SET_BY_SWEEP) & set(SWEEP_FIELDS) - {"out"}
+
+
+@pytest.mark.parametrize("name", sorted(SWEEP_FIELDS))
+def test_a_typo_in_any_sweep_field_exits_2_with_one_line_and_writes_nothing(name, small_shards, tmp_path, capsys):
+    out = tmp_path / "sw"
+    before = _tree_hash(tmp_path)
+    rc, cap = _run_sweep(_sweep_argv(small_shards, out) + _typo(name, SWEEP_FIELDS[name]), capsys)
+    lines = cap.err.strip().splitlines()
+    assert rc == 2, cap.err
+    assert len(lines) == 1 and lines[0].startswith("visae sweep: error: "), cap.err
+    assert _tree_hash(tmp_path) == before and not out.exists()
+
+
+def test_a_sweep_typo_then_the_corrected_command_runs(small_shards, tmp_path, capsys):
+    out = tmp_path / "sw"
+    argv = _sweep_argv(small_shards, out)
+    rc, cap = _run_sweep(argv + ["--architecture", "reluu"], capsys)
+    assert rc == 2 and "--architecture" in cap.err and "relu" in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert not out.exists()
+    rc, cap = _run_sweep(argv + ["--architecture", "relu"], capsys)
+    assert rc == 0, cap.err
+    assert cap.out.strip() == str(out) and (out / "selection.json").is_file()
+    assert "trained 1 of 1 trials" in cap.err and "chosen:" in cap.err  # the summary
+
+
+def test_bare_boolean_flags_and_bad_values(small_shards, tmp_path, capsys):
+    from visae.config import parse_config
+
+    cfg = parse_config(SweepConfig, ["--shards", "s", "--no_select", "--keep_checkpoint", "--bf16", "--no_progress"])
+    assert (cfg.select, cfg.train.keep_checkpoint, cfg.train.bf16, cfg.train.progress) == (False, True, True, False)
+    assert parse_config(SweepConfig, ["--shards", "s", "--max_l0", "3", "--max_l0", "None"]).selection.max_l0 is None
+    for bad, words in ((["--num_epochs", "0"], ["num_epochs", "positive"]), (["--lrs"], ["lrs", "empty"]),
+                       (["--metric", "top1"], ["--metric", "zeroshot_top1"]), (["--num_ep", "3"], ["--num_ep"]),
+                       (["--lr", "1e-3"], ["--lr"]), ([], ["--shards"])):
+        rc, cap = _run_sweep((["--shards", str(small_shards)] if bad else []) + ["--out", str(tmp_path / "o")] + bad,
+                             capsys)
+        lines = cap.err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1, (bad, cap.err)
+        assert all(w in lines[0] for w in words), (bad, lines[0])
+    assert not (tmp_path / "o").exists()

@@ -47,14 +47,14 @@ class Outer:
 
 
 def _usage_error(capsys, cls, argv):
-    """parse_config must exit 2 and print exactly one line naming the problem; returns that line."""
-    with pytest.raises(SystemExit) as e:
+    """parse_config must raise a one-line ConfigError (a usage error: exit status 2) and print nothing; returns it."""
+    with pytest.raises(ConfigError) as e:
         parse_config(cls, argv, prog="visae toy")
     captured = capsys.readouterr()
-    assert e.value.code == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("visae toy: error: "), captured.err
-    return lines[0]
+    assert e.value.exit_code == 2 and not captured.err and not captured.out, captured
+    line = str(e.value)
+    assert line and "\n" not in line, line
+    return line
 
 
 def test_defaults_yaml_and_flags_in_order(tmp_path):

@@ -15,7 +15,7 @@ from visae.toyclip import TOYCLIP_WEIGHTS  # noqa: E402
 def quick_demo(tmp_path_factory):
     assert TOYCLIP_WEIGHTS.is_file(), f"{TOYCLIP_WEIGHTS} is missing (see assets/toyclip/README.md)"
     out = tmp_path_factory.mktemp("demo") / "out"
-    argv = ["--out", str(out), "--quick", "true", "--progress", "false", "--threads", "2",
+    argv = ["--out", str(out), "--quick", "--no_progress", "--threads", "2",
             "--text_cache", str(out.parent / "text_cache")]
     assert demo.main(argv) == 0
     return out, argv

@@ -238,8 +238,8 @@ def _add_bad_images(root: Path) -> list[str]:
 def test_bad_images_skipped_and_reported(folder, tmp_path, capsys):
     bad = _add_bad_images(folder)
     out = tmp_path / "out"
-    rc = main(["--images", str(folder), "--out", str(out), "--model", TINY_CLIP_NAME, "--random_init", "true",
-               "--num_workers", "2", "--batch_size", "3", "--progress", "false"])
+    rc = main(["--images", str(folder), "--out", str(out), "--model", TINY_CLIP_NAME, "--random_init",
+               "--num_workers", "2", "--batch_size", "3", "--no_progress"])
     assert rc == 0
     ss = ShardSet(out, require_complete=True)
     assert len(ss) == 9 and not set(bad) & set(ss.metadata()["id"])
@@ -310,8 +310,8 @@ def test_torchrun_two_ranks_equal_one_rank(tars, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "scripts" / "extract_features.py"), "--images", str(tars), "--out", str(tmp_path / "two"),
-           "--model", TINY_CLIP_NAME, "--random_init", "true", "--batch_size", "2", "--shard_size", "2",
-           "--num_workers", "0", "--dtype", "float32", "--progress", "false", "--device", "cpu"]
+           "--model", TINY_CLIP_NAME, "--random_init", "--batch_size", "2", "--shard_size", "2",
+           "--num_workers", "0", "--dtype", "float32", "--no_progress", "--device", "cpu"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     two = ShardSet(tmp_path / "two", require_complete=True)

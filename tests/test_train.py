@@ -278,7 +278,7 @@ def _copy(src, dst):
 
 
 def _main(capsys, *argv):
-    rc = T.main([str(a) for a in argv] + ["--progress", "false", "--plot", "false"])
+    rc = T.main([str(a) for a in argv] + ["--no_progress", "--no_plot"])
     return rc, capsys.readouterr().err
 
 
@@ -287,7 +287,7 @@ def test_bad_inputs_give_clear_errors(planted, tmp_path, capsys):
     common = ["--num_epochs", "1", "--batch_size", "256", "--expansion_factor", "2"]
     # --shards missing
     rc, err = _main(capsys, *common)
-    assert rc == 2 and "--shards is required" in err and "--synthetic true" in err
+    assert rc == 2 and "--shards is required" in err and "--synthetic" in err
     # a directory without a manifest
     (tmp_path / "empty").mkdir()
     rc, err = _main(capsys, "--shards", tmp_path / "empty", "--out", tmp_path / "o1", *common)
@@ -328,10 +328,10 @@ def test_resume_with_shards_of_another_width_is_refused(planted, tmp_path, capsy
     assert rc == 0 and (out / "checkpoint" / "checkpoint.safetensors").exists()
     small = tmp_path / "d16"
     write_planted_shards(small, n=1024, dictionary=make_planted_dictionary(d=16, n_atoms=32, seed=1), shard_size=512)
-    rc, err = _main(capsys, "--shards", small, "--out", out, "--resume", "true", "--batch_size", "256",
+    rc, err = _main(capsys, "--shards", small, "--out", out, "--resume", "--batch_size", "256",
                     "--expansion_factor", "2")
     assert rc == 2 and "d_in=32" in err and "has d=16" in err
-    rc, err = _main(capsys, "--shards", shards, "--out", out, "--resume", "true", "--batch_size", "128",
+    rc, err = _main(capsys, "--shards", shards, "--out", out, "--resume", "--batch_size", "128",
                     "--expansion_factor", "2")
     assert rc == 2 and "batch_size" in err and "different config" in err
 
@@ -365,9 +365,9 @@ def test_script_synthetic_job_end_to_end(tmp_path):
     import sys
 
     out = tmp_path / "job"
-    cmd = [sys.executable, str(T.REPO / "scripts" / "train_sae.py"), "--synthetic", "true", "--out", str(out),
+    cmd = [sys.executable, str(T.REPO / "scripts" / "train_sae.py"), "--synthetic", "--out", str(out),
            "--synthetic_examples", "4096", "--synthetic_d", "16", "--synthetic_atoms", "32", "--num_epochs", "2",
-           "--batch_size", "512", "--progress", "false"]
+           "--batch_size", "512", "--no_progress"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
                                                                                "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr

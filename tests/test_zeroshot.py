@@ -219,6 +219,28 @@ def test_refuses_shards_that_are_not_the_models_final_embedding(tiny):
         check_source({"model": "ViT-B-32", "pretrained": "openai", "layer": None}, "ViT-B-32", "laion2b_s34b_b79k")
     with pytest.raises(ZeroShotError, match="random_init"):
         check_source(_source(tiny), tiny.name, None, random_init=False)
+    # a layer value that says "final" does not make patch rows or the mean of patch tokens the pooled embedding
+    for layer in ("final", "output"):
+        check_source(_source(tiny, layer=layer, token="cls", read=None), tiny.name, None, random_init=True)
+        for token in ("patch", "mean", "PATCH"):
+            with pytest.raises(ZeroShotError, match=f"token '{token}'"):
+                check_source(_source(tiny, layer=layer, token=token, read=None), tiny.name, None, random_init=True)
+    with pytest.raises(ZeroShotError, match="token 'mean'"):
+        check_source(_source(tiny, token="mean"), tiny.name, None, random_init=True)
+
+
+def test_class_names_longer_than_the_text_context_are_refused(tiny, tmp_path):
+    """visae-tiny-test reads 16 tokens: a class name whose prompt needs more would be cut (and two such names
+    can share one embedding), so the classifier is refused, naming the classes, before any text is embedded."""
+    head = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"  # 14 + 2 = 16 tokens
+    with pytest.raises(ZeroShotError, match="do not fit") as e:
+        build_classifier(tiny, ["cat", head + " cats", head + " dogs"], ["{}"], cache_dir=tmp_path)
+    assert repr(head + " cats") in str(e.value) and repr(head + " dogs") in str(e.value) and "'cat'" not in str(e.value)
+    assert not list(tmp_path.iterdir())  # refused before anything was embedded or cached
+    clf = build_classifier(tiny, ["cat", head], ["{}"], cache_dir=tmp_path)  # exactly the context: fits
+    assert clf.num_classes == 2
+    with pytest.raises(ZeroShotError, match=repr(head)):  # the same name with a template does not
+        build_classifier(tiny, ["cat", head], ["a photo of a {}."], cache_dir=tmp_path)
 
 
 def test_cli_scores_shards_and_sae(tiny, tiny_shards, tmp_path, capsys):
@@ -228,7 +250,7 @@ def test_cli_scores_shards_and_sae(tiny, tiny_shards, tmp_path, capsys):
     out = tmp_path / "zs.json"
     rc = main(["--shards", str(d / "s"), "--sae", str(tmp_path / "sae"), "--benchmark", "files",
                "--classnames_file", str(d / "classes.txt"), "--templates_file", str(d / "templates.txt"),
-               "--text_cache", str(d / "text"), "--out", str(out), "--progress", "false"])
+               "--text_cache", str(d / "text"), "--out", str(out), "--no_progress"])
     assert rc == 0
     res = json.loads(out.read_text())
     top1, top5, _ = _brute(emb, y, clf)
@@ -241,7 +263,7 @@ def test_cli_scores_shards_and_sae(tiny, tiny_shards, tmp_path, capsys):
     with ShardWriter(tmp_path / "layer", ss.d, source=src) as w:
         w.add(emb[:10].numpy(), ids=[str(i) for i in range(10)], labels=np.zeros(10, int))
     rc = main(["--shards", str(tmp_path / "layer"), "--benchmark", "files", "--classnames_file",
-               str(d / "classes.txt"), "--text_cache", str(d / "text"), "--progress", "false"])
+               str(d / "classes.txt"), "--text_cache", str(d / "text"), "--no_progress"])
     assert rc == 2 and "final image embedding" in capsys.readouterr().err
 
 

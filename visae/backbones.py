@@ -349,7 +349,7 @@ def _missing_weights(what: str, repo_id: str | None, filenames: Sequence[str], u
             f"  - or pre-download into the HF cache on a machine with network (`huggingface-cli download {repo_id} {filenames[-1]}`) "
             "and copy the cache here (set HF_HOME / HF_HUB_CACHE if it lives elsewhere)"
         )
-    lines.append("  - or use random weights for testing: random_init=True (--random_init true).")
+    lines.append("  - or use random weights for testing: random_init=True (--random_init).")
     return WeightsNotAvailableError("\n".join(lines))
 
 

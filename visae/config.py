@@ -354,8 +354,7 @@ def _one_line(text: str) -> str:
 
 
 def _usage_error(prog: str, message: str) -> typing.NoReturn:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise ConfigError(message)
 
 
 def _config_flag(argv: Sequence[str]) -> str | None:
@@ -381,10 +380,13 @@ def parse_args(cls: type[C], argv: Sequence[str] | None = None, default_yaml: st
     abbreviated, and ``--help`` lists every option with its default (required ones marked).
 
     Raises:
-        SystemExit: 0 after ``--help``; 2 after printing one line ``<prog>: error: <what>`` for a
-            usage error: an unknown flag, a value of the wrong type or outside its choices, a
-            missing required flag, a config file that is missing or does not fit ``cls``, or a
-            value the config's own checks (``__post_init__``) reject.
+        SystemExit: 0 after ``--help`` (printed on stdout).
+        ConfigError: a usage error, its message one line naming the flag and what it accepts: an
+            unknown flag, a value of the wrong type or outside its choices, a missing required
+            flag, a config file that is missing or does not fit ``cls``, or a value the config's
+            own checks (``__post_init__``) reject. A stage's ``main`` prints it as
+            ``<prog>: error: <message>`` and returns 2 (``visae.cli`` does the same for any
+            ``VisaeError``).
     """
     import tyro
 

@@ -11,7 +11,7 @@ Stages (each writes its artifact under ``--out``; a rerun skips the finished one
     recovery.json  visae.recovery               did the SAE find the world's known concepts (AUROC), named right?
 
 Nothing is downloaded: the model is ``visae-toyclip`` with the weights in ``assets/toyclip/``.
-``--quick true`` runs a reduced size (a few hundred images, one SAE) for tests.
+``--quick`` runs a reduced size (a few hundred images, one SAE) for tests.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from visae.atomic import atomic_write_text
-from visae.config import config_to_dict, parse_config
+from visae.config import ConfigError, config_to_dict, parse_config
 from visae.resources import config_yaml
 
 __all__ = ["DemoConfig", "QUICK", "run_demo", "toy_vocabulary", "main"]
@@ -236,20 +236,21 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             if (sweep_dir / "trials").is_dir() else []
         if trial_dirs:
             from visae.backbones import load_backbone
-            from visae.naming import NameConfig, decoder_directions, load_vocabulary, match_names
+            from visae.naming import decoder_directions, embed_vocabulary, load_vocabulary, match_names
             from visae.sae import load_sae
-            from visae.text import encode_texts
 
             doc = json.loads((concepts_dir / "concepts.json").read_text())
             ncfg = doc["config"]
             words = load_vocabulary(ncfg["vocab"], ncfg["vocab_size"], stopwords=ncfg["stopwords"],
                                     alpha_only=ncfg["alpha_only"])
             bb = load_backbone(run.model, run.pretrained)
-            emb = encode_texts(bb, words, list(run.templates) or None, cache_dir=text_cache)
+            # the vocabulary and the decision of the naming stage: entries that do not fit dropped, duplicates merged
+            vocab = embed_vocabulary(bb, words, list(ncfg["templates"]) or None, cache_dir=text_cache)
         for t in trial_dirs:
             sae = load_sae(str(t))
-            names = match_names(decoder_directions(sae), emb, words, unique=NameConfig().unique_names,
-                                subtract_mean=run.subtract_mean).names
+            names = match_names(decoder_directions(sae), vocab.emb, vocab.words, unique=ncfg["unique_names"],
+                                min_z=ncfg["min_z"], min_score=ncfg["min_score"],
+                                subtract_mean=ncfg["subtract_mean"]).names
             r = concept_recovery(sae, shards_dir, concepts=[{"latent": j, "name": n} for j, n in enumerate(names)])
             trials[t.name] = {k: r["summary"][k] for k in ("mean_best_auroc", "fraction_recovered", "fraction_named_at")}
             trials[t.name]["factors"] = r["factors"]
@@ -312,12 +313,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         b = rec["best_trial_in_sweep"]
         lines.append(f"  (best recovery in the sweep: {b['trial']}, mean AUROC {b['mean_best_auroc']:.3f}; see recovery.txt)")
     lines.append(f"  time: {summary['seconds_all_stages']:.0f} s over all stages. Open {s['browse']['index']} in a browser "
-                 f"(or: visae browse --sae {s['sweep']['best']} --concepts {s['name']['dir']} --out {Path(s['browse']['index']).parent} --serve true)")
+                 f"(or: visae browse --sae {s['sweep']['best']} --concepts {s['name']['dir']} --out {Path(s['browse']['index']).parent} --serve)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(DemoConfig, argv, default_yaml=DEFAULT_YAML, prog="visae demo")
+    try:
+        cfg = parse_config(DemoConfig, argv, default_yaml=DEFAULT_YAML, prog="visae demo")
+    except ConfigError as e:
+        print(f"visae demo: error: {e}", file=sys.stderr)
+        return 2
     summary = run_demo(cfg)
     print(format_summary(summary))
     return 0

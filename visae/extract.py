@@ -309,11 +309,11 @@ def _resume_position(writer: ShardWriter, pos_of: dict[str, int], patch_rows: in
     base, sep, j = last.rpartition("#p")
     if patch_rows is not None and sep and j.isdigit():
         if base not in pos_of:
-            raise ShardError(f"{writer.dir}: last committed id {last!r} is not in the input; the output belongs to another input (use --overwrite true)")
+            raise ShardError(f"{writer.dir}: last committed id {last!r} is not in the input; the output belongs to another input (use --overwrite)")
         done = int(j) + 1
         return (pos_of[base] + 1, 0) if done >= patch_rows else (pos_of[base], done)
     if last not in pos_of:
-        raise ShardError(f"{writer.dir}: last committed id {last!r} is not in the input; the output belongs to another input (use --overwrite true)")
+        raise ShardError(f"{writer.dir}: last committed id {last!r} is not in the input; the output belongs to another input (use --overwrite)")
     return pos_of[last] + 1, 0
 
 
@@ -364,7 +364,7 @@ def _extract_part(cfg: ExtractConfig, part_dir: Path, bb: Any, src: Any, lo: int
         pf = part_dir / PART
         if pf.exists() and json.loads(pf.read_text()) != part and not cfg.overwrite:
             raise ShardError(f"{pf}: this part was written by a run with {json.loads(pf.read_text())}, now {part}; "
-                             "rerun with the same number of processes or --overwrite true")
+                             "rerun with the same number of processes or --overwrite")
     writer = ShardWriter(
         part_dir,
         d=bb.feature_dim(cfg.layer),
@@ -536,7 +536,7 @@ def extract(cfg: ExtractConfig, *, backbone: Any = None, _fail_after_batches: in
                 diffs = _same_request(m.get("source", {}), cfg, dataset_path)
                 if diffs:
                     raise ShardError(f"{out} already holds a finished extraction of something else ({'; '.join(diffs)}); "
-                                     "use another --out or --overwrite true")
+                                     "use another --out or --overwrite")
                 dist_info.barrier()
                 if rank == 0:
                     for k in range(max(world, 1)):
@@ -593,9 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     from visae.backbones import BackboneError, WeightsNotAvailableError
     from visae.images import SourceError
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("visae").setLevel(logging.INFO)
-    cfg = parse_config(ExtractConfig, argv, default_yaml=DEFAULT_YAML, prog="visae extract")
+    try:
+        cfg = parse_config(ExtractConfig, argv, default_yaml=DEFAULT_YAML, prog="visae extract")
+    except ConfigError as e:
+        print(f"visae extract: error: {e}", file=sys.stderr)
+        return 2
     try:
         ss = extract(cfg)
     except (WeightsNotAvailableError, BackboneError, SourceError, ConfigError, ShardError) as e:

@@ -36,8 +36,8 @@ def import_wandb():
         import wandb  # noqa: PLC0415 - optional dependency, imported only when asked for
     except ImportError:
         raise RuntimeError(
-            "--wandb true needs the wandb package, which is not installed: `pip install wandb` "
-            "(or `pip install visae[wandb]`), or run with --wandb false (metrics still go to metrics.jsonl). "
+            "--wandb needs the wandb package, which is not installed: `pip install wandb` "
+            "(or `pip install visae[wandb]`), or run with --no_wandb (metrics still go to metrics.jsonl). "
             "With no account, set WANDB_MODE=offline."
         ) from None
     return wandb

@@ -44,17 +44,14 @@ import torch
 import torch.nn.functional as F
 
 from visae.atomic import atomic_write_text
-from visae.config import config_to_dict, parse_config
+from visae.config import ConfigError, config_to_dict, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
 
 __all__ = [
     "NamingError",
     "NameConfig",
-    "NULL_QUANTILE",
-    "NULL_DIRECTIONS",
     "NEAR_DUPLICATE_COSINE",
-    "null_min_z",
     "near_duplicates",
     "VocabularyEmbedding",
     "embed_vocabulary",
@@ -74,10 +71,6 @@ log = logging.getLogger(__name__)
 CONCEPTS_FORMAT = "visae.concepts"
 CONCEPTS_VERSION = 1
 
-# Default naming decision: a latent is named when its best word's z reaches the NULL_QUANTILE quantile of the
-# best word's z over NULL_DIRECTIONS random directions (see null_min_z).
-NULL_QUANTILE = 0.99
-NULL_DIRECTIONS = 1000
 # Words whose embeddings have a cosine above this are one name to the text tower (merged, see embed_vocabulary).
 NEAR_DUPLICATE_COSINE = 1.0 - 1e-6
 
@@ -104,7 +97,7 @@ class NamingError(VisaeError, ValueError):
 class NameConfig:
     """Name every SAE latent by its decoder direction's nearest vocabulary words in CLIP space."""
 
-    sae: str = field(default="", metadata={"help": "SAE directory (cfg.json + weights.safetensors)"})
+    sae: str = field(default="", metadata={"help": "SAE directory (cfg.json + weights.safetensors)", "required": True})
     member: int = field(default=0, metadata={"help": "which member of a stacked SAE to name"})
     model: Optional[str] = field(default=None, metadata={
         "help": "backbone whose text tower embeds the words; null: the model recorded in the SAE's shard source"})
@@ -126,12 +119,10 @@ class NameConfig:
     top_k: int = field(default=5, metadata={"help": "name candidates kept per concept"})
     unique_names: bool = field(default=False, metadata={
         "help": "give each word to at most one concept (greedy by score); false: each concept gets its best word"})
-    min_z: Optional[float] = field(default=None, metadata={
-        "help": "leave a concept unnamed when its best available word's z (how far it stands out from the vocabulary) "
-                "is below this; null: the vocabulary's null threshold (null_quantile of the best word's z over "
-                "null_directions random directions); -inf: name every live latent"})
-    null_quantile: float = field(default=NULL_QUANTILE, metadata={"help": "quantile of the null threshold (min_z null)"})
-    null_directions: int = field(default=NULL_DIRECTIONS, metadata={"help": "random directions of the null threshold"})
+    min_z: float = field(default=0.0, metadata={
+        "help": "leave a concept unnamed when its best available word's z (how far its score stands out from the "
+                "vocabulary's, in standard deviations) is below this; 0: every live latent is named (the best word "
+                "never scores below the vocabulary's mean)"})
     min_score: Optional[float] = field(default=None, metadata={
         "help": "also leave a concept unnamed when its best available cosine is below this (null: no cosine "
                 "threshold; cosines move with the offset all text embeddings share, see docs/naming.md)"})
@@ -151,12 +142,10 @@ class NameConfig:
     def __post_init__(self) -> None:
         from visae.config import ConfigError
 
-        if not 0.0 < self.null_quantile <= 1.0:
-            raise ConfigError(f"NameConfig.null_quantile must be in (0, 1], got {self.null_quantile}")
-        if self.null_directions < 1:
-            raise ConfigError(f"NameConfig.null_directions must be positive, got {self.null_directions}")
-        if self.min_z is not None and math.isnan(self.min_z):
-            raise ConfigError("NameConfig.min_z is NaN; give a number, -inf (name every live latent) or null (the null threshold)")
+        for f in ("min_z", "min_score"):
+            v = getattr(self, f)
+            if v is not None and math.isnan(v):
+                raise ConfigError(f"NameConfig.{f} is NaN; give a number")
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -327,7 +316,7 @@ def check_embedding_space(source: dict[str, Any] | None, where: str, assume: boo
         raise NamingError(
             f"{where}: cfg.json records no shard source (extra.shards.source), so it is unknown whether the SAE was "
             "trained on a CLIP model's final image embedding, the only space where decoder directions can be compared "
-            "with text embeddings. Pass --assume_embedding_space true (with --model) if it was")
+            "with text embeddings. Pass --assume_embedding_space (with --model) if it was")
     from visae.zeroshot import final_embedding_problem
 
     problem = final_embedding_problem(source)
@@ -355,7 +344,7 @@ def decoder_directions(sae: Any, member: int = 0) -> torch.Tensor:
 class NamingResult:
     """Per concept j (arrays of length d_sae): chosen name (None = unnamed), its score (the cosine for unit text
     embeddings), the margin, z, rank, and the top-k candidates ``cand_idx [d_sae, k]`` (word indices) with
-    scores ``cand_score``; and the decision's thresholds (``min_z`` used, where it came from, ``min_score``)."""
+    scores ``cand_score``; and the decision's thresholds (``min_z``, ``min_score``)."""
 
     words: list[str]
     names: list[Optional[str]]
@@ -366,8 +355,7 @@ class NamingResult:
     cand_idx: np.ndarray
     cand_score: np.ndarray
     reason: list[str]
-    min_z: float = float("-inf")
-    min_z_source: str = "given"
+    min_z: float = 0.0
     min_score: Optional[float] = None
 
     def alternatives(self, j: int) -> list[dict[str, Any]]:
@@ -377,39 +365,6 @@ class NamingResult:
 def _faiss_search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     scores, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
     return scores, idx
-
-
-def null_min_z(ranking_emb: torch.Tensor, *, quantile: float = NULL_QUANTILE, n: int = NULL_DIRECTIONS,
-               seed: int = 0) -> float:
-    """The vocabulary's own naming threshold: the ``quantile`` of the best word's z over ``n`` random directions.
-
-    A random unit direction (isotropic, seeded) has a best word too; its z (see :func:`match_names`) says how
-    far the best of V words stands out by chance in this vocabulary. A latent whose best word stands out
-    no more than that for 99% of random directions (``quantile`` 0.99) is not named. Like z, the threshold
-    does not change when one vector is added to every word embedding.
-
-    Args:
-        ranking_emb: ``[V, D]`` the word vectors matching ranks by (centred embeddings, or centred and
-            renormalised with ``subtract_mean``).
-        quantile: in (0, 1].
-        n: random directions drawn (seeded by ``seed``; the same draws every run).
-    """
-    if not 0.0 < quantile <= 1.0:
-        raise NamingError(f"null_quantile must be in (0, 1], got {quantile}")
-    if n < 1:
-        raise NamingError(f"null_directions must be positive, got {n}")
-    R = ranking_emb.double()
-    V, D = R.shape
-    mu, C = _moments(R)
-    Rf = R.float().T.contiguous()
-    g = torch.Generator().manual_seed(int(seed))
-    tops = []
-    for start in range(0, n, 256):
-        d = F.normalize(torch.randn(min(256, n - start), D, generator=g, dtype=torch.float64), dim=-1)
-        top = (d.float() @ Rf).max(1).values.double()
-        m, s = _score_moments(d, mu, C)
-        tops.append((top - m) / s)
-    return float(torch.quantile(torch.cat(tops), quantile))
 
 
 def _moments(R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,11 +388,8 @@ def match_names(
     *,
     top_k: int = 5,
     unique: bool = True,
-    min_z: Optional[float] = None,
+    min_z: float = 0.0,
     min_score: Optional[float] = None,
-    null_quantile: float = NULL_QUANTILE,
-    null_directions: int = NULL_DIRECTIONS,
-    seed: int = 0,
     subtract_mean: bool = False,
     active: np.ndarray | None = None,
 ) -> NamingResult:
@@ -452,9 +404,9 @@ def match_names(
 
     Decision (the default is independent of that offset): a concept is named when its best (free) word's
     ``z = (d.R_w - mean_v d.R_v) / std_v d.R_v`` (over the vocabulary, exact from R's mean and covariance)
-    is at least ``min_z``; ``min_z=None`` takes the vocabulary's null threshold (:func:`null_min_z`,
-    ``null_quantile`` of the best z of ``null_directions`` random directions, seeded by ``seed``);
-    ``-inf`` names every live latent. ``min_score`` (off by default) also requires the reported score
+    is at least ``min_z`` (default 0: every live latent is named, as in Discover-then-Name (Rao et
+    al., ECCV 2024: each concept gets its closest word), since the best word never scores below the vocabulary's mean; in the unique matching
+    a concept pushed to a word below the mean is left unnamed). ``min_score`` (off by default) also requires the reported score
     (``d . t_w``, or the cosine with ``R_w`` under ``subtract_mean``) to reach it; without
     ``subtract_mean`` that score includes ``d . mean(t)``, the same for every word, so it depends on the
     direction's angle to the mean text embedding, not on the word.
@@ -498,12 +450,7 @@ def match_names(
     mu, C = _moments(R)
     m_t, s_t = _score_moments(Dn, mu, C)
     mean_s, std_s = m_t.numpy(), s_t.numpy()
-    if min_z is None:
-        min_z_used = null_min_z(R, quantile=null_quantile, n=null_directions, seed=seed)
-        min_z_source = f"null: quantile {null_quantile:g} of the best word's z over {null_directions} random directions"
-    else:
-        min_z_used = float(min_z)
-        min_z_source = "given" if math.isfinite(min_z_used) else f"given ({min_z_used}: no z threshold)"
+    min_z_used = float(min_z)
     # per-concept threshold on the ranking score: z >= min_z and (optionally) score >= min_score
     thr = mean_s + min_z_used * std_s if math.isfinite(min_z_used) else np.full(n, -np.inf if min_z_used < 0 else np.inf)
     if min_score is not None:
@@ -548,7 +495,7 @@ def match_names(
     z = (name_s - mean_s) / std_s
     return NamingResult(words=words, names=names, score=name_s + offset, margin=margin, z=z, rank=rank,
                         cand_idx=cand_idx.astype(np.int64), cand_score=cand_s + offset[:, None], reason=reason,
-                        min_z=min_z_used, min_z_source=min_z_source, min_score=min_score)
+                        min_z=min_z_used, min_score=min_score)
 
 
 def _greedy_unique(index: Any, queries: np.ndarray, concepts: np.ndarray, thr: np.ndarray, depth: int, V: int,
@@ -673,8 +620,7 @@ def name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) -> 
         stats.save(out / "top_images.npz")
     active = (stats.count > 0) if (stats is not None and cfg.skip_dead) else None
     res = match_names(decoder_directions(sae, cfg.member), emb, vocab.words, top_k=cfg.top_k, unique=cfg.unique_names,
-                      min_z=cfg.min_z, min_score=cfg.min_score, null_quantile=cfg.null_quantile,
-                      null_directions=cfg.null_directions, seed=cfg.seed, subtract_mean=cfg.subtract_mean, active=active)
+                      min_z=cfg.min_z, min_score=cfg.min_score, subtract_mean=cfg.subtract_mean, active=active)
     write_concepts(out, res, cfg, backbone, stats, source, vocab)
     return out
 
@@ -706,7 +652,7 @@ def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any,
         "vocabulary": {"source": cfg.vocab or "wordfreq:en", "size": len(res.words),
                        "too_long": list(vocab.too_long) if vocab is not None else [],
                        "merged": dict(vocab.merged) if vocab is not None else {}},
-        "decision": {"min_z": _fmt(res.min_z), "min_z_source": res.min_z_source, "min_score": res.min_score},
+        "decision": {"min_z": res.min_z if math.isfinite(res.min_z) else str(res.min_z), "min_score": res.min_score},
         "num_concepts": n,
         "num_named": int(sum(x is not None for x in res.names)),
         "top_images": "top_images.npz" if stats is not None else None,
@@ -745,8 +691,11 @@ def read_concepts(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(NameConfig, argv, default_yaml=config_yaml("naming.yaml"), prog="visae name")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = parse_config(NameConfig, argv, default_yaml=config_yaml("naming.yaml"), prog="visae name")
+    except ConfigError as e:
+        print(f"visae name: error: {e}", file=sys.stderr)
+        return 2
     try:
         out = name_concepts(cfg)
     except NamingError as e:

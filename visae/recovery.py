@@ -314,9 +314,10 @@ def format_recovery(res: dict[str, Any]) -> str:
 class RecoveryConfig:
     """Concept recovery of an SAE on a labelled toy-world shard set (best latent AUROC per factor value)."""
 
-    sae: str = field(default="", metadata={"help": "SAE directory"})
+    sae: str = field(default="", metadata={"help": "SAE directory", "required": True})
     member: int = field(default=0, metadata={"help": "member of a stacked SAE"})
-    shards: str = field(default="", metadata={"help": "labelled shard set of the toy world (factor columns)"})
+    shards: str = field(default="", metadata={"help": "labelled shard set of the toy world (factor columns)",
+                                              "required": True})
     concepts: Optional[str] = field(default=None, metadata={"help": "naming result (concepts.json or its directory), optional"})
     factors: tuple[str, ...] = field(default=(), metadata={"help": "factor columns to score; empty: the world's main factors"})
     batch_size: int = field(default=4096, metadata={"help": "shard rows per SAE forward pass"})
@@ -326,11 +327,12 @@ class RecoveryConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from visae.config import parse_config
+    from visae.config import ConfigError, parse_config
 
-    cfg = parse_config(RecoveryConfig, argv, prog="python -m visae.recovery")
-    if not cfg.sae or not cfg.shards:
-        print("--sae and --shards are required", file=sys.stderr)
+    try:
+        cfg = parse_config(RecoveryConfig, argv, prog="visae recovery")
+    except ConfigError as e:
+        print(f"visae recovery: error: {e}", file=sys.stderr)
         return 2
     res = concept_recovery(cfg.sae, cfg.shards, member=cfg.member, factors=cfg.factors or None, concepts=cfg.concepts,
                            batch_size=cfg.batch_size, device=cfg.device, recovered_at=cfg.recovered_at, progress=True)

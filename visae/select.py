@@ -1,6 +1,6 @@
 """Select the best SAE of a sweep by the zero-shot accuracy of its reconstructions.
 
-    python scripts/select.py --sweep runs/sweep [--max_l0 64] [--max_dead 0.1]
+    python scripts/select_sae.py --sweep runs/sweep [--max_l0 64] [--max_dead 0.1]
 
 Each trial of ``<sweep>/trials/`` is scored once on the selection set (the sweep's
 ``val_shards``, or the held-out split of its training shards) with
@@ -53,7 +53,7 @@ class SelectError(VisaeError, ValueError):
 class SelectConfig:
     """Re-select the best SAE of a sweep under constraints, without retraining (scores are cached per trial)."""
 
-    sweep: str = field(default="", metadata={"help": "sweep directory (made by `visae sweep`)"})
+    sweep: str = field(default="", metadata={"help": "sweep directory (made by `visae sweep`)", "required": True})
     max_l0: Optional[float] = field(default=None, metadata={"help": "constraint: mean L0 at most this (null: the "
                                                                     "sweep's setting; inf: none)"})
     max_dead: Optional[float] = field(default=None, metadata={"help": "constraint: dead fraction at most this (null: "

@@ -47,7 +47,7 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 
 from visae.atomic import atomic_dir
-from visae.config import ConfigError, config_to_dict, load_yaml_config, parse_config
+from visae.config import ConfigError, config_to_dict, parse_config
 from visae.resources import config_yaml
 from visae.shards import ShardError, ShardSet
 from visae.train import TrainConfig
@@ -556,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Prints the summary (:func:`format_summary`) on stderr and the sweep directory on stdout.
     """
-    cfg = parse_config(SweepConfig, argv, default_yaml=DEFAULT_YAML, prog="visae sweep")
     try:
+        cfg = parse_config(SweepConfig, argv, default_yaml=DEFAULT_YAML, prog="visae sweep")
         out = sweep(cfg)
     except ValueError as e:  # ConfigError, ShardError, SweepError, TrainError, SelectError, ZeroShotError, ...
         print(f"visae sweep: error: {e}", file=sys.stderr)

@@ -247,7 +247,7 @@ class _CaptionSampler:
         """One caption per value of every main factor ("something red", "a triangle", ...; a random
         template of the factor's zero-shot benchmark): tokens [V, ctx], constraints [V, F], texts."""
         texts, rows = [], []
-        for name, b in tw.toy_classnames_and_templates().items():
+        for b in tw.toy_classnames_and_templates().values():
             if b["column"] not in tw.MAIN_FACTORS:
                 continue
             for v, cname in enumerate(b["classnames"]):
@@ -348,7 +348,7 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
         new = {k: v for k, v in cfg_dict.items() if k not in volatile}
         if old != new:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
-            raise ValueError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --resume false")
+            raise ValueError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --no_resume")
         model.load_state_dict(state["model"])
         if heads is not None:
             heads.load_state_dict(state["aux_heads"])
@@ -357,8 +357,8 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
         print(f"resuming {ckpt} at step {step}/{cfg.steps}", file=sys.stderr)
         logp = out / "log.jsonl"
         if logp.is_file():  # drop records of steps after the checkpoint (they are redone)
-            keep = [l for l in logp.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-            atomic_write_text(logp, "".join(l + "\n" for l in keep))
+            keep = [line for line in logp.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            atomic_write_text(logp, "".join(line + "\n" for line in keep))
     if step == 0:
         atomic_write_text(out / "log.jsonl", "")
 
@@ -448,7 +448,7 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
         "wall_seconds_this_process": round(time.time() - t_start, 1),
         "cpu_seconds_this_process": round(time.process_time() - cpu_start, 1),
         "zero_shot_top1": metrics,
-        "final_loss_mean_last50": float(np.mean([json.loads(l)["loss"] for l in (out / "log.jsonl").read_text().splitlines()[-50:]])),
+        "final_loss_mean_last50": float(np.mean([json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()[-50:]])),
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version()},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
@@ -460,8 +460,12 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
 
 
 def main(argv: list[str] | None = None) -> int:
-    from visae.config import parse_config
+    from visae.config import ConfigError, parse_config
 
-    cfg = parse_config(ToyClipConfig, argv, default_yaml=config_yaml("toy_clip.yaml"), prog="visae train-toy-clip")
+    try:
+        cfg = parse_config(ToyClipConfig, argv, default_yaml=config_yaml("toy_clip.yaml"), prog="visae train-toy-clip")
+    except ConfigError as e:
+        print(f"visae train-toy-clip: error: {e}", file=sys.stderr)
+        return 2
     train_toy_clip(cfg, argv)
     return 0

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -530,11 +531,14 @@ class ToyWorldConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from visae.config import parse_config
-
+    from visae.config import ConfigError, parse_config
     from visae.resources import config_yaml
 
-    cfg = parse_config(ToyWorldConfig, argv, default_yaml=config_yaml("toyworld.yaml"), prog="visae toyworld")
+    try:
+        cfg = parse_config(ToyWorldConfig, argv, default_yaml=config_yaml("toyworld.yaml"), prog="visae toyworld")
+    except ConfigError as e:
+        print(f"visae toyworld: error: {e}", file=sys.stderr)
+        return 2
     out = generate_world(cfg.out, cfg.n, cfg.seed, two_object_fraction=cfg.two_object_fraction, image_size=cfg.image_size)
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     print(f"wrote {cfg.n} images to {out}")

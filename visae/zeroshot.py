@@ -78,7 +78,8 @@ class ZeroShotError(VisaeError, ValueError):
 class ZeroShotConfig:
     """Zero-shot accuracy of a labelled shard set's image embeddings and of their SAE reconstructions."""
 
-    shards: str = field(default="", metadata={"help": "labelled shard set of the model's final image embedding"})
+    shards: str = field(default="", metadata={"help": "labelled shard set of the model's final image embedding",
+                                              "required": True})
     model: str = field(default="", metadata={"help": "backbone name (visae.backbones); empty: the shard set's source model"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "pretrained tag or checkpoint path; null: the shard set's source"})
     random_init: bool = field(default=False, metadata={"help": "random-initialised backbone (tests only; accuracy is "

@@ -1,12 +1,12 @@
 """Browse named concepts: a static site with top images, written and (optionally) served locally.
 
-    python scripts/browse.py --sae runs/best --shards runs/feats --out runs/site [--concepts runs/concepts] [--serve true]
+    python scripts/browse.py --sae runs/best --shards runs/feats --out runs/site [--concepts runs/concepts] [--serve]
 
 Without ``--concepts`` the naming stage runs first (``visae.naming``, its options from
 ``--naming_config`` or configs/naming.yaml, with ``--model`` / ``--vocab`` passed through); when
 the SAE cannot be named (not trained on a final image embedding, no text tower) the site still
 shows every latent's images, unnamed. With ``--concepts DIR`` its ``concepts.json`` is used and its
-``top_images.npz`` too when it matches the shard set. ``--serve true`` serves the site on
+``top_images.npz`` too when it matches the shard set. ``--serve`` serves the site on
 127.0.0.1 only (http.server) and prints the URL. Layout: :mod:`visae.browse.site`.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from visae.config import config_to_dict, load_yaml_config, parse_config
+from visae.config import ConfigError, config_to_dict, load_yaml_config, parse_config
 from visae.resources import config_yaml
 
 __all__ = ["BrowseConfig", "build_site", "serve", "main"]
@@ -273,8 +273,11 @@ def serve(site: str | Path, port: int = 8000, *, block: bool = True) -> tuple[ht
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(BrowseConfig, argv, default_yaml=config_yaml("browse.yaml"), prog="visae browse")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = parse_config(BrowseConfig, argv, default_yaml=config_yaml("browse.yaml"), prog="visae browse")
+    except ConfigError as e:
+        print(f"visae browse: error: {e}", file=sys.stderr)
+        return 2
     try:
         index = build_site(cfg)
     except (ValueError, FileNotFoundError) as e:

@@ -156,9 +156,9 @@ def push_sae(cfg: PushConfig) -> dict[str, Any]:
     if not cfg.dry_run and not _REPO_RE.match(cfg.repo or ""):
         raise HubError(f"--repo {cfg.repo!r}: expected a hub repo id org/name")
     if cfg.dry_run and not cfg.out:
-        raise HubError("--dry_run true needs --out DIR (where the folder that would be uploaded is written)")
+        raise HubError("--dry_run needs --out DIR (where the folder that would be uploaded is written)")
     if not cfg.dry_run and _offline():
-        raise HubError("cannot push: offline mode is set (HF_HUB_OFFLINE=1); use --dry_run true --out DIR to stage "
+        raise HubError("cannot push: offline mode is set (HF_HUB_OFFLINE=1); use --dry_run --out DIR to stage "
                        "the folder, or unset HF_HUB_OFFLINE")
     sub = cfg.subfolder.strip("/")
     try:

@@ -56,6 +56,11 @@ def _register_builtin() -> None:
 _register_builtin()
 
 
+# URI schemes load_sae accepts -> (module, function), imported by name when used (like visae.cli's
+# SUBCOMMANDS): the loaders live in visae.interop, which builds on visae.sae, not the other way round.
+URI_LOADERS: dict[str, tuple[str, str]] = {"hf://": ("visae.interop.hub", "load_sae_from_hub")}
+
+
 def load_sae(path: Any, device: Any = "cpu") -> SAE:  # noqa: F811 - wraps visae.sae.base.load_sae
     """Load an SAE directory (``cfg.json`` + ``weights.safetensors``) into a ready-to-use SAE (raw-input inference).
 
@@ -64,17 +69,17 @@ def load_sae(path: Any, device: Any = "cpu") -> SAE:  # noqa: F811 - wraps visae
     A directory in another tool's layout (SAELens, saev, Discover-then-Name) raises
     :class:`SAEFormatError` naming the importer to use (docs/interop.md).
     """
+    import importlib
+
+    from visae.interop.layouts import import_hint
     from visae.sae import base as _base
 
-    if str(path).startswith("hf://"):
-        from visae.interop.hub import load_sae_from_hub
-
-        return load_sae_from_hub(str(path), device=device)
+    for scheme, (module, func) in URI_LOADERS.items():
+        if str(path).startswith(scheme):
+            return getattr(importlib.import_module(module), func)(str(path), device=device)
     try:
         return _base.load_sae(path, device=device)
     except SAEFormatError as e:
-        from visae.interop import import_hint
-
         hint = import_hint(path)
         if hint is None:
             raise

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import benchlib
 import numpy as np
 
 from visae.browse import serve
@@ -33,11 +33,12 @@ def _get(port: int, path: str) -> int:
         c.close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--requests", type=int, default=2000)
-    args = ap.parse_args()
+    ap.add_argument("--json", default="", help="also write the results here")
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp)
         (site / "concepts").mkdir()
@@ -82,7 +83,7 @@ def main() -> None:
     out = {"clients": args.clients, "requests": len(a), "answered_200": len(a) - len(bad), "failed": len(bad),
            "p50_s": float(np.percentile(a, 50)), "p99_s": float(np.percentile(a, 99)), "max_s": float(a.max()),
            "over_1s": int((a > 1).sum()), "wall_s": wall}
-    print(json.dumps(out, indent=1))
+    benchlib.report("bench_serve.py", out, args.json or None, argv)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ option (defaults in configs/naming.yaml). See docs/naming.md.
 import os
 import sys
 
-# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
-_here = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # this checkout's visae first
 
 from visae.naming import main  # noqa: E402
 

@@ -6,9 +6,7 @@ Defaults come from configs/train_sae.yaml; ``--help`` lists every option. See do
 import os
 import sys
 
-# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
-_here = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # this checkout's visae first
 
 from visae.train import main  # noqa: E402
 

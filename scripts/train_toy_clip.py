@@ -2,9 +2,7 @@
 import os
 import sys
 
-# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
-_here = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # this checkout's visae first
 
 from visae.toyclip import main  # noqa: E402
 

@@ -1,6 +1,5 @@
 """Backbone registry: names, random init, local checkpoints, offline errors, hook read-outs."""
 
-import os
 import time
 
 import pytest

@@ -148,7 +148,7 @@ def test_captions_are_true_of_their_image(world):
 def test_benchmarks_in_imagenet_form():
     b = tw.toy_classnames_and_templates()
     assert {"colour", "shape", "colour_shape"} <= set(b)
-    for name, spec in b.items():
+    for spec in b.values():
         assert spec["column"] in tw.FACTORS
         assert len(spec["classnames"]) == len(tw.FACTORS[spec["column"]])
         assert spec["templates"] and all("{}" in t for t in spec["templates"])

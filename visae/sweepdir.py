@@ -32,7 +32,7 @@ __all__ = ["SweepDir", "SweepError", "FORMAT_NAME", "FORMAT_VERSION", "PLAN_FILE
            "SCORE_FORMAT", "SELECTION_FILE"]
 
 FORMAT_NAME = "visae.sweep"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `config` nests the trainer (`config.train`) and selection (`config.selection`) settings
 PLAN_FILE = "sweep.json"
 DONE_FILE = "done.json"
 SCORE_FILE = "zeroshot.json"

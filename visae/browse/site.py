@@ -118,7 +118,7 @@ def concept_page(c: dict[str, Any], *, top: Sequence[dict[str, Any]], rand: Sequ
              ("z vs vocabulary", _num(c.get("z"), 2)), ("frequency", _pct(c.get("frequency"))),
              ("mean activation (active)", _num(c.get("mean_activation"))), ("max activation", _num(max_activation)),
              ("active examples", "\u2013" if count is None else f"{count:,}")]
-    nav = [f'<a href="../index.html">\u2190 all concepts</a>']
+    nav = ['<a href="../index.html">\u2190 all concepts</a>']
     if j > 0:
         nav.append(f'<a href="{j - 1}.html">\u2039 #{j - 1}</a>')
     if j + 1 < n_concepts:

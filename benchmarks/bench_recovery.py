@@ -15,25 +15,20 @@ It shows what selection by zero-shot accuracy can and cannot see on this world. 
 
 from __future__ import annotations
 
-import os
+import argparse
+import shutil
+import statistics
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-_here = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import benchlib
+import torch
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     from visae.demo import DemoConfig, toy_vocabulary
-    from visae.machine import describe_machine, machine_info
     from visae.naming import NameConfig, name_concepts
     from visae.recovery import concept_recovery
     from visae.sae import load_sae
@@ -52,7 +47,7 @@ def main() -> int:
     ap.add_argument("--batch_size", type=int, default=demo.batch_size)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     ss = ShardSet(args.shards)
@@ -92,7 +87,8 @@ def main() -> int:
                   f"AUROC {run['mean_best_auroc']:.3f}  recovered {run['recovered_095']}/{run['n_values']}  "
                   f"named {run['named_right_095']}/{run['n_values']}  missed {','.join(run['missed'])}", flush=True)
 
-    print(f"\nmachine: {describe_machine()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nmachine: {benchlib.describe_machine()}")
     print("medians over seeds (expansion %d, lr %g, %d epochs, batch %d; held-out n=%d for zero-shot)"
           % (args.expansion_factor, args.lr, args.num_epochs, args.batch_size, int(len(ss) * TrainConfig().val_fraction)))
     print("| lambda | L0 | EV | zero-shot top-1 (recon / clean) | mean best AUROC | named right (AUROC >= 0.95) |")
@@ -104,8 +100,7 @@ def main() -> int:
         print(f"| {lam:g} | {med['l0']:.1f} | {med['explained_variance']:.3f} | {med['zeroshot_recon']:.4f} / "
               f"{med['zeroshot_clean']:.4f} | {med['mean_best_auroc']:.3f} | {med['named_right_095']:g} / 22 "
               f"({med['named_right_095'] / 22:.0%}) |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine_info(), "runs": runs}, indent=1))
+    benchlib.report("bench_recovery.py", {"args": vars(args), "runs": runs}, args.json, argv, echo=False)
     return 0
 
 

@@ -1,32 +1,24 @@
 """Benchmark: fast causal-truncation text path vs open_clip's encode_text over the full context.
 
 Both paths embed the same words side by side in one process (tokenisation included in both),
-alternating, ``--repeats`` times; the report gives medians, the ratio, and the largest
+alternating (``benchlib.alternate``), ``--repeats`` rounds; the report gives medians, the ratio, and the largest
 difference between the two embeddings. The full-context baseline is slow (~0.1 s a word for
 ViT-B-32 on 2 CPU cores), so it runs on a random sample of ``--n_words`` words of the
 vocabulary; the fast path is additionally timed over the whole vocabulary.
 
-    python scripts/bench_text.py                                   # ViT-B-32 random init, wordfreq 20k
-    python scripts/bench_text.py --vocab ../shared/vocab/20k.txt --n_words 500 --repeats 3
+    python benchmarks/bench_text.py                                # ViT-B-32 random init, wordfreq 20k
+    python benchmarks/bench_text.py --vocab ../shared/vocab/20k.txt --n_words 500 --repeats 3
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import time
 
-# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
-_here = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from visae.machine import describe_machine  # noqa: E402
+import benchlib
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -59,23 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.model} (random init), {len(sample)} words sampled from {len(words)}, "
           f"tokens incl. start/end: mean {lengths.mean():.2f}, max {int(lengths.max())}; context {bb.tokenizer(['x']).shape[1]}; "
           f"torch threads {torch.get_num_threads()}", flush=True)
-    t_fast, t_full = [], []
-    fast = full = None
-    for r in range(a.repeats):
-        t0 = time.perf_counter()
-        fast = embed_prompts(bb, sample, batch_size=a.batch_size, fast=True)
-        t_fast.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        full = embed_prompts(bb, sample, batch_size=a.batch_size, fast=False)
-        t_full.append(time.perf_counter() - t0)
-        print(f"  repeat {r}: fast {t_fast[-1]:.3f} s, full context {t_full[-1]:.3f} s", flush=True)
-    med_fast, med_full = statistics.median(t_fast), statistics.median(t_full)
+    emb = {}
+
+    def run(kind: str):
+        def case() -> None:
+            emb[kind] = embed_prompts(bb, sample, batch_size=a.batch_size, fast=kind == "fast")
+        return case
+
+    times = benchlib.alternate({"fast": run("fast"), "full": run("full")}, a.repeats)
+    t_fast, t_full = times["fast"], times["full"]
+    fast, full = emb["fast"], emb["full"]
+    med_fast, med_full = benchlib.median(t_fast), benchlib.median(t_full)
     maxdiff = float((fast - full).abs().max())
     res = {
         "model": a.model, "random_init": True, "n_words": len(sample), "repeats": a.repeats,
         "fast_s_median": med_fast, "full_s_median": med_full, "speedup": med_full / med_fast,
         "max_abs_diff": maxdiff, "words_per_s_fast": len(sample) / med_fast, "words_per_s_full": len(sample) / med_full,
-        "machine": describe_machine(),
+        "speedup_median_of_paired": benchlib.median_ratio(t_full, t_fast), "fast_s": t_fast, "full_s": t_full,
     }
     print(f"median fast {med_fast:.3f} s, full {med_full:.3f} s -> speed-up {res['speedup']:.1f}x; max |diff| {maxdiff:.2e}")
     if a.full_vocab == "true":
@@ -84,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         res["fast_full_vocab_s"] = time.perf_counter() - t0
         res["full_vocab_words"] = len(words)
         print(f"fast path, whole vocabulary ({len(words)} words): {res['fast_full_vocab_s']:.1f} s")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+    benchlib.report("bench_text.py", res, a.json, argv, echo=False)
     return 0
 
 

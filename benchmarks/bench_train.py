@@ -1,11 +1,13 @@
 """Training-throughput benchmark (issue 2, "Performance"): our trainer's step vs the GEMM peak and overcomplete.
 
-    python scripts/bench_train.py                      # d_in=512, d_sae=4096, batch 4096, fp32 (the issue's shapes)
-    python scripts/bench_train.py --quick              # small shapes, a smoke run
-    python scripts/bench_train.py --sections gemm,relu,loader
+    python benchmarks/bench_train.py                   # d_in=512, d_sae=4096, batch 4096, fp32 (the issue's shapes)
+    python benchmarks/bench_train.py --quick           # small shapes, a smoke run
+    python benchmarks/bench_train.py --sections relu,loader
 
-Everything is measured in one process, side by side, repeated ``--repeats`` times; the table
-shows medians, and ratios are medians of per-repeat ratios (this is a noisy shared machine).
+Everything is measured in one process, side by side, repeated ``--repeats`` rounds (every
+section once per round, the GEMM peak measured at the start and the end of each round); the
+table shows medians, and ratios are medians of per-round ratios (this is a noisy shared machine).
+The machine record and the JSON output are ``benchlib``'s.
 
 * GEMM peak: the six matrix products of a standard step (x W_enc, f W_dec and the four of the
   backward pass; 12 B d_in d_sae FLOPs) with ``torch.mm`` into preallocated outputs.
@@ -26,37 +28,28 @@ shows medians, and ratios are medians of per-repeat ratios (this is a noisy shar
 from __future__ import annotations
 
 import os
-import sys
-
-# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
-_here = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
 
 # Waiting OpenMP threads sleep instead of spinning, so CPU time measures work, not waiting
 # (set before torch starts its thread pool; override by exporting OMP_WAIT_POLICY).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
-import json
-import platform
-import resource
-import shutil
-import statistics
-import subprocess
-import time
-from pathlib import Path
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import numpy as np
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
+import benchlib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from visae.shards import ShardSet, ShardWriter  # noqa: E402
 
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else float("nan")
+REPO = benchlib.REPO
+med = benchlib.median
 
 
 # ----------------------------------------------------------------------------- data
@@ -256,22 +249,6 @@ def rss_child(path: Path, B: int, buf: int) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
-def machine() -> str:
-    try:
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        model = next((ln.split(":", 1)[1].strip() for ln in cpu if ln.startswith("Model name")), platform.processor())
-    except OSError:
-        model = platform.processor()
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "visae"], capture_output=True, text=True, cwd=REPO).stdout
-        rev += " (visae/ modified)" if dirty.strip() else ""
-    except OSError:
-        rev = "?"
-    return (f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), python {platform.python_version()}, visae {rev}")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d_in", type=int, default=512)
@@ -302,12 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     B, d, n, k = a.batch_size, a.d_in, a.d_sae, a.k
     expansion = n // d
     steps = 2 + 2 * a.intervals
-    print(f"machine: {machine()}")
+    print(f"machine: {benchlib.describe_machine()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"shapes: d_in={d} d_sae={n} batch={B} k={k}; {a.repeats} repeats x {a.intervals} timed intervals")
     n_examples = int(B * max(steps + 2, 12) / 0.98) + 1
     shards = planted_shards(work / "planted", n_examples, d, n_atoms=n, mean_active=16.0)
     print(f"data: {shards}")
-    res: dict = {"machine": machine(), "shapes": {"d_in": d, "d_sae": n, "batch": B, "k": k}, "rows": {}}
+    res: dict = {"shapes": {"d_in": d, "d_sae": n, "batch": B, "k": k}, "rows": {}}
     rows: dict[str, list] = {}
 
     def add(name, value):
@@ -407,8 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         fmt = (lambda x: f"{x:.2f}") if ("/" in k_ or "_l0" in k_) else (lambda x: f"{x:,.0f}")
         print(f"| {k_} | {fmt(med(v))} | {', '.join(fmt(x) for x in v)} |")
     print(f"\nmax RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1, default=str))
+    benchlib.report("bench_train.py", res, a.json or None, argv, echo=False)
     return 0
 
 

@@ -1,15 +1,16 @@
 """Extraction throughput vs the model's pure forward throughput, side by side in one run.
 
-    python scripts/bench_extract.py [--images ../shared/imagenet-sample] [--n 1000] [--repeats 3]
+    python benchmarks/bench_extract.py [--images ../shared/imagenet-sample] [--n 1000] [--repeats 3]
         [--model ViT-B-32] [--batch_size 64] [--settings "0:1,2:2,1:1,2:0"]
 
-For each repeat, interleaved so that load changes on a shared machine hit both alike:
+For each round (``benchlib.alternate``: every case once per round, the order reversed every
+other round, so that load changes on a shared machine hit all alike):
   forward: ``backbone.encode_image`` in ``torch.inference_mode`` over preprocessed images
            already in memory (the same n images), main-process torch threads as set;
   extract: ``visae.extract.extract`` over the n JPEGs (listing, DataLoader decode in worker
            processes, forward, normalising, shard writing), backbone already loaded.
 Each setting is "threads:workers" (torch threads in the main process, 0 = torch's default :
-DataLoader workers); the repeats are the outer loop, so every setting is measured once per round.
+DataLoader workers); every setting is measured once per round.
 Prints images/s medians and the ratio extract / forward (median of per-repeat ratios), and
 writes them as JSON (``--json``). Also the same ratio in images per CPU-second (this process
 and its DataLoader workers): on a machine shared with other jobs the wall-clock rates swing
@@ -21,25 +22,19 @@ approaches it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 
-# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
-_here = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
+import benchlib
+import torch
 
-import torch  # noqa: E402
-
-from visae.backbones import load_backbone  # noqa: E402
-from visae.extract import ExtractConfig, extract  # noqa: E402
-from visae.images import load_image, open_source  # noqa: E402
+from visae.backbones import load_backbone
+from visae.extract import ExtractConfig, extract
+from visae.images import load_image, open_source
 
 
 def cpu_seconds() -> float:
@@ -64,7 +59,7 @@ def _key(setting: tuple[int, int]) -> str:
     return f"threads={setting[0]},workers={setting[1]}"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--images", default=os.path.join(os.path.dirname(here), "shared", "imagenet-sample"))
@@ -75,7 +70,7 @@ def main() -> int:
     ap.add_argument("--settings", default="0:1", help="comma-separated threads:workers to compare (threads 0 = torch default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="write results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     settings = []
     for spec in args.settings.split(","):
         try:
@@ -107,54 +102,53 @@ def main() -> int:
     try:
         with torch.inference_mode(), amp:  # warm-up
             bb.encode_image(batches[0])
-        raw = {s: {"fwd": [], "ext": [], "ratio": [], "cpu_ratio": []} for s in settings}
-        # repeats outermost: every setting is measured once per round, so load drifts hit all alike
-        for r in range(args.repeats):
-            for setting in settings:
-                threads, workers = setting
-                key = _key(setting)
+        runs = iter(range(10**9))
+
+        def forward_case(setting: tuple[int, int]):
+            def case() -> tuple[float, float]:
+                torch.set_num_threads(setting[0] or default_threads)
+                return forward_rate(bb, batches, amp)
+            return case
+
+        def extract_case(setting: tuple[int, int]):
+            threads, workers = setting
+
+            def case() -> tuple[float, float]:
                 torch.set_num_threads(threads or default_threads)
-                out = os.path.join(tmp, f"{threads}_{workers}_{r}")
-                cfg = ExtractConfig(images=args.images, out=out, model=args.model, random_init=True, batch_size=args.batch_size,
-                                    num_workers=workers, threads=threads, limit=args.n, progress=False,
-                                    device=str(device))
+                out = os.path.join(tmp, f"{threads}_{workers}_{next(runs)}")
+                cfg = ExtractConfig(images=args.images, out=out, model=args.model, random_init=True,
+                                    batch_size=args.batch_size, num_workers=workers, threads=threads, limit=args.n,
+                                    progress=False, device=str(device))
+                t, c = time.perf_counter(), cpu_seconds()
+                ss = extract(cfg, backbone=bb)
+                rate, cpu_rate = len(items) / (time.perf_counter() - t), len(items) / (cpu_seconds() - c)
+                assert len(ss) == len(items)
+                shutil.rmtree(out)
+                return rate, cpu_rate
+            return case
 
-                def run_extract() -> tuple[float, float]:
-                    t, c = time.perf_counter(), cpu_seconds()
-                    ss = extract(cfg, backbone=bb)
-                    rate, cpu_rate = len(items) / (time.perf_counter() - t), len(items) / (cpu_seconds() - c)
-                    assert len(ss) == len(items)
-                    shutil.rmtree(out)
-                    return rate, cpu_rate
-
-                # alternate which runs first, so a load change during a repeat hits both sides alike
-                if r % 2 == 0:
-                    f, fc = forward_rate(bb, batches, amp)
-                    e, ec = run_extract()
-                else:
-                    e, ec = run_extract()
-                    f, fc = forward_rate(bb, batches, amp)
-                d = raw[setting]
-                d["fwd"].append(f)
-                d["ext"].append(e)
-                d["ratio"].append(e / f)
-                d["cpu_ratio"].append(ec / fc)
-                print(f"  {key} repeat {r}: forward {f:.2f} img/s, extract {e:.2f} img/s, ratio {e / f:.3f}; "
-                      f"per CPU-second: forward {fc:.2f}, extract {ec:.2f} img, ratio {ec / fc:.3f}", flush=True)
-        for setting, d in raw.items():
-            results[_key(setting)] = {"forward_img_s": statistics.median(d["fwd"]), "extract_img_s": statistics.median(d["ext"]),
-                                      "ratio_median": statistics.median(d["ratio"]), "cpu_ratio_median": statistics.median(d["cpu_ratio"]),
-                                      "ratios": d["ratio"], "cpu_ratios": d["cpu_ratio"], "forward": d["fwd"], "extract": d["ext"]}
+        cases = {}
+        for setting in settings:
+            cases[f"forward {_key(setting)}"] = forward_case(setting)
+            cases[f"extract {_key(setting)}"] = extract_case(setting)
+        got = benchlib.alternate(cases, args.repeats)
+        for setting in settings:
+            fwd, ext = got[f"forward {_key(setting)}"], got[f"extract {_key(setting)}"]
+            f, fc = [r for r, _ in fwd], [c for _, c in fwd]
+            e, ec = [r for r, _ in ext], [c for _, c in ext]
+            results[_key(setting)] = {"forward_img_s": benchlib.median(f), "extract_img_s": benchlib.median(e),
+                                      "ratio_median": benchlib.median_ratio(e, f),
+                                      "cpu_ratio_median": benchlib.median_ratio(ec, fc),
+                                      "ratios": [a / b for a, b in zip(e, f)],
+                                      "cpu_ratios": [a / b for a, b in zip(ec, fc)], "forward": f, "extract": e}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("\nsetting                     forward img/s  extract img/s  extract/forward  (same, per CPU-second)   [medians of repeats]")
     for key, v in results.items():
         print(f"{key:<28}{v['forward_img_s']:>13.2f}{v['extract_img_s']:>15.2f}{v['ratio_median']:>17.3f}{v['cpu_ratio_median']:>22.3f}")
-    meta = {"n": len(items), "model": args.model, "batch_size": args.batch_size, "device": str(device), "precision": precision,
-            "cpus": os.cpu_count(), "default_threads": default_threads, "torch": torch.__version__, "python": platform.python_version(), "results": results}
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(meta, fh, indent=1)
+    meta = {"n": len(items), "model": args.model, "batch_size": args.batch_size, "device": str(device),
+            "precision": precision, "default_threads": default_threads, "results": results}
+    benchlib.report("bench_extract.py", meta, args.json, argv, echo=False)
     return 0
 
 

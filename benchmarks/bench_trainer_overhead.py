@@ -1,31 +1,27 @@
 """What the trainer's loop costs on top of the bare SAE step.
 
-Side by side, interleaved, medians of ``--repeats``:
+Side by side, alternating (``benchlib.alternate``), medians of ``--repeats`` rounds:
   bare       : training_loss -> backward -> remove_parallel_grad_ -> torch.optim.Adam -> normalize_decoder_,
                on one in-memory batch (no loader, no schedules, no metrics);
   bare+stacked: the same with visae.optim.StackedAdam and a per-step lr tensor;
   trainer    : visae.train.train_stack from a shard set on disk (loader, schedules, dead-latent tracking,
                metrics every --log_every steps), timed by the trainer itself (act/s of its hot loop).
 
-    python scripts/bench_trainer_overhead.py --d_in 256 --expansion 8 --batch 2048 --steps 20
+    python benchmarks/bench_trainer_overhead.py --d_in 256 --expansion 8 --batch 2048 --steps 20
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
-_here = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import benchlib
+import numpy as np
+import torch
 
 
 def bare(sae, x, steps, stacked):
@@ -49,7 +45,7 @@ def bare(sae, x, steps, stacked):
     return steps * x.shape[0] / (time.perf_counter() - t)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d_in", type=int, default=256)
     ap.add_argument("--expansion", type=int, default=8)
@@ -58,7 +54,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--log_every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    args = ap.parse_args()
+    ap.add_argument("--json", default="", help="also write the results here")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from visae.sae import SAEConfig, build_sae
@@ -76,20 +73,32 @@ def main() -> int:
     ss = ShardSet(tmp / "s")
     x = torch.from_numpy(ss.read(np.arange(B)))
     cfg_sae = SAEConfig(d_in=d, d_sae=d * args.expansion)
-    res = {"bare": [], "bare+stacked": [], "trainer": []}
-    for r in range(args.repeats):
-        res["bare"].append(bare(build_sae(cfg_sae), x, args.steps, stacked=False))
-        res["bare+stacked"].append(bare(build_sae(cfg_sae), x, args.steps, stacked=True))
-        cfg = TrainConfig(shards=str(tmp / "s"), out=str(tmp / f"run{r}"), batch_size=B, expansion_factor=args.expansion,
-                          num_epochs=1, max_steps=args.steps, val_fraction=0.0, progress=False, plot=False,
-                          log_every=args.log_every, b_dec_init="zeros", resample_every=0, overwrite=True)
-        res["trainer"].append(train_stack(ss, sae_config_for(cfg, ss), [1e-4], [1e-3], cfg).act_per_s)
-    base = statistics.median(res["bare"])
+    runs = iter(range(10**9))
+
+    def trainer() -> float:
+        cfg = TrainConfig(shards=str(tmp / "s"), out=str(tmp / f"run{next(runs)}"), batch_size=B,
+                          expansion_factor=args.expansion, num_epochs=1, max_steps=args.steps, val_fraction=0.0,
+                          progress=False, plot=False, log_every=args.log_every, b_dec_init="zeros", resample_every=0,
+                          overwrite=True)
+        return train_stack(ss, sae_config_for(cfg, ss), [1e-4], [1e-3], cfg).act_per_s
+
+    try:
+        res = benchlib.alternate({"bare": lambda: bare(build_sae(cfg_sae), x, args.steps, stacked=False),
+                                  "bare+stacked": lambda: bare(build_sae(cfg_sae), x, args.steps, stacked=True),
+                                  "trainer": trainer}, args.repeats)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = benchlib.median(res["bare"])
     print(f"d_in={d} d_sae={d * args.expansion} batch={B} steps={args.steps} repeats={args.repeats} "
           f"threads={torch.get_num_threads()}")
     for k, v in res.items():
-        med = statistics.median(v)
+        med = benchlib.median(v)
         print(f"{k:>13}: {med:10,.0f} act/s  ({med / base:.3f} of bare)   runs: {', '.join(f'{a:,.0f}' for a in v)}")
+    benchlib.report("bench_trainer_overhead.py", {
+        "d_in": d, "d_sae": d * args.expansion, "batch": B, "steps": args.steps,
+        "act_per_s": {k: {"median": benchlib.median(v), "values": v} for k, v in res.items()},
+        "of_bare_median_of_paired": {k: benchlib.median_ratio(v, res["bare"]) for k, v in res.items()}},
+        args.json, argv, echo=False)
     return 0
 
 

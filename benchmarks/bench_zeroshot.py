@@ -1,10 +1,10 @@
 """Benchmark: zero-shot evaluation of 50,000 x 512 embeddings against 1000 classes (target: < 2 s on a CPU).
 
-    python scripts/bench_zeroshot.py [--n 50000 --d 512 --classes 1000 --repeats 5]
+    python benchmarks/bench_zeroshot.py [--n 50000 --d 512 --classes 1000 --repeats 5]
 
 Text embeddings are precomputed (as the on-disk text cache gives them): random unit class
 vectors [1000, 512] stand in for them, and the logit scale is 100 (CLIP's). Two figures,
-medians of ``--repeats`` runs:
+medians of ``--repeats`` alternating rounds (``benchlib.alternate``):
 
 * ``classifier``: the zero-shot classifier itself on embeddings already in memory: unit-
   normalise, one [n, 512] x [512, 1000] matmul (logit scale folded into the weights), top-1
@@ -15,24 +15,14 @@ medians of ``--repeats`` runs:
 
 from __future__ import annotations
 
-import os
+import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-# This checkout's visae first, scripts/ off the path (its select.py would shadow the stdlib's select).
-_here = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.realpath(p or ".") != _here]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from visae.machine import machine_info  # noqa: E402
+import benchlib
+import torch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=8192)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--out", default="")
+    p.add_argument("--json", default="", help="also write the JSON summary here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,28 +64,28 @@ def main(argv: list[str] | None = None) -> int:
         ss = ShardSet(work / "s")
         classifier_only()  # warm-up
         evaluate(ss, clf, batch_size=args.batch_size)
-        t_clf, t_e2e = [], []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            acc = classifier_only()
-            t_clf.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            res = evaluate(ss, clf, batch_size=args.batch_size)
-            t_e2e.append(time.perf_counter() - t0)
+        last: dict = {}
+
+        def run_classifier() -> None:
+            last["acc"] = classifier_only()
+
+        def run_end_to_end() -> None:
+            last["res"] = evaluate(ss, clf, batch_size=args.batch_size)
+
+        times = benchlib.alternate({"classifier": run_classifier, "end_to_end": run_end_to_end}, args.repeats)
+        t_clf, t_e2e = times["classifier"], times["end_to_end"]
+        acc, res = last["acc"], last["res"]
         # the brute-force reference agrees (argmax / torch.topk on the same logits)
         logits = clf.logits(x[:5000])
         ref1 = float((logits.argmax(-1) == y[:5000]).float().mean())
         got = topk_hits(logits, y[:5000], (1,))[1].float().mean().item()
         assert abs(ref1 - got) < 1e-12, (ref1, got)
         out = {"n": args.n, "d": args.d, "classes": args.classes, "batch_size": args.batch_size,
-               "classifier_s_median": statistics.median(t_clf), "end_to_end_s_median": statistics.median(t_e2e),
+               "classifier_s_median": benchlib.median(t_clf), "end_to_end_s_median": benchlib.median(t_e2e),
                "classifier_s": t_clf, "end_to_end_s": t_e2e, "accuracy_in_memory": acc,
                "accuracy_from_shards": {k: res["clean"][k] for k in ("top1", "top5")},
-               "gflop_matmul": 2 * args.n * args.d * args.classes / 1e9, "machine": machine_info(),
-               "command": "python scripts/bench_zeroshot.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-        print(json.dumps(out, indent=1))
-        if args.out:
-            Path(args.out).write_text(json.dumps(out, indent=1))
+               "gflop_matmul": 2 * args.n * args.d * args.classes / 1e9}
+        benchlib.report("bench_zeroshot.py", out, args.json, argv)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visae.sae.base import LossOutput, _explained_variance
+from visae.sae.base import LossOutput, _explained_variance, aux_k_term
 
 if TYPE_CHECKING:
     from visae.sae.base import SAE
@@ -94,6 +94,17 @@ def _mm_s(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a, b)
 
 
+def _mv_s(m: Tensor, v: Tensor) -> Tensor:
+    """out[s] = m[s] @ v[s] for m [S, r, c], v [S, c] -> [S, r]: one ``torch.mv`` per member, for every S.
+
+    Not ``torch.bmm(m, v[..., None])``: for S > 1 that runs a GEMM with one column per member,
+    for S = 1 a GEMV, and the two sum in different orders (on torch 2.14.1 CPU they differ in the
+    last bits), so a sweep's stacked member would drift away from the same trial trained alone
+    (issue 10). The same call on the same operands makes member s bit-identical whatever S.
+    """
+    return torch.stack([torch.mv(m[s], v[s]) for s in range(m.shape[0])])
+
+
 # ----------------------------------------------------------------------------- dense fused ReLU + L1
 
 
@@ -116,7 +127,7 @@ class _FusedReLULoss(torch.autograd.Function):
         get = (lambda name, shape, dt: ws.get(name, shape, dt, dev)) if ws is not None else \
             (lambda name, shape, dt: torch.empty(shape, dtype=dt, device=dev))
         xc = xs.to(cd)
-        b_eff = b_enc - torch.bmm(b_dec[:, None, :], W_enc)[:, 0]  # [S, n]: b_dec folded into the encoder bias
+        b_eff = b_enc - _mv_s(W_enc.transpose(1, 2), b_dec)  # [S, n]: b_dec folded into the encoder bias
         f = _addmm_s(b_eff[:, None, :].to(cd), xc, W_enc.to(cd), get("f", (S, B, n), cd))
         f.relu_()
         x_hat = _addmm_s(b_dec[:, None, :].to(cd), f, W_dec.to(cd), get("xhat", (S, B, d), cd))
@@ -162,7 +173,7 @@ class _FusedReLULoss(torch.autograd.Function):
         # pre = x W_enc + b_enc - b_dec W_enc = (x - b_dec) W_enc + b_enc
         x_centred = torch.sub(xs, b_dec[:, None, :], out=get("xcent", (S, B, d), xs.dtype)).to(cd)
         dW_enc = _mm_s(x_centred.transpose(1, 2), g_f).float()
-        db_dec.sub_(torch.bmm(W_enc, db_enc[:, :, None])[..., 0])
+        db_dec.sub_(_mv_s(W_enc, db_enc))
         return None, dW_enc, db_enc, dW_dec, db_dec, None, None, None
 
 
@@ -171,11 +182,9 @@ def _colsum(m: Tensor, get) -> Tensor:
     S, B, n = m.shape
     if m.dtype != torch.float32:
         return m.sum(1, dtype=torch.float32)
-    ones = get("ones", (S, 1, B), m.dtype)
+    ones = get("ones", (B,), m.dtype)
     ones.fill_(1.0)
-    if S == 1:
-        return torch.mv(m[0].t(), ones[0, 0])[None]
-    return torch.bmm(ones, m)[:, 0]
+    return _mv_s(m.transpose(1, 2), ones.expand(S, B))  # per member, as for S = 1 (see _mv_s)
 
 
 def relu_training_loss(sae: "SAE", x: Tensor, coeff: Tensor, impl: str) -> LossOutput:
@@ -300,7 +309,7 @@ class _SparseEncode(torch.autograd.Function):
             db_enc[s] += torch.bincount(p.col, weights=g, minlength=n)
             dWt[s] += _spmm_t(p, g, xs)  # [n, d]
         dWt.sub_(db_enc[:, :, None] * b_dec[:, None, :])  # centring: x - b_dec
-        db_dec = -torch.bmm(W_enc, db_enc[:, :, None])[..., 0]
+        db_dec = -_mv_s(W_enc, db_enc)
         return (dWt.transpose(1, 2).contiguous(), db_enc, db_dec, None, None, None) + (None,) * len(g_vals)
 
 
@@ -369,7 +378,7 @@ def sparse_training_loss(sae: "SAE", x: Tensor, coeff: Tensor, dead_mask: Tensor
     use_aux = sae.uses_aux and dead_mask is not None and bool(dead_mask.any())
     with torch.no_grad():
         We = sae.W_enc.to(cd)
-        b_eff = (sae.b_enc - torch.bmm(sae.b_dec[:, None, :], sae.W_enc)[:, 0]).to(cd)
+        b_eff = (sae.b_enc - _mv_s(sae.W_enc.transpose(1, 2), sae.b_dec)).to(cd)
         for s in range(S):
             xs = (x[s] if x.ndim == 3 else x).to(cd)
             pre = ws.get("pre", (B, n), cd, dev) if ws is not None else torch.empty(B, n, dtype=cd, device=dev)
@@ -402,10 +411,7 @@ def sparse_training_loss(sae: "SAE", x: Tensor, coeff: Tensor, dead_mask: Tensor
     if use_aux:
         f_aux = [torch.relu(v) for v in aux_pre_vals]
         e_hat = _SparseDecode.apply(sae.W_dec, None, aux_patterns, *f_aux)
-        residual = -err.detach()
-        num = (e_hat - residual).square().sum(dim=(1, 2))
-        den = (residual - residual.mean(dim=1, keepdim=True)).square().sum(dim=(1, 2)).clamp_min(1e-12)
-        aux = num / den * dead_mask.any(-1)  # 0 for members with no dead latent
+        aux = aux_k_term(e_hat, -err, x, sae.b_dec) * dead_mask.any(-1)  # 0 for members with no dead latent
     loss = (mse + torch.stack(sparsity) + sae.cfg.aux_coeff * aux).sum()
     with torch.no_grad():
         dec_norm = sae.W_dec.norm(dim=-1)

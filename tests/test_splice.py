@@ -208,3 +208,44 @@ def test_refusals():
         splice_target(bb, _sae(bb, 7, "cls"))
     # nothing left hooked after a refusal or a normal exit
     assert all(not blk._forward_hooks for blk in bb.blocks)
+
+
+def test_accuracy_recovered_has_the_right_end_points():
+    """Zero-shot through the splice: an exact splice (error node) recovers 1, ablating every latent of an SAE
+    whose b_dec is the tokens' mean recovers 0 (it is the mean-ablation baseline)."""
+    from visae.splice import accuracy_recovered, spliced_accuracy, zeroshot_baseline
+    from visae.zeroshot import ZeroShotClassifier
+
+    bb = _backbone("open_clip")
+    g = torch.Generator().manual_seed(7)
+    imgs = [torch.randn(8, 3, *bb.image_size, generator=g) for _ in range(4)]
+    with torch.no_grad():
+        # a random ViT's embeddings share a large common direction m: class directions orthogonal to it
+        # make the predictions differ between images (labels of several classes)
+        m = torch.cat([bb.encode_image(x) for x in imgs]).mean(0)
+        m = m / m.norm()
+        w = torch.randn(6, bb.embed_dim, generator=g)
+        w = w - (w @ m)[:, None] * m
+        clf = ZeroShotClassifier(weights=w / w.norm(dim=-1, keepdim=True), logit_scale=bb.logit_scale,
+                                 classnames=[f"c{i}" for i in range(6)])
+        labels = [clf.logits(bb.encode_image(x)).argmax(-1) for x in imgs]  # clean accuracy 1 by construction
+    batches = list(zip(imgs, labels))
+    assert len(torch.cat(labels).unique()) >= 3
+    base = zeroshot_baseline(bb, batches, clf, layer=1, token="all")
+    assert base["clean"] == 1.0 and base["n"] == 32 and base["ablated"] < 1.0, base
+    with torch.no_grad():
+        res = torch.cat([bb.encode_layer(x, 1, "patch") for x in imgs])  # patch tokens + the CLS token below
+        cls = torch.cat([bb.encode_layer(x, 1, "cls") for x in imgs])
+        mean = torch.cat([res.reshape(-1, bb.width), cls]).double().mean(0)
+    assert (base["mean"].double() - mean).abs().max() <= 64 * EPS32 * mean.abs().max()
+    exact = _sae(bb, 1, "all", seed=7)
+    assert spliced_accuracy(bb, exact, batches, clf, error_node=True) == 1.0
+    assert accuracy_recovered(1.0, base) == 1.0
+    ablate = _sae(bb, 1, "all", norm="none", seed=8)
+    with torch.no_grad():
+        ablate.b_dec.copy_(base["mean"][None])
+    acc0 = spliced_accuracy(bb, ablate, batches, clf, ablate=range(ablate.d_sae))
+    assert acc0 == base["ablated"] and accuracy_recovered(acc0, base) == 0.0
+    acc = spliced_accuracy(bb, _sae(bb, 1, "all", seed=9), batches, clf)  # a random SAE: somewhere, by the formula
+    assert accuracy_recovered(acc, base) == pytest.approx((acc - base["ablated"]) / (1.0 - base["ablated"]))
+    assert accuracy_recovered(0.5, {"clean": 0.5, "ablated": 0.5}) is None

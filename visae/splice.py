@@ -35,6 +35,17 @@ to put them in: use their reconstructions of the embedding directly).
 Zero-ablating every latent leaves ``decode(0) = b_dec`` (times the input norm for a
 ``unit_norm`` SAE), so with ``b_dec`` set to the tokens' mean it is mean-ablation of those
 tokens (``tests/test_splice.py`` checks this).
+
+Zero-shot accuracy for an SAE on any layer (an SAE on a middle layer has no zero-shot score of its
+own: its reconstruction must go through the remaining blocks):
+
+    base = zeroshot_baseline(bb, batches, classifier, layer=8, token="all")  # clean + mean-ablated
+    acc = spliced_accuracy(bb, sae, batches, classifier)                       # the model with x_hat
+    accuracy_recovered(acc, base)      # (spliced - ablated) / (clean - ablated)
+
+The baseline is mean-ablation: the layer's tokens replaced by their mean over the evaluation
+images. Cost: one forward pass over the images per SAE, plus two for the baseline (shared by
+every SAE of that layer and token); shards of the layer are not enough, the model is needed.
 """
 
 from __future__ import annotations
@@ -48,7 +59,8 @@ from torch import Tensor
 
 from visae.errors import VisaeError
 
-__all__ = ["SpliceError", "Splice", "splice", "splice_target", "SPLICE_TOKENS"]
+__all__ = ["SpliceError", "Splice", "splice", "splice_target", "SPLICE_TOKENS", "replace_tokens", "zeroshot_baseline",
+           "spliced_accuracy", "accuracy_recovered"]
 
 SPLICE_TOKENS = ("cls", "patch", "all")
 
@@ -237,3 +249,105 @@ def splice(backbone: Any, sae: Any, *, layer: int | None = None, token: str | No
         yield state
     finally:
         handle.remove()
+
+
+# ----------------------------------------------------------------------------- zero-shot through the splice
+
+
+@contextlib.contextmanager
+def replace_tokens(backbone: Any, layer: int, token: str, value: Tensor) -> Iterator[None]:
+    """Set the ``token`` tokens ("cls" | "patch" | "all") of the residual after block ``layer`` to ``value`` [W].
+
+    Mean-ablation when ``value`` is the tokens' mean over the data (the baseline of
+    :func:`zeroshot_baseline`).
+    """
+    idx = backbone.resolve_layer(layer)
+    if token not in SPLICE_TOKENS:
+        raise SpliceError(f"token must be one of {SPLICE_TOKENS}, got {token!r}")
+    p = int(backbone.num_prefix_tokens)
+
+    def hook(_m: Any, _i: Any, output: Any) -> Any:
+        out = output[0] if isinstance(output, tuple) else output
+        x = out if backbone.batch_first else out.transpose(0, 1)
+        sel = {"cls": slice(0, 1), "patch": slice(p, None), "all": slice(None)}[token]
+        y = x.clone()
+        y[:, sel] = value.to(y.dtype)
+        if not backbone.batch_first:
+            y = y.transpose(0, 1)
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    handle = backbone.blocks[idx].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _accuracy(backbone: Any, batches: Any, classifier: Any) -> tuple[int, int]:
+    correct = total = 0
+    for images, labels in batches:
+        labels = torch.as_tensor(labels).to(classifier.weights.device)
+        emb = backbone.encode_image(images.to(backbone.device))
+        pred = classifier.logits(emb.to(classifier.weights.device)).argmax(-1)
+        correct += int((pred == labels).sum())
+        total += int(labels.numel())
+    return correct, total
+
+
+def zeroshot_baseline(backbone: Any, batches: Any, classifier: Any, *, layer: int, token: str,
+                      mean: Tensor | None = None) -> dict[str, Any]:
+    """Clean and mean-ablated zero-shot accuracy of ``backbone`` at (``layer``, ``token``): the reference points
+    of :func:`accuracy_recovered`.
+
+    ``batches``: a re-iterable of ``(images [B, 3, H, W], labels [B])`` (a list, a DataLoader);
+    ``classifier``: a :class:`visae.zeroshot.ZeroShotClassifier`. The ablation baseline replaces
+    the layer's ``token`` tokens by their mean over ``batches`` (computed during the clean pass
+    unless ``mean`` [W] is given). Cost: two forward passes over the images. Returns
+    ``{"clean", "ablated", "n", "layer", "token", "mean" [W], "baseline"}``.
+    """
+    idx = backbone.resolve_layer(layer)
+    if token not in SPLICE_TOKENS:
+        raise SpliceError(f"token must be one of {SPLICE_TOKENS} for a mean-ablation baseline, got {token!r}")
+    p = int(backbone.num_prefix_tokens)
+    acc: dict[str, Any] = {"sum": None, "count": 0}
+
+    def capture(_m: Any, _i: Any, output: Any) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        x = out if backbone.batch_first else out.transpose(0, 1)
+        sel = {"cls": x[:, :1], "patch": x[:, p:], "all": x}[token]
+        s = sel.detach().double().sum(dim=(0, 1))
+        acc["sum"] = s if acc["sum"] is None else acc["sum"] + s
+        acc["count"] += sel.shape[0] * sel.shape[1]
+
+    with torch.no_grad():
+        h = backbone.blocks[idx].register_forward_hook(capture) if mean is None else None
+        try:
+            c, n = _accuracy(backbone, batches, classifier)
+        finally:
+            if h is not None:
+                h.remove()
+        if n == 0:
+            raise SpliceError("zeroshot_baseline: no images in batches")
+        if mean is None:
+            mean = (acc["sum"] / acc["count"]).float()
+        with replace_tokens(backbone, idx, token, mean):
+            ca, _ = _accuracy(backbone, batches, classifier)
+    return {"clean": c / n, "ablated": ca / n, "n": n, "layer": idx, "token": token, "mean": mean,
+            "baseline": f"mean-ablation of the {token} tokens after block {idx} (their mean over the {n} images)"}
+
+
+def spliced_accuracy(backbone: Any, sae: Any, batches: Any, classifier: Any, **splice_kw: Any) -> float:
+    """Zero-shot top-1 accuracy of ``backbone`` with ``sae`` spliced in (one forward pass over ``batches``)."""
+    with torch.no_grad(), splice(backbone, sae, **splice_kw):
+        c, n = _accuracy(backbone, batches, classifier)
+    if n == 0:
+        raise SpliceError("spliced_accuracy: no images in batches")
+    return c / n
+
+
+def accuracy_recovered(spliced: float, baseline: dict[str, Any]) -> float | None:
+    """(spliced − ablated) / (clean − ablated): 1 = the SAE keeps all the accuracy the layer's tokens carry,
+    0 = no better than mean-ablating them (the language-model "loss recovered" of SAELens, for zero-shot
+    accuracy). None when clean == ablated (the tokens carry no accuracy to recover)."""
+    gap = baseline["clean"] - baseline["ablated"]
+    return None if gap == 0 else (spliced - baseline["ablated"]) / gap

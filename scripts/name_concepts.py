@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # this checkout's visae first
 
-from visae.naming import main  # noqa: E402
+from visae.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["name", *sys.argv[1:]]))  # = `visae name`: one error handler (visae.cli)

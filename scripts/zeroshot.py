@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # this checkout's visae first
 
-from visae.zeroshot import main  # noqa: E402
+from visae.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["zeroshot", *sys.argv[1:]]))  # = `visae zeroshot`: one error handler (visae.cli)

@@ -192,7 +192,9 @@ def dump_yaml_config(cfg: Any, path: str | Path | None = None, header: str = "")
     """YAML text of a config (written to ``path`` when given)."""
     text = header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     if path is not None:
-        Path(path).write_text(text)
+        from visae.atomic import atomic_write_text
+
+        atomic_write_text(path, text)
     return text
 
 

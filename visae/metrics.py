@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from visae.atomic import atomic_path
+from visae.atomic import atomic_path, atomic_write_text
 
 __all__ = ["MetricsLogger", "read_metrics", "plot_curves", "import_wandb"]
 
@@ -93,11 +93,11 @@ class MetricsLogger:
             d.mkdir(parents=True, exist_ok=True)
             p = d / METRICS_FILE
             if truncate_after_step is None:
-                p.write_text("")
-            else:
+                atomic_write_text(p, "")
+            else:  # atomic: a kill while the log is cut back must not lose the records before the checkpoint
                 keep = [r for r in read_metrics(p) if r.get("type") != "summary" and not r.get("partial")
                         and r.get("step", 0) <= truncate_after_step]
-                p.write_text("".join(json.dumps(_clean(r)) + "\n" for r in keep))
+                atomic_write_text(p, "".join(json.dumps(_clean(r)) + "\n" for r in keep))
             self.files.append(open(p, "a"))
         self.wandb_run = None
         self.wandb_id: str | None = None

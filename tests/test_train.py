@@ -228,7 +228,7 @@ def test_resumed_run_equals_uninterrupted(planted, tmp_path, monkeypatch, how):
         monkeypatch.setattr(T.StackedAdam, "step", orig)
         _, st = T.load_checkpoint(out / T.CHECKPOINT_DIR)
         assert (st["epoch"], st["batch_in_epoch"]) == (2, 0)  # the last end-of-epoch checkpoint
-    with pytest.raises(T.TrainError, match="--resume true"):
+    with pytest.raises(T.TrainError, match="pass --resume to continue"):
         T.train(_cfg(shards, out, **kw))
     T.train(_cfg(shards, out, resume=True, **kw))
     a, b = _weights(ref), _weights(out)
@@ -425,7 +425,7 @@ def test_wandb_missing_gives_a_clear_error(planted, tmp_path, monkeypatch):
 
     shards, _ = planted
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    with pytest.raises(T.TrainError, match=r"pip install wandb.*--wandb false"):
+    with pytest.raises(T.TrainError, match=r"pip install wandb.*--no_wandb"):
         T.train(_cfg(shards, tmp_path / "nowb", num_epochs=1, wandb=True))
 
 

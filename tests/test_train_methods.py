@@ -187,8 +187,8 @@ def test_interval_metrics_are_example_weighted():
             self.mse, self.l1, self.l0, self.aux = (torch.tensor([mse]),) * 4
             self.sq_err = torch.full((1, x.shape[0]), mse * x.shape[1])
 
-    log.add(Out(x1, 1.0), x1, torch.tensor([0.0]))
-    log.add(Out(x2, 5.0), x2, torch.tensor([0.0]))
+    log.add(Out(x1, 1.0), x1, torch.tensor([0.0]), torch.tensor([0.0]))
+    log.add(Out(x2, 5.0), x2, torch.tensor([0.0]), torch.tensor([0.0]))
     means, ev = log.means(scale=1.0)
     assert means[0, 0] == pytest.approx((3 * 1.0 + 1 * 5.0) / 4)  # not (1 + 5) / 2
     x = torch.cat([x1, x2]).double()
@@ -203,7 +203,7 @@ def test_a_run_shorter_than_its_warmups_and_random_weights_are_flagged(tmp_path)
     rng = np.random.default_rng(1)
     ss = _write(tmp_path / "s", rng.normal(size=(100, 8)),
                 source={"model": "ViT-B-32", "random_init": True, "layer": None})
-    cfg = T.TrainConfig(shards=str(tmp_path / "s"), out=str(tmp_path / "o"), num_epochs=5, expansion_factor=2,
+    cfg = T.TrainConfig(shards=str(ss.path), out=str(tmp_path / "o"), num_epochs=5, expansion_factor=2,
                         progress=False, plot=False, init_examples=64, val_fraction=0.1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

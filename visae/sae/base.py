@@ -115,7 +115,8 @@ class LossOutput(NamedTuple):
     mse [S]: mean over batch and d_in of the squared error (SAE space); l1 [S]: mean over batch
     of sum_j f_j * ||W_dec_j||; l0 [S]: mean active latents per example; explained_variance [S];
     aux [S]: aux-k loss (0 when unused); fired [S, d_sae] bool; sq_err [S, B]: per-example
-    squared error summed over d_in.
+    squared error summed over d_in; sparsity [S] or None: the architecture's own sparsity metric
+    (``SAE.sparsity_metric``, before lambda) when it is not one of the fields above.
     """
 
     loss: Tensor
@@ -126,6 +127,7 @@ class LossOutput(NamedTuple):
     aux: Tensor
     fired: Tensor
     sq_err: Tensor
+    sparsity: Tensor | None = None
 
 
 def _coeff(value: float | Tensor, S: int, like: Tensor) -> Tensor:
@@ -148,6 +150,18 @@ class SAE(nn.Module):
     architecture: ClassVar[str] = ""
     uses_aux: ClassVar[bool] = False
     sparse_needs_dec_norm: ClassVar[bool] = False
+    # What the trainer needs to know about an architecture, declared by the architecture (the
+    # trainer names none): see ``step_sparsity``, ``sparsity_metric_value``, ``latent_axis``
+    # and ``reset_latents_``.
+    #: The metric lambda multiplies in the loss, logged under this name: "l1", "l0" (LossOutput
+    #: fields) or the architecture's own (then ``LossOutput.sparsity`` and ``sparsity_metric_value``
+    #: compute it); None: no lambda-weighted term (e.g. sparsity by construction).
+    sparsity_metric: ClassVar[str | None] = None
+    #: Degree of that metric in the codes (L1: 1, L0: 0): how lambda converts between input scales.
+    sparsity_degree: ClassVar[int] = 1
+    #: Which axis of each parameter (leading member axis S included) indexes latents; None: none.
+    #: Subclasses add their extra parameters (per-latent Adam state is reset along this axis).
+    latent_axes: ClassVar[dict[str, int | None]] = {"W_enc": 2, "b_enc": 1, "W_dec": 1, "b_dec": None}
 
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None, device: Any = None):
         super().__init__()
@@ -363,9 +377,11 @@ class SAE(nn.Module):
             dec_norm = self.W_dec.norm(dim=-1)
             l1 = (f.float().sum(dim=1) * dec_norm).sum(-1) / B
             sq_err = err.detach().float().pow(2).sum(-1)
+            own = self.sparsity_metric is not None and self.sparsity_metric not in LossOutput._fields
             return LossOutput(loss=loss, mse=mse.detach(), l1=l1, l0=counts.sum(-1).float() / B,
                               explained_variance=_explained_variance(sq_err, x),
-                              aux=aux.detach(), fired=counts > 0, sq_err=sq_err)
+                              aux=aux.detach(), fired=counts > 0, sq_err=sq_err,
+                              sparsity=self.sparsity_metric_value(f.detach()) if own else None)
 
     def _aux_loss_reference(self, pre: Tensor, err: Tensor, dead_mask: Tensor, x: Tensor) -> Tensor:
         """Aux-k term [S] (plain autograd): the top ``aux_k`` dead latents reconstruct the residual.
@@ -408,6 +424,41 @@ class SAE(nn.Module):
         The trainer rewrites W_enc / W_dec / b_enc itself; subclasses reset what only they know
         (JumpReLU: the threshold back to its initial value).
         """
+
+    # ------------------------------------------------------------------ what the trainer asks the architecture
+    def latent_axis(self, name: str) -> int | None:
+        """The axis of parameter ``name`` (stacked, ``[S, ...]``) that indexes latents, from ``latent_axes``.
+
+        Raises SAEFormatError for a parameter the architecture did not declare.
+        """
+        axes = type(self).latent_axes
+        if name not in axes:
+            raise SAEFormatError(f"{type(self).__name__}: parameter {name!r} has no entry in latent_axes "
+                                 f"(declared: {sorted(axes)}); say which axis indexes latents, or None")
+        return axes[name]
+
+    def sparsity_metric_value(self, f: Tensor) -> Tensor:
+        """The ``sparsity_metric`` [S] of codes ``f`` [S, B, d_sae] (mean over the batch; zeros when None).
+
+        "l1": sum_j f_j ||W_dec_j||; "l0": number of active codes. An architecture with its own
+        metric overrides this (the trainer's validation and the reference loss call it).
+        """
+        if self.sparsity_metric == "l1":
+            return (f.sum(1) * self.W_dec.detach().norm(dim=-1).to(f.dtype)).sum(-1) / f.shape[1]
+        if self.sparsity_metric == "l0":
+            return (f > 0).sum(-1).to(f.dtype).mean(-1)
+        if self.sparsity_metric is None:
+            return f.new_zeros(f.shape[0])
+        raise NotImplementedError(f"{type(self).__name__} declares sparsity_metric {self.sparsity_metric!r}: "
+                                  "override sparsity_metric_value to compute it")
+
+    def step_sparsity(self, out: LossOutput) -> Tensor:
+        """The ``sparsity_metric`` [S] of a training step's ``out`` (before lambda); zeros when None."""
+        if self.sparsity_metric is None:
+            return torch.zeros_like(out.mse)
+        if out.sparsity is not None:
+            return out.sparsity
+        return getattr(out, self.sparsity_metric)
 
     # ------------------------------------------------------------------ kernel choice (checkpointed)
     def kernel_state(self) -> dict[str, Any]:

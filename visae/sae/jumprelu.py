@@ -76,6 +76,9 @@ def step(pre: Tensor, theta: Tensor, eps: float) -> Tensor:
 
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
+    sparsity_metric = "l0"
+    sparsity_degree = 0
+    latent_axes = {**SAE.latent_axes, "log_threshold": 1}
 
     def _init_extra(self) -> None:
         self.log_threshold = nn.Parameter(torch.empty(self.n_models, self.d_sae, device=self.W_enc.device))

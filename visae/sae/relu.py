@@ -19,6 +19,8 @@ __all__ = ["ReLUSAE"]
 class ReLUSAE(SAE):
     architecture = "relu"
     sparse_needs_dec_norm = True
+    sparsity_metric = "l1"
+    sparsity_degree = 1
 
     def _activate(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)

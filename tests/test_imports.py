@@ -147,3 +147,17 @@ def test_cli_prints_a_project_error_as_one_line(capsys, tmp_path, monkeypatch):
     assert err == f"visae fake: error: {tmp_path}/sweep.json: field 'version' is 7; (upgrade visae)\n"
     assert cli.main(["fake"]) == 2  # a usage error
     assert capsys.readouterr().err == "visae fake: error: --x: bad\n"
+
+
+def test_a_script_reports_a_project_error_in_one_line(tmp_path):
+    # scripts/*.py go through visae.cli; run from another directory so that only the script's own path idiom
+    # finds this checkout (and scripts/ on sys.path shadows nothing of the standard library)
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "select_sae.py"), "--sweep", str(tmp_path / "nope")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("visae select: error: ") and "not a sweep directory" in lines[0], \
+        proc.stderr[-2000:]

@@ -10,7 +10,6 @@ import os
 import tarfile
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from visae.images import decode_id, encode_id, load_image, open_source

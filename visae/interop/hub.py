@@ -138,7 +138,7 @@ def _model_card(sae: Any, repo: str, sub: str) -> str:
             f"sae = load_sae(\"{uri}\")\n```\n\n"
             "```python\nfrom huggingface_hub import snapshot_download\nfrom sae_lens import SAE\n"
             f"path = snapshot_download(\"{repo}\"" + (f", allow_patterns=[\"{sub}/*\"]" if sub else "") + ")\n"
-            f"sae = SAE.load_from_disk(path" + (f" + \"/{sub}\"" if sub else "") + ")\n```\n")
+            "sae = SAE.load_from_disk(path" + (f" + \"/{sub}\"" if sub else "") + ")\n```\n")
 
 
 def push_sae(cfg: PushConfig) -> dict[str, Any]:

@@ -167,6 +167,7 @@ def test_one_row_batches_and_splits_give_finite_or_null_explained_variance(tmp_p
     assert all(r["explained_variance"] is None for r in val)  # 1 row: undefined, null (with the warning)
     doc = json.loads((tmp_path / "o" / "cfg.json").read_text())
     assert doc["extra"]["val"]["explained_variance"] is None
+    assert "held-out EV undefined" in T.format_summary(tmp_path / "o")
     # log_every 1: the interval of the 1-row batch alone is undefined -> null with a warning.
     cfg1 = _cfg(tmp_path / "s", tmp_path / "o1", batch_size=64, num_epochs=1, log_every=1, resample_every=0,
                 expansion_factor=2, init_examples=64)
@@ -218,6 +219,9 @@ def test_a_run_shorter_than_its_warmups_and_random_weights_are_flagged(tmp_path)
     assert rec["warmup_incomplete"] == ["lr", "lambda"] and rec["backbone_random_init"] is True
     extra = json.loads((tmp_path / "o" / "cfg.json").read_text())["extra"]
     assert extra["backbone_random_init"] is True and extra["warmup_incomplete"] == ["lr", "lambda"]
+    printed = T.format_summary(tmp_path / "o")  # what `visae train` prints at the end
+    assert "warning: the activations come from a backbone with random weights" in printed, printed
+    assert "before its lr and lambda warm-up completed" in printed, printed
     # A run long enough, on a trained backbone's activations: no flag.
     ss2 = _write(tmp_path / "s2", rng.normal(size=(100, 8)), source={"model": "ViT-B-32", "random_init": False})
     cfg2 = T.TrainConfig(shards=str(ss2.path), out=str(tmp_path / "o2"), num_epochs=4, batch_size=30,
@@ -229,3 +233,4 @@ def test_a_run_shorter_than_its_warmups_and_random_weights_are_flagged(tmp_path)
     assert not [w for w in caught if "warm-up" in str(w.message) or "random weights" in str(w.message)]
     summary2 = json.loads((tmp_path / "o2" / T.SUMMARY_FILE).read_text())
     assert summary2["warnings"] == [] and summary2["backbone_random_init"] is False
+    assert "warning" not in T.format_summary(tmp_path / "o2")

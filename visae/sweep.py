@@ -528,7 +528,7 @@ def format_summary(out: str | Path) -> str:
         names = [t["name"] for t in sd.read_plan().get("trials", [])]
     except (ValueError, OSError) as e:
         return f"no sweep plan in {out}: {e}"
-    rows = []
+    rows, flags = [], set()
     for name in names:
         try:
             extra = json.loads((sd.trial_dir(name) / "cfg.json").read_text()).get("extra", {}) or {}
@@ -536,11 +536,14 @@ def format_summary(out: str | Path) -> str:
             continue
         if extra.get("finished"):
             rows.append((name, extra.get("val") or {}))
+            flags |= set(extra.get("warnings") or [])  # the trainer's: random-weight backbone, warm-ups not done
     lines = [f"trained {len(rows)} of {len(names)} trials in {out / 'trials'}"]
-    if rows:
-        name, val = max(rows, key=lambda r: r[1].get("explained_variance", float("-inf")))
-        lines.append(f"highest held-out EV: {name} (EV {val.get('explained_variance', float('nan')):.4f}, "
+    evs = [(n, v) for n, v in rows if v.get("explained_variance") is not None]  # null: undefined (no spread)
+    if evs:
+        name, val = max(evs, key=lambda r: r[1]["explained_variance"])
+        lines.append(f"highest held-out EV: {name} (EV {val['explained_variance']:.4f}, "
                      f"L0 {val.get('l0', float('nan')):.1f}, dead {val.get('dead_fraction', float('nan')):.3f})")
+    lines += [f"warning: {w}" for w in sorted(flags)]
     sel = out / "selection.json"
     if sel.is_file():
         from visae.select import format_selection

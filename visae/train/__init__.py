@@ -73,9 +73,15 @@ def format_summary(sae_dir: str | Path) -> str:
     line = (f"trained {doc.get('architecture', '?')} SAE {doc.get('d_in', '?')} -> {doc.get('d_sae', '?')} latents, "
             f"{extra.get('steps', '?')} steps, {state}")
     if val:
-        line += (f"; held-out EV {val.get('explained_variance', float('nan')):.4f}, "
-                 f"L0 {val.get('l0', float('nan')):.1f}, dead {val.get('dead_fraction', float('nan')):.3f}")
-    return f"{line}\nSAE: {d}   curves: {d / CURVES_FILE}   metrics: {d / METRICS_FILE}"
+        line += (f"; held-out EV {_fmt(val.get('explained_variance'), '.4f')}, L0 {_fmt(val.get('l0'), '.1f')}, "
+                 f"dead {_fmt(val.get('dead_fraction'), '.3f')}")
+    flags = "".join(f"\nwarning: {w}" for w in extra.get("warnings") or [])
+    return f"{line}\nSAE: {d}   curves: {d / CURVES_FILE}   metrics: {d / METRICS_FILE}{flags}"
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    """A metric for the summary; null (undefined, e.g. EV of a 1-row split) prints as "undefined"."""
+    return "undefined" if v is None else format(v, spec)
 
 
 def main(argv: list[str] | None = None) -> int:

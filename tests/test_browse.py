@@ -21,7 +21,7 @@ from PIL import Image
 
 from visae.browse import BrowseConfig, build_site, serve
 from visae.browse.site import histogram_svg
-from visae.naming import load_vocabulary
+from visae.naming import NameConfig, load_vocabulary
 from visae.sae import SAEConfig, build_sae
 from visae.shards import ShardWriter
 from visae.text import encode_texts
@@ -53,7 +53,7 @@ def run_chromium(url: str, tmp_path, *, screenshot: str | None = None, budget_ms
     return r.stdout
 
 
-def _planted_site(tmp, words, rel_of, *, naming_config=None):
+def _planted_site(tmp, words, rel_of, *, naming=None):
     """A planted SAE (latent i = word i's text embedding), images on disk named ``rel_of(i)``, shards whose
     ids are those images, and the site built from them; returns the site directory and its config."""
     from visae.backbones import load_backbone, register_tiny_clip
@@ -92,8 +92,9 @@ def _planted_site(tmp, words, rel_of, *, naming_config=None):
     vfile = tmp / "vocab.txt"
     vfile.write_text("\n".join(vocab))
     site = tmp / "site"
-    cfg = BrowseConfig(sae=str(sae_dir), out=str(site), vocab=str(vfile), text_cache=str(tmp / "cache"), n_top=6,
-                       n_random=3, batch_size=16, thumb_size=64, naming_config=naming_config)
+    naming = NameConfig(sae=str(sae_dir), vocab=str(vfile), text_cache=str(tmp / "cache"), n_top=6, n_random=3,
+                        batch_size=16, **(naming or {}))
+    cfg = BrowseConfig(out=str(site), thumb_size=64, naming=naming)
     build_site(cfg, backbone=bb)
     return site, cfg
 
@@ -222,12 +223,9 @@ def test_hostile_names_ids_and_file_names_in_headless_chromium(tmp_path):
         if os.environ.get("VISAE_REQUIRE_BROWSER"):
             pytest.fail("chromium is not installed but VISAE_REQUIRE_BROWSER is set (apt-get install chromium)")
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    from visae.resources import config_yaml
-
-    naming_yaml = tmp_path / "naming.yaml"  # the hostile entries are not word-like: keep them in the vocabulary
-    naming_yaml.write_text(config_yaml("naming.yaml").read_text().replace("alpha_only: true", "alpha_only: false"))
+    # the hostile entries are not word-like: keep them in the vocabulary
     site, _ = _planted_site(tmp_path, HOSTILE, lambda i: f"sub/we\"ird <b>{i}<\\b> & #?%20 '{i}'.png",
-                            naming_config=str(naming_yaml))
+                            naming={"alpha_only": False})
     html = (site / "index.html").read_text()
     blob = re.search(r'<script id="concept-data" type="application/json">(.*?)</script>', html, re.S).group(1)
     assert "<" not in blob and json.loads(blob)["concepts"][0]["name"] == HOSTILE[0]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import io
 import logging
 import os
@@ -344,8 +345,11 @@ def _one_line(text: str) -> str:
     if title.lower().startswith("required"):
         flags = [w for w in words if w.startswith("-")]
         return f"missing required flag{'s' if len(flags) > 1 else ''} {', '.join(flags)}" if flags else " ".join(words)
-    msg = " ".join(words)
+    # a nested config's own check: its message names the field; drop tyro's internal prefix
+    msg = re.sub(r"^Error parsing (cfg|runtime)(\.[\w.]+)?: ", "", " ".join(words))
     for sec in sections[1:]:
+        if sec[0].lower().startswith("argument helptext") and len(sec) > 1 and len(sec[1].split()) > 1:
+            msg += f" (expected {sec[1].split()[1]})"  # the flag's metavar: INT, FLOAT, {a,b}, ...
         if sec[0].lower().startswith("perhaps you meant"):
             flags = [w.split()[0] for w in sec[1:] if w.startswith("-")]
             if flags:
@@ -404,7 +408,7 @@ def parse_args(cls: type[C], argv: Sequence[str] | None = None, default_yaml: st
         _usage_error(prog, str(e))
     args_cls = _args_class(cls)
     default = args_cls(cfg=_mark_required(base), runtime=Runtime(config=str(path) if path is not None else None))
-    desc = description or (cls.__doc__ or "").strip()
+    desc = inspect.cleandoc(description or cls.__doc__ or "")
     kw = dict(prog=prog, description=desc, args=argv, default=default, use_underscores=True,
               registry=_registry(cls))
     try:

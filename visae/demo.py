@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 from visae.atomic import atomic_write_text
 from visae.config import ConfigError, config_to_dict, parse_config
 from visae.resources import config_yaml
+from visae.sweepdir import SweepDir
 
 __all__ = ["DemoConfig", "QUICK", "run_demo", "toy_vocabulary", "main"]
 
@@ -156,7 +157,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _save_state(out, st)
     world_dir, shards_dir, sweep_dir = out / "world", out / "shards", out / "sweep"
     concepts_dir, site_dir = out / "concepts", out / "site"
-    best = sweep_dir / "best"
+    swd = SweepDir(sweep_dir)
+    best = swd.best_dir
 
     def stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         if name in st["stages"]:
@@ -196,7 +198,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         sweep(SweepConfig(out=str(sweep_dir), lrs=run.lrs, l1_coeffs=run.l1_coeffs,
                           expansion_factors=run.expansion_factors, train=trainer,
                           selection=SweepSelection(benchmark="toy", text_cache=text_cache)))
-        sel = json.loads((sweep_dir / "selection.json").read_text()) if (sweep_dir / "selection.json").is_file() else {}
+        sel = swd.read_selection() or {}
         if not (best / "cfg.json").is_file():
             raise RuntimeError(f"the sweep in {sweep_dir} selected no SAE (see its leaderboard)")
         return {"dir": str(sweep_dir), "best": str(best), "trials": len(run.lrs) * len(run.l1_coeffs) * len(run.expansion_factors),
@@ -219,10 +221,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     def do_browse() -> dict[str, Any]:
         from visae.browse import BrowseConfig, build_site
+        from visae.naming import NameConfig
 
-        index = build_site(BrowseConfig(sae=str(best), shards=str(shards_dir), concepts=str(concepts_dir),
-                                        out=str(site_dir), n_top=run.n_top, n_random=min(8, run.n_top), device="cpu",
-                                        text_cache=text_cache, title="visae demo: concepts of the toy world"))
+        naming = NameConfig(sae=str(best), shards=str(shards_dir), n_top=run.n_top, n_random=min(8, run.n_top),
+                            device="cpu", text_cache=text_cache)
+        index = build_site(BrowseConfig(concepts=str(concepts_dir), out=str(site_dir), naming=naming,
+                                        title="visae demo: concepts of the toy world"))
         return {"index": str(index)}
 
     def do_recovery() -> dict[str, Any]:
@@ -230,10 +234,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
         res = concept_recovery(str(best), shards_dir, concepts=concepts_dir)
         # Every trial of the sweep too, named the same way: how the selected SAE compares on the ground truth.
-        sel = json.loads((sweep_dir / "selection.json").read_text()) if (sweep_dir / "selection.json").is_file() else {}
+        sel = swd.read_selection() or {}
         trials = {}
-        trial_dirs = [t for t in sorted((sweep_dir / "trials").iterdir()) if (t / "cfg.json").is_file()] \
-            if (sweep_dir / "trials").is_dir() else []
+        trial_dirs = [swd.trial_dir(t) for t in swd.trials_with_weights() if swd.trial_cfg(t)]
         if trial_dirs:
             from visae.backbones import load_backbone
             from visae.naming import decoder_directions, embed_vocabulary, load_vocabulary, match_names

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from visae.config import ConfigError, config_to_dict, load_yaml_config, parse_config
+from visae.config import ConfigError, config_to_dict, parse_config
+from visae.naming import NameConfig
 from visae.resources import config_yaml
 
 __all__ = ["BrowseConfig", "build_site", "serve", "main"]
@@ -34,47 +35,35 @@ HOST = "127.0.0.1"
 
 @dataclass(frozen=True)
 class BrowseConfig:
-    """Write a static site of an SAE's named concepts with their top images (and serve it on 127.0.0.1)."""
+    """Write a static site of an SAE's named concepts with their top images (and serve it on 127.0.0.1).
 
-    sae: str = field(default="", metadata={"help": "SAE directory (cfg.json + weights.safetensors)"})
-    shards: Optional[str] = field(default=None, metadata={
-        "help": "shard set whose images are shown; null: the one recorded in the SAE's cfg.json"})
+    Which SAE, which shard set and how its latents are named are the naming settings (the
+    nested ``naming``: --sae, --shards, --member, --n_top, --vocab, ...; `visae name --help`
+    says what each does); the site's own are below.
+    """
+
     concepts: Optional[str] = field(default=None, metadata={
         "help": "directory with concepts.json from `visae name` (and top_images.npz); null: name them now"})
     out: str = field(default="site", metadata={"help": "output directory of the site"})
     serve: bool = field(default=False, metadata={"help": "serve the site on 127.0.0.1 after writing it (Ctrl-C stops)"})
     port: int = field(default=8000, metadata={"help": "port for --serve (0: any free port)"})
-    member: int = field(default=0, metadata={"help": "which member of a stacked SAE"})
     images_root: Optional[str] = field(default=None, metadata={
         "help": "where the images are now, if moved since extraction; null: the manifest's source.dataset"})
-    n_top: int = field(default=16, metadata={"help": "top-activating images per concept"})
-    n_random: int = field(default=8, metadata={"help": "random activating images per concept"})
     thumb_size: int = field(default=160, metadata={"help": "thumbnail size in pixels (longest side)"})
     workers: int = field(default=0, metadata={"help": "threads making thumbnails (0: up to 8, one per core)"})
-    naming_config: Optional[str] = field(default=None, metadata={
-        "help": "YAML of visae name options used when --concepts is not given; null: configs/naming.yaml"})
-    model: Optional[str] = field(default=None, metadata={"help": "naming: backbone for the text tower; null: from the SAE"})
-    pretrained: Optional[str] = field(default=None, metadata={"help": "naming: pretrained tag or checkpoint"})
-    vocab: Optional[str] = field(default=None, metadata={"help": "naming: word-list file; null: wordfreq's top words"})
-    text_cache: Optional[str] = field(default="~/.cache/visae/text", metadata={"help": "naming: text-embedding cache dir"})
-    batch_size: int = field(default=4096, metadata={"help": "shard rows per SAE forward pass"})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
-    seed: int = field(default=0, metadata={"help": "seed of the random activating-image sample"})
     title: str = field(default="", metadata={"help": "page title; empty: from the SAE and model"})
+    naming: NameConfig = field(default_factory=NameConfig, metadata={
+        "help": "the SAE, its shard set and the naming of its latents (used to name them when --concepts is not "
+                "given; --n_top / --n_random are the images shown per concept)", "fixed": ("out",),
+        "required": ("sae",)})
+
+    def __post_init__(self) -> None:
+        if self.naming.out != NameConfig().out:
+            raise ConfigError("BrowseConfig.naming.out is set by browse (<out>/concepts_data); leave it out")
 
 
 def _naming_config(cfg: BrowseConfig, shards: Path, out: Path) -> Any:
-    from visae.naming import NameConfig
-
-    path = Path(cfg.naming_config) if cfg.naming_config else config_yaml("naming.yaml")
-    base = load_yaml_config(NameConfig, path) if path.is_file() else NameConfig()
-    over: dict[str, Any] = {"sae": cfg.sae, "member": cfg.member, "shards": str(shards), "out": str(out),
-                            "n_top": cfg.n_top, "n_random": cfg.n_random, "batch_size": cfg.batch_size,
-                            "device": cfg.device, "seed": cfg.seed, "text_cache": cfg.text_cache}
-    for k in ("model", "pretrained", "vocab"):
-        if getattr(cfg, k) is not None:
-            over[k] = getattr(cfg, k)
-    return replace(base, **over)
+    return replace(cfg.naming, shards=str(shards), out=str(out))
 
 
 def _matching_stats(path: Path, n_examples: int, d_sae: int, cfg: BrowseConfig) -> Any:
@@ -87,8 +76,8 @@ def _matching_stats(path: Path, n_examples: int, d_sae: int, cfg: BrowseConfig) 
     except (OSError, ValueError) as e:
         log.warning("ignoring %s (%s)", path, e)
         return None
-    if (st.n_examples != n_examples or st.d_sae != d_sae or st.top_index.shape[1] < cfg.n_top
-            or st.rand_index.shape[1] < cfg.n_random):
+    if (st.n_examples != n_examples or st.d_sae != d_sae or st.top_index.shape[1] < cfg.naming.n_top
+            or st.rand_index.shape[1] < cfg.naming.n_random):
         log.info("%s was made for another shard set or fewer images; recomputing", path)
         return None
     return st
@@ -103,17 +92,15 @@ def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     from visae.shards import ShardSet
     from visae.topimages import compute_top_images
 
-    if not cfg.sae:
+    if not cfg.naming.sae:
         raise ValueError("--sae is required: an SAE directory (cfg.json + weights.safetensors)")
-    sae = load_sae(cfg.sae, device=cfg.device)
-    if not 0 <= cfg.member < sae.n_models:
-        raise ValueError(f"SAE {cfg.sae}: member {cfg.member} out of range (stack of {sae.n_models})")
-    single = sae.member(cfg.member) if sae.n_models > 1 else sae
-    from visae.naming import NameConfig
-
-    shards = Path(cfg.shards) if cfg.shards else _shards_path(NameConfig(member=cfg.member), sae)
+    sae = load_sae(cfg.naming.sae, device=cfg.naming.device)
+    if not 0 <= cfg.naming.member < sae.n_models:
+        raise ValueError(f"SAE {cfg.naming.sae}: member {cfg.naming.member} out of range (stack of {sae.n_models})")
+    single = sae.member(cfg.naming.member) if sae.n_models > 1 else sae
+    shards = Path(cfg.naming.shards) if cfg.naming.shards else _shards_path(NameConfig(member=cfg.naming.member), sae)
     if shards is None:
-        raise ValueError(f"SAE {cfg.sae}: pass --shards (its cfg.json records no shard set that still exists)")
+        raise ValueError(f"SAE {cfg.naming.sae}: pass --shards (its cfg.json records no shard set that still exists)")
     ss = ShardSet(shards)
     site = Path(cfg.out)
     site.mkdir(parents=True, exist_ok=True)
@@ -133,8 +120,8 @@ def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
             doc = {"concepts": [{"latent": j, "name": None, "alternatives": [], "unnamed_reason": "not nameable"}
                                 for j in range(sae.d_sae)], "model": {}, "vocabulary": {}}
     if stats is None:
-        stats = compute_top_images(single, ss, n_top=cfg.n_top, n_random=cfg.n_random, batch_size=cfg.batch_size,
-                                   seed=cfg.seed, device=cfg.device)
+        stats = compute_top_images(single, ss, n_top=cfg.naming.n_top, n_random=cfg.naming.n_random, batch_size=cfg.naming.batch_size,
+                                   seed=cfg.naming.seed, device=cfg.naming.device)
     concepts = doc["concepts"]
     if len(concepts) != sae.d_sae:
         raise ValueError(f"{cfg.concepts}: concepts.json has {len(concepts)} concepts but the SAE has d_sae={sae.d_sae}")
@@ -145,7 +132,7 @@ def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
 
     meta = ss.metadata()
     ids = meta["id"]
-    need = set(stats.top_index[:, : cfg.n_top].ravel().tolist()) | set(stats.rand_index[:, : cfg.n_random].ravel().tolist())
+    need = set(stats.top_index[:, : cfg.naming.n_top].ravel().tolist()) | set(stats.rand_index[:, : cfg.naming.n_random].ravel().tolist())
     need.discard(-1)
     resolver = ImageResolver(ss.source, cfg.images_root)
     thumbs = make_thumbnails(resolver, [str(ids[i]) for i in sorted(need)], site / "thumbs", size=cfg.thumb_size,
@@ -156,17 +143,17 @@ def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
                     "if the images moved", ss.source.get("dataset"))
     label_names = ss.label_names.get("label")
     model = doc.get("model") or {}
-    title = cfg.title or f"Concepts of {Path(cfg.sae).name}"
+    title = cfg.title or f"Concepts of {Path(cfg.naming.sae).name}"
     n_named = sum(1 for c in concepts if c.get("name"))
     subtitle = (f"{sae.d_sae} latents, {n_named} named; model {model.get('name') or ss.source.get('model', '?')}; "
                 f"{len(ss):,} images from {ss.source.get('dataset', shards)}")
-    info = {"config": config_to_dict(cfg), "sae": str(cfg.sae), "shards": str(shards), "n_examples": len(ss),
+    info = {"config": config_to_dict(cfg), "sae": str(cfg.naming.sae), "shards": str(shards), "n_examples": len(ss),
             "concepts_from": cfg.concepts or str(site / "concepts_data"), "thumbnails": n_thumbs,
             "images_needed": len(need), "model": model, "vocabulary": doc.get("vocabulary")}
     stats_top = stats
-    if stats.top_index.shape[1] > cfg.n_top or stats.rand_index.shape[1] > cfg.n_random:
-        stats_top = replace(stats, top_index=stats.top_index[:, : cfg.n_top], top_value=stats.top_value[:, : cfg.n_top],
-                            rand_index=stats.rand_index[:, : cfg.n_random], rand_value=stats.rand_value[:, : cfg.n_random])
+    if stats.top_index.shape[1] > cfg.naming.n_top or stats.rand_index.shape[1] > cfg.naming.n_random:
+        stats_top = replace(stats, top_index=stats.top_index[:, : cfg.naming.n_top], top_value=stats.top_value[:, : cfg.naming.n_top],
+                            rand_index=stats.rand_index[:, : cfg.naming.n_random], rand_value=stats.rand_value[:, : cfg.naming.n_random])
     random_init = random_weights_recorded(ss.source, sae.extra, model)
     info["backbone_random_init"] = random_init
     warning = RANDOM_WEIGHTS_SITE_NOTE if random_init else None

@@ -114,8 +114,8 @@ class LossOutput(NamedTuple):
 
     mse [S]: mean over batch and d_in of the squared error (SAE space); l1 [S]: mean over batch
     of sum_j f_j * ||W_dec_j||; l0 [S]: mean active latents per example; explained_variance [S];
-    aux [S]: aux-k loss (0 when unused); fired [S, d_sae] bool; sq_err [S, B]: per-example
-    squared error summed over d_in; sparsity [S] or None: the architecture's own sparsity metric
+    aux [S]: aux-k term in the units of mse (0 when unused; :func:`aux_k_term`); fired [S, d_sae]
+    bool; sq_err [S, B]: per-example squared error summed over d_in; sparsity [S] or None: the architecture's own sparsity metric
     (``SAE.sparsity_metric``, before lambda) when it is not one of the fields above.
     """
 

@@ -6,6 +6,7 @@ kept code, exponentially averaged with ``threshold_momentum``) is updated on eve
 step (grad enabled and module in train mode); at inference the codes are f = pre * (pre > threshold): a fixed
 JumpReLU, independent of the batch. The threshold is saved in the checkpoint; -1 means
 "never estimated" (inference then behaves as plain ReLU).
+Loss: MSE + aux_coeff * aux, the aux-k term as TopK's (:func:`visae.sae.base.aux_k_term`).
 """
 
 from __future__ import annotations

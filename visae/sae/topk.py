@@ -1,8 +1,10 @@
 """TopK SAE (Gao et al. 2024): keep the k largest pre-activations per example (then ReLU).
 
-f = ReLU(TopK_k((x - b_dec) W_enc + b_enc)), x_hat = f W_dec + b_dec, loss = MSE + aux_coeff * aux-k.
-The aux-k loss lets the ``aux_k`` largest *dead* latents (``dead_mask`` from the trainer)
-reconstruct the residual x - x_hat, so dead latents get a gradient.
+f = ReLU(TopK_k((x - b_dec) W_enc + b_enc)), x_hat = f W_dec + b_dec, loss = MSE + aux_coeff * aux.
+The aux-k term lets the ``aux_k`` largest *dead* latents (``dead_mask`` from the trainer)
+reconstruct the residual x - x_hat, so dead latents get a gradient. It has Gao et al.'s weighting
+(section A.2 and their reference code: MSE / Var(x) + 1/32 * aux-MSE / Var(r)), expressed in MSE
+units: aux = aux-MSE * Var(x) / Var(r) (:func:`visae.sae.base.aux_k_term`).
 """
 
 from __future__ import annotations

@@ -101,9 +101,11 @@ def test_batchtopk_validation_metrics_equal_the_exported_sae(planted, tmp_path):
 # ----------------------------------------------------------------------------- items 5 + 8: resume
 
 
-def test_resume_is_bit_identical_in_the_sparse_regime_and_logs_the_same_records(planted, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["max_steps", "exception"])
+def test_resume_is_bit_identical_in_the_sparse_regime_and_logs_the_same_records(planted, tmp_path, monkeypatch, how):
     """ReLU codes get sparse (the auto impl switches to the sparse kernels); a run stopped mid-interval by
-    --max_steps and resumed equals the uninterrupted run: weights, checkpoint tensors and every train record."""
+    --max_steps (or killed, resuming from the end-of-epoch checkpoint, also mid-interval) and resumed equals
+    the uninterrupted run: weights, checkpoint tensors and every train record."""
     sparse_steps = []
     orig = kernels.sparse_training_loss
 
@@ -120,12 +122,33 @@ def test_resume_is_bit_identical_in_the_sparse_regime_and_logs_the_same_records(
     cut = steps_per_epoch * 2 + 7  # inside epoch 3, after the resampling, not on a log step
     assert cut % 10 != 0
     out = tmp_path / "resumed"
-    T.train(_cfg(planted, out, max_steps=cut, **kw))
+    if how == "max_steps":
+        T.train(_cfg(planted, out, max_steps=cut, **kw))
+        since = cut % 10  # steps since the last log (step 60)
+    else:
+        orig_step, calls = T.StackedAdam.step, {"n": 0}
+
+        def flaky(self, lr=None):
+            calls["n"] += 1
+            if calls["n"] == cut:
+                raise KeyboardInterrupt("simulated kill")
+            return orig_step(self, lr)
+
+        monkeypatch.setattr(T.StackedAdam, "step", flaky)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(_cfg(planted, out, **kw))
+        monkeypatch.setattr(T.StackedAdam, "step", orig_step)
+        since = (2 * steps_per_epoch) % 10  # the checkpoint at the end of epoch 2 (step 58), 8 steps after step 50
     _, st = T.load_checkpoint(out / T.CHECKPOINT_DIR)
     assert st["kernel"]["last_active_frac"] < 0.02, st["kernel"]  # the next step takes the sparse path
-    assert st["log"]["steps"] == cut % 10 and st["log"]["n"] == (cut % 10) * 256, st["log"]  # since step 60
+    n_train = N - int(round(N * 0.1))
+    short = n_train - (steps_per_epoch - 1) * 256  # the epoch's last batch
+    n_since = since * 256 if how == "max_steps" else (since - 1) * 256 + short
+    assert st["log"]["steps"] == since and st["log"]["n"] == n_since, st["log"]
     T.train(_cfg(planted, out, resume=True, **kw))
-    assert len(sparse_steps) == 2 * n_ref and n_ref > 20, (n_ref, len(sparse_steps))
+    assert n_ref > 20, n_ref
+    if how == "max_steps":  # the two halves take the sparse kernels exactly where the uninterrupted run did
+        assert len(sparse_steps) == 2 * n_ref, (n_ref, len(sparse_steps))
     a, b = load_sae(ref).state_dict(), load_sae(out).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), (k, float((a[k] - b[k]).abs().max()))

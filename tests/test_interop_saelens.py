@@ -174,3 +174,27 @@ def test_imported_saelens_sae_splices_into_the_model(tmp_path):
     tol = _tol(ref, terms=bb.width + 64)
     assert (out - ref).abs().max() <= tol, f"{(out - ref).abs().max():.3g}"
     assert (clean - ref).abs().max() > 100 * tol
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_import_saelens_batchtopk_training_dir(tmp_path, rescale):
+    """A SAELens BatchTopK training directory (topk_threshold) imports as visae batchtopk and matches the
+    inference SAE sae_lens itself makes of it (save_inference_model: a JumpReLU)."""
+    from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+    s = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=5,
+                                                        rescale_acts_by_decoder_norm=rescale))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in s.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (1.5 if name == "W_dec" else 0.3))
+        s.topk_threshold = torch.tensor(0.4)
+    s.save_model(tmp_path / "train")
+    s.save_inference_model(tmp_path / "infer")
+    ref = sae_lens.SAE.load_from_disk(str(tmp_path / "infer"))
+    sae = import_saelens(tmp_path / "train")
+    assert sae.architecture == "batchtopk" and sae.cfg.k == 5
+    x = _raw(seed=5)
+    with torch.no_grad():
+        want, got = ref(x), sae(x)[0]
+    assert (got - want).abs().max() <= _tol(want, x), f"{(got - want).abs().max():.3g}"

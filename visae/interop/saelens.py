@@ -20,7 +20,8 @@ and SAELens computes ``pre = (x - b_dec * apply_b_dec_to_input) W_enc + b_enc``,
 renamed the way sae_lens does it.
 
 Mapping: standard <-> relu, topk <-> topk, jumprelu <-> jumprelu; visae batchtopk (a fixed
-inference threshold) is exported as a jumprelu with that threshold on every latent.
+inference threshold) is exported as a jumprelu with that threshold on every latent; a SAELens
+``batchtopk`` training directory (``topk_threshold`` tensor) is imported as visae batchtopk.
 Normalisation: SAELens ``constant_norm_rescale`` (x * sqrt(d_in) / ||x||) is visae
 ``unit_norm`` with ``scale_factor = sqrt(d_in)``; ``none`` and ``expected_average_only_in``
 (folded at the end of SAELens training, identity at inference) are ``none``. A visae
@@ -158,10 +159,6 @@ def import_saelens(path: str | Path, out: str | Path | None = None, *, model: st
         visae_arch = "relu"
     elif arch == "topk":
         visae_arch, kw["k"] = "topk", int(cfg.get("k", 0))
-        if cfg.get("rescale_acts_by_decoder_norm"):
-            # f = TopK(pre * ||W_dec_j||), x_hat = (f / ||W_dec_j||) W_dec: fold the norms (exact)
-            n = W_dec.norm(dim=-1).clamp_min(1e-12)
-            W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
     elif arch == "jumprelu":
         visae_arch = "jumprelu"
         # ReLU(pre) * (pre > t) == pre * (pre > max(t, tiny)) except for pre in (0, tiny]: visae keeps log(t)
@@ -172,6 +169,11 @@ def import_saelens(path: str | Path, out: str | Path | None = None, *, model: st
     else:
         raise InteropError(f"{where}: architecture {arch!r} is not supported (standard, topk, jumprelu; batchtopk "
                            "training checkpoints with topk_threshold)")
+    if arch in ("topk", "batchtopk") and cfg.get("rescale_acts_by_decoder_norm"):
+        # f = TopK(pre * ||W_dec_j||), x_hat = (f / ||W_dec_j||) W_dec: fold the norms (exact; a batchtopk
+        # threshold is already in those rescaled units)
+        n = W_dec.norm(dim=-1).clamp_min(1e-12)
+        W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
     meta = cfg.get("metadata") or {}
     visae_meta = meta.get("visae") if isinstance(meta.get("visae"), dict) else {}
     extra = dict(visae_meta.get("extra") or {})

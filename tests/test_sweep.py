@@ -355,3 +355,18 @@ def test_leaderboard_marks_trials_the_selection_set_cannot_separate(tmp_path):
     # explained variance is not a binomial estimate: nothing is marked
     rows = leaderboard(tmp_path, scores, "explained_variance", max_l0=None, max_dead=None)
     assert all(r["tied"] is None for r in rows)
+
+
+def test_a_sweep_shorter_than_its_warmups_says_so(tmp_path, planted, capsys):
+    """Issue 10.9: a sweep whose trials end before the lr / lambda warm-ups warns first and in its summary."""
+    from visae.sweep import format_summary
+
+    cfg = _cfg(planted, tmp_path / "sw", lrs=(1e-3,), l1_coeffs=(1e-4,), num_epochs=1, lr_warmup_steps=50,
+               l1_warmup_steps=50, select=False)
+    with pytest.warns(UserWarning, match="shorter than its lr warm-up"):
+        sweep(cfg)
+    err = capsys.readouterr().err
+    steps = -(-(1536 - 384) // 128)  # one epoch of the 75% training split
+    assert f"visae sweep: warning: the run is {steps} steps" in err, err
+    summary = format_summary(tmp_path / "sw")
+    assert f"warning: the run ended at step {steps}, before its lr and lambda warm-up completed" in summary, summary

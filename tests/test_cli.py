@@ -41,7 +41,8 @@ from visae.sweep import SET_BY_SWEEP, SweepConfig  # noqa: E402
 _FREE = {"out", "wandb_project", "wandb_name", "label_column", "text_cache", "pretrained"}
 # Values that name something that does not exist (checked before anything is written)
 _MISSING = {"shards": "/nonexistent/shards", "val_shards": "/nonexistent/val", "classnames_file": "/nonexistent/c.txt",
-            "templates_file": "/nonexistent/t.txt", "device": "cpuu", "model": "ViT-B-32x", "benchmark": "toyy"}
+            "templates_file": "/nonexistent/t.txt", "device": "cpuu", "model": "ViT-B-32x", "benchmark": "toyy",
+            "architecture": "reluu"}
 _ZEROSHOT = {"model", "benchmark"}  # only read (and checked) when selecting by zero-shot accuracy
 
 
@@ -135,7 +136,7 @@ def test_a_sweep_typo_then_the_corrected_command_runs(small_shards, tmp_path, ca
     out = tmp_path / "sw"
     argv = _sweep_argv(small_shards, out)
     rc, cap = _run_sweep(argv + ["--architecture", "reluu"], capsys)
-    assert rc == 2 and "--architecture" in cap.err and "relu" in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert rc == 2 and "architecture" in cap.err and "relu" in cap.err and len(cap.err.strip().splitlines()) == 1
     assert not out.exists()
     rc, cap = _run_sweep(argv + ["--architecture", "relu"], capsys)
     assert rc == 0, cap.err

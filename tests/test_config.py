@@ -79,6 +79,8 @@ def test_bare_booleans_null_and_empty_lists(tmp_path):
     y.write_text("limit: 9\nlrs: [1.0]\n")
     cfg = parse_config(Toy, ["--config", str(y), "--limit", "None", "--lrs"])
     assert cfg.limit is None and cfg.lrs == ()
+    assert parse_config(Toy, ["--config", str(y), "--limit", "null"]).limit is None  # YAML's spelling too
+    assert parse_config(Toy, ["--name", "null"]).name == "null"  # not an optional field: a string like any other
 
 
 def test_usage_errors_are_one_line_with_exit_2(tmp_path, capsys):

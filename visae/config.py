@@ -376,13 +376,42 @@ def _config_flag(argv: Sequence[str]) -> str | None:
     return value
 
 
+def _optional_flags(cls: type, fixed: Sequence[str] = ()) -> set[str]:
+    """Flags (unprefixed nested ones included) of the optional fields of ``cls``'s tree."""
+    out: set[str] = set()
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        sub = _nested_dataclass(tp)
+        if f.name in fixed:
+            continue
+        if sub is not None:
+            inner = _optional_flags(sub, f.metadata.get("fixed", ()))
+            out |= {f"{f.name}.{n}" for n in inner} if f.metadata.get("prefix") else inner
+        elif _unwrap_optional(tp)[1]:
+            out.add(f.name)
+    return out
+
+
+def _null_as_none(cls: type, argv: list[str]) -> list[str]:
+    """``--field null`` as ``--field None`` for an optional field: null is how YAML, JSON and the help say it."""
+    optional = _optional_flags(cls) | {"config"}
+    out, flag = [], ""
+    for a in argv:
+        if a.startswith("--"):
+            flag = a[2:].replace("-", "_")
+        elif a == "null" and flag in optional:
+            a = "None"
+        out.append(a)
+    return out
+
+
 def parse_args(cls: type[C], argv: Sequence[str] | None = None, default_yaml: str | Path | None = None,
                description: str = "", prog: str | None = None) -> tuple[C, Runtime]:
     """Parse flags into ``cls`` and the :class:`Runtime` options: defaults < ``default_yaml`` / ``--config`` < flags.
 
     The parser is tyro's (``use_underscores``: flags are spelled like the fields, ``--num_epochs``;
-    ``--num-epochs`` is read too). Booleans are bare flags with a ``--no_`` form, ``None`` sets an
-    optional field back to null, a list flag with no values empties the list, flags are never
+    ``--num-epochs`` is read too). Booleans are bare flags with a ``--no_`` form, ``None`` (or
+    ``null``) sets an optional field back to null, a list flag with no values empties the list, flags are never
     abbreviated, and ``--help`` lists every option with its default (required ones marked).
 
     Raises:
@@ -396,7 +425,7 @@ def parse_args(cls: type[C], argv: Sequence[str] | None = None, default_yaml: st
     """
     import tyro
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _null_as_none(cls, list(sys.argv[1:] if argv is None else argv))
     prog = prog or Path(sys.argv[0]).name
     try:
         given = _config_flag(argv)

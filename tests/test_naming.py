@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from visae.naming import (STOPWORDS, NameConfig, NamingError, check_embedding_space, load_vocabulary, match_names,
-                          name_concepts, main as name_main)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from visae.naming import (NEAR_DUPLICATE_COSINE, STOPWORDS, NameConfig, NamingError, check_embedding_space,
+                          embed_vocabulary, load_vocabulary, match_names, name_concepts, near_duplicates,
+                          main as name_main)
 from visae.sae import SAEConfig, build_sae
 from visae.shards import ShardWriter
 from visae.text import encode_texts
@@ -123,6 +128,12 @@ def test_refuses_non_embedding_space():
     with pytest.raises(NamingError, match="no shard source"):
         check_embedding_space(None, "x")
     check_embedding_space(None, "x", assume=True)
+    # a layer value that means "final" does not make patch or mean-of-patch rows the pooled embedding
+    for layer in ("final", "output", "FINAL"):
+        check_embedding_space({"model": "ViT-B-32", "layer": layer, "token": "cls"}, "x")
+        for token in ("patch", "mean"):
+            with pytest.raises(NamingError, match=f"token '{token}'"):
+                check_embedding_space({"model": "ViT-B-32", "layer": layer, "token": token}, "x")
 
 
 def _planted_sae(emb, vocab, tmp_path, source, n_random=8):
@@ -153,7 +164,7 @@ def test_name_concepts_cli_end_to_end(tiny, emb, vocab, tmp_path):
     sae_dir, _ = _planted_sae(emb, vocab, tmp_path, source)
     out = tmp_path / "concepts"
     rc = name_main(["--sae", str(sae_dir), "--vocab", str(vfile), "--vocab_size", "0", "--out", str(out),
-                    "--text_cache", str(tmp_path / "cache"), "--stopwords", "false", "--alpha_only", "false",
+                    "--text_cache", str(tmp_path / "cache"), "--no_stopwords", "--no_alpha_only",
                     "--min_score", "-1", "--batch_size", "16"])
     assert rc == 0
     doc = json.loads((out / "concepts.json").read_text())
@@ -230,3 +241,117 @@ def test_toy_world_recovered_factor_values_are_named_right(tmp_path):
     msg = f"recovered at AUROC >= 0.95: {recovered}; a latent at AUROC >= 0.95 named with the word: {named_right}"
     print(msg)
     assert len(named_right) >= 0.8 * len(vals), msg
+
+
+# ----------------------------------------------------------------------------- issue 10: offset, long text, duplicates
+
+
+def _clip_like_vocabulary(V=400, D=24, seed=0):
+    """Unit 'word embeddings' sharing a large common component (as CLIP text embeddings do) and directions:
+    half near a word, half random. float64, so that adding an offset to them is exact to 1e-16."""
+    g = torch.Generator().manual_seed(seed)
+    common = 2.0 * F.normalize(torch.randn(D, generator=g, dtype=torch.float64), dim=0)
+    E = F.normalize(common + torch.randn(V, D, generator=g, dtype=torch.float64), dim=-1)
+    near = E[torch.randperm(V, generator=g)[:40]] + 0.3 * torch.randn(40, D, generator=g, dtype=torch.float64)
+    directions = torch.cat([near, torch.randn(40, D, generator=g, dtype=torch.float64)])
+    return E, directions, [f"w{i}" for i in range(V)], common
+
+
+# Rounding: the ranking vectors are centred in float64 (the offset cancels to ~1e-16 |c|) and searched in
+# float32; a word score then moves by at most D * 2^-24 * |R_w| (float32 dot of D terms) if a float32
+# rounding of R flips, so only latents with a top-2 margin or a |z - min_z| gap below that can change.
+_FLOAT32_SCORE_BOUND = 24 * 2.0 ** -24 * 4
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2 ** 31 - 1), scale=st.floats(-50.0, 50.0), along_mean=st.floats(-3.0, 3.0),
+       unique=st.booleans(), subtract_mean=st.booleans(), min_z=st.sampled_from([0.0, 2.0, 3.0]))
+def test_offset_common_to_every_word_leaves_names_and_named_set_unchanged(seed, scale, along_mean, unique,
+                                                                          subtract_mean, min_z):
+    E, directions, words, common = _clip_like_vocabulary()
+    g = torch.Generator().manual_seed(seed)
+    c = scale * F.normalize(torch.randn(E.shape[1], generator=g, dtype=torch.float64), dim=0) + along_mean * common
+    kw = dict(unique=unique, subtract_mean=subtract_mean, min_z=min_z, top_k=3)
+    a = match_names(directions, E, words, **kw)
+    b = match_names(directions, E + c, words, **kw)
+    sure_name = a.margin > _FLOAT32_SCORE_BOUND
+    sure_decision = ~np.isfinite(a.z) | (np.abs(a.z - min_z) * 1e-3 > _FLOAT32_SCORE_BOUND)
+    if unique:  # a near tie anywhere can pass a word from one concept to another
+        sure_name = sure_name & (np.abs(a.margin) > _FLOAT32_SCORE_BOUND).all()
+    named_a = np.array([x is not None for x in a.names])
+    named_b = np.array([x is not None for x in b.names])
+    assert (named_a == named_b)[sure_decision].all(), f"named set changed: {np.flatnonzero(named_a != named_b)}"
+    diff = [j for j in np.flatnonzero(sure_name & named_a & named_b) if a.names[j] != b.names[j]]
+    assert not diff, f"names changed for latents {diff}: margins {a.margin[diff]}"
+    np.testing.assert_allclose(a.margin, b.margin, atol=_FLOAT32_SCORE_BOUND)
+    ok = np.isfinite(a.z) & np.isfinite(b.z)
+    np.testing.assert_allclose(a.z[ok], b.z[ok], rtol=1e-3)
+    assert named_a.sum() > 0 and (min_z == 0.0 and not unique) <= named_a.all()
+
+
+def test_cosine_threshold_depends_on_the_offset_the_default_does_not():
+    """Why min_score is no longer the default: with min_score 0 the named set follows d . mean(t)."""
+    E, directions, words, common = _clip_like_vocabulary()
+    for kw in ({"min_score": 0.0}, {}):
+        a = match_names(directions, E, words, unique=False, **kw)
+        b = match_names(directions, E - 1.5 * common, words, unique=False, **kw)
+        same = [x is None for x in a.names] == [x is None for x in b.names]
+        assert same == ("min_score" not in kw), (kw, sum(x is None for x in a.names), sum(x is None for x in b.names))
+        assert a.names == b.names or "min_score" in kw
+
+
+def test_min_z_leaves_concepts_whose_best_word_does_not_stand_out_unnamed(emb, vocab):
+    g = torch.Generator().manual_seed(3)
+    directions = torch.cat([emb[[vocab.index(w) for w in PLANTED]], torch.randn(30, emb.shape[1], generator=g)])
+    every = match_names(directions, emb, vocab, unique=False)
+    assert all(n is not None for n in every.names)  # default min_z 0: every live latent is named
+    thr = float(np.median(every.z))
+    res = match_names(directions, emb, vocab, unique=False, min_z=thr)
+    keep = every.z >= thr
+    assert 0 < keep.sum() < len(keep) and [n is not None for n in res.names] == keep.tolist()
+    assert [res.names[j] for j in np.flatnonzero(keep)] == [every.names[j] for j in np.flatnonzero(keep)]
+    assert {res.reason[j] for j in np.flatnonzero(~keep)} == {"below min_z"}
+    np.testing.assert_allclose(res.z[keep], every.z[keep], rtol=0, atol=0)
+
+
+def test_near_duplicates_threshold_is_exact():
+    D = 8
+    rows = torch.zeros(6, D, dtype=torch.float64)
+    rows[0, 0] = 1.0
+    for i, gap in ((1, 5e-7), (2, 2e-6), (3, 0.0)):  # 1 - cosine with row 0
+        cos = 1.0 - gap
+        rows[i, 0], rows[i, 1] = cos, math.sqrt(1.0 - cos * cos)
+    rows[4, 2] = 1.0
+    rows[5, 2], rows[5, 3] = 1.0, 1e-4  # cosine 1 - 5e-9 with row 4
+    groups = near_duplicates(rows.float())
+    assert groups == {0: [1, 3], 4: [5]}, groups
+    assert near_duplicates(torch.eye(4)) == {}
+
+
+def test_vocabulary_entries_the_tower_cannot_represent(tiny, caplog):
+    """visae-tiny-test has a text context of 16 tokens: entries that need more are dropped with a warning
+    listing them (cut, two of them would embed identically); entries with one embedding are merged."""
+    from visae.text import context_length
+
+    assert context_length(tiny.tokenizer) == 16
+    head = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"  # 14 + 2 tokens
+    long_a, long_b = head + " cats", head + " dogs"
+    cut = encode_texts(tiny, [long_a, long_b, head])
+    assert torch.equal(cut[0], cut[1]) and torch.equal(cut[0], cut[2])  # what the cut does to them
+    words = ["cat", long_a, "dog", "Cat", long_b, head, "DOG", "tiger"]
+    with caplog.at_level("WARNING", logger="visae.naming"):
+        v = embed_vocabulary(tiny, words)
+    assert v.too_long == [long_a, long_b]
+    assert v.merged == {"cat": ["Cat"], "dog": ["DOG"]}  # the tokenizer lowercases: identical tokens
+    assert v.words == ["cat", "dog", head, "tiger"] and v.emb.shape == (4, tiny.embed_dim)
+    torch.testing.assert_close(v.emb, encode_texts(tiny, v.words), atol=0, rtol=0)
+    log = caplog.text
+    assert long_a in log and long_b in log and "Cat" in log and "DOG" in log
+    # with a template the 14-word entry needs 4 more positions and no longer fits
+    v2 = embed_vocabulary(tiny, ["cat", head], ["a photo of a {}."])
+    assert v2.too_long == [head] and v2.words == ["cat"]
+    with pytest.raises(NamingError, match="no vocabulary entry fits"):
+        embed_vocabulary(tiny, [long_a])
+    # no two names share an embedding: every pair of kept words is below the merge threshold
+    cos = v.emb.double() @ v.emb.double().T
+    assert (cos - 2 * torch.eye(len(v.words), dtype=torch.float64)).max() <= NEAR_DUPLICATE_COSINE

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from visae.config import ConfigError
 from visae.errors import VisaeError
 from visae.resources import config_yaml
+from visae.sae.base import SAEConfig
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "DEFAULT_YAML", "CHECKPOINT_DIR", "CHECKPOINT_FILE",
            "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "READABLE_CHECKPOINT_VERSIONS", "SUMMARY_FILE"]
@@ -36,9 +37,14 @@ class TrainError(VisaeError, ValueError):
     """Training cannot start or continue: bad config, data that does not fit, a broken checkpoint."""
 
 
+def _sae_help(name: str) -> str:
+    """The help text of SAEConfig's field ``name``: a flag passed on to the SAE says what the SAE package says."""
+    return next(f.metadata["help"] for f in dataclasses.fields(SAEConfig) if f.name == name)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Train a sparse autoencoder on a shard set of activations (ReLU + L1 by default, Discover-then-Name recipe)."""
+    """Train a sparse autoencoder on a shard set of activations (by default the Discover-then-Name recipe: L1 penalty)."""
 
     # -- data and output
     shards: str = field(default="", metadata={"help": "shard-set directory (manifest.json + shards) to train on; "
@@ -56,13 +62,11 @@ class TrainConfig:
                                           "full (also scan every row for NaN/Inf/zero), none"})
     # -- model
     architecture: str = field(
-        default="relu", metadata={"help": "SAE architecture: a name registered in visae.sae.ARCHITECTURES "
-                                          "(built in: relu, topk, batchtopk, jumprelu, matryoshka; "
-                                          "visae.sae.register_architecture adds more)"})
+        default=SAEConfig.architecture, metadata={"help": _sae_help("architecture") + "; any name registered in "
+                                                          "visae.sae.ARCHITECTURES (register_architecture adds more)"})
     expansion_factor: int = field(default=8, metadata={"help": "d_sae = expansion_factor * d_in"})
-    k: int = field(default=32, metadata={"help": "topk / batchtopk / matryoshka: active latents per example"})
-    matryoshka_levels: int = field(default=5, metadata={"help": "matryoshka: nested prefixes of sizes d_sae / "
-                                                                "2^(L-1), ..., d_sae / 2, d_sae"})
+    k: int = field(default=32, metadata={"help": _sae_help("k")})
+    matryoshka_levels: int = field(default=5, metadata={"help": _sae_help("matryoshka_levels")})
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = field(
         default="geometric_median", metadata={"help": "decoder bias initialisation from a data sample"})
     init_examples: int = field(default=16384, metadata={"help": "examples sampled for the b_dec initialisation"})
@@ -75,8 +79,9 @@ class TrainConfig:
     num_epochs: int = field(default=200, metadata={"help": "passes over the training split"})
     batch_size: int = field(default=4096, metadata={"help": "examples per step"})
     lr: float = field(default=5e-4, metadata={"help": "Adam learning rate (after warm-up)"})
-    l1_coeff: float = field(default=3e-5, metadata={"help": "sparsity coefficient lambda (relu: L1 on "
-                                                            "decoder-norm-weighted codes; jumprelu: L0)"})
+    l1_coeff: float = field(default=3e-5, metadata={"help": "sparsity coefficient lambda: the weight of the "
+                                                            "architecture's sparsity metric (L1 of decoder-norm-"
+                                                            "weighted codes, or L0; none for k-sparse ones)"})
     l1_convention: Literal["unit", "raw"] = field(
         default="unit", metadata={"help": "what --l1_coeff means: unit = lambda of the loss on the SAE's own inputs "
                                           "(unit-norm rows), used as given; raw = lambda of the loss on raw "
@@ -100,7 +105,7 @@ class TrainConfig:
     resample_encoder_scale: float = field(default=0.2, metadata={"help": "resampled encoder column = input * this * "
                                                                          "mean norm of the alive encoder columns"})
     dead_window_steps: int = field(default=1000, metadata={"help": "a latent not fired for this many steps counts "
-                                                                   "as dead (dead_fraction, topk aux-k loss)"})
+                                                                   "as dead (dead_fraction, the aux-k loss)"})
     dense_threshold: float = field(default=0.1, metadata={"help": "a latent firing on more than this fraction of "
                                                                   "inputs counts as dense"})
     # -- runtime

@@ -8,7 +8,12 @@
     x_hat, f = sae(raw_activations)                   # no manual normalisation needed
 
 Adding an architecture = one file with a subclass of :class:`SAE` decorated by
-``@register_architecture`` (or an entry in ``ARCHITECTURES``).
+``@register_architecture`` (or an entry in ``ARCHITECTURES``). It implements ``_activate`` and
+``_train_codes`` and declares what the trainer needs (``visae.train`` names no architecture):
+``sparsity_metric`` (+ ``sparsity_metric_value`` for its own metric), ``sparsity_degree``,
+``uses_aux``, ``latent_axes`` for its extra parameters and ``reset_latents_`` for what
+resampling must reset (docs/training.md, "Architectures own their knowledge";
+tests/test_train_architectures.py declares one in the test file).
 """
 
 from __future__ import annotations

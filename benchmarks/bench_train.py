@@ -4,10 +4,11 @@
     python benchmarks/bench_train.py --quick           # small shapes, a smoke run
     python benchmarks/bench_train.py --sections relu,loader
 
-Everything is measured in one process, side by side, repeated ``--repeats`` rounds (every
-section once per round, the GEMM peak measured at the start and the end of each round); the
-table shows medians, and ratios are medians of per-round ratios (this is a noisy shared machine).
-The machine record and the JSON output are ``benchlib``'s.
+Everything is measured in one process, side by side, in ``--repeats`` rounds
+(``benchlib.alternate``: every measurement once per round, the order reversed every other
+round); the table shows medians, and ratios (to the same round's GEMM peak, between two
+measurements) are medians of per-round ratios (this is a noisy shared machine). The machine
+record and the JSON output are ``benchlib``'s.
 
 * GEMM peak: the six matrix products of a standard step (x W_enc, f W_dec and the four of the
   backward pass; 12 B d_in d_sae FLOPs) with ``torch.mm`` into preallocated outputs.
@@ -310,32 +311,48 @@ def main(argv: list[str] | None = None) -> int:
             add(name + "/peak @cpu", cpu / peak[1])
         return wall, cpu
 
-    for rep in range(a.repeats):
-        print(f"--- repeat {rep + 1}/{a.repeats}", flush=True)
-        peak = gemm_peak(B, d, n)
-        record("gemm_peak", peak)
+    # every measurement once per round, the order reversed every other round (benchlib.alternate)
+    cases = {"gemm_peak": lambda: gemm_peak(B, d, n)}
+    if "relu" in sections:
+        cases["relu_fp32"] = lambda: run("relu_fp32", arch="relu")
+        cases["overcomplete_relu"] = lambda: overcomplete_rate(batches, "relu", d, n, k)
+    if "bf16" in sections:
+        cases["relu_bf16"] = lambda: run("relu_bf16", arch="relu", bf16=True)
+    if "sparse" in sections:
+        cases["topk_sparse"] = lambda: run("topk_sparse", arch="topk")
+        cases["topk_dense_reference"] = lambda: run("topk_dense", arch="topk", impl="reference")
+        cases["overcomplete_topk"] = lambda: overcomplete_rate(batches, "topk", d, n, k)
+        cases["relu_lowl0_auto"] = lambda: run("relu_lowl0_sparse", arch="relu", init_from=lowl0, lr=1e-5)
+        cases["relu_lowl0_fused"] = lambda: run("relu_lowl0_fused", arch="relu", init_from=lowl0, lr=1e-5,
+                                                impl="fused")
+    if "loader" in sections:
+        cases["loader"] = lambda: loader_rate(shards, B, 262144)
+    got = benchlib.alternate(cases, a.repeats)
+
+    for rep in range(a.repeats):  # rows and ratios, each ratio within one round
+        print(f"--- round {rep + 1}/{a.repeats}", flush=True)
+        peak = record("gemm_peak", got["gemm_peak"][rep])
         if "relu" in sections:
-            w, c = record("relu_fp32", run("relu_fp32", arch="relu"), peak)
-            ow, oc = record("overcomplete_relu", overcomplete_rate(batches, "relu", d, n, k), peak)
+            w, c = record("relu_fp32", got["relu_fp32"][rep], peak)
+            ow, oc = record("overcomplete_relu", got["overcomplete_relu"][rep], peak)
             print(f"gemm peak {peak[0]:,.0f} act/s ({peak[1]:,.0f} per CPU-s) | ours relu fp32 {w:,.0f} ({w / peak[0]:.2f} "
                   f"of peak; CPU-time {c / peak[1]:.2f}) | overcomplete relu {ow:,.0f} ({ow / peak[0]:.2f}; CPU-time "
                   f"{oc / peak[1]:.2f})", flush=True)
         if "bf16" in sections:
-            w16, c16 = record("relu_bf16", run("relu_bf16", arch="relu", bf16=True), peak)
+            w16, c16 = record("relu_bf16", got["relu_bf16"][rep], peak)
             if "relu" in sections:
                 add("bf16/fp32", w16 / rows["relu_fp32"][-1])
                 add("bf16/fp32 @cpu", c16 / rows["relu_fp32 @cpu"][-1])
             print(f"ours relu bf16 {w16:,.0f} act/s ({c16:,.0f} per CPU-s)", flush=True)
         if "sparse" in sections:
-            tw, tc = record("topk_sparse", run("topk_sparse", arch="topk"), peak)
-            dw, dc = record("topk_dense_reference", run("topk_dense", arch="topk", impl="reference"), peak)
-            ow, oc = record("overcomplete_topk", overcomplete_rate(batches, "topk", d, n, k), peak)
+            tw, tc = record("topk_sparse", got["topk_sparse"][rep], peak)
+            dw, dc = record("topk_dense_reference", got["topk_dense_reference"][rep], peak)
+            ow, oc = record("overcomplete_topk", got["overcomplete_topk"][rep], peak)
             add("topk/overcomplete", tw / ow)
             add("topk/overcomplete @cpu", tc / oc)
-            rl = run("relu_lowl0_sparse", arch="relu", init_from=lowl0, lr=1e-5)
+            rl = got["relu_lowl0_auto"][rep]
             lw, lc = record("relu_lowl0_auto", rl, peak)
-            fw, fc = record("relu_lowl0_fused", run("relu_lowl0_fused", arch="relu", init_from=lowl0, lr=1e-5,
-                                                    impl="fused"), peak)
+            fw, fc = record("relu_lowl0_fused", got["relu_lowl0_fused"][rep], peak)
             add("relu_lowl0_l0", rl["last"]["l0"])
             add("lowl0 auto/fused", lw / fw)
             add("lowl0 auto/fused @cpu", lc / fc)
@@ -343,13 +360,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{tw / ow:.2f}x (CPU-time {tc / oc:.2f}x) | relu L0~{rl['last']['l0']:.0f}: auto (sparse) {lw:,.0f} vs "
                   f"fused {fw:,.0f}", flush=True)
         if "loader" in sections:
-            lw_, lc_ = record("loader", loader_rate(shards, B, 262144))
+            lw_, lc_ = record("loader", got["loader"][rep])
             for ref in ("relu_fp32", "topk_sparse"):
                 if ref in rows:
                     add(f"loader/{ref}", lw_ / rows[ref][-1])
                     add(f"loader/{ref} @cpu", lc_ / rows[ref + " @cpu"][-1])
             print(f"loader {lw_:,.0f} act/s ({lc_:,.0f} per CPU-s)", flush=True)
-        record("gemm_peak_after", gemm_peak(B, d, n))
 
     if "bf16" in sections:  # final MSE after the same steps, fp32 vs bf16 autocast
         from visae.sae import load_sae

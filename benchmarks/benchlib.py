@@ -48,9 +48,18 @@ def alternate(cases: Mapping[str, Callable[[], Any]], repeats: int, *, verbose: 
             value = time.perf_counter() - t0 if got is None else got
             out[name].append(value)
             if verbose:
-                shown = f"{value:.4g} s" if got is None else (f"{value:.4g}" if isinstance(value, float) else value)
-                print(f"  round {r + 1}/{repeats} {name}: {shown}", file=sys.stderr, flush=True)
+                print(f"  round {r + 1}/{repeats} {name}: {_short(value, got is None)}", file=sys.stderr, flush=True)
     return out
+
+
+def _short(value: Any, seconds: bool) -> str:
+    if seconds:
+        return f"{value:.4g} s"
+    if isinstance(value, (int, float)):
+        return f"{value:.4g}"
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float)) for v in value):
+        return ", ".join(f"{v:.4g}" for v in value)
+    return "done"
 
 
 def median(values: Sequence[float | None]) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tolerances import assert_close_derived
+from tolerances import assert_close_derived, sae_step_bounds
 from visae.sae import SAEConfig, build_sae
 
 
@@ -33,81 +33,6 @@ def _run(sae, x, coeff, impl, dead=None):
     return out, grads
 
 
-def _derived(sae, x, coeff, dead=None):
-    """(n_terms, scale) of every compared output and gradient: what bounds the two paths' rounding difference.
-
-    Each scale bounds the sum of |terms| of that value: P = |x - b_dec| |W_enc| + |b_enc| bounds each
-    pre-activation; only the codes the float64 reference keeps (M: its active mask; STE rows of JumpReLU
-    and the aux-k latents included) enter X = (M P) |W_dec| + |b_dec|, which bounds a reconstruction, and
-    E = X + |x| a residual. Gradients are the same products with the upstream scale (G = 2 E / (B d) for
-    d mse / d x_hat). The aux-k term (num sst_x / (B d sst_r)) adds the relative errors of its three sums.
-    n_terms: the longest chain of sums a value went through (forward, then backward: B for a weight
-    gradient, d or the active count for a code gradient), compared with the probabilistic bound.
-    """
-    S, n, d = sae.n_models, sae.d_sae, sae.d_in
-    f64 = {k: getattr(sae, k).detach().double().abs() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    xv = x.double() if x.ndim == 3 else x.double().expand(S, *x.shape)
-    B = xv.shape[1]
-    ref = sae.copy().double()
-    with torch.no_grad():
-        pre = ref.preacts(x.double())
-        f, _ = ref._train_codes(pre, coeff.double())
-        r = xv - ref._decode_sae(f)
-    M = (f != 0).double()
-    if hasattr(sae, "log_threshold"):  # the L0 / threshold STE touches rows within the bandwidth of theta
-        M = torch.maximum(M, (pre > sae.log_threshold.detach().double().exp()[:, None, :]
-                              - sae.cfg.jumprelu_bandwidth / 2).double())
-    if dead is not None and dead.any():
-        k_aux = min(sae.cfg.aux_k, n)
-        top = pre.masked_fill(~dead[:, None, :], float("-inf")).topk(k_aux, dim=-1).indices
-        M_aux = torch.zeros_like(M).scatter(-1, top, 1.0) * dead[:, None, :].double()
-    else:
-        M_aux = torch.zeros_like(M)
-    xs = xv.abs()
-    xc = xs + f64["b_dec"][:, None, :]
-    P = xc @ f64["W_enc"] + f64["b_enc"][:, None, :]  # [S, B, n]
-    X = (M * P) @ f64["W_dec"] + f64["b_dec"][:, None, :]  # [S, B, d]
-    E = X + xs
-    k_max = int(torch.maximum(M, M_aux).sum(-1).max())
-    dec_norm = f64["W_dec"].norm(dim=-1)  # [S, n]
-    c = coeff.double().abs()[:, None, None]
-    n_fwd = (d + 2) + (k_max + 2) + d + B  # pre, x_hat and err, ||err||^2, the batch sum
-    n_grad = n_fwd + max(B, d, k_max) + d  # then g_f (d terms), then a weight gradient (B terms)
-    sq = 2 * E.square().sum(-1)  # [S, B]: d ||err||^2
-    mse = sq.sum(-1) / (B * d)
-    sst = (xv - xv.mean(-2, keepdim=True)).square().sum(dim=(-2, -1))  # [S]
-    G = 2 * E / (B * d)  # d mse / d x_hat
-    sparse_grad = M * c / B * (dec_norm[:, None, :] + 1.0 / sae.cfg.jumprelu_bandwidth)  # L1 (ReLU) / L0 STE
-    l1 = (M * P * dec_norm[:, None, :]).sum(dim=(1, 2)) / B
-    aux = torch.zeros(S, dtype=torch.float64)
-    G_aux = torch.zeros_like(G)
-    P_aux = M_aux * P
-    if sae.uses_aux:
-        # aux = sum (e_hat - r)^2 sst_x / (B d sst_r) (Var(x) / Var(r) per element, base.aux_k_term)
-        sst_r = (r - r.mean(1, keepdim=True)).square().sum(dim=(1, 2)).clamp_min(1e-30)  # [S]
-        w = (sst / sst_r / (B * d))[:, None, None]
-        X_aux = P_aux @ f64["W_dec"] + f64["b_dec"][:, None, :]
-        num = 2 * (X_aux + E).square()  # d |e_hat - r|^2, term by term
-        rel = 4 * xs.square().sum(dim=(1, 2)) / sst + 4 * E.square().sum(dim=(1, 2)) / sst_r  # of sst_x, sst_r
-        aux = (num * w).sum(dim=(1, 2)) * (1 + rel)
-        G_aux = sae.cfg.aux_coeff * 2 * (X_aux + E) * w
-    G_pre = (M * (G @ f64["W_dec"].transpose(1, 2)) + M_aux * (G_aux @ f64["W_dec"].transpose(1, 2))
-             + sparse_grad)  # [S, B, n]
-    out = {
-        "sq_err": (n_fwd, sq), "mse": (n_fwd, mse), "l1": (n_fwd, l1), "l0": (2, torch.full((S,), float(n))),
-        "explained_variance": (n_fwd, sq.sum(-1) / sst.clamp_min(1e-30)), "aux": (n_fwd, aux),
-        "loss": (n_fwd, (mse + c.flatten() * (l1 + n) + sae.cfg.aux_coeff * aux).sum()),
-        "W_enc": (n_grad, xc.transpose(1, 2) @ G_pre), "b_enc": (n_grad, G_pre.sum(1)),
-        "W_dec": (n_grad, (M * P).transpose(1, 2) @ G + P_aux.transpose(1, 2) @ G_aux
-                  + c / B * (M * P).sum(1)[..., None]),
-        "b_dec": (n_grad, (G + G_aux).sum(1) + (f64["W_enc"] @ G_pre.sum(1)[..., None])[..., 0]),
-    }
-    if hasattr(sae, "log_threshold"):  # d/d log theta = theta d/d theta: the STE terms of every row
-        theta = sae.log_threshold.detach().double().exp()
-        out["log_threshold"] = (n_grad, theta * ((theta / sae.cfg.jumprelu_bandwidth)[:, None, :] * G_pre).sum(1))
-    return out
-
-
 CASES = [("relu", "fused"), ("relu", "sparse"), ("topk", "sparse"), ("batchtopk", "sparse"), ("jumprelu", "sparse")]
 
 
@@ -129,7 +54,7 @@ def test_fast_path_equals_reference(arch, impl, S, stacked_x):
     ref_sae = sae.copy()
     ref, g_ref = _run(ref_sae, x, coeff, "reference", dead)
     out, g_out = _run(sae, x, coeff, impl, dead)
-    bounds = _derived(sae, x, coeff, dead)
+    bounds = sae_step_bounds(sae, x, coeff, dead)
     for name in ("loss", "mse", "l1", "l0", "explained_variance", "aux", "sq_err"):
         n_terms, scale = bounds[name]
         assert_close_derived(getattr(out, name), getattr(ref, name), n_terms=n_terms, scale=scale,
@@ -200,7 +125,7 @@ def test_fused_repeated_steps_match_reference():
             for n in PARAMS:
                 getattr(a, n).copy_(getattr(b, n))
         _, g_a = _run(a, x, coeff, "fused")
-        bounds = _derived(b, x, coeff)
+        bounds = sae_step_bounds(b, x, coeff)
         _, g_b = _run(b, x, coeff, "reference")
         for n in PARAMS:
             assert_close_derived(g_a[n], g_b[n], n_terms=bounds[n][0], scale=bounds[n][1], dtype=torch.float32,

@@ -22,7 +22,7 @@ from visae.select import SelectConfig, SelectError, select  # noqa: E402
 from visae.shards import ShardWriter  # noqa: E402
 from visae.sweep import (SweepConfig, SweepError, SweepSelection, assign_groups, plan_groups, plan_trials,  # noqa: E402
                          sweep, train_trial_alone)
-from visae.zeroshot import build_classifier  # noqa: E402
+from visae.zeroshot import ClassifierConfig, build_classifier  # noqa: E402
 
 CLASSES = ["cat", "dog", "car", "tree", "house"]
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -91,14 +91,16 @@ def _cfg(shards, out, **kw):
     base.update(kw)
     own = {f.name for f in dataclasses.fields(SweepConfig)}
     sel = {f.name for f in dataclasses.fields(SweepSelection)}
-    train = dataclasses.replace(SweepConfig().train, **{k: v for k, v in base.items() if k not in own | sel})
-    return SweepConfig(train=train, selection=SweepSelection(**{k: v for k, v in base.items() if k in sel}),
-                       **{k: v for k, v in base.items() if k in own})
+    clf = {f.name for f in dataclasses.fields(ClassifierConfig)}
+    train = dataclasses.replace(SweepConfig().train, **{k: v for k, v in base.items() if k not in own | sel | clf})
+    selection = SweepSelection(classifier=ClassifierConfig(**{k: v for k, v in base.items() if k in clf}),
+                               **{k: v for k, v in base.items() if k in sel})
+    return SweepConfig(train=train, selection=selection, **{k: v for k, v in base.items() if k in own})
 
 
 def _setting(cfg, k):
     """A flat setting of ``cfg`` (the sweep's own, its trainer's or its selection's)."""
-    for c in (cfg, cfg.train, cfg.selection):
+    for c in (cfg, cfg.train, cfg.selection, cfg.selection.classifier):
         if hasattr(c, k):
             return getattr(c, k)
     raise AttributeError(k)
@@ -201,7 +203,8 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(planted, tmp_path):
     for k in ("lrs", "l1_coeffs", "expansion_factors"):
         args += [f"--{k}", *map(str, getattr(cfg, k))]
     for k in ("num_epochs", "batch_size", "val_fraction", "seed", "resample_every", "lr_warmup_steps",
-              "l1_warmup_steps", "checkpoint_every_steps", "device", "progress", "plot", "metric"):
+              "l1_warmup_steps", "checkpoint_every_steps", "device", "progress", "plot", "metric",
+              "l1_convention"):  # (configs/sweep_dncbm.yaml, under the flags, sets l1_convention: raw)
         v = _setting(cfg, k)
         args += [f"--{k}" if v else f"--no_{k}"] if isinstance(v, bool) else [f"--{k}", str(v)]
     # groups run costliest first: exp4, then exp2; kill exp2 a third of the way (step 12 of 36)

@@ -295,12 +295,12 @@ def toy_shards(tmp_path_factory):
 @pytest.mark.parametrize("factor,required", [("colour", 0.9), ("shape", 0.9)])
 def test_toy_clip_zero_shot_accuracy_and_identity(toy_shards, factor, required, tmp_path):
     """Issue 4's bar (>= 0.9 top-1 for colour and shape) measured through this module; identity SAE = clean."""
-    from visae.zeroshot import zeroshot, ZeroShotConfig
+    from visae.zeroshot import ClassifierConfig, ZeroShotConfig, zeroshot
 
     d, bb = toy_shards
     _identity_sae(bb.embed_dim).save(tmp_path / "id")
-    res = zeroshot(ZeroShotConfig(shards=str(d / "s"), benchmark=f"toy:{factor}", sae=str(tmp_path / "id"),
-                                  text_cache=str(d / "text"), progress=False))
+    res = zeroshot(ZeroShotConfig(shards=str(d / "s"), sae=str(tmp_path / "id"), progress=False,
+                                  classifier=ClassifierConfig(benchmark=f"toy:{factor}", text_cache=str(d / "text"))))
     assert res["label_column"] == factor and res["model"] == "visae-toyclip"
     assert res["clean"]["top1"] >= required, res["clean"]
     assert res["recon"]["top1"] == res["clean"]["top1"]
@@ -321,7 +321,7 @@ def test_imagenet_layout_folder_through_the_extractor(imagenet_sample, tiny, tmp
 
     from visae.extract import ExtractConfig, extract
     from visae.images import imagenet_wnids
-    from visae.zeroshot import ZeroShotConfig, _auto_benchmark, benchmark_classes, zeroshot
+    from visae.zeroshot import ClassifierConfig, ZeroShotConfig, _auto_benchmark, benchmark_classes, zeroshot
 
     ss = extract(ExtractConfig(images=str(imagenet_sample), model=tiny.name, random_init=True, out=str(tmp_path / "s"),
                                limit=24, num_workers=0, batch_size=12, progress=False))
@@ -334,8 +334,8 @@ def test_imagenet_layout_folder_through_the_extractor(imagenet_sample, tiny, tmp
         assert wnids[lab] == os.path.basename(i).split("_")[0]  # n01440764_tench.JPEG -> class 0, "tench"
     # all 1000 ImageNet classes, one template (80 templates through even a tiny text tower is slow on a CPU)
     (tmp_path / "classes.txt").write_text("\n".join(names))
-    res = zeroshot(ZeroShotConfig(shards=str(tmp_path / "s"), benchmark="files",
-                                  classnames_file=str(tmp_path / "classes.txt"), text_cache=str(tmp_path / "text"),
-                                  progress=False))
+    res = zeroshot(ZeroShotConfig(shards=str(tmp_path / "s"), progress=False,
+                                  classifier=ClassifierConfig(benchmark="files", text_cache=str(tmp_path / "text"),
+                                                              classnames_file=str(tmp_path / "classes.txt"))))
     assert res["n"] == 24 and res["num_classes"] == 1000 and res["label_column"] == "label"
     assert res["model"] == tiny.name and res["random_init"] is True

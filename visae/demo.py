@@ -191,13 +191,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         from visae.sweep import SweepConfig, sweep
 
         from visae.sweep import SweepSelection
+        from visae.zeroshot import ClassifierConfig
 
         trainer = dataclasses.replace(SweepConfig().train, shards=str(shards_dir), architecture=run.architecture,
                                       num_epochs=run.num_epochs, batch_size=run.batch_size, seed=run.seed,
                                       device="cpu", progress=run.progress, plot=not run.quick)
         sweep(SweepConfig(out=str(sweep_dir), lrs=run.lrs, l1_coeffs=run.l1_coeffs,
                           expansion_factors=run.expansion_factors, train=trainer,
-                          selection=SweepSelection(benchmark="toy", text_cache=text_cache)))
+                          selection=SweepSelection(classifier=ClassifierConfig(benchmark="toy", text_cache=text_cache))))
         sel = swd.read_selection() or {}
         if not (best / "cfg.json").is_file():
             raise RuntimeError(f"the sweep in {sweep_dir} selected no SAE (see its leaderboard)")

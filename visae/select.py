@@ -87,6 +87,7 @@ def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = 
 
     tcfg = doc["train_config"]
     cfg = doc["config"].get("selection", doc["config"])  # sweep.json v1 had the selection fields at the top
+    clf = cfg.get("classifier", cfg)  # ... and the classifier's fields among them
     val = val_shards if val_shards is not None else cfg.get("val_shards", "")
     try:
         if val:
@@ -107,9 +108,9 @@ def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = 
     classifier, column, facts = None, "label", {}
     try:
         classifier, column, facts = classifier_for_shards(
-            ss, model=cfg.get("model", ""), pretrained=cfg.get("pretrained"), benchmark=cfg.get("benchmark", "auto"),
-            label_column=cfg.get("label_column", ""), classnames_file=cfg.get("classnames_file"),
-            templates_file=cfg.get("templates_file"), text_cache=cfg.get("text_cache"), device=device)
+            ss, model=clf.get("model", ""), pretrained=clf.get("pretrained"), benchmark=clf.get("benchmark", "auto"),
+            label_column=clf.get("label_column", ""), classnames_file=clf.get("classnames_file"),
+            templates_file=clf.get("templates_file"), text_cache=clf.get("text_cache"), device=device)
     except Exception as e:  # noqa: BLE001 - no classifier is fine for the explained-variance metric
         if metric.startswith("zeroshot"):
             raise SelectError(f"cannot zero-shot score on {ss.path}: {e}\n(select with --metric explained_variance "

@@ -51,6 +51,7 @@ from visae.config import ConfigError, config_to_dict, parse_config
 from visae.resources import config_yaml
 from visae.shards import ShardError, ShardSet
 from visae.train import TrainConfig
+from visae.zeroshot import ClassifierConfig
 from visae.sweepdir import FORMAT_NAME, FORMAT_VERSION, SweepDir, SweepError
 
 DEFAULT_YAML = config_yaml("sweep_dncbm.yaml")
@@ -78,14 +79,6 @@ class SweepSelection:
 
     val_shards: str = field(default="", metadata={"help": "labelled shard set to select on (e.g. ImageNet val "
                                                           "embeddings); empty: the held-out split of --shards"})
-    model: str = field(default="", metadata={"help": "zero-shot backbone (empty: the shard set's source model)"})
-    pretrained: Optional[str] = field(default=None, metadata={"help": "its pretrained tag (None: the source's)"})
-    benchmark: str = field(default="auto", metadata={"help": "zero-shot classes: auto, imagenet, toy, toy:<factor>, "
-                                                             "files"})
-    classnames_file: Optional[str] = field(default=None, metadata={"help": "benchmark files: class names, one a line"})
-    templates_file: Optional[str] = field(default=None, metadata={"help": "benchmark files: templates with '{}'"})
-    label_column: str = field(default="", metadata={"help": "label column of the selection set (empty: the "
-                                                            "benchmark's)"})
     metric: Literal["zeroshot_top1", "zeroshot_top5", "explained_variance"] = field(
         default="zeroshot_top1", metadata={"help": "selection score: zero-shot top-1 / top-5 accuracy of the "
                                                    "reconstructions, or explained variance (no text tower needed)"})
@@ -93,8 +86,8 @@ class SweepSelection:
                                                                     "most this"})
     max_dead: Optional[float] = field(default=None, metadata={"help": "constraint: dead-latent fraction at most this"})
     eval_batch_size: int = field(default=4096, metadata={"help": "rows per batch when scoring"})
-    text_cache: Optional[str] = field(default=None, metadata={"help": "text-embedding cache (None: "
-                                                                      "$VISAE_TEXT_CACHE or ~/.cache/visae/text)"})
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig, metadata={
+        "help": "the zero-shot classifier of the zeroshot metrics (text tower, benchmark; `visae zeroshot --help`)"})
 
     def __post_init__(self) -> None:
         if self.eval_batch_size <= 0:
@@ -458,7 +451,7 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
             except ShardError as e:
                 raise SweepError(f"--val_shards {sel.val_shards}: {e}") from None
         for flag in ("classnames_file", "templates_file"):
-            path = getattr(sel, flag)
+            path = getattr(sel.classifier, flag)
             if path is not None and not Path(path).is_file():
                 raise SweepError(f"--{flag} {path}: no such file")
         if sel.metric != "explained_variance":
@@ -466,10 +459,10 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
             from visae.zeroshot import benchmark_classes
 
             try:
-                if sel.model:
-                    _check_model_name(*parse_backbone_name(sel.model, sel.pretrained))
-                if sel.benchmark != "auto":
-                    benchmark_classes(sel.benchmark, sel.classnames_file, sel.templates_file)
+                if sel.classifier.model:
+                    _check_model_name(*parse_backbone_name(sel.classifier.model, sel.classifier.pretrained))
+                if sel.classifier.benchmark != "auto":
+                    benchmark_classes(sel.classifier.benchmark, sel.classifier.classnames_file, sel.classifier.templates_file)
             except (ValueError, OSError) as e:
                 raise SweepError(f"selection: {e}") from None
     return shards, tcfg

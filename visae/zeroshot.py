@@ -48,6 +48,7 @@ from visae.shards import ShardError, ShardSet, ShardView
 DEFAULT_YAML = config_yaml("zeroshot.yaml")
 
 __all__ = [
+    "ClassifierConfig",
     "ZeroShotConfig",
     "ZeroShotClassifier",
     "ZeroShotError",
@@ -75,16 +76,15 @@ class ZeroShotError(VisaeError, ValueError):
 
 
 @dataclass(frozen=True)
-class ZeroShotConfig:
-    """Zero-shot accuracy of a labelled shard set's image embeddings and of their SAE reconstructions."""
+class ClassifierConfig:
+    """The zero-shot classifier: a backbone's text tower over a benchmark's class names and prompt templates.
 
-    shards: str = field(default="", metadata={"help": "labelled shard set of the model's final image embedding",
-                                              "required": True})
+    Shared by ``visae zeroshot`` (``ZeroShotConfig.classifier``) and the sweep's selection
+    (``SweepSelection.classifier``).
+    """
+
     model: str = field(default="", metadata={"help": "backbone name (visae.backbones); empty: the shard set's source model"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "pretrained tag or checkpoint path; null: the shard set's source"})
-    random_init: bool = field(default=False, metadata={"help": "random-initialised backbone (tests only; accuracy is "
-                                                               "chance); implied when the shard source says so"})
-    sae: Optional[str] = field(default=None, metadata={"help": "SAE dir whose reconstructions are scored too"})
     benchmark: str = field(
         default="auto",
         metadata={"help": "class names + templates: imagenet (open_clip's, OpenAI templates), toy (= toy:colour_shape) "
@@ -95,12 +95,25 @@ class ZeroShotConfig:
     label_column: str = field(default="", metadata={"help": "metadata column holding the class index (-1 = unknown, "
                                                             "skipped); empty: the benchmark's column if the shards "
                                                             "have it, else 'label'"})
-    batch_size: int = field(default=8192, metadata={"help": "rows per batch"})
     text_cache: Optional[str] = field(default=None, metadata={"help": "text-embedding cache dir; null: $VISAE_TEXT_CACHE "
                                                                       "or ~/.cache/visae/text"})
+
+
+@dataclass(frozen=True)
+class ZeroShotConfig:
+    """Zero-shot accuracy of a labelled shard set's image embeddings and of their SAE reconstructions."""
+
+    shards: str = field(default="", metadata={"help": "labelled shard set of the model's final image embedding",
+                                              "required": True})
+    random_init: bool = field(default=False, metadata={"help": "random-initialised backbone (tests only; accuracy is "
+                                                               "chance); implied when the shard source says so"})
+    sae: Optional[str] = field(default=None, metadata={"help": "SAE dir whose reconstructions are scored too"})
+    batch_size: int = field(default=8192, metadata={"help": "rows per batch"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     out: Optional[str] = field(default=None, metadata={"help": "write the result JSON here (default: print only)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig,
+                                         metadata={"help": "the zero-shot classifier (text tower, benchmark)"})
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -619,9 +632,7 @@ def zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
         raise ZeroShotError("--shards is required: a labelled shard set of the model's final image embedding")
     ss = ShardSet(cfg.shards)
     clf, column, facts = classifier_for_shards(
-        ss, model=cfg.model, pretrained=cfg.pretrained, random_init=cfg.random_init, benchmark=cfg.benchmark,
-        label_column=cfg.label_column, classnames_file=cfg.classnames_file, templates_file=cfg.templates_file,
-        text_cache=cfg.text_cache, device=cfg.device)
+        ss, random_init=cfg.random_init, device=cfg.device, **asdict(cfg.classifier))
     sae = None
     if cfg.sae:
         from visae.sae import load_sae

@@ -159,3 +159,28 @@ def test_bare_boolean_flags_and_bad_values(small_shards, tmp_path, capsys):
         assert rc == 2 and len(lines) == 1, (bad, cap.err)
         assert all(w in lines[0] for w in words), (bad, lines[0])
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", sorted(cli.SUBCOMMANDS))
+def test_every_subcommand_takes_the_runtime_options(name, capsys):
+    """--config, --threads (default: all cores) and --verbose on every command; bare booleans shown with --no_."""
+    with pytest.raises(SystemExit) as e:
+        cli.main([name, "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for flag in ("--config", "--threads", "--verbose, --no_verbose"):
+        assert flag in out, f"visae {name} --help does not list {flag}"
+    assert "true}" not in out  # no {true,false} valued booleans left
+
+
+def test_train_ends_with_a_summary(tmp_path, capsys):
+    from visae.train import main
+
+    out = tmp_path / "sae"
+    rc = main(["--synthetic", "--synthetic_examples", "1024", "--synthetic_d", "8", "--synthetic_atoms", "16",
+               "--num_epochs", "2", "--batch_size", "128", "--lr_warmup_steps", "2", "--l1_warmup_steps", "2",
+               "--expansion_factor", "2", "--out", str(out), "--no_progress", "--no_plot", "--threads", "1"])
+    cap = capsys.readouterr()
+    assert rc == 0 and cap.out.strip() == str(out)
+    assert "trained relu SAE 8 -> 16 latents" in cap.err and "finished" in cap.err
+    assert "held-out EV" in cap.err and "L0" in cap.err and "dead" in cap.err and f"SAE: {out}" in cap.err

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from visae.atomic import atomic_write_text
-from visae.config import ConfigError, config_to_dict, parse_config
+from visae.config import config_to_dict, parse_config
 from visae.resources import config_yaml
 from visae.sweepdir import SweepDir
 
@@ -324,10 +324,10 @@ def format_summary(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(DemoConfig, argv, default_yaml=DEFAULT_YAML, prog="visae demo")
-    except ConfigError as e:
+        summary = run_demo(cfg)
+    except ValueError as e:  # ConfigError, another demo's directory, a stage's own error (all name what is wrong)
         print(f"visae demo: error: {e}", file=sys.stderr)
         return 2
-    summary = run_demo(cfg)
     print(format_summary(summary))
     return 0
 

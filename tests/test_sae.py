@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from tolerances import assert_bitwise_equal, assert_close_derived, sae_step_bounds
 from visae.sae import SAE, SAEConfig, SAEFormatError, build_sae, load_sae, stack_saes
 
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
@@ -48,8 +49,9 @@ def test_shapes(arch, S):
 def test_init_recipe():
     sae = build_sae(_cfg(n_models=2))
     norms = sae.W_dec.norm(dim=-1)
-    torch.testing.assert_close(norms, torch.ones_like(norms))
-    torch.testing.assert_close(sae.W_enc, sae.W_dec.transpose(1, 2))
+    # a row divided by its norm: its norm is 1 up to the d squares summed, the sqrt and the division
+    assert_close_derived(norms, torch.ones_like(norms), n_terms=16 + 3, scale=1.0, dtype=torch.float32, msg="row norms")
+    assert_bitwise_equal(sae.W_enc, sae.W_dec.transpose(1, 2), msg="W_enc = W_dec^T")  # a copy
     assert sae.b_enc.abs().sum() == 0 and sae.b_dec.abs().sum() == 0
     # members are initialised independently
     assert not torch.allclose(sae.W_dec[0], sae.W_dec[1])
@@ -60,12 +62,12 @@ def test_init_b_dec():
     x = _unit(200, 16) + torch.linspace(0, 1, 16)
     x[:5] += 100.0  # outliers: the geometric median resists them, the mean does not
     med = sae.init_b_dec_(x, method="geometric_median")
-    torch.testing.assert_close(sae.b_dec[1], med)
+    assert_bitwise_equal(sae.b_dec[1], med, msg="stored geometric median")  # a copy
     mean = x.mean(0)
     clean_mean = x[5:].mean(0)
     assert (med - clean_mean).norm() < 0.2 * (mean - clean_mean).norm()
     sae.init_b_dec_(x, method="mean")
-    torch.testing.assert_close(sae.b_dec[0], mean)
+    assert_bitwise_equal(sae.b_dec[0], mean, msg="stored mean")  # the same x.mean(0) (scale_factor 1 is exact)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -82,32 +84,46 @@ def test_stack_equals_members(arch):
     coeff = torch.tensor([1e-3, 2e-3, 3e-3])
     out = stacked.training_loss(x, l1_coeff=coeff, impl="reference")
     out.loss.backward()
+    x2 = _unit(12, 16, seed=2)
     for i, s in enumerate(singles):
+        # the rounding bounds of member i's step (tests/tolerances.py), from the single SAE before its step
+        bd = sae_step_bounds(s, x, coeff[i:i + 1])
         o = s.training_loss(x, l1_coeff=float(coeff[i]), impl="reference")
         o.loss.backward()
-        torch.testing.assert_close(out.mse[i], o.mse[0])
-        torch.testing.assert_close(out.l1[i], o.l1[0])
-        torch.testing.assert_close(out.sq_err[i], o.sq_err[0])
+
+        def close(a, b, key, what, factor=1.0):
+            n_terms, scale = bd[key]
+            assert_close_derived(a, b, n_terms=n_terms, scale=factor * (scale[0] if scale.ndim else scale),
+                                 dtype=torch.float32, probabilistic=True, msg=f"member {i}: {what}")
+
+        close(out.mse[i], o.mse[0], "mse", "mse")
+        close(out.l1[i], o.l1[0], "l1", "l1")
+        close(out.sq_err[i], o.sq_err[0], "sq_err", "sq_err")
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            torch.testing.assert_close(getattr(stacked, name).grad[i], getattr(s, name).grad[0], rtol=1e-4, atol=1e-6)
+            close(getattr(stacked, name).grad[i], getattr(s, name).grad[0], name, f"d loss / d {name}")
         # inference on other raw inputs (not the batch that set a batchtopk threshold: no ties)
-        x2 = _unit(12, 16, seed=2)
+        bd = sae_step_bounds(s, x2, coeff[i:i + 1])
         x_hat, f = stacked(x2 * 3)
         x_hat1, f1 = s(x2 * 3)
-        torch.testing.assert_close(x_hat[i], x_hat1, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(f[i], f1, rtol=1e-4, atol=1e-5)
+        close(x_hat[i], x_hat1, "x_hat", "x_hat (x 3)", factor=3.0)  # raw space: 3 x the SAE-space scale
+        close(f[i], f1, "codes", "codes")
         # member() gives back the same SAE; unit_norm input: raw scale does not change the codes
         m = stacked.member(i)
-        torch.testing.assert_close(m(x2)[0], x_hat1 / 3, rtol=1e-4, atol=1e-5)
+        close(m(x2)[0], x_hat1 / 3, "x_hat", "member x_hat")
 
 
 def test_decoder_constraints():
     sae = build_sae(_cfg())
     out = sae.training_loss(_unit(32, 16), l1_coeff=1e-2, impl="reference")
     out.loss.backward()
+    g0 = sae.W_dec.grad.clone()
     sae.remove_parallel_grad_()
     par = (sae.W_dec.grad * sae.W_dec).sum(-1)
-    assert par.abs().max() < 1e-6
+    # g - (g.w / |w|^2) w has no component along w up to rounding: two d-term dot products and a few
+    # elementwise operations, each term at most |g_i w_i| (twice: g and its projection); |w| = 1.
+    scale = 2 * (g0.abs() * sae.W_dec.detach().abs()).sum(-1)
+    assert_close_derived(par, torch.zeros_like(par), n_terms=2 * 16 + 4, scale=scale, dtype=torch.float32,
+                         msg="decoder gradient . decoder row after remove_parallel_grad_")
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     for _ in range(3):
         opt.zero_grad()
@@ -116,7 +132,7 @@ def test_decoder_constraints():
         opt.step()
         sae.normalize_decoder_()
     norms = sae.W_dec.norm(dim=-1)
-    torch.testing.assert_close(norms, torch.ones_like(norms))
+    assert_close_derived(norms, torch.ones_like(norms), n_terms=16 + 3, scale=1.0, dtype=torch.float32, msg="row norms")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -133,9 +149,9 @@ def test_save_load_roundtrip(tmp_path, arch):
     assert type(loaded) is type(sae) and loaded.cfg == sae.cfg and loaded.extra == extra
     loaded2 = SAE.load(d)
     x = torch.randn(7, 16)
-    for a, b in zip(sae(x), loaded(x)):
-        torch.testing.assert_close(a, b)
-    torch.testing.assert_close(loaded2(x)[0], sae(x)[0])
+    for a, b in zip(sae(x), loaded(x)):  # the same weights through the same code: bit for bit
+        assert_bitwise_equal(a, b, msg="loaded SAE output")
+    assert_bitwise_equal(loaded2(x)[0], sae(x)[0], msg="SAE.load output")
 
 
 def test_load_errors(tmp_path):
@@ -148,7 +164,11 @@ def test_load_errors(tmp_path):
     doc = json.loads((d / "cfg.json").read_text())
     doc["d_sae"] = 50
     (d / "cfg.json").write_text(json.dumps(doc))
-    with pytest.raises(SAEFormatError, match="do not fit"):
+    with pytest.raises(SAEFormatError, match="cfg.json is damaged or was edited"):
+        load_sae(d)
+    doc.pop("checksums")  # the documented way to load an edited cfg.json: unverified, with a warning
+    (d / "cfg.json").write_text(json.dumps(doc))
+    with pytest.raises(SAEFormatError, match="do not fit"), pytest.warns(UserWarning, match="records no checksums"):
         load_sae(d)
 
 
@@ -200,11 +220,18 @@ def test_fold_export_roundtrip(tmp_path, arch, keep_codes):
     assert exported.cfg.scale_factor == 1.0
     loaded = load_sae(exported.save(tmp_path / "exp"))
     x_hat, f = loaded(raw)
-    torch.testing.assert_close(x_hat, x_hat_train / c * norm, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(f, f_train if keep_codes else f_train / c, rtol=1e-4, atol=1e-5)
+    # The same forward up to the folding (weights and biases times or over c: a few more roundings);
+    # scales from the training-time view, then to raw space (x norm / c) and to exported codes (/ c).
+    bd = sae_step_bounds(sae, shard * c, torch.zeros(2))
+    n_x, s_x = bd["x_hat"]
+    n_f, s_f = bd["codes"]
+    assert_close_derived(x_hat, x_hat_train / c * norm, n_terms=n_x + 6, scale=s_x / c * norm.double(),
+                         dtype=torch.float32, probabilistic=True, msg="exported x_hat")
+    assert_close_derived(f, f_train if keep_codes else f_train / c, n_terms=n_f + 6, dtype=torch.float32,
+                         scale=s_f if keep_codes else s_f / c, probabilistic=True, msg="exported codes")
     if not keep_codes:
         n = loaded.W_dec.norm(dim=-1)
-        torch.testing.assert_close(n, torch.ones_like(n))
+        assert_close_derived(n, torch.ones_like(n), n_terms=16 + 3, scale=1.0, dtype=torch.float32, msg="row norms")
 
 
 def test_jumprelu_reset_latents():
@@ -214,5 +241,6 @@ def test_jumprelu_reset_latents():
     mask = torch.zeros(2, 48, dtype=torch.bool)
     mask[1, :5] = True
     sae.reset_latents_(mask)
-    torch.testing.assert_close(sae.threshold[1, :5], torch.full((5,), 0.01))
+    assert_close_derived(sae.threshold[1, :5], torch.full((5,), 0.01), n_terms=3, scale=0.01, dtype=torch.float32,
+                         msg="threshold after reset")  # exp(log 0.01): a log, an exp, a cast
     assert (sae.threshold[0] == 1.0).all() and (sae.threshold[1, 5:] == 1.0).all()

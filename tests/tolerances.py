@@ -156,7 +156,8 @@ def sae_step_bounds(sae: Any, x: torch.Tensor, coeff: torch.Tensor, dead: torch.
 
     For comparing two evaluations of the same step (a fast path and the reference, a stack member and
     the SAE alone) with ``assert_close_derived(..., probabilistic=True)``. x: [B, d_in] or [S, B, d_in];
-    coeff: [S]; dead: the aux-k dead mask [S, d_sae] or None.
+    coeff: [S]; dead: the aux-k dead mask [S, d_sae] or None. "codes" and "x_hat" bound an inference
+    forward pass (encode / decode of the same rows, raw inputs normalised first) in SAE space.
 
     Each scale bounds the sum of |terms| of that value: P = |x - b_dec| |W_enc| + |b_enc| bounds each
     pre-activation; only the codes the float64 reference keeps (M: its active mask; STE rows of JumpReLU
@@ -215,7 +216,9 @@ def sae_step_bounds(sae: Any, x: torch.Tensor, coeff: torch.Tensor, dead: torch.
         G_aux = sae.cfg.aux_coeff * 2 * (X_aux + E) * w
     G_pre = (M * (G @ f64["W_dec"].transpose(1, 2)) + M_aux * (G_aux @ f64["W_dec"].transpose(1, 2))
              + sparse_grad)  # [S, B, n]
+    n_inf = (d + 4) + (d + 2) + (n + 2)  # inference on raw inputs: the normalisation, then pre, then x_hat
     out = {
+        "codes": (n_inf, P), "x_hat": (n_inf, P @ f64["W_dec"] + f64["b_dec"][:, None, :] + xs),  # any active set
         "sq_err": (n_fwd, sq), "mse": (n_fwd, mse), "l1": (n_fwd, l1), "l0": (2, torch.full((S,), float(n))),
         "explained_variance": (n_fwd, sq.sum(-1) / sst.clamp_min(1e-30)), "aux": (n_fwd, aux),
         "loss": (n_fwd, (mse + c.flatten() * (l1 + n) + sae.cfg.aux_coeff * aux).sum()),

@@ -459,7 +459,7 @@ def match_names(
     if active is None:
         active = np.ones(n, bool)
     active = np.asarray(active, bool)
-    nonzero = directions.double().norm(dim=1).numpy() > 0
+    nonzero = Dn.norm(dim=1).numpy() > 0.5  # F.normalize leaves a zero row zero
     name_idx = np.full(n, -1, np.int64)
     name_s = np.full(n, np.nan, np.float64)
     reason = [""] * n

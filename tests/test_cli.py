@@ -130,6 +130,13 @@ def test_a_typo_in_any_sweep_field_exits_2_with_one_line_and_writes_nothing(name
     assert rc == 2, cap.err
     assert len(lines) == 1 and lines[0].startswith("visae sweep: error: "), cap.err
     assert _tree_hash(tmp_path) == before and not out.exists()
+    # the corrected command (without the typo) passes every check that precedes writing; that such a command
+    # then runs to the end is the next test (one real sweep, not one per field)
+    from visae.config import parse_config
+    from visae.sweep import check_sweep
+
+    check_sweep(parse_config(SweepConfig, _sweep_argv(small_shards, out)))
+    assert not out.exists()
 
 
 def test_a_sweep_typo_then_the_corrected_command_runs(small_shards, tmp_path, capsys):

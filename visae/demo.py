@@ -253,7 +253,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         for t in trial_dirs:
             sae = load_sae(str(t))
             names = match_names(decoder_directions(sae), vocab.emb, vocab.words, unique=ncfg["unique_names"],
-                                min_z=ncfg["min_z"], min_score=ncfg["min_score"],
+                                min_z=ncfg.get("min_z", 0.0), min_score=ncfg.get("min_score"),  # older runs: no min_z
                                 subtract_mean=ncfg["subtract_mean"]).names
             r = concept_recovery(sae, shards_dir, concepts=[{"latent": j, "name": n} for j, n in enumerate(names)])
             trials[t.name] = {k: r["summary"][k] for k in ("mean_best_auroc", "fraction_recovered", "fraction_named_at")}

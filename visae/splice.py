@@ -81,7 +81,7 @@ class Splice:
         clamp: {latent: value} codes set to a value.
         calls: how many forward passes went through the hook.
         codes: with ``record_codes=True``, the (unmodified) codes of the last pass,
-            ``[B, n, d_sae]`` float32, detached; otherwise None.
+            ``[B, n, d_sae]`` in the SAE's dtype, detached; otherwise None.
     """
 
     layer: int

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         sae = build_sae(SAEConfig(architecture="relu", d_in=bb.width, d_sae=8 * bb.width), generator=g)
         sae.init_b_dec_(unit[:4096], "mean")
         opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
-        for step in range(args.steps):
+        for _step in range(args.steps):
             idx = torch.randint(0, len(unit), (1024,), generator=g)
             out = sae.training_loss(unit[idx], l1_coeff=l1)
             opt.zero_grad()

@@ -285,7 +285,7 @@ def test_resume_after_kill_equals_uninterrupted(folder, tmp_path, token, layer, 
     out = tmp_path / "resumed"
     with pytest.raises(_SimulatedKill):
         extract(_cfg(folder, out, **kw), _fail_after_batches=kill_after)
-    part = ShardSet(out)
+    part = ShardSet(out, require_complete=False)
     assert not part.manifest["complete"] and 0 < len(part) < len(full)
     if token == "patch":  # the kill fell inside an image's patch rows: the rerun must finish that image
         last = str(part.metadata()["id"][-1])

@@ -292,14 +292,15 @@ def test_reselection_obeys_constraints_without_rescoring(zs_sweep, monkeypatch):
     assert sum(r["feasible"] == "True" for r in new_rows) == 3
     assert all(r["feasible"] == "False" for r in new_rows if float(r["l0"]) > cap)
     assert json.loads((sw / "best" / "selection.json").read_text())["trial"] == info["trial"]
-    # a dead-fraction cap nobody meets: a clear error, and no stale best/
+    # a cap nobody meets: a clear error, and the previous selection (best/, selection.json) is kept (issue 11 item 1)
+    before = (sw / "selection.json").read_bytes(), (sw / "best" / "selection.json").read_bytes()
     deads = [float(r["dead_fraction"]) for r in rows]
     if min(deads) > 0:
-        with pytest.raises(SelectError, match="no finished trial meets"):
+        with pytest.raises(SelectError, match="no finished trial meets.*previous selection.json and best/ are kept"):
             select(SelectConfig(sweep=str(sw), max_dead=min(deads) / 2, progress=False))
-        assert not (sw / "best").exists()
     with pytest.raises(SelectError, match="no finished trial meets"):
         select(SelectConfig(sweep=str(sw), max_l0=l0s[0] / 2, progress=False))
+    assert ((sw / "selection.json").read_bytes(), (sw / "best" / "selection.json").read_bytes()) == before
     # and back to no constraint
     info = select(SelectConfig(sweep=str(sw), max_l0=float("inf"), max_dead=float("inf"), progress=False))
     assert info["score"] == max(float(r["recon_top1"]) for r in rows)

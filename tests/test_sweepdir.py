@@ -113,8 +113,8 @@ def test_publish_best_swaps_in_a_copy_and_remove_best(tmp_path):
     sd.publish_best("b", {"trial": "b"})
     assert json.loads((sd.best_dir / "selection.json").read_text())["trial"] == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "trials"], "temporary dirs left behind"
-    sd.write_selection({"trial": "b", "score": 0.5})
-    assert sd.read_selection() == {"trial": "b", "score": 0.5}
+    sd.commit_selection("b", {"trial": "b", "score": 0.5})  # best/ first, then the top-level copy
+    assert sd.read_selection() == {"trial": "b", "score": 0.5} == json.loads(sd.selection_file.read_text())
     sd.remove_best()
     assert not sd.best_dir.exists()
 

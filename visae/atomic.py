@@ -17,7 +17,20 @@ propagates; the destination is untouched.
         shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 Temporary names start with ``.`` and end with ``.tmp``; nothing in visae reads such a name
-as an artifact.
+as an artifact. A process killed with ``kill -9`` cannot remove its temporary file; the next
+run that writes the same output directory does: :func:`output_lock` (taken by every command
+that writes an output directory: extract, train, sweep, select, name, browse) first removes
+the temporary names in that directory tree whose writer process no longer runs
+(:func:`remove_stale_temps`).
+
+    with output_lock(out, "visae train"):          # one writer per output directory
+        ...                                        # a second one gets OutputLockedError at once
+
+The lock is ``<out>/.visae.lock`` held with ``filelock`` (an OS-level lock, released by the
+kernel when the process dies, so a lock file left behind never blocks a later run). It is
+re-entrant inside one process (``visae sweep`` selects under its own lock). Processes of one
+distributed run (``RANK``) each take the lock of their rank: ``.visae.lock`` for rank 0,
+``.visae.rank<r>.lock`` for the others.
 """
 
 from __future__ import annotations
@@ -25,12 +38,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_dir", "temp_name"]
+from visae.errors import VisaeError
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_dir", "temp_name",
+           "remove_stale_temps", "output_lock", "OutputLockedError", "LOCK_FILE"]
+
+LOCK_FILE = ".visae.lock"
+_TEMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
 
 
 def temp_name(path: str | Path) -> Path:
@@ -145,3 +166,105 @@ def atomic_dir(path: str | Path, *, if_exists: Literal["error", "keep", "replace
     except BaseException:
         _remove(tmp)
         raise
+
+
+# ----------------------------------------------------------------------------- stale temporaries, locks
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
+def remove_stale_temps(root: str | Path) -> list[Path]:
+    """Remove the temporary files / directories (``temp_name``'s pattern) under ``root`` whose writer is gone.
+
+    A temporary name carries its writer's pid; one whose process no longer runs on this machine
+    is a leftover of a killed writer (``kill -9``, power loss) and is deleted. Names of live
+    processes (another rank of the same run, this process) are kept. Walks the whole tree
+    below ``root`` without following symlinks. Returns the removed paths.
+    """
+    root = Path(root)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in list(dirnames) + filenames:
+            m = _TEMP_RE.match(name)
+            if m is None or _pid_alive(int(m.group(1))):
+                continue
+            p = Path(dirpath) / name
+            _remove(p)
+            removed.append(p)
+            if name in dirnames:
+                dirnames.remove(name)
+    return removed
+
+
+class OutputLockedError(VisaeError, RuntimeError):
+    """Another process is writing the same output directory."""
+
+
+_held: dict[str, list] = {}  # lock path -> [FileLock, depth]; re-entrant within this process
+_held_guard = threading.Lock()
+
+
+def _lock_file(out: Path) -> Path:
+    rank = os.environ.get("RANK", "0")
+    return out / (LOCK_FILE if rank in ("", "0") else f".visae.rank{rank}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path, command: str = "visae", *, clean_temps: bool = True) -> Iterator[Path]:
+    """Hold the writer's lock of output directory ``out`` (created if missing) for the block.
+
+    Args:
+        out: the output directory (``--out`` of the command).
+        command: names the command in the error message ("visae train").
+        clean_temps: once the lock is held, remove stale temporary files under ``out``
+            (:func:`remove_stale_temps`).
+
+    Raises:
+        OutputLockedError: another process holds the lock (a second ``visae sweep --out X``
+            while one runs); raised at once, nothing is written.
+    """
+    from filelock import FileLock, Timeout
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = _lock_file(out)
+    key = str(path.resolve())
+    with _held_guard:
+        entry = _held.get(key)
+        if entry is not None:
+            entry[1] += 1
+    if entry is None:
+        lock = FileLock(str(path), timeout=0, thread_local=False)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise OutputLockedError(
+                f"{out}: another process is writing this output directory (lock {path} is held); wait for it to "
+                f"finish or give {command} another --out") from None
+        entry = [lock, 1]
+        with _held_guard:
+            _held[key] = entry
+        if clean_temps:
+            remove_stale_temps(out)
+    try:
+        yield out
+    finally:
+        with _held_guard:
+            entry[1] -= 1
+            last = entry[1] == 0
+            if last:
+                _held.pop(key, None)
+        if last:
+            entry[0].release()

@@ -41,7 +41,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 
-from visae.atomic import atomic_write_text
+from visae.atomic import atomic_write_text, output_lock
 from visae.config import ConfigError, config_to_dict, parse_config
 from visae.resources import config_yaml
 from visae.shards import MANIFEST, ShardError, ShardSet, ShardWriter, merge_shard_sets
@@ -304,7 +304,7 @@ def _resume_position(writer: ShardWriter, pos_of: dict[str, int], patch_rows: in
     """(first item to process, rows of it already written) from the last committed id."""
     if writer.num_written == 0:
         return 0, 0
-    ss = ShardSet(writer.dir)
+    ss = ShardSet(writer.dir, require_complete=False)
     last = str(ss.shard_meta(ss.num_shards - 1)["id"][-1])
     base, sep, j = last.rpartition("#p")
     if patch_rows is not None and sep and j.isdigit():
@@ -500,10 +500,10 @@ def extract(cfg: ExtractConfig, *, backbone: Any = None, _fail_after_batches: in
 
     ``backbone``: an already loaded :class:`visae.backbones.Backbone` to use instead of
     loading ``cfg.model`` (it must be that model; the manifest records ``backbone.name``).
+    Holds the lock of ``cfg.out`` (:func:`visae.atomic.output_lock`) while it runs; with
+    ``--overwrite`` the old output is deleted only after the model, layer and images were
+    opened successfully.
     """
-    from visae.backbones import load_backbone
-    from visae.images import open_source, rank_bounds
-
     if not cfg.images:
         raise ConfigError("--images is required: a folder, ImageNet-layout folder, webdataset tars or toy-world directory")
     if cfg.layer is None and cfg.token != "cls":
@@ -523,14 +523,21 @@ def extract(cfg: ExtractConfig, *, backbone: Any = None, _fail_after_batches: in
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     dist_info.init(device)
+    with output_lock(out, "visae extract"):
+        return _extract_locked(cfg, out, dist_info, device, backbone, _fail_after_batches)
+
+
+def _extract_locked(cfg: ExtractConfig, out: Path, dist_info: Any, device: torch.device, backbone: Any,
+                    _fail_after_batches: int | None) -> ShardSet:
+    """``extract`` under the output directory's lock: validate the whole request, then (--overwrite) clean, then run."""
+    from visae.backbones import load_backbone
+    from visae.images import open_source, rank_bounds
+
     rank, world = dist_info.rank, dist_info.world
     try:
-        if cfg.overwrite and rank == 0:
-            _clean_output(out)
-        dist_info.barrier()
         dataset_path = _dataset_path(cfg.images)
         final = out / MANIFEST
-        if final.is_file():
+        if final.is_file() and not cfg.overwrite:
             m = json.loads(final.read_text())
             if m.get("complete"):  # finished before (for several ranks: merged; leftovers of a killed cleanup go)
                 diffs = _same_request(m.get("source", {}), cfg, dataset_path)
@@ -555,6 +562,10 @@ def extract(cfg: ExtractConfig, *, backbone: Any = None, _fail_after_batches: in
             src.items = src.items[: cfg.limit]
             if src.boundaries is not None:
                 src.boundaries = [b for b in src.boundaries if b < cfg.limit]
+        # Only now, with the model, layer and images known to be usable, may --overwrite delete the old output.
+        if cfg.overwrite and rank == 0:
+            _clean_output(out)
+        dist_info.barrier()
         lo, hi = rank_bounds(src, rank, world)
         part_dir = out if world == 1 else out / f"rank_{rank}"
         report = _extract_part(cfg, part_dir, bb, src, lo, hi, device, rank, world, _fail_after_batches)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from visae.atomic import atomic_write_text
+from visae.integrity import sha256_file
 from visae.config import ConfigError, config_to_dict, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
@@ -129,6 +130,9 @@ class NameConfig:
     skip_dead: bool = field(default=True, metadata={"help": "leave latents that never fire (in the shard set) unnamed"})
     shards: Optional[str] = field(default=None, metadata={
         "help": "shard set for activation statistics and top images; null: the one recorded in the SAE's cfg.json, if present"})
+    allow_other_shards: bool = field(default=False, metadata={
+        "help": "accept a --shards set whose recorded provenance (model, pretrained tag, layer, token) differs from "
+                "the one the SAE was trained on"})
     n_top: int = field(default=16, metadata={"help": "top-activating images kept per concept"})
     n_random: int = field(default=8, metadata={"help": "random activating images kept per concept"})
     batch_size: int = field(default=4096, metadata={"help": "shard rows per SAE forward pass"})
@@ -576,8 +580,61 @@ def _fmt(x: float) -> Any:
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), 6)
 
 
+def check_shards_for_sae(ss: Any, source: dict[str, Any] | None, where: str, allow_other: bool = False) -> None:
+    """A shard set given for an SAE must hold activations of what the SAE was trained on.
+
+    Compares the shard manifest's provenance with the SAE's recorded training source (model,
+    pretrained tag, layer, token; :func:`visae.shards.provenance_differences`). Raises NamingError
+    on a difference unless ``allow_other``; warns when either side records none (an artifact from
+    another tool: provenance unknown).
+    """
+    import warnings
+
+    from visae.shards import provenance_differences
+
+    diffs = provenance_differences(source, ss.source)
+    if diffs is None:
+        warnings.warn(f"{where}: the provenance of shard set {ss.path} or of the SAE's training data is unknown "
+                      "(not recorded, e.g. made by another tool): it cannot be checked that they match", UserWarning,
+                      stacklevel=3)
+    elif diffs and not allow_other:
+        raise NamingError(f"{where}: shard set {ss.path} holds activations of something else than the SAE was trained "
+                          f"on ({'; '.join(diffs)}); pass the right --shards, or --allow_other_shards to use it anyway")
+
+
+def _open_shards_for(cfg: NameConfig, sae: Any, source: dict[str, Any] | None, where: str) -> Any:
+    """The shard set for the statistics (None when none is known), checked: complete, its width, its provenance."""
+    from visae.shards import ShardError, ShardSet
+
+    shards_path = _shards_path(cfg, sae)
+    if shards_path is None:
+        return None
+    try:
+        ss = ShardSet(shards_path)
+    except ShardError as e:
+        raise NamingError(f"--shards: {e}") from None
+    if ss.d != sae.d_in:
+        raise NamingError(f"{where}: shard set {ss.path} has activations of width d={ss.d} but the SAE has "
+                          f"d_in={sae.d_in} (activations of another model or layer)")
+    check_shards_for_sae(ss, source, where, allow_other=cfg.allow_other_shards)
+    return ss
+
+
 def name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) -> Path:
-    """Run the naming stage; returns the output directory (concepts.json, concepts.csv[, top_images.npz])."""
+    """Run the naming stage; returns the output directory (concepts.json, concepts.csv[, top_images.npz]).
+
+    Holds the lock of ``cfg.out`` while it runs. The files are committed as one step:
+    ``top_images.npz`` and ``concepts.csv`` first, ``concepts.json`` last, recording the SHA-256 of
+    the top-images file it belongs to (``TopImages.load`` checks it), so a run killed in between
+    never pairs one run's concepts with another's images.
+    """
+    from visae.atomic import output_lock
+
+    with output_lock(cfg.out, "visae name"):
+        return _name_concepts(cfg, backbone=backbone, sae=sae)
+
+
+def _name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) -> Path:
     from visae.sae import load_sae
 
     if not cfg.sae and sae is None:
@@ -598,6 +655,7 @@ def name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) -> 
         backbone = load_backbone(name, pre, random_init=rand, device=cfg.device, seed=seed)
     if not getattr(backbone, "has_text", False):
         raise NamingError(f"backbone {backbone.name!r} has no text tower; naming needs a CLIP model")
+    ss = _open_shards_for(cfg, sae, source, where)  # checked before any expensive work
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -610,13 +668,16 @@ def name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) -> 
         raise NamingError(f"{where}: d_in={sae.d_in} but {backbone.name}'s text embeddings have width {emb.shape[1]}")
 
     stats = None
-    shards_path = _shards_path(cfg, sae)
-    if shards_path is not None:
+    if ss is not None:
+        from visae.shards import ShardError
         from visae.topimages import compute_top_images
 
         member_sae = sae.member(cfg.member) if sae.n_models > 1 else sae
-        stats = compute_top_images(member_sae, shards_path, n_top=cfg.n_top, n_random=cfg.n_random,
-                                   batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
+        try:
+            stats = compute_top_images(member_sae, ss, n_top=cfg.n_top, n_random=cfg.n_random,
+                                       batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
+        except ShardError as e:
+            raise NamingError(str(e)) from None
         stats.save(out / "top_images.npz")
     active = (stats.count > 0) if (stats is not None and cfg.skip_dead) else None
     res = match_names(decoder_directions(sae, cfg.member), emb, vocab.words, top_k=cfg.top_k, unique=cfg.unique_names,
@@ -656,10 +717,12 @@ def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any,
         "num_concepts": n,
         "num_named": int(sum(x is not None for x in res.names)),
         "top_images": "top_images.npz" if stats is not None else None,
+        # the commit record: which top-images file this concepts.json belongs to (TopImages.load checks it)
+        "top_images_file": ({"name": "top_images.npz", "sha256": sha256_file(out / "top_images.npz")}
+                            if stats is not None and (out / "top_images.npz").is_file() else None),
         "config": config_to_dict(cfg),
         "concepts": concepts,
     }
-    atomic_write_text(out / "concepts.json", json.dumps(doc, indent=1, ensure_ascii=False))
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["latent", "name", "score", "margin", "z", "frequency", "mean_activation", "alternatives"])
@@ -668,6 +731,7 @@ def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any,
         w.writerow([c["latent"], c["name"] or "", _csv(c["score"]), _csv(c["margin"]), _csv(c["z"]),
                     _csv(c["frequency"]), _csv(c["mean_activation"]), alts])
     atomic_write_text(out / "concepts.csv", buf.getvalue())
+    atomic_write_text(out / "concepts.json", json.dumps(doc, indent=1, ensure_ascii=False))  # the commit point, last
 
 
 def _csv(x: Any) -> str:

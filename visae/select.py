@@ -377,7 +377,9 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
     max_l0 = _resolve(cfg.max_l0, scfg.get("max_l0"))
     max_dead = _resolve(cfg.max_dead, scfg.get("max_dead"))
     planned = [t["name"] for t in doc["trials"]]
-    with sd.lock():
+    from visae.atomic import output_lock
+
+    with output_lock(out, "visae select"), sd.lock():
         scores = score_trials(out, None, val_shards=cfg.val_shards, device=cfg.device, batch_size=cfg.batch_size,
                               rescore=cfg.rescore, progress=cfg.progress, metric=metric)
         if not scores:
@@ -393,12 +395,11 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                 "row": chosen, "tied_with_chosen": [r["trial"] for r in rows if r.get("tied") and not r["chosen"]],
                 "n_trials_scored": len(scores), "trials_missing": missing,
                 "selection_set": next(iter(scores.values()))["key"], "config": asdict(cfg)}
-        sd.write_selection(info)
-        if chosen is None:
-            sd.remove_best()
+        if chosen is None:  # a failed selection changes neither best/ nor selection.json
+            kept = " (the previous selection.json and best/ are kept)" if sd.best_dir.is_dir() else ""
             raise SelectError(f"{out}: no finished trial meets the constraints ({constraints}); see "
-                              f"{sd.leaderboard_md} for each trial's L0 and dead fraction")
-        sd.publish_best(chosen["trial"], info)
+                              f"{sd.leaderboard_md} for each trial's L0 and dead fraction{kept}")
+        sd.commit_selection(chosen["trial"], info)
     return info
 
 

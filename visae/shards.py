@@ -37,6 +37,7 @@ import numpy as np
 
 from visae.atomic import atomic_path, atomic_write_text
 from visae.errors import VisaeError
+from visae.integrity import sample_digest, sha256_file
 
 FORMAT_NAME = "visae.shards"
 FORMAT_VERSION = 1
@@ -44,6 +45,8 @@ MANIFEST = "manifest.json"
 NORMALIZATIONS = ("unit_norm", "none")
 DTYPES = ("float16", "float32")
 _RESERVED_COLUMNS = ("id", "norm", "label")
+SUFFIXES = (".acts.npy", ".meta.npz")
+VALIDATION_LEVELS = ("none", "meta", "full")
 
 __all__ = [
     "ShardError",
@@ -52,6 +55,7 @@ __all__ = [
     "ShardView",
     "Batch",
     "merge_shard_sets",
+    "provenance_differences",
 ]
 
 
@@ -274,7 +278,8 @@ class ShardWriter:
             meta[c] = rows[c]
         _atomic_save_npy(self.dir / f"{name}.acts.npy", acts)
         _atomic_save_npz(self.dir / f"{name}.meta.npz", meta)
-        self.manifest["shards"].append({"name": name, "count": int(acts.shape[0])})
+        self.manifest["shards"].append({"name": name, "count": int(acts.shape[0]),
+                                        "files": {sfx: _file_record(self.dir / f"{name}{sfx}") for sfx in SUFFIXES}})
         self.manifest["num_examples"] += int(acts.shape[0])
         self._write_manifest()
 
@@ -324,7 +329,33 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     m.setdefault("columns", {})
     m.setdefault("label_names", {})
     m.setdefault("source", {})
+    names = [s.get("name") if isinstance(s, dict) else None for s in m["shards"]]
+    if None in names or not all(isinstance(s.get("count"), int) for s in m["shards"]):
+        raise ShardError(f"{mpath}: every entry of 'shards' needs a 'name' and an integer 'count'")
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ShardError(f"{mpath}: shard {n!r} is listed more than once (its examples would be read twice)")
+        seen.add(n)
     return m
+
+
+PROVENANCE_FIELDS = ("model", "pretrained", "layer", "token")
+
+
+def provenance_differences(expected: Mapping[str, Any] | None, got: Mapping[str, Any] | None) -> list[str] | None:
+    """How shard-set provenance ``got`` (manifest ``source``) differs from ``expected`` (e.g. the source an SAE
+    was trained on) in model, pretrained tag, layer and token; ``None`` when either side records no model
+    (provenance unknown: an artifact from another tool). Returns "field: expected X, got Y" strings."""
+    if not expected or not got or not expected.get("model") or not got.get("model"):
+        return None
+    return [f"{k}: {expected.get(k)!r} expected, {got.get(k)!r} in the shard set" for k in PROVENANCE_FIELDS
+            if expected.get(k) != got.get(k)]
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    """What a manifest records of a shard file: size, full SHA-256, sampled digest (visae.integrity)."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path), "sample": sample_digest(path)}
 
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -352,11 +383,13 @@ class ShardSet:
     additionally scans for NaN/Inf/zero rows.
     """
 
-    def __init__(self, path: str | Path, require_complete: bool = False):
+    def __init__(self, path: str | Path, require_complete: bool = True):
         self.path = Path(path)
         self.manifest = _read_manifest(self.path)
         if require_complete and not self.manifest.get("complete", False):
-            raise ShardError(f"{self.path / MANIFEST}: shard set is not complete (its writer did not finish); rerun it")
+            raise ShardError(f"{self.path / MANIFEST}: shard set is not complete ('complete': false, "
+                             f"{self.manifest.get('num_examples')} examples committed): its writer was stopped before "
+                             "the end; rerun the same `visae extract` command to finish it")
         self.d: int = int(self.manifest["d"])
         self.dtype = np.dtype(self.manifest["dtype"])
         self.counts = np.array([s["count"] for s in self.manifest["shards"]], dtype=np.int64)
@@ -386,6 +419,11 @@ class ShardSet:
         actual = f.stat().st_size
         if actual < expected:
             raise ShardError(f"{f} is truncated: {actual} bytes, expected {expected} for {s['count']} rows of d={self.d}")
+        for sfx, rec in (s.get("files") or {}).items():
+            size = (self.path / f"{s['name']}{sfx}").stat().st_size
+            if isinstance(rec, dict) and rec.get("bytes") is not None and rec["bytes"] != size:
+                raise ShardError(f"{self.path / (s['name'] + sfx)} is damaged: {size} bytes, {self.path / MANIFEST} "
+                                 f"recorded {rec['bytes']} (truncated or replaced); re-extract it")
         return header_len
 
     # -- basic facts
@@ -468,14 +506,55 @@ class ShardSet:
         return out
 
     def validate(self, full: bool = True) -> None:
-        """Check metadata of every shard and, with ``full``, every row for NaN/Inf/zero norm."""
+        """Check the shard files against the checksums the manifest recorded, and their content.
+
+        Cheap (``full=False``, reads ~192 KiB per file plus the metadata): each file's sampled
+        digest (size, start / middle / end blocks) and every shard's metadata columns. Full: each
+        file's whole SHA-256, no two shards with the same content, and every row finite, non-zero
+        and, for ``normalization: unit_norm``, of norm 1 within the storage dtype's rounding
+        (|norm - 1| <= 2 u + d eps32, u the storage unit roundoff: each stored component is off
+        by at most u relative, the float32 sum of d squares adds at most d eps32). A manifest
+        without checksums (a set made by another tool or an older visae) is checked for content
+        only, with a warning. Raises ShardError naming the file (and row).
+        """
+        import warnings
+
+        unverified = [s["name"] for s in self.manifest["shards"] if not s.get("files")]
+        if unverified:
+            warnings.warn(f"shard set {self.path}: {len(unverified)} shard(s) have no recorded checksums (made by another "
+                          "tool or an older visae): their files cannot be verified, only read", UserWarning, stacklevel=2)
+        digests: dict[str, str] = {}
         for i, s in enumerate(self.manifest["shards"]):
+            for sfx, rec in (s.get("files") or {}).items():
+                f = self.path / f"{s['name']}{sfx}"
+                key, got = ("sha256", sha256_file(f)) if full else ("sample", sample_digest(f))
+                if isinstance(rec, dict) and rec.get(key) and rec[key] != got:
+                    raise ShardError(f"{f} is damaged: its {'SHA-256' if full else 'sampled digest'} differs from the "
+                                     f"one {self.path / MANIFEST} recorded when it was written; re-extract it")
+                if full and sfx == ".acts.npy":
+                    if got in digests:
+                        raise ShardError(f"{f} has the same content as {self.path / digests[got]}.acts.npy: a shard "
+                                         "copied under two names (its examples would be read twice)")
+                    digests[got] = s["name"]
             self.shard_meta(i)
             if full:
-                mm = self.shard_acts(i)
-                for start in range(0, len(mm), 65536):
-                    _check_rows(np.asarray(mm[start:start + 65536], dtype=np.float32), f"{self.path}/{s['name']}", start)
-                del mm
+                self._check_content(i)
+
+    def _check_content(self, i: int) -> None:
+        s = self.manifest["shards"][i]
+        where = f"{self.path}/{s['name']}.acts.npy"
+        u = float(np.finfo(self.dtype).eps) / 2
+        tol = 2 * u + self.d * float(np.finfo(np.float32).eps)
+        mm = self.shard_acts(i)
+        for start in range(0, len(mm), 65536):
+            norms = _check_rows(np.asarray(mm[start:start + 65536], dtype=np.float32), where, start)
+            if self.normalization == "unit_norm":
+                off = np.abs(norms - 1.0)
+                if (off > tol).any():
+                    row = int(np.flatnonzero(off > tol)[0])
+                    raise ShardError(f"{where} row {start + row}: norm {norms[row]:.6g}, but {self.path / MANIFEST} says "
+                                     f"'normalization': 'unit_norm' (|norm - 1| <= {tol:.3g} expected)")
+        del mm
 
     # -- views
     def all(self) -> "ShardView":
@@ -560,6 +639,8 @@ class ShardView:
         drop_last: bool = True,
         prefetch: int = 4,
         start_batch: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
     ) -> Iterator[Batch]:
         """Shuffled batches of one epoch; each example at most once (exactly once unless dropped by ``drop_last``).
 
@@ -569,11 +650,24 @@ class ShardView:
         it is a full global permutation. The permutation depends only on (seed, epoch), and
         ``start_batch`` skips batches for exact resumption. A background thread prepares
         the next ``prefetch`` batches while the caller trains.
+
+        Data-parallel (``world_size`` W > 1): the same global batches of ``batch_size`` are
+        formed (same permutation), and this iterator yields only rank ``rank``'s slice of each,
+        rows ``[m*r//W, m*(r+1)//W)`` of a global batch of m rows (``batch_size / W`` rows when W
+        divides it; the last, short batch is split the same way and a slice may be empty). The
+        rank permutes example indices, not rows, and reads only its own rows of each group
+        (``ShardSet.read``), so its memory is O(buffer_size * d / W).
         """
         if batch_size <= 0:
             raise ShardError(f"batch_size must be positive, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ShardError(f"rank must be in [0, world_size), got rank {rank} of world_size {world_size}")
         rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0xE90C]))
         order = [s for s in rng.permutation(self.shards.num_shards) if self._rows[s].size]
+        if world_size > 1:
+            gen = self._rank_batches(order, rng, batch_size, buffer_size, drop_last, start_batch, world_size, rank)
+            yield from (_prefetched(gen, prefetch) if prefetch > 0 else gen)
+            return
 
         def produce() -> Iterator[Batch]:
             carry_a = np.zeros((0, self.d), np.float32)
@@ -607,6 +701,42 @@ class ShardView:
             yield from produce()
             return
         yield from _prefetched(produce(), prefetch)
+
+
+    def _rank_batches(self, order: list[Any], rng: np.random.Generator, batch_size: int, buffer_size: int,
+                      drop_last: bool, start_batch: int, world: int, rank: int) -> Iterator[Batch]:
+        """``epoch_batches``' data-parallel path: the same groups, permutations and batches as the
+        one-process path (the same draws from ``rng``), but by index; rank ``rank`` reads its rows only."""
+        carry_i = np.zeros(0, np.int64)
+        b = pos = 0
+        while pos < len(order) or carry_i.size:
+            group, n = [], 0
+            while pos < len(order) and n < buffer_size:
+                group.append(order[pos])
+                n += self._rows[order[pos]].size
+                pos += 1
+            last_group = pos >= len(order)
+            idx = np.concatenate([carry_i] + [self._rows[s] + self.shards.offsets[s] for s in group])
+            perm = rng.permutation(idx.size)
+            k = idx.size if last_group else (idx.size // batch_size) * batch_size
+            mine = []
+            for start in range(0, k, batch_size):
+                sel = perm[start:min(start + batch_size, k)]
+                if sel.size < batch_size and drop_last:
+                    break
+                if b >= start_batch:
+                    m = sel.size
+                    mine.append(idx[sel[m * rank // world:m * (rank + 1) // world]])
+                b += 1
+            if mine:
+                acts = self.shards.read(np.concatenate(mine))
+                at = 0
+                for rows in mine:
+                    yield Batch(acts[at:at + rows.size], rows)
+                    at += rows.size
+            carry_i = idx[perm[k:]]
+            if last_group:
+                break
 
 
 def _prefetched(gen: Iterator[Batch], depth: int) -> Iterator[Batch]:
@@ -680,7 +810,7 @@ def merge_shard_sets(parts: Sequence[str | Path], out_dir: str | Path, remove_pa
                         shutil.copyfile(src, dst)
                 elif not dst.exists():
                     raise ShardError(f"merge: {src} is missing")
-            merged["shards"].append({"name": name, "count": entry["count"]})
+            merged["shards"].append({k: v for k, v in entry.items() if k != "name"} | {"name": name})
             merged["num_examples"] += entry["count"]
             i += 1
     merged["complete"] = True

@@ -474,8 +474,15 @@ def sweep(cfg: SweepConfig) -> Path:
     Nothing is written before the whole config is checked (:func:`check_sweep`, and a rerun's
     config against the one recorded in ``sweep.json``).
     """
+    from visae.atomic import output_lock
+
     shards, tcfg = check_sweep(cfg)
     out = Path(cfg.out)
+    with output_lock(out, "visae sweep"):  # one sweep per --out (per rank); stale temp files of killed runs go
+        return _sweep_locked(cfg, shards, tcfg, out)
+
+
+def _sweep_locked(cfg: SweepConfig, shards: Any, tcfg: Any, out: Path) -> Path:
     rank, world = rank_and_world()
     trials = plan_trials(cfg)
     groups = plan_groups(trials, cfg.max_group_size, world)
@@ -537,11 +544,11 @@ def format_summary(out: str | Path) -> str:
         lines.append(f"highest held-out EV: {name} (EV {val['explained_variance']:.4f}, "
                      f"L0 {val.get('l0', float('nan')):.1f}, dead {val.get('dead_fraction', float('nan')):.3f})")
     lines += [f"warning: {w}" for w in sorted(flags)]
-    sel = out / "selection.json"
-    if sel.is_file():
+    selection = sd.read_selection() if sd.has_plan() else None  # best/selection.json, the commit point
+    if selection is not None:
         from visae.select import format_selection
 
-        lines.append(format_selection(json.loads(sel.read_text()), out))
+        lines.append(format_selection(selection, out))
     elif len(rows) == len(names):
         lines.append(f"not selected yet: `visae select --sweep {out}` scores the trials and picks the best")
     return "\n".join(lines)

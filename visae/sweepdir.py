@@ -10,7 +10,7 @@ wrong, and every write is atomic (``visae.atomic``)::
     <sweep>/groups/<group>/checkpoint/    a group's trainer checkpoint (while it trains)
     <sweep>/groups/<group>/done.json      the group finished
     <sweep>/trials/<trial>/               one SAE dir per trial (docs/sae_format.md) + zeroshot.json
-    <sweep>/leaderboard.csv|md, pareto.png, selection.json, best/, .select.lock
+    <sweep>/leaderboard.csv|md, pareto.png, selection.json, best/, .select.lock, .visae.lock
 
     sd = SweepDir("runs/sweep")
     plan = sd.read_plan()                                 # dict, checked
@@ -256,13 +256,30 @@ class SweepDir:
         atomic_write_json(self.selection_file, info, default=str)
 
     def read_selection(self) -> dict[str, Any] | None:
-        """``selection.json`` as written by the last selection, or None when there is none."""
-        if not self.selection_file.is_file():
+        """The last committed selection, or None when there is none.
+
+        ``best/selection.json`` is the commit point (``commit_selection`` swaps ``best/`` in
+        first); the top-level ``selection.json`` is its copy, written after. When the two differ
+        (a selection killed between them) the one in ``best/`` is returned.
+        """
+        best = self.best_dir / SELECTION_FILE
+        if best.is_file():
+            doc = _read_json(best, "rerun `visae select`")
+        elif self.selection_file.is_file():
+            doc = _read_json(self.selection_file, "rerun `visae select`")
+        else:
             return None
-        doc = _read_json(self.selection_file, "rerun `visae select`")
         if not isinstance(doc, dict):
             raise SweepError(f"{self.selection_file}: expected a JSON object, got {type(doc).__name__}")
         return doc
+
+    def commit_selection(self, trial: str, info: dict[str, Any]) -> Path:
+        """Publish a selection as one step: ``best/`` (with ``best/selection.json``) is swapped in, then the copy
+        ``selection.json`` is written. A process killed in between leaves ``best/`` consistent in itself, and
+        ``read_selection`` trusts it over the stale top-level copy, which the next selection rewrites."""
+        best = self.publish_best(trial, info)
+        self.write_selection(info)
+        return best
 
     def publish_best(self, trial: str, info: dict[str, Any]) -> Path:
         """``best/`` = a copy of trials/<trial> plus ``best/selection.json``, swapped in for the old one."""

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from visae.atomic import atomic_write_bytes
-from visae.shards import ShardSet
+from visae.shards import ShardError, ShardSet
 
 __all__ = ["TopImages", "compute_top_images", "hash_keys", "default_hist_edges", "TOP_IMAGES_FILE"]
 
@@ -104,11 +104,15 @@ class TopImages:
 
     @classmethod
     def load(cls, path: str | Path) -> "TopImages":
+        """Read a ``top_images.npz``; when a ``concepts.json`` sits beside it, it must be the file that
+        concepts.json committed (its SHA-256, recorded by ``visae name``), else ValueError (a naming run
+        killed between the two files, or another run's statistics)."""
         path = Path(path)
         if path.is_dir():
             path = path / TOP_IMAGES_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist (written by `visae name` when the shard set is known)")
+        _check_committed(path)
         with np.load(path, allow_pickle=False) as z:
             d = {k: z[k] for k in z.files}
         missing = {f for f in cls.__dataclass_fields__} - set(d)
@@ -117,6 +121,30 @@ class TopImages:
         d["n_examples"] = int(d["n_examples"])
         d["seed"] = int(d["seed"])
         return cls(**d)
+
+
+def _check_committed(path: Path) -> None:
+    """``path`` must be the top-images file that the ``concepts.json`` beside it recorded (when it records one)."""
+    import json
+
+    from visae.integrity import sha256_file
+
+    concepts = path.parent / "concepts.json"
+    if not concepts.is_file():
+        return
+    try:
+        doc = json.loads(concepts.read_text())
+    except (OSError, ValueError):
+        return  # read_concepts reports a broken concepts.json
+    rec = doc.get("top_images_file") if isinstance(doc, dict) else None
+    if not isinstance(rec, dict) or rec.get("name") != path.name:
+        if isinstance(doc, dict) and "top_images_file" in doc and rec is None:
+            raise ValueError(f"{path} is not part of {concepts} (it records no top images): left over from another "
+                             "run; rerun `visae name`")
+        return  # written before visae recorded it: nothing to compare
+    if sha256_file(path) != rec.get("sha256"):
+        raise ValueError(f"{path} does not belong to {concepts} (its SHA-256 differs from the one recorded there): "
+                         "an interrupted `visae name` or another SAE's statistics; rerun `visae name`")
 
 
 @torch.no_grad()
@@ -135,7 +163,8 @@ def compute_top_images(
     """One streaming pass of ``sae`` (a single SAE, S = 1) over every example of ``shards``."""
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
     if ss.d != sae.d_in:
-        raise ValueError(f"{ss.path}: activations have d={ss.d} but the SAE has d_in={sae.d_in}")
+        raise ShardError(f"{ss.path}: activations have d={ss.d} but the SAE has d_in={sae.d_in} (a shard set of "
+                         "another model or layer?)")
     if getattr(sae, "n_models", 1) != 1:
         raise ValueError("compute_top_images needs a single SAE; pass sae.member(i)")
     device = torch.device(device)
@@ -160,6 +189,12 @@ def compute_top_images(
 
         it = tqdm(it, total=-(-len(ss) // batch_size), desc="top images", unit="batch", leave=False)
     for batch in it:
+        bad = ~np.isfinite(batch.acts).all(axis=1)
+        if bad.any():  # one NaN row would make every latent's statistics NaN
+            shard, row = ss.locate(batch.index[np.flatnonzero(bad)[:1]])
+            raise ShardError(f"{ss.path}/{ss.manifest['shards'][int(shard[0])]['name']}.acts.npy row {int(row[0])}: "
+                             f"activation holds NaN or Inf ({int(bad.sum())} such row(s) in this batch); re-extract "
+                             "the shard set (`--validate_shards full` finds every one)")
         x = torch.from_numpy(batch.acts).to(device)
         idx = torch.from_numpy(batch.index).to(device)
         f = sae.encode(x).float()  # [B, d_sae]

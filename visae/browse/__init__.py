@@ -84,7 +84,17 @@ def _matching_stats(path: Path, n_examples: int, d_sae: int, cfg: BrowseConfig) 
 
 
 def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
-    """Write the site; returns the path of its index.html (``backbone``: an already loaded text model for naming)."""
+    """Write the site; returns the path of its index.html (``backbone``: an already loaded text model for naming).
+
+    Holds the lock of the site directory while it writes (:func:`visae.atomic.output_lock`).
+    """
+    from visae.atomic import output_lock
+
+    with output_lock(cfg.out, "visae browse"):
+        return _build_site(cfg, backbone=backbone)
+
+
+def _build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     from visae.browse.images import ImageResolver, image_id, make_thumbnails
     from visae.browse.site import write_site
     from visae.naming import NamingError, _shards_path, name_concepts, read_concepts

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from visae.errors import VisaeError
+from visae.integrity import check_finite, json_digest, sha256_bytes
 
 __all__ = ["SAEConfig", "SAE", "LossOutput", "SAEFormatError", "FORMAT_NAME", "FORMAT_VERSION", "aux_k_term"]
 
@@ -37,6 +38,9 @@ FORMAT_NAME = "visae.sae"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 CFG_FILE = "cfg.json"
+CHECKSUMS_FIELD = "checksums"
+UNVERIFIED_WARNING = ("records no checksums (made by another tool or an older visae): its weights cannot be "
+                      "verified; save it again with visae to record them")
 K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka")  # the architectures that read SAEConfig.k
 
 
@@ -537,6 +541,10 @@ class SAE(nn.Module):
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write ``path/weights.safetensors`` and ``path/cfg.json`` (the commit point, written last, atomically).
 
+        ``cfg.json`` records under ``"checksums"`` the SHA-256 and size of the weights file and
+        a digest of its own content (canonical JSON without that field), which ``load_sae``
+        verifies (docs/sae_format.md).
+
         ``extra`` (JSON-able: training config, shard source, metrics) is stored in cfg.json under
         ``"extra"`` and kept on ``self.extra``.
         """
@@ -550,9 +558,13 @@ class SAE(nn.Module):
             self.extra = dict(extra)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "architecture": self.architecture}
-        atomic_write_bytes(path / WEIGHTS_FILE, st_save(tensors, metadata=meta))
+        data = st_save(tensors, metadata=meta)
+        atomic_write_bytes(path / WEIGHTS_FILE, data)
         doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.cfg.to_dict(), "extra": self.extra}
-        atomic_write_text(path / CFG_FILE, json.dumps(doc, indent=1, default=_json_default))
+        doc = json.loads(json.dumps(doc, default=_json_default))  # as a reader will parse it
+        doc[CHECKSUMS_FIELD] = {WEIGHTS_FILE: {"sha256": sha256_bytes(data), "bytes": len(data)},
+                                CFG_FILE: {"json_sha256": json_digest(doc)}}
+        atomic_write_text(path / CFG_FILE, json.dumps(doc, indent=1))
         return path
 
     @classmethod
@@ -590,7 +602,7 @@ def sae_class(architecture: str) -> type[SAE]:
 def load_sae(path: str | Path, device: Any = "cpu") -> SAE:
     """Load ``path/cfg.json`` + ``path/weights.safetensors`` into a ready-to-use SAE (raw-input inference)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load as st_load
 
     path = Path(path)
     cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
@@ -601,14 +613,26 @@ def load_sae(path: str | Path, device: Any = "cpu") -> SAE:
     if not w_path.is_file():
         raise SAEFormatError(f"{w_path} is missing (the weights of the SAE described by {cfg_path})")
     try:
-        doc = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+        doc = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SAEFormatError(f"{cfg_path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise SAEFormatError(f"{cfg_path} cannot be read: {e}") from None
+    if not isinstance(doc, dict):
+        raise SAEFormatError(f"{cfg_path}: expected a JSON object, got {type(doc).__name__}")
+    if not isinstance(doc.get("extra", {}), (dict, type(None))):
+        raise SAEFormatError(f"{cfg_path}: field 'extra' must be an object, got {type(doc['extra']).__name__}")
     if doc.get("format") != FORMAT_NAME:
         raise SAEFormatError(f"{cfg_path}: field 'format' is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
     if doc.get("format_version") != FORMAT_VERSION:
         raise SAEFormatError(f"{cfg_path}: field 'format_version' is {doc.get('format_version')!r}, "
                              f"this visae reads version {FORMAT_VERSION}")
+    checksums = doc.pop(CHECKSUMS_FIELD, None)
+    try:
+        data = w_path.read_bytes()
+    except OSError as e:
+        raise SAEFormatError(f"{w_path}: cannot be read ({e})") from None
+    _verify_checksums(checksums, doc, data, cfg_path, w_path)
     extra = doc.pop("extra", {}) or {}
     doc.pop("format"), doc.pop("format_version")
     try:
@@ -617,9 +641,11 @@ def load_sae(path: str | Path, device: Any = "cpu") -> SAE:
         raise SAEFormatError(f"{cfg_path}: {e}") from None
     sae = sae_class(cfg.architecture)(cfg, device=device)
     try:
-        state = load_file(str(w_path), device=str(device))
-    except (SafetensorError, OSError) as e:
+        state = st_load(data)
+    except (SafetensorError, OSError, ValueError) as e:
         raise SAEFormatError(f"{w_path}: not a readable safetensors file ({e})") from None
+    check_finite(state, str(w_path), SAEFormatError)
+    state = {k: v.to(device) for k, v in state.items()}
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
@@ -631,6 +657,35 @@ def load_sae(path: str | Path, device: Any = "cpu") -> SAE:
     sae.extra = extra
     sae.eval()
     return sae
+
+
+def _verify_checksums(checksums: Any, doc: dict[str, Any], data: bytes, cfg_path: Path, w_path: Path) -> None:
+    """Check ``cfg.json``'s recorded checksums against its content and the weights' bytes; name the damaged file.
+
+    No ``checksums`` field (an SAE directory written by another tool or before visae recorded
+    them): accepted with a warning. Raises SAEFormatError for a mismatch or a malformed field.
+    """
+    import warnings
+
+    if checksums is None:
+        warnings.warn(f"SAE directory {cfg_path.parent} {UNVERIFIED_WARNING}", UserWarning, stacklevel=3)
+        return
+    w = checksums.get(WEIGHTS_FILE) if isinstance(checksums, dict) else None
+    c = checksums.get(CFG_FILE) if isinstance(checksums, dict) else None
+    if not (isinstance(w, dict) and isinstance(w.get("sha256"), str) and isinstance(c, dict)
+            and isinstance(c.get("json_sha256"), str)):
+        raise SAEFormatError(f"{cfg_path}: field {CHECKSUMS_FIELD!r} is malformed (expected {{{WEIGHTS_FILE!r}: "
+                             f"{{'sha256', 'bytes'}}, {CFG_FILE!r}: {{'json_sha256'}}}})")
+    if json_digest(doc) != c["json_sha256"]:
+        raise SAEFormatError(f"{cfg_path} is damaged or was edited: its content does not match the checksum it "
+                             f"recorded when it was written (if you edited it on purpose, delete its "
+                             f"{CHECKSUMS_FIELD!r} field to load it unverified)")
+    if w.get("bytes") is not None and w["bytes"] != len(data):
+        raise SAEFormatError(f"{w_path} is damaged: {len(data)} bytes, {cfg_path} recorded {w['bytes']} "
+                             "(truncated or replaced); restore it or retrain")
+    if sha256_bytes(data) != w["sha256"]:
+        raise SAEFormatError(f"{w_path} is damaged: its SHA-256 differs from the one {cfg_path} recorded when it "
+                             "was written; restore it or retrain")
 
 
 def _json_default(o: Any) -> Any:

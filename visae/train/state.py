@@ -193,8 +193,12 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict[st
     from safetensors.torch import save as st_save
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    from visae.integrity import tensors_digest
+
     t = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {"format": CHECKPOINT_FORMAT, "version": str(CHECKPOINT_VERSION), "state": json.dumps(state)}
+    state_json = json.dumps(state)
+    meta = {"format": CHECKPOINT_FORMAT, "version": str(CHECKPOINT_VERSION), "state": state_json,
+            "sha256": tensors_digest(t, state_json)}  # of its own tensors and state; verified by load_checkpoint
     atomic_write_bytes(path, st_save(t, metadata=meta))
 
 
@@ -218,7 +222,21 @@ def load_checkpoint(path: str | Path, device: Any = "cpu") -> tuple[dict[str, to
     if meta.get("version") not in READABLE_CHECKPOINT_VERSIONS:
         raise TrainError(f"{path}: checkpoint version {meta.get('version')!r}, this visae reads versions "
                          f"{', '.join(READABLE_CHECKPOINT_VERSIONS)}")
+    _verify_checkpoint(path, tensors, meta)
     return tensors, json.loads(meta["state"])
+
+
+def _verify_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """The checksum in the checkpoint's metadata must match its tensors and state; its weights must be finite."""
+    from visae.integrity import check_finite, tensors_digest
+
+    if "sha256" not in meta:
+        warnings.warn(f"checkpoint {path} records no checksum (written by an older visae): it cannot be verified",
+                      UserWarning, stacklevel=3)
+    elif tensors_digest(tensors, meta.get("state", "")) != meta["sha256"]:
+        raise TrainError(f"checkpoint {path} is damaged: its tensors or state do not match the checksum recorded "
+                         "when it was written; delete it (the run restarts) or restore it")
+    check_finite({k: v for k, v in tensors.items() if k.startswith("sae.")}, f"checkpoint {path}", TrainError)
 
 
 def _check_resume(st: dict[str, Any], cfg_dict: dict[str, Any], sae_cfg: Any, shards: ShardSet, ckpt: Path,

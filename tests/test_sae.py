@@ -70,6 +70,13 @@ def test_init_b_dec():
     assert_bitwise_equal(sae.b_dec[0], mean, msg="stored mean")  # the same x.mean(0) (scale_factor 1 is exact)
 
 
+def _close(a, b, bounds, key, what, factor=1.0):
+    """a and b within the derived rounding bound of ``bounds[key]`` (tests/tolerances.sae_step_bounds) of member 0."""
+    n_terms, scale = bounds[key]
+    assert_close_derived(a, b, n_terms=n_terms, scale=factor * (scale[0] if scale.ndim else scale),
+                         dtype=torch.float32, probabilistic=True, msg=what)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stack_equals_members(arch):
     torch.manual_seed(0)
@@ -91,25 +98,20 @@ def test_stack_equals_members(arch):
         o = s.training_loss(x, l1_coeff=float(coeff[i]), impl="reference")
         o.loss.backward()
 
-        def close(a, b, key, what, factor=1.0):
-            n_terms, scale = bd[key]
-            assert_close_derived(a, b, n_terms=n_terms, scale=factor * (scale[0] if scale.ndim else scale),
-                                 dtype=torch.float32, probabilistic=True, msg=f"member {i}: {what}")
-
-        close(out.mse[i], o.mse[0], "mse", "mse")
-        close(out.l1[i], o.l1[0], "l1", "l1")
-        close(out.sq_err[i], o.sq_err[0], "sq_err", "sq_err")
+        _close(out.mse[i], o.mse[0], bd, "mse", f"member {i}: mse")
+        _close(out.l1[i], o.l1[0], bd, "l1", f"member {i}: l1")
+        _close(out.sq_err[i], o.sq_err[0], bd, "sq_err", f"member {i}: sq_err")
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            close(getattr(stacked, name).grad[i], getattr(s, name).grad[0], name, f"d loss / d {name}")
+            _close(getattr(stacked, name).grad[i], getattr(s, name).grad[0], bd, name, f"member {i}: d loss / d {name}")
         # inference on other raw inputs (not the batch that set a batchtopk threshold: no ties)
         bd = sae_step_bounds(s, x2, coeff[i:i + 1])
         x_hat, f = stacked(x2 * 3)
         x_hat1, f1 = s(x2 * 3)
-        close(x_hat[i], x_hat1, "x_hat", "x_hat (x 3)", factor=3.0)  # raw space: 3 x the SAE-space scale
-        close(f[i], f1, "codes", "codes")
+        _close(x_hat[i], x_hat1, bd, "x_hat", f"member {i}: x_hat (x 3)", factor=3.0)  # raw space: 3 x the SAE-space scale
+        _close(f[i], f1, bd, "codes", f"member {i}: codes")
         # member() gives back the same SAE; unit_norm input: raw scale does not change the codes
         m = stacked.member(i)
-        close(m(x2)[0], x_hat1 / 3, "x_hat", "member x_hat")
+        _close(m(x2)[0], x_hat1 / 3, bd, "x_hat", f"member {i}: member() x_hat")
 
 
 def test_decoder_constraints():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 from types import SimpleNamespace
 
@@ -13,7 +12,8 @@ import torch.nn.functional as F
 open_clip = pytest.importorskip("open_clip")
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP  # noqa: E402
 
-from tolerances import assert_bitwise_equal, assert_close_derived  # noqa: E402
+from tolerances import (assert_bitwise_equal, assert_close_derived, assert_same_unit_vectors,  # noqa: E402
+                        backbone_in_float64)
 from visae.text import (context_length, embed_prompts, encode_texts, fast_text_parts,  # noqa: E402
                         prompts_that_do_not_fit, texts_that_do_not_fit)
 
@@ -46,31 +46,18 @@ def reference(bb, texts):
         return F.normalize(bb.model.encode_text(bb.tokenizer(texts)).float(), dim=-1)
 
 
-def in_float64(bb):
-    """The backbone with a float64 copy of its model: the fast path and encode_text then differ by float64 rounding
-    (~1e-15 through a few layers), and each rounds its unit vectors to float32 once, so they may differ by at most
-    those two float32 roundings -- a derived bound (tests/tolerances.py) that holds on any machine and thread count,
-    where two float32 transformer passes of different shapes round differently by amounts nobody can bound usefully."""
-    model = copy.deepcopy(bb.model).double()
-    return SimpleNamespace(**{**vars(bb), "model": model, "encode_text": model.encode_text})
-
-
-def assert_same_unit_vectors(got, ref, what):
-    """float64 computations rounded to float32 once each: |got - ref| <= 2 u32 |ref| (+ the float64 chain)."""
-    assert_close_derived(got, ref, n_terms=2, scale=ref.abs() + 1e-6, dtype=torch.float32, msg=what)
-
 
 @pytest.mark.parametrize("cls", [CLIP, CustomTextCLIP])
 @pytest.mark.parametrize("pool", ["argmax", "eos", "first"])
 def test_fast_path_equals_encode_text_tiny(cls, pool):
-    bb = in_float64(tiny_backbone(cls, pool))
+    bb = backbone_in_float64(tiny_backbone(cls, pool))
     assert fast_text_parts(bb.model) is not None
     got = embed_prompts(bb, WORDS, batch_size=3)
     assert_same_unit_vectors(got, reference(bb, WORDS), f"{cls.__name__} {pool}")
 
 
 def test_last_pooling_falls_back_to_full_context():
-    bb = in_float64(tiny_backbone(CLIP, "last"))
+    bb = backbone_in_float64(tiny_backbone(CLIP, "last"))
     assert fast_text_parts(bb.model) is None
     assert_same_unit_vectors(embed_prompts(bb, WORDS[:4]), reference(bb, WORDS[:4]), "last pooling")
 
@@ -152,7 +139,7 @@ def test_fast_path_equals_encode_text_toyclip():
     bb = load_backbone("visae-toyclip", random_init=True)
     words = ["red", "circle", "a photo of a red circle on the left", "something striped", "hippopotamus", "x" * 100]
     assert fast_text_parts(bb.model) is not None
-    bb64 = in_float64(bb)
+    bb64 = backbone_in_float64(bb)
     assert_same_unit_vectors(embed_prompts(bb64, words, batch_size=4), reference(bb64, words), "toy CLIP")
     # and through the registry's Backbone (its encode_text), with templates and the cache key it exposes
     emb = encode_texts(bb, words[:2], ["a {} object", "something {}"])

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 __all__ = ["unit_roundoff", "gamma", "gamma_prob", "error_bound", "matmul_scale", "assert_close_derived",
-           "assert_bitwise_equal", "max_diff", "sae_step_bounds"]
+           "assert_bitwise_equal", "max_diff", "sae_step_bounds", "backbone_in_float64", "assert_same_unit_vectors"]
 
 
 def unit_roundoff(dtype: Any) -> float:
@@ -231,3 +231,23 @@ def sae_step_bounds(sae: Any, x: torch.Tensor, coeff: torch.Tensor, dead: torch.
         theta = sae.log_threshold.detach().double().exp()
         out["log_threshold"] = (n_grad, theta * ((theta / sae.cfg.jumprelu_bandwidth)[:, None, :] * G_pre).sum(1))
     return out
+
+
+def backbone_in_float64(bb: Any) -> Any:
+    """A shallow copy of a backbone (registry ``Backbone`` or namespace) with a float64 deep copy of its model.
+
+    Two float32 passes through a transformer with different batch shapes, thread splits or SIMD paths round
+    differently by amounts no useful bound covers; in float64 they differ by ~1e-15, and the float32 unit
+    vectors that visae.text returns are then each rounded once from values that close: compare them with
+    :func:`assert_same_unit_vectors`.
+    """
+    import copy
+    from types import SimpleNamespace
+
+    model = copy.deepcopy(bb.model).double()
+    return SimpleNamespace(**{**vars(bb), "model": model, "encode_text": model.encode_text})
+
+
+def assert_same_unit_vectors(got: Any, ref: Any, what: str = "") -> None:
+    """Float64 computations rounded to float32 once each: |got - ref| <= 2 u32 |ref| (1e-6 floor for the float64 chain)."""
+    assert_close_derived(got, ref, n_terms=2, scale=_f64(ref).abs() + 1e-6, dtype=torch.float32, msg=what)

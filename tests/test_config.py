@@ -188,3 +188,13 @@ def test_every_config_file_loads_into_its_class(path: Path):
     if not (len(lines) > 1 and lines[1].strip() == "# overrides"):
         assert config_to_dict(cfg) == config_to_dict(cls()), f"{path} differs from {cls_name}'s defaults: regenerate it"
         assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(cls)}
+    # a dump lists every field, nested configs' too (a field added to a nested config shows up here)
+    if not (len(lines) > 1 and lines[1].strip() == "# overrides"):
+        assert _keys(yaml.safe_load(path.read_text())) == _keys(config_to_dict(cls())), f"{path}: regenerate it"
+
+
+def _keys(d, prefix=""):
+    out = set()
+    for k, v in d.items():
+        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+    return out

@@ -380,7 +380,8 @@ def _write_plan(out: Path, cfg: SweepConfig, tcfg: Any, trials: list[Trial], gro
         old_cfg = {k: v for k, v in _flat(old.get("config", {})).items() if not _resume_free(k)}
         new_cfg = {k: v for k, v in _flat(doc["config"]).items() if not _resume_free(k)}
         if old_cfg != new_cfg:
-            diff = {k: (old_cfg.get(k), v) for k, v in new_cfg.items() if old_cfg.get(k) != v}
+            diff = {k: (old_cfg.get(k), new_cfg.get(k)) for k in sorted(old_cfg.keys() | new_cfg.keys())
+                    if old_cfg.get(k, ...) != new_cfg.get(k, ...)}
             raise SweepError(f"{path}: this directory holds a sweep with another config (on disk, now): {diff}; "
                              "rerun with the same settings to resume, or use a new --out")
         if old.get("groups") != doc["groups"]:
@@ -465,7 +466,24 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
                     benchmark_classes(sel.classifier.benchmark, sel.classifier.classnames_file, sel.classifier.templates_file)
             except (ValueError, OSError) as e:
                 raise SweepError(f"selection: {e}") from None
+            _check_zeroshot_selectable(cfg, shards)
     return shards, tcfg
+
+
+def _check_zeroshot_selectable(cfg: SweepConfig, shards: ShardSet) -> None:
+    """Zero-shot selection on a selection set that is not the final image embedding runs through the splice; refuse
+    one it cannot run on (token 'mean', images gone, ...) now, before any trial trains."""
+    from visae.zeroshot import final_embedding_problem, splice_problem
+
+    which = f"--val_shards {cfg.selection.val_shards}" if cfg.selection.val_shards else f"--shards {cfg.train.shards}"
+    src = ShardSet(cfg.selection.val_shards).source if cfg.selection.val_shards else shards.source
+    if final_embedding_problem(src) is None:
+        return
+    why = splice_problem(src)
+    if why:
+        raise SweepError(f"selection by {cfg.selection.metric}: {which} is not the final image embedding, and its "
+                         f"SAEs cannot be scored spliced into the model: {why}. Nothing was trained; use --metric "
+                         "explained_variance, or --no_select and score later")
 
 
 def sweep(cfg: SweepConfig) -> Path:

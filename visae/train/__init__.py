@@ -52,11 +52,29 @@ __all__ = ["TrainConfig", "TrainError", "TrainResult", "Trainer", "train", "trai
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train one SAE as ``cfg`` says; returns its directory (``cfg.out``)."""
-    shards = open_shards(cfg)
-    _check_shards(shards, cfg.validate_shards)
-    sae_cfg = sae_config_for(cfg, shards)
-    result = train_stack(shards, sae_cfg, [cfg.lr], [cfg.l1_coeff], cfg, [Path(cfg.out)])
+    """Train one SAE as ``cfg`` says; returns its directory (``cfg.out``).
+
+    Holds the lock of ``cfg.out`` while it runs (:func:`visae.atomic.output_lock`: a second
+    writer of the same --out is refused at once; stale temporary files there are removed).
+    """
+    from contextlib import nullcontext
+
+    from visae.atomic import output_lock
+    from visae.train.dist import DataParallel
+
+    if not cfg.out:
+        raise TrainError("--out is required: the directory for the SAE")
+    # Under torchrun (WORLD_SIZE > 1): one SAE trained data-parallel; rank 0 holds the lock and writes.
+    dp = DataParallel.from_env(cfg.dist_timeout, cfg.device)
+    with output_lock(cfg.out, "visae train") if dp.is_writer else nullcontext():
+        if not dp.is_writer:
+            dp.barrier()  # rank 0 has generated --synthetic data and validated the shards
+        shards = open_shards(cfg)
+        if dp.is_writer:
+            _check_shards(shards, cfg.validate_shards)
+            dp.barrier()
+        sae_cfg = sae_config_for(cfg, shards)
+        result = train_stack(shards, sae_cfg, [cfg.lr], [cfg.l1_coeff], cfg, [Path(cfg.out)], dp=dp)
     return result.out_dirs[0]
 
 

@@ -29,7 +29,7 @@ SUMMARY_FILE = "train_summary.json"
 
 # Fields that may differ between a run and its --resume without changing the result.
 _RESUME_FREE_FIELDS = {"resume", "overwrite", "max_steps", "progress", "wandb", "wandb_project", "wandb_name",
-                       "plot", "validate_shards", "prefetch", "device", "num_epochs", "log_every",
+                       "plot", "validate_shards", "prefetch", "device", "dist_timeout", "num_epochs", "log_every",
                        "checkpoint_every_steps", "keep_checkpoint", "shards"}  # shards: checked by content
 
 
@@ -110,6 +110,9 @@ class TrainConfig:
                                                                   "inputs counts as dense"})
     # -- runtime
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:1, ..."})
+    dist_timeout: float = field(default=300.0, metadata={"help": "data-parallel (torchrun): seconds a collective "
+                                                                 "waits for the other ranks before the run fails "
+                                                                 "(a killed rank ends the run this fast)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps in total (0 = no limit; "
                                                         "for benchmarks and tests); a checkpoint is written"})
     log_every: int = field(default=50, metadata={"help": "steps between training-metric records"})
@@ -132,16 +135,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         positive = ("num_epochs", "batch_size", "expansion_factor", "k", "log_every", "init_examples",
                     "resample_examples", "dead_window_steps", "shuffle_buffer", "synthetic_examples", "synthetic_d",
-                    "synthetic_atoms")
+                    "synthetic_atoms", "lr", "dist_timeout")
         for name in positive:
-            if int(getattr(self, name)) <= 0:
+            if not getattr(self, name) > 0:  # (not x > 0: a NaN is refused too)
                 raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "lr_warmup_steps", "l1_warmup_steps", "resample_every", "checkpoint_every_steps",
                      "prefetch"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"TrainConfig.lr must be positive, got {self.lr}")
         if not self.l1_coeff >= 0:
             raise ConfigError(f"TrainConfig.l1_coeff must be >= 0, got {self.l1_coeff}")
         if self.l1_convention not in ("unit", "raw"):

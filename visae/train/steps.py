@@ -19,7 +19,8 @@ __all__ = ["evaluate", "resample_dead_latents"]
 
 @torch.no_grad()  # validation only: no autograd graphs
 def evaluate(sae: Any, view: ShardView, batch_size: int, l1_coeff: torch.Tensor, device: torch.device,
-             amp: Any = None, dense_threshold: float = 0.1, aux_coeff: float = 0.0) -> list[dict[str, float | None]]:
+             amp: Any = None, dense_threshold: float = 0.1, aux_coeff: float = 0.0,
+             dp: Any = None) -> list[dict[str, float | None]]:
     """Metrics of every member on ``view`` (one pass) through the INFERENCE path, as the saved SAE computes them.
 
     Codes are ``sae._activate(sae.preacts(x))`` on the inputs normalised as ``SAE.forward``
@@ -31,6 +32,8 @@ def evaluate(sae: Any, view: ShardView, batch_size: int, l1_coeff: torch.Tensor,
     ``explained_variance`` (1 - SSE / SST over the whole view; None with a warning when SST = 0,
     e.g. a 1-row split), ``dead_fraction`` (never fired on it), ``dense_fraction`` (fires on more
     than ``dense_threshold`` of it), ``examples``. ``aux_coeff`` is accepted for compatibility.
+    ``dp`` (:class:`visae.train.dist.DataParallel`): rank r scores batches j = r mod W and the sums are
+    all-reduced, so every rank returns the metrics of the whole view.
     """
     S, d_sae = sae.n_models, sae.d_sae
     n = 0
@@ -43,7 +46,9 @@ def evaluate(sae: Any, view: ShardView, batch_size: int, l1_coeff: torch.Tensor,
     was_training = sae.training
     sae.eval()
     dec_norm = sae.W_dec.detach().norm(dim=-1).double()  # [S, d_sae]
-    for b in view.sequential_batches(batch_size):
+    for j, b in enumerate(view.sequential_batches(batch_size)):
+        if dp is not None and not dp.my_batches(j):
+            continue
         x = torch.from_numpy(b.acts).to(device)
         B = x.shape[0]
         with amp or nullcontext():
@@ -62,6 +67,7 @@ def evaluate(sae: Any, view: ShardView, batch_size: int, l1_coeff: torch.Tensor,
         sxx += xs.square().sum()
         n += B
     sae.train(was_training)
+    n = _summed(dp, [sums, sse, fire, sx, sxx], n)
     if n == 0:
         return [{} for _ in range(S)]
     means = (sums / n).cpu()
@@ -85,7 +91,8 @@ def evaluate(sae: Any, view: ShardView, batch_size: int, l1_coeff: torch.Tensor,
 
 @torch.no_grad()
 def resample_dead_latents(sae: Any, opt: StackedAdam, dead: torch.Tensor, view: ShardView, cfg: TrainConfig,
-                          tag: int, batch_size: int, member_keys: Sequence[int] | None = None) -> torch.Tensor:
+                          tag: int, batch_size: int, member_keys: Sequence[int] | None = None,
+                          dp: Any = None) -> torch.Tensor:
     """Anthropic resampling of ``dead [S, d_sae]`` latents; returns the number resampled per member [S] (CPU).
 
     Scores a seeded subset of ``view`` with the current SAE; each dead latent gets as decoder row a
@@ -96,6 +103,10 @@ def resample_dead_latents(sae: Any, opt: StackedAdam, dead: torch.Tensor, view: 
     mean norm of the member's alive encoder columns, a zero encoder bias, and fresh Adam state.
     Member s draws from its own generator seeded by ``(cfg.seed, tag, member_keys[s])``
     (:func:`member_key`; default: the member index), so its draws do not depend on the other members.
+    ``dp`` (:class:`visae.train.dist.DataParallel`): rank r scores the batches j = r mod W of the same
+    subset (the same batches as one process, so each error is bit-identical), the errors are
+    all-reduced (the other ranks contribute exact zeros) and every rank draws from the same
+    generators: the rows resampled are identical on every rank and equal one process's.
     """
     dead = dead.to(sae.W_enc.device)
     n_dead = dead.sum(-1).cpu()
@@ -108,15 +119,20 @@ def resample_dead_latents(sae: Any, opt: StackedAdam, dead: torch.Tensor, view: 
     pos = np.sort(rng.choice(len(view), size=n, replace=False))
     sub = ShardView(view.shards, view.index[pos])
     errs = []
+    spans = []  # (start, end) columns of each scored batch
     was_training = sae.training
     kernel_state = sae.kernel_state()  # scoring must not change the training kernels' choice
     sae.eval()  # scoring must not move running statistics (e.g. BatchTopK's threshold)
-    for b in sub.sequential_batches(batch_size):
-        out = sae.training_loss(torch.from_numpy(b.acts).to(dev), 0.0)
-        errs.append(out.sq_err.float().cpu())
+    at = 0
+    for j, b in enumerate(sub.sequential_batches(batch_size)):
+        spans.append((at, at + b.acts.shape[0]))
+        at += b.acts.shape[0]
+        if dp is None or dp.my_batches(j):
+            out = sae.training_loss(torch.from_numpy(b.acts).to(dev), 0.0)
+            errs.append(out.sq_err.float().cpu())
     sae.train(was_training)
     sae.load_kernel_state(kernel_state)
-    sq_err = torch.cat(errs, dim=1).clamp_min(0)  # [S, n], positions in `pos` order
+    sq_err = _gathered(errs, spans, S, dp).clamp_min(0)  # [S, n], positions in `pos` order
     keys = list(member_keys) if member_keys is not None else list(range(S))
     if len(keys) != S:
         raise TrainError(f"resample_dead_latents: {S} members need {S} member_keys, got {len(keys)}")
@@ -142,3 +158,25 @@ def resample_dead_latents(sae: Any, opt: StackedAdam, dead: torch.Tensor, view: 
     sae.reset_latents_(dead)  # the architecture's extras (e.g. a learned threshold) of those latents
     opt.reset_latents_(dead)
     return n_dead
+
+
+def _summed(dp: Any, sums: list[torch.Tensor], n: int) -> int:
+    """Data-parallel: all-reduce ``sums`` in place and return the total count (``n`` with one process)."""
+    if dp is None or not dp.active:
+        return n
+    n_t = torch.tensor([float(n)], dtype=torch.float64, device=sums[0].device)
+    dp.sum_(sums + [n_t])
+    return int(n_t.item())
+
+
+def _gathered(errs: list[torch.Tensor], spans: list[tuple[int, int]], S: int, dp: Any) -> torch.Tensor:
+    """The scored errors [S, n] of every batch: this process's ``errs`` (one per batch, or per batch j = r mod W
+    of rank r) placed at their ``spans`` and, data-parallel, summed over ranks (x + 0 = x exactly)."""
+    if dp is None or not dp.active:
+        return torch.cat(errs, dim=1)
+    n = spans[-1][1] if spans else 0
+    full = torch.zeros(S, n, dtype=torch.float32, device=dp.reduce_device)
+    for e, j in zip(errs, range(dp.rank, len(spans), dp.world)):
+        full[:, spans[j][0]:spans[j][1]] = e.to(full.device)
+    dp.sum_([full])
+    return full.cpu()

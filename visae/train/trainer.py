@@ -29,11 +29,13 @@ import torch
 
 from visae.atomic import atomic_write_text
 from visae.config import config_to_dict
+from visae.errors import Interrupted
 from visae.metrics import CURVES_FILE, METRICS_FILE, MetricsLogger, plot_curves
 from visae.optim import StackedAdam
 from visae.train.config import CHECKPOINT_DIR, CHECKPOINT_FILE, SUMMARY_FILE, TrainConfig, TrainError, TrainResult
 from visae.train.data import (RANDOM_WEIGHTS_WARNING, _Feeder, _sample_rows, _split, backbone_random_init,
                               l1_coeffs_used, member_key, plan_warnings, resolve_device)
+from visae.train.dist import DataParallel, NullLogger
 from visae.train.state import (_check_resume, _DeadTracker, _IntervalLog, _rng_state, _Schedules, _warn_undefined_ev,
                                load_checkpoint, save_checkpoint, warmups_incomplete)
 from visae.train.steps import evaluate, resample_dead_latents
@@ -53,8 +55,10 @@ class Trainer:
     """
 
     def __init__(self, data: Any, sae_cfg: Any, lrs: Sequence[float], l1_coeffs: Sequence[float], cfg: TrainConfig,
-                 out_dirs: Sequence[str | Path] | None = None, *, extra: Sequence[dict[str, Any]] | None = None):
+                 out_dirs: Sequence[str | Path] | None = None, *, extra: Sequence[dict[str, Any]] | None = None,
+                 dp: DataParallel | None = None):
         self.cfg = cfg
+        self.dp = dp if dp is not None else DataParallel()  # one process unless given ranks (visae.train.dist)
         self.lrs, self.l1_coeffs = [float(v) for v in lrs], [float(v) for v in l1_coeffs]
         self._check_args(out_dirs, extra)
         self._open_data(data, sae_cfg)
@@ -62,8 +66,13 @@ class Trainer:
         self._build()
         if resume_state is not None:
             self._restore(*resume_state)
+            self._localise_interval()  # the checkpoint's interval sums are global: rank 0 holds them
         else:
             self._initialise()
+        self.dp.broadcast_module_(self.sae)  # data-parallel: every rank starts from rank 0's weights
+        self.dp.barrier()  # every rank has read the checkpoint before rank 0 replaces it
+        if self._replace_checkpoint and self.dp.is_writer:  # --overwrite: only now that the request is valid
+            shutil.rmtree(self.run_dir / CHECKPOINT_DIR)
         self._open_logger(resumed=resume_state is not None)
 
     # ------------------------------------------------------------------ the loop
@@ -84,12 +93,28 @@ class Trainer:
                     self._checkpoint()
                     break
                 self._end_of_epoch()
+        except KeyboardInterrupt:
+            self.logger.close()  # flush the log and finish a wandb run; the checkpoint is the resume point
+            raise Interrupted(self._interrupted_note()) from None
         except BaseException:
             self.logger.close()  # flush the log and finish a wandb run; the checkpoint is the resume point
             raise
         finally:
             self.bar.close()
         return self._save()
+
+    def _interrupted_note(self) -> str:
+        """Ctrl-C: which checkpoint holds the run and how to continue it."""
+        how = "rerun the same command" + ("" if self.cfg.resume else " with --resume") + " to continue from it"
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(self.ckpt_path), framework="pt") as f:
+                saved = json.loads((f.metadata() or {})["state"])["step"]
+        except Exception:  # noqa: BLE001 - no (readable) checkpoint yet
+            return (f"stopped at step {self.step} before the first checkpoint ({self.ckpt_path}); rerun the same "
+                    "command to start again")
+        return f"stopped at step {self.step}; the checkpoint {self.ckpt_path} holds step {saved}: {how}"
 
     # ------------------------------------------------------------------ construction
     def _check_args(self, out_dirs: Sequence[str | Path] | None, extra: Sequence[dict[str, Any]] | None) -> None:
@@ -112,7 +137,8 @@ class Trainer:
         # lambda as given (member identity: resume check, resampling seeds) -> lambda the loss uses
         self.l1_used, self.l1_conversion = l1_coeffs_used(self.l1_coeffs, cfg.l1_convention, self.train_view,
                                                           self.sae_cfg)
-        self.device = resolve_device(cfg.device)
+        self.device = self.dp.device(resolve_device(cfg.device))
+        self.dp.check_batch(cfg.batch_size)
         # Every example once per epoch: the last batch of an epoch may be short (drop_last=False).
         self.steps_per_epoch = -(-len(self.train_view) // cfg.batch_size)
         if self.steps_per_epoch == 0:
@@ -128,13 +154,14 @@ class Trainer:
     def _resume_policy(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         cfg = self.cfg
         self.ckpt_path = self.run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE
+        self._replace_checkpoint = False
         if self.ckpt_path.exists():
             if cfg.resume:
                 return load_checkpoint(self.ckpt_path, device="cpu")
             if not cfg.overwrite:
                 raise TrainError(f"{self.ckpt_path} exists from an earlier run: pass --resume to continue it, or "
                                  "--overwrite (or another --out) to start again")
-            shutil.rmtree(self.run_dir / CHECKPOINT_DIR)
+            self._replace_checkpoint = True  # deleted in __init__ once everything else is validated
         elif not cfg.overwrite and not cfg.resume:
             for d in self.out_dirs:
                 if (d / "weights.safetensors").exists():
@@ -176,7 +203,7 @@ class Trainer:
         self.opt.load_state_dict({k[4:]: v.to(dev) for k, v in tensors.items() if k.startswith("opt.")})
         self.dead.load({k: v.to(dev) for k, v in tensors.items() if k.startswith("dead.")}, st["resample_step"])
         self.sched.load(tensors["sched.warm_start"])
-        torch.set_rng_state(tensors["rng.torch"])
+        torch.set_rng_state(tensors.get(f"rng.torch.{self.dp.rank}", tensors["rng.torch"]))
         if "rng.cuda" in tensors and dev.type == "cuda":
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         self.sae.load_kernel_state(st.get("kernel"))
@@ -230,11 +257,13 @@ class Trainer:
                          "config": self.cfg_dict | {"sae": self.sae_cfg.to_dict(), "lrs": self.lrs,
                                                     "l1_coeffs": self.l1_coeffs}}
         try:
-            self.logger = MetricsLogger(self.out_dirs, wandb_cfg, truncate_after_step=self.step if resumed else None)
+            self.logger = (MetricsLogger(self.out_dirs, wandb_cfg, truncate_after_step=self.step if resumed else None)
+                           if self.dp.is_writer else NullLogger())
         except RuntimeError as e:
             raise TrainError(str(e)) from None
-        self.wandb_id = self.logger.wandb_id
-        self.bar = tqdm(total=self.limit, initial=min(self.step, self.limit), unit="step", disable=not cfg.progress,
+        self.wandb_id = self.logger.wandb_id if self.dp.is_writer else self.wandb_id
+        self.bar = tqdm(total=self.limit, initial=min(self.step, self.limit), unit="step",
+                        disable=not cfg.progress or not self.dp.is_writer,
                         dynamic_ncols=True, file=sys.stderr,
                         desc=f"train {self.run_dir.name}" + (f" (S={S})" if S > 1 else ""))
         self.t_interval, self.ex_interval = time.perf_counter(), 0
@@ -246,7 +275,8 @@ class Trainer:
         cfg = self.cfg
         batches = self.train_view.epoch_batches(cfg.batch_size, epoch=self.epoch, seed=cfg.seed,
                                                 start_batch=self.batch_in_epoch, prefetch=cfg.prefetch,
-                                                buffer_size=max(cfg.shuffle_buffer, cfg.batch_size), drop_last=False)
+                                                buffer_size=max(cfg.shuffle_buffer, cfg.batch_size), drop_last=False,
+                                                world_size=self.dp.world, rank=self.dp.rank)
         feeder = _Feeder(batches, self.device)
         self._t0 = time.perf_counter()
         try:
@@ -262,23 +292,36 @@ class Trainer:
         sae, cfg = self.sae, self.cfg
         self.lr_now, self.l1_now = self.sched.lr(self.step), self.sched.l1(self.step)
         dead_mask = self.dead.dead_mask(cfg.dead_window_steps, self.step) if sae.uses_aux else None
-        with self.amp or nullcontext():
-            out = sae.training_loss(x, self.l1_now, dead_mask=dead_mask)
-        out.loss.backward()
+        out = None
+        if x.shape[0]:  # data-parallel: a rank's slice of a short last batch may be empty
+            with self.amp or nullcontext():
+                out = sae.training_loss(x, self.l1_now, dead_mask=dead_mask)
+            out.loss.backward()
+        m = self._global_rows(x.shape[0])
+        fired = self.dp.reduce_step_(sae, out, x.shape[0], m)  # global gradient and fired mask (no-op: 1 process)
         sae.remove_parallel_grad_()
         self.opt.step(self.lr_now)
         self.opt.zero_grad(set_to_none=True)
         sae.normalize_decoder_()
-        self.dead.update(out.fired, self.step + 1)
-        self.interval.add(out, x, sae.step_sparsity(out), self.l1_now)
+        self.dead.update(fired, self.step + 1)
+        if out is not None:
+            self.interval.add(out, x, sae.step_sparsity(out), self.l1_now)
+        self.interval.steps += out is None  # (an empty rank counts the step; its sums are unchanged)
         self.step += 1
         self.batch_in_epoch += 1
-        self.examples += x.shape[0]
-        self.ex_interval += x.shape[0]
+        self.examples += m
+        self.ex_interval += m
         self.bar.update(1)
+
+    def _global_rows(self, local: int) -> int:
+        """Rows of the current global batch (``local`` with one process): the batch size, or the epoch's rest."""
+        if not self.dp.active:
+            return local
+        return min(self.cfg.batch_size, len(self.train_view) - self.batch_in_epoch * self.cfg.batch_size)
 
     def _log_interval(self) -> None:
         """One ``train`` record per member: interval means, dead fractions, the last step's lr and lambda."""
+        self._reduce_interval()
         m, ev = self._interval_means()
         loss = m["mse"] + self.aux_coeff * m["aux"] + m["sparsity"]
         if ev[0] is None:
@@ -296,6 +339,7 @@ class Trainer:
                              refresh=False)
         if not partial:
             self.interval.reset()
+        self._localise_interval()
         self.t_interval, self.ex_interval = time.perf_counter(), 0
 
     def _interval_means(self) -> tuple[dict[str, np.ndarray], list[float | None]]:
@@ -321,12 +365,29 @@ class Trainer:
             r["partial"] = True
         return r
 
+    def _reduce_interval(self) -> None:
+        """Data-parallel: the interval's sums become global on every rank; then only rank 0 keeps them (the others
+        hold what they add from now on), so the next reduction counts every example once."""
+        if not self.dp.active:
+            return
+        iv = self.interval
+        n = torch.tensor([float(iv.n)], dtype=torch.float64, device=iv.sums.device)
+        self.dp.sum_([iv.sums, iv.sse, iv.sx, iv.sxx, n])
+        iv.n = int(n.item())
+
+    def _localise_interval(self) -> None:
+        """After a reduction was used (logged or checkpointed): ranks other than 0 drop the global sums."""
+        if self.dp.active and not self.dp.is_writer:
+            steps = self.interval.steps
+            self.interval.reset()
+            self.interval.steps = steps
+
     # ------------------------------------------------------------------ per epoch
     def _end_of_epoch(self) -> None:
         """Validate, resample (every ``resample_every`` epochs, not in the last period), checkpoint."""
         cfg = self.cfg
         self.last_val = evaluate(self.sae, self.val_view, cfg.batch_size, self.sched.l1(self.step), self.device,
-                                 self.amp, cfg.dense_threshold)
+                                 self.amp, cfg.dense_threshold, dp=self.dp)
         self.logger.log([{"type": "val", "step": self.step, "epoch": self.epoch} | v for v in self.last_val])
         done = self.epoch + 1
         R = cfg.resample_every
@@ -340,7 +401,7 @@ class Trainer:
         to_resample = self.dead.not_fired_since_resample()
         n = resample_dead_latents(self.sae, self.opt, to_resample, self.train_view, self.cfg, tag=tag,
                                   batch_size=self.cfg.batch_size,
-                                  member_keys=[member_key(a, b) for a, b in zip(self.lrs, self.l1_coeffs)])
+                                  member_keys=[member_key(a, b) for a, b in zip(self.lrs, self.l1_coeffs)], dp=self.dp)
         self.dead.resampled(to_resample, self.step)  # the new directions get a fresh dead window
         self.sched.rewarm(n.to(self.device) > 0, self.step)
         self.n_resampled = [a + int(b) for a, b in zip(self.n_resampled, n.tolist())]
@@ -356,12 +417,22 @@ class Trainer:
             self._t0 = time.perf_counter()
 
     def _checkpoint(self, finished: bool = False) -> None:
-        """Write ``<out>/checkpoint/checkpoint.safetensors`` atomically (format: docs/training.md)."""
+        """Write ``<out>/checkpoint/checkpoint.safetensors`` atomically (format: docs/training.md).
+
+        Data-parallel: every rank takes part (the interval sums and RNG states are collected), rank 0 writes.
+        """
+        self._reduce_interval()
+        rngs = self.dp.gather_rng()
+        if not self.dp.is_writer:
+            self._localise_interval()
+            return
         tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         tensors |= {f"opt.{k}": v for k, v in self.opt.state_dict().items()}
         tensors |= self.dead.state()
         tensors["sched.warm_start"] = self.sched.warm_start
         tensors |= _rng_state()
+        if self.dp.active:
+            tensors |= {f"rng.torch.{r}": t for r, t in enumerate(rngs)}
         log_tensors, log_state = self.interval.state()
         tensors |= log_tensors
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -371,7 +442,7 @@ class Trainer:
                  "sae_config": self.sae_cfg.to_dict(), "lrs": self.lrs, "l1_coeffs": self.l1_coeffs,
                  "out_dirs": [str(d) for d in self.out_dirs], "shards": self.shards_info, "param_names": self.names,
                  "wandb_id": self.wandb_id, "run_id": self.run_id, "kernel": self.sae.kernel_state(),
-                 "log": log_state, "world_size": 1, "rank": 0}
+                 "log": log_state, "world_size": self.dp.world, "rank": self.dp.rank}
         save_checkpoint(self.ckpt_path, tensors, state)
 
     # ------------------------------------------------------------------ the end
@@ -386,6 +457,9 @@ class Trainer:
                              n_resampled=self.n_resampled, warnings=flags, backbone_random_init=self.random_init)
         if finished:
             self._checkpoint(finished=True)
+        if not self.dp.is_writer:  # data-parallel: rank 0 writes the SAE directories and summaries
+            self.dp.barrier()
+            return result
         flagged = {"warmup_incomplete": incomplete, "backbone_random_init": self.random_init, "warnings": flags}
         for i, d in enumerate(self.out_dirs):
             member = self.sae.member(i) if self.S > 1 else self.sae
@@ -403,6 +477,7 @@ class Trainer:
         atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(result.to_dict(), indent=1))
         if finished and not cfg.keep_checkpoint:
             shutil.rmtree(self.run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        self.dp.barrier()  # the other ranks return once the files exist
         return result
 
     def _end_flags(self, finished: bool) -> tuple[list[str], list[str]]:
@@ -426,6 +501,7 @@ def train_stack(
     out_dirs: Sequence[str | Path] | None = None,
     *,
     extra: Sequence[dict[str, Any]] | None = None,
+    dp: DataParallel | None = None,
 ) -> TrainResult:
     """Train a stack of S = len(lrs) same-shape SAEs in one pass over the data; save member i to ``out_dirs[i]``.
 
@@ -438,11 +514,13 @@ def train_stack(
             The run's checkpoint lives in ``<cfg.out>/checkpoint/``.
         out_dirs: one SAE directory per member (default: ``[cfg.out]`` for S = 1).
         extra: per-member dicts added to each member's cfg.json ``extra``.
+        dp: the ranks of a data-parallel run (:class:`visae.train.dist.DataParallel`; default one process):
+            ``cfg.batch_size`` is then the global batch, each rank takes ``batch_size / world_size`` rows.
 
     Every member's directory gets ``cfg.json`` + ``weights.safetensors`` (``extra`` holds
     ``train`` = the config with the member's lr / l1_coeff, ``shards`` = where the data came
     from, ``val`` = final validation metrics), ``metrics.jsonl`` and ``curves.png``.
     Raises TrainError for arguments, data or checkpoints that do not fit.
     """
-    return Trainer(data, sae_cfg, lrs, l1_coeffs, cfg, out_dirs, extra=extra).fit()
+    return Trainer(data, sae_cfg, lrs, l1_coeffs, cfg, out_dirs, extra=extra, dp=dp).fit()
 

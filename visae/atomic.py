@@ -99,6 +99,11 @@ def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
         if fsync:
             _fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only, permissions: name the destination, not the temporary
+        _remove(tmp)
+        if e.filename in (str(tmp), tmp):
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         _remove(tmp)
         raise

@@ -20,7 +20,7 @@ from ``VisaeError``.
 
 from __future__ import annotations
 
-__all__ = ["VisaeError"]
+__all__ = ["VisaeError", "Interrupted"]
 
 
 class VisaeError(Exception):
@@ -31,3 +31,11 @@ class VisaeError(Exception):
     """
 
     exit_code: int = 1
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a long job, with what was saved and how to continue as its message.
+
+    A ``KeyboardInterrupt`` (so code that catches that still does); ``visae.cli`` prints its
+    message on one line and exits with status 130 (128 + SIGINT), as a shell does.
+    """

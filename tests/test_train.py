@@ -234,12 +234,12 @@ def test_resumed_run_equals_uninterrupted(planted, tmp_path, monkeypatch, how):
     T.train(_cfg(shards, out, resume=True, **kw))
     a, b = _weights(ref), _weights(out)
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert_bitwise_equal(a[k], b[k], msg=f"resumed {k}")
     ta, _ = T.load_checkpoint(ref / T.CHECKPOINT_DIR)
     tb, _ = T.load_checkpoint(out / T.CHECKPOINT_DIR)
     for k in ta:
         if not k.startswith("rng."):
-            assert torch.equal(ta[k], tb[k]), k
+            assert_bitwise_equal(ta[k], tb[k], msg=f"resumed checkpoint {k}")
     # The log reads as if the run had never stopped.
     va = [r for r in read_metrics(ref) if r["type"] in ("val", "resample")]
     vb = [r for r in read_metrics(out) if r["type"] in ("val", "resample")]
@@ -267,7 +267,8 @@ def test_mid_epoch_checkpoints_resume_via_start_batch(planted, tmp_path, monkeyp
     assert st["step"] == 40 and st["batch_in_epoch"] == 40 - 29
     T.train(_cfg(shards, tmp_path / "run", resume=True, **kw))
     a, b = _weights(ref), _weights(tmp_path / "run")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for k in a:
+        assert_bitwise_equal(a[k], b[k], msg=f"resumed mid-epoch {k}")
 
 
 # ----------------------------------------------------------------------------- bad inputs (through main)

@@ -1,0 +1,159 @@
+"""The richer world (issue 12): deterministic scenes whose factors, boxes and masks say what the pixels show,
+drawn alike (in factors and object placement) by two independent renderers."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from visae import world2 as w
+
+FI = w.FACTOR_INDEX
+
+
+@pytest.fixture(scope="module")
+def world():
+    return w.sample_world2(120, seed=7)
+
+
+def test_vocabulary_and_factor_table():
+    words = w.grounded_words()
+    assert len(words) >= 500, len(words)
+    assert len(w.SHAPES) >= 20 and len(set(w.SHAPES)) == len(w.SHAPES)
+    assert len(w.TEXTURES) >= 8
+    names, rgb = w.named_colours()
+    assert len(names) == len(set(names)) == len(rgb)
+    # Every basic colour term has named colours, and the basic terms' own XKCD colours fall in their family.
+    fam = w.colour_families()
+    assert (np.bincount(fam, minlength=len(w.FAMILIES)) > 0).all()
+    for f in w.FAMILIES:
+        assert w.FAMILIES[fam[names.index(f)]] == f, f
+    # Near-synonyms of red share its family (the point of naming a latent "crimson").
+    for n in ("crimson", "scarlet", "tomato"):
+        assert w.FAMILIES[fam[names.index(n)]] == "red", n
+
+
+def test_deterministic_by_seed(world):
+    again = w.sample_world2(120, seed=7)
+    assert np.array_equal(world.images, again.images) and np.array_equal(world.factors, again.factors)
+    assert np.array_equal(world.labels, again.labels)
+    other = w.sample_world2(120, seed=8)
+    assert not np.array_equal(world.factors, other.factors)
+    part = w.sample_world2(10, seed=7, start=50)  # scene i depends only on (seed, i)
+    assert np.array_equal(part.images, world.images[50:60])
+
+
+def test_factor_distribution(world):
+    # Every count, size bucket and third occurs; the main object is the largest.
+    for f, k in (("n_objects", 4), ("size", 3), ("hpos", 3), ("vpos", 3)):
+        assert set(np.unique(world.factor(f))) == set(range(k)), f
+    for sc in world.scenes:
+        assert all(o.radius <= sc.objects[0].radius for o in sc.objects)
+
+
+def test_masks_lie_in_boxes_and_objects_in_frame(world):
+    n_checked = 0
+    for sc, lab in zip(world.scenes, world.labels):
+        ii, jj = np.mgrid[0:w.IMAGE_SIZE, 0:w.IMAGE_SIZE]
+        for k, o in enumerate(sc.objects):
+            x0, y0, x1, y1 = w.object_box(o)
+            assert 0 <= x0 < x1 <= w.IMAGE_SIZE and 0 <= y0 < y1 <= w.IMAGE_SIZE
+            # Objects are fully in frame: the box is not clipped (the shape fits its disc).
+            assert o.radius <= o.cx <= w.IMAGE_SIZE - o.radius and o.radius <= o.cy <= w.IMAGE_SIZE - o.radius
+            m = lab == k + 1
+            # Pixel (i, j) covers [j, j + 1) x [i, i + 1): every mask pixel overlaps the box.
+            bad = m & ~((jj + 1 > x0) & (jj < x1) & (ii + 1 > y0) & (ii < y1))
+            assert not bad.any(), (k, o, np.argwhere(bad)[:5])
+            n_checked += int(m.sum())
+    assert n_checked > 0
+
+
+def test_plain_objects_drawn_in_their_recorded_rgb():
+    scenes = w.sample_scenes(150, seed=3)
+    n_px = 0
+    for sc in scenes:
+        img, lab, cov, area = w.render_pil(sc, return_coverage=True)
+        img2, lab2 = w.render_skimage(sc)
+        assert img.dtype == np.uint8 and lab.shape == img.shape[:2]
+        for k, o in enumerate(sc.objects):
+            if w.TEXTURES[o.texture] != "plain":
+                continue
+            full = cov[k] == 1.0  # exactly: the mean of four 0/1 sub-pixels is 1 only when all are inside
+            assert (img[full] == np.asarray(o.rgb, np.uint8)).all(), (k, o.rgb, np.unique(img[full], axis=0)[:4])
+            assert (img2[lab2 == k + 1] == np.asarray(o.rgb, np.uint8)).all()
+            n_px += int(full.sum())
+            # Visible fraction: coverage sum over the unoccluded area, in [0, 1].
+            assert 0 <= cov[k].sum() <= area[k] + 1e-3
+    assert n_px > 500
+
+
+def test_two_renderers_agree_on_factors_and_placement():
+    kw = dict(max_objects=1, occlusion=0.0)
+    a = w.sample_world2(80, seed=11, **kw)
+    b = w.sample_world2(80, seed=11, renderer="skimage", **kw)
+    keep = [i for i in range(len(w.FACTORS)) if list(w.FACTORS)[i] != "occluded"]  # only renderer 1 measures occlusion
+    assert np.array_equal(a.factors[:, keep], b.factors[:, keep])
+    # Same object, same place, other geometry: the masks overlap (IoU >= 0.5; a shift by half the
+    # radius of a disc already gives IoU < 0.5), and the pixels differ (another drawing).
+    for i in range(80):
+        m1, m2 = a.labels[i] == 1, b.labels[i] == 1
+        iou = (m1 & m2).sum() / max(1, (m1 | m2).sum())
+        assert iou >= 0.5, (i, w.SHAPES[a.scenes[i].objects[0].shape], iou)
+    assert (a.images != b.images).any(axis=-1).mean() > 0.2
+
+
+def test_captions_assert_true_factors(world):
+    for row in world.factors[:40]:
+        opts = w.caption_options(row)
+        assert all(c.matches(row) for c in opts)
+        for c in opts:  # changing an asserted factor makes the caption false
+            k, v = c.constraints[0]
+            other = row.copy()
+            other[FI[k]] = (v + 1) % len(w.FACTORS[k])
+            assert not c.matches(other)
+        assert w.captions_for(row)[0] == opts[0].text
+
+
+def test_captions_fit_the_toy_clip_context(world):
+    from visae import toyclip
+
+    import open_clip
+
+    toyclip.register()
+    tok = open_clip.get_tokenizer(toyclip.MODEL_NAME)
+    texts = sorted({c.text for row in world.factors for c in w.caption_options(row)})
+    # Longest colour names in every template that carries a fine colour name.
+    names = w.named_colours()[0]
+    longest = sorted(names, key=lambda n: -len(n))[:20]
+    texts += [f"a photo of a {n} eight-pointed star" for n in longest]
+    # open_clip truncates silently; a caption fits when its tokens plus start and end fit the context.
+    n = np.array([len(tok.encode(x)) + 2 for x in texts])
+    assert n.max() <= tok.context_length, [x for x, k in zip(texts, n) if k > tok.context_length][:3]
+    assert tok.context_length == 16
+
+
+def test_on_disk_layout_read_by_the_extractor(tmp_path):
+    from PIL import Image
+
+    from visae.images import open_source
+
+    out = w.generate_world2(tmp_path / "w", 12, seed=2, chunk=5, progress=False)
+    meta = json.loads((out / "world.json").read_text())
+    recs = [json.loads(x) for x in (out / "world.jsonl").read_text().splitlines()]
+    assert meta["format"] == "visae.toyworld2" and len(recs) == 12
+    mem = w.sample_world2(12, seed=2)
+    for i, r in enumerate(recs):
+        assert np.array_equal(np.asarray(Image.open(out / r["file"])), mem.images[i])
+        assert np.array_equal(np.asarray(Image.open(out / r["mask"])), mem.labels[i])
+        assert [r["factors"][k] for k in w.FACTORS] == mem.factors[i].tolist()
+        assert len(r["objects"]) == len(mem.scenes[i].objects)
+        assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(r["objects"][0]["box"], w.object_box(mem.scenes[i].objects[0])))
+    src = open_source(str(out))
+    assert src.kind == "toyworld" and len(src.items) == 12
+    assert src.label_names["label"] == list(w.FACTORS["family_shape"])
+    # Another seed in the same directory: refused before anything is written.
+    before = (out / "world.jsonl").read_text()
+    with pytest.raises(ValueError, match="seed"):
+        w.generate_world2(out, 12, seed=3, progress=False)
+    assert (out / "world.jsonl").read_text() == before

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO
+from tolerances import assert_close_derived
 from visae.shards import ShardError, ShardSet, ShardWriter, merge_shard_sets
 
 
@@ -32,19 +33,26 @@ def test_round_trip_unit_norm_and_raw(tmp_path):
     assert len(ss) == 300 and ss.num_shards == 5 and ss.manifest["complete"]
     assert list(ss.counts) == [64, 64, 64, 64, 44]
     stored = ss.read(np.arange(300))
-    np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-6)
-    np.testing.assert_allclose(ss.read(np.arange(300), raw=True), x, rtol=1e-5, atol=1e-6)
+    # x / |x| rounded to float32, read back times the float32 norm: at most d + 4 roundings (d squares, sqrt,
+    # division, the two casts, the product), relative to the magnitudes involved (tests/tolerances.py)
+    assert_close_derived(np.linalg.norm(stored, axis=1), np.ones(300), n_terms=12 + 4, scale=1.0, dtype=np.float32,
+                         computations=1, msg="stored row norms")
+    assert_close_derived(ss.read(np.arange(300), raw=True), x, n_terms=12 + 4, scale=np.abs(x), dtype=np.float32,
+                         computations=1, msg="raw rows")
     meta = ss.metadata()
     assert list(meta["id"][:3]) == ["ex0", "ex1", "ex2"]
     np.testing.assert_array_equal(meta["label"], np.arange(300) % 7)
-    np.testing.assert_allclose(meta["norm"], np.linalg.norm(x, axis=1), rtol=1e-6)
+    assert_close_derived(meta["norm"], np.linalg.norm(x, axis=1), n_terms=12 + 2, dtype=np.float32, computations=1,
+                         scale=np.linalg.norm(x, axis=1), msg="stored norms")
 
 
 def test_float16_storage_and_none_normalization(tmp_path):
     x = _data(100, 8) * 3
     ss = _write(tmp_path / "h", x, dtype="float16", normalization="none")
     assert ss.dtype == np.float16
-    np.testing.assert_allclose(ss.read(np.arange(100)), x, rtol=2e-3, atol=2e-3)
+    # one rounding to float16 (u = 2^-11 relative; below 2^-14 the subnormal spacing, an absolute 2^-25)
+    assert_close_derived(ss.read(np.arange(100)), x, n_terms=1, scale=np.abs(x) + 2.0 ** -14, dtype=np.float16,
+                         computations=1, msg="float16 rows")
     with pytest.raises(ShardError, match="float16 range"):
         _write(tmp_path / "big", x * 1e5, dtype="float16", normalization="none")
 
@@ -53,7 +61,8 @@ def test_random_access_any_order(tmp_path):
     x = _data(257, 5)
     ss = _write(tmp_path / "s", x, dtype="float32", shard_size=32)
     idx = np.array([256, 0, 31, 32, 100, 31, 5])
-    np.testing.assert_allclose(ss.read(idx, raw=True), x[idx], rtol=1e-5)
+    assert_close_derived(ss.read(idx, raw=True), x[idx], n_terms=5 + 4, scale=np.abs(x[idx]), dtype=np.float32,
+                         computations=1, msg="raw rows in any order")
     with pytest.raises(IndexError):
         ss.read([257])
 
@@ -93,7 +102,8 @@ def test_writer_killed_midway_resumes_without_loss_or_duplicates(tmp_path):
     ids = ss.metadata()["id"]
     assert list(ids) == [f"ex{i}" for i in range(1000)]
     x = np.random.default_rng(0).normal(size=(1000, 6)).astype(np.float32)
-    np.testing.assert_allclose(ss.read(np.arange(1000), raw=True), x, rtol=1e-5, atol=1e-6)
+    assert_close_derived(ss.read(np.arange(1000), raw=True), x, n_terms=6 + 4, scale=np.abs(x), dtype=np.float32,
+                         computations=1, msg="raw rows written by the subprocess")
 
 
 def test_exception_inside_writer_keeps_only_committed_shards(tmp_path):
@@ -201,7 +211,9 @@ def test_extra_columns_and_merge(tmp_path):
     assert meta["id"][0] == "r0_0" and meta["id"][70] == "r1_0"
     np.testing.assert_array_equal(meta["colour"], np.tile(np.arange(70) % 2, 2))
     assert merged.label_names == {"colour": ["red", "blue"]}
-    np.testing.assert_allclose(merged.read([75], raw=True)[0], _data(70, 3, seed=1)[5], rtol=1e-3)
+    want = _data(70, 3, seed=1)[5]  # a float16 unit row times its norm: one float16 rounding of |row| / |x| <= 1
+    assert_close_derived(merged.read([75], raw=True)[0], want, n_terms=2, dtype=np.float16, computations=1,
+                         scale=np.abs(want) + np.linalg.norm(want) * 2.0 ** -14, msg="merged row")
 
 
 @settings(max_examples=25, deadline=None)

@@ -102,3 +102,66 @@ def test_width_mismatch_is_clear(tmp_path):
     ss = make_shards(tmp_path / "shards", n=20, d=8)
     with pytest.raises(ValueError, match="d_in=16"):
         compute_top_images(make_sae(d=16), ss, progress=False)
+
+
+def make_patch_shards(path, n_img=90, P=4, d=16, shard_size=7, seed=1):
+    """Patch rows (ids ``img_i#p<j>``, P per image); shard_size not a multiple of P: images span shards."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_img * P, d)).astype(np.float32)
+    ids = [f"img_{i:04d}.png#p{j}" for i in range(n_img) for j in range(P)]
+    with ShardWriter(path, d=d, dtype="float32", shard_size=shard_size, source={"model": "test", "token": "patch"}) as w:
+        w.add(x, ids=ids)
+    return ShardSet(path)
+
+
+@pytest.mark.parametrize("score,batch_size", [("max", 5), ("mean", 64)])
+def test_patch_rows_are_ranked_and_counted_per_image(tmp_path, score, batch_size):
+    """Patch-token sets: the unit is the image (score = max or mean over its patches), each image at most once
+    in a concept's top list, counts in images, and the kept per-patch activations (heatmaps) are the image's
+    own rows; equal to a brute-force computation over the whole [images, patches, d_sae] array."""
+    n_img, P = 90, 4
+    ss = make_patch_shards(tmp_path / "shards", n_img=n_img, P=P)
+    sae = make_sae()
+    edges = default_hist_edges(1e-2, 10.0, 20)
+    got = compute_top_images(sae, ss, n_top=5, n_random=4, batch_size=batch_size, seed=3, hist_edges=edges,
+                             progress=False, image_score=score)
+    with torch.no_grad():
+        f = sae.encode(torch.from_numpy(ss.read(np.arange(len(ss))))).double().clamp_min(0).numpy()
+    H = f.reshape(n_img, P, -1)  # [images, patches, d_sae]
+    s = H.max(1) if score == "max" else H.mean(1)
+    keys = hash_keys(torch.arange(n_img), s.shape[1], 3).numpy()
+    assert got.per_image and got.n_examples == n_img and got.n_rows == n_img * P and got.image_score == score
+    np.testing.assert_array_equal(got.count, (s > 0).sum(0))
+    np.testing.assert_array_equal(got.row_count, (f > 0).sum(0))
+    assert (got.count > 5).sum() > 10
+    tol = 4 * np.finfo(np.float32).eps * max(1.0, float(np.abs(f).max()))  # float32 codes, a mean of P terms
+    for j in range(s.shape[1]):
+        act = np.flatnonzero(s[:, j] > 0)
+        order = act[np.argsort(-s[act, j], kind="stable")][:5]
+        rows = got.top_index[j][got.top_index[j] >= 0]
+        assert len(set(rows.tolist())) == rows.size  # no image twice
+        np.testing.assert_array_equal(rows, order * P)  # the image's first row (patch 0)
+        np.testing.assert_allclose(got.top_value[j][: order.size], s[order, j], atol=tol)
+        # heatmap = the image's per-patch activations (float16 storage: relative 2^-11)
+        np.testing.assert_allclose(got.top_heat[j][: order.size], H[order, :, j], rtol=2 ** -10, atol=tol)
+        assert (got.top_heat[j][order.size:] == 0).all()
+        samp = act[np.argsort(keys[act, j], kind="stable")][:4]
+        np.testing.assert_array_equal(got.rand_index[j][: samp.size], samp * P)
+        np.testing.assert_allclose(got.rand_heat[j][: samp.size], H[samp, :, j], rtol=2 ** -10, atol=tol)
+    assert tuple(got.patch_grid) == (2, 2)
+    np.testing.assert_allclose(got.max, s.max(0), atol=tol)
+    np.testing.assert_array_equal(got.hist_counts.sum(1), got.count)
+    back = TopImages.load(got.save(tmp_path / "top_images.npz"))
+    assert back.per_image and back.n_rows == n_img * P and back.image_score == score
+    np.testing.assert_array_equal(back.top_heat, got.top_heat)
+    # rows as examples when asked: counts in rows again
+    rows_only = compute_top_images(sae, ss, n_top=5, n_random=4, batch_size=batch_size, progress=False, per_image=False)
+    assert not rows_only.per_image and rows_only.n_examples == n_img * P and rows_only.top_heat is None
+
+
+def test_per_image_needs_patch_ids(tmp_path):
+    ss = make_shards(tmp_path / "shards", n=20)
+    with pytest.raises(ValueError, match="patch rows"):
+        compute_top_images(make_sae(), ss, per_image=True, progress=False)
+    with pytest.raises(ValueError, match="image_score"):
+        compute_top_images(make_sae(), ss, image_score="median", progress=False)

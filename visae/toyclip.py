@@ -54,6 +54,14 @@ __all__ = [
     "ToyClipConfig",
     "train_toy_clip",
     "main",
+    "ToyClipV2Config",
+    "train_toy_clip_v2",
+    "evaluate_v2",
+    "zero_shot_eval_v2",
+    "negative_words",
+    "world2_words",
+    "shift_scene",
+    "main_v2",
 ]
 
 MODEL_NAME = "visae-toyclip"
@@ -468,4 +476,358 @@ def main(argv: list[str] | None = None) -> int:
         print(f"visae train-toy-clip: error: {e}", file=sys.stderr)
         return 2
     train_toy_clip(cfg, argv)
+    return 0
+
+
+# ============================================================================= v2 (issue 12): the richer world
+
+
+TOYCLIP_V2_NEGATIVE_TEMPLATES = ("a photo of a {}", "a {}", "something {}", "a {} object")
+
+
+def world2_words() -> set[str]:
+    """Every word (lower case) of every caption, class name and template of ``visae.world2``."""
+    from visae import world2 as w2
+
+    words: set[str] = set()
+    for vals in w2.FACTORS.values():
+        for v in vals:
+            words.update(v.replace("-", " ").split())
+            words.add(v)
+    for b in w2.classnames_and_templates().values():
+        for t in b["templates"]:
+            words.update(t.replace("{}", " ").split())
+    for t in ("a an the of on in at photo something object objects background partly hidden single "
+              "left right top middle bottom centre above below").split():
+        words.add(t)
+    return words
+
+
+def negative_words(exclude_file: str | Path | None, n_candidates: int = 60000, seed: int = 0,
+                   n: int = 5000) -> list[str]:
+    """Training negatives (issue 12): ``n`` words drawn (seeded) from wordfreq's ``n_candidates`` most
+    frequent English words, minus the words of ``exclude_file`` (one a line; the 20k naming list, so the
+    naming test's distractors stay unseen) and minus every word of the world (``world2_words``).
+    Alphabetic words of 3+ letters only. Raises ``FileNotFoundError`` if ``exclude_file`` is missing."""
+    import wordfreq
+
+    excl: set[str] = set()
+    if exclude_file:
+        p = Path(exclude_file)
+        if not p.is_file():
+            raise FileNotFoundError(f"negatives: exclude list {p} not found (expected one word a line, e.g. ../shared/vocab/20k.txt)")
+        excl = {line.strip().lower() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()}
+    world = world2_words()
+    cand = [x for x in wordfreq.top_n_list("en", n_candidates)
+            if x.isalpha() and x.isascii() and len(x) >= 3 and x not in excl and x not in world]
+    if not cand:
+        raise ValueError("negatives: no candidate words left after the exclusions")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x9E6]))
+    idx = np.sort(rng.choice(len(cand), min(n, len(cand)), replace=False))
+    return [cand[i] for i in idx]
+
+
+@dataclass(frozen=True)
+class ToyClipV2Config:
+    """Train visae-toyclip v2 on the richer world (visae.world2; issue 12): continuous placement, scale and
+    rotation from the world, colour jitter, and negative captions of words outside the world."""
+
+    out: str = field(default="runs/toyclip2", metadata={"help": "run directory: checkpoint.pt, log.jsonl, metrics.json, negatives.txt"})
+    export: str = field(default="", metadata={"help": "fp16 weights (.safetensors, card .json beside); empty: <out>/visae-toyclip.safetensors"})
+    seed: int = field(default=0, metadata={"help": "seed of the training scenes, the init, the batches and the negatives"})
+    n_train: int = field(default=40000, metadata={"help": "training scenes (rendered in memory by the PIL renderer)"})
+    max_objects: int = field(default=4, metadata={"help": "objects per training scene: 1 .. max_objects"})
+    occlusion: float = field(default=0.3, metadata={"help": "probability that a training scene's objects may overlap"})
+    colour_jitter: float = field(default=12.0, metadata={"help": "uniform per-channel RGB jitter (0-255 units) of object colours"})
+    steps: int = field(default=3000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=256, metadata={"help": "images (and captions) per step"})
+    lr: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (cosine decay to 0)"})
+    warmup: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on matrices"})
+    aux_weight: float = field(default=5.0, metadata={"help": "weight of linear factor heads on the image embedding (main factors of world2); 0: off"})
+    concept_captions: bool = field(default=True, metadata={"help": "add one caption per coarse factor value every step"})
+    negatives_per_step: int = field(default=64, metadata={"help": "captions of words outside the world added every step (true of no image)"})
+    negatives_exclude: str = field(default="../shared/vocab/20k.txt", metadata={
+        "help": "word list kept out of the negatives (the naming evaluation's distractors); empty: none"})
+    n_negative_words: int = field(default=5000, metadata={"help": "size of the negative word pool (written to <out>/negatives.txt)"})
+    eval_seed: int = field(default=1000, metadata={"help": "seed of the held-out single-object scenes"})
+    eval_n: int = field(default=1000, metadata={"help": "held-out images for the final evaluation (each renderer)"})
+    eval_every: int = field(default=250, metadata={"help": "zero-shot on 300 held-out images every N steps; 0: only at the end"})
+    checkpoint_every: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    resume: bool = field(default=True, metadata={"help": "continue from <out>/checkpoint.pt when it exists"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
+
+
+V2_COARSE = ("colour_family", "shape", "texture", "size", "hpos", "vpos", "background")
+
+
+def shift_scene(scene, dx: float, dy: float, image_size: int = 64):
+    """The scene with every object moved by ``(dx, dy)`` px, each clamped to stay fully in frame."""
+    import dataclasses as dc
+
+    objs = tuple(dc.replace(o, cx=float(np.clip(o.cx + dx, o.radius, image_size - o.radius)),
+                            cy=float(np.clip(o.cy + dy, o.radius, image_size - o.radius))) for o in scene.objects)
+    return dc.replace(scene, objects=objs)
+
+
+@torch.no_grad()
+def zero_shot_eval_v2(model, tokenizer, images: np.ndarray, factors: np.ndarray,
+                      benchmarks: Sequence[str] = V2_COARSE) -> dict[str, float]:
+    """Zero-shot top-1 of ``model`` on world2 images ``[n, 64, 64, 3]`` with factor rows ``[n, F]``, for
+    each benchmark of ``visae.world2.classnames_and_templates()`` (rows whose factor is absent skipped)."""
+    from visae import world2 as w2
+
+    was = model.training
+    model.eval()
+    bms = w2.classnames_and_templates()
+    img = encode_world_images(model, images)
+    res = {}
+    for name in benchmarks:
+        b = bms[name]
+        cls = _class_embeddings(model, tokenizer, b["classnames"], b["templates"])
+        pred = (img @ cls.T).argmax(1).numpy()
+        y = factors[:, w2.FACTOR_INDEX[b["column"]]]
+        ok = y >= 0
+        res[name] = float((pred[ok] == y[ok]).mean()) if ok.any() else float("nan")
+    model.train(was)
+    return res
+
+
+def evaluate_v2(model, tokenizer, seed: int, n: int, shifts: Sequence[float] = (0.5, 2.0, 4.0, 8.0)) -> dict[str, Any]:
+    """Held-out evaluation of a v2 model on single-object scenes of world ``seed``: zero-shot per coarse
+    factor with the PIL renderer, with the scikit-image renderer (if installed), and with the PIL
+    renderer after shifting every object by ``d`` px in a random direction (non-position factors)."""
+    from visae import world2 as w2
+
+    scenes = w2.sample_scenes(n, seed, max_objects=1, occlusion=0.0)
+    imgs, _, rows = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE)
+    out: dict[str, Any] = {"n": n, "seed": seed, "pil": zero_shot_eval_v2(model, tokenizer, imgs, rows)}
+    out["pil_fine"] = zero_shot_eval_v2(model, tokenizer, imgs, rows, ("colour", "family_shape"))
+    try:
+        imgs2, _, rows2 = w2._render_rows(scenes, "skimage", w2.IMAGE_SIZE)
+        out["skimage"] = zero_shot_eval_v2(model, tokenizer, imgs2, rows2)
+    except ImportError as e:
+        out["skimage"] = f"not run: {e}"
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5F1]))
+    non_pos = [b for b in V2_COARSE if b not in ("hpos", "vpos")]
+    out["shift"] = {}
+    for d in shifts:
+        ang = rng.uniform(0, 2 * np.pi, len(scenes))
+        sh = [shift_scene(s, d * np.cos(a), d * np.sin(a)) for s, a in zip(scenes, ang)]
+        im, _, rw = w2._render_rows(sh, "pil", w2.IMAGE_SIZE)
+        out["shift"][str(d)] = zero_shot_eval_v2(model, tokenizer, im, rw, non_pos)
+    return out
+
+
+class _CaptionSamplerV2(_CaptionSampler):
+    """World2 captions (``visae.world2.caption_options``) and concept captions of the coarse factors."""
+
+    def __call__(self, factors: np.ndarray, rng: np.random.Generator):
+        from visae import world2 as w2
+
+        cons = np.full(factors.shape, self.UNCONSTRAINED, np.int64)
+        texts = []
+        for i, row in enumerate(factors):
+            opts = w2.caption_options(row)
+            c = opts[int(rng.integers(len(opts)))]
+            texts.append(c.text)
+            for k, v in c.constraints:
+                cons[i, w2.FACTOR_INDEX[k]] = v
+        return self._tokens(texts), cons, texts
+
+    def concept_captions(self, rng: np.random.Generator):
+        from visae import world2 as w2
+
+        texts, rows = [], []
+        bms = w2.classnames_and_templates()
+        for name in V2_COARSE:
+            b = bms[name]
+            for v, cname in enumerate(b["classnames"]):
+                texts.append(b["templates"][int(rng.integers(len(b["templates"])))].format(cname))
+                row = np.full(len(w2.FACTORS), self.UNCONSTRAINED, np.int64)
+                row[w2.FACTOR_INDEX[b["column"]]] = v
+                rows.append(row)
+        return self._tokens(texts), np.stack(rows), texts
+
+    def negatives(self, words: Sequence[str], k: int, n_factors: int, rng: np.random.Generator):
+        """``k`` captions of random negative words: tokens, constraints that no image meets, texts."""
+        texts = [TOYCLIP_V2_NEGATIVE_TEMPLATES[int(rng.integers(len(TOYCLIP_V2_NEGATIVE_TEMPLATES)))].format(
+            words[int(rng.integers(len(words)))]) for _ in range(k)]
+        cons = np.full((k, n_factors), self.UNCONSTRAINED, np.int64)
+        cons[:, 0] = -3  # a value no factor takes: true of no image
+        return self._tokens(texts), cons, texts
+
+
+def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *, stop_after: int | None = None) -> Path | None:
+    """Train visae-toyclip v2 on ``visae.world2`` (same architecture and packaging as v1); returns the
+    exported fp16 weights (card ``.json`` beside it, with the held-out evaluation of ``evaluate_v2``).
+
+    Loss: ``multi_positive_clip_loss`` over the batch's true captions, concept captions of every coarse
+    factor value and ``negatives_per_step`` captions of words outside the world and outside the naming
+    list (true of no image: they are only ever pushed away from images), plus linear factor heads
+    (``aux_weight``). Resumable from ``<out>/checkpoint.pt`` like v1 (every step's randomness is a
+    function of (seed, step)).
+    """
+    import open_clip
+    from tqdm import tqdm
+
+    from visae import world2 as w2
+
+    t_start, cpu_start = time.time(), time.process_time()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    # Inputs first: a missing exclude list fails before any work or write.
+    negs = negative_words(cfg.negatives_exclude or None, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step > 0 else []
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    export = Path(cfg.export) if cfg.export else out / f"{MODEL_NAME}.safetensors"
+    cfg_dict = dataclasses.asdict(cfg)
+    volatile = ("out", "export", "resume", "progress", "eval_every", "checkpoint_every", "device", "threads")
+    atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
+    atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in negs))
+
+    register()
+    torch.manual_seed(cfg.seed)
+    model = open_clip.create_model(MODEL_NAME, device=cfg.device)
+    model.train()
+    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+    g = torch.Generator().manual_seed(1234)
+    heads = torch.nn.ModuleList(torch.nn.Linear(model.visual.output_dim, len(w2.FACTORS[f])) for f in w2.MAIN_FACTORS)
+    with torch.no_grad():
+        for h in heads:
+            h.weight.copy_(torch.randn(h.weight.shape, generator=g) * 0.1)
+            h.bias.zero_()
+    params = _param_groups(model, cfg.weight_decay) + [{"params": list(heads.parameters()), "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    step, train_seconds = 0, 0.0
+    ckpt = out / "checkpoint.pt"
+    if cfg.resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
+        old = {k: v for k, v in state["config"].items() if k not in volatile}
+        new = {k: v for k, v in cfg_dict.items() if k not in volatile}
+        if old != new:
+            diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+            raise ValueError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --no_resume")
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["aux_heads"])
+        opt.load_state_dict(state["opt"])
+        step, train_seconds = int(state["step"]), float(state["train_seconds"])
+        logp = out / "log.jsonl"
+        if logp.is_file():
+            keep = [x for x in logp.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+            atomic_write_text(logp, "".join(x + "\n" for x in keep))
+    if step == 0:
+        atomic_write_text(out / "log.jsonl", "")
+
+    t_data = time.time()
+    kw = dict(max_objects=cfg.max_objects, occlusion=cfg.occlusion, colour_jitter=cfg.colour_jitter)
+    scenes = []
+    it = range(0, cfg.n_train, 1000)
+    for s0 in (tqdm(it, desc="world2 train scenes", disable=not cfg.progress)):
+        scenes += w2.sample_scenes(min(1000, cfg.n_train - s0), cfg.seed, s0, **kw)
+    images, _, factors = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE)
+    held_sc = w2.sample_scenes(300, cfg.eval_seed, max_objects=1, occlusion=0.0)
+    held_img, _, held_rows = w2._render_rows(held_sc, "pil", w2.IMAGE_SIZE)
+    data_seconds = time.time() - t_data
+    sampler = _CaptionSamplerV2(tokenizer)
+    logf = open(out / "log.jsonl", "a")
+    main_cols = [w2.FACTOR_INDEX[f] for f in w2.MAIN_FACTORS]
+
+    def save_ckpt() -> None:
+        _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                            "aux_heads": heads.state_dict(), "train_seconds": train_seconds, "config": cfg_dict}, ckpt)
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="toy CLIP v2", disable=not cfg.progress)
+    t_seg, this_call = time.time(), 0
+    while step < cfg.steps:
+        if stop_after is not None and this_call >= stop_after:
+            bar.close()
+            logf.close()
+            return None
+        this_call += 1
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0xC112]))
+        idx = rng.choice(len(images), cfg.batch_size, replace=False)
+        fac = factors[idx]
+        tokens, cons, _ = sampler(fac, rng)
+        parts_t, parts_c = [tokens], [cons]
+        if cfg.concept_captions:
+            t2, c2, _ = sampler.concept_captions(rng)
+            parts_t.append(t2)
+            parts_c.append(c2)
+        if negs:
+            t3, c3, _ = sampler.negatives(negs, cfg.negatives_per_step, len(w2.FACTORS), rng)
+            parts_t.append(t3)
+            parts_c.append(c3)
+        tokens, cons = torch.cat(parts_t), np.concatenate(parts_c)
+        pos = _positives(fac, cons).to(cfg.device)
+        for grp in opt.param_groups:
+            grp["lr"] = _lr_at(step, cfg)
+        x = images_to_tensor(images[idx]).to(cfg.device)
+        img = F.normalize(model.encode_image(x), dim=-1)
+        txt = F.normalize(model.encode_text(tokens.to(cfg.device)), dim=-1)
+        loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), pos)
+        if cfg.aux_weight > 0:
+            y = torch.from_numpy(fac[:, main_cols]).to(cfg.device)
+            aux = sum(F.cross_entropy(h(img), y[:, i], ignore_index=-1) for i, h in enumerate(heads)) / len(heads)
+            loss = loss + cfg.aux_weight * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
+        step += 1
+        rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": _lr_at(step - 1, cfg),
+               "logit_scale": round(float(model.logit_scale.detach().exp()), 3)}
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            rec["zero_shot"] = zero_shot_eval_v2(model, tokenizer, held_img, held_rows)
+            model.train()
+            tqdm.write(f"step {step}: zero-shot {json.dumps({k: round(v, 3) for k, v in rec['zero_shot'].items()})}")
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            now = time.time()
+            train_seconds += now - t_seg
+            t_seg = now
+            save_ckpt()
+    bar.close()
+    logf.close()
+    train_seconds += time.time() - t_seg
+
+    model.eval()
+    export_fp16(model, export)
+    shipped, _, _ = create_toyclip(export)
+    metrics = evaluate_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n)
+    card = {
+        "model": MODEL_NAME, "version": 2, "world": "visae.world2", "weights": export.name,
+        "sha256": _file_sha256(export), "bytes": export.stat().st_size,
+        "command": "visae.toyclip.main_v2 " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": cfg_dict, "negatives": {"file": "negatives.txt", "n": len(negs)},
+        "steps": cfg.steps, "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
+        "wall_seconds_this_process": round(time.time() - t_start, 1),
+        "cpu_seconds_this_process": round(time.process_time() - cpu_start, 1),
+        "evaluation": metrics,
+        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version()},
+        "machine": {"threads": torch.get_num_threads(),
+                    "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+    }
+    atomic_write_text(export.with_suffix(".json"), json.dumps(card, indent=1))
+    atomic_write_text(out / "metrics.json", json.dumps(card, indent=1))
+    print(json.dumps({"weights": str(export), "evaluation": metrics, "train_seconds": card["train_seconds"]}, indent=1))
+    return export
+
+
+def main_v2(argv: list[str] | None = None) -> int:
+    """``python -c 'from visae.toyclip import main_v2; main_v2()' --out ...`` (options: configs/toy_clip_v2.yaml)."""
+    from visae.config import ConfigError, parse_config
+
+    try:
+        cfg = parse_config(ToyClipV2Config, argv, default_yaml=config_yaml("toy_clip_v2.yaml"), prog="toyclip v2")
+    except ConfigError as e:
+        print(f"toyclip v2: error: {e}", file=sys.stderr)
+        return 2
+    train_toy_clip_v2(cfg, argv)
     return 0

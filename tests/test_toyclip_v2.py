@@ -1,0 +1,74 @@
+"""visae-toyclip v2's recipe (issue 12): negatives from outside the world and the naming list, shifts, a tiny run."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from visae import toyclip
+from visae import world2 as w2
+
+VOCAB_20K = Path(__file__).resolve().parents[1].parent / "shared" / "vocab" / "20k.txt"
+
+
+def test_negative_words_avoid_the_naming_list_and_the_world(tmp_path):
+    excl = tmp_path / "excl.txt"
+    excl.write_text("cannot\nlegit\nthe\n")
+    negs = toyclip.negative_words(excl, n_candidates=20000, seed=0, n=500)
+    assert len(negs) == 500 and len(set(negs)) == 500
+    world = toyclip.world2_words()
+    assert {"red", "crimson", "star", "striped", "left"} <= world
+    assert not set(negs) & world
+    assert not set(negs) & {"cannot", "legit", "the"}
+    assert negs == toyclip.negative_words(excl, n_candidates=20000, seed=0, n=500)
+    assert negs != toyclip.negative_words(excl, n_candidates=20000, seed=1, n=500)
+    with pytest.raises(FileNotFoundError, match="nothere"):
+        toyclip.negative_words(tmp_path / "nothere.txt")
+
+
+@pytest.mark.skipif(not VOCAB_20K.is_file(), reason="../shared/vocab/20k.txt not present")
+def test_negatives_are_unseen_by_the_20k_naming_list():
+    words20k = {x.strip().lower() for x in VOCAB_20K.read_text().splitlines() if x.strip()}
+    negs = toyclip.negative_words(VOCAB_20K, seed=0, n=2000)
+    assert len(negs) == 2000 and not set(negs) & words20k
+
+
+def test_negative_captions_are_true_of_no_image():
+    import open_clip
+
+    toyclip.register()
+    s = toyclip._CaptionSamplerV2(open_clip.get_tokenizer(toyclip.MODEL_NAME))
+    rows = w2.sample_world2(16, seed=4).factors
+    rng = np.random.default_rng(0)
+    tok, cons, texts = s(rows, rng)
+    ntok, ncons, ntexts = s.negatives(["zebrafish", "quartet"], 6, len(w2.FACTORS), rng)
+    pos = toyclip._positives(rows, np.concatenate([cons, ncons])).numpy()
+    assert pos[:, :16].diagonal().all()  # every image's own caption is true of it
+    assert not pos[:, 16:].any()
+    assert all(("zebrafish" in t) or ("quartet" in t) for t in ntexts)
+
+
+def test_shift_scene_moves_within_frame():
+    sc = w2.sample_scenes(30, seed=5, max_objects=1)
+    for s in sc:
+        o = s.objects[0]
+        t = toyclip.shift_scene(s, 8.0, -8.0).objects[0]
+        assert o.radius <= t.cx <= 64 - o.radius and o.radius <= t.cy <= 64 - o.radius
+        # Moved by 8 px unless the frame stopped it.
+        assert t.cx == pytest.approx(min(o.cx + 8, 64 - o.radius)) and t.cy == pytest.approx(max(o.cy - 8, o.radius))
+
+
+def test_tiny_v2_run_exports_a_loadable_model(tmp_path):
+    cfg = toyclip.ToyClipV2Config(out=str(tmp_path / "run"), n_train=64, steps=3, batch_size=16, warmup=1,
+                                  eval_n=16, eval_every=0, negatives_per_step=4, negatives_exclude="",
+                                  n_negative_words=50, threads=1, progress=False)
+    path = toyclip.train_toy_clip_v2(cfg, [])
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert set(card["evaluation"]["pil"]) == set(toyclip.V2_COARSE)
+    assert set(card["evaluation"]["shift"]) == {"0.5", "2.0", "4.0", "8.0"}
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    assert len((tmp_path / "run" / "negatives.txt").read_text().split()) == 50
+    model, _, _ = toyclip.create_toyclip(path)
+    assert sum(p.numel() for p in model.parameters()) > 0

@@ -114,6 +114,9 @@ def _worker(rank: int, world: int, port: int, job: str, shards: str, out: str, k
     res = _run(cfg, dp)
     if job == "train":
         res |= {f"resample.{k}": v for k, v in _resample_case(Path(shards), dp).items()}
+        # BatchTopK: its running threshold (a buffer updated from each rank's rows) must stay replicated
+        btk = _run(_cfg(Path(shards), Path(out) / "btk", architecture="batchtopk", k=4, num_epochs=1), dp)
+        res |= {f"batchtopk.{k}": v for k, v in btk.items()}
     torch.save(res, Path(out) / f"rank{rank}.pt")
 
 
@@ -141,7 +144,7 @@ def shards_empty_rank(tmp_path_factory):
 
 def _compare(a: dict, b: dict, tol: float, what: str) -> None:
     for k in a:
-        if k.startswith("resample."):
+        if k.startswith(("resample.", "batchtopk.")):
             continue
         diff = float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0
         assert diff <= tol, f"{what}: {k} differs by {diff:.3g} > bound {tol:.3g}"
@@ -153,7 +156,8 @@ def test_two_ranks_equal_one_process_and_resample_agrees(shards, tmp_path):
     mp.start_processes(_worker, args=(2, _free_port(), "train", str(shards), str(out2), -1), nprocs=2,
                        start_method="spawn")
     r0, r1 = (torch.load(out2 / f"rank{r}.pt") for r in (0, 1))
-    # replicated state: bit-identical on the two ranks
+    # replicated state: bit-identical on the two ranks (BatchTopK's threshold buffer too)
+    assert "batchtopk.threshold" in r0 and float(r0["batchtopk.threshold"].min()) > 0
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"{k} differs between ranks"
     orig = _float64_sae()

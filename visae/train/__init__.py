@@ -87,7 +87,7 @@ def format_summary(sae_dir: str | Path) -> str:
         return f"no finished SAE in {d} yet (cfg.json missing)"
     extra = doc.get("extra", {}) or {}
     val = extra.get("val") or {}
-    state = "finished" if extra.get("finished") else "stopped early (rerun with --resume to continue)"
+    state = "finished" if extra.get("finished") else "stopped early (rerun the same command to continue)"
     line = (f"trained {doc.get('architecture', '?')} SAE {doc.get('d_in', '?')} -> {doc.get('d_sae', '?')} latents, "
             f"{extra.get('steps', '?')} steps, {state}")
     if val:
@@ -114,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError, TrainError) as e:
         print(f"visae train: error: {e}", file=sys.stderr)
         return 2
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 speaks for the run
+        return 0
     print(format_summary(out), file=sys.stderr)
     print(out)
     return 0

@@ -13,6 +13,8 @@ before. With W ranks (``DataParallel.from_env()`` under ``torchrun``, or ``DataP
   rank) and the per-member active-code counts (the ``impl="auto"`` kernel choice then sees
   the global fraction, so every rank takes the same kernel). Gradients are reduced after
   ``backward`` of the fused / sparse kernels, so those kernels are used unchanged;
+- floating-point buffers (running statistics: BatchTopK's threshold, updated from each
+  rank's rows) are averaged in the same buffer, so they too stay identical on every rank;
 - the decoder projection, Adam and the decoder normalisation then run on identical
   gradients on every rank, so the SAE stays identical (replicated) without broadcasts;
 - sums (logging interval, validation, resampling scores) are all-reduced where they are
@@ -149,12 +151,16 @@ class DataParallel:
         fired = (out.fired.reshape(-1).to(dt) if out is not None else torch.zeros(S * d_sae, device=dev, dtype=dt))
         counts = (out.l0.to(dt) * m_local) if out is not None else torch.zeros(S, device=dev, dtype=dt)
         tracks = torch.tensor([float("_last_active_frac" in sae.__dict__ and out is not None)], device=dev, dtype=dt)
-        flat = torch.cat(grads + [fired, counts, tracks])
+        bufs = [b for b in sae.buffers() if b.is_floating_point()]  # running statistics (BatchTopK's threshold)
+        flat = torch.cat(grads + [b.reshape(-1).to(dt) / self.world for b in bufs] + [fired, counts, tracks])
         self.dist.all_reduce(flat, group=self.group)
         at = 0
         for p in params:
             p.grad = flat[at:at + p.numel()].view_as(p).to(p.dtype)
             at += p.numel()
+        for b in bufs:  # the mean over ranks: identical on every rank
+            b.copy_(flat[at:at + b.numel()].view_as(b))
+            at += b.numel()
         fired_g = flat[at:at + S * d_sae].view(S, d_sae) > 0
         if float(flat[-1]) > 0:  # the auto dispatch tracks the active fraction (set by some rank's kernel)
             l0 = flat[at + S * d_sae:-1].round().float() / m_global  # integer counts, divided as one process does

@@ -477,3 +477,90 @@ def test_broken_sae_directories_give_one_line_errors_in_visae_name(tmp_path, cap
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert rc != 0 and "Traceback" not in err, (case, err)
         assert len(lines) == 1 and lines[0].startswith("visae name: error:") and want in lines[0], (case, err)
+
+
+_TRAIN_LONG = ["--num_epochs", "100000", "--batch_size", "8", "--expansion_factor", "2", "--checkpoint_every_steps",
+               "5", "--no_progress", "--no_plot", "--lr_warmup_steps", "0", "--l1_warmup_steps", "0"]
+
+
+def test_ctrl_c_says_which_checkpoint_was_saved_and_how_to_continue(tmp_path):
+    import signal
+    import time
+
+    shards = _write_shards(tmp_path / "shards", n=256, d=8, shard_size=256)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("VISAE_TRACEBACK", None)
+    p = subprocess.Popen([sys.executable, "-m", "visae.cli", "train", "--shards", str(shards.path), "--out", str(out),
+                          *_TRAIN_LONG], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    ckpt = out / "checkpoint" / "checkpoint.safetensors"
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    assert ckpt.is_file(), p.stderr.read() if p.poll() is not None else "no checkpoint within 120 s"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    line = [ln for ln in err.splitlines() if ln.startswith("visae train: interrupted")]
+    assert len(line) == 1, err
+    assert f"the checkpoint {ckpt} holds step" in line[0] and "rerun the same command to continue" in line[0], err
+    from visae.train import load_checkpoint
+
+    load_checkpoint(ckpt)  # intact
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import visae.atomic
+    from visae.cli import main as cli_main
+
+    shards = _write_shards(tmp_path / "shards", n=64, d=8, shard_size=64)
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(visae.atomic, "_fsync_file", full)
+    monkeypatch.delenv("VISAE_TRACEBACK", raising=False)
+    rc = cli_main(["train", "--shards", str(shards.path), "--out", str(tmp_path / "run"), "--num_epochs", "1",
+                   "--no_progress", "--no_plot"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert f"visae train: error: No space left on device ({tmp_path / 'run'}" in err and ".tmp)" not in err, err
+    assert not [p for p in (tmp_path / "run").rglob("*.tmp")]
+
+
+# ----------------------------------------------------------------------------- item 9: resume, consistently
+
+
+def test_train_continues_by_default_and_a_moved_run_folder_resumes(tmp_path, capsys):
+    import dataclasses
+
+    from visae.train import TrainConfig, TrainError, train
+
+    shards = _write_shards(tmp_path / "shards", n=96, d=8, shard_size=96)
+    cfg = TrainConfig(shards=str(shards.path), out=str(tmp_path / "full"), num_epochs=3, batch_size=16,
+                      expansion_factor=2, progress=False, plot=False, lr_warmup_steps=0, l1_warmup_steps=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(cfg)  # uninterrupted
+        train(dataclasses.replace(cfg, out=str(tmp_path / "a"), max_steps=7))  # stopped mid-run
+        shutil.move(tmp_path / "a", tmp_path / "moved")  # the run folder moved elsewhere
+        capsys.readouterr()
+        train(dataclasses.replace(cfg, out=str(tmp_path / "moved")))  # the same command, no flag: continues
+    assert "resuming" in capsys.readouterr().err
+    full, moved = load_sae(tmp_path / "full"), load_sae(tmp_path / "moved")
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, moved.state_dict()[k]), k
+    # other data under the same width and count: refused by its fingerprint, not by its path
+    other = _write_shards(tmp_path / "other", n=96, d=8, shard_size=96, seed=5)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "b"), max_steps=3))
+    before = tree_hash(tmp_path / "b")
+    with pytest.raises(TrainError, match="holds other data than the run was trained on"):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "b"), shards=str(other.path)))
+    assert tree_hash(tmp_path / "b") == before
+    # --overwrite starts over (same result as a fresh run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(dataclasses.replace(cfg, out=str(tmp_path / "b"), overwrite=True))
+    assert torch.equal(load_sae(tmp_path / "b").W_dec, full.W_dec)

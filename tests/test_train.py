@@ -229,9 +229,9 @@ def test_resumed_run_equals_uninterrupted(planted, tmp_path, monkeypatch, how):
         monkeypatch.setattr(T.StackedAdam, "step", orig)
         _, st = T.load_checkpoint(out / T.CHECKPOINT_DIR)
         assert (st["epoch"], st["batch_in_epoch"]) == (2, 0)  # the last end-of-epoch checkpoint
-    with pytest.raises(T.TrainError, match="pass --resume to continue"):
-        T.train(_cfg(shards, out, **kw))
-    T.train(_cfg(shards, out, resume=True, **kw))
+    with pytest.raises(T.TrainError, match="rerun without --no_resume to continue"):
+        T.train(_cfg(shards, out, resume=False, **kw))
+    T.train(_cfg(shards, out, **kw))  # the same command continues (resume is the default, issue 11 item 9)
     a, b = _weights(ref), _weights(out)
     for k in a:
         assert_bitwise_equal(a[k], b[k], msg=f"resumed {k}")

@@ -446,6 +446,19 @@ class ShardSet:
     def label_names(self) -> dict[str, list[str]]:
         return self.manifest["label_names"]
 
+    def fingerprint(self) -> str:
+        """Hex digest of what the set holds, not where it lives: width, dtype, normalisation, and per shard its
+        count and recorded file checksums (names and sizes for a set without them). Equal for a moved or copied
+        set; a resumed run compares it (``visae.train``)."""
+        from visae.integrity import json_digest
+
+        shards = [{"count": s["count"], "files": {sfx: {k: rec.get(k) for k in ("bytes", "sha256")}
+                                                   for sfx, rec in (s.get("files") or {}).items()}
+                   or {sfx: (self.path / f"{s['name']}{sfx}").stat().st_size for sfx in SUFFIXES}}
+                  for s in self.manifest["shards"]]
+        return json_digest({"d": self.d, "dtype": str(self.dtype), "normalization": self.normalization,
+                            "shards": shards})
+
     def __repr__(self) -> str:
         return f"ShardSet({str(self.path)!r}, n={len(self)}, d={self.d}, shards={self.num_shards}, dtype={self.dtype})"
 

@@ -30,7 +30,8 @@ SUMMARY_FILE = "train_summary.json"
 # Fields that may differ between a run and its --resume without changing the result.
 _RESUME_FREE_FIELDS = {"resume", "overwrite", "max_steps", "progress", "wandb", "wandb_project", "wandb_name",
                        "plot", "validate_shards", "prefetch", "device", "dist_timeout", "num_epochs", "log_every",
-                       "checkpoint_every_steps", "keep_checkpoint", "shards"}  # shards: checked by content
+                       "checkpoint_every_steps", "keep_checkpoint", "shards",  # shards: checked by content
+                       "out"}  # a moved run folder resumes: the data fingerprint and config decide, not the path
 
 
 class TrainError(VisaeError, ValueError):
@@ -119,8 +120,9 @@ class TrainConfig:
     checkpoint_every_steps: int = field(default=0, metadata={"help": "extra mid-epoch checkpoints every this many "
                                                                      "steps (0 = only after each epoch)"})
     keep_checkpoint: bool = field(default=True, metadata={"help": "keep <out>/checkpoint after a finished run"})
-    resume: bool = field(default=False, metadata={"help": "continue from <out>/checkpoint if there is one "
-                                                          "(else start fresh)"})
+    resume: bool = field(default=True, metadata={"help": "continue the unfinished run of the same config and data "
+                                                         "in --out (its checkpoint) when there is one, as sweep and "
+                                                         "extract do; --no_resume: refuse to touch an earlier run"})
     overwrite: bool = field(default=False, metadata={"help": "replace an earlier run in --out"})
     shuffle_buffer: int = field(default=262144, metadata={"help": "examples shuffled together in memory "
                                                                   "(whole shards are grouped up to this size)"})

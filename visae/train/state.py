@@ -250,6 +250,11 @@ def _check_resume(st: dict[str, Any], cfg_dict: dict[str, Any], sae_cfg: Any, sh
     if old_n is not None and old_n != len(shards):
         raise TrainError(f"{ckpt}: the run was trained on {old_n} examples ({st['shards'].get('path')}), shard set "
                          f"{shards.path} has {len(shards)}; resume with the same data or start a new --out")
+    old_fp = st.get("shards", {}).get("fingerprint")
+    if old_fp is not None and old_fp != shards.fingerprint():
+        raise TrainError(f"{ckpt}: shard set {shards.path} holds other data than the run was trained on "
+                         f"({st['shards'].get('path')}; fingerprint of its content differs); resume with the same "
+                         "data, --overwrite to start over, or a new --out")
     if old_sae != sae_cfg.to_dict():
         diff = {k: (old_sae.get(k), v) for k, v in sae_cfg.to_dict().items() if old_sae.get(k) != v}
         raise TrainError(f"{ckpt}: SAE config differs from this run's (checkpoint, now): {diff}")
@@ -257,7 +262,7 @@ def _check_resume(st: dict[str, Any], cfg_dict: dict[str, Any], sae_cfg: Any, sh
             if k not in _RESUME_FREE_FIELDS and st["config"].get(k) != v}
     if diff:
         raise TrainError(f"{ckpt}: cannot resume with a different config (checkpoint, now): {diff}; "
-                         "use the original flags or a new --out")
+                         "use the original flags, --overwrite to start over, or a new --out")
     if [float(v) for v in lrs] != st["lrs"] or [float(v) for v in l1s] != st["l1_coeffs"]:
         raise TrainError(f"{ckpt}: lrs/l1_coeffs {list(lrs)}/{list(l1s)} differ from the checkpoint's "
                          f"{st['lrs']}/{st['l1_coeffs']}")

@@ -156,15 +156,15 @@ class Trainer:
         self.ckpt_path = self.run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE
         self._replace_checkpoint = False
         if self.ckpt_path.exists():
-            if cfg.resume:
+            if cfg.resume and not cfg.overwrite:  # the default: continue (_check_resume: same config and data)
                 return load_checkpoint(self.ckpt_path, device="cpu")
             if not cfg.overwrite:
-                raise TrainError(f"{self.ckpt_path} exists from an earlier run: pass --resume to continue it, or "
-                                 "--overwrite (or another --out) to start again")
+                raise TrainError(f"{self.ckpt_path} exists from an earlier run: rerun without --no_resume to continue "
+                                 "it, or --overwrite (or another --out) to start again")
             self._replace_checkpoint = True  # deleted in __init__ once everything else is validated
-        elif not cfg.overwrite and not cfg.resume:
-            for d in self.out_dirs:
-                if (d / "weights.safetensors").exists():
+        elif not cfg.overwrite:
+            for d in self.out_dirs:  # without a checkpoint there is nothing to continue
+                if (d / "weights.safetensors").exists() and (not cfg.resume or _finished_sae(d)):
                     raise TrainError(f"{d} already holds a trained SAE: pass --overwrite or choose another --out")
         return None
 
@@ -249,7 +249,8 @@ class Trainer:
                                  for i in range(S)]
         sh = self.shards
         self.shards_info = {"path": str(sh.path.resolve()), "source": sh.source, "d": sh.d, "num_examples": len(sh),
-                            "normalization": sh.normalization, "val_fraction": cfg.val_fraction, "split_seed": cfg.seed}
+                            "normalization": sh.normalization, "val_fraction": cfg.val_fraction, "split_seed": cfg.seed,
+                            "fingerprint": sh.fingerprint()}  # a resume compares the content, not the path
         wandb_cfg = None
         if cfg.wandb:
             wandb_cfg = {"project": cfg.wandb_project, "name": cfg.wandb_name or self.run_dir.name,
@@ -524,3 +525,11 @@ def train_stack(
     """
     return Trainer(data, sae_cfg, lrs, l1_coeffs, cfg, out_dirs, extra=extra, dp=dp).fit()
 
+
+
+def _finished_sae(d: Path) -> bool:
+    """The SAE directory's cfg.json says its run finished (extra.finished)."""
+    try:
+        return bool((json.loads((d / "cfg.json").read_text()).get("extra") or {}).get("finished"))
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -62,6 +62,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"visae {name}: error: {one_line(e)}", file=sys.stderr)
         return int(getattr(e, "exit_code", 1))
+    except KeyboardInterrupt as e:  # Ctrl-C: what was saved and how to continue (visae.errors.Interrupted), no traceback
+        if os.environ.get("VISAE_TRACEBACK"):
+            raise
+        note = one_line(e) if str(e) else "nothing more was written; rerun the same command to continue"
+        print(f"visae {name}: interrupted: {note}", file=sys.stderr)
+        return 130
+    except OSError as e:  # the machine refused: disk full, read-only, permissions (visae.atomic removed its temp file)
+        if os.environ.get("VISAE_TRACEBACK"):
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"visae {name}: error: {e.strerror or e}{where}; free space or fix the path's permissions and rerun the "
+              "same command (it continues from what was committed)", file=sys.stderr)
+        return 1
+
 
 
 def one_line(e: BaseException) -> str:

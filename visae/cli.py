@@ -77,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-
 def one_line(e: BaseException) -> str:
     """The error's message on one line (its own line breaks become '; ')."""
     return "; ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__

@@ -346,3 +346,156 @@ def test_imagenet_layout_folder_through_the_extractor(imagenet_sample, tiny, tmp
                                                               classnames_file=str(tmp_path / "classes.txt"))))
     assert res["n"] == 24 and res["num_classes"] == 1000 and res["label_column"] == "label"
     assert res["model"] == tiny.name and res["random_init"] is True
+
+
+# ----------------------------------------------------------------------------- residual layers: through the splice (issue 13)
+
+
+def test_final_embedding_path_is_the_shard_evaluation_unchanged(toy_shards, tmp_path):
+    """A final-embedding shard set still goes through evaluate() on the stored rows: same numbers, no splice fields."""
+    from visae.sae import load_sae
+    from visae.zeroshot import ClassifierConfig, ZeroShotConfig, classifier_for_shards, zeroshot
+
+    d, bb = toy_shards
+    g = torch.Generator().manual_seed(3)
+    sae = build_sae(SAEConfig(architecture="relu", d_in=bb.embed_dim, d_sae=4 * bb.embed_dim), generator=g)
+    sae.save(tmp_path / "sae")
+    res = zeroshot(ZeroShotConfig(shards=str(d / "s"), sae=str(tmp_path / "sae"), progress=False,
+                                  classifier=ClassifierConfig(benchmark="toy:colour", text_cache=str(d / "text"))))
+    ss = ShardSet(d / "s")
+    clf, column, _ = classifier_for_shards(ss, benchmark="toy:colour", text_cache=str(d / "text"))
+    ref = evaluate(ss, clf, load_sae(tmp_path / "sae"), label_column=column, batch_size=8192)
+    assert res["clean"] == ref["clean"] and res["recon"] == ref["recon"][0] and res["n"] == ref["n"]
+    assert "ablated" not in res and "accuracy_recovered" not in res["recon"]
+
+
+def test_prompt_embedding_shows_a_rate_and_uses_the_text_cache(tmp_path, capsys):
+    from visae.toyworld import toy_classnames_and_templates
+
+    bb = load_backbone("visae-toyclip")
+    spec = toy_classnames_and_templates()["colour_shape"]
+    n_prompts = len(spec["classnames"]) * len(spec["templates"])
+    capsys.readouterr()
+    a = build_classifier(bb, spec["classnames"], spec["templates"], cache_dir=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "prompt/s" in err and f"{n_prompts}/{n_prompts}" in err, err[-500:]
+    b = build_classifier(bb, spec["classnames"], spec["templates"], cache_dir=tmp_path, progress=True)
+    assert "prompt" not in capsys.readouterr().err  # a cache hit embeds nothing
+    assert torch.equal(a.weights, b.weights) and len(list(tmp_path.glob("*.safetensors"))) == 1
+
+
+@pytest.fixture(scope="module")
+def residual_sweep(tmp_path_factory):
+    """Toy-world images -> the toy CLIP's patch tokens after block 1 -> a 3-trial sweep selected by spliced zero-shot."""
+    import dataclasses
+
+    from visae.extract import ExtractConfig, extract
+    from visae.sweep import SweepConfig, SweepSelection, sweep
+    from visae.toyworld import generate_world
+    from visae.zeroshot import ClassifierConfig
+
+    d = tmp_path_factory.mktemp("residual")
+    generate_world(d / "world", 128, seed=5)
+    extract(ExtractConfig(images=str(d / "world"), model="visae-toyclip", layer=1, token="patch", out=str(d / "s"),
+                          num_workers=0, batch_size=64, progress=False, dtype="float32", shard_size=8192))
+    train = dataclasses.replace(SweepConfig().train, shards=str(d / "s"), num_epochs=2, batch_size=256,
+                                val_fraction=0.25, seed=0, resample_every=0, lr_warmup_steps=5, l1_warmup_steps=5,
+                                device="cpu", progress=False, plot=False)
+    cfg = SweepConfig(out=str(d / "sw"), lrs=(2e-3,), l1_coeffs=(1e-4, 1e-2, 1e-1), expansion_factors=(2,),
+                      train=train, selection=SweepSelection(
+                          metric="zeroshot_top1",
+                          classifier=ClassifierConfig(benchmark="toy:colour", text_cache=str(d / "text"))))
+    sweep(cfg)
+    return d
+
+
+@pytest.mark.slow
+def test_residual_layer_sweep_is_selected_by_spliced_accuracy(residual_sweep):
+    import csv
+
+    from visae.sae import load_sae
+    from visae.splice import spliced_accuracy
+    from visae.toyworld import read_world
+
+    d = residual_sweep
+    with open(d / "sw" / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    scores = {r["trial"]: json.loads((d / "sw" / "trials" / r["trial"] / "zeroshot.json").read_text())["result"]
+              for r in rows}
+    one = next(iter(scores.values()))
+    clean, ablated = one["clean"]["top1"], one["ablated"]["top1"]
+    assert one["n"] == 128 and one["splice"] == {"layer": 1, "token": "patch"}
+    assert "mean-ablation of the patch tokens after block 1" in one["baseline"]
+    assert clean > ablated, (clean, ablated)
+    spliced = [s["recon"]["top1"] for s in scores.values()]
+    # the spread: the L1 grid runs from a dense SAE to an almost silent one; 128 images give a binomial standard
+    # error of at most 0.045 per accuracy, so a spread of 0.2 (4.5 of them) is not noise
+    assert max(spliced) - min(spliced) >= 0.2, spliced
+    for s in scores.values():
+        rec = s["recon"]["accuracy_recovered"]
+        assert rec == (s["recon"]["top1"] - ablated) / (clean - ablated)
+        assert 0.0 <= rec <= 1.0, (rec, s["recon"])
+    chosen = json.loads((d / "sw" / "selection.json").read_text())["trial"]
+    assert scores[chosen]["recon"]["top1"] == max(spliced) and rows[0]["trial"] == chosen
+    # the plumbing (row ids -> images -> labels) against the splice run by hand on the world's own images
+    from PIL import Image
+
+    from visae.toyworld import toy_classnames_and_templates
+
+    bb = load_backbone("visae-toyclip")
+    _, recs = read_world(d / "world")
+    recs = [r for r in recs if r["factors"]["colour"] >= 0]
+    x = torch.stack([bb.preprocess(Image.open(d / "world" / r["file"]).convert("RGB")) for r in recs])
+    y = torch.tensor([r["factors"]["colour"] for r in recs])
+    spec = toy_classnames_and_templates()["colour"]
+    clf = build_classifier(bb, spec["classnames"], spec["templates"], cache_dir=d / "text")
+    batches = [(x[i:i + 80], y[i:i + 80]) for i in range(0, len(y), 80)]
+    by_hand = spliced_accuracy(bb, load_sae(d / "sw" / "trials" / chosen), batches, clf)
+    assert by_hand == scores[chosen]["recon"]["top1"], (by_hand, scores[chosen]["recon"])
+
+
+@pytest.mark.slow
+def test_zeroshot_cli_on_a_residual_layer_splices_the_sae(residual_sweep, capsys):
+    d = residual_sweep
+    trial = json.loads((d / "sw" / "selection.json").read_text())["trial"]
+    out = d / "zs.json"
+    rc = main(["--shards", str(d / "s"), "--sae", str(d / "sw" / "trials" / trial), "--benchmark", "toy:colour",
+               "--text_cache", str(d / "text"), "--no_progress", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "accuracy recovered" in text and "mean-ablation" in text
+    res = json.loads(out.read_text())
+    # the whole shard set (not the held-out split) holds the same 128 images
+    score = json.loads((d / "sw" / "trials" / trial / "zeroshot.json").read_text())["result"]
+    assert res["n"] == 128 and res["recon"]["top1"] == score["recon"]["top1"]
+    assert res["clean"] == score["clean"] and res["ablated"] == score["ablated"]
+
+
+def _layer_shards(path, source):
+    with ShardWriter(path, 96, source=source) as w:
+        w.add(np.random.default_rng(0).standard_normal((40, 96)).astype(np.float32),
+              ids=[f"{i:06d}" for i in range(40)], labels=np.zeros(40, int))
+
+
+@pytest.mark.parametrize("case", ["mean", "images_gone"])
+def test_sweep_that_cannot_select_is_refused_before_training(tmp_path, case):
+    import dataclasses
+
+    from visae.sweep import SweepConfig, SweepError, SweepSelection, sweep
+    from visae.zeroshot import ClassifierConfig
+
+    src = {"model": "visae-toyclip", "pretrained": "shipped", "random_init": False, "layer": 1,
+           "token": "mean" if case == "mean" else "patch", "read": "residual_after_block_1",
+           "dataset": str(tmp_path / "no_such_world"), "dataset_kind": "toyworld", "has_text": True}
+    _layer_shards(tmp_path / "s", src)
+    train = dataclasses.replace(SweepConfig().train, shards=str(tmp_path / "s"), num_epochs=1, val_fraction=0.25,
+                                progress=False, plot=False)
+    cfg = SweepConfig(out=str(tmp_path / "sw"), lrs=(1e-3,), l1_coeffs=(1e-3,), expansion_factors=(2,), train=train,
+                      selection=SweepSelection(metric="zeroshot_top1", classifier=ClassifierConfig(benchmark="toy:colour")))
+    with pytest.raises(SweepError, match="mean of the patch tokens" if case == "mean" else "are gone") as e:
+        sweep(cfg)
+    assert "Nothing was trained" in str(e.value) and not (tmp_path / "sw").exists()
+    # explained variance needs no zero-shot classifier: the same sweep passes its checks
+    from visae.sweep import check_sweep
+
+    check_sweep(dataclasses.replace(cfg, selection=SweepSelection(metric="explained_variance")))

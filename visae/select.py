@@ -79,10 +79,11 @@ class _Context:
     label_column: str
     key: dict[str, Any]
     facts: dict[str, Any]
+    splice: Any = None  # visae.zeroshot.SplicedSelection: residual-layer SAEs scored through the splice
 
 
 def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = None, device: str = "cpu",
-                       metric: str | None = None) -> _Context:
+                       metric: str | None = None, progress: bool = False) -> _Context:
     from visae.zeroshot import ZeroShotError, classifier_for_shards
 
     tcfg = doc["train_config"]
@@ -105,6 +106,10 @@ def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = 
     except ShardError as e:
         raise SelectError(f"selection shard set: {e}") from None
     metric = metric or cfg.get("metric", "zeroshot_top1")
+    from visae.zeroshot import residual_layer
+
+    if metric.startswith("zeroshot") and residual_layer(ss.source) is not None:
+        return _spliced_context(out, ss, data, subset, clf, device, progress)
     classifier, column, facts = None, "label", {}
     try:
         classifier, column, facts = classifier_for_shards(
@@ -122,6 +127,28 @@ def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = 
            "classifier": None if classifier is None else {**classifier.key, "label_column": column,
                                                            "benchmark": facts.get("benchmark")}}
     return _Context(data, classifier, column, key, facts)
+
+
+def _spliced_context(out: Path, ss: ShardSet, data: Any, subset: str, clf: dict[str, Any], device: str,
+                     progress: bool) -> _Context:
+    """A residual-layer selection set: each SAE is spliced into the model, scored over the rows' images."""
+    from visae.zeroshot import ZeroShotError, spliced_selection
+
+    try:
+        sel, facts = spliced_selection(
+            data, model=clf.get("model", ""), pretrained=clf.get("pretrained"), benchmark=clf.get("benchmark", "auto"),
+            label_column=clf.get("label_column", ""), classnames_file=clf.get("classnames_file"),
+            templates_file=clf.get("templates_file"), text_cache=clf.get("text_cache"), device=device,
+            progress=progress)
+    except ZeroShotError as e:
+        raise SelectError(f"cannot zero-shot score on {ss.path} through the splice: {e}\n(select with --metric "
+                          "explained_variance to choose by reconstruction alone)") from None
+    column = facts["label_column"]
+    key = {"format": SCORE_FORMAT, "data": str(ss.path.resolve()), "subset": subset, "n": len(data),
+           "classifier": {**sel.classifier.key, "label_column": column, "benchmark": facts.get("benchmark")},
+           "splice": {**facts["splice"], "images": facts["images"], "n_images": facts["n_images"],
+                      "baseline": "mean-ablation"}}
+    return _Context(data, None, column, key, facts, splice=sel)
 
 
 def score_trials(out: str | Path, names: Sequence[str] | None = None, *, val_shards: str | None = None,
@@ -148,7 +175,7 @@ def score_trials(out: str | Path, names: Sequence[str] | None = None, *, val_sha
     trials = sd.trials_with_weights(names)
     if not trials:
         return {}
-    ctx = _selection_context(out, doc, val_shards, device, metric)
+    ctx = _selection_context(out, doc, val_shards, device, metric, progress)
     scores: dict[str, dict[str, Any]] = {}
     todo: list[str] = []
     for name in trials:
@@ -171,10 +198,13 @@ def score_trials(out: str | Path, names: Sequence[str] | None = None, *, val_sha
             with torch.inference_mode():
                 res = evaluate(ctx.data, ctx.classifier, stacked, label_column=ctx.label_column,
                                batch_size=batch_size, device=device, progress=progress)
-            for j, (name, _) in enumerate(chunk):
+            for j, (name, one) in enumerate(chunk):
                 member = {k: v for k, v in res.items() if k != "recon"}
                 member["recon"] = res["recon"][j]
                 member.update(ctx.facts)
+                if ctx.splice is not None:  # a residual layer: zero-shot accuracy of the model with it spliced in
+                    member.update({**ctx.splice.summary(), "n_rows": res["n"]})
+                    member["recon"] = {**res["recon"][j], **ctx.splice.score(one, name)}
                 scores[name] = sd.write_score(name, ctx.key, member)
     return scores
 
@@ -205,6 +235,7 @@ def leaderboard(out: Path, scores: dict[str, dict[str, Any]], metric: str, max_l
                "recon_top1": r.get("top1"), "recon_top5": r.get("top5"),
                "clean_top1": res.get("clean", {}).get("top1"), "clean_top5": res.get("clean", {}).get("top5"),
                "delta_top1": r.get("delta_top1"), "recon_loss": r.get("loss"), "kl_to_clean": r.get("kl_to_clean"),
+               "recovered": r.get("accuracy_recovered"), "ablated_top1": res.get("ablated", {}).get("top1"),
                "n_val": res.get("n")}
         why = []
         if not row["finished"]:
@@ -257,7 +288,7 @@ def _mark_ties(rows: list[dict[str, Any]], metric: str, z: float = 2.0) -> None:
 
 
 _COLUMNS = ["rank", "trial", "chosen", "tied", "feasible", "excluded_by", "pareto", "score", "recon_top1", "recon_top5",
-            "clean_top1", "clean_top5", "delta_top1", "l0", "dead_fraction", "explained_variance", "recon_loss",
+            "clean_top1", "clean_top5", "delta_top1", "recovered", "ablated_top1", "l0", "dead_fraction", "explained_variance", "recon_loss",
             "kl_to_clean", "expansion", "d_sae", "lr", "l1_coeff", "architecture", "finished", "n_val"]
 
 
@@ -279,7 +310,10 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in _COLUMNS})
     sd = SweepDir(out)
     atomic_write_text(sd.leaderboard_csv, buf.getvalue())
-    md_cols = ["rank", "trial", "score", "recon_top1", "recon_top5", "delta_top1", "l0", "dead_fraction",
+    md_cols = ["rank", "trial", "score", "recon_top1", "recon_top5", "delta_top1"]
+    if any(r.get("recovered") is not None for r in rows):
+        md_cols.append("recovered")
+    md_cols += ["l0", "dead_fraction",
                "explained_variance", "feasible", "pareto", "tied", "chosen"]
     clean = next((r["clean_top1"] for r in rows if r.get("clean_top1") is not None), None)
     cons = ", ".join(f"{k} <= {v:g}" for k, v in constraints.items() if v is not None) or "none"
@@ -287,6 +321,11 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
              f"Metric: **{metric}** (of reconstructions, on the selection set); constraints: {cons}."]
     if clean is not None:
         lines.append(f"Clean zero-shot top-1 of the original embeddings: {clean:.4f}.")
+    ablated = next((r["ablated_top1"] for r in rows if r.get("ablated_top1") is not None), None)
+    if ablated is not None:
+        lines.append(f"Residual-layer SAEs, scored spliced into the model (recon_top1: the model with the SAE's "
+                     f"reconstruction at that layer). Baseline: mean-ablation of the layer's tokens, top-1 {ablated:.4f}; "
+                     "recovered = (spliced - ablated) / (clean - ablated).")
     chosen = [r for r in rows if r["chosen"]]
     lines.append(f"Chosen: **{chosen[0]['trial']}**." if chosen else "Chosen: none (no trial meets the constraints).")
     tied = [r["trial"] for r in rows if r.get("tied") and not r["chosen"]]

@@ -60,7 +60,7 @@ from torch import Tensor
 from visae.errors import VisaeError
 
 __all__ = ["SpliceError", "Splice", "splice", "splice_target", "SPLICE_TOKENS", "replace_tokens", "zeroshot_baseline",
-           "spliced_accuracy", "accuracy_recovered"]
+           "spliced_accuracy", "spliced_topk", "accuracy_recovered"]
 
 SPLICE_TOKENS = ("cls", "patch", "all")
 
@@ -284,18 +284,33 @@ def replace_tokens(backbone: Any, layer: int, token: str, value: Tensor) -> Iter
 
 
 def _accuracy(backbone: Any, batches: Any, classifier: Any) -> tuple[int, int]:
-    correct = total = 0
+    hits, total = _topk_correct(backbone, batches, classifier, ks=(1,))
+    return hits[1], total
+
+
+def _topk_correct(backbone: Any, batches: Any, classifier: Any, ks: Sequence[int] = (1, 5)
+                  ) -> tuple[dict[int, int], int]:
+    """({k: images whose label is in the top k}, images) of ``backbone.encode_image`` over ``batches``.
+
+    Top-k with ties to the lower class index (:func:`visae.zeroshot.topk_hits`); k above the
+    number of classes is dropped.
+    """
+    from visae.zeroshot import topk_hits
+
+    ks = tuple(k for k in ks if k <= classifier.num_classes) or (1,)
+    correct = {k: 0 for k in ks}
+    total = 0
     for images, labels in batches:
         labels = torch.as_tensor(labels).to(classifier.weights.device)
         emb = backbone.encode_image(images.to(backbone.device))
-        pred = classifier.logits(emb.to(classifier.weights.device)).argmax(-1)
-        correct += int((pred == labels).sum())
+        for k, hit in topk_hits(classifier.logits(emb.to(classifier.weights.device)), labels, ks).items():
+            correct[k] += int(hit.sum())
         total += int(labels.numel())
     return correct, total
 
 
 def zeroshot_baseline(backbone: Any, batches: Any, classifier: Any, *, layer: int, token: str,
-                      mean: Tensor | None = None) -> dict[str, Any]:
+                      mean: Tensor | None = None, ks: Sequence[int] = (1,)) -> dict[str, Any]:
     """Clean and mean-ablated zero-shot accuracy of ``backbone`` at (``layer``, ``token``): the reference points
     of :func:`accuracy_recovered`.
 
@@ -303,7 +318,8 @@ def zeroshot_baseline(backbone: Any, batches: Any, classifier: Any, *, layer: in
     ``classifier``: a :class:`visae.zeroshot.ZeroShotClassifier`. The ablation baseline replaces
     the layer's ``token`` tokens by their mean over ``batches`` (computed during the clean pass
     unless ``mean`` [W] is given). Cost: two forward passes over the images. Returns
-    ``{"clean", "ablated", "n", "layer", "token", "mean" [W], "baseline"}``.
+    ``{"clean", "ablated", "n", "layer", "token", "mean" [W], "baseline"}`` (``clean`` / ``ablated``:
+    top-1 accuracy) and ``clean_topk`` / ``ablated_topk``: ``{k: accuracy}`` for each of ``ks``.
     """
     idx = backbone.resolve_layer(layer)
     if token not in SPLICE_TOKENS:
@@ -322,7 +338,7 @@ def zeroshot_baseline(backbone: Any, batches: Any, classifier: Any, *, layer: in
     with torch.no_grad():
         h = backbone.blocks[idx].register_forward_hook(capture) if mean is None else None
         try:
-            c, n = _accuracy(backbone, batches, classifier)
+            c, n = _topk_correct(backbone, batches, classifier, ks=tuple(ks) + (1,))
         finally:
             if h is not None:
                 h.remove()
@@ -331,8 +347,9 @@ def zeroshot_baseline(backbone: Any, batches: Any, classifier: Any, *, layer: in
         if mean is None:
             mean = (acc["sum"] / acc["count"]).float()
         with replace_tokens(backbone, idx, token, mean):
-            ca, _ = _accuracy(backbone, batches, classifier)
-    return {"clean": c / n, "ablated": ca / n, "n": n, "layer": idx, "token": token, "mean": mean,
+            ca, _ = _topk_correct(backbone, batches, classifier, ks=tuple(ks) + (1,))
+    return {"clean": c[1] / n, "ablated": ca[1] / n, "clean_topk": {k: v / n for k, v in c.items()},
+            "ablated_topk": {k: v / n for k, v in ca.items()}, "n": n, "layer": idx, "token": token, "mean": mean,
             "baseline": f"mean-ablation of the {token} tokens after block {idx} (their mean over the {n} images)"}
 
 
@@ -343,6 +360,16 @@ def spliced_accuracy(backbone: Any, sae: Any, batches: Any, classifier: Any, **s
     if n == 0:
         raise SpliceError("spliced_accuracy: no images in batches")
     return c / n
+
+
+def spliced_topk(backbone: Any, sae: Any, batches: Any, classifier: Any, ks: Sequence[int] = (1, 5),
+                 **splice_kw: Any) -> dict[int, float]:
+    """``{k: top-k zero-shot accuracy}`` of ``backbone`` with ``sae`` spliced in (one forward pass over ``batches``)."""
+    with torch.no_grad(), splice(backbone, sae, **splice_kw):
+        c, n = _topk_correct(backbone, batches, classifier, ks=ks)
+    if n == 0:
+        raise SpliceError("spliced_topk: no images in batches")
+    return {k: v / n for k, v in c.items()}
 
 
 def accuracy_recovered(spliced: float, baseline: dict[str, Any]) -> float | None:

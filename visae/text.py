@@ -207,18 +207,24 @@ def embed_prompts(backbone: Any, prompts: Sequence[str], *, batch_size: int = 25
     else:
         pool_idx = _pool_index(tokens, parts["pool"], parts["eos_id"])
         order = torch.argsort(pool_idx, stable=True)  # similar lengths share a batch
-    it = range(0, len(prompts), batch_size)
-    if progress:
+    bar = None
+    if progress:  # counted in prompts, so the bar's rate reads prompts/s
+        import sys
+
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="text embeddings", unit="batch")
-    for start in it:
+        bar = tqdm(total=len(prompts), desc="text embeddings", unit="prompt", file=sys.stderr, mininterval=1.0)
+    for start in range(0, len(prompts), batch_size):
         sel = order[start:start + batch_size]
         if parts is None:
             feats = backbone.encode_text(tokens[sel])
         else:
             feats = _fast_forward(parts, tokens[sel], pool_idx[sel])
         chunks.append((sel, F.normalize(feats.float(), dim=-1).cpu()))
+        if bar is not None:
+            bar.update(len(sel))
+    if bar is not None:
+        bar.close()
     D = chunks[0][1].shape[1]
     out = torch.empty(len(prompts), D, dtype=torch.float32)
     for sel, feats in chunks:

@@ -10,7 +10,12 @@ are replaced by an SAE's reconstructions of them. Done correctly:
   ``logits = logit_scale * cos(x, W_c)`` with the model's own (exp'd) logit scale. The scale
   does not move the argmax but it does set the cross-entropy / KL figures reported here;
 * the shard set must hold that model's *final* image embedding (``manifest["source"]``):
-  a residual-stream layer is not in the text tower's space and is refused;
+  a residual-stream layer is not in the text tower's space. Its SAEs are scored spliced into
+  the model instead (:func:`spliced_selection`, :class:`SplicedSelection`): the zero-shot
+  accuracy of the model with the layer's tokens replaced by the SAE's reconstruction, over the
+  images behind the rows, with the mean-ablation baseline and accuracy recovered
+  = (spliced - ablated) / (clean - ablated) (docs/sweeps.md; cost: 2 + 1 per SAE forward
+  passes over the images);
 * reconstructions come from the SAE applied to the **raw** activations (stored unit rows x
   stored norms), the input the SAE contract defines. For an SAE with per-example
   ``unit_norm`` input normalisation this equals feeding the stored unit rows (it divides by
@@ -60,6 +65,11 @@ __all__ = [
     "topk_hits",
     "iter_labelled_batches",
     "classifier_for_shards",
+    "residual_layer",
+    "splice_problem",
+    "SplicedSelection",
+    "selection_images",
+    "spliced_selection",
     "default_text_cache",
     "evaluate",
     "zeroshot",
@@ -103,8 +113,12 @@ class ClassifierConfig:
 class ZeroShotConfig:
     """Zero-shot accuracy of a labelled shard set's image embeddings and of their SAE reconstructions."""
 
-    shards: str = field(default="", metadata={"help": "labelled shard set of the model's final image embedding",
+    shards: str = field(default="", metadata={"help": "labelled shard set of the model's final image embedding, or of "
+                                                      "a residual layer (with --sae: scored through the splice)",
                                               "required": True})
+    images: Optional[str] = field(default=None, metadata={"help": "residual-layer shards: the images they were "
+                                                                  "extracted from (null: the manifest's source.dataset)"})
+    image_batch_size: int = field(default=64, metadata={"help": "residual-layer shards: images per forward pass"})
     random_init: bool = field(default=False, metadata={"help": "random-initialised backbone (tests only; accuracy is "
                                                                "chance); implied when the shard source says so"})
     sae: Optional[str] = field(default=None, metadata={"help": "SAE dir whose reconstructions are scored too"})
@@ -187,15 +201,20 @@ def benchmark_classes(benchmark: str, classnames_file: str | None = None,
 
 
 def build_classifier(backbone: Any, classnames: Sequence[str], templates: Sequence[str | Callable],
-                     *, cache_dir: str | Path | None = None, device: str | torch.device = "cpu") -> ZeroShotClassifier:
-    """Per class: mean of unit template embeddings, renormalised -> weights [C, D] (cached by visae.text)."""
+                     *, cache_dir: str | Path | None = None, device: str | torch.device = "cpu",
+                     progress: bool = False) -> ZeroShotClassifier:
+    """Per class: mean of unit template embeddings, renormalised -> weights [C, D] (cached by visae.text).
+
+    ``progress``: a progress bar (prompts/s) while the prompts are embedded; a cache hit embeds
+    nothing. Cost on a miss: C x T prompts through the text tower (ImageNet: 1,000 classes x 80
+    templates = 80,000 prompts, about half an hour for a ViT-B text tower on a CPU)."""
     from visae.text import encode_texts
 
     if not getattr(backbone, "has_text", False):
         raise ZeroShotError(f"backbone {backbone.name!r} has no text tower; zero-shot classification needs a CLIP model")
     templates = _template_strings(templates)
     _check_classnames_fit(backbone, classnames, templates)
-    w = encode_texts(backbone, list(classnames), templates, cache_dir=cache_dir)
+    w = encode_texts(backbone, list(classnames), templates, cache_dir=cache_dir, progress=progress)
     w = torch.as_tensor(w, dtype=torch.float32).to(device)
     w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # renormalise defensively: exact unit rows
     import hashlib
@@ -230,8 +249,11 @@ def _parse_name(name: str, pretrained: str | None) -> tuple[str, str | None]:
 
 
 def check_source(source: dict[str, Any], model: str, pretrained: str | None, where: str = "shard set",
-                 random_init: bool = False) -> None:
-    """Refuse a shard set that is not ``model``'s final image embedding (names the offending field)."""
+                 random_init: bool = False, require_final: bool = True) -> None:
+    """Refuse a shard set that is not ``model``'s final image embedding (names the offending field).
+
+    ``require_final=False`` checks only the model and weights (activations of a residual layer,
+    scored through the splice)."""
     if not source.get("model"):
         raise ZeroShotError(f"{where}: manifest source has no 'model'; cannot check it holds {model}'s image embeddings")
     src_model, src_pre = _parse_name(str(source["model"]), source.get("pretrained"))
@@ -245,7 +267,7 @@ def check_source(source: dict[str, Any], model: str, pretrained: str | None, whe
     if not random_init and pretrained is not None and src_pre is not None and str(src_pre) != str(pretrained):
         raise ZeroShotError(f"{where}: activations come from {src_model} weights {src_pre!r} (source.pretrained) "
                             f"but the classifier uses {pretrained!r}")
-    problem = final_embedding_problem(source)
+    problem = final_embedding_problem(source) if require_final else None
     if problem:
         raise ZeroShotError(f"{where}: {problem}; only the pooled, projected image embedding lives in the text tower's "
                             "space. Extract without --layer to zero-shot score it")
@@ -406,7 +428,7 @@ def iter_labelled_batches(data: ShardSet | ShardView, batch_size: int, label_col
         for start in range(0, n, batch_size):
             if sel is None:
                 idx = slice(start, min(start + batch_size, n))
-                acts = np.asarray(mm[idx], dtype=np.float32)
+                acts = np.array(mm[idx], dtype=np.float32)  # a copy: torch wants writable memory
             else:
                 idx = sel[start:start + batch_size]
                 acts = mm[idx].astype(np.float32)
@@ -589,12 +611,24 @@ def default_text_cache() -> Path:
 def classifier_for_shards(ss: ShardSet, *, model: str = "", pretrained: str | None = None, random_init: bool = False,
                           benchmark: str = "auto", label_column: str = "", classnames_file: str | None = None,
                           templates_file: str | None = None, text_cache: str | Path | None = None,
-                          device: str = "cpu") -> tuple[ZeroShotClassifier, str, dict[str, Any]]:
+                          device: str = "cpu", progress: bool = False) -> tuple[ZeroShotClassifier, str, dict[str, Any]]:
     """The zero-shot classifier that fits shard set ``ss`` -> (classifier, label column, facts).
 
     The model defaults to the shard set's source (``manifest["source"]``) and is checked
     against it: same model, same weights, the final image embedding.
     """
+    clf, column, facts, _ = _classifier_and_backbone(
+        ss, model=model, pretrained=pretrained, random_init=random_init, benchmark=benchmark,
+        label_column=label_column, classnames_file=classnames_file, templates_file=templates_file,
+        text_cache=text_cache, device=device, progress=progress, final=True)
+    return clf, column, facts
+
+
+def _classifier_and_backbone(ss: ShardSet, *, model: str, pretrained: str | None, random_init: bool, benchmark: str,
+                             label_column: str, classnames_file: str | None, templates_file: str | None,
+                             text_cache: str | Path | None, device: str, progress: bool, final: bool
+                             ) -> tuple[ZeroShotClassifier, str, dict[str, Any], Any]:
+    """classifier_for_shards, also returning the loaded backbone; ``final=False``: ``ss`` holds a residual layer."""
     from visae.backbones import load_backbone
 
     src = ss.source
@@ -607,7 +641,7 @@ def classifier_for_shards(ss: ShardSet, *, model: str = "", pretrained: str | No
     random_init = bool(random_init or src.get("random_init", False))
     if pretrained is None and not random_init:
         pretrained = src.get("pretrained")
-    check_source(src, model, pretrained, where=str(ss.path), random_init=random_init)
+    check_source(src, model, pretrained, where=str(ss.path), random_init=random_init, require_final=final)
     if benchmark == "auto":
         benchmark = _auto_benchmark(ss, label_column or "label")
     classnames, templates, bench_column = benchmark_classes(benchmark, classnames_file, templates_file)
@@ -615,15 +649,236 @@ def classifier_for_shards(ss: ShardSet, *, model: str = "", pretrained: str | No
     load_pre = None if pretrained in (None, "shipped") else pretrained
     backbone = load_backbone(model, load_pre, random_init=random_init, device=device,
                              seed=int(src.get("seed", 0) or 0))
-    if backbone.embed_dim != ss.d:
+    if final and backbone.embed_dim != ss.d:
         raise ZeroShotError(f"{ss.path}: activations have d={ss.d} but {model}'s image embedding has "
                             f"{backbone.embed_dim} dimensions; not its final embedding")
+    if not final and backbone.width != ss.d:
+        raise ZeroShotError(f"{ss.path}: activations have d={ss.d} but {model}'s residual stream has width "
+                            f"{backbone.width}; not its residual layer")
     if text_cache is None:
         text_cache = default_text_cache()
-    clf = build_classifier(backbone, classnames, templates, cache_dir=text_cache, device=device)
+    clf = build_classifier(backbone, classnames, templates, cache_dir=text_cache, device=device, progress=progress)
     facts = {"model": model, "pretrained": backbone.pretrained, "random_init": random_init, "benchmark": benchmark,
              "label_column": column, "num_templates": len(templates)}
-    return clf, column, facts
+    return clf, column, facts, backbone
+
+
+# ----------------------------------------------------------------------------- residual layers: through the splice
+
+
+def residual_layer(source: dict[str, Any]) -> int | None:
+    """The block index of a manifest ``source`` that records a residual-stream layer (``layer: 8``), else None."""
+    layer = source.get("layer")
+    if isinstance(layer, bool):
+        return None
+    if isinstance(layer, int):
+        return layer
+    if isinstance(layer, str) and layer.strip().lstrip("-").isdigit():
+        return int(layer)
+    return None
+
+
+def splice_problem(source: dict[str, Any], images: str | None = None) -> str | None:
+    """Why the SAEs of activations described by manifest ``source`` cannot be zero-shot scored through the splice
+    (naming the field), or None when they can. Cheap: no model is loaded and no image decoded.
+
+    Needs: a residual layer (``source.layer`` a block index), a token the splice can put back
+    (``cls`` or ``patch``; the mean of the patches has no inverse), a model with a text tower, and
+    the images the rows came from (``source.dataset``, or ``images``) still on disk.
+    """
+    layer = residual_layer(source)
+    if layer is None:
+        return f"activations are not from a residual layer (source.layer is {source.get('layer')!r})"
+    token = source.get("token")
+    if token == "mean":
+        return ("activations are the mean of the patch tokens (source.token 'mean'); the mean has no inverse, so an "
+                "SAE on it cannot be spliced back into the model. Extract with --token cls or patch")
+    if token not in ("cls", "patch", "all"):
+        return f"source.token is {token!r}; the splice needs cls, patch or all"
+    if source.get("has_text") is False:
+        return f"model {source.get('model')!r} has no text tower (source.has_text false); zero-shot needs a CLIP model"
+    root = images or source.get("dataset")
+    if not root:
+        return "source.dataset records no image source; pass --images (the images the shards were extracted from)"
+    kind = str(source.get("dataset_kind") or "auto")
+    if kind == "webdataset":
+        from visae.images import _expand_tars
+
+        try:
+            if not _expand_tars(str(root)):
+                return f"image source {root} (webdataset) has no tar files"
+        except Exception as e:  # noqa: BLE001 - any listing failure is the reason
+            return f"image source {root}: {e}"
+    elif not Path(str(root)).exists():
+        return (f"the images the shards were extracted from ({root}, source.dataset) are gone; spliced zero-shot "
+                "needs them: pass --images")
+    return None
+
+
+class SplicedSelection:
+    """Zero-shot scoring of residual-layer SAEs through the splice: the images behind a shard set's rows.
+
+    Built by :func:`spliced_selection`. ``items`` are the distinct images of the selected rows (a
+    patch row ``<id>#p<j>`` counts for image ``<id>``), ``labels [n]`` their class indices. The
+    images are decoded and preprocessed again on every pass (nothing image-sized is kept in memory).
+    :meth:`baseline` runs two passes (clean, mean-ablated; once), :meth:`score` one pass per SAE.
+    """
+
+    def __init__(self, backbone: Any, classifier: ZeroShotClassifier, items: list[Any], labels: np.ndarray,
+                 layer: int, token: str, *, batch_size: int = 64, progress: bool = False, ks: Sequence[int] = (1, 5)):
+        self.backbone, self.classifier, self.items, self.labels = backbone, classifier, items, labels
+        self.layer, self.token, self.batch_size, self.progress = int(layer), str(token), int(batch_size), progress
+        self.ks = tuple(k for k in ks if k <= classifier.num_classes) or (1,)
+        self.skipped: dict[str, str] = {}
+        self._base: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batches(self, desc: str = "") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images [B, 3, H, W], labels [B]) over the selection images; undecodable ones skipped (``skipped``)."""
+        from visae.images import load_image
+
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(self.items), unit="img", desc=desc or "spliced zero-shot", leave=False, file=sys.stderr)
+        for s0 in range(0, len(self.items), self.batch_size):
+            ims, labs = [], []
+            for item, lab in zip(self.items[s0:s0 + self.batch_size], self.labels[s0:s0 + self.batch_size]):
+                img, _, err = load_image(item)
+                if img is None:
+                    self.skipped[item.id] = err
+                    continue
+                ims.append(self.backbone.preprocess(img))
+                labs.append(int(lab))
+            if bar is not None:
+                bar.update(min(self.batch_size, len(self.items) - s0))
+            if ims:
+                yield torch.stack(ims), torch.tensor(labs, dtype=torch.long)
+        if bar is not None:
+            bar.close()
+
+    def _iter(self, desc: str) -> Any:
+        outer = self
+
+        class _Again:  # a re-iterable (the splice helpers may iterate more than once)
+            def __iter__(self):
+                return outer.batches(desc)
+
+        return _Again()
+
+    def baseline(self) -> dict[str, Any]:
+        """Clean and mean-ablated accuracy (:func:`visae.splice.zeroshot_baseline`, computed once)."""
+        if self._base is None:
+            from visae.splice import zeroshot_baseline
+
+            with torch.inference_mode():
+                self._base = zeroshot_baseline(self.backbone, self._iter("zero-shot baseline (clean, ablated)"),
+                                               self.classifier, layer=self.layer, token=self.token, ks=self.ks)
+        return self._base
+
+    def score(self, sae: Any, name: str = "") -> dict[str, Any]:
+        """One SAE (one member) spliced in: ``{topK, delta_topK, ablated_topK, accuracy_recovered}``."""
+        from visae.splice import SpliceError, accuracy_recovered, spliced_topk
+
+        base = self.baseline()
+        try:
+            with torch.inference_mode():
+                acc = spliced_topk(self.backbone, sae, self._iter(f"spliced zero-shot {name}".strip()), self.classifier,
+                                   ks=self.ks, layer=self.layer, token=self.token)
+        except SpliceError as e:
+            raise ZeroShotError(f"cannot splice SAE {name}: {e}".replace("  ", " ")) from None
+        out: dict[str, Any] = {f"top{k}": acc[k] for k in self.ks}
+        for k in self.ks:
+            out[f"delta_top{k}"] = acc[k] - base["clean_topk"][k]
+        out["accuracy_recovered"] = accuracy_recovered(acc[1], base)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """The top-level result fields: n images, clean / ablated accuracy, how the baseline is made."""
+        base = self.baseline()
+        return {"n": base["n"], "n_images_skipped": len(self.skipped), "num_classes": self.classifier.num_classes,
+                "logit_scale": self.classifier.logit_scale, "tie_break": "lower class index",
+                "clean": {f"top{k}": v for k, v in base["clean_topk"].items()},
+                "ablated": {f"top{k}": v for k, v in base["ablated_topk"].items()},
+                "baseline": base["baseline"], "spliced": {"layer": self.layer, "token": self.token},
+                "recovered_formula": "(spliced - ablated) / (clean - ablated), top-1"}
+
+
+def selection_images(data: ShardSet | ShardView, label_column: str, images: str | None = None
+                     ) -> tuple[list[Any], np.ndarray]:
+    """The distinct images behind ``data``'s rows, in row order, with their labels: (items, labels [n] int64).
+
+    Rows whose label is -1 are skipped. The image source is ``images`` or the manifest's
+    ``source.dataset`` (kind ``source.dataset_kind``); an id the source no longer lists is an error.
+    """
+    from visae.images import open_source
+
+    ss, rows = _view_rows(data)
+    src = ss.source
+    if label_column != "label" and label_column not in ss.manifest["columns"]:
+        raise ZeroShotError(f"{ss.path}: label column {label_column!r} not in the shard set")
+    ids: dict[str, int] = {}
+    for i in range(ss.num_shards):
+        sel = rows[i]
+        if sel is not None and sel.size == 0:
+            continue
+        meta = _shard_columns(ss, i, ("id", label_column))
+        rid, lab = meta["id"], meta[label_column]
+        if sel is not None:
+            rid, lab = rid[sel], lab[sel]
+        for r, y in zip(rid.tolist(), lab.tolist()):
+            if y < 0:
+                continue
+            base, sep, j = str(r).rpartition("#p")
+            key = base if sep and j.isdigit() else str(r)
+            ids.setdefault(key, int(y))
+    root = images or src.get("dataset")
+    kind = str(src.get("dataset_kind") or "auto") if not images else "auto"
+    try:
+        source = open_source(root, kind)
+    except Exception as e:  # noqa: BLE001
+        raise ZeroShotError(f"{ss.path}: cannot open the images the shards were extracted from ({root}): {e}") from None
+    by_id = {it.id: it for it in source.items}
+    missing = [k for k in ids if k not in by_id]
+    if missing:
+        raise ZeroShotError(f"{root}: {len(missing)} image(s) of {ss.path} are not in the image source (e.g. "
+                            f"{missing[:3]}); is it the source the shards were extracted from?")
+    return [by_id[k] for k in ids], np.fromiter(ids.values(), dtype=np.int64, count=len(ids))
+
+
+def spliced_selection(data: ShardSet | ShardView, *, images: str | None = None, model: str = "",
+                      pretrained: str | None = None, random_init: bool = False, benchmark: str = "auto",
+                      label_column: str = "", classnames_file: str | None = None, templates_file: str | None = None,
+                      text_cache: str | Path | None = None, device: str = "cpu", batch_size: int = 64,
+                      progress: bool = False) -> tuple[SplicedSelection, dict[str, Any]]:
+    """A :class:`SplicedSelection` for the residual-layer shard set (or view) ``data`` -> (selection, facts).
+
+    Checks everything cheap first (:func:`splice_problem`), then loads the model, builds the
+    classifier (text cache), lists the images. Raises :class:`ZeroShotError`.
+    """
+    ss = data if isinstance(data, ShardSet) else data.shards
+    problem = splice_problem(ss.source, images)
+    if problem:
+        raise ZeroShotError(f"{ss.path}: {problem}")
+    clf, column, facts, bb = _classifier_and_backbone(
+        ss, model=model, pretrained=pretrained, random_init=random_init, benchmark=benchmark,
+        label_column=label_column, classnames_file=classnames_file, templates_file=templates_file,
+        text_cache=text_cache, device=device, progress=progress, final=False)
+    items, labels = selection_images(data, column, images)
+    if not items:
+        raise ZeroShotError(f"{ss.path}: no labelled rows in column {column!r}; zero-shot accuracy needs labels")
+    if labels.max() >= clf.num_classes:
+        raise ZeroShotError(f"{ss.path}: label {int(labels.max())} in column {column!r} is out of range for a "
+                            f"{clf.num_classes}-class zero-shot benchmark")
+    layer = bb.resolve_layer(int(residual_layer(ss.source)))
+    sel = SplicedSelection(bb, clf, items, labels, layer, str(ss.source.get("token")), batch_size=batch_size,
+                           progress=progress)
+    facts = {**facts, "images": str(images or ss.source.get("dataset")), "n_images": len(items),
+             "splice": {"layer": layer, "token": sel.token}}
+    return sel, facts
 
 
 def zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
@@ -631,8 +886,10 @@ def zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     if not cfg.shards:
         raise ZeroShotError("--shards is required: a labelled shard set of the model's final image embedding")
     ss = ShardSet(cfg.shards)
+    if residual_layer(ss.source) is not None:
+        return _zeroshot_spliced(cfg, ss)
     clf, column, facts = classifier_for_shards(
-        ss, random_init=cfg.random_init, device=cfg.device, **asdict(cfg.classifier))
+        ss, random_init=cfg.random_init, device=cfg.device, progress=cfg.progress, **asdict(cfg.classifier))
     sae = None
     if cfg.sae:
         from visae.sae import load_sae
@@ -649,18 +906,61 @@ def zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     return res
 
 
+def _zeroshot_spliced(cfg: ZeroShotConfig, ss: ShardSet) -> dict[str, Any]:
+    """``visae zeroshot`` on residual-layer shards: the SAE spliced into the model over the shards' images."""
+    if not cfg.sae:
+        problem = final_embedding_problem(ss.source)
+        raise ZeroShotError(f"{ss.path}: {problem}; a residual layer has no zero-shot score of its own. Pass --sae to "
+                            "score an SAE on it through the splice (the model with the SAE's reconstruction at that "
+                            "block), or extract without --layer for the final image embedding")
+    from visae.sae import load_sae
+
+    sae = load_sae(cfg.sae, device=cfg.device)  # before the model and the images: a bad SAE dir fails fast
+    sel, facts = spliced_selection(ss, images=cfg.images, random_init=cfg.random_init, device=cfg.device,
+                                   batch_size=cfg.image_batch_size, progress=cfg.progress, **asdict(cfg.classifier))
+    from visae.splice import SpliceError, splice_target
+
+    try:
+        for m in range(sae.n_models):
+            splice_target(sel.backbone, sae.member(m) if sae.n_models > 1 else sae, sel.layer, sel.token)
+    except SpliceError as e:
+        raise ZeroShotError(f"{cfg.sae}: {e}") from None
+    stats = evaluate(ss, None, sae, batch_size=cfg.batch_size, device=cfg.device, progress=cfg.progress)
+    members = []
+    for m in range(sae.n_models):
+        one = sae.member(m) if sae.n_models > 1 else sae
+        members.append({**sel.score(one, f"member {m}" if sae.n_models > 1 else ""), **stats["recon"][m]})
+    res = {**sel.summary(), "n_rows": stats["n"], "ev_space": stats["ev_space"], "recon": members,
+           "shards": str(ss.path), **facts, "sae": cfg.sae, "config": asdict(cfg)}
+    if sae.n_models == 1:
+        res["recon"] = members[0]
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg.out, json.dumps(res, indent=1))
+    return res
+
+
 def format_result(res: dict[str, Any]) -> str:
     c = res["clean"]
     lines = [f"zero-shot on {res.get('shards', '?')} ({res['n']} labelled, {res['num_classes']} classes, "
              f"benchmark {res.get('benchmark', '?')}, logit scale {res['logit_scale']:.2f})",
-             f"  clean          top1 {c['top1']:.4f}  top5 {c.get('top5', float('nan')):.4f}  loss {c['loss']:.4f}"]
+             f"  clean          top1 {c['top1']:.4f}  top5 {c.get('top5', float('nan')):.4f}  loss {c.get('loss', float('nan')):.4f}"]
+    if "ablated" in res:
+        a = res["ablated"]
+        lines[0] += f", SAE spliced after block {res['splice']['layer']} ({res['splice']['token']} tokens)"
+        lines.append(f"  ablated        top1 {a['top1']:.4f}  top5 {a.get('top5', float('nan')):.4f}  "
+                     f"({res['baseline']})")
     recs = res.get("recon")
     if recs is not None:
         for i, r in enumerate(recs if isinstance(recs, list) else [recs]):
             tag = "reconstruction" if not isinstance(recs, list) else f"recon[{i}]"
-            lines.append(f"  {tag:<14} top1 {r['top1']:.4f}  top5 {r.get('top5', float('nan')):.4f}  loss {r['loss']:.4f}"
+            lines.append(f"  {tag:<14} top1 {r['top1']:.4f}  top5 {r.get('top5', float('nan')):.4f}  loss {r.get('loss', float('nan')):.4f}"
                          f"  (delta top1 {r['delta_top1']:+.4f})  L0 {r['l0']:.1f}  EV {r['explained_variance']:.4f}"
                          f"  dead {r['dead_fraction']:.3f}")
+            if "accuracy_recovered" in r:
+                rec = r["accuracy_recovered"]
+                lines.append(f"  {'':<14} accuracy recovered {'n/a (clean = ablated)' if rec is None else f'{rec:.4f}'}"
+                             "  = (spliced - ablated) / (clean - ablated), top-1")
     return "\n".join(lines)
 
 

@@ -263,3 +263,149 @@ def test_random_weight_backbone_is_flagged_on_every_page(world):
     assert not random_weights_recorded(trained, {"shards": {"source": trained}}, {"random_init": False})
     assert random_weights_recorded(trained, {"backbone_random_init": True}, {})
     assert random_weights_recorded(None, {"shards": {"source": {"random_init": True}}}, None)
+
+
+ROW = r'<tr class="concept[^"]*" data-latent="(\d+)"'
+
+
+def _require_chromium():
+    if _chromium() is None:
+        if os.environ.get("VISAE_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed but VISAE_REQUIRE_BROWSER is set (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
+def test_search_ranks_exact_names_first_and_index_explains_columns(tmp_path):
+    """Issue 14.4: "triangle" lists the concept named triangle first, then names containing it, then concepts where
+    it is only a candidate, whatever the sort; the index says what score, margin and frequency mean."""
+    from visae.browse.site import write_site
+
+    _require_chromium()
+    names = ["red", "blue", "triangles", "green", "square", "circle", "star", "triangle", "dog", "cat"]
+    concepts = []
+    for j, nm in enumerate(names):
+        alts = [{"name": nm, "score": 0.3}, {"name": "triangle" if j % 2 else "thing", "score": 0.2}]
+        # the exact match is the rarest concept: under the default sort (frequency) it would come last
+        concepts.append({"latent": j, "name": nm, "score": 0.3, "margin": 0.1, "alternatives": alts,
+                         "frequency": 0.05 if nm == "triangle" else 0.5 - 0.01 * j, "mean_activation": 1.0})
+    site = tmp_path / "site"
+    write_site(site, concepts, None, np.array([]), None, None, {}, title="t", subtitle="s", info={})
+    html = (site / "index.html").read_text()
+    for term in ("score", "margin", "frequency"):
+        assert re.search(rf"<dt>{term}</dt><dd>[^<]{{20,}}", html), term
+    httpd, url = serve(site, 0, block=False)
+    try:
+        dom = run_chromium(url + "?q=triangle", tmp_path)
+        rows = [int(r) for r in re.findall(ROW, dom)]
+        cand = [j for j in range(len(names)) if j % 2 and names[j] not in ("triangle", "triangles")]
+        assert rows[:2] == [7, 2], rows  # exact name, then the name containing the word
+        assert sorted(rows[2:]) == cand and rows[2:] == sorted(cand, key=lambda j: -concepts[j]["frequency"]), rows
+        match = re.findall(r'data-latent="\d+" data-match="(\w+)"', dom)
+        assert match == ["exact", "name"] + ["candidates"] * len(cand), match
+        dom = run_chromium(url + "?q=triangle&sort=latent", tmp_path)  # another sort: tiers still first
+        assert [int(r) for r in re.findall(ROW, dom)][:2] == [7, 2]
+        assert 'id="legend"' in dom
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _patch_site(tmp, image_score="max"):
+    """A planted SAE on patch tokens (2x2 grid): image i shows colour i % 4 in quadrant (i // 4) % 4; its object
+    patch holds 2 * e_colour and the horizontally adjacent patch 1 * e_colour (two patch rows fire per image;
+    a per-row top list would show each photo twice)."""
+    g = torch.Generator().manual_seed(0)
+    d, n_img, P = 8, 16, 4
+    sae = build_sae(SAEConfig(architecture="relu", d_in=d, d_sae=5, k=2), generator=g)
+    with torch.no_grad():
+        sae.W_dec[0] = torch.eye(5, d)
+        sae.W_enc[0] = sae.W_dec[0].T
+        sae.b_enc.fill_(-0.5)
+        sae.b_dec.zero_()
+    images = tmp / "images"
+    images.mkdir()
+    x, ids, quads = [], [], []
+    for i in range(n_img):
+        c, q = i % 4, (i // 4) % 4
+        im = Image.new("RGB", (64, 64), (128, 128, 128))
+        im.paste(COLOURS[c], (32 * (q % 2), 32 * (q // 2), 32 * (q % 2) + 32, 32 * (q // 2) + 32))
+        im.save(images / f"img_{i:02d}.png")
+        for j in range(P):
+            v = 0.05 * torch.randn(d, generator=g)
+            v[d - 1] += 1.0  # shared background direction: rows are stored unit-norm, noise stays small
+            v[c] += 2.0 if j == q else (1.0 if j == q ^ 1 else 0.0)
+            x.append(v.numpy())
+            ids.append(f"img_{i:02d}.png#p{j}")
+        quads.append(q)
+    source = {"model": "visae-tiny-test", "pretrained": None, "layer": 1, "token": "patch", "dataset": str(images),
+              "dataset_kind": "folder"}
+    shards = tmp / "shards"
+    with ShardWriter(shards, d=d, shard_size=10, source=source) as w:  # images span shards
+        w.add(np.stack(x), ids=ids)
+    sae.save(tmp / "sae", extra={"shards": {"path": str(shards), "source": source}})
+    site = tmp / "site"
+    cfg = BrowseConfig(out=str(site), thumb_size=64, image_score=image_score,
+                       naming=NameConfig(sae=str(tmp / "sae"), n_top=6, n_random=3, batch_size=7))
+    build_site(cfg)
+    return site, quads
+
+
+def test_patch_token_site_counts_images_and_draws_heatmaps_in_headless_chromium(tmp_path):
+    """Issue 14.2/14.4 for an SAE on patch tokens: the header counts images (16), not rows (64); a concept's top images
+    are distinct photos; each thumbnail carries the concept's per-patch heatmap, drawn by the page over the image,
+    peaking on the patch of the object; `visae browse serve SITE` serves the site without rebuilding it."""
+    _require_chromium()
+    site, quads = _patch_site(tmp_path)
+    import html as htmllib
+
+    index = htmllib.unescape((site / "index.html").read_text())
+    assert "16 images (64 patch tokens; an image's activation is the max over its patches)" in index
+    assert "at least one patch" in index  # frequency explained per image
+    for c in range(4):
+        page = (site / "concepts" / f"{c}.html").read_text()
+        top = re.search(r'id="top-images">(.*?)</div>\s*<h2>', page, re.S).group(1)
+        shown = re.findall(r'<figure title="([^"]+)"', top)
+        assert shown == [f"img_{i:02d}.png" for i in range(16) if i % 4 == c] or sorted(shown) == sorted(
+            f"img_{i:02d}.png" for i in range(16) if i % 4 == c), shown  # 4 distinct photos, no '#p' rows
+        assert "<dt>active images</dt><dd>4</dd>" in page and "<dt>active patch tokens</dt><dd>8</dd>" in page
+        assert top.count("data-heat=") == 4
+    httpd, url = serve(site, 0, block=False)
+    try:
+        for c in range(4):
+            dom = run_chromium(url.replace("index.html", f"concepts/{c}.html"), tmp_path)
+            assert re.search(r'data-heatmaps="(\d+)/\1"', dom) and 'data-heatmaps="0/0"' not in dom, dom[-300:]
+            figs = re.findall(r'<figure title="img_(\d+)\.png" data-grid="2x2" data-heat="[\d,]+" '
+                              r'data-heat-peak="(\d),(\d)" data-heat-aligned="(\d)"', dom)
+            assert len(figs) >= 4, dom[-1500:]
+            for i, r, col, aligned in figs:
+                q = quads[int(i)]
+                assert (int(r), int(col)) == (q // 2, q % 2), (c, i, r, col, q)  # peaks on the object's patch
+                assert aligned == "1"  # the overlay covers the thumbnail exactly
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_serve_subcommand_serves_an_existing_site_without_rebuilding(world, tmp_path):
+    import subprocess
+    import sys
+    import urllib.request
+
+    from visae.browse import main
+
+    assert main(["serve", str(tmp_path / "nothing")]) == 2  # no index.html: refused, nothing written
+    assert not (tmp_path / "nothing").exists()
+    site = world["site"]
+    before = {p: p.stat().st_mtime_ns for p in site.rglob("*") if p.is_file()}
+    proc = subprocess.Popen([sys.executable, "-m", "visae.cli", "browse", "serve", str(site), "--port", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"(http://127\.0\.0\.1:\d+/index\.html)", line).group(1)
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200 and b"concept-data" in r.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    after = {p: p.stat().st_mtime_ns for p in site.rglob("*") if p.is_file()}
+    assert after == before  # nothing rebuilt or rewritten

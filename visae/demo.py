@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -317,7 +318,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         b = rec["best_trial_in_sweep"]
         lines.append(f"  (best recovery in the sweep: {b['trial']}, mean AUROC {b['mean_best_auroc']:.3f}; see recovery.txt)")
     lines.append(f"  time: {summary['seconds_all_stages']:.0f} s over all stages. Open {s['browse']['index']} in a browser "
-                 f"(or: visae browse --sae {s['sweep']['best']} --concepts {s['name']['dir']} --out {Path(s['browse']['index']).parent} --serve)")
+                 f"(or serve it: visae browse serve {shlex.quote(str(Path(s['browse']['index']).parent))})")
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ Without ``--concepts`` the naming stage runs first (``visae.naming``, its option
 the SAE cannot be named (not trained on a final image embedding, no text tower) the site still
 shows every latent's images, unnamed. With ``--concepts DIR`` its ``concepts.json`` is used and its
 ``top_images.npz`` too when it matches the shard set. ``--serve`` serves the site on
-127.0.0.1 only (http.server) and prints the URL. Layout: :mod:`visae.browse.site`.
+127.0.0.1 only (http.server) and prints the URL. ``visae browse serve SITE [--port N]`` serves a
+site already written, without rebuilding anything. Layout: :mod:`visae.browse.site`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from visae.config import ConfigError, config_to_dict, parse_config
 from visae.naming import NameConfig
@@ -52,6 +53,9 @@ class BrowseConfig:
     thumb_size: int = field(default=160, metadata={"help": "thumbnail size in pixels (longest side)"})
     workers: int = field(default=0, metadata={"help": "threads making thumbnails (0: up to 8, one per core)"})
     title: str = field(default="", metadata={"help": "page title; empty: from the SAE and model"})
+    image_score: Literal["max", "mean"] = field(default="max", metadata={
+        "help": "patch-token shard sets: an image's activation for a concept, the max or the mean over its patches "
+                "(ranks the top images; counts are of images)"})
     naming: NameConfig = field(default_factory=NameConfig, metadata={
         "help": "the SAE, its shard set and the naming of its latents (used to name them when --concepts is not "
                 "given; --n_top / --n_random are the images shown per concept)", "fixed": ("out",),
@@ -76,8 +80,8 @@ def _matching_stats(path: Path, n_examples: int, d_sae: int, cfg: BrowseConfig) 
     except (OSError, ValueError) as e:
         log.warning("ignoring %s (%s)", path, e)
         return None
-    if (st.n_examples != n_examples or st.d_sae != d_sae or st.top_index.shape[1] < cfg.naming.n_top
-            or st.rand_index.shape[1] < cfg.naming.n_random):
+    if (st.n_rows != n_examples or st.d_sae != d_sae or st.top_index.shape[1] < cfg.naming.n_top
+            or st.rand_index.shape[1] < cfg.naming.n_random or (st.per_image and st.image_score != cfg.image_score)):
         log.info("%s was made for another shard set or fewer images; recomputing", path)
         return None
     return st
@@ -131,7 +135,7 @@ def _build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
                                 for j in range(sae.d_sae)], "model": {}, "vocabulary": {}}
     if stats is None:
         stats = compute_top_images(single, ss, n_top=cfg.naming.n_top, n_random=cfg.naming.n_random, batch_size=cfg.naming.batch_size,
-                                   seed=cfg.naming.seed, device=cfg.naming.device)
+                                   seed=cfg.naming.seed, device=cfg.naming.device, image_score=cfg.image_score)
     concepts = doc["concepts"]
     if len(concepts) != sae.d_sae:
         raise ValueError(f"{cfg.concepts}: concepts.json has {len(concepts)} concepts but the SAE has d_sae={sae.d_sae}")
@@ -155,15 +159,22 @@ def _build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     model = doc.get("model") or {}
     title = cfg.title or f"Concepts of {Path(cfg.naming.sae).name}"
     n_named = sum(1 for c in concepts if c.get("name"))
+    counted = (f"{stats.n_examples:,} images ({stats.n_rows:,} patch tokens; an image's activation is the "
+               f"{stats.image_score} over its patches)" if stats.per_image else f"{len(ss):,} images")
     subtitle = (f"{sae.d_sae} latents, {n_named} named; model {model.get('name') or ss.source.get('model', '?')}; "
-                f"{len(ss):,} images from {ss.source.get('dataset', shards)}")
+                f"{counted} from {ss.source.get('dataset', shards)}")
     info = {"config": config_to_dict(cfg), "sae": str(cfg.naming.sae), "shards": str(shards), "n_examples": len(ss),
             "concepts_from": cfg.concepts or str(site / "concepts_data"), "thumbnails": n_thumbs,
-            "images_needed": len(need), "model": model, "vocabulary": doc.get("vocabulary")}
+            "images_needed": len(need), "model": model, "vocabulary": doc.get("vocabulary"),
+            "unit": stats.unit, "n_images" if stats.per_image else "n_units": stats.n_examples,
+            "image_score": stats.image_score or None}
     stats_top = stats
     if stats.top_index.shape[1] > cfg.naming.n_top or stats.rand_index.shape[1] > cfg.naming.n_random:
         stats_top = replace(stats, top_index=stats.top_index[:, : cfg.naming.n_top], top_value=stats.top_value[:, : cfg.naming.n_top],
                             rand_index=stats.rand_index[:, : cfg.naming.n_random], rand_value=stats.rand_value[:, : cfg.naming.n_random])
+        if stats.per_image:
+            stats_top = replace(stats_top, top_heat=stats.top_heat[:, : cfg.naming.n_top],
+                                rand_heat=stats.rand_heat[:, : cfg.naming.n_random])
     random_init = random_weights_recorded(ss.source, sae.extra, model)
     info["backbone_random_init"] = random_init
     warning = RANDOM_WEIGHTS_SITE_NOTE if random_init else None
@@ -269,7 +280,31 @@ def serve(site: str | Path, port: int = 8000, *, block: bool = True) -> tuple[ht
     return httpd, url
 
 
+def serve_main(argv: list[str]) -> int:
+    """``visae browse serve SITE [--port N]``: serve a site that is already written; builds and writes nothing."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="visae browse serve", description="Serve an existing site (the directory "
+                                 "holding index.html, written by `visae browse`) on 127.0.0.1; nothing is rebuilt.")
+    ap.add_argument("site", help="the site directory (the --out of `visae browse`)")
+    ap.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    args = ap.parse_args(argv)
+    if not (Path(args.site) / "index.html").is_file():
+        print(f"visae browse serve: error: {args.site} holds no index.html (not a site written by `visae browse`; "
+              "build one with `visae browse --sae DIR --out SITE`)", file=sys.stderr)
+        return 2
+    try:
+        serve(args.site, args.port)
+    except ValueError as e:
+        print(f"visae browse serve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "serve":  # an existing site: served as it is, never rebuilt
+        return serve_main(argv[1:])
     try:
         cfg = parse_config(BrowseConfig, argv, default_yaml=config_yaml("browse.yaml"), prog="visae browse")
     except ConfigError as e:

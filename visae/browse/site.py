@@ -85,13 +85,27 @@ def histogram_svg(counts: np.ndarray, edges: np.ndarray, width: int = 420, heigh
             f'aria-label="activation histogram">{axis}{"".join(ticks)}{"".join(bars)}</svg>')
 
 
+def heat_attrs(heat: np.ndarray | None, grid: Sequence[int] | None, scale: float) -> str:
+    """``data-grid`` / ``data-heat`` attributes of a figure: the concept's activation per patch ([P], row-major
+    over a ``grid`` = (rows, cols) patch grid) quantised to 0-99 of ``scale`` (the concept's largest patch
+    activation among the shown images, so images of one page share one colour scale). Empty when there is
+    no heatmap (not a patch-token set, or a patch count that is not a square grid)."""
+    if heat is None or grid is None or int(grid[0]) * int(grid[1]) != len(heat) or len(heat) == 0:
+        return ""
+    q = np.clip(np.rint(99 * np.asarray(heat, np.float64) / max(scale, 1e-12)), 0, 99).astype(int)
+    return f' data-grid="{int(grid[0])}x{int(grid[1])}" data-heat="{",".join(map(str, q.tolist()))}"'
+
+
 def _figure(entry: dict[str, Any]) -> str:
     cap = f'<b>{entry["value"]:.3f}</b> {_e(entry["caption"])}'
+    heat = entry.get("heat_attrs", "")
     if entry.get("thumb"):
         img = f'<img loading="lazy" src="../thumbs/{_e(entry["thumb"])}" alt="{_e(entry["id"])}">'
+        if heat:
+            img = f'<div class="thumbwrap">{img}<canvas class="heat" aria-hidden="true"></canvas></div>'
     else:
         img = f'<div class="noimg">{_e(entry["id"])}</div>'
-    return f'<figure title="{_e(entry["id"])}">{img}<figcaption>{cap}</figcaption></figure>'
+    return f'<figure title="{_e(entry["id"])}"{heat}>{img}<figcaption>{cap}</figcaption></figure>'
 
 
 def _warning_html(warning: str | None) -> str:
@@ -100,7 +114,9 @@ def _warning_html(warning: str | None) -> str:
 
 def concept_page(c: dict[str, Any], *, top: Sequence[dict[str, Any]], rand: Sequence[dict[str, Any]], hist_svg: str,
                  n_concepts: int, title: str, max_activation: float | None, count: int | None,
-                 warning: str | None = None) -> str:
+                 warning: str | None = None, unit: dict[str, Any] | None = None) -> str:
+    """One concept's page. ``unit``: for patch-token sets ``{"image_score": "max"|"mean", "row_count": int,
+    "heatmaps": bool}`` (counts are of images; the image's activation is that score over its patches)."""
     j = c["latent"]
     name = c.get("name")
     head = _e(name) if name else '<span class="unnamed">unnamed</span>'
@@ -117,7 +133,10 @@ def concept_page(c: dict[str, Any], *, top: Sequence[dict[str, Any]], rand: Sequ
     stats = [("latent", f"#{j}"), ("cosine score", _num(c.get("score"))), ("margin (1st - 2nd)", _num(c.get("margin"))),
              ("z vs vocabulary", _num(c.get("z"), 2)), ("frequency", _pct(c.get("frequency"))),
              ("mean activation (active)", _num(c.get("mean_activation"))), ("max activation", _num(max_activation)),
-             ("active examples", "\u2013" if count is None else f"{count:,}")]
+             ("active images" if unit else "active examples", "\u2013" if count is None else f"{count:,}")]
+    if unit:
+        stats.append(("active patch tokens", f"{unit['row_count']:,}"))
+        stats.append(("image activation", f"{unit['image_score']} over its patches"))
     nav = ['<a href="../index.html">\u2190 all concepts</a>']
     if j > 0:
         nav.append(f'<a href="{j - 1}.html">\u2039 #{j - 1}</a>')
@@ -125,6 +144,10 @@ def concept_page(c: dict[str, Any], *, top: Sequence[dict[str, Any]], rand: Sequ
         nav.append(f'<a href="{j + 1}.html">#{j + 1} \u203a</a>')
     top_html = "".join(_figure(e) for e in top) or '<p class="note">No activating images.</p>'
     rand_html = "".join(_figure(e) for e in rand) or '<p class="note">No activating images.</p>'
+    heat_toggle = ""
+    if unit and unit.get("heatmaps"):
+        heat_toggle = ('<label class="heat-toggle"><input type="checkbox" id="show-heat" checked> heatmap: the concept\'s '
+                       'activation on each patch (one colour scale for the page)</label>')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(name or "unnamed")} (#{j}) - {_e(title)}</title>
@@ -139,7 +162,7 @@ def concept_page(c: dict[str, Any], *, top: Sequence[dict[str, Any]], rand: Sequ
   <table class="cands" id="candidates">{"".join(rows) or "<tr><td>none</td></tr>"}</table></div>
  <div class="panel hist"><b>Activation histogram</b>{hist_svg}</div>
 </div>
-<h2>Top-activating images</h2>
+<h2>Top-activating images</h2>{heat_toggle}
 <div class="grid" id="top-images">{top_html}</div>
 <h2>Random activating images</h2>
 <div class="grid" id="random-images">{rand_html}</div>
@@ -167,7 +190,25 @@ def json_for_html(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_JSON_IN_HTML)
 
 
-def index_page(data: dict[str, Any], title: str, subtitle: str, warning: str | None = None) -> str:
+def legend_html(per_image: bool = False, image_score: str = "max") -> str:
+    """What the index's columns mean (shown under the controls)."""
+    if per_image:
+        freq = (f"fraction of the images on which the latent fires on at least one patch (its image activation, the "
+                f"{_e(image_score)} over the image's patch tokens, is &gt; 0); images are counted, not patch tokens")
+    else:
+        freq = "fraction of the images (examples of the shard set) on which the latent fires (activation &gt; 0)"
+    return ('<details class="legend" id="legend" open><summary>What the columns mean</summary><dl>'
+            '<dt>score</dt><dd>cosine between the latent\'s decoder direction and the text embedding of its name, in '
+            'CLIP space: how well the name matches the direction</dd>'
+            '<dt>margin</dt><dd>the name\'s cosine minus the next candidate\'s: near 0, another word fits almost as '
+            'well (an ambiguous name)</dd>'
+            f'<dt>frequency</dt><dd>{freq}</dd>'
+            '<dt>mean act.</dt><dd>mean activation over the images where the latent fires</dd>'
+            '<dt>search</dt><dd>concepts named exactly by a search word come first, then names containing it, then '
+            'concepts where it is only among the name candidates</dd></dl></details>')
+
+
+def index_page(data: dict[str, Any], title: str, subtitle: str, warning: str | None = None, legend: str = "") -> str:
     blob = json_for_html(data)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -187,6 +228,7 @@ def index_page(data: dict[str, Any], title: str, subtitle: str, warning: str | N
  <label>min score <input type="number" id="min-score" min="-1" max="1" step="0.01"></label>
  <span id="count"></span>
 </div>
+{legend or legend_html()}
 <table class="concepts">
  <thead><tr><th></th><th data-sort="name">concept</th><th class="num" data-sort="score">score</th>
   <th class="num" data-sort="margin">margin</th><th class="num" data-sort="frequency">frequency</th>
@@ -222,28 +264,41 @@ def write_site(site: Path, concepts: list[dict[str, Any]], stats: Any, ids: np.n
     (site / "concepts").mkdir(exist_ok=True)
     copy_static(site)
 
-    def entries(idx_row: np.ndarray, val_row: np.ndarray) -> list[dict[str, Any]]:
+    per_image = bool(getattr(stats, "per_image", False))
+    grid = getattr(stats, "patch_grid", None) if per_image else None
+    has_heat = per_image and grid is not None and int(grid[0]) * int(grid[1]) > 0
+
+    def entries(idx_row: np.ndarray, val_row: np.ndarray, heat: np.ndarray | None = None,
+                scale: float = 1.0) -> list[dict[str, Any]]:
         out = []
-        for i, v in zip(idx_row, val_row):
+        for r, (i, v) in enumerate(zip(idx_row, val_row)):
             if i < 0:
                 continue
-            sid = str(ids[i])
+            sid = image_id(str(ids[i])) if per_image else str(ids[i])
             cap = sid
             if labels is not None and label_names is not None and 0 <= int(labels[i]) < len(label_names):
                 cap = f"{label_names[int(labels[i])]} \u00b7 {sid}"
-            out.append({"id": sid, "value": float(v), "caption": cap, "thumb": thumbs.get(image_id(sid))})
+            out.append({"id": sid, "value": float(v), "caption": cap, "thumb": thumbs.get(image_id(sid)),
+                        "heat_attrs": heat_attrs(heat[r], grid, scale) if heat is not None else ""})
         return out
 
     rows = []
     n = len(concepts)
     for c in concepts:
         j = c["latent"]
-        top = entries(stats.top_index[j], stats.top_value[j]) if stats is not None else []
-        rnd = entries(stats.rand_index[j], stats.rand_value[j]) if stats is not None else []
+        top_h = rnd_h = None
+        scale = 1.0
+        if has_heat:
+            top_h, rnd_h = stats.top_heat[j].astype(np.float32), stats.rand_heat[j].astype(np.float32)
+            scale = float(max(top_h.max(initial=0.0), rnd_h.max(initial=0.0)))
+        top = entries(stats.top_index[j], stats.top_value[j], top_h, scale) if stats is not None else []
+        rnd = entries(stats.rand_index[j], stats.rand_value[j], rnd_h, scale) if stats is not None else []
+        unit = ({"image_score": stats.image_score, "row_count": int(stats.row_count[j]), "heatmaps": has_heat}
+                if per_image else None)
         hist = histogram_svg(stats.hist_counts[j], stats.hist_edges) if stats is not None else ""
         page = concept_page(c, top=top, rand=rnd, hist_svg=hist, n_concepts=n, title=title,
                             max_activation=float(stats.max[j]) if stats is not None else None,
-                            count=int(stats.count[j]) if stats is not None else None, warning=warning)
+                            count=int(stats.count[j]) if stats is not None else None, warning=warning, unit=unit)
         atomic_write_text(site / "concepts" / f"{j}.html", page)
         thumb = next((e["thumb"] for e in top if e["thumb"]), None)
         rows.append({
@@ -252,6 +307,7 @@ def write_site(site: Path, concepts: list[dict[str, Any]], stats: Any, ids: np.n
             "alternatives": [{"name": a["name"], "score": a.get("score")} for a in (c.get("alternatives") or [])],
             "thumb": f"thumbs/{thumb}" if thumb else None,
         })
-    atomic_write_text(site / "index.html", index_page({"concepts": rows}, title, subtitle, warning))
+    legend = legend_html(per_image, getattr(stats, "image_score", "") or "max")
+    atomic_write_text(site / "index.html", index_page({"concepts": rows}, title, subtitle, warning, legend))
     atomic_write_text(site / "site.json", json.dumps(info, indent=1, default=str))
     return site / "index.html"

@@ -68,6 +68,18 @@
     return true;
   }
 
+  // Search ranking: 0 = the name is exactly the query, 1 = the name contains every word of it,
+  // 2 = some word is found only among the name candidates; within a tier, the chosen sort.
+  var MATCH = ["exact", "name", "candidates"];
+  function tier(c, terms) {
+    var words = terms.filter(function (t) { return t.charAt(0) !== "#"; });
+    if (!words.length) return 0;
+    var name = (c.name || "").toLowerCase();
+    if (name && name === words.join(" ")) return 0;
+    for (var i = 0; i < words.length; i++) if (name.indexOf(words[i]) < 0) return 2;
+    return 1;
+  }
+
   function key(c) {
     var v = c[state.sort === "mean" ? "mean_activation" : state.sort];
     return v;
@@ -82,12 +94,14 @@
   }
 
   function row(c) {
+    var m = c._tier === undefined ? "" : ' data-match="' + MATCH[c._tier] + '"';
+    var note = c._tier === 2 ? ' <span class="match-note">(matched a candidate)</span>' : "";
     var thumb = c.thumb ? '<img loading="lazy" src="' + esc(c.thumb) + '" alt="">' : '<div class="noimg"></div>';
     var name = c.name ? '<span class="name">' + esc(c.name) + "</span>" : '<span class="name unnamed">unnamed</span>';
     var alts = c.alternatives.slice(0, 4).map(function (a) { return esc(a.name) + " " + fmt(a.score, 2); }).join(", ");
-    return '<tr class="concept" data-latent="' + c.latent + '">' +
+    return '<tr class="concept' + (c._tier === 2 ? " cand-only" : "") + '" data-latent="' + c.latent + '"' + m + ">" +
       '<td class="thumb"><a href="concepts/' + c.latent + '.html">' + thumb + "</a></td>" +
-      '<td><a href="concepts/' + c.latent + '.html">' + name + '</a> <span class="latent">#' + c.latent + "</span>" +
+      '<td><a href="concepts/' + c.latent + '.html">' + name + '</a> <span class="latent">#' + c.latent + "</span>" + note +
       '<div class="alts">' + alts + "</div></td>" +
       '<td class="num">' + fmt(c.score, 3) + "</td>" +
       '<td class="num">' + fmt(c.margin, 3) + "</td>" +
@@ -98,7 +112,9 @@
   function render() {
     var terms = state.q.toLowerCase().split(/\s+/).filter(Boolean);
     var hits = concepts.filter(function (c) { return matches(c, terms); });
-    hits.sort(compare);
+    var searching = terms.some(function (t) { return t.charAt(0) !== "#"; });
+    hits.forEach(function (c) { c._tier = searching ? tier(c, terms) : undefined; });
+    hits.sort(function (a, b) { return searching && a._tier !== b._tier ? a._tier - b._tier : compare(a, b); });
     var page = hits.slice(0, shown);
     tbody.innerHTML = page.length ? page.map(row).join("") :
       '<tr><td colspan="6" class="empty">No concept matches.</td></tr>';

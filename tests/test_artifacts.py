@@ -59,6 +59,11 @@ def _write_shards(path: Path, n=100, d=8, source=None, shard_size=32, dtype="flo
     return ShardSet(path)
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone(TINY_CLIP_NAME, random_init=True)
+
+
 # ----------------------------------------------------------------------------- item 6: weights prove they are intact
 
 
@@ -221,14 +226,14 @@ def _images(root: Path, n=5) -> Path:
     return root
 
 
-def test_extract_overwrite_with_bad_images_or_model_keeps_the_finished_shard_set(tmp_path):
+def test_extract_overwrite_with_bad_images_or_model_keeps_the_finished_shard_set(tmp_path, tiny):
     from visae.backbones import BackboneError, WeightsNotAvailableError
     from visae.extract import ExtractConfig, extract
     from visae.images import SourceError
 
     imgs = _images(tmp_path / "imgs")
     kw = dict(model=TINY_CLIP_NAME, random_init=True, batch_size=4, num_workers=0, progress=False, shard_size=2)
-    bb = load_backbone(TINY_CLIP_NAME, random_init=True)
+    bb = tiny
     ss = extract(ExtractConfig(images=str(imgs), out=str(tmp_path / "f"), **kw), backbone=bb)
     assert len(ss) == 5 and ss.num_shards == 3
     before = tree_hash(tmp_path / "f")
@@ -285,11 +290,6 @@ def test_select_killed_between_best_and_selection_json_reads_one_consistent_choi
     assert sd.read_selection()["trial"] == "b"  # readers trust best/, the commit point
     assert torch.equal(load_sae(sd.best_dir).W_dec, load_sae(sd.trial_dir("b")).W_dec)
     assert not [p for p in sd.path.iterdir() if p.name.endswith(".tmp")]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone(TINY_CLIP_NAME, random_init=True)
 
 
 def _named_sae(tmp_path: Path, tiny, source: dict, seed: int) -> tuple[Path, Path]:
@@ -564,3 +564,35 @@ def test_train_continues_by_default_and_a_moved_run_folder_resumes(tmp_path, cap
         warnings.simplefilter("ignore")
         train(dataclasses.replace(cfg, out=str(tmp_path / "b"), overwrite=True))
     assert torch.equal(load_sae(tmp_path / "b").W_dec, full.W_dec)
+
+
+def test_resumed_extraction_is_byte_identical_when_the_kill_cut_a_batch(tmp_path, tiny, monkeypatch):
+    from visae.extract import ExtractConfig, _SimulatedKill, extract, read_skipped
+
+    imgs = _images(tmp_path / "imgs", n=8)
+    (imgs / "im2b.png").write_bytes(b"")  # a bad image inside the first batches: skipped once, logged once
+    bb = tiny
+    seen: list[int] = []
+    orig = bb.features
+
+    def features(x, *a, **k):
+        seen.append(int(x.shape[0]))
+        return orig(x, *a, **k)
+
+    monkeypatch.setattr(bb, "features", features)
+    kw = dict(model=TINY_CLIP_NAME, random_init=True, batch_size=3, num_workers=0, progress=False, shard_size=2,
+              dtype="float32")
+    full = extract(ExtractConfig(images=str(imgs), out=str(tmp_path / "full"), **kw), backbone=bb)
+    batches_full, seen[:] = list(seen), []
+    with pytest.raises(_SimulatedKill):  # 2 batches = 6 items (5 good rows): shards of 2 commit 4 rows, item 4 of 6
+        extract(ExtractConfig(images=str(imgs), out=str(tmp_path / "r"), **kw), backbone=bb, _fail_after_batches=2)
+    part = ShardSet(tmp_path / "r", require_complete=False)
+    assert len(part) == 4
+    seen[:] = []
+    res = extract(ExtractConfig(images=str(imgs), out=str(tmp_path / "r"), **kw), backbone=bb)
+    # the resumed run re-ran the cut batch whole (items 3..5: 3 images), then the same batches as the full run
+    assert seen == batches_full[1:], (seen, batches_full)
+    for f in sorted((tmp_path / "full").glob("shard_*")):
+        assert (tmp_path / "r" / f.name).read_bytes() == f.read_bytes(), f.name
+    assert list(res.metadata()["id"]) == list(full.metadata()["id"])
+    assert read_skipped(tmp_path / "r") == read_skipped(tmp_path / "full") and len(read_skipped(tmp_path / "r")) == 1

@@ -385,6 +385,16 @@ def _extract_part(cfg: ExtractConfig, part_dir: Path, bb: Any, src: Any, lo: int
         skipped = read_skipped(part_dir)
         return {"items": len(items), "rows": writer.num_written, "skipped": len(skipped), "resumed_at": len(items), "seconds": 0.0}
     start, drop = _resume_position(writer, {it.id: i for i, it in enumerate(items)}, patch_rows)
+    # Resume at the start of the batch the commit point cut, and drop the rows already committed: every batch
+    # then holds the items it held in an uninterrupted run, so the activations are the same bytes (batched
+    # kernels round differently for another batch composition). Items of that batch skipped before are not
+    # logged again.
+    relogged = 0
+    aligned = (start // cfg.batch_size) * cfg.batch_size
+    if aligned < start:
+        skipped_before = set(read_skipped(part_dir))
+        drop += sum(patch_rows or 1 for it in items[aligned:start] if it.id not in skipped_before)
+        relogged, start = start - aligned, aligned
     if start or drop:
         log.info("%s: resuming at item %d/%d (%d rows committed)", part_dir, start, len(items), writer.num_written)
 
@@ -413,7 +423,8 @@ def _extract_part(cfg: ExtractConfig, part_dir: Path, bb: Any, src: Any, lo: int
     try:
         with torch.inference_mode():
             for b, batch in enumerate(batches):
-                bad = [(todo[p].id, e) for p, e, ok in zip(batch["pos"], batch["errors"], batch["ok"]) if not ok]
+                bad = [(todo[p].id, e) for p, e, ok in zip(batch["pos"], batch["errors"], batch["ok"])
+                       if not ok and p >= relogged]  # items before the resume point were logged by the killed run
                 if bad:
                     _append_skipped(part_dir, bad)
                     for sid, e in bad:
@@ -439,10 +450,10 @@ def _extract_part(cfg: ExtractConfig, part_dir: Path, bb: Any, src: Any, lo: int
                         ids = [f"{it.id}#p{k}" for it in good for k in range(P)]
                         lab = np.repeat(labels, P)
                         extra = {c: np.repeat([it.extra[j] for it in good], P) for j, c in enumerate(cols)}
-                        if drop:  # resuming mid-image: its first rows are already committed
-                            rows, ids, lab = rows[drop:], ids[drop:], lab[drop:]
-                            extra = {c: v[drop:] for c, v in extra.items()}
-                            drop = 0
+                    if drop:  # resuming inside a batch (or an image's patch rows): these rows are committed
+                        rows, ids, lab = rows[drop:], ids[drop:], np.asarray(lab)[drop:]
+                        extra = {c: np.asarray(v)[drop:] for c, v in extra.items()}
+                        drop = 0
                     async_writer.add(acts=rows, ids=ids, labels=lab, columns=extra or None)
                 bar.update(len(batch["pos"]))
                 bar.set_postfix(skipped=n_skipped_before + n_skip, refresh=False)

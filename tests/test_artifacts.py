@@ -8,6 +8,7 @@ starting with "." -- the lock file, temporaries -- are not artifacts and are lef
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -596,3 +597,21 @@ def test_resumed_extraction_is_byte_identical_when_the_kill_cut_a_batch(tmp_path
         assert (tmp_path / "r" / f.name).read_bytes() == f.read_bytes(), f.name
     assert list(res.metadata()["id"]) == list(full.metadata()["id"])
     assert read_skipped(tmp_path / "r") == read_skipped(tmp_path / "full") and len(read_skipped(tmp_path / "r")) == 1
+
+
+def test_a_moved_sweep_directory_resumes(tmp_path, capsys):
+    from visae.sweep import SweepConfig, sweep
+    from visae.train import TrainConfig
+
+    shards = _write_shards(tmp_path / "shards", n=96, d=8, shard_size=96)
+    tcfg = TrainConfig(shards=str(shards.path), num_epochs=2, batch_size=16, progress=False, plot=False,
+                       lr_warmup_steps=0, l1_warmup_steps=0)
+    kw = dict(lrs=(1e-3,), l1_coeffs=(1e-3,), expansion_factors=(2,), select=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sweep(SweepConfig(out=str(tmp_path / "s"), train=dataclasses.replace(tcfg, max_steps=5), **kw))
+        shutil.move(tmp_path / "s", tmp_path / "moved")
+        capsys.readouterr()
+        sweep(SweepConfig(out=str(tmp_path / "moved"), train=dataclasses.replace(tcfg, max_steps=5), **kw))
+    err = capsys.readouterr().err
+    assert "resuming" in err and "moved/groups/" in err and "step 5" in err, err  # not refused for its new path

@@ -62,7 +62,8 @@ __all__ = ["SweepConfig", "SweepError", "Trial", "Group", "plan_trials", "plan_g
 # SweepConfig fields (dotted: nested configs) that may change between a sweep and its rerun without changing
 # any trial; a name matches itself and every field under it
 _RESUME_FREE = {"train.device", "train.progress", "train.plot", "train.keep_checkpoint", "train.wandb",
-                "train.wandb_project", "train.wandb_name", "select", "selection"}
+                "train.wandb_project", "train.wandb_name", "select", "selection",
+                "out"}  # a moved sweep directory resumes (issue 11 item 9): the plan and the data decide, not the path
 
 # The trainer fields a sweep sets itself, per group and trial: no flag in `visae sweep`, and a SweepConfig
 # must leave them at the trainer's defaults.

@@ -31,7 +31,8 @@ SUMMARY_FILE = "train_summary.json"
 _RESUME_FREE_FIELDS = {"resume", "overwrite", "max_steps", "progress", "wandb", "wandb_project", "wandb_name",
                        "plot", "validate_shards", "prefetch", "device", "dist_timeout", "num_epochs", "log_every",
                        "checkpoint_every_steps", "keep_checkpoint", "shards",  # shards: checked by content
-                       "out"}  # a moved run folder resumes: the data fingerprint and config decide, not the path
+                       "out",  # a moved run folder resumes: the data fingerprint and config decide, not the path
+                       "init_from"}  # only the start of a run reads it; a resume restores the checkpoint's weights
 
 
 class TrainError(VisaeError, ValueError):

@@ -249,3 +249,37 @@ def test_accuracy_recovered_has_the_right_end_points():
     acc = spliced_accuracy(bb, _sae(bb, 1, "all", seed=9), batches, clf)  # a random SAE: somewhere, by the formula
     assert accuracy_recovered(acc, base) == pytest.approx((acc - base["ablated"]) / (1.0 - base["ablated"]))
     assert accuracy_recovered(0.5, {"clean": 0.5, "ablated": 0.5}) is None
+
+
+# ----------------------------------------------------------------------------- naming away from the text space (issue 13 item 5)
+
+
+@pytest.mark.parametrize("hook", ["blocks.2.hook_resid_post", "blocks.2.hook_mlp_out"])
+def test_visae_name_refuses_an_imported_residual_saelens_sae_with_the_reason(tmp_path, hook):
+    """A SAELens SAE from elsewhere (only its hook recorded) on the toy CLIP, whose residual width equals its embedding
+    width (96): the width cannot tell the spaces apart, the recorded hook must. Refused before the vocabulary is read
+    and before anything is written, with the reason and what to do instead; --assume_embedding_space does not
+    override a recorded residual source."""
+    import json
+
+    from visae.interop.saelens import export_saelens, import_saelens
+    from visae.naming import NameConfig, NamingError, name_concepts
+
+    bb = load_backbone("visae-toyclip")
+    assert bb.width == bb.embed_dim  # the case a width check cannot catch
+    sae = _sae(bb, 2, "all")
+    export_saelens(sae, tmp_path / "sl", hook_name=hook, model_name="visae-toyclip")
+    cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
+    cfg["metadata"].pop("visae", None)  # as if made by SAELens itself: only model_name and hook_name
+    (tmp_path / "sl" / "cfg.json").write_text(json.dumps(cfg))
+    import_saelens(tmp_path / "sl", out=tmp_path / "imported")
+    for assume in (False, True):
+        out = tmp_path / f"names_{assume}"
+        with pytest.raises(NamingError) as e:
+            name_concepts(NameConfig(sae=str(tmp_path / "imported"), out=str(out), vocab=str(tmp_path / "no_vocab.txt"),
+                                     assume_embedding_space=assume, model="visae-toyclip", text_cache=None))
+        msg = str(e.value)
+        assert "not in the text tower's space" in msg and "naming through the splice is not implemented" in msg, msg
+        assert ("layer 2" if hook.endswith("resid_post") else "layer 'unknown'") in msg, msg
+        # nothing written (output_lock leaves only its own hidden lock file)
+        assert not out.exists() or [q.name for q in out.iterdir()] == [".visae.lock"], sorted(out.iterdir())

@@ -327,8 +327,11 @@ def check_embedding_space(source: dict[str, Any] | None, where: str, assume: boo
     if problem:
         raise NamingError(
             f"{where}: the SAE's training {problem} (recorded in extra.shards.source); decoder directions outside "
-            "the final image embedding are not in the text tower's space and cannot be named by text embeddings. "
-            "Train on shards extracted without --layer")
+            "the final image embedding are not in the text tower's space and cannot be named by text embeddings "
+            "(a name would be the nearest word to an unrelated vector). visae name refuses such SAEs (residual "
+            "layers, imported SAELens / saev ones included); naming through the splice is not implemented. "
+            "Inspect them with visae browse (top images), score them spliced into the model with visae zeroshot "
+            "--sae, or train on shards extracted without --layer to name them (docs/naming.md)")
 
 
 def decoder_directions(sae: Any, member: int = 0) -> torch.Tensor:

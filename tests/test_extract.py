@@ -364,3 +364,40 @@ def test_toyworld_from_generator_with_toyclip(tmp_path):
         x = torch.stack([preprocess(Image.open(world / by_id[sid]["file"]).convert("RGB")) for sid in md["id"]])
         ref = model.encode_image(x).numpy()
     assert np.allclose(ss.read(np.arange(6), raw=True), ref, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- several layers from one pass (issue 13 item 4)
+
+
+@pytest.mark.parametrize("family", ["open_clip", "timm"])
+@pytest.mark.parametrize("token", ["cls", "patch", "mean"])
+def test_encode_layers_equals_single_layer_passes_and_skips_later_blocks(family, token):
+    """One forward with hooks on blocks 0, 1 (and 1 - n = 1 again) equals the single-layer passes. The bound is 0:
+    the blocks up to the deepest run the same operations on the same inputs in both (the same hook mechanism stops
+    the pass), so on a deterministic CPU every row is the same float32 bits. The blocks after block 1 never run."""
+    from visae.backbones import load_backbone, register_tiny_clip
+
+    if family == "open_clip":
+        bb = load_backbone(register_tiny_clip(), random_init=True)
+    else:
+        bb = load_backbone("timm:vit_tiny_patch16_224", random_init=True,
+                           model_kwargs={"img_size": 32, "patch_size": 8, "depth": 5})
+    n = len(bb.blocks)
+    assert n >= 3  # so that at least one block comes after the deepest requested one
+    layers = [0, 1, 1 - n]
+    x = torch.randn(3, 3, *bb.image_size, generator=torch.Generator().manual_seed(0))
+    ran: list[int] = []
+    hooks = [blk.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, blk in enumerate(bb.blocks)]
+    try:
+        with torch.inference_mode():
+            multi = bb.encode_layers(x, layers, token)
+            ran_multi = sorted(set(ran))
+            single = {bb.resolve_layer(layer): bb.encode_layer(x, layer, token) for layer in layers}
+    finally:
+        for h in hooks:
+            h.remove()
+    deepest = max(single)
+    assert sorted(multi) == sorted(single) and ran_multi == list(range(deepest + 1)), (sorted(multi), ran_multi)
+    for i in single:
+        diff = (multi[i] - single[i]).abs().max().item()
+        assert multi[i].shape == single[i].shape and torch.equal(multi[i], single[i]), (i, diff)

@@ -196,6 +196,56 @@ class Backbone:
         patches = x[:, self.num_prefix_tokens:]
         return patches.mean(dim=1) if token == "mean" else patches
 
+    def encode_layers(self, images: torch.Tensor, layers: Sequence[int], token: Token = "cls") -> dict[int, torch.Tensor]:
+        """The residual stream after several blocks from **one** forward pass: ``{block index: features}``.
+
+        ``layers``: block indices (negative from the end; repeats collapse). Each value is what
+        :meth:`encode_layer` returns for that block and ``token`` ([B, W] for cls / mean,
+        [B, P, W] for patch). A forward hook on each requested block records its output; the one
+        on the deepest stops the pass, so the blocks after it are not run. The blocks before it run
+        once, with exactly the operations of a single-layer pass (the same hooks on the same
+        modules), so every value equals the single-layer one bit for bit on a deterministic device
+        (``tests/test_extract.py`` checks it). open_clip's and timm's ``forward_intermediates`` would
+        give the same tensors but not for every registry backbone (the toy CLIP, timm models without
+        it); the hooks work wherever :meth:`encode_layer` does.
+        """
+        if token not in TOKENS:
+            raise BackboneError(f"token must be one of {TOKENS}, got {token!r}")
+        if token == "cls" and not self.has_cls_token:
+            raise BackboneError(f"{self.name} has no class token; use token='mean' or 'patch'")
+        idx = sorted({self.resolve_layer(int(layer)) for layer in layers})
+        if not idx:
+            raise BackboneError("encode_layers: no layers given")
+        captured: dict[int, torch.Tensor] = {}
+        deepest = idx[-1]
+
+        def make_hook(i: int) -> Callable[..., None]:
+            def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+                captured[i] = output[0] if isinstance(output, tuple) else output
+                if i == deepest:
+                    raise _StopForward
+            return hook
+
+        handles = [self.blocks[i].register_forward_hook(make_hook(i)) for i in idx]  # type: ignore[index]
+        try:
+            self._encode_image(images)  # type: ignore[misc]
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        out = {}
+        for i in idx:
+            if i not in captured:
+                raise BackboneError(f"{self.name}: block {i} was not run by the image forward pass")
+            x = captured[i] if self.batch_first else captured[i].transpose(0, 1)
+            if token == "cls":
+                out[i] = x[:, 0]
+            else:
+                patches = x[:, self.num_prefix_tokens:]
+                out[i] = patches.mean(dim=1) if token == "mean" else patches
+        return out
+
     def features(self, images: torch.Tensor, layer: int | None = None, token: Token = "cls") -> torch.Tensor:
         """The read-out extraction stores: final embedding (``layer=None``) or :meth:`encode_layer`."""
         if layer is None:

@@ -216,3 +216,21 @@ def test_killed_rank_ends_run_promptly_and_resume_continues(shards_empty_rank, t
 
         sae_pkg.build_sae = orig
     _compare(one, resumed, _bound(3 * 8, cfg), "killed 2-rank run resumed on 1 process vs uninterrupted")
+
+
+@pytest.mark.parametrize("buffer_size", [96, 10 ** 6])  # shuffle groups of a few shards / one global permutation
+def test_rank_slices_of_every_epoch_make_the_one_process_batches(shards, buffer_size):
+    """Each rank's slices, concatenated in rank order, are the one-process batches (rows and indices), resumed too."""
+    view, _ = ShardSet(shards).split(0.1, seed=0)
+    for start in (0, 3):
+        kw = dict(epoch=2, seed=1, buffer_size=buffer_size, drop_last=False, start_batch=start, prefetch=0)
+        one = list(view.epoch_batches(BATCH, **kw))
+        assert len(one) == 8 - start and one[-1].acts.shape[0] == 3  # the short last batch
+        for world in (2, 3):
+            parts = [list(view.epoch_batches(BATCH, world_size=world, rank=r, **kw)) for r in range(world)]
+            assert [len(p) for p in parts] == [len(one)] * world
+            for j, b in enumerate(one):
+                sizes = [p[j].acts.shape[0] for p in parts]
+                assert max(sizes) - min(sizes) <= 1  # as even as the rows allow (a rank may get none)
+                assert np.array_equal(np.concatenate([p[j].index for p in parts]), b.index)
+                assert np.array_equal(np.concatenate([p[j].acts for p in parts]), b.acts)

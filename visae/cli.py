@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "browse": ("visae.browse", "write (and optionally serve) a static site of named concepts with top images"),
     "toyworld": ("visae.toyworld", "generate images of the synthetic world with their factor labels"),
     "train-toy-clip": ("visae.toyclip", "train the project's small CLIP on the synthetic world"),
+    "cbm": ("visae.cbm", "concept bottleneck classifier over named SAE concepts: accuracy, explanations, interventions"),
     "recovery": ("visae.recovery", "score how well an SAE recovers the synthetic world's known concepts (AUROC, naming)"),
     "push": ("visae.interop.hub", "upload an SAE directory to the Hugging Face hub in SAELens's layout (load_sae('hf://...'))"),
 }

@@ -133,6 +133,9 @@ def _build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
             log.warning("concepts cannot be named (%s); the site shows them unnamed", e)
             doc = {"concepts": [{"latent": j, "name": None, "alternatives": [], "unnamed_reason": "not nameable"}
                                 for j in range(sae.d_sae)], "model": {}, "vocabulary": {}}
+    if stats is not None and not stats.per_image and len(ss) and "#p" in str(ss.shard_meta(0)["id"][0]):
+        log.info("the saved statistics count patch rows; recomputing them per image")
+        stats = None  # made before images were counted per image: one row per patch, photos repeated
     if stats is None:
         stats = compute_top_images(single, ss, n_top=cfg.naming.n_top, n_random=cfg.naming.n_random, batch_size=cfg.naming.batch_size,
                                    seed=cfg.naming.seed, device=cfg.naming.device, image_score=cfg.image_score)

@@ -122,15 +122,22 @@ def test_captions_fit_the_toy_clip_context(world):
 
     toyclip.register()
     tok = open_clip.get_tokenizer(toyclip.MODEL_NAME)
-    texts = sorted({c.text for row in world.factors for c in w.caption_options(row)})
-    # Longest colour names in every template that carries a fine colour name.
-    names = w.named_colours()[0]
-    longest = sorted(names, key=lambda n: -len(n))[:20]
-    texts += [f"a photo of a {n} eight-pointed star" for n in longest]
-    # open_clip truncates silently; a caption fits when its tokens plus start and end fit the context.
-    n = np.array([len(tok.encode(x)) + 2 for x in texts])
-    assert n.max() <= tok.context_length, [x for x, k in zip(texts, n) if k > tok.context_length][:3]
     assert tok.context_length == 16
+
+    def n_tokens(text):  # BPE tokens plus start and end (open_clip truncates silently past the context)
+        return len(tok.encode(text)) + 2
+
+    # CLIP's BPE encodes word by word, so a caption is longest when every factor takes its longest value:
+    # the captions of that row bound every caption of the world.
+    longest = np.zeros(len(w.FACTORS), np.int64)
+    for name, vals in w.FACTORS.items():
+        longest[FI[name]] = max(range(len(vals)), key=lambda v: n_tokens(vals[v]))
+    longest[FI["occluded"]] = 1
+    longest[FI["family_shape"]] = longest[FI["colour_family"]] * len(w.SHAPES) + longest[FI["shape"]]
+    texts = [c.text for c in w.caption_options(longest)]
+    texts += [c.text for row in world.factors[:30] for c in w.caption_options(row)]
+    n = np.array([n_tokens(x) for x in texts])
+    assert n.max() <= tok.context_length, [x for x, k in zip(texts, n) if k > tok.context_length][:3]
 
 
 def test_on_disk_layout_read_by_the_extractor(tmp_path):

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,46 @@ def test_no_module_hand_rolls_a_temp_file_and_rename():
                 if call in line and not any(rel == a and s in line for a, s in allowed):
                     found.append(f"{rel}: {line.strip()}")
     assert not found, "hand-rolled temp file + rename (use visae.atomic):\n" + "\n".join(found)
+
+
+def _tree_digest(root):
+    """{relative path: sha256} of every regular file under ``root`` (the lock file excluded)."""
+    import hashlib
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file() and p.name != ".visae.lock":
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_sae_save_failing_part_way_leaves_the_previous_sae_byte_identical(tmp_path, monkeypatch):
+    import torch
+
+    import visae.atomic as va
+    from visae.sae import SAEConfig, build_sae, load_sae
+
+    torch.manual_seed(0)
+    d = tmp_path / "sae"
+    old = build_sae(SAEConfig(d_in=8, d_sae=16, architecture="relu"))
+    old.save(d, extra={"v": 1})
+    (d / "metrics.jsonl").write_text('{"step": 1}\n')  # a training log beside the weights
+    before = _tree_digest(d)
+    new = build_sae(SAEConfig(d_in=8, d_sae=16, architecture="relu"))
+    real = va.atomic_write_text
+
+    def fail_on_cfg(path, text, **kw):  # the weights are written, the commit point is not
+        if Path(path).name == "cfg.json":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text, **kw)
+
+    monkeypatch.setattr(va, "atomic_write_text", fail_on_cfg)
+    with pytest.raises(OSError):
+        new.save(d, extra={"v": 2})
+    monkeypatch.undo()
+    assert _tree_digest(d) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["sae"], "the staging directory was not removed"
+    assert load_sae(d).extra == {"v": 1}
+    new.save(d, extra={"v": 2})  # a save that completes swaps in and keeps the log
+    assert load_sae(d).extra == {"v": 2}
+    assert (d / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    torch.testing.assert_close(load_sae(d).W_dec, new.W_dec, rtol=0, atol=0)

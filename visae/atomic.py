@@ -47,7 +47,7 @@ from typing import Any, Iterator, Literal
 
 from visae.errors import VisaeError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_dir", "temp_name",
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_dir", "staged_dir", "temp_name",
            "remove_stale_temps", "output_lock", "OutputLockedError", "LOCK_FILE"]
 
 LOCK_FILE = ".visae.lock"
@@ -171,6 +171,61 @@ def atomic_dir(path: str | Path, *, if_exists: Literal["error", "keep", "replace
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path, *, carry: Any = None) -> Iterator[Path]:
+    """Replace directory ``path`` only once its new content is complete: build it beside, then swap.
+
+    Yields a staging directory beside ``path`` (a :func:`temp_name`) that already holds the
+    entries of the existing ``path`` that ``carry`` selects, as hard links (a copy where the
+    filesystem has none), so files the caller does not rewrite (training logs, thumbnails)
+    survive without copying their bytes. Rewrite a carried file only by replacing it
+    (:func:`atomic_path` makes a new inode): writing into a hard-linked file in place would
+    change the old directory too. The lock files of :func:`output_lock` are always carried,
+    so a second writer still finds the lock held after the swap; stale temporary names never.
+    When the block finishes, the staging directory is swapped in (:func:`atomic_dir`
+    ``"replace"``); if it raises, or the process is killed, ``path`` is untouched (a killed
+    process leaves a staging directory that the next :func:`output_lock` removes).
+
+    Args:
+        path: the directory to (re)write; a symlink is resolved first (its target is replaced).
+        carry: ``None``: carry every entry (the block replaces what it rewrites); or a
+            collection of top-level names to carry (names not present are skipped).
+
+    Raises:
+        NotADirectoryError: ``path`` exists and is not a directory.
+        Whatever the block raises; the staging directory is removed and ``path`` is unchanged.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a directory")
+    with atomic_dir(path, if_exists="replace") as tmp:
+        if path.is_dir():
+            for entry in os.scandir(path):
+                name = entry.name
+                if _TEMP_RE.match(name):
+                    continue
+                is_lock = name == LOCK_FILE or (name.startswith(".visae.rank") and name.endswith(".lock"))
+                if not is_lock and carry is not None and name not in carry:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.copytree(entry.path, tmp / name, symlinks=True, copy_function=_link_or_copy,
+                                    ignore=lambda d, names: [n for n in names if _TEMP_RE.match(n)])
+                elif entry.is_symlink():
+                    os.symlink(os.readlink(entry.path), tmp / name)
+                else:
+                    _link_or_copy(entry.path, str(tmp / name))
+        yield tmp
 
 
 # ----------------------------------------------------------------------------- stale temporaries, locks

@@ -541,6 +541,11 @@ class SAE(nn.Module):
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write ``path/weights.safetensors`` and ``path/cfg.json`` (the commit point, written last, atomically).
 
+        An existing directory is replaced only when the new one is complete: both files are
+        written into a staging directory beside ``path`` (which carries the directory's other
+        files as hard links), then swapped in (:func:`visae.atomic.staged_dir`); a save that
+        raises or is killed leaves the previous SAE byte-identical.
+
         ``cfg.json`` records under ``"checksums"`` the SHA-256 and size of the weights file and
         a digest of its own content (canonical JSON without that field), which ``load_sae``
         verifies (docs/sae_format.md).
@@ -550,21 +555,26 @@ class SAE(nn.Module):
         """
         from safetensors.torch import save as st_save
 
-        from visae.atomic import atomic_write_bytes, atomic_write_text
+        from visae.atomic import atomic_write_bytes, atomic_write_text, staged_dir
 
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         if extra is not None:
             self.extra = dict(extra)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "architecture": self.architecture}
         data = st_save(tensors, metadata=meta)
-        atomic_write_bytes(path / WEIGHTS_FILE, data)
         doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.cfg.to_dict(), "extra": self.extra}
         doc = json.loads(json.dumps(doc, default=_json_default))  # as a reader will parse it
         doc[CHECKSUMS_FIELD] = {WEIGHTS_FILE: {"sha256": sha256_bytes(data), "bytes": len(data)},
                                 CFG_FILE: {"json_sha256": json_digest(doc)}}
-        atomic_write_text(path / CFG_FILE, json.dumps(doc, indent=1))
+        text = json.dumps(doc, indent=1)
+        # Written beside, then swapped in: a failed or killed save leaves the previous SAE whole.
+        # The directory's other files (training logs, curves, checkpoint/) are carried as hard links.
+        keep = ([e.name for e in path.iterdir() if e.name not in (WEIGHTS_FILE, CFG_FILE)]
+                if path.is_dir() else None)
+        with staged_dir(path, carry=keep) as tmp:
+            atomic_write_bytes(tmp / WEIGHTS_FILE, data)
+            atomic_write_text(tmp / CFG_FILE, text)
         return path
 
     @classmethod

@@ -292,10 +292,10 @@ def _topk_correct(backbone: Any, batches: Any, classifier: Any, ks: Sequence[int
                   ) -> tuple[dict[int, int], int]:
     """({k: images whose label is in the top k}, images) of ``backbone.encode_image`` over ``batches``.
 
-    Top-k with ties to the lower class index (:func:`visae.zeroshot.topk_hits`); k above the
+    Top-k with ties to the lower class index (:func:`visae.ranking.topk_hits`); k above the
     number of classes is dropped.
     """
-    from visae.zeroshot import topk_hits
+    from visae.ranking import topk_hits
 
     ks = tuple(k for k in ks if k <= classifier.num_classes) or (1,)
     correct = {k: 0 for k in ks}

@@ -48,7 +48,7 @@ def _reference_objective(p: dict[str, torch.Tensor], x: torch.Tensor, dead: torc
     """
     S = p["W_enc"].shape[0]
     xs = x.expand(S, *x.shape) if x.ndim == 2 else x
-    B, d = xs.shape[1], xs.shape[2]
+    B = xs.shape[1]
     pre = torch.einsum("sbd,sdn->sbn", xs - p["b_dec"][:, None], p["W_enc"]) + p["b_enc"][:, None]
     if arch == "topk":
         v, i = pre.topk(k, dim=-1)

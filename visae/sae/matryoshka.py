@@ -119,7 +119,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         patterns, vals, aux_patterns, aux_vals = [], [], [], []
         with torch.no_grad():
             We = self.W_enc.to(cd)
-            b_eff = (self.b_enc - torch.bmm(self.b_dec[:, None, :], self.W_enc)[:, 0]).to(cd)
+            b_eff = (self.b_enc - K._mv_s(self.W_enc.transpose(1, 2), self.b_dec)).to(cd)  # per member: S-independent
             for s in range(S):
                 xs_ = (x[s] if x.ndim == 3 else x).to(cd)
                 pre = ws.get("pre", (B, n), cd, dev) if ws is not None else torch.empty(B, n, dtype=cd, device=dev)

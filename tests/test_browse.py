@@ -409,3 +409,45 @@ def test_serve_subcommand_serves_an_existing_site_without_rebuilding(world, tmp_
         proc.wait(timeout=10)
     after = {p: p.stat().st_mtime_ns for p in site.rglob("*") if p.is_file()}
     assert after == before  # nothing rebuilt or rewritten
+
+
+def test_failed_rebuild_leaves_the_previous_site_byte_identical_and_thumbnails_are_reused(tmp_path, monkeypatch):
+    """Issue 11 item 1: the site is built beside and swapped in; a build that fails part-way changes nothing."""
+    import dataclasses
+    import hashlib
+
+    import visae.browse.site as vsite
+    from visae.backbones import load_backbone, register_tiny_clip
+
+    site, cfg = _planted_site(tmp_path, WORDS, lambda i: f"img_{i:03d}.png")
+
+    def digest():
+        return {str(p.relative_to(site)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(site.rglob("*")) if p.is_file() and p.name != ".visae.lock"}
+
+    before = digest()
+    assert any(k.startswith("thumbs/") for k in before) and "index.html" in before
+    thumb = next(p for p in (site / "thumbs").iterdir())
+    inode = thumb.stat().st_ino
+    (site / "concepts" / "999.html").write_text("a page of an older, larger SAE")
+    before = digest()
+    real = vsite.atomic_write_text
+
+    def fail_on_index(path, text, **kw):  # concept pages written, then the disk fills
+        if os.path.basename(path) == "index.html":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text, **kw)
+
+    monkeypatch.setattr(vsite, "atomic_write_text", fail_on_index)
+    bb = load_backbone(register_tiny_clip(), random_init=True)
+    with pytest.raises(OSError):  # another title: every page it wrote before failing differs from the old one
+        build_site(dataclasses.replace(cfg, title="another title"), backbone=bb)
+    monkeypatch.undo()
+    assert digest() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".site.")) == [], "staging dir left"
+    build_site(cfg, backbone=bb)
+    after = digest()
+    assert "concepts/999.html" not in after  # the new site replaced the old one whole
+    assert thumb.stat().st_ino == inode  # the thumbnail was reused (carried), not made again
+    assert {k: v for k, v in after.items() if k.startswith("thumbs/")} == \
+        {k: v for k, v in before.items() if k.startswith("thumbs/")}

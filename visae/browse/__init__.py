@@ -94,17 +94,15 @@ def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     """
     from visae.atomic import output_lock
 
-    with output_lock(cfg.out, "visae browse"):
+    with output_lock(cfg.out, "visae browse"):  # (creates cfg.out, holds .visae.lock, carried into the new site)
         return _build_site(cfg, backbone=backbone)
 
 
 def _build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
-    from visae.browse.images import ImageResolver, image_id, make_thumbnails
-    from visae.browse.site import write_site
-    from visae.naming import NamingError, _shards_path, name_concepts, read_concepts
+    from visae.atomic import staged_dir
+    from visae.naming import _shards_path
     from visae.sae import load_sae
     from visae.shards import ShardSet
-    from visae.topimages import compute_top_images
 
     if not cfg.naming.sae:
         raise ValueError("--sae is required: an SAE directory (cfg.json + weights.safetensors)")
@@ -117,18 +115,31 @@ def _build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
         raise ValueError(f"SAE {cfg.naming.sae}: pass --shards (its cfg.json records no shard set that still exists)")
     ss = ShardSet(shards)
     site = Path(cfg.out)
-    site.mkdir(parents=True, exist_ok=True)
+    # Built beside, swapped in when complete (visae.atomic.staged_dir): a build that fails or is
+    # killed leaves the previous site as it was. Existing thumbnails are carried (hard links) and reused.
+    with staged_dir(site, carry=["thumbs"]) as stage:
+        _build_into(cfg, stage, site, sae, single, shards, ss, backbone)
+    return site / "index.html"
+
+
+def _build_into(cfg: BrowseConfig, stage: Path, site: Path, sae: Any, single: Any, shards: Path, ss: Any,
+                backbone: Any) -> Path:
+    """Write the site into ``stage`` (the staging directory of ``site``, its final path)."""
+    from visae.browse.images import ImageResolver, make_thumbnails
+    from visae.browse.site import write_site
+    from visae.naming import NamingError, name_concepts, read_concepts
+    from visae.topimages import compute_top_images
 
     stats = None
     if cfg.concepts:
         doc = read_concepts(cfg.concepts)
         stats = _matching_stats(Path(cfg.concepts) / "top_images.npz", len(ss), sae.d_sae, cfg)
     else:
-        ncfg = _naming_config(cfg, shards, site / "concepts_data")
+        ncfg = _naming_config(cfg, shards, stage / "concepts_data")
         try:
             name_concepts(ncfg, sae=sae, backbone=backbone)
-            doc = read_concepts(site / "concepts_data")
-            stats = _matching_stats(site / "concepts_data" / "top_images.npz", len(ss), sae.d_sae, cfg)
+            doc = read_concepts(stage / "concepts_data")
+            stats = _matching_stats(stage / "concepts_data" / "top_images.npz", len(ss), sae.d_sae, cfg)
         except NamingError as e:
             log.warning("concepts cannot be named (%s); the site shows them unnamed", e)
             doc = {"concepts": [{"latent": j, "name": None, "alternatives": [], "unnamed_reason": "not nameable"}
@@ -152,7 +163,7 @@ def _build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     need = set(stats.top_index[:, : cfg.naming.n_top].ravel().tolist()) | set(stats.rand_index[:, : cfg.naming.n_random].ravel().tolist())
     need.discard(-1)
     resolver = ImageResolver(ss.source, cfg.images_root)
-    thumbs = make_thumbnails(resolver, [str(ids[i]) for i in sorted(need)], site / "thumbs", size=cfg.thumb_size,
+    thumbs = make_thumbnails(resolver, [str(ids[i]) for i in sorted(need)], stage / "thumbs", size=cfg.thumb_size,
                              workers=cfg.workers)
     n_thumbs = sum(v is not None for v in thumbs.values())
     if need and n_thumbs == 0:
@@ -183,7 +194,7 @@ def _build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     warning = RANDOM_WEIGHTS_SITE_NOTE if random_init else None
     if random_init:
         log.warning("%s", RANDOM_WEIGHTS_SITE_NOTE)
-    return write_site(site, concepts, stats_top, ids, meta.get("label"), label_names, thumbs, title=title,
+    return write_site(stage, concepts, stats_top, ids, meta.get("label"), label_names, thumbs, title=title,
                       subtitle=subtitle, info=info, warning=warning)
 
 

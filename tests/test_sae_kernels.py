@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tolerances import assert_close_derived, sae_step_bounds
+from tolerances import assert_bitwise_equal, assert_close_derived, sae_step_bounds
 from visae.sae import SAEConfig, build_sae
 
 
@@ -69,7 +69,11 @@ def test_fast_path_equals_reference(arch, impl, S, stacked_x):
     if arch == "jumprelu":
         assert g_ref["log_threshold"].abs().sum() > 0  # the straight-through gradient is exercised
     if arch == "batchtopk":
-        torch.testing.assert_close(sae.threshold, ref_sae.threshold)
+        # the running threshold is the smallest kept pre-activation (an order statistic moves by no more than the
+        # values it is taken from) put through the momentum average (2 more roundings): the codes' bound
+        n_terms, P = bounds["codes"]
+        assert_close_derived(sae.threshold, ref_sae.threshold, n_terms=n_terms + 2, scale=P.amax(dim=(1, 2)),
+                             dtype=torch.float32, probabilistic=True, msg="batchtopk threshold")
         assert (sae.threshold > 0).all()
 
 
@@ -84,7 +88,10 @@ def test_batchtopk_threshold_only_on_training_steps():
     # inference uses the fixed threshold: an example's codes do not depend on the batch
     f_all = sae.encode(x)
     f_one = sae.encode(x[:1])
-    torch.testing.assert_close(f_all[:1], f_one)
+    # a GEMM of 1 row vs 64 rows may sum in another order: the codes' derived bound (row 0 of the batch)
+    n_terms, P = sae_step_bounds(sae, x, torch.zeros(1))["codes"]
+    assert_close_derived(f_one, f_all[:1], n_terms=n_terms, scale=P[0, :1], dtype=torch.float32,
+                         probabilistic=True, msg="codes of one row alone vs in the batch")
     assert ((f_all == 0) | (f_all > sae.threshold)).all()
 
 
@@ -96,7 +103,7 @@ def test_batchtopk_select_exact_on_large_batch():
     flat = torch.relu(pre).reshape(-1)
     ref = flat.topk(6 * 512).values
     assert p.nnz == 6 * 512
-    torch.testing.assert_close(v.sort().values, ref.sort().values)
+    assert_bitwise_equal(v.sort().values, ref.sort().values, "selected values")  # the same elements of pre, copied
 
 
 def test_fused_guard_against_stale_backward():
@@ -149,7 +156,17 @@ def test_bf16_autocast_close_to_fp32(arch, impl):
         out = sae.training_loss(x, 1e-2, impl=impl)
     out.loss.backward()
     assert out.loss.dtype == torch.float32 and out.mse.dtype == torch.float32
-    assert abs(out.loss.item() - ref.loss.item()) <= 0.01 * ref.loss.item()
+    if arch == "relu":
+        # ReLU codes are continuous in the pre-activations, so the loss is too: each value went through at most
+        # 6 bf16 roundings (x, W_enc, pre, f, W_dec, x_hat) plus fp32 sums of n terms (n u32 = n 2^-15 u_bf16)
+        n_terms, scale = sae_step_bounds(ref_sae, x, torch.full((1,), 1e-2))["loss"]
+        assert_close_derived(out.loss, ref.loss, n_terms=6 + -(-n_terms // 2 ** 15), scale=scale,
+                             dtype=torch.bfloat16, computations=1, msg="bf16 loss")
+    # Statistical, not derived (issue 10): a bf16 rounding (u = 2^-9) moves pre-activations by ~1% of their
+    # scale, so TopK / BatchTopK / JumpReLU selections and the ReLU gradient mask (discontinuous at 0) flip for
+    # codes near the cut; a flipped code changes the loss and the gradients by its value times a decoder
+    # direction, which no rounding bound covers. 1% of the loss and a gradient cosine of 0.99 allow a few flips.
+    assert abs(out.loss.item() - ref.loss.item()) <= 0.01 * ref.loss.item(), (out.loss.item(), ref.loss.item())
     for name, p in sae.named_parameters():
         cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), g_ref[name].flatten(), dim=0)
         assert cos > 0.99, (name, float(cos))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tolerances import assert_close_derived, error_bound, sae_step_bounds
 from visae.sae import SAEConfig, build_sae
 from visae.shards import ShardSet, ShardWriter
 from visae.topimages import TopImages, compute_top_images, default_hist_edges, hash_keys
@@ -53,6 +54,19 @@ def brute_force(sae, ss, n_top, n_random, seed, edges):
     return out
 
 
+def code_bound(sae, x):
+    """(n_terms, scale [N, d_sae] float64 array) of the inference codes of rows x: streaming encodes other batches
+    than the brute force (another GEMM shape, maybe another summation order), so the codes agree to this bound."""
+    n_terms, P = sae_step_bounds(sae, torch.as_tensor(x), torch.zeros(1))["codes"]
+    return n_terms, P[0].numpy()
+
+
+def _at(scale, index):
+    """scale [N, d_sae] at the rows index [d_sae, m] of each latent (-1 = padding: 0)."""
+    j = np.arange(scale.shape[1])[:, None]
+    return np.where(index >= 0, scale[np.clip(index, 0, None), j], 0.0)
+
+
 @pytest.mark.parametrize("batch_size", [64, 1000])
 def test_streaming_equals_brute_force(tmp_path, batch_size):
     ss = make_shards(tmp_path / "shards")
@@ -64,14 +78,20 @@ def test_streaming_equals_brute_force(tmp_path, batch_size):
     np.testing.assert_array_equal(got.count, ref["count"])
     assert (got.count == 0).sum() >= 3 and (got.count > 5).sum() > 10  # dead latents and well-populated ones
     np.testing.assert_array_equal(got.top_index, ref["top_index"])
-    np.testing.assert_allclose(got.top_value, ref["top_value"], rtol=1e-5, atol=1e-6)
+    n_terms, P = code_bound(sae, ss.read(np.arange(len(ss))))
+    assert_close_derived(got.top_value, ref["top_value"], n_terms=n_terms, scale=_at(P, got.top_index),
+                         dtype=torch.float32, msg="top values")
     np.testing.assert_array_equal(got.rand_index, ref["rand_index"])
-    np.testing.assert_allclose(got.rand_value, ref["rand_value"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(got.sum, ref["sum"], rtol=1e-5)
-    np.testing.assert_allclose(got.max, ref["max"], rtol=1e-5)
+    assert_close_derived(got.rand_value, ref["rand_value"], n_terms=n_terms, scale=_at(P, got.rand_index),
+                         dtype=torch.float32, msg="random-sample values")
+    # a sum over <= N codes (each within its bound) in some order: N more terms, scale the sum of the code scales
+    assert_close_derived(got.sum, ref["sum"], n_terms=n_terms + len(ss), scale=P.sum(0), dtype=torch.float32,
+                         msg="sums of codes")
+    assert_close_derived(got.max, ref["max"], n_terms=n_terms, scale=P.max(0), dtype=torch.float32,
+                         msg="max codes")  # an order statistic moves by no more than its values
     np.testing.assert_array_equal(got.hist_counts, ref["hist"])
     np.testing.assert_array_equal(got.hist_counts.sum(1), got.count)
-    np.testing.assert_allclose(got.frequency, ref["count"] / len(ss))
+    np.testing.assert_array_equal(got.frequency, ref["count"] / len(ss))  # equal integer counts, one division
     # random sample: activating examples only, distinct, not simply the top ones
     for j in np.flatnonzero(got.count >= 12):
         r = got.rand_index[j]
@@ -134,22 +154,34 @@ def test_patch_rows_are_ranked_and_counted_per_image(tmp_path, score, batch_size
     np.testing.assert_array_equal(got.count, (s > 0).sum(0))
     np.testing.assert_array_equal(got.row_count, (f > 0).sum(0))
     assert (got.count > 5).sum() > 10
-    tol = 4 * np.finfo(np.float32).eps * max(1.0, float(np.abs(f).max()))  # float32 codes, a mean of P terms
+    # codes of other batches: per-row bound; an image's score (max or mean of its P patches) moves by no more
+    # than its patches' largest bound, plus P terms for the mean
+    n_terms, Pb = code_bound(sae, ss.read(np.arange(len(ss))))
+    Pimg = Pb.reshape(n_img, P, -1)
+    s_scale = Pimg.max(1)
+    n_s = n_terms + P
+    u16 = np.finfo(np.float16).eps / 2
     for j in range(s.shape[1]):
         act = np.flatnonzero(s[:, j] > 0)
         order = act[np.argsort(-s[act, j], kind="stable")][:5]
         rows = got.top_index[j][got.top_index[j] >= 0]
         assert len(set(rows.tolist())) == rows.size  # no image twice
         np.testing.assert_array_equal(rows, order * P)  # the image's first row (patch 0)
-        np.testing.assert_allclose(got.top_value[j][: order.size], s[order, j], atol=tol)
-        # heatmap = the image's per-patch activations (float16 storage: relative 2^-11)
-        np.testing.assert_allclose(got.top_heat[j][: order.size], H[order, :, j], rtol=2 ** -10, atol=tol)
+        assert_close_derived(got.top_value[j][: order.size], s[order, j], n_terms=n_s, scale=s_scale[order, j],
+                             dtype=torch.float32, msg=f"latent {j}: top image scores")
+        # heatmap = the image's per-patch activations, stored in float16 (one rounding, u16 relative) after the
+        # codes' own bound
+        heat_tol = u16 * np.abs(H[order, :, j]) + error_bound(n_terms, Pimg[order, :, j], torch.float32).numpy()
+        d_heat = np.abs(got.top_heat[j][: order.size].astype(np.float64) - H[order, :, j])
+        assert (d_heat <= heat_tol).all(), f"latent {j}: top heatmaps, max |diff| {d_heat.max():.3g}, bound {heat_tol.max():.3g}"
         assert (got.top_heat[j][order.size:] == 0).all()
         samp = act[np.argsort(keys[act, j], kind="stable")][:4]
         np.testing.assert_array_equal(got.rand_index[j][: samp.size], samp * P)
-        np.testing.assert_allclose(got.rand_heat[j][: samp.size], H[samp, :, j], rtol=2 ** -10, atol=tol)
+        heat_tol = u16 * np.abs(H[samp, :, j]) + error_bound(n_terms, Pimg[samp, :, j], torch.float32).numpy()
+        d_heat = np.abs(got.rand_heat[j][: samp.size].astype(np.float64) - H[samp, :, j])
+        assert (d_heat <= heat_tol).all(), f"latent {j}: random heatmaps, max |diff| {d_heat.max():.3g}, bound {heat_tol.max():.3g}"
     assert tuple(got.patch_grid) == (2, 2)
-    np.testing.assert_allclose(got.max, s.max(0), atol=tol)
+    assert_close_derived(got.max, s.max(0), n_terms=n_s, scale=s_scale.max(0), dtype=torch.float32, msg="max scores")
     np.testing.assert_array_equal(got.hist_counts.sum(1), got.count)
     back = TopImages.load(got.save(tmp_path / "top_images.npz"))
     assert back.per_image and back.n_rows == n_img * P and back.image_score == score

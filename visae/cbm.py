@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from visae.errors import VisaeError
 from visae.shards import ShardError, ShardSet
 
 __all__ = ["CBMConfig", "CBMError", "ConceptBottleneck", "fit_sparse_logistic", "fit_cbm_path", "linear_probe",
@@ -51,7 +52,7 @@ CBM_FORMAT = "visae.cbm"
 CBM_VERSION = 1
 
 
-class CBMError(ValueError):
+class CBMError(VisaeError, ValueError):
     """Bad CBM input (missing SAE / names / labels, shapes that do not fit) or an unreadable CBM directory."""
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from tolerances import assert_close_derived
 from visae.recovery import concept_recovery, format_recovery, main, name_matches, sparse_auroc
 from visae.shards import ShardWriter
 
@@ -29,7 +30,10 @@ def test_sparse_auroc_equals_dense_with_ties():
     auc = sparse_auroc(i, j, dense[i, j], labels, d)
     for jj in range(d):
         for v in range(V):
-            assert auc[jj, v] == pytest.approx(_dense_auroc(dense[:, jj], labels[:, v]), abs=1e-12), (jj, v)
+            # pair counts and (half-integer) rank sums are exact in float64 (< 2^53); each side then divides and
+            # combines: a few float64 roundings of values <= 1
+            assert_close_derived(auc[jj, v], _dense_auroc(dense[:, jj], labels[:, v]), n_terms=4, scale=1.0,
+                                 dtype=np.float64, msg=f"AUROC latent {jj}, label {v}")
     assert (auc[5] == 0.5).all()
     assert auc[7, 2] > 0.95
     # A label with no positives has no AUROC.
@@ -101,10 +105,10 @@ def test_planted_concepts_are_recovered(planted, tmp_path):
     assert sorted(circle["named_latents"]) == [0, 1] and circle["named_auroc"] > 0.99
     green = next(r for r in res["values"] if r["value"] == "green")
     assert green["named_latents"] == [] and green["named_auroc"] is None
-    assert res["summary"]["fraction_named_right"] == pytest.approx(3 / 5)
+    assert res["summary"]["fraction_named_right"] == 3 / 5  # an integer count / 5, one rounding on each side
     assert "named right 60%" in format_recovery(res)
     # issue 6's count: red, circle and square have a latent named by their word at AUROC >= 0.95
-    assert res["summary"]["fraction_named_at"] == pytest.approx(3 / 5) and res["summary"]["named_at"] == 0.95
+    assert res["summary"]["fraction_named_at"] == 3 / 5 and res["summary"]["named_at"] == 0.95  # count / 5
     strict = concept_recovery(sae, shards, factors=["colour", "shape"], concepts=concepts, named_at=1.01)
     assert strict["summary"]["fraction_named_at"] == 0
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tolerances import assert_bitwise_equal, assert_close_derived, sae_step_bounds
 from visae.sae import SAEConfig, build_sae, load_sae, stack_saes
 from visae.sae.matryoshka import MatryoshkaSAE, prefix_forward, prefix_sizes
 from visae.synthetic import make_hierarchical_dictionary, parent_recovery
@@ -56,7 +57,9 @@ def test_loss_is_the_sum_of_cumulative_prefix_reconstructions():
     assert abs(float(out.loss.detach()) - want) <= tol, (float(out.loss.detach()), want)
     # mse / EV describe the full reconstruction, as for every architecture
     full = f @ sae.W_dec[0] + sae.b_dec[0]
-    torch.testing.assert_close(out.mse[0], (full - x).pow(2).mean(), rtol=1e-5, atol=1e-7)
+    n_terms, scale = sae_step_bounds(sae, x, torch.zeros(1))["mse"]
+    assert_close_derived(out.mse[0], (full - x).pow(2).mean(), n_terms=n_terms, scale=scale[0], dtype=torch.float32,
+                         msg="mse of the full reconstruction")
     assert float(out.loss) > float(out.mse[0])
 
 
@@ -76,16 +79,26 @@ def test_sparse_path_equals_reference(S, stacked_x):
         outs.append(o)
         grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
     ref, out = outs
-    tol = dict(rtol=2e-4, atol=2e-6)
-    torch.testing.assert_close(out.loss, ref.loss, **tol)
-    for name in ("mse", "l1", "l0", "explained_variance", "aux", "sq_err"):
-        torch.testing.assert_close(getattr(out, name), getattr(ref, name), **tol, msg=name)
+    # the derived one-step bounds (tests/tolerances.sae_step_bounds); the loss and the gradients sum L prefix
+    # reconstructions, each a sub-sum of the full one, so their scales are at most L times the full one's
+    L = len(sae.prefix_sizes)
+    bounds = sae_step_bounds(sae, x, torch.zeros(S), dead)
+    for name in ("loss", "mse", "l1", "l0", "explained_variance", "aux", "sq_err"):
+        n_terms, scale = bounds[name]
+        scale = scale * (L if name == "loss" else 1)
+        assert_close_derived(getattr(out, name), getattr(ref, name), n_terms=n_terms, scale=scale,
+                             dtype=torch.float32, probabilistic=True, msg=name)
     assert torch.equal(out.fired, ref.fired)
     if S > 1:
         assert (ref.aux[:-1] > 0).all() and ref.aux[-1] == 0
     for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-3, atol=1e-6, msg=name)
-    torch.testing.assert_close(sae.threshold, ref_sae.threshold)
+        n_terms, scale = bounds[name]
+        assert_close_derived(grads[1][name], g, n_terms=n_terms, scale=L * scale, dtype=torch.float32,
+                             probabilistic=True, msg=f"d loss / d {name}")
+    # the running threshold: an order statistic of the pre-activations, then the momentum average (2 roundings)
+    n_terms, P = bounds["codes"]
+    assert_close_derived(sae.threshold, ref_sae.threshold, n_terms=n_terms + 2, scale=P.amax(dim=(1, 2)),
+                         dtype=torch.float32, probabilistic=True, msg="threshold")
     assert (sae.threshold > 0).all()
 
 
@@ -103,9 +116,10 @@ def test_stack_equals_members():
     for i, s in enumerate(singles):
         o = s.training_loss(x, impl="sparse")
         o.loss.backward()
-        torch.testing.assert_close(out.sq_err[i], o.sq_err[0])
+        # a stack member runs the same per-member products as the SAE alone (kernels._mv_s): bit for bit
+        assert_bitwise_equal(out.sq_err[i], o.sq_err[0], f"member {i} sq_err")
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            torch.testing.assert_close(getattr(stacked, name).grad[i], getattr(s, name).grad[0], rtol=1e-4, atol=1e-6)
+            assert_bitwise_equal(getattr(stacked, name).grad[i], getattr(s, name).grad[0], f"member {i} d / d {name}")
 
 
 @pytest.mark.parametrize("keep_codes", [False, True])
@@ -118,13 +132,14 @@ def test_save_load_and_export(tmp_path, keep_codes):
     raw = _x(seed=5) * 7.0
     sae.eval()
     for a, b in zip(sae(raw), loaded(raw)):
-        torch.testing.assert_close(a, b)
+        assert_bitwise_equal(a, b, "saved and loaded: the same forward on the same weights")
     exp = loaded.exported(keep_codes=keep_codes)
     assert exp.cfg.scale_factor == 1.0
+    # LEFT (issue 10, not derived yet): the export folds the scale factor into the weights (other arithmetic)
     torch.testing.assert_close(exp(raw)[0], loaded(raw)[0], rtol=1e-5, atol=1e-5)
     # prefix_forward: the whole dictionary is forward(); a prefix zeroes the later codes
     x_full, f_full = prefix_forward(loaded, raw, loaded.d_sae)
-    torch.testing.assert_close(x_full, loaded(raw)[0])
+    assert_bitwise_equal(x_full, loaded(raw)[0], "prefix_forward of the whole dictionary = forward")
     x_p, f_p = prefix_forward(loaded, raw, 24)
     assert (f_p[..., 24:] == 0).all() and torch.equal(f_p[..., :24], f_full[..., :24])
 

@@ -198,3 +198,11 @@ def _keys(d, prefix=""):
     for k, v in d.items():
         out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
     return out
+
+
+def test_yaml_file_not_utf8_is_a_config_error_naming_it(tmp_path):
+    """Issue 11 (bad-input corpus): a Latin-1 byte in a --config file was a UnicodeDecodeError traceback."""
+    p = tmp_path / "x.yaml"
+    p.write_bytes(b"depth: 2 # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml is not UTF-8 text \(byte 14\)"):
+        load_yaml_config(Inner, p)

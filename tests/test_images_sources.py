@@ -106,3 +106,15 @@ def test_non_utf8_file_name_survives_extraction_json_and_thumbnails(tmp_path):
     json.dumps(ids).encode("utf-8")
     thumbs = make_thumbnails(ImageResolver(ss.source), ids, tmp_path / "thumbs", size=16, workers=1, progress=False)
     assert thumbs["%b:caf%E9.png"] is not None
+
+
+def test_a_file_named_tar_that_holds_no_tar_is_an_error_naming_it(tmp_path):
+    """Issue 11 (bad-input corpus): garbage named .tar gave exit 0 and an empty shard set; now a SourceError."""
+    import pytest
+
+    from visae.images import SourceError
+
+    bad = tmp_path / "d.tar"
+    bad.write_text("not a tar\n" * 100)
+    with pytest.raises(SourceError, match=r"d\.tar: the tar shards hold no samples .*not a readable tar file"):
+        open_source(str(bad), "webdataset")

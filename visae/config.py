@@ -180,9 +180,11 @@ def load_yaml_config(cls: type[C], path: str | Path, overrides: dict[str, Any] |
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of field: value, got {type(data).__name__}")
     data.update(overrides or {})

@@ -527,6 +527,9 @@ def _webdataset_source(spec: str) -> ImageSource:
     tars = _expand_tars(spec)
     per_tar = [(t, *_index_tar(t)) for t in tars]
     keys = [s["key"] for _, ss, _ in per_tar for s in ss]
+    if not keys:  # not one sample in any tar (garbage named .tar, an empty tar): nothing to extract
+        errs = [e for _, _, es in per_tar for e in es]
+        raise SourceError(f"{spec}: the tar shards hold no samples" + (f" ({errs[0]})" if errs else ""))
     prefix = len(set(keys)) != len(keys)  # keys repeat across shards: qualify them with the shard name
     items: list[Item] = []
     tar_starts: list[int] = []

@@ -158,7 +158,10 @@ def test_sae_save_failing_part_way_leaves_the_previous_sae_byte_identical(tmp_pa
     assert _tree_digest(d) == before
     assert [p.name for p in tmp_path.iterdir()] == ["sae"], "the staging directory was not removed"
     assert load_sae(d).extra == {"v": 1}
-    new.save(d, extra={"v": 2})  # a save that completes swaps in and keeps the log
+    stale = tmp_path / ".sae.999999999.0badf00d.tmp"  # the staging directory of a killed save (pid gone)
+    (stale / "sub").mkdir(parents=True)
+    new.save(d, extra={"v": 2})  # a save that completes swaps in, keeps the log, removes the stale staging dir
+    assert not stale.exists()
     assert load_sae(d).extra == {"v": 2}
     assert (d / "metrics.jsonl").read_text() == '{"step": 1}\n'
     torch.testing.assert_close(load_sae(d).W_dec, new.W_dec, rtol=0, atol=0)

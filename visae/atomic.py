@@ -193,7 +193,8 @@ def staged_dir(path: str | Path, *, carry: Any = None) -> Iterator[Path]:
     so a second writer still finds the lock held after the swap; stale temporary names never.
     When the block finishes, the staging directory is swapped in (:func:`atomic_dir`
     ``"replace"``); if it raises, or the process is killed, ``path`` is untouched (a killed
-    process leaves a staging directory that the next :func:`output_lock` removes).
+    process leaves its staging directory beside ``path``; the next ``staged_dir`` of the same
+    path removes it, since its writer's pid no longer runs).
 
     Args:
         path: the directory to (re)write; a symlink is resolved first (its target is replaced).
@@ -209,6 +210,11 @@ def staged_dir(path: str | Path, *, carry: Any = None) -> Iterator[Path]:
         path = path.resolve()
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory")
+    if path.parent.is_dir():  # staging directories of this path left by a killed writer (its pid gone)
+        for entry in os.scandir(path.parent):
+            m = _TEMP_RE.match(entry.name)
+            if m and entry.name.startswith(f".{path.name}.") and not _pid_alive(int(m.group(1))):
+                _remove(Path(entry.path))
     with atomic_dir(path, if_exists="replace") as tmp:
         if path.is_dir():
             for entry in os.scandir(path):

@@ -77,7 +77,7 @@ def test_classifier_equals_open_clip_and_is_cached(tiny, tmp_path):
 
     clf = build_classifier(tiny, CLASSES, TEMPLATES, cache_dir=tmp_path)
     ref = open_clip.build_zero_shot_classifier(tiny.model, tiny.tokenizer, CLASSES, TEMPLATES).T
-    assert clf.weights.shape == (len(CLASSES), tiny.embed_dim)
+    assert clf.weights.shape == ref.shape == (len(CLASSES), tiny.embed_dim)
     # float32 text towers on differently composed batches differ by amounts no useful bound covers: the formula
     # (mean of unit template embeddings, renormalised) is compared in float64, each side rounded to float32 once
     tiny64 = backbone_in_float64(tiny)

@@ -319,6 +319,41 @@ def export_fp16(model: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
+# Fields that may change between a run and its resumption without changing the result.
+_VOLATILE = ("out", "export", "resume", "progress", "eval_every", "checkpoint_every", "device", "threads")
+
+
+def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Module,
+            heads: torch.nn.Module | None, opt: torch.optim.Optimizer) -> tuple[int, float]:
+    """(step, train seconds) restored from ``ckpt`` when ``cfg.resume`` and it exists, else (0, 0.0).
+
+    The checkpoint's config must equal ``cfg_dict`` but for :data:`_VOLATILE` (ValueError naming the
+    differences otherwise); ``log.jsonl`` beside it keeps only the records up to the restored step (the
+    later ones are redone), or starts empty for a fresh run. Shared by v1 and v2 training.
+    """
+    step, train_seconds = 0, 0.0
+    logp = ckpt.parent / "log.jsonl"
+    if cfg.resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
+        old = {k: v for k, v in state["config"].items() if k not in _VOLATILE}
+        new = {k: v for k, v in cfg_dict.items() if k not in _VOLATILE}
+        if old != new:
+            diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
+            raise ValueError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --no_resume")
+        model.load_state_dict(state["model"])
+        if heads is not None:
+            heads.load_state_dict(state["aux_heads"])
+        opt.load_state_dict(state["opt"])
+        step, train_seconds = int(state["step"]), float(state["train_seconds"])
+        print(f"resuming {ckpt} at step {step}/{cfg.steps}", file=sys.stderr)
+        if logp.is_file():
+            keep = [x for x in logp.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+            atomic_write_text(logp, "".join(x + "\n" for x in keep))
+    if step == 0:
+        atomic_write_text(logp, "")
+    return step, train_seconds
+
+
 def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, stop_after: int | None = None) -> Path | None:
     """Train visae-toyclip; returns the exported fp16 weights file (its card ``.json`` beside it).
 
@@ -336,8 +371,6 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
     out.mkdir(parents=True, exist_ok=True)
     export = Path(cfg.export) if cfg.export else out / f"{MODEL_NAME}.safetensors"
     cfg_dict = dataclasses.asdict(cfg)
-    # Fields that may change between a run and its resumption without changing the result.
-    volatile = ("out", "export", "resume", "progress", "eval_every", "checkpoint_every", "device", "threads")
     atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
 
     register()
@@ -348,27 +381,8 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
     heads = _aux_heads(model) if cfg.aux_weight > 0 else None
     params = _param_groups(model, cfg.weight_decay) + ([{"params": list(heads.parameters()), "weight_decay": 0.0}] if heads else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    step, train_seconds = 0, 0.0
     ckpt = out / "checkpoint.pt"
-    if cfg.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
-        old = {k: v for k, v in state["config"].items() if k not in volatile}
-        new = {k: v for k, v in cfg_dict.items() if k not in volatile}
-        if old != new:
-            diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
-            raise ValueError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --no_resume")
-        model.load_state_dict(state["model"])
-        if heads is not None:
-            heads.load_state_dict(state["aux_heads"])
-        opt.load_state_dict(state["opt"])
-        step, train_seconds = int(state["step"]), float(state["train_seconds"])
-        print(f"resuming {ckpt} at step {step}/{cfg.steps}", file=sys.stderr)
-        logp = out / "log.jsonl"
-        if logp.is_file():  # drop records of steps after the checkpoint (they are redone)
-            keep = [line for line in logp.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            atomic_write_text(logp, "".join(line + "\n" for line in keep))
-    if step == 0:
-        atomic_write_text(out / "log.jsonl", "")
+    step, train_seconds = _resume(ckpt, cfg, cfg_dict, model, heads, opt)
 
     t_data = time.time()
     world = tw.sample_world(cfg.n_train, cfg.seed, cfg.two_object_fraction, progress=cfg.progress)
@@ -684,7 +698,6 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     out.mkdir(parents=True, exist_ok=True)
     export = Path(cfg.export) if cfg.export else out / f"{MODEL_NAME}.safetensors"
     cfg_dict = dataclasses.asdict(cfg)
-    volatile = ("out", "export", "resume", "progress", "eval_every", "checkpoint_every", "device", "threads")
     atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
     atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in negs))
 
@@ -701,25 +714,8 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
             h.bias.zero_()
     params = _param_groups(model, cfg.weight_decay) + [{"params": list(heads.parameters()), "weight_decay": 0.0}]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    step, train_seconds = 0, 0.0
     ckpt = out / "checkpoint.pt"
-    if cfg.resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
-        old = {k: v for k, v in state["config"].items() if k not in volatile}
-        new = {k: v for k, v in cfg_dict.items() if k not in volatile}
-        if old != new:
-            diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
-            raise ValueError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --no_resume")
-        model.load_state_dict(state["model"])
-        heads.load_state_dict(state["aux_heads"])
-        opt.load_state_dict(state["opt"])
-        step, train_seconds = int(state["step"]), float(state["train_seconds"])
-        logp = out / "log.jsonl"
-        if logp.is_file():
-            keep = [x for x in logp.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
-            atomic_write_text(logp, "".join(x + "\n" for x in keep))
-    if step == 0:
-        atomic_write_text(out / "log.jsonl", "")
+    step, train_seconds = _resume(ckpt, cfg, cfg_dict, model, heads, opt)
 
     t_data = time.time()
     kw = dict(max_objects=cfg.max_objects, occlusion=cfg.occlusion, colour_jitter=cfg.colour_jitter)

@@ -360,6 +360,35 @@ class _SquaredError(torch.autograd.Function):
         return err * (2.0 * g).unsqueeze(-1)
 
 
+def select_active(sae: "SAE", x: Tensor, dead_mask: Tensor | None, grad: bool
+                  ) -> tuple[list[Pattern], list[Tensor], list[Pattern], list[Tensor]]:
+    """Per member, the encoder GEMM and the architecture's choice of active codes (no autograd).
+
+    x: [B, d_in] or [S, B, d_in]. Returns (patterns, values [nnz] float32) from ``sae._sparse_select``
+    and, when ``dead_mask`` [S, d_sae] is given, the aux-k selection among dead latents (else empty
+    lists). The folded encoder bias is per member (``_mv_s``), so a member's codes do not depend on S.
+    """
+    S, n = sae.n_models, sae.d_sae
+    B, dev, cd = x.shape[-2], x.device, compute_dtype(x)
+    ws = _workspace(sae) if grad else None
+    patterns, vals, aux_patterns, aux_vals = [], [], [], []
+    with torch.no_grad():
+        We = sae.W_enc.to(cd)
+        b_eff = (sae.b_enc - _mv_s(sae.W_enc.transpose(1, 2), sae.b_dec)).to(cd)
+        for s in range(S):
+            xs = (x[s] if x.ndim == 3 else x).to(cd)
+            pre = ws.get("pre", (B, n), cd, dev) if ws is not None else torch.empty(B, n, dtype=cd, device=dev)
+            torch.addmm(b_eff[s], xs, We[s], out=pre)
+            p, v = sae._sparse_select(pre, s)
+            patterns.append(p)
+            vals.append(v.float())
+            if dead_mask is not None:
+                p_aux, v_aux = _aux_select(pre, dead_mask[s], sae.cfg.aux_k)
+                aux_patterns.append(p_aux)
+                aux_vals.append(v_aux.float())
+    return patterns, vals, aux_patterns, aux_vals
+
+
 def sparse_training_loss(sae: "SAE", x: Tensor, coeff: Tensor, dead_mask: Tensor | None) -> LossOutput:
     """The training loss touching only the active codes after the encoder GEMM (any architecture).
 
@@ -371,25 +400,9 @@ def sparse_training_loss(sae: "SAE", x: Tensor, coeff: Tensor, dead_mask: Tensor
     S, n, d = sae.n_models, sae.d_sae, sae.d_in
     B = x.shape[-2]
     dev = x.device
-    cd = compute_dtype(x)
     grad = torch.is_grad_enabled() and sae.W_enc.requires_grad
-    ws = _workspace(sae) if grad else None
-    patterns, vals, aux_patterns, aux_vals = [], [], [], []
     use_aux = sae.uses_aux and dead_mask is not None and bool(dead_mask.any())
-    with torch.no_grad():
-        We = sae.W_enc.to(cd)
-        b_eff = (sae.b_enc - _mv_s(sae.W_enc.transpose(1, 2), sae.b_dec)).to(cd)
-        for s in range(S):
-            xs = (x[s] if x.ndim == 3 else x).to(cd)
-            pre = ws.get("pre", (B, n), cd, dev) if ws is not None else torch.empty(B, n, dtype=cd, device=dev)
-            torch.addmm(b_eff[s], xs, We[s], out=pre)
-            p, v = sae._sparse_select(pre, s)
-            patterns.append(p)
-            vals.append(v.float())
-            if use_aux:
-                p_aux, v_aux = _aux_select(pre, dead_mask[s], sae.cfg.aux_k)
-                aux_patterns.append(p_aux)
-                aux_vals.append(v_aux.float())
+    patterns, vals, aux_patterns, aux_vals = select_active(sae, x, dead_mask if use_aux else None, grad)
     n_main = len(vals)
     members = list(range(S)) + (list(range(S)) if use_aux else [])
     enc_out = _SparseEncode.apply(sae.W_enc, sae.b_enc, sae.b_dec, x.float(), patterns + aux_patterns, members,

@@ -112,25 +112,9 @@ class MatryoshkaSAE(BatchTopKSAE):
         S, n, d = self.n_models, self.d_sae, self.d_in
         B = x.shape[-2]
         dev = x.device
-        cd = K.compute_dtype(x)
         grad = torch.is_grad_enabled() and self.W_enc.requires_grad
-        ws = K._workspace(self) if grad else None
         use_aux = dead_mask is not None and bool(dead_mask.any())
-        patterns, vals, aux_patterns, aux_vals = [], [], [], []
-        with torch.no_grad():
-            We = self.W_enc.to(cd)
-            b_eff = (self.b_enc - K._mv_s(self.W_enc.transpose(1, 2), self.b_dec)).to(cd)  # per member: S-independent
-            for s in range(S):
-                xs_ = (x[s] if x.ndim == 3 else x).to(cd)
-                pre = ws.get("pre", (B, n), cd, dev) if ws is not None else torch.empty(B, n, dtype=cd, device=dev)
-                torch.addmm(b_eff[s], xs_, We[s], out=pre)
-                p, v = self._sparse_select(pre, s)
-                patterns.append(p)
-                vals.append(v.float())
-                if use_aux:
-                    p_aux, v_aux = K._aux_select(pre, dead_mask[s], self.cfg.aux_k)
-                    aux_patterns.append(p_aux)
-                    aux_vals.append(v_aux.float())
+        patterns, vals, aux_patterns, aux_vals = K.select_active(self, x, dead_mask if use_aux else None, grad)
         members = list(range(S)) + (list(range(S)) if use_aux else [])
         enc_out = K._SparseEncode.apply(self.W_enc, self.b_enc, self.b_dec, x.float(), patterns + aux_patterns,
                                         members, *vals, *aux_vals)

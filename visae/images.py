@@ -171,13 +171,14 @@ class UndecodableRange(VisaeError, ValueError):
 
 def _icc_to_srgb(img: Image.Image) -> Image.Image:
     icc = img.info.get("icc_profile")
-    if not icc or img.mode not in ("RGB", "CMYK", "L", "LAB"):
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK", "L", "LAB"):
         return img
     from PIL import ImageCms
 
     try:
         src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        out_mode = "RGBA" if img.mode == "RGBA" else "RGB"  # alpha passes through the transform unchanged
+        return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode=out_mode)
     except (ImageCms.PyCMSError, OSError, ValueError):
         return img  # an unreadable profile: browsers ignore it too
 
@@ -211,7 +212,7 @@ def as_browser_rgb(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in _ALPHA_MODES:
-        rgba = img.convert("RGBA")
+        rgba = _icc_to_srgb(img.convert("RGBA"))  # a tagged image with alpha is colour-managed too
         out = Image.new("RGB", rgba.size, _WHITE)
         out.paste(rgba, mask=rgba.getchannel("A"))
         return out

@@ -186,6 +186,81 @@ def test_clamp_and_record_codes():
     assert torch.equal(got, want)
 
 
+def _sparse_sae(bb, arch, layer, token, seed):
+    """A TopK SAE with k = 4 of 96 latents (4 %: the automatic choice decodes sparsely), or a ReLU SAE whose
+    encoder bias is lowered until about 4 latents of a token fire (as a trained SAE's L0 is small)."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = SAEConfig(architecture=arch, d_in=bb.width, d_sae=96, k=4, input_normalization="unit_norm")
+    sae = build_sae(cfg, generator=g)
+    with torch.no_grad():
+        sae.b_dec.normal_(0.0, 0.1, generator=g)
+        if arch == "relu":
+            sae.b_enc.fill_(-0.3)
+    sae.extra = {"source": {"model": bb.name, "layer": layer, "token": token}}
+    return sae.eval()
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_sparse_decode_equals_dense_decode(arch):
+    """The splice's decode from the active codes only (embedding-bag) against the dense decode, at the splice point,
+    with and without interventions. Both sum the same non-zero products f_j W_dec[j, d] (plus b_dec, plus the
+    clamped latents' value * W_dec[j]) in different orders: each result is within gamma_m = m eps A of the exact
+    sum, A = |f| |W_dec| + |b_dec| + sum |clamp| |W_dec[clamp]| (SAE space), m = the terms of the longest row, so they
+    differ by at most 2 m eps A, times the input norm (the same multiplication on both sides)."""
+    bb = _backbone("open_clip")
+    layer, token = 1, "patch"
+    sae = _sparse_sae(bb, arch, layer, token, seed=11)
+    imgs = _images(bb, n=3, seed=11)
+    kw = {"ablate": [3, 40], "clamp": {5: 2.5, 60: 0.75}}
+    with torch.no_grad():
+        x = bb.encode_layer(imgs, layer, token).reshape(-1, bb.width)
+        f = sae.encode(x)
+        norm = x.norm(dim=-1, keepdim=True)
+        l0 = (f != 0).sum(-1)
+        assert 1 <= l0.float().mean() <= 8 and int((f != 0).sum()) <= 0.05 * f.numel(), l0  # sparse enough for auto
+        for interv in ({}, kw):
+            got = {}
+            for mode in (None, True, False):
+                with splice(bb, sae, sparse=mode, record_codes=True, **interv) as sp:
+                    got[mode] = bb.encode_layer(imgs, layer, token).reshape(-1, bb.width)
+                assert sp.sparse_decodes == (0 if mode is False else 1), (mode, sp)
+                assert torch.equal(sp.codes.reshape(-1, sae.d_sae), f)  # the codes are sae.encode's, both ways
+            assert torch.equal(got[None], got[True])
+            g = f.clone()
+            cl = torch.zeros(bb.width)
+            for j in interv.get("ablate", []):
+                g[:, j] = 0.0
+            for j, v in interv.get("clamp", {}).items():
+                g[:, j] = 0.0
+                cl += abs(v) * sae.W_dec[0, j].abs()
+            A = g.abs() @ sae.W_dec[0].abs() + sae.b_dec[0].abs() + cl
+            m = int(l0.max()) + 1 + len(interv.get("clamp", {})) + 1  # codes, b_dec, clamps, one more sum of rounding
+            tol = 2 * m * EPS32 * A * norm
+            diff = (got[True] - got[False]).abs()
+            assert bool((diff <= tol).all()), f"sparse vs dense decode: max diff {diff.max():.3g}, " \
+                                               f"max excess {(diff - tol).max():.3g}"
+            assert (got[False] - x).abs().max() > 1e3 * tol.max()  # the SAE changed the residual: not vacuous
+
+
+def test_sparse_decode_gradients_match_dense():
+    """Attribution through the error node runs on the sparse path too: the gradients of the decoder (float64) agree
+    with the dense path's to the rounding of sums over the batch's rows."""
+    bb = _backbone("open_clip", double=True)
+    sae = _sparse_sae(bb, "topk", 1, "all", seed=12).double()
+    imgs = _images(bb, n=2, seed=12)
+    grads = {}
+    for mode in (True, False):
+        sae.zero_grad()
+        with splice(bb, sae, sparse=mode, error_node=True, ablate=[1]) as sp:
+            bb.encode_image(imgs).square().sum().backward()
+        assert sp.sparse_decodes == int(mode)
+        grads[mode] = (sae.W_dec.grad.clone(), sae.W_enc.grad.clone())
+    for a, b in zip(grads[True], grads[False]):
+        assert a.abs().max() > 0
+        # rows of the batch (2 x 17 tokens) summed: ~34 terms, eps64 ~ 2e-16: far below 1e-10 relative
+        assert (a - b).abs().max() <= 1e-10 * b.abs().max(), f"{(a - b).abs().max():.3g}"
+
+
 def test_refusals():
     bb = _backbone("open_clip")
     with pytest.raises(SpliceError, match="mean of the patch tokens"):

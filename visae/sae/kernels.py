@@ -31,7 +31,7 @@ from visae.sae.base import LossOutput, _explained_variance, aux_k_term
 if TYPE_CHECKING:
     from visae.sae.base import SAE
 
-__all__ = ["relu_training_loss", "sparse_training_loss", "Pattern", "compute_dtype"]
+__all__ = ["relu_training_loss", "sparse_training_loss", "Pattern", "compute_dtype", "sparse_decode"]
 
 
 
@@ -344,6 +344,19 @@ class _SparseDecode(torch.autograd.Function):
             dW_dec[s] = _spmm_t(p, v, g[s])
         db_dec = g.sum(1) if ctx.has_bias else None
         return (dW_dec, db_dec, None) + tuple(g_vals)
+
+
+def sparse_decode(W_dec: Tensor, b_dec: Tensor | None, pattern: Pattern, vals: Tensor) -> Tensor:
+    """One member's decode from its active codes only: x_hat[b] = sum_{j in row b} f_bj W_dec[j] (+ b_dec) -> [B, d].
+
+    W_dec: [d_sae, d]; b_dec: [d] or None; pattern: the rows' active latents (CSR, :class:`Pattern`);
+    vals: their codes [nnz]. An embedding-bag over the active decoder rows: O(nnz * d) work instead
+    of the dense [B, d_sae] x [d_sae, d] GEMM, with autograd (W_dec, b_dec, vals) through
+    :class:`_SparseDecode`. Equal to the dense decode up to float rounding (the sum runs over the
+    active terms only, in another order). Used by :func:`visae.splice.splice`.
+    """
+    out = _SparseDecode.apply(W_dec[None], None if b_dec is None else b_dec[None], [pattern], vals)
+    return out[0]
 
 
 class _SquaredError(torch.autograd.Function):

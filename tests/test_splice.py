@@ -77,6 +77,30 @@ def test_error_node_splice_equals_clean_forward(family, token):
     assert (moved - clean).abs().max() > 1e-3 * scale
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_identity_splice_equals_the_clean_model(family, sparse):
+    """An SAE that reconstructs exactly (d_sae = 2W, W_enc = [I, -I], W_dec = its transpose, no biases, no input
+    normalisation: x_hat = ReLU(x) - ReLU(-x) = x) spliced in gives the clean model's output bit for bit, dense or
+    sparse decode: every sum has one non-zero term (x_i times 1, or ReLU(-x_i) times -1), so no rounding happens."""
+    bb = _backbone(family)
+    W = bb.width
+    sae = build_sae(SAEConfig(architecture="relu", d_in=W, d_sae=2 * W, input_normalization="none"))
+    eye = torch.eye(W)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1)[None])
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=1).t()[None])
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.extra = {"source": {"model": bb.name, "layer": 1, "token": "all"}}
+    imgs = _images(bb, seed=5)
+    with torch.no_grad():
+        clean = bb.encode_image(imgs)
+        with splice(bb, sae.eval(), sparse=sparse) as sp:
+            out = bb.encode_image(imgs)
+    assert sp.calls == 1 and sp.sparse_decodes == int(sparse)
+    assert torch.equal(out, clean), f"max diff {(out - clean).abs().max():.3g}"
+
+
 def _hand_forward_timm(bb, imgs, layer, fn):
     """timm ViT forward written out block by block, ``fn`` applied to the residual after ``layer``."""
     m = bb.model
@@ -283,6 +307,20 @@ def test_refusals():
         splice_target(bb, _sae(bb, 7, "cls"))
     # nothing left hooked after a refusal or a normal exit
     assert all(not blk._forward_hooks for blk in bb.blocks)
+
+
+def test_tokens_given_to_the_sae_by_hand_get_a_clear_error():
+    """Issue 13's report: a [B, N, W] residual tensor given to a single SAE was refused as a stack of B members with
+    no hint; the error now says how to pass tokens (and that the splice does it)."""
+    from visae.sae import SAEFormatError
+
+    bb = _backbone("open_clip")
+    sae = _sae(bb, 1, "all")
+    with torch.no_grad():
+        x = bb.encode_layer(_images(bb, n=2), 1, "patch")  # [2, 16, 48]
+        with pytest.raises(SAEFormatError, match=r"stacked input has 2 members.*\[B\*N, W\].*visae\.splice"):
+            sae(x)
+        assert sae(x.reshape(-1, bb.width))[0].shape == (32, bb.width)
 
 
 def test_accuracy_recovered_has_the_right_end_points():

@@ -254,7 +254,12 @@ class SAE(nn.Module):
                 f"({self.extra.get('source', {}).get('model', 'see cfg.json')}); were these activations "
                 "extracted from another model or layer?")
         if x.ndim == 3 and x.shape[0] != self.n_models:
-            raise SAEFormatError(f"{where}: stacked input has {x.shape[0]} members, this SAE stack has {self.n_models}")
+            hint = ("" if self.n_models > 1 else
+                    f"; if it is [B, N, W] = {list(x.shape)} tokens of a model's residual stream, pass them as "
+                    "[B*N, W] (x.reshape(-1, x.shape[-1])), or put the SAE into the model with visae.splice.splice, "
+                    "which does that")
+            raise SAEFormatError(f"{where}: stacked input has {x.shape[0]} members, this SAE stack has "
+                                 f"{self.n_models}{hint}")
 
     def normalize_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """Raw activations -> (SAE-space x, per-example norms [..., 1] or None)."""

@@ -452,7 +452,8 @@ def _expand_tars(spec: str) -> list[str]:
         if u.startswith("file:"):
             u = u[5:]
         if re.match(r"^[a-z][a-z0-9+.-]*:", u) and not os.path.exists(u):
-            raise SourceError(f"{u}: only local tar files are supported (no URLs / pipes); download the shards first")
+            raise SourceError(f"{u}: not a local tar file, and only pipe: and http(s):// URLs are streamed "
+                              f"(e.g. 'pipe:aws s3 cp {u} -')")
         hits = sorted(glob.glob(u)) if any(c in u for c in "*?[") else [u]
         for h in hits:
             if not os.path.isfile(h):
@@ -575,6 +576,12 @@ def open_source(path: str | os.PathLike, kind: str = "auto", *, folder_labels: b
     if kind not in SOURCE_KINDS:
         raise SourceError(f"source kind must be one of {SOURCE_KINDS}, got {kind!r}")
     spec = str(path)
+    from visae.wds_stream import is_stream_spec, open_stream
+
+    if is_stream_spec(spec):  # pipe: / http(s) URLs: a webdataset stream (visae/wds_stream.py), validated here
+        if kind not in ("auto", "webdataset"):
+            raise SourceError(f"{spec}: a pipe:/http(s) source is a webdataset stream; --source must be auto or webdataset, not {kind!r}")
+        return open_stream(spec)
     p = Path(spec)
     if kind == "auto":
         if p.is_dir() and (p / "world.json").is_file() and (p / "world.jsonl").is_file():
@@ -606,6 +613,9 @@ def rank_bounds(source: ImageSource, rank: int, world_size: int) -> tuple[int, i
     rank outputs equal a one-process run). They are cut only at ``source.boundaries`` (tar
     shard starts for webdataset: each rank reads its own files), balanced by item count.
     """
+    if getattr(source, "streaming", False):  # a stream has no item list: ranks take contiguous runs of URLs
+        n = len(source.urls)
+        return (n * rank) // world_size, (n * (rank + 1)) // world_size
     n = len(source.items)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} out of range for world size {world_size}")

@@ -138,15 +138,15 @@ def _toy(tmp, *, n, n_val, num_epochs, max_iter):
             idx = np.arange(n)[sl]
             w.add(x[sl], ids=[f"{i:06d}" for i in idx], columns={k: world.factors[sl, i] for i, k in enumerate(names)})
     demo = DemoConfig()
-    sae_dir = train(TrainConfig(shards=str(dirs["train"]), out=str(tmp / "sae"), architecture=demo.architecture,
-                                expansion_factor=max(demo.expansion_factors), lr=max(demo.lrs),
-                                l1_coeff=min(demo.l1_coeffs), num_epochs=num_epochs or demo.num_epochs,
-                                batch_size=demo.batch_size,
+    sae_dir = train(TrainConfig(shards=str(dirs["train"]), out=str(tmp / "sae"), architecture=demo.sweep.train.architecture,
+                                expansion_factor=max(demo.sweep.expansion_factors), lr=max(demo.sweep.lrs),
+                                l1_coeff=min(demo.sweep.l1_coeffs), num_epochs=num_epochs or demo.sweep.train.num_epochs,
+                                batch_size=demo.sweep.train.batch_size,
                                 seed=demo.seed, progress=False, plot=False))
     vfile = tmp / "vocab.txt"
     vfile.write_text("\n".join(toy_vocabulary(demo.n_distractors)))
     concepts = name_concepts(NameConfig(sae=str(sae_dir), vocab=str(vfile), vocab_size=0, stopwords=False,
-                                        subtract_mean=demo.subtract_mean, out=str(tmp / "concepts"), text_cache=None),
+                                        subtract_mean=demo.naming.subtract_mean, out=str(tmp / "concepts"), text_cache=None),
                              backbone=bb)
     cfg = CBMConfig(sae=str(sae_dir), concepts=str(concepts), train_shards=str(dirs["train"]),
                     val_shards=str(dirs["val"]), label_column="colour_shape", out=str(tmp / "cbm"),

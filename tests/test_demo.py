@@ -1,5 +1,6 @@
 """The demo end to end at the reduced (--quick) size: every artifact, resumption, and a real signal."""
 
+import dataclasses
 import json
 import os
 
@@ -8,6 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from visae import demo  # noqa: E402
+from visae.config import config_from_dict, config_to_dict, parse_config  # noqa: E402
 from visae.toyclip import TOYCLIP_WEIGHTS  # noqa: E402
 
 
@@ -66,3 +68,113 @@ def test_demo_rerun_skips_finished_stages(quick_demo, capsys):
     # another demo's directory: refused with one line on stderr (exit 2), not a traceback
     assert demo.main(argv + ["--seed", "1"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the config: nested stage configs
+
+
+def _leaves(cfg, prefix=""):
+    """{dotted path: field name} of every non-config field under ``cfg``."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(_leaves(v, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = f.name
+    return out
+
+
+def _fixed_inside(cfg, path):
+    """Whether a config between the demo and ``path``'s leaf fixes that leaf itself (the sweep: each trial's out)."""
+    parts = path.split(".")
+    owner = getattr(cfg, parts[0])
+    for i in range(1, len(parts) - 1):
+        f = next(f for f in dataclasses.fields(owner) if f.name == parts[i])
+        if ".".join(parts[i + 1:]) in f.metadata.get("fixed", ()):
+            return True
+        owner = getattr(owner, parts[i])
+    return False
+
+
+def test_every_knob_is_declared_once():
+    """The demo re-declares no stage's knob: a top-level field name appears in a nested config only where the demo
+    passes the top-level value on (visae.demo.PROPAGATED) or the nested stage sets it itself (the sweep: each
+    trial's out); the stage knobs the demo used to copy live in the nested configs only."""
+    cfg = demo.DemoConfig()
+    top = {f.name for f in dataclasses.fields(cfg) if not dataclasses.is_dataclass(getattr(cfg, f.name))}
+    leaves = _leaves(cfg)
+    clashes = {p for p, name in leaves.items() if "." in p and name in top}
+    assert clashes, "the check below would be empty"
+    undocumented = {p for p in clashes if p not in demo.PROPAGATED and not _fixed_inside(cfg, p)}
+    assert not undocumented, f"declared both at the top of DemoConfig and in a nested config: {sorted(undocumented)}"
+    for path in ("sweep.lrs", "sweep.l1_coeffs", "sweep.expansion_factors", "sweep.train.architecture",
+                 "sweep.train.num_epochs", "sweep.train.batch_size", "naming.templates", "naming.subtract_mean",
+                 "naming.n_top"):  # the knobs the demo used to copy: only in the stage's config now
+        assert path in leaves and leaves[path] not in top, path
+    for path, source in demo.PROPAGATED.items():  # every documented one is a real nested field and a top-level one
+        assert path in leaves, path
+        assert source == "" or source in top, (path, source)
+
+
+@pytest.mark.parametrize("flag", ["--sweep.lrz", "--sweep.num_epoch", "--sweep.metrc", "--sweep.benchmrk",
+                                  "--naming.n_tops", "--num_epochs"])
+def test_nested_flag_typo_is_one_line_exit_2(tmp_path, capsys, flag):
+    out = tmp_path / "out"
+    assert demo.main(["--out", str(out), flag, "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("visae demo: error: ") and flag in err[0], err
+    assert "did you mean --" in err[0], err
+    assert not out.exists()
+
+
+def test_a_field_the_demo_sets_is_refused_naming_the_demo_flag(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert demo.main(["--out", str(out), "--sweep.seed", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give --seed instead" in err[0], err
+    y = tmp_path / "c.yaml"  # a YAML file that contradicts a top-level field: refused, not silently overridden
+    y.write_text("seed: 2\nsweep:\n  train:\n    seed: 3\n")
+    assert demo.main(["--out", str(out), "--config", str(y)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sweep.train.seed = 3 conflicts with seed = 2" in err[0], err
+    y.write_text("seed: 3\nsweep:\n  train:\n    seed: 3\n")  # agreeing with it is fine (a recorded config loads back)
+    cfg = parse_config(demo.DemoConfig, ["--config", str(y)])
+    assert demo.effective(cfg).sweep.train.seed == 3 and demo.effective(cfg).naming.seed == 3
+    assert not out.exists()
+
+
+def test_quick_keeps_a_nested_override_and_it_reaches_the_sweep(tmp_path, monkeypatch):
+    """--quick replaces the nested sizes left at the demo's defaults; one given on the command line reaches the stage."""
+    import visae.sweep
+
+    got = {}
+
+    def fake_sweep(cfg):
+        got["cfg"] = cfg
+        raise RuntimeError("stop after the sweep's config")
+
+    monkeypatch.setattr(visae.sweep, "sweep", fake_sweep)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--quick", "--quick_n_images", "60", "--no_progress", "--sweep.num_epochs", "3",
+            "--sweep.architecture", "topk", "--naming.templates", "a photo of {}.", "--seed", "4"]
+    with pytest.raises(RuntimeError, match="stop after"):
+        demo.main(argv)
+    sweep = got["cfg"]
+    assert sweep.train.num_epochs == 3 and sweep.train.architecture == "topk"  # the overrides
+    assert sweep.train.batch_size == demo.QUICK.quick_batch_size and len(sweep.lrs) == 1  # --quick's own
+    assert sweep.train.seed == 4 and sweep.train.progress is False and sweep.out == str(out / "sweep")  # propagated
+    assert sweep.train.shards == str(out / "shards") and sweep.selection.classifier.benchmark == "toy"
+    # the recorded config is the whole nested one, as the stages run it
+    rec = json.loads((out / demo.STATE).read_text())["config"]
+    assert _keys(rec) == _keys(config_to_dict(demo.DemoConfig()))
+    assert rec["sweep"]["train"]["num_epochs"] == 3 and rec["naming"]["templates"] == ["a photo of {}."]
+    assert rec["naming"]["n_top"] == demo.QUICK.quick_n_top and rec["naming"]["sae"] == str(out / "sweep" / "best")
+    assert config_from_dict(demo.DemoConfig, rec) == demo.effective(parse_config(demo.DemoConfig, argv))
+
+
+def _keys(d, prefix=""):
+    out = set()
+    for k, v in d.items():
+        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+    return out

@@ -244,9 +244,10 @@ def test_toy_world_recovered_factor_values_are_named_right(tmp_path):
         w.add(x.numpy(), ids=[f"{i:06d}" for i in range(n)], columns={k: world.factors[:, i] for i, k in enumerate(names)})
     # One point of the demo's sweep grid (the largest dictionary and learning rate, the smallest lambda).
     demo = DemoConfig()
-    sae_dir = train(TrainConfig(shards=str(shards), out=str(tmp_path / "sae"), architecture=demo.architecture,
-                                expansion_factor=max(demo.expansion_factors), lr=max(demo.lrs),
-                                l1_coeff=min(demo.l1_coeffs), num_epochs=demo.num_epochs, batch_size=demo.batch_size,
+    sae_dir = train(TrainConfig(shards=str(shards), out=str(tmp_path / "sae"), architecture=demo.sweep.train.architecture,
+                                expansion_factor=max(demo.sweep.expansion_factors), lr=max(demo.sweep.lrs),
+                                l1_coeff=min(demo.sweep.l1_coeffs), num_epochs=demo.sweep.train.num_epochs,
+                                batch_size=demo.sweep.train.batch_size,
                                 seed=demo.seed, progress=False, plot=False))
 
     vocabulary = toy_vocabulary(demo.n_distractors)  # the demo's: the world's words, synonyms, distractors
@@ -255,7 +256,7 @@ def test_toy_world_recovered_factor_values_are_named_right(tmp_path):
     vfile = tmp_path / "vocab.txt"
     vfile.write_text("\n".join(vocabulary))
     out_dir = name_concepts(NameConfig(sae=str(sae_dir), vocab=str(vfile), vocab_size=0, stopwords=False,
-                                       subtract_mean=demo.subtract_mean, out=str(tmp_path / "concepts"),
+                                       subtract_mean=demo.naming.subtract_mean, out=str(tmp_path / "concepts"),
                                        text_cache=None), backbone=bb)
     res = concept_recovery(str(sae_dir), shards, concepts=out_dir)
     vals = res["values"]

@@ -68,6 +68,8 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1 and len(typing.get_args(tp)) == 2:
             return args[0], True
+        if len(args) > 1 and len(args) < len(typing.get_args(tp)):  # Union[int, str, None]: optional, checked by the config
+            return typing.Union[tuple(args)], True
     return tp, False
 
 
@@ -221,8 +223,8 @@ class Runtime:
 #   "required": True: the flag must be given (unless a YAML file sets the field); on a nested
 #               config field: a tuple of the nested config's field names that are required there
 #   "fixed":    on a nested config field: names of the nested config's fields that the parent
-#               sets itself; they get no flag (the parent's __post_init__ checks they keep
-#               their defaults)
+#               sets itself (dotted, "train.seed", for a field of a config nested in it); they
+#               get no flag (the parent's __post_init__ checks they keep their defaults)
 #   "prefix":   on a nested config field: True to spell its flags --<field>.<name> (default:
 #               the nested fields' flags are unprefixed, as short as the stage's own)
 
@@ -242,8 +244,30 @@ def _walk_fixed(cls: type, fixed: dict[type, set[str]], seen: set[type]) -> None
         if sub is None:
             continue
         f = next(f for f in dataclasses.fields(cls) if f.name == name)
-        fixed.setdefault(sub, set()).update(f.metadata.get("fixed", ()))
+        fixed.setdefault(sub, set())
+        for dotted in f.metadata.get("fixed", ()):  # "seed", or "train.seed": a field of a config nested in sub
+            *path, leaf = dotted.split(".")
+            owner = sub
+            for part in path:
+                owner = _nested_dataclass(_field_types(owner)[part])  # type: ignore[assignment]
+            fixed.setdefault(owner, set()).add(leaf)
         _walk_fixed(sub, fixed, seen)
+
+
+def _under_prefix(cls: type, inherited: bool = False, seen: set[tuple[type, bool]] | None = None) -> set[type]:
+    """The config classes of ``cls``'s tree that sit below a field with ``"prefix": True``."""
+    seen = set() if seen is None else seen
+    out: set[type] = set()
+    for f in dataclasses.fields(cls):
+        sub = _nested_dataclass(_field_types(cls)[f.name])
+        below = inherited or bool(f.metadata.get("prefix", False))
+        if sub is None or (sub, below) in seen:
+            continue
+        seen.add((sub, below))
+        if below:
+            out.add(sub)
+        out |= _under_prefix(sub, below, seen)
+    return out
 
 
 def _registry(cls: type) -> Any:
@@ -253,6 +277,7 @@ def _registry(cls: type) -> Any:
 
     fixed: dict[type, set[str]] = {}
     _walk_fixed(cls, fixed, set())
+    prefixed = _under_prefix(cls)
     fixed.setdefault(cls, set())
     # a stage whose config has its own field of a Runtime option's name (extract's, the demo's and the
     # toy CLIP's ``threads``: their library functions set it) takes that flag from its config
@@ -275,7 +300,10 @@ def _registry(cls: type) -> Any:
                 default = f.default_factory()  # type: ignore[misc]
             tp = hints[f.name]
             if _nested_dataclass(tp) is not None and not f.metadata.get("prefix", False):
-                tp = typing.Annotated[tp, tyro.conf.OmitArgPrefixes]
+                # unprefixed: its own name is left out of its flags; below a prefixed field the ancestors'
+                # prefix stays (--sweep.num_epochs), elsewhere every prefix goes (its help group is kept)
+                mark = tyro.conf.arg(name="") if info.type in prefixed else tyro.conf.OmitArgPrefixes
+                tp = typing.Annotated[tp, mark]
             if f.name in fixed[info.type]:
                 tp = typing.Annotated[tp, tyro.conf.Suppress]
             specs.append(StructFieldSpec(name=f.name, type=tp, default=default, helptext=f.metadata.get("help")))
@@ -316,7 +344,10 @@ def _args_class(cls: type) -> type:
 
         _ARGS_CLASSES[cls] = dataclasses.make_dataclass(
             f"{cls.__name__}Args",
-            [("cfg", typing.Annotated[cls, tyro.conf.OmitArgPrefixes, tyro.conf.arg(name="")]),
+            # a tree with a prefixed nested config cannot have OmitArgPrefixes at the top (tyro passes it
+            # down to every flag); its top-level flags are unprefixed all the same (the field is nameless)
+            [("cfg", typing.Annotated[cls, tyro.conf.arg(name="")] if _under_prefix(cls) else
+              typing.Annotated[cls, tyro.conf.OmitArgPrefixes, tyro.conf.arg(name="")]),
              ("runtime", typing.Annotated[Runtime, tyro.conf.OmitArgPrefixes])],
             frozen=True)
     return _ARGS_CLASSES[cls]

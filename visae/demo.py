@@ -26,59 +26,200 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from visae.atomic import atomic_write_text
-from visae.config import config_to_dict, parse_config
+from visae.config import ConfigError, config_to_dict, parse_config
+from visae.naming import NameConfig
 from visae.resources import config_yaml
+from visae.sweep import SweepConfig
 from visae.sweepdir import SweepDir
 
-__all__ = ["DemoConfig", "QUICK", "run_demo", "toy_vocabulary", "main"]
+__all__ = ["DemoConfig", "PROPAGATED", "QUICK", "effective", "resolve", "run_demo", "toy_vocabulary", "main"]
 
 DEFAULT_YAML = config_yaml("demo.yaml")
 STATE = "demo_state.json"
 STAGES = ("world", "extract", "sweep", "name", "browse", "recovery")
 
 
+# The nested fields the demo sets itself: nested path -> the top-level field whose value it takes (or that places
+# it under --out; "": a constant the demo needs). The top-level field wins: these have no flag, and a YAML file (or
+# code) may leave them at the demo's default (configs/demo.yaml marks them; "<out>/..." for paths) or give the very
+# value the demo sets (a recorded config loads back); any other value is refused (ConfigError: exit 2).
+PROPAGATED: dict[str, str] = {
+    "sweep.out": "out",                                  # <out>/sweep
+    "sweep.select": "",                                  # always (no top-level field): the demo names the selected SAE
+    "sweep.train.shards": "out",                         # <out>/shards
+    "sweep.train.seed": "seed",
+    "sweep.train.progress": "progress",
+    "sweep.selection.classifier.model": "model",         # "": the shard set's, i.e. --model
+    "sweep.selection.classifier.pretrained": "pretrained",  # null: the shard set's, i.e. --pretrained
+    "sweep.selection.classifier.text_cache": "text_cache",
+    "naming.sae": "out",                                 # <out>/sweep/best
+    "naming.shards": "out",                              # <out>/shards
+    "naming.out": "out",                                 # <out>/concepts
+    "naming.model": "model",                             # null: the shard set's, i.e. --model
+    "naming.pretrained": "pretrained",                   # null: the shard set's, i.e. --pretrained
+    "naming.random_init": "model",                       # null: the shard set's (the demo's model is trained)
+    "naming.vocab": "vocab",                             # the toy vocabulary's file, a file, or null (wordfreq)
+    "naming.vocab_size": "vocab",                        # 0 (the whole file), 20000 for wordfreq
+    "naming.seed": "seed",
+    "naming.text_cache": "text_cache",
+}
+# Not part of what a demo directory holds (a rerun may change them): left out when two runs' configs are compared.
+VOLATILE = ("progress", "threads", "text_cache")
+
+
+def _fixed(prefix: str) -> tuple[str, ...]:
+    return tuple(k.removeprefix(prefix) for k in PROPAGATED if k.startswith(prefix))
+
+
+def _demo_sweep() -> SweepConfig:
+    """The demo's sweep: a 2 x 2 x 2 grid of ReLU SAEs, 40 epochs of batch 256 on the CPU, selected by the toy
+    CLIP's zero-shot accuracy (48 colour x shape classes) on the reconstructions."""
+    base = SweepConfig()
+    return dataclasses.replace(
+        base, out="<out>/sweep", lrs=(2e-3, 5e-3), l1_coeffs=(5e-5, 1e-4), expansion_factors=(4, 8),
+        train=dataclasses.replace(base.train, shards="<out>/shards", architecture="relu", num_epochs=40,
+                                  batch_size=256, device="cpu"),
+        selection=dataclasses.replace(base.selection, classifier=dataclasses.replace(
+            base.selection.classifier, benchmark="toy", text_cache="<text_cache>")))
+
+
+def _demo_naming() -> NameConfig:
+    """The demo's naming: the selected SAE against the demo's vocabulary, stop words kept (the toy words are short)."""
+    return NameConfig(sae="<out>/sweep/best", shards="<out>/shards", out="<out>/concepts", vocab="<vocab>",
+                      stopwords=False, text_cache="<text_cache>", device="cpu")
+
+
 @dataclass(frozen=True)
 class DemoConfig:
-    """End to end on the synthetic world: generate, extract, sweep, select, name, browse, score concept recovery."""
+    """End to end on the synthetic world: generate, extract, sweep, select, name, browse, score concept recovery.
+
+    The sweep's and the naming's own settings are their configs, nested, with the demo's defaults (--sweep.lrs,
+    --sweep.num_epochs, --sweep.metric, --naming.templates, --naming.n_top, ...: `visae sweep --help` and
+    `visae name --help` say what each does). The settings above them belong to the whole demo and are passed on
+    to every stage (--seed is also the SAE training's and the naming's seed, --out places every stage's artifact,
+    --progress and --text_cache reach the sweep and the naming); their copies in the nested configs have no flag
+    (visae.demo.PROPAGATED lists them, configs/demo.yaml marks them). --quick replaces the sizes by the quick_*
+    ones (a nested size you changed is kept) and shrinks the grid to its first SAE.
+    """
 
     out: str = field(default="demo_out", metadata={"help": "output directory (world/, shards/, sweep/, concepts/, site/)"})
-    quick: bool = field(default=False, metadata={"help": "reduced size (for tests): the quick_* settings replace the others"})
+    quick: bool = field(default=False, metadata={
+        "help": "reduced size (for tests): n_images, the epochs, batch size and n_top become the quick_* settings "
+                "(unless you changed the nested ones), the grid its first SAE, no training plots"})
     n_images: int = field(default=10000, metadata={"help": "toy-world images"})
-    seed: int = field(default=0, metadata={"help": "seed of the world (its images) and of the SAE training"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the world (its images), of the SAE training and of the naming's random image sample"})
     world_seed_offset: int = field(default=5000, metadata={
         "help": "the demo's world has seed seed + this (not the toy CLIP's training world, seed 0)"})
     model: str = field(default="visae-toyclip", metadata={"help": "backbone (the shipped toy CLIP)"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "other toy CLIP weights (.safetensors); null: the shipped ones"})
-    lrs: tuple[float, ...] = field(default=(2e-3, 5e-3), metadata={"help": "sweep: learning rates"})
-    l1_coeffs: tuple[float, ...] = field(default=(5e-5, 1e-4), metadata={
-        "help": "sweep: sparsity coefficients (>= 1e-3 merges colour and shape into joint latents, see docs/toyworld.md)"})
-    expansion_factors: tuple[int, ...] = field(default=(4, 8), metadata={"help": "sweep: d_sae / d_in"})
-    architecture: str = field(default="relu", metadata={"help": "sweep: SAE architecture"})
-    num_epochs: int = field(default=40, metadata={"help": "sweep: epochs per SAE"})
-    batch_size: int = field(default=256, metadata={"help": "sweep: examples per step"})
     vocab: str = field(default="toy", metadata={
         "help": "naming vocabulary: toy (the world's words and synonyms plus n_distractors other words), wordfreq "
                 "(20k English words) or a file"})
     n_distractors: int = field(default=600, metadata={"help": "vocab toy: words that name no factor value"})
-    templates: tuple[str, ...] = field(default=(), metadata={"help": "naming: prompt templates with {} (empty: bare words)"})
-    subtract_mean: bool = field(default=False, metadata={"help": "naming: subtract the vocabulary's mean text embedding first"})
-    n_top: int = field(default=16, metadata={"help": "browse: top images per concept"})
     text_cache: str = field(default="", metadata={"help": "text-embedding cache directory; empty: <out>/text_cache"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
     quick_n_images: int = field(default=1000, metadata={"help": "--quick: images"})
     quick_num_epochs: int = field(default=20, metadata={"help": "--quick: epochs of the one SAE"})
     quick_batch_size: int = field(default=32, metadata={"help": "--quick: examples per step (enough steps to learn)"})
+    quick_n_top: int = field(default=4, metadata={"help": "--quick: top images per concept"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+    sweep: SweepConfig = field(default_factory=_demo_sweep, metadata={
+        "help": "the sweep (visae.sweep.SweepConfig with its trainer and selection settings), the demo's defaults",
+        "prefix": True, "fixed": _fixed("sweep.")})
+    naming: NameConfig = field(default_factory=_demo_naming, metadata={
+        "help": "the naming of the selected SAE's latents (visae.naming.NameConfig); browse shows its n_top images",
+        "prefix": True, "fixed": _fixed("naming.")})
 
+    def __post_init__(self) -> None:
+        if not self.vocab:
+            raise ConfigError("DemoConfig.vocab is empty; give toy, wordfreq or a word-list file")
+        defaults = {"sweep": _demo_sweep(), "naming": _demo_naming()}
+        resolved = _propagated_values(self)
+        for path, source in PROPAGATED.items():
+            head, rest = path.split(".", 1)
+            value, default = _get(self, path), _get(defaults[head], rest)
+            if value not in (default, resolved[path]) and not source:
+                raise ConfigError(f"DemoConfig.{path} = {value!r}: the demo needs {resolved[path]!r}; leave {path} out")
+            if value not in (default, resolved[path]):
+                raise ConfigError(
+                    f"DemoConfig.{path} = {value!r} conflicts with {source} = {getattr(self, source)!r}: the demo "
+                    f"sets {path} from {source} ({resolved[path]!r}); set {source} instead or leave {path} out")
+
+
+def _get(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _with(cfg: Any, path: str, value: Any) -> Any:
+    """A copy of ``cfg`` with the (dotted) field ``path`` set to ``value``, nested configs replaced on the way."""
+    head, _, rest = path.partition(".")
+    return dataclasses.replace(cfg, **{head: _with(getattr(cfg, head), rest, value) if rest else value})
+
+
+def _propagated_values(cfg: DemoConfig) -> dict[str, Any]:
+    """The value the demo gives each nested field of :data:`PROPAGATED`, from ``cfg``'s top-level fields."""
+    out = Path(cfg.out)
+    text_cache = cfg.text_cache or str(out / "text_cache")
+    vocab = {"toy": str(out / "vocab.txt"), "wordfreq": None}.get(cfg.vocab, cfg.vocab)
+    return {
+        "sweep.out": str(out / "sweep"), "sweep.select": True, "sweep.train.shards": str(out / "shards"),
+        "sweep.train.seed": cfg.seed, "sweep.train.progress": cfg.progress,
+        "sweep.selection.classifier.model": "", "sweep.selection.classifier.pretrained": None,
+        "sweep.selection.classifier.text_cache": text_cache,
+        "naming.sae": str(out / "sweep" / "best"), "naming.shards": str(out / "shards"),
+        "naming.out": str(out / "concepts"), "naming.model": None, "naming.pretrained": None,
+        "naming.random_init": None, "naming.vocab": vocab, "naming.vocab_size": 20000 if vocab is None else 0,
+        "naming.seed": cfg.seed, "naming.text_cache": text_cache,
+    }
+
+
+def resolve(cfg: DemoConfig) -> DemoConfig:
+    """``cfg`` with the top-level settings passed on to the nested configs (:data:`PROPAGATED`): what each stage runs."""
+    for path, value in _propagated_values(cfg).items():
+        cfg = _with(cfg, path, value)
+    return cfg
 
 
 def effective(cfg: DemoConfig) -> DemoConfig:
-    """The settings actually used (``--quick`` replaces sizes and shrinks the grid to one SAE)."""
-    if not cfg.quick:
-        return cfg
-    return dataclasses.replace(cfg, n_images=cfg.quick_n_images, num_epochs=cfg.quick_num_epochs,
-                               batch_size=cfg.quick_batch_size, lrs=cfg.lrs[-1:],
-                               l1_coeffs=cfg.l1_coeffs[:1], expansion_factors=cfg.expansion_factors[:1], n_top=4)
+    """The settings actually used (``--quick`` replaces sizes and shrinks the grid to one SAE), resolved.
+
+    Under ``--quick`` a nested size still at the demo's default (``sweep.train.num_epochs``, ``batch_size``,
+    ``plot``, ``naming.n_top``) takes the quick_* value; one that was changed (``--sweep.num_epochs 3``) is kept.
+    """
+    if cfg.quick:
+        d = DemoConfig()
+        train, naming = cfg.sweep.train, cfg.naming
+
+        def quick(now: Any, default: Any, small: Any) -> Any:
+            return small if now == default else now
+
+        train = dataclasses.replace(
+            train, num_epochs=quick(train.num_epochs, d.sweep.train.num_epochs, cfg.quick_num_epochs),
+            batch_size=quick(train.batch_size, d.sweep.train.batch_size, cfg.quick_batch_size),
+            plot=quick(train.plot, d.sweep.train.plot, False))
+        sweep = dataclasses.replace(cfg.sweep, train=train, lrs=cfg.sweep.lrs[-1:], l1_coeffs=cfg.sweep.l1_coeffs[:1],
+                                    expansion_factors=cfg.sweep.expansion_factors[:1])
+        naming = dataclasses.replace(naming, n_top=quick(naming.n_top, d.naming.n_top, cfg.quick_n_top))
+        cfg = dataclasses.replace(cfg, n_images=cfg.quick_n_images, sweep=sweep, naming=naming)
+    return resolve(cfg)
+
+
+def _identity(d: dict[str, Any]) -> dict[str, Any]:
+    """A recorded (resolved) config without the :data:`VOLATILE` fields and their nested copies."""
+    d = json.loads(json.dumps(d))
+    for name in VOLATILE:
+        d.pop(name, None)
+    for path, source in PROPAGATED.items():
+        if source in VOLATILE:
+            *parents, leaf = path.split(".")
+            node = d
+            for p in parents:
+                node = node.get(p, {})
+            node.pop(leaf, None)
+    return d
 
 
 QUICK = DemoConfig(quick=True)
@@ -133,6 +274,13 @@ def _save_state(out: Path, st: dict[str, Any]) -> None:
     atomic_write_text(out / STATE, json.dumps(st, indent=1))
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
 def _say(msg: str) -> None:
     print(f"visae demo: {msg}", file=sys.stderr, flush=True)
 
@@ -141,23 +289,26 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run (or finish) the demo; returns the summary also written to ``<out>/demo.json``."""
     import torch
 
-    run = effective(cfg)
+    run = effective(cfg)  # the nested configs carry the top-level settings from here on
     out = Path(run.out)
+    if run.vocab not in ("toy", "wordfreq") and not Path(run.vocab).expanduser().is_file():
+        raise ConfigError(f"--vocab {run.vocab}: no such word-list file (expected toy, wordfreq or a file, one word a line)")
+    st = _state(out)
+    recorded = config_to_dict(run)  # the whole config, nested ones included, as every stage ran it
+    key = _identity(recorded)
+    if st.get("config") is not None and _identity(st["config"]) != key:
+        old, new = _flat(_identity(st["config"])), _flat(key)
+        diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+        raise ValueError(f"{out / STATE}: this directory holds a demo with other settings {diff} (old, new); "
+                         "use another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
     if run.threads > 0:
         torch.set_num_threads(run.threads)
-    st = _state(out)
-    key = {k: v for k, v in config_to_dict(run).items() if k not in ("progress", "threads", "text_cache")}
-    text_cache = run.text_cache or str(out / "text_cache")
-    if st.get("config") not in (None, key):
-        old = st["config"]
-        diff = {k: (old.get(k), key.get(k)) for k in key if old.get(k) != key.get(k)}
-        raise ValueError(f"{out / STATE}: this directory holds a demo with other settings {diff} (old, new); "
-                         "use another --out or delete it")
-    st["config"] = key
+    st["config"] = recorded
     _save_state(out, st)
-    world_dir, shards_dir, sweep_dir = out / "world", out / "shards", out / "sweep"
-    concepts_dir, site_dir = out / "concepts", out / "site"
+    text_cache = run.naming.text_cache
+    world_dir, shards_dir, sweep_dir = out / "world", Path(run.sweep.train.shards), Path(run.sweep.out)
+    concepts_dir, site_dir = Path(run.naming.out), out / "site"
     swd = SweepDir(sweep_dir)
     best = swd.best_dir
 
@@ -189,44 +340,33 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         return {"dir": str(shards_dir), "rows": len(ss), "d": ss.d}
 
     def do_sweep() -> dict[str, Any]:
-        from visae.sweep import SweepConfig, sweep
+        from visae.sweep import sweep
 
-        from visae.sweep import SweepSelection
-        from visae.zeroshot import ClassifierConfig
-
-        trainer = dataclasses.replace(SweepConfig().train, shards=str(shards_dir), architecture=run.architecture,
-                                      num_epochs=run.num_epochs, batch_size=run.batch_size, seed=run.seed,
-                                      device="cpu", progress=run.progress, plot=not run.quick)
-        sweep(SweepConfig(out=str(sweep_dir), lrs=run.lrs, l1_coeffs=run.l1_coeffs,
-                          expansion_factors=run.expansion_factors, train=trainer,
-                          selection=SweepSelection(classifier=ClassifierConfig(benchmark="toy", text_cache=text_cache))))
+        sweep(run.sweep)
         sel = swd.read_selection() or {}
         if not (best / "cfg.json").is_file():
             raise RuntimeError(f"the sweep in {sweep_dir} selected no SAE (see its leaderboard)")
-        return {"dir": str(sweep_dir), "best": str(best), "trials": len(run.lrs) * len(run.l1_coeffs) * len(run.expansion_factors),
+        grid = run.sweep
+        return {"dir": str(sweep_dir), "best": str(best),
+                "trials": len(grid.lrs) * len(grid.l1_coeffs) * len(grid.expansion_factors),
                 "selection": {k: sel.get(k) for k in ("trial", "metric", "score", "tied_with_chosen") if k in sel}}
 
     def do_name() -> dict[str, Any]:
-        from visae.naming import NameConfig, name_concepts
+        from visae.naming import name_concepts
 
-        vocab = run.vocab
-        if vocab == "toy":
-            vocab = str(out / "vocab.txt")
-            atomic_write_text(vocab, "\n".join(toy_vocabulary(run.n_distractors)) + "\n")
-        name_concepts(NameConfig(sae=str(best), shards=str(shards_dir), out=str(concepts_dir),
-                                 vocab=None if vocab == "wordfreq" else vocab, vocab_size=0 if vocab != "wordfreq" else 20000,
-                                 templates=run.templates, subtract_mean=run.subtract_mean, stopwords=False, n_top=run.n_top, device="cpu",
-                                 text_cache=text_cache))
+        if run.vocab == "toy":
+            atomic_write_text(str(run.naming.vocab), "\n".join(toy_vocabulary(run.n_distractors)) + "\n")
+        name_concepts(run.naming)
         doc = json.loads((concepts_dir / "concepts.json").read_text())
         return {"dir": str(concepts_dir), "named": doc.get("num_named"), "latents": doc.get("num_concepts"),
-                "vocabulary": vocab}
+                "vocabulary": run.naming.vocab if run.naming.vocab is not None else "wordfreq"}
 
     def do_browse() -> dict[str, Any]:
         from visae.browse import BrowseConfig, build_site
-        from visae.naming import NameConfig
 
-        naming = NameConfig(sae=str(best), shards=str(shards_dir), n_top=run.n_top, n_random=min(8, run.n_top),
-                            device="cpu", text_cache=text_cache)
+        # the naming's settings (its top images); browse places its own naming output, and shows as many
+        # random activating images as top ones at most
+        naming = dataclasses.replace(run.naming, out=NameConfig().out, n_random=min(run.naming.n_random, run.naming.n_top))
         index = build_site(BrowseConfig(concepts=str(concepts_dir), out=str(site_dir), naming=naming,
                                         title="visae demo: concepts of the toy world"))
         return {"index": str(index)}
@@ -285,7 +425,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     stage("name", do_name)
     stage("browse", do_browse)
     stage("recovery", do_recovery)
-    summary = {"out": str(out), "config": key, "stages": st["stages"],
+    summary = {"out": str(out), "config": recorded, "stages": st["stages"],
                "seconds_this_run": round(time.time() - t0, 1),
                "seconds_all_stages": round(sum(s["seconds"] for s in st["stages"].values()), 1)}
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=1))
@@ -322,8 +462,22 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _refuse_propagated_flags(argv: list[str]) -> None:
+    """A flag of a nested field the demo sets itself (``--sweep.seed``) is a usage error naming the demo's flag."""
+    for arg in argv:
+        if not arg.startswith("--") or "." not in arg:
+            continue
+        head, _, name = arg[2:].split("=", 1)[0].replace("-", "_").partition(".")
+        for path, source in PROPAGATED.items():
+            if path.startswith(head + ".") and name in (path.rsplit(".", 1)[1], "no_" + path.rsplit(".", 1)[1]):
+                raise ConfigError(f"{arg}: the demo sets {path} itself" + (f" from --{source}; give --{source} instead"
+                                                                             if source else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        _refuse_propagated_flags(argv)
         cfg = parse_config(DemoConfig, argv, default_yaml=DEFAULT_YAML, prog="visae demo")
         summary = run_demo(cfg)
     except ValueError as e:  # ConfigError, another demo's directory, a stage's own error (all name what is wrong)

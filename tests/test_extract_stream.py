@@ -97,8 +97,9 @@ def _assert_same_rows(got: ShardSet, want: ShardSet) -> None:
 def test_http_and_pipe_streams_equal_local_tars_row_for_row(shards, server, tiny, tmp_path):
     local = extract(_cfg(shards / "shard-{000..002}.tar", tmp_path / "local"), backbone=tiny)
     assert len(local) == N_SHARDS * PER_SHARD - 1 and BAD in read_skipped(tmp_path / "local")
-    for name, spec in (("http", _url(server)), ("pipe", f"pipe:cat {shards}/shard-{{000..002}}.tar")):
-        got = extract(_cfg(spec, tmp_path / name), backbone=tiny)
+    # (pipe: with 2 decoding processes, which must hand the batches back in stream order)
+    for name, spec, workers in (("http", _url(server), 0), ("pipe", f"pipe:cat {shards}/shard-{{000..002}}.tar", 2)):
+        got = extract(_cfg(spec, tmp_path / name, num_workers=workers), backbone=tiny)
         _assert_same_rows(got, local)
         skipped = read_skipped(tmp_path / name)  # (the reason names a BytesIO object's address: compare the kind)
         assert skipped.keys() == {BAD} and skipped[BAD].startswith("UnidentifiedImageError")
@@ -191,3 +192,22 @@ def test_bad_stream_sources_fail_clearly_before_anything_is_written(case, shards
     named = {"404": "shard-003.tar", "pipe_fails": "missing-000.tar"}.get(case, spec.split("{")[0])
     assert named in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_several_layers_from_a_stream_resume_and_overwrite(shards, tiny, tmp_path):
+    from visae.wds_stream import PROGRESS, read_progress
+
+    spec = f"pipe:cat {shards}/shard-{{000..002}}.tar"
+    kw = dict(layer="0,1", shard_size=5)
+    full = extract(_cfg(spec, tmp_path / "full", **kw), backbone=tiny)
+    out = tmp_path / "r"
+    with pytest.raises(_SimulatedKill):
+        extract(_cfg(spec, out, **kw), backbone=tiny, _fail_after_batches=3)
+    res = extract(_cfg(spec, out, **kw), backbone=tiny)
+    assert sorted(res) == sorted(full) == [0, 1]
+    for L in full:
+        _assert_same_rows(res[L], full[L])
+    # --overwrite starts the progress file afresh: one stream read, one end record
+    extract(_cfg(spec, out, overwrite=True, **kw), backbone=tiny)
+    ends = [r for r in read_progress(out) if "end" in r]
+    assert ends == [{"end": N_SHARDS * PER_SHARD}] and (out / PROGRESS).is_file()

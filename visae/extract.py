@@ -10,6 +10,8 @@ What is read: by default the final image embedding after the projection (the CLI
 where zero-shot classification and naming happen); with ``layer=L`` the residual stream
 after block L (0-based, -1 = last) at the class token (``cls``), the mean of the patch
 tokens (``mean``) or every patch token (``patch``: one row per patch, ids ``<id>#p<j>``).
+``layer="4,8,11"`` or ``"all"`` reads several blocks from one forward pass per batch and writes one
+shard set per block, ``out/layer_<L>/``, plus the index ``out/layers.json`` (written last).
 
 Resumption: the input order is deterministic (sorted), rows are committed shard by shard,
 and a rerun of the same command finds the last committed id and continues right after it
@@ -63,7 +65,9 @@ class ExtractConfig:
     """Run a vision model over images and write a shard set of its activations."""
 
     images: str = field(default="", metadata={"help": "image source: a folder (recursive), an ImageNet-layout folder, "
-                                                        "webdataset tars (file, brace pattern, glob or directory) or a toy-world directory"})
+                                                        "webdataset tars (file, brace pattern, glob or directory), a streamed "
+                                                        "webdataset ('http://host/shard-{000..099}.tar', 'pipe:cat shard-{0..3}.tar') "
+                                                        "or a toy-world directory"})
     source: Literal["auto", "folder", "imagenet", "webdataset", "toyworld"] = field(
         default="auto", metadata={"help": "kind of image source; auto detects it"})
     folder_labels: bool = field(default=False, metadata={"help": "folder source: label = first-level sub-folder (sorted class names)"})
@@ -424,10 +428,12 @@ def _n_patch_tokens(bb: Any) -> int:
 
 def _clean_output(out: Path) -> None:
     """--overwrite: remove what a previous extraction wrote into ``out`` (only our files)."""
+    from visae.wds_stream import PROGRESS
+
     if not out.is_dir():
         return
     for f in out.iterdir():
-        if f.name in (MANIFEST, SKIPPED, REPORT, PART) or (f.name.startswith("shard_") and f.name.endswith((".acts.npy", ".meta.npz"))):
+        if f.name in (MANIFEST, SKIPPED, REPORT, PART, PROGRESS) or (f.name.startswith("shard_") and f.name.endswith((".acts.npy", ".meta.npz"))):
             f.unlink()
         elif f.name == LAYERS_INDEX:
             f.unlink()

@@ -211,3 +211,30 @@ def test_several_layers_from_a_stream_resume_and_overwrite(shards, tiny, tmp_pat
     extract(_cfg(spec, out, overwrite=True, **kw), backbone=tiny)
     ends = [r for r in read_progress(out) if "end" in r]
     assert ends == [{"end": N_SHARDS * PER_SHARD}] and (out / PROGRESS).is_file()
+
+
+def test_a_command_failing_mid_run_stops_clearly_and_the_rerun_continues(shards, tiny, tmp_path):
+    from visae.images import SourceError
+
+    d = tmp_path / "partial"
+    d.mkdir()
+    for t in (0, 2):  # the probe tries the first and the last command only: shard 1 is missing until the rerun
+        shutil.copy(shards / f"shard-{t:03d}.tar", d)
+    spec = f"pipe:cat {d}/shard-{{000..002}}.tar"
+    out = tmp_path / "out"
+    with pytest.raises(SourceError, match=r"shard-001\.tar: reading failed .*rerun the same command"):
+        extract(_cfg(spec, out), backbone=tiny)
+    part = ShardSet(out, require_complete=False)
+    assert not part.manifest["complete"] and len(part) == 6  # shard 0's 8 rows, shards of 6: one committed
+    shutil.copy(shards / "shard-001.tar", d)
+    res = extract(_cfg(spec, out), backbone=tiny)
+    _assert_same_rows(res, extract(_cfg(f"pipe:cat {shards}/shard-{{000..002}}.tar", tmp_path / "full"), backbone=tiny))
+
+
+def test_a_command_that_hangs_is_stopped_by_the_probe(monkeypatch):
+    import visae.wds_stream as ws
+    from visae.images import SourceError
+
+    monkeypatch.setattr(ws, "PIPE_PROBE_TIMEOUT_S", 1.0)
+    with pytest.raises(SourceError, match="no tar header within 1 s"):
+        ws.open_stream("pipe:sleep 30")

@@ -68,7 +68,8 @@ __all__ = ["STREAM_PREFIXES", "PROGRESS", "StreamSource", "is_stream_spec", "exp
 STREAM_PREFIXES = ("pipe:", "http://", "https://")
 PROGRESS = "stream_progress.jsonl"
 PROBE_BYTES = 512  # one tar header block
-PROBE_TIMEOUT_S = 15.0
+PROBE_TIMEOUT_S = 15.0  # an http(s) shard's first bytes
+PIPE_PROBE_TIMEOUT_S = 60.0  # a pipe: command's first bytes (it may have to start a cloud client)
 _OTHER_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):", re.I)
 
 
@@ -159,8 +160,23 @@ def _probe_http(url: str) -> None:
 def _probe_pipe(url: str) -> None:
     cmd = url[5:]
     p = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # noqa: S602
+    hung = threading.Event()
+
+    def stop_hung() -> None:
+        hung.set()
+        with contextlib.suppress(OSError):
+            os.killpg(p.pid, 9)
+
+    timer = threading.Timer(PIPE_PROBE_TIMEOUT_S, stop_hung)
+    timer.start()
     try:
-        head = p.stdout.read(PROBE_BYTES) if p.stdout else b""
+        try:
+            head = p.stdout.read(PROBE_BYTES) if p.stdout else b""
+        finally:
+            timer.cancel()
+        if hung.is_set():
+            raise SourceError(f"{url}: the command wrote no tar header within {PIPE_PROBE_TIMEOUT_S:.0f} s (stopped); expected "
+                              "a command writing a webdataset .tar shard to stdout")
         if len(head) < PROBE_BYTES:  # the command ended early: its status and stderr say why
             try:
                 rc = p.wait(timeout=PROBE_TIMEOUT_S)
@@ -275,7 +291,7 @@ class RawItem:
     error: str = ""
 
 
-def _url_items(url: str, k: int) -> Iterator[tuple[str, bytes | None, bytes | None, str]]:
+def _url_items(url: str, k: int, on_open: Callable[[Any], None] | None = None) -> Iterator[tuple[str, bytes | None, bytes | None, str]]:
     """(id, image bytes, cls bytes, error) of the samples of one shard, in stream order, then its pseudo-items.
 
     Raises:
@@ -289,6 +305,8 @@ def _url_items(url: str, k: int) -> Iterator[tuple[str, bytes | None, bytes | No
         stream = gopen(url, "rb")
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"{url}: cannot be opened ({type(e).__name__}: {e})") from None
+    if on_open is not None:
+        on_open(stream)
     errors: list[str] = []
     seen_names: set[str] = set()
     seen_keys: set[str] = set()
@@ -545,13 +563,14 @@ class StreamBatches:
             self._pool = mp.get_context("fork").Pool(num_workers, initializer=_worker_init, initargs=(preprocess,))
         self._thread = threading.Thread(target=self._read, daemon=True, name="visae-wds-stream")
         self._started = False
+        self._opened: list[Any] = []  # the stream the reader has open (close() stops its process)
 
     # -- the reader thread
     def _raw(self) -> Iterator[RawItem]:
         n = self.plan.first - self.plan.skip  # part number of the first item of URL plan.url
         for k in range(self.plan.url, self.hi):
             skip = self.plan.skip if k == self.plan.url else 0
-            for j, (sid, image, cls, err) in enumerate(_url_items(self.src.urls[k], k)):
+            for j, (sid, image, cls, err) in enumerate(_url_items(self.src.urls[k], k, self._on_open)):
                 if self._stop.is_set():
                     return
                 if self.limit is not None and n >= self.limit:
@@ -559,6 +578,9 @@ class StreamBatches:
                 if j >= skip:  # the items before the resume point are read from the stream, never decoded
                     yield RawItem(n, k, j, sid, image, cls, err)
                 n += 1
+
+    def _on_open(self, stream: Any) -> None:
+        self._opened = [stream]
 
     def _put(self, x: Any) -> bool:
         while not self._stop.is_set():
@@ -632,6 +654,11 @@ class StreamBatches:
     def close(self) -> None:
         """Stop the reader thread and the decoding processes (after a normal end or an error)."""
         self._stop.set()
+        for st in self._opened:  # a reader blocked on a slow download or command: end its process, the read returns
+            proc = getattr(st, "proc", None)
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
         if self._started:
             self._thread.join(timeout=30)
         if self._pool is not None:

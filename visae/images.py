@@ -18,6 +18,8 @@ Kinds (``open_source(path, kind="auto")``):
   globs or a directory of tars; samples grouped by key as webdataset does (ids: keys,
   prefixed by the shard name when keys repeat across shards), label from an optional
   ``cls`` member. Tars are indexed once (headers only), then members are read by offset.
+  ``pipe:`` commands and http(s) URLs are streamed instead (:mod:`visae.wds_stream`: no item
+  list up front; ``open_source`` returns a :class:`visae.wds_stream.StreamSource`).
 - ``toyworld``: a directory written by ``visae.toyworld`` (``world.json`` + ``world.jsonl``):
   one int64 column per factor, label = the world's main label factor.
 

@@ -451,3 +451,165 @@ def test_failed_rebuild_leaves_the_previous_site_byte_identical_and_thumbnails_a
     assert thumb.stat().st_ino == inode  # the thumbnail was reused (carried), not made again
     assert {k: v for k, v in after.items() if k.startswith("thumbs/")} == \
         {k: v for k, v in before.items() if k.startswith("thumbs/")}
+
+
+# ----------------------------------------------------------------------------- issue 14.1: class pages of a CBM
+
+
+@pytest.fixture(scope="module")
+def cbm_site(world, tmp_path_factory):
+    """The planted world's site rebuilt with a concept bottleneck classifier trained on its SAE: class k (label k,
+    the images of word k) is decided by latent k, the one named WORDS[k]."""
+    import dataclasses
+
+    from visae.cbm import CBMConfig, train_cbm
+
+    tmp = tmp_path_factory.mktemp("browse_cbm")
+    concepts = tmp / "concepts"
+    shutil.copytree(world["site"] / "concepts_data", concepts)
+    cfg = world["cfg"]
+    shards = str(world["tmp"] / "shards")
+    cbm = tmp / "cbm"
+    res = train_cbm(CBMConfig(sae=cfg.naming.sae, concepts=str(concepts), train_shards=shards, val_shards=shards,
+                              target_concepts_per_class=1.0, zero_shot=False, n_lambdas=8, bisect_steps=3, max_iter=200,
+                              out=str(cbm)))
+    site = tmp / "site"
+    build_site(dataclasses.replace(cfg, out=str(site), cbm=str(cbm), concepts=str(concepts)))
+    return {"site": site, "cbm": cbm, "res": res, "cfg": cfg, "concepts": concepts}
+
+
+def _hrefs(html_text, pattern):
+    return re.findall(rf'href="({pattern})"', html_text)
+
+
+def test_cbm_class_pages_list_their_concepts_and_concept_pages_the_classes(cbm_site):
+    """Issue 14.1: a page per class with its concepts (signed weights, linked to the concept pages) and accuracy; a
+    concept page lists the classes that use it, linked back; an index of the classes."""
+    import html as htmllib
+
+    from visae.browse.site import _pct
+
+    site, res = cbm_site["site"], cbm_site["res"]
+    assert res["num_classes"] == len(WORDS) and res["concepts_per_class"] <= 1.0
+    index = (site / "index.html").read_text()
+    assert 'href="classes/index.html"' in index
+    cls_index = (site / "classes" / "index.html").read_text()
+    assert _hrefs(cls_index, r"\d+\.html") == [f"{k}.html" for k in range(len(WORDS))]
+    for cls in res["classes"]:
+        k = cls["class"]
+        page = (site / "classes" / f"{k}.html").read_text()
+        assert f"<h1>{WORDS[k]} " in page
+        rows = re.findall(r'<tr class="cbm-concept" data-latent="(\d+)" data-weight="([^"]+)">', page)
+        assert [(int(j), float(w)) for j, w in rows] == [(x["latent"], x["weight"]) for x in cls["concepts"]]
+        assert rows and int(rows[0][0]) == k and float(rows[0][1]) > 0, (k, rows)  # decided by its own word
+        assert _hrefs(page, r"\.\./concepts/\d+\.html") == [f"../concepts/{x['latent']}.html" for x in cls["concepts"]]
+        stats = htmllib.unescape(re.search(r'id="class-stats">(.*?)</dl>', page, re.S).group(1))
+        assert f"<dt>accuracy (recall) on them</dt><dd>{_pct(cls['val_top1'])}</dd>" in stats
+        assert f"<dt>validation examples</dt><dd>{cls['n_val']:,}</dd>" in stats
+    users = {}
+    for cls in res["classes"]:
+        for x in cls["concepts"]:
+            users.setdefault(x["latent"], []).append((cls["class"], x["weight"]))
+    for j in range(len(WORDS) + 2):
+        page = (site / "concepts" / f"{j}.html").read_text()
+        listed = [int(c) for c in re.findall(r'<tr data-class="(\d+)"><td><a href="\.\./classes/\d+\.html">', page)]
+        want = sorted(users.get(j, []), key=lambda r: -abs(r[1]))
+        assert listed == [c for c, _ in want], (j, listed, want)
+        for c, w in want:
+            assert f'<a href="../classes/{c}.html">{WORDS[c]}</a></td><td class="num">{w:+.3f}</td>' in page
+    info = json.loads((site / "site.json").read_text())
+    assert info["cbm"]["num_classes"] == len(WORDS) and info["cbm"]["dir"] == str(cbm_site["cbm"])
+
+
+def test_cbm_class_pages_and_links_both_ways_in_headless_chromium(cbm_site, tmp_path):
+    """The real browser follows the links: index -> classes -> class page -> its top concept's page -> back to the
+    class; every page's JS-free content renders and nothing is loaded from the network."""
+    from urllib.parse import urljoin
+
+    _require_chromium()
+    site = cbm_site["site"]
+    httpd, url = serve(site, 0, block=False)
+    try:
+        dom = run_chromium(url, tmp_path)
+        assert 'data-ready="1"' in dom
+        classes_url = urljoin(url, re.search(r'id="classes-link" href="([^"]+)"', dom).group(1))
+        dom = run_chromium(classes_url, tmp_path)
+        links = re.findall(r'<tr class="class" data-class="(\d+)"><td><a href="([^"]+)">([^<]+)</a>', dom)
+        assert [(int(c), nm) for c, _, nm in links] == [(k, WORDS[k]) for k in range(len(WORDS))]
+        for k, href, _ in (links[0], links[-1]):
+            page_url = urljoin(classes_url, href)
+            dom = run_chromium(page_url, tmp_path)
+            if os.environ.get("VISAE_KEEP_SCREENSHOTS"):
+                run_chromium(page_url, tmp_path, screenshot=os.path.join(os.environ["VISAE_KEEP_SCREENSHOTS"], f"class{k}.png"))
+            assert f'data-class="{k}"' in dom
+            first = re.search(r'<tr class="cbm-concept" data-latent="(\d+)"[^>]*>.*?<a href="([^"]+)">([^<]+)</a>', dom, re.S)
+            assert first and int(first.group(1)) == int(k) and first.group(3) == WORDS[int(k)], dom[-800:]
+            concept_url = urljoin(page_url, first.group(2))
+            dom = run_chromium(concept_url, tmp_path)
+            if os.environ.get("VISAE_KEEP_SCREENSHOTS"):
+                run_chromium(concept_url, tmp_path, screenshot=os.path.join(os.environ["VISAE_KEEP_SCREENSHOTS"], f"concept{k}.png"))
+            assert f'data-latent="{k}"' in dom and 'id="cbm-classes"' in dom
+            back = re.findall(r'<tr data-class="(\d+)"><td><a href="([^"]+)">([^<]+)</a>', dom)
+            assert (k, WORDS[int(k)]) in [(c, nm) for c, _, nm in back], back
+            href_back = next(h for c, h, _ in back if c == k)
+            assert urljoin(concept_url, href_back) == page_url  # the link back lands on the class page
+            m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+            assert m and int(m.group(1)) == int(m.group(2)) > 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_cbm_pages_escape_hostile_class_and_concept_names_in_headless_chromium(tmp_path):
+    """Class names and concept names full of markup are shown as text on the class pages, the classes index and the
+    concept pages' class lists; no injected script runs."""
+    from visae.browse.site import write_site
+
+    _require_chromium()
+    concepts = [{"latent": j, "name": HOSTILE[j % len(HOSTILE)], "score": 0.3, "margin": 0.1, "alternatives": [],
+                 "frequency": 0.1, "mean_activation": 1.0} for j in range(4)]
+    classes = [{"class": c, "name": HOSTILE[(c + 1) % len(HOSTILE)], "n_val": 10, "val_top1": 0.9,
+                "concepts": [{"latent": c, "name": HOSTILE[c], "weight": 1.5}, {"latent": 3, "name": "x", "weight": -0.5}]}
+               for c in range(3)]
+    cbm = {"classes": classes, "latents": [0, 1, 2, 3], "top1": {"cbm": 0.9}, "n_val": 30, "concepts_per_class": 2.0,
+           "num_concepts_used": 4, "num_candidate_concepts": 4}
+    site = tmp_path / "site"
+    write_site(site, concepts, None, np.array([]), None, None, {}, title="<b>t</b>", subtitle="s", info={}, cbm=cbm)
+    for p in [site / "classes" / "index.html"] + sorted((site / "classes").glob("[0-9]*.html")):
+        text = p.read_text()
+        assert "<script>" not in text and "<img src=x" not in text and "<!--<script>" not in text, p
+    httpd, url = serve(site, 0, block=False)
+    try:
+        doms = {}
+        for rel in ["classes/index.html", "classes/0.html", "classes/1.html", "concepts/3.html"]:
+            doms[rel] = dom = run_chromium(url.replace("index.html", rel), tmp_path)
+            assert re.search(r"<title>(.*?)</title>", dom, re.S).group(1) != "pwned", rel
+            assert '<img src="x"' not in dom, rel
+        assert "&lt;!--&lt;script&gt;" in doms["classes/0.html"]  # concept 0's name, as text
+        assert "&lt;/script&gt;&lt;script&gt;document.title" in doms["classes/0.html"]  # class 0's name, as text
+        assert "a &amp; b &lt;i&gt;italic" in doms["classes/index.html"]  # class 2's name, as text
+        assert "&lt;i&gt;" in doms["concepts/3.html"]  # class 2's name among the classes using concept 3
+        assert len(re.findall(r'<tr data-class="(\d+)">', doms["concepts/3.html"])) == 3  # all three classes use it
+        assert "-0.500" in doms["concepts/3.html"]  # a negative weight, signed
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_cbm_of_another_sae_is_refused_before_anything_is_written(cbm_site, tmp_path):
+    import dataclasses
+
+    from visae.browse import main
+
+    cfg = cbm_site["cfg"]
+    bad = tmp_path / "cbm_bad"
+    shutil.copytree(cbm_site["cbm"], bad)
+    doc = json.loads((bad / "cbm.json").read_text())
+    doc["member"] = 3
+    (bad / "cbm.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="field 'member' is 3"):
+        build_site(dataclasses.replace(cfg, out=str(tmp_path / "site1"), cbm=str(bad), concepts=str(cbm_site["concepts"])))
+    assert not (tmp_path / "site1").exists()
+    rc = main(["--sae", cfg.naming.sae, "--concepts", str(cbm_site["concepts"]), "--cbm", str(tmp_path / "nothing"),
+               "--out", str(tmp_path / "site2")])
+    assert rc == 2 and not (tmp_path / "site2").exists()

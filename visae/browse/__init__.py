@@ -6,7 +6,8 @@ Without ``--concepts`` the naming stage runs first (``visae.naming``, its option
 ``--naming_config`` or configs/naming.yaml, with ``--model`` / ``--vocab`` passed through); when
 the SAE cannot be named (not trained on a final image embedding, no text tower) the site still
 shows every latent's images, unnamed. With ``--concepts DIR`` its ``concepts.json`` is used and its
-``top_images.npz`` too when it matches the shard set. ``--serve`` serves the site on
+``top_images.npz`` too when it matches the shard set. With ``--cbm DIR`` (a `visae cbm` output of this
+SAE) the site also gets a page per class and concept pages list the classes that use them. ``--serve`` serves the site on
 127.0.0.1 only (http.server) and prints the URL. ``visae browse serve SITE [--port N]`` serves a
 site already written, without rebuilding anything. Layout: :mod:`visae.browse.site`.
 """
@@ -53,6 +54,10 @@ class BrowseConfig:
     thumb_size: int = field(default=160, metadata={"help": "thumbnail size in pixels (longest side)"})
     workers: int = field(default=0, metadata={"help": "threads making thumbnails (0: up to 8, one per core)"})
     title: str = field(default="", metadata={"help": "page title; empty: from the SAE and model"})
+    cbm: Optional[str] = field(default=None, metadata={
+        "help": "a concept bottleneck classifier of this SAE (the --out of `visae cbm`: cbm.json + cbm.safetensors): "
+                "adds a page per class with its concepts and accuracy, and lists on each concept page the classes "
+                "that use it; null: no class pages"})
     image_score: Literal["max", "mean"] = field(default="max", metadata={
         "help": "patch-token shard sets: an image's activation for a concept, the max or the mean over its patches "
                 "(ranks the top images; counts are of images)"})
@@ -94,6 +99,8 @@ def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     """
     from visae.atomic import output_lock
 
+    if cfg.cbm:  # a bad CBM directory is refused before the site's directory is created or locked
+        read_site_cbm(cfg.cbm, None, cfg.naming.member, cfg.naming.sae)
     with output_lock(cfg.out, "visae browse"):  # (creates cfg.out, holds .visae.lock, carried into the new site)
         return _build_site(cfg, backbone=backbone)
 
@@ -114,16 +121,51 @@ def _build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     if shards is None:
         raise ValueError(f"SAE {cfg.naming.sae}: pass --shards (its cfg.json records no shard set that still exists)")
     ss = ShardSet(shards)
+    cbm = read_site_cbm(cfg.cbm, sae.d_sae, cfg.naming.member, cfg.naming.sae) if cfg.cbm else None
     site = Path(cfg.out)
     # Built beside, swapped in when complete (visae.atomic.staged_dir): a build that fails or is
     # killed leaves the previous site as it was. Existing thumbnails are carried (hard links) and reused.
     with staged_dir(site, carry=["thumbs"]) as stage:
-        _build_into(cfg, stage, site, sae, single, shards, ss, backbone)
+        _build_into(cfg, stage, site, sae, single, shards, ss, backbone, cbm)
     return site / "index.html"
 
 
+def read_site_cbm(path: str | Path, d_sae: int | None, member: int, sae_path: str | Path) -> dict[str, Any]:
+    """A CBM directory (:func:`visae.cbm.load_cbm`) checked against the browsed SAE: its cbm.json plus ``latents``
+    (the SAE latent ids of its concepts, from cbm.safetensors) and ``cbm_dir``.
+
+    Raises ValueError (:class:`visae.cbm.CBMError`) naming the file and field when it is not a CBM directory, its
+    ``member`` is another member of a stacked SAE, its classes do not list their concepts, or (``d_sae`` given) a
+    latent id is not below the SAE's ``d_sae``. A CBM that records another SAE directory is used with a warning (the
+    SAE may have been copied).
+    """
+    from visae.cbm import CBMError, load_cbm
+
+    model, doc = load_cbm(path)
+    j, w = Path(path) / "cbm.json", Path(path) / "cbm.safetensors"
+    if int(doc.get("member") or 0) != int(member):
+        raise CBMError(f"{j}: field 'member' is {doc.get('member')}, but the site shows member {member} of the SAE")
+    classes = doc.get("classes")
+    if not isinstance(classes, list) or not all(
+            isinstance(c, dict) and {"class", "name", "concepts"} <= set(c) and isinstance(c["concepts"], list)
+            and all(isinstance(x, dict) and isinstance(x.get("latent"), int) and isinstance(x.get("weight"), (int, float))
+                    for x in c["concepts"]) for c in classes):
+        raise CBMError(f"{j}: field 'classes' must be a list of {{class, name, concepts: [{{latent, name, weight}}], "
+                       "...}} (as visae cbm writes it)")
+    lat = [int(x) for x in model.latents.tolist()]
+    used = [int(x["latent"]) for c in classes for x in c["concepts"]]
+    if d_sae is not None and any(not 0 <= x < d_sae for x in lat + used):
+        raise CBMError(f"{w}: latent ids from {min(lat + used)} to {max(lat + used)}, but the SAE has d_sae={d_sae}: "
+                       "a CBM of another SAE")
+    rec = doc.get("sae")
+    if d_sae is not None and rec and os.path.realpath(str(rec)) != os.path.realpath(str(sae_path)):
+        log.warning("%s was trained on the SAE %s, the site shows %s: the class pages assume they are the same SAE",
+                    j, rec, sae_path)
+    return {**doc, "latents": lat, "cbm_dir": str(path)}
+
+
 def _build_into(cfg: BrowseConfig, stage: Path, site: Path, sae: Any, single: Any, shards: Path, ss: Any,
-                backbone: Any) -> Path:
+                backbone: Any, cbm: dict[str, Any] | None = None) -> Path:
     """Write the site into ``stage`` (the staging directory of ``site``, its final path)."""
     from visae.browse.images import ImageResolver, make_thumbnails
     from visae.browse.site import write_site
@@ -181,7 +223,9 @@ def _build_into(cfg: BrowseConfig, stage: Path, site: Path, sae: Any, single: An
             "concepts_from": cfg.concepts or str(site / "concepts_data"), "thumbnails": n_thumbs,
             "images_needed": len(need), "model": model, "vocabulary": doc.get("vocabulary"),
             "unit": stats.unit, "n_images" if stats.per_image else "n_units": stats.n_examples,
-            "image_score": stats.image_score or None}
+            "image_score": stats.image_score or None,
+            "cbm": None if cbm is None else {"dir": cbm["cbm_dir"], "num_classes": len(cbm["classes"]),
+                                             "top1": cbm.get("top1"), "concepts_per_class": cbm.get("concepts_per_class")}}
     stats_top = stats
     if stats.top_index.shape[1] > cfg.naming.n_top or stats.rand_index.shape[1] > cfg.naming.n_random:
         stats_top = replace(stats, top_index=stats.top_index[:, : cfg.naming.n_top], top_value=stats.top_value[:, : cfg.naming.n_top],
@@ -195,7 +239,7 @@ def _build_into(cfg: BrowseConfig, stage: Path, site: Path, sae: Any, single: An
     if random_init:
         log.warning("%s", RANDOM_WEIGHTS_SITE_NOTE)
     return write_site(stage, concepts, stats_top, ids, meta.get("label"), label_names, thumbs, title=title,
-                      subtitle=subtitle, info=info, warning=warning)
+                      subtitle=subtitle, info=info, warning=warning, cbm=cbm)
 
 
 RANDOM_WEIGHTS_SITE_NOTE = ("these activations come from a backbone with RANDOM weights (recorded in the shard set's or "

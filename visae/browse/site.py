@@ -9,6 +9,9 @@ Layout (all relative links, works from a file:// URL or ``--serve``)::
     SITE/static/                 style.css, index.js, concept.js (copied from the package)
     SITE/site.json               what the site was built from (config, SAE, shards, concepts)
     SITE/concepts_data/          concepts.json / .csv / top_images.npz when the naming ran here
+    SITE/classes/index.html      with a concept bottleneck classifier (``--cbm``): its classes, per-class accuracy
+    SITE/classes/<class>.html    one class: its concepts with their signed weights, linked to the concept pages
+                                 (and each concept page lists the classes that use it, linked back)
 """
 
 from __future__ import annotations
@@ -114,9 +117,12 @@ def _warning_html(warning: str | None) -> str:
 
 def concept_page(c: dict[str, Any], *, top: Sequence[dict[str, Any]], rand: Sequence[dict[str, Any]], hist_svg: str,
                  n_concepts: int, title: str, max_activation: float | None, count: int | None,
-                 warning: str | None = None, unit: dict[str, Any] | None = None) -> str:
+                 warning: str | None = None, unit: dict[str, Any] | None = None,
+                 classes: Sequence[dict[str, Any]] | None = None) -> str:
     """One concept's page. ``unit``: for patch-token sets ``{"image_score": "max"|"mean", "row_count": int,
-    "heatmaps": bool}`` (counts are of images; the image's activation is that score over its patches)."""
+    "heatmaps": bool}`` (counts are of images; the image's activation is that score over its patches).
+    ``classes``: with a CBM, the classes whose weight on this concept is non-zero, ``[{class, name, weight}]``
+    (largest |weight| first; an empty list says the CBM has the concept but no class uses it); None: no CBM."""
     j = c["latent"]
     name = c.get("name")
     head = _e(name) if name else '<span class="unnamed">unnamed</span>'
@@ -138,6 +144,8 @@ def concept_page(c: dict[str, Any], *, top: Sequence[dict[str, Any]], rand: Sequ
         stats.append(("active patch tokens", f"{unit['row_count']:,}"))
         stats.append(("image activation", f"{unit['image_score']} over its patches"))
     nav = ['<a href="../index.html">\u2190 all concepts</a>']
+    if classes is not None:
+        nav.append('<a href="../classes/index.html">classes</a>')
     if j > 0:
         nav.append(f'<a href="{j - 1}.html">\u2039 #{j - 1}</a>')
     if j + 1 < n_concepts:
@@ -161,6 +169,7 @@ def concept_page(c: dict[str, Any], *, top: Sequence[dict[str, Any]], rand: Sequ
  <div class="panel"><b>Name candidates</b> (cosine with the decoder direction)
   <table class="cands" id="candidates">{"".join(rows) or "<tr><td>none</td></tr>"}</table></div>
  <div class="panel hist"><b>Activation histogram</b>{hist_svg}</div>
+{_concept_classes_panel(classes)}
 </div>
 <h2>Top-activating images</h2>{heat_toggle}
 <div class="grid" id="top-images">{top_html}</div>
@@ -208,8 +217,12 @@ def legend_html(per_image: bool = False, image_score: str = "max") -> str:
             'concepts where it is only among the name candidates</dd></dl></details>')
 
 
-def index_page(data: dict[str, Any], title: str, subtitle: str, warning: str | None = None, legend: str = "") -> str:
+def index_page(data: dict[str, Any], title: str, subtitle: str, warning: str | None = None, legend: str = "",
+               n_classes: int | None = None) -> str:
+    """The concept table. ``n_classes``: the site has class pages (a CBM): the index links to their index."""
     blob = json_for_html(data)
+    nav = (f'<div class="nav"><a id="classes-link" href="classes/index.html">the {n_classes} classes of the concept '
+           'bottleneck classifier, with the concepts each uses</a></div>' if n_classes else "")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_e(title)}</title>
@@ -217,6 +230,7 @@ def index_page(data: dict[str, Any], title: str, subtitle: str, warning: str | N
 <body>
 <header><h1>{_e(title)}</h1><div class="sub">{_e(subtitle)}</div>{_warning_html(warning)}</header>
 <main>
+{nav}
 <div class="controls">
  <label>Search <input type="search" id="search" placeholder="name, candidate or #latent" autofocus></label>
  <label>Sort by <select id="sort">
@@ -244,6 +258,138 @@ def index_page(data: dict[str, Any], title: str, subtitle: str, warning: str | N
 """
 
 
+def _signed(x: float) -> str:
+    return f"{float(x):+.3f}"
+
+
+def _weight_bar(w: float, wmax: float) -> str:
+    """A bar of |w| / wmax, blue for a positive weight (evidence for the class), red for a negative one."""
+    pct = max(0.0, min(100.0, 100 * abs(w) / max(wmax, 1e-12)))
+    return f'<div class="bar {"pos" if w > 0 else "neg"}"><span style="width:{pct:.0f}%"></span></div>'
+
+
+CBM_WEIGHT_NOTE = ("weight: the class's logit per standard deviation of the concept's activation (on the CBM's training "
+                   "split); positive = evidence for the class, negative = against it")
+
+
+def _concept_classes_panel(classes: Sequence[dict[str, Any]] | None) -> str:
+    if classes is None:
+        return ""
+    if not classes:
+        body = '<p class="note">No class of the concept bottleneck classifier uses this concept.</p>'
+    else:
+        wmax = max(abs(c["weight"]) for c in classes)
+        body = '<table class="cands" id="cbm-classes">' + "".join(
+            f'<tr data-class="{int(c["class"])}"><td><a href="../classes/{int(c["class"])}.html">{_e(c["name"])}</a></td>'
+            f'<td class="num">{_signed(c["weight"])}</td><td style="width:120px">{_weight_bar(c["weight"], wmax)}</td></tr>'
+            for c in classes) + "</table>"
+    return (f'<div class="panel"><b>Classes that use it</b> (concept bottleneck classifier; '
+            f'<span title="{_e(CBM_WEIGHT_NOTE)}">weight per s.d.</span>){body}</div>')
+
+
+def _cbm_summary(cbm: dict[str, Any]) -> str:
+    t = cbm.get("top1") or {}
+    parts = [f"top-1 {_pct(t.get('cbm'))} on {int(cbm.get('n_val', 0)):,} validation examples",
+             f"{float(cbm.get('concepts_per_class', 0)):.2f} concepts per class on average",
+             f"{int(cbm.get('num_concepts_used', 0))} of {int(cbm.get('num_candidate_concepts', 0))} concepts used"]
+    if t.get("linear_probe") is not None:
+        parts.append(f"linear probe on the clean embeddings {_pct(t['linear_probe'])}")
+    if t.get("zero_shot") is not None:
+        parts.append(f"zero-shot {_pct(t['zero_shot'])}")
+    return "Concept bottleneck classifier: " + "; ".join(parts)
+
+
+def class_page(cls: dict[str, Any], *, concept_names: dict[int, str | None], n_classes: int, title: str,
+               cbm: dict[str, Any], warning: str | None = None) -> str:
+    """One class of a CBM (``cls``: an entry of cbm.json's ``classes``: ``class``, ``name``, ``n_val``, ``val_top1``,
+    ``concepts`` ``[{latent, name, weight}]`` by |weight|): its accuracy and its concepts with their signed weights,
+    each linked to its concept page. ``concept_names``: latent -> the site's name of it (None: unnamed).
+    """
+    c = int(cls["class"])
+    name = str(cls["name"])
+    concepts = cls.get("concepts") or []
+    wmax = max([abs(x["weight"]) for x in concepts] + [1e-12])
+    rows = []
+    for rank, x in enumerate(concepts, 1):
+        j = int(x["latent"])
+        nm = concept_names.get(j)
+        label = _e(nm) if nm else '<span class="unnamed">unnamed</span>'
+        then = x.get("name") or ""
+        was = (f' <span class="latent">(named &ldquo;{_e(then)}&rdquo; when the CBM was trained)</span>'
+               if then and nm and then != nm else "")
+        rows.append(f'<tr class="cbm-concept" data-latent="{j}" data-weight="{float(x["weight"])!r}"><td class="num">{rank}</td>'
+                    f'<td><a href="../concepts/{j}.html">{label}</a> <span class="latent">#{j}</span>{was}</td>'
+                    f'<td class="num">{_signed(x["weight"])}</td><td style="width:160px">{_weight_bar(x["weight"], wmax)}</td></tr>')
+    table = ('<table class="concepts" id="class-concepts"><thead><tr><th class="num">#</th><th>concept</th>'
+             '<th class="num">weight</th><th></th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
+             if rows else '<p class="note">This class uses no concept: the classifier predicts it from its bias alone.</p>')
+    acc = cls.get("val_top1")
+    stats = [("class", f"{c}"), ("validation examples", f"{int(cls.get('n_val') or 0):,}"),
+             ("accuracy (recall) on them", _pct(acc) if acc is not None else "\u2013"),
+             ("concepts used", f"{len(concepts)}")]
+    nav = ['<a href="../index.html">\u2190 all concepts</a>', '<a href="index.html">all classes</a>']
+    if c > 0:
+        nav.append(f'<a href="{c - 1}.html">\u2039 class {c - 1}</a>')
+    if c + 1 < n_classes:
+        nav.append(f'<a href="{c + 1}.html">class {c + 1} \u203a</a>')
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>class {_e(name)} - {_e(title)}</title>
+<link rel="stylesheet" href="../static/style.css"></head>
+<body data-class="{c}">
+<header><h1>{_e(name)} <span class="latent">class {c}</span></h1><div class="sub">{_e(_cbm_summary(cbm))}</div>{_warning_html(warning)}</header>
+<main>
+<div class="nav">{" ".join(nav)}</div>
+<div class="summary"><div class="panel"><dl class="stats" id="class-stats">{"".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in stats)}</dl></div></div>
+<h2>Concepts of this class</h2>
+<p class="legend-note">{_e(CBM_WEIGHT_NOTE)}; largest |weight| first.</p>
+{table}
+</main>
+</body></html>
+"""
+
+
+def classes_index_page(cbm: dict[str, Any], *, concept_names: dict[int, str | None], title: str,
+                       warning: str | None = None, top: int = 3) -> str:
+    """The index of a CBM's classes: name, accuracy, number of concepts and the ``top`` concepts of each."""
+    rows = []
+    for cls in cbm["classes"]:
+        c = int(cls["class"])
+        cs = cls.get("concepts") or []
+        tops = ", ".join(f'<a href="../concepts/{int(x["latent"])}.html">{_e(concept_names.get(int(x["latent"])) or "#" + str(x["latent"]))}</a> '
+                         f'{_signed(x["weight"])}' for x in cs[:top])
+        acc = cls.get("val_top1")
+        rows.append(f'<tr class="class" data-class="{c}"><td><a href="{c}.html">{_e(cls["name"])}</a></td>'
+                    f'<td class="num">{_pct(acc) if acc is not None else "&ndash;"}</td><td class="num">{int(cls.get("n_val") or 0)}</td>'
+                    f'<td class="num">{len(cs)}</td><td>{tops}</td></tr>')
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>classes - {_e(title)}</title>
+<link rel="stylesheet" href="../static/style.css"></head>
+<body>
+<header><h1>Classes of the concept bottleneck classifier</h1><div class="sub">{_e(_cbm_summary(cbm))}</div>{_warning_html(warning)}</header>
+<main>
+<div class="nav"><a href="../index.html">\u2190 all concepts</a></div>
+<p class="legend-note">accuracy: the fraction of the class's validation examples that the classifier assigns to it; {_e(CBM_WEIGHT_NOTE)}.</p>
+<table class="concepts" id="classes"><thead><tr><th>class</th><th class="num">accuracy</th><th class="num">val. examples</th>
+<th class="num">concepts</th><th>top concepts (weight)</th></tr></thead><tbody>{"".join(rows)}</tbody></table>
+</main>
+</body></html>
+"""
+
+
+def concept_classes(cbm: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """latent -> the CBM classes whose weight on it is non-zero, ``[{class, name, weight}]`` by |weight|."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for cls in cbm["classes"]:
+        for x in cls.get("concepts") or []:
+            out.setdefault(int(x["latent"]), []).append({"class": int(cls["class"]), "name": cls["name"],
+                                                         "weight": float(x["weight"])})
+    for v in out.values():
+        v.sort(key=lambda r: -abs(r["weight"]))
+    return out
+
+
 def copy_static(site: Path) -> None:
     dst = site / "static"
     dst.mkdir(parents=True, exist_ok=True)
@@ -253,10 +399,12 @@ def copy_static(site: Path) -> None:
 
 def write_site(site: Path, concepts: list[dict[str, Any]], stats: Any, ids: np.ndarray, labels: np.ndarray | None,
                label_names: Sequence[str] | None, thumbs: dict[str, str | None], *, title: str, subtitle: str,
-               info: dict[str, Any], warning: str | None = None) -> Path:
+               info: dict[str, Any], warning: str | None = None, cbm: dict[str, Any] | None = None) -> Path:
     """Write index.html, one page per concept, the static files and site.json into ``site``.
 
-    ``warning``: shown at the top of every page (e.g. the backbone had random weights).
+    ``warning``: shown at the top of every page (e.g. the backbone had random weights). ``cbm``: a concept
+    bottleneck classifier's cbm.json (:mod:`visae.cbm`) over these concepts: adds ``classes/index.html``, a page
+    per class (``classes/<class>.html``) and on each concept page the classes that use it.
     """
     from visae.browse.images import image_id
 
@@ -284,6 +432,8 @@ def write_site(site: Path, concepts: list[dict[str, Any]], stats: Any, ids: np.n
 
     rows = []
     n = len(concepts)
+    uses = concept_classes(cbm) if cbm is not None else {}
+    cbm_latents = {int(j) for j in (cbm or {}).get("latents", [])} | set(uses)
     for c in concepts:
         j = c["latent"]
         top_h = rnd_h = None
@@ -298,7 +448,8 @@ def write_site(site: Path, concepts: list[dict[str, Any]], stats: Any, ids: np.n
         hist = histogram_svg(stats.hist_counts[j], stats.hist_edges) if stats is not None else ""
         page = concept_page(c, top=top, rand=rnd, hist_svg=hist, n_concepts=n, title=title,
                             max_activation=float(stats.max[j]) if stats is not None else None,
-                            count=int(stats.count[j]) if stats is not None else None, warning=warning, unit=unit)
+                            count=int(stats.count[j]) if stats is not None else None, warning=warning, unit=unit,
+                            classes=(uses.get(j, []) if j in cbm_latents else None) if cbm is not None else None)
         atomic_write_text(site / "concepts" / f"{j}.html", page)
         thumb = next((e["thumb"] for e in top if e["thumb"]), None)
         rows.append({
@@ -308,6 +459,16 @@ def write_site(site: Path, concepts: list[dict[str, Any]], stats: Any, ids: np.n
             "thumb": f"thumbs/{thumb}" if thumb else None,
         })
     legend = legend_html(per_image, getattr(stats, "image_score", "") or "max")
-    atomic_write_text(site / "index.html", index_page({"concepts": rows}, title, subtitle, warning, legend))
+    if cbm is not None:
+        (site / "classes").mkdir(exist_ok=True)
+        names = {int(c["latent"]): c.get("name") for c in concepts}
+        for cls in cbm["classes"]:
+            atomic_write_text(site / "classes" / f"{int(cls['class'])}.html",
+                              class_page(cls, concept_names=names, n_classes=len(cbm["classes"]), title=title, cbm=cbm,
+                                         warning=warning))
+        atomic_write_text(site / "classes" / "index.html", classes_index_page(cbm, concept_names=names, title=title,
+                                                                              warning=warning))
+    atomic_write_text(site / "index.html", index_page({"concepts": rows}, title, subtitle, warning, legend,
+                                                      n_classes=len(cbm["classes"]) if cbm is not None else None))
     atomic_write_text(site / "site.json", json.dumps(info, indent=1, default=str))
     return site / "index.html"

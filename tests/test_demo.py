@@ -112,6 +112,7 @@ def test_every_knob_is_declared_once():
                  "sweep.train.num_epochs", "sweep.train.batch_size", "naming.templates", "naming.subtract_mean",
                  "naming.n_top"):  # the knobs the demo used to copy: only in the stage's config now
         assert path in leaves and leaves[path] not in top, path
+    assert set(demo._propagated_values(cfg)) == set(demo.PROPAGATED)  # resolve() sets exactly the documented ones
     for path, source in demo.PROPAGATED.items():  # every documented one is a real nested field and a top-level one
         assert path in leaves, path
         assert source == "" or source in top, (path, source)

@@ -11,7 +11,11 @@ Stages (each writes its artifact under ``--out``; a rerun skips the finished one
     recovery.json  visae.recovery               did the SAE find the world's known concepts (AUROC), named right?
 
 Nothing is downloaded: the model is ``visae-toyclip`` with the weights in ``assets/toyclip/``.
-``--quick`` runs a reduced size (a few hundred images, one SAE) for tests.
+``--quick`` runs a reduced size (a thousand images, one SAE) for tests.
+
+Settings (:class:`DemoConfig`): the demo's own at the top (``--out``, ``--seed``, ``--model``, ...), passed on to
+every stage in one place (:data:`PROPAGATED`, :func:`resolve`); the sweep's and the naming's nested as their own
+configs (``--sweep.<field>``, ``--naming.<field>``), with the demo's defaults. docs/cli.md, "The demo".
 """
 
 from __future__ import annotations

@@ -179,3 +179,13 @@ def _keys(d, prefix=""):
     for k, v in d.items():
         out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
     return out
+
+
+def test_bad_vocab_file_and_an_older_demo_directory_are_refused_before_any_stage(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert demo.main(["--out", str(out), "--vocab", str(tmp_path / "missing.txt")]) == 2
+    assert "no such word-list file" in capsys.readouterr().err and not out.exists()
+    out.mkdir()  # a demo directory of the flat DemoConfig before the stage configs were nested
+    (out / demo.STATE).write_text(json.dumps({"stages": {}, "config": {"out": str(out), "lrs": [0.002]}}))
+    assert demo.main(["--out", str(out)]) == 2
+    assert "older visae" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == [demo.STATE]

@@ -300,6 +300,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     st = _state(out)
     recorded = config_to_dict(run)  # the whole config, nested ones included, as every stage ran it
     key = _identity(recorded)
+    if st.get("config") is not None and not isinstance(st["config"].get("sweep"), dict):
+        raise ValueError(f"{out / STATE}: this directory holds a demo made by an older visae (settings not nested as "
+                         "sweep: / naming:); use another --out or delete it")
     if st.get("config") is not None and _identity(st["config"]) != key:
         old, new = _flat(_identity(st["config"])), _flat(key)
         diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}

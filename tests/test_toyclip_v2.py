@@ -72,3 +72,23 @@ def test_tiny_v2_run_exports_a_loadable_model(tmp_path):
     assert len((tmp_path / "run" / "negatives.txt").read_text().split()) == 50
     model, _, _ = toyclip.create_toyclip(path)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_batches_follow_the_single_object_curriculum():
+    rows = w2.sample_world2(200, seed=6).factors
+    single = np.flatnonzero(rows[:, w2.FACTOR_INDEX["n_objects"]] == 0)
+    assert 16 <= len(single) < 200
+    cfg = toyclip.ToyClipV2Config(batch_size=16, curriculum_steps=5, single_object_fraction=0.25)
+    for step in range(10):
+        idx = toyclip._v2_batch_indices(step, cfg, len(rows), single, np.random.default_rng(step))
+        assert len(idx) == 16 and len(set(idx.tolist())) == 16 and idx.min() >= 0 and idx.max() < 200
+        n1 = int(np.isin(idx, single).sum())
+        if step < 5:
+            assert n1 == 16
+        else:  # 4 drawn from the single-object scenes, 12 from all scenes (some of them single too)
+            assert n1 >= 4 and np.isin(idx[:4], single).all()
+    plain = toyclip.ToyClipV2Config(batch_size=16)
+    idx = toyclip._v2_batch_indices(0, plain, len(rows), single, np.random.default_rng(0))
+    assert len(set(idx.tolist())) == 16
+    with pytest.raises(ValueError, match="single_object_fraction"):
+        toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(single_object_fraction=1.5, out="/nonexistent/x"), [])

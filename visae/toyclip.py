@@ -553,6 +553,12 @@ class ToyClipV2Config:
     max_objects: int = field(default=4, metadata={"help": "objects per training scene: 1 .. max_objects"})
     occlusion: float = field(default=0.3, metadata={"help": "probability that a training scene's objects may overlap"})
     colour_jitter: float = field(default=12.0, metadata={"help": "uniform per-channel RGB jitter (0-255 units) of object colours"})
+    single_object_fraction: float = field(default=0.0, metadata={
+        "help": "fraction of each batch drawn from the pool's single-object scenes (the rest: from all scenes); "
+                "the captions and factor labels of a scene describe its main object only, so single-object "
+                "scenes are the unambiguous supervision"})
+    curriculum_steps: int = field(default=0, metadata={
+        "help": "for the first N steps every batch is single-object scenes (then single_object_fraction applies)"})
     steps: int = field(default=3000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=256, metadata={"help": "images (and captions) per step"})
     lr: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (cosine decay to 0)"})
@@ -619,6 +625,10 @@ def evaluate_v2(model, tokenizer, seed: int, n: int, shifts: Sequence[float] = (
     imgs, _, rows = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE)
     out: dict[str, Any] = {"n": n, "seed": seed, "pil": zero_shot_eval_v2(model, tokenizer, imgs, rows)}
     out["pil_fine"] = zero_shot_eval_v2(model, tokenizer, imgs, rows, ("colour", "family_shape"))
+    # Shape and texture by size bucket: a small object (radius 5-9 px, 1-2 patches of 8 px) shows little of either.
+    size = rows[:, w2.FACTOR_INDEX["size"]]
+    out["pil_by_size"] = {w2.SIZES[k]: zero_shot_eval_v2(model, tokenizer, imgs[size == k], rows[size == k], ("shape", "texture"))
+                          for k in range(len(w2.SIZES)) if (size == k).any()}
     try:
         imgs2, _, rows2 = w2._render_rows(scenes, "skimage", w2.IMAGE_SIZE)
         out["skimage"] = zero_shot_eval_v2(model, tokenizer, imgs2, rows2)
@@ -633,6 +643,20 @@ def evaluate_v2(model, tokenizer, seed: int, n: int, shifts: Sequence[float] = (
         im, _, rw = w2._render_rows(sh, "pil", w2.IMAGE_SIZE)
         out["shift"][str(d)] = zero_shot_eval_v2(model, tokenizer, im, rw, non_pos)
     return out
+
+
+def _v2_batch_indices(step: int, cfg: ToyClipV2Config, n: int, single: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """int64 ``[batch_size]`` distinct scene indices of step ``step``: all from ``single`` (indices of the
+    pool's single-object scenes) while ``step < curriculum_steps``, then ``round(single_object_fraction *
+    batch_size)`` from ``single`` and the rest from the whole pool (without repeats)."""
+    n_single = cfg.batch_size if step < cfg.curriculum_steps else int(round(cfg.single_object_fraction * cfg.batch_size))
+    if n_single <= 0:
+        return rng.choice(n, cfg.batch_size, replace=False)
+    idx = rng.choice(single, n_single, replace=False)
+    if n_single < cfg.batch_size:
+        rest = np.setdiff1d(np.arange(n), idx)
+        idx = np.concatenate([idx, rng.choice(rest, cfg.batch_size - n_single, replace=False)])
+    return idx
 
 
 class _CaptionSamplerV2(_CaptionSampler):
@@ -692,7 +716,11 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     t_start, cpu_start = time.time(), time.process_time()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    # Inputs first: a missing exclude list fails before any work or write.
+    # Inputs first: a bad field or a missing exclude list fails before any work or write.
+    if not 0.0 <= cfg.single_object_fraction <= 1.0:
+        raise ValueError(f"single_object_fraction must be in [0, 1], got {cfg.single_object_fraction}")
+    if cfg.curriculum_steps < 0:
+        raise ValueError(f"curriculum_steps must be >= 0, got {cfg.curriculum_steps}")
     negs = negative_words(cfg.negatives_exclude or None, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step > 0 else []
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -726,6 +754,14 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     images, _, factors = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE)
     held_sc = w2.sample_scenes(300, cfg.eval_seed, max_objects=1, occlusion=0.0)
     held_img, _, held_rows = w2._render_rows(held_sc, "pil", w2.IMAGE_SIZE)
+    try:
+        held_img2, _, held_rows2 = w2._render_rows(held_sc, "skimage", w2.IMAGE_SIZE)
+    except ImportError:
+        held_img2 = held_rows2 = None
+    single = np.flatnonzero(factors[:, w2.FACTOR_INDEX["n_objects"]] == 0)
+    if (cfg.curriculum_steps > 0 or cfg.single_object_fraction > 0) and len(single) < cfg.batch_size:
+        raise ValueError(f"single_object_fraction / curriculum_steps: only {len(single)} single-object scenes among "
+                         f"n_train={cfg.n_train}, fewer than batch_size={cfg.batch_size}; raise n_train")
     data_seconds = time.time() - t_data
     sampler = _CaptionSamplerV2(tokenizer)
     logf = open(out / "log.jsonl", "a")
@@ -744,7 +780,7 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
             return None
         this_call += 1
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0xC112]))
-        idx = rng.choice(len(images), cfg.batch_size, replace=False)
+        idx = _v2_batch_indices(step, cfg, len(images), single, rng)
         fac = factors[idx]
         tokens, cons, _ = sampler(fac, rng)
         parts_t, parts_c = [tokens], [cons]
@@ -762,12 +798,18 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
             grp["lr"] = _lr_at(step, cfg)
         x = images_to_tensor(images[idx]).to(cfg.device)
         img = F.normalize(model.encode_image(x), dim=-1)
-        txt = F.normalize(model.encode_text(tokens.to(cfg.device)), dim=-1)
+        # Each distinct caption is encoded once (concept captions and short captions repeat within a batch).
+        uniq, inv = torch.unique(tokens, dim=0, return_inverse=True)
+        txt = F.normalize(model.encode_text(uniq.to(cfg.device)), dim=-1)[inv.to(cfg.device)]
         loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), pos)
         if cfg.aux_weight > 0:
             y = torch.from_numpy(fac[:, main_cols]).to(cfg.device)
-            aux = sum(F.cross_entropy(h(img), y[:, i], ignore_index=-1) for i, h in enumerate(heads)) / len(heads)
+            aux_logits = [h(img) for h in heads]
+            aux = sum(F.cross_entropy(lg, y[:, i], ignore_index=-1) for i, lg in enumerate(aux_logits)) / len(heads)
             loss = loss + cfg.aux_weight * aux
+            with torch.no_grad():  # the heads' accuracy on this batch: how far each factor is linearly readable
+                aux_acc = {f: round(float((lg.argmax(1) == y[:, i])[y[:, i] >= 0].float().mean()), 4)
+                           for i, (f, lg) in enumerate(zip(w2.MAIN_FACTORS, aux_logits))}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -775,9 +817,15 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
             model.logit_scale.clamp_(0, np.log(100))
         step += 1
         rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": _lr_at(step - 1, cfg),
-               "logit_scale": round(float(model.logit_scale.detach().exp()), 3)}
+               "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
+               "wall": round(time.time() - t_start, 1), "cpu": round(time.process_time() - cpu_start, 1)}
+        if cfg.aux_weight > 0:
+            rec["aux"] = round(float(aux.detach()), 5)
+            rec["aux_acc"] = aux_acc
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             rec["zero_shot"] = zero_shot_eval_v2(model, tokenizer, held_img, held_rows)
+            if held_img2 is not None:
+                rec["zero_shot_skimage"] = zero_shot_eval_v2(model, tokenizer, held_img2, held_rows2)
             model.train()
             tqdm.write(f"step {step}: zero-shot {json.dumps({k: round(v, 3) for k, v in rec['zero_shot'].items()})}")
         logf.write(json.dumps(rec) + "\n")

@@ -760,7 +760,8 @@ def _extract_locked(cfg: ExtractConfig, out: Path, dist_info: Any, device: torch
                     _fail_after_batches: int | None) -> ShardSet | dict[int, ShardSet]:
     """``extract`` under the output directory's lock: validate the whole request, then (--overwrite) clean, then run."""
     from visae.backbones import load_backbone
-    from visae.images import open_source, rank_bounds
+    from visae.images import is_stream_spec, open_source, rank_bounds
+    from visae.wds_stream import open_stream
 
     rank, world = dist_info.rank, dist_info.world
     several = is_several_layers(cfg.layer)
@@ -796,7 +797,13 @@ def _extract_locked(cfg: ExtractConfig, out: Path, dist_info: Any, device: torch
                 raise ConfigError(f"--token cls: {bb.name} has no class token; use --token mean or patch")
         elif cfg.layer is not None:
             bb.resolve_layer(cfg.layer)
-        src = open_source(cfg.images, cfg.source, folder_labels=cfg.folder_labels)
+        if is_stream_spec(str(cfg.images)):  # pipe: / http(s) URLs: a webdataset stream, validated by open_stream
+            if cfg.source not in ("auto", "webdataset"):
+                raise ConfigError(f"{cfg.images}: a pipe:/http(s) source is a webdataset stream; --source must be auto "
+                                  f"or webdataset, not {cfg.source!r}")
+            src = open_stream(str(cfg.images))
+        else:
+            src = open_source(cfg.images, cfg.source, folder_labels=cfg.folder_labels)
         src.root = dataset_path
         if cfg.limit is not None and getattr(src, "streaming", False):
             if world > 1:

@@ -19,7 +19,8 @@ Kinds (``open_source(path, kind="auto")``):
   prefixed by the shard name when keys repeat across shards), label from an optional
   ``cls`` member. Tars are indexed once (headers only), then members are read by offset.
   ``pipe:`` commands and http(s) URLs are streamed instead (:mod:`visae.wds_stream`: no item
-  list up front; ``open_source`` returns a :class:`visae.wds_stream.StreamSource`).
+  list up front; :func:`visae.wds_stream.open_stream` returns a :class:`visae.wds_stream.StreamSource`;
+  ``open_source`` refuses them, so that this module does not depend on the streaming one).
 - ``toyworld``: a directory written by ``visae.toyworld`` (``world.json`` + ``world.jsonl``):
   one int64 column per factor, label = the world's main label factor.
 
@@ -59,6 +60,8 @@ __all__ = [
     "SOURCE_KINDS",
     "SourceError",
     "rank_bounds",
+    "STREAM_PREFIXES",
+    "is_stream_spec",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
@@ -572,18 +575,25 @@ def _webdataset_source(spec: str) -> ImageSource:
 
 # ----------------------------------------------------------------------------- entry point
 
+STREAM_PREFIXES = ("pipe:", "http://", "https://")
+
+
+def is_stream_spec(spec: str) -> bool:
+    """Whether ``spec`` names a streaming webdataset source (a ``::`` part starting with ``pipe:``/``http(s)://``).
+
+    Such a source is read by :func:`visae.wds_stream.open_stream`, not by :func:`open_source`."""
+    return any(part.strip().startswith(STREAM_PREFIXES) for part in str(spec).split("::"))
+
+
 
 def open_source(path: str | os.PathLike, kind: str = "auto", *, folder_labels: bool = False) -> ImageSource:
     """List the images of ``path`` as an :class:`ImageSource` (see module docstring for kinds)."""
     if kind not in SOURCE_KINDS:
         raise SourceError(f"source kind must be one of {SOURCE_KINDS}, got {kind!r}")
     spec = str(path)
-    from visae.wds_stream import is_stream_spec, open_stream
-
-    if is_stream_spec(spec):  # pipe: / http(s) URLs: a webdataset stream (visae/wds_stream.py), validated here
-        if kind not in ("auto", "webdataset"):
-            raise SourceError(f"{spec}: a pipe:/http(s) source is a webdataset stream; --source must be auto or webdataset, not {kind!r}")
-        return open_stream(spec)
+    if is_stream_spec(spec):  # pipe: / http(s) URLs are opened by visae.wds_stream.open_stream (extract does)
+        raise SourceError(f"{spec}: a pipe:/http(s) source is a webdataset stream with no item list; only `visae extract` "
+                          "reads streams (visae.wds_stream.open_stream); give local files here")
     p = Path(spec)
     if kind == "auto":
         if p.is_dir() and (p / "world.json").is_file() and (p / "world.jsonl").is_file():

@@ -60,12 +60,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from visae.images import WDS_IMAGE_EXTS, Item, SourceError, as_browser_rgb, encode_id
+from visae.images import STREAM_PREFIXES, WDS_IMAGE_EXTS, Item, SourceError, as_browser_rgb, encode_id, is_stream_spec
 
 __all__ = ["STREAM_PREFIXES", "PROGRESS", "StreamSource", "is_stream_spec", "expand_stream_urls", "open_stream",
            "StreamPlan", "plan_stream_part", "StreamBatches", "read_progress"]
 
-STREAM_PREFIXES = ("pipe:", "http://", "https://")
 PROGRESS = "stream_progress.jsonl"
 PROBE_BYTES = 512  # one tar header block
 PROBE_TIMEOUT_S = 15.0  # an http(s) shard's first bytes
@@ -74,11 +73,6 @@ _OTHER_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):", re.I)
 
 
 # ----------------------------------------------------------------------------- recognising and validating
-
-
-def is_stream_spec(spec: str) -> bool:
-    """Whether ``spec`` names a streaming webdataset source (a ``::`` part starting with ``pipe:``/``http(s)://``)."""
-    return any(part.strip().startswith(STREAM_PREFIXES) for part in str(spec).split("::"))
 
 
 def _shard_name(url: str, k: int) -> str:

@@ -17,7 +17,8 @@ for a prefix. Every command also takes the :class:`Runtime` options ``--config``
 
 Supported field types: ``int``, ``float``, ``str``, ``bool``, ``Optional[...]`` of
 those, ``Literal[...]``, ``tuple[T, ...]`` (given on the command line as ``--lrs 1e-4 5e-4``)
-and nested config dataclasses.
+and nested config dataclasses; a union such as ``Union[int, str, None]`` is passed through as given
+(null allowed) for the config's own ``__post_init__`` to check (``ExtractConfig.layer``: ``8`` or ``4,8,11``).
 """
 
 from __future__ import annotations

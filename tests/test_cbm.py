@@ -3,15 +3,17 @@ interventions, the CLI, and the ground truth on the toy world's colour x shape c
 
 Ground truth (issue 14 item 1, on the current ``visae.toyworld`` world: its 48 colour x shape classes,
 ``colour_shape`` column; the richer world of issue 12 does not exist yet): an SAE trained by ``visae.train``
-with the demo's recipe on 5000 images, named with the demo's vocabulary; the CBM on named concepts only
-reaches >= 95% of the clean linear probe's top-1 with <= 5 concepts per class, and in >= 80% of classes
-its two largest weights are on latents named by the class's colour and shape words.
+with the demo's recipe on 4,500 images, named with the demo's vocabulary; the CBM on named concepts only
+reaches >= 95% of the clean linear probe's top-1 with <= 5 concepts per class (met), and in >= 80% of classes
+its two largest weights are on latents named by the class's colour and shape words (not met: xfail). Removing a
+class's top concept lowers that class's accuracy by >= 20 points while the other classes change by <= 2 points:
+met for the other classes taken together, not in every class (xfail; measured figures in BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import json
-import os
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -91,26 +93,30 @@ def test_interventions_and_explanations():
     assert ex[1]["concepts"][0]["name"] == "circle" and ex[1]["concepts"][0]["contribution"] == 2.0
     with pytest.raises(CBMError, match="latent 5 is not one of"):
         m.predict(codes, remove=[5])
+    # a name held by two latents: removing the concept by name removes both
+    m2 = ConceptBottleneck(W=torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.5]]), b=torch.zeros(2),
+                           latents=torch.tensor([7, 3, 9]), scale=torch.ones(3), names=["red", "red", "star"],
+                           classnames=["a", "b"])
+    codes2 = torch.zeros(1, 10)
+    codes2[0, 7], codes2[0, 3], codes2[0, 9] = 1.0, 1.0, 1.0  # a: 2.0 vs b: 0.5
+    assert m2.latents_named("red") == [7, 3]
+    assert m2.predict(codes2, remove=[7]).tolist() == [0]  # one "red" latent removed: a 1.0 vs b 0.5
+    assert m2.predict(codes2, remove=m2.latents_named("red")).tolist() == [1]
+    with pytest.raises(CBMError, match="no concept of the CBM is named 'blue'"):
+        m2.latents_named("blue")
 
 
 # ----------------------------------------------------------------------------- the toy world, once per module
 
 
-# The ground-truth tests train the demo-recipe SAE on 6,000 images (minutes on 2 cores) and do not meet their
-# targets yet (issue 14: CBM 0.93x of the probe here, top-2 = the class words in 6-8% of classes): they run when
-# VISAE_GROUND_TRUTH=1, and their measured figures are in BENCHMARKS.md. The command line runs on a small world.
-ground_truth = pytest.mark.skipif(not os.environ.get("VISAE_GROUND_TRUTH"),
-                                  reason="slow ground truth, not met yet (issue 14): set VISAE_GROUND_TRUTH=1")
+# The toy world's CBM is built once per module (about 70 s of CPU on an idle core: 6,000 images sampled and embedded,
+# the demo-recipe SAE, naming, the CBM path with 100 FISTA steps a point, the probe and zero-shot) and shared by the
+# ground-truth tests and the command-line test. The figures are in BENCHMARKS.md.
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     return _toy(tmp_path_factory.mktemp("cbm"), n=6000, n_val=1500, num_epochs=None, max_iter=100)
-
-
-@pytest.fixture(scope="module")
-def toy_small(tmp_path_factory):
-    return _toy(tmp_path_factory.mktemp("cbm_small"), n=1200, n_val=300, num_epochs=4, max_iter=30)
 
 
 def _toy(tmp, *, n, n_val, num_epochs, max_iter):
@@ -150,7 +156,7 @@ def _toy(tmp, *, n, n_val, num_epochs, max_iter):
                              backbone=bb)
     cfg = CBMConfig(sae=str(sae_dir), concepts=str(concepts), train_shards=str(dirs["train"]),
                     val_shards=str(dirs["val"]), label_column="colour_shape", out=str(tmp / "cbm"),
-                    text_cache=str(tmp / "text_cache"), max_iter=max_iter)  # 100 FISTA steps a point: 96% measured
+                    text_cache=str(tmp / "text_cache"), max_iter=max_iter)  # 100 FISTA steps a point: 98.2% measured
     res = train_cbm(cfg)
     return {"cfg": cfg, "res": res, "dirs": dirs, "sae": sae_dir, "concepts": concepts, "tmp": tmp}
 
@@ -175,7 +181,6 @@ def _summary(res):
             f"top-2 = colour + shape in {frac:.2f} of classes; misses: {[w[:2] for w in words if not w[2]][:8]}")
 
 
-@ground_truth
 def test_toy_world_accuracy_and_sparsity(toy):
     """>= 95% of the clean linear probe's top-1 with <= 5 concepts per class, named concepts only."""
     res = toy["res"]
@@ -190,7 +195,6 @@ def test_toy_world_accuracy_and_sparsity(toy):
     assert all(x["name"] for c in res["classes"] for x in c["concepts"])
 
 
-@ground_truth
 @pytest.mark.xfail(strict=True, reason="not met yet: with the demo-recipe SAE the CBM's largest weights sit on "
                                        "latents whose names are not the class's words (conjunction latents named "
                                        "'on the right', 'two', ...); measured 8% of classes, target 80%")
@@ -200,11 +204,10 @@ def test_toy_world_top_weights_are_the_class_words(toy):
     assert frac >= 0.8, _summary(toy["res"])
 
 
-@ground_truth
-def test_toy_world_intervention_removes_one_class(toy):
-    """Removing a class's top concept lowers that class's accuracy by >= 20 points, other classes by <= 2 points
-    on average (the top concept of class c is shared with the classes of the same colour or shape; those are
-    excluded from "other classes")."""
+def _interventions(toy):
+    """Per class c of the toy CBM: remove c's top concept (the latent of largest |weight| in row c, the first concept
+    on c's class page) from every validation example and predict again. Returns rows (class, concept, own accuracy
+    change, largest |change| of a class not using that latent, change of those classes' images pooled, users)."""
     from visae.recovery import collect_codes
     from visae.sae import load_sae
     from visae.shards import ShardSet
@@ -216,26 +219,73 @@ def test_toy_world_intervention_removes_one_class(toy):
     codes = torch.zeros(len(val), sae.d_sae)
     codes[torch.from_numpy(rows), torch.from_numpy(cols)] = torch.from_numpy(vals).float()
     y = torch.from_numpy(val.metadata()["colour_shape"].astype(np.int64))
+    C = len(doc["classnames"])
     base = model.predict(codes)
-    drops = []
-    for c in range(0, 48, 7):  # a spread of classes (7 of 48)
+    # accuracies as exact fractions of image counts: compared with the thresholds without rounding
+    acc = lambda p, k: Fraction(int((p[y == k] == k).sum()), int((y == k).sum()))  # noqa: E731
+    out = []
+    for c in range(C):
         top = model.class_concepts(c)[0]
         after = model.predict(codes, remove=[top["latent"]])
-        users = {k for k in range(48) if any(x["latent"] == top["latent"] for x in model.class_concepts(k))}
-        acc = lambda p, k: float((p[y == k] == k).float().mean())  # noqa: E731
-        own = acc(base, c) - acc(after, c)
-        others = [acc(base, k) - acc(after, k) for k in range(48) if k not in users]
-        drops.append((doc["classnames"][c], top["name"], own, float(np.mean(others))))
-    print(drops)
-    for _name, _concept, own, others in drops:
-        assert own >= 0.20, drops
-        assert abs(others) <= 0.02, drops
+        users = {k for k in range(C) if any(x["latent"] == top["latent"] for x in model.class_concepts(k))}
+        others = [k for k in range(C) if k not in users]
+        mask = torch.isin(y, torch.tensor(others))
+        pooled = Fraction(int((after == y)[mask].sum()) - int((base == y)[mask].sum()), int(mask.sum()))
+        worst = max(abs(acc(after, k) - acc(base, k)) for k in others)
+        out.append({"class": doc["classnames"][c], "concept": top["name"], "own": acc(after, c) - acc(base, c),
+                    "other_max": worst, "other_pooled": pooled, "users": len(users)})
+    return out
 
 
-def test_cli_and_errors(toy_small, tmp_path, capsys):
+TWENTY, TWO = Fraction(20, 100), Fraction(2, 100)
+
+
+def _iv_summary(rows):
+    own = [r["own"] for r in rows]
+    return (f"own accuracy lowered by >= 20 points in {sum(o <= -TWENTY for o in own)}/{len(rows)} classes (median "
+            f"{-100 * float(np.median([float(o) for o in own])):.1f} points); every class not using the removed latent "
+            f"within 2 points in {sum(r['other_max'] <= TWO for r in rows)}/{len(rows)} (worst "
+            f"{100 * float(max(r['other_max'] for r in rows)):.1f}); those classes pooled: worst "
+            f"{100 * float(max(abs(r['other_pooled']) for r in rows)):.2f} points; short: "
+            + "; ".join(f"{r['class']} {100 * float(r['own']):+.1f} ({r['concept']})" for r in rows if r["own"] > -TWENTY))
+
+
+@pytest.fixture(scope="module")
+def interventions(toy):
+    return _interventions(toy)
+
+
+def test_toy_world_intervention_leaves_the_classes_not_using_the_concept(interventions):
+    """Removing a class's top concept changes the accuracy of the classes that do not use that latent, taken
+    together (their validation images pooled), by <= 2 points; and the class's own accuracy drops by >= 20 points in
+    the median class (a guard, not the issue's target: that is per class, the xfail test below)."""
+    msg = _iv_summary(interventions)
+    print(msg)
+    assert len(interventions) == 48
+    for r in interventions:
+        assert abs(r["other_pooled"]) <= TWO, (r, msg)
+    assert np.median([float(r["own"]) for r in interventions]) <= -0.20, msg
+
+
+@pytest.mark.xfail(strict=True, reason="not met in every class (issue 14): removing the top concept lowers the class's "
+                                       "accuracy by >= 20 points in 37 of 48 classes and leaves every other class "
+                                       "within 2 points in 34 of 48 (worst 5.9 points: 2 of ~34 images); the short "
+                                       "classes spread their evidence over several concepts of similar weight "
+                                       "(BENCHMARKS.md)")
+def test_toy_world_intervention_removes_one_class(interventions):
+    """Issue 14's target, per class: removing a class's top concept lowers that class's accuracy by >= 20 points
+    while every class not using that concept changes by <= 2 points (classes sharing the latent are excluded:
+    removing a concept is meant to hit every class that uses it)."""
+    msg = _iv_summary(interventions)
+    for r in interventions:
+        assert r["own"] <= -TWENTY, msg
+        assert r["other_max"] <= TWO, msg
+
+
+def test_cli_and_errors(toy, tmp_path, capsys):
     from visae.cli import main
 
-    cfg = toy_small["cfg"]
+    cfg = toy["cfg"]
     out = tmp_path / "cbm"
     rc = main(["cbm", "--sae", cfg.sae, "--concepts", cfg.concepts, "--train_shards", cfg.train_shards,
                "--val_shards", cfg.val_shards, "--label_column", "colour_shape", "--target_concepts_per_class", "2",

@@ -1,7 +1,7 @@
 """Several layers in one extraction pass vs the deepest of them alone, side by side in one run (issue 13).
 
     python benchmarks/bench_extract_layers.py [--images ../shared/imagenet-sample] [--n 64] [--repeats 3]
-        [--model ViT-B-16] [--layers 4,8,11] [--token cls] [--batch_size 32] [--threads 1] [--workers 0] [--forward]
+        [--model ViT-B-16] [--layers 4,8,11] [--token cls] [--batch_size 32] [--threads 1] [--workers 0] [--forward] [--device cuda]
 
 Cases, every one once per round (``benchlib.alternate``: the order reversed every other round, so that load
 changes on a shared machine hit all alike):
@@ -30,7 +30,7 @@ import benchlib
 import torch
 
 from visae.backbones import load_backbone
-from visae.extract import ExtractConfig, extract, normalise_layer_spec, resolve_layers
+from visae.extract import ExtractConfig, _autocast, extract, normalise_layer_spec, resolve_layers
 from visae.images import load_image, open_source
 
 
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--forward", action="store_true", help="also time the bare forward passes on preloaded images")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (autocast bf16 there, as visae extract does)")
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args(argv)
     spec = normalise_layer_spec(args.layers)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    bb = load_backbone(args.model, random_init=True)
+    bb = load_backbone(args.model, random_init=True, device=args.device)
     layers = resolve_layers(spec, bb.num_layers, bb.name)
     deepest = layers[-1]
     src = open_source(args.images)
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
           f"layers {layers} vs {deepest} alone, token {args.token}, batch {args.batch_size}, threads {torch.get_num_threads()}, "
           f"workers {args.workers}", flush=True)
     tmp = tempfile.mkdtemp(prefix="bench_extract_layers_")
+    amp, precision = _autocast(torch.device(args.device), "auto")
     runs = iter(range(10**9))
 
     def extract_case(layer):
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             out = os.path.join(tmp, f"run{next(runs)}")
             cfg = ExtractConfig(images=args.images, out=out, model=args.model, random_init=True, layer=layer,
                                 token=args.token, batch_size=args.batch_size, num_workers=args.workers,
-                                threads=args.threads, limit=args.n, progress=False, device="cpu", dtype=args.dtype)
+                                threads=args.threads, limit=args.n, progress=False, device=args.device, dtype=args.dtype)
             t, c = time.perf_counter(), cpu_seconds()
             got = extract(cfg, backbone=bb)
             wall, cpu = time.perf_counter() - t, cpu_seconds() - c
@@ -91,26 +93,26 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = {f"extract layer {deepest}": extract_case(deepest), f"extract layers {spec}": extract_case(spec)}
     if args.forward:
-        pre = torch.stack([bb.preprocess(load_image(it)[0]) for it in items])
+        pre = torch.stack([bb.preprocess(load_image(it)[0]) for it in items]).to(args.device)
         batches = list(pre.split(args.batch_size))
 
         def forward_case(several: bool):
             def case() -> tuple[float, float]:
                 t, c = time.perf_counter(), cpu_seconds()
-                with torch.inference_mode():
+                with torch.inference_mode(), amp:
                     for x in batches:
                         if several:
-                            bb.encode_layers(x, layers, args.token)
+                            [f.float().cpu() for f in bb.encode_layers(x, layers, args.token).values()]
                         else:
-                            bb.encode_layer(x, deepest, args.token)
+                            bb.encode_layer(x, deepest, args.token).float().cpu()
                 return time.perf_counter() - t, cpu_seconds() - c
             return case
 
         cases[f"forward layer {deepest}"] = forward_case(False)
         cases[f"forward layers {spec}"] = forward_case(True)
     try:
-        with torch.inference_mode():  # warm-up
-            bb.encode_layers(torch.zeros(2, 3, *bb.image_size), layers, args.token)
+        with torch.inference_mode(), amp:  # warm-up
+            bb.encode_layers(torch.zeros(2, 3, *bb.image_size, device=args.device), layers, args.token)
         got = benchlib.alternate(cases, args.repeats)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
               "(medians of per-round ratios; target <= 1.15)")
     meta = {"n": len(items), "model": args.model, "layers": layers, "deepest": deepest, "token": args.token,
             "batch_size": args.batch_size, "threads": torch.get_num_threads(), "workers": args.workers, "dtype": args.dtype,
+            "device": args.device, "precision": precision,
             "results": results, "ratios": ratios}
     benchlib.report("bench_extract_layers.py", meta, args.json, argv, echo=False)
     return 0

@@ -9,6 +9,7 @@ import torch
 
 from tolerances import assert_bitwise_equal, assert_close_derived, sae_step_bounds
 from visae.sae import SAEConfig, build_sae, load_sae, stack_saes
+from visae.sae.base import SAEFormatError
 from visae.sae.matryoshka import MatryoshkaSAE, prefix_forward, prefix_sizes
 from visae.synthetic import make_hierarchical_dictionary, parent_recovery
 
@@ -40,18 +41,33 @@ def test_prefix_sizes_and_config_errors():
         SAEConfig(architecture="matryoshka", d_in=8, d_sae=8, k=9, matryoshka_levels=2)
 
 
-def test_loss_is_the_sum_of_cumulative_prefix_reconstructions():
-    """The reference loss equals the definition written out naively: one full decode per prefix."""
+@pytest.mark.parametrize("ranked", [False, True])
+def test_loss_is_the_sum_of_cumulative_prefix_reconstructions(ranked):
+    """The reference loss equals the definition written out naively: one full decode per prefix, the prefix being
+    the first m latents of the ranking by ``latent_sq_avg`` (index order while it is all zero, as at the start)."""
     sae = _make()
     x = _x()
+    if ranked:
+        with torch.no_grad():
+            sae.latent_sq_avg.copy_(torch.rand(1, 96, generator=torch.Generator().manual_seed(3)))
+    old_avg = sae.latent_sq_avg.clone()
+    order = torch.argsort(old_avg[0], descending=True, stable=True)  # all zero: index order
     out = sae.training_loss(x, impl="reference")
     with torch.no_grad():
         pre = sae.preacts(x)
         f = sae._batch_topk(pre)[0]  # [B, d_sae] (eval-free: threshold updates need grad + train mode)
         want = 0.0
         for m in sae.prefix_sizes:
-            x_hat = f[:, :m] @ sae.W_dec[0, :m] + sae.b_dec[0]
+            idx = order[:m]
+            x_hat = f[:, idx] @ sae.W_dec[0, idx] + sae.b_dec[0]
             want += float((x_hat - x).pow(2).mean())
+    # the ranking's average moved by this training step: 0.95 old + 0.05 mean_B (f ||W_dec||)^2, in float32
+    # (a mean of B = 40 squares: B roundings of values at most max f^2 ||W_dec||^2, then the 2-term update)
+    new_sq = (f.double().square().mean(0) * sae.W_dec[0].double().norm(dim=-1).square())
+    scale = float(new_sq.max()) * 40 + float(old_avg.max())
+    assert_close_derived(sae.latent_sq_avg[0], 0.95 * old_avg[0].double() + 0.05 * new_sq, n_terms=40 + 2,
+                         scale=scale / 40, dtype=torch.float32, computations=1, msg="latent_sq_avg update")
+    assert not torch.equal(sae.latent_sq_avg, old_avg)
     # float32 sums over B * d_in = 960 terms per prefix, 5 prefixes
     tol = 5 * 960 * torch.finfo(torch.float32).eps * max(want, 1.0)
     assert abs(float(out.loss.detach()) - want) <= tol, (float(out.loss.detach()), want)
@@ -67,6 +83,8 @@ def test_loss_is_the_sum_of_cumulative_prefix_reconstructions():
 @pytest.mark.parametrize("stacked_x", [False, True])
 def test_sparse_path_equals_reference(S, stacked_x):
     sae = _make(S)
+    with torch.no_grad():  # a ranking off index order (distinct values), as after some training
+        sae.latent_sq_avg.copy_(torch.rand(S, 96, generator=torch.Generator().manual_seed(4)))
     x = _x(S=S if stacked_x else None)
     dead = torch.zeros(S, 96, dtype=torch.bool)
     dead[:, ::3] = True
@@ -89,6 +107,12 @@ def test_sparse_path_equals_reference(S, stacked_x):
         assert_close_derived(getattr(out, name), getattr(ref, name), n_terms=n_terms, scale=scale,
                              dtype=torch.float32, probabilistic=True, msg=name)
     assert torch.equal(out.fired, ref.fired)
+    # the ranking's average: 0.05 mean_B f^2 + 0.95 old; a code's error is within the codes' bound (P), its square's
+    # within 2 P that, then a mean of B = 40 terms and the update's add onto old values < 1
+    n_terms, P = bounds["codes"]
+    assert_close_derived(sae.latent_sq_avg, ref_sae.latent_sq_avg, n_terms=n_terms + 40 + 2,
+                         scale=2 * P.square().mean(dim=1) + 1.0, dtype=torch.float32, probabilistic=True,
+                         msg="latent_sq_avg")
     if S > 1:
         assert (ref.aux[:-1] > 0).all() and ref.aux[-1] == 0
     for name, g in grads[0].items():
@@ -137,11 +161,19 @@ def test_save_load_and_export(tmp_path, keep_codes):
     assert exp.cfg.scale_factor == 1.0
     # LEFT (issue 10, not derived yet): the export folds the scale factor into the weights (other arithmetic)
     torch.testing.assert_close(exp(raw)[0], loaded(raw)[0], rtol=1e-5, atol=1e-5)
-    # prefix_forward: the whole dictionary is forward(); a prefix zeroes the later codes
+    # the ranking that forms the prefixes is saved with the weights (one training step has moved it off index order)
+    assert torch.equal(loaded.latent_sq_avg, sae.latent_sq_avg) and (sae.latent_sq_avg > 0).any()
+    assert not torch.equal(loaded.latent_order(), torch.arange(96).expand(2, 96))
+    # prefix_forward: the whole dictionary is forward(); a prefix zeroes the codes of the latents ranked after it
     x_full, f_full = prefix_forward(loaded, raw, loaded.d_sae)
     assert_bitwise_equal(x_full, loaded(raw)[0], "prefix_forward of the whole dictionary = forward")
     x_p, f_p = prefix_forward(loaded, raw, 24)
-    assert (f_p[..., 24:] == 0).all() and torch.equal(f_p[..., :24], f_full[..., :24])
+    keep = loaded.prefix_mask(24)  # [2, 96]
+    assert keep.sum(-1).tolist() == [24, 24]
+    assert (f_p.masked_select(~keep[:, None, :]) == 0).all()
+    assert torch.equal(f_p.masked_select(keep[:, None, :]), f_full.masked_select(keep[:, None, :]))
+    with pytest.raises(SAEFormatError, match="size 97 outside"):
+        prefix_forward(loaded, raw, 97)
 
 
 def test_trains_through_visae_train(tmp_path):
@@ -191,8 +223,14 @@ def test_hierarchy_matryoshka_recovers_parents_batchtopk_absorbs_them():
     """Issue 14 item 3: a parent is recovered when one latent fires on >= 90% of the examples containing it
     (children included) with precision >= 0.9. Budget k = 3 < 4 active features on average: a plain BatchTopK
     saves codes by absorbing parents into parent+child latents; Matryoshka's first prefix must reconstruct
-    alone and keeps them. 300 steps of batch 1024. Measured (the two seeds of the stack): Matryoshka 15/16, 14/16;
-    BatchTopK 5/16, 5/16; the printed report has the details."""
+    alone and keeps them. 300 steps of batch 1024.
+
+    First prefix vs "a BatchTopK of that prefix's size trained alone" (the comparison benchmarks/bench_matryoshka.py
+    defines): a BatchTopK with m_1 = 16 latents, the same data and steps, at k = 3, which is at least the prefix's
+    own L0 (asserted), so the prefix is compared at no more codes per example than the BatchTopK it is held to.
+    Measured (seeds 0-2 of the benchmark): prefix EV 0.782-0.783 at L0 2.12, BatchTopK-16 k=3 EV 0.778-0.794,
+    ratios 0.985-1.006; the 0.9 of the issue is ~9 times that spread below. All 16 parents among the first
+    prefix's latents (cosine > 0.9) in every seed; recovered Matryoshka 16/16, BatchTopK 5-8/16."""
     D = make_hierarchical_dictionary(seed=0, **HIER)
     x, on, child = D.sample(300 * 1024 + 8192, np.random.default_rng(1))
     x = torch.from_numpy(x)
@@ -200,28 +238,41 @@ def test_hierarchy_matryoshka_recovers_parents_batchtopk_absorbs_them():
     xt, xv, onv, chv = x[:-8192], x[-8192:], on[-8192:], child[-8192:]
     mat = _train_two_seeds("matryoshka", 256, 3, xt)
     btk = _train_two_seeds("batchtopk", 256, 3, xt)
-    with torch.no_grad():
-        f_mat, f_btk = mat.encode(xv), btk.encode(xv)
     m1 = mat.prefix_sizes[0]
     assert m1 == P
-    report = []
+    btk_small = _train_two_seeds("batchtopk", m1, 3, xt)  # "a BatchTopK of that prefix's size trained alone"
+    with torch.no_grad():
+        f_mat, f_btk = mat.encode(xv), btk.encode(xv)
+        x_small, f_small = btk_small(xv)
+    parents = torch.from_numpy(D.parents)
+    report, checks = [], []
     for s in range(2):
         rm = parent_recovery((f_mat[s] > 0).numpy(), onv, chv)
         rb = parent_recovery((f_btk[s] > 0).numpy(), onv, chv)
         with torch.no_grad():
+            member = mat.member(s)
             ev_full = _ev(mat(xv)[0][s], xv)
-            ev_prefix = _ev(prefix_forward(mat.member(s), xv, m1)[0], xv)
-        report.append(f"seed {s}: matryoshka {rm['recovered'].sum()}/{P} (EV {ev_full:.3f}, first prefix EV "
-                      f"{ev_prefix:.3f}), batchtopk {rb['recovered'].sum()}/{P}; parent latent fires on examples "
-                      f"with a child: matryoshka {np.nanmean(rm['recall_with_child']):.2f}, batchtopk "
+            x_p, f_p = prefix_forward(member, xv, m1)
+            ev_prefix = _ev(x_p, xv)
+            l0_prefix = float((f_p > 0).float().sum(-1).mean())
+            in_prefix = int(((member.W_dec[0][member.prefix_mask(m1)[0]] @ parents.T).max(0).values > 0.9).sum())
+            ev_small, l0_small = _ev(x_small[s], xv), float((f_small[s] > 0).float().sum(-1).mean())
+        report.append(f"seed {s}: matryoshka {rm['recovered'].sum()}/{P} (EV {ev_full:.3f}; first prefix EV "
+                      f"{ev_prefix:.3f} at L0 {l0_prefix:.2f}, {in_prefix}/{P} parents among its latents), batchtopk "
+                      f"{rb['recovered'].sum()}/{P}; batchtopk-{m1} k=3 EV {ev_small:.3f} at L0 {l0_small:.2f} "
+                      f"(prefix ratio {ev_prefix / ev_small:.3f}); parent latent fires on examples with a child: "
+                      f"matryoshka {np.nanmean(rm['recall_with_child']):.2f}, batchtopk "
                       f"{np.nanmean(rb['recall_with_child']):.2f}")
+        checks.append((rm, rb, ev_prefix, l0_prefix, in_prefix, ev_small))
     msg = "\n".join(report)
     print(msg)
-    for s in range(2):
-        rm = parent_recovery((f_mat[s] > 0).numpy(), onv, chv)
-        rb = parent_recovery((f_btk[s] > 0).numpy(), onv, chv)
+    for rm, rb, ev_prefix, l0_prefix, in_prefix, ev_small in checks:
         assert rm["recovered"].sum() >= 0.8 * P, msg
         assert rb["recovered"].sum() <= 0.6 * P, msg  # absorbed: 40% or more of the parents lost
         assert rm["recovered"].sum() >= rb["recovered"].sum() + 4, msg
         # absorption itself: BatchTopK's best parent latents are silent on many with-child examples
         assert np.nanmean(rb["recall_with_child"]) < np.nanmean(rm["recall_with_child"]) - 0.1, msg
+        # the first prefix alone: the parents are its latents, and it reconstructs as a BatchTopK of its size
+        assert in_prefix >= P - 1, msg
+        assert l0_prefix <= 3.0, msg  # no more codes per example than the BatchTopK it is compared with
+        assert ev_prefix >= 0.9 * ev_small, msg

@@ -129,6 +129,23 @@ class MatryoshkaSAE(BatchTopKSAE):
         return self.latent_rank() < int(size)
 
     @torch.no_grad()
+    def sorted_by_rank(self) -> "MatryoshkaSAE":
+        """A copy whose latents are stored in rank order: latent j of the copy is ``latent_order()[s, j]`` of self.
+
+        Then prefix l is latents 0 .. m_l - 1 by index too (for tools that read prefixes as index
+        ranges, e.g. an export); the forward pass is unchanged up to that permutation of the codes.
+        Optimizer state is not carried: sort a finished SAE, not one still training.
+        """
+        out = self.copy()
+        order = self.latent_order()  # [S, n]
+        S, n, d = self.n_models, self.d_sae, self.d_in
+        out.W_enc.copy_(self.W_enc.gather(2, order[:, None, :].expand(S, d, n)))
+        out.W_dec.copy_(self.W_dec.gather(1, order[:, :, None].expand(S, n, d)))
+        out.b_enc.copy_(self.b_enc.gather(1, order))
+        out.latent_sq_avg.copy_(self.latent_sq_avg.gather(1, order))
+        return out
+
+    @torch.no_grad()
     def _update_sq_avg(self, sq_mean: Tensor) -> None:
         """sq_mean [S, d_sae]: this batch's mean of (f ||W_dec||)^2; on training steps only (as the threshold)."""
         if not self._grad_enabled:

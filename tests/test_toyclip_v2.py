@@ -60,7 +60,8 @@ def test_shift_scene_moves_within_frame():
 
 
 def test_tiny_v2_run_exports_a_loadable_model(tmp_path):
-    cfg = toyclip.ToyClipV2Config(out=str(tmp_path / "run"), n_train=64, steps=3, batch_size=16, warmup=1,
+    # One-object scenes only, so the default curriculum (single-object batches) has enough of them.
+    cfg = toyclip.ToyClipV2Config(out=str(tmp_path / "run"), n_train=64, max_objects=1, steps=3, batch_size=16, warmup=1,
                                   eval_n=16, eval_every=0, negatives_per_step=4, negatives_exclude="",
                                   n_negative_words=50, threads=1, progress=False)
     path = toyclip.train_toy_clip_v2(cfg, [])

@@ -553,18 +553,21 @@ class ToyClipV2Config:
     max_objects: int = field(default=4, metadata={"help": "objects per training scene: 1 .. max_objects"})
     occlusion: float = field(default=0.3, metadata={"help": "probability that a training scene's objects may overlap"})
     colour_jitter: float = field(default=12.0, metadata={"help": "uniform per-channel RGB jitter (0-255 units) of object colours"})
-    single_object_fraction: float = field(default=0.0, metadata={
+    single_object_fraction: float = field(default=0.5, metadata={
         "help": "fraction of each batch drawn from the pool's single-object scenes (the rest: from all scenes); "
                 "the captions and factor labels of a scene describe its main object only, so single-object "
                 "scenes are the unambiguous supervision"})
-    curriculum_steps: int = field(default=0, metadata={
+    curriculum_steps: int = field(default=1000, metadata={
         "help": "for the first N steps every batch is single-object scenes (then single_object_fraction applies)"})
-    steps: int = field(default=3000, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=256, metadata={"help": "images (and captions) per step"})
-    lr: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (cosine decay to 0)"})
+    steps: int = field(default=4000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=128, metadata={"help": "images (and captions) per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (cosine decay to 0)"})
     warmup: int = field(default=100, metadata={"help": "linear warm-up steps"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on matrices"})
     aux_weight: float = field(default=5.0, metadata={"help": "weight of linear factor heads on the image embedding (main factors of world2); 0: off"})
+    aux_logit_scale: float = field(default=10.0, metadata={
+        "help": "the factor heads' logits are multiplied by this (their input is the unit embedding, so with "
+                "scale 1 their logits are bounded by the heads' weight norms, about 1 at init)"})
     concept_captions: bool = field(default=True, metadata={"help": "add one caption per coarse factor value every step"})
     negatives_per_step: int = field(default=64, metadata={"help": "captions of words outside the world added every step (true of no image)"})
     negatives_exclude: str = field(default="../shared/vocab/20k.txt", metadata={
@@ -572,9 +575,9 @@ class ToyClipV2Config:
     n_negative_words: int = field(default=5000, metadata={"help": "size of the negative word pool (written to <out>/negatives.txt)"})
     eval_seed: int = field(default=1000, metadata={"help": "seed of the held-out single-object scenes"})
     eval_n: int = field(default=1000, metadata={"help": "held-out images for the final evaluation (each renderer)"})
-    eval_every: int = field(default=250, metadata={"help": "zero-shot on 300 held-out images every N steps; 0: only at the end"})
+    eval_every: int = field(default=100, metadata={"help": "zero-shot on 300 held-out images every N steps; 0: only at the end"})
     checkpoint_every: int = field(default=50, metadata={"help": "save a resumable checkpoint every N steps"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (0: torch's default); 1 on a shared machine: measured 0.87 CPU s per step of 128 with 1 thread, 3.35 with 2 (docs/toyclip_v2_recipe.md)"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     resume: bool = field(default=True, metadata={"help": "continue from <out>/checkpoint.pt when it exists"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
@@ -804,7 +807,7 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
         loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), pos)
         if cfg.aux_weight > 0:
             y = torch.from_numpy(fac[:, main_cols]).to(cfg.device)
-            aux_logits = [h(img) for h in heads]
+            aux_logits = [cfg.aux_logit_scale * h(img) for h in heads]
             aux = sum(F.cross_entropy(lg, y[:, i], ignore_index=-1) for i, lg in enumerate(aux_logits)) / len(heads)
             loss = loss + cfg.aux_weight * aux
             with torch.no_grad():  # the heads' accuracy on this batch: how far each factor is linearly readable

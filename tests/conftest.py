@@ -53,3 +53,24 @@ def _one_torch_thread():
     torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def toy_world_embeddings():
+    """The demo's toy world (6,000 images, seed 5000, not the toy CLIP's training world) embedded by the
+    shipped toy CLIP: ``{"backbone", "world", "x": [6000, 96] float32 tensor (unit-normed image embeddings),
+    "source": shard-set source record}``. Shared by the naming and CBM ground-truth tests (rendering and
+    embedding it costs ~25 s of CPU). Skips when the weights are not shipped."""
+    from visae import toyclip
+    from visae import toyworld as tw
+    from visae.backbones import load_backbone
+
+    if not toyclip.TOYCLIP_WEIGHTS.is_file():
+        pytest.skip(f"{toyclip.TOYCLIP_WEIGHTS} is not shipped")
+    bb = load_backbone("visae-toyclip")
+    world = tw.sample_world(6000, 5000)  # the demo's world seed
+    with torch.no_grad():
+        x = toyclip.encode_world_images(bb.model, world.images)
+    source = {"model": bb.name, "pretrained": bb.pretrained, "random_init": False, "layer": None, "token": None,
+              "dataset": "toyworld seed 5000 (in memory)"}
+    return {"backbone": bb, "world": world, "x": x, "source": source}

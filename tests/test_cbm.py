@@ -148,26 +148,19 @@ def test_interventions_and_explanations():
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return _toy(tmp_path_factory.mktemp("cbm"), n=6000, n_val=1500, num_epochs=None, max_iter=100)
+def toy(tmp_path_factory, toy_world_embeddings):
+    return _toy(tmp_path_factory.mktemp("cbm"), toy_world_embeddings, n_val=1500, num_epochs=None, max_iter=100)
 
 
-def _toy(tmp, *, n, n_val, num_epochs, max_iter):
-    from visae import toyclip
+def _toy(tmp, emb, *, n_val, num_epochs, max_iter):
     from visae import toyworld as tw
-    from visae.backbones import load_backbone
     from visae.demo import DemoConfig, toy_vocabulary
     from visae.naming import NameConfig, name_concepts
     from visae.train import TrainConfig, train
 
-    if not toyclip.TOYCLIP_WEIGHTS.is_file():
-        pytest.skip(f"{toyclip.TOYCLIP_WEIGHTS} is not shipped")
-    bb = load_backbone("visae-toyclip")
-    world = tw.sample_world(n, 5000)  # the demo's world seed
-    with torch.no_grad():
-        x = toyclip.encode_world_images(bb.model, world.images).numpy()
-    source = {"model": bb.name, "pretrained": bb.pretrained, "random_init": False, "layer": None, "token": None,
-              "dataset": "toyworld seed 5000 (in memory)"}
+    bb, world, source = emb["backbone"], emb["world"], emb["source"]  # conftest: 6,000 images of world seed 5000
+    x = emb["x"].numpy()
+    n = len(x)
     names = list(tw.FACTORS)
     dirs = {}
     for split, sl in (("train", slice(0, n - n_val)), ("val", slice(n - n_val, n))):

@@ -216,27 +216,19 @@ def test_name_concepts_refuses_layer_shards_and_other_model(tiny, emb, vocab, tm
         name_concepts(NameConfig(sae=str(sae_dir), model="ViT-B-32", out=str(tmp_path / "o"), text_cache=None))
 
 
-def test_toy_world_recovered_factor_values_are_named_right(tmp_path):
+def test_toy_world_recovered_factor_values_are_named_right(tmp_path, toy_world_embeddings):
     """Issue 6's ground truth with the shipped toy CLIP: an SAE trained by ``visae.train`` with the demo's
     recipe on the toy world's image embeddings has, for >= 80% of the 22 factor values, a latent with
     AUROC >= 0.95 that naming calls by the value's word. Vocabulary: the demo's, the world's words and their
     synonyms plus 600 distractor words."""
-    from visae import toyclip
     from visae import toyworld as tw
-    from visae.backbones import load_backbone
     from visae.demo import DemoConfig, toy_vocabulary
     from visae.recovery import concept_recovery
     from visae.train import TrainConfig, train
 
-    if not toyclip.TOYCLIP_WEIGHTS.is_file():
-        pytest.skip(f"{toyclip.TOYCLIP_WEIGHTS} is not shipped")
-    bb = load_backbone("visae-toyclip")
-    n = 6000
-    world = tw.sample_world(n, 5000)  # the demo's world seed, not the toy CLIP's training world (seed 0)
-    with torch.no_grad():
-        x = toyclip.encode_world_images(bb.model, world.images)
-    source = {"model": bb.name, "pretrained": bb.pretrained, "random_init": False, "layer": None, "token": None,
-              "dataset": "toyworld seed 5000 (in memory)"}
+    # conftest: 6,000 images of world seed 5000 (the demo's, not the toy CLIP's training world, seed 0)
+    bb, world, x, source = (toy_world_embeddings[k] for k in ("backbone", "world", "x", "source"))
+    n = len(x)
     names = list(tw.FACTORS)
     shards = tmp_path / "shards"
     with ShardWriter(shards, d=x.shape[1], source=source, label_names={k: list(v) for k, v in tw.FACTORS.items()},

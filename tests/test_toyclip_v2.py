@@ -70,6 +70,11 @@ def test_tiny_v2_run_exports_a_loadable_model(tmp_path):
     assert set(card["evaluation"]["shift"]) == {"0.5", "2.0", "4.0", "8.0"}
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    # Every record carries the time so far and each factor head's batch accuracy (a fraction).
+    assert all(set(r["aux_acc"]) == set(w2.MAIN_FACTORS) and all(0 <= a <= 1 for a in r["aux_acc"].values()) for r in log)
+    assert all(0 < r["wall"] and 0 < r["cpu"] for r in log) and log[0]["wall"] <= log[-1]["wall"]
+    assert set(card["evaluation"]["pil_by_size"]) <= set(w2.SIZES)
+    assert all(set(v) == {"shape", "texture"} for v in card["evaluation"]["pil_by_size"].values())
     assert len((tmp_path / "run" / "negatives.txt").read_text().split()) == 50
     model, _, _ = toyclip.create_toyclip(path)
     assert sum(p.numel() for p in model.parameters()) > 0

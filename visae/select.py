@@ -10,15 +10,22 @@ accuracy, L0, explained variance and dead fraction on that same set. Scores are 
 file), so re-selecting under other constraints costs nothing. Trials of one shape are
 scored together as one stacked SAE in one pass over the data.
 
-The best trial maximises the metric (``zeroshot_top1`` by default) among the finished
-trials that meet the constraints (``max_l0``, ``max_dead``); ties go to the lower L0, then
-the name. Trials whose zero-shot accuracy is within 2 binomial standard errors of the chosen
+The rule (``rule``) decides which trial is chosen among the finished trials that meet the
+constraints (``max_l0``, ``max_dead``): ``best`` (default) maximises the metric
+(``zeroshot_top1`` by default; ties go to the lower L0, then the name); ``sparsest_within``
+takes the lowest-L0 trial whose zero-shot drop below the clean accuracy (``drop_pts``, clean
+minus reconstruction, percentage points) is at most ``max_drop`` (ties: higher metric, then
+name): the sparsest point of the sparsity-fidelity frontier within a tolerance (Gao et al. 2024,
+"Scaling and evaluating sparse autoencoders", compare SAEs on that frontier; docs/sweeps.md).
+No trial within the tolerance is an error, like no trial within the constraints. Trials whose zero-shot accuracy is within 2 binomial standard errors of the chosen
 one's are marked ``tied`` (the selection set cannot tell them apart; the leaderboard and
 ``selection.json`` say so). Written to the sweep directory: ``leaderboard.csv`` /
 ``leaderboard.md`` (every trial, best first, with ``feasible`` / ``pareto`` / ``tied`` /
 ``chosen`` columns), ``pareto.png``
 (L0 against the metric, clean accuracy as a horizontal line, the chosen SAE marked),
-``selection.json``, and ``best/`` (a copy of the chosen trial's SAE dir plus
+``drop_vs_l0.png`` (zero-shot drop against L0 for every trial, the chosen one marked, the
+tolerance drawn under ``sparsest_within``; zero-shot metrics only), ``selection.json`` (with
+``rule`` and ``max_drop``), and ``best/`` (a copy of the chosen trial's SAE dir plus
 ``selection.json`` naming the trial).
 """
 
@@ -41,6 +48,11 @@ from visae.sweepdir import SCORE_FORMAT, SweepDir, SweepError
 
 DEFAULT_YAML = config_yaml("select.yaml")
 METRICS = ("zeroshot_top1", "zeroshot_top5", "explained_variance")
+RULES = ("best", "sparsest_within")
+# drop_pts = 100 (clean - recon) of two accuracies in [0, 1]: the subtraction and the scaling round at most ~3 times,
+# each by eps relative to values <= 100, so a drop "equal" to max_drop may exceed it by that much (e.g. 100 * (0.996 -
+# 0.995) = 0.10000000000000009): it is compared with max_drop + _DROP_TOL points.
+_DROP_TOL = 4 * sys.float_info.epsilon * 100
 
 __all__ = ["SelectConfig", "SelectError", "score_trials", "select", "select_if_complete", "leaderboard", "main"]
 
@@ -60,11 +72,26 @@ class SelectConfig:
                                                                       "the sweep's setting; inf: none)"})
     metric: Optional[str] = field(default=None, metadata={"help": "zeroshot_top1 | zeroshot_top5 | "
                                                                   "explained_variance (null: the sweep's)"})
+    rule: Optional[str] = field(default=None, metadata={"help": "best (highest metric) | sparsest_within (lowest L0 "
+                                                                "whose zero-shot drop <= max_drop) (null: the "
+                                                                "sweep's)"})
+    max_drop: Optional[float] = field(default=None, metadata={"help": "rule sparsest_within: tolerated zero-shot "
+                                                                      "drop below the clean accuracy, percentage "
+                                                                      "points (null: the sweep's)"})
     val_shards: Optional[str] = field(default=None, metadata={"help": "selection shard set (null: the sweep's)"})
     rescore: bool = field(default=False, metadata={"help": "ignore cached scores and score every trial again"})
     device: str = field(default="cpu", metadata={"help": "torch device for scoring"})
     batch_size: int = field(default=4096, metadata={"help": "rows per scoring batch"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
+
+    def __post_init__(self) -> None:
+        if self.rule is not None and self.rule not in RULES:
+            raise ConfigError(f"SelectConfig.rule must be one of {RULES} (or null: the sweep's), got {self.rule!r}")
+        if self.max_drop is not None and not self.max_drop >= 0:
+            raise ConfigError(f"SelectConfig.max_drop must be >= 0 percentage points, got {self.max_drop}")
+        if self.rule == "best" and self.max_drop is not None:
+            raise ConfigError(f"SelectConfig.max_drop ({self.max_drop:g}) applies only with rule sparsest_within, "
+                              "not with rule best")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -222,9 +249,33 @@ def _metric_value(result: dict[str, Any], metric: str) -> float:
     return float(r[k])
 
 
+def _drop_points(row: dict[str, Any], metric: str) -> float | None:
+    """Clean minus reconstruction zero-shot accuracy of ``metric``'s k, in percentage points (None: not zero-shot)."""
+    if not metric.startswith("zeroshot"):
+        return None
+    clean = row.get("clean_" + metric.split("_")[-1])
+    if clean is None or not math.isfinite(row["score"]):
+        return None
+    return 100.0 * (float(clean) - row["score"])
+
+
 def leaderboard(out: Path, scores: dict[str, dict[str, Any]], metric: str, max_l0: float | None,
-                max_dead: float | None) -> list[dict[str, Any]]:
-    """One row per scored trial, best first; marks feasible, Pareto-optimal (L0 vs metric) and chosen."""
+                max_dead: float | None, rule: str = "best", max_drop: float | None = None) -> list[dict[str, Any]]:
+    """One row per scored trial, in the rule's order; marks feasible, Pareto-optimal (L0 vs metric) and chosen.
+
+    ``rule`` "best": the feasible trial with the highest metric (ties: lower L0, then name) is
+    chosen. "sparsest_within": a trial is feasible only if, besides the constraints, its
+    zero-shot drop ``drop_pts`` = 100 (clean - reconstruction accuracy) <= ``max_drop``
+    (percentage points); the feasible trial with the lowest L0 is chosen (ties: higher metric,
+    then name): the sparsest point of the sparsity-fidelity frontier that keeps the accuracy
+    within tolerance (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", compare
+    SAEs on that frontier). Every row gets ``drop_pts`` (None without a clean zero-shot accuracy)
+    and ``within_max_drop`` (None under rule "best").
+    """
+    if rule not in RULES:
+        raise SelectError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "sparsest_within" and (max_drop is None or not max_drop >= 0):
+        raise SelectError(f"rule sparsest_within needs max_drop >= 0 (percentage points), got {max_drop}")
     rows = []
     sd = SweepDir(out)
     for name, doc in scores.items():
@@ -246,6 +297,14 @@ def leaderboard(out: Path, scores: dict[str, dict[str, Any]], metric: str, max_l
             why.append(f"dead {row['dead_fraction']:.3f} > {max_dead:g}")
         if not math.isfinite(row["score"]):
             why.append("score not finite")
+        row["drop_pts"] = _drop_points(row, metric)
+        row["within_max_drop"] = None
+        if rule == "sparsest_within":
+            row["within_max_drop"] = row["drop_pts"] is not None and row["drop_pts"] <= max_drop + _DROP_TOL
+            if row["drop_pts"] is None:
+                why.append("no clean zero-shot accuracy to measure a drop against")
+            elif not row["within_max_drop"]:
+                why.append(f"drop {row['drop_pts']:.2f} pts > max_drop {max_drop:g}")
         row["feasible"] = not why
         row["excluded_by"] = "; ".join(why)
         rows.append(row)
@@ -253,8 +312,14 @@ def leaderboard(out: Path, scores: dict[str, dict[str, Any]], metric: str, max_l
     for a in rows:
         a["pareto"] = not any((b["l0"] <= a["l0"] and b["score"] >= a["score"])
                               and (b["l0"] < a["l0"] or b["score"] > a["score"]) for b in rows)
-    rows.sort(key=lambda r: (not r["feasible"], -r["score"] if math.isfinite(r["score"]) else math.inf,
-                             r["l0"], r["trial"]))
+    def neg_score(r: dict[str, Any]) -> float:
+        return -r["score"] if math.isfinite(r["score"]) else math.inf
+
+    if rule == "sparsest_within":  # feasible (within tolerance) sparsest first; the rest best first
+        rows.sort(key=lambda r: (not r["feasible"], r["l0"] if r["feasible"] else 0.0, neg_score(r), r["l0"],
+                                 r["trial"]))
+    else:
+        rows.sort(key=lambda r: (not r["feasible"], neg_score(r), r["l0"], r["trial"]))
     for i, r in enumerate(rows):
         r["rank"] = i + 1
         r["chosen"] = False
@@ -288,7 +353,7 @@ def _mark_ties(rows: list[dict[str, Any]], metric: str, z: float = 2.0) -> None:
 
 
 _COLUMNS = ["rank", "trial", "chosen", "tied", "feasible", "excluded_by", "pareto", "score", "recon_top1", "recon_top5",
-            "clean_top1", "clean_top5", "delta_top1", "recovered", "ablated_top1", "l0", "dead_fraction", "explained_variance", "recon_loss",
+            "clean_top1", "clean_top5", "delta_top1", "drop_pts", "within_max_drop", "recovered", "ablated_top1", "l0", "dead_fraction", "explained_variance", "recon_loss",
             "kl_to_clean", "expansion", "d_sae", "lr", "l1_coeff", "architecture", "finished", "n_val"]
 
 
@@ -302,7 +367,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraints: dict[str, Any]) -> None:
+def _rule_text(rule: str, max_drop: float | None, metric: str) -> str:
+    """One sentence: how the chosen trial was picked."""
+    if rule == "sparsest_within":
+        return (f"Rule: **sparsest_within**, max_drop {max_drop:g} points: the lowest-L0 trial whose {metric} is at "
+                f"most {max_drop:g} percentage points below the clean embeddings' (ties: higher {metric}).")
+    return f"Rule: **best**: the highest {metric} (ties: lower L0)."
+
+
+def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraints: dict[str, Any],
+                  rule: str = "best", max_drop: float | None = None) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=_COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -311,6 +385,10 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
     sd = SweepDir(out)
     atomic_write_text(sd.leaderboard_csv, buf.getvalue())
     md_cols = ["rank", "trial", "score", "recon_top1", "recon_top5", "delta_top1"]
+    if any(r.get("drop_pts") is not None for r in rows):
+        md_cols.append("drop_pts")
+    if rule == "sparsest_within":
+        md_cols.append("within_max_drop")
     if any(r.get("recovered") is not None for r in rows):
         md_cols.append("recovered")
     md_cols += ["l0", "dead_fraction",
@@ -318,7 +396,8 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
     clean = next((r["clean_top1"] for r in rows if r.get("clean_top1") is not None), None)
     cons = ", ".join(f"{k} <= {v:g}" for k, v in constraints.items() if v is not None) or "none"
     lines = [f"# Sweep leaderboard: {out}", "",
-             f"Metric: **{metric}** (of reconstructions, on the selection set); constraints: {cons}."]
+             f"Metric: **{metric}** (of reconstructions, on the selection set); constraints: {cons}.",
+             _rule_text(rule, max_drop, metric)]
     if clean is not None:
         lines.append(f"Clean zero-shot top-1 of the original embeddings: {clean:.4f}.")
     ablated = next((r["ablated_top1"] for r in rows if r.get("ablated_top1") is not None), None)
@@ -327,7 +406,16 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
                      f"reconstruction at that layer). Baseline: mean-ablation of the layer's tokens, top-1 {ablated:.4f}; "
                      "recovered = (spliced - ablated) / (clean - ablated).")
     chosen = [r for r in rows if r["chosen"]]
-    lines.append(f"Chosen: **{chosen[0]['trial']}**." if chosen else "Chosen: none (no trial meets the constraints).")
+    if chosen:
+        lines.append(f"Chosen: **{chosen[0]['trial']}**.")
+    elif rule == "sparsest_within":
+        lines.append(f"Chosen: none (no trial meets the constraints with a drop of at most {max_drop:g} points; "
+                     "see drop_pts and excluded_by).")
+    else:
+        lines.append("Chosen: none (no trial meets the constraints).")
+    if any(r.get("drop_pts") is not None for r in rows):
+        lines.append("drop_pts: clean minus reconstruction zero-shot accuracy of the metric, percentage points "
+                     "(drop_vs_l0.png plots it against L0).")
     tied = [r["trial"] for r in rows if r.get("tied") and not r["chosen"]]
     if tied:
         lines += ["", f"**{len(tied)} other trial(s) tie with the chosen one**: their {metric} is within 2 standard "
@@ -395,6 +483,64 @@ def _plot(out: Path, rows: list[dict[str, Any]], metric: str, max_l0: float | No
         plt.close(fig)
 
 
+def _plot_drop(out: Path, rows: list[dict[str, Any]], metric: str, rule: str, max_drop: float | None) -> bool:
+    """``drop_vs_l0.png``: every trial's zero-shot drop (clean - reconstruction, points) against its L0.
+
+    The chosen trial is a red star, trials excluded by a constraint (or, under sparsest_within, by
+    the tolerance) are hollow, and the tolerance ``max_drop`` is a horizontal line when the rule
+    uses it. Returns False (and removes a stale plot) when no trial has a drop (metric not
+    zero-shot, or no clean accuracy).
+    """
+    path = SweepDir(out).drop_png
+    pts = [r for r in rows if r.get("drop_pts") is not None]
+    if not pts:
+        if path.is_file():
+            path.unlink()
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    exps = sorted({r["expansion"] for r in pts if r["expansion"] is not None}) or [None]
+    cmap = plt.get_cmap("viridis")
+    for i, e in enumerate(exps):
+        sel = [r for r in pts if r["expansion"] == e]
+        colour = cmap(i / max(1, len(exps) - 1)) if len(exps) > 1 else "tab:blue"
+        feas = [r for r in sel if r["feasible"]]
+        infeas = [r for r in sel if not r["feasible"]]
+        ax.scatter([r["l0"] for r in feas], [r["drop_pts"] for r in feas], color=colour, s=28, zorder=3,
+                   label=f"expansion {e}" if e is not None else "trials")
+        if infeas:
+            ax.scatter([r["l0"] for r in infeas], [r["drop_pts"] for r in infeas], facecolors="none",
+                       edgecolors=colour, s=28, zorder=3)
+    ax.axhline(0.0, color="black", lw=0.8, ls="-", zorder=1)
+    if rule == "sparsest_within" and max_drop is not None and math.isfinite(max_drop):
+        ax.axhline(max_drop, color="tab:red", ls="--", lw=1, label=f"max_drop {max_drop:g} pts")
+    for r in pts:
+        if r["chosen"]:
+            ax.scatter([r["l0"]], [r["drop_pts"]], marker="*", s=260, color="tab:red", edgecolors="black", zorder=4,
+                       label=f"chosen ({rule}): {r['trial']}")
+    l0s = [r["l0"] for r in pts if r["l0"] > 0]
+    if l0s and max(l0s) / min(l0s) > 20:
+        ax.set_xscale("log")
+    k = metric.split("_")[-1]
+    ax.set_xlabel("L0 (mean active latents per example, selection set)")
+    ax.set_ylabel(f"zero-shot {k} drop, clean - reconstruction (points)")
+    ax.set_title(f"{out.name}: {len(pts)} trials" + (" (hollow: excluded)" if any(not r["feasible"] for r in pts)
+                                                      else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+    return True
+
+
 def _resolve(value: float | None, recorded: Any) -> float | None:
     v = recorded if value is None else value
     if v is None or (isinstance(v, float) and math.isinf(v) and v > 0):
@@ -415,6 +561,7 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
         raise SelectError(f"--metric must be one of {METRICS}, got {metric!r}")
     max_l0 = _resolve(cfg.max_l0, scfg.get("max_l0"))
     max_dead = _resolve(cfg.max_dead, scfg.get("max_dead"))
+    rule, max_drop = _resolve_rule(cfg, scfg, metric)
     planned = [t["name"] for t in doc["trials"]]
     from visae.atomic import output_lock
 
@@ -423,23 +570,69 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                               rescore=cfg.rescore, progress=cfg.progress, metric=metric)
         if not scores:
             raise SelectError(f"{out}: no trained trials in {sd.trials_dir} yet; run the sweep first")
-        rows = leaderboard(out, scores, metric, max_l0, max_dead)
+        rows = leaderboard(out, scores, metric, max_l0, max_dead, rule, max_drop)
         constraints = {"max_l0": max_l0, "max_dead": max_dead}
-        _write_tables(out, rows, metric, constraints)
+        _write_tables(out, rows, metric, constraints, rule, max_drop)
         _plot(out, rows, metric, max_l0)
+        drop_plot = _plot_drop(out, rows, metric, rule, max_drop)
         chosen = next((r for r in rows if r["chosen"]), None)
         missing = sorted(set(planned) - set(scores))
         info = {"trial": chosen["trial"] if chosen else None, "path": f"trials/{chosen['trial']}" if chosen else None,
                 "metric": metric, "score": chosen["score"] if chosen else None, "constraints": constraints,
+                "rule": rule, "max_drop": max_drop, "drop_pts": chosen["drop_pts"] if chosen else None,
+                "n_within_max_drop": (sum(bool(r["feasible"]) for r in rows) if rule == "sparsest_within" else None),
+                "drop_plot": SweepDir(out).drop_png.name if drop_plot else None,
                 "row": chosen, "tied_with_chosen": [r["trial"] for r in rows if r.get("tied") and not r["chosen"]],
                 "n_trials_scored": len(scores), "trials_missing": missing,
                 "selection_set": next(iter(scores.values()))["key"], "config": asdict(cfg)}
         if chosen is None:  # a failed selection changes neither best/ nor selection.json
             kept = " (the previous selection.json and best/ are kept)" if sd.best_dir.is_dir() else ""
+            if rule == "sparsest_within":
+                others = [r for r in rows if r["drop_pts"] is not None and not any(
+                    w for w in r["excluded_by"].split("; ") if w and not w.startswith("drop "))]
+                least = min(others, key=lambda r: r["drop_pts"], default=None)
+                hint = (f"; the smallest drop among trials meeting the other constraints is {least['drop_pts']:.2f} "
+                        f"points ({least['trial']}, L0 {least['l0']:.1f})" if least else "")
+                raise SelectError(f"{out}: no finished trial has a zero-shot drop within max_drop {max_drop:g} "
+                                  f"points under the constraints ({constraints}){hint}; raise --max_drop or select "
+                                  f"with --rule best; see {sd.leaderboard_md} and {sd.drop_png}{kept}")
             raise SelectError(f"{out}: no finished trial meets the constraints ({constraints}); see "
                               f"{sd.leaderboard_md} for each trial's L0 and dead fraction{kept}")
         sd.commit_selection(chosen["trial"], info)
     return info
+
+
+def _resolve_rule(cfg: SelectConfig, scfg: dict[str, Any], metric: str) -> tuple[str, float | None]:
+    """The rule and tolerance this selection applies: the command's, else the sweep plan's; checked before any work.
+
+    The plan's ``max_drop`` belongs to the plan's rule: ``--rule best`` on a sweep planned with
+    sparsest_within ignores it; ``--max_drop`` on a sweep planned with best needs
+    ``--rule sparsest_within`` (an error otherwise, not a silent change of rule).
+    """
+    planned_rule = scfg.get("rule", "best")
+    rule = cfg.rule if cfg.rule is not None else planned_rule
+    if rule not in RULES:
+        raise SelectError(f"rule must be one of {RULES}, got {rule!r} (sweep.json config.selection.rule)")
+    if cfg.max_drop is not None:
+        max_drop = float(cfg.max_drop)
+    elif rule == planned_rule and scfg.get("max_drop") is not None:
+        max_drop = float(scfg["max_drop"])
+    else:
+        max_drop = None
+    if rule == "best":
+        if max_drop is not None and cfg.max_drop is not None:
+            raise SelectError(f"--max_drop {max_drop:g} applies only with --rule sparsest_within (the sweep's rule "
+                              f"is {planned_rule}); pass --rule sparsest_within")
+        return rule, None
+    if max_drop is None:
+        raise SelectError("--rule sparsest_within needs --max_drop (the tolerated zero-shot drop below the clean "
+                          "accuracy, percentage points)")
+    if not max_drop >= 0:
+        raise SelectError(f"max_drop must be >= 0 percentage points, got {max_drop}")
+    if not metric.startswith("zeroshot"):
+        raise SelectError(f"--rule sparsest_within needs a zero-shot metric (the drop is clean minus reconstruction "
+                          f"accuracy), got --metric {metric}")
+    return rule, max_drop
 
 
 def select_if_complete(out: str | Path) -> dict[str, Any] | None:
@@ -464,11 +657,20 @@ def format_selection(info: dict[str, Any], out: Path) -> str:
     if row.get("clean_top1") is not None:
         lines.append(f"clean zero-shot top-1 {row['clean_top1']:.4f}; reconstruction top-1 {row['recon_top1']:.4f} "
                      f"({row['delta_top1']:+.4f})")
+    rule = info.get("rule", "best")
+    if rule == "sparsest_within":
+        lines.append(f"rule sparsest_within: the lowest L0 of {info.get('n_within_max_drop')} trial(s) whose "
+                     f"{info['metric']} drop is within max_drop {info['max_drop']:g} points (this one: "
+                     f"{info['drop_pts']:.2f} points)")
+    else:
+        drop = f"; its drop below clean: {info['drop_pts']:.2f} points" if info.get("drop_pts") is not None else ""
+        lines.append(f"rule best: the highest {info['metric']} (ties: lower L0){drop}")
     tied = info.get("tied_with_chosen") or []
     if tied:
         lines.append(f"note: {len(tied)} other trial(s) score within 2 standard errors of the chosen one "
                      f"({', '.join(tied[:4])}{', ...' if len(tied) > 4 else ''}): the selection set cannot separate them")
-    lines.append(f"best SAE: {out / 'best'}   leaderboard: {out / 'leaderboard.md'}   plot: {out / 'pareto.png'}")
+    plots = str(out / "pareto.png") + (f", {out / info['drop_plot']}" if info.get("drop_plot") else "")
+    lines.append(f"best SAE: {out / 'best'}   leaderboard: {out / 'leaderboard.md'}   plots: {plots}")
     return "\n".join(lines)
 
 

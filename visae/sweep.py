@@ -86,6 +86,14 @@ class SweepSelection:
     max_l0: Optional[float] = field(default=None, metadata={"help": "constraint: mean L0 on the selection set at "
                                                                     "most this"})
     max_dead: Optional[float] = field(default=None, metadata={"help": "constraint: dead-latent fraction at most this"})
+    rule: Literal["best", "sparsest_within"] = field(
+        default="best", metadata={"help": "best: the highest metric (ties: lower L0); sparsest_within: the lowest-L0 "
+                                          "trial whose zero-shot drop below the clean accuracy is at most max_drop "
+                                          "(ties: higher metric)"})
+    max_drop: Optional[float] = field(default=None, metadata={"help": "rule sparsest_within: tolerated drop of the "
+                                                                      "reconstructions' zero-shot accuracy below the "
+                                                                      "clean embeddings', in percentage points "
+                                                                      "(1.0 = 0.01 of accuracy)"})
     eval_batch_size: int = field(default=4096, metadata={"help": "rows per batch when scoring"})
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig, metadata={
         "help": "the zero-shot classifier of the zeroshot metrics (text tower, benchmark; `visae zeroshot --help`)"})
@@ -97,6 +105,18 @@ class SweepSelection:
             v = getattr(self, name)
             if v is not None and not v >= 0:
                 raise ConfigError(f"SweepSelection.{name} must be >= 0 (or None: no constraint), got {v}")
+        if self.max_drop is not None and not self.max_drop >= 0:
+            raise ConfigError(f"SweepSelection.max_drop must be >= 0 percentage points, got {self.max_drop}")
+        if self.rule == "sparsest_within":
+            if self.max_drop is None:
+                raise ConfigError("SweepSelection.rule sparsest_within needs max_drop (the tolerated zero-shot drop, "
+                                  "percentage points)")
+            if not self.metric.startswith("zeroshot"):
+                raise ConfigError(f"SweepSelection.rule sparsest_within needs a zero-shot metric (its drop is "
+                                  f"clean minus reconstruction accuracy), got metric {self.metric}")
+        elif self.max_drop is not None:
+            raise ConfigError(f"SweepSelection.max_drop ({self.max_drop:g}) applies only with rule sparsest_within; "
+                              f"rule is {self.rule!r}")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ wrong, and every write is atomic (``visae.atomic``)::
     <sweep>/groups/<group>/checkpoint/    a group's trainer checkpoint (while it trains)
     <sweep>/groups/<group>/done.json      the group finished
     <sweep>/trials/<trial>/               one SAE dir per trial (docs/sae_format.md) + zeroshot.json
-    <sweep>/leaderboard.csv|md, pareto.png, selection.json, best/, .select.lock, .visae.lock
+    <sweep>/leaderboard.csv|md, pareto.png, drop_vs_l0.png, selection.json, best/, .select.lock, .visae.lock
 
     sd = SweepDir("runs/sweep")
     plan = sd.read_plan()                                 # dict, checked
@@ -137,6 +137,10 @@ class SweepDir:
     @property
     def pareto_png(self) -> Path:
         return self.path / "pareto.png"
+
+    @property
+    def drop_png(self) -> Path:
+        return self.path / "drop_vs_l0.png"
 
     def init_dir(self, expansion: int) -> Path:
         return self.path / "init" / f"exp{int(expansion)}"

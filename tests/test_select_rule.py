@@ -1,0 +1,216 @@
+"""Selection rules (issue 12 item 4): "best" (highest zero-shot accuracy of the reconstructions) and
+"sparsest_within" (the lowest-L0 trial whose zero-shot drop below the clean accuracy is at most max_drop points).
+
+The sweep directories here are built by hand with constructed scores (``score_trials`` replaced), so each test
+knows every trial's L0 and drop exactly; scoring itself is tested in test_sweep.py.
+"""
+
+import csv
+import json
+
+import pytest
+
+import visae.select
+from visae.config import ConfigError
+from visae.select import SelectConfig, SelectError, leaderboard, main, select
+from visae.sweep import SweepSelection
+
+N = 1000
+CLEAN = 0.9
+# name: (zero-shot top-1 of the reconstructions, L0, dead fraction); drop = 100 * (0.9 - top1) points
+TRIALS = {
+    "a": (0.870, 10.0, 0.0),  # sparse, drop 3.0
+    "b": (0.892, 20.0, 0.0),  # drop 0.8
+    "c": (0.895, 20.0, 0.0),  # same L0 as b, drop 0.5: wins the tie (higher score)
+    "d": (0.900, 40.0, 0.0),  # drop 0: the best score
+    "e": (0.899, 5.0, 0.5),  # the sparsest, drop 0.1, but half its latents dead
+}
+
+
+def _score(top1, l0, dead, n=N):
+    return {"key": {"format": "test", "n": n},
+            "result": {"n": n, "clean": {"top1": CLEAN, "top5": 1.0},
+                       "recon": {"top1": top1, "top5": 1.0, "l0": l0, "dead_fraction": dead,
+                                 "explained_variance": 0.9, "delta_top1": top1 - CLEAN}}}
+
+
+def _scores(trials=TRIALS):
+    return {k: _score(*v) for k, v in trials.items()}
+
+
+def _sweep(tmp_path, trials=TRIALS, **selection):
+    """A sweep directory holding a plan and finished trials (cfg.json + a weights file), no real SAEs."""
+    sw = tmp_path / "sw"
+    sel = {"val_shards": "", "metric": "zeroshot_top1", "max_l0": None, "max_dead": None, "rule": "best",
+           "max_drop": None, **selection}
+    plan = {"format": "visae.sweep", "version": 2, "config": {"selection": sel},
+            "train_config": {"shards": str(tmp_path / "shards"), "val_fraction": 0.1, "seed": 0},
+            "world_size": 1,
+            "trials": [{"name": k, "expansion": 2, "lr": 1e-3, "l1_coeff": 1e-4} for k in trials],
+            "groups": [{"name": "exp2", "expansion": 2, "trials": list(trials)}]}
+    sw.mkdir()
+    (sw / "sweep.json").write_text(json.dumps(plan))
+    for k in trials:
+        d = sw / "trials" / k
+        d.mkdir(parents=True)
+        (d / "cfg.json").write_text(json.dumps({"extra": {"finished": True, "sweep": {
+            "trial": k, "expansion": 2, "lr": 1e-3, "l1_coeff": 1e-4}}}))
+        (d / "weights.safetensors").write_bytes(k.encode())
+    return sw
+
+
+@pytest.fixture
+def fake_scores(monkeypatch):
+    """Replace scoring by the constructed scores; ``calls`` counts how often scoring was asked for."""
+    calls = []
+
+    def fake(out, names=None, **kw):
+        calls.append(out)
+        return _scores()
+
+    monkeypatch.setattr(visae.select, "score_trials", fake)
+    return calls
+
+
+def _csv(sw):
+    with open(sw / "leaderboard.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- the rule on a constructed leaderboard
+
+
+def test_sparsest_within_picks_the_lowest_l0_within_the_tolerance(tmp_path):
+    _sweep(tmp_path)
+    by = lambda rows: {r["trial"]: r for r in rows}  # noqa: E731
+    # drop in points is computed from the accuracies (0.9 - 0.895 = 0.5 points, up to float rounding)
+    rows = leaderboard(tmp_path / "sw", _scores(), "zeroshot_top1", None, max_dead=0.1, rule="sparsest_within",
+                       max_drop=1.0)
+    r = by(rows)
+    for k, (top1, _, _) in TRIALS.items():
+        assert abs(r[k]["drop_pts"] - 100 * (CLEAN - top1)) <= 1e-12, (k, r[k]["drop_pts"])
+    # e is the sparsest and within the tolerance, but max_dead excludes it; a is over the tolerance; b and c tie
+    # on L0 and c has the higher score
+    assert [x["trial"] for x in rows if x["chosen"]] == ["c"]
+    assert [x["trial"] for x in rows[:3]] == ["c", "b", "d"]  # the qualifying trials, sparsest first
+    assert {k: r[k]["within_max_drop"] for k in "abcde"} == {"a": False, "b": True, "c": True, "d": True, "e": True}
+    assert not r["a"]["feasible"] and "drop 3.00 pts > max_drop 1" in r["a"]["excluded_by"]
+    assert not r["e"]["feasible"] and "dead" in r["e"]["excluded_by"] and "drop" not in r["e"]["excluded_by"]
+    # a tolerance exactly at a trial's drop admits it despite float rounding (100 * (0.9 - 0.87) = 3.0000000000000027)
+    assert 100 * (CLEAN - 0.870) > 3.0
+    rows = leaderboard(tmp_path / "sw", _scores(), "zeroshot_top1", None, 0.1, "sparsest_within", 3.0)
+    assert rows[0]["trial"] == "a" and rows[0]["chosen"] and by(rows)["a"]["within_max_drop"]
+    # without the dead-fraction constraint the sparsest trial within tolerance is e
+    rows = leaderboard(tmp_path / "sw", _scores(), "zeroshot_top1", None, None, "sparsest_within", 1.0)
+    assert rows[0]["trial"] == "e" and rows[0]["chosen"]
+    # rule best on the same trials: the highest score, within_max_drop not applicable
+    rows = leaderboard(tmp_path / "sw", _scores(), "zeroshot_top1", None, 0.1)
+    assert rows[0]["trial"] == "d" and rows[0]["chosen"] and all(x["within_max_drop"] is None for x in rows)
+
+
+def test_no_trial_within_the_tolerance_chooses_none(tmp_path):
+    _sweep(tmp_path)
+    rows = leaderboard(tmp_path / "sw", _scores(), "zeroshot_top1", None, 0.1, "sparsest_within", 0.0)
+    # d's drop is exactly 0 and qualifies at max_drop 0; without d nothing does
+    assert [x["trial"] for x in rows if x["chosen"]] == ["d"]
+    scores = {k: v for k, v in _scores().items() if k != "d"}
+    rows = leaderboard(tmp_path / "sw", scores, "zeroshot_top1", None, 0.1, "sparsest_within", 0.0)
+    assert not any(x["chosen"] for x in rows) and not any(x["feasible"] for x in rows)
+
+
+# ----------------------------------------------------------------------------- select(): outputs
+
+
+def test_select_records_the_rule_and_draws_the_drop_plot(tmp_path, fake_scores):
+    sw = _sweep(tmp_path)
+    info = select(SelectConfig(sweep=str(sw), rule="sparsest_within", max_drop=1.0, max_dead=0.1, progress=False))
+    assert info["trial"] == "c" and info["rule"] == "sparsest_within" and info["max_drop"] == 1.0
+    assert abs(info["drop_pts"] - 0.5) <= 1e-12 and info["n_within_max_drop"] == 3
+    for f in (sw / "selection.json", sw / "best" / "selection.json"):
+        doc = json.loads(f.read_text())
+        assert (doc["trial"], doc["rule"], doc["max_drop"], doc["drop_plot"]) == ("c", "sparsest_within", 1.0,
+                                                                                  "drop_vs_l0.png")
+    md = (sw / "leaderboard.md").read_text()
+    assert "Rule: **sparsest_within**, max_drop 1 points" in md and "| drop_pts | within_max_drop |" in md
+    assert "Chosen: **c**." in md
+    rows = _csv(sw)
+    assert [r["trial"] for r in rows][:3] == ["c", "b", "d"] and rows[0]["chosen"] == "True"
+    assert {r["trial"]: r["within_max_drop"] for r in rows}["a"] == "False"
+    # the plot is a real PNG of the size matplotlib was asked for (7 x 4.8 in at 120 dpi)
+    import matplotlib.image
+
+    png = sw / "drop_vs_l0.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(png).shape[:2] == (576, 840)
+    # the summary says which rule chose and with which tolerance
+    text = visae.select.format_selection(info, sw)
+    assert "rule sparsest_within" in text and "max_drop 1 points" in text and "drop_vs_l0.png" in text
+    # back to rule best: the highest score, max_drop not applied and recorded as null
+    info = select(SelectConfig(sweep=str(sw), max_dead=0.1, progress=False))
+    assert (info["trial"], info["rule"], info["max_drop"]) == ("d", "best", None)
+    assert "Rule: **best**" in (sw / "leaderboard.md").read_text()
+    assert png.is_file()
+
+
+def test_the_sweep_plan_sets_the_rule_and_the_command_may_override_it(tmp_path, fake_scores):
+    sw = _sweep(tmp_path, rule="sparsest_within", max_drop=1.0, max_dead=0.1)
+    info = select(SelectConfig(sweep=str(sw), progress=False))
+    assert (info["trial"], info["rule"], info["max_drop"]) == ("c", "sparsest_within", 1.0)
+    info = select(SelectConfig(sweep=str(sw), max_drop=3.0, progress=False))  # the plan's rule, another tolerance
+    assert (info["trial"], info["max_drop"]) == ("a", 3.0)
+    info = select(SelectConfig(sweep=str(sw), rule="best", progress=False))  # the plan's max_drop is not applied
+    assert (info["trial"], info["rule"], info["max_drop"]) == ("d", "best", None)
+
+
+def test_no_trial_within_the_tolerance_is_an_error_that_keeps_the_previous_selection(tmp_path, fake_scores, capsys):
+    sw = _sweep(tmp_path)
+    select(SelectConfig(sweep=str(sw), progress=False))
+    before = (sw / "selection.json").read_bytes(), (sw / "best" / "selection.json").read_bytes()
+    # max_l0 15 leaves a (drop 3.0) and e (drop 0.1, dead 0.5); max_dead 0.1 removes e: nothing within 1 point
+    with pytest.raises(SelectError, match=r"no finished trial has a zero-shot drop within max_drop 1 points.*"
+                                          r"smallest drop among trials meeting the other constraints is 3\.00 points "
+                                          r"\(a, L0 10\.0\).*previous selection.json and best/ are kept"):
+        select(SelectConfig(sweep=str(sw), rule="sparsest_within", max_drop=1.0, max_l0=15, max_dead=0.1,
+                            progress=False))
+    assert ((sw / "selection.json").read_bytes(), (sw / "best" / "selection.json").read_bytes()) == before
+    md = (sw / "leaderboard.md").read_text()
+    assert "Chosen: none (no trial meets the constraints with a drop of at most 1 points" in md
+    assert not any(r["chosen"] == "True" for r in _csv(sw))
+    # the command: exit 2 and the reason on one line
+    assert main(["--sweep", str(sw), "--rule", "sparsest_within", "--max_drop", "1", "--max_l0", "15",
+                 "--max_dead", "0.1", "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "raise --max_drop or select with --rule best" in err
+
+
+# ----------------------------------------------------------------------------- bad settings, refused before any work
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--max_drop", "-1"], "max_drop must be >= 0"),
+    (["--rule", "sparsest_within", "--max_drop", "-0.5"], "max_drop must be >= 0"),
+    (["--rule", "nearest"], "rule must be one of"),
+    (["--rule", "best", "--max_drop", "1"], "applies only with rule sparsest_within"),
+    (["--max_drop", "1"], "applies only with --rule sparsest_within"),  # the sweep's rule is best
+    (["--rule", "sparsest_within"], "needs --max_drop"),
+    (["--rule", "sparsest_within", "--max_drop", "1", "--metric", "explained_variance"], "needs a zero-shot metric"),
+])
+def test_bad_rule_settings_exit_2_with_one_line_before_scoring(tmp_path, fake_scores, capsys, argv, expect):
+    sw = _sweep(tmp_path)
+    assert main(["--sweep", str(sw), "--no_progress", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("visae select: error:") and expect in err, err
+    assert fake_scores == [] and not (sw / "leaderboard.md").exists()
+
+
+@pytest.mark.parametrize("kw,expect", [
+    (dict(rule="sparsest_within"), "needs max_drop"),
+    (dict(max_drop=1.0), "applies only with rule sparsest_within"),
+    (dict(rule="sparsest_within", max_drop=-1.0), "must be >= 0"),
+    (dict(rule="sparsest_within", max_drop=float("nan")), "must be >= 0"),
+    (dict(rule="sparsest_within", max_drop=1.0, metric="explained_variance"), "needs a zero-shot metric"),
+])
+def test_sweep_selection_refuses_bad_rule_settings(kw, expect):
+    with pytest.raises(ConfigError, match=expect):
+        SweepSelection(**kw)
+    SweepSelection(rule="sparsest_within", max_drop=0.0)  # zero tolerance is allowed

@@ -21,6 +21,9 @@ replaced, for the tokens the SAE was trained on, by the SAE's reconstruction:
   activations: the SAE applies its own input normalisation), so callers never reshape.
 * ``ablate`` (latent indices) sets those codes to 0, ``clamp`` (``{latent: value}``, values
   in the SAE's code units) sets them to a value, before decoding.
+* The decode reads only the active codes' decoder rows when the codes are sparse (``sparse``:
+  an embedding-bag, :func:`visae.sae.kernels.sparse_decode`), so a trained SAE (L0 in the tens)
+  costs little more than its encoder GEMM (``benchmarks/bench_splice.py``, BENCHMARKS.md).
 * ``error_node=True`` adds back the SAE's error of the *unmodified* codes, detached:
   ``x_new = x_hat' + (x - x_hat).detach()`` where ``x_hat'`` is the reconstruction after
   ablation / clamping (the "error node" of Marks et al. 2024, *Sparse Feature Circuits*,

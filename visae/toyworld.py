@@ -61,6 +61,8 @@ __all__ = [
     "sample_factors",
     "render",
     "render_batch",
+    "object_box",
+    "object_boxes",
     "sample_world",
     "caption_options",
     "captions_for",
@@ -247,6 +249,16 @@ def _object_place(position: int, size: str, rng: np.random.Generator, img_size: 
     return cx, cy, r
 
 
+def _check_row(row: np.ndarray) -> None:
+    """A factor row must have one entry per factor and valid main-factor values (ValueError otherwise)."""
+    if row.shape != (len(FACTORS),):
+        raise ValueError(f"factors row must have {len(FACTORS)} entries ({list(FACTORS)}), got shape {row.shape}")
+    for name in MAIN_FACTORS:
+        v = int(row[FACTOR_INDEX[name]])
+        if not 0 <= v < len(FACTORS[name]):
+            raise ValueError(f"factor {name!r} must be in [0, {len(FACTORS[name])}), got {v}")
+
+
 def render(factors: dict[str, Any] | Sequence[int] | np.ndarray, rng: np.random.Generator | int | None = None,
            image_size: int = IMAGE_SIZE) -> Image.Image:
     """Draw one image of the given factors (``{name: int | value name}`` or a row in ``FACTORS`` order).
@@ -256,29 +268,78 @@ def render(factors: dict[str, Any] | Sequence[int] | np.ndarray, rng: np.random.
     ``image_size`` x ``image_size``.
     """
     row = factors_from_dict(factors) if isinstance(factors, dict) else np.asarray(factors, np.int64)
-    if row.shape != (len(FACTORS),):
-        raise ValueError(f"factors row must have {len(FACTORS)} entries ({list(FACTORS)}), got shape {row.shape}")
-    for name in MAIN_FACTORS:
-        v = int(row[FACTOR_INDEX[name]])
-        if not 0 <= v < len(FACTORS[name]):
-            raise ValueError(f"factor {name!r} must be in [0, {len(FACTORS[name])}), got {v}")
+    _check_row(row)
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
-    s = image_size * _SUPERSAMPLE
-    fi = FACTOR_INDEX
-    bg = _background(BACKGROUNDS[row[fi["background"]]], rng, s)
+    bg, objects = _scene(row, rng, image_size)
     img = Image.fromarray(bg, "RGB")
     draw = ImageDraw.Draw(img)
+    for shape, colour, cx, cy, r in objects:
+        _draw_object(draw, shape, colour, cx, cy, r)
+    return img.reduce(_SUPERSAMPLE)
+
+
+def _scene(row: np.ndarray, rng: np.random.Generator, image_size: int
+           ) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int], float, float, float]]]:
+    """The random draws of one image, in the renderer's order: the supersampled background, then
+    per object (main first) its place and colour: ``(background [2H, 2W, 3], [(shape, rgb, cx, cy, r)])``.
+    ``render`` draws exactly this; ``object_boxes`` replays it for the geometry."""
+    fi = FACTOR_INDEX
+    bg = _background(BACKGROUNDS[row[fi["background"]]], rng, image_size * _SUPERSAMPLE)
     cx, cy, r = _object_place(int(row[fi["position"]]), SIZES[row[fi["size"]]], rng, image_size)
-    _draw_object(draw, SHAPES[row[fi["shape"]]], _object_colour(COLOURS[row[fi["colour"]]], rng), cx, cy, r)
+    objects = [(SHAPES[row[fi["shape"]]], _object_colour(COLOURS[row[fi["colour"]]], rng), cx, cy, r)]
     if row[fi["shape2"]] != ABSENT:
         cx2, cy2, r2 = _object_place(int(row[fi["position2"]]), "small", rng, image_size)
-        _draw_object(draw, SHAPES[row[fi["shape2"]]], _object_colour(COLOURS[row[fi["colour2"]]], rng), cx2, cy2, r2)
-    return img.reduce(_SUPERSAMPLE)
+        objects.append((SHAPES[row[fi["shape2"]]], _object_colour(COLOURS[row[fi["colour2"]]], rng), cx2, cy2, r2))
+    return bg, objects
 
 
 def _image_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 0x1A6E]))
+
+
+def object_box(shape: str, cx: float, cy: float, r: float, image_size: int = IMAGE_SIZE) -> tuple[int, int, int, int]:
+    """Pixel box ``(x0, y0, x1, y1)`` of one drawn object: the shape's continuous extent (its polygon's
+    vertices, or the circle's bounding square) rounded out to whole pixels and clipped to the image.
+
+    Pixel ``(i, j)`` (row, column) covers ``[j, j + 1) x [i, i + 1)``; the box holds columns ``x0 .. x1 - 1``
+    and rows ``y0 .. y1 - 1``. Every pixel the renderer changes lies in it, and each side is within one
+    pixel of a changed pixel (``tests/test_toyworld.py`` checks both against rendered images).
+    """
+    poly = _shape_polygon(shape, cx, cy, r)
+    if poly is None:
+        lo_x, lo_y, hi_x, hi_y = cx - r, cy - r, cx + r, cy + r
+    else:
+        xs, ys = [p[0] for p in poly], [p[1] for p in poly]
+        lo_x, lo_y, hi_x, hi_y = min(xs), min(ys), max(xs), max(ys)
+    clip = lambda v: min(max(v, 0), image_size)  # noqa: E731
+    return (clip(math.floor(lo_x)), clip(math.floor(lo_y)), clip(math.ceil(hi_x)), clip(math.ceil(hi_y)))
+
+
+def object_boxes(factors: np.ndarray, seed: int, start: int = 0, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """Boxes of the objects of images ``start .. start + n - 1`` of world ``seed`` (``factors [n, F]``,
+    their factor rows): int64 ``[n, 2, 4]``, ``[:, 0]`` the main object, ``[:, 1]`` the second one
+    (all -1 when there is none); each box ``(x0, y0, x1, y1)`` in pixels as ``object_box`` defines it.
+
+    A pure function of the recorded factors and the world seed: it replays the renderer's random draws
+    for each image (``_scene``, the same code ``render`` draws from) without drawing. A world on disk:
+    ``object_boxes(factors, world.json's seed)`` with the factor rows of ``world.jsonl`` in id order.
+    Cost: about the background of each image (~1 ms).
+    """
+    f = np.asarray(factors, np.int64)
+    if f.ndim != 2 or f.shape[1] != len(FACTORS):
+        raise ValueError(f"factors must be [n, {len(FACTORS)}] ({list(FACTORS)}), got shape {f.shape}")
+    for i, row in enumerate(f):
+        try:
+            _check_row(row)
+        except ValueError as e:
+            raise ValueError(f"factors row {i} (image {start + i}): {e}") from None
+    out = np.full((len(f), 2, 4), ABSENT, np.int64)
+    for i, row in enumerate(f):
+        _, objects = _scene(row, _image_rng(seed, start + i), image_size)
+        for k, (shape, _, cx, cy, r) in enumerate(objects):
+            out[i, k] = object_box(shape, cx, cy, r, image_size)
+    return out
 
 
 def render_batch(factors: np.ndarray, seed: int, start: int = 0, image_size: int = IMAGE_SIZE) -> np.ndarray:

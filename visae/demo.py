@@ -356,7 +356,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         grid = run.sweep
         return {"dir": str(sweep_dir), "best": str(best),
                 "trials": len(grid.lrs) * len(grid.l1_coeffs) * len(grid.expansion_factors),
-                "selection": {k: sel.get(k) for k in ("trial", "metric", "score", "tied_with_chosen") if k in sel}}
+                "selection": {k: sel.get(k) for k in ("trial", "metric", "score", "tied_with_chosen", "rule", "max_drop")
+                              if k in sel}}
 
     def do_name() -> dict[str, Any]:
         from visae.naming import name_concepts
@@ -451,7 +452,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     sel = s["sweep"].get("selection") or {}
     if sel:
         tied = sel.get("tied_with_chosen") or []
-        lines.append(f"  selected {sel.get('trial')} by {sel.get('metric')} = {sel.get('score'):.3f}"
+        rule = ("" if sel.get("rule", "best") == "best"
+                else f" (rule {sel['rule']}, max_drop {sel.get('max_drop')} points)")
+        lines.append(f"  selected {sel.get('trial')} by {sel.get('metric')} = {sel.get('score'):.3f}{rule}"
                      + (f" ({len(tied)} other trial(s) tie within noise, see the leaderboard)" if tied else ""))
     rec = s["recovery"]
     msg = f"  concept recovery: mean best-latent AUROC {rec['mean_best_auroc']:.3f}, recovered {rec['fraction_recovered']:.0%}"

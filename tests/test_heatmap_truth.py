@@ -1,0 +1,84 @@
+"""Ground truth of patch heatmaps (issue 14 item 2): on the toy world, an SAE on the shipped toy CLIP's patch
+tokens of a middle layer has colour concepts whose heatmaps, as the site computes them, peak on the object.
+
+What is asserted and what is not (BENCHMARKS.md, "Patch heatmaps on the toy world (issue 14)"): colour values
+reach image-level AUROC >= 0.95 and their heat sits on the matching object's box. Shape does not: no latent of
+any SAE tried reaches 0.95 for any shape at layers 1-3, and neither does the best single linear direction fitted
+to the labels (max over patches, held-out AUROC 0.70-0.93), so the v1 toy CLIP's patch tokens do not carry shape
+patch by patch; that part of the issue's criterion is not met and not asserted here.
+"""
+
+import numpy as np
+import pytest
+
+from visae import toyworld as tw
+
+WORLD_SEED, N_IMAGES, LAYER = 5000, 800, 1
+
+
+@pytest.fixture(scope="module")
+def patch_sae(tmp_path_factory):
+    """800 images of the demo's world seed, the shipped toy CLIP's patch tokens after block 1 (`visae extract
+    --layer 1 --token patch`), a TopK SAE (k 8, 384 latents) trained on them, and its top images with heatmaps
+    from the site's streaming pass (``compute_top_images``)."""
+    from visae import toyclip
+    from visae.extract import ExtractConfig, extract
+    from visae.sae import load_sae
+    from visae.topimages import compute_top_images
+    from visae.train import TrainConfig, train
+
+    if not toyclip.TOYCLIP_WEIGHTS.is_file():
+        pytest.skip(f"{toyclip.TOYCLIP_WEIGHTS} is not shipped")
+    tmp = tmp_path_factory.mktemp("heat")
+    world = tw.generate_world(tmp / "world", N_IMAGES, WORLD_SEED, progress=False)
+    shards = extract(ExtractConfig(images=str(world), out=str(tmp / "shards"), model="visae-toyclip", layer=LAYER,
+                                   token="patch", batch_size=200, num_workers=0, threads=1, progress=False))
+    sae_dir = train(TrainConfig(shards=str(shards.path), out=str(tmp / "sae"), architecture="topk", k=8,
+                                expansion_factor=4, num_epochs=20, batch_size=1024, lr=2e-3, resample_every=0,
+                                l1_warmup_steps=0, seed=0, progress=False, plot=False))
+    sae = load_sae(sae_dir)
+    ti = compute_top_images(sae, shards, n_top=16, n_random=0, progress=False)
+    return {"sae": sae, "shards": shards, "top": ti}
+
+
+def test_colour_heatmaps_peak_on_the_object(patch_sae):
+    from visae.browse.site import heat_attrs
+    from visae.patch_recovery import box_coverage, format_patch_recovery, patch_recovery
+    from visae.topimages import patch_layout
+
+    sae, ss, ti = patch_sae["sae"], patch_sae["shards"], patch_sae["top"]
+    res = patch_recovery(sae, ss, top_images=ti)
+    table = format_patch_recovery(res)
+    print(table)
+    colour = [r for r in res["values"] if r["factor"] == "colour" and "in_box" in r]
+    # measured with this recipe over settings and seeds (BENCHMARKS.md): 3-5 of the 8 colours have a latent at
+    # AUROC >= 0.95; red and pink share latents, as do brown and yellow, at this dictionary size
+    assert len(colour) >= 2, f"colour values with a latent at AUROC >= 0.95: {len(colour)}\n{table}"
+    for r in colour:
+        # every top image's hottest patch is on the box of an object of that colour, and (nearly) all the heat
+        # is on patches that touch it; measured 1.00 and >= 0.985 in every SAE tried
+        assert r["peak_on_box"] >= 0.9, f'{r["value"]}: hottest patch off the object in {1 - r["peak_on_box"]:.0%}\n{table}'
+        assert r["touching"] >= 0.9, f'{r["value"]}: {r["touching"]:.3f} of the heat touches the box\n{table}'
+        # area-weighted (a patch counts by its share inside the box): the latents fire on the object's
+        # edge patches, so this is lower (0.46-0.94 measured); the issue's 0.8 is met by some colours only
+        assert r["in_box"] >= 0.4, f'{r["value"]}: area-weighted heat in box {r["in_box"]:.3f}\n{table}'
+    # the heat the page draws (heat_attrs: 0-99 per patch, row-major) peaks on the same patch as the stored heatmap
+    img, _ = patch_layout(ss.metadata()["id"])
+    meta = ss.metadata()
+    first = np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
+    fr = np.stack([np.asarray(meta[f])[first] for f in tw.FACTORS], 1)
+    grid = tuple(int(g) for g in ti.patch_grid)
+    boxes = tw.object_boxes(fr, WORLD_SEED)
+    v_of = {r["value"]: tw.COLOURS.index(r["value"]) for r in colour}
+    for r in colour:
+        j, v = r["latent"], v_of[r["value"]]
+        ok = ti.top_index[j] >= 0
+        heat = ti.top_heat[j][ok].astype(np.float64)
+        scale = float(heat.max())
+        im = img[ti.top_index[j][ok]]
+        match = np.stack([fr[im, tw.FACTOR_INDEX["colour"]] == v, fr[im, tw.FACTOR_INDEX["colour2"]] == v], 1)
+        cov = box_coverage(np.where(match[:, :, None], boxes[im], -1), grid, tw.IMAGE_SIZE)
+        for t in range(len(heat)):
+            attrs = heat_attrs(heat[t], grid, scale)
+            q = np.array([int(x) for x in attrs.split('data-heat="')[1].split('"')[0].split(",")])
+            assert cov[t, q.argmax()] > 0, f'{r["value"]} latent {j}, top image {t}: the page\'s peak is off the box'

@@ -56,7 +56,8 @@ def test_colour_heatmaps_peak_on_the_object(patch_sae):
     assert len(colour) >= 2, f"colour values with a latent at AUROC >= 0.95: {len(colour)}\n{table}"
     for r in colour:
         # every top image's hottest patch is on the box of an object of that colour, and (nearly) all the heat
-        # is on patches that touch it; measured 1.00 and >= 0.985 in every SAE tried
+        # is on patches that touch it; measured peak 0.94-1.00, touching 0.93-1.00 for the TopK SAEs at layer 1
+        # (BENCHMARKS.md; a ReLU SAE of L0 ~110 spreads more: touching 0.74-0.82)
         assert r["peak_on_box"] >= 0.9, f'{r["value"]}: hottest patch off the object in {1 - r["peak_on_box"]:.0%}\n{table}'
         assert r["touching"] >= 0.9, f'{r["value"]}: {r["touching"]:.3f} of the heat touches the box\n{table}'
         # area-weighted (a patch counts by its share inside the box): the latents fire on the object's

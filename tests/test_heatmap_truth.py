@@ -83,3 +83,23 @@ def test_colour_heatmaps_peak_on_the_object(patch_sae):
             attrs = heat_attrs(heat[t], grid, scale)
             q = np.array([int(x) for x in attrs.split('data-heat="')[1].split('"')[0].split(",")])
             assert cov[t, q.argmax()] > 0, f'{r["value"]} latent {j}, top image {t}: the page\'s peak is off the box'
+
+
+def test_box_coverage_and_heat_share():
+    """Area weighting by hand: a box over half of patch (0, 0) and half of patch (0, 1) of an 8 x 8 grid of a
+    64-pixel image, a second box over all of patch (7, 7); absent boxes (-1) cover nothing."""
+    from visae.patch_recovery import box_coverage, heat_in_boxes
+
+    boxes = np.array([[[4, 0, 12, 8], [56, 56, 64, 64]], [[-1, -1, -1, -1], [-1, -1, -1, -1]]])
+    cov = box_coverage(boxes, (8, 8), 64)
+    want = np.zeros((2, 64))
+    want[0, 0] = want[0, 1] = 0.5
+    want[0, 63] = 1.0
+    assert np.array_equal(cov, want), np.flatnonzero(cov[0])
+    heat = np.zeros((2, 64))
+    heat[0, 0], heat[0, 2] = 3.0, 1.0  # image 0: 3 on a half-covered patch, 1 off the box
+    heat[1, 5] = 4.0  # image 1: no box
+    h = heat_in_boxes(heat, cov)
+    assert h["in_box"] == 1.5 / 8 and h["touching"] == 3 / 8 and h["peak_on_box"] == 0.5 and h["images"] == 2, h
+    with pytest.raises(ValueError, match="does not divide"):
+        box_coverage(boxes, (7, 7), 64)

@@ -267,3 +267,18 @@ def test_a_run_shorter_than_its_warmups_and_random_weights_are_flagged(tmp_path)
     summary2 = json.loads((tmp_path / "o2" / T.SUMMARY_FILE).read_text())
     assert summary2["warnings"] == [] and summary2["backbone_random_init"] is False
     assert "warning" not in T.format_summary(tmp_path / "o2")
+
+
+def test_a_topk_run_is_not_flagged_for_a_lambda_it_does_not_have(tmp_path):
+    """TopK fixes L0 by k and has no sparsity term: a short run warns about the lr warm-up only."""
+    rng = np.random.default_rng(2)
+    ss = _write(tmp_path / "s", rng.normal(size=(100, 8)), source={"model": "ViT-B-32", "random_init": False})
+    cfg = T.TrainConfig(shards=str(ss.path), out=str(tmp_path / "o"), num_epochs=5, expansion_factor=2,
+                        architecture="topk", k=2, progress=False, plot=False, init_examples=64, val_fraction=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        T.train(cfg)
+    text = " | ".join(str(w.message) for w in caught)
+    assert "shorter than its lr warm-up (200 steps" in text and "lambda" not in text, text
+    rec = [r for r in read_metrics(tmp_path / "o") if r["type"] == "summary"][0]
+    assert rec["warmup_incomplete"] == ["lr"], rec

@@ -60,13 +60,17 @@ def plan_warnings(total_steps: int, cfg: TrainConfig, source: dict[str, Any] | N
     """Why a planned run cannot have learnt anything meaningful, before it starts (empty list: nothing to say).
 
     A run of ``total_steps`` (all epochs) shorter than the lr warm-up (``lr_warmup_steps``) or the
-    lambda warm-up (``l1_warmup_steps``) ends before its schedule reaches the configured values;
+    lambda warm-up (``l1_warmup_steps``; only for architectures with a sparsity term, ``SAE.sparsity_metric``:
+    TopK-style SAEs have no lambda) ends before its schedule reaches the configured values;
     a shard set whose provenance records ``random_init`` was extracted from random weights.
     """
+    from visae.train.state import has_lambda
+
     out = []
-    short = [f"{name} warm-up ({n} steps, --{flag})" for name, n, flag in
-             (("lr", cfg.lr_warmup_steps, "lr_warmup_steps"), ("lambda", cfg.l1_warmup_steps, "l1_warmup_steps"))
-             if total_steps < n]
+    warmups = [("lr", cfg.lr_warmup_steps, "lr_warmup_steps")]
+    if has_lambda(cfg.architecture):
+        warmups.append(("lambda", cfg.l1_warmup_steps, "l1_warmup_steps"))
+    short = [f"{name} warm-up ({n} steps, --{flag})" for name, n, flag in warmups if total_steps < n]
     if short:
         out.append(f"the run is {total_steps} steps ({cfg.num_epochs} epochs of batch {cfg.batch_size}), shorter than "
                    f"its {' and '.join(short)}: it cannot have learnt with the configured schedule (more --num_epochs, "

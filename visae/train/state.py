@@ -148,13 +148,22 @@ class _Schedules:
 
 
 def warmups_incomplete(step: int, sched: Any, cfg: TrainConfig) -> list[str]:
-    """Which warm-ups had not completed at ``step``: "lr" (any member's, re-warm-ups included), "lambda"."""
+    """Which warm-ups had not completed at ``step``: "lr" (any member's, re-warm-ups included), "lambda"
+    (only for an architecture with a sparsity term: see :func:`has_lambda`)."""
     out = []
     if cfg.lr_warmup_steps > 0 and any(step - w < cfg.lr_warmup_steps for w in sched.warm_start.tolist()):
         out.append("lr")
-    if step < cfg.l1_warmup_steps:
+    if step < cfg.l1_warmup_steps and has_lambda(cfg.architecture):
         out.append("lambda")
     return out
+
+
+def has_lambda(architecture: str) -> bool:
+    """Whether ``architecture`` trains with a sparsity term weighted by lambda (``SAE.sparsity_metric`` is
+    not None: ReLU's L1, JumpReLU's L0); TopK-style SAEs fix L0 by k and have no lambda to warm up."""
+    from visae.sae import ARCHITECTURES
+
+    return getattr(ARCHITECTURES.get(architecture), "sparsity_metric", None) is not None
 
 
 def _ev_or_none(sse: torch.Tensor, sx: torch.Tensor, sxx: torch.Tensor, n: int, d: int) -> list[float | None]:

@@ -165,3 +165,15 @@ def test_sae_save_failing_part_way_leaves_the_previous_sae_byte_identical(tmp_pa
     assert load_sae(d).extra == {"v": 2}
     assert (d / "metrics.jsonl").read_text() == '{"step": 1}\n'
     torch.testing.assert_close(load_sae(d).W_dec, new.W_dec, rtol=0, atol=0)
+
+
+def test_append_lines_ends_a_torn_last_line_first(tmp_path):
+    from visae.atomic import append_lines
+
+    log = tmp_path / "log.jsonl"
+    append_lines(log, ['{"a": 1}\n'])
+    with open(log, "a") as f:
+        f.write('{"b": ')  # a record cut off by a kill
+    append_lines(log, ['{"c": 3}\n', '{"d": 4}\n'])
+    append_lines(log, [])
+    assert log.read_text().splitlines() == ['{"a": 1}', '{"b": ', '{"c": 3}', '{"d": 4}']

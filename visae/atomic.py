@@ -43,11 +43,11 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 from visae.errors import VisaeError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_dir", "staged_dir", "temp_name",
+__all__ = ["append_lines", "save_figure", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_dir", "staged_dir", "temp_name",
            "remove_stale_temps", "output_lock", "OutputLockedError", "LOCK_FILE"]
 
 LOCK_FILE = ".visae.lock"
@@ -127,6 +127,40 @@ def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 1, **d
     raises ``TypeError`` and leaves no file behind.
     """
     atomic_write_text(path, json.dumps(obj, indent=indent, **dumps_kw))
+
+
+def append_lines(path: str | Path, lines: Sequence[str], *, fsync: bool = True) -> None:
+    """Append ``lines`` (each ending in a newline) to the log file ``path``, durably (fsync) by default.
+
+    A log whose last line was cut off by a kill (no trailing newline) gets a newline first, so the new
+    records stay whole and a reader that skips unparsable lines loses only the torn one."""
+    if not lines:
+        return
+    path = Path(path)
+    torn = False
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as g:
+            g.seek(-1, os.SEEK_END)
+            torn = g.read(1) != b"\n"
+    with open(path, "a", encoding="utf-8") as f:
+        if torn:
+            f.write("\n")
+        f.writelines(lines)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as a PNG at ``path`` atomically, then close it (also on error)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 @contextlib.contextmanager

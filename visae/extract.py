@@ -43,7 +43,7 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 import torch
 
-from visae.atomic import atomic_write_text, output_lock
+from visae.atomic import append_lines, atomic_write_text, output_lock
 from visae.config import ConfigError, config_to_dict, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
@@ -220,19 +220,8 @@ def read_skipped(directory: str | Path) -> dict[str, str]:
 
 
 def _append_skipped(directory: Path, rows: list[tuple[str, str]]) -> None:
-    path = directory / SKIPPED
-    torn = False  # a line cut off by a kill: start on a fresh line so the next record stays whole
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb") as g:
-            g.seek(-1, os.SEEK_END)
-            torn = g.read(1) != b"\n"
-    with open(path, "a", encoding="utf-8") as f:
-        if torn:
-            f.write("\n")
-        for sid, why in rows:
-            f.write(_skipped_line(sid, why))
-        f.flush()
-        os.fsync(f.fileno())
+    # A line cut off by a kill is ended first, so the next record stays whole.
+    append_lines(directory / SKIPPED, [_skipped_line(sid, why) for sid, why in rows])
 
 
 class _DistInfo:

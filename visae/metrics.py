@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from visae.atomic import atomic_path, atomic_write_text
+from visae.atomic import atomic_write_text, save_figure
 
 __all__ = ["MetricsLogger", "read_metrics", "plot_curves", "import_wandb"]
 
@@ -185,9 +185,4 @@ def plot_curves(metrics: str | Path, out_png: str | Path | None = None) -> Path:
     for ax in list(axes.flat)[len(_PANELS):]:
         ax.axis("off")
     fig.tight_layout()
-    try:
-        with atomic_path(out_png) as tmp:
-            fig.savefig(tmp, dpi=90, format="png")
-    finally:
-        plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=90)

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from visae.atomic import atomic_path, atomic_write_text
+from visae.atomic import atomic_write_text, save_figure
 from visae.config import ConfigError, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
@@ -432,13 +432,10 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
     atomic_write_text(sd.leaderboard_md, "\n".join(lines) + "\n")
 
 
-def _plot(out: Path, rows: list[dict[str, Any]], metric: str, max_l0: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _scatter_trials(ax: Any, rows: list[dict[str, Any]], y: str) -> None:
+    """Every trial at (L0, ``row[y]``), one colour per expansion factor; trials not ``feasible`` hollow."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.8))
     exps = sorted({r["expansion"] for r in rows if r["expansion"] is not None}) or [None]
     cmap = plt.get_cmap("viridis")
     for i, e in enumerate(exps):
@@ -446,11 +443,21 @@ def _plot(out: Path, rows: list[dict[str, Any]], metric: str, max_l0: float | No
         colour = cmap(i / max(1, len(exps) - 1)) if len(exps) > 1 else "tab:blue"
         feas = [r for r in sel if r["feasible"]]
         infeas = [r for r in sel if not r["feasible"]]
-        label = f"expansion {e}" if e is not None else "trials"
-        ax.scatter([r["l0"] for r in feas], [r["score"] for r in feas], color=colour, s=28, label=label, zorder=3)
+        ax.scatter([r["l0"] for r in feas], [r[y] for r in feas], color=colour, s=28, zorder=3,
+                   label=f"expansion {e}" if e is not None else "trials")
         if infeas:
-            ax.scatter([r["l0"] for r in infeas], [r["score"] for r in infeas], facecolors="none",
+            ax.scatter([r["l0"] for r in infeas], [r[y] for r in infeas], facecolors="none",
                        edgecolors=colour, s=28, zorder=3)
+
+
+def _plot(out: Path, rows: list[dict[str, Any]], metric: str, max_l0: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    _scatter_trials(ax, rows, "score")
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["l0"])
     if len(front) > 1:
         ax.plot([r["l0"] for r in front], [r["score"] for r in front], color="grey", lw=1, ls="-", zorder=2,
@@ -476,11 +483,7 @@ def _plot(out: Path, rows: list[dict[str, Any]], metric: str, max_l0: float | No
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    try:
-        with atomic_path(SweepDir(out).pareto_png) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, SweepDir(out).pareto_png, dpi=120)
 
 
 def _plot_drop(out: Path, rows: list[dict[str, Any]], metric: str, rule: str, max_drop: float | None) -> bool:
@@ -503,18 +506,7 @@ def _plot_drop(out: Path, rows: list[dict[str, Any]], metric: str, rule: str, ma
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.8))
-    exps = sorted({r["expansion"] for r in pts if r["expansion"] is not None}) or [None]
-    cmap = plt.get_cmap("viridis")
-    for i, e in enumerate(exps):
-        sel = [r for r in pts if r["expansion"] == e]
-        colour = cmap(i / max(1, len(exps) - 1)) if len(exps) > 1 else "tab:blue"
-        feas = [r for r in sel if r["feasible"]]
-        infeas = [r for r in sel if not r["feasible"]]
-        ax.scatter([r["l0"] for r in feas], [r["drop_pts"] for r in feas], color=colour, s=28, zorder=3,
-                   label=f"expansion {e}" if e is not None else "trials")
-        if infeas:
-            ax.scatter([r["l0"] for r in infeas], [r["drop_pts"] for r in infeas], facecolors="none",
-                       edgecolors=colour, s=28, zorder=3)
+    _scatter_trials(ax, pts, "drop_pts")
     ax.axhline(0.0, color="black", lw=0.8, ls="-", zorder=1)
     if rule == "sparsest_within" and max_drop is not None and math.isfinite(max_drop):
         ax.axhline(max_drop, color="tab:red", ls="--", lw=1, label=f"max_drop {max_drop:g} pts")
@@ -533,11 +525,7 @@ def _plot_drop(out: Path, rows: list[dict[str, Any]], metric: str, rule: str, ma
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return True
 
 

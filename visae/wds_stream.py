@@ -434,19 +434,9 @@ def read_progress(directory: str | Path) -> list[dict[str, Any]]:
 def _append(directory: Path, recs: list[dict[str, Any]]) -> None:
     if not recs:
         return
-    path = directory / PROGRESS
-    torn = False
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb") as g:
-            g.seek(-1, os.SEEK_END)
-            torn = g.read(1) != b"\n"
-    with open(path, "a", encoding="utf-8") as f:
-        if torn:
-            f.write("\n")
-        for r in recs:
-            f.write(json.dumps(r, ensure_ascii=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    from visae.atomic import append_lines
+
+    append_lines(directory / PROGRESS, [json.dumps(r, ensure_ascii=True) + "\n" for r in recs])
 
 
 @dataclass(frozen=True)

@@ -539,3 +539,35 @@ def test_sweep_that_cannot_select_is_refused_before_training(tmp_path, case):
     from visae.sweep import check_sweep
 
     check_sweep(dataclasses.replace(cfg, selection=SweepSelection(metric="explained_variance")))
+
+
+@pytest.mark.slow
+def test_visae_select_alone_reselects_a_residual_layer_sweep_by_spliced_accuracy(residual_sweep, tmp_path, capsys):
+    """`visae select` run on its own over a residual-layer sweep (issue 13 item 2): rescoring splices every trial
+    again and gives the sweep's own scores; a constraint that excludes the chosen trial picks the best of the rest."""
+    import csv
+    import shutil
+
+    from visae.select import main as select_main
+
+    sw = tmp_path / "sw"
+    shutil.copytree(residual_sweep / "sw", sw)  # the module's sweep stays as the other tests read it
+    before = {p.parent.name: json.loads(p.read_text())["result"] for p in (sw / "trials").glob("*/zeroshot.json")}
+    rc = select_main(["--sweep", str(sw), "--rescore", "--no_progress"])
+    assert rc == 0, capsys.readouterr().err
+    after = {p.parent.name: json.loads(p.read_text())["result"] for p in (sw / "trials").glob("*/zeroshot.json")}
+    assert set(after) == set(before) and len(after) == 3
+    for t in after:  # the same splice over the same images: identical accuracies
+        assert after[t]["recon"] == before[t]["recon"] and after[t]["clean"] == before[t]["clean"], t
+    chosen = json.loads((sw / "selection.json").read_text())["trial"]
+    with open(sw / "leaderboard.csv") as f:
+        l0 = {r["trial"]: float(r["l0"]) for r in csv.DictReader(f)}
+    # exclude the chosen trial by L0 (a bound just under its L0) when some other trial stays feasible
+    bound = l0[chosen] * (1 - 1e-6)
+    rest = {t: after[t]["recon"]["top1"] for t in after if l0[t] <= bound}
+    if not rest:
+        pytest.skip(f"the chosen trial {chosen} is the sparsest: no L0 bound excludes it alone ({l0})")
+    rc = select_main(["--sweep", str(sw), "--max_l0", repr(bound), "--no_progress"])
+    assert rc == 0, capsys.readouterr().err
+    chosen2 = json.loads((sw / "selection.json").read_text())["trial"]
+    assert chosen2 != chosen and after[chosen2]["recon"]["top1"] == max(rest.values()), (chosen2, rest)

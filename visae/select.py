@@ -450,6 +450,18 @@ def _scatter_trials(ax: Any, rows: list[dict[str, Any]], y: str) -> None:
                        edgecolors=colour, s=28, zorder=3)
 
 
+def _mark_chosen_and_l0_axis(ax: Any, rows: list[dict[str, Any]], y: str, label: str) -> None:
+    """The chosen trial as a red star at (L0, ``row[y]``); the L0 axis labelled, logarithmic past a 20x range."""
+    for r in rows:
+        if r["chosen"]:
+            ax.scatter([r["l0"]], [r[y]], marker="*", s=260, color="tab:red", edgecolors="black", zorder=4,
+                       label=f"{label}: {r['trial']}")
+    l0s = [r["l0"] for r in rows if r["l0"] > 0]
+    if l0s and max(l0s) / min(l0s) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("L0 (mean active latents per example, selection set)")
+
+
 def _plot(out: Path, rows: list[dict[str, Any]], metric: str, max_l0: float | None) -> None:
     import matplotlib
 
@@ -468,14 +480,7 @@ def _plot(out: Path, rows: list[dict[str, Any]], metric: str, max_l0: float | No
         ax.axhline(clean, color="black", ls="--", lw=1, label=f"clean accuracy {clean:.3f}")
     if max_l0 is not None and math.isfinite(max_l0):
         ax.axvline(max_l0, color="tab:red", ls=":", lw=1, label=f"max L0 {max_l0:g}")
-    for r in rows:
-        if r["chosen"]:
-            ax.scatter([r["l0"]], [r["score"]], marker="*", s=260, color="tab:red", edgecolors="black", zorder=4,
-                       label=f"chosen: {r['trial']}")
-    l0s = [r["l0"] for r in rows if r["l0"] > 0]
-    if l0s and max(l0s) / min(l0s) > 20:
-        ax.set_xscale("log")
-    ax.set_xlabel("L0 (mean active latents per example, selection set)")
+    _mark_chosen_and_l0_axis(ax, rows, "score", "chosen")
     ax.set_ylabel({"zeroshot_top1": "zero-shot top-1 of reconstructions", "zeroshot_top5":
                    "zero-shot top-5 of reconstructions"}.get(metric, metric))
     ax.set_title(f"{out.name}: {len(rows)} trials" + (" (hollow: excluded by constraints)"
@@ -510,15 +515,8 @@ def _plot_drop(out: Path, rows: list[dict[str, Any]], metric: str, rule: str, ma
     ax.axhline(0.0, color="black", lw=0.8, ls="-", zorder=1)
     if rule == "sparsest_within" and max_drop is not None and math.isfinite(max_drop):
         ax.axhline(max_drop, color="tab:red", ls="--", lw=1, label=f"max_drop {max_drop:g} pts")
-    for r in pts:
-        if r["chosen"]:
-            ax.scatter([r["l0"]], [r["drop_pts"]], marker="*", s=260, color="tab:red", edgecolors="black", zorder=4,
-                       label=f"chosen ({rule}): {r['trial']}")
-    l0s = [r["l0"] for r in pts if r["l0"] > 0]
-    if l0s and max(l0s) / min(l0s) > 20:
-        ax.set_xscale("log")
+    _mark_chosen_and_l0_axis(ax, pts, "drop_pts", f"chosen ({rule})")
     k = metric.split("_")[-1]
-    ax.set_xlabel("L0 (mean active latents per example, selection set)")
     ax.set_ylabel(f"zero-shot {k} drop, clean - reconstruction (points)")
     ax.set_title(f"{out.name}: {len(pts)} trials" + (" (hollow: excluded)" if any(not r["feasible"] for r in pts)
                                                       else ""))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -37,22 +36,17 @@ from visae.extract import ExtractConfig, extract
 from visae.images import load_image, open_source
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process (all threads) plus its reaped children (DataLoader workers)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
 
 def forward_rate(bb, batches: list[torch.Tensor], amp) -> tuple[float, float]:
     """(images per wall second, images per CPU second) of the bare forward pass."""
     n = sum(len(b) for b in batches)
     with torch.inference_mode(), amp:
-        t, c = time.perf_counter(), cpu_seconds()
+        t, c = time.perf_counter(), benchlib.cpu_seconds()
         for x in batches:
             bb.encode_image(x).float().cpu()
         if bb.device.type == "cuda":
             torch.cuda.synchronize()
-        return n / (time.perf_counter() - t), n / (cpu_seconds() - c)
+        return n / (time.perf_counter() - t), n / (benchlib.cpu_seconds() - c)
 
 
 def _key(setting: tuple[int, int]) -> str:
@@ -119,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = ExtractConfig(images=args.images, out=out, model=args.model, random_init=True,
                                     batch_size=args.batch_size, num_workers=workers, threads=threads, limit=args.n,
                                     progress=False, device=str(device))
-                t, c = time.perf_counter(), cpu_seconds()
+                t, c = time.perf_counter(), benchlib.cpu_seconds()
                 ss = extract(cfg, backbone=bb)
-                rate, cpu_rate = len(items) / (time.perf_counter() - t), len(items) / (cpu_seconds() - c)
+                rate, cpu_rate = len(items) / (time.perf_counter() - t), len(items) / (benchlib.cpu_seconds() - c)
                 assert len(ss) == len(items)
                 shutil.rmtree(out)
                 return rate, cpu_rate

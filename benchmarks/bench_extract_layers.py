@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -33,11 +32,6 @@ from visae.backbones import load_backbone
 from visae.extract import ExtractConfig, _autocast, extract, normalise_layer_spec, resolve_layers
 from visae.images import load_image, open_source
 
-
-def cpu_seconds() -> float:
-    """CPU time of this process (all threads) plus its reaped children (DataLoader workers)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = ExtractConfig(images=args.images, out=out, model=args.model, random_init=True, layer=layer,
                                 token=args.token, batch_size=args.batch_size, num_workers=args.workers,
                                 threads=args.threads, limit=args.n, progress=False, device=args.device, dtype=args.dtype)
-            t, c = time.perf_counter(), cpu_seconds()
+            t, c = time.perf_counter(), benchlib.cpu_seconds()
             got = extract(cfg, backbone=bb)
-            wall, cpu = time.perf_counter() - t, cpu_seconds() - c
+            wall, cpu = time.perf_counter() - t, benchlib.cpu_seconds() - c
             sets = got.values() if isinstance(got, dict) else [got]
             rows = {len(ss) for ss in sets}  # every layer's set holds one row per image (per patch for patch)
             assert len(rows) == 1 and rows.pop() % len(items) == 0, [len(ss) for ss in sets]
@@ -98,14 +92,14 @@ def main(argv: list[str] | None = None) -> int:
 
         def forward_case(several: bool):
             def case() -> tuple[float, float]:
-                t, c = time.perf_counter(), cpu_seconds()
+                t, c = time.perf_counter(), benchlib.cpu_seconds()
                 with torch.inference_mode(), amp:
                     for x in batches:
                         if several:
                             [f.float().cpu() for f in bb.encode_layers(x, layers, args.token).values()]
                         else:
                             bb.encode_layer(x, deepest, args.token).float().cpu()
-                return time.perf_counter() - t, cpu_seconds() - c
+                return time.perf_counter() - t, benchlib.cpu_seconds() - c
             return case
 
         cases[f"forward layer {deepest}"] = forward_case(False)

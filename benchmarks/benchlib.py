@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -78,6 +79,12 @@ def median_ratio(num: Sequence[float], den: Sequence[float]) -> float:
 def summary(results: Mapping[str, Sequence[float]], unit: str = "s") -> dict[str, dict[str, Any]]:
     """``{case: {"median_<unit>": median, "<unit>": [values]}}`` for results of plain numbers."""
     return {name: {f"median_{unit}": median(vals), unit: list(vals)} for name, vals in results.items()}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) plus its reaped children (DataLoader workers), in seconds."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _cpu_model() -> str:

@@ -351,10 +351,15 @@ def serve_main(argv: list[str]) -> int:
         print(f"visae browse serve: error: {args.site} holds no index.html (not a site written by `visae browse`; "
               "build one with `visae browse --sae DIR --out SITE`)", file=sys.stderr)
         return 2
+    return _serve_cli(args.site, args.port, "visae browse serve")
+
+
+def _serve_cli(site: str | Path, port: int, prog: str) -> int:
+    """``serve`` for a command line: a bad port or site is one line on stderr and exit status 2."""
     try:
-        serve(args.site, args.port)
+        serve(site, port)
     except ValueError as e:
-        print(f"visae browse serve: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -374,13 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"visae browse: error: {e}", file=sys.stderr)
         return 2
     print(f"site written: {index}")
-    if cfg.serve:
-        try:
-            serve(index.parent, cfg.port)
-        except ValueError as e:
-            print(f"visae browse: error: {e}", file=sys.stderr)
-            return 2
-    return 0
+    return _serve_cli(index.parent, cfg.port, "visae browse") if cfg.serve else 0
 
 
 if __name__ == "__main__":

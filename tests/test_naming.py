@@ -205,6 +205,25 @@ def test_name_concepts_cli_end_to_end(tiny, emb, vocab, tmp_path):
     assert (out / "top_images.npz").is_file() and list((tmp_path / "cache").glob("*.safetensors"))
 
 
+def test_name_concepts_progress_flag(tiny, emb, vocab, tmp_path, capsys):
+    """Progress bars (text embeddings, top images) go to stderr by default; --no_progress leaves stderr free of them."""
+    vfile = tmp_path / "vocab.txt"
+    vfile.write_text("\n".join(vocab))
+    source = {"model": "visae-tiny-test", "pretrained": None, "random_init": True, "layer": None, "token": "cls"}
+    sae_dir, _ = _planted_sae(emb, vocab, tmp_path, source)
+    seen = {}
+    for flag in ([], ["--no_progress"]):
+        tag = "quiet" if flag else "bars"
+        capsys.readouterr()
+        rc = name_main(["--sae", str(sae_dir), "--vocab", str(vfile), "--vocab_size", "0", "--out", str(tmp_path / tag),
+                        "--text_cache", str(tmp_path / f"cache_{tag}"), "--no_stopwords", "--no_alpha_only",
+                        "--batch_size", "16", *flag])
+        assert rc == 0
+        seen[tag] = capsys.readouterr().err
+    assert "text embeddings" in seen["bars"] and "prompt/s" in seen["bars"], seen["bars"][-500:]
+    assert "text embeddings" not in seen["quiet"] and "it/s" not in seen["quiet"] and "/s]" not in seen["quiet"], seen["quiet"]
+
+
 def test_name_concepts_refuses_layer_shards_and_other_model(tiny, emb, vocab, tmp_path):
     src = {"model": "visae-tiny-test", "random_init": True, "layer": 1, "token": "cls"}
     sae_dir, _ = _planted_sae(emb, vocab, tmp_path, src)

@@ -65,6 +65,7 @@ PROPAGATED: dict[str, str] = {
     "naming.vocab": "vocab",                             # the toy vocabulary's file, a file, or null (wordfreq)
     "naming.vocab_size": "vocab",                        # 0 (the whole file), 20000 for wordfreq
     "naming.seed": "seed",
+    "naming.progress": "progress",
     "naming.text_cache": "text_cache",
 }
 # Not part of what a demo directory holds (a rerun may change them): left out when two runs' configs are compared.
@@ -176,7 +177,7 @@ def _propagated_values(cfg: DemoConfig) -> dict[str, Any]:
         "naming.sae": str(out / "sweep" / "best"), "naming.shards": str(out / "shards"),
         "naming.out": str(out / "concepts"), "naming.model": None, "naming.pretrained": None,
         "naming.random_init": None, "naming.vocab": vocab, "naming.vocab_size": 20000 if vocab is None else 0,
-        "naming.seed": cfg.seed, "naming.text_cache": text_cache,
+        "naming.seed": cfg.seed, "naming.progress": cfg.progress, "naming.text_cache": text_cache,
     }
 
 

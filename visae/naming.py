@@ -141,6 +141,8 @@ class NameConfig:
         "help": "text-embedding cache directory (shared with zero-shot); null: $VISAE_TEXT_CACHE or none"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     seed: int = field(default=0, metadata={"help": "seed of the random activating-image sample"})
+    progress: bool = field(default=True, metadata={
+        "help": "progress bars (stderr) for the text embeddings and the top-image pass; --no_progress: none"})
     out: str = field(default="concepts", metadata={"help": "output directory"})
 
     def __post_init__(self) -> None:
@@ -665,7 +667,7 @@ def _name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) ->
     words = load_vocabulary(cfg.vocab, cfg.vocab_size, stopwords=cfg.stopwords, alpha_only=cfg.alpha_only)
     cache = Path(cfg.text_cache).expanduser() if cfg.text_cache else None
     vocab = embed_vocabulary(backbone, words, list(cfg.templates) or None, cache_dir=cache,
-                             batch_size=cfg.text_batch_size, progress=True)
+                             batch_size=cfg.text_batch_size, progress=cfg.progress)
     emb = vocab.emb
     if emb.shape[1] != sae.d_in:
         raise NamingError(f"{where}: d_in={sae.d_in} but {backbone.name}'s text embeddings have width {emb.shape[1]}")
@@ -678,7 +680,8 @@ def _name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) ->
         member_sae = sae.member(cfg.member) if sae.n_models > 1 else sae
         try:
             stats = compute_top_images(member_sae, ss, n_top=cfg.n_top, n_random=cfg.n_random,
-                                       batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device)
+                                       batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
+                                       progress=cfg.progress)
         except ShardError as e:
             raise NamingError(str(e)) from None
         stats.save(out / "top_images.npz")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from visae import toyclip
 from visae import world2 as w2
@@ -76,8 +77,14 @@ def test_tiny_v2_run_exports_a_loadable_model(tmp_path):
     assert set(card["evaluation"]["pil_by_size"]) <= set(w2.SIZES)
     assert all(set(v) == {"shape", "texture"} for v in card["evaluation"]["pil_by_size"].values())
     assert len((tmp_path / "run" / "negatives.txt").read_text().split()) == 50
-    model, _, _ = toyclip.create_toyclip(path)
+    assert card["model"] == "visae-toyclip2" and path.name == "visae-toyclip2.safetensors"
+    model, _, _ = toyclip.create_toyclip(path, model=card["model"])
     assert sum(p.numel() for p in model.parameters()) > 0
+    # the exported fp16 weights are the trained model's, rounded once to float16
+    from safetensors.torch import load_file
+    sd = load_file(str(path))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k].float()), k
 
 
 def test_batches_follow_the_single_object_curriculum():
@@ -98,3 +105,5 @@ def test_batches_follow_the_single_object_curriculum():
     assert len(set(idx.tolist())) == 16
     with pytest.raises(ValueError, match="single_object_fraction"):
         toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(single_object_fraction=1.5, out="/nonexistent/x"), [])
+    with pytest.raises(ValueError, match="visae-toyclip2"):  # an unknown architecture, before anything is written
+        toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(model="visae-toyclip3", out="/nonexistent/x"), [])

@@ -565,10 +565,13 @@ def _wrap_open_clip(name: str, pretrained: str | None, model: nn.Module, preproc
     elif hasattr(visual, "trunk") and hasattr(visual.trunk, "blocks"):  # timm tower inside open_clip
         blocks, n_prefix, has_cls, width = _timm_hook_info(visual.trunk)
     embed_dim = int(getattr(model, "embed_dim", 0) or getattr(visual, "output_dim", 0))
-    if not embed_dim:
+    if not embed_dim:  # e.g. a timm tower: one probe forward, in eval mode (a train-mode pass would move BatchNorm statistics)
+        was_training = model.training
+        model.eval()
         with torch.inference_mode():
             size = _image_size_of(visual)
             embed_dim = int(model.encode_image(torch.zeros(1, 3, *size, device=next(model.parameters()).device)).shape[-1])
+        model.train(was_training)
     ls = getattr(model, "logit_scale", None)
     logit_scale = float(ls.exp().item()) if isinstance(ls, torch.Tensor) else 1.0
     has_text = hasattr(model, "encode_text")
@@ -740,6 +743,16 @@ def _load_toyclip(name: str, pretrained: str | None, *, random_init: bool, devic
     return bb
 
 
+def _load_toyclip2(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int, **kw: Any) -> Backbone:
+    """visae-toyclip2 (conv-stem ViT image tower, a timm tower inside open_clip): a weights file or random_init."""
+    from visae import toyclip
+
+    toyclip.register_v2()
+    bb = _open_clip_backbone(toyclip.MODEL_NAME_V2, pretrained, random_init=random_init, device=device, seed=seed,
+                             display_name=toyclip.MODEL_NAME_V2, **kw)
+    return bb
+
+
 # ----------------------------------------------------------------------------- extra open_clip configs
 
 TINY_CLIP_NAME = "visae-tiny-test"
@@ -779,4 +792,6 @@ def _load_tiny_clip(name: str, pretrained: str | None, *, random_init: bool, dev
 register_backbone("", _load_open_clip, description="any open_clip model: 'ViT-B-32', 'ViT-B-32:laion2b_s34b_b79k', 'hf-hub:org/repo'")
 register_backbone("timm:", _load_timm, description="timm image models: 'timm:vit_base_patch16_224.augreg_in21k'")
 register_backbone("visae-toyclip", _load_toyclip, exact=True, description="the project's small CLIP trained on the toy world")
+register_backbone("visae-toyclip2", _load_toyclip2, exact=True,
+                  description="the toy CLIP with a conv-stem image tower (visae.convstem), for visae.world2: a weights file or random_init")
 register_backbone(TINY_CLIP_NAME, _load_tiny_clip, exact=True, description="a tiny random CLIP for tests (random_init or a checkpoint file)")

@@ -72,6 +72,11 @@ TOYCLIP_CARD = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME}.json"
 
 TOYCLIP_TAG = "shipped"
 
+# v2's image tower: the same ViT size with a convolutional stem (visae.convstem), an open_clip timm tower.
+MODEL_NAME_V2 = "visae-toyclip2"
+MODEL_CONFIG_V2 = Path(__file__).resolve().parent / "model_configs" / f"{MODEL_NAME_V2}.json"
+TOY_MODELS = {MODEL_NAME: MODEL_CONFIG, MODEL_NAME_V2: MODEL_CONFIG_V2}
+
 
 def register() -> str:
     """Make open_clip know "visae-toyclip" (idempotent); returns the name.
@@ -95,19 +100,53 @@ def register() -> str:
     return MODEL_NAME
 
 
-def create_toyclip(weights: str | Path | None = None, device: str = "cpu"):
-    """``(model, preprocess, tokenizer)`` through open_clip; ``weights=None`` is a random init."""
+def register_v2() -> str:
+    """Make open_clip know "visae-toyclip2" (v1's size, conv-stem image tower; idempotent); returns the name.
+
+    Registers the timm image tower (:func:`visae.convstem.register`) and the open_clip model config
+    ``visae/model_configs/visae-toyclip2.json``. No pretrained tag: its weights are a file
+    (``open_clip.create_model("visae-toyclip2", pretrained=<file>)``).
+    """
     import open_clip
 
-    register()
+    from visae import convstem
+
+    convstem.register()
+    if MODEL_NAME_V2 not in open_clip.list_models():
+        if not MODEL_CONFIG_V2.is_file():
+            raise FileNotFoundError(f"{MODEL_CONFIG_V2} is missing: the visae package is incomplete")
+        open_clip.add_model_config(MODEL_CONFIG_V2)
+    return MODEL_NAME_V2
+
+
+def register_toy_model(name: str) -> str:
+    """Register the toy CLIP architecture ``name`` (one of :data:`TOY_MODELS`) with open_clip.
+
+    Raises:
+        ValueError: an unknown name (the known ones are listed).
+    """
+    if name == MODEL_NAME:
+        return register()
+    if name == MODEL_NAME_V2:
+        return register_v2()
+    raise ValueError(f"unknown toy CLIP architecture {name!r}; known: {sorted(TOY_MODELS)}")
+
+
+def create_toyclip(weights: str | Path | None = None, device: str = "cpu", model: str = MODEL_NAME):
+    """``(model, preprocess, tokenizer)`` through open_clip; ``weights=None`` is a random init;
+    ``model``: the architecture (``"visae-toyclip"`` v1, ``"visae-toyclip2"``: conv stem)."""
+    import open_clip
+
+    register_toy_model(model)
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(
             f"toy CLIP weights {weights} not found; they ship in assets/toyclip/ "
             "(or train them: python scripts/train_toy_clip.py --export <file>)")
+    name = model
     model, _, preprocess = open_clip.create_model_and_transforms(
-        MODEL_NAME, pretrained=str(weights) if weights is not None else None, device=device)
+        name, pretrained=str(weights) if weights is not None else None, device=device)
     model.eval()
-    return model, preprocess, open_clip.get_tokenizer(MODEL_NAME)
+    return model, preprocess, open_clip.get_tokenizer(name)
 
 
 def load_toyclip(device: str = "cpu"):
@@ -142,7 +181,7 @@ def encode_world_images(model, images: np.ndarray, batch_size: int = 500) -> tor
     """Unit image embeddings ``[n, D]`` of uint8 images ``[n, H, W, 3]``."""
     out = [F.normalize(model.encode_image(images_to_tensor(images[i:i + batch_size])).float(), dim=-1)
            for i in range(0, len(images), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, model.visual.output_dim)
+    return torch.cat(out) if out else torch.zeros(0, model.text_projection.shape[1])
 
 
 @torch.no_grad()
@@ -307,15 +346,15 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def export_fp16(model: torch.nn.Module, path: str | Path) -> Path:
-    """Write the model's state dict in fp16 safetensors (atomically)."""
+def export_fp16(model: torch.nn.Module, path: str | Path, name: str = MODEL_NAME) -> Path:
+    """Write the model's state dict in fp16 safetensors (atomically); ``name``: the architecture, in the metadata."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={"model": MODEL_NAME, "format": "open_clip state_dict, fp16"})
+        save_file(sd, str(tmp), metadata={"model": name, "format": "open_clip state_dict, fp16"})
     return path
 
 
@@ -547,7 +586,10 @@ class ToyClipV2Config:
     rotation from the world, colour jitter, and negative captions of words outside the world."""
 
     out: str = field(default="runs/toyclip2", metadata={"help": "run directory: checkpoint.pt, log.jsonl, metrics.json, negatives.txt"})
-    export: str = field(default="", metadata={"help": "fp16 weights (.safetensors, card .json beside); empty: <out>/visae-toyclip.safetensors"})
+    export: str = field(default="", metadata={"help": "fp16 weights (.safetensors, card .json beside); empty: <out>/<model>.safetensors"})
+    model: str = field(default="visae-toyclip2", metadata={
+        "help": "architecture: visae-toyclip2 (conv-stem ViT image tower, visae.convstem) or visae-toyclip (v1's "
+                "patchify ViT); both 64 px, patch 8, width 96, 4 blocks, the same text tower"})
     seed: int = field(default=0, metadata={"help": "seed of the training scenes, the init, the batches and the negatives"})
     n_train: int = field(default=40000, metadata={"help": "training scenes (rendered in memory by the PIL renderer)"})
     max_objects: int = field(default=4, metadata={"help": "objects per training scene: 1 .. max_objects"})
@@ -724,21 +766,24 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
         raise ValueError(f"single_object_fraction must be in [0, 1], got {cfg.single_object_fraction}")
     if cfg.curriculum_steps < 0:
         raise ValueError(f"curriculum_steps must be >= 0, got {cfg.curriculum_steps}")
+    if cfg.model not in TOY_MODELS:
+        raise ValueError(f"model must be one of {sorted(TOY_MODELS)}, got {cfg.model!r}")
     negs = negative_words(cfg.negatives_exclude or None, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step > 0 else []
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    export = Path(cfg.export) if cfg.export else out / f"{MODEL_NAME}.safetensors"
+    export = Path(cfg.export) if cfg.export else out / f"{cfg.model}.safetensors"
     cfg_dict = dataclasses.asdict(cfg)
     atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
     atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in negs))
 
-    register()
+    register_toy_model(cfg.model)
     torch.manual_seed(cfg.seed)
-    model = open_clip.create_model(MODEL_NAME, device=cfg.device)
+    model = open_clip.create_model(cfg.model, device=cfg.device)
     model.train()
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+    tokenizer = open_clip.get_tokenizer(cfg.model)
     g = torch.Generator().manual_seed(1234)
-    heads = torch.nn.ModuleList(torch.nn.Linear(model.visual.output_dim, len(w2.FACTORS[f])) for f in w2.MAIN_FACTORS)
+    d_embed = int(open_clip.get_model_config(cfg.model)["embed_dim"])
+    heads = torch.nn.ModuleList(torch.nn.Linear(d_embed, len(w2.FACTORS[f])) for f in w2.MAIN_FACTORS)
     with torch.no_grad():
         for h in heads:
             h.weight.copy_(torch.randn(h.weight.shape, generator=g) * 0.1)
@@ -845,11 +890,11 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     train_seconds += time.time() - t_seg
 
     model.eval()
-    export_fp16(model, export)
-    shipped, _, _ = create_toyclip(export)
+    export_fp16(model, export, cfg.model)
+    shipped, _, _ = create_toyclip(export, model=cfg.model)
     metrics = evaluate_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n)
     card = {
-        "model": MODEL_NAME, "version": 2, "world": "visae.world2", "weights": export.name,
+        "model": cfg.model, "version": 2, "world": "visae.world2", "weights": export.name,
         "sha256": _file_sha256(export), "bytes": export.stat().st_size,
         "command": "visae.toyclip.main_v2 " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": cfg_dict, "negatives": {"file": "negatives.txt", "n": len(negs)},

@@ -78,3 +78,77 @@ def test_toyclip2_backbone_random_init_and_weights_file(tmp_path):
     assert torch.equal(ref, got)
     with pytest.raises(Exception, match="no weights asked for"):
         load_backbone("visae-toyclip2")
+
+
+def test_stem_receptive_field_is_its_cell_and_seven_pixels_up_and_left():
+    """The receptive field ConvStemPatchEmbed's docstring states, pixel by pixel: token (r, c) reads rows and columns
+    8r - 7 .. 8r + 7 (8c - 7 .. 8c + 7), so a pixel changes exactly the tokens whose field holds it (eval mode: every
+    other token is computed from identical inputs by identical operations, hence bit for bit unchanged)."""
+    torch.manual_seed(0)
+    emb = convstem.ConvStemPatchEmbed(img_size=64, patch_size=8, embed_dim=96).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a = emb(x).view(8, 8, 96)
+        for r, c in ((0, 0), (0, 5), (7, 7), (8, 8), (12, 9), (15, 0), (40, 63), (63, 63)):
+            y = x.clone()
+            y[..., r, c] += 1.0
+            moved = (emb(y).view(8, 8, 96) != a).any(-1)
+            want = {(i, j) for i in range(8) for j in range(8) if abs(r - 8 * i) <= 7 and abs(c - 8 * j) <= 7}
+            assert {tuple(t) for t in moved.nonzero().tolist()} == want, (r, c)
+
+
+def test_export_keeps_integer_buffers_and_loads_back(tmp_path):
+    """export_fp16 rounds floats to float16 once and keeps BatchNorm's num_batches_tracked an int64 (in float16 a count
+    of 70,001 would be inf and load back as a garbage int)."""
+    from safetensors import safe_open
+
+    bb = load_backbone("visae-toyclip2", random_init=True, seed=1)
+    bn = [m for m in bb.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bn) == 3
+    for m in bn:
+        m.num_batches_tracked.fill_(70_001)
+    path = toyclip.export_fp16(bb.model, tmp_path / "w.safetensors", toyclip.MODEL_NAME_V2)
+    with safe_open(str(path), "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert {k for k, d in dtypes.items() if d != torch.float16} == {k for k in dtypes if k.endswith("num_batches_tracked")}
+    again = load_backbone("visae-toyclip2", str(path))
+    counts = [int(m.num_batches_tracked) for m in again.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert counts == [70_001] * 3
+
+
+def test_weights_of_the_other_toy_architecture_are_refused(tmp_path):
+    """A v1 weights file given as visae-toyclip2 (or a v2 file as visae-toyclip) fails up front with BackboneError naming
+    the file and the architecture its metadata records, not with load_state_dict's list of missing keys."""
+    from visae.backbones import BackboneError
+
+    v1 = str(toyclip.TOYCLIP_WEIGHTS)
+    with pytest.raises(BackboneError, match=r"weights of 'visae-toyclip'.*not 'visae-toyclip2'.*--model visae-toyclip$"):
+        load_backbone("visae-toyclip2", v1)
+    v2 = toyclip.export_fp16(load_backbone("visae-toyclip2", random_init=True).model, tmp_path / "v2.safetensors",
+                             toyclip.MODEL_NAME_V2)
+    with pytest.raises(BackboneError, match=r"v2\.safetensors: weights of 'visae-toyclip2'.*not 'visae-toyclip'"):
+        load_backbone("visae-toyclip", str(v2))
+
+
+def test_a_fresh_process_builds_both_routes_and_timm_preprocesses_like_open_clip():
+    """A new process (a torchrun rank, a spawned worker) that only calls load_backbone gets the timm tower registered:
+    'visae-toyclip2' and the image tower alone as 'timm:visae_toyvit_convstem'. The timm route's eval transform equals
+    open_clip's on a non-square photo (resize the short side to 64, centre crop, no timm crop_pct cut)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    img = sorted((Path(__file__).resolve().parents[2] / "shared" / "imagenet-sample").glob("*.JPEG"))
+    if not img:
+        pytest.skip("../shared/imagenet-sample is not here")
+    code = (
+        "import sys, torch; from PIL import Image; from visae.backbones import load_backbone\n"
+        "b = load_backbone('timm:visae_toyvit_convstem', random_init=True)\n"  # first: nothing registered it yet
+        "a = load_backbone('visae-toyclip2', random_init=True)\n"
+        "im = Image.open(sys.argv[1]).convert('RGB'); assert im.size[0] != im.size[1], im.size\n"
+        "pa, pb = a.preprocess(im), b.preprocess(im)\n"
+        "print(tuple(pa.shape), torch.equal(pa, pb), b.width, b.num_layers, tuple(b.encode_layer(pb[None], -1, 'patch').shape))\n")
+    res = subprocess.run([sys.executable, "-c", code, str(img[0])], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split("\n")[0] == "(3, 64, 64) True 96 4 (1, 64, 96)", res.stdout

@@ -656,6 +656,10 @@ def _load_timm(name: str, pretrained: str | None, *, random_init: bool, device: 
 
     if not name:
         raise BackboneError("timm backbone needs a model name: 'timm:<model_name>'")
+    if name.startswith("visae_"):  # visae's own timm models (visae.convstem): registered in whichever process asks
+        from visae import convstem
+
+        convstem.register()
     if pretrained and not random_init and not os.path.isfile(pretrained):
         raise WeightsNotAvailableError(f"timm:{name}: checkpoint file {pretrained!r} does not exist (for timm pass tags in the name, e.g. timm:vit_base_patch16_224.augreg_in21k)")
     kwargs: dict[str, Any] = dict(model_kwargs)
@@ -717,12 +721,35 @@ def _load_timm(name: str, pretrained: str | None, *, random_init: bool, device: 
 # ----------------------------------------------------------------------------- toy CLIP
 
 
+def _check_toy_weights_file(path: str | None, expected: str) -> None:
+    """Refuse a toy CLIP weights file made for another architecture, before anything is built.
+
+    ``visae.toyclip.export_fp16`` records the architecture in the safetensors metadata (``model``); a
+    v1 file given to ``visae-toyclip2`` (or the reverse) would otherwise fail deep inside
+    ``load_state_dict`` with a list of every missing key. Files without that record pass unchecked.
+
+    Raises:
+        BackboneError: the file's metadata names a model other than ``expected``.
+    """
+    if not path or not str(path).endswith(".safetensors") or not os.path.isfile(path):
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        model = (f.metadata() or {}).get("model")
+    if model and model != expected:
+        raise BackboneError(f"{path}: weights of {model!r} (the file's safetensors metadata 'model'), not {expected!r}; "
+                            f"load them with --model {model}")
+
+
 def _load_toyclip(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int, **kw: Any) -> Backbone:
     try:
         from visae import toyclip
     except ImportError as e:
         raise BackboneError(f"visae-toyclip: visae.toyclip is not available ({e})") from e
     toyclip.register()
+    if not random_init:
+        _check_toy_weights_file(pretrained, "visae-toyclip")
     weights = None if pretrained else str(toyclip.TOYCLIP_WEIGHTS)
     bb = _open_clip_backbone(
         "visae-toyclip",
@@ -748,6 +775,8 @@ def _load_toyclip2(name: str, pretrained: str | None, *, random_init: bool, devi
     from visae import toyclip
 
     toyclip.register_v2()
+    if not random_init:
+        _check_toy_weights_file(pretrained, toyclip.MODEL_NAME_V2)
     bb = _open_clip_backbone(toyclip.MODEL_NAME_V2, pretrained, random_init=random_init, device=device, seed=seed,
                              display_name=toyclip.MODEL_NAME_V2, **kw)
     return bb

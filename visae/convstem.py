@@ -31,8 +31,15 @@ class ConvStemPatchEmbed(nn.Module):
     ReLU) and a 1x1 convolution to ``embed_dim`` (Xiao et al. 2021, section 3).
 
     Input ``[B, in_chans, H, W]`` with ``H = W = img_size``; output ``[B, (H / patch_size) * (W / patch_size),
-    embed_dim]`` (row-major over the patch grid, like timm's ``PatchEmbed``), so token ``i`` still covers the
-    ``patch_size`` x ``patch_size`` pixel square of grid cell ``i`` (its receptive field is a little wider).
+    embed_dim]`` (row-major over the patch grid, like timm's ``PatchEmbed``).
+    Receptive field (each stride-2 conv pads 1 pixel on every side, so its output ``k`` is centred on input ``2k``):
+    token ``(r, c)`` reads pixel rows ``p*r - (p - 1) .. p*r + (p - 1)`` and the same columns (``p`` =
+    patch_size, clipped to the image): its own grid cell and the ``p - 1`` pixels above and left of it,
+    i.e. it is centred on the cell's top-left pixel, ``(p - 1) / 2`` pixels up-left of the centre of a
+    patchify token's field (which is exactly its cell). So a pixel of cell ``(r, c)`` reaches token
+    ``(r, c)`` and, unless it lies in the cell's first row (column), token row ``r + 1`` (column ``c + 1``)
+    too (``tests/test_convstem.py`` pins this): a patch heatmap that paints token ``(r, c)`` on cell
+    ``(r, c)`` shows evidence centred about half a cell up-left of where it is painted.
     The widths double at every stride: ``embed_dim / 2**(n - 1), ..., embed_dim / 2, embed_dim``.
     BatchNorm as in the paper's stem and in CLIP's ResNet towers: in eval mode (extraction, zero-shot,
     naming) it is a fixed per-channel affine map from the running statistics, so an image's embedding does
@@ -42,7 +49,8 @@ class ConvStemPatchEmbed(nn.Module):
 
     Raises:
         ValueError: ``patch_size`` not a power of two >= 2, ``img_size`` not a multiple of it, or
-            ``embed_dim`` not divisible by ``2**(n - 1)``.
+            ``embed_dim`` not divisible by ``2**(n - 1)``; in ``forward``, an input whose ``H, W`` is not
+            ``img_size``.
     """
 
     dynamic_img_pad = False
@@ -73,12 +81,15 @@ class ConvStemPatchEmbed(nn.Module):
         self.proj = nn.Sequential(*layers)
 
     def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
+        """Pixels per token along a side (timm's ``PatchEmbed`` interface): ``patch_size`` or ``(p, p)``."""
         return self.patch_size[0] if as_scalar else self.patch_size
 
     def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """Token grid ``(H / p, W / p)`` of an image of ``img_size`` (timm's ``PatchEmbed`` interface)."""
         return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in_chans, H, W]`` -> ``[B, (H / p) * (W / p), embed_dim]``; ValueError unless ``(H, W) == img_size``."""
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"ConvStemPatchEmbed: input {tuple(x.shape[-2:])} but the model takes {self.img_size}")
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -99,7 +110,10 @@ def _toyvit_convstem(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     model = VisionTransformer(**args)
     model.pretrained_cfg = model.default_cfg = {
         "architecture": TIMM_NAME, "input_size": (3, args["img_size"], args["img_size"]), "num_classes": 0,
-        "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
+        "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
+        # open_clip's eval transform of the toy CLIP: bicubic resize of the short side to img_size, centre crop
+        # to img_size; timm's default crop_pct 0.875 would cut an eighth of a 64 px toy image away
+        "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center"}
     return model
 
 

@@ -347,12 +347,18 @@ def _file_sha256(path: Path) -> str:
 
 
 def export_fp16(model: torch.nn.Module, path: str | Path, name: str = MODEL_NAME) -> Path:
-    """Write the model's state dict in fp16 safetensors (atomically); ``name``: the architecture, in the metadata."""
+    """Write the model's state dict in fp16 safetensors (atomically); ``name``: the architecture, in the metadata.
+
+    Floating-point tensors are rounded once to float16; integer buffers (BatchNorm's ``num_batches_tracked``
+    in visae-toyclip2's stem) keep their dtype: in float16 a count above 2,048 loses its last bits and one
+    above 65,504 becomes inf, which loads back as a garbage int64.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
+    sd = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().to("cpu")).contiguous()
+          for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata={"model": name, "format": "open_clip state_dict, fp16"})
     return path

@@ -1,5 +1,6 @@
 """visae-toyclip v2's recipe (issue 12): negatives from outside the world and the naming list, shifts, a tiny run."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -107,3 +108,30 @@ def test_batches_follow_the_single_object_curriculum():
         toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(single_object_fraction=1.5, out="/nonexistent/x"), [])
     with pytest.raises(ValueError, match="visae-toyclip2"):  # an unknown architecture, before anything is written
         toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(model="visae-toyclip3", out="/nonexistent/x"), [])
+
+
+def test_resume_of_a_checkpoint_from_before_the_model_field(tmp_path):
+    """A v2 run checkpointed before ToyClipV2Config.model existed (v1's patchify tower, no 'model' in its config)
+    resumes with --model visae-toyclip and is refused, naming the field, under the default visae-toyclip2."""
+    import open_clip
+
+    cfg = toyclip.ToyClipV2Config(out=str(tmp_path), model=toyclip.MODEL_NAME)
+    old_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
+    toyclip.register()
+    torch.manual_seed(0)
+    model = open_clip.create_model(toyclip.MODEL_NAME)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": 7, "aux_heads": {}, "train_seconds": 1.5,
+                "config": old_cfg}, tmp_path / "checkpoint.pt")
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (5, 7, 9)))
+    torch.manual_seed(1)
+    fresh = open_clip.create_model(toyclip.MODEL_NAME)
+    step, secs = toyclip._resume(tmp_path / "checkpoint.pt", cfg, dataclasses.asdict(cfg), fresh, None,
+                                 torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+    assert (step, secs) == (7, 1.5)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    assert [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [5, 7]
+    v2 = toyclip.ToyClipV2Config(out=str(tmp_path))
+    with pytest.raises(ValueError, match=r"'model': \('visae-toyclip', 'visae-toyclip2'\)"):
+        toyclip._resume(tmp_path / "checkpoint.pt", v2, dataclasses.asdict(v2), fresh, None,
+                        torch.optim.AdamW(fresh.parameters(), lr=1e-3))

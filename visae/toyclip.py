@@ -373,7 +373,8 @@ def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Modu
     """(step, train seconds) restored from ``ckpt`` when ``cfg.resume`` and it exists, else (0, 0.0).
 
     The checkpoint's config must equal ``cfg_dict`` but for :data:`_VOLATILE` (ValueError naming the
-    differences otherwise); ``log.jsonl`` beside it keeps only the records up to the restored step (the
+    differences otherwise); a v2 checkpoint without ``model`` (written before that field existed) was
+    trained with v1's architecture and counts as ``model: visae-toyclip``; ``log.jsonl`` beside it keeps only the records up to the restored step (the
     later ones are redone), or starts empty for a fresh run. Shared by v1 and v2 training.
     """
     step, train_seconds = 0, 0.0
@@ -381,6 +382,8 @@ def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Modu
     if cfg.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
         old = {k: v for k, v in state["config"].items() if k not in _VOLATILE}
+        if "model" in cfg_dict and "model" not in old:  # a v2 checkpoint from before ToyClipV2Config.model: v1's tower
+            old["model"] = MODEL_NAME
         new = {k: v for k, v in cfg_dict.items() if k not in _VOLATILE}
         if old != new:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}

@@ -97,7 +97,10 @@ class ConvStemPatchEmbed(nn.Module):
 
 def _toyvit_convstem(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """64 px, patch 8 (an 8 x 8 grid), width 96, 4 blocks of 3 heads, MLP ratio 4, class token: the size of
-    visae-toyclip v1's ViT with :class:`ConvStemPatchEmbed` as its stem (about 0.49 M parameters)."""
+    visae-toyclip v1's ViT with :class:`ConvStemPatchEmbed` as its stem: 516,024 parameters without a classifier
+    (``num_classes=0``; timm's default 1,000-class head adds 97,000). open_clip builds it with that head and then
+    removes it (``reset_classifier(0)``), so the head's init draws are part of visae-toyclip2's seeded random init:
+    do not change this default."""
     from timm.models.vision_transformer import VisionTransformer
 
     if pretrained:

@@ -135,3 +135,12 @@ def test_resume_of_a_checkpoint_from_before_the_model_field(tmp_path):
     with pytest.raises(ValueError, match=r"'model': \('visae-toyclip', 'visae-toyclip2'\)"):
         toyclip._resume(tmp_path / "checkpoint.pt", v2, dataclasses.asdict(v2), fresh, None,
                         torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+
+
+def test_create_toyclip_errors_name_the_architecture(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"visae-toyclip2 weights .*nothere\.safetensors not found; none ship; .*main_v2"):
+        toyclip.create_toyclip(tmp_path / "nothere.safetensors", model=toyclip.MODEL_NAME_V2)
+    with pytest.raises(FileNotFoundError, match=r"visae-toyclip weights .* they ship in assets/toyclip/"):
+        toyclip.create_toyclip(tmp_path / "nothere.safetensors")
+    with pytest.raises(ValueError, match=r"unknown toy CLIP architecture 'visae-toyclip3'"):
+        toyclip.create_toyclip(model="visae-toyclip3")

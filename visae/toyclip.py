@@ -134,14 +134,20 @@ def register_toy_model(name: str) -> str:
 
 def create_toyclip(weights: str | Path | None = None, device: str = "cpu", model: str = MODEL_NAME):
     """``(model, preprocess, tokenizer)`` through open_clip; ``weights=None`` is a random init;
-    ``model``: the architecture (``"visae-toyclip"`` v1, ``"visae-toyclip2"``: conv stem)."""
+    ``model``: the architecture (``"visae-toyclip"`` v1, ``"visae-toyclip2"``: conv stem).
+
+    Raises:
+        ValueError: an unknown ``model``.
+        FileNotFoundError: ``weights`` given but not a file.
+    """
     import open_clip
 
     register_toy_model(model)
     if weights is not None and not Path(weights).is_file():
-        raise FileNotFoundError(
-            f"toy CLIP weights {weights} not found; they ship in assets/toyclip/ "
-            "(or train them: python scripts/train_toy_clip.py --export <file>)")
+        how = ("they ship in assets/toyclip/ (or train them: python scripts/train_toy_clip.py --export <file>)"
+               if model == MODEL_NAME else
+               "none ship; train them: python -c 'from visae.toyclip import main_v2; main_v2()' --out DIR (docs/toyworld.md)")
+        raise FileNotFoundError(f"{model} weights {weights} not found; {how}")
     name = model
     model, _, preprocess = open_clip.create_model_and_transforms(
         name, pretrained=str(weights) if weights is not None else None, device=device)

@@ -76,7 +76,9 @@ def test_toyclip2_backbone_random_init_and_weights_file(tmp_path):
         ref = bb.model.half().float().encode_image(x)
         got = again.model.encode_image(x)
     assert torch.equal(ref, got)
-    with pytest.raises(Exception, match="no weights asked for"):
+    from visae.backbones import BackboneError
+
+    with pytest.raises(BackboneError, match="no weights asked for"):
         load_backbone("visae-toyclip2")
 
 

@@ -130,6 +130,10 @@ def test_weights_of_the_other_toy_architecture_are_refused(tmp_path):
                              toyclip.MODEL_NAME_V2)
     with pytest.raises(BackboneError, match=r"v2\.safetensors: weights of 'visae-toyclip2'.*not 'visae-toyclip'"):
         load_backbone("visae-toyclip", str(v2))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(BackboneError, match=r"bad\.safetensors: not a readable safetensors file"):
+        load_backbone("visae-toyclip2", str(bad))
 
 
 def test_a_fresh_process_builds_both_routes_and_timm_preprocesses_like_open_clip():

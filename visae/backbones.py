@@ -729,14 +729,18 @@ def _check_toy_weights_file(path: str | None, expected: str) -> None:
     ``load_state_dict`` with a list of every missing key. Files without that record pass unchecked.
 
     Raises:
-        BackboneError: the file's metadata names a model other than ``expected``.
+        BackboneError: the file's metadata names a model other than ``expected``, or the file is not
+            readable as safetensors (the message names the file).
     """
     if not path or not str(path).endswith(".safetensors") or not os.path.isfile(path):
         return
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as f:
-        model = (f.metadata() or {}).get("model")
+    try:
+        with safe_open(str(path), "pt") as f:
+            model = (f.metadata() or {}).get("model")
+    except SafetensorError as e:
+        raise BackboneError(f"{path}: not a readable safetensors file ({e})") from None
     if model and model != expected:
         raise BackboneError(f"{path}: weights of {model!r} (the file's safetensors metadata 'model'), not {expected!r}; "
                             f"load them with --model {model}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,8 @@ def test_conv_stem_shapes_and_errors():
     x = torch.randn(2, 3, 64, 64)
     assert emb(x).shape == (2, 64, 96) and emb.num_patches == 64 and emb.grid_size == (8, 8)
     widths = [m.out_channels for m in emb.proj if isinstance(m, torch.nn.Conv2d)]
-    assert widths == [24, 48, 96, 96]  # three stride-2 convs doubling the width, then the 1x1 to embed_dim
+    assert widths == [24, 48, 96, 96]
+    assert [m.kernel_size for m in emb.proj if isinstance(m, torch.nn.Conv2d)] == [(4, 4)] * 3 + [(1, 1)]  # three stride-2 convs doubling the width, then the 1x1 to embed_dim
     for bad, match in (({"patch_size": 6}, "power of two"), ({"patch_size": 1}, "power of two"),
                        ({"img_size": 60}, "multiple of patch_size"), ({"embed_dim": 90}, "divisible by 4")):
         with pytest.raises(ValueError, match=match):
@@ -26,8 +28,8 @@ def test_conv_stem_shapes_and_errors():
 
 
 def test_token_i_sees_its_own_grid_cell():
-    """Token i of the stem depends on pixels of grid cell i and its neighbourhood only (receptive field 8 + 7 px per
-    side after three 3x3 stride-2 convs), so patch heatmaps keep their meaning: a change in the top-left corner
+    """Token i of the stem depends on pixels of grid cell i and its neighbourhood only (its cell and 7 px on each
+    side after three 4x4 stride-2 convs), so patch heatmaps keep their meaning: a change in the top-left corner
     leaves the tokens of the bottom-right half exactly unchanged (eval mode: BatchNorm is a per-channel affine map)."""
     torch.manual_seed(0)
     emb = convstem.ConvStemPatchEmbed(img_size=64, patch_size=8, embed_dim=96).eval()
@@ -82,10 +84,11 @@ def test_toyclip2_backbone_random_init_and_weights_file(tmp_path):
         load_backbone("visae-toyclip2")
 
 
-def test_stem_receptive_field_is_its_cell_and_seven_pixels_up_and_left():
+def test_stem_receptive_field_is_its_cell_and_seven_pixels_around_it():
     """The receptive field ConvStemPatchEmbed's docstring states, pixel by pixel: token (r, c) reads rows and columns
-    8r - 7 .. 8r + 7 (8c - 7 .. 8c + 7), so a pixel changes exactly the tokens whose field holds it (eval mode: every
-    other token is computed from identical inputs by identical operations, hence bit for bit unchanged)."""
+    8r - 7 .. 8r + 14 (8c - 7 .. 8c + 14): its cell 8r .. 8r + 7 and 7 pixels on each side, centred on the cell. A
+    pixel changes exactly the tokens whose field holds it (eval mode: every other token is computed from identical
+    inputs by identical operations, hence bit for bit unchanged)."""
     torch.manual_seed(0)
     emb = convstem.ConvStemPatchEmbed(img_size=64, patch_size=8, embed_dim=96).eval()
     x = torch.randn(1, 3, 64, 64)
@@ -95,7 +98,9 @@ def test_stem_receptive_field_is_its_cell_and_seven_pixels_up_and_left():
             y = x.clone()
             y[..., r, c] += 1.0
             moved = (emb(y).view(8, 8, 96) != a).any(-1)
-            want = {(i, j) for i in range(8) for j in range(8) if abs(r - 8 * i) <= 7 and abs(c - 8 * j) <= 7}
+            want = {(i, j) for i in range(8) for j in range(8) if 8 * i - 7 <= r <= 8 * i + 14 and 8 * j - 7 <= c <= 8 * j + 14}
+            centre = np.mean([[8 * i + 3.5, 8 * j + 3.5] for i, j in want], 0)  # the touched cells' centres
+            assert want and np.all(np.abs(centre - [r, c]) <= 7.5), (r, c, centre)
             assert {tuple(t) for t in moved.nonzero().tolist()} == want, (r, c)
 
 

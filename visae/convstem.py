@@ -27,19 +27,19 @@ TIMM_NAME = "visae_toyvit_convstem"
 
 
 class ConvStemPatchEmbed(nn.Module):
-    """Patch embedding by ``log2(patch_size)`` 3x3 stride-2 convolutions (each followed by BatchNorm and a
-    ReLU) and a 1x1 convolution to ``embed_dim`` (Xiao et al. 2021, section 3).
+    """Patch embedding by ``log2(patch_size)`` 4x4 stride-2 convolutions (each followed by BatchNorm and a
+    ReLU) and a 1x1 convolution to ``embed_dim``: the convolutional stem of Xiao et al. 2021 ("Early
+    Convolutions Help Transformers See Better"), with 4x4 instead of 3x3 kernels so that every token is
+    centred on its own grid cell (below).
 
     Input ``[B, in_chans, H, W]`` with ``H = W = img_size``; output ``[B, (H / patch_size) * (W / patch_size),
     embed_dim]`` (row-major over the patch grid, like timm's ``PatchEmbed``).
-    Receptive field (each stride-2 conv pads 1 pixel on every side, so its output ``k`` is centred on input ``2k``):
-    token ``(r, c)`` reads pixel rows ``p*r - (p - 1) .. p*r + (p - 1)`` and the same columns (``p`` =
-    patch_size, clipped to the image): its own grid cell and the ``p - 1`` pixels above and left of it,
-    i.e. it is centred on the cell's top-left pixel, ``(p - 1) / 2`` pixels up-left of the centre of a
-    patchify token's field (which is exactly its cell). So a pixel of cell ``(r, c)`` reaches token
-    ``(r, c)`` and, unless it lies in the cell's first row (column), token row ``r + 1`` (column ``c + 1``)
-    too (``tests/test_convstem.py`` pins this): a patch heatmap that paints token ``(r, c)`` on cell
-    ``(r, c)`` shows evidence centred about half a cell up-left of where it is painted.
+    Receptive field: a 4x4 stride-2 conv padded by 1 pixel maps output ``k`` to inputs ``2k - 1 .. 2k + 2``
+    (centred on ``2k + 0.5``), so after ``n`` of them token ``(r, c)`` reads pixel rows
+    ``p*r - (p - 1) .. p*r + 2*(p - 1)`` and the same columns (``p`` = patch_size, clipped to the image): its
+    own ``p`` x ``p`` cell and ``p - 1`` pixels on every side, centred exactly on the cell's centre, where
+    a patch heatmap paints it (``tests/test_convstem.py`` pins this pixel by pixel). With 3x3 kernels padded
+    by 1 the field would be centred on the cell's top-left pixel, half a cell off.
     The widths double at every stride: ``embed_dim / 2**(n - 1), ..., embed_dim / 2, embed_dim``.
     BatchNorm as in the paper's stem and in CLIP's ResNet towers: in eval mode (extraction, zero-shot,
     naming) it is a fixed per-channel affine map from the running statistics, so an image's embedding does
@@ -75,7 +75,7 @@ class ConvStemPatchEmbed(nn.Module):
         c = in_chans
         for i in range(n):
             w = embed_dim // 2 ** (n - 1 - i)
-            layers += [nn.Conv2d(c, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(c, w, 4, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
             c = w
         layers.append(nn.Conv2d(c, embed_dim, 1, bias=bias))
         self.proj = nn.Sequential(*layers)
@@ -97,7 +97,7 @@ class ConvStemPatchEmbed(nn.Module):
 
 def _toyvit_convstem(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """64 px, patch 8 (an 8 x 8 grid), width 96, 4 blocks of 3 heads, MLP ratio 4, class token: the size of
-    visae-toyclip v1's ViT with :class:`ConvStemPatchEmbed` as its stem: 516,024 parameters without a classifier
+    visae-toyclip v1's ViT with :class:`ConvStemPatchEmbed` as its stem: 556,848 parameters without a classifier
     (``num_classes=0``; timm's default 1,000-class head adds 97,000). open_clip builds it with that head and then
     removes it (``reset_classifier(0)``), so the head's init draws are part of visae-toyclip2's seeded random init:
     do not change this default."""

@@ -116,7 +116,7 @@ def test_resume_of_a_checkpoint_from_before_the_model_field(tmp_path):
     import open_clip
 
     cfg = toyclip.ToyClipV2Config(out=str(tmp_path), model=toyclip.MODEL_NAME)
-    old_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "model"}
+    old_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("model", "aux_factor_weights")}
     toyclip.register()
     torch.manual_seed(0)
     model = open_clip.create_model(toyclip.MODEL_NAME)
@@ -135,6 +135,35 @@ def test_resume_of_a_checkpoint_from_before_the_model_field(tmp_path):
     with pytest.raises(ValueError, match=r"'model': \('visae-toyclip', 'visae-toyclip2'\)"):
         toyclip._resume(tmp_path / "checkpoint.pt", v2, dataclasses.asdict(v2), fresh, None,
                         torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+    # the run trained with equal head weights: resuming it with other weights is refused, naming the field
+    weighted = dataclasses.replace(cfg, aux_factor_weights="shape:6")
+    with pytest.raises(ValueError, match=r"'aux_factor_weights': \('', 'shape:6'\)"):
+        toyclip._resume(tmp_path / "checkpoint.pt", weighted, dataclasses.asdict(weighted), fresh, None,
+                        torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+
+
+def test_aux_factor_weights():
+    order = list(w2.MAIN_FACTORS)
+    assert toyclip.aux_factor_weights("") == [1.0] * len(order)
+    got = toyclip.aux_factor_weights(" shape:6 , texture:2.5,background:0")
+    assert got == [{"shape": 6.0, "texture": 2.5, "background": 0.0}.get(f, 1.0) for f in order]
+    for bad, match in (("shap:2", "factor one of"), ("shape", "factor one of"), ("shape:x", "not a number"),
+                       ("shape:-1", ">= 0"), ("shape:nan", ">= 0"), ("shape:1,shape:2", "twice"),
+                       (",".join(f"{f}:0" for f in order), "every weight is 0")):
+        with pytest.raises(ValueError, match=match):
+            toyclip.aux_factor_weights(bad)
+    # the loss is the weighted mean of the heads' cross-entropies (a zero weight drops a head)
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(6, n, generator=g, dtype=torch.float64) for n in (3, 4)]
+    labels = torch.tensor([[0, 1], [1, 2], [2, -1], [0, 3], [1, 0], [2, 1]])
+    ce = [torch.nn.functional.cross_entropy(lg, labels[:, i], ignore_index=-1) for i, lg in enumerate(logits)]
+    # the same two products, one sum and one division on both sides, in another order: <= 4 roundings each
+    assert torch.allclose(toyclip.aux_factor_loss(logits, labels, [6.0, 1.0]), (6 * ce[0] + ce[1]) / 7,
+                          rtol=8 * torch.finfo(torch.float64).eps, atol=0)
+    assert torch.equal(toyclip.aux_factor_loss(logits, labels, [0.0, 2.0]), 2 * ce[1] / 2)
+    # checked before anything is written
+    with pytest.raises(ValueError, match="aux_factor_weights"):
+        toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(aux_factor_weights="size:big", out="/nonexistent/x"), [])
 
 
 def test_create_toyclip_errors_name_the_architecture(tmp_path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -370,6 +371,9 @@ def export_fp16(model: torch.nn.Module, path: str | Path, name: str = MODEL_NAME
     return path
 
 
+# v2 config fields added after runs were made, with the value that reproduces those runs (model: v1's patchify tower;
+# aux_factor_weights: equal weights).
+_ADDED_FIELDS = {"model": MODEL_NAME, "aux_factor_weights": ""}
 # Fields that may change between a run and its resumption without changing the result.
 _VOLATILE = ("out", "export", "resume", "progress", "eval_every", "checkpoint_every", "device", "threads")
 
@@ -379,17 +383,19 @@ def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Modu
     """(step, train seconds) restored from ``ckpt`` when ``cfg.resume`` and it exists, else (0, 0.0).
 
     The checkpoint's config must equal ``cfg_dict`` but for :data:`_VOLATILE` (ValueError naming the
-    differences otherwise); a v2 checkpoint without ``model`` (written before that field existed) was
-    trained with v1's architecture and counts as ``model: visae-toyclip``; ``log.jsonl`` beside it keeps only the records up to the restored step (the
-    later ones are redone), or starts empty for a fresh run. Shared by v1 and v2 training.
+    differences otherwise); a field the checkpoint lacks because it was added later (:data:`_ADDED_FIELDS`)
+    counts as the value the run trained with (``model``: v1's ``visae-toyclip``; ``aux_factor_weights``: equal
+    weights); ``log.jsonl`` beside it keeps only the records up to the restored step (the later ones are
+    redone), or starts empty for a fresh run. Shared by v1 and v2 training.
     """
     step, train_seconds = 0, 0.0
     logp = ckpt.parent / "log.jsonl"
     if cfg.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
         old = {k: v for k, v in state["config"].items() if k not in _VOLATILE}
-        if "model" in cfg_dict and "model" not in old:  # a v2 checkpoint from before ToyClipV2Config.model: v1's tower
-            old["model"] = MODEL_NAME
+        for k, before in _ADDED_FIELDS.items():  # a checkpoint from before the field existed: what it trained with
+            if k in cfg_dict and k not in old:
+                old[k] = before
         new = {k: v for k, v in cfg_dict.items() if k not in _VOLATILE}
         if old != new:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
@@ -625,6 +631,10 @@ class ToyClipV2Config:
     aux_logit_scale: float = field(default=10.0, metadata={
         "help": "the factor heads' logits are multiplied by this (their input is the unit embedding, so with "
                 "scale 1 their logits are bounded by the heads' weight norms, about 1 at init)"})
+    aux_factor_weights: str = field(default="", metadata={
+        "help": "relative weights of the factor heads, 'factor:weight,...' (e.g. 'shape:6'; unnamed factors 1); the "
+                "auxiliary loss is their weighted mean. Learnt together with equal weights, the easy factors take the "
+                "embedding and shape stays near chance (docs/toyclip_v2_recipe.md, section 7)"})
     concept_captions: bool = field(default=True, metadata={"help": "add one caption per coarse factor value every step"})
     negatives_per_step: int = field(default=64, metadata={"help": "captions of words outside the world added every step (true of no image)"})
     negatives_exclude: str = field(default="../shared/vocab/20k.txt", metadata={
@@ -641,6 +651,47 @@ class ToyClipV2Config:
 
 
 V2_COARSE = ("colour_family", "shape", "texture", "size", "hpos", "vpos", "background")
+
+
+def aux_factor_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Weighted mean over factor heads of the cross-entropy: ``sum_i w_i CE(logits_i, labels[:, i]) / sum_i w_i``.
+
+    ``logits``: one ``[B, n_values_i]`` tensor per head; ``labels``: ``[B, n_heads]`` value indices, -1 where the
+    factor is absent (ignored); ``weights``: one number >= 0 per head (:func:`aux_factor_weights`).
+    """
+    return sum(w * F.cross_entropy(lg, labels[:, i], ignore_index=-1)
+               for i, (w, lg) in enumerate(zip(weights, logits)) if w) / sum(weights)
+
+
+def aux_factor_weights(spec: str) -> list[float]:
+    """The factor heads' weights, in ``visae.world2.MAIN_FACTORS`` order, from ``"factor:weight,..."`` (unnamed: 1).
+
+    Raises:
+        ValueError: an unknown factor (the known ones are listed), a repeated one, a weight that is not a finite
+            number >= 0, or all weights 0.
+    """
+    from visae import world2 as w2
+
+    out = {f: 1.0 for f in w2.MAIN_FACTORS}
+    seen: set[str] = set()
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        name, sep, val = item.partition(":")
+        name = name.strip()
+        if not sep or name not in out:
+            raise ValueError(f"aux_factor_weights: {item!r} is not 'factor:weight' with factor one of {list(w2.MAIN_FACTORS)}")
+        if name in seen:
+            raise ValueError(f"aux_factor_weights: {name!r} given twice")
+        seen.add(name)
+        try:
+            w = float(val)
+        except ValueError:
+            raise ValueError(f"aux_factor_weights: weight {val!r} of {name!r} is not a number") from None
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"aux_factor_weights: weight of {name!r} must be a finite number >= 0, got {val!r}")
+        out[name] = w
+    if not any(out.values()):
+        raise ValueError("aux_factor_weights: every weight is 0 (use --aux_weight 0 to turn the heads off)")
+    return [out[f] for f in w2.MAIN_FACTORS]
 
 
 def shift_scene(scene, dx: float, dy: float, image_size: int = 64):
@@ -783,6 +834,7 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
         raise ValueError(f"curriculum_steps must be >= 0, got {cfg.curriculum_steps}")
     if cfg.model not in TOY_MODELS:
         raise ValueError(f"model must be one of {sorted(TOY_MODELS)}, got {cfg.model!r}")
+    head_w = aux_factor_weights(cfg.aux_factor_weights)
     negs = negative_words(cfg.negatives_exclude or None, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step > 0 else []
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -868,7 +920,7 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
         if cfg.aux_weight > 0:
             y = torch.from_numpy(fac[:, main_cols]).to(cfg.device)
             aux_logits = [cfg.aux_logit_scale * h(img) for h in heads]
-            aux = sum(F.cross_entropy(lg, y[:, i], ignore_index=-1) for i, lg in enumerate(aux_logits)) / len(heads)
+            aux = aux_factor_loss(aux_logits, y, head_w)
             loss = loss + cfg.aux_weight * aux
             with torch.no_grad():  # the heads' accuracy on this batch: how far each factor is linearly readable
                 aux_acc = {f: round(float((lg.argmax(1) == y[:, i])[y[:, i] >= 0].float().mean()), 4)

@@ -173,3 +173,30 @@ def test_create_toyclip_errors_name_the_architecture(tmp_path):
         toyclip.create_toyclip(tmp_path / "nothere.safetensors")
     with pytest.raises(ValueError, match=r"unknown toy CLIP architecture 'visae-toyclip3'"):
         toyclip.create_toyclip(model="visae-toyclip3")
+
+
+def test_pretrain_steps_train_the_image_tower_on_the_factor_heads_only(tmp_path):
+    """During pretrain_steps the loss is the chosen factor heads only: the text tower and the logit scale keep their
+    initial values (no gradient reaches them; AdamW skips parameters without one), the image tower moves, and the
+    log marks those steps."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    cfg = toyclip.ToyClipV2Config(out=str(tmp_path / "run"), n_train=48, max_objects=1, steps=2, batch_size=16, warmup=1,
+                                  pretrain_steps=2, pretrain_factor_weights="shape:1,texture:0.5", eval_n=8,
+                                  eval_every=0, negatives_per_step=4, negatives_exclude="", n_negative_words=20,
+                                  threads=1, progress=False)
+    path = toyclip.train_toy_clip_v2(cfg, [])
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("pretrain") for r in log] == [True, True] and all(np.isfinite(r["aux"]) for r in log)
+    toyclip.register_v2()
+    torch.manual_seed(cfg.seed)
+    init = open_clip.create_model(cfg.model).state_dict()
+    got = load_file(str(path))
+    text_keys = [k for k in init if not k.startswith("visual.")]
+    assert "logit_scale" in text_keys and len(text_keys) > 5
+    for k in text_keys:
+        assert torch.equal(got[k].float(), init[k].half().float()), k
+    assert any(not torch.equal(got[k].float(), init[k].half().float()) for k in init if k.startswith("visual.") and init[k].is_floating_point())
+    with pytest.raises(ValueError, match="every weight is 0"):  # unnamed factors weigh 0 while pretraining
+        toyclip.train_toy_clip_v2(dataclasses.replace(cfg, pretrain_factor_weights="shape:0", out="/nonexistent/x"), [])

@@ -372,8 +372,8 @@ def export_fp16(model: torch.nn.Module, path: str | Path, name: str = MODEL_NAME
 
 
 # v2 config fields added after runs were made, with the value that reproduces those runs (model: v1's patchify tower;
-# aux_factor_weights: equal weights).
-_ADDED_FIELDS = {"model": MODEL_NAME, "aux_factor_weights": ""}
+# aux_factor_weights: equal weights; no pretraining).
+_ADDED_FIELDS = {"model": MODEL_NAME, "aux_factor_weights": "", "pretrain_steps": 0, "pretrain_factor_weights": "shape:1"}
 # Fields that may change between a run and its resumption without changing the result.
 _VOLATILE = ("out", "export", "resume", "progress", "eval_every", "checkpoint_every", "device", "threads")
 
@@ -635,6 +635,12 @@ class ToyClipV2Config:
         "help": "relative weights of the factor heads, 'factor:weight,...' (e.g. 'shape:6'; unnamed factors 1); the "
                 "auxiliary loss is their weighted mean. Learnt together with equal weights, the easy factors take the "
                 "embedding and shape stays near chance (docs/toyclip_v2_recipe.md, section 7)"})
+    pretrain_steps: int = field(default=0, metadata={
+        "help": "for the first N steps the loss is the factor heads only, weighted by pretrain_factor_weights (no "
+                "contrastive term; the text tower waits): the hardest factor first, before the easy ones take the "
+                "embedding (docs/toyclip_v2_recipe.md, section 7); 0: off"})
+    pretrain_factor_weights: str = field(default="shape:1", metadata={
+        "help": "the heads' weights during pretrain_steps, 'factor:weight,...' (unnamed factors 0)"})
     concept_captions: bool = field(default=True, metadata={"help": "add one caption per coarse factor value every step"})
     negatives_per_step: int = field(default=64, metadata={"help": "captions of words outside the world added every step (true of no image)"})
     negatives_exclude: str = field(default="../shared/vocab/20k.txt", metadata={
@@ -663,8 +669,9 @@ def aux_factor_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor, weight
                for i, (w, lg) in enumerate(zip(weights, logits)) if w) / sum(weights)
 
 
-def aux_factor_weights(spec: str) -> list[float]:
-    """The factor heads' weights, in ``visae.world2.MAIN_FACTORS`` order, from ``"factor:weight,..."`` (unnamed: 1).
+def aux_factor_weights(spec: str, default: float = 1.0) -> list[float]:
+    """The factor heads' weights, in ``visae.world2.MAIN_FACTORS`` order, from ``"factor:weight,..."`` (unnamed
+    factors: ``default``).
 
     Raises:
         ValueError: an unknown factor (the known ones are listed), a repeated one, a weight that is not a finite
@@ -672,7 +679,7 @@ def aux_factor_weights(spec: str) -> list[float]:
     """
     from visae import world2 as w2
 
-    out = {f: 1.0 for f in w2.MAIN_FACTORS}
+    out = {f: float(default) for f in w2.MAIN_FACTORS}
     seen: set[str] = set()
     for item in (x.strip() for x in spec.split(",") if x.strip()):
         name, sep, val = item.partition(":")
@@ -690,7 +697,7 @@ def aux_factor_weights(spec: str) -> list[float]:
             raise ValueError(f"aux_factor_weights: weight of {name!r} must be a finite number >= 0, got {val!r}")
         out[name] = w
     if not any(out.values()):
-        raise ValueError("aux_factor_weights: every weight is 0 (use --aux_weight 0 to turn the heads off)")
+        raise ValueError(f"aux_factor_weights: every weight is 0 in {spec!r} (use --aux_weight 0 to turn the heads off)")
     return [out[f] for f in w2.MAIN_FACTORS]
 
 
@@ -835,6 +842,9 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     if cfg.model not in TOY_MODELS:
         raise ValueError(f"model must be one of {sorted(TOY_MODELS)}, got {cfg.model!r}")
     head_w = aux_factor_weights(cfg.aux_factor_weights)
+    if cfg.pretrain_steps < 0:
+        raise ValueError(f"pretrain_steps must be >= 0, got {cfg.pretrain_steps}")
+    pre_w = aux_factor_weights(cfg.pretrain_factor_weights, default=0.0) if cfg.pretrain_steps else head_w
     negs = negative_words(cfg.negatives_exclude or None, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step > 0 else []
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -913,15 +923,19 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
             grp["lr"] = _lr_at(step, cfg)
         x = images_to_tensor(images[idx]).to(cfg.device)
         img = F.normalize(model.encode_image(x), dim=-1)
-        # Each distinct caption is encoded once (concept captions and short captions repeat within a batch).
-        uniq, inv = torch.unique(tokens, dim=0, return_inverse=True)
-        txt = F.normalize(model.encode_text(uniq.to(cfg.device)), dim=-1)[inv.to(cfg.device)]
-        loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), pos)
-        if cfg.aux_weight > 0:
+        pretraining = step < cfg.pretrain_steps
+        if pretraining:  # the factor heads alone (pretrain_factor_weights); the text tower waits
+            loss = img.new_zeros(())
+        else:
+            # Each distinct caption is encoded once (concept captions and short captions repeat within a batch).
+            uniq, inv = torch.unique(tokens, dim=0, return_inverse=True)
+            txt = F.normalize(model.encode_text(uniq.to(cfg.device)), dim=-1)[inv.to(cfg.device)]
+            loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), pos)
+        if cfg.aux_weight > 0 or pretraining:
             y = torch.from_numpy(fac[:, main_cols]).to(cfg.device)
             aux_logits = [cfg.aux_logit_scale * h(img) for h in heads]
-            aux = aux_factor_loss(aux_logits, y, head_w)
-            loss = loss + cfg.aux_weight * aux
+            aux = aux_factor_loss(aux_logits, y, pre_w if pretraining else head_w)
+            loss = loss + (aux if pretraining else cfg.aux_weight * aux)
             with torch.no_grad():  # the heads' accuracy on this batch: how far each factor is linearly readable
                 aux_acc = {f: round(float((lg.argmax(1) == y[:, i])[y[:, i] >= 0].float().mean()), 4)
                            for i, (f, lg) in enumerate(zip(w2.MAIN_FACTORS, aux_logits))}
@@ -934,9 +948,11 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
         rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": _lr_at(step - 1, cfg),
                "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
                "wall": round(time.time() - t_start, 1), "cpu": round(time.process_time() - cpu_start, 1)}
-        if cfg.aux_weight > 0:
+        if cfg.aux_weight > 0 or pretraining:
             rec["aux"] = round(float(aux.detach()), 5)
             rec["aux_acc"] = aux_acc
+        if pretraining:
+            rec["pretrain"] = True
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             rec["zero_shot"] = zero_shot_eval_v2(model, tokenizer, held_img, held_rows)
             if held_img2 is not None:

@@ -106,6 +106,8 @@ def test_batches_follow_the_single_object_curriculum():
     assert len(set(idx.tolist())) == 16
     with pytest.raises(ValueError, match="single_object_fraction"):
         toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(single_object_fraction=1.5, out="/nonexistent/x"), [])
+    with pytest.raises(ValueError, match="texture_style_jitter"):
+        toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(texture_style_jitter=2.0, out="/nonexistent/x"), [])
     with pytest.raises(ValueError, match="visae-toyclip2"):  # an unknown architecture, before anything is written
         toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(model="visae-toyclip3", out="/nonexistent/x"), [])
 

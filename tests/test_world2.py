@@ -164,3 +164,33 @@ def test_on_disk_layout_read_by_the_extractor(tmp_path):
     with pytest.raises(ValueError, match="seed"):
         w.generate_world2(out, 12, seed=3, progress=False)
     assert (out / "world.jsonl").read_text() == before
+
+
+def test_texture_styles_change_drawings_only():
+    """style_jitter draws each scene's textures in its own TextureStyle: pixels of textured regions change, the
+    geometry (label maps, coverage) and every factor do not; the same scene always gets the same style; plain
+    scenes are untouched; jitter 0 is the canonical look."""
+    import dataclasses as dc
+
+    scenes = w.sample_scenes(40, 11, max_objects=3, occlusion=0.3)
+    base, jit = w._render_rows(scenes, "pil", 64), w._render_rows(scenes, "pil", 64, style_jitter=1.0)
+    assert np.array_equal(base[1], jit[1]) and np.array_equal(base[2], jit[2])
+    assert np.array_equal(jit[0], w._render_rows(scenes, "pil", 64, style_jitter=1.0)[0])
+    textured = [i for i, s in enumerate(scenes) if s.background != 0 or any(o.texture != 0 for o in s.objects)]
+    assert len(textured) > 30 and sum(not np.array_equal(base[0][i], jit[0][i]) for i in textured) >= 0.9 * len(textured)
+    plain = [dc.replace(s, background=0, objects=tuple(dc.replace(o, texture=0) for o in s.objects)) for s in scenes[:5]]
+    assert np.array_equal(w._render_rows(plain, "pil", 64)[0], w._render_rows(plain, "pil", 64, style_jitter=1.0)[0])
+    _, _, cov0, _ = w.render_pil(scenes[0], return_coverage=True)
+    _, _, cov1, _ = w.render_pil(scenes[0], return_coverage=True, style_jitter=0.7)
+    assert np.array_equal(cov0, cov1)
+    assert w.texture_style(scenes[0], 0.0) == w.TextureStyle()
+    for s in scenes:
+        st = w.texture_style(s, 1.0)
+        assert 0.3 <= st.duty <= 0.7 and 0.2 <= st.dot <= 0.4 and 0.5 <= st.line <= 1.6 and 0.2 <= st.wave <= 0.5
+        assert 0.23 <= st.speckle <= 0.47 and st.speckle_cell in (1, 2, 3) and 25 <= st.bg_contrast <= 65
+        assert 0.65 <= st.obj_contrast <= 1.35
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+            w.texture_style(scenes[0], bad)
+    with pytest.raises(ValueError, match="renderer 1"):
+        w._render_rows(scenes[:1], "skimage", 64, style_jitter=0.5)

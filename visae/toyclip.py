@@ -372,8 +372,9 @@ def export_fp16(model: torch.nn.Module, path: str | Path, name: str = MODEL_NAME
 
 
 # v2 config fields added after runs were made, with the value that reproduces those runs (model: v1's patchify tower;
-# aux_factor_weights: equal weights; no pretraining).
-_ADDED_FIELDS = {"model": MODEL_NAME, "aux_factor_weights": "", "pretrain_steps": 0, "pretrain_factor_weights": "shape:1"}
+# aux_factor_weights: equal weights; no pretraining; canonical textures).
+_ADDED_FIELDS = {"model": MODEL_NAME, "aux_factor_weights": "", "pretrain_steps": 0, "pretrain_factor_weights": "shape:1",
+                 "texture_style_jitter": 0.0}
 # Fields that may change between a run and its resumption without changing the result.
 _VOLATILE = ("out", "export", "resume", "progress", "eval_every", "checkpoint_every", "device", "threads")
 
@@ -616,6 +617,10 @@ class ToyClipV2Config:
     max_objects: int = field(default=4, metadata={"help": "objects per training scene: 1 .. max_objects"})
     occlusion: float = field(default=0.3, metadata={"help": "probability that a training scene's objects may overlap"})
     colour_jitter: float = field(default=12.0, metadata={"help": "uniform per-channel RGB jitter (0-255 units) of object colours"})
+    texture_style_jitter: float = field(default=0.0, metadata={
+        "help": "in [0, 1]: training scenes draw their textures in a per-scene style (visae.world2.texture_style: line "
+                "widths, duty cycle, dot size, contrast, speckle grain) so that texture kinds, not one drawing of each, "
+                "are learnt; held-out evaluation stays canonical; 0: off"})
     single_object_fraction: float = field(default=0.5, metadata={
         "help": "fraction of each batch drawn from the pool's single-object scenes (the rest: from all scenes); "
                 "the captions and factor labels of a scene describe its main object only, so single-object "
@@ -842,6 +847,8 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     if cfg.model not in TOY_MODELS:
         raise ValueError(f"model must be one of {sorted(TOY_MODELS)}, got {cfg.model!r}")
     head_w = aux_factor_weights(cfg.aux_factor_weights)
+    if not 0.0 <= cfg.texture_style_jitter <= 1.0:
+        raise ValueError(f"texture_style_jitter must be in [0, 1], got {cfg.texture_style_jitter}")
     if cfg.pretrain_steps < 0:
         raise ValueError(f"pretrain_steps must be >= 0, got {cfg.pretrain_steps}")
     pre_w = aux_factor_weights(cfg.pretrain_factor_weights, default=0.0) if cfg.pretrain_steps else head_w
@@ -876,7 +883,7 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     it = range(0, cfg.n_train, 1000)
     for s0 in (tqdm(it, desc="world2 train scenes", disable=not cfg.progress)):
         scenes += w2.sample_scenes(min(1000, cfg.n_train - s0), cfg.seed, s0, **kw)
-    images, _, factors = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE)
+    images, _, factors = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE, style_jitter=cfg.texture_style_jitter)
     held_sc = w2.sample_scenes(300, cfg.eval_seed, max_objects=1, occlusion=0.0)
     held_img, _, held_rows = w2._render_rows(held_sc, "pil", w2.IMAGE_SIZE)
     try:

@@ -55,7 +55,7 @@ __all__ = [
     "named_colours", "colour_families", "family_of_rgb", "rgb_to_lab", "Obj", "Scene", "sample_scene", "sample_scenes",
     "scene_factors", "object_box", "render_pil", "render_skimage", "Caption", "caption_options",
     "captions_for", "grounded_words", "classnames_and_templates", "World2", "sample_world2",
-    "generate_world2", "World2Config", "main",
+    "generate_world2", "World2Config", "main", "TextureStyle", "texture_style",
 ]
 
 FORMAT_NAME = "visae.toyworld2"
@@ -406,35 +406,82 @@ def scene_factors(scene: Scene, visible_fraction: Sequence[float] | None = None,
 # ----------------------------------------------------------------------------- textures (renderer 1)
 
 
+@dataclass(frozen=True)
+class TextureStyle:
+    """How renderer 1 draws the ten texture kinds; the defaults are the world's canonical look.
+
+    ``duty``: fraction of a period in the second tone (striped, zigzag, wavy); ``dot``: dot radius / period;
+    ``line``: multiplier of the gridded (0.25 period) and crosshatched (0.2 period) line widths; ``wave``: wavy
+    amplitude / period; ``speckle``: probability of a speckle cell, ``speckle_cell``: its side (px);
+    ``bg_contrast``: grey levels between a background's two tones; ``obj_contrast``: how far an object's
+    second tone is from its colour (1: :func:`_second_tone`). Training with per-scene styles
+    (:func:`texture_style`, ``render_pil(..., style_jitter=)``) teaches texture *kinds* rather than one
+    drawing of each, so that they transfer to renderer 2 (which draws them with its own formulas).
+    """
+
+    duty: float = 0.5
+    dot: float = 0.3
+    line: float = 1.0
+    wave: float = 0.35
+    speckle: float = 0.35
+    speckle_cell: int = 2
+    bg_contrast: float = 45.0
+    obj_contrast: float = 1.0
+
+
+def texture_style(scene: "Scene", jitter: float) -> TextureStyle:
+    """The scene's drawing style: the canonical :class:`TextureStyle` for ``jitter == 0``; otherwise each field
+    drawn uniformly (from the scene's ``noise_seed``, so a scene always gets the same style) within ``jitter``
+    times its range: duty 0.5 +- 0.2, dot 0.3 +- 0.1, line x [1 - 0.5, 1 + 0.6], wave 0.35 +- 0.15, speckle
+    0.35 +- 0.12, speckle_cell 1-3 px (for jitter >= 0.5), bg_contrast 45 +- 20, obj_contrast 1 +- 0.35.
+
+    Raises:
+        ValueError: ``jitter`` outside [0, 1].
+    """
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"style jitter must be in [0, 1], got {jitter}")
+    if jitter == 0.0:
+        return TextureStyle()
+    g = np.random.default_rng(np.random.SeedSequence([int(scene.noise_seed), 0x57])).uniform(-1.0, 1.0, 8) * jitter
+    return TextureStyle(duty=0.5 + 0.2 * g[0], dot=0.3 + 0.1 * g[1], line=1.0 + (0.6 if g[2] > 0 else 0.5) * g[2],
+                        wave=0.35 + 0.15 * g[3], speckle=0.35 + 0.12 * g[4],
+                        speckle_cell=int(np.clip(np.rint(2 + g[5] / jitter), 1, 3)) if jitter >= 0.5 else 2,
+                        bg_contrast=45.0 + 20.0 * g[6], obj_contrast=1.0 + 0.35 * g[7])
+
+
+_CANONICAL = TextureStyle()
+
+
 def _texture_pattern(kind: int, xx: np.ndarray, yy: np.ndarray, period: float, angle: float, size: float,
-                     noise_seed: int) -> np.ndarray:
-    """Pattern in [0, 1] on pixel coordinates ``xx, yy`` (1 = the texture's second tone)."""
+                     noise_seed: int, style: TextureStyle = _CANONICAL) -> np.ndarray:
+    """Pattern in [0, 1] on pixel coordinates ``xx, yy`` (1 = the texture's second tone), drawn in ``style``."""
     name = TEXTURES[kind]
     c, s = math.cos(angle), math.sin(angle)
     u, v = xx * c + yy * s, -xx * s + yy * c
     if name == "plain":
         return np.zeros_like(xx)
     if name == "striped":
-        return ((u % period) < period / 2).astype(np.float32)
+        return ((u % period) < period * style.duty).astype(np.float32)
     if name == "dotted":
         du, dv = (u % period) - period / 2, (v % period) - period / 2
-        return (du * du + dv * dv <= (0.3 * period) ** 2).astype(np.float32)
+        return (du * du + dv * dv <= (style.dot * period) ** 2).astype(np.float32)
     if name == "checked":
         return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
     if name == "gridded":
-        w = max(1.0, 0.25 * period)
+        w = max(1.0, 0.25 * style.line * period)
         return (((u % period) < w) | ((v % period) < w)).astype(np.float32)
     if name == "zigzag":
         tri = np.abs(((u / period) % 2) - 1) * period
-        return (((v + tri) % period) < period / 2).astype(np.float32)
+        return (((v + tri) % period) < period * style.duty).astype(np.float32)
     if name == "wavy":
-        return (((v + 0.35 * period * np.sin(2 * math.pi * u / (2 * period))) % period) < period / 2).astype(np.float32)
+        return (((v + style.wave * period * np.sin(2 * math.pi * u / (2 * period))) % period) < period * style.duty).astype(np.float32)
     if name == "speckled":
         g = np.random.default_rng(noise_seed)
-        cells = g.random((int(size) // 2 + 2, int(size) // 2 + 2)) < 0.35
-        return cells[(yy // 2).astype(int) % cells.shape[0], (xx // 2).astype(int) % cells.shape[1]].astype(np.float32)
+        c = style.speckle_cell
+        cells = g.random((int(size) // c + 2, int(size) // c + 2)) < style.speckle
+        return cells[(yy // c).astype(int) % cells.shape[0], (xx // c).astype(int) % cells.shape[1]].astype(np.float32)
     if name == "crosshatched":
-        w = max(1.0, 0.2 * period)
+        w = max(1.0, 0.2 * style.line * period)
         d1, d2 = (u + v) / math.sqrt(2), (u - v) / math.sqrt(2)
         return (((d1 % period) < w) | ((d2 % period) < w)).astype(np.float32)
     if name == "gradient":
@@ -459,8 +506,10 @@ def _box2(a: np.ndarray) -> np.ndarray:
     return (a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]) * np.float32(0.25)
 
 
-def render_pil(scene: Scene, image_size: int = IMAGE_SIZE, return_coverage: bool = False):
+def render_pil(scene: Scene, image_size: int = IMAGE_SIZE, return_coverage: bool = False, style_jitter: float = 0.0):
     """Renderer 1 (training): PIL polygons at 2x, textures, composited in order, box-filtered to 1x.
+    ``style_jitter`` > 0 draws the textures in the scene's own :func:`texture_style` (training augmentation;
+    geometry, colours and so every factor, mask and coverage are unchanged); 0: the canonical look.
 
     Returns ``(image uint8 [H, W, 3], labels uint8 [H, W])``: ``labels`` is 0 for background and k + 1
     where object k covers most of the pixel (ties: the upper object); with ``return_coverage`` also
@@ -471,9 +520,10 @@ def render_pil(scene: Scene, image_size: int = IMAGE_SIZE, return_coverage: bool
     S = image_size * _SS
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
     xx, yy = (xx + 0.5) / _SS, (yy + 0.5) / _SS  # sub-pixel centres, in 1x pixel units
+    style = texture_style(scene, style_jitter)
     bg = np.float32(scene.bg_tone)
-    t = _texture_pattern(scene.background, xx, yy, scene.bg_period, scene.bg_angle, S, scene.noise_seed)
-    other = bg + (45.0 if bg < 128 else -45.0)
+    t = _texture_pattern(scene.background, xx, yy, scene.bg_period, scene.bg_angle, S, scene.noise_seed, style)
+    other = bg + (style.bg_contrast if bg < 128 else -style.bg_contrast)
     img = (bg * (1 - t) + other * t)[:, :, None].repeat(3, 2)
     owner = np.zeros((S, S), np.int32)  # 0 background, k + 1 object k (topmost)
     areas: list[float] = []
@@ -497,8 +547,11 @@ def render_pil(scene: Scene, image_size: int = IMAGE_SIZE, return_coverage: bool
             col = np.broadcast_to(rgb, mask.shape + (3,))
         else:
             cx_, cy_ = xx[y0:y1, x0:x1], yy[y0:y1, x0:x1]
-            tt = _texture_pattern(o.texture, cx_ - o.cx, cy_ - o.cy, o.period, o.tex_angle, S, scene.noise_seed + k + 1)
-            col = rgb * (1 - tt[:, :, None]) + _second_tone(rgb) * tt[:, :, None]
+            tt = _texture_pattern(o.texture, cx_ - o.cx, cy_ - o.cy, o.period, o.tex_angle, S, scene.noise_seed + k + 1, style)
+            tone2 = _second_tone(rgb)
+            if style.obj_contrast != 1.0:
+                tone2 = np.clip(rgb + style.obj_contrast * (tone2 - rgb), 0.0, 255.0).astype(np.float32)
+            col = rgb * (1 - tt[:, :, None]) + tone2 * tt[:, :, None]
         img[y0:y1, x0:x1][mask] = col[mask]
         owner[y0:y1, x0:x1][mask] = k + 1
         areas.append(float(mask.sum()) / _SS**2)
@@ -751,13 +804,17 @@ class World2:
         return self.factors[:, FACTOR_INDEX[name]]
 
 
-def _render_rows(scenes: Sequence[Scene], renderer: str, image_size: int):
+def _render_rows(scenes: Sequence[Scene], renderer: str, image_size: int, style_jitter: float = 0.0):
+    """Images ``[n, S, S, 3]``, label maps ``[n, S, S]`` and factor rows ``[n, F]`` of ``scenes`` drawn by
+    ``renderer`` (``style_jitter``: renderer 1's per-scene texture styles, :func:`texture_style`)."""
+    if style_jitter and renderer != "pil":
+        raise ValueError(f"style_jitter is renderer 1's ('pil') augmentation, not {renderer!r}'s")
     imgs = np.empty((len(scenes), image_size, image_size, 3), np.uint8)
     labs = np.empty((len(scenes), image_size, image_size), np.uint8)
     rows = np.empty((len(scenes), len(FACTORS)), np.int64)
     for i, sc in enumerate(scenes):
         if renderer == "pil":
-            imgs[i], labs[i], cov, area = render_pil(sc, image_size, return_coverage=True)
+            imgs[i], labs[i], cov, area = render_pil(sc, image_size, return_coverage=True, style_jitter=style_jitter)
             rows[i] = scene_factors(sc, cov.sum((1, 2)) / np.maximum(area, 1e-9), image_size)
         elif renderer == "skimage":
             imgs[i], labs[i] = render_skimage(sc, image_size)

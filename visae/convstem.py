@@ -3,9 +3,10 @@
 A plain ViT cuts the image into patches with one linear map per patch; with the toy CLIP's budget (a 4-block,
 width-96 ViT trained for about an hour on 2 CPU cores) that tower learns colour, size and position but not
 shape (docs/toyclip_v2_recipe.md: 0.11 zero-shot over 23 shapes after 4,000 steps of 128). Replacing the
-patchify stem with a few 3x3 stride-2 convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers
-See Better", section 3: the stem of "ViT_C") is the standard fix: the same supervised shape probe reaches
-about 3x the accuracy of the patchify stem at equal steps (the recipe notebook, section 7).
+patchify stem with a few stride-2 convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers
+See Better": the stem of "ViT_C"; here 4x4 kernels instead of 3x3, see :class:`ConvStemPatchEmbed`) is the
+standard fix: in the supervised shape probe the same ViT reaches 2-3x the accuracy of the patchify stem at
+equal steps (the recipe notebook, section 7).
 
 The model is a timm ``VisionTransformer`` (class token, pre-norm blocks, final LayerNorm) whose patch
 embedding is :class:`ConvStemPatchEmbed`; everything after the embedding is timm's, so visae's backbone

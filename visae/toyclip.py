@@ -76,7 +76,6 @@ TOYCLIP_TAG = "shipped"
 # v2's image tower: the same ViT size with a convolutional stem (visae.convstem), an open_clip timm tower.
 MODEL_NAME_V2 = "visae-toyclip2"
 MODEL_CONFIG_V2 = Path(__file__).resolve().parent / "model_configs" / f"{MODEL_NAME_V2}.json"
-TOY_MODELS = {MODEL_NAME: MODEL_CONFIG, MODEL_NAME_V2: MODEL_CONFIG_V2}
 
 
 def register() -> str:
@@ -88,13 +87,9 @@ def register() -> str:
     ``load_backbone("visae-toyclip", "shipped")`` (what a shard set made with the shipped weights
     records as its source) load the shipped weights.
     """
-    import open_clip
     from open_clip import pretrained as oc_pretrained
 
-    if MODEL_NAME not in open_clip.list_models():
-        if not MODEL_CONFIG.is_file():
-            raise FileNotFoundError(f"{MODEL_CONFIG} is missing: the visae package is incomplete")
-        open_clip.add_model_config(MODEL_CONFIG)
+    _add_model_config(MODEL_NAME, MODEL_CONFIG)
     tags = oc_pretrained._PRETRAINED.setdefault(MODEL_NAME, {})
     if TOYCLIP_TAG not in tags:
         tags[TOYCLIP_TAG] = oc_pretrained._pcfg(file=str(TOYCLIP_WEIGHTS), quick_gelu=False)
@@ -108,16 +103,25 @@ def register_v2() -> str:
     ``visae/model_configs/visae-toyclip2.json``. No pretrained tag: its weights are a file
     (``open_clip.create_model("visae-toyclip2", pretrained=<file>)``).
     """
-    import open_clip
-
     from visae import convstem
 
     convstem.register()
-    if MODEL_NAME_V2 not in open_clip.list_models():
-        if not MODEL_CONFIG_V2.is_file():
-            raise FileNotFoundError(f"{MODEL_CONFIG_V2} is missing: the visae package is incomplete")
-        open_clip.add_model_config(MODEL_CONFIG_V2)
+    _add_model_config(MODEL_NAME_V2, MODEL_CONFIG_V2)
     return MODEL_NAME_V2
+
+
+def _add_model_config(name: str, path: Path) -> None:
+    """Add the open_clip model config file ``path`` under ``name`` unless open_clip knows ``name`` already."""
+    import open_clip
+
+    if name not in open_clip.list_models():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the visae package is incomplete")
+        open_clip.add_model_config(path)
+
+
+# The toy CLIP architectures: name -> the function that registers it with open_clip.
+TOY_MODELS = {MODEL_NAME: register, MODEL_NAME_V2: register_v2}
 
 
 def register_toy_model(name: str) -> str:
@@ -126,11 +130,9 @@ def register_toy_model(name: str) -> str:
     Raises:
         ValueError: an unknown name (the known ones are listed).
     """
-    if name == MODEL_NAME:
-        return register()
-    if name == MODEL_NAME_V2:
-        return register_v2()
-    raise ValueError(f"unknown toy CLIP architecture {name!r}; known: {sorted(TOY_MODELS)}")
+    if name not in TOY_MODELS:
+        raise ValueError(f"unknown toy CLIP architecture {name!r}; known: {sorted(TOY_MODELS)}")
+    return TOY_MODELS[name]()
 
 
 def create_toyclip(weights: str | Path | None = None, device: str = "cpu", model: str = MODEL_NAME):
@@ -149,11 +151,10 @@ def create_toyclip(weights: str | Path | None = None, device: str = "cpu", model
                if model == MODEL_NAME else
                "none ship; train them: python -c 'from visae.toyclip import main_v2; main_v2()' --out DIR (docs/toyworld.md)")
         raise FileNotFoundError(f"{model} weights {weights} not found; {how}")
-    name = model
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=str(weights) if weights is not None else None, device=device)
-    model.eval()
-    return model, preprocess, open_clip.get_tokenizer(name)
+    net, _, preprocess = open_clip.create_model_and_transforms(
+        model, pretrained=str(weights) if weights is not None else None, device=device)
+    net.eval()
+    return net, preprocess, open_clip.get_tokenizer(model)
 
 
 def load_toyclip(device: str = "cpu"):
@@ -384,9 +385,9 @@ def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Modu
     """(step, train seconds) restored from ``ckpt`` when ``cfg.resume`` and it exists, else (0, 0.0).
 
     The checkpoint's config must equal ``cfg_dict`` but for :data:`_VOLATILE` (ValueError naming the
-    differences otherwise); a field the checkpoint lacks because it was added later (:data:`_ADDED_FIELDS`)
-    counts as the value the run trained with (``model``: v1's ``visae-toyclip``; ``aux_factor_weights``: equal
-    weights); ``log.jsonl`` beside it keeps only the records up to the restored step (the later ones are
+    differences otherwise); a field the checkpoint lacks because it was added later counts as the value the
+    run trained with (:data:`_ADDED_FIELDS`: v1's tower, equal head weights, no pretraining, canonical
+    textures); ``log.jsonl`` beside it keeps only the records up to the restored step (the later ones are
     redone), or starts empty for a fresh run. Shared by v1 and v2 training.
     """
     step, train_seconds = 0, 0.0
@@ -914,26 +915,27 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0xC112]))
         idx = _v2_batch_indices(step, cfg, len(images), single, rng)
         fac = factors[idx]
-        tokens, cons, _ = sampler(fac, rng)
-        parts_t, parts_c = [tokens], [cons]
-        if cfg.concept_captions:
-            t2, c2, _ = sampler.concept_captions(rng)
-            parts_t.append(t2)
-            parts_c.append(c2)
-        if negs:
-            t3, c3, _ = sampler.negatives(negs, cfg.negatives_per_step, len(w2.FACTORS), rng)
-            parts_t.append(t3)
-            parts_c.append(c3)
-        tokens, cons = torch.cat(parts_t), np.concatenate(parts_c)
-        pos = _positives(fac, cons).to(cfg.device)
         for grp in opt.param_groups:
             grp["lr"] = _lr_at(step, cfg)
         x = images_to_tensor(images[idx]).to(cfg.device)
         img = F.normalize(model.encode_image(x), dim=-1)
         pretraining = step < cfg.pretrain_steps
-        if pretraining:  # the factor heads alone (pretrain_factor_weights); the text tower waits
+        if pretraining:  # the factor heads alone (pretrain_factor_weights): no captions, the text tower waits
             loss = img.new_zeros(())
         else:
+            # The step's captions (rng is this step's own stream: skipping them while pretraining changes no other step).
+            tokens, cons, _ = sampler(fac, rng)
+            parts_t, parts_c = [tokens], [cons]
+            if cfg.concept_captions:
+                t2, c2, _ = sampler.concept_captions(rng)
+                parts_t.append(t2)
+                parts_c.append(c2)
+            if negs:
+                t3, c3, _ = sampler.negatives(negs, cfg.negatives_per_step, len(w2.FACTORS), rng)
+                parts_t.append(t3)
+                parts_c.append(c3)
+            tokens, cons = torch.cat(parts_t), np.concatenate(parts_c)
+            pos = _positives(fac, cons).to(cfg.device)
             # Each distinct caption is encoded once (concept captions and short captions repeat within a batch).
             uniq, inv = torch.unique(tokens, dim=0, return_inverse=True)
             txt = F.normalize(model.encode_text(uniq.to(cfg.device)), dim=-1)[inv.to(cfg.device)]

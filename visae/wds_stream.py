@@ -432,8 +432,6 @@ def read_progress(directory: str | Path) -> list[dict[str, Any]]:
 
 
 def _append(directory: Path, recs: list[dict[str, Any]]) -> None:
-    if not recs:
-        return
     from visae.atomic import append_lines
 
     append_lines(directory / PROGRESS, [json.dumps(r, ensure_ascii=True) + "\n" for r in recs])

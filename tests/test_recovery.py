@@ -127,7 +127,7 @@ def test_planted_concepts_are_recovered(planted, tmp_path):
     assert res["summary"]["fraction_recovered"] == 0.0 and res["summary"]["mean_best_auroc"] < 0.6, res["summary"]
 
 
-def test_cli(planted, tmp_path):
+def test_cli(planted, tmp_path, capsys):
     sae, shards = planted
     sae.save(tmp_path / "sae")
     out = tmp_path / "rec.json"
@@ -135,3 +135,7 @@ def test_cli(planted, tmp_path):
                  "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["summary"]["fraction_recovered"] == 1.0 and res["config"]["factors"] == ["colour", "shape"]
+    assert "recovery: encode" in capsys.readouterr().err  # the progress bar, by default
+    assert main(["--sae", str(tmp_path / "sae"), "--shards", str(shards), "--factors", "colour", "--no_progress",
+                 "--out", str(tmp_path / "quiet.json")]) == 0
+    assert "recovery: encode" not in capsys.readouterr().err

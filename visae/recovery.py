@@ -324,6 +324,7 @@ class RecoveryConfig:
     recovered_at: float = field(default=0.9, metadata={"help": "AUROC at which a value counts as recovered"})
     out: Optional[str] = field(default=None, metadata={"help": "write the result as JSON here"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
+    progress: bool = field(default=True, metadata={"help": "progress bar (stderr) of the encoding pass; --no_progress: none"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"visae recovery: error: {e}", file=sys.stderr)
         return 2
     res = concept_recovery(cfg.sae, cfg.shards, member=cfg.member, factors=cfg.factors or None, concepts=cfg.concepts,
-                           batch_size=cfg.batch_size, device=cfg.device, recovered_at=cfg.recovered_at, progress=True)
+                           batch_size=cfg.batch_size, device=cfg.device, recovered_at=cfg.recovered_at, progress=cfg.progress)
     res["config"] = dataclasses.asdict(cfg)
     if cfg.out:
         atomic_write_text(cfg.out, json.dumps(res, indent=1))

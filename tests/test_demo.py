@@ -165,7 +165,7 @@ def test_quick_keeps_a_nested_override_and_it_reaches_the_sweep(tmp_path, monkey
     assert sweep.train.num_epochs == 3 and sweep.train.architecture == "topk"  # the overrides
     assert sweep.train.batch_size == demo.QUICK.quick_batch_size and len(sweep.lrs) == 1  # --quick's own
     assert sweep.train.seed == 4 and sweep.train.progress is False and sweep.out == str(out / "sweep")  # propagated
-    assert sweep.train.shards == str(out / "shards") and sweep.selection.classifier.benchmark == "toy"
+    assert sweep.train.shards == str(out / "shards") and sweep.selection.classifier.benchmark == "auto"
     # the recorded config is the whole nested one, as the stages run it
     rec = json.loads((out / demo.STATE).read_text())["config"]
     assert _keys(rec) == _keys(config_to_dict(demo.DemoConfig()))
@@ -189,3 +189,57 @@ def test_bad_vocab_file_and_an_older_demo_directory_are_refused_before_any_stage
     (out / demo.STATE).write_text(json.dumps({"stages": {}, "config": {"out": str(out), "lrs": [0.002]}}))
     assert demo.main(["--out", str(out)]) == 2
     assert "older visae" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == [demo.STATE]
+
+
+# ----------------------------------------------------------------------------- world2
+
+
+def test_world2_needs_weights_and_an_unknown_world_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert demo.main(["--out", str(out), "--world", "world2"]) == 2
+    assert "has no shipped weights yet; pass --pretrained FILE" in capsys.readouterr().err and not out.exists()
+    assert demo.main(["--out", str(out), "--world", "world3"]) == 2
+    assert "expected one of ['toy', 'world2']" in capsys.readouterr().err and not out.exists()
+    assert demo.main(["--out", str(out), "--distractors", str(tmp_path / "nope.txt")]) == 2
+    assert "--distractors" in capsys.readouterr().err and not out.exists()
+
+
+def test_world2_demo_runs_every_stage_on_its_own_world_benchmark_and_vocabulary(tmp_path):
+    """The demo on world2 (weights: a random-initialised visae-toyclip2, so no signal is asserted): its world, the
+    253-class family x shape selection benchmark, world2's words plus a distractors file, world2's factors."""
+    from visae import toyclip, world2
+    from visae.backbones import load_backbone
+
+    weights = toyclip.export_fp16(load_backbone("visae-toyclip2", random_init=True).model, tmp_path / "w.safetensors",
+                                  toyclip.MODEL_NAME_V2)
+    (tmp_path / "d.txt").write_text("incurred\nwellbutrin\ncrimson\n")
+    out = tmp_path / "out"
+    assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(weights), "--quick",
+                      "--quick_n_images", "200", "--no_progress", "--threads", "2", "--distractors",
+                      str(tmp_path / "d.txt"), "--text_cache", str(tmp_path / "tc")]) == 0
+    assert json.loads((out / "world" / "world.json").read_text())["format"] == world2.FORMAT_NAME
+    assert json.loads((out / "shards" / "manifest.json").read_text())["source"]["model"] == "visae-toyclip2"
+    score = next((out / "sweep" / "trials").glob("*/zeroshot.json"))
+    assert '"world2"' in score.read_text()
+    words = (out / "vocab.txt").read_text().split("\n")
+    assert {"crescent", "crimson", "checked", "incurred", "wellbutrin"} <= set(words) and words.count("crimson") == 1
+    rec = json.loads((out / "recovery.json").read_text())
+    assert set(rec["factors"]) <= set(world2.MAIN_FACTORS) and "colour_family" in rec["factors"]
+    svr = rec["selection_vs_recovery"]
+    assert svr["n_trials"] == 1 and svr["spearman_score"] is None and svr["selected_within_one"] is True
+
+
+def test_selection_vs_recovery_is_spearman_of_the_leaderboard(tmp_path):
+    from visae.sweepdir import SweepDir
+
+    swd = SweepDir(tmp_path)
+    rows = [("a", 1, 0.5, 10), ("b", 2, 0.4, 8), ("c", 3, 0.3, 9), ("d", 4, 0.2, 1)]  # trial, rank, score, recovery
+    swd.leaderboard_csv.write_text("rank,trial,score\n" + "".join(f"{r},{t},{s}\n" for t, r, s, _ in rows))
+    trials = {t: {"fraction_named_at": n / 20} for t, _, _, n in rows}
+    svr = demo.selection_vs_recovery(swd, trials, "b", 20)
+    # ranks of score 4 3 2 1, of recovery 4 2 3 1: rho = 1 - 6 * 2 / (4 * 15) = 0.8 (exact in binary to 1 ulp)
+    assert svr["spearman_score"] == pytest.approx(0.8, rel=4 * 2.0 ** -52) and svr["spearman_rule"] == svr["spearman_score"]
+    assert svr["recovery"] == {"a": 10, "b": 8, "c": 9, "d": 1} and svr["best_recovery"] == 10
+    assert svr["selected_recovery"] == 8 and svr["selected_within_one"] is False
+    flat = demo.selection_vs_recovery(swd, {t: {"fraction_named_at": 0.5} for t in trials}, "a", 20)
+    assert flat["spearman_score"] is None and flat["selected_within_one"] is True  # constant recovery: undefined

@@ -111,6 +111,10 @@ def test_planted_concepts_are_recovered(planted, tmp_path):
     assert res["summary"]["fraction_named_at"] == 3 / 5 and res["summary"]["named_at"] == 0.95  # count / 5
     strict = concept_recovery(sae, shards, factors=["colour", "shape"], concepts=concepts, named_at=1.01)
     assert strict["summary"]["fraction_named_at"] == 0
+    # precision: of the 5 named latents that fire, "yellow" (latent 5 reads green) and "circle" on noise latent 0
+    # name nothing they detect
+    assert res["summary"]["n_named_latents"] == 5 and res["summary"]["n_unsupported_names"] == 2
+    assert res["summary"]["unsupported_names"] == {"5": "yellow", "0": "circle"}
 
     # The same SAE against the labels of other images (a shuffled copy of the shard set): nothing
     # is recovered, so the score can fail.
@@ -139,3 +143,31 @@ def test_cli(planted, tmp_path, capsys):
     assert main(["--sae", str(tmp_path / "sae"), "--shards", str(shards), "--factors", "colour", "--no_progress",
                  "--out", str(tmp_path / "quiet.json")]) == 0
     assert "recovery: encode" not in capsys.readouterr().err
+
+
+def test_world2_shards_use_world2s_factors_and_naming_truth(planted, tmp_path):
+    """Shards of a world2 world (the source records its format and main factors): the default factors are world2's
+    main factors present in the shards (not the first toy world's), and names are judged by world2's naming truth:
+    a named colour of the family ("crimson" for red) and a shape synonym ("oval"... here "disc" for circle) count."""
+    from visae import world2
+    from visae.shards import ShardSet
+
+    sae, shards = planted
+    ss = ShardSet(shards)
+    meta = ss.metadata()
+    fams = list(world2.FAMILIES)
+    colour_family = np.array([fams.index(c) for c in ("red", "green", "blue")])[meta["colour"]]
+    out = tmp_path / "w2shards"
+    source = {"model": "planted", "dataset_kind": "toyworld",
+              "dataset_info": {"world_format": world2.FORMAT_NAME, "main_factors": list(world2.MAIN_FACTORS)}}
+    with ShardWriter(out, d=ss.d, dtype="float32", columns={"colour_family": "int64", "shape": "int64"},
+                     label_names={"colour_family": fams, "shape": list(world2.SHAPES)}, source=source) as w:
+        w.add(ss.read(np.arange(len(ss)), raw=True), ids=[str(i) for i in range(len(ss))],
+              columns={"colour_family": colour_family, "shape": meta["shape"]})  # shapes 0, 1: circle, ellipse
+    concepts = [{"latent": 2, "name": "crimson"}, {"latent": 5, "name": "incurred"}, {"latent": 7, "name": "navy"},
+                {"latent": 1, "name": "disc"}, {"latent": 4, "name": "oval"}]
+    res = concept_recovery(sae, out, concepts=concepts)
+    assert [f for f in res["factors"]] == ["shape", "colour_family"]  # world2.MAIN_FACTORS order, present columns
+    right = {r["value"]: r["name_correct"] for r in res["values"]}
+    assert right == {"circle": True, "ellipse": True, "red": True, "green": False, "blue": True}
+    assert res["summary"]["n_unsupported_names"] == 1 and res["summary"]["unsupported_names"] == {"5": "incurred"}

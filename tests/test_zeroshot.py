@@ -571,3 +571,25 @@ def test_visae_select_alone_reselects_a_residual_layer_sweep_by_spliced_accuracy
     assert rc == 0, capsys.readouterr().err
     chosen2 = json.loads((sw / "selection.json").read_text())["trial"]
     assert chosen2 != chosen and after[chosen2]["recon"]["top1"] == max(rest.values()), (chosen2, rest)
+
+
+def test_world2_benchmarks_and_auto_detection(tmp_path):
+    """world2 / world2:<factor> come from visae.world2's own table (family x shape: 253 classes); auto picks it for
+    shards of a world2 world (source.dataset_info.world_format), the first toy world's for the first's."""
+    from visae import world2
+    from visae.zeroshot import _auto_benchmark, benchmark_classes
+
+    names, templates, column = benchmark_classes("world2")
+    assert names == list(world2.FACTORS["family_shape"]) and len(names) == 253 and column == "family_shape"
+    assert "a photo of a red triangle" in [t.format("red triangle") for t in templates]
+    assert benchmark_classes("world2:shape")[0] == list(world2.SHAPES)
+    assert benchmark_classes("toy")[2] == "colour_shape"
+    with pytest.raises(ZeroShotError, match="unknown world2 benchmark 'colour_shape'"):
+        benchmark_classes("world2:colour_shape")
+    with pytest.raises(ZeroShotError, match="_object_templates"):  # private entries are not benchmarks
+        benchmark_classes("world2:_object_templates")
+    for fmt, want in (("visae.toyworld2", "world2"), ("visae.toyworld", "toy")):
+        src = {"model": "m", "dataset_kind": "toyworld", "dataset_info": {"world_format": fmt}}
+        with ShardWriter(tmp_path / fmt, 4, source=src) as w:
+            w.add(np.ones((2, 4), np.float32), ids=["a", "b"])
+        assert _auto_benchmark(ShardSet(tmp_path / fmt), "label") == want

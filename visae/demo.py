@@ -36,7 +36,8 @@ from visae.resources import config_yaml
 from visae.sweep import SweepConfig
 from visae.sweepdir import SweepDir
 
-__all__ = ["DemoConfig", "PROPAGATED", "QUICK", "effective", "resolve", "run_demo", "toy_vocabulary", "main"]
+__all__ = ["DemoConfig", "DemoWorld", "PROPAGATED", "QUICK", "WORLDS", "effective", "resolve", "run_demo",
+           "selection_vs_recovery", "toy_vocabulary", "world2_vocabulary", "main"]
 
 DEFAULT_YAML = config_yaml("demo.yaml")
 STATE = "demo_state.json"
@@ -78,14 +79,15 @@ def _fixed(prefix: str) -> tuple[str, ...]:
 
 def _demo_sweep() -> SweepConfig:
     """The demo's sweep: a 2 x 2 x 2 grid of ReLU SAEs, 40 epochs of batch 256 on the CPU, selected by the toy
-    CLIP's zero-shot accuracy (48 colour x shape classes) on the reconstructions."""
+    CLIP's zero-shot accuracy on the reconstructions (benchmark auto: the world's, 48 colour x shape classes on the
+    first toy world, 253 colour-family x shape classes on world2)."""
     base = SweepConfig()
     return dataclasses.replace(
         base, out="<out>/sweep", lrs=(2e-3, 5e-3), l1_coeffs=(5e-5, 1e-4), expansion_factors=(4, 8),
         train=dataclasses.replace(base.train, shards="<out>/shards", architecture="relu", num_epochs=40,
                                   batch_size=256, device="cpu"),
         selection=dataclasses.replace(base.selection, classifier=dataclasses.replace(
-            base.selection.classifier, benchmark="toy", text_cache="<text_cache>")))
+            base.selection.classifier, benchmark="auto", text_cache="<text_cache>")))
 
 
 def _demo_naming() -> NameConfig:
@@ -116,12 +118,19 @@ class DemoConfig:
         "help": "seed of the world (its images), of the SAE training and of the naming's random image sample"})
     world_seed_offset: int = field(default=5000, metadata={
         "help": "the demo's world has seed seed + this (not the toy CLIP's training world, seed 0)"})
-    model: str = field(default="visae-toyclip", metadata={"help": "backbone (the shipped toy CLIP)"})
+    world: str = field(default="toy", metadata={
+        "help": "synthetic world (visae.demo.WORLDS): toy (visae.toyworld, 48 colour x shape classes, visae-toyclip) "
+                "or world2 (visae.world2, single-object scenes, 253 colour-family x shape classes, visae-toyclip2)"})
+    model: str = field(default="", metadata={"help": "backbone; empty: the world's toy CLIP"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "other toy CLIP weights (.safetensors); null: the shipped ones"})
     vocab: str = field(default="toy", metadata={
-        "help": "naming vocabulary: toy (the world's words and synonyms plus n_distractors other words), wordfreq "
-                "(20k English words) or a file"})
-    n_distractors: int = field(default=600, metadata={"help": "vocab toy: words that name no factor value"})
+        "help": "naming vocabulary: toy (the world's words and synonyms plus distractors that name no factor value), "
+                "wordfreq (20k English words) or a file"})
+    n_distractors: int = field(default=600, metadata={"help": "vocab toy with distractors wordfreq: how many"})
+    distractors: str = field(default="wordfreq", metadata={
+        "help": "vocab toy: where the distractors come from: wordfreq (the n_distractors most frequent English words "
+                "that name no factor value) or a word-list file, all of whose words that name no factor value are "
+                "used (e.g. the Discover-then-Name list ../shared/vocab/20k.txt)"})
     text_cache: str = field(default="", metadata={"help": "text-embedding cache directory; empty: <out>/text_cache"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
     quick_n_images: int = field(default=1000, metadata={"help": "--quick: images"})
@@ -139,6 +148,8 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if not self.vocab:
             raise ConfigError("DemoConfig.vocab is empty; give toy, wordfreq or a word-list file")
+        if self.world not in WORLDS:
+            raise ConfigError(f"DemoConfig.world = {self.world!r}: expected one of {sorted(WORLDS)}")
         defaults = {"sweep": _demo_sweep(), "naming": _demo_naming()}
         resolved = _propagated_values(self)
         for path, source in PROPAGATED.items():
@@ -209,6 +220,8 @@ def effective(cfg: DemoConfig) -> DemoConfig:
                                     expansion_factors=cfg.sweep.expansion_factors[:1])
         naming = dataclasses.replace(naming, n_top=quick(naming.n_top, d.naming.n_top, cfg.quick_n_top))
         cfg = dataclasses.replace(cfg, n_images=cfg.quick_n_images, sweep=sweep, naming=naming)
+    if not cfg.model:
+        cfg = dataclasses.replace(cfg, model=WORLDS[cfg.world].model)
     return resolve(cfg)
 
 
@@ -227,8 +240,6 @@ def _identity(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-QUICK = DemoConfig(quick=True)
-
 # Distractors: colours, shapes, sizes, places and textures the world does not have, and other words.
 _DISTRACTORS = ("orange white black grey gray gold silver beige maroon navy lime olive "
                 "hexagon oval rectangle heart arrow ring crescent pentagon line curve spiral "
@@ -237,12 +248,39 @@ _DISTRACTORS = ("orange white black grey gray gold silver beige maroon navy lime
                 "object thing shape picture photo image background colour color size dog cat car house tree").split()
 
 
-def toy_vocabulary(n_distractors: int = 600) -> list[str]:
-    """The demo's naming vocabulary: every factor value word of the world, its synonyms and the world's position
-    phrases, then distractors:
-    the hand-picked ones above, topped up with wordfreq's most frequent English words (stop words dropped)
-    until there are ``n_distractors`` words that name no factor value."""
+def _with_distractors(words: list[str], is_world_word: Callable[[str], bool], n_distractors: int, distractors: str,
+                      handpicked: tuple[str, ...] = ()) -> list[str]:
+    """``words`` (the world's, deduplicated, first) + distractors: from a word-list file all of its words
+    (naming decides which are right), from ``wordfreq`` the hand-picked ones then the most frequent English words
+    (stop words dropped) until ``n_distractors`` words that name no factor value.
+
+    Raises:
+        NamingError: a distractors file that does not exist or is not UTF-8.
+        ValueError: wordfreq has too few words.
+    """
     from visae.naming import load_vocabulary
+
+    words = list(dict.fromkeys(words))
+    if distractors != "wordfreq":
+        seen = {w.lower() for w in words}
+        return words + [w for w in load_vocabulary(distractors, 0, alpha_only=True) if w.lower() not in seen]
+    seen = {w.lower() for w in words}
+    picked = [w for w in dict.fromkeys(handpicked) if w not in seen and not is_world_word(w)]
+    if len(picked) < n_distractors:
+        pool = load_vocabulary(None, max(2000, 3 * n_distractors), stopwords=True, alpha_only=True)
+        seen |= {w.lower() for w in picked}
+        for w in pool:
+            if w.lower() not in seen and not is_world_word(w.lower()):
+                seen.add(w.lower())
+                picked.append(w)
+        if len(picked) < n_distractors:
+            raise ValueError(f"wordfreq gave only {len(picked)} distractor words, {n_distractors} asked for")
+    return words + picked[:max(n_distractors, 0)]
+
+
+def toy_vocabulary(n_distractors: int = 600, distractors: str = "wordfreq") -> list[str]:
+    """The demo's naming vocabulary on the first toy world: every factor value word, its synonyms and the world's
+    position phrases, then distractors (:func:`_with_distractors`; from wordfreq: the hand-picked ones above first)."""
     from visae.recovery import SYNONYMS, _words_of
     from visae.toyworld import FACTORS, MAIN_FACTORS, POSITION_PHRASES
 
@@ -254,17 +292,58 @@ def toy_vocabulary(n_distractors: int = 600) -> list[str]:
         words += list(SYNONYMS.get(w, ()))
     world = set(words)
     words += list(POSITION_PHRASES)  # the world says "on the left", never "left" alone
-    distractors = [w for w in dict.fromkeys(_DISTRACTORS) if w not in world]
-    if len(distractors) < n_distractors:
-        pool = load_vocabulary(None, max(2000, 3 * n_distractors), stopwords=True, alpha_only=True)
-        seen = world | set(distractors)
-        for w in pool:
-            if w.lower() not in seen:
-                seen.add(w.lower())
-                distractors.append(w)
-        if len(distractors) < n_distractors:
-            raise ValueError(f"wordfreq gave only {len(distractors)} distractor words, {n_distractors} asked for")
-    return list(dict.fromkeys(words)) + distractors[:max(n_distractors, 0)]
+    return _with_distractors(words, world.__contains__, n_distractors, distractors, _DISTRACTORS)
+
+
+def world2_vocabulary(n_distractors: int = 600, distractors: str = "wordfreq") -> list[str]:
+    """The demo's naming vocabulary on world2: the words its captions use for the main factors' values (basic
+    colour terms, shapes, textures, sizes, position phrases) and its fine colour names, then distractors
+    (:func:`_with_distractors`; wordfreq distractors exclude every name the world's naming truth accepts,
+    :func:`visae.world2.accepted_names`)."""
+    from visae import world2 as w2
+
+    words = [v for f in w2.MAIN_FACTORS for v in w2.FACTORS[f]] + list(w2.FACTORS["colour"])
+    accepted = {n for f in w2.MAIN_FACTORS for v in w2.FACTORS[f] for n in w2.accepted_names(f, v)}
+    return _with_distractors(words, accepted.__contains__, n_distractors, distractors)
+
+
+@dataclass(frozen=True)
+class DemoWorld:
+    """A synthetic world the demo runs on (one entry of :data:`WORLDS`).
+
+    ``generate(out_dir, n, seed, progress)`` writes the world (toyworld layout: world.json + world.jsonl);
+    ``vocabulary(n_distractors, distractors)`` is the naming vocabulary of ``--vocab toy``; ``model`` the toy CLIP
+    trained on it; ``shipped`` whether that model's weights ship with the package (else ``--pretrained`` is needed).
+    """
+
+    generate: Callable[[Path, int, int, bool], Any]
+    vocabulary: Callable[[int, str], list[str]]
+    model: str
+    shipped: bool
+
+
+def _generate_toy(out: Path, n: int, seed: int, progress: bool) -> Any:
+    from visae.toyworld import generate_world
+
+    return generate_world(out, n, seed, progress=progress)
+
+
+def _generate_world2(out: Path, n: int, seed: int, progress: bool) -> Any:
+    from visae.world2 import generate_world2
+
+    # one object per image: the zero-shot benchmark's label (colour family x shape of the object) is then the
+    # image's, as an ImageNet label is
+    return generate_world2(out, n, seed, max_objects=1, progress=progress)
+
+
+# name -> world; a new world is one entry
+WORLDS: dict[str, DemoWorld] = {
+    "toy": DemoWorld(_generate_toy, toy_vocabulary, "visae-toyclip", shipped=True),
+    "world2": DemoWorld(_generate_world2, world2_vocabulary, "visae-toyclip2", shipped=False),
+}
+
+
+QUICK = DemoConfig(quick=True)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -298,6 +377,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(run.out)
     if run.vocab not in ("toy", "wordfreq") and not Path(run.vocab).expanduser().is_file():
         raise ConfigError(f"--vocab {run.vocab}: no such word-list file (expected toy, wordfreq or a file, one word a line)")
+    if run.vocab == "toy" and run.distractors != "wordfreq" and not Path(run.distractors).expanduser().is_file():
+        raise ConfigError(f"--distractors {run.distractors}: no such word-list file (expected wordfreq or a file, "
+                          "one word a line)")
+    world = WORLDS[run.world]
+    if run.model == world.model and not world.shipped and run.pretrained is None:
+        raise ConfigError(f"--world {run.world}: its model {world.model} has no shipped weights yet; pass "
+                          "--pretrained FILE (weights trained by visae.toyclip, docs/toyclip_v2_recipe.md)")
     st = _state(out)
     recorded = config_to_dict(run)  # the whole config, nested ones included, as every stage ran it
     key = _identity(recorded)
@@ -334,10 +420,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         return info
 
     def do_world() -> dict[str, Any]:
-        from visae.toyworld import generate_world
-
-        generate_world(world_dir, run.n_images, run.seed + run.world_seed_offset, progress=run.progress)
-        return {"dir": str(world_dir), "n": run.n_images, "seed": run.seed + run.world_seed_offset}
+        world.generate(world_dir, run.n_images, run.seed + run.world_seed_offset, run.progress)
+        return {"dir": str(world_dir), "world": run.world, "n": run.n_images, "seed": run.seed + run.world_seed_offset}
 
     def do_extract() -> dict[str, Any]:
         from visae.extract import ExtractConfig, extract
@@ -364,7 +448,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         from visae.naming import name_concepts
 
         if run.vocab == "toy":
-            atomic_write_text(str(run.naming.vocab), "\n".join(toy_vocabulary(run.n_distractors)) + "\n")
+            words = world.vocabulary(run.n_distractors, run.distractors)
+            atomic_write_text(str(run.naming.vocab), "\n".join(words) + "\n")
         name_concepts(run.naming)
         doc = json.loads((concepts_dir / "concepts.json").read_text())
         return {"dir": str(concepts_dir), "named": doc.get("num_named"), "latents": doc.get("num_concepts"),
@@ -410,6 +495,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             trials[t.name]["factors"] = r["factors"]
         res["selected_trial"] = sel.get("trial")
         res["sweep_trials"] = trials
+        res["selection_vs_recovery"] = selection_vs_recovery(swd, trials, sel.get("trial"), len(res["values"]))
         atomic_write_text(out / "recovery.json", json.dumps(res, indent=1))
         text = format_recovery(res)
         if trials:
@@ -418,6 +504,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 f"  {n:<24} {v['mean_best_auroc']:.3f}  {v['fraction_recovered']:>4.0%}  {v['fraction_named_at']:>4.0%}"
                 + ("  <- selected" if n == sel.get("trial") else "")
                 for n, v in sorted(trials.items(), key=lambda kv: -kv[1]["mean_best_auroc"]))
+            svr = res["selection_vs_recovery"]
+            if svr.get("spearman_score") is not None or svr.get("spearman_rule") is not None:
+                text += ("\n\nselection vs recovery over the sweep's trials (recovery: values with a latent at AUROC >= "
+                         f"0.95 named right): Spearman {_num(svr['spearman_score'])} for the selection score, "
+                         f"{_num(svr['spearman_rule'])} for the rule's order; selected {svr['selected_recovery']}, "
+                         f"best {svr['best_recovery']} of {svr['n_values']}")
         atomic_write_text(out / "recovery.txt", text + "\n")
         info = {"file": str(out / "recovery.json"), **{k: res["summary"][k] for k in
                 ("mean_best_auroc", "fraction_recovered", "fraction_named_right", "named_at", "fraction_named_at")
@@ -439,6 +531,46 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                "seconds_all_stages": round(sum(s["seconds"] for s in st["stages"].values()), 1)}
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def selection_vs_recovery(swd: SweepDir, trials: dict[str, dict[str, Any]], selected: str | None,
+                          n_values: int) -> dict[str, Any]:
+    """How the sweep's selection agrees with the ground truth (issue 12, item 4), from its leaderboard.
+
+    ``trials``: ``{trial: {"fraction_named_at": ...}}`` (the demo's recovery of every trial). A trial's recovery is
+    the number of factor values with a latent at AUROC >= 0.95 that naming calls by the value's word. Returns
+    ``{"n_trials", "n_values", "recovery": {trial: count}, "score": {trial: selection score}, "spearman_score"
+    (Spearman correlation of the selection score with recovery), "spearman_rule" (of the rule's preference order,
+    rank 1 first, with recovery), "selected_recovery", "best_recovery", "selected_within_one"}``; a correlation is
+    None when fewer than 3 trials or either side is constant (undefined).
+    """
+    import csv
+
+    from scipy.stats import spearmanr
+
+    rows = {}
+    if swd.leaderboard_csv.is_file():
+        with open(swd.leaderboard_csv, newline="") as f:
+            rows = {r["trial"]: r for r in csv.DictReader(f)}
+    names = [t for t in trials if t in rows and rows[t].get("score") not in (None, "")]
+    rec = {t: int(round(trials[t]["fraction_named_at"] * n_values)) for t in trials}
+    score = {t: float(rows[t]["score"]) for t in names}
+
+    def rho(a: list[float], b: list[float]) -> float | None:
+        if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+            return None
+        return float(spearmanr(a, b)[0])
+
+    best = max(rec.values()) if rec else None
+    return {"n_trials": len(names), "n_values": n_values, "recovery": rec, "score": score,
+            "spearman_score": rho([score[t] for t in names], [rec[t] for t in names]),
+            "spearman_rule": rho([-int(rows[t]["rank"]) for t in names], [rec[t] for t in names]),
+            "selected_recovery": rec.get(selected) if selected else None, "best_recovery": best,
+            "selected_within_one": None if selected not in rec or best is None else best - rec[selected] <= 1}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -435,7 +435,8 @@ def _toyworld_source(root: Path) -> ImageSource:
     label_names = {n: list(v) for n, v in factors.items()}
     if label_factor:
         label_names["label"] = list(factors[label_factor])
-    info = {"label_factor": label_factor, "world_seed": meta.get("seed"), "world_n": meta.get("n")}
+    info = {"label_factor": label_factor, "world_seed": meta.get("seed"), "world_n": meta.get("n"),
+            "world_format": meta.get("format"), "main_factors": meta.get("main_factors")}
     return ImageSource("toyworld", str(root), items, label_names, {n: "int64" for n in names}, info)
 
 

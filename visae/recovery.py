@@ -23,7 +23,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -178,12 +178,27 @@ def collect_codes(sae: Any, shards: ShardSet, *, member: int = 0, batch_size: in
 def _default_factors(shards: ShardSet) -> list[str]:
     src = shards.source or {}
     cols = list(shards.manifest.get("columns", {}))
-    main = src.get("main_factors")
-    if not main:
-        from visae.toyworld import MAIN_FACTORS
+    info = src.get("dataset_info") or {}
+    main = src.get("main_factors") or info.get("main_factors")
+    if not main:  # shards extracted before the source recorded its world's main factors
+        if info.get("world_format") == "visae.toyworld2" or "family_shape" in cols:
+            from visae.world2 import MAIN_FACTORS
+        else:
+            from visae.toyworld import MAIN_FACTORS
 
         main = list(MAIN_FACTORS)
     return [f for f in main if f in cols]
+
+
+def _name_matcher(ss: ShardSet) -> Callable[[Optional[str], str, str], bool]:
+    """``match(name, factor, value_name)``: the world's naming truth (world2: its tables and colour rules,
+    :func:`visae.world2.name_matches`; the first toy world: :func:`name_matches`)."""
+    info = (ss.source or {}).get("dataset_info") or {}
+    if info.get("world_format") == "visae.toyworld2" or "family_shape" in ss.manifest.get("columns", {}):
+        from visae import world2
+
+        return world2.name_matches
+    return lambda name, factor, value: name_matches(name, value)
 
 
 def _load_concepts(concepts: Any) -> dict[int, dict[str, Any]] | None:
@@ -204,11 +219,16 @@ def concept_recovery(sae: Any, shards: str | Path | ShardSet, *, member: int = 0
     """Concept-recovery score of ``sae`` (an SAE object or directory) on a labelled toy-world shard set.
 
     Args:
-        factors: factor columns to score (default: the toy world's main factors present in the shards).
+        factors: factor columns to score (default: the main factors of the shards' world, as recorded in the
+            manifest's source, present in the shards).
         concepts: naming result (``concepts.json`` path / dir, its dict, or its "concepts" list), optional.
         recovered_at: a value counts as recovered when its best latent's AUROC >= this.
         named_at: with ``concepts``, ``fraction_named_at`` counts the values that have a latent with
-            AUROC >= this which naming calls by the value's word (issue 6's ground truth, target 80%).
+            AUROC >= this which naming calls by the value's word (issue 6's ground truth, target 80%). What counts
+            as the value's word is the world's naming truth: synonyms and plurals (:func:`name_matches`) for the
+            first toy world; :func:`visae.world2.name_matches` (synonym tables, colour names by family / CIEDE2000)
+            for world2. Precision: ``n_unsupported_names`` counts the firing named latents whose name names no
+            value they detect with AUROC >= ``recovered_at``.
 
     Returns ``{"values": [per value: factor, value, n_pos, best_latent, auroc, firing_rate,
     name, name_correct, named_latents, named_auroc], "factors": {factor: mean best AUROC},
@@ -241,6 +261,7 @@ def concept_recovery(sae: Any, shards: str | Path | ShardSet, *, member: int = 0
     auc = sparse_auroc(rows, cols, vals, labels, d)
     firing = np.bincount(cols, minlength=d) / max(1, len(ss))
     named = _load_concepts(concepts)
+    match = _name_matcher(ss)
     by_name: dict[int, str] = {j: c.get("name") for j, c in named.items() if c.get("name")} if named else {}
     out_vals = []
     for k, (fac, v, vn) in enumerate(value_info):
@@ -252,8 +273,8 @@ def concept_recovery(sae: Any, shards: str | Path | ShardSet, *, member: int = 0
                                "best_latent": best, "auroc": float(a[best]), "firing_rate": float(firing[best])}
         if named is not None:
             rec["name"] = by_name.get(best)
-            rec["name_correct"] = name_matches(rec["name"], vn)
-            hits = [j for j, nm in by_name.items() if name_matches(nm, vn)]
+            rec["name_correct"] = match(rec["name"], fac, vn)
+            hits = [j for j, nm in by_name.items() if match(nm, fac, vn)]
             rec["named_latents"] = hits
             rec["named_auroc"] = float(np.nanmax(a[hits])) if hits else None
         out_vals.append(rec)
@@ -281,6 +302,14 @@ def concept_recovery(sae: Any, shards: str | Path | ShardSet, *, member: int = 0
         summary["named_at"] = named_at
         summary["fraction_named_at"] = float(np.mean([r["named_auroc"] is not None and r["named_auroc"] >= named_at
                                                       for r in out_vals]))
+        # precision: a latent's name is supported when the latent detects (AUROC >= recovered_at) a value it names
+        alive = {j: nm for j, nm in by_name.items() if firing[j] > 0}
+        unsupported = [j for j, nm in alive.items()
+                       if not any(match(nm, fac, vn) and auc[j, k] >= recovered_at
+                                  for k, (fac, v, vn) in enumerate(value_info))]
+        summary["n_named_latents"] = len(alive)
+        summary["n_unsupported_names"] = len(unsupported)
+        summary["unsupported_names"] = {str(j): alive[j] for j in unsupported[:50]}
     res["summary"] = summary
     return res
 

@@ -669,10 +669,126 @@ def render_skimage(scene: Scene, image_size: int = IMAGE_SIZE) -> tuple[np.ndarr
             col = np.broadcast_to(rgb, (H, W, 3))
         else:
             tt = _alt_pattern(o.texture, xx - o.cx, yy - o.cy, o.period * 1.1, o.tex_angle, scene.noise_seed + k + 1)
-            col = rgb * (1 - 0.55 * tt[:, :, None]) + (rgb * 0.45 if rgb.mean() >= 90 else 255 * 0.45) * tt[:, :, None]
+            # the second tone: darker for light colours, lighter for dark ones (its own formula, not renderer 1's;
+            # until 2026-11-30 a light colour's second tone was 0.9 x its colour, a texture too faint to see)
+            second = rgb * 0.45 if rgb.mean() >= 90 else rgb + (255 - rgb) * 0.5
+            col = rgb * (1 - tt[:, :, None]) + second * tt[:, :, None]
         img[mask] = col[mask]
         labels[mask] = k + 1
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), labels
+
+
+# ----------------------------------------------------------------------------- naming truth
+
+# The words that name a factor value right (issue 12, item 5). Written down before the first measurement of naming
+# on this world and not tuned to it: the value's own word, its plural / adjective forms and the common synonyms an
+# English speaker would accept. The n-pointed stars accept "star": one word cannot say how many points.
+_STAR = ("star", "stars", "starry", "starlike", "asterisk")
+SHAPE_NAMES: dict[str, tuple[str, ...]] = {
+    "circle": ("circle", "circles", "circular", "round", "disc", "disk", "discs", "disks"),
+    "ellipse": ("ellipse", "ellipses", "elliptical", "elliptic", "oval", "ovals"),
+    "semicircle": ("semicircle", "semicircles", "semicircular", "half-circle"),
+    "ring": ("ring", "rings", "annulus", "donut", "doughnut", "hoop", "hoops"),
+    "crescent": ("crescent", "crescents", "moon"),
+    "heart": ("heart", "hearts"),
+    "arrow": ("arrow", "arrows", "arrowhead"),
+    "triangle": ("triangle", "triangles", "triangular"),
+    "square": ("square", "squares"),
+    "rectangle": ("rectangle", "rectangles", "rectangular", "oblong"),
+    "diamond": ("diamond", "diamonds", "rhombus", "lozenge"),
+    "trapezoid": ("trapezoid", "trapezoids", "trapezium", "trapezoidal"),
+    "parallelogram": ("parallelogram", "parallelograms", "rhomboid"),
+    "pentagon": ("pentagon", "pentagons", "pentagonal"),
+    "hexagon": ("hexagon", "hexagons", "hexagonal"),
+    "heptagon": ("heptagon", "heptagons", "heptagonal"),
+    "octagon": ("octagon", "octagons", "octagonal"),
+    "cross": ("cross", "crosses", "plus"),
+    "chevron": ("chevron", "chevrons"),
+    "four-pointed star": _STAR, "five-pointed star": _STAR, "six-pointed star": _STAR, "eight-pointed star": _STAR,
+}
+TEXTURE_NAMES: dict[str, tuple[str, ...]] = {
+    "plain": ("plain", "blank", "solid", "uniform", "flat"),
+    "striped": ("striped", "stripes", "stripe", "stripy", "striping", "lines", "lined", "banded"),
+    "dotted": ("dotted", "dots", "dot", "polka", "spotted", "spots", "dotty"),
+    "checked": ("checked", "checkered", "chequered", "checkerboard", "checks", "check", "plaid", "tartan"),
+    "gridded": ("gridded", "grid", "grids", "lattice", "mesh", "gridlines"),
+    "zigzag": ("zigzag", "zigzags", "zig-zag"),
+    "wavy": ("wavy", "waves", "wave", "undulating", "rippled", "ripples"),
+    "speckled": ("speckled", "speckles", "speckle", "flecked", "mottled", "grainy", "freckled"),
+    "crosshatched": ("crosshatched", "crosshatch", "crosshatching", "hatched", "hatching"),
+    "gradient": ("gradient", "gradients", "gradation", "ombre", "shaded", "shading"),
+}
+SIZE_NAMES: dict[str, tuple[str, ...]] = {
+    "small": ("small", "tiny", "little", "smaller", "smallest", "mini"),
+    "medium": ("medium", "midsize", "moderate"),
+    "large": ("large", "big", "huge", "larger", "largest", "bigger", "biggest"),
+}
+POSITION_NAMES: dict[str, tuple[str, ...]] = {
+    "on the left": ("left", "leftmost", "left-hand"),
+    "in the centre": ("centre", "center", "central", "centred", "centered", "middle"),
+    "on the right": ("right", "rightmost", "right-hand"),
+    "at the top": ("top", "upper", "topmost", "above"),
+    "in the middle": ("middle", "centre", "center", "central", "midway"),
+    "at the bottom": ("bottom", "lower", "bottommost", "below"),
+}
+FAMILY_SPELLINGS: dict[str, tuple[str, ...]] = {"grey": ("gray",), "purple": ("violet",)}
+COLOUR_NAME_DELTA_E = 10.0  # CIEDE2000 radius within which a named colour names a colour right
+
+
+@lru_cache(maxsize=None)
+def _family_names(family: str) -> frozenset[str]:
+    """The family word, its spellings, and every named colour whose family (``family_of_rgb``) is ``family``."""
+    names, fam = named_colours()[0], colour_families()
+    k = FAMILIES.index(family)
+    return frozenset({family, *FAMILY_SPELLINGS.get(family, ())} | {n for n, f in zip(names, fam) if f == k})
+
+
+def accepted_names(factor: str, value: str) -> frozenset[str]:
+    """The names (lower case; words or whole multi-word names) that name ``value`` of ``factor`` right.
+
+    Shapes, textures (objects' and backgrounds'), sizes and positions: the tables above. Colour families:
+    the family word and every named colour of that family (``family_of_rgb`` of its RGB: "crimson" names red).
+    Fine colours: every named colour within CIEDE2000 ``COLOUR_NAME_DELTA_E`` of the value's RGB
+    (:func:`colour_name_matches`; needs scikit-image).
+
+    Raises:
+        KeyError: a factor or value this world does not have.
+    """
+    base = factor[:-1] if factor.endswith("2") else factor
+    if base == "colour_family":
+        return _family_names(value)
+    if base == "colour":
+        names, rgb = named_colours()
+        i = names.index(value)
+        return frozenset(n for n, ok in zip(names, _near_colours(i)) if ok)
+    table = {"shape": SHAPE_NAMES, "texture": TEXTURE_NAMES, "background": TEXTURE_NAMES, "size": SIZE_NAMES,
+             "hpos": POSITION_NAMES, "vpos": POSITION_NAMES}.get(base)
+    if table is None:
+        raise KeyError(f"no naming truth for factor {factor!r}; known: colour_family, colour, shape, texture, "
+                       f"background, size, hpos, vpos (and their '2' second-object forms)")
+    return frozenset(table[value])
+
+
+@lru_cache(maxsize=None)
+def _near_colours(i: int) -> np.ndarray:
+    try:
+        from skimage.color import deltaE_ciede2000
+    except ImportError as e:  # pragma: no cover - scikit-image is in the test extra
+        raise ImportError("naming truth for fine colours needs scikit-image (pip install scikit-image)") from e
+    lab = rgb_to_lab(named_colours()[1])
+    return deltaE_ciede2000(lab[i][None], lab) <= COLOUR_NAME_DELTA_E
+
+
+def name_matches(name: str | None, factor: str, value: str) -> bool:
+    """Whether a concept name names ``value`` of ``factor`` right (:func:`accepted_names`): the whole name, or one
+    of its words (hyphenated words also whole), is an accepted name. ``None`` / empty: False."""
+    if not name:
+        return False
+    ok = accepted_names(factor, value)
+    low = name.lower().strip()
+    words = set(re.findall(r"[a-z]+(?:-[a-z]+)*", low))
+    words |= {p for w in list(words) for p in w.split("-")}
+    return low in ok or bool(words & ok)
 
 
 # ----------------------------------------------------------------------------- captions

@@ -99,8 +99,8 @@ class ClassifierConfig:
     benchmark: str = field(
         default="auto",
         metadata={"help": "class names + templates: imagenet (open_clip's, OpenAI templates), toy (= toy:colour_shape) "
-                          "or toy:<factor> (visae.toyworld), files (--classnames_file/--templates_file), auto (from "
-                          "the shard source)"})
+                          "or toy:<factor> (visae.toyworld), world2 (= world2:family_shape) or world2:<factor> "
+                          "(visae.world2), files (--classnames_file/--templates_file), auto (from the shard source)"})
     classnames_file: Optional[str] = field(default=None, metadata={"help": "text file, one class name a line (benchmark=files)"})
     templates_file: Optional[str] = field(default=None, metadata={"help": "text file, one template with '{}' a line (benchmark=files)"})
     label_column: str = field(default="", metadata={"help": "metadata column holding the class index (-1 = unknown, "
@@ -169,6 +169,26 @@ def _template_strings(templates: Sequence[str | Callable[[str], str]]) -> list[s
     return out
 
 
+def _toy_table() -> dict[str, dict[str, Any]]:
+    from visae.toyworld import toy_classnames_and_templates
+
+    return toy_classnames_and_templates()
+
+
+def _world2_table() -> dict[str, dict[str, Any]]:
+    from visae.world2 import classnames_and_templates
+
+    return classnames_and_templates()
+
+
+# the synthetic worlds' benchmarks: benchmark prefix -> (its table of {name: column, classnames, templates}, the
+# default name); a new world is one entry here
+_WORLD_BENCHMARKS: dict[str, tuple[Callable[[], dict[str, dict[str, Any]]], str]] = {
+    "toy": (_toy_table, "colour_shape"),
+    "world2": (_world2_table, "family_shape"),
+}
+
+
 def benchmark_classes(benchmark: str, classnames_file: str | None = None,
                       templates_file: str | None = None) -> tuple[list[str], list[str], str | None]:
     """(class names, template strings, label column or None) of a benchmark.
@@ -176,19 +196,24 @@ def benchmark_classes(benchmark: str, classnames_file: str | None = None,
     ``imagenet``: open_clip's 1000 class names and the 80 OpenAI templates (labels in the
     standard class index, column ``label``). ``toy`` / ``toy:<name>``: a benchmark of
     ``visae.toyworld.toy_classnames_and_templates()`` (``toy`` = ``toy:colour_shape``), its
-    labels in the factor's column. ``files``: names / templates from text files.
+    labels in the factor's column; ``world2`` / ``world2:<name>`` likewise from
+    ``visae.world2.classnames_and_templates()`` (``world2`` = ``world2:family_shape``, 253 classes).
+    ``files``: names / templates from text files.
+
+    Raises:
+        ZeroShotError: an unknown benchmark or benchmark name; ``files`` without a class-names file.
     """
     if benchmark == "imagenet":
         import open_clip
 
         return list(open_clip.IMAGENET_CLASSNAMES), _template_strings(open_clip.OPENAI_IMAGENET_TEMPLATES), None
-    if benchmark == "toy" or benchmark.startswith("toy:"):
-        from visae.toyworld import toy_classnames_and_templates
-
-        table = toy_classnames_and_templates()
-        name = benchmark.split(":", 1)[1] if ":" in benchmark else "colour_shape"
+    world = benchmark.split(":", 1)[0]
+    if world in _WORLD_BENCHMARKS:
+        table_of, default = _WORLD_BENCHMARKS[world]
+        table = {k: v for k, v in table_of().items() if not k.startswith("_")}
+        name = benchmark.split(":", 1)[1] if ":" in benchmark else default
         if name not in table:
-            raise ZeroShotError(f"unknown toy benchmark {name!r}; the toy world has {sorted(table)}")
+            raise ZeroShotError(f"unknown {world} benchmark {name!r}; that world has {sorted(table)}")
         spec = table[name]
         return list(spec["classnames"]), _template_strings(spec["templates"]), spec.get("column", name)
     if benchmark == "files":
@@ -198,7 +223,8 @@ def benchmark_classes(benchmark: str, classnames_file: str | None = None,
         templates = (["{}"] if not templates_file else
                      [ln.strip() for ln in Path(templates_file).read_text().splitlines() if ln.strip()])
         return names, _template_strings(templates), None
-    raise ZeroShotError(f"unknown benchmark {benchmark!r}; expected imagenet, toy, toy:<factor> or files")
+    raise ZeroShotError(f"unknown benchmark {benchmark!r}; expected imagenet, toy, toy:<factor>, world2, "
+                        "world2:<factor> or files")
 
 
 def build_classifier(backbone: Any, classnames: Sequence[str], templates: Sequence[str | Callable],
@@ -299,7 +325,9 @@ def _auto_benchmark(ss: ShardSet, label_column: str) -> str:
     src = ss.source
     kind = str(src.get("dataset_kind", "")).lower()
     if kind == "toyworld":
-        return "toy"
+        info = src.get("dataset_info") or {}
+        world2 = info.get("world_format") == "visae.toyworld2" or "family_shape" in ss.manifest.get("columns", {})
+        return "world2" if world2 else "toy"
     if kind == "imagenet":
         return "imagenet"
     text = " ".join(str(src.get(k, "")) for k in ("dataset", "images", "benchmark", "model")).lower()

@@ -1,0 +1,96 @@
+"""Does the sweep's selection agree with the ground truth? The demo over several seeds, its sweep scored both ways.
+
+    python benchmarks/bench_selection_truth.py --out /tmp/selt --seeds 0,1,2 -- --world world2 --pretrained W.safetensors
+
+Runs ``visae demo`` once per seed (everything after ``--`` is passed to it: the world, the weights, the sweep's
+grid and rule, ``--vocab`` / ``--distractors``) into ``<out>/seed<S>`` (resumable: a finished seed is skipped by
+the demo itself), then reads every trial of every sweep:
+
+  selection  the leaderboard's score (the sweep's metric, zero-shot top-1 of CLIP on the reconstructions by
+             default) and rank (the rule's order), clean accuracy, L0, explained variance;
+  recovery   the number of factor values with a latent at AUROC >= 0.95 named right (the demo's recovery stage,
+             ``recovery.json`` -> ``selection_vs_recovery``).
+
+Prints per seed and pooled: the Spearman correlation of the score and of the rule's order with recovery, whether the
+selected SAE is within one value of the seed's best, and the spread of zero-shot accuracy among the trials with
+explained variance >= 0.7 (issue 12, items 2 and 4). ``--json`` writes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import benchlib
+
+
+def _rows(seed_dir: Path) -> list[dict]:
+    rec = json.loads((seed_dir / "recovery.json").read_text())
+    svr = rec["selection_vs_recovery"]
+    with open(seed_dir / "sweep" / "leaderboard.csv", newline="") as f:
+        board = {r["trial"]: r for r in csv.DictReader(f)}
+    out = []
+    for t, n in svr["recovery"].items():
+        b = board[t]
+        out.append({"trial": t, "rank": int(b["rank"]), "chosen": b["chosen"] == "True", "score": float(b["score"]),
+                    "clean_top1": float(b["clean_top1"]) if b.get("clean_top1") else None,
+                    "l0": float(b["l0"]), "explained_variance": float(b["explained_variance"]), "recovery": n})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from scipy.stats import spearmanr
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    demo_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="one demo directory per seed is made under it")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--min_ev", type=float, default=0.7, help="the spread of zero-shot accuracy is over trials with EV >= this")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(own)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per_seed, pooled = {}, []
+    for s in seeds:
+        d = Path(args.out) / f"seed{s}"
+        cmd = [sys.executable, "-m", "visae.cli", "demo", "--out", str(d), "--seed", str(s), "--threads",
+               str(args.threads), "--no_progress", *demo_args]
+        t, c = time.perf_counter(), benchlib.cpu_seconds()
+        subprocess.run(cmd, check=True, cwd=benchlib.REPO, stdout=subprocess.DEVNULL)
+        rows = _rows(d)
+        svr = json.loads((d / "recovery.json").read_text())["selection_vs_recovery"]
+        ev_ok = [r["score"] for r in rows if r["explained_variance"] >= args.min_ev]
+        per_seed[s] = {"rows": rows, "spearman_score": svr["spearman_score"], "spearman_rule": svr["spearman_rule"],
+                       "selected_recovery": svr["selected_recovery"], "best_recovery": svr["best_recovery"],
+                       "selected_within_one": svr["selected_within_one"], "n_values": svr["n_values"],
+                       "spread_pts": 100 * (max(ev_ok) - min(ev_ok)) if ev_ok else None, "n_ev_ok": len(ev_ok),
+                       "wall_s": round(time.perf_counter() - t, 1), "children_cpu_s": round(benchlib.cpu_seconds() - c, 1)}
+        pooled += [dict(r, seed=s) for r in rows]
+        p = per_seed[s]
+        print(f"seed {s}: {len(rows)} trials, Spearman score {p['spearman_score']}, rule {p['spearman_rule']}; selected "
+              f"{p['selected_recovery']} / best {p['best_recovery']} of {p['n_values']} values; zero-shot spread "
+              f"{p['spread_pts']} pts over {p['n_ev_ok']} trials with EV >= {args.min_ev}", flush=True)
+        for r in sorted(rows, key=lambda r: r["rank"]):
+            print(f"  {r['rank']:>2} {r['trial']:<24} score {r['score']:.4f} (clean {r['clean_top1']})  L0 {r['l0']:7.1f}"
+                  f"  EV {r['explained_variance']:.3f}  recovery {r['recovery']}" + ("  <- chosen" if r["chosen"] else ""))
+
+    def rho(a: list[float], b: list[float]) -> float | None:
+        return None if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2 else float(spearmanr(a, b)[0])
+
+    pooled_rho = rho([r["score"] for r in pooled], [r["recovery"] for r in pooled])
+    print(f"\npooled over {len(pooled)} trials of {len(seeds)} seeds: Spearman(score, recovery) = {pooled_rho}")
+    print(f"machine: {benchlib.describe_machine()}")
+    benchlib.report("bench_selection_truth.py", {"args": vars(args), "demo_args": demo_args, "per_seed": per_seed,
+                                                 "pooled_spearman_score": pooled_rho}, args.json, argv, echo=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -204,7 +204,7 @@ def test_world2_needs_weights_and_an_unknown_world_is_refused_before_anything_is
     assert "--distractors" in capsys.readouterr().err and not out.exists()
 
 
-def test_world2_demo_runs_every_stage_on_its_own_world_benchmark_and_vocabulary(tmp_path):
+def test_world2_demo_runs_every_stage_on_its_own_world_benchmark_and_vocabulary(tmp_path, capsys):
     """The demo on world2 (weights: a random-initialised visae-toyclip2, so no signal is asserted): its world, the
     253-class family x shape selection benchmark, world2's words plus a distractors file, world2's factors."""
     from visae import toyclip, world2
@@ -217,6 +217,7 @@ def test_world2_demo_runs_every_stage_on_its_own_world_benchmark_and_vocabulary(
     assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(weights), "--quick",
                       "--quick_n_images", "200", "--no_progress", "--threads", "2", "--distractors",
                       str(tmp_path / "d.txt"), "--text_cache", str(tmp_path / "tc")]) == 0
+    assert "img/s" not in capsys.readouterr().err  # --no_progress reaches every bar (browse's thumbnails too)
     assert json.loads((out / "world" / "world.json").read_text())["format"] == world2.FORMAT_NAME
     assert json.loads((out / "shards" / "manifest.json").read_text())["source"]["model"] == "visae-toyclip2"
     score = next((out / "sweep" / "trials").glob("*/zeroshot.json"))

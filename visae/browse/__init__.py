@@ -206,7 +206,7 @@ def _build_into(cfg: BrowseConfig, stage: Path, site: Path, sae: Any, single: An
     need.discard(-1)
     resolver = ImageResolver(ss.source, cfg.images_root)
     thumbs = make_thumbnails(resolver, [str(ids[i]) for i in sorted(need)], stage / "thumbs", size=cfg.thumb_size,
-                             workers=cfg.workers)
+                             workers=cfg.workers, progress=cfg.naming.progress)  # one switch for the run's bars
     n_thumbs = sum(v is not None for v in thumbs.values())
     if need and n_thumbs == 0:
         log.warning("no image could be found for the shard ids (source.dataset=%r); pages show ids. Pass --images_root "

@@ -244,3 +244,17 @@ def test_selection_vs_recovery_is_spearman_of_the_leaderboard(tmp_path):
     assert svr["selected_recovery"] == 8 and svr["selected_within_one"] is False
     flat = demo.selection_vs_recovery(swd, {t: {"fraction_named_at": 0.5} for t in trials}, "a", 20)
     assert flat["spearman_score"] is None and flat["selected_within_one"] is True  # constant recovery: undefined
+
+
+def test_weights_that_cannot_serve_the_model_are_refused_before_anything_is_written(tmp_path, capsys):
+    """A toy CLIP's weights are checked before the world is generated (a full world2 world takes minutes): a
+    weights file of the other toy architecture (the shipped v1 file for world2), a file that does not exist, and
+    a model without shipped weights chosen by --model rather than by --world."""
+    out = tmp_path / "out"
+    assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(TOYCLIP_WEIGHTS)]) == 2
+    err = capsys.readouterr().err
+    assert "--pretrained" in err and "'visae-toyclip'" in err and "not 'visae-toyclip2'" in err and not out.exists()
+    assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(tmp_path / "nope.safetensors")]) == 2
+    assert "nope.safetensors: no such weights file" in capsys.readouterr().err and not out.exists()
+    assert demo.main(["--out", str(out), "--model", "visae-toyclip2"]) == 2
+    assert "visae-toyclip2 has no shipped weights yet" in capsys.readouterr().err and not out.exists()

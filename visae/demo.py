@@ -369,6 +369,36 @@ def _say(msg: str) -> None:
     print(f"visae demo: {msg}", file=sys.stderr, flush=True)
 
 
+def _check_toy_weights(run: DemoConfig, world: DemoWorld) -> None:
+    """Refuse, before anything is written, a toy CLIP (a model of :data:`WORLDS`) whose weights cannot load: no
+    shipped weights and no ``--pretrained``, a weights file that does not exist, or one of the other toy
+    architecture (its safetensors metadata, ``visae.backbones._check_toy_weights_file``). Other models are
+    checked by the extraction stage as before.
+
+    Raises:
+        ConfigError: naming the flag and the file.
+    """
+    if run.model not in {w.model for w in WORLDS.values()}:
+        return
+    if run.pretrained in (None, "shipped"):  # "shipped": the tag the backbone records for the shipped weights
+        if not any(w.shipped for w in WORLDS.values() if w.model == run.model):
+            which = f"--world {run.world}: its model" if run.model == world.model else "--model"
+            raise ConfigError(f"{which} {run.model} has no shipped weights yet; pass --pretrained FILE (weights "
+                              "trained by visae.toyclip, docs/toyclip_v2_recipe.md)")
+        return
+    from visae.backbones import BackboneError, _check_toy_weights_file
+
+    path = Path(run.pretrained).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"--pretrained {run.pretrained}: no such weights file (expected the .safetensors file of a "
+                          f"{run.model} model)")
+    try:
+        _check_toy_weights_file(str(path), run.model)
+    except BackboneError as e:
+        raise ConfigError(f"--pretrained: {e}" + (f" (--world {run.world} uses {world.model})"
+                                                  if run.model == world.model else "")) from None
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run (or finish) the demo; returns the summary also written to ``<out>/demo.json``."""
     import torch
@@ -381,9 +411,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         raise ConfigError(f"--distractors {run.distractors}: no such word-list file (expected wordfreq or a file, "
                           "one word a line)")
     world = WORLDS[run.world]
-    if run.model == world.model and not world.shipped and run.pretrained is None:
-        raise ConfigError(f"--world {run.world}: its model {world.model} has no shipped weights yet; pass "
-                          "--pretrained FILE (weights trained by visae.toyclip, docs/toyclip_v2_recipe.md)")
+    _check_toy_weights(run, world)
     st = _state(out)
     recorded = config_to_dict(run)  # the whole config, nested ones included, as every stage ran it
     key = _identity(recorded)

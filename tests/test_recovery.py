@@ -171,3 +171,25 @@ def test_world2_shards_use_world2s_factors_and_naming_truth(planted, tmp_path):
     right = {r["value"]: r["name_correct"] for r in res["values"]}
     assert right == {"circle": True, "ellipse": True, "red": True, "green": False, "blue": True}
     assert res["summary"]["n_unsupported_names"] == 1 and res["summary"]["unsupported_names"] == {"5": "incurred"}
+
+
+def test_world2_factors_without_a_naming_table_fall_back_to_the_values_word(planted, tmp_path):
+    """world2 factors that its naming truth has no table for (n_objects, relation, occluded, family_shape) are judged
+    by the value's own word, as on the first world; scoring them with concepts raised KeyError after the encoding."""
+    from visae import world2
+    from visae.shards import ShardSet
+
+    sae, shards = planted
+    ss = ShardSet(shards)
+    meta = ss.metadata()
+    out = tmp_path / "w2counts"
+    source = {"model": "planted", "dataset_kind": "toyworld", "dataset_info": {"world_format": world2.FORMAT_NAME}}
+    with ShardWriter(out, d=ss.d, dtype="float32", columns={"n_objects": "int64"},
+                     label_names={"n_objects": list(world2.COUNTS)}, source=source) as w:
+        w.add(ss.read(np.arange(len(ss)), raw=True), ids=[str(i) for i in range(len(ss))],
+              columns={"n_objects": meta["shape"]})  # latents 1 / 4 read "one" / "two"
+    res = concept_recovery(sae, out, factors=["n_objects"], concepts=[{"latent": 1, "name": "one"},
+                                                                      {"latent": 4, "name": "three"}])
+    right = {r["value"]: r["name_correct"] for r in res["values"]}
+    assert right == {"one": True, "two": False}  # three / four: no image has them, not scored
+    assert res["summary"]["unsupported_names"] == {"4": "three"}

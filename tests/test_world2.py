@@ -244,3 +244,11 @@ def test_second_renderer_draws_textures_as_visibly_as_the_first():
         spread2.append((img2.astype(np.float64) @ lum)[inside].std())
     assert len(spread1) >= 40
     assert 0.7 < np.median(spread2) / np.median(spread1) < 1.5, (np.median(spread1), np.median(spread2))
+
+
+def test_naming_truth_refuses_an_unknown_value_with_keyerror():
+    """accepted_names documents KeyError for a value the factor lacks; colours and colour families raised ValueError
+    (a list's index) and tables a bare KeyError."""
+    for fac in ("colour_family", "colour2", "shape"):
+        with pytest.raises(KeyError, match=f"'no such' is not a value of world2's factor '{fac}'"):
+            w.accepted_names(fac, "no such")

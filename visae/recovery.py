@@ -192,12 +192,19 @@ def _default_factors(shards: ShardSet) -> list[str]:
 
 def _name_matcher(ss: ShardSet) -> Callable[[Optional[str], str, str], bool]:
     """``match(name, factor, value_name)``: the world's naming truth (world2: its tables and colour rules,
-    :func:`visae.world2.name_matches`; the first toy world: :func:`name_matches`)."""
+    :func:`visae.world2.name_matches`, for the factors it has them for, ``world2.NAMED_FACTORS``; world2's other
+    factors, e.g. n_objects, and the first toy world: :func:`name_matches`, the value's word)."""
     info = (ss.source or {}).get("dataset_info") or {}
     if info.get("world_format") == "visae.toyworld2" or "family_shape" in ss.manifest.get("columns", {}):
         from visae import world2
 
-        return world2.name_matches
+        def match(name: Optional[str], factor: str, value: str) -> bool:
+            base = factor[:-1] if factor.endswith("2") else factor
+            if base in world2.NAMED_FACTORS:
+                return world2.name_matches(name, factor, value)
+            return name_matches(name, value)
+
+        return match
     return lambda name, factor, value: name_matches(name, value)
 
 

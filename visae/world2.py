@@ -56,6 +56,8 @@ __all__ = [
     "scene_factors", "object_box", "render_pil", "render_skimage", "Caption", "caption_options",
     "captions_for", "grounded_words", "classnames_and_templates", "World2", "sample_world2",
     "generate_world2", "World2Config", "main", "TextureStyle", "texture_style",
+    "SHAPE_NAMES", "TEXTURE_NAMES", "SIZE_NAMES", "POSITION_NAMES", "FAMILY_SPELLINGS", "COLOUR_NAME_DELTA_E",
+    "NAMED_FACTORS", "accepted_names", "name_matches",
 ]
 
 FORMAT_NAME = "visae.toyworld2"
@@ -743,29 +745,37 @@ def _family_names(family: str) -> frozenset[str]:
     return frozenset({family, *FAMILY_SPELLINGS.get(family, ())} | {n for n, f in zip(names, fam) if f == k})
 
 
+# the factors (their first-object form) that have a naming truth; world2's others (n_objects, relation, occluded,
+# family_shape) have none here
+NAMED_FACTORS = ("colour_family", "colour", "shape", "texture", "background", "size", "hpos", "vpos")
+
+
+@lru_cache(maxsize=None)
 def accepted_names(factor: str, value: str) -> frozenset[str]:
     """The names (lower case; words or whole multi-word names) that name ``value`` of ``factor`` right.
 
     Shapes, textures (objects' and backgrounds'), sizes and positions: the tables above. Colour families:
     the family word and every named colour of that family (``family_of_rgb`` of its RGB: "crimson" names red).
-    Fine colours: every named colour within CIEDE2000 ``COLOUR_NAME_DELTA_E`` of the value's RGB
-    (:func:`colour_name_matches`; needs scikit-image).
+    Fine colours: every named colour within CIEDE2000 ``COLOUR_NAME_DELTA_E`` of the value's RGB (needs
+    scikit-image). Cached: one set per (factor, value).
 
     Raises:
-        KeyError: a factor or value this world does not have.
+        KeyError: a factor without a naming truth (not in :data:`NAMED_FACTORS`, nor its '2' form) or a value
+            the factor does not have.
     """
     base = factor[:-1] if factor.endswith("2") else factor
+    if base not in NAMED_FACTORS:
+        raise KeyError(f"no naming truth for factor {factor!r}; known: {', '.join(NAMED_FACTORS)} (and their '2' "
+                       "second-object forms)")
+    if value not in FACTORS[base]:
+        raise KeyError(f"{value!r} is not a value of world2's factor {factor!r}")
     if base == "colour_family":
         return _family_names(value)
     if base == "colour":
-        names, rgb = named_colours()
-        i = names.index(value)
-        return frozenset(n for n, ok in zip(names, _near_colours(i)) if ok)
+        names = named_colours()[0]
+        return frozenset(n for n, ok in zip(names, _near_colours(names.index(value))) if ok)
     table = {"shape": SHAPE_NAMES, "texture": TEXTURE_NAMES, "background": TEXTURE_NAMES, "size": SIZE_NAMES,
-             "hpos": POSITION_NAMES, "vpos": POSITION_NAMES}.get(base)
-    if table is None:
-        raise KeyError(f"no naming truth for factor {factor!r}; known: colour_family, colour, shape, texture, "
-                       f"background, size, hpos, vpos (and their '2' second-object forms)")
+             "hpos": POSITION_NAMES, "vpos": POSITION_NAMES}[base]
     return frozenset(table[value])
 
 

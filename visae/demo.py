@@ -129,8 +129,8 @@ class DemoConfig:
     n_distractors: int = field(default=600, metadata={"help": "vocab toy with distractors wordfreq: how many"})
     distractors: str = field(default="wordfreq", metadata={
         "help": "vocab toy: where the distractors come from: wordfreq (the n_distractors most frequent English words "
-                "that name no factor value) or a word-list file, all of whose words that name no factor value are "
-                "used (e.g. the Discover-then-Name list ../shared/vocab/20k.txt)"})
+                "that name no factor value) or a word-list file, every word of which is used, synonyms of the world's "
+                "words included (e.g. the Discover-then-Name list ../shared/vocab/20k.txt); ignored unless --vocab toy"})
     text_cache: str = field(default="", metadata={"help": "text-embedding cache directory; empty: <out>/text_cache"})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
     quick_n_images: int = field(default=1000, metadata={"help": "--quick: images"})

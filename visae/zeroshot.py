@@ -337,7 +337,7 @@ def _auto_benchmark(ss: ShardSet, label_column: str) -> str:
     if "imagenet" in text or (names is not None and len(names) == 1000):
         return "imagenet"
     raise ZeroShotError(f"{ss.path}: cannot tell the zero-shot benchmark from the manifest source {src!r}; "
-                        "pass --benchmark imagenet|toy|files")
+                        "pass --benchmark imagenet|toy|world2|files")
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -115,6 +115,7 @@ def test_planted_concepts_are_recovered(planted, tmp_path):
     # name nothing they detect
     assert res["summary"]["n_named_latents"] == 5 and res["summary"]["n_unsupported_names"] == 2
     assert res["summary"]["unsupported_names"] == {"5": "yellow", "0": "circle"}
+    assert "precision: 2 of 5 firing named latents" in format_recovery(res)  # the text report shows it too
 
     # The same SAE against the labels of other images (a shuffled copy of the shard set): nothing
     # is recovered, so the score can fail.

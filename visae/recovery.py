@@ -239,7 +239,8 @@ def concept_recovery(sae: Any, shards: str | Path | ShardSet, *, member: int = 0
 
     Returns ``{"values": [per value: factor, value, n_pos, best_latent, auroc, firing_rate,
     name, name_correct, named_latents, named_auroc], "factors": {factor: mean best AUROC},
-    "summary": {...}}``. Rows whose factor is -1 (absent) count as negatives.
+    "summary": {...; with concepts also n_named_latents, n_unsupported_names, unsupported_names (at most 50,
+    {latent: name})}}``. Rows whose factor is -1 (absent) count as negatives.
     """
     if isinstance(sae, (str, Path)):
         from visae.sae import load_sae
@@ -340,6 +341,9 @@ def format_recovery(res: dict[str, Any]) -> str:
                      f"{s['fraction_with_named_latent']:.0%} (mean AUROC {s['mean_named_auroc'] if s['mean_named_auroc'] is None else round(s['mean_named_auroc'], 3)})")
         lines.append(f"a latent with AUROC >= {s['named_at']} named the value's word: {s['fraction_named_at']:.0%} "
                      f"of {s['n_values']} values")
+        if "n_unsupported_names" in s:  # results written before precision was counted have no such key
+            lines.append(f"precision: {s['n_unsupported_names']} of {s['n_named_latents']} firing named latents carry a "
+                         f"name that names no value they detect at AUROC >= {s['recovered_at']}")
     return "\n".join(lines)
 
 

@@ -258,3 +258,16 @@ def test_weights_that_cannot_serve_the_model_are_refused_before_anything_is_writ
     assert "nope.safetensors: no such weights file" in capsys.readouterr().err and not out.exists()
     assert demo.main(["--out", str(out), "--model", "visae-toyclip2"]) == 2
     assert "visae-toyclip2 has no shipped weights yet" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_unreadable_word_list_is_refused_before_anything_is_written(tmp_path, capsys):
+    """A --distractors / --vocab file that exists but holds no usable word (empty, not UTF-8) failed only at the
+    naming stage, after the world, the extraction and the whole sweep."""
+    out = tmp_path / "out"
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    for flag, name, why in (("--distractors", "empty.txt", "empty after filtering"),
+                            ("--distractors", "latin1.txt", "not UTF-8"), ("--vocab", "empty.txt", "empty after filtering")):
+        assert demo.main(["--out", str(out), flag, str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {tmp_path / name}" in err and why in err and not out.exists(), err

@@ -369,6 +369,29 @@ def _say(msg: str) -> None:
     print(f"visae demo: {msg}", file=sys.stderr, flush=True)
 
 
+def _check_word_lists(run: DemoConfig) -> None:
+    """Read the word-list files (``--vocab FILE`` as the naming reads it, ``--distractors FILE``) once before any
+    stage, so that an empty or non-UTF-8 file is refused before the world, the extraction and the sweep.
+
+    Raises:
+        ConfigError: naming the flag and the file (the naming's :class:`~visae.naming.NamingError` message).
+    """
+    from visae.naming import NamingError, load_vocabulary
+
+    n = run.naming
+    lists = [("--vocab", run.vocab, lambda: load_vocabulary(n.vocab, n.vocab_size, stopwords=n.stopwords,
+                                                            alpha_only=n.alpha_only))]
+    if run.vocab == "toy":
+        lists.append(("--distractors", run.distractors, lambda: load_vocabulary(run.distractors, 0, alpha_only=True)))
+    for flag, value, read in lists:
+        if value in ("toy", "wordfreq"):
+            continue
+        try:
+            read()
+        except NamingError as e:
+            raise ConfigError(f"{flag} {value}: {e}") from None
+
+
 def _check_toy_weights(run: DemoConfig, world: DemoWorld) -> None:
     """Refuse, before anything is written, a toy CLIP (a model of :data:`WORLDS`) whose weights cannot load: no
     shipped weights and no ``--pretrained``, a weights file that does not exist, or one of the other toy
@@ -410,6 +433,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if run.vocab == "toy" and run.distractors != "wordfreq" and not Path(run.distractors).expanduser().is_file():
         raise ConfigError(f"--distractors {run.distractors}: no such word-list file (expected wordfreq or a file, "
                           "one word a line)")
+    _check_word_lists(run)
     world = WORLDS[run.world]
     _check_toy_weights(run, world)
     st = _state(out)

@@ -271,3 +271,18 @@ def test_an_unreadable_word_list_is_refused_before_anything_is_written(tmp_path,
         assert demo.main(["--out", str(out), flag, str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert f"{flag} {tmp_path / name}" in err and why in err and not out.exists(), err
+
+
+def test_selection_vs_recovery_leaves_a_nan_score_out_of_the_score_correlation(tmp_path):
+    """A diverged trial scores nan on the leaderboard: the score's Spearman is over the finite scores (it was NaN,
+    written as NaN into recovery.json, not JSON), the rule's order keeps it (ranked last)."""
+    from visae.sweepdir import SweepDir
+
+    swd = SweepDir(tmp_path)
+    rows = [("a", 1, "0.5", 10), ("b", 2, "0.4", 8), ("c", 3, "0.3", 9), ("d", 4, "nan", 1)]
+    swd.leaderboard_csv.write_text("rank,trial,score\n" + "".join(f"{r},{t},{s}\n" for t, r, s, _ in rows))
+    svr = demo.selection_vs_recovery(swd, {t: {"fraction_named_at": n / 20} for t, _, _, n in rows}, "a", 20)
+    json.dumps(svr, allow_nan=False)
+    # a, b, c: score ranks 3 2 1, recovery ranks 3 1 2: rho = 1 - 6 * 2 / (3 * 8) = 0.5; all four by rank: 0.8
+    assert svr["spearman_score"] == pytest.approx(0.5, rel=4 * 2.0 ** -52) and set(svr["score"]) == {"a", "b", "c"}
+    assert svr["spearman_rule"] == pytest.approx(0.8, rel=4 * 2.0 ** -52) and svr["n_trials"] == 4

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
 import sys
 import time
@@ -589,6 +590,13 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
 
+def _finite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
 def selection_vs_recovery(swd: SweepDir, trials: dict[str, dict[str, Any]], selected: str | None,
                           n_values: int) -> dict[str, Any]:
     """How the sweep's selection agrees with the ground truth (issue 12, item 4), from its leaderboard.
@@ -598,7 +606,8 @@ def selection_vs_recovery(swd: SweepDir, trials: dict[str, dict[str, Any]], sele
     ``{"n_trials", "n_values", "recovery": {trial: count}, "score": {trial: selection score}, "spearman_score"
     (Spearman correlation of the selection score with recovery), "spearman_rule" (of the rule's preference order,
     rank 1 first, with recovery), "selected_recovery", "best_recovery", "selected_within_one"}``; a correlation is
-    None when fewer than 3 trials or either side is constant (undefined).
+    None when fewer than 3 trials or either side is constant (undefined). ``n_trials``: trials on the leaderboard;
+    ``score`` and ``spearman_score`` leave out those whose score is not finite.
     """
     import csv
 
@@ -608,9 +617,12 @@ def selection_vs_recovery(swd: SweepDir, trials: dict[str, dict[str, Any]], sele
     if swd.leaderboard_csv.is_file():
         with open(swd.leaderboard_csv, newline="") as f:
             rows = {r["trial"]: r for r in csv.DictReader(f)}
-    names = [t for t in trials if t in rows and rows[t].get("score") not in (None, "")]
+    names = [t for t in trials if t in rows and rows[t].get("rank") not in (None, "")]  # on the leaderboard
     rec = {t: int(round(trials[t]["fraction_named_at"] * n_values)) for t in trials}
-    score = {t: float(rows[t]["score"]) for t in names}
+    # a trial whose score is not finite (a diverged SAE, "nan" on the leaderboard) has no score to correlate: it is
+    # left out of spearman_score (a NaN would make the correlation NaN and recovery.json invalid JSON), kept in
+    # spearman_rule (the rule ranks it last)
+    score = {t: float(rows[t]["score"]) for t in names if _finite(rows[t].get("score"))}
 
     def rho(a: list[float], b: list[float]) -> float | None:
         if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
@@ -619,7 +631,7 @@ def selection_vs_recovery(swd: SweepDir, trials: dict[str, dict[str, Any]], sele
 
     best = max(rec.values()) if rec else None
     return {"n_trials": len(names), "n_values": n_values, "recovery": rec, "score": score,
-            "spearman_score": rho([score[t] for t in names], [rec[t] for t in names]),
+            "spearman_score": rho([score[t] for t in score], [rec[t] for t in score]),
             "spearman_rule": rho([-int(rows[t]["rank"]) for t in names], [rec[t] for t in names]),
             "selected_recovery": rec.get(selected) if selected else None, "best_recovery": best,
             "selected_within_one": None if selected not in rec or best is None else best - rec[selected] <= 1}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import subprocess
 import sys
 import time
@@ -36,6 +37,8 @@ def _rows(seed_dir: Path) -> list[dict]:
         board = {r["trial"]: r for r in csv.DictReader(f)}
     out = []
     for t, n in svr["recovery"].items():
+        if t not in board:
+            raise SystemExit(f"{seed_dir}: trial {t} has a recovery but no leaderboard row (rerun visae select)")
         b = board[t]
         out.append({"trial": t, "rank": int(b["rank"]), "chosen": b["chosen"] == "True", "score": float(b["score"]),
                     "clean_top1": float(b["clean_top1"]) if b.get("clean_top1") else None,
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     def rho(a: list[float], b: list[float]) -> float | None:
         return None if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2 else float(spearmanr(a, b)[0])
 
-    pooled_rho = rho([r["score"] for r in pooled], [r["recovery"] for r in pooled])
+    finite = [r for r in pooled if math.isfinite(r["score"])]  # a diverged trial's score is NaN
+    pooled_rho = rho([r["score"] for r in finite], [r["recovery"] for r in finite])
     print(f"\npooled over {len(pooled)} trials of {len(seeds)} seeds: Spearman(score, recovery) = {pooled_rho}")
     print(f"machine: {benchlib.describe_machine()}")
     benchlib.report("bench_selection_truth.py", {"args": vars(args), "demo_args": demo_args, "per_seed": per_seed,

@@ -207,6 +207,11 @@ def test_naming_truth_tables_and_colour_rules():
     assert w.name_matches("checkerboard", "background", "checked") and w.name_matches("center", "hpos", "in the centre")
     assert w.name_matches("upper", "vpos", "at the top") and not w.name_matches("top", "vpos", "at the bottom")
     assert w.name_matches("big", "size", "large") and w.name_matches("red", "colour_family2", "red")
+    # a whole known term is judged as that term only: a named colour names its own family, not each word's
+    fam = dict(zip(w.named_colours()[0], w.colour_families()))
+    assert [w.FAMILIES[fam["blue green"]]] == [f for f in w.FAMILIES if w.name_matches("blue green", "colour_family", f)]
+    assert not w.name_matches("half-circle", "shape", "circle") and w.name_matches("half-circle", "shape", "semicircle")
+    assert w.name_matches("dark crimson", "colour_family", "red")  # not a named colour: judged by its words
     # every value of every main factor has its own word among its accepted names, and the tables cover the world
     for f in w.MAIN_FACTORS:
         for v in w.FACTORS[f]:

@@ -789,16 +789,30 @@ def _near_colours(i: int) -> np.ndarray:
     return deltaE_ciede2000(lab[i][None], lab) <= COLOUR_NAME_DELTA_E
 
 
+@lru_cache(maxsize=None)
+def _whole_terms() -> frozenset[str]:
+    """Every name the naming truth knows as a whole: the named colours and every table's entries."""
+    tables = (SHAPE_NAMES, TEXTURE_NAMES, SIZE_NAMES, POSITION_NAMES)
+    return frozenset(named_colours()[0]) | frozenset(n for t in tables for ns in t.values() for n in ns) | set(FAMILIES)
+
+
 def name_matches(name: str | None, factor: str, value: str) -> bool:
-    """Whether a concept name names ``value`` of ``factor`` right (:func:`accepted_names`): the whole name, or one
-    of its words (hyphenated words also whole), is an accepted name. ``None`` / empty: False."""
+    """Whether a concept name names ``value`` of ``factor`` right (:func:`accepted_names`).
+
+    A name the naming truth knows as a whole (a named colour such as "blue green", a table entry such as
+    "half-circle") is judged as that term only: "blue green" names the family of its RGB, not blue and green both.
+    Any other name is right when one of its words (hyphenated words also split) is an accepted name ("dark
+    crimson" names red). ``None`` / empty: False.
+    """
     if not name:
         return False
     ok = accepted_names(factor, value)
-    low = name.lower().strip()
+    low = " ".join(name.lower().split())
+    if low in _whole_terms():
+        return low in ok
     words = set(re.findall(r"[a-z]+(?:-[a-z]+)*", low))
     words |= {p for w in list(words) for p in w.split("-")}
-    return low in ok or bool(words & ok)
+    return bool(words & ok)
 
 
 # ----------------------------------------------------------------------------- captions

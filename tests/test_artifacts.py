@@ -492,15 +492,23 @@ def test_ctrl_c_says_which_checkpoint_was_saved_and_how_to_continue(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("VISAE_TRACEBACK", None)
+    # SIGINT's default disposition in the child: a shell starts background jobs (``pytest ... &``) with SIGINT
+    # ignored, the child would inherit that, and Python keeps an ignored SIGINT ignored (no KeyboardInterrupt)
     p = subprocess.Popen([sys.executable, "-m", "visae.cli", "train", "--shards", str(shards.path), "--out", str(out),
-                          *_TRAIN_LONG], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    ckpt = out / "checkpoint" / "checkpoint.safetensors"
-    deadline = time.monotonic() + 120
-    while not ckpt.is_file() and time.monotonic() < deadline and p.poll() is None:
-        time.sleep(0.1)
-    assert ckpt.is_file(), p.stderr.read() if p.poll() is not None else "no checkpoint within 120 s"
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+                          *_TRAIN_LONG], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        ckpt = out / "checkpoint" / "checkpoint.safetensors"
+        deadline = time.monotonic() + 120
+        while not ckpt.is_file() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert ckpt.is_file(), p.stderr.read() if p.poll() is not None else "no checkpoint within 120 s"
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:  # never leave a 100,000-epoch run behind on a failure
+            p.kill()
+            p.wait()
     assert p.returncode == 130 and "Traceback" not in err, err
     line = [ln for ln in err.splitlines() if ln.startswith("visae train: interrupted")]
     assert len(line) == 1, err

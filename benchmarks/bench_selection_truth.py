@@ -47,7 +47,7 @@ def _rows(seed_dir: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scipy.stats import spearmanr
+    from visae.demo import spearman
 
     argv = list(sys.argv[1:] if argv is None else argv)
     demo_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -84,11 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['rank']:>2} {r['trial']:<24} score {r['score']:.4f} (clean {r['clean_top1']})  L0 {r['l0']:7.1f}"
                   f"  EV {r['explained_variance']:.3f}  recovery {r['recovery']}" + ("  <- chosen" if r["chosen"] else ""))
 
-    def rho(a: list[float], b: list[float]) -> float | None:
-        return None if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2 else float(spearmanr(a, b)[0])
-
     finite = [r for r in pooled if math.isfinite(r["score"])]  # a diverged trial's score is NaN
-    pooled_rho = rho([r["score"] for r in finite], [r["recovery"] for r in finite])
+    pooled_rho = spearman([r["score"] for r in finite], [r["recovery"] for r in finite])
     print(f"\npooled over {len(pooled)} trials of {len(seeds)} seeds: Spearman(score, recovery) = {pooled_rho}")
     print(f"machine: {benchlib.describe_machine()}")
     benchlib.report("bench_selection_truth.py", {"args": vars(args), "demo_args": demo_args, "per_seed": per_seed,

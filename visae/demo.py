@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from visae.atomic import atomic_write_text
 from visae.config import ConfigError, config_to_dict, parse_config
@@ -38,7 +38,7 @@ from visae.sweep import SweepConfig
 from visae.sweepdir import SweepDir
 
 __all__ = ["DemoConfig", "DemoWorld", "PROPAGATED", "QUICK", "WORLDS", "effective", "resolve", "run_demo",
-           "selection_vs_recovery", "toy_vocabulary", "world2_vocabulary", "main"]
+           "selection_vs_recovery", "spearman", "toy_vocabulary", "world2_vocabulary", "main"]
 
 DEFAULT_YAML = config_yaml("demo.yaml")
 STATE = "demo_state.json"
@@ -262,10 +262,9 @@ def _with_distractors(words: list[str], is_world_word: Callable[[str], bool], n_
     from visae.naming import load_vocabulary
 
     words = list(dict.fromkeys(words))
-    if distractors != "wordfreq":
-        seen = {w.lower() for w in words}
-        return words + [w for w in load_vocabulary(distractors, 0, alpha_only=True) if w.lower() not in seen]
     seen = {w.lower() for w in words}
+    if distractors != "wordfreq":
+        return words + [w for w in load_vocabulary(distractors, 0, alpha_only=True) if w.lower() not in seen]
     picked = [w for w in dict.fromkeys(handpicked) if w not in seen and not is_world_word(w)]
     if len(picked) < n_distractors:
         pool = load_vocabulary(None, max(2000, 3 * n_distractors), stopwords=True, alpha_only=True)
@@ -371,8 +370,8 @@ def _say(msg: str) -> None:
 
 
 def _check_word_lists(run: DemoConfig) -> None:
-    """Read the word-list files (``--vocab FILE`` as the naming reads it, ``--distractors FILE``) once before any
-    stage, so that an empty or non-UTF-8 file is refused before the world, the extraction and the sweep.
+    """Check the word-list files (``--vocab FILE`` as the naming reads it, ``--distractors FILE``) before any
+    stage: a missing, empty or non-UTF-8 file is refused before the world, the extraction and the sweep.
 
     Raises:
         ConfigError: naming the flag and the file (the naming's :class:`~visae.naming.NamingError` message).
@@ -380,13 +379,16 @@ def _check_word_lists(run: DemoConfig) -> None:
     from visae.naming import NamingError, load_vocabulary
 
     n = run.naming
-    lists = [("--vocab", run.vocab, lambda: load_vocabulary(n.vocab, n.vocab_size, stopwords=n.stopwords,
-                                                            alpha_only=n.alpha_only))]
+    lists = [("--vocab", run.vocab, "toy, wordfreq", lambda: load_vocabulary(
+        n.vocab, n.vocab_size, stopwords=n.stopwords, alpha_only=n.alpha_only))]
     if run.vocab == "toy":
-        lists.append(("--distractors", run.distractors, lambda: load_vocabulary(run.distractors, 0, alpha_only=True)))
-    for flag, value, read in lists:
+        lists.append(("--distractors", run.distractors, "wordfreq",
+                      lambda: load_vocabulary(run.distractors, 0, alpha_only=True)))
+    for flag, value, keywords, read in lists:
         if value in ("toy", "wordfreq"):
             continue
+        if not Path(value).expanduser().is_file():
+            raise ConfigError(f"{flag} {value}: no such word-list file (expected {keywords} or a file, one word a line)")
         try:
             read()
         except NamingError as e:
@@ -429,11 +431,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     run = effective(cfg)  # the nested configs carry the top-level settings from here on
     out = Path(run.out)
-    if run.vocab not in ("toy", "wordfreq") and not Path(run.vocab).expanduser().is_file():
-        raise ConfigError(f"--vocab {run.vocab}: no such word-list file (expected toy, wordfreq or a file, one word a line)")
-    if run.vocab == "toy" and run.distractors != "wordfreq" and not Path(run.distractors).expanduser().is_file():
-        raise ConfigError(f"--distractors {run.distractors}: no such word-list file (expected wordfreq or a file, "
-                          "one word a line)")
     _check_word_lists(run)
     world = WORLDS[run.world]
     _check_toy_weights(run, world)
@@ -597,6 +594,16 @@ def _finite(x: Any) -> bool:
         return False
 
 
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman rank correlation of two equal-length sequences (scipy.stats.spearmanr, average ranks for ties);
+    None where it is undefined: fewer than 3 pairs or either side constant."""
+    from scipy.stats import spearmanr
+
+    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    return float(spearmanr(a, b)[0])
+
+
 def selection_vs_recovery(swd: SweepDir, trials: dict[str, dict[str, Any]], selected: str | None,
                           n_values: int) -> dict[str, Any]:
     """How the sweep's selection agrees with the ground truth (issue 12, item 4), from its leaderboard.
@@ -611,8 +618,6 @@ def selection_vs_recovery(swd: SweepDir, trials: dict[str, dict[str, Any]], sele
     """
     import csv
 
-    from scipy.stats import spearmanr
-
     rows = {}
     if swd.leaderboard_csv.is_file():
         with open(swd.leaderboard_csv, newline="") as f:
@@ -623,16 +628,10 @@ def selection_vs_recovery(swd: SweepDir, trials: dict[str, dict[str, Any]], sele
     # left out of spearman_score (a NaN would make the correlation NaN and recovery.json invalid JSON), kept in
     # spearman_rule (the rule ranks it last)
     score = {t: float(rows[t]["score"]) for t in names if _finite(rows[t].get("score"))}
-
-    def rho(a: list[float], b: list[float]) -> float | None:
-        if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
-            return None
-        return float(spearmanr(a, b)[0])
-
     best = max(rec.values()) if rec else None
     return {"n_trials": len(names), "n_values": n_values, "recovery": rec, "score": score,
-            "spearman_score": rho([score[t] for t in score], [rec[t] for t in score]),
-            "spearman_rule": rho([-int(rows[t]["rank"]) for t in names], [rec[t] for t in names]),
+            "spearman_score": spearman([score[t] for t in score], [rec[t] for t in score]),
+            "spearman_rule": spearman([-int(rows[t]["rank"]) for t in names], [rec[t] for t in names]),
             "selected_recovery": rec.get(selected) if selected else None, "best_recovery": best,
             "selected_within_one": None if selected not in rec or best is None else best - rec[selected] <= 1}
 

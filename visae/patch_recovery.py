@@ -143,7 +143,9 @@ def patch_recovery(sae: Any, shards: str | Path | ShardSet, *, world_seed: int |
 
         sae = load_sae(sae)
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
-    if ((ss.source or {}).get("dataset_info") or {}).get("world_format") == "visae.toyworld2":
+    from visae.world2 import is_world2_shards
+
+    if is_world2_shards(ss):
         raise ValueError(f"{ss.path}: patch-level recovery reads the first toy world's scenes (visae.toyworld); these "
                          "shards are of world2 (visae.world2), which it does not support yet")
     meta = ss.metadata()

@@ -178,15 +178,11 @@ def collect_codes(sae: Any, shards: ShardSet, *, member: int = 0, batch_size: in
 def _default_factors(shards: ShardSet) -> list[str]:
     src = shards.source or {}
     cols = list(shards.manifest.get("columns", {}))
-    info = src.get("dataset_info") or {}
-    main = src.get("main_factors") or info.get("main_factors")
+    main = src.get("main_factors") or (src.get("dataset_info") or {}).get("main_factors")
     if not main:  # shards extracted before the source recorded its world's main factors
-        if info.get("world_format") == "visae.toyworld2" or "family_shape" in cols:
-            from visae.world2 import MAIN_FACTORS
-        else:
-            from visae.toyworld import MAIN_FACTORS
+        from visae import toyworld, world2
 
-        main = list(MAIN_FACTORS)
+        main = list((world2 if world2.is_world2_shards(shards) else toyworld).MAIN_FACTORS)
     return [f for f in main if f in cols]
 
 
@@ -194,13 +190,11 @@ def _name_matcher(ss: ShardSet) -> Callable[[Optional[str], str, str], bool]:
     """``match(name, factor, value_name)``: the world's naming truth (world2: its tables and colour rules,
     :func:`visae.world2.name_matches`, for the factors it has them for, ``world2.NAMED_FACTORS``; world2's other
     factors, e.g. n_objects, and the first toy world: :func:`name_matches`, the value's word)."""
-    info = (ss.source or {}).get("dataset_info") or {}
-    if info.get("world_format") == "visae.toyworld2" or "family_shape" in ss.manifest.get("columns", {}):
-        from visae import world2
+    from visae import world2
 
+    if world2.is_world2_shards(ss):
         def match(name: Optional[str], factor: str, value: str) -> bool:
-            base = factor[:-1] if factor.endswith("2") else factor
-            if base in world2.NAMED_FACTORS:
+            if world2.has_naming_truth(factor):
                 return world2.name_matches(name, factor, value)
             return name_matches(name, value)
 

@@ -57,7 +57,7 @@ __all__ = [
     "captions_for", "grounded_words", "classnames_and_templates", "World2", "sample_world2",
     "generate_world2", "World2Config", "main", "TextureStyle", "texture_style",
     "SHAPE_NAMES", "TEXTURE_NAMES", "SIZE_NAMES", "POSITION_NAMES", "FAMILY_SPELLINGS", "COLOUR_NAME_DELTA_E",
-    "NAMED_FACTORS", "accepted_names", "name_matches",
+    "NAMED_FACTORS", "accepted_names", "name_matches", "has_naming_truth", "is_world2_shards",
 ]
 
 FORMAT_NAME = "visae.toyworld2"
@@ -737,7 +737,6 @@ FAMILY_SPELLINGS: dict[str, tuple[str, ...]] = {"grey": ("gray",), "purple": ("v
 COLOUR_NAME_DELTA_E = 10.0  # CIEDE2000 radius within which a named colour names a colour right
 
 
-@lru_cache(maxsize=None)
 def _family_names(family: str) -> frozenset[str]:
     """The family word, its spellings, and every named colour whose family (``family_of_rgb``) is ``family``."""
     names, fam = named_colours()[0], colour_families()
@@ -748,6 +747,24 @@ def _family_names(family: str) -> frozenset[str]:
 # the factors (their first-object form) that have a naming truth; world2's others (n_objects, relation, occluded,
 # family_shape) have none here
 NAMED_FACTORS = ("colour_family", "colour", "shape", "texture", "background", "size", "hpos", "vpos")
+
+
+def _first_object_form(factor: str) -> str:
+    """``"shape2"`` -> ``"shape"`` (the second object's factors end in 2)."""
+    return factor[:-1] if factor.endswith("2") else factor
+
+
+def has_naming_truth(factor: str) -> bool:
+    """Whether ``factor`` (or its second-object form, e.g. ``shape2``) has a naming truth (:data:`NAMED_FACTORS`)."""
+    return _first_object_form(factor) in NAMED_FACTORS
+
+
+def is_world2_shards(shards: Any) -> bool:
+    """Whether a :class:`visae.shards.ShardSet` was extracted from a world2 directory: its source records world2's
+    format (``dataset_info.world_format``), or, for shards extracted before the source recorded it, it has world2's
+    ``family_shape`` column."""
+    info = (shards.source or {}).get("dataset_info") or {}
+    return info.get("world_format") == FORMAT_NAME or "family_shape" in shards.manifest.get("columns", {})
 
 
 @lru_cache(maxsize=None)
@@ -763,8 +780,8 @@ def accepted_names(factor: str, value: str) -> frozenset[str]:
         KeyError: a factor without a naming truth (not in :data:`NAMED_FACTORS`, nor its '2' form) or a value
             the factor does not have.
     """
-    base = factor[:-1] if factor.endswith("2") else factor
-    if base not in NAMED_FACTORS:
+    base = _first_object_form(factor)
+    if not has_naming_truth(factor):
         raise KeyError(f"no naming truth for factor {factor!r}; known: {', '.join(NAMED_FACTORS)} (and their '2' "
                        "second-object forms)")
     if value not in FACTORS[base]:
@@ -779,7 +796,6 @@ def accepted_names(factor: str, value: str) -> frozenset[str]:
     return frozenset(table[value])
 
 
-@lru_cache(maxsize=None)
 def _near_colours(i: int) -> np.ndarray:
     try:
         from skimage.color import deltaE_ciede2000

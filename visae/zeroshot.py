@@ -325,9 +325,9 @@ def _auto_benchmark(ss: ShardSet, label_column: str) -> str:
     src = ss.source
     kind = str(src.get("dataset_kind", "")).lower()
     if kind == "toyworld":
-        info = src.get("dataset_info") or {}
-        world2 = info.get("world_format") == "visae.toyworld2" or "family_shape" in ss.manifest.get("columns", {})
-        return "world2" if world2 else "toy"
+        from visae.world2 import is_world2_shards
+
+        return "world2" if is_world2_shards(ss) else "toy"
     if kind == "imagenet":
         return "imagenet"
     text = " ".join(str(src.get(k, "")) for k in ("dataset", "images", "benchmark", "model")).lower()

@@ -174,8 +174,8 @@ def test_world2_shards_use_world2s_factors_and_naming_truth(planted, tmp_path):
     assert res["summary"]["n_unsupported_names"] == 1 and res["summary"]["unsupported_names"] == {"5": "incurred"}
     from visae.patch_recovery import patch_recovery
 
-    with pytest.raises(ValueError, match="shards are of world2 .* does not support yet"):
-        patch_recovery(sae, out)  # reads the first world's scenes: refused by name, not by a missing column
+    with pytest.raises(ValueError, match="records no world directory .* pass world_dir"):
+        patch_recovery(sae, out)  # world2's objects are read from its directory: refused by name, not by a missing column
 
 
 def test_world2_factors_without_a_naming_table_fall_back_to_the_values_word(planted, tmp_path):

@@ -1,70 +1,306 @@
 """Ground truth for patch heatmaps: does a patch-token SAE's concept fire on the object that has it?
 
-On a toy-world shard set of patch tokens (``visae extract --source toyworld --layer L --token patch``:
-ids ``<image id>#p<j>``, factor columns in the metadata) and an SAE trained on it, for every value of
-the world's factors:
+On a synthetic-world shard set of patch tokens (``visae extract --source toyworld --layer L --token patch``:
+ids ``<image id>#p<j>``, factor columns in the metadata) and an SAE trained on it, for every value of the
+world's factors:
 
 - **image-level AUROC** of every latent at detecting the value, the image's score being the maximum
   (or mean: ``image_score``) of the latent over the image's patches, the score the site ranks images
-  by (``visae.topimages``). For the object factors (``shape``, ``colour``) an image is a positive when
-  *any* of its objects has the value (the main one or the second, small one: ``colour2`` / ``shape2``):
-  a colour latent fires on the red object's patches whichever object is red; counting an image with a
-  small red second object as a negative of "red" would cap every red latent's AUROC near
-  1 - 0.25 / 8 / (7 / 8) = 0.96 however well it localises. Other factors use their column as it is.
+  by (``visae.topimages``). For the *object factors* (colour, shape, ...) an image is a positive when
+  *any* of its objects has the value: a colour latent fires on the red object's patches whichever object
+  is red; on the first world, counting an image with a small red second object as a negative of "red"
+  would cap every red latent's AUROC near 1 - 0.25 / 8 / (7 / 8) = 0.96 however well it localises.
+  Other factors (size, position, background, ...) use their column as it is.
 - **heat mass in the box**, for every (object value, latent) with AUROC >= ``auroc_at``: over the
   latent's top images as the site shows them (``compute_top_images``, the same streaming pass and the
   same per-patch heatmaps ``top_heat``), the share of the heat that lies on the boxes of the objects
-  that have the value (``toyworld.object_boxes``, replayed from the factors and the world seed),
-  area-weighted: a patch's heat counts by the fraction of the patch's area inside the boxes (a patch
-  half inside counts half), pooled over the top images. Also reported: the share on patches that
-  touch a box at all (``heat_touching``) and the share of top images whose hottest patch touches one
-  (``peak_on_box``).
+  that have the value, area-weighted: a patch's heat counts by the fraction of the patch's area inside
+  the union of those boxes (a patch half inside counts half; exact for continuous boxes,
+  :func:`box_coverage`), pooled over the top images (``in_box``). Also reported: the share on patches
+  that touch a box at all (``touching``), the share of top images whose hottest patch touches one
+  (``peak_on_box``), and, where the world records masks, the share on the objects' masks (``in_mask``:
+  a patch's heat counts by the fraction of its pixels that the label map gives to those objects).
 
-Background values (plain / striped / dotted) fire on patches of background, which overlap no object:
-right, and not part of the heat criterion (it is about the object's colour and shape); their AUROC is
-reported like every other value's.
+One code path for both synthetic worlds; what differs is a small per-world adapter, :class:`WorldObjects`
+(built by :func:`world_objects`): for the shard set's images, every object's value of each object factor,
+every object's box and, where recorded, a mask lookup.
+
+- **toyworld** (``visae.toyworld``, the first world): 1-2 objects an image; object factors ``shape`` and
+  ``colour`` (the columns of the main object and of the second, small one: ``shape2`` / ``colour2``); boxes
+  replayed from the factors and the world seed (``toyworld.object_boxes``); no masks.
+- **world2** (``visae.world2``): 1-4 objects an image, anywhere, any size and rotation, possibly occluded;
+  object factors ``shape``, ``colour_family``, ``texture`` (and ``colour``, the ~1,000 named colours, when asked
+  for). The shard columns hold only the main and the second object, so every object's values and box are read
+  from the world directory's own record, ``world.jsonl``'s ``objects`` (each ``box`` is ``world2.object_box`` of
+  the object: its full, unoccluded geometry, rounded to 1e-3 px), and masks from its label maps
+  (``masks/<id>.png``: 0 background, k + 1 where object k covers most of the pixel). The directory is the one the
+  shards were extracted from (``source.dataset``; ``world_dir`` overrides it); its seed and the shards' factor
+  columns are checked against the record before any SAE work.
+
+Shard sets of neither world are refused (``ValueError`` naming the missing columns).
+
+Background values fire on patches of background, which overlap no object: right, and not part of the heat
+criterion (it is about the objects' colour and shape); their AUROC is reported like every other value's.
 
 Issue 14 item 2's criterion: at least 5 object values (colour and shape among them) with a latent of
-AUROC >= 0.95 whose area-weighted heat mass in the box is >= 0.8 (``summary["passing"]``).
+AUROC >= 0.95 whose area-weighted heat mass in the box is >= 0.8 (``summary["passing"]``); the mask share
+is reported beside it, not part of it.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from visae.shards import ShardSet
 
-__all__ = ["OBJECT_FACTORS", "box_coverage", "image_scores", "heat_in_boxes", "patch_recovery", "format_patch_recovery"]
+__all__ = ["OBJECT_FACTORS", "WORLD2_OBJECT_FACTORS", "WorldObjects", "world_objects", "box_coverage", "image_scores",
+           "heat_in_boxes", "patch_recovery", "format_patch_recovery"]
 
-OBJECT_FACTORS = ("shape", "colour")
+OBJECT_FACTORS = ("shape", "colour")  # the first world's (visae.toyworld)
+WORLD2_OBJECT_FACTORS = ("shape", "colour_family", "colour", "texture")  # world2's; "colour" only when asked for
 
 
 def box_coverage(boxes: np.ndarray, grid: Sequence[int], image_size: int) -> np.ndarray:
-    """Fraction of each patch's area inside the union of boxes.
+    """Fraction of each patch's area inside the union of boxes, exact for continuous boxes.
 
     Args:
-        boxes: int [n, K, 4] pixel boxes ``(x0, y0, x1, y1)`` (``toyworld.object_box``: columns x0 .. x1-1,
-            rows y0 .. y1-1); a box whose x0 is -1 is absent.
+        boxes: [n, K, 4] pixel boxes ``(x0, y0, x1, y1)``, integer or continuous, pixel ``(i, j)`` covering
+            ``[j, j+1) x [i, i+1)`` (``toyworld.object_box``: columns x0 .. x1-1, rows y0 .. y1-1;
+            ``world2.object_box``: continuous); a box whose x0 is negative (-1) is absent; boxes are clipped
+            to the frame.
         grid: (rows, cols) of the patch grid; the image is ``image_size`` pixels square and divides into it.
 
     Returns:
-        float64 [n, rows * cols], row-major patch order (the order of ``<id>#p<j>`` rows).
+        float64 [n, rows * cols], row-major patch order (the order of ``<id>#p<j>`` rows). The union is cut
+        into the cells between every box and patch edge (coordinate compression), each cell counted once;
+        integer boxes give exact fractions.
+
+    Raises:
+        ValueError: the grid does not divide the image.
     """
-    boxes = np.asarray(boxes, np.int64)
+    boxes = np.asarray(boxes, np.float64)
     R, C = int(grid[0]), int(grid[1])
     if R <= 0 or C <= 0 or image_size % R or image_size % C:
         raise ValueError(f"patch grid {R}x{C} does not divide a {image_size}-pixel image")
-    mask = np.zeros((len(boxes), image_size, image_size), bool)
-    for i, bs in enumerate(boxes):
-        for x0, y0, x1, y1 in bs:
-            if x0 >= 0:
-                mask[i, y0:y1, x0:x1] = True
     ph, pw = image_size // R, image_size // C
-    return mask.reshape(len(boxes), R, ph, C, pw).mean((2, 4)).reshape(len(boxes), R * C)
+    ex, ey = np.arange(C + 1, dtype=np.float64) * pw, np.arange(R + 1, dtype=np.float64) * ph
+    out = np.zeros((len(boxes), R * C))
+    for i, bs in enumerate(boxes):
+        bs = np.clip(bs[bs[:, 0] >= 0], 0, image_size)
+        bs = bs[(bs[:, 2] > bs[:, 0]) & (bs[:, 3] > bs[:, 1])]
+        if not len(bs):
+            continue
+        xs, ys = np.unique(np.r_[ex, bs[:, 0], bs[:, 2]]), np.unique(np.r_[ey, bs[:, 1], bs[:, 3]])
+        cx, cy = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2  # cell centres: a cell is inside a box or outside
+        inside = ((bs[:, 0, None, None] <= cx) & (cx < bs[:, 2, None, None])
+                  & (bs[:, 1, None, None] <= cy[:, None]) & (cy[:, None] < bs[:, 3, None, None])).any(0)  # [ny, nx]
+        area = np.diff(ys)[:, None] * np.diff(xs)[None, :] * inside
+        patch = (cy // ph).astype(np.int64)[:, None] * C + (cx // pw).astype(np.int64)[None, :]
+        np.add.at(out[i], patch.ravel(), area.ravel())
+    return out / (ph * pw)
+
+
+@dataclass(frozen=True)
+class WorldObjects:
+    """A synthetic world's truth about the ``n`` images of a patch-token shard set (built by :func:`world_objects`).
+
+    Attributes:
+        world: ``"toyworld"`` or ``"world2"``.
+        factor_names: factor -> its value names (the world's table), for every factor it can score.
+        object_factors: the factors each object carries (an image is a positive of a value when any of its objects
+            has it; the heat is measured against those objects' boxes).
+        default_factors: the factors ``patch_recovery`` scores by default (the world's main factors).
+        values: factor -> int64 ``[n, K]``: for an object factor each object's value (K objects at most; -1 where
+            image i has no object k), for any other factor the image's column (``[n, 1]``).
+        boxes: float64 ``[n, K, 4]``: each object's box ``(x0, y0, x1, y1)`` in pixels of the world's image
+            (``image_size`` square), -1 where absent.
+        image_size: the side of the world's images in pixels (the frame of ``boxes``).
+        image_ids: the images' ids ``[n]`` (the ``<image id>`` of ``<image id>#p<j>``), in image-number order.
+        mask_coverage: None (no masks recorded) or ``f(images int [m], select bool [m, K], grid) -> float64 [m, P]``:
+            the fraction of each patch's pixels that the world's label maps give to the selected objects.
+    """
+
+    world: str
+    factor_names: dict[str, tuple[str, ...]]
+    object_factors: tuple[str, ...]
+    default_factors: tuple[str, ...]
+    values: dict[str, np.ndarray]
+    boxes: np.ndarray
+    image_size: int
+    image_ids: tuple[str, ...]
+    mask_coverage: Callable[[np.ndarray, np.ndarray, Sequence[int]], np.ndarray] | None = field(default=None, repr=False)
+
+
+def _image_firsts(ss: ShardSet, meta: Any) -> tuple[np.ndarray, list[str]]:
+    """First row of each image and the images' ids (``<image id>`` of ``<image id>#p<j>``)."""
+    from visae.topimages import patch_layout
+
+    layout = patch_layout(meta["id"])
+    if layout is None:
+        raise ValueError(f"{ss.path}: not a patch-token shard set (ids '<image>#p<j>' expected)")
+    img = layout[0]
+    first = np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
+    return first, [str(meta["id"][k]).rpartition("#p")[0] for k in first]
+
+
+def _toyworld_objects(ss: ShardSet, meta: Any, world_seed: int | None) -> WorldObjects:
+    """The first world's adapter: object values from the columns (main object, ``<factor>2``: the second one),
+    boxes replayed from the factor rows and the world seed (``toyworld.object_boxes``)."""
+    from visae import toyworld as tw
+
+    missing = sorted(c for c in tw.FACTORS if c not in meta)
+    if missing:
+        raise ValueError(f"{ss.path}: factor columns {missing} missing (a shard set of a synthetic world, visae.toyworld "
+                         "or visae.world2, is expected)")
+    if world_seed is None:
+        world_seed = ((ss.source or {}).get("dataset_info") or {}).get("world_seed")
+        if world_seed is None:
+            raise ValueError(f"{ss.path}: the source records no world seed; pass world_seed")
+    first, ids = _image_firsts(ss, meta)
+    fr = np.stack([np.asarray(meta[f])[first] for f in tw.FACTORS], 1).astype(np.int64)  # [n, F] factor rows
+    world_index = np.asarray([int(i) for i in ids], np.int64)
+    size = int((ss.source or {}).get("image_size", [tw.IMAGE_SIZE])[0])
+    boxes = np.concatenate([tw.object_boxes(fr[i:i + 1], int(world_seed), start=int(world_index[i]), image_size=size)
+                            for i in range(len(first))]) if len(first) else np.zeros((0, 2, 4), np.int64)
+    values = {f: fr[:, [tw.FACTOR_INDEX[f]]] for f in tw.FACTORS}
+    for f in OBJECT_FACTORS:
+        values[f] = fr[:, [tw.FACTOR_INDEX[f], tw.FACTOR_INDEX[f + "2"]]]
+    return WorldObjects("toyworld", {f: tuple(v) for f, v in tw.FACTORS.items()}, OBJECT_FACTORS, tuple(tw.MAIN_FACTORS),
+                        values, boxes.astype(np.float64), size, tuple(ids))
+
+
+class _LabelMaps:
+    """Mask coverage from a world2 directory's label maps (``masks/<id>.png``), read on first use and kept."""
+
+    def __init__(self, paths: Sequence[Path], image_size: int):
+        self.paths, self.size, self.cache = list(paths), int(image_size), {}
+
+    def __call__(self, images: np.ndarray, select: np.ndarray, grid: Sequence[int]) -> np.ndarray:
+        from PIL import Image
+
+        R, C = int(grid[0]), int(grid[1])
+        if R <= 0 or C <= 0 or self.size % R or self.size % C:
+            raise ValueError(f"patch grid {R}x{C} does not divide a {self.size}-pixel image")
+        out = np.zeros((len(images), R * C))
+        for t, (i, sel) in enumerate(zip(np.asarray(images).tolist(), np.asarray(select, bool))):
+            if i not in self.cache:
+                with Image.open(self.paths[i]) as im:
+                    lab = np.asarray(im)
+                if lab.shape != (self.size, self.size):
+                    raise ValueError(f"{self.paths[i]}: label map of shape {lab.shape}, expected ({self.size}, {self.size})")
+                self.cache[i] = lab
+            lab = self.cache[i]
+            keep = np.zeros(max(int(lab.max()), len(sel)) + 1, bool)
+            keep[1:len(sel) + 1] = sel  # label k + 1: object k
+            out[t] = keep[lab].reshape(R, self.size // R, C, self.size // C).mean((1, 3)).reshape(-1)
+        return out
+
+
+def _world2_objects(ss: ShardSet, meta: Any, world_dir: str | Path | None) -> WorldObjects:
+    """world2's adapter: every object's factors and box from the world directory's ``world.jsonl`` (``objects``),
+    masks from its label maps; the directory's format and seed and the shards' factor columns are checked."""
+    from visae import world2 as w2
+
+    src = ss.source or {}
+    info = src.get("dataset_info") or {}
+    if world_dir is None:
+        world_dir = src.get("dataset") or info.get("path")
+        if not world_dir:
+            raise ValueError(f"{ss.path}: the source records no world directory (source.dataset); pass world_dir")
+    root = Path(world_dir)
+    wj, jl = root / "world.json", root / "world.jsonl"
+    if not wj.is_file() or not jl.is_file():
+        raise ValueError(f"{root}: the world2 directory of {ss.path} is not there (world.json and world.jsonl "
+                         "expected: every object's box is read from its record); pass world_dir")
+    try:
+        wmeta = json.loads(wj.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{wj}: not valid JSON ({e})") from None
+    if wmeta.get("format") != w2.FORMAT_NAME:
+        raise ValueError(f"{wj}: format {wmeta.get('format')!r}, expected {w2.FORMAT_NAME!r}")
+    if info.get("world_seed") is not None and wmeta.get("seed") != info["world_seed"]:
+        raise ValueError(f"{wj}: world seed {wmeta.get('seed')}, but {ss.path} was extracted from world seed "
+                         f"{info['world_seed']}: not the shards' world")
+    size = int(wmeta.get("image_size", w2.IMAGE_SIZE))
+    first, ids = _image_firsts(ss, meta)
+    want, recs = set(ids), {}
+    for ln, line in enumerate(jl.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            rid = str(rec["id"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{jl} line {ln}: expected a JSON object with 'id' ({e})") from None
+        if rid in want:
+            recs[rid] = (ln, rec)
+    missing = [i for i in ids if i not in recs]
+    if missing:
+        raise ValueError(f"{jl}: no record of {len(missing)} image(s) of {ss.path}, e.g. {missing[:3]}")
+    n = len(ids)
+    K = max([len(recs[i][1].get("objects") or []) for i in ids] + [1])
+    tables = {f: w2.FACTORS[f] for f in WORLD2_OBJECT_FACTORS}
+    index = {f: {name: v for v, name in reversed(list(enumerate(names)))} for f, names in tables.items()}
+    values = {f: np.full((n, K), -1, np.int64) for f in tables}
+    boxes = np.full((n, K, 4), -1.0)
+    masks: list[Path] = []
+    for i, iid in enumerate(ids):
+        ln, rec = recs[iid]
+        for k, o in enumerate(rec.get("objects") or []):
+            try:
+                for f in tables:
+                    values[f][i, k] = index[f][o[f]]
+                box = np.asarray(o["box"], np.float64)
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{jl} line {ln}: object {k} needs {', '.join(tables)} (world2 value names) and "
+                                 f"'box' [x0, y0, x1, y1] ({type(e).__name__}: {e})") from None
+            if box.shape != (4,) or not np.isfinite(box).all():
+                raise ValueError(f"{jl} line {ln}: object {k}'s 'box' is {o['box']!r}, expected 4 numbers x0, y0, x1, y1")
+            boxes[i, k] = box
+        masks.append(root / str(rec.get("mask", f"masks/{iid}.png")))
+    for f in w2.MAIN_FACTORS:  # the shards' columns must be this world's images
+        if f not in meta:
+            continue
+        col = np.asarray(meta[f])[first]
+        rec_col = np.asarray([int((recs[i][1].get("factors") or {}).get(f, -1)) for i in ids])
+        bad = np.flatnonzero(col != rec_col)
+        if len(bad):
+            b = int(bad[0])
+            raise ValueError(f"{ss.path}: image {ids[b]!r} has {f}={int(col[b])} in the shards but {rec_col[b]} in {jl}: "
+                             f"the shards are not of this world (pass world_dir)")
+    for f in w2.FACTORS:
+        if f not in tables and f in meta:
+            values[f] = np.asarray(meta[f])[first].astype(np.int64)[:, None]
+    mask_cov = _LabelMaps(masks, size) if all(m.is_file() for m in masks) else None
+    return WorldObjects("world2", {f: tuple(v) for f, v in w2.FACTORS.items()}, WORLD2_OBJECT_FACTORS,
+                        tuple(w2.MAIN_FACTORS), values, boxes, size, tuple(ids), mask_cov)
+
+
+def world_objects(shards: str | Path | ShardSet, *, world_seed: int | None = None,
+                  world_dir: str | Path | None = None) -> WorldObjects:
+    """The per-world adapter of a synthetic-world patch-token shard set: :class:`WorldObjects` of its images.
+
+    world2 shards (``world2.is_world2_shards``) read their world directory (``world_dir``, default the shards'
+    ``source.dataset``); others must carry the first world's factor columns, and replay its boxes from the world
+    seed (``world_seed``, default the source's ``dataset_info.world_seed``). Cheap: no SAE, no activations read.
+
+    Raises:
+        ValueError: not a patch-token set; a shard set of neither world (columns named); no world seed (first world)
+            or no world directory / a record missing or unlike the shards (world2).
+    """
+    from visae.world2 import is_world2_shards
+
+    ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
+    meta = ss.metadata()
+    if is_world2_shards(ss):
+        return _world2_objects(ss, meta, world_dir)
+    return _toyworld_objects(ss, meta, world_seed)
 
 
 def image_scores(sae: Any, shards: ShardSet, *, image_score: str = "max", batch_size: int = 8192,
@@ -116,25 +352,36 @@ def heat_in_boxes(heat: np.ndarray, coverage: np.ndarray) -> dict[str, float]:
 
 
 def patch_recovery(sae: Any, shards: str | Path | ShardSet, *, world_seed: int | None = None,
-                   factors: Sequence[str] = ("shape", "colour", "size", "position", "background"),
-                   object_factors: Sequence[str] = OBJECT_FACTORS, auroc_at: float = 0.95, heat_at: float = 0.8,
+                   world_dir: str | Path | None = None, factors: Sequence[str] | None = None,
+                   object_factors: Sequence[str] | None = None, auroc_at: float = 0.95, heat_at: float = 0.8,
                    n_top: int = 16, image_score: str = "max", top_images: Any = None) -> dict[str, Any]:
-    """Image-level AUROC of every (latent, value) and, for object values, the heat mass in the object's box.
+    """Image-level AUROC of every (latent, value) and, for object values, the heat mass in the objects' boxes.
 
     Args:
         sae: a single SAE (or its directory) trained on ``shards``' patch tokens.
-        shards: a toy-world patch-token shard set (factor columns, ids ``<world image index>#p<j>``).
-        world_seed: the world's seed (default: the shard set's ``source.dataset_info.world_seed``).
+        shards: a patch-token shard set of the first toy world or of world2 (factor columns, ids ``<image id>#p<j>``).
+        world_seed: first world: its seed (default: the shard set's ``source.dataset_info.world_seed``).
+        world_dir: world2: its directory (default: the shard set's ``source.dataset``).
+        factors: the factors scored (default: the world's main factors: ``toyworld.MAIN_FACTORS`` /
+            ``world2.MAIN_FACTORS``).
+        object_factors: those of ``factors`` scored per object (any object's value makes a positive) and whose
+            heat is measured (default: every factor of ``factors`` that the world records per object: first world
+            ``shape``, ``colour``; world2 ``shape``, ``colour_family``, ``colour``, ``texture``).
+        auroc_at / heat_at: the AUROC a latent needs to have its heat measured, the in-box share a value needs to pass.
         top_images: a ``TopImages`` of this SAE and set (else computed with ``n_top`` and ``image_score``).
 
-    Returns ``{"values": [per value: factor, value, n_pos, best_latent, auroc, n_latents_at (latents with
-    AUROC >= auroc_at), and for object values with such latents: latent (the one with the most heat in the
-    box), latent_auroc, in_box, touching, peak_on_box, images, passes], "summary": {...}}``.
+    Returns ``{"values": [per value: factor, value, n_pos (images), best_latent, auroc, n_latents_at (latents with
+    AUROC >= auroc_at), and for object values with such latents: latent (the one with the most heat in the box),
+    latent_auroc, in_box, touching, peak_on_box, images, in_mask (world2: share of the heat on the objects' masks;
+    absent without masks), passes (in_box >= heat_at), latents_at (those fields for every latent at auroc_at)],
+    "summary": {world, n_images, d_sae, image_score, auroc_at, heat_at, n_top, object_factors, masks (bool),
+    passing, passing_factors, values_at}}``. Shares are NaN where the top images have no heat.
 
     Raises:
-        ValueError: not a patch-token set, a factor column missing, no world seed recorded and none given.
+        ValueError: not a patch-token set, a shard set of neither world (factor columns missing), an unknown factor
+            or an object factor the world does not record per object, no world seed / world directory (all before
+            the SAE pass).
     """
-    from visae import toyworld as tw
     from visae.recovery import sparse_auroc
     from visae.topimages import compute_top_images
 
@@ -143,32 +390,23 @@ def patch_recovery(sae: Any, shards: str | Path | ShardSet, *, world_seed: int |
 
         sae = load_sae(sae)
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
-    from visae.world2 import is_world2_shards
-
-    if is_world2_shards(ss):
-        raise ValueError(f"{ss.path}: patch-level recovery reads the first toy world's scenes (visae.toyworld); these "
-                         "shards are of world2 (visae.world2), which it does not support yet")
-    meta = ss.metadata()
-    need = set(factors) | {f + "2" for f in object_factors} | set(tw.FACTORS)
-    missing = sorted(c for c in need if c not in meta)
-    if missing:
-        raise ValueError(f"{ss.path}: factor columns {missing} missing (a toy-world shard set is expected)")
-    if world_seed is None:
-        world_seed = ((ss.source or {}).get("dataset_info") or {}).get("world_seed")
-        if world_seed is None:
-            raise ValueError(f"{ss.path}: the source records no world seed; pass world_seed")
+    W = world_objects(ss, world_seed=world_seed, world_dir=world_dir)
+    factors = tuple(W.default_factors if factors is None else factors)
+    unknown = [f for f in factors if f not in W.values]
+    if unknown:
+        raise ValueError(f"{ss.path}: factor(s) {unknown} not among this {W.world} set's factors {sorted(W.values)}")
+    if object_factors is None:
+        object_factors = tuple(f for f in factors if f in W.object_factors)
+    bad = [f for f in object_factors if f not in W.object_factors]
+    if bad:
+        raise ValueError(f"object factor(s) {bad}: {W.world} records per object only {list(W.object_factors)}")
     S, img, first = image_scores(sae, ss, image_score=image_score)
     n = len(first)
-    fr = np.stack([np.asarray(meta[f])[first] for f in tw.FACTORS], 1)  # [n, F] factor rows of the images
-    world_index = np.asarray([int(str(meta["id"][k]).rpartition("#p")[0]) for k in first], np.int64)
     labels, info = [], []
     for fac in factors:
-        col = fr[:, tw.FACTOR_INDEX[fac]]
-        for v, vn in enumerate(tw.FACTORS[fac]):
-            lab = col == v
-            if fac in object_factors:
-                lab = lab | (fr[:, tw.FACTOR_INDEX[fac + "2"]] == v)
-            labels.append(lab)
+        vals = W.values[fac]  # [n, K] (object factors) or [n, 1]
+        for v, vn in enumerate(W.factor_names[fac]):
+            labels.append((vals == v).any(1))
             info.append((fac, v, vn))
     L = np.stack(labels, 1)
     r, c = np.nonzero(S > 0)
@@ -176,9 +414,6 @@ def patch_recovery(sae: Any, shards: str | Path | ShardSet, *, world_seed: int |
     ti = top_images if top_images is not None else compute_top_images(sae, ss, n_top=n_top, n_random=0, progress=False,
                                                                          image_score=image_score)
     grid = tuple(int(g) for g in ti.patch_grid)
-    size = int((ss.source or {}).get("image_size", [tw.IMAGE_SIZE])[0])
-    boxes = np.concatenate([tw.object_boxes(fr[i:i + 1], world_seed, start=int(world_index[i]), image_size=size)
-                            for i in range(n)])  # [n, 2, 4]
     out = []
     for k, (fac, v, vn) in enumerate(info):
         a = auc[:, k]
@@ -193,28 +428,40 @@ def patch_recovery(sae: Any, shards: str | Path | ShardSet, *, world_seed: int |
             for j in at:
                 ok = ti.top_index[j] >= 0
                 im = img[ti.top_index[j][ok]]
-                match = np.stack([fr[im, tw.FACTOR_INDEX[fac]] == v, fr[im, tw.FACTOR_INDEX[fac + "2"]] == v], 1)
-                bx = np.where(match[:, :, None], boxes[im], -1)  # only the objects that have the value
-                h = heat_in_boxes(ti.top_heat[j][ok].astype(np.float64), box_coverage(bx, grid, size))
+                sel = W.values[fac][im] == v  # [m, K]: only the objects that have the value
+                heat = ti.top_heat[j][ok].astype(np.float64)
+                h: dict[str, Any] = heat_in_boxes(heat, box_coverage(np.where(sel[:, :, None], W.boxes[im], -1.0), grid,
+                                                                     W.image_size))
+                if W.mask_coverage is not None:
+                    tot = heat.sum()
+                    h["in_mask"] = float((heat * W.mask_coverage(im, sel, grid)).sum() / tot) if tot > 0 else float("nan")
                 results.append((h["in_box"] if h["in_box"] == h["in_box"] else -1.0, int(j), h))
             _, j, h = max(results)
-            rec.update(latent=j, latent_auroc=float(a[j]), **h, passes=bool(h["in_box"] >= heat_at))
+            rec.update(latent=j, latent_auroc=float(a[j]), **h, passes=bool(h["in_box"] >= heat_at),
+                       latents_at=[{"latent": jj, "auroc": float(a[jj]), **hh} for _, jj, hh in sorted(results, key=lambda t: t[1])])
         out.append(rec)
     passing = [f'{r_["factor"]}={r_["value"]}' for r_ in out if r_.get("passes")]
-    summary = {"n_images": n, "d_sae": int(sae.d_sae), "image_score": image_score, "auroc_at": auroc_at,
-               "heat_at": heat_at, "n_top": int(ti.top_index.shape[1]), "passing": passing,
+    summary = {"world": W.world, "n_images": n, "d_sae": int(sae.d_sae), "image_score": image_score,
+               "auroc_at": auroc_at, "heat_at": heat_at, "n_top": int(ti.top_index.shape[1]),
+               "object_factors": list(object_factors), "masks": W.mask_coverage is not None, "passing": passing,
                "passing_factors": sorted({p.split("=")[0] for p in passing}),
                "values_at": [f'{r_["factor"]}={r_["value"]}' for r_ in out if r_["n_latents_at"]]}
     return {"values": out, "summary": summary}
 
 
 def format_patch_recovery(res: dict[str, Any]) -> str:
-    """A plain-text table of a ``patch_recovery`` result."""
-    lines = ["factor      value      best AUROC  latents>=at  heat in box  touching  peak on box  passes"]
+    """A plain-text table of a ``patch_recovery`` result (the mask column only where the world records masks)."""
+    masks = bool(res["summary"].get("masks"))
+    lines = ["factor         value              best AUROC  latents>=at  heat in box  touching  peak on box"
+             + ("  in mask" if masks else "") + "  passes"]
     for r in res["values"]:
-        heat = (f'{r["in_box"]:11.3f}  {r["touching"]:8.3f}  {r["peak_on_box"]:11.3f}  {"yes" if r["passes"] else "no"}'
-                if "in_box" in r else f'{"":11}  {"":8}  {"":11}  -')
-        lines.append(f'{r["factor"]:<11} {r["value"]:<10} {r["auroc"]:10.3f}  {r["n_latents_at"]:11d}  {heat}')
+        if "in_box" in r:
+            heat = f'{r["in_box"]:11.3f}  {r["touching"]:8.3f}  {r["peak_on_box"]:11.3f}'
+            heat += f'  {r["in_mask"]:7.3f}' if masks else ""
+            heat += f'  {"yes" if r["passes"] else "no"}'
+        else:
+            heat = f'{"":11}  {"":8}  {"":11}' + (f'  {"":7}' if masks else "") + "  -"
+        lines.append(f'{r["factor"]:<14} {r["value"]:<18} {r["auroc"]:10.3f}  {r["n_latents_at"]:11d}  {heat}')
     s = res["summary"]
     lines.append(f'passing ({len(s["passing"])}): {", ".join(s["passing"]) or "none"}')
     return "\n".join(lines)

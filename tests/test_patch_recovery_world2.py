@@ -3,6 +3,8 @@ reads every object's factors and box from the world's record (objects 3 and 4 ar
 on an object's patches / on the background / on its mask gives the shares it must, and the whole path runs on a
 random-initialised visae-toyclip2's patch tokens (no targets asserted there: random weights carry no concepts)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -174,9 +176,10 @@ def test_planted_heat_on_the_object_the_background_and_the_mask(world, tmp_path)
     assert f"colour_family={world2.FAMILIES[v]}" in res["summary"]["passing"]
 
 
-def test_end_to_end_on_a_random_toyclip2(world, tmp_path):
+def test_end_to_end_on_a_random_toyclip2(world, tmp_path, capsys):
     """world2 -> ``visae extract --layer 1 --token patch`` with a random-initialised visae-toyclip2 -> a random TopK SAE
-    -> ``patch_recovery`` with every latent's heat measured (``auroc_at=0``): the documented fields, shares in [0, 1]."""
+    -> ``patch_recovery`` with every latent's heat measured (``auroc_at=0``): the documented fields, shares in [0, 1];
+    ``visae patch-recovery`` gives the same result as JSON, and a bad world directory as one line."""
     from visae.extract import ExtractConfig, extract
     from visae.patch_recovery import format_patch_recovery, patch_recovery
     from visae.sae import SAEConfig, build_sae
@@ -204,6 +207,22 @@ def test_end_to_end_on_a_random_toyclip2(world, tmp_path):
         assert np.isnan(r["in_box"]) or r["in_box"] <= r["touching"] + tol, r
     table = format_patch_recovery(res)
     assert "in mask" in table.splitlines()[0] and table.splitlines()[-1].startswith("passing (")
+    # the command line: the same result, its JSON with NaN shares as null
+    from visae import cli
+
+    sae.save(tmp_path / "sae")
+    argv = ["patch-recovery", "--sae", str(tmp_path / "sae"), "--shards", str(shards.path), "--auroc_at", "0",
+            "--n_top", "4", "--out", str(tmp_path / "pr.json"), "--threads", "1"]
+    assert cli.main(argv) == 0
+    got = json.loads((tmp_path / "pr.json").read_text())
+    assert got["summary"] == s and len(got["values"]) == len(res["values"])
+    assert [r.get("in_box") for r in got["values"]] == [None if r.get("in_box") != r.get("in_box") else r.get("in_box")
+                                                        for r in res["values"]]
+    # bad input: one line naming the problem, exit 1, nothing written
+    assert cli.main(argv[:5] + ["--world_dir", str(tmp_path / "gone"), "--out", str(tmp_path / "no.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("visae patch-recovery: error: ") and "gone" in err[0], err
+    assert not (tmp_path / "no.json").exists()
 
 
 def test_box_coverage_of_continuous_overlapping_boxes():

@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-toy-clip": ("visae.toyclip", "train the project's small CLIP on the synthetic world"),
     "cbm": ("visae.cbm", "concept bottleneck classifier over named SAE concepts: accuracy, explanations, interventions"),
     "recovery": ("visae.recovery", "score how well an SAE recovers the synthetic world's known concepts (AUROC, naming)"),
+    "patch-recovery": ("visae.patch_recovery", "patch-token SAE on a synthetic world: does a concept's heat lie on the object's box / mask"),
     "push": ("visae.interop.hub", "upload an SAE directory to the Hugging Face hub in SAELens's layout (load_sae('hf://...'))"),
 }
 

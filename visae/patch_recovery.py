@@ -37,7 +37,9 @@ every object's box and, where recorded, a mask lookup.
   shards were extracted from (``source.dataset``; ``world_dir`` overrides it); its seed and the shards' factor
   columns are checked against the record before any SAE work.
 
-Shard sets of neither world are refused (``ValueError`` naming the missing columns).
+Shard sets of neither world are refused (``PatchRecoveryError``, a ``ValueError``, naming the missing columns).
+
+    visae patch-recovery --sae runs/sae_patch --shards runs/world2_patches/layer_1 --out patch_recovery.json
 
 Background values fire on patches of background, which overlap no object: right, and not part of the heat
 criterion (it is about the objects' colour and shape); their AUROC is reported like every other value's.
@@ -49,21 +51,31 @@ is reported beside it, not part of it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 
+from visae.errors import VisaeError
 from visae.shards import ShardSet
 
-__all__ = ["OBJECT_FACTORS", "WORLD2_OBJECT_FACTORS", "WorldObjects", "world_objects", "box_coverage", "image_scores",
-           "heat_in_boxes", "patch_recovery", "format_patch_recovery"]
+__all__ = ["OBJECT_FACTORS", "WORLD2_OBJECT_FACTORS", "PatchRecoveryError", "WorldObjects", "world_objects",
+           "box_coverage", "image_scores", "heat_in_boxes", "patch_recovery", "format_patch_recovery",
+           "PatchRecoveryConfig", "main"]
 
 OBJECT_FACTORS = ("shape", "colour")  # the first world's (visae.toyworld)
 WORLD2_OBJECT_FACTORS = ("shape", "colour_family", "colour", "texture")  # world2's; "colour" only when asked for
+
+
+class PatchRecoveryError(VisaeError, ValueError):
+    """Bad input to patch-level recovery: not a patch-token set, a set of neither synthetic world, a world record
+    missing or unlike the shards, an unknown factor; the message names the file / field and what was expected."""
 
 
 def box_coverage(boxes: np.ndarray, grid: Sequence[int], image_size: int) -> np.ndarray:
@@ -82,12 +94,12 @@ def box_coverage(boxes: np.ndarray, grid: Sequence[int], image_size: int) -> np.
         integer boxes give exact fractions.
 
     Raises:
-        ValueError: the grid does not divide the image.
+        PatchRecoveryError: the grid does not divide the image.
     """
     boxes = np.asarray(boxes, np.float64)
     R, C = int(grid[0]), int(grid[1])
     if R <= 0 or C <= 0 or image_size % R or image_size % C:
-        raise ValueError(f"patch grid {R}x{C} does not divide a {image_size}-pixel image")
+        raise PatchRecoveryError(f"patch grid {R}x{C} does not divide a {image_size}-pixel image")
     ph, pw = image_size // R, image_size // C
     ex, ey = np.arange(C + 1, dtype=np.float64) * pw, np.arange(R + 1, dtype=np.float64) * ph
     out = np.zeros((len(boxes), R * C))
@@ -143,7 +155,7 @@ def _image_firsts(ss: ShardSet, meta: Any) -> tuple[np.ndarray, list[str]]:
 
     layout = patch_layout(meta["id"])
     if layout is None:
-        raise ValueError(f"{ss.path}: not a patch-token shard set (ids '<image>#p<j>' expected)")
+        raise PatchRecoveryError(f"{ss.path}: not a patch-token shard set (ids '<image>#p<j>' expected)")
     img = layout[0]
     first = np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
     return first, [str(meta["id"][k]).rpartition("#p")[0] for k in first]
@@ -156,12 +168,12 @@ def _toyworld_objects(ss: ShardSet, meta: Any, world_seed: int | None) -> WorldO
 
     missing = sorted(c for c in tw.FACTORS if c not in meta)
     if missing:
-        raise ValueError(f"{ss.path}: factor columns {missing} missing (a shard set of a synthetic world, visae.toyworld "
+        raise PatchRecoveryError(f"{ss.path}: factor columns {missing} missing (a shard set of a synthetic world, visae.toyworld "
                          "or visae.world2, is expected)")
     if world_seed is None:
         world_seed = ((ss.source or {}).get("dataset_info") or {}).get("world_seed")
         if world_seed is None:
-            raise ValueError(f"{ss.path}: the source records no world seed; pass world_seed")
+            raise PatchRecoveryError(f"{ss.path}: the source records no world seed; pass world_seed")
     first, ids = _image_firsts(ss, meta)
     fr = np.stack([np.asarray(meta[f])[first] for f in tw.FACTORS], 1).astype(np.int64)  # [n, F] factor rows
     world_index = np.asarray([int(i) for i in ids], np.int64)
@@ -186,14 +198,14 @@ class _LabelMaps:
 
         R, C = int(grid[0]), int(grid[1])
         if R <= 0 or C <= 0 or self.size % R or self.size % C:
-            raise ValueError(f"patch grid {R}x{C} does not divide a {self.size}-pixel image")
+            raise PatchRecoveryError(f"patch grid {R}x{C} does not divide a {self.size}-pixel image")
         out = np.zeros((len(images), R * C))
         for t, (i, sel) in enumerate(zip(np.asarray(images).tolist(), np.asarray(select, bool))):
             if i not in self.cache:
                 with Image.open(self.paths[i]) as im:
                     lab = np.asarray(im)
                 if lab.shape != (self.size, self.size):
-                    raise ValueError(f"{self.paths[i]}: label map of shape {lab.shape}, expected ({self.size}, {self.size})")
+                    raise PatchRecoveryError(f"{self.paths[i]}: label map of shape {lab.shape}, expected ({self.size}, {self.size})")
                 self.cache[i] = lab
             lab = self.cache[i]
             keep = np.zeros(max(int(lab.max()), len(sel)) + 1, bool)
@@ -212,20 +224,20 @@ def _world2_objects(ss: ShardSet, meta: Any, world_dir: str | Path | None) -> Wo
     if world_dir is None:
         world_dir = src.get("dataset") or info.get("path")
         if not world_dir:
-            raise ValueError(f"{ss.path}: the source records no world directory (source.dataset); pass world_dir")
+            raise PatchRecoveryError(f"{ss.path}: the source records no world directory (source.dataset); pass world_dir")
     root = Path(world_dir)
     wj, jl = root / "world.json", root / "world.jsonl"
     if not wj.is_file() or not jl.is_file():
-        raise ValueError(f"{root}: the world2 directory of {ss.path} is not there (world.json and world.jsonl "
+        raise PatchRecoveryError(f"{root}: the world2 directory of {ss.path} is not there (world.json and world.jsonl "
                          "expected: every object's box is read from its record); pass world_dir")
     try:
         wmeta = json.loads(wj.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{wj}: not valid JSON ({e})") from None
+        raise PatchRecoveryError(f"{wj}: not valid JSON ({e})") from None
     if wmeta.get("format") != w2.FORMAT_NAME:
-        raise ValueError(f"{wj}: format {wmeta.get('format')!r}, expected {w2.FORMAT_NAME!r}")
+        raise PatchRecoveryError(f"{wj}: format {wmeta.get('format')!r}, expected {w2.FORMAT_NAME!r}")
     if info.get("world_seed") is not None and wmeta.get("seed") != info["world_seed"]:
-        raise ValueError(f"{wj}: world seed {wmeta.get('seed')}, but {ss.path} was extracted from world seed "
+        raise PatchRecoveryError(f"{wj}: world seed {wmeta.get('seed')}, but {ss.path} was extracted from world seed "
                          f"{info['world_seed']}: not the shards' world")
     size = int(wmeta.get("image_size", w2.IMAGE_SIZE))
     first, ids = _image_firsts(ss, meta)
@@ -237,12 +249,12 @@ def _world2_objects(ss: ShardSet, meta: Any, world_dir: str | Path | None) -> Wo
             rec = json.loads(line)
             rid = str(rec["id"])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{jl} line {ln}: expected a JSON object with 'id' ({e})") from None
+            raise PatchRecoveryError(f"{jl} line {ln}: expected a JSON object with 'id' ({e})") from None
         if rid in want:
             recs[rid] = (ln, rec)
     missing = [i for i in ids if i not in recs]
     if missing:
-        raise ValueError(f"{jl}: no record of {len(missing)} image(s) of {ss.path}, e.g. {missing[:3]}")
+        raise PatchRecoveryError(f"{jl}: no record of {len(missing)} image(s) of {ss.path}, e.g. {missing[:3]}")
     n = len(ids)
     K = max([len(recs[i][1].get("objects") or []) for i in ids] + [1])
     tables = {f: w2.FACTORS[f] for f in WORLD2_OBJECT_FACTORS}
@@ -258,10 +270,10 @@ def _world2_objects(ss: ShardSet, meta: Any, world_dir: str | Path | None) -> Wo
                     values[f][i, k] = index[f][o[f]]
                 box = np.asarray(o["box"], np.float64)
             except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{jl} line {ln}: object {k} needs {', '.join(tables)} (world2 value names) and "
+                raise PatchRecoveryError(f"{jl} line {ln}: object {k} needs {', '.join(tables)} (world2 value names) and "
                                  f"'box' [x0, y0, x1, y1] ({type(e).__name__}: {e})") from None
             if box.shape != (4,) or not np.isfinite(box).all():
-                raise ValueError(f"{jl} line {ln}: object {k}'s 'box' is {o['box']!r}, expected 4 numbers x0, y0, x1, y1")
+                raise PatchRecoveryError(f"{jl} line {ln}: object {k}'s 'box' is {o['box']!r}, expected 4 numbers x0, y0, x1, y1")
             boxes[i, k] = box
         masks.append(root / str(rec.get("mask", f"masks/{iid}.png")))
     for f in w2.MAIN_FACTORS:  # the shards' columns must be this world's images
@@ -272,7 +284,7 @@ def _world2_objects(ss: ShardSet, meta: Any, world_dir: str | Path | None) -> Wo
         bad = np.flatnonzero(col != rec_col)
         if len(bad):
             b = int(bad[0])
-            raise ValueError(f"{ss.path}: image {ids[b]!r} has {f}={int(col[b])} in the shards but {rec_col[b]} in {jl}: "
+            raise PatchRecoveryError(f"{ss.path}: image {ids[b]!r} has {f}={int(col[b])} in the shards but {rec_col[b]} in {jl}: "
                              f"the shards are not of this world (pass world_dir)")
     for f in w2.FACTORS:
         if f not in tables and f in meta:
@@ -291,7 +303,7 @@ def world_objects(shards: str | Path | ShardSet, *, world_seed: int | None = Non
     seed (``world_seed``, default the source's ``dataset_info.world_seed``). Cheap: no SAE, no activations read.
 
     Raises:
-        ValueError: not a patch-token set; a shard set of neither world (columns named); no world seed (first world)
+        PatchRecoveryError: not a patch-token set; a shard set of neither world (columns named); no world seed (first world)
             or no world directory / a record missing or unlike the shards (world2).
     """
     from visae.world2 import is_world2_shards
@@ -315,7 +327,7 @@ def image_scores(sae: Any, shards: ShardSet, *, image_score: str = "max", batch_
 
     layout = patch_layout(shards.metadata()["id"])
     if layout is None:
-        raise ValueError(f"{shards.path}: not a patch-token shard set (ids '<image>#p<j>' expected)")
+        raise PatchRecoveryError(f"{shards.path}: not a patch-token shard set (ids '<image>#p<j>' expected)")
     img = layout[0]
     first = np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
     n = len(first)
@@ -331,7 +343,7 @@ def image_scores(sae: Any, shards: ShardSet, *, image_score: str = "max", batch_
                 S.index_add_(0, g, f)
                 cnt.index_add_(0, g, torch.ones(len(g), 1))
             else:
-                raise ValueError(f"image_score={image_score!r}: expected 'max' or 'mean'")
+                raise PatchRecoveryError(f"image_score={image_score!r}: expected 'max' or 'mean'")
     if image_score == "mean":
         S /= cnt.clamp_min(1)
     return S.numpy(), img, first
@@ -378,7 +390,7 @@ def patch_recovery(sae: Any, shards: str | Path | ShardSet, *, world_seed: int |
     passing, passing_factors, values_at}}``. Shares are NaN where the top images have no heat.
 
     Raises:
-        ValueError: not a patch-token set, a shard set of neither world (factor columns missing), an unknown factor
+        PatchRecoveryError (a ValueError): not a patch-token set, a shard set of neither world (factor columns missing), an unknown factor
             or an object factor the world does not record per object, no world seed / world directory (all before
             the SAE pass).
     """
@@ -394,12 +406,12 @@ def patch_recovery(sae: Any, shards: str | Path | ShardSet, *, world_seed: int |
     factors = tuple(W.default_factors if factors is None else factors)
     unknown = [f for f in factors if f not in W.values]
     if unknown:
-        raise ValueError(f"{ss.path}: factor(s) {unknown} not among this {W.world} set's factors {sorted(W.values)}")
+        raise PatchRecoveryError(f"{ss.path}: factor(s) {unknown} not among this {W.world} set's factors {sorted(W.values)}")
     if object_factors is None:
         object_factors = tuple(f for f in factors if f in W.object_factors)
     bad = [f for f in object_factors if f not in W.object_factors]
     if bad:
-        raise ValueError(f"object factor(s) {bad}: {W.world} records per object only {list(W.object_factors)}")
+        raise PatchRecoveryError(f"object factor(s) {bad}: {W.world} records per object only {list(W.object_factors)}")
     S, img, first = image_scores(sae, ss, image_score=image_score)
     n = len(first)
     labels, info = [], []
@@ -465,3 +477,70 @@ def format_patch_recovery(res: dict[str, Any]) -> str:
     s = res["summary"]
     lines.append(f'passing ({len(s["passing"])}): {", ".join(s["passing"]) or "none"}')
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PatchRecoveryConfig:
+    """Patch-level ground truth of a patch-token SAE on a synthetic world (first world or world2): image-level AUROC
+    of every latent per factor value, and the heat of the best latents in the matching objects' boxes (and masks)."""
+
+    sae: str = field(default="", metadata={"help": "SAE directory (trained on the shards' patch tokens)", "required": True})
+    shards: str = field(default="", metadata={"help": "patch-token shard set of a synthetic world (visae extract --source "
+                                                      "toyworld --layer L --token patch)", "required": True})
+    world_dir: Optional[str] = field(default=None, metadata={"help": "world2: its directory (default: the one the shards "
+                                                                     "were extracted from, source.dataset)"})
+    world_seed: Optional[int] = field(default=None, metadata={"help": "first world: its seed (default: the shards' "
+                                                                      "source.dataset_info.world_seed)"})
+    factors: tuple[str, ...] = field(default=(), metadata={"help": "factors to score; empty: the world's main factors"})
+    object_factors: tuple[str, ...] = field(default=(), metadata={
+        "help": "factors scored per object, with heat measured; empty: those of --factors the world records per object"})
+    auroc_at: float = field(default=0.95, metadata={"help": "AUROC a latent needs to have its heat measured"})
+    heat_at: float = field(default=0.8, metadata={"help": "area-weighted heat share in the boxes a value needs to pass"})
+    n_top: int = field(default=16, metadata={"help": "top images per latent whose heatmaps are measured"})
+    image_score: Literal["max", "mean"] = field(default="max", metadata={"help": "an image's score: max or mean over "
+                                                                                  "its patches"})
+    out: Optional[str] = field(default=None, metadata={"help": "write the result as JSON here (NaN shares as null)"})
+
+    def __post_init__(self) -> None:
+        from visae.config import ConfigError
+
+        for name in ("auroc_at", "heat_at"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"PatchRecoveryConfig.{name} = {getattr(self, name)}: expected a value in [0, 1]")
+        if self.n_top < 1:
+            raise ConfigError(f"PatchRecoveryConfig.n_top = {self.n_top}: expected >= 1")
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN / inf floats -> None (JSON has no NaN), recursively."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``visae patch-recovery``: print :func:`format_patch_recovery`'s table (and write the JSON with ``--out``)."""
+    from visae.atomic import atomic_write_text
+    from visae.config import ConfigError, parse_config
+
+    try:
+        cfg = parse_config(PatchRecoveryConfig, argv, prog="visae patch-recovery")
+    except ConfigError as e:
+        print(f"visae patch-recovery: error: {e}", file=sys.stderr)
+        return 2
+    res = patch_recovery(cfg.sae, cfg.shards, world_seed=cfg.world_seed, world_dir=cfg.world_dir,
+                         factors=cfg.factors or None, object_factors=cfg.object_factors or None, auroc_at=cfg.auroc_at,
+                         heat_at=cfg.heat_at, n_top=cfg.n_top, image_score=cfg.image_score)
+    res["config"] = dataclasses.asdict(cfg)
+    if cfg.out:
+        atomic_write_text(cfg.out, json.dumps(_json_safe(res), indent=1, allow_nan=False))
+    print(format_patch_recovery(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -286,3 +286,17 @@ def test_selection_vs_recovery_leaves_a_nan_score_out_of_the_score_correlation(t
     # a, b, c: score ranks 3 2 1, recovery ranks 3 1 2: rho = 1 - 6 * 2 / (3 * 8) = 0.5; all four by rank: 0.8
     assert svr["spearman_score"] == pytest.approx(0.5, rel=4 * 2.0 ** -52) and set(svr["score"]) == {"a", "b", "c"}
     assert svr["spearman_rule"] == pytest.approx(0.8, rel=4 * 2.0 ** -52) and svr["n_trials"] == 4
+
+
+def test_threads_set_the_world_generations_worker_processes(tmp_path, monkeypatch):
+    """--threads reaches the world stage as its number of worker processes (the world2 demo's world was one
+    process: 30 of its 126 s); generate_world2 writes the same bytes with any number (tests/test_world2.py)."""
+    seen = []
+
+    def generate(out, n, seed, progress, workers):
+        seen.append((n, seed, workers))
+        raise ValueError("stopped after the world stage's call")
+
+    monkeypatch.setitem(demo.WORLDS, "toy", dataclasses.replace(demo.WORLDS["toy"], generate=generate))
+    assert demo.main(["--out", str(tmp_path / "out"), "--threads", "2", "--no_progress", "--n_images", "40"]) == 2
+    assert seen == [(40, 5000, 2)]

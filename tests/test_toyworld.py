@@ -192,6 +192,27 @@ def test_generate_world_on_disk_and_resume(tmp_path):
         tw.read_world(tmp_path / "nothing")
 
 
+def test_worker_processes_write_the_same_bytes_and_bad_settings_are_refused_before_any_write(tmp_path):
+    """generate_world(workers=2) writes byte for byte what one process writes (resumed mid-chunk too); settings
+    out of range were taken silently (two_object_fraction 1.5 acted as 1) and are refused before any write."""
+    def tree(d):
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    ref = tree(tw.generate_world(tmp_path / "one", n=23, seed=6, chunk=10, progress=False, workers=1))
+    out = tw.generate_world(tmp_path / "two", n=23, seed=6, chunk=10, progress=False, workers=2)
+    assert tree(out) == ref and len(ref) == 2 + 23
+    (out / "world.jsonl").write_text("".join(ref["world.jsonl"].decode().splitlines(keepends=True)[:7]))
+    tw.generate_world(out, n=23, seed=6, chunk=10, progress=False, workers=2)
+    assert tree(out) == ref
+    for kw, msg in (({"two_object_fraction": 1.5}, "two_object_fraction"), ({"workers": -1}, "workers"),
+                    ({"n": -3}, "n must be")):
+        with pytest.raises(ValueError, match=msg):
+            tw.generate_world(tmp_path / "bad", **{"n": 3, **kw})
+        assert not (tmp_path / "bad").exists()
+    assert tw.main(["--out", str(tmp_path / "bad"), "--two_object_fraction", "-0.1"]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli(tmp_path):
     assert tw.main(["--out", str(tmp_path / "c"), "--n", "5", "--seed", "1"]) == 0
     meta = json.loads((tmp_path / "c" / "world.json").read_text())

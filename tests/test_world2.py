@@ -257,3 +257,43 @@ def test_naming_truth_refuses_an_unknown_value_with_keyerror():
     for fac in ("colour_family", "colour2", "shape"):
         with pytest.raises(KeyError, match=f"'no such' is not a value of world2's factor '{fac}'"):
             w.accepted_names(fac, "no such")
+
+
+def _tree_bytes(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_worker_processes_write_the_same_bytes_in_order_and_a_failed_chunk_records_nothing_after_it(tmp_path, capsys):
+    """generate_world2(workers=2) (the demo's world stage) writes byte for byte what one process writes; world.jsonl
+    only ever lists whole chunks in order: a chunk that fails in a worker (here an image path taken by a directory)
+    leaves the chunks before it recorded and none after it, whichever finished; a rerun completes it the same."""
+    ref = w.generate_world2(tmp_path / "one", 13, seed=4, chunk=5, progress=False, workers=1)
+    par = w.generate_world2(tmp_path / "two", 13, seed=4, chunk=5, progress=True, workers=2)
+    assert "3/3" in capsys.readouterr().err  # the progress bar counts the chunks
+    a, b = _tree_bytes(ref), _tree_bytes(par)
+    assert len(a) == 2 + 2 * 13 and sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    broken = tmp_path / "broken"
+    (broken / "images" / "000007.png").mkdir(parents=True)  # chunk 1 (images 5-9) cannot write its image 7
+    with pytest.raises(OSError, match="000007.png"):
+        w.generate_world2(broken, 13, seed=4, chunk=5, progress=False, workers=2)
+    assert (broken / "world.jsonl").read_text() == "\n".join(a["world.jsonl"].decode().splitlines()[:5]) + "\n"
+    (broken / "images" / "000007.png").rmdir()
+    w.generate_world2(broken, 13, seed=4, chunk=5, progress=False, workers=2)
+    c = _tree_bytes(broken)
+    assert sorted(c) == sorted(a) and [k for k in a if a[k] != c[k]] == []
+
+
+def test_bad_world_settings_are_refused_before_anything_is_written(tmp_path):
+    """Out-of-range settings were taken silently (occlusion -1 acted as 0, 7 as 1) or failed in the first chunk
+    after world.json was written (max_objects 5)."""
+    from visae.config import ConfigError
+
+    for kw, msg in (({"occlusion": -0.5}, "occlusion"), ({"occlusion": 7.0}, "occlusion"),
+                    ({"max_objects": 5}, "max_objects"), ({"workers": -1}, "workers"), ({"chunk": 0}, "chunk")):
+        with pytest.raises(ValueError, match=msg):
+            w.generate_world2(tmp_path / "w", 3, **kw)
+        assert not (tmp_path / "w").exists()
+    for kw in ({"n": -1}, {"max_objects": 0}, {"occlusion": 1.5}, {"image_size": 0}, {"workers": -2}):
+        with pytest.raises(ConfigError, match=f"World2Config.{next(iter(kw))} = "):
+            w.World2Config(**kw)

@@ -133,7 +133,8 @@ class DemoConfig:
                 "that name no factor value) or a word-list file, every word of which is used, synonyms of the world's "
                 "words included (e.g. the Discover-then-Name list ../shared/vocab/20k.txt); ignored unless --vocab toy"})
     text_cache: str = field(default="", metadata={"help": "text-embedding cache directory; empty: <out>/text_cache"})
-    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
+    threads: int = field(default=0, metadata={
+        "help": "torch threads (0: torch's default) and the world generation's worker processes (0: one per CPU core)"})
     quick_n_images: int = field(default=1000, metadata={"help": "--quick: images"})
     quick_num_epochs: int = field(default=20, metadata={"help": "--quick: epochs of the one SAE"})
     quick_batch_size: int = field(default=32, metadata={"help": "--quick: examples per step (enough steps to learn)"})
@@ -311,29 +312,30 @@ def world2_vocabulary(n_distractors: int = 600, distractors: str = "wordfreq") -
 class DemoWorld:
     """A synthetic world the demo runs on (one entry of :data:`WORLDS`).
 
-    ``generate(out_dir, n, seed, progress)`` writes the world (toyworld layout: world.json + world.jsonl);
+    ``generate(out_dir, n, seed, progress, workers)`` writes the world (toyworld layout: world.json + world.jsonl)
+    with ``workers`` processes (0: one per CPU core; the same files whatever the number);
     ``vocabulary(n_distractors, distractors)`` is the naming vocabulary of ``--vocab toy``; ``model`` the toy CLIP
     trained on it; ``shipped`` whether that model's weights ship with the package (else ``--pretrained`` is needed).
     """
 
-    generate: Callable[[Path, int, int, bool], Any]
+    generate: Callable[[Path, int, int, bool, int], Any]
     vocabulary: Callable[[int, str], list[str]]
     model: str
     shipped: bool
 
 
-def _generate_toy(out: Path, n: int, seed: int, progress: bool) -> Any:
+def _generate_toy(out: Path, n: int, seed: int, progress: bool, workers: int = 1) -> Any:
     from visae.toyworld import generate_world
 
-    return generate_world(out, n, seed, progress=progress)
+    return generate_world(out, n, seed, progress=progress, workers=workers)
 
 
-def _generate_world2(out: Path, n: int, seed: int, progress: bool) -> Any:
+def _generate_world2(out: Path, n: int, seed: int, progress: bool, workers: int = 1) -> Any:
     from visae.world2 import generate_world2
 
     # one object per image: the zero-shot benchmark's label (colour family x shape of the object) is then the
     # image's, as an ImageNet label is
-    return generate_world2(out, n, seed, max_objects=1, progress=progress)
+    return generate_world2(out, n, seed, max_objects=1, progress=progress, workers=workers)
 
 
 # name -> world; a new world is one entry
@@ -470,7 +472,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         return info
 
     def do_world() -> dict[str, Any]:
-        world.generate(world_dir, run.n_images, run.seed + run.world_seed_offset, run.progress)
+        # --threads also sets the world's worker processes (0: one per CPU core); the world is the same either way
+        world.generate(world_dir, run.n_images, run.seed + run.world_seed_offset, run.progress, run.threads)
         return {"dir": str(world_dir), "world": run.world, "n": run.n_images, "seed": run.seed + run.world_seed_offset}
 
     def do_extract() -> dict[str, Any]:

@@ -506,15 +506,45 @@ def _replace_bytes(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data, fsync=False)
 
 
+def _write_chunk(task: tuple[str, np.ndarray, int, int, int]) -> list[str]:
+    """Render images ``start ..`` of world ``seed`` from their factor rows, write them under ``out`` (each file
+    atomically) and return their ``world.jsonl`` lines (a worker task of :func:`generate_world`)."""
+    out_s, rows, seed, start, image_size = task
+    out = Path(out_s)
+    imgs = render_batch(rows, seed, start, image_size)
+    lines = []
+    for j, row in enumerate(rows):
+        name = f"{start + j:06d}"
+        _replace_bytes(out / "images" / f"{name}.png", _png_bytes(Image.fromarray(imgs[j], "RGB")))
+        lines.append(json.dumps({"id": name, "file": f"images/{name}.png",
+                                 "factors": factors_to_dict(row), "captions": captions_for(row)}))
+    return lines
+
+
 def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fraction: float = 0.25,
-                   image_size: int = IMAGE_SIZE, chunk: int = 1000, progress: bool = True) -> Path:
+                   image_size: int = IMAGE_SIZE, chunk: int = 1000, progress: bool = True, workers: int = 1) -> Path:
     """Write ``n`` images of world ``seed`` to ``out_dir`` (images/, world.json, world.jsonl).
 
     Resumable: images are written in chunks of ``chunk`` and ``world.jsonl`` is extended
-    (atomically rewritten) after each chunk, so a rerun after a kill continues after the
+    (atomically rewritten) after each chunk, in order, so a rerun after a kill continues after the
     last recorded image. An existing world with other (seed, n, ...) is an error.
+    ``workers``: processes rendering chunks in parallel (1: this process only; 0: one per CPU core;
+    :mod:`visae.workers`); the files written are byte-identical whatever the number.
     Returns ``out_dir``.
+
+    Raises:
+        ValueError: ``n``, ``two_object_fraction``, ``image_size``, ``chunk`` or ``workers`` out of range (before
+            anything is written), or ``out_dir`` holding another world.
     """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not 0.0 <= two_object_fraction <= 1.0:  # a fraction: outside [0, 1] it acted as 0 or 1
+        raise ValueError(f"two_object_fraction must be in [0, 1], got {two_object_fraction}")
+    if image_size < 1 or chunk < 1:
+        raise ValueError(f"image_size and chunk must be >= 1, got {image_size} and {chunk}")
+    from visae.workers import map_in_order, resolve_workers
+
+    workers = resolve_workers(workers)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     meta = {
@@ -547,20 +577,19 @@ def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fra
     f = sample_factors(n, seed, two_object_fraction)
     starts = range(done - done % chunk if done % chunk else done, n, chunk)
     lines = lines[: starts.start] if len(starts) else lines
-    it: Iterator[int] = iter(starts)
-    if progress and len(starts):
+    tasks = [(str(out), f[start:start + chunk], int(seed), start, int(image_size)) for start in starts]
+    results = map_in_order(_write_chunk, tasks, workers)
+    it: Iterator[list[str]] = results
+    if progress and tasks:
         from tqdm import tqdm
 
-        it = tqdm(starts, desc=f"toyworld -> {out}", unit="chunk")
-    for start in it:
-        stop = min(start + chunk, n)
-        imgs = render_batch(f[start:stop], seed, start, image_size)
-        for i in range(start, stop):
-            name = f"{i:06d}"
-            _replace_bytes(out / "images" / f"{name}.png", _png_bytes(Image.fromarray(imgs[i - start], "RGB")))
-            lines.append(json.dumps({"id": name, "file": f"images/{name}.png",
-                                     "factors": factors_to_dict(f[i]), "captions": captions_for(f[i])}))
-        atomic_write_text(jl, "\n".join(lines) + "\n")
+        it = tqdm(results, total=len(tasks), desc=f"toyworld -> {out}", unit="chunk")
+    try:
+        for chunk_lines in it:  # in order: world.jsonl lists a prefix of whole chunks, whichever worker finished first
+            lines += chunk_lines
+            atomic_write_text(jl, "\n".join(lines) + "\n")
+    finally:
+        results.close()  # on an error here: cancel the chunks not started, stop the workers now
     return out
 
 
@@ -589,6 +618,18 @@ class ToyWorldConfig:
     seed: int = field(default=0, metadata={"help": "world seed (factors and pixels are deterministic given it)"})
     two_object_fraction: float = field(default=0.25, metadata={"help": "fraction of images with a second, small object"})
     image_size: int = field(default=IMAGE_SIZE, metadata={"help": "image side in pixels"})
+    workers: int = field(default=0, metadata={
+        "help": "processes rendering chunks of images in parallel (0: one per CPU core; the files are the same "
+                "whatever the number)"})
+
+    def __post_init__(self) -> None:
+        from visae.config import ConfigError
+
+        for name, ok, expected in (("n", self.n >= 0, ">= 0"), ("image_size", self.image_size >= 1, ">= 1"),
+                                   ("two_object_fraction", 0.0 <= self.two_object_fraction <= 1.0, "in [0, 1]"),
+                                   ("workers", self.workers >= 0, ">= 0 (0: one per CPU core)")):
+            if not ok:
+                raise ConfigError(f"ToyWorldConfig.{name} = {getattr(self, name)!r}: expected {expected}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -600,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"visae toyworld: error: {e}", file=sys.stderr)
         return 2
-    out = generate_world(cfg.out, cfg.n, cfg.seed, two_object_fraction=cfg.two_object_fraction, image_size=cfg.image_size)
+    out = generate_world(cfg.out, cfg.n, cfg.seed, two_object_fraction=cfg.two_object_fraction, image_size=cfg.image_size,
+                         workers=cfg.workers)
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     print(f"wrote {cfg.n} images to {out}")
     return 0

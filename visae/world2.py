@@ -1014,15 +1014,46 @@ def _record(i: int, sc: Scene, row: np.ndarray, labels: np.ndarray, image_size: 
             "captions": captions_for(row)}
 
 
+def _write_chunk(task: tuple[str, int, int, int, int, float, int]) -> list[str]:
+    """Render scenes ``start .. stop - 1`` of world ``seed``, write their images and masks under ``out`` (each
+    file atomically) and return their ``world.jsonl`` lines (a worker task of :func:`generate_world2`)."""
+    out_s, start, stop, seed, max_objects, occlusion, image_size = task
+    out = Path(out_s)
+    scenes = sample_scenes(stop - start, seed, start, max_objects=max_objects, occlusion=occlusion, image_size=image_size)
+    imgs, labs, rows = _render_rows(scenes, "pil", image_size)
+    lines = []
+    for j, i in enumerate(range(start, stop)):
+        atomic_write_bytes(out / "images" / f"{i:06d}.png", _png(imgs[j], "RGB"), fsync=False)
+        atomic_write_bytes(out / "masks" / f"{i:06d}.png", _png(labs[j], "L"), fsync=False)
+        lines.append(json.dumps(_record(i, scenes[j], rows[j], labs[j], image_size)))
+    return lines
+
+
 def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: int = 4, occlusion: float = 0.3,
-                    image_size: int = IMAGE_SIZE, chunk: int = 500, progress: bool = True) -> Path:
+                    image_size: int = IMAGE_SIZE, chunk: int = 500, progress: bool = True, workers: int = 1) -> Path:
     """Write ``n`` scenes of world ``seed`` to ``out_dir`` (images/, masks/, world.json, world.jsonl).
 
     Resumable as ``visae.toyworld.generate_world``: chunks of ``chunk`` images, ``world.jsonl``
-    atomically extended after each; an existing world with other settings is an error (before any write).
+    atomically extended after each, in order; an existing world with other settings is an error (before any
+    write). ``workers``: processes rendering chunks in parallel (1: this process only; 0: one per CPU core;
+    :mod:`visae.workers`); the files written are byte-identical whatever the number.
+
+    Raises:
+        ValueError: ``n``, ``chunk`` or ``workers`` out of range, or ``out_dir`` holding another world.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if not 1 <= max_objects <= len(COUNTS):
+        raise ValueError(f"max_objects must be in [1, {len(COUNTS)}], got {max_objects}")
+    if not 0.0 <= occlusion <= 1.0:  # a probability: outside [0, 1] it acted as 0 or 1
+        raise ValueError(f"occlusion must be a probability in [0, 1], got {occlusion}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    from visae.workers import map_in_order, resolve_workers
+
+    workers = resolve_workers(workers)
     out = Path(out_dir)
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "factors": {k: list(v) for k, v in FACTORS.items()},
             "main_factors": list(MAIN_FACTORS), "seed": int(seed), "n": int(n), "image_size": int(image_size),
@@ -1043,23 +1074,22 @@ def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: 
     lines = jl.read_text().splitlines() if jl.exists() else []
     if len(lines) > n:
         raise ValueError(f"{jl} has {len(lines)} lines but the world has n={n}")
-    done = len(lines) - len(lines) % chunk
+    done = len(lines) if len(lines) == n else len(lines) - len(lines) % chunk  # a last short chunk is whole at n
     lines = lines[:done]
-    starts = range(done, n, chunk)
-    it: Iterator[int] = iter(starts)
-    if progress and len(starts):
+    tasks = [(str(out), start, min(start + chunk, n), int(seed), int(max_objects), float(occlusion), int(image_size))
+             for start in range(done, n, chunk)]
+    results = map_in_order(_write_chunk, tasks, workers)
+    it: Iterator[list[str]] = results
+    if progress and tasks:
         from tqdm import tqdm
 
-        it = tqdm(starts, desc=f"world2 -> {out}", unit="chunk")
-    for start in it:
-        stop = min(start + chunk, n)
-        scenes = sample_scenes(stop - start, seed, start, max_objects=max_objects, occlusion=occlusion, image_size=image_size)
-        imgs, labs, rows = _render_rows(scenes, "pil", image_size)
-        for j, i in enumerate(range(start, stop)):
-            atomic_write_bytes(out / "images" / f"{i:06d}.png", _png(imgs[j], "RGB"), fsync=False)
-            atomic_write_bytes(out / "masks" / f"{i:06d}.png", _png(labs[j], "L"), fsync=False)
-            lines.append(json.dumps(_record(i, scenes[j], rows[j], labs[j], image_size)))
-        atomic_write_text(jl, "\n".join(lines) + "\n")
+        it = tqdm(results, total=len(tasks), desc=f"world2 -> {out}", unit="chunk")
+    try:
+        for chunk_lines in it:  # in order: world.jsonl lists a prefix of whole chunks, whichever worker finished first
+            lines += chunk_lines
+            atomic_write_text(jl, "\n".join(lines) + "\n")
+    finally:
+        results.close()  # on an error here: cancel the chunks not started, stop the workers now
     return out
 
 
@@ -1073,6 +1103,19 @@ class World2Config:
     max_objects: int = field(default=4, metadata={"help": "objects per image: 1 .. max_objects (at most 4)"})
     occlusion: float = field(default=0.3, metadata={"help": "probability that a scene's objects may overlap"})
     image_size: int = field(default=IMAGE_SIZE, metadata={"help": "image side in pixels"})
+    workers: int = field(default=0, metadata={
+        "help": "processes rendering chunks of images in parallel (0: one per CPU core; the files are the same "
+                "whatever the number)"})
+
+    def __post_init__(self) -> None:
+        from visae.config import ConfigError
+
+        for name, ok, expected in (("n", self.n >= 0, ">= 0"), ("max_objects", 1 <= self.max_objects <= len(COUNTS),
+                                   f"in [1, {len(COUNTS)}]"), ("occlusion", 0.0 <= self.occlusion <= 1.0, "in [0, 1]"),
+                                   ("image_size", self.image_size >= 1, ">= 1"), ("workers", self.workers >= 0,
+                                                                                 ">= 0 (0: one per CPU core)")):
+            if not ok:
+                raise ConfigError(f"World2Config.{name} = {getattr(self, name)!r}: expected {expected}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1085,7 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"world2: error: {e}", file=sys.stderr)
         return 2
     out = generate_world2(cfg.out, cfg.n, cfg.seed, max_objects=cfg.max_objects, occlusion=cfg.occlusion,
-                          image_size=cfg.image_size)
+                          image_size=cfg.image_size, workers=cfg.workers)
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     print(f"wrote {cfg.n} images to {out}")
     return 0

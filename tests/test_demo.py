@@ -256,7 +256,7 @@ def test_weights_that_cannot_serve_the_model_are_refused_before_anything_is_writ
     assert "--pretrained" in err and "'visae-toyclip'" in err and "not 'visae-toyclip2'" in err and not out.exists()
     assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(tmp_path / "nope.safetensors")]) == 2
     assert "nope.safetensors: no such weights file" in capsys.readouterr().err and not out.exists()
-    assert demo.main(["--out", str(out), "--model", "visae-toyclip2"]) == 2
+    assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2"]) == 2
     assert "visae-toyclip2 has no shipped weights yet" in capsys.readouterr().err and not out.exists()
 
 
@@ -300,3 +300,21 @@ def test_threads_set_the_world_generations_worker_processes(tmp_path, monkeypatc
     monkeypatch.setitem(demo.WORLDS, "toy", dataclasses.replace(demo.WORLDS["toy"], generate=generate))
     assert demo.main(["--out", str(tmp_path / "out"), "--threads", "2", "--no_progress", "--n_images", "40"]) == 2
     assert seen == [(40, 5000, 2)]
+
+
+def test_a_toy_clip_on_the_other_toy_world_is_refused_before_anything_is_written(tmp_path, capsys):
+    """--world world2 --model visae-toyclip ran every stage and reported zero-shot 0.000 (the first world's CLIP
+    knows none of world2's class names); the error names both models and the one the world wants. Any other
+    model stays allowed."""
+    out = tmp_path / "out"
+    for argv, model, world, want in ((["--world", "world2", "--model", "visae-toyclip"], "visae-toyclip", "world2",
+                                      "visae-toyclip2"),
+                                     (["--model", "visae-toyclip2"], "visae-toyclip2", "toy", "visae-toyclip")):
+        assert demo.main(["--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert f"DemoConfig.model = '{model}' is the toy CLIP of" in err and f"--world {world}" in err, err
+        assert f"wants '{want}'" in err and not out.exists(), err
+    cfg = demo.DemoConfig(world="world2", model="ViT-B-32", pretrained="openai")
+    assert demo.effective(cfg).model == "ViT-B-32" and demo.effective(cfg).pretrained == "openai"
+    assert demo.effective(demo.DemoConfig(world="world2")).model == "visae-toyclip2"
+

@@ -152,6 +152,14 @@ class DemoConfig:
             raise ConfigError("DemoConfig.vocab is empty; give toy, wordfreq or a word-list file")
         if self.world not in WORLDS:
             raise ConfigError(f"DemoConfig.world = {self.world!r}: expected one of {sorted(WORLDS)}")
+        want = WORLDS[self.world].model
+        other = {w.model: name for name, w in WORLDS.items()}.get(self.model)
+        if other is not None and self.model != want:
+            raise ConfigError(
+                f"DemoConfig.model = {self.model!r} is the toy CLIP of the {other!r} world, not of --world "
+                f"{self.world}: world {self.world!r} wants {want!r} (leave --model empty for it); a toy CLIP knows "
+                "only its own world's words and pictures, so the sweep's zero-shot selection and the naming would "
+                "measure nothing")
         defaults = {"sweep": _demo_sweep(), "naming": _demo_naming()}
         resolved = _propagated_values(self)
         for path, source in PROPAGATED.items():
@@ -401,7 +409,8 @@ def _check_toy_weights(run: DemoConfig, world: DemoWorld) -> None:
     """Refuse, before anything is written, a toy CLIP (a model of :data:`WORLDS`) whose weights cannot load: no
     shipped weights and no ``--pretrained``, a weights file that does not exist, or one of the other toy
     architecture (its safetensors metadata, ``visae.backbones._check_toy_weights_file``). Other models are
-    checked by the extraction stage as before.
+    checked by the extraction stage as before. (A toy CLIP is its world's: :class:`DemoConfig` refuses the other
+    world's.)
 
     Raises:
         ConfigError: naming the flag and the file.
@@ -409,10 +418,9 @@ def _check_toy_weights(run: DemoConfig, world: DemoWorld) -> None:
     if run.model not in {w.model for w in WORLDS.values()}:
         return
     if run.pretrained in (None, "shipped"):  # "shipped": the tag the backbone records for the shipped weights
-        if not any(w.shipped for w in WORLDS.values() if w.model == run.model):
-            which = f"--world {run.world}: its model" if run.model == world.model else "--model"
-            raise ConfigError(f"{which} {run.model} has no shipped weights yet; pass --pretrained FILE (weights "
-                              "trained by visae.toyclip, docs/toyclip_v2_recipe.md)")
+        if not world.shipped:
+            raise ConfigError(f"--world {run.world}: its model {run.model} has no shipped weights yet; pass "
+                              "--pretrained FILE (weights trained by visae.toyclip, docs/toyclip_v2_recipe.md)")
         return
     from visae.backbones import BackboneError, _check_toy_weights_file
 
@@ -423,8 +431,7 @@ def _check_toy_weights(run: DemoConfig, world: DemoWorld) -> None:
     try:
         _check_toy_weights_file(str(path), run.model)
     except BackboneError as e:
-        raise ConfigError(f"--pretrained: {e}" + (f" (--world {run.world} uses {world.model})"
-                                                  if run.model == world.model else "")) from None
+        raise ConfigError(f"--pretrained: {e} (--world {run.world} uses {world.model})") from None
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

@@ -318,3 +318,39 @@ def test_a_toy_clip_on_the_other_toy_world_is_refused_before_anything_is_written
     assert demo.effective(cfg).model == "ViT-B-32" and demo.effective(cfg).pretrained == "openai"
     assert demo.effective(demo.DemoConfig(world="world2")).model == "visae-toyclip2"
 
+
+@pytest.mark.parametrize("flags,field", [
+    (["--n_distractors", "-1"], "DemoConfig.n_distractors = -1"), (["--threads", "-2"], "DemoConfig.threads = -2"),
+    (["--n_images", "0"], "DemoConfig.n_images = 0"), (["--quick_n_top", "-1"], "DemoConfig.quick_n_top = -1"),
+    (["--seed", "-5001"], "DemoConfig.seed + world_seed_offset"), (["--naming.top_k", "0"], "NameConfig.top_k = 0"),
+    (["--naming.n_top", "-1"], "NameConfig.n_top = -1"), (["--naming.n_random", "-3"], "NameConfig.n_random = -3"),
+    (["--naming.text_batch_size", "0"], "NameConfig.text_batch_size = 0")])
+def test_a_count_out_of_range_is_refused_at_flag_time_naming_the_field(tmp_path, capsys, flags, field):
+    """A negative n_distractors became 0 distractors, a negative --threads torch's default, --naming.top_k 0 one
+    candidate, a negative n_top / n_random none: each is now a usage error naming the field, before any write."""
+    out = tmp_path / "out"
+    assert demo.main(["--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "expected" in err and not out.exists(), err
+
+
+def test_stage_configs_refuse_counts_out_of_range():
+    import torch
+
+    from visae.config import ConfigError
+    from visae.naming import NameConfig, NamingError, match_names
+    from visae.recovery import RecoveryConfig
+    from visae.zeroshot import ZeroShotConfig
+
+    for kw in ({"vocab_size": -1}, {"batch_size": 0}, {"member": -1}, {"top_k": -1}):
+        with pytest.raises(ConfigError, match=f"NameConfig.{next(iter(kw))} = "):
+            NameConfig(sae="x", **kw)
+    for kw, msg in (({"recovered_at": 1.5}, "recovered_at"), ({"batch_size": 0}, "batch_size"), ({"member": -1}, "member")):
+        with pytest.raises(ConfigError, match=f"RecoveryConfig.*{msg}"):
+            RecoveryConfig(sae="x", shards="y", **kw)
+    for kw in ({"batch_size": -1}, {"image_batch_size": 0}):
+        with pytest.raises(ConfigError, match=f"ZeroShotConfig.{next(iter(kw))} = "):
+            ZeroShotConfig(shards="x", **kw)
+    with pytest.raises(NamingError, match="top_k = 0"):  # it kept one candidate
+        match_names(torch.eye(3), torch.eye(3), ["a", "b", "c"], top_k=0)
+

@@ -152,6 +152,14 @@ class DemoConfig:
             raise ConfigError("DemoConfig.vocab is empty; give toy, wordfreq or a word-list file")
         if self.world not in WORLDS:
             raise ConfigError(f"DemoConfig.world = {self.world!r}: expected one of {sorted(WORLDS)}")
+        for name, low in (("n_images", 1), ("quick_n_images", 1), ("n_distractors", 0), ("threads", 0),
+                          ("quick_num_epochs", 1), ("quick_batch_size", 1), ("quick_n_top", 0)):
+            # these were taken silently: a negative n_distractors became 0, a negative threads torch's default
+            if getattr(self, name) < low:
+                raise ConfigError(f"DemoConfig.{name} = {getattr(self, name)}: expected >= {low}")
+        if self.seed + self.world_seed_offset < 0:
+            raise ConfigError(f"DemoConfig.seed + world_seed_offset = {self.seed} + {self.world_seed_offset}: "
+                              "expected >= 0 (the world's seed)")
         want = WORLDS[self.world].model
         other = {w.model: name for name, w in WORLDS.items()}.get(self.model)
         if other is not None and self.model != want:

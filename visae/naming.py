@@ -152,6 +152,12 @@ class NameConfig:
             v = getattr(self, f)
             if v is not None and math.isnan(v):
                 raise ConfigError(f"NameConfig.{f} is NaN; give a number")
+        # counts and sizes: out of range they were taken silently (top_k 0 or -1 kept 1 candidate, a negative
+        # n_top / n_random kept none, a negative vocab_size the whole file) or failed after the text embeddings
+        for f, low in (("top_k", 1), ("n_top", 0), ("n_random", 0), ("batch_size", 1), ("text_batch_size", 1),
+                       ("vocab_size", 0), ("member", 0)):
+            if getattr(self, f) < low:
+                raise ConfigError(f"NameConfig.{f} = {getattr(self, f)}: expected >= {low}")
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -426,10 +432,13 @@ def match_names(
     free word falls below its threshold.
 
     Raises:
-        NamingError: embeddings and words disagree in number, or directions and embeddings in width.
+        NamingError: embeddings and words disagree in number, or directions and embeddings in width, or
+            ``top_k < 1``.
     """
     import faiss
 
+    if top_k < 1:  # it was taken as 1
+        raise NamingError(f"top_k = {top_k}: expected >= 1 name candidates per concept")
     words = list(words)
     if text_emb.shape[0] != len(words):
         raise NamingError(f"{text_emb.shape[0]} text embeddings for {len(words)} words")

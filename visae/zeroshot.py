@@ -130,6 +130,13 @@ class ZeroShotConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig,
                                          metadata={"help": "the zero-shot classifier (text tower, benchmark)"})
 
+    def __post_init__(self) -> None:
+        from visae.config import ConfigError
+
+        for f in ("batch_size", "image_batch_size"):  # a negative batch_size gave zero batches: no images scored
+            if getattr(self, f) < 1:
+                raise ConfigError(f"ZeroShotConfig.{f} = {getattr(self, f)}: expected >= 1")
+
 
 # ----------------------------------------------------------------------------- classifier
 

@@ -354,3 +354,49 @@ def test_stage_configs_refuse_counts_out_of_range():
     with pytest.raises(NamingError, match="top_k = 0"):  # it kept one candidate
         match_names(torch.eye(3), torch.eye(3), ["a", "b", "c"], top_k=0)
 
+
+def test_file_arguments_are_recorded_as_absolute_paths_and_keywords_as_typed(tmp_path, monkeypatch, capsys):
+    """A relative --distractors / --vocab / --pretrained file was recorded as typed: the record did not say which
+    file was used once read from another directory. Recorded now resolved; `wordfreq` stays a keyword (a file of
+    that name in the directory is not read); a rerun with the same file named either way is the same demo, and a
+    record of an older visae (relative paths) is accepted from its directory."""
+    import shutil
+
+    def generate(out, n, seed, progress, workers):
+        raise ValueError("stopped at the world stage")
+
+    monkeypatch.setitem(demo.WORLDS, "toy", dataclasses.replace(demo.WORLDS["toy"], generate=generate))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.txt").write_text("crimson\nincurred\n")
+    (tmp_path / "v.txt").write_text("red\ncircle\n")
+    (tmp_path / "wordfreq").write_text("not read\n")
+    shutil.copy(TOYCLIP_WEIGHTS, tmp_path / "w.safetensors")
+
+    def recorded(out):
+        return json.loads((tmp_path / out / demo.STATE).read_text())["config"]
+
+    assert demo.main(["--out", "a", "--distractors", "d.txt", "--pretrained", "./w.safetensors", "--no_progress"]) == 2
+    assert "stopped at the world stage" in capsys.readouterr().err
+    rec = recorded("a")
+    assert rec["distractors"] == str((tmp_path / "d.txt").resolve()) and rec["vocab"] == "toy"
+    assert rec["pretrained"] == str((tmp_path / "w.safetensors").resolve())
+    assert rec["out"] == str(tmp_path / "a") and rec["naming"]["vocab"] == str(tmp_path / "a" / "vocab.txt")
+    assert demo.main(["--out", "b", "--vocab", "v.txt", "--no_progress"]) == 2
+    rec = recorded("b")
+    assert rec["vocab"] == rec["naming"]["vocab"] == str((tmp_path / "v.txt").resolve())
+    assert rec["distractors"] == "wordfreq" and rec["pretrained"] is None
+    # the same demo named by its absolute paths from another directory: the same settings, not refused
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert demo.main(["--out", str(tmp_path / "a"), "--distractors", str(tmp_path / "d.txt"), "--pretrained",
+                      str(tmp_path / "w.safetensors"), "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped at the world stage" in err and "other settings" not in err, err
+    # a record with the paths as typed (an older visae), rerun from its directory
+    monkeypatch.chdir(tmp_path)
+    st = json.loads((tmp_path / "b" / demo.STATE).read_text())
+    st["config"]["vocab"] = st["config"]["naming"]["vocab"] = "v.txt"
+    (tmp_path / "b" / demo.STATE).write_text(json.dumps(st))
+    assert demo.main(["--out", "b", "--vocab", "v.txt", "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert "stopped at the world stage" in err and "other settings" not in err, err

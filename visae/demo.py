@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -240,21 +241,59 @@ def effective(cfg: DemoConfig) -> DemoConfig:
         cfg = dataclasses.replace(cfg, n_images=cfg.quick_n_images, sweep=sweep, naming=naming)
     if not cfg.model:
         cfg = dataclasses.replace(cfg, model=WORLDS[cfg.world].model)
+    # paths recorded absolute: the record says which files and directories were used, read from anywhere
+    paths = {"out": os.path.abspath(cfg.out), "text_cache": os.path.abspath(cfg.text_cache) if cfg.text_cache else "",
+             **_absolute_files({k: getattr(cfg, k) for k in _FILE_ARGS})}
+    changed = {k: v for k, v in paths.items() if getattr(cfg, k) != v}
+    if changed:
+        # the nested copies back to their defaults first (a config recorded by an older visae holds them relative,
+        # which would conflict with the absolute top-level value); resolve() sets them
+        defaults = {"sweep": _demo_sweep(), "naming": _demo_naming()}
+        for path, source in PROPAGATED.items():
+            if source in changed:
+                head, rest = path.split(".", 1)
+                cfg = _with(cfg, path, _get(defaults[head], rest))
+        cfg = dataclasses.replace(cfg, **changed)
     return resolve(cfg)
 
 
+# The demo's file arguments (and their keywords, which are not files): recorded as absolute paths, so that the
+# record says which file was used from any directory.
+_FILE_ARGS = {"vocab": ("toy", "wordfreq"), "distractors": ("wordfreq",), "pretrained": ("shipped",)}
+
+
+def _absolute_files(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a subset of :data:`_FILE_ARGS`' fields) with each file path made absolute (``~`` expanded,
+    symbolic links resolved) from the current directory; keywords and null kept. ``pretrained`` is only taken as
+    a file when one is there (otherwise it is a pretrained tag of an open_clip / timm model, or a missing file that
+    the demo's checks refuse naming it as typed)."""
+    out = dict(values)
+    for name, keywords in _FILE_ARGS.items():
+        v = out.get(name)
+        if not isinstance(v, str) or not v or v in keywords:
+            continue
+        path = Path(v).expanduser()
+        if name == "pretrained" and not path.is_file():
+            continue
+        out[name] = str(path.resolve())
+    return out
+
+
 def _identity(d: dict[str, Any]) -> dict[str, Any]:
-    """A recorded (resolved) config without the :data:`VOLATILE` fields and their nested copies."""
+    """A recorded (resolved) config as two runs' are compared: without the :data:`VOLATILE` fields, without
+    ``out`` (the directory the record is in, however it was spelt), without the nested copies of
+    :data:`PROPAGATED` (functions of the top-level fields, compared there), file arguments absolute (a record of
+    an older visae holds them as typed: compared as resolved from the current directory)."""
     d = json.loads(json.dumps(d))
-    for name in VOLATILE:
+    d.update(_absolute_files({k: d[k] for k in _FILE_ARGS if k in d}))
+    for name in (*VOLATILE, "out"):
         d.pop(name, None)
-    for path, source in PROPAGATED.items():
-        if source in VOLATILE:
-            *parents, leaf = path.split(".")
-            node = d
-            for p in parents:
-                node = node.get(p, {})
-            node.pop(leaf, None)
+    for path in PROPAGATED:
+        *parents, leaf = path.split(".")
+        node = d
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
     return d
 
 

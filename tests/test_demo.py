@@ -381,8 +381,12 @@ def test_file_arguments_are_recorded_as_absolute_paths_and_keywords_as_typed(tmp
     assert rec["distractors"] == str((tmp_path / "d.txt").resolve()) and rec["vocab"] == "toy"
     assert rec["pretrained"] == str((tmp_path / "w.safetensors").resolve())
     assert rec["out"] == str(tmp_path / "a") and rec["naming"]["vocab"] == str(tmp_path / "a" / "vocab.txt")
-    assert demo.main(["--out", "b", "--vocab", "v.txt", "--no_progress"]) == 2
+    (tmp_path / "classes.txt").write_text("red circle\n")
+    assert demo.main(["--out", "b", "--vocab", "v.txt", "--no_progress", "--sweep.benchmark", "files",
+                      "--sweep.classnames_file", "classes.txt", "--sweep.label_column", "label"]) == 2
     rec = recorded("b")
+    assert rec["sweep"]["selection"]["classifier"]["classnames_file"] == str((tmp_path / "classes.txt").resolve())
+    assert rec["sweep"]["selection"]["classifier"]["templates_file"] is None and rec["sweep"]["train"]["init_from"] == ""
     assert rec["vocab"] == rec["naming"]["vocab"] == str((tmp_path / "v.txt").resolve())
     assert rec["distractors"] == "wordfreq" and rec["pretrained"] is None
     # the same demo named by its absolute paths from another directory: the same settings, not refused
@@ -396,7 +400,9 @@ def test_file_arguments_are_recorded_as_absolute_paths_and_keywords_as_typed(tmp
     monkeypatch.chdir(tmp_path)
     st = json.loads((tmp_path / "b" / demo.STATE).read_text())
     st["config"]["vocab"] = st["config"]["naming"]["vocab"] = "v.txt"
+    st["config"]["sweep"]["selection"]["classifier"]["classnames_file"] = "classes.txt"
     (tmp_path / "b" / demo.STATE).write_text(json.dumps(st))
-    assert demo.main(["--out", "b", "--vocab", "v.txt", "--no_progress"]) == 2
+    assert demo.main(["--out", "b", "--vocab", "v.txt", "--no_progress", "--sweep.benchmark", "files",
+                      "--sweep.classnames_file", "classes.txt", "--sweep.label_column", "label"]) == 2
     err = capsys.readouterr().err
     assert "stopped at the world stage" in err and "other settings" not in err, err

@@ -242,8 +242,11 @@ def effective(cfg: DemoConfig) -> DemoConfig:
     if not cfg.model:
         cfg = dataclasses.replace(cfg, model=WORLDS[cfg.world].model)
     # paths recorded absolute: the record says which files and directories were used, read from anywhere
+    files = _absolute_files({k: _get(cfg, k) for k in _FILE_ARGS})
+    for path in (k for k in files if "." in k and files[k] != _get(cfg, k)):  # the stages' own file settings
+        cfg = _with(cfg, path, files[path])
     paths = {"out": os.path.abspath(cfg.out), "text_cache": os.path.abspath(cfg.text_cache) if cfg.text_cache else "",
-             **_absolute_files({k: getattr(cfg, k) for k in _FILE_ARGS})}
+             **{k: v for k, v in files.items() if "." not in k}}
     changed = {k: v for k, v in paths.items() if getattr(cfg, k) != v}
     if changed:
         # the nested copies back to their defaults first (a config recorded by an older visae holds them relative,
@@ -257,16 +260,18 @@ def effective(cfg: DemoConfig) -> DemoConfig:
     return resolve(cfg)
 
 
-# The demo's file arguments (and their keywords, which are not files): recorded as absolute paths, so that the
-# record says which file was used from any directory.
-_FILE_ARGS = {"vocab": ("toy", "wordfreq"), "distractors": ("wordfreq",), "pretrained": ("shipped",)}
+# The demo's file arguments, the stages' included (dotted), with their keywords, which are not files: recorded as
+# absolute paths, so that the record says which file was used from any directory.
+_FILE_ARGS = {"vocab": ("toy", "wordfreq"), "distractors": ("wordfreq",), "pretrained": ("shipped",),
+              "sweep.selection.val_shards": (), "sweep.selection.classifier.classnames_file": (),
+              "sweep.selection.classifier.templates_file": (), "sweep.train.init_from": ()}
 
 
 def _absolute_files(values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` (a subset of :data:`_FILE_ARGS`' fields) with each file path made absolute (``~`` expanded,
-    symbolic links resolved) from the current directory; keywords and null kept. ``pretrained`` is only taken as
-    a file when one is there (otherwise it is a pretrained tag of an open_clip / timm model, or a missing file that
-    the demo's checks refuse naming it as typed)."""
+    """``values`` (fields of :data:`_FILE_ARGS`, dotted) with each file path made absolute (``~`` expanded,
+    symbolic links resolved) from the current directory; keywords, empty and null kept. ``pretrained`` is only taken
+    as a file when one is there (otherwise it is a pretrained tag of an open_clip / timm model, or a missing file
+    that the demo's checks refuse naming it as typed)."""
     out = dict(values)
     for name, keywords in _FILE_ARGS.items():
         v = out.get(name)
@@ -285,15 +290,23 @@ def _identity(d: dict[str, Any]) -> dict[str, Any]:
     :data:`PROPAGATED` (functions of the top-level fields, compared there), file arguments absolute (a record of
     an older visae holds them as typed: compared as resolved from the current directory)."""
     d = json.loads(json.dumps(d))
-    d.update(_absolute_files({k: d[k] for k in _FILE_ARGS if k in d}))
+
+    def node(path: str) -> tuple[dict[str, Any], str]:
+        *parents, leaf = path.split(".")
+        n = d
+        for p in parents:
+            n = n.get(p) if isinstance(n.get(p), dict) else {}
+        return n, leaf
+
+    for path, value in _absolute_files({k: node(k)[0].get(node(k)[1]) for k in _FILE_ARGS}).items():
+        n, leaf = node(path)
+        if leaf in n:
+            n[leaf] = value
     for name in (*VOLATILE, "out"):
         d.pop(name, None)
     for path in PROPAGATED:
-        *parents, leaf = path.split(".")
-        node = d
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
+        n, leaf = node(path)
+        n.pop(leaf, None)
     return d
 
 

@@ -219,6 +219,19 @@ def test_cli(tmp_path):
     assert meta["n"] == 5 and len((tmp_path / "c" / "world.jsonl").read_text().splitlines()) == 5
 
 
+def test_cli_another_world_in_out_is_one_line_exit_2(tmp_path, capsys):
+    """Another seed in an existing world's directory was a ValueError traceback from both worlds' commands."""
+    from visae import world2
+
+    for main, n in ((tw.main, "5"), (world2.main, "3")):
+        out = tmp_path / main.__module__
+        assert main(["--out", str(out), "--n", n, "--seed", "1", "--workers", "1"]) == 0
+        capsys.readouterr()
+        assert main(["--out", str(out), "--n", n, "--seed", "2", "--workers", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and "existing world has seed=" in err and len(err.splitlines()) == 1, err
+
+
 def test_object_boxes_enclose_exactly_the_drawn_pixels():
     """``object_boxes`` replays the renderer's draws from (factors, seed) alone: every pixel the objects
     changed (the background is exactly grey, R = G = B, also after the 2x box filter; no object colour

@@ -1127,8 +1127,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"world2: error: {e}", file=sys.stderr)
         return 2
-    out = generate_world2(cfg.out, cfg.n, cfg.seed, max_objects=cfg.max_objects, occlusion=cfg.occlusion,
-                          image_size=cfg.image_size, workers=cfg.workers)
+    try:
+        out = generate_world2(cfg.out, cfg.n, cfg.seed, max_objects=cfg.max_objects, occlusion=cfg.occlusion,
+                              image_size=cfg.image_size, workers=cfg.workers)
+    except ValueError as e:  # another world in --out (named with what differs): one line, not a traceback
+        print(f"world2: error: {e}", file=sys.stderr)
+        return 2
     atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     print(f"wrote {cfg.n} images to {out}")
     return 0

@@ -297,3 +297,42 @@ def test_bad_world_settings_are_refused_before_anything_is_written(tmp_path):
     for kw in ({"n": -1}, {"max_objects": 0}, {"occlusion": 1.5}, {"image_size": 0}, {"workers": -2}):
         with pytest.raises(ConfigError, match=f"World2Config.{next(iter(kw))} = "):
             w.World2Config(**kw)
+
+
+def test_ctrl_c_stops_the_workers_at_once_and_leaves_whole_chunks_recorded(tmp_path):
+    """Ctrl-C (SIGINT to the process group, workers included) during python -m visae.world2 --workers 2: the command
+    stops within seconds (no further chunk starts), world.jsonl lists whole chunks in order and no temporary file
+    is left behind (a rerun completes such a world: the failed-chunk test above)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "w"
+    cmd = [sys.executable, "-m", "visae.world2", "--out", str(out), "--n", "4000", "--seed", "3", "--workers", "2"]
+    # a shell's background job ignores SIGINT and its children inherit that: restore the default
+    p = subprocess.Popen(cmd, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 240
+        while not (out / "world.jsonl").exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert p.poll() is None, "finished before the first chunk was seen: " + p.stderr.read().decode()[-2000:]
+        os.killpg(p.pid, signal.SIGINT)
+        t = time.time()
+        rc = p.wait(timeout=60)
+        stopped = time.time() - t
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    lines = (out / "world.jsonl").read_text().splitlines()
+    assert rc != 0 and 0 < len(lines) < 4000 and len(lines) % 500 == 0, (rc, len(lines))
+    assert [json.loads(x)["id"] for x in lines] == [f"{i:06d}" for i in range(len(lines))]
+    assert stopped < 30, stopped  # not the rest of the world (the chunks handed over were interrupted too)
+    files = list((out / "images").iterdir())
+    assert not [f for f in files if f.name.endswith(".tmp")]
+    # besides the recorded chunks only the (at most 2) chunks the workers held: with every chunk handed over at
+    # once, one queued chunk more ran to its end after Ctrl-C (measured: 2,500 images for 1,000 recorded)
+    assert len(files) <= len(lines) + 2 * 500, (len(files), len(lines))

@@ -529,7 +529,8 @@ def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fra
     (atomically rewritten) after each chunk, in order, so a rerun after a kill continues after the
     last recorded image. An existing world with other (seed, n, ...) is an error.
     ``workers``: processes rendering chunks in parallel (1: this process only; 0: one per CPU core;
-    :mod:`visae.workers`); the files written are byte-identical whatever the number.
+    :mod:`visae.workers`; from a script, ``workers > 1`` needs the ``if __name__ == "__main__":`` guard); the files
+    written are byte-identical whatever the number.
     Returns ``out_dir``.
 
     Raises:

@@ -10,7 +10,9 @@ thread pools, open files), at the price of importing the world's module once per
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections import deque
 from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["resolve_workers", "map_in_order"]
@@ -38,9 +40,10 @@ def map_in_order(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int = 
 
     ``workers`` (>= 1; :func:`resolve_workers` for 0): at 1, or with a single task, everything runs in this
     process; above, in a pool of ``min(workers, len(tasks))`` spawned processes (``fn`` and the tasks must then
-    be picklable: a module-level function). A task's exception is raised here when its turn comes; on any exit
-    (exception, a consumer that stops early, Ctrl-C) the tasks not yet started are cancelled and the pool is
-    shut down, waiting for the running ones.
+    be picklable: a module-level function; a script that calls this with ``workers > 1`` needs the
+    ``if __name__ == "__main__":`` guard, as every spawned pool does). A task's exception is raised here when its
+    turn comes; on any exit (exception, a consumer that stops early, Ctrl-C) no further task starts and the pool
+    is shut down, waiting for the running ones (Ctrl-C interrupts those too).
     """
     workers = resolve_workers(workers)
     if workers <= 1 or len(tasks) <= 1:
@@ -50,10 +53,17 @@ def map_in_order(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int = 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    ex = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"))
+    n = min(workers, len(tasks))
+    ex = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+    # At most one task per worker handed over at a time: a task handed over cannot be cancelled, so after Ctrl-C
+    # (which interrupts the running ones too) or an error nothing more starts.
+    todo = iter(tasks)
+    running = deque(ex.submit(fn, t) for t in itertools.islice(todo, n))
     try:
-        futures = [ex.submit(fn, t) for t in tasks]
-        for f in futures:
-            yield f.result()
+        while running:
+            result = running.popleft().result()
+            for t in itertools.islice(todo, 1):
+                running.append(ex.submit(fn, t))
+            yield result
     finally:
         ex.shutdown(wait=True, cancel_futures=True)

@@ -1036,7 +1036,8 @@ def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: 
     Resumable as ``visae.toyworld.generate_world``: chunks of ``chunk`` images, ``world.jsonl``
     atomically extended after each, in order; an existing world with other settings is an error (before any
     write). ``workers``: processes rendering chunks in parallel (1: this process only; 0: one per CPU core;
-    :mod:`visae.workers`); the files written are byte-identical whatever the number.
+    :mod:`visae.workers`; from a script, ``workers > 1`` needs the ``if __name__ == "__main__":`` guard); the files
+    written are byte-identical whatever the number.
 
     Raises:
         ValueError: ``n``, ``chunk`` or ``workers`` out of range, or ``out_dir`` holding another world.

@@ -236,3 +236,32 @@ def test_box_coverage_of_continuous_overlapping_boxes():
     want = np.zeros((1, 64))
     want[0, 0], want[0, 1], want[0, 63] = 1.0, 4.5 / 8, 3.75 * 3 / 64
     assert np.array_equal(cov, want), (np.flatnonzero(cov), cov[cov > 0])
+
+
+def test_a_factor_left_out_of_object_factors_is_scored_on_the_main_object_only(world, tmp_path):
+    """``object_factors`` says which factors count any object's value as a positive; a factor scored but left out
+    of it (``object_factors=[]``) takes only the image's own column, the main object's (``objects[0]``), as it did
+    before world2's adapter (which made every object factor any-object whatever ``object_factors`` said)."""
+    from visae.patch_recovery import patch_recovery
+    from visae.sae import SAEConfig, build_sae
+
+    wdir, w = world
+    acts = np.random.default_rng(0).random((N, 64, 1)) + 0.1  # every image scored: no value dropped as all-NaN
+    ss = _write(tmp_path / "s", wdir, range(N), acts, w.factors)
+    sae = build_sae(SAEConfig(architecture="relu", d_in=2, d_sae=1, input_normalization="none"))
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.W_enc[0, 0] = 1.0
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    fam = world2.colour_families()
+    main = np.bincount([fam[sc.objects[0].colour] for sc in w.scenes], minlength=len(world2.FAMILIES))
+    anyo = np.array([sum(any(fam[o.colour] == v for o in sc.objects) for sc in w.scenes)
+                     for v in range(len(world2.FAMILIES))])
+    assert (anyo != main).any(), "no image with a family only on a later object: the sample does not test this"
+    for object_factors, want in (([], main), (["colour_family"], anyo)):
+        res = patch_recovery(sae, ss, factors=["colour_family"], object_factors=object_factors, n_top=2,
+                             auroc_at=0.0)  # every latent's heat measured, for the object factors only
+        got = {r["value"]: r["n_pos"] for r in res["values"]}
+        assert got == {world2.FAMILIES[v]: int(want[v]) for v in range(len(want)) if want[v]}, (object_factors, got)
+        assert all(("in_box" in r) == bool(object_factors) for r in res["values"]), res["values"]

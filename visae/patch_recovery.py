@@ -416,7 +416,9 @@ def patch_recovery(sae: Any, shards: str | Path | ShardSet, *, world_seed: int |
     n = len(first)
     labels, info = [], []
     for fac in factors:
-        vals = W.values[fac]  # [n, K] (object factors) or [n, 1]
+        # [n, K] for the object factors asked for (any object's value), else [n, 1]: the image's column (an object
+        # factor left out of object_factors: the main object's, objects[0])
+        vals = W.values[fac] if fac in object_factors else W.values[fac][:, :1]
         for v, vn in enumerate(W.factor_names[fac]):
             labels.append((vals == v).any(1))
             info.append((fac, v, vn))

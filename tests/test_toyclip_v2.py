@@ -63,11 +63,21 @@ def test_shift_scene_moves_within_frame():
 
 def test_tiny_v2_run_exports_a_loadable_model(tmp_path):
     # One-object scenes only, so the default curriculum (single-object batches) has enough of them.
+    # The naming list kept out of the negatives: a world word ("red"), words sharing its token red</w>, others.
+    naming = tmp_path / "naming.txt"
+    naming.write_text("red\nincurred\nwhispered\npencil\ntable\nriver\ncloud\n")
     cfg = toyclip.ToyClipV2Config(out=str(tmp_path / "run"), n_train=64, max_objects=1, steps=3, batch_size=16, warmup=1,
-                                  eval_n=16, eval_every=0, negatives_per_step=4, negatives_exclude="",
+                                  eval_n=64, eval_every=0, negatives_per_step=4, negatives_exclude=str(naming),
                                   n_negative_words=50, threads=1, progress=False)
     path = toyclip.train_toy_clip_v2(cfg, [])
     card = json.loads(path.with_suffix(".json").read_text())
+    inh = card["evaluation"]["subword_inheritance"]  # the final evaluation measures it on the unseen naming words
+    assert inh["n_heldout"] == 6 and inh["n_pairs"] == 2  # "red" is a world word; incurred / whispered share red</w>
+    assert set(inh["per_word"]) == {"red"} and 0 <= inh["fraction_no_closer"] <= 1
+    with pytest.raises(FileNotFoundError, match="word list"):
+        toyclip.train_toy_clip_v2(dataclasses.replace(cfg, negatives_exclude=str(tmp_path / "missing.txt"),
+                                                      out=str(tmp_path / "never")), [])
+    assert not (tmp_path / "never").exists()
     assert set(card["evaluation"]["pil"]) == set(toyclip.V2_COARSE)
     assert set(card["evaluation"]["shift"]) == {"0.5", "2.0", "4.0", "8.0"}
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -64,6 +64,7 @@ __all__ = [
     "shift_scene",
     "subword_tokens",
     "subword_inheritance",
+    "inheritance_eval_v2",
     "main_v2",
 ]
 
@@ -858,6 +859,28 @@ def subword_inheritance(model, tokenizer, images: np.ndarray, columns: dict[str,
             "per_word": per_word, "worst": worst}
 
 
+def inheritance_eval_v2(model, tokenizer, seed: int, n: int, naming_list: str | Path, seen: Sequence[str] = ()) -> dict[str, Any]:
+    """:func:`subword_inheritance` of a v2 model on ``n`` held-out single-object world2 scenes of world ``seed``
+    (coarse factors colour family, shape, texture, size); the unseen words are ``naming_list`` (one word a line: the
+    naming evaluation's list, kept out of training) minus every world word (``world2_words``) and ``seen`` (the run's
+    training negatives). Returns its summary: ``fraction_no_closer``, ``n_pairs``, ``n_world_words``, ``n_heldout``,
+    ``per_word``, the 10 ``worst`` pairs. Raises FileNotFoundError if ``naming_list`` is missing."""
+    from visae import world2 as w2
+
+    p = Path(naming_list)
+    if not p.is_file():
+        raise FileNotFoundError(f"inheritance evaluation: word list {p} not found")
+    excl = world2_words() | set(seen)
+    held = [w for w in (x.strip().lower() for x in p.read_text(encoding="utf-8").splitlines()) if w and w not in excl]
+    world = w2.sample_world2(n, seed, max_objects=1, occlusion=0.0)
+    cols = {f: (world.factors[:, w2.FACTOR_INDEX[f]], w2.FACTORS[f]) for f in ("colour_family", "shape", "texture", "size")}
+    r = subword_inheritance(model, tokenizer, world.images, cols, held)
+    r["worst"] = r["worst"][:10]
+    if r["fraction_no_closer"] != r["fraction_no_closer"]:  # NaN (no pair): null in the JSON card
+        r["fraction_no_closer"] = None
+    return r
+
+
 def _v2_batch_indices(step: int, cfg: ToyClipV2Config, n: int, single: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """int64 ``[batch_size]`` distinct scene indices of step ``step``: all from ``single`` (indices of the
     pool's single-object scenes) while ``step < curriculum_steps``, then ``round(single_object_fraction *
@@ -942,6 +965,9 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     if cfg.pretrain_steps < 0:
         raise ValueError(f"pretrain_steps must be >= 0, got {cfg.pretrain_steps}")
     pre_w = aux_factor_weights(cfg.pretrain_factor_weights, default=0.0) if cfg.pretrain_steps else head_w
+    if cfg.negatives_exclude and not Path(cfg.negatives_exclude).is_file():  # also the final inheritance evaluation's list
+        raise FileNotFoundError(f"negatives_exclude: word list {cfg.negatives_exclude} not found (expected one word a line, "
+                                "e.g. ../shared/vocab/20k.txt)")
     negs = negative_words(cfg.negatives_exclude or None, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step > 0 else []
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1074,6 +1100,9 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     export_fp16(model, export, cfg.model)
     shipped, _, _ = create_toyclip(export, model=cfg.model)
     metrics = evaluate_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n)
+    if cfg.negatives_exclude:  # the naming list kept out of training: its words are the unseen ones
+        metrics["subword_inheritance"] = inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n,
+                                                             cfg.negatives_exclude, negs)
     card = {
         "model": cfg.model, "version": 2, "world": "visae.world2", "weights": export.name,
         "sha256": _file_sha256(export), "bytes": export.stat().st_size,

@@ -72,8 +72,10 @@ def test_pass_rule_against_the_median_distractor():
     assert r["n_pairs"] == 2 and r["fraction_no_closer"] == 0.5
     assert r["worst"][0]["heldout"] == "incurred" and r["worst"][0]["percentile"] == 1.0
     assert r["per_word"]["red"]["word_percentile"] == 1.0  # "red" itself is the closest word
+    assert model.training  # the measurement puts the model in eval mode and back
     with pytest.raises(ValueError, match="labels"):
         tc.subword_inheritance(model, tok, images, {"colour": (labels[:3], ("blue", "red"))}, held)
+    assert model.training  # also when it raises (a training loop that measures and catches carries on in train mode)
 
 
 @pytest.mark.skipif(not VOCAB_20K.is_file(), reason="../shared/vocab/20k.txt not beside the repository")

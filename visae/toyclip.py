@@ -811,14 +811,15 @@ def subword_inheritance(model, tokenizer, images: np.ndarray, columns: dict[str,
     """
     import re
 
+    for fac, (labels, _) in columns.items():  # before the image pass, and before the model leaves train mode
+        if len(labels) != len(images):
+            raise ValueError(f"subword_inheritance: column {fac!r} has {len(labels)} labels for {len(images)} images")
     was = model.training
     model.eval()
     img = encode_world_images(model, images).double()
     dirs: dict[str, torch.Tensor] = {}
-    for fac, (labels, names) in columns.items():
+    for labels, names in columns.values():
         labels = np.asarray(labels)
-        if len(labels) != len(img):
-            raise ValueError(f"subword_inheritance: column {fac!r} has {len(labels)} labels for {len(img)} images")
         ok = labels >= 0
         if not ok.any():
             continue

@@ -192,6 +192,23 @@ def test_generate_world_on_disk_and_resume(tmp_path):
         tw.read_world(tmp_path / "nothing")
 
 
+def test_a_complete_world_with_a_short_last_chunk_renders_nothing_on_rerun(tmp_path, monkeypatch):
+    """n = 23 in chunks of 10: the last chunk (3 images) is whole at n. The first world re-rendered and rewrote it
+    on every rerun of a complete world (world2 did not); now neither renders anything."""
+    from visae import world2
+
+    def no_render(task):
+        raise AssertionError(f"a complete world rendered a chunk again: {task[:1]}")
+
+    for mod, gen in ((tw, tw.generate_world), (world2, world2.generate_world2)):
+        out = gen(tmp_path / mod.__name__, 23, seed=2, chunk=10, progress=False)
+        before = (out / "world.jsonl").read_text()
+        with monkeypatch.context() as m:
+            m.setattr(mod, "_write_chunk", no_render)
+            gen(out, 23, seed=2, chunk=10, progress=False)
+        assert (out / "world.jsonl").read_text() == before
+
+
 def test_worker_processes_write_the_same_bytes_and_bad_settings_are_refused_before_any_write(tmp_path):
     """generate_world(workers=2) writes byte for byte what one process writes (resumed mid-chunk too); settings
     out of range were taken silently (two_object_fraction 1.5 acted as 1) and are refused before any write."""

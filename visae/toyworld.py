@@ -576,7 +576,8 @@ def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fra
     if done > n:
         raise ValueError(f"{jl} has {done} lines but the world has n={n}")
     f = sample_factors(n, seed, two_object_fraction)
-    starts = range(done - done % chunk if done % chunk else done, n, chunk)
+    # resume at the last whole chunk; a last short chunk is whole at n (it was rendered again on every rerun)
+    starts = range(done if done == n else done - done % chunk, n, chunk)
     lines = lines[: starts.start] if len(starts) else lines
     tasks = [(str(out), f[start:start + chunk], int(seed), start, int(image_size)) for start in starts]
     results = map_in_order(_write_chunk, tasks, workers)

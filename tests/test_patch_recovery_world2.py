@@ -99,6 +99,9 @@ def test_refusals_name_the_problem_before_the_sae_pass(world, tmp_path):
     with pytest.raises(ValueError, match="records per object only"):
         patch_recovery(object(), _write(tmp_path / "s3", wdir, range(4), acts, w.factors), factors=["size"],
                        object_factors=["size"])
+    # an object factor that is not scored was ignored silently (and listed in the summary's object_factors)
+    with pytest.raises(ValueError, match=r"object factor\(s\) \['texture'\] are not among the factors scored \['shape'\]"):
+        patch_recovery(object(), tmp_path / "s3", factors=["shape"], object_factors=["texture"])
 
 
 def _patches(boxes, whole, P=8, size=64):

@@ -391,8 +391,8 @@ def patch_recovery(sae: Any, shards: str | Path | ShardSet, *, world_seed: int |
 
     Raises:
         PatchRecoveryError (a ValueError): not a patch-token set, a shard set of neither world (factor columns missing), an unknown factor
-            or an object factor the world does not record per object, no world seed / world directory (all before
-            the SAE pass).
+            or an object factor the world does not record per object or that is not in ``factors``, no world seed /
+            world directory (all before the SAE pass).
     """
     from visae.recovery import sparse_auroc
     from visae.topimages import compute_top_images
@@ -412,6 +412,10 @@ def patch_recovery(sae: Any, shards: str | Path | ShardSet, *, world_seed: int |
     bad = [f for f in object_factors if f not in W.object_factors]
     if bad:
         raise PatchRecoveryError(f"object factor(s) {bad}: {W.world} records per object only {list(W.object_factors)}")
+    unscored = [f for f in object_factors if f not in factors]
+    if unscored:  # it was ignored silently
+        raise PatchRecoveryError(f"object factor(s) {unscored} are not among the factors scored {list(factors)}: add "
+                                 "them to factors")
     S, img, first = image_scores(sae, ss, image_score=image_score)
     n = len(first)
     labels, info = [], []

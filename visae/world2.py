@@ -1040,7 +1040,8 @@ def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: 
     written are byte-identical whatever the number.
 
     Raises:
-        ValueError: ``n``, ``chunk`` or ``workers`` out of range, or ``out_dir`` holding another world.
+        ValueError: ``n``, ``chunk``, ``max_objects``, ``occlusion``, ``image_size`` or ``workers`` out of range
+            (before anything is written), or ``out_dir`` holding another world.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")

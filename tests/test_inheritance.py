@@ -82,7 +82,7 @@ def test_pass_rule_against_the_median_distractor():
 def test_shipped_first_toy_clip_inherits():
     """The issue's fault, measured: with the shipped visae-toyclip (v1, trained on its world's words only) the 20k
     words that share a token with a world word ("incurred", "whispered", "configured" with red</w>) sit above the
-    median distractor: fewer than half of them pass (measured: 0 of 7 with 2,000 images of world 5000)."""
+    median distractor: fewer than half of them pass (measured: 0 of 7, with 400 and with 2,000 images of world 5000)."""
     model, _, tok = tc.create_toyclip(tc.TOYCLIP_WEIGHTS)
     world = tw.sample_world(400, 5000)
     seen: set[str] = set()

@@ -328,7 +328,9 @@ def test_ctrl_c_stops_the_workers_at_once_and_leaves_whole_chunks_recorded(tmp_p
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     lines = (out / "world.jsonl").read_text().splitlines()
-    assert rc != 0 and 0 < len(lines) < 4000 and len(lines) % 500 == 0, (rc, len(lines))
+    assert rc == 130 and 0 < len(lines) < 4000 and len(lines) % 500 == 0, (rc, len(lines))
+    err = p.stderr.read().decode()
+    assert "Traceback" not in err and "python -m visae.world2: interrupted" in err, err[-2000:]  # one line, as visae's
     assert [json.loads(x)["id"] for x in lines] == [f"{i:06d}" for i in range(len(lines))]
     assert stopped < 30, stopped  # not the rest of the world (the chunks handed over were interrupted too)
     files = list((out / "images").iterdir())
@@ -336,3 +338,23 @@ def test_ctrl_c_stops_the_workers_at_once_and_leaves_whole_chunks_recorded(tmp_p
     # besides the recorded chunks only the (at most 2) chunks the workers held: with every chunk handed over at
     # once, one queued chunk more ran to its end after Ctrl-C (measured: 2,500 images for 1,000 recorded)
     assert len(files) <= len(lines) + 2 * 500, (len(files), len(lines))
+
+
+def test_a_script_without_the_main_guard_gets_a_clear_error_from_the_worker_pool(tmp_path):
+    """A script that asks for 2 workers at its top level (no ``if __name__ == "__main__":``): each spawned worker re-runs
+    it, fails to start a pool of its own and dies; the script gets WorkerStartError naming the guard, not a bare
+    BrokenProcessPool."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "noguard.py"
+    script.write_text("import math\nfrom visae.workers import map_in_order\n"
+                      "print(list(map_in_order(math.sqrt, [1.0, 4.0, 9.0], 2)))\n")
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "WorkerStartError" in r.stderr and 'if __name__ == "__main__":' in r.stderr, r.stderr[-2000:]
+    guarded = tmp_path / "guard.py"
+    guarded.write_text("import math\nfrom visae.workers import map_in_order\nif __name__ == '__main__':\n"
+                       "    print(list(map_in_order(math.sqrt, [1.0, 4.0, 9.0], 2)))\n")
+    r = subprocess.run([sys.executable, str(guarded)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[1.0, 2.0, 3.0]", r.stderr[-2000:]

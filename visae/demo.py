@@ -495,7 +495,12 @@ def _check_toy_weights(run: DemoConfig, world: DemoWorld) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run (or finish) the demo; returns the summary also written to ``<out>/demo.json``."""
+    """Run (or finish) the demo; returns the summary also written to ``<out>/demo.json``.
+
+    The world stage runs in ``cfg.threads`` spawned worker processes (0: one per CPU core; :mod:`visae.workers`): a
+    script that calls this with ``threads != 1`` must do so under ``if __name__ == "__main__":`` (a spawned worker
+    re-runs the script's top level); without it the workers die and :class:`visae.workers.WorkerStartError` says so.
+    Raises ``ValueError`` / ``ConfigError`` for bad settings before anything is written."""
     import torch
 
     run = effective(cfg)  # the nested configs carry the top-level settings from here on
@@ -764,4 +769,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from visae.cli import run_main
+
+    sys.exit(run_main("python -m visae.demo", main))

@@ -37,7 +37,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -543,7 +543,7 @@ def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fra
         raise ValueError(f"two_object_fraction must be in [0, 1], got {two_object_fraction}")
     if image_size < 1 or chunk < 1:
         raise ValueError(f"image_size and chunk must be >= 1, got {image_size} and {chunk}")
-    from visae.workers import map_in_order, resolve_workers
+    from visae.workers import record_chunks, resolve_workers
 
     workers = resolve_workers(workers)
     out = Path(out_dir)
@@ -580,18 +580,7 @@ def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fra
     starts = range(done if done == n else done - done % chunk, n, chunk)
     lines = lines[: starts.start] if len(starts) else lines
     tasks = [(str(out), f[start:start + chunk], int(seed), start, int(image_size)) for start in starts]
-    results = map_in_order(_write_chunk, tasks, workers)
-    it: Iterator[list[str]] = results
-    if progress and tasks:
-        from tqdm import tqdm
-
-        it = tqdm(results, total=len(tasks), desc=f"toyworld -> {out}", unit="chunk")
-    try:
-        for chunk_lines in it:  # in order: world.jsonl lists a prefix of whole chunks, whichever worker finished first
-            lines += chunk_lines
-            atomic_write_text(jl, "\n".join(lines) + "\n")
-    finally:
-        results.close()  # on an error here: cancel the chunks not started, stop the workers now
+    record_chunks(jl, lines, _write_chunk, tasks, workers, progress, f"toyworld -> {out}")
     return out
 
 

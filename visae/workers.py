@@ -5,7 +5,9 @@ task (each image a pure function of the world's seed and its index) and return t
 the calling process records the chunks strictly in order, so the on-disk world is byte-identical whatever the
 number of workers and ``world.jsonl`` only ever lists a complete prefix of chunks (a kill leaves nothing that
 looks complete). The pool uses the ``spawn`` start method: a worker inherits no state of the caller (torch's
-thread pools, open files), at the price of importing the world's module once per worker (about 0.3 s).
+thread pools, open files), at the price of importing, once per worker, the world's module and the caller's main
+module (about 0.3 s for ``visae toyworld`` or ``scripts/demo.py``; about 2 s under ``python -m visae.demo``, whose
+imports pull in torch).
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import os
 from collections import deque
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["resolve_workers", "map_in_order"]
+from visae.errors import VisaeError
+
+__all__ = ["resolve_workers", "map_in_order", "record_chunks", "WorkerStartError"]
+
+
+class WorkerStartError(VisaeError, RuntimeError):
+    """The worker processes died before returning a result, typically because the calling script has no
+    ``if __name__ == "__main__":`` guard (a spawned worker re-runs the script's top level)."""
 
 
 def resolve_workers(workers: int) -> int:
@@ -59,11 +68,43 @@ def map_in_order(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int = 
     # (which interrupts the running ones too) or an error nothing more starts.
     todo = iter(tasks)
     running = deque(ex.submit(fn, t) for t in itertools.islice(todo, n))
+    from concurrent.futures.process import BrokenProcessPool
+
     try:
         while running:
-            result = running.popleft().result()
+            try:
+                result = running.popleft().result()
+            except BrokenProcessPool as e:
+                raise WorkerStartError(
+                    f"the {n} worker processes died ({e}); a script that asks for workers > 1 (visae demo --threads, "
+                    "--workers; run_demo / generate_world* from Python) must call it under 'if __name__ == \"__main__\":' "
+                    "(spawned workers re-run the script's top level), or use 1 worker") from e
             for t in itertools.islice(todo, 1):
                 running.append(ex.submit(fn, t))
             yield result
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
+
+
+def record_chunks(jsonl: Any, lines: list[str], fn: Callable[[Any], list[str]], tasks: Sequence[Any], workers: int = 1,
+                  progress: bool = False, desc: str = "") -> list[str]:
+    """Run ``fn`` over ``tasks`` (:func:`map_in_order`; each returns a chunk's record lines) and append each chunk's
+    lines to ``lines`` in task order, rewriting ``jsonl`` atomically after every chunk, so the file lists a prefix of
+    whole chunks whichever worker finishes first and a kill never leaves a partial chunk recorded. ``progress``: a
+    tqdm bar over the chunks. Returns ``lines``. On any error the chunks not started are cancelled and the workers
+    stopped (:func:`map_in_order`'s exceptions, :class:`WorkerStartError`)."""
+    from visae.atomic import atomic_write_text
+
+    results = map_in_order(fn, tasks, workers)
+    it: Iterator[list[str]] = results
+    if progress and tasks:
+        from tqdm import tqdm
+
+        it = tqdm(results, total=len(tasks), desc=desc, unit="chunk")
+    try:
+        for chunk_lines in it:
+            lines += chunk_lines
+            atomic_write_text(jsonl, "\n".join(lines) + "\n")
+    finally:
+        results.close()  # on an error here: cancel the chunks not started, stop the workers now
+    return lines

@@ -42,7 +42,7 @@ import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -1053,7 +1053,7 @@ def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: 
         raise ValueError(f"occlusion must be a probability in [0, 1], got {occlusion}")
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
-    from visae.workers import map_in_order, resolve_workers
+    from visae.workers import record_chunks, resolve_workers
 
     workers = resolve_workers(workers)
     out = Path(out_dir)
@@ -1080,18 +1080,7 @@ def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: 
     lines = lines[:done]
     tasks = [(str(out), start, min(start + chunk, n), int(seed), int(max_objects), float(occlusion), int(image_size))
              for start in range(done, n, chunk)]
-    results = map_in_order(_write_chunk, tasks, workers)
-    it: Iterator[list[str]] = results
-    if progress and tasks:
-        from tqdm import tqdm
-
-        it = tqdm(results, total=len(tasks), desc=f"world2 -> {out}", unit="chunk")
-    try:
-        for chunk_lines in it:  # in order: world.jsonl lists a prefix of whole chunks, whichever worker finished first
-            lines += chunk_lines
-            atomic_write_text(jl, "\n".join(lines) + "\n")
-    finally:
-        results.close()  # on an error here: cancel the chunks not started, stop the workers now
+    record_chunks(jl, lines, _write_chunk, tasks, workers, progress, f"world2 -> {out}")
     return out
 
 
@@ -1141,4 +1130,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from visae.cli import run_main
+
+    sys.exit(run_main("python -m visae.world2", main))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Callable
 
 from visae.errors import VisaeError
 
@@ -56,25 +57,35 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"visae: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    return run_main(f"visae {name}", lambda args: importlib.import_module(SUBCOMMANDS[name][0]).main(args), rest)
+
+
+def run_main(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
+    """``fn(argv)`` (a stage's ``main``) with the command line's error handling, messages prefixed by ``prog`` (``"visae
+    sweep"``, ``"python -m visae.world2"``): a ``VisaeError`` is one line on stderr
+    and its exit code (1 by default), Ctrl-C one line saying what was kept and how to continue (exit 130), an
+    ``OSError`` of the machine (disk full, permissions) one line (exit 1); ``VISAE_TRACEBACK=1`` shows the traceback
+    instead. ``visae <command>`` runs every stage through it, and so does each module's ``python -m visae.<module>``.
+    ``argv`` defaults to ``sys.argv[1:]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        module = importlib.import_module(SUBCOMMANDS[name][0])
-        return int(module.main(rest) or 0)
+        return int(fn(argv) or 0)
     except VisaeError as e:
         if os.environ.get("VISAE_TRACEBACK"):
             raise
-        print(f"visae {name}: error: {one_line(e)}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return int(getattr(e, "exit_code", 1))
     except KeyboardInterrupt as e:  # Ctrl-C: what was saved and how to continue (visae.errors.Interrupted), no traceback
         if os.environ.get("VISAE_TRACEBACK"):
             raise
         note = one_line(e) if str(e) else "nothing more was written; rerun the same command to continue"
-        print(f"visae {name}: interrupted: {note}", file=sys.stderr)
+        print(f"{prog}: interrupted: {note}", file=sys.stderr)
         return 130
     except OSError as e:  # the machine refused: disk full, read-only, permissions (visae.atomic removed its temp file)
         if os.environ.get("VISAE_TRACEBACK"):
             raise
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"visae {name}: error: {e.strerror or e}{where}; free space or fix the path's permissions and rerun the "
+        print(f"{prog}: error: {e.strerror or e}{where}; free space or fix the path's permissions and rerun the "
               "same command (it continues from what was committed)", file=sys.stderr)
         return 1
 

@@ -974,4 +974,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from visae.cli import run_main
+
+    sys.exit(run_main("python -m visae.zeroshot", main))

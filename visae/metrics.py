@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from visae.atomic import atomic_write_text, save_figure
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "import_wandb"]
+__all__ = ["MetricsLogger", "read_metrics", "plot_curves", "import_wandb", "json_safe"]
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -43,14 +43,15 @@ def import_wandb():
     return wandb
 
 
-def _clean(v: Any) -> Any:
-    """JSON-safe scalars: non-finite floats become null (JSON has no NaN)."""
+def json_safe(v: Any) -> Any:
+    """JSON-safe values, recursively through dicts, lists and tuples: non-finite floats become None (null: JSON has
+    no NaN)."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
+        return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [json_safe(x) for x in v]
     return v
 
 
@@ -97,7 +98,7 @@ class MetricsLogger:
             else:  # atomic: a kill while the log is cut back must not lose the records before the checkpoint
                 keep = [r for r in read_metrics(p) if r.get("type") != "summary" and not r.get("partial")
                         and r.get("step", 0) <= truncate_after_step]
-                atomic_write_text(p, "".join(json.dumps(_clean(r)) + "\n" for r in keep))
+                atomic_write_text(p, "".join(json.dumps(json_safe(r)) + "\n" for r in keep))
             self.files.append(open(p, "a"))
         self.wandb_run = None
         self.wandb_id: str | None = None
@@ -120,7 +121,7 @@ class MetricsLogger:
         if len(records) != self.n_members:
             raise ValueError(f"MetricsLogger.log: {len(records)} records for {self.n_members} members")
         for f, r in zip(self.files, records):
-            f.write(json.dumps(_clean(r)) + "\n")
+            f.write(json.dumps(json_safe(r)) + "\n")
             f.flush()
         if self.wandb_run is not None:
             flat: dict[str, Any] = {}

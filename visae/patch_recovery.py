@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,15 +148,21 @@ class WorldObjects:
     mask_coverage: Callable[[np.ndarray, np.ndarray, Sequence[int]], np.ndarray] | None = field(default=None, repr=False)
 
 
-def _image_firsts(ss: ShardSet, meta: Any) -> tuple[np.ndarray, list[str]]:
-    """First row of each image and the images' ids (``<image id>`` of ``<image id>#p<j>``)."""
+def _patch_rows(ss: ShardSet, ids: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(image [N] int64: the image number of each row, first [n_images] int64: each image's first row)`` of a
+    patch-token shard set from its row ids ``<image id>#p<j>``; PatchRecoveryError if the ids are not of that form."""
     from visae.topimages import patch_layout
 
-    layout = patch_layout(meta["id"])
+    layout = patch_layout(ids)
     if layout is None:
         raise PatchRecoveryError(f"{ss.path}: not a patch-token shard set (ids '<image>#p<j>' expected)")
     img = layout[0]
-    first = np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
+    return img, np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
+
+
+def _image_firsts(ss: ShardSet, meta: Any) -> tuple[np.ndarray, list[str]]:
+    """First row of each image and the images' ids (``<image id>`` of ``<image id>#p<j>``)."""
+    first = _patch_rows(ss, meta["id"])[1]
     return first, [str(meta["id"][k]).rpartition("#p")[0] for k in first]
 
 
@@ -323,13 +328,7 @@ def image_scores(sae: Any, shards: ShardSet, *, image_score: str = "max", batch_
     image [N] int64: the image number of each row, first [n_images] int64: each image's first row)``.
     Memory O(n_images * d_sae): meant for toy-world sets, not ImageNet.
     """
-    from visae.topimages import patch_layout
-
-    layout = patch_layout(shards.metadata()["id"])
-    if layout is None:
-        raise PatchRecoveryError(f"{shards.path}: not a patch-token shard set (ids '<image>#p<j>' expected)")
-    img = layout[0]
-    first = np.flatnonzero(np.r_[True, img[1:] != img[:-1]])
+    img, first = _patch_rows(shards, shards.metadata()["id"])
     n = len(first)
     S = torch.zeros(n, int(sae.d_sae))
     cnt = torch.zeros(n, 1)
@@ -517,21 +516,11 @@ class PatchRecoveryConfig:
             raise ConfigError(f"PatchRecoveryConfig.n_top = {self.n_top}: expected >= 1")
 
 
-def _json_safe(x: Any) -> Any:
-    """NaN / inf floats -> None (JSON has no NaN), recursively."""
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def main(argv: list[str] | None = None) -> int:
     """``visae patch-recovery``: print :func:`format_patch_recovery`'s table (and write the JSON with ``--out``)."""
     from visae.atomic import atomic_write_text
     from visae.config import ConfigError, parse_config
+    from visae.metrics import json_safe
 
     try:
         cfg = parse_config(PatchRecoveryConfig, argv, prog="visae patch-recovery")
@@ -543,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                          heat_at=cfg.heat_at, n_top=cfg.n_top, image_score=cfg.image_score)
     res["config"] = dataclasses.asdict(cfg)
     if cfg.out:
-        atomic_write_text(cfg.out, json.dumps(_json_safe(res), indent=1, allow_nan=False))
+        atomic_write_text(cfg.out, json.dumps(json_safe(res), indent=1, allow_nan=False))
     print(format_patch_recovery(res))
     return 0
 

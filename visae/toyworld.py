@@ -543,7 +543,7 @@ def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fra
         raise ValueError(f"two_object_fraction must be in [0, 1], got {two_object_fraction}")
     if image_size < 1 or chunk < 1:
         raise ValueError(f"image_size and chunk must be >= 1, got {image_size} and {chunk}")
-    from visae.workers import record_chunks, resolve_workers
+    from visae.workers import record_chunks, resolve_workers, resume_prefix
 
     workers = resolve_workers(workers)
     out = Path(out_dir)
@@ -571,15 +571,10 @@ def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fra
     else:
         atomic_write_text(wj, json.dumps(meta, indent=1))
     jl = out / "world.jsonl"
-    lines = jl.read_text().splitlines() if jl.exists() else []
-    done = len(lines)
-    if done > n:
-        raise ValueError(f"{jl} has {done} lines but the world has n={n}")
+    lines = resume_prefix(jl, n, chunk)
     f = sample_factors(n, seed, two_object_fraction)
-    # resume at the last whole chunk; a last short chunk is whole at n (it was rendered again on every rerun)
-    starts = range(done if done == n else done - done % chunk, n, chunk)
-    lines = lines[: starts.start] if len(starts) else lines
-    tasks = [(str(out), f[start:start + chunk], int(seed), start, int(image_size)) for start in starts]
+    tasks = [(str(out), f[start:start + chunk], int(seed), start, int(image_size))
+             for start in range(len(lines), n, chunk)]
     record_chunks(jl, lines, _write_chunk, tasks, workers, progress, f"toyworld -> {out}")
     return out
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from visae.errors import VisaeError
 
-__all__ = ["resolve_workers", "map_in_order", "record_chunks", "WorkerStartError"]
+__all__ = ["resolve_workers", "map_in_order", "record_chunks", "resume_prefix", "WorkerStartError"]
 
 
 class WorkerStartError(VisaeError, RuntimeError):
@@ -84,6 +84,23 @@ def map_in_order(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int = 
             yield result
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
+
+
+def resume_prefix(jsonl: Any, n: int, chunk: int) -> list[str]:
+    """The lines of a world's ``world.jsonl`` (``jsonl``, may be missing) that a rerun keeps: all ``n`` when the world
+    is complete (a last chunk shorter than ``chunk`` is whole there), else the whole chunks (the first multiple of
+    ``chunk``); the rerun renders from ``len(result)`` on.
+
+    Raises:
+        ValueError: more than ``n`` lines.
+    """
+    from pathlib import Path
+
+    jsonl = Path(jsonl)
+    lines = jsonl.read_text().splitlines() if jsonl.exists() else []
+    if len(lines) > n:
+        raise ValueError(f"{jsonl} has {len(lines)} lines but the world has n={n}")
+    return lines if len(lines) == n else lines[:len(lines) - len(lines) % chunk]
 
 
 def record_chunks(jsonl: Any, lines: list[str], fn: Callable[[Any], list[str]], tasks: Sequence[Any], workers: int = 1,

@@ -1053,7 +1053,7 @@ def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: 
         raise ValueError(f"occlusion must be a probability in [0, 1], got {occlusion}")
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
-    from visae.workers import record_chunks, resolve_workers
+    from visae.workers import record_chunks, resolve_workers, resume_prefix
 
     workers = resolve_workers(workers)
     out = Path(out_dir)
@@ -1073,13 +1073,9 @@ def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: 
     if not wj.exists():
         atomic_write_text(wj, json.dumps(meta, indent=1))
     jl = out / "world.jsonl"
-    lines = jl.read_text().splitlines() if jl.exists() else []
-    if len(lines) > n:
-        raise ValueError(f"{jl} has {len(lines)} lines but the world has n={n}")
-    done = len(lines) if len(lines) == n else len(lines) - len(lines) % chunk  # a last short chunk is whole at n
-    lines = lines[:done]
+    lines = resume_prefix(jl, n, chunk)
     tasks = [(str(out), start, min(start + chunk, n), int(seed), int(max_objects), float(occlusion), int(image_size))
-             for start in range(done, n, chunk)]
+             for start in range(len(lines), n, chunk)]
     record_chunks(jl, lines, _write_chunk, tasks, workers, progress, f"world2 -> {out}")
     return out
 

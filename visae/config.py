@@ -46,6 +46,7 @@ C = TypeVar("C")
 
 __all__ = [
     "ConfigError",
+    "check_bounds",
     "config_from_dict",
     "config_to_dict",
     "load_yaml_config",
@@ -130,6 +131,23 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def _field_default(cls: type, name: str) -> Any:
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def check_bounds(cfg: Any, bounds: dict[str, tuple[float | None, float | None]], notes: dict[str, str] | None = None) -> None:
+    """Refuse the fields of the config ``cfg`` (a dataclass) outside their bounds, ``{field: (low, high)}``, both
+    inclusive, None for no bound (a NaN is outside every bound): a count, a size or a fraction out of range is named
+    at parse time instead of being taken silently (clamped, or acting as 0 or 1).
+
+    Raises:
+        ConfigError: ``"<Class>.<field> = <value>: expected >= low | <= high | in [low, high]"`` and ``notes[field]``.
+    """
+    for name, (low, high) in bounds.items():
+        v = getattr(cfg, name)
+        if (low is None or v >= low) and (high is None or v <= high):
+            continue
+        want = f"in [{low}, {high}]" if low is not None and high is not None else (f">= {low}" if high is None else f"<= {high}")
+        note = (notes or {}).get(name, "")
+        raise ConfigError(f"{type(cfg).__name__}.{name} = {v!r}: expected {want}{' ' + note if note else ''}")
 
 
 def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config", *, base: Any = None,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from visae.atomic import atomic_write_text
-from visae.config import ConfigError, config_to_dict, parse_config
+from visae.config import ConfigError, check_bounds, config_to_dict, parse_config
 from visae.naming import NameConfig
 from visae.resources import config_yaml
 from visae.sweep import SweepConfig
@@ -153,11 +153,10 @@ class DemoConfig:
             raise ConfigError("DemoConfig.vocab is empty; give toy, wordfreq or a word-list file")
         if self.world not in WORLDS:
             raise ConfigError(f"DemoConfig.world = {self.world!r}: expected one of {sorted(WORLDS)}")
-        for name, low in (("n_images", 1), ("quick_n_images", 1), ("n_distractors", 0), ("threads", 0),
-                          ("quick_num_epochs", 1), ("quick_batch_size", 1), ("quick_n_top", 0)):
-            # these were taken silently: a negative n_distractors became 0, a negative threads torch's default
-            if getattr(self, name) < low:
-                raise ConfigError(f"DemoConfig.{name} = {getattr(self, name)}: expected >= {low}")
+        # these were taken silently: a negative n_distractors became 0, a negative threads torch's default
+        check_bounds(self, {"n_images": (1, None), "quick_n_images": (1, None), "n_distractors": (0, None),
+                            "threads": (0, None), "quick_num_epochs": (1, None), "quick_batch_size": (1, None),
+                            "quick_n_top": (0, None)})
         if self.seed + self.world_seed_offset < 0:
             raise ConfigError(f"DemoConfig.seed + world_seed_offset = {self.seed} + {self.world_seed_offset}: "
                               "expected >= 0 (the world's seed)")

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from visae.atomic import atomic_write_text
 from visae.integrity import sha256_file
-from visae.config import ConfigError, config_to_dict, parse_config
+from visae.config import ConfigError, check_bounds, config_to_dict, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
 
@@ -154,10 +154,8 @@ class NameConfig:
                 raise ConfigError(f"NameConfig.{f} is NaN; give a number")
         # counts and sizes: out of range they were taken silently (top_k 0 or -1 kept 1 candidate, a negative
         # n_top / n_random kept none, a negative vocab_size the whole file) or failed after the text embeddings
-        for f, low in (("top_k", 1), ("n_top", 0), ("n_random", 0), ("batch_size", 1), ("text_batch_size", 1),
-                       ("vocab_size", 0), ("member", 0)):
-            if getattr(self, f) < low:
-                raise ConfigError(f"NameConfig.{f} = {getattr(self, f)}: expected >= {low}")
+        check_bounds(self, {"top_k": (1, None), "n_top": (0, None), "n_random": (0, None), "batch_size": (1, None),
+                            "text_batch_size": (1, None), "vocab_size": (0, None), "member": (0, None)})
 
 
 # ----------------------------------------------------------------------------- vocabulary

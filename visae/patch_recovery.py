@@ -507,13 +507,9 @@ class PatchRecoveryConfig:
     out: Optional[str] = field(default=None, metadata={"help": "write the result as JSON here (NaN shares as null)"})
 
     def __post_init__(self) -> None:
-        from visae.config import ConfigError
+        from visae.config import check_bounds
 
-        for name in ("auroc_at", "heat_at"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"PatchRecoveryConfig.{name} = {getattr(self, name)}: expected a value in [0, 1]")
-        if self.n_top < 1:
-            raise ConfigError(f"PatchRecoveryConfig.n_top = {self.n_top}: expected >= 1")
+        check_bounds(self, {"auroc_at": (0.0, 1.0), "heat_at": (0.0, 1.0), "n_top": (1, None)})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -361,13 +361,11 @@ class RecoveryConfig:
     progress: bool = field(default=True, metadata={"help": "progress bar (stderr) of the encoding pass; --no_progress: none"})
 
     def __post_init__(self) -> None:
-        from visae.config import ConfigError
+        from visae.config import check_bounds
 
-        if self.member < 0 or self.batch_size < 1:
-            raise ConfigError(f"RecoveryConfig.member = {self.member}, batch_size = {self.batch_size}: expected "
-                              "member >= 0 and batch_size >= 1")
-        if not 0.0 <= self.recovered_at <= 1.0:  # an AUROC threshold: outside [0, 1] everything or nothing counted
-            raise ConfigError(f"RecoveryConfig.recovered_at = {self.recovered_at}: expected an AUROC in [0, 1]")
+        # recovered_at, an AUROC threshold: outside [0, 1] everything or nothing counted
+        check_bounds(self, {"member": (0, None), "batch_size": (1, None), "recovered_at": (0.0, 1.0)},
+                     {"recovered_at": "(an AUROC)"})
 
 
 def main(argv: list[str] | None = None) -> int:

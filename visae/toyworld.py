@@ -609,13 +609,10 @@ class ToyWorldConfig:
                 "whatever the number)"})
 
     def __post_init__(self) -> None:
-        from visae.config import ConfigError
+        from visae.config import check_bounds
 
-        for name, ok, expected in (("n", self.n >= 0, ">= 0"), ("image_size", self.image_size >= 1, ">= 1"),
-                                   ("two_object_fraction", 0.0 <= self.two_object_fraction <= 1.0, "in [0, 1]"),
-                                   ("workers", self.workers >= 0, ">= 0 (0: one per CPU core)")):
-            if not ok:
-                raise ConfigError(f"ToyWorldConfig.{name} = {getattr(self, name)!r}: expected {expected}")
+        check_bounds(self, {"n": (0, None), "image_size": (1, None), "two_object_fraction": (0.0, 1.0),
+                            "workers": (0, None)}, {"workers": "(0: one per CPU core)"})
 
 
 def main(argv: list[str] | None = None) -> int:

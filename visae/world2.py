@@ -1095,14 +1095,10 @@ class World2Config:
                 "whatever the number)"})
 
     def __post_init__(self) -> None:
-        from visae.config import ConfigError
+        from visae.config import check_bounds
 
-        for name, ok, expected in (("n", self.n >= 0, ">= 0"), ("max_objects", 1 <= self.max_objects <= len(COUNTS),
-                                   f"in [1, {len(COUNTS)}]"), ("occlusion", 0.0 <= self.occlusion <= 1.0, "in [0, 1]"),
-                                   ("image_size", self.image_size >= 1, ">= 1"), ("workers", self.workers >= 0,
-                                                                                 ">= 0 (0: one per CPU core)")):
-            if not ok:
-                raise ConfigError(f"World2Config.{name} = {getattr(self, name)!r}: expected {expected}")
+        check_bounds(self, {"n": (0, None), "max_objects": (1, len(COUNTS)), "occlusion": (0.0, 1.0),
+                            "image_size": (1, None), "workers": (0, None)}, {"workers": "(0: one per CPU core)"})
 
 
 def main(argv: list[str] | None = None) -> int:

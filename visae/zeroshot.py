@@ -131,11 +131,10 @@ class ZeroShotConfig:
                                          metadata={"help": "the zero-shot classifier (text tower, benchmark)"})
 
     def __post_init__(self) -> None:
-        from visae.config import ConfigError
+        from visae.config import check_bounds
 
-        for f in ("batch_size", "image_batch_size"):  # a negative batch_size gave zero batches: no images scored
-            if getattr(self, f) < 1:
-                raise ConfigError(f"ZeroShotConfig.{f} = {getattr(self, f)}: expected >= 1")
+        # a negative batch_size gave zero batches: no images scored
+        check_bounds(self, {"batch_size": (1, None), "image_batch_size": (1, None)})
 
 
 # ----------------------------------------------------------------------------- classifier

@@ -60,6 +60,7 @@ __all__ = [
     "evaluate_v2",
     "zero_shot_eval_v2",
     "negative_words",
+    "read_word_list",
     "world2_words",
     "shift_scene",
     "subword_tokens",
@@ -582,20 +583,28 @@ def world2_words() -> set[str]:
     return words
 
 
-def negative_words(exclude_file: str | Path | None, n_candidates: int = 60000, seed: int = 0,
+def read_word_list(path: str | Path, what: str = "word list") -> list[str]:
+    """The words of a word-list file (one a line, UTF-8; stripped, lower case, blank lines skipped), e.g. the 20k
+    naming list. Raises ``FileNotFoundError`` naming ``what`` and the file if it is missing."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {p} not found (expected one word a line, e.g. ../shared/vocab/20k.txt)")
+    return [w for w in (line.strip().lower() for line in p.read_text(encoding="utf-8").splitlines()) if w]
+
+
+def negative_words(exclude_file: str | Path | Sequence[str] | None, n_candidates: int = 60000, seed: int = 0,
                    n: int = 5000) -> list[str]:
     """Training negatives (issue 12): ``n`` words drawn (seeded) from wordfreq's ``n_candidates`` most
-    frequent English words, minus the words of ``exclude_file`` (one a line; the 20k naming list, so the
-    naming test's distractors stay unseen) and minus every word of the world (``world2_words``).
-    Alphabetic words of 3+ letters only. Raises ``FileNotFoundError`` if ``exclude_file`` is missing."""
+    frequent English words, minus the words of ``exclude_file`` (a word-list file, :func:`read_word_list`, or its
+    words already read; the 20k naming list, so the naming test's distractors stay unseen) and minus every word
+    of the world (``world2_words``). Alphabetic words of 3+ letters only. Raises ``FileNotFoundError`` if
+    ``exclude_file`` is a missing file."""
     import wordfreq
 
-    excl: set[str] = set()
-    if exclude_file:
-        p = Path(exclude_file)
-        if not p.is_file():
-            raise FileNotFoundError(f"negatives: exclude list {p} not found (expected one word a line, e.g. ../shared/vocab/20k.txt)")
-        excl = {line.strip().lower() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()}
+    if isinstance(exclude_file, (str, Path)):
+        excl = set(read_word_list(exclude_file, "negatives: exclude list")) if str(exclude_file) else set()
+    else:
+        excl = set(exclude_file or ())
     world = world2_words()
     cand = [x for x in wordfreq.top_n_list("en", n_candidates)
             if x.isalpha() and x.isascii() and len(x) >= 3 and x not in excl and x not in world]
@@ -860,19 +869,16 @@ def subword_inheritance(model, tokenizer, images: np.ndarray, columns: dict[str,
             "per_word": per_word, "worst": worst}
 
 
-def inheritance_eval_v2(model, tokenizer, seed: int, n: int, naming_list: str | Path, seen: Sequence[str] = ()) -> dict[str, Any]:
+def inheritance_eval_v2(model, tokenizer, seed: int, n: int, naming_words: Sequence[str], seen: Sequence[str] = ()) -> dict[str, Any]:
     """:func:`subword_inheritance` of a v2 model on ``n`` held-out single-object world2 scenes of world ``seed``
-    (coarse factors colour family, shape, texture, size); the unseen words are ``naming_list`` (one word a line: the
-    naming evaluation's list, kept out of training) minus every world word (``world2_words``) and ``seen`` (the run's
-    training negatives). Returns its summary: ``fraction_no_closer``, ``n_pairs``, ``n_world_words``, ``n_heldout``,
-    ``per_word``, the 10 ``worst`` pairs. Raises FileNotFoundError if ``naming_list`` is missing."""
+    (coarse factors colour family, shape, texture, size); the unseen words are ``naming_words`` (the naming
+    evaluation's list, kept out of training: :func:`read_word_list`) minus every world word (``world2_words``) and
+    ``seen`` (the run's training negatives). Returns its summary: ``fraction_no_closer``, ``n_pairs``,
+    ``n_world_words``, ``n_heldout``, ``per_word``, the 10 ``worst`` pairs."""
     from visae import world2 as w2
 
-    p = Path(naming_list)
-    if not p.is_file():
-        raise FileNotFoundError(f"inheritance evaluation: word list {p} not found")
     excl = world2_words() | set(seen)
-    held = [w for w in (x.strip().lower() for x in p.read_text(encoding="utf-8").splitlines()) if w and w not in excl]
+    held = [w for w in naming_words if w not in excl]
     world = w2.sample_world2(n, seed, max_objects=1, occlusion=0.0)
     cols = {f: (world.factors[:, w2.FACTOR_INDEX[f]], w2.FACTORS[f]) for f in ("colour_family", "shape", "texture", "size")}
     r = subword_inheritance(model, tokenizer, world.images, cols, held)
@@ -966,10 +972,9 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     if cfg.pretrain_steps < 0:
         raise ValueError(f"pretrain_steps must be >= 0, got {cfg.pretrain_steps}")
     pre_w = aux_factor_weights(cfg.pretrain_factor_weights, default=0.0) if cfg.pretrain_steps else head_w
-    if cfg.negatives_exclude and not Path(cfg.negatives_exclude).is_file():  # also the final inheritance evaluation's list
-        raise FileNotFoundError(f"negatives_exclude: word list {cfg.negatives_exclude} not found (expected one word a line, "
-                                "e.g. ../shared/vocab/20k.txt)")
-    negs = negative_words(cfg.negatives_exclude or None, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step > 0 else []
+    # the naming list kept out of the negatives, and the final inheritance evaluation's unseen words: read once, here
+    naming_words = read_word_list(cfg.negatives_exclude, "negatives_exclude: word list") if cfg.negatives_exclude else None
+    negs = negative_words(naming_words, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step > 0 else []
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     export = Path(cfg.export) if cfg.export else out / f"{cfg.model}.safetensors"
@@ -1101,9 +1106,9 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     export_fp16(model, export, cfg.model)
     shipped, _, _ = create_toyclip(export, model=cfg.model)
     metrics = evaluate_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n)
-    if cfg.negatives_exclude:  # the naming list kept out of training: its words are the unseen ones
+    if naming_words is not None:  # the naming list kept out of training: its words are the unseen ones
         metrics["subword_inheritance"] = inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n,
-                                                             cfg.negatives_exclude, negs)
+                                                             naming_words, negs)
     card = {
         "model": cfg.model, "version": 2, "world": "visae.world2", "weights": export.name,
         "sha256": _file_sha256(export), "bytes": export.stat().st_size,

@@ -78,6 +78,12 @@ def test_tiny_v2_run_exports_a_loadable_model(tmp_path):
         toyclip.train_toy_clip_v2(dataclasses.replace(cfg, negatives_exclude=str(tmp_path / "missing.txt"),
                                                       out=str(tmp_path / "never")), [])
     assert not (tmp_path / "never").exists()
+    # no held-out word shares a token with a world word: the fraction is undefined, null in the card (valid JSON)
+    naming.write_text("pencil\ntable\n")
+    path = toyclip.train_toy_clip_v2(dataclasses.replace(cfg, out=str(tmp_path / "run_none"), steps=1), [])
+    text = path.with_suffix(".json").read_text()
+    assert json.loads(text)["evaluation"]["subword_inheritance"]["fraction_no_closer"] is None
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the card"))
     assert set(card["evaluation"]["pil"]) == set(toyclip.V2_COARSE)
     assert set(card["evaluation"]["shift"]) == {"0.5", "2.0", "4.0", "8.0"}
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -521,6 +521,8 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
     # Evaluate what ships: the fp16 weights loaded back through open_clip.
     shipped, _, _ = create_toyclip(export)
     metrics = zero_shot_eval(shipped, tokenizer, held)
+    from visae.metrics import json_safe  # NaN (a benchmark with no image) -> null: JSON has no NaN
+
     card = {
         "model": MODEL_NAME,
         "weights": export.name,
@@ -541,8 +543,8 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
     }
-    atomic_write_text(export.with_suffix(".json"), json.dumps(card, indent=1))
-    atomic_write_text(out / "metrics.json", json.dumps(card, indent=1))
+    atomic_write_text(export.with_suffix(".json"), json.dumps(json_safe(card), indent=1, allow_nan=False))
+    atomic_write_text(out / "metrics.json", json.dumps(json_safe(card), indent=1, allow_nan=False))
     print(json.dumps({"weights": str(export), "zero_shot_top1": metrics["all"], "train_seconds": card["train_seconds"]}, indent=1))
     return export
 
@@ -813,7 +815,8 @@ def subword_inheritance(model, tokenizer, images: np.ndarray, columns: dict[str,
     Returns ``{"fraction_no_closer", "n_pairs", "n_world_words", "n_heldout", "per_word": {w: {"n", "no_closer",
     "word_percentile"}}, "worst": [pairs sorted by how far above the median, first 25]}``; ``word_percentile``: the
     share of distractors less similar to ``d_w`` than ``w``'s own embedding (how well the world word itself names its
-    concept). ``fraction_no_closer`` is NaN when no held-out word shares a token with a world word.
+    concept). ``fraction_no_closer`` is NaN when no held-out word shares a token with a world word (null in the v2
+    trainer's card).
 
     Raises:
         ValueError: ``images`` and a column's labels differ in length.
@@ -883,8 +886,6 @@ def inheritance_eval_v2(model, tokenizer, seed: int, n: int, naming_words: Seque
     cols = {f: (world.factors[:, w2.FACTOR_INDEX[f]], w2.FACTORS[f]) for f in ("colour_family", "shape", "texture", "size")}
     r = subword_inheritance(model, tokenizer, world.images, cols, held)
     r["worst"] = r["worst"][:10]
-    if r["fraction_no_closer"] != r["fraction_no_closer"]:  # NaN (no pair): null in the JSON card
-        r["fraction_no_closer"] = None
     return r
 
 
@@ -1109,6 +1110,8 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     if naming_words is not None:  # the naming list kept out of training: its words are the unseen ones
         metrics["subword_inheritance"] = inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n,
                                                              naming_words, negs)
+    from visae.metrics import json_safe  # NaN (a benchmark with no image, no inheritance pair) -> null: JSON has no NaN
+
     card = {
         "model": cfg.model, "version": 2, "world": "visae.world2", "weights": export.name,
         "sha256": _file_sha256(export), "bytes": export.stat().st_size,
@@ -1122,8 +1125,8 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
         "machine": {"threads": torch.get_num_threads(),
                     "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
     }
-    atomic_write_text(export.with_suffix(".json"), json.dumps(card, indent=1))
-    atomic_write_text(out / "metrics.json", json.dumps(card, indent=1))
+    atomic_write_text(export.with_suffix(".json"), json.dumps(json_safe(card), indent=1, allow_nan=False))
+    atomic_write_text(out / "metrics.json", json.dumps(json_safe(card), indent=1, allow_nan=False))
     print(json.dumps({"weights": str(export), "evaluation": metrics, "train_seconds": card["train_seconds"]}, indent=1))
     return export
 

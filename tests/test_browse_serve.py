@@ -80,6 +80,17 @@ def test_busy_port_is_a_clear_error(site):
         serve(".", port, block=False)
 
 
+@pytest.mark.parametrize("port", [-1, 65536])
+def test_a_port_out_of_range_is_a_usage_error_not_a_traceback(tmp_path, capsys, port):
+    """bind() raised OverflowError for these: `visae browse serve SITE --port 70000` was a traceback."""
+    from visae.cli import main
+
+    (tmp_path / "index.html").write_text("<html></html>")
+    assert main(["browse", "serve", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"port {port}: expected 0..65535" in err, err
+
+
 def test_holds_200_concurrent_connections(site):
     """200 clients connect at once (a barrier), 3 rounds: every request is answered 200, none over 10 s."""
     _, port = site

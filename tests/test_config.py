@@ -206,3 +206,37 @@ def test_yaml_file_not_utf8_is_a_config_error_naming_it(tmp_path):
     p.write_bytes(b"depth: 2 # caf\xe9\n")
     with pytest.raises(ConfigError, match=r"x\.yaml is not UTF-8 text \(byte 14\)"):
         load_yaml_config(Inner, p)
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["browse", "--sae", "s", "--port", "70000"], "BrowseConfig.port = 70000"),  # an OverflowError after the site
+    (["browse", "--sae", "s", "--thumb_size", "0"], "BrowseConfig.thumb_size = 0"),  # ZeroDivisionError in PIL
+    (["browse", "--sae", "s", "--workers", "-1"], "BrowseConfig.workers = -1"),  # ValueError in the thumbnail pool
+    (["extract", "--images", "i", "--threads", "-1"], "ExtractConfig.threads = -1"),  # ignored: all cores
+    (["extract", "--images", "i", "--batch_size", "0"], "ExtractConfig.batch_size = 0"),
+    (["extract", "--images", "i", "--num_workers", "-2"], "ExtractConfig.num_workers = -2"),
+    (["extract", "--images", "i", "--shard_size", "0"], "ExtractConfig.shard_size = 0"),
+    (["extract", "--images", "i", "--limit", "-3"], "ExtractConfig.limit = -3"),
+    (["cbm", "--sae", "s", "--tol", "-1e-5"], "CBMConfig.tol = -1e-05"),  # acted as 0
+    (["cbm", "--sae", "s", "--probe_l2", "-1"], "CBMConfig.probe_l2 = -1.0"),
+    (["train", "--shards", "s", "--adam_beta1", "1"], "TrainConfig.adam_beta1 = 1.0"),  # a frozen first moment
+    (["train", "--shards", "s", "--adam_beta2", "1.5"], "TrainConfig.adam_beta2 = 1.5"),
+    (["train", "--shards", "s", "--adam_eps", "-1e-8"], "TrainConfig.adam_eps = -1e-08"),
+    (["train", "--shards", "s", "--dense_threshold", "1.5"], "TrainConfig.dense_threshold = 1.5"),
+    (["train", "--shards", "s", "--resample_encoder_scale", "-0.2"], "TrainConfig.resample_encoder_scale = -0.2"),
+    (["sweep", "--shards", "s", "--dense_threshold", "nan"], "TrainConfig.dense_threshold = nan"),
+    (["select", "--batch_size", "0"], "SelectConfig.batch_size = 0"),  # range() step 0 inside scoring
+    (["select", "--max_l0", "-1"], "SelectConfig.max_l0 = -1.0"),  # no trial met it, after scoring them all
+    (["select", "--max_dead", "nan"], "SelectConfig.max_dead = nan"),
+    (["push", "--sae", "s", "--dry_run", "--member", "-1"], "PushConfig.member = -1")])  # an empty slice in export
+def test_stage_commands_refuse_a_count_or_fraction_out_of_range_naming_the_field(tmp_path, monkeypatch, capsys, argv,
+                                                                                field):
+    """Each was taken silently (clamped, ignored) or failed deep inside with a traceback; now a usage error (exit 2)
+    naming the field and its value when the flags are parsed, before anything is written."""
+    from visae.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    where = ["--sweep", "sw"] if argv[0] == "select" else ["--out", "out"]
+    assert main([*argv, *where]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "expected" in err and not list(tmp_path.iterdir()), err

@@ -107,6 +107,10 @@ class CBMConfig:
         for name in ("bisect_steps", "n_explain", "top_concepts", "member"):
             if int(getattr(self, name)) < 0:
                 raise CBMError(f"CBMConfig.{name} must be >= 0, got {getattr(self, name)}")
+        from visae.config import check_bounds
+
+        # a negative tol acted as 0 (every path point ran max_iter), a negative probe_l2 rewarded large weights
+        check_bounds(self, {"tol": (0.0, None), "probe_l2": (0.0, None)})
 
 
 # ----------------------------------------------------------------------------- the solver

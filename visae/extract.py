@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from visae.atomic import append_lines, atomic_write_text, output_lock
-from visae.config import ConfigError, config_to_dict, parse_config
+from visae.config import ConfigError, check_bounds, config_to_dict, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
 from visae.shards import MANIFEST, ShardError, ShardSet, ShardWriter, merge_shard_sets
@@ -99,6 +99,11 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         # --layer: None, one block (int) or several ("all" / "4,8,11", syntax checked here: a usage error before any work)
         object.__setattr__(self, "layer", normalise_layer_spec(self.layer))
+        # counts refused when the config is made (a negative --threads was ignored: torch's default, all cores)
+        check_bounds(self, {"batch_size": (1, None), "num_workers": (-1, None), "threads": (0, None),
+                            "shard_size": (1, None), **({"limit": (1, None)} if self.limit is not None else {})},
+                     {"num_workers": "(-1: auto, 0: in the main process)", "threads": "(0: torch's default)",
+                      "limit": "(null: every image)"})
 
 
 class _SimulatedKill(RuntimeError):
@@ -710,11 +715,6 @@ def extract(cfg: ExtractConfig, *, backbone: Any = None, _fail_after_batches: in
         raise ConfigError("--images is required: a folder, ImageNet-layout folder, webdataset tars or toy-world directory")
     if cfg.layer is None and cfg.token != "cls":
         raise ConfigError(f"--token {cfg.token} needs --layer: the final image embedding is one vector per image")
-    if cfg.batch_size <= 0 or cfg.num_workers < -1 or cfg.shard_size <= 0:
-        raise ConfigError("batch_size and shard_size must be positive, num_workers >= 0 (or -1 = auto)")
-
-    if cfg.limit is not None and cfg.limit <= 0:
-        raise ConfigError(f"--limit must be positive, got {cfg.limit}")
     if cfg.pretrained is not None and cfg.pretrained.strip().lower() in ("", "none", "null"):
         cfg = dataclasses.replace(cfg, pretrained=None)
     out = Path(cfg.out)

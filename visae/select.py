@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from visae.atomic import atomic_write_text, save_figure
-from visae.config import ConfigError, parse_config
+from visae.config import ConfigError, check_bounds, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
 from visae.shards import ShardError, ShardSet
@@ -92,6 +92,11 @@ class SelectConfig:
         if self.rule == "best" and self.max_drop is not None:
             raise ConfigError(f"SelectConfig.max_drop ({self.max_drop:g}) applies only with rule sparsest_within, "
                               "not with rule best")
+        # refused before any trial is scored: a batch size of 0 failed inside scoring (range() step 0), a negative
+        # one scored no rows; a negative (or NaN) constraint excluded every trial, only after all were scored
+        check_bounds(self, {"batch_size": (1, None), **{k: (0.0, None) for k in ("max_l0", "max_dead")
+                                                         if getattr(self, k) is not None}},
+                     {"max_l0": "(null: the sweep's setting; inf: none)", "max_dead": "(null: the sweep's setting; inf: none)"})
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from visae.config import ConfigError, config_to_dict, parse_config
+from visae.config import ConfigError, check_bounds, config_to_dict, parse_config
 from visae.naming import NameConfig
 from visae.resources import config_yaml
 
@@ -69,6 +69,10 @@ class BrowseConfig:
     def __post_init__(self) -> None:
         if self.naming.out != NameConfig().out:
             raise ConfigError("BrowseConfig.naming.out is set by browse (<out>/concepts_data); leave it out")
+        # refused here, before naming and thumbnails: a bad --workers / --thumb_size failed inside the thumbnail
+        # stage, a bad --port only after the whole site was written (an OverflowError traceback from bind)
+        check_bounds(self, {"port": (0, 65535), "thumb_size": (1, None), "workers": (0, None)},
+                     {"port": "(0: any free port)", "workers": "(0: up to 8, one per core)"})
 
 
 def _naming_config(cfg: BrowseConfig, shards: Path, out: Path) -> Any:
@@ -316,6 +320,8 @@ def serve(site: str | Path, port: int = 8000, *, block: bool = True) -> tuple[ht
     Raises:
         ValueError: the port is in use or cannot be bound (the message says which and what to do).
     """
+    if not 0 <= port <= 65535:  # bind() raised OverflowError for these (a traceback, not a message)
+        raise ValueError(f"port {port}: expected 0..65535 (0: any free port)")
     root = os.path.realpath(site)
     handler = functools.partial(type("_Handler", (_SiteHandler,), {"root": root}), directory=root)
     try:

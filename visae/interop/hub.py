@@ -126,6 +126,11 @@ class PushConfig:
                                                            "and print its files; nothing is sent"})
     out: str = field(default="", metadata={"help": "also keep the staged upload folder here (required with --dry_run)"})
 
+    def __post_init__(self) -> None:
+        from visae.config import check_bounds
+
+        check_bounds(self, {"member": (0, None)})  # a negative member failed deep in the export (an empty slice)
+
 
 def _model_card(sae: Any, repo: str, sub: str) -> str:
     src = dict((sae.extra.get("shards") or {}).get("source") or sae.extra.get("source") or {})

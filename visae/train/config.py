@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from visae.config import ConfigError
+from visae.config import ConfigError, check_bounds
 from visae.errors import VisaeError
 from visae.resources import config_yaml
 from visae.sae.base import SAEConfig
@@ -146,12 +146,16 @@ class TrainConfig:
                      "prefetch"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.l1_coeff >= 0:
-            raise ConfigError(f"TrainConfig.l1_coeff must be >= 0, got {self.l1_coeff}")
         if self.l1_convention not in ("unit", "raw"):
             raise ConfigError(f"TrainConfig.l1_convention must be 'unit' or 'raw', got {self.l1_convention!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"TrainConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
+        # taken silently before: a dense_threshold outside [0, 1] counted every latent or none as dense, a
+        # negative resampling scale pointed resampled encoder columns away from their inputs, an Adam beta >= 1
+        # froze the first moment (beta1) or divided by a zero bias correction (beta2)
+        check_bounds(self, {"l1_coeff": (0.0, None), "dense_threshold": (0.0, 1.0), "adam_eps": (0.0, None),
+                            "resample_encoder_scale": (0.0, None)})
+        for name in ("val_fraction", "adam_beta1", "adam_beta2"):  # half-open [0, 1)
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"TrainConfig.{name} = {getattr(self, name)!r}: expected in [0, 1)")
         from visae.sae import ARCHITECTURES
 
         if self.architecture not in ARCHITECTURES:

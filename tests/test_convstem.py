@@ -78,10 +78,11 @@ def test_toyclip2_backbone_random_init_and_weights_file(tmp_path):
         ref = bb.model.half().float().encode_image(x)
         got = again.model.encode_image(x)
     assert torch.equal(ref, got)
-    from visae.backbones import BackboneError
-
-    with pytest.raises(BackboneError, match="no weights asked for"):
-        load_backbone("visae-toyclip2")
+    # No file: the shipped weights (tag "shipped"), not an accidental random init.
+    shipped = load_backbone("visae-toyclip2")
+    assert shipped.pretrained == "shipped"
+    with torch.no_grad():
+        assert not torch.equal(shipped.model.encode_image(x), got)
 
 
 def test_stem_receptive_field_is_its_cell_and_seven_pixels_around_it():

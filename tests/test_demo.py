@@ -194,10 +194,18 @@ def test_bad_vocab_file_and_an_older_demo_directory_are_refused_before_any_stage
 # ----------------------------------------------------------------------------- world2
 
 
-def test_world2_needs_weights_and_an_unknown_world_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_a_world_without_shipped_weights_and_an_unknown_world_are_refused_before_anything_is_written(
+        tmp_path, capsys, monkeypatch):
+    """A world whose toy CLIP ships no weights (world2's until they shipped) needs --pretrained."""
+    import dataclasses
+
+    monkeypatch.setitem(demo.WORLDS, "world2", dataclasses.replace(demo.WORLDS["world2"], shipped=False))
     out = tmp_path / "out"
     assert demo.main(["--out", str(out), "--world", "world2"]) == 2
     assert "has no shipped weights yet; pass --pretrained FILE" in capsys.readouterr().err and not out.exists()
+    assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2"]) == 2
+    assert "visae-toyclip2 has no shipped weights yet" in capsys.readouterr().err and not out.exists()
+    monkeypatch.undo()
     assert demo.main(["--out", str(out), "--world", "world3"]) == 2
     assert "expected one of ['toy', 'world2']" in capsys.readouterr().err and not out.exists()
     assert demo.main(["--out", str(out), "--distractors", str(tmp_path / "nope.txt")]) == 2
@@ -248,16 +256,13 @@ def test_selection_vs_recovery_is_spearman_of_the_leaderboard(tmp_path):
 
 def test_weights_that_cannot_serve_the_model_are_refused_before_anything_is_written(tmp_path, capsys):
     """A toy CLIP's weights are checked before the world is generated (a full world2 world takes minutes): a
-    weights file of the other toy architecture (the shipped v1 file for world2), a file that does not exist, and
-    a model without shipped weights chosen by --model rather than by --world."""
+    weights file of the other toy architecture (the shipped v1 file for world2), a file that does not exist."""
     out = tmp_path / "out"
     assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(TOYCLIP_WEIGHTS)]) == 2
     err = capsys.readouterr().err
     assert "--pretrained" in err and "'visae-toyclip'" in err and "not 'visae-toyclip2'" in err and not out.exists()
     assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(tmp_path / "nope.safetensors")]) == 2
     assert "nope.safetensors: no such weights file" in capsys.readouterr().err and not out.exists()
-    assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2"]) == 2
-    assert "visae-toyclip2 has no shipped weights yet" in capsys.readouterr().err and not out.exists()
 
 
 def test_an_unreadable_word_list_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -185,7 +185,7 @@ def test_aux_factor_weights():
 
 
 def test_create_toyclip_errors_name_the_architecture(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"visae-toyclip2 weights .*nothere\.safetensors not found; none ship; .*main_v2"):
+    with pytest.raises(FileNotFoundError, match=r"visae-toyclip2 weights .*nothere\.safetensors not found; they ship in assets/toyclip/ .*main_v2"):
         toyclip.create_toyclip(tmp_path / "nothere.safetensors", model=toyclip.MODEL_NAME_V2)
     with pytest.raises(FileNotFoundError, match=r"visae-toyclip weights .* they ship in assets/toyclip/"):
         toyclip.create_toyclip(tmp_path / "nothere.safetensors")

@@ -746,44 +746,36 @@ def _check_toy_weights_file(path: str | None, expected: str) -> None:
                             f"load them with --model {model}")
 
 
-def _load_toyclip(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int, **kw: Any) -> Backbone:
-    try:
-        from visae import toyclip
-    except ImportError as e:
-        raise BackboneError(f"visae-toyclip: visae.toyclip is not available ({e})") from e
-    toyclip.register()
+def _toy_backbone(model: str, register: Any, shipped: Any, pretrained: str | None, *, random_init: bool, device: Any,
+                  seed: int, **kw: Any) -> Backbone:
+    """A toy CLIP (``visae.toyclip``; ``register`` makes open_clip know it): ``pretrained`` None loads the shipped
+    weights file ``shipped`` (the backbone then records the tag ``"shipped"``), ``"shipped"`` the same through the
+    tag, anything else is a weights file of this architecture (checked before anything is built)."""
+    register()
     if not random_init:
-        _check_toy_weights_file(pretrained, "visae-toyclip")
-    weights = None if pretrained else str(toyclip.TOYCLIP_WEIGHTS)
-    bb = _open_clip_backbone(
-        "visae-toyclip",
-        pretrained,
-        random_init=random_init,
-        device=device,
-        seed=seed,
-        display_name="visae-toyclip",
-        weights_path=weights,
-        **kw,
-    )
+        _check_toy_weights_file(pretrained, model)
+    bb = _open_clip_backbone(model, pretrained, random_init=random_init, device=device, seed=seed, display_name=model,
+                             weights_path=None if pretrained else str(shipped), **kw)
     if not random_init and pretrained is None:
         bb.pretrained = "shipped"
-    # The toy CLIP may ship its own tokenizer (e.g. a pruned vocabulary).
-    get_tok = getattr(toyclip, "get_tokenizer", None)
-    if callable(get_tok):
-        bb.tokenizer = get_tok()
     return bb
+
+
+def _load_toyclip(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int, **kw: Any) -> Backbone:
+    """visae-toyclip (v1, for :mod:`visae.toyworld`): the shipped weights, a weights file or random_init."""
+    from visae import toyclip
+
+    return _toy_backbone(toyclip.MODEL_NAME, toyclip.register, toyclip.TOYCLIP_WEIGHTS, pretrained,
+                         random_init=random_init, device=device, seed=seed, **kw)
 
 
 def _load_toyclip2(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int, **kw: Any) -> Backbone:
-    """visae-toyclip2 (conv-stem ViT image tower, a timm tower inside open_clip): a weights file or random_init."""
+    """visae-toyclip2 (conv-stem ViT image tower, a timm tower inside open_clip; for :mod:`visae.world2`): the
+    shipped weights, a weights file or random_init."""
     from visae import toyclip
 
-    toyclip.register_v2()
-    if not random_init:
-        _check_toy_weights_file(pretrained, toyclip.MODEL_NAME_V2)
-    bb = _open_clip_backbone(toyclip.MODEL_NAME_V2, pretrained, random_init=random_init, device=device, seed=seed,
-                             display_name=toyclip.MODEL_NAME_V2, **kw)
-    return bb
+    return _toy_backbone(toyclip.MODEL_NAME_V2, toyclip.register_v2, toyclip.TOYCLIP2_WEIGHTS, pretrained,
+                         random_init=random_init, device=device, seed=seed, **kw)
 
 
 # ----------------------------------------------------------------------------- extra open_clip configs
@@ -826,5 +818,5 @@ register_backbone("", _load_open_clip, description="any open_clip model: 'ViT-B-
 register_backbone("timm:", _load_timm, description="timm image models: 'timm:vit_base_patch16_224.augreg_in21k'")
 register_backbone("visae-toyclip", _load_toyclip, exact=True, description="the project's small CLIP trained on the toy world")
 register_backbone("visae-toyclip2", _load_toyclip2, exact=True,
-                  description="the toy CLIP with a conv-stem image tower (visae.convstem), for visae.world2: a weights file or random_init")
+                  description="the toy CLIP with a conv-stem image tower (visae.convstem), for visae.world2 (shipped weights)")
 register_backbone(TINY_CLIP_NAME, _load_tiny_clip, exact=True, description="a tiny random CLIP for tests (random_init or a checkpoint file)")

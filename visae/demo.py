@@ -408,7 +408,7 @@ def _generate_world2(out: Path, n: int, seed: int, progress: bool, workers: int 
 # name -> world; a new world is one entry
 WORLDS: dict[str, DemoWorld] = {
     "toy": DemoWorld(_generate_toy, toy_vocabulary, "visae-toyclip", shipped=True),
-    "world2": DemoWorld(_generate_world2, world2_vocabulary, "visae-toyclip2", shipped=False),
+    "world2": DemoWorld(_generate_world2, world2_vocabulary, "visae-toyclip2", shipped=True),
 }
 
 

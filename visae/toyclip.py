@@ -47,9 +47,14 @@ __all__ = [
     "TOYCLIP_WEIGHTS",
     "TOYCLIP_CARD",
     "TOYCLIP_TAG",
+    "MODEL_NAME_V2",
+    "TOYCLIP2_WEIGHTS",
+    "TOYCLIP2_CARD",
+    "TOYCLIP2_NEGATIVES",
     "register",
     "create_toyclip",
     "load_toyclip",
+    "load_toyclip2",
     "images_to_tensor",
     "zero_shot_eval",
     "ToyClipConfig",
@@ -80,6 +85,11 @@ TOYCLIP_TAG = "shipped"
 # v2's image tower: the same ViT size with a convolutional stem (visae.convstem), an open_clip timm tower.
 MODEL_NAME_V2 = "visae-toyclip2"
 MODEL_CONFIG_V2 = Path(__file__).resolve().parent / "model_configs" / f"{MODEL_NAME_V2}.json"
+# Its shipped weights (the best run of docs/toyclip_v2_recipe.md, section 10; short of issue 12's targets: the card
+# and assets/toyclip/README.md), their card and the training run's negative words (kept out of naming evaluations).
+TOYCLIP2_WEIGHTS = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME_V2}.safetensors"
+TOYCLIP2_CARD = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME_V2}.json"
+TOYCLIP2_NEGATIVES = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME_V2}.negatives.txt"
 
 
 def register() -> str:
@@ -103,14 +113,21 @@ def register() -> str:
 def register_v2() -> str:
     """Make open_clip know "visae-toyclip2" (v1's size, conv-stem image tower; idempotent); returns the name.
 
-    Registers the timm image tower (:func:`visae.convstem.register`) and the open_clip model config
-    ``visae/model_configs/visae-toyclip2.json``. No pretrained tag: its weights are a file
-    (``open_clip.create_model("visae-toyclip2", pretrained=<file>)``).
+    Registers the timm image tower (:func:`visae.convstem.register`), the open_clip model config
+    ``visae/model_configs/visae-toyclip2.json`` and, as for v1, the pretrained tag ``"shipped"`` (the local file
+    ``TOYCLIP2_WEIGHTS``): ``open_clip.create_model("visae-toyclip2", pretrained="shipped")`` and
+    ``load_backbone("visae-toyclip2")`` load the shipped weights; other weights are a file
+    (``pretrained=<file>``).
     """
+    from open_clip import pretrained as oc_pretrained
+
     from visae import convstem
 
     convstem.register()
     _add_model_config(MODEL_NAME_V2, MODEL_CONFIG_V2)
+    tags = oc_pretrained._PRETRAINED.setdefault(MODEL_NAME_V2, {})
+    if TOYCLIP_TAG not in tags:
+        tags[TOYCLIP_TAG] = oc_pretrained._pcfg(file=str(TOYCLIP2_WEIGHTS), quick_gelu=False)
     return MODEL_NAME_V2
 
 
@@ -153,7 +170,8 @@ def create_toyclip(weights: str | Path | None = None, device: str = "cpu", model
     if weights is not None and not Path(weights).is_file():
         how = ("they ship in assets/toyclip/ (or train them: python scripts/train_toy_clip.py --export <file>)"
                if model == MODEL_NAME else
-               "none ship; train them: python -c 'from visae.toyclip import main_v2; main_v2()' --out DIR (docs/toyworld.md)")
+               "they ship in assets/toyclip/ (or train them: python -c 'from visae.toyclip import main_v2; main_v2()' --out DIR, "
+               "docs/toyworld.md)")
         raise FileNotFoundError(f"{model} weights {weights} not found; {how}")
     net, _, preprocess = open_clip.create_model_and_transforms(
         model, pretrained=str(weights) if weights is not None else None, device=device)
@@ -164,6 +182,15 @@ def create_toyclip(weights: str | Path | None = None, device: str = "cpu", model
 def load_toyclip(device: str = "cpu"):
     """The shipped, trained toy CLIP: ``(model, preprocess, tokenizer)``."""
     return create_toyclip(TOYCLIP_WEIGHTS, device=device)
+
+
+def load_toyclip2(device: str = "cpu"):
+    """The shipped v2 toy CLIP (``visae-toyclip2``, for :mod:`visae.world2`): ``(model, preprocess, tokenizer)``.
+
+    Raises:
+        FileNotFoundError: the shipped weights are missing (an incomplete install).
+    """
+    return create_toyclip(TOYCLIP2_WEIGHTS, device=device, model=MODEL_NAME_V2)
 
 
 _MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)  # open_clip's OPENAI_DATASET_MEAN

@@ -230,6 +230,19 @@ def test_worker_processes_write_the_same_bytes_and_bad_settings_are_refused_befo
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("call, name", [
+    (lambda: tw.sample_factors(10, 0, two_object_fraction=1.5), "two_object_fraction"),  # was: every image two
+    (lambda: tw.sample_factors(10, 0, two_object_fraction=-0.2), "two_object_fraction"),  # was: none
+    (lambda: tw.sample_factors(10, 0, two_object_fraction=float("nan")), "two_object_fraction"),  # was: none
+    (lambda: tw.sample_world(2, 0, image_size=0), "image_size"),  # was: "high - low < 0" from numpy
+    (lambda: tw.render(tw.sample_factors(1, 0)[0], 0, image_size=-3), "image_size"),
+    (lambda: tw.render_batch(tw.sample_factors(1, 0), 0, start=-1), "start"),  # was: a SeedSequence error
+    (lambda: tw.object_boxes(tw.sample_factors(1, 0), 0, start=-1), "start")])
+def test_the_samplers_refuse_a_negative_or_nan_parameter_naming_it(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
 def test_cli(tmp_path):
     assert tw.main(["--out", str(tmp_path / "c"), "--n", "5", "--seed", "1"]) == 0
     meta = json.loads((tmp_path / "c" / "world.json").read_text())

@@ -299,6 +299,18 @@ def test_bad_world_settings_are_refused_before_anything_is_written(tmp_path):
             w.World2Config(**kw)
 
 
+@pytest.mark.parametrize("kw, name", [
+    ({"colour_jitter": -5.0}, "colour_jitter"), ({"colour_jitter": math.nan}, "colour_jitter"),  # were: no jitter
+    ({"occlusion": 2.0}, "occlusion"), ({"occlusion": -1.0}, "occlusion"), ({"occlusion": math.nan}, "occlusion"),
+    ({"image_size": 0}, "image_size"), ({"n": -2}, "n and start"), ({"start": -1}, "n and start")])
+def test_the_scene_samplers_refuse_a_negative_or_nan_parameter_naming_it(kw, name):
+    """sample_scene took each silently (a negative or NaN colour_jitter as no jitter, occlusion outside [0, 1] as a
+    probability of 0 or 1, image_size 0 as a zero scale); sample_scenes(n < 0) gave no scenes."""
+    n = kw.pop("n", 2)
+    with pytest.raises(ValueError, match=name):
+        w.sample_scenes(n, 0, **kw)
+
+
 def test_ctrl_c_stops_the_workers_at_once_and_leaves_whole_chunks_recorded(tmp_path):
     """Ctrl-C (SIGINT to the process group, workers included) during python -m visae.world2 --workers 2: the command
     stops within seconds (no further chunk starts), world.jsonl lists whole chunks in order and no temporary file

@@ -122,9 +122,13 @@ _SUPERSAMPLE = 2  # draw at 2x and box-filter down: smooth edges at small sizes
 
 
 def sample_factors(n: int, seed: int, two_object_fraction: float = 0.25) -> np.ndarray:
-    """Factor labels of ``n`` images: int64 ``[n, len(FACTORS)]`` (columns in ``FACTORS`` order, -1 = absent)."""
+    """Factor labels of ``n`` images: int64 ``[n, len(FACTORS)]`` (columns in ``FACTORS`` order, -1 = absent).
+
+    Raises ValueError for ``n`` < 0 or ``two_object_fraction`` outside [0, 1] (NaN included)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if not 0.0 <= two_object_fraction <= 1.0:  # a fraction: outside [0, 1] (or NaN) it acted as 0 or 1
+        raise ValueError(f"two_object_fraction must be in [0, 1], got {two_object_fraction}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xFAC7]))
     f = np.full((n, len(FACTORS)), ABSENT, np.int64)
     fi = FACTOR_INDEX
@@ -265,8 +269,10 @@ def render(factors: dict[str, Any] | Sequence[int] | np.ndarray, rng: np.random.
 
     ``rng`` (a Generator or int seed) drives the nuisance variation: tones, stripe angle,
     exact radius, colour jitter, vertical position. Returns an RGB ``PIL.Image`` of
-    ``image_size`` x ``image_size``.
+    ``image_size`` x ``image_size``. Raises ValueError for ``image_size`` < 1 or a bad factor row.
     """
+    if not image_size >= 1:  # 0 or negative failed inside numpy ("high - low < 0", "negative dimensions")
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
     row = factors_from_dict(factors) if isinstance(factors, dict) else np.asarray(factors, np.int64)
     _check_row(row)
     if not isinstance(rng, np.random.Generator):
@@ -327,6 +333,8 @@ def object_boxes(factors: np.ndarray, seed: int, start: int = 0, image_size: int
     Cost: about the background of each image (~1 ms).
     """
     f = np.asarray(factors, np.int64)
+    if start < 0:
+        raise ValueError(f"start must be >= 0 (the index of the first image), got {start}")
     if f.ndim != 2 or f.shape[1] != len(FACTORS):
         raise ValueError(f"factors must be [n, {len(FACTORS)}] ({list(FACTORS)}), got shape {f.shape}")
     for i, row in enumerate(f):
@@ -343,7 +351,13 @@ def object_boxes(factors: np.ndarray, seed: int, start: int = 0, image_size: int
 
 
 def render_batch(factors: np.ndarray, seed: int, start: int = 0, image_size: int = IMAGE_SIZE) -> np.ndarray:
-    """Images of factor rows ``factors [n, F]`` (image ``start + i`` of world ``seed``): uint8 ``[n, H, W, 3]``."""
+    """Images of factor rows ``factors [n, F]`` (image ``start + i`` of world ``seed``): uint8 ``[n, H, W, 3]``.
+
+    Raises ValueError for ``start`` < 0 or ``image_size`` < 1 (:func:`render`) and for a bad factor row."""
+    if start < 0:
+        raise ValueError(f"start must be >= 0 (the index of the first image), got {start}")
+    if not image_size >= 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
     out = np.empty((len(factors), image_size, image_size, 3), np.uint8)
     for i, row in enumerate(factors):
         out[i] = np.asarray(render(row, _image_rng(seed, start + i), image_size))

@@ -303,11 +303,22 @@ def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 4, occlus
                  colour_jitter: float = 0.0, image_size: int = IMAGE_SIZE) -> Scene:
     """One random scene. ``occlusion``: probability that objects may overlap (centres at least 0.4 of
     the sum of radii apart instead of the full sum); ``colour_jitter``: uniform per-channel RGB jitter
-    (0-255 units) added to each named colour (0: the drawn colour is exactly the named colour)."""
+    (0-255 units) added to each named colour (0: the drawn colour is exactly the named colour).
+
+    Raises:
+        ValueError: ``max_objects`` outside [1, 4], ``occlusion`` outside [0, 1], ``colour_jitter`` < 0 or
+            ``image_size`` < 1 (NaN included: each was taken silently, as no jitter or a probability of 0 or 1).
+    """
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     if not 1 <= max_objects <= len(COUNTS):
         raise ValueError(f"max_objects must be in [1, {len(COUNTS)}], got {max_objects}")
+    if not 0.0 <= occlusion <= 1.0:
+        raise ValueError(f"occlusion must be a probability in [0, 1], got {occlusion}")
+    if not colour_jitter >= 0.0:
+        raise ValueError(f"colour_jitter must be >= 0 (RGB units; 0: none), got {colour_jitter}")
+    if not image_size >= 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
     names, rgb_tab = named_colours()
     by_family = _by_family()
     scale = image_size / IMAGE_SIZE
@@ -354,7 +365,11 @@ def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 4, occlus
 
 
 def sample_scenes(n: int, seed: int, start: int = 0, **kw: Any) -> list[Scene]:
-    """Scenes ``start .. start + n - 1`` of world ``seed`` (scene i depends only on (seed, i))."""
+    """Scenes ``start .. start + n - 1`` of world ``seed`` (scene i depends only on (seed, i)).
+
+    Raises ValueError for ``n`` < 0 (it gave no scenes) or ``start`` < 0, and as :func:`sample_scene` for ``kw``."""
+    if n < 0 or start < 0:
+        raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
     return [sample_scene(_scene_rng(seed, i), **kw) for i in range(start, start + n)]
 
 

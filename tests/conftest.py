@@ -74,3 +74,21 @@ def toy_world_embeddings():
     source = {"model": bb.name, "pretrained": bb.pretrained, "random_init": False, "layer": None, "token": None,
               "dataset": "toyworld seed 5000 (in memory)"}
     return {"backbone": bb, "world": world, "x": x, "source": source}
+
+
+@pytest.fixture(scope="session")
+def world2_demo_dir(tmp_path_factory) -> Path:
+    """The world2 demo as a user runs it with the shipped ``visae-toyclip2`` and the 20k naming list as distractors
+    (``visae demo --config configs/demo_world2.yaml --distractors ../shared/vocab/20k.txt``, 1 thread): its output
+    directory (world/, shards/, sweep/, concepts/, site/, recovery.json). Built once per session (~100-200 s of CPU)
+    and shared by the world2 ground-truth tests. Skips when the naming list is not beside the checkout."""
+    from visae import demo
+
+    vocab = SHARED / "vocab" / "20k.txt"
+    if not vocab.is_file():
+        pytest.skip(f"{vocab} (the naming list) is not beside the checkout")
+    out = tmp_path_factory.mktemp("w2demo") / "demo"
+    argv = ["--config", str(REPO / "configs" / "demo_world2.yaml"), "--out", str(out), "--distractors", str(vocab),
+            "--threads", "1", "--no_progress"]
+    assert demo.main(argv) == 0
+    return out

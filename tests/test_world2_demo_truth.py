@@ -12,7 +12,8 @@
 Measured at seed 0 (BENCHMARKS.md, "world2: selection against the ground truth"): clean 0.577, spread 7.4 points,
 Spearman 0.81, selected 13 = best 13, 13 of 17 recovered values named right (76 %). Over seeds 0-2 the figures are
 in BENCHMARKS.md (pooled naming 72 %). The naming figure is one value above the target (12 of 17 is 70.6 %).
-The demo takes about 90 s of CPU on an idle core.
+The demo (conftest.world2_demo_dir, shared with the other world2 ground-truth tests) takes about 90 s of CPU
+on an idle core.
 """
 
 from __future__ import annotations
@@ -22,23 +23,12 @@ import json
 
 import pytest
 
-from visae import demo
-
-from conftest import REPO, SHARED
-
-VOCAB_20K = SHARED / "vocab" / "20k.txt"
-
 
 @pytest.fixture(scope="module")
-def world2_demo(tmp_path_factory):
-    if not VOCAB_20K.is_file():
-        pytest.skip(f"{VOCAB_20K} (the naming list) is not beside the checkout")
-    out = tmp_path_factory.mktemp("w2demo") / "demo"
-    argv = ["--config", str(REPO / "configs" / "demo_world2.yaml"), "--out", str(out), "--distractors", str(VOCAB_20K),
-            "--threads", "1", "--no_progress"]
-    assert demo.main(argv) == 0
-    rec = json.loads((out / "recovery.json").read_text())
-    with open(out / "sweep" / "leaderboard.csv", newline="") as f:
+def world2_demo(world2_demo_dir):
+    """(recovery.json, the sweep's leaderboard rows) of the session's world2 demo (conftest.world2_demo_dir)."""
+    rec = json.loads((world2_demo_dir / "recovery.json").read_text())
+    with open(world2_demo_dir / "sweep" / "leaderboard.csv", newline="") as f:
         board = list(csv.DictReader(f))
     return rec, board
 

@@ -39,7 +39,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -329,11 +331,12 @@ def prepare_init(out: Path, expansion: int, shards: ShardSet, tcfg: Any) -> Path
     return path
 
 
-def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any) -> bool:
+def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any, said: Sequence[str] = ()) -> bool:
     """Train (or resume) one group's stack; returns whether it finished.
 
     Trials already finished (e.g. by a run with another world size, whose split differed)
-    are left alone; the rest train as one stack.
+    are left alone; the rest train as one stack. ``said``: warnings the sweep has printed already
+    (its plan's, ``visae sweep: warning: ...``); the trainer's UserWarning of the same text is not repeated.
     """
     from visae.train import sae_config_for, train_stack
 
@@ -350,8 +353,11 @@ def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any) -> bool:
     sae_cfg = sae_config_for(gcfg, shards)
     extra = [{"sweep": {"trial": t.name, "group": group.name, "expansion": t.expansion, "lr": t.lr,
                         "l1_coeff": t.l1_coeff, "sweep_dir": str(out.resolve())}} for t in trials]
-    res = train_stack(shards, sae_cfg, [t.lr for t in trials], [t.l1_coeff for t in trials], gcfg,
-                      [sd.trial_dir(t.name) for t in trials], extra=extra)
+    with warnings.catch_warnings():
+        for w in said:
+            warnings.filterwarnings("ignore", message=re.escape(w), category=UserWarning)
+        res = train_stack(shards, sae_cfg, [t.lr for t in trials], [t.l1_coeff for t in trials], gcfg,
+                          [sd.trial_dir(t.name) for t in trials], extra=extra)
     if res.finished:
         sd.write_done(group.name, [t.name for t in group.trials], steps=res.steps, train_seconds=res.train_seconds,
                       act_per_s=res.act_per_s)
@@ -533,7 +539,8 @@ def _sweep_locked(cfg: SweepConfig, shards: Any, tcfg: Any, out: Path) -> Path:
           f"{', '.join(g.name for g in mine) or 'none'}", file=sys.stderr)
     from visae.train import plan_warnings, planned_steps
 
-    for w in plan_warnings(planned_steps(len(shards), tcfg), tcfg, shards.source):  # short schedule, random weights
+    said = plan_warnings(planned_steps(len(shards), tcfg), tcfg, shards.source)  # short schedule, random weights
+    for w in said:  # printed once here; the trainer's UserWarning of the same text is silenced (train_group)
         print(f"visae sweep: {tag}warning: {w}", file=sys.stderr)
     unfinished = []
     for g in mine:
@@ -542,7 +549,7 @@ def _sweep_locked(cfg: SweepConfig, shards: Any, tcfg: Any, out: Path) -> Path:
             continue
         print(f"visae sweep: {tag}training group {g.name} ({len(g.trials)} trials, expansion {g.expansion})",
               file=sys.stderr)
-        if not train_group(out, g, shards, tcfg):
+        if not train_group(out, g, shards, tcfg, said):
             unfinished.append(g.name)
     if unfinished:
         print(f"visae sweep: {tag}groups {unfinished} stopped before their last epoch (max_steps); rerun the same "

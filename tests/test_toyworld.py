@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from visae import toyworld as tw
+from visae import world2
 
 FI = tw.FACTOR_INDEX
 PALETTE = np.array([tw.COLOUR_RGB[c] for c in tw.COLOURS], np.float64)
@@ -247,6 +248,17 @@ def test_cli(tmp_path):
     assert tw.main(["--out", str(tmp_path / "c"), "--n", "5", "--seed", "1"]) == 0
     meta = json.loads((tmp_path / "c" / "world.json").read_text())
     assert meta["n"] == 5 and len((tmp_path / "c" / "world.jsonl").read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("main", [tw.main, world2.main], ids=["toyworld", "world2"])
+def test_both_world_commands_record_out_as_an_absolute_path(tmp_path, monkeypatch, main):
+    """config.json recorded --out as typed (relative): it did not say which directory once read from elsewhere
+    (the demo records its paths absolute)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    assert main(["--out", "sub/../w", "--n", "2", "--workers", "1"]) == 0
+    rec = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert rec["out"] == str(tmp_path / "w") and rec["n"] == 2, rec
 
 
 def test_cli_another_world_in_out_is_one_line_exit_2(tmp_path, capsys):

@@ -1131,7 +1131,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # another world in --out (named with what differs): one line, not a traceback
         print(f"world2: error: {e}", file=sys.stderr)
         return 2
-    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+    import os
+
+    # out recorded absolute (as the demo records its paths): the record says which directory from anywhere
+    atomic_write_text(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "out": os.path.abspath(out)},
+                                                      indent=1))
     print(f"wrote {cfg.n} images to {out}")
     return 0
 

@@ -361,6 +361,32 @@ def test_leaderboard_marks_trials_the_selection_set_cannot_separate(tmp_path):
     assert all(r["tied"] is None for r in rows)
 
 
+def test_sweep_json_records_paths_absolute_so_select_runs_from_another_directory(tmp_path, planted, monkeypatch,
+                                                                                 capsys):
+    """sweep.json recorded --shards and --out as typed: `visae select --sweep DIR --rescore` from another directory
+    failed ('shard set directory s does not exist'). Recorded absolute now; a rerun over the record of an older visae
+    (relative paths) still resumes from its directory."""
+    from visae.select import main as select_main
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    rel = os.path.relpath(planted, tmp_path / "a")
+    cfg = _cfg(rel, "sw", lrs=(1e-3,), l1_coeffs=(1e-4,), num_epochs=1, select=False)
+    sweep(cfg)
+    plan = tmp_path / "a" / "sw" / "sweep.json"
+    doc = json.loads(plan.read_text())
+    assert doc["config"]["train"]["shards"] == doc["train_config"]["shards"] == os.path.abspath(rel), doc
+    assert doc["config"]["out"] == str(tmp_path / "a" / "sw"), doc["config"]["out"]
+    doc["config"]["train"]["shards"], doc["config"]["out"] = rel, "sw"  # as an older visae recorded them
+    plan.write_text(json.dumps(doc))
+    sweep(cfg)  # the same sweep: resumed (every group done), not refused as another config
+    assert "already done, skipped" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "b")
+    assert select_main(["--sweep", str(tmp_path / "a" / "sw"), "--rescore", "--no_progress"]) == 0, \
+        capsys.readouterr().err
+
+
 def test_a_sweep_shorter_than_its_warmups_says_so(tmp_path, planted, capsys):
     """Issue 10.9: a sweep whose trials end before the lr / lambda warm-ups warns first and in its summary; once
     (the trainer's UserWarning of the same text repeated it: `visae demo --quick` printed it twice)."""

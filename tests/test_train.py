@@ -1,6 +1,7 @@
 """The multi-epoch trainer on planted sparse dictionaries: quality, resampling, resume, errors, CLI."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -359,6 +360,20 @@ def test_resume_with_shards_of_another_width_is_refused(planted, tmp_path, capsy
     rc, err = _main(capsys, "--shards", shards, "--out", out, "--resume", "--batch_size", "128",
                     "--expansion_factor", "2")
     assert rc == 2 and "batch_size" in err and "different config" in err
+
+
+def test_the_run_records_its_paths_absolute_and_resumes_under_another_spelling(planted, tmp_path, monkeypatch,
+                                                                              capsys):
+    """cfg.json's extra.train recorded --shards / --out as typed (relative): it did not say which from elsewhere.
+    Recorded absolute; a rerun naming them another way (absolute now) continues the run (paths are not compared)."""
+    shards, _ = planted
+    monkeypatch.chdir(tmp_path)
+    rel = os.path.relpath(shards, tmp_path)
+    rc, _ = _main(capsys, "--shards", rel, "--out", "run", "--max_steps", "2", "--batch_size", "256")
+    rec = json.loads((tmp_path / "run" / "cfg.json").read_text())["extra"]["train"]
+    assert rc == 0 and rec["shards"] == os.path.abspath(rel) and rec["out"] == str(tmp_path / "run"), rec
+    rc, err = _main(capsys, "--shards", shards, "--out", tmp_path / "run", "--max_steps", "4", "--batch_size", "256")
+    assert rc == 0 and json.loads((tmp_path / "run" / "cfg.json").read_text())["extra"]["steps"] == 4, err
 
 
 # ----------------------------------------------------------------------------- CLI, options

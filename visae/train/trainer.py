@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import secrets
 import shutil
 import sys
@@ -190,7 +191,10 @@ class Trainer:
         self.last_val: list[dict[str, Any]] = [{} for _ in range(S)]
         self.wandb_id: str | None = None
         self.run_id = secrets.token_hex(6)
-        self.cfg_dict = config_to_dict(cfg)
+        # file and directory arguments recorded absolute (cfg.json's extra.train, the checkpoint), as typed they did not
+        # say which from another directory; a resume does not compare them (_RESUME_FREE_FIELDS)
+        self.cfg_dict = config_to_dict(cfg) | {k: os.path.abspath(getattr(cfg, k)) for k in ("shards", "out", "init_from")
+                                               if getattr(cfg, k)}
         self.amp = torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if cfg.bf16 else None
         self.aux_coeff = float(self.sae_cfg.aux_coeff) if sae.uses_aux else 0.0
         self.lr_now, self.l1_now = self.sched.lr(0), self.sched.l1(0)

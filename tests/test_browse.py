@@ -121,6 +121,23 @@ def test_site_files(world):
     assert not re.search(r'(src|href)="(https?:)?//', html + page)  # nothing from the network
 
 
+def test_site_json_records_its_paths_absolute(world, monkeypatch):
+    """site.json recorded --out, --concepts, --sae, ... as typed (relative): it did not say which from elsewhere."""
+    from visae.backbones import load_backbone, register_tiny_clip
+
+    tmp = world["tmp"]
+    monkeypatch.chdir(tmp)
+    cfg = BrowseConfig(out="site_rel", concepts="site/concepts_data", thumb_size=32,
+                       naming=NameConfig(sae="sae", vocab="vocab.txt", text_cache="cache", n_top=6, n_random=3))
+    build_site(cfg, backbone=load_backbone(register_tiny_clip(), random_init=True))
+    info = json.loads((tmp / "site_rel" / "site.json").read_text())
+    rec = info["config"]
+    assert (rec["out"], rec["concepts"], rec["naming"]["vocab"], rec["naming"]["text_cache"]) == (
+        str(tmp / "site_rel"), str(tmp / "site" / "concepts_data"), str(tmp / "vocab.txt"), str(tmp / "cache")), rec
+    assert info["sae"] == rec["naming"]["sae"] == str(tmp / "sae") and info["shards"] == str(tmp / "shards"), info
+    assert info["concepts_from"] == str(tmp / "site" / "concepts_data"), info
+
+
 def test_histogram_svg_crops_to_range():
     edges = np.geomspace(1e-3, 1e3, 61)
     counts = np.zeros(60, np.int64)

@@ -240,3 +240,19 @@ def test_stage_commands_refuse_a_count_or_fraction_out_of_range_naming_the_field
     assert main([*argv, *where]) == 2
     err = capsys.readouterr().err
     assert field in err and "expected" in err and not list(tmp_path.iterdir()), err
+
+
+def test_absolute_paths_resolves_the_named_path_fields_only(tmp_path, monkeypatch):
+    """The record helper of every stage: named (dotted) fields made absolute from the current directory; empty, null
+    and absent kept; an if_file field (a pretrained tag or a checkpoint) only when such a file exists."""
+    from visae.config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pt").write_text("x")
+    rec = {"out": "o", "shards": "", "vocab": None, "n": 3, "pretrained": "w.pt",
+           "naming": {"sae": "../s", "pretrained": "laion2b_s34b_b79k"}}
+    got = absolute_paths(rec, ("out", "shards", "vocab", "naming.sae", "missing.x"),
+                         if_file=("pretrained", "naming.pretrained"))
+    assert got == {"out": str(tmp_path / "o"), "shards": "", "vocab": None, "n": 3, "pretrained": str(tmp_path / "w.pt"),
+                   "naming": {"sae": str(tmp_path.parent / "s"), "pretrained": "laion2b_s34b_b79k"}}, got
+    assert rec["out"] == "o"  # a copy

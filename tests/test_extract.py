@@ -216,6 +216,14 @@ def test_embedding_norms_and_raw_values(folder, tmp_path, tiny):
     assert rep["items"] == 9 and rep["rows"] == 9 and rep["skipped"] == 0
 
 
+def test_the_report_records_its_paths_absolute(folder, tmp_path, monkeypatch):
+    """extract_report.json recorded --images / --out as typed (relative): it did not say which from elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    extract(_cfg("imgs", "out", limit=2))
+    rec = json.loads((tmp_path / "out" / "extract_report.json").read_text())["config"]
+    assert rec["images"] == str(folder.resolve()) and rec["out"] == str(tmp_path / "out"), rec
+
+
 @pytest.mark.parametrize("token", ["cls", "mean", "patch"])
 def test_layer_tokens(folder, tmp_path, tiny, token):
     ss = extract(_cfg(folder, tmp_path / "out", layer=1, token=token, limit=5))

@@ -205,6 +205,22 @@ def test_name_concepts_cli_end_to_end(tiny, emb, vocab, tmp_path):
     assert (out / "top_images.npz").is_file() and list((tmp_path / "cache").glob("*.safetensors"))
 
 
+def test_concepts_json_records_its_paths_absolute(tiny, emb, vocab, tmp_path, monkeypatch):
+    """concepts.json recorded --sae / --vocab / --shards / --out as typed (relative): it did not say which from
+    another directory."""
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
+    source = {"model": "visae-tiny-test", "pretrained": None, "random_init": True, "layer": None, "token": "cls"}
+    _planted_sae(emb, vocab, tmp_path, source)
+    monkeypatch.chdir(tmp_path)
+    assert name_main(["--sae", "sae", "--vocab", "vocab.txt", "--vocab_size", "0", "--shards", "shards", "--out", "c",
+                      "--text_cache", "cache", "--no_stopwords", "--no_alpha_only", "--no_progress"]) == 0
+    doc = json.loads((tmp_path / "c" / "concepts.json").read_text())
+    want = {k: str(tmp_path / v) for k, v in (("sae", "sae"), ("vocab", "vocab.txt"), ("shards", "shards"),
+                                               ("text_cache", "cache"), ("out", "c"))}
+    assert {k: doc["config"][k] for k in want} == want, doc["config"]
+    assert doc["sae"] == want["sae"] and doc["vocabulary"]["source"] == want["vocab"], doc
+
+
 def test_name_concepts_progress_flag(tiny, emb, vocab, tmp_path, capsys):
     """Progress bars (text embeddings, top images) go to stderr by default; --no_progress leaves stderr free of them."""
     vfile = tmp_path / "vocab.txt"

@@ -49,6 +49,7 @@ __all__ = [
     "check_bounds",
     "config_from_dict",
     "config_to_dict",
+    "absolute_paths",
     "load_yaml_config",
     "dump_yaml_config",
     "parse_config",
@@ -192,6 +193,26 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
             out[f.name] = config_to_dict(v)
         else:
             out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def absolute_paths(record: dict[str, Any], fields: Sequence[str], *, if_file: Sequence[str] = ()) -> dict[str, Any]:
+    """A copy of a config record (:func:`config_to_dict`) with its dotted ``fields`` that hold a file or directory
+    made absolute paths (``~`` expanded, from the current directory; empty, null and absent kept): the record then
+    says which was used, read from anywhere (recorded as typed, a relative path did not). ``if_file``: fields that
+    hold a path or a name (a pretrained tag), made absolute only when such a file exists.
+    """
+    import json
+
+    out = json.loads(json.dumps(record))
+    for name in (*fields, *if_file):
+        *parents, leaf = name.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node.get(p), dict) else {}
+        v = node.get(leaf)
+        if isinstance(v, str) and v and (name not in if_file or os.path.isfile(os.path.expanduser(v))):
+            node[leaf] = os.path.abspath(os.path.expanduser(v))
     return out
 
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from visae.atomic import append_lines, atomic_write_text, output_lock
-from visae.config import ConfigError, check_bounds, config_to_dict, parse_config
+from visae.config import ConfigError, absolute_paths, check_bounds, config_to_dict, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
 from visae.shards import MANIFEST, ShardError, ShardSet, ShardWriter, merge_shard_sets
@@ -825,7 +825,10 @@ def _extract_locked(cfg: ExtractConfig, out: Path, dist_info: Any, device: torch
             }
         dist_info.barrier()
         if rank == 0:
-            report = {**report, "config": config_to_dict(cfg), "skipped_file": SKIPPED if report["skipped"] else None}
+            # file and directory arguments recorded absolute (as typed, relative, they did not say which from
+            # elsewhere); --images as the manifest's source.dataset (a pipe:/http(s) stream as given)
+            rec = {**absolute_paths(config_to_dict(cfg), ("out",), if_file=("pretrained",)), "images": src.root}
+            report = {**report, "config": rec, "skipped_file": SKIPPED if report["skipped"] else None}
             if layers is not None:
                 report["layers"] = {str(L): layer_dir(L) for L in layers}
             atomic_write_text(out / REPORT, json.dumps(report, indent=1))

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from visae.atomic import atomic_write_text
 from visae.integrity import sha256_file
-from visae.config import ConfigError, check_bounds, config_to_dict, parse_config
+from visae.config import ConfigError, absolute_paths, check_bounds, config_to_dict, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
 
@@ -716,14 +716,16 @@ def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any,
             "mean_activation": None if stats is None else _fmt(stats.mean_activation[j]),
             "unnamed_reason": res.reason[j] if res.names[j] is None else None,
         })
+    # file and directory arguments recorded absolute: as typed (relative) they did not say which from elsewhere
+    rec = absolute_paths(config_to_dict(cfg), ("sae", "vocab", "shards", "text_cache", "out"), if_file=("pretrained",))
     doc = {
         "format": CONCEPTS_FORMAT,
         "version": CONCEPTS_VERSION,
-        "sae": str(cfg.sae),
+        "sae": rec["sae"],
         "member": cfg.member,
         "model": {"name": backbone.name, "pretrained": backbone.pretrained, "random_init": bool(getattr(backbone, "random_init", False))},
         "shard_source": source,
-        "vocabulary": {"source": cfg.vocab or "wordfreq:en", "size": len(res.words),
+        "vocabulary": {"source": rec["vocab"] or "wordfreq:en", "size": len(res.words),
                        "too_long": list(vocab.too_long) if vocab is not None else [],
                        "merged": dict(vocab.merged) if vocab is not None else {}},
         "decision": {"min_z": res.min_z if math.isfinite(res.min_z) else str(res.min_z), "min_score": res.min_score},
@@ -733,7 +735,7 @@ def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any,
         # the commit record: which top-images file this concepts.json belongs to (TopImages.load checks it)
         "top_images_file": ({"name": "top_images.npz", "sha256": sha256_file(out / "top_images.npz")}
                             if stats is not None and (out / "top_images.npz").is_file() else None),
-        "config": config_to_dict(cfg),
+        "config": rec,
         "concepts": concepts,
     }
     buf = io.StringIO()

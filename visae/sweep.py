@@ -49,7 +49,7 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 
 from visae.atomic import atomic_dir
-from visae.config import ConfigError, config_to_dict, parse_config
+from visae.config import ConfigError, absolute_paths, config_to_dict, parse_config
 from visae.resources import config_yaml
 from visae.shards import ShardError, ShardSet
 from visae.train import TrainConfig
@@ -397,36 +397,24 @@ def _resume_free(key: str) -> bool:
 
 # The file and directory arguments of sweep.json's "config" (dotted) and "train_config", recorded absolute: `visae
 # select --sweep DIR` reads the shard sets from the record, and as typed (relative) it failed from another directory.
+# A record of an older visae (paths as typed) is read as from the rerun's directory, so that a rerun there compares equal.
 _PATH_FIELDS = ("out", "train.shards", "selection.val_shards", "selection.classifier.classnames_file",
                 "selection.classifier.templates_file", "selection.classifier.text_cache")
+_IF_FILE_FIELDS = ("selection.classifier.pretrained",)  # a checkpoint file, or a pretrained tag kept as typed
 _TRAIN_PATH_FIELDS = ("shards",)
-
-
-def _absolute_paths(d: dict[str, Any], fields: Sequence[str]) -> dict[str, Any]:
-    """A copy of the config record ``d`` with its dotted ``fields`` made absolute paths (``~`` expanded, from the
-    current directory; empty and null kept). A record of an older visae (paths as typed) is read as from its
-    directory, so that a rerun there compares equal."""
-    d = json.loads(json.dumps(d))
-    for name in fields:
-        *parents, leaf = name.split(".")
-        node = d
-        for p in parents:
-            node = node.get(p) if isinstance(node.get(p), dict) else {}
-        if isinstance(node.get(leaf), str) and node[leaf]:
-            node[leaf] = os.path.abspath(os.path.expanduser(node[leaf]))
-    return d
 
 
 def _write_plan(out: Path, cfg: SweepConfig, tcfg: Any, trials: list[Trial], groups: list[Group], world: int) -> None:
     """Record (or check against) the sweep's config and plan: a rerun must describe the same trials."""
-    doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": _absolute_paths(config_to_dict(cfg), _PATH_FIELDS),
-           "train_config": _absolute_paths(config_to_dict(tcfg), _TRAIN_PATH_FIELDS), "world_size": world,
+    doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+           "config": absolute_paths(config_to_dict(cfg), _PATH_FIELDS, if_file=_IF_FILE_FIELDS),
+           "train_config": absolute_paths(config_to_dict(tcfg), _TRAIN_PATH_FIELDS), "world_size": world,
            "trials": [t.to_dict() for t in trials], "groups": [g.to_dict() for g in groups]}
     sd = SweepDir(out)
     path = sd.plan_file
     if sd.has_plan():
         old = sd.read_plan()
-        old_cfg = {k: v for k, v in _flat(_absolute_paths(old.get("config", {}), _PATH_FIELDS)).items()
+        old_cfg = {k: v for k, v in _flat(absolute_paths(old.get("config", {}), _PATH_FIELDS, if_file=_IF_FILE_FIELDS)).items()
                    if not _resume_free(k)}
         new_cfg = {k: v for k, v in _flat(doc["config"]).items() if not _resume_free(k)}
         if old_cfg != new_cfg:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from visae.config import ConfigError, check_bounds, config_to_dict, parse_config
+from visae.config import ConfigError, absolute_paths, check_bounds, config_to_dict, parse_config
 from visae.naming import NameConfig
 from visae.resources import config_yaml
 
@@ -223,12 +223,15 @@ def _build_into(cfg: BrowseConfig, stage: Path, site: Path, sae: Any, single: An
                f"{stats.image_score} over its patches)" if stats.per_image else f"{len(ss):,} images")
     subtitle = (f"{sae.d_sae} latents, {n_named} named; model {model.get('name') or ss.source.get('model', '?')}; "
                 f"{counted} from {ss.source.get('dataset', shards)}")
-    info = {"config": config_to_dict(cfg), "sae": str(cfg.naming.sae), "shards": str(shards), "n_examples": len(ss),
-            "concepts_from": cfg.concepts or str(site / "concepts_data"), "thumbnails": n_thumbs,
+    # file and directory arguments recorded absolute: as typed (relative) they did not say which from elsewhere
+    rec = absolute_paths(config_to_dict(cfg), ("concepts", "out", "images_root", "cbm", "naming.sae", "naming.vocab",
+                                               "naming.shards", "naming.text_cache"), if_file=("naming.pretrained",))
+    info = {"config": rec, "sae": rec["naming"]["sae"], "shards": os.path.abspath(shards), "n_examples": len(ss),
+            "concepts_from": rec["concepts"] or os.path.abspath(site / "concepts_data"), "thumbnails": n_thumbs,
             "images_needed": len(need), "model": model, "vocabulary": doc.get("vocabulary"),
             "unit": stats.unit, "n_images" if stats.per_image else "n_units": stats.n_examples,
             "image_score": stats.image_score or None,
-            "cbm": None if cbm is None else {"dir": cbm["cbm_dir"], "num_classes": len(cbm["classes"]),
+            "cbm": None if cbm is None else {"dir": rec["cbm"], "num_classes": len(cbm["classes"]),
                                              "top1": cbm.get("top1"), "concepts_per_class": cbm.get("concepts_per_class")}}
     stats_top = stats
     if stats.top_index.shape[1] > cfg.naming.n_top or stats.rand_index.shape[1] > cfg.naming.n_random:

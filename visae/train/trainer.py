@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import secrets
 import shutil
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from visae.atomic import atomic_write_text
-from visae.config import config_to_dict
+from visae.config import absolute_paths, config_to_dict
 from visae.errors import Interrupted
 from visae.metrics import CURVES_FILE, METRICS_FILE, MetricsLogger, plot_curves
 from visae.optim import StackedAdam
@@ -193,8 +192,7 @@ class Trainer:
         self.run_id = secrets.token_hex(6)
         # file and directory arguments recorded absolute (cfg.json's extra.train, the checkpoint), as typed they did not
         # say which from another directory; a resume does not compare them (_RESUME_FREE_FIELDS)
-        self.cfg_dict = config_to_dict(cfg) | {k: os.path.abspath(getattr(cfg, k)) for k in ("shards", "out", "init_from")
-                                               if getattr(cfg, k)}
+        self.cfg_dict = absolute_paths(config_to_dict(cfg), ("shards", "out", "init_from"))
         self.amp = torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if cfg.bf16 else None
         self.aux_coeff = float(self.sae_cfg.aux_coeff) if sae.uses_aux else 0.0
         self.lr_now, self.l1_now = self.sched.lr(0), self.sched.l1(0)

@@ -179,7 +179,7 @@ def test_planted_heat_on_the_object_the_background_and_the_mask(world, tmp_path)
     assert f"colour_family={world2.FAMILIES[v]}" in res["summary"]["passing"]
 
 
-def test_end_to_end_on_a_random_toyclip2(world, tmp_path, capsys):
+def test_end_to_end_on_a_random_toyclip2(world, tmp_path, capsys, monkeypatch):
     """world2 -> ``visae extract --layer 1 --token patch`` with a random-initialised visae-toyclip2 -> a random TopK SAE
     -> ``patch_recovery`` with every latent's heat measured (``auroc_at=0``): the documented fields, shares in [0, 1];
     ``visae patch-recovery`` gives the same result as JSON, and a bad world directory as one line."""
@@ -214,11 +214,13 @@ def test_end_to_end_on_a_random_toyclip2(world, tmp_path, capsys):
     from visae import cli
 
     sae.save(tmp_path / "sae")
-    argv = ["patch-recovery", "--sae", str(tmp_path / "sae"), "--shards", str(shards.path), "--auroc_at", "0",
-            "--n_top", "4", "--out", str(tmp_path / "pr.json"), "--threads", "1"]
+    monkeypatch.chdir(tmp_path)  # relative --sae / --out: recorded absolute (they were recorded as typed)
+    argv = ["patch-recovery", "--sae", "sae", "--shards", str(shards.path), "--auroc_at", "0",
+            "--n_top", "4", "--out", "pr.json", "--threads", "1"]
     assert cli.main(argv) == 0
     got = json.loads((tmp_path / "pr.json").read_text())
     assert got["summary"] == s and len(got["values"]) == len(res["values"])
+    assert (got["config"]["sae"], got["config"]["out"]) == (str(tmp_path / "sae"), str(tmp_path / "pr.json"))
     assert [r.get("in_box") for r in got["values"]] == [None if r.get("in_box") != r.get("in_box") else r.get("in_box")
                                                         for r in res["values"]]
     # bad input: one line naming the problem, exit 1, nothing written

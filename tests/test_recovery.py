@@ -132,7 +132,7 @@ def test_planted_concepts_are_recovered(planted, tmp_path):
     assert res["summary"]["fraction_recovered"] == 0.0 and res["summary"]["mean_best_auroc"] < 0.6, res["summary"]
 
 
-def test_cli(planted, tmp_path, capsys):
+def test_cli(planted, tmp_path, capsys, monkeypatch):
     sae, shards = planted
     sae.save(tmp_path / "sae")
     out = tmp_path / "rec.json"
@@ -141,9 +141,12 @@ def test_cli(planted, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["summary"]["fraction_recovered"] == 1.0 and res["config"]["factors"] == ["colour", "shape"]
     assert "recovery: encode" in capsys.readouterr().err  # the progress bar, by default
-    assert main(["--sae", str(tmp_path / "sae"), "--shards", str(shards), "--factors", "colour", "--no_progress",
-                 "--out", str(tmp_path / "quiet.json")]) == 0
+    monkeypatch.chdir(tmp_path)  # relative --sae / --out: recorded absolute (they were recorded as typed)
+    assert main(["--sae", "sae", "--shards", str(shards), "--factors", "colour", "--no_progress",
+                 "--out", "quiet.json"]) == 0
     assert "recovery: encode" not in capsys.readouterr().err
+    rec = json.loads((tmp_path / "quiet.json").read_text())["config"]
+    assert (rec["sae"], rec["out"]) == (str(tmp_path / "sae"), str(tmp_path / "quiet.json")), rec
 
 
 def test_world2_shards_use_world2s_factors_and_naming_truth(planted, tmp_path):

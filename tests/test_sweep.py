@@ -383,8 +383,9 @@ def test_sweep_json_records_paths_absolute_so_select_runs_from_another_directory
     sweep(cfg)  # the same sweep: resumed (every group done), not refused as another config
     assert "already done, skipped" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path / "b")
-    assert select_main(["--sweep", str(tmp_path / "a" / "sw"), "--rescore", "--no_progress"]) == 0, \
-        capsys.readouterr().err
+    assert select_main(["--sweep", "../a/sw", "--rescore", "--no_progress"]) == 0, capsys.readouterr().err
+    rec = json.loads((tmp_path / "a" / "sw" / "selection.json").read_text())["config"]
+    assert rec["sweep"] == str(tmp_path / "a" / "sw"), rec  # selection.json's record too
 
 
 def test_a_sweep_shorter_than_its_warmups_says_so(tmp_path, planted, capsys):

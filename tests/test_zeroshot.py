@@ -290,16 +290,18 @@ def test_class_names_longer_than_the_text_context_are_refused(tiny, tmp_path):
         build_classifier(tiny, ["cat", head], ["a photo of a {}."], cache_dir=tmp_path)
 
 
-def test_cli_scores_shards_and_sae(tiny, tiny_shards, tmp_path, capsys):
+def test_cli_scores_shards_and_sae(tiny, tiny_shards, tmp_path, capsys, monkeypatch):
     d, ss, clf, emb, y = tiny_shards
     sae = build_sae(SAEConfig(architecture="topk", d_in=ss.d, d_sae=64, k=4), generator=torch.Generator().manual_seed(0))
     sae.save(tmp_path / "sae")
     out = tmp_path / "zs.json"
-    rc = main(["--shards", str(d / "s"), "--sae", str(tmp_path / "sae"), "--benchmark", "files",
+    monkeypatch.chdir(tmp_path)  # relative --sae / --out: recorded absolute (they were recorded as typed)
+    rc = main(["--shards", str(d / "s"), "--sae", "sae", "--benchmark", "files",
                "--classnames_file", str(d / "classes.txt"), "--templates_file", str(d / "templates.txt"),
-               "--text_cache", str(d / "text"), "--out", str(out), "--no_progress"])
+               "--text_cache", str(d / "text"), "--out", "zs.json", "--no_progress"])
     assert rc == 0
     res = json.loads(out.read_text())
+    assert (res["sae"], res["config"]["sae"], res["config"]["out"]) == (str(tmp_path / "sae"),) * 2 + (str(out),), res
     top1, top5, _ = _brute(emb, y, clf)
     assert res["clean"]["top1"] == top1 and res["model"] == "visae-tiny-test"  # integer count / n; JSON keeps floats exactly
     assert set(res["recon"]) >= {"top1", "top5", "delta_top1", "l0", "explained_variance", "dead_fraction"}

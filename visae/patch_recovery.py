@@ -526,7 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     res = patch_recovery(cfg.sae, cfg.shards, world_seed=cfg.world_seed, world_dir=cfg.world_dir,
                          factors=cfg.factors or None, object_factors=cfg.object_factors or None, auroc_at=cfg.auroc_at,
                          heat_at=cfg.heat_at, n_top=cfg.n_top, image_score=cfg.image_score)
-    res["config"] = dataclasses.asdict(cfg)
+    from visae.config import absolute_paths
+
+    # file and directory arguments recorded absolute: as typed (relative) they did not say which from elsewhere
+    res["config"] = absolute_paths(dataclasses.asdict(cfg), ("sae", "shards", "world_dir", "out"))
     if cfg.out:
         atomic_write_text(cfg.out, json.dumps(json_safe(res), indent=1, allow_nan=False))
     print(format_patch_recovery(res))

@@ -378,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     res = concept_recovery(cfg.sae, cfg.shards, member=cfg.member, factors=cfg.factors or None, concepts=cfg.concepts,
                            batch_size=cfg.batch_size, device=cfg.device, recovered_at=cfg.recovered_at, progress=cfg.progress)
-    res["config"] = dataclasses.asdict(cfg)
+    from visae.config import absolute_paths
+
+    # file and directory arguments recorded absolute: as typed (relative) they did not say which from elsewhere
+    res["config"] = absolute_paths(dataclasses.asdict(cfg), ("sae", "shards", "concepts", "out"))
     if cfg.out:
         atomic_write_text(cfg.out, json.dumps(res, indent=1))
     print(format_recovery(res))

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from visae.atomic import atomic_write_text, save_figure
-from visae.config import ConfigError, check_bounds, parse_config
+from visae.config import ConfigError, absolute_paths, check_bounds, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
 from visae.shards import ShardError, ShardSet
@@ -575,7 +575,8 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                 "drop_plot": SweepDir(out).drop_png.name if drop_plot else None,
                 "row": chosen, "tied_with_chosen": [r["trial"] for r in rows if r.get("tied") and not r["chosen"]],
                 "n_trials_scored": len(scores), "trials_missing": missing,
-                "selection_set": next(iter(scores.values()))["key"], "config": asdict(cfg)}
+                "selection_set": next(iter(scores.values()))["key"],
+                "config": absolute_paths(asdict(cfg), ("sweep", "val_shards"))}  # paths absolute, not as typed
         if chosen is None:  # a failed selection changes neither best/ nor selection.json
             kept = " (the previous selection.json and best/ are kept)" if sd.best_dir.is_dir() else ""
             if rule == "sparsest_within":

@@ -890,13 +890,24 @@ def zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
         sae = load_sae(cfg.sae, device=cfg.device)
     res = evaluate(ss, clf, sae, label_column=column, batch_size=cfg.batch_size, device=cfg.device,
                    progress=cfg.progress)
-    res.update({"shards": str(ss.path), **facts, "sae": cfg.sae, "config": asdict(cfg)})
+    res.update({**facts, **_recorded_paths(cfg)})
     if sae is not None and sae.n_models == 1:
         res["recon"] = res["recon"][0]
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cfg.out, json.dumps(res, indent=1))
     return res
+
+
+def _recorded_paths(cfg: ZeroShotConfig) -> dict[str, Any]:
+    """The result's ``shards``, ``sae`` and ``config``, file and directory arguments absolute (as typed, relative,
+    they did not say which from elsewhere)."""
+    from visae.config import absolute_paths
+
+    rec = absolute_paths(asdict(cfg), ("shards", "images", "sae", "out", "classifier.classnames_file",
+                                       "classifier.templates_file", "classifier.text_cache"),
+                         if_file=("classifier.pretrained",))
+    return {"shards": rec["shards"], "sae": rec["sae"], "config": rec}
 
 
 def _zeroshot_spliced(cfg: ZeroShotConfig, ss: ShardSet) -> dict[str, Any]:
@@ -924,7 +935,7 @@ def _zeroshot_spliced(cfg: ZeroShotConfig, ss: ShardSet) -> dict[str, Any]:
         one = sae.member(m) if sae.n_models > 1 else sae
         members.append({**sel.score(one, f"member {m}" if sae.n_models > 1 else ""), **stats["recon"][m]})
     res = {**sel.summary(), "n_rows": stats["n"], "ev_space": stats["ev_space"], "recon": members,
-           "shards": str(ss.path), **facts, "sae": cfg.sae, "config": asdict(cfg)}
+           **facts, **_recorded_paths(cfg)}
     if sae.n_models == 1:
         res["recon"] = members[0]
     if cfg.out:

@@ -228,7 +228,10 @@ def test_yaml_file_not_utf8_is_a_config_error_naming_it(tmp_path):
     (["select", "--batch_size", "0"], "SelectConfig.batch_size = 0"),  # range() step 0 inside scoring
     (["select", "--max_l0", "-1"], "SelectConfig.max_l0 = -1.0"),  # no trial met it, after scoring them all
     (["select", "--max_dead", "nan"], "SelectConfig.max_dead = nan"),
-    (["push", "--sae", "s", "--dry_run", "--member", "-1"], "PushConfig.member = -1")])  # an empty slice in export
+    (["push", "--sae", "s", "--dry_run", "--member", "-1"], "PushConfig.member = -1"),  # an empty slice in export
+    (["train-toy-clip", "--checkpoint_every", "0"], "ToyClipConfig.checkpoint_every = 0"),  # ZeroDivisionError
+    (["train-toy-clip", "--threads", "-1"], "ToyClipConfig.threads = -1"),  # ignored: all cores
+    (["train-toy-clip", "--two_object_fraction", "1.5"], "ToyClipConfig.two_object_fraction = 1.5")])
 def test_stage_commands_refuse_a_count_or_fraction_out_of_range_naming_the_field(tmp_path, monkeypatch, capsys, argv,
                                                                                 field):
     """Each was taken silently (clamped, ignored) or failed deep inside with a traceback; now a usage error (exit 2)
@@ -256,3 +259,18 @@ def test_absolute_paths_resolves_the_named_path_fields_only(tmp_path, monkeypatc
     assert got == {"out": str(tmp_path / "o"), "shards": "", "vocab": None, "n": 3, "pretrained": str(tmp_path / "w.pt"),
                    "naming": {"sae": str(tmp_path.parent / "s"), "pretrained": "laion2b_s34b_b79k"}}, got
     assert rec["out"] == "o"  # a copy
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--colour_jitter", "-1"], "ToyClipV2Config.colour_jitter = -1.0"),  # was: no jitter
+    (["--max_objects", "5"], "ToyClipV2Config.max_objects = 5"), (["--occlusion", "nan"], "ToyClipV2Config.occlusion"),
+    (["--eval_every", "-100"], "ToyClipV2Config.eval_every = -100"),  # acted as 100
+    (["--negatives_per_step", "-1"], "ToyClipV2Config.negatives_per_step = -1")])
+def test_toy_clip_v2_refuses_a_count_or_fraction_out_of_range_naming_the_field(tmp_path, monkeypatch, capsys, flags,
+                                                                               field):
+    from visae.toyclip import main_v2
+
+    monkeypatch.chdir(tmp_path)
+    assert main_v2(["--out", "out", *flags]) == 2
+    err = capsys.readouterr().err
+    assert field in err and "expected" in err and not list(tmp_path.iterdir()), err

@@ -282,6 +282,20 @@ class ToyClipConfig:
     resume: bool = field(default=True, metadata={"help": "continue from <out>/checkpoint.pt when it exists"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
 
+    def __post_init__(self) -> None:
+        from visae.config import check_bounds
+
+        # refused when the flags are parsed: a negative --threads was ignored (all cores), a negative eval_every /
+        # checkpoint_every acted as its absolute value, checkpoint_every 0 a ZeroDivisionError after the first step
+        check_bounds(self, _TOY_CLIP_BOUNDS | {"two_object_fraction": (0.0, 1.0)})
+
+
+# the counts, sizes and weights both toy CLIP trainers share (ToyClipConfig, ToyClipV2Config)
+_TOY_CLIP_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "n_train": (1, None), "steps": (0, None), "batch_size": (1, None), "lr": (0.0, None), "warmup": (0, None),
+    "weight_decay": (0.0, None), "aux_weight": (0.0, None), "eval_n": (1, None), "eval_every": (0, None),
+    "checkpoint_every": (1, None), "threads": (0, None)}
+
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
@@ -701,6 +715,16 @@ class ToyClipV2Config:
     device: str = field(default="cpu", metadata={"help": "torch device"})
     resume: bool = field(default=True, metadata={"help": "continue from <out>/checkpoint.pt when it exists"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
+
+    def __post_init__(self) -> None:
+        from visae.config import check_bounds
+        from visae.world2 import COUNTS
+
+        check_bounds(self, _TOY_CLIP_BOUNDS | {
+            "max_objects": (1, len(COUNTS)), "occlusion": (0.0, 1.0), "colour_jitter": (0.0, None),
+            "texture_style_jitter": (0.0, 1.0), "single_object_fraction": (0.0, 1.0), "curriculum_steps": (0, None),
+            "aux_logit_scale": (0.0, None), "pretrain_steps": (0, None), "negatives_per_step": (0, None),
+            "n_negative_words": (0, None)})
 
 
 V2_COARSE = ("colour_family", "shape", "texture", "size", "hpos", "vpos", "background")

@@ -236,6 +236,7 @@ def test_world2_demo_runs_every_stage_on_its_own_world_benchmark_and_vocabulary(
     assert set(rec["factors"]) <= set(world2.MAIN_FACTORS) and "colour_family" in rec["factors"]
     svr = rec["selection_vs_recovery"]
     assert svr["n_trials"] == 1 and svr["spearman_score"] is None and svr["selected_within_one"] is True
+    assert not (out / demo.RECOVERY_PLOT).exists()  # one trial: nothing to plot
 
 
 def test_selection_vs_recovery_is_spearman_of_the_leaderboard(tmp_path):
@@ -276,6 +277,15 @@ def test_an_unreadable_word_list_is_refused_before_anything_is_written(tmp_path,
         assert demo.main(["--out", str(out), flag, str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert f"{flag} {tmp_path / name}" in err and why in err and not out.exists(), err
+
+
+def test_selection_vs_recovery_plot_marks_the_selected_trial_and_needs_two_trials(tmp_path):
+    svr = {"n_values": 20, "score": {"a": 0.5, "b": 0.4, "c": 0.3}, "recovery": {"a": 10, "b": 8, "c": 9},
+           "spearman_score": 0.5, "selected_recovery": 10, "best_recovery": 10}
+    path = tmp_path / "p.png"
+    assert demo.plot_selection_vs_recovery(svr, "a", path, "zeroshot_top1") and path.read_bytes()[:4] == b"\x89PNG"
+    one = dict(svr, score={"a": 0.5})
+    assert not demo.plot_selection_vs_recovery(one, "a", path) and not path.exists()  # a stale plot is removed
 
 
 def test_selection_vs_recovery_leaves_a_nan_score_out_of_the_score_correlation(tmp_path):

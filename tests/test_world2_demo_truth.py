@@ -23,6 +23,8 @@ import json
 
 import pytest
 
+from visae import demo
+
 
 @pytest.fixture(scope="module")
 def world2_demo(world2_demo_dir):
@@ -41,11 +43,14 @@ def test_the_selection_benchmark_is_not_saturated(world2_demo):
     assert len(ok) >= 2 and max(ok) - min(ok) >= 0.05, ok
 
 
-def test_selection_agrees_with_the_ground_truth(world2_demo):
+def test_selection_agrees_with_the_ground_truth(world2_demo, world2_demo_dir):
     rec, _ = world2_demo
     svr = rec["selection_vs_recovery"]
     assert svr["n_trials"] == 8 and svr["spearman_score"] >= 0.5, svr
     assert svr["selected_recovery"] >= svr["best_recovery"] - 1, svr
+    # the plot that shows it (score against recovery, the selected trial marked) is written beside recovery.json
+    assert (world2_demo_dir / demo.RECOVERY_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"(plotted: {demo.RECOVERY_PLOT})" in (world2_demo_dir / "recovery.txt").read_text()
 
 
 def test_the_20k_list_names_the_recovered_values(world2_demo):

@@ -39,7 +39,7 @@ from visae.sweep import SweepConfig
 from visae.sweepdir import SweepDir
 
 __all__ = ["DemoConfig", "DemoWorld", "PROPAGATED", "QUICK", "WORLDS", "effective", "resolve", "run_demo",
-           "selection_vs_recovery", "spearman", "toy_vocabulary", "world2_vocabulary", "main"]
+           "selection_vs_recovery", "plot_selection_vs_recovery", "spearman", "toy_vocabulary", "world2_vocabulary", "main"]
 
 DEFAULT_YAML = config_yaml("demo.yaml")
 STATE = "demo_state.json"
@@ -621,6 +621,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         res["sweep_trials"] = trials
         res["selection_vs_recovery"] = selection_vs_recovery(swd, trials, sel.get("trial"), len(res["values"]))
         atomic_write_text(out / "recovery.json", json.dumps(res, indent=1))
+        plotted = plot_selection_vs_recovery(res["selection_vs_recovery"], sel.get("trial"), out / RECOVERY_PLOT,
+                                             sel.get("metric") or "score")
         text = format_recovery(res)
         if trials:
             text += ("\n\nevery trial of the sweep (mean best-latent AUROC; recovered at AUROC >= 0.9; a latent at AUROC "
@@ -634,6 +636,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                          f"0.95 named right): Spearman {_num(svr['spearman_score'])} for the selection score, "
                          f"{_num(svr['spearman_rule'])} for the rule's order; selected {svr['selected_recovery']}, "
                          f"best {svr['best_recovery']} of {svr['n_values']}")
+            if plotted:
+                text += f" (plotted: {RECOVERY_PLOT})"
         atomic_write_text(out / "recovery.txt", text + "\n")
         info = {"file": str(out / "recovery.json"), **{k: res["summary"][k] for k in
                 ("mean_best_auroc", "fraction_recovered", "fraction_named_right", "named_at", "fraction_named_at")
@@ -708,6 +712,47 @@ def selection_vs_recovery(swd: SweepDir, trials: dict[str, dict[str, Any]], sele
             "spearman_rule": spearman([-int(rows[t]["rank"]) for t in names], [rec[t] for t in names]),
             "selected_recovery": rec.get(selected) if selected else None, "best_recovery": best,
             "selected_within_one": None if selected not in rec or best is None else best - rec[selected] <= 1}
+
+
+RECOVERY_PLOT = "selection_vs_recovery.png"
+
+
+def plot_selection_vs_recovery(svr: dict[str, Any], selected: str | None, path: Path, metric: str = "score") -> bool:
+    """Write ``path`` (PNG): every trial of the sweep as a point, its selection score ``metric`` (x; the sweep's
+    metric, e.g. ``zeroshot_top1``: zero-shot top-1 of CLIP on the reconstructions) against its recovery (y:
+    factor values with a latent at AUROC >= 0.95 named right), the selected trial a red star, the Spearman correlation
+    in the title (issue 12, item 4: does the score the sweep selects by follow the ground truth?). Returns False, and
+    writes nothing (a stale plot removed), when fewer than two trials have a finite score."""
+    pts = [(t, svr["score"][t], svr["recovery"][t]) for t in svr.get("score", {}) if t in svr.get("recovery", {})]
+    if len(pts) < 2:
+        if path.is_file():
+            path.unlink()
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from visae.atomic import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for t, x, y in pts:
+        star = t == selected
+        ax.scatter([x], [y], s=240 if star else 36, marker="*" if star else "o", zorder=3,
+                   color="tab:red" if star else "tab:blue", edgecolor="black" if star else "none",
+                   label=f"selected: {t}" if star else None)
+        ax.annotate(t, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7, color="0.3")
+    ax.set_xlabel(f"selection score ({metric})")
+    ax.margins(x=0.18, y=0.08)
+    ax.set_ylabel(f"recovery: factor values (of {svr['n_values']}) with a latent\nat AUROC >= 0.95 named right")
+    ax.set_title(f"selection vs ground truth, {len(pts)} trials: Spearman {_num(svr.get('spearman_score'))}; "
+                 f"selected {svr.get('selected_recovery')}, best {svr.get('best_recovery')}", fontsize=10)
+    ax.grid(alpha=0.3)
+    if selected in svr["score"]:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    return True
 
 
 def format_summary(summary: dict[str, Any]) -> str:

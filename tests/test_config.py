@@ -224,6 +224,8 @@ def test_yaml_file_not_utf8_is_a_config_error_naming_it(tmp_path):
     (["train", "--shards", "s", "--adam_eps", "-1e-8"], "TrainConfig.adam_eps = -1e-08"),
     (["train", "--shards", "s", "--dense_threshold", "1.5"], "TrainConfig.dense_threshold = 1.5"),
     (["train", "--shards", "s", "--resample_encoder_scale", "-0.2"], "TrainConfig.resample_encoder_scale = -0.2"),
+    (["train", "--shards", "s", "--seed", "-1"], "TrainConfig.seed = -1"),  # a numpy traceback
+    (["toyworld", "--seed", "-1"], "ToyWorldConfig.seed = -1"),  # numpy's error after world.json was written
     (["sweep", "--shards", "s", "--dense_threshold", "nan"], "TrainConfig.dense_threshold = nan"),
     (["select", "--batch_size", "0"], "SelectConfig.batch_size = 0"),  # range() step 0 inside scoring
     (["select", "--max_l0", "-1"], "SelectConfig.max_l0 = -1.0"),  # no trial met it, after scoring them all
@@ -231,6 +233,7 @@ def test_yaml_file_not_utf8_is_a_config_error_naming_it(tmp_path):
     (["push", "--sae", "s", "--dry_run", "--member", "-1"], "PushConfig.member = -1"),  # an empty slice in export
     (["train-toy-clip", "--checkpoint_every", "0"], "ToyClipConfig.checkpoint_every = 0"),  # ZeroDivisionError
     (["train-toy-clip", "--threads", "-1"], "ToyClipConfig.threads = -1"),  # ignored: all cores
+    (["train-toy-clip", "--eval_seed", "-2"], "ToyClipConfig.eval_seed = -2"),
     (["train-toy-clip", "--two_object_fraction", "1.5"], "ToyClipConfig.two_object_fraction = 1.5")])
 def test_stage_commands_refuse_a_count_or_fraction_out_of_range_naming_the_field(tmp_path, monkeypatch, capsys, argv,
                                                                                 field):

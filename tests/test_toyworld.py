@@ -238,10 +238,15 @@ def test_worker_processes_write_the_same_bytes_and_bad_settings_are_refused_befo
     (lambda: tw.sample_world(2, 0, image_size=0), "image_size"),  # was: "high - low < 0" from numpy
     (lambda: tw.render(tw.sample_factors(1, 0)[0], 0, image_size=-3), "image_size"),
     (lambda: tw.render_batch(tw.sample_factors(1, 0), 0, start=-1), "start"),  # was: a SeedSequence error
-    (lambda: tw.object_boxes(tw.sample_factors(1, 0), 0, start=-1), "start")])
-def test_the_samplers_refuse_a_negative_or_nan_parameter_naming_it(call, name):
+    (lambda: tw.object_boxes(tw.sample_factors(1, 0), 0, start=-1), "start"),
+    (lambda: tw.sample_factors(3, -1), "seed must be >= 0"),  # was: numpy's "expected non-negative integer"
+    (lambda: tw.render_batch(tw.sample_factors(1, 0), -1), "seed"),
+    (lambda: tw.generate_world("never_written", 2, seed=-1), "seed must be >= 0")])  # was: after world.json
+def test_the_samplers_refuse_a_negative_or_nan_parameter_naming_it(call, name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=name):
         call()
+    assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_cli(tmp_path):

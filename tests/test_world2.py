@@ -289,12 +289,12 @@ def test_bad_world_settings_are_refused_before_anything_is_written(tmp_path):
     after world.json was written (max_objects 5)."""
     from visae.config import ConfigError
 
-    for kw, msg in (({"occlusion": -0.5}, "occlusion"), ({"occlusion": 7.0}, "occlusion"),
+    for kw, msg in (({"occlusion": -0.5}, "occlusion"), ({"occlusion": 7.0}, "occlusion"), ({"seed": -1}, "seed"),
                     ({"max_objects": 5}, "max_objects"), ({"workers": -1}, "workers"), ({"chunk": 0}, "chunk")):
         with pytest.raises(ValueError, match=msg):
             w.generate_world2(tmp_path / "w", 3, **kw)
         assert not (tmp_path / "w").exists()
-    for kw in ({"n": -1}, {"max_objects": 0}, {"occlusion": 1.5}, {"image_size": 0}, {"workers": -2}):
+    for kw in ({"n": -1}, {"seed": -1}, {"max_objects": 0}, {"occlusion": 1.5}, {"image_size": 0}, {"workers": -2}):
         with pytest.raises(ConfigError, match=f"World2Config.{next(iter(kw))} = "):
             w.World2Config(**kw)
 
@@ -302,13 +302,14 @@ def test_bad_world_settings_are_refused_before_anything_is_written(tmp_path):
 @pytest.mark.parametrize("kw, name", [
     ({"colour_jitter": -5.0}, "colour_jitter"), ({"colour_jitter": math.nan}, "colour_jitter"),  # were: no jitter
     ({"occlusion": 2.0}, "occlusion"), ({"occlusion": -1.0}, "occlusion"), ({"occlusion": math.nan}, "occlusion"),
-    ({"image_size": 0}, "image_size"), ({"n": -2}, "n and start"), ({"start": -1}, "n and start")])
+    ({"image_size": 0}, "image_size"), ({"n": -2}, "n, start and seed"), ({"start": -1}, "n, start and seed"),
+    ({"seed": -1}, "n, start and seed")])  # was: numpy's "expected non-negative integer"
 def test_the_scene_samplers_refuse_a_negative_or_nan_parameter_naming_it(kw, name):
     """sample_scene took each silently (a negative or NaN colour_jitter as no jitter, occlusion outside [0, 1] as a
     probability of 0 or 1, image_size 0 as a zero scale); sample_scenes(n < 0) gave no scenes."""
-    n = kw.pop("n", 2)
+    n, seed = kw.pop("n", 2), kw.pop("seed", 0)
     with pytest.raises(ValueError, match=name):
-        w.sample_scenes(n, 0, **kw)
+        w.sample_scenes(n, seed, **kw)
 
 
 def test_ctrl_c_stops_the_workers_at_once_and_leaves_whole_chunks_recorded(tmp_path):

@@ -294,7 +294,7 @@ class ToyClipConfig:
 _TOY_CLIP_BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "n_train": (1, None), "steps": (0, None), "batch_size": (1, None), "lr": (0.0, None), "warmup": (0, None),
     "weight_decay": (0.0, None), "aux_weight": (0.0, None), "eval_n": (1, None), "eval_every": (0, None),
-    "checkpoint_every": (1, None), "threads": (0, None)}
+    "checkpoint_every": (1, None), "threads": (0, None), "seed": (0, None), "eval_seed": (0, None)}
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -124,9 +124,11 @@ _SUPERSAMPLE = 2  # draw at 2x and box-filter down: smooth edges at small sizes
 def sample_factors(n: int, seed: int, two_object_fraction: float = 0.25) -> np.ndarray:
     """Factor labels of ``n`` images: int64 ``[n, len(FACTORS)]`` (columns in ``FACTORS`` order, -1 = absent).
 
-    Raises ValueError for ``n`` < 0 or ``two_object_fraction`` outside [0, 1] (NaN included)."""
+    Raises ValueError for ``n`` < 0, ``seed`` < 0 or ``two_object_fraction`` outside [0, 1] (NaN included)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if seed < 0:  # numpy's SeedSequence said only "expected non-negative integer"
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if not 0.0 <= two_object_fraction <= 1.0:  # a fraction: outside [0, 1] (or NaN) it acted as 0 or 1
         raise ValueError(f"two_object_fraction must be in [0, 1], got {two_object_fraction}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xFAC7]))
@@ -333,8 +335,9 @@ def object_boxes(factors: np.ndarray, seed: int, start: int = 0, image_size: int
     Cost: about the background of each image (~1 ms).
     """
     f = np.asarray(factors, np.int64)
-    if start < 0:
-        raise ValueError(f"start must be >= 0 (the index of the first image), got {start}")
+    if start < 0 or seed < 0:
+        raise ValueError(f"start and seed must be >= 0 (the first image's index, the world's seed), got start={start}, "
+                         f"seed={seed}")
     if f.ndim != 2 or f.shape[1] != len(FACTORS):
         raise ValueError(f"factors must be [n, {len(FACTORS)}] ({list(FACTORS)}), got shape {f.shape}")
     for i, row in enumerate(f):
@@ -353,9 +356,10 @@ def object_boxes(factors: np.ndarray, seed: int, start: int = 0, image_size: int
 def render_batch(factors: np.ndarray, seed: int, start: int = 0, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """Images of factor rows ``factors [n, F]`` (image ``start + i`` of world ``seed``): uint8 ``[n, H, W, 3]``.
 
-    Raises ValueError for ``start`` < 0 or ``image_size`` < 1 (:func:`render`) and for a bad factor row."""
-    if start < 0:
-        raise ValueError(f"start must be >= 0 (the index of the first image), got {start}")
+    Raises ValueError for ``start`` or ``seed`` < 0, ``image_size`` < 1 (:func:`render`) and for a bad factor row."""
+    if start < 0 or seed < 0:
+        raise ValueError(f"start and seed must be >= 0 (the first image's index, the world's seed), got start={start}, "
+                         f"seed={seed}")
     if not image_size >= 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     out = np.empty((len(factors), image_size, image_size, 3), np.uint8)
@@ -553,6 +557,8 @@ def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fra
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if seed < 0:  # failed inside numpy after world.json was written
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if not 0.0 <= two_object_fraction <= 1.0:  # a fraction: outside [0, 1] it acted as 0 or 1
         raise ValueError(f"two_object_fraction must be in [0, 1], got {two_object_fraction}")
     if image_size < 1 or chunk < 1:
@@ -625,8 +631,8 @@ class ToyWorldConfig:
     def __post_init__(self) -> None:
         from visae.config import check_bounds
 
-        check_bounds(self, {"n": (0, None), "image_size": (1, None), "two_object_fraction": (0.0, 1.0),
-                            "workers": (0, None)}, {"workers": "(0: one per CPU core)"})
+        check_bounds(self, {"n": (0, None), "seed": (0, None), "image_size": (1, None),
+                            "two_object_fraction": (0.0, 1.0), "workers": (0, None)}, {"workers": "(0: one per CPU core)"})
 
 
 def main(argv: list[str] | None = None) -> int:

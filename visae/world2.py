@@ -367,9 +367,10 @@ def sample_scene(rng: np.random.Generator | int, *, max_objects: int = 4, occlus
 def sample_scenes(n: int, seed: int, start: int = 0, **kw: Any) -> list[Scene]:
     """Scenes ``start .. start + n - 1`` of world ``seed`` (scene i depends only on (seed, i)).
 
-    Raises ValueError for ``n`` < 0 (it gave no scenes) or ``start`` < 0, and as :func:`sample_scene` for ``kw``."""
-    if n < 0 or start < 0:
-        raise ValueError(f"n and start must be >= 0, got n={n}, start={start}")
+    Raises ValueError for ``n`` < 0 (it gave no scenes), ``start`` or ``seed`` < 0, and as :func:`sample_scene` for
+    ``kw``."""
+    if n < 0 or start < 0 or seed < 0:
+        raise ValueError(f"n, start and seed must be >= 0, got n={n}, start={start}, seed={seed}")
     return [sample_scene(_scene_rng(seed, i), **kw) for i in range(start, start + n)]
 
 
@@ -1060,6 +1061,8 @@ def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: 
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if seed < 0:  # failed inside numpy after world.json was written
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if not 1 <= max_objects <= len(COUNTS):
@@ -1112,7 +1115,7 @@ class World2Config:
     def __post_init__(self) -> None:
         from visae.config import check_bounds
 
-        check_bounds(self, {"n": (0, None), "max_objects": (1, len(COUNTS)), "occlusion": (0.0, 1.0),
+        check_bounds(self, {"n": (0, None), "seed": (0, None), "max_objects": (1, len(COUNTS)), "occlusion": (0.0, 1.0),
                             "image_size": (1, None), "workers": (0, None)}, {"workers": "(0: one per CPU core)"})
 
 

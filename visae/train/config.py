@@ -150,8 +150,9 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.l1_convention must be 'unit' or 'raw', got {self.l1_convention!r}")
         # taken silently before: a dense_threshold outside [0, 1] counted every latent or none as dense, a
         # negative resampling scale pointed resampled encoder columns away from their inputs, an Adam beta >= 1
-        # froze the first moment (beta1) or divided by a zero bias correction (beta2)
-        check_bounds(self, {"l1_coeff": (0.0, None), "dense_threshold": (0.0, 1.0), "adam_eps": (0.0, None),
+        # froze the first moment (beta1) or divided by a zero bias correction (beta2); a negative seed was a numpy
+        # traceback ("expected non-negative integer") after the output directory was locked
+        check_bounds(self, {"seed": (0, None), "l1_coeff": (0.0, None), "dense_threshold": (0.0, 1.0), "adam_eps": (0.0, None),
                             "resample_encoder_scale": (0.0, None)})
         for name in ("val_fraction", "adam_beta1", "adam_beta2"):  # half-open [0, 1)
             if not 0.0 <= getattr(self, name) < 1.0:

@@ -177,3 +177,33 @@ def test_append_lines_ends_a_torn_last_line_first(tmp_path):
     append_lines(log, ['{"c": 3}\n', '{"d": 4}\n'])
     append_lines(log, [])
     assert log.read_text().splitlines() == ['{"a": 1}', '{"b": ', '{"c": 3}', '{"d": 4}']
+
+
+def test_a_failed_output_lock_block_removes_the_directories_it_created(tmp_path):
+    """A command refused inside its output lock left the directory it had made with only its lock file in it
+    (`visae name --sae missing` left concepts/.visae.lock, `visae extract` with a bad --images left runs/)."""
+    from visae.atomic import output_lock
+
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError, match="bad input"):
+        with output_lock(tmp_path / "kept" / "a" / "b"):
+            raise ValueError("bad input")
+    assert _names(tmp_path) == ["kept"] and _names(tmp_path / "kept") == []  # a, a/b gone; kept was there before
+    with pytest.raises(ValueError):
+        with output_lock(tmp_path / "c" / "d") as out:
+            (out / "part.json").write_text("{}")  # something was written: kept
+            raise ValueError("later")
+    assert _names(tmp_path / "c" / "d") == [".visae.lock", "part.json"]
+    with output_lock(tmp_path / "e"):  # a block that succeeds keeps its directory
+        pass
+    assert (tmp_path / "e").is_dir()
+
+
+@pytest.mark.parametrize("argv", [["name", "--sae", "missing"], ["extract", "--images", "missing", "--model", "visae-toyclip"],
+                                  ["train", "--shards", "missing"]])
+def test_a_command_refused_on_bad_input_leaves_no_directory(tmp_path, monkeypatch, capsys, argv):
+    from visae.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--out", "runs/x"]) != 0
+    assert "missing" in capsys.readouterr().err and not list(tmp_path.iterdir())

@@ -331,6 +331,10 @@ def output_lock(out: str | Path, command: str = "visae", *, clean_temps: bool = 
         clean_temps: once the lock is held, remove stale temporary files under ``out``
             (:func:`remove_stale_temps`).
 
+    When the block raises and this call created ``out`` (and its missing parents) and nothing but
+    lock files was put in it, they are removed again: a command refused on bad input leaves
+    nothing behind (``visae name --sae missing`` left ``concepts/.visae.lock``).
+
     Raises:
         OutputLockedError: another process holds the lock (a second ``visae sweep --out X``
             while one runs); raised at once, nothing is written.
@@ -338,6 +342,7 @@ def output_lock(out: str | Path, command: str = "visae", *, clean_temps: bool = 
     from filelock import FileLock, Timeout
 
     out = Path(out)
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first: made by this call
     out.mkdir(parents=True, exist_ok=True)
     path = _lock_file(out)
     key = str(path.resolve())
@@ -358,13 +363,30 @@ def output_lock(out: str | Path, command: str = "visae", *, clean_temps: bool = 
             _held[key] = entry
         if clean_temps:
             remove_stale_temps(out)
+    failed = True
     try:
         yield out
+        failed = False
     finally:
         with _held_guard:
             entry[1] -= 1
             last = entry[1] == 0
             if last:
                 _held.pop(key, None)
+        if last and failed and created:
+            _remove_created(created, path)  # still holding the lock
         if last:
             entry[0].release()
+
+
+def _remove_created(created: list[Path], lock: Path) -> None:
+    """Remove the directories ``created`` (deepest first) by a failed :func:`output_lock` block if they hold nothing
+    but lock files: our own lock file is unlinked (others' are left, and then their directory stays)."""
+    out = created[0]
+    with contextlib.suppress(OSError):
+        if out.is_dir() and all(f.is_file() and f.name.startswith(".visae") and f.name.endswith(".lock")
+                                for f in out.iterdir()):
+            lock.unlink(missing_ok=True)
+        for d in created:
+            if d.exists():  # (the command may have removed its directory itself)
+                d.rmdir()  # only when empty; the first that is not stops the rest (OSError)

@@ -337,7 +337,8 @@ def test_a_toy_clip_on_the_other_toy_world_is_refused_before_anything_is_written
 @pytest.mark.parametrize("flags,field", [
     (["--n_distractors", "-1"], "DemoConfig.n_distractors = -1"), (["--threads", "-2"], "DemoConfig.threads = -2"),
     (["--n_images", "0"], "DemoConfig.n_images = 0"), (["--quick_n_top", "-1"], "DemoConfig.quick_n_top = -1"),
-    (["--seed", "-5001"], "DemoConfig.seed + world_seed_offset"), (["--naming.top_k", "0"], "NameConfig.top_k = 0"),
+    (["--seed", "-1"], "DemoConfig.seed = -1"), (["--world_seed_offset", "-5001"], "DemoConfig.seed + world_seed_offset"),
+    (["--naming.top_k", "0"], "NameConfig.top_k = 0"),
     (["--naming.n_top", "-1"], "NameConfig.n_top = -1"), (["--naming.n_random", "-3"], "NameConfig.n_random = -3"),
     (["--naming.text_batch_size", "0"], "NameConfig.text_batch_size = 0")])
 def test_a_count_out_of_range_is_refused_at_flag_time_naming_the_field(tmp_path, capsys, flags, field):

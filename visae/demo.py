@@ -156,7 +156,7 @@ class DemoConfig:
         # these were taken silently: a negative n_distractors became 0, a negative threads torch's default
         check_bounds(self, {"n_images": (1, None), "quick_n_images": (1, None), "n_distractors": (0, None),
                             "threads": (0, None), "quick_num_epochs": (1, None), "quick_batch_size": (1, None),
-                            "quick_n_top": (0, None)})
+                            "quick_n_top": (0, None), "seed": (0, None)})  # seed: also the SAE training's
         if self.seed + self.world_seed_offset < 0:
             raise ConfigError(f"DemoConfig.seed + world_seed_offset = {self.seed} + {self.world_seed_offset}: "
                               "expected >= 0 (the world's seed)")

@@ -371,3 +371,36 @@ def test_a_script_without_the_main_guard_gets_a_clear_error_from_the_worker_pool
                        "    print(list(map_in_order(math.sqrt, [1.0, 4.0, 9.0], 2)))\n")
     r = subprocess.run([sys.executable, str(guarded)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[1.0, 2.0, 3.0]", r.stderr[-2000:]
+
+
+def _least_difference(a: int, b: int, period: float = 4.0, n: int = 60) -> float:
+    """The least fraction of pixels (an n x n grid at 2x sampling) where texture kinds ``a`` and ``b`` differ, over the
+    world's own variation of a drawing: rotation (15-degree steps, 45 and 90 included) and translation (0.5 px steps
+    over a period); renderer 1's canonical patterns at one period."""
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) / 2
+    ref = w._texture_pattern(a, xx, yy, period, 0.3, n, 7)
+    best = 1.0
+    for dang in np.radians(np.arange(0, 180, 15)):
+        for dx in np.arange(0.0, period, 0.5):
+            for dy in np.arange(0.0, period, 0.5):
+                other = w._texture_pattern(b, xx + dx, yy + dy, period, 0.3 + dang, n, 7)
+                best = min(best, float(np.mean(ref != other)))
+    return best
+
+
+_LATTICES_AND_LINES = ("striped", "dotted", "checked", "gridded", "zigzag", "wavy", "crosshatched")
+_PAIRS = [(x, y) for i, x in enumerate(_LATTICES_AND_LINES) for y in _LATTICES_AND_LINES[i + 1:]]
+
+
+@pytest.mark.parametrize("a,b", [
+    pytest.param(*p, marks=pytest.mark.xfail(strict=True, reason=(
+        "world2 fault (issue 12, texture target): crosshatched is gridded turned 45 degrees (both square lattices; the "
+        "line widths max(1, 0.25 p) and max(1, 0.2 p) are both 1 px at periods 3-4), and the world draws every texture "
+        "at a random angle, so no model can tell them apart; to fix with the next toy-CLIP training (the shipped "
+        "weights were trained on this world)"))) if p == ("gridded", "crosshatched") else p for p in _PAIRS])
+def test_texture_kinds_differ_under_the_worlds_rotation_and_translation(a, b):
+    """Two texture kinds are two concepts only if no rotation and translation (which the world applies to every
+    drawing) turns one into the other: at least 10% of the pixels differ for every pair of line / lattice kinds
+    (measured: zigzag / wavy 0.11 the closest real pair, the others 0.26-0.49; gridded / crosshatched 0.000)."""
+    d = _least_difference(w.TEXTURES.index(a), w.TEXTURES.index(b))
+    assert d >= 0.10, (a, b, d)

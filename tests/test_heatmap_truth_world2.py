@@ -1,0 +1,80 @@
+"""Ground truth of patch heatmaps on world2 (issue 14 item 2) with the shipped v2 toy CLIP (``visae-toyclip2``).
+
+What is asserted and what is not (BENCHMARKS.md, "Patch heatmaps on world2 (issue 14)"): on single-object world2
+scenes, a TopK SAE on the patch tokens after block 1 has a latent for the colour family *white* at image-level
+AUROC >= 0.93 (0.955-0.982 measured) whose heat, as the site computes it, lies on the object. That is the one object value that reaches
+AUROC 0.95 with its heat on the object at layers 0-1 in the measurement; the issue's full criterion (>= 5 such
+values, colour and shape among them) is not met by this model and is not asserted: shape latents reach 0.95 only at
+layers 1-3 and there they fire on the background patches of images that hold the shape (heat in box <= 0.03).
+"""
+
+import numpy as np
+import pytest
+
+WORLD_SEED, N_IMAGES, LAYER, AUROC_AT = 5000, 2000, 1, 0.93
+
+
+@pytest.fixture(scope="module")
+def patch_sae(tmp_path_factory):
+    """2,000 single-object scenes of world2 seed 5000 (``python -m visae.world2 --max_objects 1``), the shipped v2 toy
+    CLIP's patch tokens after block 1, a TopK SAE (k 8, 384 latents, 10 epochs) on them, and its top images with
+    heatmaps from the site's streaming pass (``compute_top_images``). White is rare (about 1.5 % of the scenes): on
+    800 scenes its best latent reached only AUROC 0.889, hence the 2,000."""
+    from visae import toyclip
+    from visae.extract import ExtractConfig, extract
+    from visae.sae import load_sae
+    from visae.topimages import compute_top_images
+    from visae.train import TrainConfig, train
+    from visae.world2 import generate_world2
+
+    weights = getattr(toyclip, "TOYCLIP2_WEIGHTS", None)
+    if weights is None or not weights.is_file():
+        pytest.skip(f"the v2 toy CLIP's weights are not shipped in this checkout ({weights})")
+    tmp = tmp_path_factory.mktemp("heat2")
+    world = generate_world2(tmp / "world", N_IMAGES, WORLD_SEED, max_objects=1, progress=False, workers=1)
+    shards = extract(ExtractConfig(images=str(world), out=str(tmp / "shards"), model="visae-toyclip2",
+                                   pretrained=str(weights), layer=LAYER, token="patch", batch_size=200, num_workers=0,
+                                   threads=1, progress=False))
+    sae_dir = train(TrainConfig(shards=str(shards.path), out=str(tmp / "sae"), architecture="topk", k=8,
+                                expansion_factor=4, num_epochs=10, batch_size=1024, lr=2e-3, resample_every=0,
+                                l1_warmup_steps=0, seed=0, progress=False, plot=False))
+    sae = load_sae(sae_dir)
+    ti = compute_top_images(sae, shards, n_top=16, n_random=0, progress=False)
+    return {"sae": sae, "shards": shards, "top": ti}
+
+
+def test_white_heatmaps_lie_on_the_object(patch_sae):
+    from visae.browse.site import heat_attrs
+    from visae.patch_recovery import box_coverage, format_patch_recovery, patch_recovery, world_objects
+    from visae.topimages import patch_layout
+
+    sae, ss, ti = patch_sae["sae"], patch_sae["shards"], patch_sae["top"]
+    res = patch_recovery(sae, ss, factors=("shape", "colour_family", "texture"), top_images=ti, auroc_at=AUROC_AT)
+    table = format_patch_recovery(res)
+    print(table)
+    white = next(r for r in res["values"] if r["factor"] == "colour_family" and r["value"] == "white")
+    # measured on this setting with SAE seeds 0 / 1 / 2 (BENCHMARKS.md): white's best latent AUROC 0.955 / 0.982 / 0.974;
+    # the heat is measured for the latents at AUROC_AT (0.93, below the issue's 0.95: 0.955 leaves no room for a seed)
+    assert white["n_latents_at"] >= 1 and "in_box" in white, f"no white latent at AUROC >= {AUROC_AT}\n{table}"
+    # measured for seeds 0 / 1 / 2: peak on box 0.94 / 1.00 / 0.94, touching 0.95 / 1.00 / 0.94, in box 0.87 / 0.88 /
+    # 0.80, in mask 0.74 / 0.72 / 0.62; the thresholds sit about two seed spreads below the lowest
+    assert white["peak_on_box"] >= 0.85, f'hottest patch off the white object in {1 - white["peak_on_box"]:.0%}\n{table}'
+    assert white["touching"] >= 0.85, f'{white["touching"]:.3f} of the heat touches the box\n{table}'
+    assert white["in_box"] >= 0.65, f'area-weighted heat in the box {white["in_box"]:.3f}\n{table}'
+    assert white["in_mask"] >= 0.45, f'heat on the object mask {white["in_mask"]:.3f}\n{table}'
+    # the heat the page draws (heat_attrs: 0-99 per patch, row-major) peaks on the white object's box in every top image
+    W = world_objects(ss)
+    img, _ = patch_layout(ss.metadata()["id"])
+    grid = tuple(int(g) for g in ti.patch_grid)
+    j, v = white["latent"], W.factor_names["colour_family"].index("white")
+    ok = ti.top_index[j] >= 0
+    heat = ti.top_heat[j][ok].astype(np.float64)
+    im = img[ti.top_index[j][ok]]
+    sel = W.values["colour_family"][im] == v
+    cov = box_coverage(np.where(sel[:, :, None], W.boxes[im], -1.0), grid, W.image_size)
+    scale = float(heat.max())
+    on = []
+    for t in range(len(heat)):
+        q = np.array([int(x) for x in heat_attrs(heat[t], grid, scale).split('data-heat="')[1].split('"')[0].split(",")])
+        on.append(cov[t, q.argmax()] > 0)
+    assert np.mean(on) >= 0.85, f"white latent {j}: the page's peak is off the box in top images {np.flatnonzero(~np.array(on))}"

@@ -221,7 +221,8 @@ def make_figure(picks: list[dict[str, Any]], world_dir: Path, png: Path, n_show:
             ax.set_ylim(W.image_size, 0)
             if c == 0:
                 ax.set_ylabel(f'{p["value"]}\nL{p["layer"]} latent {j}', fontsize=8)
-        axes[r, 0].set_title(f'{p["factor"]}={p["value"]} ({p["sae"]}, layer {p["layer"]}): AUROC {p["latent_auroc"]:.3f}, '
+        below = ", best-localised below 0.95" if p.get("below") else ""
+        axes[r, 0].set_title(f'{p["factor"]}={p["value"]}{below} ({p["sae"]}, layer {p["layer"]}): AUROC {p["latent_auroc"]:.3f}, '
                              f'in box {p["in_box"]:.2f}, peak on box {p["peak_on_box"]:.2f}', fontsize=7, loc="left")
     fig.suptitle("world2, visae-toyclip2 patch-token SAEs: a latent's top images with its heat per patch;\n"
                  "box of the object with the value (cyan), other objects (dotted)", fontsize=8)
@@ -236,7 +237,8 @@ def make_figure(picks: list[dict[str, Any]], world_dir: Path, png: Path, n_show:
 def pick_concepts(results: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     """The best concepts for the figure: per object value, its latent with the most heat in the box among all
     (layer, SAE) runs; the passing ones (in box >= 0.8) first by in box, colour and shape both represented when
-    present; then, if room is left, the best-AUROC shape latent whatever its heat (to show where it fires)."""
+    present; then, if room is left, the best-AUROC shape latent whatever its heat (to show where it fires); ``n`` in
+    all, plus one row for the shape latent below 0.95 (among those at ``--diag_at``) with the most heat in the box."""
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for res in results:
         for h in res["row"]["heat"]:
@@ -256,7 +258,15 @@ def pick_concepts(results: list[dict[str, Any]], n: int) -> list[dict[str, Any]]
         shape = sorted((h for h in best.values() if h["factor"] == "shape"), key=lambda h: -h["latent_auroc"])
         picks += shape[:1]
     picks += [h for h in ranked if h not in picks][: max(0, n - len(picks))]
-    return picks[:n]
+    picks = picks[:n]
+    # and the shape latent below 0.95 (``--diag_at``) with the most heat in the box: where the localised ones are
+    low = [{"factor": "shape", "value": d["value"], "latent": d["latent"], "latent_auroc": d["auroc"], "in_box": d["in_box"],
+            "peak_on_box": d["peak_on_box"], "sae_dir": res["sae_dir"], "shards": res["shards"], "layer": res["layer"],
+            "sae": res["sae"], "below": True}
+           for res in results for d in [(res["row"].get("diag") or {}).get("shape")] if d and d["auroc"] < 0.95]
+    if low:
+        picks.append(max(low, key=lambda h: h["in_box"]))
+    return picks
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -308,18 +308,22 @@ def test_toy_world_intervention_removes_one_class(interventions):
         assert r["other_max"] <= TWO, msg
 
 
-def test_cli_and_errors(toy, tmp_path, capsys):
+def test_cli_and_errors(toy, tmp_path, capsys, monkeypatch):
+    import os
+
     from visae.cli import main
 
     cfg = toy["cfg"]
     out = tmp_path / "cbm"
-    rc = main(["cbm", "--sae", cfg.sae, "--concepts", cfg.concepts, "--train_shards", cfg.train_shards,
+    monkeypatch.chdir(tmp_path)  # relative paths on the command line: the record holds them absolute
+    rc = main(["cbm", "--sae", os.path.relpath(cfg.sae), "--concepts", cfg.concepts, "--train_shards", cfg.train_shards,
                "--val_shards", cfg.val_shards, "--label_column", "colour_shape", "--target_concepts_per_class", "2",
-               "--no_zero_shot", "--max_iter", "30", "--n_lambdas", "6", "--bisect_steps", "2", "--out", str(out)])
+               "--no_zero_shot", "--max_iter", "30", "--n_lambdas", "6", "--bisect_steps", "2", "--out", "cbm"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "concepts per class" in text and "linear probe" in text
     doc = json.loads((out / "cbm.json").read_text())
+    assert doc["sae"] == doc["config"]["sae"] == os.path.abspath(cfg.sae) and doc["config"]["out"] == str(out)
     assert doc["concepts_per_class"] <= 2.0 and doc["top1"]["zero_shot"] is None
     lines = (out / "examples.jsonl").read_text().splitlines()
     assert len(lines) == 200 and json.loads(lines[0])["concepts"]

@@ -612,9 +612,14 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
                           "val_top1": float((pred_v[m] == c).float().mean()) if m.any() else None,
                           "concepts": model.class_concepts(c)})
     used = (fit["W"] != 0).any(0)
+    from visae.config import absolute_paths
+
+    # files and directories absolute: the record says which were used, read from anywhere (visae browse --cbm compares
+    # "sae" with the SAE it shows; recorded as typed, a relative path was resolved from the wrong directory)
+    rec = absolute_paths(dataclasses.asdict(cfg), ("sae", "concepts", "train_shards", "val_shards", "text_cache", "out"))
     result = {
-        "config": dataclasses.asdict(cfg),
-        "sae": str(cfg.sae), "member": cfg.member, "label_column": cfg.label_column,
+        "config": rec,
+        "sae": rec["sae"], "member": cfg.member, "label_column": cfg.label_column,
         "n_train": int(len(y_t)), "n_val": int(len(y_v)), "num_classes": C,
         "num_candidate_concepts": int(len(latents)), "num_concepts_used": int(used.sum()),
         "lam": fit["lam"], "concepts_per_class": fit["concepts_per_class"],

@@ -36,7 +36,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402  (puts this checkout's visae first on the path)
+
+import numpy as np  # noqa: E402
 
 OBJECT_FACTORS = ("colour_family", "shape", "texture")  # scored per object, heat measured
 TABLE_FACTORS = ("colour_family", "shape", "texture", "size")
@@ -379,9 +382,10 @@ def main(argv: list[str] | None = None) -> int:
                 print("figure: no value has a latent at AUROC >= 0.95; nothing drawn")
     for k, (w, c) in clock.t.items():
         print(f"time {k}: {w:.1f} s wall, {c:.1f} s CPU (process)")
-    atomic_write_text(out / "results.json", json.dumps(json_safe({
+    doc = benchlib.report("bench_heatmap_world2.py", json_safe({
         "args": vars(a), "weights": str(weights), "results": results, "probe": probes, "met": met,
-        "time": {k: {"wall_s": w, "cpu_s": c} for k, (w, c) in clock.t.items()}}), indent=1, allow_nan=False))
+        "time": {k: {"wall_s": w, "cpu_s": c} for k, (w, c) in clock.t.items()}}), argv=argv, echo=False)
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=1, allow_nan=False, default=str))
     return 0
 
 

@@ -10,6 +10,7 @@ patch by patch; that part of the issue's criterion is not met and not asserted h
 
 import numpy as np
 import pytest
+from conftest import patch_sae_on_world
 
 from visae import toyworld as tw
 
@@ -22,23 +23,12 @@ def patch_sae(tmp_path_factory):
     --layer 1 --token patch`), a TopK SAE (k 8, 384 latents) trained on them, and its top images with heatmaps
     from the site's streaming pass (``compute_top_images``)."""
     from visae import toyclip
-    from visae.extract import ExtractConfig, extract
-    from visae.sae import load_sae
-    from visae.topimages import compute_top_images
-    from visae.train import TrainConfig, train
 
     if not toyclip.TOYCLIP_WEIGHTS.is_file():
         pytest.skip(f"{toyclip.TOYCLIP_WEIGHTS} is not shipped")
     tmp = tmp_path_factory.mktemp("heat")
     world = tw.generate_world(tmp / "world", N_IMAGES, WORLD_SEED, progress=False)
-    shards = extract(ExtractConfig(images=str(world), out=str(tmp / "shards"), model="visae-toyclip", layer=LAYER,
-                                   token="patch", batch_size=200, num_workers=0, threads=1, progress=False))
-    sae_dir = train(TrainConfig(shards=str(shards.path), out=str(tmp / "sae"), architecture="topk", k=8,
-                                expansion_factor=4, num_epochs=20, batch_size=1024, lr=2e-3, resample_every=0,
-                                l1_warmup_steps=0, seed=0, progress=False, plot=False))
-    sae = load_sae(sae_dir)
-    ti = compute_top_images(sae, shards, n_top=16, n_random=0, progress=False)
-    return {"sae": sae, "shards": shards, "top": ti}
+    return patch_sae_on_world(tmp, world, "visae-toyclip", None, LAYER, num_epochs=20)
 
 
 def test_colour_heatmaps_peak_on_the_object(patch_sae):

@@ -10,6 +10,7 @@ layers 1-3 and there they fire on the background patches of images that hold the
 
 import numpy as np
 import pytest
+from conftest import patch_sae_on_world
 
 WORLD_SEED, N_IMAGES, LAYER, AUROC_AT = 5000, 2000, 1, 0.93
 
@@ -21,10 +22,6 @@ def patch_sae(tmp_path_factory):
     heatmaps from the site's streaming pass (``compute_top_images``). White is rare (about 1.5 % of the scenes): on
     800 scenes its best latent reached only AUROC 0.889, hence the 2,000."""
     from visae import toyclip
-    from visae.extract import ExtractConfig, extract
-    from visae.sae import load_sae
-    from visae.topimages import compute_top_images
-    from visae.train import TrainConfig, train
     from visae.world2 import generate_world2
 
     weights = getattr(toyclip, "TOYCLIP2_WEIGHTS", None)
@@ -32,15 +29,7 @@ def patch_sae(tmp_path_factory):
         pytest.skip(f"the v2 toy CLIP's weights are not shipped in this checkout ({weights})")
     tmp = tmp_path_factory.mktemp("heat2")
     world = generate_world2(tmp / "world", N_IMAGES, WORLD_SEED, max_objects=1, progress=False, workers=1)
-    shards = extract(ExtractConfig(images=str(world), out=str(tmp / "shards"), model="visae-toyclip2",
-                                   pretrained=str(weights), layer=LAYER, token="patch", batch_size=200, num_workers=0,
-                                   threads=1, progress=False))
-    sae_dir = train(TrainConfig(shards=str(shards.path), out=str(tmp / "sae"), architecture="topk", k=8,
-                                expansion_factor=4, num_epochs=10, batch_size=1024, lr=2e-3, resample_every=0,
-                                l1_warmup_steps=0, seed=0, progress=False, plot=False))
-    sae = load_sae(sae_dir)
-    ti = compute_top_images(sae, shards, n_top=16, n_random=0, progress=False)
-    return {"sae": sae, "shards": shards, "top": ti}
+    return patch_sae_on_world(tmp, world, "visae-toyclip2", str(weights), LAYER, num_epochs=10)
 
 
 def test_white_heatmaps_lie_on_the_object(patch_sae):

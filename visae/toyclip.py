@@ -1011,18 +1011,11 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     t_start, cpu_start = time.time(), time.process_time()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    # Inputs first: a bad field or a missing exclude list fails before any work or write.
-    if not 0.0 <= cfg.single_object_fraction <= 1.0:
-        raise ValueError(f"single_object_fraction must be in [0, 1], got {cfg.single_object_fraction}")
-    if cfg.curriculum_steps < 0:
-        raise ValueError(f"curriculum_steps must be >= 0, got {cfg.curriculum_steps}")
+    # Inputs first: a bad field or a missing exclude list fails before any work or write (the ranges of the counts and
+    # fractions are ToyClipV2Config's own check, at construction).
     if cfg.model not in TOY_MODELS:
         raise ValueError(f"model must be one of {sorted(TOY_MODELS)}, got {cfg.model!r}")
     head_w = aux_factor_weights(cfg.aux_factor_weights)
-    if not 0.0 <= cfg.texture_style_jitter <= 1.0:
-        raise ValueError(f"texture_style_jitter must be in [0, 1], got {cfg.texture_style_jitter}")
-    if cfg.pretrain_steps < 0:
-        raise ValueError(f"pretrain_steps must be >= 0, got {cfg.pretrain_steps}")
     pre_w = aux_factor_weights(cfg.pretrain_factor_weights, default=0.0) if cfg.pretrain_steps else head_w
     # the naming list kept out of the negatives, and the final inheritance evaluation's unseen words: read once, here
     naming_words = read_word_list(cfg.negatives_exclude, "negatives_exclude: word list") if cfg.negatives_exclude else None

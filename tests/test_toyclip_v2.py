@@ -218,3 +218,26 @@ def test_pretrain_steps_train_the_image_tower_on_the_factor_heads_only(tmp_path)
     assert any(not torch.equal(got[k].float(), init[k].half().float()) for k in init if k.startswith("visual.") and init[k].is_floating_point())
     with pytest.raises(ValueError, match="every weight is 0"):  # unnamed factors weigh 0 while pretraining
         toyclip.train_toy_clip_v2(dataclasses.replace(cfg, pretrain_factor_weights="shape:0", out="/nonexistent/x"), [])
+
+
+def test_records_hold_absolute_paths_and_resume_a_record_written_as_typed(tmp_path, monkeypatch):
+    """config.json / the checkpoint / the card record out, export and negatives_exclude absolute (read from anywhere,
+    they say which files were used); a checkpoint of an older visae, its paths as typed, resumes from its directory,
+    and one that excluded another word list is refused naming the field."""
+    import open_clip
+
+    monkeypatch.chdir(tmp_path)
+    cfg = toyclip.ToyClipV2Config(out="run", model=toyclip.MODEL_NAME, negatives_exclude="naming.txt")
+    rec = toyclip._config_record(cfg)
+    assert rec["out"] == str(tmp_path / "run") and rec["negatives_exclude"] == str(tmp_path / "naming.txt")
+    assert rec["export"] == "" and rec["seed"] == cfg.seed  # empty kept, other fields as they are
+    toyclip.register()
+    model = open_clip.create_model(toyclip.MODEL_NAME)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": 3, "aux_heads": {}, "train_seconds": 1.0,
+                "config": dataclasses.asdict(cfg)}, ckpt)  # as typed: "naming.txt"
+    assert toyclip._resume(ckpt, cfg, rec, model, None, opt) == (3, 1.0)
+    other = dataclasses.replace(cfg, negatives_exclude=str(tmp_path / "other.txt"))
+    with pytest.raises(ValueError, match="negatives_exclude"):
+        toyclip._resume(ckpt, other, toyclip._config_record(other), model, None, opt)

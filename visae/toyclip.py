@@ -423,6 +423,16 @@ _ADDED_FIELDS = {"model": MODEL_NAME, "aux_factor_weights": "", "pretrain_steps"
                  "texture_style_jitter": 0.0}
 # Fields that may change between a run and its resumption without changing the result.
 _VOLATILE = ("out", "export", "resume", "progress", "eval_every", "checkpoint_every", "device", "threads")
+# File and directory fields, recorded (config.json, checkpoint, card) as absolute paths: the record then says which
+# were used, read from anywhere; a record of an older visae (as typed) is read as from the current directory.
+_PATH_FIELDS = ("out", "export", "negatives_exclude")
+
+
+def _config_record(cfg: Any) -> dict[str, Any]:
+    """``cfg`` as the JSON record a run writes, its :data:`_PATH_FIELDS` absolute."""
+    from visae.config import absolute_paths
+
+    return absolute_paths(dataclasses.asdict(cfg), [f for f in _PATH_FIELDS if hasattr(cfg, f)])
 
 
 def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Module,
@@ -439,11 +449,16 @@ def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Modu
     logp = ckpt.parent / "log.jsonl"
     if cfg.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
-        old = {k: v for k, v in state["config"].items() if k not in _VOLATILE}
+        from visae.config import absolute_paths
+
+        def paths_absolute(d: dict[str, Any]) -> dict[str, Any]:  # a record as typed (older visae) or absolute
+            return absolute_paths(d, [f for f in _PATH_FIELDS if f in d])
+
+        old = {k: v for k, v in paths_absolute(state["config"]).items() if k not in _VOLATILE}
         for k, before in _ADDED_FIELDS.items():  # a checkpoint from before the field existed: what it trained with
             if k in cfg_dict and k not in old:
                 old[k] = before
-        new = {k: v for k, v in cfg_dict.items() if k not in _VOLATILE}
+        new = {k: v for k, v in paths_absolute(cfg_dict).items() if k not in _VOLATILE}
         if old != new:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise ValueError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --no_resume")
@@ -477,7 +492,7 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     export = Path(cfg.export) if cfg.export else out / f"{MODEL_NAME}.safetensors"
-    cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict = _config_record(cfg)
     atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
 
     register()
@@ -1023,7 +1038,7 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     export = Path(cfg.export) if cfg.export else out / f"{cfg.model}.safetensors"
-    cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict = _config_record(cfg)
     atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
     atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in negs))
 

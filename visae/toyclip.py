@@ -432,7 +432,7 @@ def _config_record(cfg: Any) -> dict[str, Any]:
     """``cfg`` as the JSON record a run writes, its :data:`_PATH_FIELDS` absolute."""
     from visae.config import absolute_paths
 
-    return absolute_paths(dataclasses.asdict(cfg), [f for f in _PATH_FIELDS if hasattr(cfg, f)])
+    return absolute_paths(dataclasses.asdict(cfg), _PATH_FIELDS)  # (v1 has no negatives_exclude: left out)
 
 
 def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Module,
@@ -451,14 +451,12 @@ def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Modu
         state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
         from visae.config import absolute_paths
 
-        def paths_absolute(d: dict[str, Any]) -> dict[str, Any]:  # a record as typed (older visae) or absolute
-            return absolute_paths(d, [f for f in _PATH_FIELDS if f in d])
-
-        old = {k: v for k, v in paths_absolute(state["config"]).items() if k not in _VOLATILE}
+        # both sides' paths absolute: a record of an older visae (as typed) is read as from the current directory
+        old = {k: v for k, v in absolute_paths(state["config"], _PATH_FIELDS).items() if k not in _VOLATILE}
         for k, before in _ADDED_FIELDS.items():  # a checkpoint from before the field existed: what it trained with
             if k in cfg_dict and k not in old:
                 old[k] = before
-        new = {k: v for k, v in paths_absolute(cfg_dict).items() if k not in _VOLATILE}
+        new = {k: v for k, v in absolute_paths(cfg_dict, _PATH_FIELDS).items() if k not in _VOLATILE}
         if old != new:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise ValueError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --no_resume")

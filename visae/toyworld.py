@@ -324,6 +324,13 @@ def object_box(shape: str, cx: float, cy: float, r: float, image_size: int = IMA
     return (clip(math.floor(lo_x)), clip(math.floor(lo_y)), clip(math.ceil(hi_x)), clip(math.ceil(hi_y)))
 
 
+def _check_start_seed(start: int, seed: int) -> None:
+    """ValueError unless ``start`` (the first image's index) and ``seed`` (the world's) are >= 0."""
+    if start < 0 or seed < 0:
+        raise ValueError(f"start and seed must be >= 0 (the first image's index, the world's seed), got start={start}, "
+                         f"seed={seed}")
+
+
 def object_boxes(factors: np.ndarray, seed: int, start: int = 0, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """Boxes of the objects of images ``start .. start + n - 1`` of world ``seed`` (``factors [n, F]``,
     their factor rows): int64 ``[n, 2, 4]``, ``[:, 0]`` the main object, ``[:, 1]`` the second one
@@ -335,9 +342,7 @@ def object_boxes(factors: np.ndarray, seed: int, start: int = 0, image_size: int
     Cost: about the background of each image (~1 ms).
     """
     f = np.asarray(factors, np.int64)
-    if start < 0 or seed < 0:
-        raise ValueError(f"start and seed must be >= 0 (the first image's index, the world's seed), got start={start}, "
-                         f"seed={seed}")
+    _check_start_seed(start, seed)
     if f.ndim != 2 or f.shape[1] != len(FACTORS):
         raise ValueError(f"factors must be [n, {len(FACTORS)}] ({list(FACTORS)}), got shape {f.shape}")
     for i, row in enumerate(f):
@@ -357,9 +362,7 @@ def render_batch(factors: np.ndarray, seed: int, start: int = 0, image_size: int
     """Images of factor rows ``factors [n, F]`` (image ``start + i`` of world ``seed``): uint8 ``[n, H, W, 3]``.
 
     Raises ValueError for ``start`` or ``seed`` < 0, ``image_size`` < 1 (:func:`render`) and for a bad factor row."""
-    if start < 0 or seed < 0:
-        raise ValueError(f"start and seed must be >= 0 (the first image's index, the world's seed), got start={start}, "
-                         f"seed={seed}")
+    _check_start_seed(start, seed)
     if not image_size >= 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     out = np.empty((len(factors), image_size, image_size, 3), np.uint8)
@@ -650,10 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # another world in --out (named with what differs): one line, not a traceback
         print(f"visae toyworld: error: {e}", file=sys.stderr)
         return 2
-    import os
+    from visae.config import absolute_paths
 
-    # out recorded absolute (as the demo records its paths): the record says which directory from anywhere
-    atomic_write_text(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "out": os.path.abspath(out)},
-                                                      indent=1))
+    # out recorded absolute (as every stage records its paths): the record says which directory from anywhere
+    atomic_write_text(out / "config.json", json.dumps(absolute_paths(dataclasses.asdict(cfg), ("out",)), indent=1))
     print(f"wrote {cfg.n} images to {out}")
     return 0

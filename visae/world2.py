@@ -1134,11 +1134,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # another world in --out (named with what differs): one line, not a traceback
         print(f"world2: error: {e}", file=sys.stderr)
         return 2
-    import os
+    from visae.config import absolute_paths
 
-    # out recorded absolute (as the demo records its paths): the record says which directory from anywhere
-    atomic_write_text(out / "config.json", json.dumps({**dataclasses.asdict(cfg), "out": os.path.abspath(out)},
-                                                      indent=1))
+    # out recorded absolute (as every stage records its paths): the record says which directory from anywhere
+    atomic_write_text(out / "config.json", json.dumps(absolute_paths(dataclasses.asdict(cfg), ("out",)), indent=1))
     print(f"wrote {cfg.n} images to {out}")
     return 0
 

@@ -142,10 +142,6 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:  # (not x > 0: a NaN is refused too)
                 raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "lr_warmup_steps", "l1_warmup_steps", "resample_every", "checkpoint_every_steps",
-                     "prefetch"):
-            if int(getattr(self, name)) < 0:
-                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.l1_convention not in ("unit", "raw"):
             raise ConfigError(f"TrainConfig.l1_convention must be 'unit' or 'raw', got {self.l1_convention!r}")
         # taken silently before: a dense_threshold outside [0, 1] counted every latent or none as dense, a
@@ -153,7 +149,9 @@ class TrainConfig:
         # froze the first moment (beta1) or divided by a zero bias correction (beta2); a negative seed was a numpy
         # traceback ("expected non-negative integer") after the output directory was locked
         check_bounds(self, {"seed": (0, None), "l1_coeff": (0.0, None), "dense_threshold": (0.0, 1.0), "adam_eps": (0.0, None),
-                            "resample_encoder_scale": (0.0, None)})
+                            "resample_encoder_scale": (0.0, None),
+                            **{name: (0, None) for name in ("max_steps", "lr_warmup_steps", "l1_warmup_steps",
+                                                            "resample_every", "checkpoint_every_steps", "prefetch")}})
         for name in ("val_fraction", "adam_beta1", "adam_beta2"):  # half-open [0, 1)
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"TrainConfig.{name} = {getattr(self, name)!r}: expected in [0, 1)")

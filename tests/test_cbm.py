@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from visae.cbm import CBMConfig, CBMError, ConceptBottleneck, fit_cbm_path, fit_sparse_logistic, load_cbm, train_cbm
+from visae.cbm import (CBMConfig, CBMError, ConceptBottleneck, fit_cbm_path, fit_sparse_logistic, intervention_effects,
+                       load_cbm, top_weights_name_the_class, train_cbm)
 from visae.shards import ShardWriter
 
 
@@ -187,31 +188,32 @@ def _toy(tmp, emb, *, n_val, num_epochs, max_iter):
     return {"cfg": cfg, "res": res, "dirs": dirs, "sae": sae_dir, "concepts": concepts, "tmp": tmp}
 
 
-def _top2_named_right(res):
+def _top2_named_right(toy):
+    """(fraction of classes passing, per-class rows) of :func:`visae.cbm.top_weights_name_the_class` on the toy CBM:
+    a class "red square" passes when its two largest weights are on latents named "red" and "square" (or synonyms,
+    ``recovery.name_matches``)."""
     from visae.recovery import name_matches
 
-    words = []
-    for c in res["classes"]:
-        colour, shape = c["name"].split(" ")
-        top2 = [x["name"] for x in c["concepts"][:2]]
-        ok = len(top2) == 2 and {any(name_matches(nm, colour) for nm in top2), any(name_matches(nm, shape) for nm in top2)} == {True}
-        words.append((c["name"], top2, ok))
-    return float(np.mean([w[2] for w in words])), words
+    model, _ = load_cbm(toy["cfg"].out)
+    rows = top_weights_name_the_class(model, lambda cname: list(zip(("colour", "shape"), cname.split(" "))),
+                                      lambda name, factor, value: name_matches(name, value))
+    return float(np.mean([r["ok"] for r in rows])), rows
 
 
-def _summary(res):
+def _summary(toy):
+    res = toy["res"]
     t = res["top1"]
-    frac, words = _top2_named_right(res)
+    frac, rows = _top2_named_right(toy)
     return (f"CBM top-1 {t['cbm']:.3f}, linear probe {t['linear_probe']:.3f}, zero-shot {t['zero_shot']}, "
             f"{res['concepts_per_class']:.2f} concepts/class, {res['num_candidate_concepts']} named candidates; "
-            f"top-2 = colour + shape in {frac:.2f} of classes; misses: {[w[:2] for w in words if not w[2]][:8]}")
+            f"top-2 = colour + shape in {frac:.2f} of classes; misses: {[(r['name'], r['top']) for r in rows if not r['ok']][:8]}")
 
 
 def test_toy_world_accuracy_and_sparsity(toy):
     """>= 95% of the clean linear probe's top-1 with <= 5 concepts per class, named concepts only."""
     res = toy["res"]
     t = res["top1"]
-    msg = _summary(res)
+    msg = _summary(toy)
     print(msg)
     assert res["num_classes"] == 48 and res["n_val"] == 1500
     assert res["concepts_per_class"] <= 5.0, msg
@@ -226,8 +228,8 @@ def test_toy_world_accuracy_and_sparsity(toy):
                                        "'on the right', 'two', ...); measured 8% of classes, target 80%")
 def test_toy_world_top_weights_are_the_class_words(toy):
     """In >= 80% of classes the two largest weights are on latents named by the class's colour and shape words."""
-    frac, _ = _top2_named_right(toy["res"])
-    assert frac >= 0.8, _summary(toy["res"])
+    frac, _ = _top2_named_right(toy)
+    assert frac >= 0.8, _summary(toy)
 
 
 def _interventions(toy):
@@ -245,22 +247,11 @@ def _interventions(toy):
     codes = torch.zeros(len(val), sae.d_sae)
     codes[torch.from_numpy(rows), torch.from_numpy(cols)] = torch.from_numpy(vals).float()
     y = torch.from_numpy(val.metadata()["colour_shape"].astype(np.int64))
-    C = len(doc["classnames"])
-    base = model.predict(codes)
-    # accuracies as exact fractions of image counts: compared with the thresholds without rounding
-    acc = lambda p, k: Fraction(int((p[y == k] == k).sum()), int((y == k).sum()))  # noqa: E731
-    out = []
-    for c in range(C):
-        top = model.class_concepts(c)[0]
-        after = model.predict(codes, remove=[top["latent"]])
-        users = {k for k in range(C) if any(x["latent"] == top["latent"] for x in model.class_concepts(k))}
-        others = [k for k in range(C) if k not in users]
-        mask = torch.isin(y, torch.tensor(others))
-        pooled = Fraction(int((after == y)[mask].sum()) - int((base == y)[mask].sum()), int(mask.sum()))
-        worst = max(abs(acc(after, k) - acc(base, k)) for k in others)
-        out.append({"class": doc["classnames"][c], "concept": top["name"], "own": acc(after, c) - acc(base, c),
-                    "other_max": worst, "other_pooled": pooled, "users": len(users)})
-    return out
+    # cbm.intervention_effects: accuracies as exact fractions of image counts, compared without rounding
+    res = intervention_effects(model, codes, y)
+    assert len(res) == len(doc["classnames"])  # every class has validation images and concepts
+    return [{"class": r["name"], "concept": r["concepts"][0], "own": r["own"], "other_max": r["other_max"],
+             "other_pooled": r["other_pooled"], "users": r["users"]} for r in res]
 
 
 TWENTY, TWO = Fraction(20, 100), Fraction(2, 100)

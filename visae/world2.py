@@ -26,7 +26,7 @@ scores both alike, one that learnt the renderer does not (issue 12).
 On disk (``generate_world2(out_dir, n, seed)``, ``python -m visae.world2 --out DIR --n N``),
 in the layout ``visae extract --source toyworld`` reads (docs/toyworld.md)::
 
-    out_dir/world.json    {"format": "visae.toyworld2", "version": 1, "factors": {name: [value names]}, ...}
+    out_dir/world.json    {"format": "visae.toyworld2", "version": 2, "factors": {name: [value names]}, ...}
     out_dir/world.jsonl   {"id", "file", "mask", "factors": {name: int, -1 absent}, "objects": [...],
                            "background": {...}, "captions": [...]}
     out_dir/images/000123.png   out_dir/masks/000123.png  (uint8 label map: 0 background, k+1 object k)
@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "visae.toyworld2"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crosshatched a rhombic (60-degree) lattice, wavy 4 periods long (both renderers)
 IMAGE_SIZE = 64
 ABSENT = -1
 
@@ -440,7 +440,7 @@ class TextureStyle:
     duty: float = 0.5
     dot: float = 0.3
     line: float = 1.0
-    wave: float = 0.35
+    wave: float = 0.5
     speckle: float = 0.35
     speckle_cell: int = 2
     bg_contrast: float = 45.0
@@ -450,7 +450,7 @@ class TextureStyle:
 def texture_style(scene: "Scene", jitter: float) -> TextureStyle:
     """The scene's drawing style: the canonical :class:`TextureStyle` for ``jitter == 0``; otherwise each field
     drawn uniformly (from the scene's ``noise_seed``, so a scene always gets the same style) within ``jitter``
-    times its range: duty 0.5 +- 0.2, dot 0.3 +- 0.1, line x [1 - 0.5, 1 + 0.6], wave 0.35 +- 0.15, speckle
+    times its range: duty 0.5 +- 0.2, dot 0.3 +- 0.1, line x [1 - 0.5, 1 + 0.6], wave 0.5 +- 0.15, speckle
     0.35 +- 0.12, speckle_cell 1-3 px (for jitter >= 0.5), bg_contrast 45 +- 20, obj_contrast 1 +- 0.35.
 
     Raises:
@@ -462,12 +462,13 @@ def texture_style(scene: "Scene", jitter: float) -> TextureStyle:
         return TextureStyle()
     g = np.random.default_rng(np.random.SeedSequence([int(scene.noise_seed), 0x57])).uniform(-1.0, 1.0, 8) * jitter
     return TextureStyle(duty=0.5 + 0.2 * g[0], dot=0.3 + 0.1 * g[1], line=1.0 + (0.6 if g[2] > 0 else 0.5) * g[2],
-                        wave=0.35 + 0.15 * g[3], speckle=0.35 + 0.12 * g[4],
+                        wave=0.5 + 0.15 * g[3], speckle=0.35 + 0.12 * g[4],
                         speckle_cell=int(np.clip(np.rint(2 + g[5] / jitter), 1, 3)) if jitter >= 0.5 else 2,
                         bg_contrast=45.0 + 20.0 * g[6], obj_contrast=1.0 + 0.35 * g[7])
 
 
 _CANONICAL = TextureStyle()
+_COS60, _SIN60 = 0.5, math.sqrt(3) / 2
 
 
 def _texture_pattern(kind: int, xx: np.ndarray, yy: np.ndarray, period: float, angle: float, size: float,
@@ -492,16 +493,19 @@ def _texture_pattern(kind: int, xx: np.ndarray, yy: np.ndarray, period: float, a
         tri = np.abs(((u / period) % 2) - 1) * period
         return (((v + tri) % period) < period * style.duty).astype(np.float32)
     if name == "wavy":
-        return (((v + style.wave * period * np.sin(2 * math.pi * u / (2 * period))) % period) < period * style.duty).astype(np.float32)
+        # a gentle wave 4 periods long: at 2 periods (its first drawing) it was a rounded zigzag (13 % of pixels apart)
+        return (((v + style.wave * period * np.sin(2 * math.pi * u / (4 * period))) % period) < period * style.duty).astype(np.float32)
     if name == "speckled":
         g = np.random.default_rng(noise_seed)
         c = style.speckle_cell
         cells = g.random((int(size) // c + 2, int(size) // c + 2)) < style.speckle
         return cells[(yy // c).astype(int) % cells.shape[0], (xx // c).astype(int) % cells.shape[1]].astype(np.float32)
     if name == "crosshatched":
+        # two line families 60 degrees apart (a rhombic lattice): at 90 degrees (its first drawing) it was gridded
+        # turned 45 degrees, which the world's random angle made the same texture
         w = max(1.0, 0.2 * style.line * period)
-        d1, d2 = (u + v) / math.sqrt(2), (u - v) / math.sqrt(2)
-        return (((d1 % period) < w) | ((d2 % period) < w)).astype(np.float32)
+        d2 = u * _COS60 + v * _SIN60
+        return (((u % period) < w) | ((d2 % period) < w)).astype(np.float32)
     if name == "gradient":
         return np.clip((u - u.min()) / max(1e-6, float(u.max() - u.min())), 0, 1).astype(np.float32)
     raise ValueError(f"unknown texture index {kind}")
@@ -651,11 +655,11 @@ def _alt_pattern(kind: int, xx: np.ndarray, yy: np.ndarray, period: float, angle
     if name == "zigzag":
         return (np.sin(w * (v + np.abs(((u / period) % 2) - 1) * period * 0.8)) > 0).astype(np.float32)
     if name == "wavy":
-        return (np.sin(w * (v + 0.3 * period * np.sin(w * u / 2))) > 0).astype(np.float32)
+        return (np.sin(w * (v + 0.45 * period * np.sin(w * u / 4))) > 0).astype(np.float32)
     if name == "speckled":
         return (np.random.default_rng(seed).random(xx.shape) < 0.3).astype(np.float32)
     if name == "crosshatched":
-        return ((np.cos(w * (u + v) / math.sqrt(2)) > 0.75) | (np.cos(w * (u - v) / math.sqrt(2)) > 0.75)).astype(np.float32)
+        return ((np.cos(w * u) > 0.75) | (np.cos(w * (u * _COS60 + v * _SIN60)) > 0.75)).astype(np.float32)
     if name == "gradient":
         return np.clip((v - v.min()) / max(1e-6, float(v.max() - v.min())), 0, 1).astype(np.float32)
     raise ValueError(f"unknown texture index {kind}")
@@ -1082,7 +1086,7 @@ def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: 
     wj = out / "world.json"
     if wj.exists():
         old = json.loads(wj.read_text())
-        for k in ("format", "seed", "n", "image_size", "max_objects", "occlusion", "factors"):
+        for k in ("format", "version", "seed", "n", "image_size", "max_objects", "occlusion", "factors"):
             if old.get(k) != meta[k]:
                 raise ValueError(f"{wj}: existing world has {k}={str(old.get(k))[:80]!r}, asked for "
                                  f"{str(meta[k])[:80]!r}; use another out_dir or delete it")

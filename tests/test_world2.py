@@ -164,6 +164,12 @@ def test_on_disk_layout_read_by_the_extractor(tmp_path):
     with pytest.raises(ValueError, match="seed"):
         w.generate_world2(out, 12, seed=3, progress=False)
     assert (out / "world.jsonl").read_text() == before
+    # A directory of another format version (format 1 drew two textures otherwise): resuming it would mix drawings.
+    meta = json.loads((out / "world.json").read_text())
+    (out / "world.json").write_text(json.dumps({**meta, "version": w.FORMAT_VERSION - 1}))
+    with pytest.raises(ValueError, match=f"version='{w.FORMAT_VERSION - 1}'"):
+        w.generate_world2(out, 12, seed=2, progress=False)
+    assert (out / "world.jsonl").read_text() == before
 
 
 def test_texture_styles_change_drawings_only():

@@ -158,6 +158,14 @@ def test_resume_of_a_checkpoint_from_before_the_model_field(tmp_path):
     with pytest.raises(ValueError, match=r"'aux_factor_weights': \('', 'shape:6'\)"):
         toyclip._resume(tmp_path / "checkpoint.pt", weighted, dataclasses.asdict(weighted), fresh, None,
                         torch.optim.AdamW(fresh.parameters(), lr=1e-3))
+    # the checkpoint has no world_version: it was trained on world2 format 1, and is not continued on another format
+    with pytest.raises(ValueError, match=f"trained on world format 1, this visae draws format {w2.FORMAT_VERSION}"):
+        toyclip._resume(tmp_path / "checkpoint.pt", cfg, dataclasses.asdict(cfg), fresh, None,
+                        torch.optim.AdamW(fresh.parameters(), lr=1e-3), world_version=w2.FORMAT_VERSION)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    torch.save({**state, "world_version": w2.FORMAT_VERSION}, tmp_path / "checkpoint.pt")
+    assert toyclip._resume(tmp_path / "checkpoint.pt", cfg, dataclasses.asdict(cfg), fresh, None,
+                           torch.optim.AdamW(fresh.parameters(), lr=1e-3), world_version=w2.FORMAT_VERSION)[0] == 7
 
 
 def test_aux_factor_weights():

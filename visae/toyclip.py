@@ -436,14 +436,17 @@ def _config_record(cfg: Any) -> dict[str, Any]:
 
 
 def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Module,
-            heads: torch.nn.Module | None, opt: torch.optim.Optimizer) -> tuple[int, float]:
+            heads: torch.nn.Module | None, opt: torch.optim.Optimizer,
+            world_version: int | None = None) -> tuple[int, float]:
     """(step, train seconds) restored from ``ckpt`` when ``cfg.resume`` and it exists, else (0, 0.0).
 
     The checkpoint's config must equal ``cfg_dict`` but for :data:`_VOLATILE` (ValueError naming the
     differences otherwise); a field the checkpoint lacks because it was added later counts as the value the
     run trained with (:data:`_ADDED_FIELDS`: v1's tower, equal head weights, no pretraining, canonical
     textures); ``log.jsonl`` beside it keeps only the records up to the restored step (the later ones are
-    redone), or starts empty for a fresh run. Shared by v1 and v2 training.
+    redone), or starts empty for a fresh run. ``world_version`` (v2: ``world2.FORMAT_VERSION``): the checkpoint's
+    world format must be it (ValueError otherwise; a checkpoint without the field was trained on format 1), so a
+    run is never continued on scenes drawn otherwise. Shared by v1 and v2 training.
     """
     step, train_seconds = 0, 0.0
     logp = ckpt.parent / "log.jsonl"
@@ -460,6 +463,9 @@ def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Modu
         if old != new:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise ValueError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --no_resume")
+        if world_version is not None and state.get("world_version", 1) != world_version:
+            raise ValueError(f"{ckpt}: trained on world format {state.get('world_version', 1)}, this visae draws format "
+                             f"{world_version} (visae.world2.FORMAT_VERSION); use another --out or --no_resume")
         model.load_state_dict(state["model"])
         if heads is not None:
             heads.load_state_dict(state["aux_heads"])
@@ -1055,7 +1061,7 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     params = _param_groups(model, cfg.weight_decay) + [{"params": list(heads.parameters()), "weight_decay": 0.0}]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     ckpt = out / "checkpoint.pt"
-    step, train_seconds = _resume(ckpt, cfg, cfg_dict, model, heads, opt)
+    step, train_seconds = _resume(ckpt, cfg, cfg_dict, model, heads, opt, world_version=w2.FORMAT_VERSION)
 
     t_data = time.time()
     kw = dict(max_objects=cfg.max_objects, occlusion=cfg.occlusion, colour_jitter=cfg.colour_jitter)
@@ -1081,7 +1087,8 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
 
     def save_ckpt() -> None:
         _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                            "aux_heads": heads.state_dict(), "train_seconds": train_seconds, "config": cfg_dict}, ckpt)
+                            "aux_heads": heads.state_dict(), "train_seconds": train_seconds, "config": cfg_dict,
+                            "world_version": w2.FORMAT_VERSION}, ckpt)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="toy CLIP v2", disable=not cfg.progress)
     t_seg, this_call = time.time(), 0
@@ -1170,7 +1177,8 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     from visae.metrics import json_safe  # NaN (a benchmark with no image, no inheritance pair) -> null: JSON has no NaN
 
     card = {
-        "model": cfg.model, "version": 2, "world": "visae.world2", "weights": export.name,
+        "model": cfg.model, "version": 2, "world": "visae.world2", "world_version": w2.FORMAT_VERSION,
+        "weights": export.name,
         "sha256": _file_sha256(export), "bytes": export.stat().st_size,
         "command": "visae.toyclip.main_v2 " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": cfg_dict, "negatives": {"file": "negatives.txt", "n": len(negs)},

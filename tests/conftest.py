@@ -78,8 +78,8 @@ def toy_world_embeddings():
 
 @pytest.fixture(scope="session")
 def world2_demo_dir(tmp_path_factory) -> Path:
-    """The world2 demo as a user runs it with the shipped ``visae-toyclip2`` and the 20k naming list as distractors
-    (``visae demo --config configs/demo_world2.yaml --distractors ../shared/vocab/20k.txt``, 2 threads): its output
+    """The demo as a user runs it (its default world is world2, with the shipped ``visae-toyclip2``) with the 20k naming
+    list as distractors (``visae demo --distractors ../shared/vocab/20k.txt``, 2 threads): its output
     directory (world/, shards/, sweep/, concepts/, site/, recovery.json). Built once per session (~100-200 s of CPU)
     and shared by the world2 ground-truth tests. Skips when the naming list is not beside the checkout."""
     from visae import demo
@@ -91,17 +91,16 @@ def world2_demo_dir(tmp_path_factory) -> Path:
     # 2 threads (torch and the world's worker processes): the suite runs one test at a time, so this fixture has both
     # cores of a 2-core machine (147 s at 1 thread, idle); the demo's results are the same with 1 or 2 (measured:
     # every trial's score and recovery identical)
-    argv = ["--config", str(REPO / "configs" / "demo_world2.yaml"), "--out", str(out), "--distractors", str(vocab),
-            "--threads", "2", "--no_progress"]
+    argv = ["--out", str(out), "--distractors", str(vocab), "--threads", "2", "--no_progress"]
     assert demo.main(argv) == 0
     return out
 
 
 def patch_sae_on_world(tmp: Path, world: Path, model: str, pretrained: str | None, layer: int,
-                       num_epochs: int) -> dict:
+                       num_epochs: int, seed: int = 0) -> dict:
     """The heatmap ground-truth pipeline of issue 14 item 2 on a generated world directory: ``model``'s patch tokens
     after block ``layer`` (``visae extract --token patch``), a TopK SAE on them (k 8, 384 latents, lr 2e-3, no
-    resampling, seed 0) and its top images with heatmaps from the site's streaming pass (``compute_top_images``,
+    resampling, ``seed``) and its top images with heatmaps from the site's streaming pass (``compute_top_images``,
     16 a latent). Returns ``{"sae", "shards", "top"}``."""
     from visae.extract import ExtractConfig, extract
     from visae.sae import load_sae
@@ -112,6 +111,6 @@ def patch_sae_on_world(tmp: Path, world: Path, model: str, pretrained: str | Non
                                    layer=layer, token="patch", batch_size=200, num_workers=0, threads=1, progress=False))
     sae_dir = train(TrainConfig(shards=str(shards.path), out=str(tmp / "sae"), architecture="topk", k=8,
                                 expansion_factor=4, num_epochs=num_epochs, batch_size=1024, lr=2e-3, resample_every=0,
-                                l1_warmup_steps=0, seed=0, progress=False, plot=False))
+                                l1_warmup_steps=0, seed=seed, progress=False, plot=False))
     sae = load_sae(sae_dir)
     return {"sae": sae, "shards": shards, "top": compute_top_images(sae, shards, n_top=16, n_random=0, progress=False)}

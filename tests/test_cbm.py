@@ -156,6 +156,8 @@ def toy(tmp_path_factory, toy_world_embeddings):
 def _toy(tmp, emb, *, n_val, num_epochs, max_iter):
     from visae import toyworld as tw
     from visae.demo import DemoConfig, toy_vocabulary
+    from visae.config import load_yaml_config
+    from visae.resources import config_yaml
     from visae.naming import NameConfig, name_concepts
     from visae.train import TrainConfig, train
 
@@ -170,7 +172,7 @@ def _toy(tmp, emb, *, n_val, num_epochs, max_iter):
                          columns={k: "int64" for k in names}) as w:
             idx = np.arange(n)[sl]
             w.add(x[sl], ids=[f"{i:06d}" for i in idx], columns={k: world.factors[sl, i] for i, k in enumerate(names)})
-    demo = DemoConfig()
+    demo = load_yaml_config(DemoConfig, config_yaml("demo_toy.yaml"))  # the first toy world's demo
     sae_dir = train(TrainConfig(shards=str(dirs["train"]), out=str(tmp / "sae"), architecture=demo.sweep.train.architecture,
                                 expansion_factor=max(demo.sweep.expansion_factors), lr=max(demo.sweep.lrs),
                                 l1_coeff=min(demo.sweep.l1_coeffs), num_epochs=num_epochs or demo.sweep.train.num_epochs,

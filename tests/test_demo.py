@@ -10,14 +10,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from visae import demo  # noqa: E402
 from visae.config import config_from_dict, config_to_dict, parse_config  # noqa: E402
-from visae.toyclip import TOYCLIP_WEIGHTS  # noqa: E402
+from visae.toyclip import TOYCLIP2_WEIGHTS, TOYCLIP_WEIGHTS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     assert TOYCLIP_WEIGHTS.is_file(), f"{TOYCLIP_WEIGHTS} is missing (see assets/toyclip/README.md)"
     out = tmp_path_factory.mktemp("demo") / "out"
-    argv = ["--out", str(out), "--quick", "--no_progress", "--threads", "2",
+    # the first toy world (the demo's default is world2: tests/test_world2_demo_truth.py runs that one)
+    argv = ["--config", str(demo.config_yaml("demo_toy.yaml")), "--out", str(out), "--quick", "--no_progress", "--threads", "2",
             "--text_cache", str(out.parent / "text_cache")]
     assert demo.main(argv) == 0
     return out, argv
@@ -312,7 +313,7 @@ def test_threads_set_the_world_generations_worker_processes(tmp_path, monkeypatc
         seen.append((n, seed, workers))
         raise ValueError("stopped after the world stage's call")
 
-    monkeypatch.setitem(demo.WORLDS, "toy", dataclasses.replace(demo.WORLDS["toy"], generate=generate))
+    monkeypatch.setitem(demo.WORLDS, "world2", dataclasses.replace(demo.WORLDS["world2"], generate=generate))
     assert demo.main(["--out", str(tmp_path / "out"), "--threads", "2", "--no_progress", "--n_images", "40"]) == 2
     assert seen == [(40, 5000, 2)]
 
@@ -324,7 +325,9 @@ def test_a_toy_clip_on_the_other_toy_world_is_refused_before_anything_is_written
     out = tmp_path / "out"
     for argv, model, world, want in ((["--world", "world2", "--model", "visae-toyclip"], "visae-toyclip", "world2",
                                       "visae-toyclip2"),
-                                     (["--model", "visae-toyclip2"], "visae-toyclip2", "toy", "visae-toyclip")):
+                                     (["--world", "toy", "--model", "visae-toyclip2"], "visae-toyclip2", "toy",
+                                      "visae-toyclip"),
+                                     (["--model", "visae-toyclip"], "visae-toyclip", "world2", "visae-toyclip2")):
         assert demo.main(["--out", str(out), *argv]) == 2
         err = capsys.readouterr().err
         assert f"DemoConfig.model = '{model}' is the toy CLIP of" in err and f"--world {world}" in err, err
@@ -381,12 +384,12 @@ def test_file_arguments_are_recorded_as_absolute_paths_and_keywords_as_typed(tmp
     def generate(out, n, seed, progress, workers):
         raise ValueError("stopped at the world stage")
 
-    monkeypatch.setitem(demo.WORLDS, "toy", dataclasses.replace(demo.WORLDS["toy"], generate=generate))
+    monkeypatch.setitem(demo.WORLDS, "world2", dataclasses.replace(demo.WORLDS["world2"], generate=generate))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "d.txt").write_text("crimson\nincurred\n")
     (tmp_path / "v.txt").write_text("red\ncircle\n")
     (tmp_path / "wordfreq").write_text("not read\n")
-    shutil.copy(TOYCLIP_WEIGHTS, tmp_path / "w.safetensors")
+    shutil.copy(TOYCLIP2_WEIGHTS, tmp_path / "w.safetensors")  # the default world's toy CLIP
 
     def recorded(out):
         return json.loads((tmp_path / out / demo.STATE).read_text())["config"]

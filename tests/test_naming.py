@@ -258,6 +258,8 @@ def test_toy_world_recovered_factor_values_are_named_right(tmp_path, toy_world_e
     synonyms plus 600 distractor words."""
     from visae import toyworld as tw
     from visae.demo import DemoConfig, toy_vocabulary
+    from visae.config import load_yaml_config
+    from visae.resources import config_yaml
     from visae.recovery import concept_recovery
     from visae.train import TrainConfig, train
 
@@ -270,7 +272,7 @@ def test_toy_world_recovered_factor_values_are_named_right(tmp_path, toy_world_e
                      columns={k: "int64" for k in names}) as w:
         w.add(x.numpy(), ids=[f"{i:06d}" for i in range(n)], columns={k: world.factors[:, i] for i, k in enumerate(names)})
     # One point of the demo's sweep grid (the largest dictionary and learning rate, the smallest lambda).
-    demo = DemoConfig()
+    demo = load_yaml_config(DemoConfig, config_yaml("demo_toy.yaml"))  # the first toy world's demo
     sae_dir = train(TrainConfig(shards=str(shards), out=str(tmp_path / "sae"), architecture=demo.sweep.train.architecture,
                                 expansion_factor=max(demo.sweep.expansion_factors), lr=max(demo.sweep.lrs),
                                 l1_coeff=min(demo.sweep.l1_coeffs), num_epochs=demo.sweep.train.num_epochs,

@@ -13,7 +13,9 @@ the demo itself), then reads every trial of every sweep:
 
 Prints per seed and pooled: the Spearman correlation of the score and of the rule's order with recovery, whether the
 selected SAE is within one value of the seed's best, and the spread of zero-shot accuracy among the trials with
-explained variance >= 0.7 (issue 12, items 2 and 4). ``--json`` writes everything.
+explained variance >= 0.7 (issue 12, items 2 and 4). Then, for rule ``sparsest_within`` (the sparsest trial whose
+zero-shot drop stays under max_drop), the max_drop values at which each seed's choice is within one value of its
+best, and those that work in every seed (:func:`max_drop_windows`). ``--json`` writes everything.
 """
 
 from __future__ import annotations
@@ -44,6 +46,37 @@ def _rows(seed_dir: Path) -> list[dict]:
                     "clean_top1": float(b["clean_top1"]) if b.get("clean_top1") else None,
                     "l0": float(b["l0"]), "explained_variance": float(b["explained_variance"]), "recovery": n})
     return out
+
+
+def max_drop_windows(rows: list[dict]) -> tuple[list[tuple[float, float]], list[dict]]:
+    """Rule ``sparsest_within`` (visae.select: the lowest-L0 trial whose zero-shot drop ``100 (clean - score)`` is
+    <= max_drop) at every max_drop: the half-open intervals ``[lo, hi)`` of max_drop (percentage points) at which
+    the chosen trial's recovery is within one value of the seed's best, and the step list (each ``{"from": m,
+    "trial", "recovery"}``: from max_drop m on, until the next step, the rule chooses that trial). Trials without a
+    clean accuracy or with a non-finite score are left out, as the rule leaves them out."""
+    ok = [r for r in rows if r["clean_top1"] is not None and math.isfinite(r["score"])]
+    if not ok:
+        return [], []
+    best = max(r["recovery"] for r in rows)
+    drop = {r["trial"]: round(100.0 * (r["clean_top1"] - r["score"]), 9) for r in ok}  # rounded: 2.0000000000000018 is 2
+    steps, windows = [], []
+    for m in sorted(set(drop.values())):  # the choice changes only where a trial enters
+        pick = min((r for r in ok if drop[r["trial"]] <= m), key=lambda r: (r["l0"], -r["score"], r["trial"]))
+        if not steps or steps[-1]["trial"] != pick["trial"]:
+            steps.append({"from": m, "trial": pick["trial"], "recovery": pick["recovery"]})
+    for i, st in enumerate(steps):
+        hi = steps[i + 1]["from"] if i + 1 < len(steps) else math.inf
+        if st["recovery"] >= best - 1:
+            if windows and windows[-1][1] == st["from"]:  # adjacent steps that both work: one window
+                windows[-1] = (windows[-1][0], hi)
+            else:
+                windows.append((st["from"], hi))
+    return windows, steps
+
+
+def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out = [(max(x0, y0), min(x1, y1)) for x0, x1 in a for y0, y1 in b]
+    return [w for w in out if w[0] < w[1]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                        "wall_s": round(time.perf_counter() - t, 1), "children_cpu_s": round(benchlib.cpu_seconds() - c, 1)}
         pooled += [dict(r, seed=s) for r in rows]
         p = per_seed[s]
+        p["max_drop_windows"], p["sparsest_within_steps"] = max_drop_windows(rows)
+        p["max_drop_windows"] = [(a, b if math.isfinite(b) else None) for a, b in p["max_drop_windows"]]
         print(f"seed {s}: {len(rows)} trials, Spearman score {p['spearman_score']}, rule {p['spearman_rule']}; selected "
               f"{p['selected_recovery']} / best {p['best_recovery']} of {p['n_values']} values; zero-shot spread "
               f"{p['spread_pts']} pts over {p['n_ev_ok']} trials with EV >= {args.min_ev}", flush=True)
@@ -84,12 +119,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['rank']:>2} {r['trial']:<24} score {r['score']:.4f} (clean {r['clean_top1']})  L0 {r['l0']:7.1f}"
                   f"  EV {r['explained_variance']:.3f}  recovery {r['recovery']}" + ("  <- chosen" if r["chosen"] else ""))
 
+    # Could another zero-shot tolerance have chosen within one value of the best in every seed? (issue 12, item 4)
+    common = [(0.0, math.inf)]
+    for s in seeds:
+        p = per_seed[s]
+        print(f"seed {s}: sparsest_within chooses within one value of the best for max_drop in "
+              f"{[(round(a, 2), round(b, 2)) for a, b in p['max_drop_windows']]} (pts); steps: "
+              + ", ".join(f"from {st['from']:.2f}: {st['trial']} ({st['recovery']})" for st in p["sparsest_within_steps"]))
+        common = _intersect(common, [(a, math.inf if b is None else b) for a, b in p["max_drop_windows"]])
+    print(f"max_drop values that work in every seed: {[(round(a, 2), round(b, 2)) for a, b in common] or 'none'}")
+
     finite = [r for r in pooled if math.isfinite(r["score"])]  # a diverged trial's score is NaN
     pooled_rho = spearman([r["score"] for r in finite], [r["recovery"] for r in finite])
     print(f"\npooled over {len(pooled)} trials of {len(seeds)} seeds: Spearman(score, recovery) = {pooled_rho}")
     print(f"machine: {benchlib.describe_machine()}")
     benchlib.report("bench_selection_truth.py", {"args": vars(args), "demo_args": demo_args, "per_seed": per_seed,
-                                                 "pooled_spearman_score": pooled_rho}, args.json, argv, echo=False)
+                                                 "pooled_spearman_score": pooled_rho,
+                                                 "max_drop_common_windows": [(a, b if math.isfinite(b) else None)
+                                                                             for a, b in common]},
+                    args.json, argv, echo=False)
     return 0
 
 

@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "browse": ("visae.browse", "write (and optionally serve) a static site of named concepts with top images"),
     "toyworld": ("visae.toyworld", "generate images of the synthetic world with their factor labels"),
     "train-toy-clip": ("visae.toyclip", "train the project's small CLIP on the synthetic world"),
+    "tune-toy-clip-text": ("visae.toyclip_text", "stage 2 of visae-toyclip2: tune its text tower alone against sub-word inheritance"),
     "cbm": ("visae.cbm", "concept bottleneck classifier over named SAE concepts: accuracy, explanations, interventions"),
     "recovery": ("visae.recovery", "score how well an SAE recovers the synthetic world's known concepts (AUROC, naming)"),
     "patch-recovery": ("visae.patch_recovery", "patch-token SAE on a synthetic world: does a concept's heat lie on the object's box / mask"),

@@ -1,0 +1,130 @@
+"""Stage 2 of visae-toyclip2 (visae.toyclip_text): the text tower tuned alone against sub-word inheritance."""
+
+import dataclasses
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from visae import toyclip
+from visae import toyclip_text as tt
+from visae.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    toyclip.register_toy_model(toyclip.MODEL_NAME_V2)
+    return open_clip.get_tokenizer(toyclip.MODEL_NAME_V2)
+
+
+def test_token_negatives_keep_a_world_token_and_are_never_a_world_word(tokenizer):
+    world = ["red", "parallelogram", "semicircle", "heptagon"]
+    seqs = tt.world_token_sequences(tokenizer, world)
+    assert [len(s) for s in seqs][0] == 1 and all(len(s) >= 2 for s in seqs[1:])  # one- and many-token words
+    sot, eot = int(tokenizer.sot_token_id), int(tokenizer.eot_token_id)
+    kw = dict(context=16, sot=sot, eot=eot, vocab_size=49408)
+    out = tt.token_negatives(seqs, 400, np.random.default_rng(0), **kw)
+    assert out.shape == (400, 16) and out.dtype == torch.long
+    assert torch.equal(out, tt.token_negatives(seqs, 400, np.random.default_rng(0), **kw))  # seeded
+    world_tokens = set().union(*map(set, seqs))
+    kinds = set()
+    for row in out.tolist():
+        n = row.index(eot)
+        assert row[0] == sot and n >= 2 and not any(row[n + 1:])  # start, >= 1 token, end, then padding
+        body = tuple(row[1:n])
+        assert body not in set(seqs) and sot not in body and eot not in body
+        assert set(body) & world_tokens  # each keeps some of a world word's tokens
+        kinds.add("part" if set(body) <= world_tokens else "mixed")
+    assert kinds == {"part", "mixed"}  # parts of a word alone ("gram") and words with random tokens
+    with pytest.raises(ValueError, match="context"):
+        tt.token_negatives(seqs, 1, np.random.default_rng(0), **dict(kw, context=2))
+
+
+def test_hard_negative_words_share_a_world_token_and_avoid_the_naming_list(tokenizer):
+    by_tok = tt.hard_negative_words(tokenizer, {"endured", "dared"}, n_candidates=20000)
+    world = toyclip.world2_words()
+    words = {w for ws in by_tok.values() for w in ws}
+    assert len(words) > 100 and not words & world and not words & {"endured", "dared"}
+    red = int(tokenizer.encoder["red</w>"])
+    assert red in by_tok and "stirred" in by_tok[red]  # stir + red</w>
+    toks = dict(zip(sorted(words), toyclip.subword_tokens(tokenizer, sorted(words))))
+    assert all(t in toks[w] for t, ws in by_tok.items() for w in ws)
+    assert list(by_tok) == sorted(by_tok)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A tiny v2 base run (exported weights, card and negatives beside them) and a naming list."""
+    d = tmp_path_factory.mktemp("base")
+    naming = d / "naming.txt"
+    naming.write_text("incurred\nwhispered\nendured\npencil\ntable\nriver\n")
+    cfg = toyclip.ToyClipV2Config(out=str(d / "run"), n_train=64, max_objects=1, steps=2, batch_size=16, warmup=1,
+                                  eval_n=32, eval_every=0, negatives_per_step=4, negatives_exclude=str(naming),
+                                  n_negative_words=30, threads=1, progress=False)
+    return toyclip.train_toy_clip_v2(cfg, []), naming
+
+
+def _cfg(tmp_path, base_run, **kw):
+    init, naming = base_run
+    return tt.TextTuneConfig(**{**dict(out=str(tmp_path / "tune"), init=str(init), n_pool=64, steps=4, batch_size=16,
+                                       warmup=1, negatives_per_step=4, n_negative_words=30, hard_negatives_per_step=4,
+                                       hard_candidates=5000, token_negatives_per_step=8, negatives_exclude=str(naming),
+                                       eval_n=32, checkpoint_every=2, threads=1, progress=False), **kw})
+
+
+def test_tune_changes_the_text_tower_only_and_records_its_base(tmp_path, base_run):
+    init, naming = base_run
+    path = tt.tune_text_tower(_cfg(tmp_path, base_run), [])
+    before, after = load_file(str(init)), load_file(str(path))
+    assert set(before) == set(after)
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual.") or k.startswith("logit_"))
+    assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith("visual."))
+    card = json.loads(path.with_suffix(".json").read_text())
+    base = json.loads(init.with_suffix(".json").read_text())
+    assert card["base"] == base and card["config"]["init_sha256"] == base["sha256"]
+    assert card["command"].startswith("visae.toyclip_text.main") and card["steps"] == 4
+    # every word trained on is recorded; none is a word of the naming list (the unseen words of the evaluation)
+    seen = set((tmp_path / "tune" / "negatives.txt").read_text().split())
+    assert set((init.parent / "negatives.txt").read_text().split()) <= seen
+    assert len(seen) == card["negatives"]["n"] and card["negatives"]["hard"] > 0
+    assert not seen & set(naming.read_text().split())
+    inh = card["evaluation"]["subword_inheritance"]
+    assert inh["n_heldout"] == 6 and inh["n_pairs"] >= 2  # incurred, whispered, endured share red</w>
+    log = [json.loads(x) for x in (tmp_path / "tune" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_tune_resumes_to_the_same_weights(tmp_path, base_run):
+    whole = tt.tune_text_tower(_cfg(tmp_path / "a", base_run), [])
+    cfg = _cfg(tmp_path / "b", base_run)
+    assert tt.tune_text_tower(cfg, [], stop_after=3) is None  # killed after step 3: the checkpoint has step 2
+    resumed = tt.tune_text_tower(cfg, [])
+    a, b = load_file(str(whole)), load_file(str(resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="different config"):
+        tt.tune_text_tower(dataclasses.replace(cfg, lr=1e-3), [])
+
+
+def test_tune_refuses_bad_input_before_writing(tmp_path, base_run):
+    init, _ = base_run
+    with pytest.raises(FileNotFoundError, match="weights"):
+        tt.tune_text_tower(_cfg(tmp_path, base_run, init=str(tmp_path / "none.safetensors")), [])
+    other = tmp_path / "copy.safetensors"
+    other.write_bytes(init.read_bytes()[:-8] + b"\0" * 8)
+    card = json.loads(init.with_suffix(".json").read_text())
+    other.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="sha256"):
+        tt.tune_text_tower(_cfg(tmp_path, base_run, init=str(other)), [])
+    other.with_suffix(".json").write_text(json.dumps(dict(card, world_version=1, sha256=None)))
+    with pytest.raises(ValueError, match="world format 1"):
+        tt.tune_text_tower(_cfg(tmp_path, base_run, init=str(other)), [])
+    with pytest.raises(FileNotFoundError, match="word list"):
+        tt.tune_text_tower(_cfg(tmp_path, base_run, negatives_exclude=str(tmp_path / "missing.txt")), [])
+    assert not (tmp_path / "tune").exists()
+    with pytest.raises(ConfigError, match="negatives_exclude"):
+        tt.TextTuneConfig(negatives_exclude="")
+    with pytest.raises(ConfigError, match="single_object_fraction"):
+        tt.TextTuneConfig(single_object_fraction=1.5)

@@ -1,0 +1,461 @@
+"""Stage 2 of the visae-toyclip2 recipe: tune the text tower alone so that unseen words stop inheriting world words.
+
+Why (issue 12, item 3; docs/toyclip_v2_recipe.md, section 13): the text tower of a CLIP trained on the world's ~600
+words reads a word it never saw by the sub-word (BPE) tokens it shares with a world word. "configured" tokenises as
+``configu`` + ``red</w>``, its prefix token was never trained (its embedding is still the random initialisation), and
+the word embeds next to "red": naming with a real vocabulary then calls the red latent "configured". Random
+negatives (words from wordfreq, true of no image) do not teach this away: few of them share a token with a world
+word, and none has an untrained token.
+
+What: the image tower (and the logit scale) of a trained v2 model stays frozen, bit for bit, so every image-side
+result (SAE training, concept recovery's AUROC, patch heatmaps, probes) is unchanged; the text tower is trained on
+image embeddings cached once, with the base run's loss (:func:`visae.toyclip.multi_positive_clip_loss` over the
+batch's true captions, one concept caption per coarse value, and random negatives), plus two kinds of negatives,
+both true of no image:
+
+* **hard negatives** (:func:`hard_negative_words`): wordfreq words outside the world and outside the naming list
+  that share a BPE token with a world word ("endured", "hologram"), drawn evenly over the shared tokens;
+* **token negatives** (:func:`token_negatives`): a world word's tokens with random BPE tokens before or after them,
+  one token replaced by a random one, or a proper part of the word alone ("gram" of "parallelogram"); random
+  tokens are mostly never trained, as the held-out words' rare prefixes are.
+
+The naming list (``negatives_exclude``, the 20k list) stays out of every negative, so the inheritance and naming
+evaluations remain on words the model never saw (:func:`visae.toyclip.inheritance_eval_v2`). A development split of
+the wordfreq candidates (``dev_fraction``, :func:`is_dev_word`) is never trained on either: inheritance measured on it
+chooses a recipe without spending the naming list.
+
+Measured on the shipped weights (docs/toyclip_v2_recipe.md, section 13): zero-shot unchanged within 1.5 points,
+inheritance 15.7 % -> 25.5 % of 51 pairs (target 55 %); not shipped (docs/toyworld.md says why).
+
+Output: fp16 weights with a card that nests the base model's card (its command, seed, training time), this stage's
+command, config, seed and time, the words it trained on (``negatives.txt``, the base run's negatives included), and
+the evaluation of :func:`visae.toyclip.evaluate_v2` and :func:`visae.toyclip.inheritance_eval_v2`. Resumable from
+``<out>/checkpoint.pt``; deterministic given the seed and thread count.
+
+    visae tune-toy-clip-text --init runs/toyclip2/visae-toyclip2.safetensors --out runs/toyclip2_text
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import platform
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from visae import toyclip as tc
+from visae.atomic import atomic_write_text
+from visae.resources import config_yaml
+
+__all__ = ["TextTuneConfig", "candidate_words", "is_dev_word", "hard_negative_words", "token_negatives",
+           "world_token_sequences", "tune_text_tower", "main"]
+
+
+@dataclass(frozen=True)
+class TextTuneConfig:
+    """Tune the text tower of a trained visae-toyclip2 against sub-word inheritance (image tower frozen)."""
+
+    out: str = field(default="runs/toyclip2_text", metadata={"help": "run directory: checkpoint.pt, log.jsonl, metrics.json, negatives.txt"})
+    init: str = field(default="runs/toyclip2/visae-toyclip2.safetensors", metadata={
+        "help": "the trained v2 weights (fp16 .safetensors) with their card (.json) beside them, as the v2 trainer "
+                "exports them; the card's world settings draw the image pool"})
+    export: str = field(default="", metadata={"help": "fp16 weights out (.safetensors, card .json beside); empty: <out>/visae-toyclip2.safetensors"})
+    seed: int = field(default=0, metadata={"help": "seed of the batches, the captions and the negatives"})
+    n_pool: int = field(default=20000, metadata={"help": "training scenes of the base run's world whose image embeddings are cached"})
+    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=128, metadata={"help": "images (and captions) per step"})
+    lr: float = field(default=5e-4, metadata={"help": "peak AdamW learning rate (cosine decay to 0)"})
+    warmup: int = field(default=20, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on matrices"})
+    single_object_fraction: float = field(default=0.5, metadata={"help": "fraction of each batch from single-object scenes"})
+    negatives_per_step: int = field(default=64, metadata={"help": "captions of random negative words a step (visae.toyclip.negative_words)"})
+    n_negative_words: int = field(default=5000, metadata={"help": "size of the random negative word pool"})
+    hard_negatives_per_step: int = field(default=64, metadata={"help": "captions of hard negative words a step (hard_negative_words)"})
+    hard_candidates: int = field(default=200000, metadata={"help": "hard negatives are drawn from wordfreq's N most frequent English words"})
+    token_negatives_per_step: int = field(default=128, metadata={"help": "token negatives a step (token_negatives)"})
+    dev_fraction: float = field(default=0.2, metadata={
+        "help": "share of the hard-negative candidates (by a hash of the word) kept out of training as a development "
+                "set: the inheritance measured on them chooses a recipe without looking at the naming list's words"})
+    negatives_exclude: str = field(default="../shared/vocab/20k.txt", metadata={
+        "help": "word list kept out of every negative (the naming evaluation's distractors; required)"})
+    eval_seed: int = field(default=1000, metadata={"help": "seed of the held-out single-object scenes of the final evaluation"})
+    eval_n: int = field(default=1000, metadata={"help": "held-out images of the final evaluation (each renderer)"})
+    checkpoint_every: int = field(default=100, metadata={"help": "save a resumable checkpoint every N steps"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads (0: torch's default)"})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    resume: bool = field(default=True, metadata={"help": "continue from <out>/checkpoint.pt when it exists"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
+
+    def __post_init__(self) -> None:
+        from visae.config import ConfigError, check_bounds
+
+        check_bounds(self, {
+            "n_pool": (1, None), "steps": (0, None), "batch_size": (1, None), "lr": (0.0, None), "warmup": (0, None),
+            "weight_decay": (0.0, None), "single_object_fraction": (0.0, 1.0), "negatives_per_step": (0, None),
+            "n_negative_words": (1, None), "hard_negatives_per_step": (0, None), "hard_candidates": (1, None),
+            "token_negatives_per_step": (0, None), "dev_fraction": (0.0, 0.9), "eval_n": (1, None), "checkpoint_every": (1, None),
+            "threads": (0, None), "seed": (0, None), "eval_seed": (0, None)})
+        if not self.negatives_exclude:
+            raise ConfigError("TextTuneConfig.negatives_exclude is empty: the naming list must be kept out of the "
+                              "negatives (and is the inheritance evaluation's unseen words)")
+
+
+# --------------------------------------------------------------------------------------------- negatives
+
+
+def _special(tokenizer) -> set[int]:
+    return {0, int(tokenizer.sot_token_id), int(tokenizer.eot_token_id)}
+
+
+def world_token_sequences(tokenizer, words: Sequence[str]) -> list[tuple[int, ...]]:
+    """Each word's BPE token ids in order, start / end of text and padding dropped."""
+    special = _special(tokenizer)
+    return [tuple(int(t) for t in row if int(t) not in special) for row in tokenizer(list(words)).tolist()]
+
+
+def candidate_words(exclude: set[str], n_candidates: int = 200000) -> list[str]:
+    """wordfreq's ``n_candidates`` most frequent English words (in that order) that are alphabetic, ASCII, of 3+
+    letters, and neither in ``exclude`` (the naming list) nor world words (:func:`visae.toyclip.world2_words`)."""
+    import wordfreq
+
+    world = tc.world2_words()
+    return [x for x in wordfreq.top_n_list("en", n_candidates)
+            if x.isalpha() and x.isascii() and len(x) >= 3 and x not in exclude and x not in world]
+
+
+def is_dev_word(word: str, fraction: float) -> bool:
+    """Whether ``word`` falls in the development split of the given size (a fixed hash of the word, not Python's
+    salted ``hash``: the same words on every machine and run)."""
+    return zlib.crc32(word.encode("utf-8")) % 10000 < round(fraction * 10000)
+
+
+def hard_negative_words(tokenizer, exclude: set[str], n_candidates: int = 200000,
+                        dev_fraction: float = 0.0) -> dict[int, list[str]]:
+    """Hard negatives: the :func:`candidate_words` (outside ``exclude`` and the world) that share a BPE token with a
+    world word and are not development words (:func:`is_dev_word`), grouped by that token: ``{token id: [words]}``
+    (a word with two shared tokens is in both lists; tokens in increasing id order, words in frequency order).
+    Raises ``ValueError`` if none is left."""
+    world_tokens = set().union(*map(set, world_token_sequences(tokenizer, sorted(tc.world2_words()))))
+    cand = [x for x in candidate_words(exclude, n_candidates) if not is_dev_word(x, dev_fraction)]
+    by_tok: dict[int, list[str]] = collections.defaultdict(list)
+    for w, toks in zip(cand, tc.subword_tokens(tokenizer, cand)):
+        for t in sorted(toks & world_tokens):
+            by_tok[t].append(w)
+    if not by_tok:
+        raise ValueError(f"hard negatives: none of wordfreq's {n_candidates} words shares a token with a world word")
+    return dict(sorted(by_tok.items()))
+
+
+def token_negatives(world_seqs: Sequence[Sequence[int]], k: int, rng: np.random.Generator, *, context: int,
+                    sot: int, eot: int, vocab_size: int) -> torch.Tensor:
+    """``k`` token-level negatives ``[k, context]`` (int64, zero-padded like the tokenizer's output): each takes a
+    random world word's token sequence (``world_seqs``) and, with equal chance, puts 1-2 random BPE tokens (ids in
+    ``[1, vocab_size)`` other than ``sot`` / ``eot``) before it, after it, in place of one of its tokens, or keeps a
+    proper contiguous part of it alone (a one-token word: random tokens before it instead). A draw that spells a world
+    word's own sequence is drawn again, so no negative is a world word. Raises ``ValueError`` on an empty world or a
+    ``context`` under 3."""
+    if not world_seqs or any(len(s) == 0 for s in world_seqs):
+        raise ValueError("token_negatives: every world word needs at least one token")
+    if context < 3:
+        raise ValueError(f"token_negatives: context {context} < 3 (start, one token, end)")
+    taken = {tuple(s) for s in world_seqs}
+    out = torch.zeros(k, context, dtype=torch.long)
+
+    def rand_tokens(n: int) -> list[int]:
+        toks = []
+        while len(toks) < n:
+            t = int(rng.integers(1, vocab_size))
+            if t not in (sot, eot):
+                toks.append(t)
+        return toks
+
+    for i in range(k):
+        while True:
+            w = list(world_seqs[int(rng.integers(len(world_seqs)))])
+            mode = int(rng.integers(4))
+            r = rand_tokens(int(rng.integers(1, 3)))
+            if mode == 3 and len(w) > 1:  # a proper contiguous part alone
+                a = int(rng.integers(len(w)))
+                b = int(rng.integers(a + 1, len(w) + 1))
+                if (a, b) == (0, len(w)):
+                    b -= 1
+                seq = w[a:b]
+            elif mode == 1:
+                seq = w + r
+            elif mode == 2 and len(w) > 1:
+                j = int(rng.integers(len(w)))
+                seq = w[:j] + r[:1] + w[j + 1:]
+            else:
+                seq = r + w
+            seq = seq[:context - 2]
+            if tuple(seq) not in taken:
+                break
+        row = [sot, *seq, eot]
+        out[i, :len(row)] = torch.tensor(row)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def _base_card(init: Path) -> dict[str, Any]:
+    card_path = init.with_suffix(".json")
+    if not init.is_file():
+        raise FileNotFoundError(f"init: weights {init} not found (expected the v2 trainer's fp16 .safetensors export)")
+    if not card_path.is_file():
+        raise FileNotFoundError(f"init: {init} has no card {card_path} (the v2 trainer writes it beside the weights; "
+                                "its world settings draw the image pool)")
+    card = json.loads(card_path.read_text())
+    if card.get("model") != tc.MODEL_NAME_V2 or card.get("world") != "visae.world2":
+        raise ValueError(f"init: {card_path} is a card of model {card.get('model')!r} on {card.get('world')!r}; "
+                         f"expected {tc.MODEL_NAME_V2!r} on 'visae.world2'")
+    if card.get("sha256") and card["sha256"] != tc._file_sha256(init):
+        raise ValueError(f"init: {init} does not match its card {card_path} (sha256 differs)")
+    return card
+
+
+def _base_negatives(init: Path, card: dict[str, Any], naming: Sequence[str]) -> list[str]:
+    """The base run's negative words: the file beside the weights (shipped layout ``<stem>.negatives.txt``, run layout
+    ``negatives.txt``), else drawn again from the base config (:func:`visae.toyclip.negative_words` is seeded)."""
+    for p in (init.with_suffix(".negatives.txt"), init.parent / "negatives.txt"):
+        if p.is_file():
+            return tc.read_word_list(p, "base negatives")
+    c = card.get("config", {})
+    if not c.get("negatives_per_step"):
+        return []
+    return tc.negative_words(naming, seed=int(c.get("seed", 0)), n=int(c.get("n_negative_words", 5000)))
+
+
+def _image_pool(model, card: dict[str, Any], cfg: TextTuneConfig) -> tuple[torch.Tensor, np.ndarray]:
+    """Unit image embeddings ``[n_pool, D]`` of the base run's first ``n_pool`` training scenes (its seed and world
+    settings; image tower in eval mode) and their factor rows ``[n_pool, F]``."""
+    from tqdm import tqdm
+
+    from visae import world2 as w2
+
+    c = card.get("config", {})
+    kw = dict(max_objects=int(c.get("max_objects", 4)), occlusion=float(c.get("occlusion", 0.3)),
+              colour_jitter=float(c.get("colour_jitter", 12.0)))
+    jitter = float(c.get("texture_style_jitter", 0.0))
+    embs, rows = [], []
+    for s0 in tqdm(range(0, cfg.n_pool, 1000), desc="image pool", disable=not cfg.progress):
+        sc = w2.sample_scenes(min(1000, cfg.n_pool - s0), int(c.get("seed", 0)), s0, **kw)
+        imgs, _, fac = w2._render_rows(sc, "pil", w2.IMAGE_SIZE, style_jitter=jitter)
+        embs.append(F.normalize(tc.encode_world_images(model, imgs), dim=-1))
+        rows.append(fac)
+    return torch.cat(embs), np.concatenate(rows)
+
+
+def _freeze_image_side(model) -> list[torch.nn.Parameter]:
+    """Freeze the image tower and the logit scale (and bias); return the text tower's parameters."""
+    text = []
+    for n, p in model.named_parameters():
+        frozen = n.startswith("visual.") or n.startswith("logit_")
+        p.requires_grad_(not frozen)
+        if not frozen:
+            text.append(p)
+    return text
+
+
+def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, stop_after: int | None = None) -> Path | None:
+    """Run the stage (module docstring); returns the exported fp16 weights (card ``.json`` beside), or None when
+    ``stop_after`` steps of this call ended it early (tests of resumption).
+
+    Raises:
+        FileNotFoundError: ``init`` or its card, or the ``negatives_exclude`` list, is missing.
+        ValueError: the card is not a v2 card or does not match the weights; the base was trained on another world
+            format; a checkpoint in ``out`` was made with another config or base.
+        RuntimeError: the exported image tower differs from the base's (it must stay frozen).
+    """
+    import open_clip
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    from visae import world2 as w2
+    from visae.metrics import json_safe
+
+    t_start, cpu_start = time.time(), time.process_time()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    # inputs first: nothing is written before they are read and checked
+    init = Path(cfg.init).resolve()
+    base = _base_card(init)
+    if base.get("world_version", 1) != w2.FORMAT_VERSION:
+        raise ValueError(f"init: {init} was trained on world format {base.get('world_version', 1)}, this visae draws "
+                         f"format {w2.FORMAT_VERSION} (visae.world2.FORMAT_VERSION)")
+    naming = tc.read_word_list(cfg.negatives_exclude, "negatives_exclude: word list")
+    model, _, tokenizer = tc.create_toyclip(init, device=cfg.device, model=tc.MODEL_NAME_V2)
+    model.eval()
+    text_params = _freeze_image_side(model)
+    base_negs = _base_negatives(init, base, naming)
+    negs = tc.negative_words(naming, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step else []
+    hard_by_tok = (hard_negative_words(tokenizer, set(naming), cfg.hard_candidates, cfg.dev_fraction)
+                   if cfg.hard_negatives_per_step else {})
+    hard_tokens = list(hard_by_tok)
+    hard_words = sorted({w for ws in hard_by_tok.values() for w in ws})
+    world_seqs = world_token_sequences(tokenizer, sorted(tc.world2_words()))
+    context = int(tokenizer(["x"]).shape[1])
+    vocab_size = int(model.token_embedding.num_embeddings)
+    seen = sorted(set(base_negs) | set(negs) | set(hard_words))
+    # development words: never trained on, outside the naming list (inheritance on them is the recipe's own check)
+    dev = [w for w in candidate_words(set(naming) | set(seen), cfg.hard_candidates) if is_dev_word(w, cfg.dev_fraction)]
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    export = Path(cfg.export) if cfg.export else out / f"{tc.MODEL_NAME_V2}.safetensors"
+    cfg_dict = tc._config_record(cfg)
+    cfg_dict["init"] = str(init)
+    cfg_dict["init_sha256"] = tc._file_sha256(init)
+    atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
+    atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in seen))
+    atomic_write_text(out / "dev_words.txt", "".join(x + "\n" for x in dev))
+
+    groups = [{"params": [p for p in text_params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in text_params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    ckpt = out / "checkpoint.pt"
+    step, train_seconds = tc._resume(ckpt, cfg, cfg_dict, model, None, opt, world_version=w2.FORMAT_VERSION)
+
+    t_data = time.time()
+    with torch.no_grad():
+        emb, factors = _image_pool(model, base, cfg)
+    data_seconds = time.time() - t_data
+    single = np.flatnonzero(factors[:, w2.FACTOR_INDEX["n_objects"]] == 0)
+    if cfg.single_object_fraction > 0 and len(single) < cfg.batch_size:
+        raise ValueError(f"single_object_fraction: only {len(single)} single-object scenes among n_pool={cfg.n_pool}, "
+                         f"fewer than batch_size={cfg.batch_size}; raise n_pool")
+    batch_cfg = SimpleNamespace(batch_size=cfg.batch_size, curriculum_steps=0,
+                                single_object_fraction=cfg.single_object_fraction)
+    sampler = tc._CaptionSamplerV2(tokenizer)
+    n_f = len(w2.FACTORS)
+    logf = open(out / "log.jsonl", "a")
+    model.train()
+    model.visual.eval()
+    scale = model.logit_scale.detach().exp()
+
+    def save_ckpt() -> None:
+        tc._atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                               "train_seconds": train_seconds, "config": cfg_dict,
+                               "world_version": w2.FORMAT_VERSION}, ckpt)
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="toy CLIP v2 text tower", disable=not cfg.progress)
+    t_seg, this_call = time.time(), 0
+    while step < cfg.steps:
+        if stop_after is not None and this_call >= stop_after:
+            bar.close()
+            logf.close()
+            return None
+        this_call += 1
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0x7E47]))
+        idx = tc._v2_batch_indices(step, batch_cfg, len(emb), single, rng)
+        fac = factors[idx]
+        for grp in opt.param_groups:
+            grp["lr"] = tc._lr_at(step, cfg)
+        tokens, cons, _ = sampler(fac, rng)
+        parts_t, parts_c = [tokens], [cons]
+        t2, c2, _ = sampler.concept_captions(rng)
+        parts_t.append(t2)
+        parts_c.append(c2)
+        if negs:
+            t3, c3, _ = sampler.negatives(negs, cfg.negatives_per_step, n_f, rng)
+            parts_t.append(t3)
+            parts_c.append(c3)
+        if hard_tokens:  # evenly over the shared tokens, then a word of that token
+            words = [hard_by_tok[hard_tokens[int(i)]][int(rng.integers(len(hard_by_tok[hard_tokens[int(i)]])))]
+                     for i in rng.integers(len(hard_tokens), size=cfg.hard_negatives_per_step)]
+            t4, c4, _ = sampler.negatives(words, len(words), n_f, rng)
+            parts_t.append(t4)
+            parts_c.append(c4)
+        if cfg.token_negatives_per_step:
+            t5 = token_negatives(world_seqs, cfg.token_negatives_per_step, rng, context=context,
+                                 sot=int(tokenizer.sot_token_id), eot=int(tokenizer.eot_token_id), vocab_size=vocab_size)
+            c5 = np.full((len(t5), n_f), sampler.UNCONSTRAINED, np.int64)
+            c5[:, 0] = -3  # a value no factor takes: true of no image
+            parts_t.append(t5)
+            parts_c.append(c5)
+        tokens, cons = torch.cat(parts_t), np.concatenate(parts_c)
+        pos = tc._positives(fac, cons).to(cfg.device)
+        uniq, inv = torch.unique(tokens, dim=0, return_inverse=True)
+        txt = F.normalize(model.encode_text(uniq.to(cfg.device)), dim=-1)[inv.to(cfg.device)]
+        loss = tc.multi_positive_clip_loss(emb[idx].to(cfg.device), txt, scale, pos)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": tc._lr_at(step - 1, cfg),
+               "wall": round(time.time() - t_start, 1), "cpu": round(time.process_time() - cpu_start, 1)}
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            now = time.time()
+            train_seconds += now - t_seg
+            t_seg = now
+            save_ckpt()
+    bar.close()
+    logf.close()
+    train_seconds += time.time() - t_seg
+
+    model.eval()
+    tc.export_fp16(model, export, tc.MODEL_NAME_V2)
+    before, after = load_file(str(init)), load_file(str(export))
+    changed = [k for k in before if k.startswith("visual.") and not torch.equal(before[k], after[k])]
+    if changed:
+        raise RuntimeError(f"the image tower changed in {len(changed)} tensors ({changed[:3]}...): it must stay frozen")
+    shipped, _, _ = tc.create_toyclip(export, model=tc.MODEL_NAME_V2)
+    metrics = tc.evaluate_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n)
+    metrics["subword_inheritance"] = tc.inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n, naming, seen)
+    if dev:
+        metrics["subword_inheritance_dev"] = tc.inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n, dev, seen)
+    card = {
+        "model": tc.MODEL_NAME_V2, "version": 2, "world": "visae.world2", "world_version": w2.FORMAT_VERSION,
+        "weights": export.name, "sha256": tc._file_sha256(export), "bytes": export.stat().st_size,
+        "stage": "text tower (visae.toyclip_text): image tower frozen, bit for bit the base's",
+        "command": "visae.toyclip_text.main " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "config": cfg_dict, "base": base,
+        "dev_words": {"file": "dev_words.txt", "n": len(dev)},
+        "negatives": {"file": "negatives.txt", "n": len(seen), "base": len(base_negs), "random": len(negs),
+                      "hard": len(hard_words), "hard_tokens": len(hard_tokens)},
+        "steps": cfg.steps, "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
+        "wall_seconds_this_process": round(time.time() - t_start, 1),
+        "cpu_seconds_this_process": round(time.process_time() - cpu_start, 1),
+        "evaluation": metrics,
+        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version()},
+        "machine": {"threads": torch.get_num_threads(),
+                    "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+    }
+    atomic_write_text(export.with_suffix(".json"), json.dumps(json_safe(card), indent=1, allow_nan=False))
+    atomic_write_text(out / "metrics.json", json.dumps(json_safe(card), indent=1, allow_nan=False))
+    print(json.dumps(json_safe({"weights": str(export), "train_seconds": card["train_seconds"],
+                                "inheritance": metrics["subword_inheritance"]["fraction_no_closer"],
+                                "inheritance_dev": metrics.get("subword_inheritance_dev", {}).get("fraction_no_closer")}),
+                     indent=1))
+    return export
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``visae tune-toy-clip-text --init W --out DIR`` (options: configs/toy_clip_v2_text.yaml)."""
+    from visae.config import ConfigError, parse_config
+
+    try:
+        cfg = parse_config(TextTuneConfig, argv, default_yaml=config_yaml("toy_clip_v2_text.yaml"), prog="visae tune-toy-clip-text")
+    except ConfigError as e:
+        print(f"visae tune-toy-clip-text: error: {e}", file=sys.stderr)
+        return 2
+    tune_text_tower(cfg, argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

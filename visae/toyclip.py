@@ -399,6 +399,56 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+class _StepLog:
+    """The per-step bookkeeping every toy CLIP training loop shares: ``log.jsonl`` (each record flushed at once, so a
+    kill loses no logged step), the progress bar, and the training seconds (summed between checkpoints and carried
+    across resumptions; the card's ``train_seconds``, which leaves out data rendering and evaluation)."""
+
+    def __init__(self, log_path: Path, bar: Any, train_seconds: float):
+        self.logf, self.bar = open(log_path, "a"), bar
+        self.train_seconds, self._t = float(train_seconds), time.time()
+
+    def record(self, rec: dict[str, Any], **postfix: str) -> None:
+        self.logf.write(json.dumps(rec) + "\n")
+        self.logf.flush()
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{rec['loss']:.3f}", **postfix)
+
+    def lap(self) -> float:
+        """Add the seconds since the last lap (or the start) to ``train_seconds``; before each checkpoint and at the end."""
+        now = time.time()
+        self.train_seconds += now - self._t
+        self._t = now
+        return self.train_seconds
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logf.close()
+
+
+def _run_record(export: Path, command: str, t_start: float, cpu_start: float) -> dict[str, Any]:
+    """The card fields every toy CLIP run records about its exported file and its process: weights (file name),
+    sha256, bytes, command, wall / CPU seconds of this process, package versions and the machine."""
+    import open_clip
+
+    return {"weights": export.name, "sha256": _file_sha256(export), "bytes": export.stat().st_size, "command": command,
+            "wall_seconds_this_process": round(time.time() - t_start, 1),
+            "cpu_seconds_this_process": round(time.process_time() - cpu_start, 1),
+            "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version()},
+            "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                        "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}}
+
+
+def _write_card(card: dict[str, Any], export: Path, out: Path) -> None:
+    """The card beside the weights (``<export>.json``) and as ``<out>/metrics.json``, atomically; NaN (a benchmark
+    with no image, no inheritance pair) is written as null: JSON has no NaN."""
+    from visae.metrics import json_safe
+
+    text = json.dumps(json_safe(card), indent=1, allow_nan=False)
+    atomic_write_text(export.with_suffix(".json"), text)
+    atomic_write_text(out / "metrics.json", text)
+
+
 def export_fp16(model: torch.nn.Module, path: str | Path, name: str = MODEL_NAME) -> Path:
     """Write the model's state dict in fp16 safetensors (atomically); ``name``: the architecture, in the metadata.
 
@@ -515,20 +565,18 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
     held = tw.sample_world(cfg.eval_n, cfg.eval_seed, cfg.two_object_fraction, progress=False)
     data_seconds = time.time() - t_data
     sampler = _CaptionSampler(tokenizer)
-    logf = open(out / "log.jsonl", "a")
+    log = _StepLog(out / "log.jsonl", tqdm(total=cfg.steps, initial=step, desc="toy CLIP", disable=not cfg.progress),
+                   train_seconds)
 
     def save_ckpt() -> None:
         _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                             "aux_heads": heads.state_dict() if heads is not None else None,
-                            "train_seconds": train_seconds, "config": cfg_dict}, ckpt)
+                            "train_seconds": log.train_seconds, "config": cfg_dict}, ckpt)
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="toy CLIP", disable=not cfg.progress)
-    t_seg = time.time()
     steps_this_call = 0
     while step < cfg.steps:
         if stop_after is not None and steps_this_call >= stop_after:
-            bar.close()
-            logf.close()
+            log.close()
             return None
         steps_this_call += 1
         # Every step's randomness comes from (seed, step): a resumed run draws the same batches.
@@ -563,48 +611,32 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
             rec["zero_shot"] = zero_shot_eval(model, tokenizer, sub)["all"]
             model.train()
             tqdm.write(f"step {step}: zero-shot {json.dumps({k: round(v, 3) for k, v in rec['zero_shot'].items()})}")
-        logf.write(json.dumps(rec) + "\n")
-        logf.flush()
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", scale=f"{rec['logit_scale']:.1f}")
+        log.record(rec, scale=f"{rec['logit_scale']:.1f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            now = time.time()
-            train_seconds += now - t_seg
-            t_seg = now
+            log.lap()
             save_ckpt()
-    bar.close()
-    logf.close()
-    train_seconds += time.time() - t_seg
+    log.close()
+    train_seconds = log.lap()
 
     model.eval()
     export_fp16(model, export)
     # Evaluate what ships: the fp16 weights loaded back through open_clip.
     shipped, _, _ = create_toyclip(export)
     metrics = zero_shot_eval(shipped, tokenizer, held)
-    from visae.metrics import json_safe  # NaN (a benchmark with no image) -> null: JSON has no NaN
-
     card = {
         "model": MODEL_NAME,
-        "weights": export.name,
-        "sha256": _file_sha256(export),
-        "bytes": export.stat().st_size,
-        "command": "python scripts/train_toy_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **_run_record(export, "python scripts/train_toy_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      t_start, cpu_start),
         "config": cfg_dict,
         "train_world": {"seed": cfg.seed, "n": cfg.n_train, "two_object_fraction": cfg.two_object_fraction},
         "eval_world": {"seed": cfg.eval_seed, "n": cfg.eval_n},
         "steps": cfg.steps,
         "train_seconds": round(train_seconds, 1),
         "data_seconds": round(data_seconds, 1),
-        "wall_seconds_this_process": round(time.time() - t_start, 1),
-        "cpu_seconds_this_process": round(time.process_time() - cpu_start, 1),
         "zero_shot_top1": metrics,
         "final_loss_mean_last50": float(np.mean([json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()[-50:]])),
-        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version()},
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
     }
-    atomic_write_text(export.with_suffix(".json"), json.dumps(json_safe(card), indent=1, allow_nan=False))
-    atomic_write_text(out / "metrics.json", json.dumps(json_safe(card), indent=1, allow_nan=False))
+    _write_card(card, export, out)
     print(json.dumps({"weights": str(export), "zero_shot_top1": metrics["all"], "train_seconds": card["train_seconds"]}, indent=1))
     return export
 
@@ -1082,20 +1114,19 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
                          f"n_train={cfg.n_train}, fewer than batch_size={cfg.batch_size}; raise n_train")
     data_seconds = time.time() - t_data
     sampler = _CaptionSamplerV2(tokenizer)
-    logf = open(out / "log.jsonl", "a")
     main_cols = [w2.FACTOR_INDEX[f] for f in w2.MAIN_FACTORS]
+    log = _StepLog(out / "log.jsonl", tqdm(total=cfg.steps, initial=step, desc="toy CLIP v2", disable=not cfg.progress),
+                   train_seconds)
 
     def save_ckpt() -> None:
         _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                            "aux_heads": heads.state_dict(), "train_seconds": train_seconds, "config": cfg_dict,
+                            "aux_heads": heads.state_dict(), "train_seconds": log.train_seconds, "config": cfg_dict,
                             "world_version": w2.FORMAT_VERSION}, ckpt)
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="toy CLIP v2", disable=not cfg.progress)
-    t_seg, this_call = time.time(), 0
+    this_call = 0
     while step < cfg.steps:
         if stop_after is not None and this_call >= stop_after:
-            bar.close()
-            logf.close()
+            log.close()
             return None
         this_call += 1
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0xC112]))
@@ -1154,18 +1185,12 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
                 rec["zero_shot_skimage"] = zero_shot_eval_v2(model, tokenizer, held_img2, held_rows2)
             model.train()
             tqdm.write(f"step {step}: zero-shot {json.dumps({k: round(v, 3) for k, v in rec['zero_shot'].items()})}")
-        logf.write(json.dumps(rec) + "\n")
-        logf.flush()
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        log.record(rec)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            now = time.time()
-            train_seconds += now - t_seg
-            t_seg = now
+            log.lap()
             save_ckpt()
-    bar.close()
-    logf.close()
-    train_seconds += time.time() - t_seg
+    log.close()
+    train_seconds = log.lap()
 
     model.eval()
     export_fp16(model, export, cfg.model)
@@ -1174,24 +1199,15 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     if naming_words is not None:  # the naming list kept out of training: its words are the unseen ones
         metrics["subword_inheritance"] = inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n,
                                                              naming_words, negs)
-    from visae.metrics import json_safe  # NaN (a benchmark with no image, no inheritance pair) -> null: JSON has no NaN
-
     card = {
         "model": cfg.model, "version": 2, "world": "visae.world2", "world_version": w2.FORMAT_VERSION,
-        "weights": export.name,
-        "sha256": _file_sha256(export), "bytes": export.stat().st_size,
-        "command": "visae.toyclip.main_v2 " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **_run_record(export, "visae.toyclip.main_v2 " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      t_start, cpu_start),
         "config": cfg_dict, "negatives": {"file": "negatives.txt", "n": len(negs)},
         "steps": cfg.steps, "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
-        "wall_seconds_this_process": round(time.time() - t_start, 1),
-        "cpu_seconds_this_process": round(time.process_time() - cpu_start, 1),
         "evaluation": metrics,
-        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version()},
-        "machine": {"threads": torch.get_num_threads(),
-                    "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
     }
-    atomic_write_text(export.with_suffix(".json"), json.dumps(json_safe(card), indent=1, allow_nan=False))
-    atomic_write_text(out / "metrics.json", json.dumps(json_safe(card), indent=1, allow_nan=False))
+    _write_card(card, export, out)
     print(json.dumps({"weights": str(export), "evaluation": metrics, "train_seconds": card["train_seconds"]}, indent=1))
     return export
 

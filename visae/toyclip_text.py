@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import platform
 import sys
 import time
 import zlib
@@ -277,7 +275,6 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
             format; a checkpoint in ``out`` was made with another config or base.
         RuntimeError: the exported image tower differs from the base's (it must stay frozen).
     """
-    import open_clip
     from safetensors.torch import load_file
     from tqdm import tqdm
 
@@ -338,22 +335,21 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
                                 single_object_fraction=cfg.single_object_fraction)
     sampler = tc._CaptionSamplerV2(tokenizer)
     n_f = len(w2.FACTORS)
-    logf = open(out / "log.jsonl", "a")
     model.train()
     model.visual.eval()
     scale = model.logit_scale.detach().exp()
+    log = tc._StepLog(out / "log.jsonl", tqdm(total=cfg.steps, initial=step, desc="toy CLIP v2 text tower",
+                                              disable=not cfg.progress), train_seconds)
 
     def save_ckpt() -> None:
         tc._atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                               "train_seconds": train_seconds, "config": cfg_dict,
+                               "train_seconds": log.train_seconds, "config": cfg_dict,
                                "world_version": w2.FORMAT_VERSION}, ckpt)
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="toy CLIP v2 text tower", disable=not cfg.progress)
-    t_seg, this_call = time.time(), 0
+    this_call = 0
     while step < cfg.steps:
         if stop_after is not None and this_call >= stop_after:
-            bar.close()
-            logf.close()
+            log.close()
             return None
         this_call += 1
         rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0x7E47]))
@@ -394,18 +390,12 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
         step += 1
         rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": tc._lr_at(step - 1, cfg),
                "wall": round(time.time() - t_start, 1), "cpu": round(time.process_time() - cpu_start, 1)}
-        logf.write(json.dumps(rec) + "\n")
-        logf.flush()
-        bar.update(1)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        log.record(rec)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            now = time.time()
-            train_seconds += now - t_seg
-            t_seg = now
+            log.lap()
             save_ckpt()
-    bar.close()
-    logf.close()
-    train_seconds += time.time() - t_seg
+    log.close()
+    train_seconds = log.lap()
 
     model.eval()
     tc.export_fp16(model, export, tc.MODEL_NAME_V2)
@@ -420,23 +410,17 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
         metrics["subword_inheritance_dev"] = tc.inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n, dev, seen)
     card = {
         "model": tc.MODEL_NAME_V2, "version": 2, "world": "visae.world2", "world_version": w2.FORMAT_VERSION,
-        "weights": export.name, "sha256": tc._file_sha256(export), "bytes": export.stat().st_size,
+        **tc._run_record(export, "visae.toyclip_text.main " + " ".join(argv if argv is not None else sys.argv[1:]),
+                         t_start, cpu_start),
         "stage": "text tower (visae.toyclip_text): image tower frozen, bit for bit the base's",
-        "command": "visae.toyclip_text.main " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": cfg_dict, "base": base,
         "dev_words": {"file": "dev_words.txt", "n": len(dev)},
         "negatives": {"file": "negatives.txt", "n": len(seen), "base": len(base_negs), "random": len(negs),
                       "hard": len(hard_words), "hard_tokens": len(hard_tokens)},
         "steps": cfg.steps, "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
-        "wall_seconds_this_process": round(time.time() - t_start, 1),
-        "cpu_seconds_this_process": round(time.process_time() - cpu_start, 1),
         "evaluation": metrics,
-        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "python": platform.python_version()},
-        "machine": {"threads": torch.get_num_threads(),
-                    "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
     }
-    atomic_write_text(export.with_suffix(".json"), json.dumps(json_safe(card), indent=1, allow_nan=False))
-    atomic_write_text(out / "metrics.json", json.dumps(json_safe(card), indent=1, allow_nan=False))
+    tc._write_card(card, export, out)
     print(json.dumps(json_safe({"weights": str(export), "train_seconds": card["train_seconds"],
                                 "inheritance": metrics["subword_inheritance"]["fraction_no_closer"],
                                 "inheritance_dev": metrics.get("subword_inheritance_dev", {}).get("fraction_no_closer")}),

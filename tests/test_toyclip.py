@@ -122,8 +122,10 @@ def test_training_resumes_exactly(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     card = json.loads(full.with_suffix(".json").read_text())
     assert card["config"]["seed"] == 0 and card["steps"] == 4 and set(card["zero_shot_top1"]["all"]) >= {"colour", "shape"}
+    record = (tmp_path / "b" / "config.json").read_text()
     with pytest.raises(ValueError, match="different config"):
         tc.train_toy_clip(_tiny_cfg(tmp_path / "b", lr=0.5))
+    assert (tmp_path / "b" / "config.json").read_text() == record  # a refused rerun leaves the run's record as it was
 
 
 @pytest.fixture(scope="module")

@@ -104,8 +104,10 @@ def test_tune_resumes_to_the_same_weights(tmp_path, base_run):
     resumed = tt.tune_text_tower(cfg, [])
     a, b = load_file(str(whole)), load_file(str(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    record = (tmp_path / "b" / "tune" / "config.json").read_text()
     with pytest.raises(ValueError, match="different config"):
         tt.tune_text_tower(dataclasses.replace(cfg, lr=1e-3), [])
+    assert (tmp_path / "b" / "tune" / "config.json").read_text() == record  # the refused rerun left the record
 
 
 def test_tune_refuses_bad_input_before_writing(tmp_path, base_run):

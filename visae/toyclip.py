@@ -547,7 +547,6 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
     out.mkdir(parents=True, exist_ok=True)
     export = Path(cfg.export) if cfg.export else out / f"{MODEL_NAME}.safetensors"
     cfg_dict = _config_record(cfg)
-    atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
 
     register()
     torch.manual_seed(cfg.seed)
@@ -559,6 +558,8 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     ckpt = out / "checkpoint.pt"
     step, train_seconds = _resume(ckpt, cfg, cfg_dict, model, heads, opt)
+    # written once the checkpoint's config is accepted: a refused rerun leaves the run's record as it was
+    atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
 
     t_data = time.time()
     world = tw.sample_world(cfg.n_train, cfg.seed, cfg.two_object_fraction, progress=cfg.progress)
@@ -1075,8 +1076,6 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     out.mkdir(parents=True, exist_ok=True)
     export = Path(cfg.export) if cfg.export else out / f"{cfg.model}.safetensors"
     cfg_dict = _config_record(cfg)
-    atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
-    atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in negs))
 
     register_toy_model(cfg.model)
     torch.manual_seed(cfg.seed)
@@ -1094,6 +1093,9 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     ckpt = out / "checkpoint.pt"
     step, train_seconds = _resume(ckpt, cfg, cfg_dict, model, heads, opt, world_version=w2.FORMAT_VERSION)
+    # written once the checkpoint's config is accepted: a refused rerun leaves the run's record as it was
+    atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
+    atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in negs))
 
     t_data = time.time()
     kw = dict(max_objects=cfg.max_objects, occlusion=cfg.occlusion, colour_jitter=cfg.colour_jitter)

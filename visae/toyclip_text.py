@@ -313,15 +313,16 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
     cfg_dict = tc._config_record(cfg)
     cfg_dict["init"] = str(init)
     cfg_dict["init_sha256"] = tc._file_sha256(init)
-    atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
-    atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in seen))
-    atomic_write_text(out / "dev_words.txt", "".join(x + "\n" for x in dev))
 
     groups = [{"params": [p for p in text_params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in text_params if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     ckpt = out / "checkpoint.pt"
     step, train_seconds = tc._resume(ckpt, cfg, cfg_dict, model, None, opt, world_version=w2.FORMAT_VERSION)
+    # written once the checkpoint's config is accepted: a refused rerun leaves the run's record as it was
+    atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
+    atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in seen))
+    atomic_write_text(out / "dev_words.txt", "".join(x + "\n" for x in dev))
 
     t_data = time.time()
     with torch.no_grad():

@@ -104,29 +104,46 @@ def test_tune_resumes_to_the_same_weights(tmp_path, base_run):
     resumed = tt.tune_text_tower(cfg, [])
     a, b = load_file(str(whole)), load_file(str(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.read_bytes() == resumed.read_bytes()  # the same file, byte for byte (sha256 in the cards agree)
+    card = resumed.with_suffix(".json").read_text()
+    # rerun when finished: nothing is redone, nothing rewritten
+    assert tt.tune_text_tower(cfg, []) == resumed and resumed.with_suffix(".json").read_text() == card
     record = (tmp_path / "b" / "tune" / "config.json").read_text()
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ConfigError, match="different config"):
         tt.tune_text_tower(dataclasses.replace(cfg, lr=1e-3), [])
     assert (tmp_path / "b" / "tune" / "config.json").read_text() == record  # the refused rerun left the record
 
 
-def test_tune_refuses_bad_input_before_writing(tmp_path, base_run):
+def test_tune_refuses_bad_input_before_writing(tmp_path, base_run, tokenizer):
     init, _ = base_run
-    with pytest.raises(FileNotFoundError, match="weights"):
+    with pytest.raises(ConfigError, match="weights"):
         tt.tune_text_tower(_cfg(tmp_path, base_run, init=str(tmp_path / "none.safetensors")), [])
+    with pytest.raises(ConfigError, match="overwrite its base"):
+        tt.tune_text_tower(_cfg(tmp_path, base_run, export=str(init)), [])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        tt.tune_text_tower(_cfg(tmp_path, base_run, out=str(tmp_path / "afile")), [])
+    with pytest.raises(ConfigError, match="parent of"):
+        tt.tune_text_tower(_cfg(tmp_path, base_run, export=str(tmp_path / "afile" / "w.safetensors")), [])
+    with pytest.raises(ConfigError, match="single-object scenes"):  # 8 scenes cannot fill a batch of 16
+        tt.tune_text_tower(_cfg(tmp_path, base_run, n_pool=8), [])
     other = tmp_path / "copy.safetensors"
     other.write_bytes(init.read_bytes()[:-8] + b"\0" * 8)
     card = json.loads(init.with_suffix(".json").read_text())
     other.with_suffix(".json").write_text(json.dumps(card))
-    with pytest.raises(ValueError, match="sha256"):
+    with pytest.raises(ConfigError, match="sha256"):
         tt.tune_text_tower(_cfg(tmp_path, base_run, init=str(other)), [])
     other.with_suffix(".json").write_text(json.dumps(dict(card, world_version=1, sha256=None)))
-    with pytest.raises(ValueError, match="world format 1"):
+    with pytest.raises(ConfigError, match="world format 1"):
         tt.tune_text_tower(_cfg(tmp_path, base_run, init=str(other)), [])
-    with pytest.raises(FileNotFoundError, match="word list"):
+    with pytest.raises(ConfigError, match="word list"):
         tt.tune_text_tower(_cfg(tmp_path, base_run, negatives_exclude=str(tmp_path / "missing.txt")), [])
     assert not (tmp_path / "tune").exists()
     with pytest.raises(ConfigError, match="negatives_exclude"):
         tt.TextTuneConfig(negatives_exclude="")
     with pytest.raises(ConfigError, match="single_object_fraction"):
         tt.TextTuneConfig(single_object_fraction=1.5)
+    with pytest.raises(ConfigError, match="steps"):
+        tt.TextTuneConfig(steps=0)
+    with pytest.raises(ConfigError, match="raise --hard_candidates"):
+        tt.hard_negative_words(tokenizer, set(), n_candidates=3)

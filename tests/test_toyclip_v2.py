@@ -74,7 +74,9 @@ def test_tiny_v2_run_exports_a_loadable_model(tmp_path):
     inh = card["evaluation"]["subword_inheritance"]  # the final evaluation measures it on the unseen naming words
     assert inh["n_heldout"] == 6 and inh["n_pairs"] == 2  # "red" is a world word; incurred / whispered share red</w>
     assert set(inh["per_word"]) == {"red"} and 0 <= inh["fraction_no_closer"] <= 1
-    with pytest.raises(FileNotFoundError, match="word list"):
+    from visae.config import ConfigError
+
+    with pytest.raises(ConfigError, match="word list"):  # a usage error: exit 2, one line
         toyclip.train_toy_clip_v2(dataclasses.replace(cfg, negatives_exclude=str(tmp_path / "missing.txt"),
                                                       out=str(tmp_path / "never")), [])
     assert not (tmp_path / "never").exists()

@@ -86,8 +86,11 @@ def run_main(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] |
         if os.environ.get("VISAE_TRACEBACK"):
             raise
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"{prog}: error: {e.strerror or e}{where}; free space or fix the path's permissions and rerun the "
-              "same command (it continues from what was committed)", file=sys.stderr)
+        if isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
+            hint = "check the path (a missing file, or a file where a directory is wanted) and rerun"
+        else:
+            hint = "free space or fix the path's permissions and rerun the same command (it continues from what was committed)"
+        print(f"{prog}: error: {e.strerror or e}{where}; {hint}", file=sys.stderr)
         return 1
 
 

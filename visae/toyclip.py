@@ -456,14 +456,17 @@ def export_fp16(model: torch.nn.Module, path: str | Path, name: str = MODEL_NAME
     in visae-toyclip2's stem) keep their dtype: in float16 a count above 2,048 loses its last bits and one
     above 65,504 becomes inf, which loads back as a garbage int64.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from visae.atomic import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().to("cpu")).contiguous()
           for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={"model": name, "format": "open_clip state_dict, fp16"})
+    # One metadata key: safetensors writes its metadata map in a random order, so two keys gave equal weights two
+    # different files (and sha256s) from run to run.
+    atomic_write_bytes(path, save(sd, metadata={"model": name}))
     return path
 
 
@@ -490,19 +493,19 @@ def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Modu
             world_version: int | None = None) -> tuple[int, float]:
     """(step, train seconds) restored from ``ckpt`` when ``cfg.resume`` and it exists, else (0, 0.0).
 
-    The checkpoint's config must equal ``cfg_dict`` but for :data:`_VOLATILE` (ValueError naming the
+    The checkpoint's config must equal ``cfg_dict`` but for :data:`_VOLATILE` (ConfigError, a ValueError, naming the
     differences otherwise); a field the checkpoint lacks because it was added later counts as the value the
     run trained with (:data:`_ADDED_FIELDS`: v1's tower, equal head weights, no pretraining, canonical
     textures); ``log.jsonl`` beside it keeps only the records up to the restored step (the later ones are
     redone), or starts empty for a fresh run. ``world_version`` (v2: ``world2.FORMAT_VERSION``): the checkpoint's
-    world format must be it (ValueError otherwise; a checkpoint without the field was trained on format 1), so a
+    world format must be it (ConfigError otherwise; a checkpoint without the field was trained on format 1), so a
     run is never continued on scenes drawn otherwise. Shared by v1 and v2 training.
     """
     step, train_seconds = 0, 0.0
     logp = ckpt.parent / "log.jsonl"
     if cfg.resume and ckpt.is_file():
         state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
-        from visae.config import absolute_paths
+        from visae.config import ConfigError, absolute_paths
 
         # both sides' paths absolute: a record of an older visae (as typed) is read as from the current directory
         old = {k: v for k, v in absolute_paths(state["config"], _PATH_FIELDS).items() if k not in _VOLATILE}
@@ -512,9 +515,9 @@ def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Modu
         new = {k: v for k, v in absolute_paths(cfg_dict, _PATH_FIELDS).items() if k not in _VOLATILE}
         if old != new:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
-            raise ValueError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --no_resume")
+            raise ConfigError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --no_resume")
         if world_version is not None and state.get("world_version", 1) != world_version:
-            raise ValueError(f"{ckpt}: trained on world format {state.get('world_version', 1)}, this visae draws format "
+            raise ConfigError(f"{ckpt}: trained on world format {state.get('world_version', 1)}, this visae draws format "
                              f"{world_version} (visae.world2.FORMAT_VERSION); use another --out or --no_resume")
         model.load_state_dict(state["model"])
         if heads is not None:
@@ -1070,6 +1073,11 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     head_w = aux_factor_weights(cfg.aux_factor_weights)
     pre_w = aux_factor_weights(cfg.pretrain_factor_weights, default=0.0) if cfg.pretrain_steps else head_w
     # the naming list kept out of the negatives, and the final inheritance evaluation's unseen words: read once, here
+    if cfg.negatives_exclude and not Path(cfg.negatives_exclude).is_file():  # a usage error (exit 2), before any work
+        from visae.config import ConfigError
+
+        raise ConfigError(f"ToyClipV2Config.negatives_exclude: word list {cfg.negatives_exclude} not found (expected one "
+                          "word a line, e.g. ../shared/vocab/20k.txt; empty: exclude nothing)")
     naming_words = read_word_list(cfg.negatives_exclude, "negatives_exclude: word list") if cfg.negatives_exclude else None
     negs = negative_words(naming_words, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step > 0 else []
     out = Path(cfg.out)

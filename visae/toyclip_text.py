@@ -52,7 +52,8 @@ import torch
 import torch.nn.functional as F
 
 from visae import toyclip as tc
-from visae.atomic import atomic_write_text
+from visae.atomic import atomic_write_text, output_lock
+from visae.config import ConfigError
 from visae.resources import config_yaml
 
 __all__ = ["TextTuneConfig", "candidate_words", "is_dev_word", "hard_negative_words", "token_negatives",
@@ -63,13 +64,16 @@ __all__ = ["TextTuneConfig", "candidate_words", "is_dev_word", "hard_negative_wo
 class TextTuneConfig:
     """Tune the text tower of a trained visae-toyclip2 against sub-word inheritance (image tower frozen)."""
 
-    out: str = field(default="runs/toyclip2_text", metadata={"help": "run directory: checkpoint.pt, log.jsonl, metrics.json, negatives.txt"})
+    out: str = field(default="runs/toyclip2_text", metadata={
+        "help": "run directory: config.json, checkpoint.pt, log.jsonl, negatives.txt, dev_words.txt, metrics.json (the card)"})
     init: str = field(default="runs/toyclip2/visae-toyclip2.safetensors", metadata={
         "help": "the trained v2 weights (fp16 .safetensors) with their card (.json) beside them, as the v2 trainer "
                 "exports them; the card's world settings draw the image pool"})
     export: str = field(default="", metadata={"help": "fp16 weights out (.safetensors, card .json beside); empty: <out>/visae-toyclip2.safetensors"})
     seed: int = field(default=0, metadata={"help": "seed of the batches, the captions and the negatives"})
-    n_pool: int = field(default=20000, metadata={"help": "training scenes of the base run's world whose image embeddings are cached"})
+    n_pool: int = field(default=20000, metadata={
+        "help": "the base run's first N training scenes (its world seed and settings) whose image embeddings are "
+                "cached; above the base's n_train they are scenes of the same world it never trained on"})
     steps: int = field(default=2000, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=128, metadata={"help": "images (and captions) per step"})
     lr: float = field(default=5e-4, metadata={"help": "peak AdamW learning rate (cosine decay to 0)"})
@@ -79,7 +83,9 @@ class TextTuneConfig:
     negatives_per_step: int = field(default=64, metadata={"help": "captions of random negative words a step (visae.toyclip.negative_words)"})
     n_negative_words: int = field(default=5000, metadata={"help": "size of the random negative word pool"})
     hard_negatives_per_step: int = field(default=64, metadata={"help": "captions of hard negative words a step (hard_negative_words)"})
-    hard_candidates: int = field(default=200000, metadata={"help": "hard negatives are drawn from wordfreq's N most frequent English words"})
+    hard_candidates: int = field(default=200000, metadata={
+        "help": "hard negatives and development words are drawn from wordfreq's N most frequent English words (less "
+                "the naming list: with the 20k list, N must be well above 20,000)"})
     token_negatives_per_step: int = field(default=128, metadata={"help": "token negatives a step (token_negatives)"})
     dev_fraction: float = field(default=0.2, metadata={
         "help": "share of the hard-negative candidates (by a hash of the word) kept out of training as a development "
@@ -95,10 +101,10 @@ class TextTuneConfig:
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
 
     def __post_init__(self) -> None:
-        from visae.config import ConfigError, check_bounds
+        from visae.config import check_bounds
 
         check_bounds(self, {
-            "n_pool": (1, None), "steps": (0, None), "batch_size": (1, None), "lr": (0.0, None), "warmup": (0, None),
+            "n_pool": (1, None), "steps": (1, None), "batch_size": (1, None), "lr": (0.0, None), "warmup": (0, None),
             "weight_decay": (0.0, None), "single_object_fraction": (0.0, 1.0), "negatives_per_step": (0, None),
             "n_negative_words": (1, None), "hard_negatives_per_step": (0, None), "hard_candidates": (1, None),
             "token_negatives_per_step": (0, None), "dev_fraction": (0.0, 0.9), "eval_n": (1, None), "checkpoint_every": (1, None),
@@ -142,15 +148,21 @@ def hard_negative_words(tokenizer, exclude: set[str], n_candidates: int = 200000
     """Hard negatives: the :func:`candidate_words` (outside ``exclude`` and the world) that share a BPE token with a
     world word and are not development words (:func:`is_dev_word`), grouped by that token: ``{token id: [words]}``
     (a word with two shared tokens is in both lists; tokens in increasing id order, words in frequency order).
-    Raises ``ValueError`` if none is left."""
+    Raises ConfigError if none is left (too small ``n_candidates``)."""
     world_tokens = set().union(*map(set, world_token_sequences(tokenizer, sorted(tc.world2_words()))))
     cand = [x for x in candidate_words(exclude, n_candidates) if not is_dev_word(x, dev_fraction)]
+    if not cand:
+        raise ConfigError(f"hard negatives: none of wordfreq's {n_candidates} most frequent words is left once the "
+                          f"naming list ({len(exclude)} words), the world's words and the development split are taken "
+                          "out; raise --hard_candidates (default 200000)")
     by_tok: dict[int, list[str]] = collections.defaultdict(list)
     for w, toks in zip(cand, tc.subword_tokens(tokenizer, cand)):
         for t in sorted(toks & world_tokens):
             by_tok[t].append(w)
     if not by_tok:
-        raise ValueError(f"hard negatives: none of wordfreq's {n_candidates} words shares a token with a world word")
+        raise ConfigError(f"hard negatives: none of the {len(cand)} candidate words (wordfreq's {n_candidates} most "
+                          "frequent, less the naming list, the world's words and the development split) shares a token "
+                          "with a world word; raise --hard_candidates (default 200000)")
     return dict(sorted(by_tok.items()))
 
 
@@ -207,18 +219,22 @@ def token_negatives(world_seqs: Sequence[Sequence[int]], k: int, rng: np.random.
 
 
 def _base_card(init: Path) -> dict[str, Any]:
+    """The base model's card (``<init>.json``), checked against the weights. Raises ConfigError (a usage error)."""
     card_path = init.with_suffix(".json")
     if not init.is_file():
-        raise FileNotFoundError(f"init: weights {init} not found (expected the v2 trainer's fp16 .safetensors export)")
+        raise ConfigError(f"init: weights {init} not found (expected the v2 trainer's fp16 .safetensors export)")
     if not card_path.is_file():
-        raise FileNotFoundError(f"init: {init} has no card {card_path} (the v2 trainer writes it beside the weights; "
-                                "its world settings draw the image pool)")
-    card = json.loads(card_path.read_text())
+        raise ConfigError(f"init: {init} has no card {card_path} (the v2 trainer writes it beside the weights; "
+                          "its world settings draw the image pool)")
+    try:
+        card = json.loads(card_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"init: card {card_path} is not JSON ({e})") from None
     if card.get("model") != tc.MODEL_NAME_V2 or card.get("world") != "visae.world2":
-        raise ValueError(f"init: {card_path} is a card of model {card.get('model')!r} on {card.get('world')!r}; "
-                         f"expected {tc.MODEL_NAME_V2!r} on 'visae.world2'")
+        raise ConfigError(f"init: {card_path} is a card of model {card.get('model')!r} on {card.get('world')!r}; "
+                          f"expected {tc.MODEL_NAME_V2!r} on 'visae.world2'")
     if card.get("sha256") and card["sha256"] != tc._file_sha256(init):
-        raise ValueError(f"init: {init} does not match its card {card_path} (sha256 differs)")
+        raise ConfigError(f"init: {init} does not match its card {card_path} (sha256 differs)")
     return card
 
 
@@ -234,21 +250,27 @@ def _base_negatives(init: Path, card: dict[str, Any], naming: Sequence[str]) -> 
     return tc.negative_words(naming, seed=int(c.get("seed", 0)), n=int(c.get("n_negative_words", 5000)))
 
 
-def _image_pool(model, card: dict[str, Any], cfg: TextTuneConfig) -> tuple[torch.Tensor, np.ndarray]:
-    """Unit image embeddings ``[n_pool, D]`` of the base run's first ``n_pool`` training scenes (its seed and world
-    settings; image tower in eval mode) and their factor rows ``[n_pool, F]``."""
-    from tqdm import tqdm
-
+def _pool_scenes(card: dict[str, Any], n_pool: int) -> tuple[list[Any], float]:
+    """The base run's first ``n_pool`` training scenes (its seed and world settings; drawn, not rendered) and its
+    texture style jitter."""
     from visae import world2 as w2
 
     c = card.get("config", {})
     kw = dict(max_objects=int(c.get("max_objects", 4)), occlusion=float(c.get("occlusion", 0.3)),
               colour_jitter=float(c.get("colour_jitter", 12.0)))
-    jitter = float(c.get("texture_style_jitter", 0.0))
+    return w2.sample_scenes(n_pool, int(c.get("seed", 0)), **kw), float(c.get("texture_style_jitter", 0.0))
+
+
+def _image_pool(model, scenes: Sequence[Any], jitter: float, progress: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """Unit image embeddings ``[n, D]`` of ``scenes`` (PIL renderer, texture style ``jitter``; image tower in eval
+    mode) and their factor rows ``[n, F]``."""
+    from tqdm import tqdm
+
+    from visae import world2 as w2
+
     embs, rows = [], []
-    for s0 in tqdm(range(0, cfg.n_pool, 1000), desc="image pool", disable=not cfg.progress):
-        sc = w2.sample_scenes(min(1000, cfg.n_pool - s0), int(c.get("seed", 0)), s0, **kw)
-        imgs, _, fac = w2._render_rows(sc, "pil", w2.IMAGE_SIZE, style_jitter=jitter)
+    for s0 in tqdm(range(0, len(scenes), 1000), desc="image pool", disable=not progress):
+        imgs, _, fac = w2._render_rows(scenes[s0:s0 + 1000], "pil", w2.IMAGE_SIZE, style_jitter=jitter)
         embs.append(F.normalize(tc.encode_world_images(model, imgs), dim=-1))
         rows.append(fac)
     return torch.cat(embs), np.concatenate(rows)
@@ -269,10 +291,16 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
     """Run the stage (module docstring); returns the exported fp16 weights (card ``.json`` beside), or None when
     ``stop_after`` steps of this call ended it early (tests of resumption).
 
+    A rerun of a finished run (checkpoint at ``steps``, its export and card in place) does nothing and returns the
+    export. The run holds ``out``'s writer lock (:func:`visae.atomic.output_lock`).
+
     Raises:
-        FileNotFoundError: ``init`` or its card, or the ``negatives_exclude`` list, is missing.
-        ValueError: the card is not a v2 card or does not match the weights; the base was trained on another world
-            format; a checkpoint in ``out`` was made with another config or base.
+        ConfigError (a usage error, exit status 2; a ValueError): ``init``, its card or the ``negatives_exclude`` list
+            is missing; the card is not a v2 card, does not match the weights, or is of another world format;
+            ``out`` is a file; ``export`` is ``init`` or lies below a file; the pool holds fewer single-object
+            scenes than a batch takes; no hard negative is left (``hard_candidates`` too small); a checkpoint in
+            ``out`` was made with another config or base. All before anything is written.
+        OutputLockedError: another process writes ``out``.
         RuntimeError: the exported image tower differs from the base's (it must stay frozen).
     """
     from safetensors.torch import load_file
@@ -288,8 +316,19 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
     init = Path(cfg.init).resolve()
     base = _base_card(init)
     if base.get("world_version", 1) != w2.FORMAT_VERSION:
-        raise ValueError(f"init: {init} was trained on world format {base.get('world_version', 1)}, this visae draws "
-                         f"format {w2.FORMAT_VERSION} (visae.world2.FORMAT_VERSION)")
+        raise ConfigError(f"init: {init} was trained on world format {base.get('world_version', 1)}, this visae draws "
+                          f"format {w2.FORMAT_VERSION} (visae.world2.FORMAT_VERSION)")
+    if not Path(cfg.negatives_exclude).is_file():
+        raise ConfigError(f"negatives_exclude: word list {cfg.negatives_exclude} not found (expected one word a line, "
+                          "e.g. ../shared/vocab/20k.txt)")
+    out = Path(cfg.out)
+    export = Path(cfg.export) if cfg.export else out / f"{tc.MODEL_NAME_V2}.safetensors"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is a file; expected a run directory (made if missing)")
+    if export.resolve() == init:
+        raise ConfigError(f"export: {export} is the base's weights file (init): the tuned model would overwrite its base")
+    if any(q.exists() and not q.is_dir() for q in export.resolve().parents):
+        raise ConfigError(f"export: a parent of {export} is a file; expected a directory to write the weights into")
     naming = tc.read_word_list(cfg.negatives_exclude, "negatives_exclude: word list")
     model, _, tokenizer = tc.create_toyclip(init, device=cfg.device, model=tc.MODEL_NAME_V2)
     model.eval()
@@ -307,126 +346,135 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
     # development words: never trained on, outside the naming list (inheritance on them is the recipe's own check)
     dev = [w for w in candidate_words(set(naming) | set(seen), cfg.hard_candidates) if is_dev_word(w, cfg.dev_fraction)]
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    export = Path(cfg.export) if cfg.export else out / f"{tc.MODEL_NAME_V2}.safetensors"
-    cfg_dict = tc._config_record(cfg)
-    cfg_dict["init"] = str(init)
-    cfg_dict["init_sha256"] = tc._file_sha256(init)
+    # the pool's scenes are drawn (not rendered) first: too few single-object scenes is refused before any work
+    scenes, jitter = _pool_scenes(base, cfg.n_pool)
+    n_single = sum(len(sc.objects) == 1 for sc in scenes)
+    if cfg.single_object_fraction > 0 and n_single < cfg.batch_size:
+        raise ConfigError(f"n_pool: only {n_single} single-object scenes among the base run's first {cfg.n_pool} "
+                          f"training scenes, fewer than batch_size={cfg.batch_size} (single_object_fraction "
+                          f"{cfg.single_object_fraction:g}); raise n_pool or lower batch_size")
 
-    groups = [{"params": [p for p in text_params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in text_params if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    ckpt = out / "checkpoint.pt"
-    step, train_seconds = tc._resume(ckpt, cfg, cfg_dict, model, None, opt, world_version=w2.FORMAT_VERSION)
-    # written once the checkpoint's config is accepted: a refused rerun leaves the run's record as it was
-    atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
-    atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in seen))
-    atomic_write_text(out / "dev_words.txt", "".join(x + "\n" for x in dev))
+    with output_lock(out, "visae tune-toy-clip-text"):
+        cfg_dict = tc._config_record(cfg)
+        cfg_dict["init"] = str(init)
+        cfg_dict["init_sha256"] = tc._file_sha256(init)
 
-    t_data = time.time()
-    with torch.no_grad():
-        emb, factors = _image_pool(model, base, cfg)
-    data_seconds = time.time() - t_data
-    single = np.flatnonzero(factors[:, w2.FACTOR_INDEX["n_objects"]] == 0)
-    if cfg.single_object_fraction > 0 and len(single) < cfg.batch_size:
-        raise ValueError(f"single_object_fraction: only {len(single)} single-object scenes among n_pool={cfg.n_pool}, "
-                         f"fewer than batch_size={cfg.batch_size}; raise n_pool")
-    batch_cfg = SimpleNamespace(batch_size=cfg.batch_size, curriculum_steps=0,
-                                single_object_fraction=cfg.single_object_fraction)
-    sampler = tc._CaptionSamplerV2(tokenizer)
-    n_f = len(w2.FACTORS)
-    model.train()
-    model.visual.eval()
-    scale = model.logit_scale.detach().exp()
-    log = tc._StepLog(out / "log.jsonl", tqdm(total=cfg.steps, initial=step, desc="toy CLIP v2 text tower",
-                                              disable=not cfg.progress), train_seconds)
+        groups = [{"params": [p for p in text_params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in text_params if p.ndim < 2], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        ckpt = out / "checkpoint.pt"
+        step, train_seconds = tc._resume(ckpt, cfg, cfg_dict, model, None, opt, world_version=w2.FORMAT_VERSION)
+        # written once the checkpoint's config is accepted: a refused rerun leaves the run's record as it was
+        atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
+        atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in seen))
+        atomic_write_text(out / "dev_words.txt", "".join(x + "\n" for x in dev))
 
-    def save_ckpt() -> None:
-        tc._atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                               "train_seconds": log.train_seconds, "config": cfg_dict,
-                               "world_version": w2.FORMAT_VERSION}, ckpt)
+        if step >= cfg.steps and export.is_file() and export.with_suffix(".json").is_file():
+            done = json.loads(export.with_suffix(".json").read_text())
+            if done.get("sha256") == tc._file_sha256(export) and done.get("config", {}).get("init_sha256") == cfg_dict["init_sha256"]:
+                print(f"visae tune-toy-clip-text: {export} is this run's finished export ({cfg.steps} steps); nothing to do",
+                      file=sys.stderr)
+                return export
+        t_data = time.time()
+        with torch.no_grad():
+            emb, factors = _image_pool(model, scenes, jitter, cfg.progress)
+        data_seconds = time.time() - t_data
+        single = np.flatnonzero(factors[:, w2.FACTOR_INDEX["n_objects"]] == 0)
+        batch_cfg = SimpleNamespace(batch_size=cfg.batch_size, curriculum_steps=0,
+                                    single_object_fraction=cfg.single_object_fraction)
+        sampler = tc._CaptionSamplerV2(tokenizer)
+        n_f = len(w2.FACTORS)
+        model.train()
+        model.visual.eval()
+        scale = model.logit_scale.detach().exp()
+        log = tc._StepLog(out / "log.jsonl", tqdm(total=cfg.steps, initial=step, desc="toy CLIP v2 text tower",
+                                                  disable=not cfg.progress), train_seconds)
 
-    this_call = 0
-    while step < cfg.steps:
-        if stop_after is not None and this_call >= stop_after:
-            log.close()
-            return None
-        this_call += 1
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0x7E47]))
-        idx = tc._v2_batch_indices(step, batch_cfg, len(emb), single, rng)
-        fac = factors[idx]
-        for grp in opt.param_groups:
-            grp["lr"] = tc._lr_at(step, cfg)
-        tokens, cons, _ = sampler(fac, rng)
-        parts_t, parts_c = [tokens], [cons]
-        t2, c2, _ = sampler.concept_captions(rng)
-        parts_t.append(t2)
-        parts_c.append(c2)
-        if negs:
-            t3, c3, _ = sampler.negatives(negs, cfg.negatives_per_step, n_f, rng)
-            parts_t.append(t3)
-            parts_c.append(c3)
-        if hard_tokens:  # evenly over the shared tokens, then a word of that token
-            words = [hard_by_tok[hard_tokens[int(i)]][int(rng.integers(len(hard_by_tok[hard_tokens[int(i)]])))]
-                     for i in rng.integers(len(hard_tokens), size=cfg.hard_negatives_per_step)]
-            t4, c4, _ = sampler.negatives(words, len(words), n_f, rng)
-            parts_t.append(t4)
-            parts_c.append(c4)
-        if cfg.token_negatives_per_step:
-            t5 = token_negatives(world_seqs, cfg.token_negatives_per_step, rng, context=context,
-                                 sot=int(tokenizer.sot_token_id), eot=int(tokenizer.eot_token_id), vocab_size=vocab_size)
-            c5 = np.full((len(t5), n_f), sampler.UNCONSTRAINED, np.int64)
-            c5[:, 0] = -3  # a value no factor takes: true of no image
-            parts_t.append(t5)
-            parts_c.append(c5)
-        tokens, cons = torch.cat(parts_t), np.concatenate(parts_c)
-        pos = tc._positives(fac, cons).to(cfg.device)
-        uniq, inv = torch.unique(tokens, dim=0, return_inverse=True)
-        txt = F.normalize(model.encode_text(uniq.to(cfg.device)), dim=-1)[inv.to(cfg.device)]
-        loss = tc.multi_positive_clip_loss(emb[idx].to(cfg.device), txt, scale, pos)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": tc._lr_at(step - 1, cfg),
-               "wall": round(time.time() - t_start, 1), "cpu": round(time.process_time() - cpu_start, 1)}
-        log.record(rec)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            log.lap()
-            save_ckpt()
-    log.close()
-    train_seconds = log.lap()
+        def save_ckpt() -> None:
+            tc._atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                                   "train_seconds": log.train_seconds, "config": cfg_dict,
+                                   "world_version": w2.FORMAT_VERSION}, ckpt)
 
-    model.eval()
-    tc.export_fp16(model, export, tc.MODEL_NAME_V2)
-    before, after = load_file(str(init)), load_file(str(export))
-    changed = [k for k in before if k.startswith("visual.") and not torch.equal(before[k], after[k])]
-    if changed:
-        raise RuntimeError(f"the image tower changed in {len(changed)} tensors ({changed[:3]}...): it must stay frozen")
-    shipped, _, _ = tc.create_toyclip(export, model=tc.MODEL_NAME_V2)
-    metrics = tc.evaluate_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n)
-    metrics["subword_inheritance"] = tc.inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n, naming, seen)
-    if dev:
-        metrics["subword_inheritance_dev"] = tc.inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n, dev, seen)
-    card = {
-        "model": tc.MODEL_NAME_V2, "version": 2, "world": "visae.world2", "world_version": w2.FORMAT_VERSION,
-        **tc._run_record(export, "visae.toyclip_text.main " + " ".join(argv if argv is not None else sys.argv[1:]),
-                         t_start, cpu_start),
-        "stage": "text tower (visae.toyclip_text): image tower frozen, bit for bit the base's",
-        "config": cfg_dict, "base": base,
-        "dev_words": {"file": "dev_words.txt", "n": len(dev)},
-        "negatives": {"file": "negatives.txt", "n": len(seen), "base": len(base_negs), "random": len(negs),
-                      "hard": len(hard_words), "hard_tokens": len(hard_tokens)},
-        "steps": cfg.steps, "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
-        "evaluation": metrics,
-    }
-    tc._write_card(card, export, out)
-    print(json.dumps(json_safe({"weights": str(export), "train_seconds": card["train_seconds"],
-                                "inheritance": metrics["subword_inheritance"]["fraction_no_closer"],
-                                "inheritance_dev": metrics.get("subword_inheritance_dev", {}).get("fraction_no_closer")}),
-                     indent=1))
-    return export
+        this_call = 0
+        while step < cfg.steps:
+            if stop_after is not None and this_call >= stop_after:
+                log.close()
+                return None
+            this_call += 1
+            rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0x7E47]))
+            idx = tc._v2_batch_indices(step, batch_cfg, len(emb), single, rng)
+            fac = factors[idx]
+            for grp in opt.param_groups:
+                grp["lr"] = tc._lr_at(step, cfg)
+            tokens, cons, _ = sampler(fac, rng)
+            parts_t, parts_c = [tokens], [cons]
+            t2, c2, _ = sampler.concept_captions(rng)
+            parts_t.append(t2)
+            parts_c.append(c2)
+            if negs:
+                t3, c3, _ = sampler.negatives(negs, cfg.negatives_per_step, n_f, rng)
+                parts_t.append(t3)
+                parts_c.append(c3)
+            if hard_tokens:  # evenly over the shared tokens, then a word of that token
+                words = [hard_by_tok[hard_tokens[int(i)]][int(rng.integers(len(hard_by_tok[hard_tokens[int(i)]])))]
+                         for i in rng.integers(len(hard_tokens), size=cfg.hard_negatives_per_step)]
+                t4, c4, _ = sampler.negatives(words, len(words), n_f, rng)
+                parts_t.append(t4)
+                parts_c.append(c4)
+            if cfg.token_negatives_per_step:
+                t5 = token_negatives(world_seqs, cfg.token_negatives_per_step, rng, context=context,
+                                     sot=int(tokenizer.sot_token_id), eot=int(tokenizer.eot_token_id), vocab_size=vocab_size)
+                c5 = np.full((len(t5), n_f), sampler.UNCONSTRAINED, np.int64)
+                c5[:, 0] = -3  # a value no factor takes: true of no image
+                parts_t.append(t5)
+                parts_c.append(c5)
+            tokens, cons = torch.cat(parts_t), np.concatenate(parts_c)
+            pos = tc._positives(fac, cons).to(cfg.device)
+            uniq, inv = torch.unique(tokens, dim=0, return_inverse=True)
+            txt = F.normalize(model.encode_text(uniq.to(cfg.device)), dim=-1)[inv.to(cfg.device)]
+            loss = tc.multi_positive_clip_loss(emb[idx].to(cfg.device), txt, scale, pos)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": tc._lr_at(step - 1, cfg),
+                   "wall": round(time.time() - t_start, 1), "cpu": round(time.process_time() - cpu_start, 1)}
+            log.record(rec)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                log.lap()
+                save_ckpt()
+        log.close()
+        train_seconds = log.lap()
+
+        model.eval()
+        tc.export_fp16(model, export, tc.MODEL_NAME_V2)
+        before, after = load_file(str(init)), load_file(str(export))
+        changed = [k for k in before if k.startswith("visual.") and not torch.equal(before[k], after[k])]
+        if changed:
+            raise RuntimeError(f"the image tower changed in {len(changed)} tensors ({changed[:3]}...): it must stay frozen")
+        shipped, _, _ = tc.create_toyclip(export, model=tc.MODEL_NAME_V2)
+        metrics = tc.evaluate_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n)
+        metrics["subword_inheritance"] = tc.inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n, naming, seen)
+        if dev:
+            metrics["subword_inheritance_dev"] = tc.inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n, dev, seen)
+        card = {
+            "model": tc.MODEL_NAME_V2, "version": 2, "world": "visae.world2", "world_version": w2.FORMAT_VERSION,
+            **tc._run_record(export, "visae.toyclip_text.main " + " ".join(argv if argv is not None else sys.argv[1:]),
+                             t_start, cpu_start),
+            "stage": "text tower (visae.toyclip_text): image tower frozen, bit for bit the base's",
+            "config": cfg_dict, "base": base,
+            "dev_words": {"file": "dev_words.txt", "n": len(dev)},
+            "negatives": {"file": "negatives.txt", "n": len(seen), "base": len(base_negs), "random": len(negs),
+                          "hard": len(hard_words), "hard_tokens": len(hard_tokens)},
+            "steps": cfg.steps, "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
+            "evaluation": metrics,
+        }
+        tc._write_card(card, export, out)
+        print(json.dumps(json_safe({"weights": str(export), "train_seconds": card["train_seconds"],
+                                    "inheritance": metrics["subword_inheritance"]["fraction_no_closer"],
+                                    "inheritance_dev": metrics.get("subword_inheritance_dev", {}).get("fraction_no_closer")}),
+                         indent=1))
+        return export
 
 
 def main(argv: list[str] | None = None) -> int:

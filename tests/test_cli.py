@@ -191,3 +191,18 @@ def test_train_ends_with_a_summary(tmp_path, capsys):
     assert rc == 0 and cap.out.strip() == str(out)
     assert "trained relu SAE 8 -> 16 latents" in cap.err and "finished" in cap.err
     assert "held-out EV" in cap.err and "L0" in cap.err and "dead" in cap.err and f"SAE: {out}" in cap.err
+
+
+@pytest.mark.parametrize("error, hint", [
+    (FileNotFoundError("init: weights /x/w.safetensors not found"), "check the path"),
+    (OSError(28, "No space left on device", "/x/shard_00001.acts.npy"), "free space"),
+])
+def test_an_os_error_is_one_line_with_a_hint_that_fits_it(error, hint, capsys):
+    """A missing path is not told to free disk space; a full disk is (cli.run_main, exit status 1, no traceback)."""
+    def fail(argv):
+        raise error
+
+    assert cli.run_main("visae x", fail, []) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("visae x: error: ") and hint in err
+    assert ("free space" in err) == (hint == "free space")

@@ -139,6 +139,22 @@ def test_tune_refuses_bad_input_before_writing(tmp_path, base_run, tokenizer):
     with pytest.raises(ConfigError, match="word list"):
         tt.tune_text_tower(_cfg(tmp_path, base_run, negatives_exclude=str(tmp_path / "missing.txt")), [])
     assert not (tmp_path / "tune").exists()
+    # one writer of a run directory at a time: another process holds the lock (within a process it is re-entrant)
+    import subprocess
+    import sys
+
+    from visae.atomic import OutputLockedError
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from visae.atomic import output_lock\n"
+                               "with output_lock(sys.argv[1]):\n print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / "locked")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputLockedError):
+            tt.tune_text_tower(_cfg(tmp_path, base_run, out=str(tmp_path / "locked")), [])
+    finally:
+        holder.kill()
+        holder.wait()
     with pytest.raises(ConfigError, match="negatives_exclude"):
         tt.TextTuneConfig(negatives_exclude="")
     with pytest.raises(ConfigError, match="single_object_fraction"):

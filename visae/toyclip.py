@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from visae import toyworld as tw
-from visae.atomic import atomic_path, atomic_write_text
+from visae.atomic import atomic_path, atomic_write_text, output_lock
 from visae.resources import config_yaml, shipped_dir
 
 __all__ = [
@@ -537,7 +537,8 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
     """Train visae-toyclip; returns the exported fp16 weights file (its card ``.json`` beside it).
 
     ``stop_after``: return (None) after that many steps of this call, leaving only the
-    checkpoint, as a kill would (for tests of resumption).
+    checkpoint, as a kill would (for tests of resumption). Holds ``out``'s writer lock
+    (:func:`visae.atomic.output_lock`: a second run into the same directory gets OutputLockedError at once).
     """
     import open_clip
     from tqdm import tqdm
@@ -547,102 +548,102 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    export = Path(cfg.export) if cfg.export else out / f"{MODEL_NAME}.safetensors"
-    cfg_dict = _config_record(cfg)
+    with output_lock(out, "visae train-toy-clip"):  # one writer of the run directory at a time
+        export = Path(cfg.export) if cfg.export else out / f"{MODEL_NAME}.safetensors"
+        cfg_dict = _config_record(cfg)
 
-    register()
-    torch.manual_seed(cfg.seed)
-    model = open_clip.create_model(MODEL_NAME, device=cfg.device)
-    model.train()
-    tokenizer = open_clip.get_tokenizer(MODEL_NAME)
-    heads = _aux_heads(model) if cfg.aux_weight > 0 else None
-    params = _param_groups(model, cfg.weight_decay) + ([{"params": list(heads.parameters()), "weight_decay": 0.0}] if heads else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    ckpt = out / "checkpoint.pt"
-    step, train_seconds = _resume(ckpt, cfg, cfg_dict, model, heads, opt)
-    # written once the checkpoint's config is accepted: a refused rerun leaves the run's record as it was
-    atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
+        register()
+        torch.manual_seed(cfg.seed)
+        model = open_clip.create_model(MODEL_NAME, device=cfg.device)
+        model.train()
+        tokenizer = open_clip.get_tokenizer(MODEL_NAME)
+        heads = _aux_heads(model) if cfg.aux_weight > 0 else None
+        params = _param_groups(model, cfg.weight_decay) + ([{"params": list(heads.parameters()), "weight_decay": 0.0}] if heads else [])
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        ckpt = out / "checkpoint.pt"
+        step, train_seconds = _resume(ckpt, cfg, cfg_dict, model, heads, opt)
+        # written once the checkpoint's config is accepted: a refused rerun leaves the run's record as it was
+        atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
 
-    t_data = time.time()
-    world = tw.sample_world(cfg.n_train, cfg.seed, cfg.two_object_fraction, progress=cfg.progress)
-    held = tw.sample_world(cfg.eval_n, cfg.eval_seed, cfg.two_object_fraction, progress=False)
-    data_seconds = time.time() - t_data
-    sampler = _CaptionSampler(tokenizer)
-    log = _StepLog(out / "log.jsonl", tqdm(total=cfg.steps, initial=step, desc="toy CLIP", disable=not cfg.progress),
-                   train_seconds)
+        t_data = time.time()
+        world = tw.sample_world(cfg.n_train, cfg.seed, cfg.two_object_fraction, progress=cfg.progress)
+        held = tw.sample_world(cfg.eval_n, cfg.eval_seed, cfg.two_object_fraction, progress=False)
+        data_seconds = time.time() - t_data
+        sampler = _CaptionSampler(tokenizer)
+        log = _StepLog(out / "log.jsonl", tqdm(total=cfg.steps, initial=step, desc="toy CLIP", disable=not cfg.progress),
+                       train_seconds)
 
-    def save_ckpt() -> None:
-        _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                            "aux_heads": heads.state_dict() if heads is not None else None,
-                            "train_seconds": log.train_seconds, "config": cfg_dict}, ckpt)
+        def save_ckpt() -> None:
+            _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                                "aux_heads": heads.state_dict() if heads is not None else None,
+                                "train_seconds": log.train_seconds, "config": cfg_dict}, ckpt)
 
-    steps_this_call = 0
-    while step < cfg.steps:
-        if stop_after is not None and steps_this_call >= stop_after:
-            log.close()
-            return None
-        steps_this_call += 1
-        # Every step's randomness comes from (seed, step): a resumed run draws the same batches.
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0xC11F]))
-        idx = rng.choice(len(world), cfg.batch_size, replace=False)
-        fac = world.factors[idx]
-        tokens, cons, _ = sampler(fac, rng)
-        if cfg.concept_captions:
-            ctok, ccons, _ = sampler.concept_captions(rng)
-            tokens, cons = torch.cat([tokens, ctok]), np.concatenate([cons, ccons])
-        pos = _positives(fac, cons).to(cfg.device)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        x = images_to_tensor(world.images[idx]).to(cfg.device)
-        img = F.normalize(model.encode_image(x), dim=-1)
-        txt = F.normalize(model.encode_text(tokens.to(cfg.device)), dim=-1)
-        loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), pos)
-        if heads is not None:
-            y = torch.from_numpy(fac[:, [tw.FACTOR_INDEX[f] for f in tw.MAIN_FACTORS]]).to(cfg.device)
-            aux = sum(F.cross_entropy(h(img), y[:, i]) for i, h in enumerate(heads)) / len(heads)
-            loss = loss + cfg.aux_weight * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))
-        step += 1
-        rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": _lr_at(step - 1, cfg),
-               "logit_scale": round(float(model.logit_scale.detach().exp()), 3)}
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            sub = tw.ToyWorld(held.images[:500], held.factors[:500], held.seed)
-            rec["zero_shot"] = zero_shot_eval(model, tokenizer, sub)["all"]
-            model.train()
-            tqdm.write(f"step {step}: zero-shot {json.dumps({k: round(v, 3) for k, v in rec['zero_shot'].items()})}")
-        log.record(rec, scale=f"{rec['logit_scale']:.1f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            log.lap()
-            save_ckpt()
-    log.close()
-    train_seconds = log.lap()
+        steps_this_call = 0
+        while step < cfg.steps:
+            if stop_after is not None and steps_this_call >= stop_after:
+                log.close()
+                return None
+            steps_this_call += 1
+            # Every step's randomness comes from (seed, step): a resumed run draws the same batches.
+            rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0xC11F]))
+            idx = rng.choice(len(world), cfg.batch_size, replace=False)
+            fac = world.factors[idx]
+            tokens, cons, _ = sampler(fac, rng)
+            if cfg.concept_captions:
+                ctok, ccons, _ = sampler.concept_captions(rng)
+                tokens, cons = torch.cat([tokens, ctok]), np.concatenate([cons, ccons])
+            pos = _positives(fac, cons).to(cfg.device)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            x = images_to_tensor(world.images[idx]).to(cfg.device)
+            img = F.normalize(model.encode_image(x), dim=-1)
+            txt = F.normalize(model.encode_text(tokens.to(cfg.device)), dim=-1)
+            loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), pos)
+            if heads is not None:
+                y = torch.from_numpy(fac[:, [tw.FACTOR_INDEX[f] for f in tw.MAIN_FACTORS]]).to(cfg.device)
+                aux = sum(F.cross_entropy(h(img), y[:, i]) for i, h in enumerate(heads)) / len(heads)
+                loss = loss + cfg.aux_weight * aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, np.log(100))
+            step += 1
+            rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": _lr_at(step - 1, cfg),
+                   "logit_scale": round(float(model.logit_scale.detach().exp()), 3)}
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                sub = tw.ToyWorld(held.images[:500], held.factors[:500], held.seed)
+                rec["zero_shot"] = zero_shot_eval(model, tokenizer, sub)["all"]
+                model.train()
+                tqdm.write(f"step {step}: zero-shot {json.dumps({k: round(v, 3) for k, v in rec['zero_shot'].items()})}")
+            log.record(rec, scale=f"{rec['logit_scale']:.1f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                log.lap()
+                save_ckpt()
+        log.close()
+        train_seconds = log.lap()
 
-    model.eval()
-    export_fp16(model, export)
-    # Evaluate what ships: the fp16 weights loaded back through open_clip.
-    shipped, _, _ = create_toyclip(export)
-    metrics = zero_shot_eval(shipped, tokenizer, held)
-    card = {
-        "model": MODEL_NAME,
-        **_run_record(export, "python scripts/train_toy_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                      t_start, cpu_start),
-        "config": cfg_dict,
-        "train_world": {"seed": cfg.seed, "n": cfg.n_train, "two_object_fraction": cfg.two_object_fraction},
-        "eval_world": {"seed": cfg.eval_seed, "n": cfg.eval_n},
-        "steps": cfg.steps,
-        "train_seconds": round(train_seconds, 1),
-        "data_seconds": round(data_seconds, 1),
-        "zero_shot_top1": metrics,
-        "final_loss_mean_last50": float(np.mean([json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()[-50:]])),
-    }
-    _write_card(card, export, out)
-    print(json.dumps({"weights": str(export), "zero_shot_top1": metrics["all"], "train_seconds": card["train_seconds"]}, indent=1))
-    return export
+        model.eval()
+        export_fp16(model, export)
+        # Evaluate what ships: the fp16 weights loaded back through open_clip.
+        shipped, _, _ = create_toyclip(export)
+        metrics = zero_shot_eval(shipped, tokenizer, held)
+        card = {
+            "model": MODEL_NAME,
+            **_run_record(export, "python scripts/train_toy_clip.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                          t_start, cpu_start),
+            "config": cfg_dict,
+            "train_world": {"seed": cfg.seed, "n": cfg.n_train, "two_object_fraction": cfg.two_object_fraction},
+            "eval_world": {"seed": cfg.eval_seed, "n": cfg.eval_n},
+            "steps": cfg.steps,
+            "train_seconds": round(train_seconds, 1),
+            "data_seconds": round(data_seconds, 1),
+            "zero_shot_top1": metrics,
+            "final_loss_mean_last50": float(np.mean([json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()[-50:]])),
+        }
+        _write_card(card, export, out)
+        print(json.dumps({"weights": str(export), "zero_shot_top1": metrics["all"], "train_seconds": card["train_seconds"]}, indent=1))
+        return export
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1057,6 +1058,8 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     list (true of no image: they are only ever pushed away from images), plus linear factor heads
     (``aux_weight``). Resumable from ``<out>/checkpoint.pt`` like v1 (every step's randomness is a
     function of (seed, step)).
+    Holds ``out``'s writer lock (:func:`visae.atomic.output_lock`: a second run into the same directory gets
+    OutputLockedError at once).
     """
     import open_clip
     from tqdm import tqdm
@@ -1081,145 +1084,145 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     naming_words = read_word_list(cfg.negatives_exclude, "negatives_exclude: word list") if cfg.negatives_exclude else None
     negs = negative_words(naming_words, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step > 0 else []
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    export = Path(cfg.export) if cfg.export else out / f"{cfg.model}.safetensors"
-    cfg_dict = _config_record(cfg)
+    with output_lock(out, "visae.toyclip.main_v2"):  # one writer of the run directory at a time
+        export = Path(cfg.export) if cfg.export else out / f"{cfg.model}.safetensors"
+        cfg_dict = _config_record(cfg)
 
-    register_toy_model(cfg.model)
-    torch.manual_seed(cfg.seed)
-    model = open_clip.create_model(cfg.model, device=cfg.device)
-    model.train()
-    tokenizer = open_clip.get_tokenizer(cfg.model)
-    g = torch.Generator().manual_seed(1234)
-    d_embed = int(open_clip.get_model_config(cfg.model)["embed_dim"])
-    heads = torch.nn.ModuleList(torch.nn.Linear(d_embed, len(w2.FACTORS[f])) for f in w2.MAIN_FACTORS)
-    with torch.no_grad():
-        for h in heads:
-            h.weight.copy_(torch.randn(h.weight.shape, generator=g) * 0.1)
-            h.bias.zero_()
-    params = _param_groups(model, cfg.weight_decay) + [{"params": list(heads.parameters()), "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    ckpt = out / "checkpoint.pt"
-    step, train_seconds = _resume(ckpt, cfg, cfg_dict, model, heads, opt, world_version=w2.FORMAT_VERSION)
-    # written once the checkpoint's config is accepted: a refused rerun leaves the run's record as it was
-    atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
-    atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in negs))
-
-    t_data = time.time()
-    kw = dict(max_objects=cfg.max_objects, occlusion=cfg.occlusion, colour_jitter=cfg.colour_jitter)
-    scenes = []
-    it = range(0, cfg.n_train, 1000)
-    for s0 in (tqdm(it, desc="world2 train scenes", disable=not cfg.progress)):
-        scenes += w2.sample_scenes(min(1000, cfg.n_train - s0), cfg.seed, s0, **kw)
-    images, _, factors = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE, style_jitter=cfg.texture_style_jitter)
-    held_sc = w2.sample_scenes(300, cfg.eval_seed, max_objects=1, occlusion=0.0)
-    held_img, _, held_rows = w2._render_rows(held_sc, "pil", w2.IMAGE_SIZE)
-    try:
-        held_img2, _, held_rows2 = w2._render_rows(held_sc, "skimage", w2.IMAGE_SIZE)
-    except ImportError:
-        held_img2 = held_rows2 = None
-    single = np.flatnonzero(factors[:, w2.FACTOR_INDEX["n_objects"]] == 0)
-    if (cfg.curriculum_steps > 0 or cfg.single_object_fraction > 0) and len(single) < cfg.batch_size:
-        raise ValueError(f"single_object_fraction / curriculum_steps: only {len(single)} single-object scenes among "
-                         f"n_train={cfg.n_train}, fewer than batch_size={cfg.batch_size}; raise n_train")
-    data_seconds = time.time() - t_data
-    sampler = _CaptionSamplerV2(tokenizer)
-    main_cols = [w2.FACTOR_INDEX[f] for f in w2.MAIN_FACTORS]
-    log = _StepLog(out / "log.jsonl", tqdm(total=cfg.steps, initial=step, desc="toy CLIP v2", disable=not cfg.progress),
-                   train_seconds)
-
-    def save_ckpt() -> None:
-        _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                            "aux_heads": heads.state_dict(), "train_seconds": log.train_seconds, "config": cfg_dict,
-                            "world_version": w2.FORMAT_VERSION}, ckpt)
-
-    this_call = 0
-    while step < cfg.steps:
-        if stop_after is not None and this_call >= stop_after:
-            log.close()
-            return None
-        this_call += 1
-        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0xC112]))
-        idx = _v2_batch_indices(step, cfg, len(images), single, rng)
-        fac = factors[idx]
-        for grp in opt.param_groups:
-            grp["lr"] = _lr_at(step, cfg)
-        x = images_to_tensor(images[idx]).to(cfg.device)
-        img = F.normalize(model.encode_image(x), dim=-1)
-        pretraining = step < cfg.pretrain_steps
-        if pretraining:  # the factor heads alone (pretrain_factor_weights): no captions, the text tower waits
-            loss = img.new_zeros(())
-        else:
-            # The step's captions (rng is this step's own stream: skipping them while pretraining changes no other step).
-            tokens, cons, _ = sampler(fac, rng)
-            parts_t, parts_c = [tokens], [cons]
-            if cfg.concept_captions:
-                t2, c2, _ = sampler.concept_captions(rng)
-                parts_t.append(t2)
-                parts_c.append(c2)
-            if negs:
-                t3, c3, _ = sampler.negatives(negs, cfg.negatives_per_step, len(w2.FACTORS), rng)
-                parts_t.append(t3)
-                parts_c.append(c3)
-            tokens, cons = torch.cat(parts_t), np.concatenate(parts_c)
-            pos = _positives(fac, cons).to(cfg.device)
-            # Each distinct caption is encoded once (concept captions and short captions repeat within a batch).
-            uniq, inv = torch.unique(tokens, dim=0, return_inverse=True)
-            txt = F.normalize(model.encode_text(uniq.to(cfg.device)), dim=-1)[inv.to(cfg.device)]
-            loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), pos)
-        if cfg.aux_weight > 0 or pretraining:
-            y = torch.from_numpy(fac[:, main_cols]).to(cfg.device)
-            aux_logits = [cfg.aux_logit_scale * h(img) for h in heads]
-            aux = aux_factor_loss(aux_logits, y, pre_w if pretraining else head_w)
-            loss = loss + (aux if pretraining else cfg.aux_weight * aux)
-            with torch.no_grad():  # the heads' accuracy on this batch: how far each factor is linearly readable
-                aux_acc = {f: round(float((lg.argmax(1) == y[:, i])[y[:, i] >= 0].float().mean()), 4)
-                           for i, (f, lg) in enumerate(zip(w2.MAIN_FACTORS, aux_logits))}
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        register_toy_model(cfg.model)
+        torch.manual_seed(cfg.seed)
+        model = open_clip.create_model(cfg.model, device=cfg.device)
+        model.train()
+        tokenizer = open_clip.get_tokenizer(cfg.model)
+        g = torch.Generator().manual_seed(1234)
+        d_embed = int(open_clip.get_model_config(cfg.model)["embed_dim"])
+        heads = torch.nn.ModuleList(torch.nn.Linear(d_embed, len(w2.FACTORS[f])) for f in w2.MAIN_FACTORS)
         with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))
-        step += 1
-        rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": _lr_at(step - 1, cfg),
-               "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
-               "wall": round(time.time() - t_start, 1), "cpu": round(time.process_time() - cpu_start, 1)}
-        if cfg.aux_weight > 0 or pretraining:
-            rec["aux"] = round(float(aux.detach()), 5)
-            rec["aux_acc"] = aux_acc
-        if pretraining:
-            rec["pretrain"] = True
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            rec["zero_shot"] = zero_shot_eval_v2(model, tokenizer, held_img, held_rows)
-            if held_img2 is not None:
-                rec["zero_shot_skimage"] = zero_shot_eval_v2(model, tokenizer, held_img2, held_rows2)
-            model.train()
-            tqdm.write(f"step {step}: zero-shot {json.dumps({k: round(v, 3) for k, v in rec['zero_shot'].items()})}")
-        log.record(rec)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            log.lap()
-            save_ckpt()
-    log.close()
-    train_seconds = log.lap()
+            for h in heads:
+                h.weight.copy_(torch.randn(h.weight.shape, generator=g) * 0.1)
+                h.bias.zero_()
+        params = _param_groups(model, cfg.weight_decay) + [{"params": list(heads.parameters()), "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        ckpt = out / "checkpoint.pt"
+        step, train_seconds = _resume(ckpt, cfg, cfg_dict, model, heads, opt, world_version=w2.FORMAT_VERSION)
+        # written once the checkpoint's config is accepted: a refused rerun leaves the run's record as it was
+        atomic_write_text(out / "config.json", json.dumps(cfg_dict, indent=1))
+        atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in negs))
 
-    model.eval()
-    export_fp16(model, export, cfg.model)
-    shipped, _, _ = create_toyclip(export, model=cfg.model)
-    metrics = evaluate_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n)
-    if naming_words is not None:  # the naming list kept out of training: its words are the unseen ones
-        metrics["subword_inheritance"] = inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n,
-                                                             naming_words, negs)
-    card = {
-        "model": cfg.model, "version": 2, "world": "visae.world2", "world_version": w2.FORMAT_VERSION,
-        **_run_record(export, "visae.toyclip.main_v2 " + " ".join(argv if argv is not None else sys.argv[1:]),
-                      t_start, cpu_start),
-        "config": cfg_dict, "negatives": {"file": "negatives.txt", "n": len(negs)},
-        "steps": cfg.steps, "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
-        "evaluation": metrics,
-    }
-    _write_card(card, export, out)
-    print(json.dumps({"weights": str(export), "evaluation": metrics, "train_seconds": card["train_seconds"]}, indent=1))
-    return export
+        t_data = time.time()
+        kw = dict(max_objects=cfg.max_objects, occlusion=cfg.occlusion, colour_jitter=cfg.colour_jitter)
+        scenes = []
+        it = range(0, cfg.n_train, 1000)
+        for s0 in (tqdm(it, desc="world2 train scenes", disable=not cfg.progress)):
+            scenes += w2.sample_scenes(min(1000, cfg.n_train - s0), cfg.seed, s0, **kw)
+        images, _, factors = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE, style_jitter=cfg.texture_style_jitter)
+        held_sc = w2.sample_scenes(300, cfg.eval_seed, max_objects=1, occlusion=0.0)
+        held_img, _, held_rows = w2._render_rows(held_sc, "pil", w2.IMAGE_SIZE)
+        try:
+            held_img2, _, held_rows2 = w2._render_rows(held_sc, "skimage", w2.IMAGE_SIZE)
+        except ImportError:
+            held_img2 = held_rows2 = None
+        single = np.flatnonzero(factors[:, w2.FACTOR_INDEX["n_objects"]] == 0)
+        if (cfg.curriculum_steps > 0 or cfg.single_object_fraction > 0) and len(single) < cfg.batch_size:
+            raise ValueError(f"single_object_fraction / curriculum_steps: only {len(single)} single-object scenes among "
+                             f"n_train={cfg.n_train}, fewer than batch_size={cfg.batch_size}; raise n_train")
+        data_seconds = time.time() - t_data
+        sampler = _CaptionSamplerV2(tokenizer)
+        main_cols = [w2.FACTOR_INDEX[f] for f in w2.MAIN_FACTORS]
+        log = _StepLog(out / "log.jsonl", tqdm(total=cfg.steps, initial=step, desc="toy CLIP v2", disable=not cfg.progress),
+                       train_seconds)
+
+        def save_ckpt() -> None:
+            _atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                                "aux_heads": heads.state_dict(), "train_seconds": log.train_seconds, "config": cfg_dict,
+                                "world_version": w2.FORMAT_VERSION}, ckpt)
+
+        this_call = 0
+        while step < cfg.steps:
+            if stop_after is not None and this_call >= stop_after:
+                log.close()
+                return None
+            this_call += 1
+            rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0xC112]))
+            idx = _v2_batch_indices(step, cfg, len(images), single, rng)
+            fac = factors[idx]
+            for grp in opt.param_groups:
+                grp["lr"] = _lr_at(step, cfg)
+            x = images_to_tensor(images[idx]).to(cfg.device)
+            img = F.normalize(model.encode_image(x), dim=-1)
+            pretraining = step < cfg.pretrain_steps
+            if pretraining:  # the factor heads alone (pretrain_factor_weights): no captions, the text tower waits
+                loss = img.new_zeros(())
+            else:
+                # The step's captions (rng is this step's own stream: skipping them while pretraining changes no other step).
+                tokens, cons, _ = sampler(fac, rng)
+                parts_t, parts_c = [tokens], [cons]
+                if cfg.concept_captions:
+                    t2, c2, _ = sampler.concept_captions(rng)
+                    parts_t.append(t2)
+                    parts_c.append(c2)
+                if negs:
+                    t3, c3, _ = sampler.negatives(negs, cfg.negatives_per_step, len(w2.FACTORS), rng)
+                    parts_t.append(t3)
+                    parts_c.append(c3)
+                tokens, cons = torch.cat(parts_t), np.concatenate(parts_c)
+                pos = _positives(fac, cons).to(cfg.device)
+                # Each distinct caption is encoded once (concept captions and short captions repeat within a batch).
+                uniq, inv = torch.unique(tokens, dim=0, return_inverse=True)
+                txt = F.normalize(model.encode_text(uniq.to(cfg.device)), dim=-1)[inv.to(cfg.device)]
+                loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), pos)
+            if cfg.aux_weight > 0 or pretraining:
+                y = torch.from_numpy(fac[:, main_cols]).to(cfg.device)
+                aux_logits = [cfg.aux_logit_scale * h(img) for h in heads]
+                aux = aux_factor_loss(aux_logits, y, pre_w if pretraining else head_w)
+                loss = loss + (aux if pretraining else cfg.aux_weight * aux)
+                with torch.no_grad():  # the heads' accuracy on this batch: how far each factor is linearly readable
+                    aux_acc = {f: round(float((lg.argmax(1) == y[:, i])[y[:, i] >= 0].float().mean()), 4)
+                               for i, (f, lg) in enumerate(zip(w2.MAIN_FACTORS, aux_logits))}
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, np.log(100))
+            step += 1
+            rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": _lr_at(step - 1, cfg),
+                   "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
+                   "wall": round(time.time() - t_start, 1), "cpu": round(time.process_time() - cpu_start, 1)}
+            if cfg.aux_weight > 0 or pretraining:
+                rec["aux"] = round(float(aux.detach()), 5)
+                rec["aux_acc"] = aux_acc
+            if pretraining:
+                rec["pretrain"] = True
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                rec["zero_shot"] = zero_shot_eval_v2(model, tokenizer, held_img, held_rows)
+                if held_img2 is not None:
+                    rec["zero_shot_skimage"] = zero_shot_eval_v2(model, tokenizer, held_img2, held_rows2)
+                model.train()
+                tqdm.write(f"step {step}: zero-shot {json.dumps({k: round(v, 3) for k, v in rec['zero_shot'].items()})}")
+            log.record(rec)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                log.lap()
+                save_ckpt()
+        log.close()
+        train_seconds = log.lap()
+
+        model.eval()
+        export_fp16(model, export, cfg.model)
+        shipped, _, _ = create_toyclip(export, model=cfg.model)
+        metrics = evaluate_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n)
+        if naming_words is not None:  # the naming list kept out of training: its words are the unseen ones
+            metrics["subword_inheritance"] = inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n,
+                                                                 naming_words, negs)
+        card = {
+            "model": cfg.model, "version": 2, "world": "visae.world2", "world_version": w2.FORMAT_VERSION,
+            **_run_record(export, "visae.toyclip.main_v2 " + " ".join(argv if argv is not None else sys.argv[1:]),
+                          t_start, cpu_start),
+            "config": cfg_dict, "negatives": {"file": "negatives.txt", "n": len(negs)},
+            "steps": cfg.steps, "train_seconds": round(train_seconds, 1), "data_seconds": round(data_seconds, 1),
+            "evaluation": metrics,
+        }
+        _write_card(card, export, out)
+        print(json.dumps({"weights": str(export), "evaluation": metrics, "train_seconds": card["train_seconds"]}, indent=1))
+        return export
 
 
 def main_v2(argv: list[str] | None = None) -> int:

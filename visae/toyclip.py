@@ -407,6 +407,16 @@ class _StepLog:
     def __init__(self, log_path: Path, bar: Any, train_seconds: float):
         self.logf, self.bar = open(log_path, "a"), bar
         self.train_seconds, self._t = float(train_seconds), time.time()
+        self.steps_this_call = 0
+
+    def stop_here(self, stop_after: int | None) -> bool:
+        """Whether this call has run ``stop_after`` steps (then the log is closed and the loop returns None, leaving
+        only the last checkpoint, as a kill would: the hook of the resumption tests); otherwise count one more step."""
+        if stop_after is not None and self.steps_this_call >= stop_after:
+            self.close()
+            return True
+        self.steps_this_call += 1
+        return False
 
     def record(self, rec: dict[str, Any], **postfix: str) -> None:
         self.logf.write(json.dumps(rec) + "\n")
@@ -578,12 +588,9 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
                                 "aux_heads": heads.state_dict() if heads is not None else None,
                                 "train_seconds": log.train_seconds, "config": cfg_dict}, ckpt)
 
-        steps_this_call = 0
         while step < cfg.steps:
-            if stop_after is not None and steps_this_call >= stop_after:
-                log.close()
+            if log.stop_here(stop_after):
                 return None
-            steps_this_call += 1
             # Every step's randomness comes from (seed, step): a resumed run draws the same batches.
             rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0xC11F]))
             idx = rng.choice(len(world), cfg.batch_size, replace=False)
@@ -1136,12 +1143,9 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
                                 "aux_heads": heads.state_dict(), "train_seconds": log.train_seconds, "config": cfg_dict,
                                 "world_version": w2.FORMAT_VERSION}, ckpt)
 
-        this_call = 0
         while step < cfg.steps:
-            if stop_after is not None and this_call >= stop_after:
-                log.close()
+            if log.stop_here(stop_after):
                 return None
-            this_call += 1
             rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0xC112]))
             idx = _v2_batch_indices(step, cfg, len(images), single, rng)
             fac = factors[idx]

@@ -395,12 +395,9 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
                                    "train_seconds": log.train_seconds, "config": cfg_dict,
                                    "world_version": w2.FORMAT_VERSION}, ckpt)
 
-        this_call = 0
         while step < cfg.steps:
-            if stop_after is not None and this_call >= stop_after:
-                log.close()
+            if log.stop_here(stop_after):
                 return None
-            this_call += 1
             rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, step, 0x7E47]))
             idx = tc._v2_batch_indices(step, batch_cfg, len(emb), single, rng)
             fac = factors[idx]

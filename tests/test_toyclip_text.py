@@ -39,6 +39,12 @@ def test_token_negatives_keep_a_world_token_and_are_never_a_world_word(tokenizer
         assert set(body) & world_tokens  # each keeps some of a world word's tokens
         kinds.add("part" if set(body) <= world_tokens else "mixed")
     assert kinds == {"part", "mixed"}  # parts of a word alone ("gram") and words with random tokens
+    # words that must stay unseen (the naming list's "gram", a part of "parallelogram") are never drawn
+    gram = tt.world_token_sequences(tokenizer, ["gram"])
+    assert gram[0] == seqs[1][-1:]  # "gram" is parallelogram's last token alone
+    kept = tt.token_negatives(seqs, 400, np.random.default_rng(0), **kw, forbidden=gram)
+    bodies = {tuple(r[1:r.index(eot)]) for r in kept.tolist()}
+    assert gram[0] not in bodies and gram[0] in {tuple(r[1:r.index(eot)]) for r in out.tolist()}
     with pytest.raises(ValueError, match="context"):
         tt.token_negatives(seqs, 1, np.random.default_rng(0), **dict(kw, context=2))
 
@@ -105,8 +111,11 @@ def test_tune_resumes_to_the_same_weights(tmp_path, base_run):
     a, b = load_file(str(whole)), load_file(str(resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert whole.read_bytes() == resumed.read_bytes()  # the same file, byte for byte (sha256 in the cards agree)
+    log = [json.loads(x) for x in (tmp_path / "b" / "tune" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]  # step 3 of the killed call was redone once, not logged twice
     card = resumed.with_suffix(".json").read_text()
-    # rerun when finished: nothing is redone, nothing rewritten
+    assert json.loads(card)["train_seconds"] > 0
+    # rerun when finished: no training and no evaluation, so the card is not rewritten
     assert tt.tune_text_tower(cfg, []) == resumed and resumed.with_suffix(".json").read_text() == card
     record = (tmp_path / "b" / "tune" / "config.json").read_text()
     with pytest.raises(ConfigError, match="different config"):
@@ -133,7 +142,10 @@ def test_tune_refuses_bad_input_before_writing(tmp_path, base_run, tokenizer):
     other.with_suffix(".json").write_text(json.dumps(card))
     with pytest.raises(ConfigError, match="sha256"):
         tt.tune_text_tower(_cfg(tmp_path, base_run, init=str(other)), [])
-    other.with_suffix(".json").write_text(json.dumps(dict(card, world_version=1, sha256=None)))
+    other.with_suffix(".json").write_text(json.dumps(dict(card, sha256=None)))
+    with pytest.raises(ConfigError, match="no sha256"):
+        tt.tune_text_tower(_cfg(tmp_path, base_run, init=str(other)), [])
+    other.with_suffix(".json").write_text(json.dumps(dict(card, world_version=1, sha256=toyclip._file_sha256(other))))
     with pytest.raises(ConfigError, match="world format 1"):
         tt.tune_text_tower(_cfg(tmp_path, base_run, init=str(other)), [])
     with pytest.raises(ConfigError, match="word list"):

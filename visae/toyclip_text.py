@@ -167,18 +167,19 @@ def hard_negative_words(tokenizer, exclude: set[str], n_candidates: int = 200000
 
 
 def token_negatives(world_seqs: Sequence[Sequence[int]], k: int, rng: np.random.Generator, *, context: int,
-                    sot: int, eot: int, vocab_size: int) -> torch.Tensor:
+                    sot: int, eot: int, vocab_size: int, forbidden: Sequence[Sequence[int]] = ()) -> torch.Tensor:
     """``k`` token-level negatives ``[k, context]`` (int64, zero-padded like the tokenizer's output): each takes a
     random world word's token sequence (``world_seqs``) and, with equal chance, puts 1-2 random BPE tokens (ids in
     ``[1, vocab_size)`` other than ``sot`` / ``eot``) before it, after it, in place of one of its tokens, or keeps a
     proper contiguous part of it alone (a one-token word: random tokens before it instead). A draw that spells a world
-    word's own sequence is drawn again, so no negative is a world word. Raises ``ValueError`` on an empty world or a
-    ``context`` under 3."""
+    word's own sequence, or one of ``forbidden`` (the token sequences of the naming list and the development words,
+    which must stay unseen: "gram" is a part of "parallelogram" and a word of the 20k list), is drawn again. Raises
+    ``ValueError`` on an empty world or a ``context`` under 3."""
     if not world_seqs or any(len(s) == 0 for s in world_seqs):
         raise ValueError("token_negatives: every world word needs at least one token")
     if context < 3:
         raise ValueError(f"token_negatives: context {context} < 3 (start, one token, end)")
-    taken = {tuple(s) for s in world_seqs}
+    taken = {tuple(s) for s in world_seqs} | {tuple(s) for s in forbidden}
     out = torch.zeros(k, context, dtype=torch.long)
 
     def rand_tokens(n: int) -> list[int]:
@@ -230,10 +231,12 @@ def _base_card(init: Path) -> dict[str, Any]:
         card = json.loads(card_path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"init: card {card_path} is not JSON ({e})") from None
+    if not isinstance(card, dict) or not card.get("sha256"):
+        raise ConfigError(f"init: card {card_path} has no sha256 of its weights (expected the v2 trainer's card)")
     if card.get("model") != tc.MODEL_NAME_V2 or card.get("world") != "visae.world2":
         raise ConfigError(f"init: {card_path} is a card of model {card.get('model')!r} on {card.get('world')!r}; "
                           f"expected {tc.MODEL_NAME_V2!r} on 'visae.world2'")
-    if card.get("sha256") and card["sha256"] != tc._file_sha256(init):
+    if card["sha256"] != tc._file_sha256(init):
         raise ConfigError(f"init: {init} does not match its card {card_path} (sha256 differs)")
     return card
 
@@ -291,8 +294,8 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
     """Run the stage (module docstring); returns the exported fp16 weights (card ``.json`` beside), or None when
     ``stop_after`` steps of this call ended it early (tests of resumption).
 
-    A rerun of a finished run (checkpoint at ``steps``, its export and card in place) does nothing and returns the
-    export. The run holds ``out``'s writer lock (:func:`visae.atomic.output_lock`).
+    A rerun of a finished run (checkpoint at ``steps``, its export and card in place) re-derives its word lists and
+    returns the export without rendering, training or evaluating. The run holds ``out``'s writer lock (:func:`visae.atomic.output_lock`).
 
     Raises:
         ConfigError (a usage error, exit status 2; a ValueError): ``init``, its card or the ``negatives_exclude`` list
@@ -345,6 +348,7 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
     seen = sorted(set(base_negs) | set(negs) | set(hard_words))
     # development words: never trained on, outside the naming list (inheritance on them is the recipe's own check)
     dev = [w for w in candidate_words(set(naming) | set(seen), cfg.hard_candidates) if is_dev_word(w, cfg.dev_fraction)]
+    unseen = world_token_sequences(tokenizer, sorted(set(naming) | set(dev)))  # no token negative may spell one
 
     # the pool's scenes are drawn (not rendered) first: too few single-object scenes is refused before any work
     scenes, jitter = _pool_scenes(base, cfg.n_pool)
@@ -420,7 +424,8 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
                 parts_c.append(c4)
             if cfg.token_negatives_per_step:
                 t5 = token_negatives(world_seqs, cfg.token_negatives_per_step, rng, context=context,
-                                     sot=int(tokenizer.sot_token_id), eot=int(tokenizer.eot_token_id), vocab_size=vocab_size)
+                                     sot=int(tokenizer.sot_token_id), eot=int(tokenizer.eot_token_id), vocab_size=vocab_size,
+                                     forbidden=unseen)
                 c5 = np.full((len(t5), n_f), sampler.UNCONSTRAINED, np.int64)
                 c5[:, 0] = -3  # a value no factor takes: true of no image
                 parts_t.append(t5)
@@ -444,11 +449,13 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
         train_seconds = log.lap()
 
         model.eval()
-        tc.export_fp16(model, export, tc.MODEL_NAME_V2)
-        before, after = load_file(str(init)), load_file(str(export))
-        changed = [k for k in before if k.startswith("visual.") and not torch.equal(before[k], after[k])]
+        # before anything is exported: the image side must be the base's, bit for bit (the fp16 file it was loaded from)
+        before, now = load_file(str(init)), model.state_dict()
+        changed = [k for k in before if (k.startswith("visual.") or k.startswith("logit_"))
+                   and not torch.equal(before[k], now[k].to(before[k].dtype))]
         if changed:
             raise RuntimeError(f"the image tower changed in {len(changed)} tensors ({changed[:3]}...): it must stay frozen")
+        tc.export_fp16(model, export, tc.MODEL_NAME_V2)
         shipped, _, _ = tc.create_toyclip(export, model=tc.MODEL_NAME_V2)
         metrics = tc.evaluate_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n)
         metrics["subword_inheritance"] = tc.inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n, naming, seen)
@@ -488,4 +495,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from visae.cli import run_main
+
+    sys.exit(run_main("python -m visae.toyclip_text", main))

@@ -24,8 +24,8 @@ evaluations remain on words the model never saw (:func:`visae.toyclip.inheritanc
 the wordfreq candidates (``dev_fraction``, :func:`is_dev_word`) is never trained on either: inheritance measured on it
 chooses a recipe without spending the naming list.
 
-Measured on the shipped weights (docs/toyclip_v2_recipe.md, section 13): zero-shot unchanged within 1.5 points,
-inheritance 15.7 % -> 25.5 % of 51 pairs (target 55 %); not shipped (docs/toyworld.md says why).
+Measured on the shipped weights (docs/toyclip_v2_recipe.md, section 13): zero-shot within 1.6 points on both
+renderers, inheritance 15.7 % -> 27.5 % of 51 pairs (target 55 %); not shipped (docs/toyworld.md says why).
 
 Output: fp16 weights with a card that nests the base model's card (its command, seed, training time), this stage's
 command, config, seed and time, the words it trained on (``negatives.txt``, the base run's negatives included), and

@@ -549,6 +549,10 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
     ``stop_after``: return (None) after that many steps of this call, leaving only the
     checkpoint, as a kill would (for tests of resumption). Holds ``out``'s writer lock
     (:func:`visae.atomic.output_lock`: a second run into the same directory gets OutputLockedError at once).
+
+    Raises:
+        ConfigError: a checkpoint in ``out`` was made with another config (:func:`_resume`).
+        OutputLockedError: another process writes ``out``.
     """
     import open_clip
     from tqdm import tqdm
@@ -1067,6 +1071,13 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     function of (seed, step)).
     Holds ``out``'s writer lock (:func:`visae.atomic.output_lock`: a second run into the same directory gets
     OutputLockedError at once).
+
+    Raises:
+        ConfigError: the ``negatives_exclude`` list is missing; a checkpoint in ``out`` was made with another config
+            or on another world format (:func:`_resume`).
+        ValueError: an unknown ``model``; a head-weight spec that does not parse; fewer single-object scenes than a
+            batch (checked after rendering: left as it was).
+        OutputLockedError: another process writes ``out``.
     """
     import open_clip
     from tqdm import tqdm

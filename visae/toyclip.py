@@ -424,6 +424,19 @@ class _StepLog:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{rec['loss']:.3f}", **postfix)
 
+    def end_step(self, rec: dict[str, Any], step: int, steps: int, every: int, save: Any, **postfix: str) -> None:
+        """Record step ``step`` (:meth:`record`); every ``every`` steps and at the last one, :meth:`lap` and ``save()``
+        (the checkpoint, which carries ``train_seconds``)."""
+        self.record(rec, **postfix)
+        if step % every == 0 or step == steps:
+            self.lap()
+            save()
+
+    def finish(self) -> float:
+        """Close the log and the bar; the training seconds, the last lap included."""
+        self.close()
+        return self.lap()
+
     def lap(self) -> float:
         """Add the seconds since the last lap (or the start) to ``train_seconds``; before each checkpoint and at the end."""
         now = time.time()
@@ -627,12 +640,8 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
                 rec["zero_shot"] = zero_shot_eval(model, tokenizer, sub)["all"]
                 model.train()
                 tqdm.write(f"step {step}: zero-shot {json.dumps({k: round(v, 3) for k, v in rec['zero_shot'].items()})}")
-            log.record(rec, scale=f"{rec['logit_scale']:.1f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                log.lap()
-                save_ckpt()
-        log.close()
-        train_seconds = log.lap()
+            log.end_step(rec, step, cfg.steps, cfg.checkpoint_every, save_ckpt, scale=f"{rec['logit_scale']:.1f}")
+        train_seconds = log.finish()
 
         model.eval()
         export_fp16(model, export)
@@ -702,6 +711,17 @@ def read_word_list(path: str | Path, what: str = "word list") -> list[str]:
     return [w for w in (line.strip().lower() for line in p.read_text(encoding="utf-8").splitlines()) if w]
 
 
+def candidate_words(exclude: set[str], n_candidates: int = 60000) -> list[str]:
+    """wordfreq's ``n_candidates`` most frequent English words (in that order) that are alphabetic, ASCII, of 3+
+    letters, and neither in ``exclude`` (the naming list) nor world words (:func:`world2_words`): the pool every
+    training negative is drawn from."""
+    import wordfreq
+
+    world = world2_words()
+    return [x for x in wordfreq.top_n_list("en", n_candidates)
+            if x.isalpha() and x.isascii() and len(x) >= 3 and x not in exclude and x not in world]
+
+
 def negative_words(exclude_file: str | Path | Sequence[str] | None, n_candidates: int = 60000, seed: int = 0,
                    n: int = 5000) -> list[str]:
     """Training negatives (issue 12): ``n`` words drawn (seeded) from wordfreq's ``n_candidates`` most
@@ -709,15 +729,11 @@ def negative_words(exclude_file: str | Path | Sequence[str] | None, n_candidates
     words already read; the 20k naming list, so the naming test's distractors stay unseen) and minus every word
     of the world (``world2_words``). Alphabetic words of 3+ letters only. Raises ``FileNotFoundError`` if
     ``exclude_file`` is a missing file."""
-    import wordfreq
-
     if isinstance(exclude_file, (str, Path)):
         excl = set(read_word_list(exclude_file, "negatives: exclude list")) if str(exclude_file) else set()
     else:
         excl = set(exclude_file or ())
-    world = world2_words()
-    cand = [x for x in wordfreq.top_n_list("en", n_candidates)
-            if x.isalpha() and x.isascii() and len(x) >= 3 and x not in excl and x not in world]
+    cand = candidate_words(excl, n_candidates)
     if not cand:
         raise ValueError("negatives: no candidate words left after the exclusions")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x9E6]))
@@ -901,11 +917,17 @@ def evaluate_v2(model, tokenizer, seed: int, n: int, shifts: Sequence[float] = (
     return out
 
 
-def subword_tokens(tokenizer, words: Sequence[str]) -> list[frozenset[int]]:
-    """The sub-word (BPE) token ids of each word under ``tokenizer`` (an open_clip tokenizer), start / end of text and
-    padding dropped: ``subword_tokens(tok, ["red", "incurred"])`` -> ``[{red</w>}, {incur, red</w>}]`` as ids."""
+def token_sequences(tokenizer, words: Sequence[str]) -> list[tuple[int, ...]]:
+    """Each word's sub-word (BPE) token ids under ``tokenizer`` (an open_clip tokenizer), in order, start / end of text
+    and padding dropped."""
     special = {0, getattr(tokenizer, "sot_token_id", None), getattr(tokenizer, "eot_token_id", None)}
-    return [frozenset(int(t) for t in row if int(t) not in special) for row in tokenizer(list(words)).tolist()]
+    return [tuple(int(t) for t in row if int(t) not in special) for row in tokenizer(list(words)).tolist()]
+
+
+def subword_tokens(tokenizer, words: Sequence[str]) -> list[frozenset[int]]:
+    """The sub-word (BPE) token ids of each word as a set (:func:`token_sequences`):
+    ``subword_tokens(tok, ["red", "incurred"])`` -> ``[{red</w>}, {incur, red</w>}]`` as ids."""
+    return [frozenset(s) for s in token_sequences(tokenizer, words)]
 
 
 @torch.no_grad()
@@ -1213,12 +1235,8 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
                     rec["zero_shot_skimage"] = zero_shot_eval_v2(model, tokenizer, held_img2, held_rows2)
                 model.train()
                 tqdm.write(f"step {step}: zero-shot {json.dumps({k: round(v, 3) for k, v in rec['zero_shot'].items()})}")
-            log.record(rec)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                log.lap()
-                save_ckpt()
-        log.close()
-        train_seconds = log.lap()
+            log.end_step(rec, step, cfg.steps, cfg.checkpoint_every, save_ckpt)
+        train_seconds = log.finish()
 
         model.eval()
         export_fp16(model, export, cfg.model)

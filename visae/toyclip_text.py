@@ -117,24 +117,8 @@ class TextTuneConfig:
 # --------------------------------------------------------------------------------------------- negatives
 
 
-def _special(tokenizer) -> set[int]:
-    return {0, int(tokenizer.sot_token_id), int(tokenizer.eot_token_id)}
-
-
-def world_token_sequences(tokenizer, words: Sequence[str]) -> list[tuple[int, ...]]:
-    """Each word's BPE token ids in order, start / end of text and padding dropped."""
-    special = _special(tokenizer)
-    return [tuple(int(t) for t in row if int(t) not in special) for row in tokenizer(list(words)).tolist()]
-
-
-def candidate_words(exclude: set[str], n_candidates: int = 200000) -> list[str]:
-    """wordfreq's ``n_candidates`` most frequent English words (in that order) that are alphabetic, ASCII, of 3+
-    letters, and neither in ``exclude`` (the naming list) nor world words (:func:`visae.toyclip.world2_words`)."""
-    import wordfreq
-
-    world = tc.world2_words()
-    return [x for x in wordfreq.top_n_list("en", n_candidates)
-            if x.isalpha() and x.isascii() and len(x) >= 3 and x not in exclude and x not in world]
+world_token_sequences = tc.token_sequences  # each word's BPE token ids in order (specials and padding dropped)
+candidate_words = tc.candidate_words  # the pool of training negatives, shared with the base run's
 
 
 def is_dev_word(word: str, fraction: float) -> bool:
@@ -279,15 +263,10 @@ def _image_pool(model, scenes: Sequence[Any], jitter: float, progress: bool) -> 
     return torch.cat(embs), np.concatenate(rows)
 
 
-def _freeze_image_side(model) -> list[torch.nn.Parameter]:
-    """Freeze the image tower and the logit scale (and bias); return the text tower's parameters."""
-    text = []
+def _freeze_image_side(model) -> None:
+    """Freeze the image tower and the logit scale (and bias): only the text tower trains."""
     for n, p in model.named_parameters():
-        frozen = n.startswith("visual.") or n.startswith("logit_")
-        p.requires_grad_(not frozen)
-        if not frozen:
-            text.append(p)
-    return text
+        p.requires_grad_(not (n.startswith("visual.") or n.startswith("logit_")))
 
 
 def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, stop_after: int | None = None) -> Path | None:
@@ -335,7 +314,7 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
     naming = tc.read_word_list(cfg.negatives_exclude, "negatives_exclude: word list")
     model, _, tokenizer = tc.create_toyclip(init, device=cfg.device, model=tc.MODEL_NAME_V2)
     model.eval()
-    text_params = _freeze_image_side(model)
+    _freeze_image_side(model)
     base_negs = _base_negatives(init, base, naming)
     negs = tc.negative_words(naming, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step else []
     hard_by_tok = (hard_negative_words(tokenizer, set(naming), cfg.hard_candidates, cfg.dev_fraction)
@@ -363,8 +342,9 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
         cfg_dict["init"] = str(init)
         cfg_dict["init_sha256"] = tc._file_sha256(init)
 
-        groups = [{"params": [p for p in text_params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in text_params if p.ndim < 2], "weight_decay": 0.0}]
+        # the trainers' decay rule (matrices decay), over the text tower's parameters only
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]}
+                  for g in tc._param_groups(model, cfg.weight_decay)]
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
         ckpt = out / "checkpoint.pt"
         step, train_seconds = tc._resume(ckpt, cfg, cfg_dict, model, None, opt, world_version=w2.FORMAT_VERSION)
@@ -441,12 +421,8 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
             step += 1
             rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": tc._lr_at(step - 1, cfg),
                    "wall": round(time.time() - t_start, 1), "cpu": round(time.process_time() - cpu_start, 1)}
-            log.record(rec)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                log.lap()
-                save_ckpt()
-        log.close()
-        train_seconds = log.lap()
+            log.end_step(rec, step, cfg.steps, cfg.checkpoint_every, save_ckpt)
+        train_seconds = log.finish()
 
         model.eval()
         # before anything is exported: the image side must be the base's, bit for bit (the fp16 file it was loaded from)

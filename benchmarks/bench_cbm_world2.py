@@ -89,25 +89,12 @@ def world_shards(out: Path, n: int, seed: int, weights: str, threads: int) -> tu
 
 
 def prefix_shards(src: Path, n: int, out: Path) -> Path:
-    """The first ``n`` rows of shard set ``src`` (activations, ids, columns, label names, source) as a shard set."""
-    from visae.shards import ShardSet, ShardWriter
+    """The first ``n`` rows of shard set ``src`` as a shard set (``src`` itself when it has no more)."""
+    from visae.shards import ShardSet, subset_shard_set
 
-    ss = ShardSet(src)
-    if n >= len(ss):
+    if n >= len(ShardSet(src)):
         return src
-    try:
-        if len(ShardSet(out)) == n:
-            return out
-    except Exception:  # noqa: BLE001
-        pass
-    meta = ss.metadata()
-    cols = {k: str(v) for k, v in ss.manifest.get("columns", {}).items()}
-    raw = np.asarray(ss.read(np.arange(n), raw=True), np.float32)
-    with ShardWriter(out, d=ss.d, dtype=str(ss.manifest["dtype"]), source=ss.source, label_names=ss.label_names,
-                     columns=cols, normalization=ss.normalization, overwrite=True) as w:
-        w.add(raw, ids=[str(i) for i in meta["id"][:n]], labels=meta["label"][:n],
-              columns={k: meta[k][:n] for k in cols})
-    return out
+    return subset_shard_set(src, np.arange(n), out).path
 
 
 def class_values(name: str) -> list[tuple[str, str]]:
@@ -166,14 +153,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="visae-toyclip2 weights (.safetensors); default: the shipped file (visae.toyclip.TOYCLIP2_WEIGHTS)")
     ap.add_argument("--out", default="runs/bench_cbm_world2", help="work directory (every stage resumes)")
     ap.add_argument("--demo", default="", help="a finished world2 demo (default: <out>/demo, run when absent)")
+    ap.add_argument("--sae", default="", help="an SAE dir to use instead of the demo's selected one (<demo>/sweep/best)")
+    ap.add_argument("--concepts", default="", help="the names of --sae (a visae name output dir; required with --sae)")
     ap.add_argument("--n_train", default="10000,20000,40000", help="training sizes (comma-separated)")
     ap.add_argument("--n_val", type=int, default=15000)
     ap.add_argument("--train_seed", type=int, default=6000)
     ap.add_argument("--val_seed", type=int, default=7000)
     ap.add_argument("--target", type=float, default=5.0, help="concepts per class")
     ap.add_argument("--max_iter", type=int, default=100, help="FISTA steps a path point (the toy-world test's 100)")
-    ap.add_argument("--nonneg", action="store_true", help="weights >= 0 (visae cbm --nonneg true)")
+    ap.add_argument("--nonneg", action="store_true", help="weights >= 0 (visae cbm --nonneg)")
     ap.add_argument("--alpha", type=float, default=1.0, help="1: lasso; < 1: elastic net")
+    ap.add_argument("--no_refit", action="store_true", help="keep the lasso's weights (visae cbm --no_refit)")
     ap.add_argument("--probe_l2", type=float, default=1e-4, help="L2 weight of the clean linear probe")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="", help="also write the result here")
@@ -183,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted({int(s) for s in a.n_train.split(",")})
     if sizes[0] < 1 or a.n_val < 1:
         ap.error("--n_train and --n_val must be positive")
+    if bool(a.sae) != bool(a.concepts):
+        ap.error("--sae and --concepts go together (an SAE dir and the names of its latents)")
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     demo = Path(a.demo) if a.demo else out / "demo"
@@ -201,14 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     from visae.cbm import CBMConfig, train_cbm
 
     sae_dir, concepts = demo / "sweep" / "best", demo / "concepts"
-    tag = "".join([f"_it{a.max_iter}" if a.max_iter != 100 else "", "_nonneg" if a.nonneg else "",
+    if a.sae:
+        sae_dir, concepts = Path(a.sae), Path(a.concepts)
+    tag = "".join([f"_sae-{sae_dir.name}" if a.sae else "", f"_it{a.max_iter}" if a.max_iter != 100 else "", "_nonneg" if a.nonneg else "", "_norefit" if a.no_refit else "",
                    f"_alpha{a.alpha:g}" if a.alpha != 1.0 else "", f"_probe{a.probe_l2:g}" if a.probe_l2 != 1e-4 else ""])
     runs = []
     for n in sizes:
         train = prefix_shards(train_full, n, out / f"train_{n}")
         cfg = CBMConfig(sae=str(sae_dir), concepts=str(concepts), train_shards=str(train), val_shards=str(val),
                         label_column="family_shape", target_concepts_per_class=a.target, max_iter=a.max_iter,
-                        nonneg=a.nonneg, alpha=a.alpha, probe_l2=a.probe_l2, text_cache=str(demo / "text_cache"),
+                        nonneg=a.nonneg, alpha=a.alpha, probe_l2=a.probe_l2, refit=not a.no_refit, text_cache=str(demo / "text_cache"),
                         out=str(out / f"cbm_{n}{tag}"))
         res, t = _timed(train_cbm, cfg)
         ev, t_ev = _timed(evaluate, Path(cfg.out), sae_dir, val)
@@ -217,12 +211,14 @@ def main(argv: list[str] | None = None) -> int:
                "top1": t1, "cbm_over_probe": t1["cbm"] / t1["linear_probe"],
                "concepts_per_class": res["concepts_per_class"], "num_candidate_concepts": res["num_candidate_concepts"],
                "num_concepts_used": res["num_concepts_used"], "lam": res["lam"], "path_points": len(res["path"]),
+               "refit": res.get("refit"),
                "train_cbm": t, "evaluate": t_ev, **ev}
         print(json.dumps({k: row[k] for k in ("n_train", "top1", "cbm_over_probe", "concepts_per_class",
                                               "top2_named_right", "train_cbm")}), file=sys.stderr, flush=True)
         runs.append(row)
     sel = json.loads((demo / "sweep" / "selection.json").read_text()) if (demo / "sweep" / "selection.json").is_file() else {}
-    result = {"weights": a.weights, "demo": str(demo), "sae": str(sae_dir), "selected_trial": sel.get("trial"),
+    result = {"weights": a.weights, "demo": str(demo), "sae": str(sae_dir), "concepts": str(concepts),
+              "selected_trial": None if a.sae else sel.get("trial"),
               "times": times, "runs": runs}
     benchlib.report("bench_cbm_world2.py", result, a.json or str(out / "result.json"), argv)
     return 0

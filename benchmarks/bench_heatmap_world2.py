@@ -24,7 +24,8 @@ Prints one table row per (layer, SAE) and writes everything to ``OUT/results.jso
         [--max_objects 1] [--layers 1,2,3] [--saes topk:k=8:x=4,topk:k=8:x=16] [--probe] [--figure PNG]
 
 ``--weights``: the v2 toy CLIP's weights file; default the shipped one (``visae.toyclip.TOYCLIP2_WEIGHTS``),
-required when that is absent. SAE specs: ``topk:k=K:x=EXPANSION`` or ``relu:l1=COEFF:x=EXPANSION``, comma-separated.
+required when that is absent. SAE specs: ``topk:k=K:x=EXPANSION``, ``relu:l1=COEFF:x=EXPANSION`` or
+``matryoshka:k=K:x=EXPANSION[:levels=L]``, comma-separated.
 """
 
 from __future__ import annotations
@@ -54,16 +55,25 @@ def default_weights() -> Path | None:
 
 
 def parse_sae(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"topk:k=8:x=4"`` / ``"relu:l1=1e-3:x=4"`` -> (a directory name, TrainConfig fields); ValueError otherwise."""
+    """``"topk:k=8:x=4"`` / ``"relu:l1=1e-3:x=4"`` / ``"matryoshka:k=8:x=4[:levels=5]"`` (BatchTopK codes, nested
+    prefixes) -> (a directory name, TrainConfig fields); ValueError otherwise."""
     arch, *kv = spec.strip().split(":")
     p = dict(s.split("=", 1) for s in kv if "=" in s)
-    if len(p) != len(kv) or arch not in ("topk", "relu") or "x" not in p:
-        raise ValueError(f"SAE spec {spec!r}: expected topk:k=K:x=EXPANSION or relu:l1=COEFF:x=EXPANSION")
+    forms = "topk:k=K:x=EXPANSION, relu:l1=COEFF:x=EXPANSION or matryoshka:k=K:x=EXPANSION[:levels=L]"
+    if len(p) != len(kv) or arch not in ("topk", "relu", "matryoshka") or "x" not in p:
+        raise ValueError(f"SAE spec {spec!r}: expected {forms}")
     if arch == "topk":
         if set(p) != {"k", "x"}:
             raise ValueError(f"SAE spec {spec!r}: topk takes k and x")
         return f"topk_k{int(p['k'])}_x{int(p['x'])}", {"architecture": "topk", "k": int(p["k"]),
                                                         "expansion_factor": int(p["x"]), "l1_warmup_steps": 0}
+    if arch == "matryoshka":
+        if not {"k", "x"} <= set(p) <= {"k", "x", "levels"}:
+            raise ValueError(f"SAE spec {spec!r}: matryoshka takes k, x and optionally levels")
+        levels = int(p.get("levels", 5))
+        return f"matryoshka_k{int(p['k'])}_x{int(p['x'])}_l{levels}", {
+            "architecture": "matryoshka", "k": int(p["k"]), "expansion_factor": int(p["x"]),
+            "matryoshka_levels": levels, "l1_warmup_steps": 0}
     if set(p) != {"l1", "x"}:
         raise ValueError(f"SAE spec {spec!r}: relu takes l1 and x")
     return f"relu_l1{p['l1']}_x{int(p['x'])}", {"architecture": "relu", "l1_coeff": float(p["l1"]),

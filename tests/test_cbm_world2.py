@@ -1,13 +1,25 @@
 """The concept bottleneck classifier on world2 (issue 14 item 1): the judging helpers (``top_weights_name_the_class``
-with world2's naming truth, ``intervention_effects``) on hand-set models. The measured figures on world2's 253
-colour-family x shape classes with the v2 toy CLIP: BENCHMARKS.md, "Concept bottleneck classifier on world2 (issue 14)"
-(``benchmarks/bench_cbm_world2.py``).
+with world2's naming truth, ``intervention_effects``) on hand-set models, and the ground truth on world2's 253
+colour-family x shape classes with the shipped v2 toy CLIP.
+
+Ground truth (``test_world2_cbm_*``): the session's world2 demo (conftest.world2_demo_dir: 10,000 single-object scenes
+of world seed 5000) split 7,000 / 3,000; a Matryoshka SAE (BatchTopK k 8, 768 latents, 40 epochs, seed 0) trained on
+the 7,000 and named with the demo's vocabulary (world2's words and the 20k list); ``visae cbm`` on the named concepts,
+lasso path to 5 concepts per class, then the refit on them. Measured with SAE seeds 0 / 1 / 2 (BENCHMARKS.md, "Concept
+bottleneck classifier on world2"): CBM 51.5 / 49.4 / 45.4 % against a probe of 50.9 % (1.01 / 0.97 / 0.89 x), the
+lasso's own weights 43.2 / 44.3 / 38.8 %; two largest weights on the class's family and shape words in 53 / 51 / 53 %
+of classes; removing a class's top concept lowers it by >= 20 points in 208 / 197 / 201 of 253 classes. Asserted:
+guards that hold for every measured seed with a margin (>= 0.80 x the probe, the refit >= 2 points above the lasso,
+the median class >= 20 points lower without its top concept). Not asserted: the issue's >= 0.95 x (met by 2 of the 3
+seeds, so a summation order could decide it), the 80 % top-2 and the every-class intervention targets (strict
+xfails), and the other classes' change (2.7-3.7 points pooled on 3,000 validation images, 12 a class).
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,3 +86,92 @@ def test_intervention_effects_counts_images_exactly():
     assert two["C"]["latents"] == [6, 5] and two["C"]["users"] == 2  # B uses latent 5
     with pytest.raises(CBMError, match="codes must be"):
         intervention_effects(m, codes, y[:3])
+
+
+N_TRAIN, SAE_SEED = 7000, 0
+
+
+@pytest.fixture(scope="module")
+def world2_cbm(world2_demo_dir, tmp_path_factory):
+    """The session's world2 demo split 7,000 / 3,000, a Matryoshka SAE on the 7,000, its names, the CBM (module
+    docstring). ~55 s of CPU: SAE 13-22 s, naming 6 s, CBM with probe and zero-shot 25-33 s."""
+    from visae.cbm import CBMConfig, concept_features, load_cbm, train_cbm
+    from visae.naming import NameConfig, name_concepts
+    from visae.sae import load_sae
+    from visae.shards import ShardSet, subset_shard_set
+    from visae.train import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("cbm_w2")
+    demo = world2_demo_dir
+    src = ShardSet(demo / "shards")
+    train_ss = subset_shard_set(src, np.arange(N_TRAIN), tmp / "train")
+    val_ss = subset_shard_set(src, np.arange(N_TRAIN, len(src)), tmp / "val")
+    sae_dir = train(TrainConfig(shards=str(train_ss.path), out=str(tmp / "sae"), architecture="matryoshka", k=8,
+                                expansion_factor=8, lr=2e-3, l1_warmup_steps=0, resample_every=0, num_epochs=40,
+                                batch_size=256, seed=SAE_SEED, device="cpu", progress=False, plot=False))
+    concepts = name_concepts(NameConfig(sae=str(sae_dir), vocab=str(demo / "vocab.txt"), vocab_size=0, stopwords=False,
+                                        shards=str(train_ss.path), out=str(tmp / "concepts"),
+                                        text_cache=str(demo / "text_cache"), progress=False))
+    cfg = CBMConfig(sae=str(sae_dir), concepts=str(concepts), train_shards=str(train_ss.path),
+                    val_shards=str(val_ss.path), label_column="family_shape", max_iter=100,
+                    text_cache=str(demo / "text_cache"), out=str(tmp / "cbm"))
+    res = train_cbm(cfg)
+    model, _ = load_cbm(cfg.out)
+    codes, y, _ = concept_features(load_sae(str(sae_dir)), val_ss, "family_shape")
+    return {"res": res, "model": model, "codes": codes, "y": y}
+
+
+def _summary(w):
+    t, r = w["res"]["top1"], w["res"]["refit"]
+    return (f"CBM {t['cbm']:.4f} (lasso {r['val_top1']['lasso']:.4f}), probe {t['linear_probe']:.4f}, zero-shot "
+            f"{t['zero_shot']}, {w['res']['concepts_per_class']:.2f} concepts per class of "
+            f"{w['res']['num_candidate_concepts']} named")
+
+
+def test_world2_cbm_accuracy_against_the_probe(world2_cbm):
+    """<= 5 concepts per class, named concepts only; >= 0.80 x the clean probe (measured 0.89-1.01 over SAE seeds); the
+    refit on the lasso's concepts >= 2 points above the lasso's own weights (measured +5.1 to +8.3)."""
+    res = world2_cbm["res"]
+    t = res["top1"]
+    msg = _summary(world2_cbm)
+    print(msg)
+    assert res["num_classes"] == 253 and res["n_val"] == 3000
+    assert res["concepts_per_class"] <= 5.0, msg
+    assert all(x["name"] for c in res["classes"] for x in c["concepts"])
+    assert t["cbm"] >= 0.80 * t["linear_probe"], msg
+    assert t["cbm"] >= res["refit"]["val_top1"]["lasso"] + 0.02, msg
+    assert 0.40 <= t["zero_shot"] <= 0.85, msg  # the benchmark of issue 12 item 2 on these 3,000 scenes
+
+
+def _top2(model):
+    return top_weights_name_the_class(model, _class_values, world2.name_matches, k=2)
+
+
+@pytest.mark.xfail(strict=True, reason="not met (issue 14): the two largest weights name the class's family and shape "
+                                       "in 51-53 % of classes over SAE seeds 0-2 (target 80 %)")
+def test_world2_cbm_top_weights_are_the_class_words(world2_cbm):
+    got = _top2(world2_cbm["model"])
+    frac = float(np.mean([g["ok"] for g in got]))
+    assert frac >= 0.8, f"{frac:.3f} of classes; misses {[(g['name'], g['top']) for g in got if not g['ok']][:10]}"
+
+
+def _interventions(w):
+    return intervention_effects(w["model"], w["codes"], w["y"])
+
+
+def test_world2_cbm_intervention_lowers_the_median_class(world2_cbm):
+    """Removing each class's top concept lowers the median class by >= 20 points (measured 40-50 over SAE seeds), a
+    guard, not the issue's per-class target (below)."""
+    rows = _interventions(world2_cbm)
+    own = [float(r["own"]) for r in rows]
+    pooled = max(abs(float(r["other_pooled"])) for r in rows)
+    print(f"own accuracy >= 20 points lower in {sum(o <= -0.2 for o in own)} of {len(own)} classes, median "
+          f"{-100 * np.median(own):.1f} points; other classes pooled: worst {100 * pooled:.2f} points")
+    assert len(rows) == 253
+    assert np.median(own) <= -0.20
+
+
+@pytest.mark.xfail(strict=True, reason="not met in every class (issue 14): 187-208 of 253 classes over SAE seeds 0-2")
+def test_world2_cbm_intervention_removes_every_class(world2_cbm):
+    rows = _interventions(world2_cbm)
+    assert all(r["own"] <= Fraction(-20, 100) for r in rows)

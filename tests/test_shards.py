@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO
 from tolerances import assert_close_derived
-from visae.shards import ShardError, ShardSet, ShardWriter, merge_shard_sets
+from visae.shards import ShardError, ShardSet, ShardWriter, merge_shard_sets, subset_shard_set
 
 
 def _data(n, d, seed=0):
@@ -214,6 +214,44 @@ def test_extra_columns_and_merge(tmp_path):
     want = _data(70, 3, seed=1)[5]  # a float16 unit row times its norm: one float16 rounding of |row| / |x| <= 1
     assert_close_derived(merged.read([75], raw=True)[0], want, n_terms=2, dtype=np.float16, computations=1,
                          scale=np.abs(want) + np.linalg.norm(want) * 2.0 ** -14, msg="merged row")
+
+
+def test_subset_is_the_selected_rows_in_order_and_rerun_safe(tmp_path):
+    """subset_shard_set: rows from several shards in a scrambled order, with ids, labels, extra columns, label names
+    and the source carried; a float16 unit row stored again differs from the source's by at most one float16 rounding
+    (it is re-normalised from the stored row times its norm); a rerun with the same rows leaves the set as it is."""
+    x = _data(150, 6, seed=3) * 2
+    with ShardWriter(tmp_path / "src", 6, shard_size=40, columns={"colour": "int64"}, label_names={"colour": ["a", "b", "c"]},
+                     source={"model": "m", "layer": 2}) as w:
+        w.add(x, ids=[f"e{i}" for i in range(150)], labels=np.arange(150) % 5, columns={"colour": np.arange(150) % 3})
+    src = ShardSet(tmp_path / "src")
+    idx = np.array([149, 3, 77, 40, 41, 0, 120])
+    sub = subset_shard_set(src, idx, tmp_path / "sub", shard_size=4)
+    assert len(sub) == 7 and sub.num_shards == 2 and sub.manifest["complete"]
+    meta, want = sub.metadata(), src.metadata()
+    assert list(meta["id"]) == [f"e{i}" for i in idx]
+    np.testing.assert_array_equal(meta["label"], idx % 5)
+    np.testing.assert_array_equal(meta["colour"], idx % 3)
+    assert sub.label_names == {"colour": ["a", "b", "c"]} and sub.source == src.source and sub.dtype == src.dtype
+    # the source's float16 unit row u times its norm, divided by its float32 norm |u| (1 within float16 rounding) and
+    # rounded to float16 again: at most one more float16 rounding of each entry (two in all, relative to |u|)
+    rows = src.read(idx)
+    assert_close_derived(sub.read(np.arange(7)), rows, n_terms=2, dtype=np.float16, computations=1,
+                         scale=np.abs(rows) + 2.0 ** -14, msg="subset unit rows")
+    raw = src.read(idx, raw=True)
+    scale = np.abs(raw) + want["norm"][idx][:, None] * 2.0 ** -14
+    assert_close_derived(sub.read(np.arange(7), raw=True), raw, n_terms=2, dtype=np.float16, computations=1,
+                         scale=scale, msg="subset raw rows")
+    stamp = (tmp_path / "sub" / "manifest.json").stat().st_mtime_ns
+    assert len(subset_shard_set(tmp_path / "src", idx, tmp_path / "sub", shard_size=4)) == 7
+    assert (tmp_path / "sub" / "manifest.json").stat().st_mtime_ns == stamp  # the same rows: not rewritten
+    other = subset_shard_set(src, idx[:3], tmp_path / "sub")  # other rows: replaced
+    assert list(other.metadata()["id"]) == ["e149", "e3", "e77"]
+    with pytest.raises(ShardError, match=r"out of range \[0, 150\)"):
+        subset_shard_set(src, [0, 150], tmp_path / "bad")
+    with pytest.raises(ShardError, match="no rows"):
+        subset_shard_set(src, [], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 @settings(max_examples=25, deadline=None)

@@ -55,6 +55,7 @@ __all__ = [
     "ShardView",
     "Batch",
     "merge_shard_sets",
+    "subset_shard_set",
     "provenance_differences",
 ]
 
@@ -832,4 +833,43 @@ def merge_shard_sets(parts: Sequence[str | Path], out_dir: str | Path, remove_pa
         for s in sets:
             if s.path != out:
                 shutil.rmtree(s.path, ignore_errors=True)
+    return ShardSet(out)
+
+
+def subset_shard_set(shards: ShardSet | str | Path, index: Sequence[int] | np.ndarray, out_dir: str | Path,
+                     shard_size: int = 65536) -> ShardSet:
+    """Rows ``index`` [n] of a complete shard set, in that order, written as a new shard set at ``out_dir``: e.g. a
+    train / validation split of one extraction (``visae cbm``'s two labelled sets).
+
+    Carries the activations (raw: the stored rows times their stored norms, stored again with the same dtype and
+    normalization, so unit rows match the source's to within one rounding of the storage dtype), ids, labels, every
+    extra column, the source record and the label names. A complete shard set already at ``out_dir`` with the same ids
+    in the same order is returned as it is (rerun-safe); anything else there is replaced. Written through
+    :class:`ShardWriter`, so a killed run leaves an incomplete set that is rebuilt. Raises ShardError for an index
+    outside ``[0, len(shards))`` or an empty one.
+    """
+    src = shards if isinstance(shards, ShardSet) else ShardSet(shards)
+    index = np.asarray(index, dtype=np.int64).reshape(-1)
+    if index.size == 0:
+        raise ShardError(f"subset of {src.path}: no rows selected")
+    if index.min() < 0 or index.max() >= len(src):
+        raise ShardError(f"subset of {src.path}: row index out of range [0, {len(src)}) "
+                         f"(got {int(index.min())}..{int(index.max())})")
+    meta = src.metadata()
+    ids = [str(i) for i in meta["id"][index]]
+    out = Path(out_dir)
+    try:
+        have = ShardSet(out)
+        if len(have) == len(ids) and [str(i) for i in have.metadata()["id"]] == ids:
+            return have
+    except (ShardError, OSError, ValueError):  # absent or incomplete: (re)build
+        pass
+    cols = dict(src.manifest.get("columns", {}))
+    with ShardWriter(out, d=src.d, dtype=str(src.manifest["dtype"]), shard_size=shard_size,
+                     normalization=src.normalization, source=src.source, label_names=src.label_names, columns=cols,
+                     overwrite=True) as w:
+        for start in range(0, index.size, shard_size):
+            part = index[start:start + shard_size]
+            w.add(src.read(part, raw=True), ids=ids[start:start + len(part)], labels=meta["label"][part],
+                  columns={k: meta[k][part] for k in cols})
     return ShardSet(out)

@@ -623,18 +623,18 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
     fit = fit_cbm_path(z_t, y_t, C, cfg.target_concepts_per_class, alpha=cfg.alpha, n_lambdas=cfg.n_lambdas,
                        bisect_steps=cfg.bisect_steps, max_iter=cfg.max_iter, tol=cfg.tol, z_val=z_v, y_val=y_v,
                        nonneg=cfg.nonneg)
-    lasso_top1 = _accuracy(z_v, y_v, fit["W"], fit["b"])
+    cbm_top1 = _accuracy(z_v, y_v, fit["W"], fit["b"])
     refit: dict[str, Any] = {"done": False}
     if cfg.refit:
         W_r, b_r, it = refit_on_support(z_t, y_t, fit["W"], fit["b"], l2=cfg.refit_l2, max_iter=cfg.refit_iter,
                                         tol=cfg.tol, nonneg=cfg.nonneg)
+        lasso_top1, cbm_top1 = cbm_top1, _accuracy(z_v, y_v, W_r, b_r)
         refit = {"done": True, "l2": cfg.refit_l2, "iterations": it,
                  "train_top1": {"lasso": _accuracy(z_t, y_t, fit["W"], fit["b"]), "refit": _accuracy(z_t, y_t, W_r, b_r)},
-                 "val_top1": {"lasso": lasso_top1, "refit": _accuracy(z_v, y_v, W_r, b_r)}}
+                 "val_top1": {"lasso": lasso_top1, "refit": cbm_top1}}
         fit = {**fit, "W": W_r, "b": b_r, "concepts_per_class": _concepts_per_class(W_r)}
     model = ConceptBottleneck(W=fit["W"], b=fit["b"], latents=latents, scale=scale,
                               names=[names[int(j)] for j in latents], classnames=classnames)
-    cbm_top1 = _accuracy(z_v, y_v, fit["W"], fit["b"])
     Wp, bp = linear_probe(x_t, y_t, C, l2=cfg.probe_l2)
     probe_top1 = _accuracy(x_v, y_v, Wp, bp)
     zs = _zero_shot(cfg, val) if cfg.zero_shot else {"top1": None, "reason": "--no_zero_shot"}

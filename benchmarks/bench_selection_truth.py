@@ -101,11 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         t, c = time.perf_counter(), benchlib.cpu_seconds()
         subprocess.run(cmd, check=True, cwd=benchlib.REPO, stdout=subprocess.DEVNULL)
         rows = _rows(d)
-        svr = json.loads((d / "recovery.json").read_text())["selection_vs_recovery"]
+        rec = json.loads((d / "recovery.json").read_text())
+        svr = rec["selection_vs_recovery"]
+        # item 5: values found (best latent at AUROC >= 0.95) and those named right, the selected SAE / the sweep pooled
+        naming = {"selected": [rec["summary"].get("n_found"), rec["summary"].get("n_found_named_right")],
+                  "sweep": [sum(t.get("n_found", 0) for t in rec["sweep_trials"].values()),
+                            sum(t.get("n_found_named_right", 0) for t in rec["sweep_trials"].values())]}
         ev_ok = [r["score"] for r in rows if r["explained_variance"] >= args.min_ev]
         per_seed[s] = {"rows": rows, "spearman_score": svr["spearman_score"], "spearman_rule": svr["spearman_rule"],
                        "selected_recovery": svr["selected_recovery"], "best_recovery": svr["best_recovery"],
-                       "selected_within_one": svr["selected_within_one"], "n_values": svr["n_values"],
+                       "selected_within_one": svr["selected_within_one"], "n_values": svr["n_values"], "naming": naming,
                        "spread_pts": 100 * (max(ev_ok) - min(ev_ok)) if ev_ok else None, "n_ev_ok": len(ev_ok),
                        "wall_s": round(time.perf_counter() - t, 1), "children_cpu_s": round(benchlib.cpu_seconds() - c, 1)}
         pooled += [dict(r, seed=s) for r in rows]
@@ -114,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         p["max_drop_windows"] = [(a, b if math.isfinite(b) else None) for a, b in p["max_drop_windows"]]
         print(f"seed {s}: {len(rows)} trials, Spearman score {p['spearman_score']}, rule {p['spearman_rule']}; selected "
               f"{p['selected_recovery']} / best {p['best_recovery']} of {p['n_values']} values; zero-shot spread "
-              f"{p['spread_pts']} pts over {p['n_ev_ok']} trials with EV >= {args.min_ev}", flush=True)
+              f"{p['spread_pts']} pts over {p['n_ev_ok']} trials with EV >= {args.min_ev}; found values named right: "
+              f"selected {naming['selected'][1]} of {naming['selected'][0]}, the sweep's trials pooled "
+              f"{naming['sweep'][1]} of {naming['sweep'][0]}", flush=True)
         for r in sorted(rows, key=lambda r: r["rank"]):
             print(f"  {r['rank']:>2} {r['trial']:<24} score {r['score']:.4f} (clean {r['clean_top1']})  L0 {r['l0']:7.1f}"
                   f"  EV {r['explained_variance']:.3f}  recovery {r['recovery']}" + ("  <- chosen" if r["chosen"] else ""))

@@ -43,7 +43,7 @@ from visae.sweep import SweepConfig
 from visae.sweepdir import SweepDir
 
 __all__ = ["DemoConfig", "DemoWorld", "PROPAGATED", "QUICK", "WORLDS", "effective", "resolve", "run_demo",
-           "selection_vs_recovery", "plot_selection_vs_recovery", "spearman", "toy_vocabulary", "world2_vocabulary", "main"]
+           "found_named_right", "selection_vs_recovery", "plot_selection_vs_recovery", "spearman", "toy_vocabulary", "world2_vocabulary", "main"]
 
 DEFAULT_YAML = config_yaml("demo.yaml")
 STATE = "demo_state.json"
@@ -607,6 +607,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         from visae.recovery import concept_recovery, format_recovery
 
         res = concept_recovery(str(best), shards_dir, concepts=concepts_dir)
+        res["summary"].update(found_named_right(res))
         # Every trial of the sweep too, named the same way: how the selected SAE compares on the ground truth.
         sel = swd.read_selection() or {}
         trials = {}
@@ -630,6 +631,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                 subtract_mean=ncfg["subtract_mean"]).names
             r = concept_recovery(sae, shards_dir, concepts=[{"latent": j, "name": n} for j, n in enumerate(names)])
             trials[t.name] = {k: r["summary"][k] for k in ("mean_best_auroc", "fraction_recovered", "fraction_named_at")}
+            trials[t.name].update(found_named_right(r))
             trials[t.name]["factors"] = r["factors"]
         res["selected_trial"] = sel.get("trial")
         res["sweep_trials"] = trials
@@ -694,6 +696,13 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
         return None
     return float(spearmanr(a, b)[0])
+
+
+def found_named_right(rec: dict[str, Any], at: float = 0.95) -> dict[str, int]:
+    """Issue 12 item 5's count on one SAE's ``concept_recovery`` result: ``{"n_found": values whose best latent has
+    AUROC >= at, "n_found_named_right": those of them whose best latent carries the value's word}``."""
+    found = [v for v in rec["values"] if v["auroc"] >= at]
+    return {"n_found": len(found), "n_found_named_right": sum(bool(v["name_correct"]) for v in found)}
 
 
 def selection_vs_recovery(swd: SweepDir, trials: dict[str, dict[str, Any]], selected: str | None,

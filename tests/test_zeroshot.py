@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from visae.backbones import load_backbone, register_tiny_clip  # noqa: E402
 from visae.sae import SAEConfig, build_sae  # noqa: E402
 from visae.shards import ShardSet, ShardWriter  # noqa: E402
-from tolerances import assert_close_derived, backbone_in_float64, gamma, sae_step_bounds  # noqa: E402
+from tolerances import assert_close_derived, backbone_in_float64, gamma, gamma_prob, sae_step_bounds  # noqa: E402
 from visae.zeroshot import (ZeroShotClassifier, ZeroShotError, build_classifier, check_source,  # noqa: E402
                             evaluate, main, rank_of_label, topk_hits)
 
@@ -543,6 +543,22 @@ def test_sweep_that_cannot_select_is_refused_before_training(tmp_path, case):
     check_sweep(dataclasses.replace(cfg, selection=SweepSelection(metric="explained_variance")))
 
 
+def _same_scores(a: dict, b: dict, d: int, what: str) -> None:
+    """Two scorings of one SAE on the same images: the accuracies, L0 and dead fraction (counts of images and of
+    codes) equal; the sums (explained variance, mse, cross entropy, KL) within the rounding of a float32 sum of the
+    n d terms in either order (probabilistic gamma~, tests/tolerances.py), relative to the sum: for EV the sum is its
+    residual 1 - EV. Seen on 2 threads of an AVX512 machine: EV -0.3693124525160636 vs -0.36931245251606337."""
+    assert a["clean"] == b["clean"], what
+    ra, rb = a["recon"], b["recon"]
+    assert set(ra) == set(rb), what
+    counted = {k for k in ra if k.startswith(("top", "delta_top")) or k in ("l0", "dead_fraction")}
+    assert {k: ra[k] for k in counted} == {k: rb[k] for k in counted}, what
+    g = gamma_prob(a["n"] * d, torch.float32)
+    for k in sorted(set(ra) - counted):
+        scale = abs(1.0 - rb[k]) if k == "explained_variance" else abs(rb[k])
+        assert abs(ra[k] - rb[k]) <= 2 * g * scale, (what, k, ra[k], rb[k], 2 * g * scale)
+
+
 @pytest.mark.slow
 def test_visae_select_alone_reselects_a_residual_layer_sweep_by_spliced_accuracy(residual_sweep, tmp_path, capsys):
     """`visae select` run on its own over a residual-layer sweep (issue 13 item 2): rescoring splices every trial
@@ -559,8 +575,9 @@ def test_visae_select_alone_reselects_a_residual_layer_sweep_by_spliced_accuracy
     assert rc == 0, capsys.readouterr().err
     after = {p.parent.name: json.loads(p.read_text())["result"] for p in (sw / "trials").glob("*/zeroshot.json")}
     assert set(after) == set(before) and len(after) == 3
-    for t in after:  # the same splice over the same images: identical accuracies
-        assert after[t]["recon"] == before[t]["recon"] and after[t]["clean"] == before[t]["clean"], t
+    d = ShardSet(residual_sweep / "s").d
+    for t in after:  # the same splice over the same images: identical accuracies (counts of images)
+        _same_scores(after[t], before[t], d, t)
     chosen = json.loads((sw / "selection.json").read_text())["trial"]
     with open(sw / "leaderboard.csv") as f:
         l0 = {r["trial"]: float(r["l0"]) for r in csv.DictReader(f)}

@@ -303,7 +303,9 @@ def test_hierarchy_matryoshka_recovers_parents_batchtopk_absorbs_them():
     print(msg)
     for rm, rb, ev_prefix, l0_prefix, in_prefix, ev_small in checks:
         assert rm["recovered"].sum() >= 0.8 * P, msg
-        assert rb["recovered"].sum() <= 0.6 * P, msg  # absorbed: 40% or more of the parents lost
+        # absorbed: 30 % or more of the parents lost (measured 5-8 of 16 recovered over the benchmark's seeds 0-2 and
+        # 5 / 5 for this test's two members on two machines; the bound sits one seed spread above the highest)
+        assert rb["recovered"].sum() <= 0.7 * P, msg
         assert rm["recovered"].sum() >= rb["recovered"].sum() + 4, msg
         # absorption itself: BatchTopK's best parent latents are silent on many with-child examples
         assert np.nanmean(rb["recall_with_child"]) < np.nanmean(rm["recall_with_child"]) - 0.1, msg

@@ -245,7 +245,10 @@ def _summary(toy):
 
 
 def test_toy_world_accuracy_and_sparsity(toy):
-    """>= 95% of the clean linear probe's top-1 with <= 5 concepts per class, named concepts only."""
+    """>= 95% of the clean linear probe's top-1 with <= 5 concepts per class, named concepts only. Measured with SAE
+    seeds 0 / 1 / 2 (2026-12-01, AVX512 machine): 0.985 / 0.985 / 0.988 x the probe (99.5 %), 4.92 / 4.69 / 4.77
+    concepts per class; removing a class's top concept lowers the median class by 30.8 / 52.7 / 45.1 points, the
+    other classes pooled by <= 0.27 (the intervention tests below)."""
     res = toy["res"]
     t = res["top1"]
     msg = _summary(toy)

@@ -52,7 +52,9 @@ def test_a_colour_latents_heatmaps_lie_on_the_object(patch_sae):
     assert colours, f"no colour-family latent at AUROC >= {AUROC_AT}\n{table}"
     best = max(colours, key=lambda r: r["auroc"])
     # measured (the AVX512 machine) for SAE seeds 0 / 1 / 2, blue each time: peak on box 0.94 / 1.00 / 1.00, touching 0.94 /
-    # 0.97 / 0.95, in box 0.75 / 0.73 / 0.79, in mask 0.52 / 0.56 / 0.59; the thresholds sit well below the lowest
+    # 0.97 / 0.95, in box 0.75 / 0.73 / 0.79, in mask 0.52 / 0.56 / 0.59; on the earlier machine the best detected
+    # colours were white 0.939 (0.81 / 0.83 / 0.70 / 0.51, the lowest of all: 0.06-0.11 above the thresholds), blue
+    # 0.951 and blue 0.959
     assert best["peak_on_box"] >= 0.75, f'hottest patch off the {best["value"]} object in {1 - best["peak_on_box"]:.0%}\n{table}'
     assert best["touching"] >= 0.75, f'{best["touching"]:.3f} of the heat touches the box\n{table}'
     assert best["in_box"] >= 0.6, f'area-weighted heat in the box {best["in_box"]:.3f}\n{table}'
@@ -71,5 +73,7 @@ def test_a_colour_latents_heatmaps_lie_on_the_object(patch_sae):
     on = []
     for t in range(len(heat)):
         q = np.array([int(x) for x in heat_attrs(heat[t], grid, scale).split('data-heat="')[1].split('"')[0].split(",")])
+        # the page draws the stored heatmap: its peak patch holds the largest heat to within one 0-99 step
+        assert heat[t][q.argmax()] >= heat[t].max() - scale / 99, (best["value"], j, t)
         on.append(cov[t, q.argmax()] > 0)
     assert np.mean(on) >= 0.75, f"{best['value']} latent {j}: the page's peak is off the box in top images {np.flatnonzero(~np.array(on))}"

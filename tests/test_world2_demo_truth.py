@@ -61,11 +61,23 @@ def test_selection_follows_the_ground_truth(world2_demo, world2_demo_dir):
     assert f"(plotted: {demo.RECOVERY_PLOT})" in (world2_demo_dir / "recovery.txt").read_text()
 
 
+def test_the_best_trial_is_one_the_selection_cannot_tell_from_the_chosen(world2_demo):
+    """What survives of item 4's "within one value of the best" on every machine measured: a trial within one value of
+    the best recovery is the chosen one or among the trials the leaderboard marks tied with it (zero-shot score within
+    2 standard errors on the selection images), the set the demo tells the user it cannot separate. Measured: seeds
+    0 / 1 / 2 on the AVX512 machine, 5 / 6 / 5 such trials, holding 20 of best 20, 19 of 19, 22 of 22."""
+    rec, board = world2_demo
+    recovery = rec["selection_vs_recovery"]["recovery"]
+    best = max(recovery.values())
+    cand = [r["trial"] for r in board if r["chosen"] == "True" or r["tied"] == "True"]
+    assert max(recovery[t] for t in cand) >= best - 1, ({t: recovery[t] for t in cand}, best)
+
+
 @pytest.mark.xfail(strict=False, reason="not met reliably (issue 12 item 4): which of the trials tied on zero-shot score "
                                         "is highest decides, and that moves with the machine's float summation order; seed 0: "
                                         "20 = best 20 (machine of 2026-11-30), 9 of best 20 (AVX512 machine of "
-                                        "2026-12-01); seeds 1 / 2 on the former: "
-                                        "12 of 19, 23 = 23")
+                                        "2026-12-01); seeds 1 / 2 on the former: 12 of 19, 23 = 23; on the latter 12 of "
+                                        "19, 18 of 22")
 def test_the_selected_sae_is_within_one_value_of_the_best(world2_demo):
     svr = world2_demo[0]["selection_vs_recovery"]
     assert svr["selected_recovery"] >= svr["best_recovery"] - 1, svr
@@ -83,9 +95,22 @@ def test_the_20k_list_names_the_recovered_values(world2_demo):
     sel = rec["summary"]
     print(f"pooled over the sweep: {right} of {found} named right; the selected SAE: {sel['n_found_named_right']} of "
           f"{sel['n_found']}")
-    assert len(trials) == 8 and found >= 40, {k: (t["n_found"], t["n_found_named_right"]) for k, t in trials.items()}
+    # measured 93-109 values found over the 8 SAEs (seeds 0-2, AVX512 machine)
+    assert len(trials) == 8 and found >= 70, {k: (t["n_found"], t["n_found_named_right"]) for k, t in trials.items()}
     assert right >= 0.70 * found, {k: (t["n_found"], t["n_found_named_right"]) for k, t in trials.items()}
+    # the demo's re-naming of every trial (from its weights) agrees with the naming stage's concepts on the selected one
+    chosen = trials[rec["selected_trial"]]
+    assert (chosen["n_found"], chosen["n_found_named_right"]) == (sel["n_found"], sel["n_found_named_right"]), sel
     # Precision: the latents whose name names no factor value they detect (AUROC >= 0.9) are counted; the best
     # latent of a recovered value named right is never one of them.
     right_sel = [v for v in rec["values"] if v["auroc"] >= 0.95 and v["name_correct"]]
     assert 0 <= sel["n_unsupported_names"] <= sel["n_named_latents"] - len({v["best_latent"] for v in right_sel}), sel
+
+
+@pytest.mark.xfail(strict=False, reason="not met reliably (issue 12 item 5 on the selected SAE alone): 20 of 22, 12 of 14, "
+                                        "23 of 25 found values named right at seeds 0 / 1 / 2 on the machine of "
+                                        "2026-11-30; 8 of 13, 12 of 14, 16 of 24 on the AVX512 machine (the selection "
+                                        "picks another of the tied trials there)")
+def test_the_selected_sae_names_70_percent_of_its_found_values(world2_demo):
+    s = world2_demo[0]["summary"]
+    assert s["n_found_named_right"] >= 0.70 * s["n_found"], s

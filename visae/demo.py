@@ -607,7 +607,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         from visae.recovery import concept_recovery, format_recovery
 
         res = concept_recovery(str(best), shards_dir, concepts=concepts_dir)
-        res["summary"].update(found_named_right(res))
+        res["summary"].update(found_named_right(res, res["summary"].get("named_at", 0.95)))
         # Every trial of the sweep too, named the same way: how the selected SAE compares on the ground truth.
         sel = swd.read_selection() or {}
         trials = {}
@@ -631,7 +631,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                                 subtract_mean=ncfg["subtract_mean"]).names
             r = concept_recovery(sae, shards_dir, concepts=[{"latent": j, "name": n} for j, n in enumerate(names)])
             trials[t.name] = {k: r["summary"][k] for k in ("mean_best_auroc", "fraction_recovered", "fraction_named_at")}
-            trials[t.name].update(found_named_right(r))
+            trials[t.name].update(found_named_right(r, r["summary"].get("named_at", 0.95)))
             trials[t.name]["factors"] = r["factors"]
         res["selected_trial"] = sel.get("trial")
         res["sweep_trials"] = trials

@@ -4,11 +4,13 @@ it (``visae demo --distractors ../shared/vocab/20k.txt``), judged by the world.
 - item 2: the selection benchmark (253 colour-family x shape classes) is not saturated: clean top-1 in [0.40, 0.85],
   and the sweep's reconstructions spread over >= 5 points of zero-shot accuracy among trials with EV >= 0.7;
 - item 4: Spearman(selection score, recovery) >= 0.5 over the sweep's 8 trials (recovery: values with a latent at
-  AUROC >= 0.95 named right); the selected SAE within one factor value of the best trial's recovery is a non-strict
-  xfail: it holds or not with the machine (below);
+  AUROC >= 0.95 named right), and a trial within one value of the best recovery is among those the selection cannot
+  tell from the chosen one (tied within 2 standard errors); the selected SAE itself within one value of the best is a
+  non-strict xfail: it holds or not with the machine (below);
 - item 5: with the 20k Discover-then-Name list as distractors (none of them a training negative of the model:
   tests/test_toyclip2_shipped.py), >= 70 % of the values found (best latent at AUROC >= 0.95) are named right, pooled
-  over the sweep's 8 SAEs; precision: the latents named with a word that names no value they detect are counted.
+  over the sweep's 8 SAEs (the selected SAE's own share is a non-strict xfail, for the same reason); precision: the
+  latents named with a word that names no value they detect are counted.
 
 Measured at seed 0 with the shipped weights of world format 2 (BENCHMARKS.md, "world2: selection against the ground
 truth"): clean 0.612, spread 7.2 points, Spearman 0.65, selected 20 = best 20, 20 of 22 recovered values named right

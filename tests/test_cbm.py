@@ -371,3 +371,46 @@ def test_cli_and_errors(toy, tmp_path, capsys, monkeypatch):
                  "--val_shards", cfg.val_shards, "--label_column", "colour_shape", "--refit_l2", "-1", "--out", str(bad)]) == 2
     assert "refit_l2" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def test_names_of_another_sae_are_refused_before_any_work(toy, tmp_path, capsys):
+    """The newcomer's report: `visae cbm` and `visae browse` took a naming result made for another SAE of the same size
+    and showed its names on this SAE's latents. Names are tied to the SAE by its weights' SHA-256 (concepts.json
+    ``sae_weights_sha256``): another SAE (the same one with its decoder negated) is refused by cbm, browse and
+    recovery, naming the file, before anything is written; a copy of the same SAE (as a sweep's best/) is accepted;
+    the same shard set for training and validation is warned about."""
+    import shutil
+
+    from visae.browse import BrowseConfig, build_site
+    from visae.cli import main
+    from visae.naming import NameConfig, NamingError, check_concepts_sae, read_concepts, sae_weights_sha256
+    from visae.recovery import concept_recovery
+    from visae.sae import load_sae
+
+    cfg = toy["cfg"]
+    doc = read_concepts(cfg.concepts)
+    assert doc["sae_weights_sha256"] == sae_weights_sha256(cfg.sae) is not None
+    other = load_sae(cfg.sae)
+    with torch.no_grad():
+        other.W_dec.neg_()
+    other.save(tmp_path / "other")
+    assert sae_weights_sha256(tmp_path / "other") != doc["sae_weights_sha256"]
+    bad = tmp_path / "bad"
+    assert main(["cbm", "--sae", str(tmp_path / "other"), "--concepts", cfg.concepts, "--train_shards", cfg.train_shards,
+                 "--val_shards", cfg.val_shards, "--label_column", "colour_shape", "--out", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"--concepts {cfg.concepts}" in err and "names the latents of another SAE" in err
+    with pytest.raises(NamingError, match="names the latents of another SAE"):
+        build_site(BrowseConfig(concepts=cfg.concepts, out=str(bad), naming=NameConfig(sae=str(tmp_path / "other"))))
+    with pytest.raises(NamingError, match="names the latents of another SAE"):
+        concept_recovery(str(tmp_path / "other"), toy["dirs"]["val"], concepts=cfg.concepts)
+    with pytest.raises(NamingError, match="names member 0 of its SAE, but member 1"):
+        check_concepts_sae(doc, cfg.sae, 1, "x")
+    assert not bad.exists()
+    copy = shutil.copytree(cfg.sae, tmp_path / "copy")
+    check_concepts_sae(doc, copy, 0, "x")  # the same weights elsewhere: accepted
+    small = CBMConfig(sae=str(copy), concepts=cfg.concepts, train_shards=cfg.train_shards, val_shards=cfg.train_shards,
+                      label_column="colour_shape", zero_shot=False, max_iter=30, n_lambdas=4, bisect_steps=1,
+                      target_concepts_per_class=2.0, refit=False, out=str(tmp_path / "same"))
+    with pytest.warns(UserWarning, match="same shard set"):
+        train_cbm(small)

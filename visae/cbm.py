@@ -568,13 +568,24 @@ def _zero_shot(cfg: CBMConfig, val: ShardSet) -> dict[str, Any]:
 
 
 def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
-    """Train, score and write the CBM that ``cfg`` describes; returns the cbm.json dict (also in ``cfg.out``)."""
-    from visae.naming import NamingError, read_concepts
+    """Train, score and write the CBM that ``cfg`` describes; returns the cbm.json dict (also in ``cfg.out``).
+
+    Raises CBMError naming the field before any training: shard sets of other widths, an SAE of another d_in, names
+    (``--concepts``) made for another SAE or member (:func:`visae.naming.check_concepts_sae`), a missing label column.
+    Warns (UserWarning) when the training and validation shard sets are the same directory.
+    """
+    from visae.naming import NamingError, check_concepts_sae, read_concepts
     from visae.sae import SAEFormatError, load_sae
 
     train, val = _open(cfg.train_shards, "train_shards"), _open(cfg.val_shards, "val_shards")
     if train.d != val.d:
         raise CBMError(f"--train_shards has d={train.d}, --val_shards d={val.d}: not the same activations")
+    if Path(cfg.train_shards).resolve() == Path(cfg.val_shards).resolve():
+        import warnings
+
+        warnings.warn(f"--train_shards and --val_shards are the same shard set ({cfg.val_shards}): every top-1 this run "
+                      "reports (CBM, linear probe, zero-shot) is measured on the examples the classifiers were fitted "
+                      "to, not held out", UserWarning, stacklevel=2)
     if sae is None:
         if not cfg.sae:
             raise CBMError("--sae is required: an SAE directory")
@@ -588,6 +599,7 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
     if cfg.concepts:
         try:
             doc = read_concepts(cfg.concepts)
+            check_concepts_sae(doc, cfg.sae or None, cfg.member, f"--concepts {cfg.concepts}")
         except NamingError as e:
             raise CBMError(f"--concepts: {e}") from None
         if int(doc.get("num_concepts", sae.d_sae)) != sae.d_sae:

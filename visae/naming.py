@@ -64,6 +64,8 @@ __all__ = [
     "NamingResult",
     "name_concepts",
     "read_concepts",
+    "sae_weights_sha256",
+    "check_concepts_sae",
     "main",
 ]
 
@@ -722,6 +724,8 @@ def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any,
         "format": CONCEPTS_FORMAT,
         "version": CONCEPTS_VERSION,
         "sae": rec["sae"],
+        # which SAE these names belong to, whatever directory it is copied to (sweep/best/ is a copy of a trial)
+        "sae_weights_sha256": sae_weights_sha256(cfg.sae) if cfg.sae else None,
         "member": cfg.member,
         "model": {"name": backbone.name, "pretrained": backbone.pretrained, "random_init": bool(getattr(backbone, "random_init", False))},
         "shard_source": source,
@@ -751,6 +755,43 @@ def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any,
 
 def _csv(x: Any) -> str:
     return "" if x is None else f"{x:.6g}"
+
+
+def sae_weights_sha256(sae_dir: str | Path) -> str | None:
+    """The SHA-256 of ``sae_dir``'s weights file as its ``cfg.json`` records it (``checksums``, docs/sae_format.md),
+    or None: not a local SAE directory, or one written without checksums (another tool's)."""
+    try:
+        doc = json.loads((Path(str(sae_dir)) / "cfg.json").read_text())
+        digest = doc["checksums"]["weights.safetensors"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return digest if isinstance(digest, str) else None
+
+
+def check_concepts_sae(doc: dict[str, Any], sae_dir: str | Path | None, member: int, where: str) -> None:
+    """Refuse a naming result (``concepts.json`` read by :func:`read_concepts`) made for another SAE than the one a
+    command was given (``--sae sae_dir``, member ``member``): its names would be shown on, or used for, the other
+    SAE's latents.
+
+    The SAE is known by its weights' SHA-256 (``sae_weights_sha256``, recorded since 2026-12-01), so a copy of the
+    same SAE (a sweep's ``best/``) passes; a file without it is compared by its ``sae`` path only and a different
+    path is logged, not refused (the SAE may have been moved). ``where``: the file, for the message.
+
+    Raises NamingError naming ``where``, the recorded SAE and the given one, when the digests differ or ``member`` is
+    not the recorded member.
+    """
+    if int(doc.get("member") or 0) != int(member):
+        raise NamingError(f"{where}: names member {doc.get('member')} of its SAE, but member {member} is asked for")
+    if sae_dir is None or not str(sae_dir):
+        return
+    rec, got = doc.get("sae_weights_sha256"), sae_weights_sha256(sae_dir)
+    if rec and got and rec != got:
+        raise NamingError(f"{where}: names the latents of another SAE ({doc.get('sae')}, weights sha256 {rec[:12]}...), "
+                          f"not of {sae_dir} (weights sha256 {got[:12]}...); pass the SAE it was made for, or name "
+                          "this one (visae name)")
+    if not rec and doc.get("sae") and Path(str(doc["sae"])).resolve() != Path(str(sae_dir)).resolve():
+        log.warning("%s was made for the SAE %s (no weights digest recorded to compare); using it for %s", where,
+                    doc["sae"], sae_dir)
 
 
 def read_concepts(path: str | Path) -> dict[str, Any]:

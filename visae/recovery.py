@@ -235,10 +235,18 @@ def concept_recovery(sae: Any, shards: str | Path | ShardSet, *, member: int = 0
     name, name_correct, named_latents, named_auroc], "factors": {factor: mean best AUROC},
     "summary": {...; with concepts also n_named_latents, n_unsupported_names, unsupported_names (at most 50,
     {latent: name})}}``. Rows whose factor is -1 (absent) count as negatives.
+
+    Raises NamingError (a ValueError) when ``sae`` is a directory and ``concepts`` a naming result made for another
+    SAE (:func:`visae.naming.check_concepts_sae`), before any work.
     """
     if isinstance(sae, (str, Path)):
+        from visae.naming import check_concepts_sae, read_concepts
         from visae.sae import load_sae
 
+        if isinstance(concepts, (str, Path)):  # names made for another SAE are refused before any work
+            where = f"concepts {concepts}"
+            concepts = read_concepts(concepts)
+            check_concepts_sae(concepts, sae, member, where)
         sae = load_sae(sae, device=device)
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
     factors = list(factors) if factors is not None else _default_factors(ss)

@@ -105,6 +105,11 @@ def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
 
     if cfg.cbm:  # a bad CBM directory is refused before the site's directory is created or locked
         read_site_cbm(cfg.cbm, None, cfg.naming.member, cfg.naming.sae)
+    if cfg.concepts:  # so are names made for another SAE (they would label this SAE's latents)
+        from visae.naming import check_concepts_sae, read_concepts
+
+        check_concepts_sae(read_concepts(cfg.concepts), cfg.naming.sae or None, cfg.naming.member,
+                           f"--concepts {cfg.concepts}")
     with output_lock(cfg.out, "visae browse"):  # (creates cfg.out, holds .visae.lock, carried into the new site)
         return _build_site(cfg, backbone=backbone)
 

@@ -325,9 +325,14 @@ def test_resume_after_kill_equals_uninterrupted(folder, tmp_path, token, layer, 
     # a third run of a finished output does nothing and returns it
     again = extract(_cfg(folder, out, **kw))
     assert len(again) == len(full)
-    # ... but refuses another request into the same directory
+    # ... but refuses another request into the same directory, storage included (a finished float16 set was
+    # returned for --dtype float16 (or the other way), and one of another --shard_size as is: the newcomer's report)
     with pytest.raises(ValueError, match="something else"):
         extract(_cfg(folder, out, layer=1, token="mean"))
+    with pytest.raises(ValueError, match="dtype: 'float32' on disk, 'float16' now"):
+        extract(_cfg(folder, out, **dict(kw, dtype="float16")))
+    with pytest.raises(ValueError, match=f"shard_size: {shard_size} on disk, {shard_size + 1} now"):
+        extract(_cfg(folder, out, **dict(kw, shard_size=shard_size + 1)))
 
 
 def test_torchrun_two_ranks_equal_one_rank(tars, tmp_path):

@@ -205,6 +205,8 @@ def test_layouts_do_not_mix(folder, tmp_path, tiny):
         extract(_cfg(folder, tmp_path / "one", layer=1, limit=3), backbone=tiny)
     with pytest.raises(ShardError, match="something else"):  # a finished several-layer output, another list
         extract(_cfg(folder, tmp_path / "one", layer="0,2", limit=3), backbone=tiny)
+    with pytest.raises(ShardError, match="dtype: 'float16' on disk, 'float32' now"):  # or another storage dtype
+        extract(_cfg(folder, tmp_path / "one", layer="0,1", limit=3, dtype="float32"), backbone=tiny)
     single = extract(_cfg(folder, tmp_path / "one", layer=1, limit=3, overwrite=True), backbone=tiny)
     assert len(single) == 3 and not list((tmp_path / "one").glob("layer_*")) and not (tmp_path / "one" / LAYERS_INDEX).exists()
 

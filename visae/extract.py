@@ -474,6 +474,21 @@ def _same_request(manifest_source: dict[str, Any], cfg: ExtractConfig, dataset: 
     return diffs
 
 
+def _same_storage(out: Path, index: dict[str, Any], cfg: ExtractConfig, several: bool) -> list[str]:
+    """Fields of how a finished output stores its rows (``dtype``, ``shard_size``) that differ from this request: a
+    rerun with ``--dtype float32`` must not return the float16 set as if it were what was asked for. ``index``: the
+    output's manifest.json, or for several layers its layers.json (then the first layer's manifest is read)."""
+    m = index
+    if several:
+        layers = index.get("layers") or []
+        try:
+            m = json.loads((out / layer_dir(int(layers[0])) / MANIFEST).read_text()) if layers else {}
+        except (OSError, ValueError):
+            return []  # a damaged layer is the shard set's own check to report when it is opened
+    return [f"{k}: {m[k]!r} on disk, {v!r} now" for k, v in (("dtype", cfg.dtype), ("shard_size", cfg.shard_size))
+            if k in m and m[k] != v]
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -760,7 +775,7 @@ def _extract_locked(cfg: ExtractConfig, out: Path, dist_info: Any, device: torch
         if final.is_file() and not cfg.overwrite:
             m = json.loads(final.read_text())
             if m.get("complete"):  # finished before (for several ranks: merged; leftovers of a killed cleanup go)
-                diffs = _same_request(m.get("source", {}), cfg, dataset_path)
+                diffs = _same_request(m.get("source", {}), cfg, dataset_path) + _same_storage(out, m, cfg, several)
                 if diffs:
                     raise ShardError(f"{out} already holds a finished extraction of something else ({'; '.join(diffs)}); "
                                      "use another --out or --overwrite")

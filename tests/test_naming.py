@@ -221,6 +221,30 @@ def test_concepts_json_records_its_paths_absolute(tiny, emb, vocab, tmp_path, mo
     assert doc["sae"] == want["sae"] and doc["vocabulary"]["source"] == want["vocab"], doc
 
 
+def test_a_rerun_with_other_settings_says_it_replaces_the_naming(tiny, emb, vocab, tmp_path, monkeypatch, caplog):
+    """The newcomer's report: `visae name` into a directory holding a naming made with another vocabulary replaced it
+    without a word. The same request again is silent (a rerun, how it ran aside: batch sizes, device); another one
+    logs which settings changed, then replaces the result."""
+    import logging
+
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
+    (tmp_path / "vocab2.txt").write_text("\n".join(vocab[::-1]))
+    source = {"model": "visae-tiny-test", "pretrained": None, "random_init": True, "layer": None, "token": "cls"}
+    _planted_sae(emb, vocab, tmp_path, source)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--sae", "sae", "--vocab_size", "0", "--shards", "shards", "--out", "c", "--text_cache", "cache",
+            "--no_stopwords", "--no_alpha_only", "--no_progress"]
+    assert name_main(argv + ["--vocab", "vocab.txt"]) == 0
+    with caplog.at_level(logging.WARNING, logger="visae.naming"):
+        assert name_main(argv + ["--vocab", "vocab.txt", "--batch_size", "7"]) == 0
+        assert not [r for r in caplog.records if "replacing it" in r.getMessage()]
+        assert name_main(argv + ["--vocab", "vocab2.txt"]) == 0
+    msgs = [r.getMessage() for r in caplog.records if "replacing it" in r.getMessage()]
+    assert len(msgs) == 1 and "vocab: " in msgs[0] and "vocab2.txt" in msgs[0], msgs
+    doc = json.loads((tmp_path / "c" / "concepts.json").read_text())
+    assert doc["config"]["vocab"] == str(tmp_path / "vocab2.txt")
+
+
 def test_name_concepts_progress_flag(tiny, emb, vocab, tmp_path, capsys):
     """Progress bars (text embeddings, top images) go to stderr by default; --no_progress leaves stderr free of them."""
     vfile = tmp_path / "vocab.txt"

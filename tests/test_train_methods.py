@@ -255,6 +255,8 @@ def test_a_run_shorter_than_its_warmups_and_random_weights_are_flagged(tmp_path)
     printed = T.format_summary(tmp_path / "o")  # what `visae train` prints at the end
     assert "warning: the activations come from a backbone with random weights" in printed, printed
     assert "before its lr and lambda warm-up completed" in printed, printed
+    # plot=False (--no_plot) drew no curves: the summary does not point at a curves.png that is not there
+    assert "curves:" not in printed and not (tmp_path / "o" / "curves.png").exists(), printed
     # A run long enough, on a trained backbone's activations: no flag.
     ss2 = _write(tmp_path / "s2", rng.normal(size=(100, 8)), source={"model": "ViT-B-32", "random_init": False})
     cfg2 = T.TrainConfig(shards=str(ss2.path), out=str(tmp_path / "o2"), num_epochs=4, batch_size=30,

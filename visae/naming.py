@@ -671,6 +671,7 @@ def _name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) ->
         raise NamingError(f"backbone {backbone.name!r} has no text tower; naming needs a CLIP model")
     ss = _open_shards_for(cfg, sae, source, where)  # checked before any expensive work
     out = Path(cfg.out)
+    _note_replaced(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
 
     words = load_vocabulary(cfg.vocab, cfg.vocab_size, stopwords=cfg.stopwords, alpha_only=cfg.alpha_only)
@@ -755,6 +756,23 @@ def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any,
 
 def _csv(x: Any) -> str:
     return "" if x is None else f"{x:.6g}"
+
+
+_RUN_ONLY = ("batch_size", "text_batch_size", "device", "progress", "text_cache")  # how it ran, not what it named
+
+
+def _note_replaced(out: Path, cfg: NameConfig) -> None:
+    """Say (a logged warning) that ``out`` holds a naming made with other settings, which this run replaces: a rerun
+    with another vocabulary, SAE or threshold otherwise swapped the earlier names without a word."""
+    try:
+        old = json.loads((out / "concepts.json").read_text()).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return
+    new = absolute_paths(config_to_dict(cfg), ("sae", "vocab", "shards", "text_cache", "out"), if_file=("pretrained",))
+    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in _RUN_ONLY and k in old and old[k] != v]
+    if diffs:
+        log.warning("%s holds a naming made with other settings; replacing it (%s)", out / "concepts.json",
+                    "; ".join(diffs))
 
 
 def sae_weights_sha256(sae_dir: str | Path) -> str | None:

@@ -94,7 +94,8 @@ def format_summary(sae_dir: str | Path) -> str:
         line += (f"; held-out EV {_fmt(val.get('explained_variance'), '.4f')}, L0 {_fmt(val.get('l0'), '.1f')}, "
                  f"dead {_fmt(val.get('dead_fraction'), '.3f')}")
     flags = "".join(f"\nwarning: {w}" for w in extra.get("warnings") or [])
-    return f"{line}\nSAE: {d}   curves: {d / CURVES_FILE}   metrics: {d / METRICS_FILE}{flags}"
+    curves = f"   curves: {d / CURVES_FILE}" if (d / CURVES_FILE).is_file() else ""  # --no_plot draws none
+    return f"{line}\nSAE: {d}{curves}   metrics: {d / METRICS_FILE}{flags}"
 
 
 def _fmt(v: float | None, spec: str) -> str:

@@ -373,7 +373,7 @@ def test_cli_and_errors(toy, tmp_path, capsys, monkeypatch):
     assert not bad.exists()
 
 
-def test_names_of_another_sae_are_refused_before_any_work(toy, tmp_path, capsys):
+def test_names_of_another_sae_are_refused_before_any_work(toy, tmp_path, capsys, caplog):
     """The newcomer's report: `visae cbm` and `visae browse` took a naming result made for another SAE of the same size
     and showed its names on this SAE's latents. Names are tied to the SAE by its weights' SHA-256 (concepts.json
     ``sae_weights_sha256``): another SAE (the same one with its decoder negated) is refused by cbm, browse and
@@ -413,4 +413,19 @@ def test_names_of_another_sae_are_refused_before_any_work(toy, tmp_path, capsys)
                       label_column="colour_shape", zero_shot=False, max_iter=30, n_lambdas=4, bisect_steps=1,
                       target_concepts_per_class=2.0, refit=False, out=str(tmp_path / "same"))
     with pytest.warns(UserWarning, match="same shard set"):
-        train_cbm(small)
+        res = train_cbm(small)
+    # the CBM records the SAE's digest too: browse --cbm refuses it beside another SAE, takes it beside a copy
+    from visae.browse import read_site_cbm
+
+    assert res["sae_weights_sha256"] == doc["sae_weights_sha256"]
+    read_site_cbm(small.out, None, 0, cfg.sae)
+    with pytest.raises(CBMError, match="a CBM of another SAE"):
+        read_site_cbm(small.out, None, 0, tmp_path / "other")
+    # a rerun into the same directory with other settings says what changed before it replaces the CBM
+    import dataclasses
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="visae.cbm"), pytest.warns(UserWarning, match="same shard set"):
+        train_cbm(dataclasses.replace(small, target_concepts_per_class=1.0, n_lambdas=3))
+    msgs = [r.getMessage() for r in caplog.records if "holds a CBM made with other settings" in r.getMessage()]
+    assert len(msgs) == 1 and "target_concepts_per_class: 2.0 -> 1.0" in msgs[0] and "n_lambdas: 4 -> 3" in msgs[0], msgs

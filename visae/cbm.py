@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ from visae.shards import ShardError, ShardSet
 
 __all__ = ["CBMConfig", "CBMError", "ConceptBottleneck", "fit_sparse_logistic", "refit_on_support", "fit_cbm_path", "linear_probe",
            "concept_features", "train_cbm", "load_cbm", "top_weights_name_the_class", "intervention_effects", "main"]
+
+log = logging.getLogger(__name__)
 
 CBM_FORMAT = "visae.cbm"
 CBM_VERSION = 1
@@ -574,12 +577,19 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
     (``--concepts``) made for another SAE or member (:func:`visae.naming.check_concepts_sae`), a missing label column.
     Warns (UserWarning) when the training and validation shard sets are the same directory.
     """
-    from visae.naming import NamingError, check_concepts_sae, read_concepts
+    from visae.naming import NamingError, check_concepts_sae, read_concepts, sae_weights_sha256
     from visae.sae import SAEFormatError, load_sae
 
     train, val = _open(cfg.train_shards, "train_shards"), _open(cfg.val_shards, "val_shards")
     if train.d != val.d:
         raise CBMError(f"--train_shards has d={train.d}, --val_shards d={val.d}: not the same activations")
+    from visae.config import absolute_paths, changed_settings
+
+    rec = absolute_paths(dataclasses.asdict(cfg), ("sae", "concepts", "train_shards", "val_shards", "text_cache", "out"))
+    diffs = changed_settings(Path(cfg.out) / "cbm.json", rec, ("batch_size", "device", "text_cache"))
+    if diffs:  # a rerun replaces the CBM (written atomically, cbm.json last); say so when it was made otherwise
+        log.warning("%s holds a CBM made with other settings; replacing it (%s)", Path(cfg.out) / "cbm.json",
+                    "; ".join(diffs))
     if Path(cfg.train_shards).resolve() == Path(cfg.val_shards).resolve():
         import warnings
 
@@ -659,14 +669,13 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
                           "val_top1": float((pred_v[m] == c).float().mean()) if m.any() else None,
                           "concepts": model.class_concepts(c)})
     used = (fit["W"] != 0).any(0)
-    from visae.config import absolute_paths
-
-    # files and directories absolute: the record says which were used, read from anywhere (visae browse --cbm compares
-    # "sae" with the SAE it shows; recorded as typed, a relative path was resolved from the wrong directory)
-    rec = absolute_paths(dataclasses.asdict(cfg), ("sae", "concepts", "train_shards", "val_shards", "text_cache", "out"))
+    # files and directories absolute (rec, above): the record says which were used, read from anywhere (recorded as
+    # typed, a relative path was resolved from the wrong directory); the SAE also by its weights' digest, which visae
+    # browse --cbm compares with the SAE it shows (a copy of the same SAE passes)
     result = {
         "config": rec,
-        "sae": rec["sae"], "member": cfg.member, "label_column": cfg.label_column,
+        "sae": rec["sae"], "sae_weights_sha256": sae_weights_sha256(cfg.sae) if cfg.sae else None,
+        "member": cfg.member, "label_column": cfg.label_column,
         "n_train": int(len(y_t)), "n_val": int(len(y_v)), "num_classes": C,
         "num_candidate_concepts": int(len(latents)), "num_concepts_used": int(used.sum()),
         "lam": fit["lam"], "concepts_per_class": fit["concepts_per_class"],

@@ -50,6 +50,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "absolute_paths",
+    "changed_settings",
     "load_yaml_config",
     "dump_yaml_config",
     "parse_config",
@@ -214,6 +215,21 @@ def absolute_paths(record: dict[str, Any], fields: Sequence[str], *, if_file: Se
         if isinstance(v, str) and v and (name not in if_file or os.path.isfile(os.path.expanduser(v))):
             node[leaf] = os.path.abspath(os.path.expanduser(v))
     return out
+
+
+def changed_settings(record_file: str | Path, new: dict[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+    """The settings in which the earlier result ``record_file`` (a JSON file with the config record of the run that
+    wrote it under ``"config"``: concepts.json, cbm.json) differs from ``new`` (this run's record, as absolute as the
+    earlier one's), as ``"field: old -> new"``; ``ignore``: fields of how a run ran, not of what it made (batch
+    sizes, device). Empty when there is no readable earlier record. Stages that replace their output on a rerun log
+    these, so a result made with other settings is not swapped without a word."""
+    import json
+
+    try:
+        old = json.loads(Path(record_file).read_text()).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in ignore and k in old and old[k] != v]
 
 
 def load_yaml_config(cls: type[C], path: str | Path, overrides: dict[str, Any] | None = None) -> C:

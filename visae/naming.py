@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from visae.atomic import atomic_write_text
 from visae.integrity import sha256_file
-from visae.config import ConfigError, absolute_paths, check_bounds, config_to_dict, parse_config
+from visae.config import ConfigError, absolute_paths, changed_settings, check_bounds, config_to_dict, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
 
@@ -764,12 +764,8 @@ _RUN_ONLY = ("batch_size", "text_batch_size", "device", "progress", "text_cache"
 def _note_replaced(out: Path, cfg: NameConfig) -> None:
     """Say (a logged warning) that ``out`` holds a naming made with other settings, which this run replaces: a rerun
     with another vocabulary, SAE or threshold otherwise swapped the earlier names without a word."""
-    try:
-        old = json.loads((out / "concepts.json").read_text()).get("config") or {}
-    except (OSError, ValueError, AttributeError):
-        return
     new = absolute_paths(config_to_dict(cfg), ("sae", "vocab", "shards", "text_cache", "out"), if_file=("pretrained",))
-    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if k not in _RUN_ONLY and k in old and old[k] != v]
+    diffs = changed_settings(out / "concepts.json", new, _RUN_ONLY)
     if diffs:
         log.warning("%s holds a naming made with other settings; replacing it (%s)", out / "concepts.json",
                     "; ".join(diffs))

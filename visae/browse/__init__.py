@@ -145,8 +145,9 @@ def read_site_cbm(path: str | Path, d_sae: int | None, member: int, sae_path: st
 
     Raises ValueError (:class:`visae.cbm.CBMError`) naming the file and field when it is not a CBM directory, its
     ``member`` is another member of a stacked SAE, its classes do not list their concepts, or (``d_sae`` given) a
-    latent id is not below the SAE's ``d_sae``. A CBM that records another SAE directory is used with a warning (the
-    SAE may have been copied).
+    latent id is not below the SAE's ``d_sae``, or it records the weights digest of another SAE
+    (``sae_weights_sha256``; a copy of the same SAE passes). A CBM without that record (written before 2026-12-01)
+    that names another SAE directory is used with a warning (the SAE may have been copied).
     """
     from visae.cbm import CBMError, load_cbm
 
@@ -167,7 +168,13 @@ def read_site_cbm(path: str | Path, d_sae: int | None, member: int, sae_path: st
         raise CBMError(f"{w}: latent ids from {min(lat + used)} to {max(lat + used)}, but the SAE has d_sae={d_sae}: "
                        "a CBM of another SAE")
     rec = doc.get("sae")
-    if d_sae is not None and rec and os.path.realpath(str(rec)) != os.path.realpath(str(sae_path)):
+    from visae.naming import sae_weights_sha256
+
+    want, got = doc.get("sae_weights_sha256"), (sae_weights_sha256(sae_path) if sae_path else None)
+    if want and got and want != got:
+        raise CBMError(f"{j}: a CBM of another SAE ({rec}, weights sha256 {want[:12]}...), not of {sae_path} (weights "
+                       f"sha256 {got[:12]}...): its class pages would list this SAE's latents under its concepts")
+    if not want and d_sae is not None and rec and os.path.realpath(str(rec)) != os.path.realpath(str(sae_path)):
         log.warning("%s was trained on the SAE %s, the site shows %s: the class pages assume they are the same SAE",
                     j, rec, sae_path)
     return {**doc, "latents": lat, "cbm_dir": str(path)}

@@ -124,6 +124,34 @@ def test_visae_saelens_visae_round_trip_keeps_config_and_source(tmp_path):
     assert (a - b).abs().max() <= _tol(a, x)
     assert back.extra["source"] == sae.extra["source"] and back.extra["train"] == {"lr": 1e-3}
     assert back.cfg.k == 6 and back.architecture == "topk"
+    # the same export / import again into its own directory: a re-export / re-import, allowed
+    export_saelens(sae, tmp_path / "sl")
+    import_saelens(tmp_path / "sl", out=tmp_path / "imp")
+    import_saelens(tmp_path / "sl", out=tmp_path / "imp")
+
+
+def test_import_and_export_do_not_write_over_another_directory(tmp_path):
+    """The newcomer's report: export_saelens into a trained visae SAE's directory replaced its cfg.json (the SAE was
+    lost), and import_saelens into a training run's directory left that run's metrics and checkpoint beside another
+    SAE. Both refuse, naming the directory, and change nothing."""
+    from visae.interop import InteropError
+
+    sae = _visae_sae("topk", "unit_norm", 1.7, seed=3)
+    sae.save(tmp_path / "trained")
+    (tmp_path / "trained" / "metrics.jsonl").write_text("{}\n")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "trained").iterdir()}
+    with pytest.raises(InteropError, match="already holds other files"):
+        export_saelens(sae, tmp_path / "trained")
+    export_saelens(sae, tmp_path / "sl")
+    with pytest.raises(InteropError, match="already holds other files .*metrics.jsonl"):
+        import_saelens(tmp_path / "sl", out=tmp_path / "trained")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "trained").iterdir()} == before
+    sae.save(tmp_path / "bare")  # a visae SAE directory with nothing else: not an export's place, not an import's
+    with pytest.raises(InteropError, match=r"already holds other files \(weights.safetensors\)"):
+        export_saelens(sae, tmp_path / "bare")
+    with pytest.raises(InteropError, match="not an earlier import"):
+        import_saelens(tmp_path / "sl", out=tmp_path / "bare")
+    assert load_sae(tmp_path / "bare").cfg == sae.cfg
 
 
 def test_load_sae_points_to_the_importer_and_refusals(tmp_path):

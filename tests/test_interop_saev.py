@@ -190,6 +190,12 @@ def test_saev_sae_import_matches_reference(tmp_path, act, params, schema, thresh
 
 
 def test_saev_sae_errors(tmp_path):
+    # a file of another kind (binary, no JSON first line): a named error, not a UnicodeDecodeError traceback
+    other = tmp_path / "other" / "weights.safetensors"
+    other.parent.mkdir()
+    other.write_bytes(b"\xb4\x00\x01binary\nmore")
+    with pytest.raises(InteropError, match="not a saev checkpoint"):
+        import_saev_sae(other)
     f = _dump(tmp_path / "sae.pt", {"schema": 9, "cfg": {}}, _saev_state(0))
     with pytest.raises(InteropError, match="schema 9 is unknown"):
         import_saev_sae(f)

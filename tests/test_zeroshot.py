@@ -594,6 +594,46 @@ def test_visae_select_alone_reselects_a_residual_layer_sweep_by_spliced_accuracy
     assert chosen2 != chosen and after[chosen2]["recon"]["top1"] == max(rest.values()), (chosen2, rest)
 
 
+@pytest.mark.slow
+def test_an_sae_is_not_scored_on_other_activations_than_its_own(residual_sweep, tmp_path, capsys):
+    """The newcomer's report: `visae zeroshot --shards <final embedding> --sae <a block-1 patch SAE>` printed a
+    reconstruction top-1, and `visae select --val_shards` of other activations scored every trial on them and
+    published a best/. Both now refuse, naming the field, before any scoring; a selection set that is the sweep's
+    training set is warned about; planned trials without weights are named in the summary."""
+    import shutil
+
+    from visae.extract import ExtractConfig, extract
+    from visae.select import main as select_main
+
+    d = residual_sweep
+    final = extract(ExtractConfig(images=str(d / "world"), model="visae-toyclip", out=str(tmp_path / "final"),
+                                  num_workers=0, batch_size=64, progress=False, dtype="float32"))
+    trial = json.loads((d / "sw" / "selection.json").read_text())["trial"]
+    rc = main(["--shards", str(final.path), "--sae", str(d / "sw" / "trials" / trial), "--benchmark", "toy:colour",
+               "--text_cache", str(d / "text"), "--no_progress", "--out", str(tmp_path / "zs.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "was not trained on the activations of --shards" in err
+    assert "layer: trained on block 1, scored on the final embedding" in err and not (tmp_path / "zs.json").exists()
+    sw = tmp_path / "sw"
+    shutil.copytree(d / "sw", sw)
+    before = (sw / "selection.json").read_text()
+    assert select_main(["--sweep", str(sw), "--val_shards", str(final.path), "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds other activations than the sweep trained on" in err and "layer: trained on block 1" in err
+    assert (sw / "selection.json").read_text() == before  # nothing published
+    # the sweep's own training set as the selection set: scored, with a warning
+    assert select_main(["--sweep", str(sw), "--val_shards", str(d / "s"), "--no_progress"]) == 0
+    cap = capsys.readouterr()
+    assert "is the sweep's training set" in cap.err
+    # a planned trial without weights is named, not skipped in silence
+    gone = json.loads((sw / "selection.json").read_text())["trial"]
+    shutil.rmtree(sw / "trials" / gone)
+    assert select_main(["--sweep", str(sw), "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"1 of 3 planned trial(s) have no weights and were not scored ({gone})" in out, out
+    assert json.loads((sw / "selection.json").read_text())["trial"] != gone
+
+
 def test_world2_benchmarks_and_auto_detection(tmp_path):
     """world2 / world2:<factor> come from visae.world2's own table (family x shape: 253 classes); auto picks it for
     shards of a world2 world (source.dataset_info.world_format), the first toy world's for the first's."""

@@ -114,6 +114,25 @@ class _Context:
     splice: Any = None  # visae.zeroshot.SplicedSelection: residual-layer SAEs scored through the splice
 
 
+def _check_selection_set(out: Path, tcfg: dict[str, Any], ss: ShardSet, given: bool) -> None:
+    """Refuse a selection set of other activations than the sweep trained on (model, layer, token: the trials would be
+    scored on rows they never saw, and one published as best on that score); warn when a given selection set is the
+    training set itself (every score then measured on the examples the SAEs were fitted to)."""
+    from visae.zeroshot import site_mismatch
+
+    try:
+        train = ShardSet(tcfg["shards"])
+    except (ShardError, KeyError, TypeError):
+        return  # the training set moved or was deleted: nothing to compare with (the trials record their own)
+    diffs = site_mismatch(train.source, ss.source)
+    if diffs:
+        raise SelectError(f"{out}: the selection set {ss.path} holds other activations than the sweep trained on "
+                          f"({train.path}): {'; '.join(diffs)}")
+    if given and train.path.resolve() == ss.path.resolve():
+        print(f"visae select: warning: the selection set {ss.path} is the sweep's training set: every score is "
+              "measured on examples the SAEs were trained on (pass held-out --val_shards)", file=sys.stderr)
+
+
 def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = None, device: str = "cpu",
                        metric: str | None = None, progress: bool = False) -> _Context:
     from visae.zeroshot import ZeroShotError, classifier_for_shards
@@ -137,6 +156,7 @@ def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = 
             subset = f"split(val_fraction={vf}, seed={seed})"
     except ShardError as e:
         raise SelectError(f"selection shard set: {e}") from None
+    _check_selection_set(out, tcfg, ss, bool(val))
     metric = metric or cfg.get("metric", "zeroshot_top1")
     from visae.zeroshot import residual_layer
 
@@ -661,6 +681,11 @@ def format_selection(info: dict[str, Any], out: Path) -> str:
     if tied:
         lines.append(f"note: {len(tied)} other trial(s) score within 2 standard errors of the chosen one "
                      f"({', '.join(tied[:4])}{', ...' if len(tied) > 4 else ''}): the selection set cannot separate them")
+    missing = info.get("trials_missing") or []
+    if missing:
+        lines.append(f"warning: {len(missing)} of {len(missing) + info.get('n_trials_scored', 0)} planned trial(s) have "
+                     f"no weights and were not scored ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): "
+                     "the choice is among the others")
     plots = str(out / "pareto.png") + (f", {out / info['drop_plot']}" if info.get("drop_plot") else "")
     lines.append(f"best SAE: {out / 'best'}   leaderboard: {out / 'leaderboard.md'}   plots: {plots}")
     return "\n".join(lines)

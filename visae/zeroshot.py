@@ -67,6 +67,7 @@ __all__ = [
     "iter_labelled_batches",
     "classifier_for_shards",
     "residual_layer",
+    "site_mismatch",
     "splice_problem",
     "SplicedSelection",
     "selection_images",
@@ -671,6 +672,32 @@ def residual_layer(source: dict[str, Any]) -> int | None:
     return None
 
 
+def site_mismatch(trained_on: dict[str, Any], scored_on: dict[str, Any]) -> list[str]:
+    """How the activations an SAE was trained on (``trained_on``: a ``source`` record, e.g. its cfg.json
+    ``extra.shards.source``) differ from those it is asked to be scored on (``scored_on``: a shard set's
+    ``source``): ``["layer: trained on 'final embedding', scored on 2", ...]`` over model, layer (a block index or
+    the final embedding) and token (for a residual layer), each compared only where both record it. Empty when they
+    agree: an SAE of the final embedding scored on a block's patch tokens (or the reverse) gave a number and no
+    error."""
+    if not trained_on or not scored_on:
+        return []
+    out = []
+    a, b = trained_on.get("model"), scored_on.get("model")
+    if a and b and str(a) != str(b):
+        out.append(f"model: trained on {a!r}, scored on {b!r}")
+    la, lb = residual_layer(trained_on), residual_layer(scored_on)
+    if ("layer" in trained_on and "layer" in scored_on) and la != lb:
+        def say(x: int | None) -> str:
+            return "the final embedding" if x is None else f"block {x}"
+
+        out.append(f"layer: trained on {say(la)}, scored on {say(lb)}")
+    elif la is not None and lb is not None:
+        ta, tb = trained_on.get("token"), scored_on.get("token")
+        if ta and tb and str(ta) != str(tb):
+            out.append(f"token: trained on {ta!r}, scored on {tb!r}")
+    return out
+
+
 def splice_problem(source: dict[str, Any], images: str | None = None) -> str | None:
     """Why the SAEs of activations described by manifest ``source`` cannot be zero-shot scored through the splice
     (naming the field), or None when they can. Cheap: no model is loaded and no image decoded.
@@ -879,6 +906,14 @@ def zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     if not cfg.shards:
         raise ZeroShotError("--shards is required: a labelled shard set of the model's final image embedding")
     ss = ShardSet(cfg.shards)
+    if cfg.sae:  # an SAE of other activations than these gave a number (its reconstructions of the wrong rows)
+        from visae.sae import load_sae
+        from visae.splice import _sae_source
+
+        diffs = site_mismatch(_sae_source(load_sae(cfg.sae, device=cfg.device)), ss.source)
+        if diffs:
+            raise ZeroShotError(f"--sae {cfg.sae} was not trained on the activations of --shards {ss.path} "
+                                f"({'; '.join(diffs)}): score it on a shard set of its own model, layer and token")
     if residual_layer(ss.source) is not None:
         return _zeroshot_spliced(cfg, ss)
     clf, column, facts = classifier_for_shards(

@@ -22,16 +22,50 @@ were taken from, are written down in docs/interop.md.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from visae.errors import VisaeError
 from visae.interop.layouts import detect_layout, import_hint
 
-__all__ = ["InteropError", "detect_layout", "import_hint", "sae_from_matrices"]
+__all__ = ["InteropError", "detect_layout", "import_hint", "sae_from_matrices", "check_out_dir"]
 
 
 class InteropError(VisaeError, ValueError):
     """A foreign SAE / activation file is malformed, of an unsupported version, or cannot be represented."""
+
+
+def check_out_dir(out: Any, writes: Sequence[str], what: str) -> None:
+    """Refuse to write an import or export into a directory that holds anything but an earlier result of the same
+    kind (the files ``writes``): exporting to SAELens over a trained visae SAE replaced its cfg.json and lost it, and
+    importing over a training run left that run's metrics and checkpoint beside another SAE. Raises InteropError
+    naming the directory and what is in it; an absent or empty directory, or one with only ``writes``, passes."""
+    from pathlib import Path
+
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InteropError(f"{what}: {out} is a file, not a directory")
+    other = sorted(f.name for f in out.iterdir() if f.name not in writes and not f.name.startswith(".visae"))
+    if other:
+        raise InteropError(f"{what}: {out} already holds other files ({', '.join(other[:5])}"
+                           f"{', ...' if len(other) > 5 else ''}); write into a new or empty directory")
+    if "cfg.json" in writes and (out / "cfg.json").is_file():
+        import json
+
+        try:
+            doc = json.loads((out / "cfg.json").read_text())
+        except (OSError, ValueError):
+            doc = {}
+        doc = doc if isinstance(doc, dict) else {}
+        is_visae = doc.get("format") == "visae.sae"
+        if "weights.safetensors" in writes:  # an import: only an earlier import may be replaced
+            if not is_visae or not isinstance((doc.get("extra") or {}).get("imported_from"), dict):
+                raise InteropError(f"{what}: {out} holds an SAE that is not an earlier import (cfg.json format "
+                                   f"{doc.get('format')!r}); write into a new or empty directory")
+        elif is_visae:  # an export over a visae SAE directory would replace its cfg.json
+            raise InteropError(f"{what}: {out} holds a visae SAE (cfg.json format 'visae.sae'); write into a new or "
+                               "empty directory")
 
 
 def sae_from_matrices(architecture: str, *, W_enc: Any, b_enc: Any, W_dec: Any,

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from visae.interop import InteropError, sae_from_matrices
+from visae.interop import InteropError, check_out_dir, sae_from_matrices
 
 __all__ = ["import_dncbm", "DNCBM_COMMIT", "DNCBM_FILE"]
 
@@ -103,5 +103,6 @@ def import_dncbm(path: str | Path, out: str | Path | None = None, *, model: str 
                             b_dec=tb[component], extra=extra, where=str(f), input_normalization="none",
                             scale_factor=1.0)
     if out is not None:
+        check_out_dir(out, ("cfg.json", "weights.safetensors"), "import_dncbm")
         sae.save(out)
     return sae

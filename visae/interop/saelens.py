@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from visae.interop import InteropError, sae_from_matrices
+from visae.interop import InteropError, check_out_dir, sae_from_matrices
 
 __all__ = ["import_saelens", "export_saelens", "is_saelens_dir", "SAELENS_WEIGHTS", "SAELENS_CFG",
            "SAELENS_LAYOUT_VERSION"]
@@ -189,6 +189,7 @@ def import_saelens(path: str | Path, out: str | Path | None = None, *, model: st
     sae = sae_from_matrices(visae_arch, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec,
                             extra_tensors=extra_tensors, extra=extra, where=where, **kw)
     if out is not None:
+        check_out_dir(out, ("cfg.json", "weights.safetensors"), "import_saelens")
         sae.save(out)
     return sae
 
@@ -256,6 +257,7 @@ def export_saelens(sae: Any, out: str | Path, *, member: int = 0, model_name: st
         "visae": {"architecture": arch, "cfg": sae.cfg.to_dict(), "extra": sae.extra},
     }
     out = Path(out)
+    check_out_dir(out, (SAELENS_WEIGHTS, SAELENS_CFG), "export_saelens")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / SAELENS_WEIGHTS, st_save(state, metadata={"format": "pt"}))
     atomic_write_text(out / SAELENS_CFG, json.dumps(cfg, indent=1, default=str))

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from visae.interop import InteropError
+from visae.interop import InteropError, check_out_dir
 
 __all__ = ["convert_saev_shards", "import_saev_sae", "read_saev_metadata", "SAEV_PROTOCOL", "SAEV_COMMIT"]
 
@@ -215,9 +215,12 @@ def import_saev_sae(path: str | Path, out: str | Path | None = None, *, model: s
         first = fh.readline()
         rest = fh.read()
     try:
-        header = json.loads(first)
-    except json.JSONDecodeError as e:
-        raise InteropError(f"{f}: the first line is not saev's JSON header ({e})") from None
+        header = json.loads(first)  # bytes: json decodes them as UTF-8, which a binary file is not
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InteropError(f"{f}: not a saev checkpoint: its first line is not saev's JSON header "
+                           f"({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise InteropError(f"{f}: not a saev checkpoint: its first line is JSON but not saev's header object")
     if header.get("schema") not in (None, 1, 2, 3, 4, 5):
         raise InteropError(f"{f}: header schema {header.get('schema')!r} is unknown (saev schemas 1-5 are read)")
     cls_name, params, cfg = _activation(header, str(f))
@@ -250,5 +253,6 @@ def import_saev_sae(path: str | Path, out: str | Path | None = None, *, model: s
     sae = sae_from_matrices(arch, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, extra_tensors=extra_tensors,
                             extra=extra, where=str(f), **kw)
     if out is not None:
+        check_out_dir(out, ("cfg.json", "weights.safetensors"), "import_saev_sae")
         sae.save(out)
     return sae

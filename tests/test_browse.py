@@ -327,7 +327,7 @@ def test_search_ranks_exact_names_first_and_index_explains_columns(tmp_path):
         httpd.server_close()
 
 
-def _patch_site(tmp, image_score="max"):
+def _patch_site(tmp, image_score="max", progress=True):
     """A planted SAE on patch tokens (2x2 grid): image i shows colour i % 4 in quadrant (i // 4) % 4; its object
     patch holds 2 * e_colour and the horizontally adjacent patch 1 * e_colour (two patch rows fire per image;
     a per-row top list would show each photo twice)."""
@@ -362,9 +362,17 @@ def _patch_site(tmp, image_score="max"):
     sae.save(tmp / "sae", extra={"shards": {"path": str(shards), "source": source}})
     site = tmp / "site"
     cfg = BrowseConfig(out=str(site), thumb_size=64, image_score=image_score,
-                       naming=NameConfig(sae=str(tmp / "sae"), n_top=6, n_random=3, batch_size=7))
+                       naming=NameConfig(sae=str(tmp / "sae"), n_top=6, n_random=3, batch_size=7, progress=progress))
     build_site(cfg)
     return site, quads
+
+
+def test_no_progress_draws_no_bar(tmp_path, capfd):
+    """The newcomer's report: `visae browse --no_progress` still drew the "top images" bar (the site's statistics
+    pass was not given the switch)."""
+    _patch_site(tmp_path, progress=False)
+    err = capfd.readouterr().err
+    assert "top images" not in err and "it/s" not in err and "batch/s" not in err, err
 
 
 def test_patch_token_site_counts_images_and_draws_heatmaps_in_headless_chromium(tmp_path):

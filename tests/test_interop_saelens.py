@@ -35,13 +35,13 @@ def _visae_sae(arch, norm, scale, seed=0):
         sae.b_dec.normal_(0, 0.2, generator=g)
         if arch == "jumprelu":
             sae.log_threshold.copy_(torch.empty_like(sae.log_threshold).uniform_(-4, -2, generator=g))
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka"):
             sae.threshold.fill_(0.03)
     sae.extra = {"source": {"model": "visae-tiny-test", "layer": 1, "token": "patch"}, "train": {"lr": 1e-3}}
     return sae.eval()
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu", "batchtopk", "matryoshka"])
 @pytest.mark.parametrize("norm,scale", [("unit_norm", 2.5), ("none", 0.3)])
 def test_export_loads_in_sae_lens_with_same_reconstructions(tmp_path, arch, norm, scale):
     sae = _visae_sae(arch, norm, scale)

@@ -207,7 +207,8 @@ def _build_into(cfg: BrowseConfig, stage: Path, site: Path, sae: Any, single: An
         stats = None  # made before images were counted per image: one row per patch, photos repeated
     if stats is None:
         stats = compute_top_images(single, ss, n_top=cfg.naming.n_top, n_random=cfg.naming.n_random, batch_size=cfg.naming.batch_size,
-                                   seed=cfg.naming.seed, device=cfg.naming.device, image_score=cfg.image_score)
+                                   seed=cfg.naming.seed, device=cfg.naming.device, image_score=cfg.image_score,
+                                   progress=cfg.naming.progress)  # --no_progress: no bar (it drew one)
     concepts = doc["concepts"]
     if len(concepts) != sae.d_sae:
         raise ValueError(f"{cfg.concepts}: concepts.json has {len(concepts)} concepts but the SAE has d_sae={sae.d_sae}")

@@ -221,8 +221,9 @@ def export_saelens(sae: Any, out: str | Path, *, member: int = 0, model_name: st
     sae = sae.copy()
     c, d_in = float(sae.cfg.scale_factor), int(sae.d_in)
     arch = sae.architecture
-    if arch not in ("relu", "topk", "jumprelu", "batchtopk"):
-        raise InteropError(f"architecture {arch!r} has no SAELens equivalent (relu, topk, jumprelu, batchtopk)")
+    if arch not in ("relu", "topk", "jumprelu", "batchtopk", "matryoshka"):
+        raise InteropError(f"architecture {arch!r} has no SAELens equivalent (relu, topk, jumprelu, batchtopk, "
+                           "matryoshka)")
     with torch.no_grad():
         W_enc, b_enc, W_dec, b_dec = (t[0].detach().float().clone() for t in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
         if sae.cfg.input_normalization == "unit_norm":
@@ -243,7 +244,8 @@ def export_saelens(sae: Any, out: str | Path, *, member: int = 0, model_name: st
         elif arch == "jumprelu":
             cfg["architecture"] = "jumprelu"
             state["threshold"] = sae.log_threshold[0].detach().float().exp().contiguous()
-        else:  # batchtopk at inference: pre * (pre > max(threshold, 0)) for every latent
+        else:  # batchtopk (and matryoshka, whose codes are batchtopk's; its prefixes only shape training) at
+            # inference: pre * (pre > max(threshold, 0)) for every latent
             cfg["architecture"] = "jumprelu"
             thr = float(sae.threshold[0].clamp_min(0.0))
             state["threshold"] = torch.full((int(sae.d_sae),), thr)

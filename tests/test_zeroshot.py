@@ -506,6 +506,7 @@ def test_zeroshot_cli_on_a_residual_layer_splices_the_sae(residual_sweep, capsys
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "accuracy recovered" in text and "mean-ablation" in text
+    assert "nan" not in text  # the spliced path computes no cross entropy: no "loss nan" column
     res = json.loads(out.read_text())
     # the whole shard set (not the held-out split) holds the same 128 images
     score = json.loads((d / "sw" / "trials" / trial / "zeroshot.json").read_text())["result"]
@@ -632,6 +633,12 @@ def test_an_sae_is_not_scored_on_other_activations_than_its_own(residual_sweep, 
     out = capsys.readouterr().out
     assert f"1 of 3 planned trial(s) have no weights and were not scored ({gone})" in out, out
     assert json.loads((sw / "selection.json").read_text())["trial"] != gone
+    # a hand-edited plan with an unknown metric: the error names the file and field, not a flag never given
+    plan = json.loads((sw / "sweep.json").read_text())
+    plan["config"]["selection"]["metric"] = "bogus"
+    (sw / "sweep.json").write_text(json.dumps(plan))
+    assert select_main(["--sweep", str(sw), "--no_progress"]) == 2
+    assert "sweep.json field config.selection.metric must be one of" in capsys.readouterr().err
 
 
 def test_world2_benchmarks_and_auto_detection(tmp_path):

@@ -569,7 +569,8 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
     scfg = doc["config"].get("selection", doc["config"])  # sweep.json v1 had the selection fields at the top
     metric = cfg.metric or scfg.get("metric", "zeroshot_top1")
     if metric not in METRICS:
-        raise SelectError(f"--metric must be one of {METRICS}, got {metric!r}")
+        where = "--metric" if cfg.metric else f"{sd.plan_file} field config.selection.metric"
+        raise SelectError(f"{where} must be one of {METRICS}, got {metric!r}")
     max_l0 = _resolve(cfg.max_l0, scfg.get("max_l0"))
     max_dead = _resolve(cfg.max_dead, scfg.get("max_dead"))
     rule, max_drop = _resolve_rule(cfg, scfg, metric)

@@ -37,6 +37,7 @@ metadata columns are loaded, and the work is done in batches of ``batch_size`` r
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -979,11 +980,17 @@ def _zeroshot_spliced(cfg: ZeroShotConfig, ss: ShardSet) -> dict[str, Any]:
     return res
 
 
+def _loss(m: dict[str, Any]) -> str:
+    """``  loss X`` when the cross entropy was computed (not on the spliced path, which scores accuracy only)."""
+    v = m.get("loss")
+    return f"  loss {v:.4f}" if isinstance(v, (int, float)) and math.isfinite(v) else ""
+
+
 def format_result(res: dict[str, Any]) -> str:
     c = res["clean"]
     lines = [f"zero-shot on {res.get('shards', '?')} ({res['n']} labelled, {res['num_classes']} classes, "
              f"benchmark {res.get('benchmark', '?')}, logit scale {res['logit_scale']:.2f})",
-             f"  clean          top1 {c['top1']:.4f}  top5 {c.get('top5', float('nan')):.4f}  loss {c.get('loss', float('nan')):.4f}"]
+             f"  clean          top1 {c['top1']:.4f}  top5 {c.get('top5', float('nan')):.4f}{_loss(c)}"]
     if "ablated" in res:
         a = res["ablated"]
         lines[0] += f", SAE spliced after block {res['splice']['layer']} ({res['splice']['token']} tokens)"
@@ -993,7 +1000,7 @@ def format_result(res: dict[str, Any]) -> str:
     if recs is not None:
         for i, r in enumerate(recs if isinstance(recs, list) else [recs]):
             tag = "reconstruction" if not isinstance(recs, list) else f"recon[{i}]"
-            lines.append(f"  {tag:<14} top1 {r['top1']:.4f}  top5 {r.get('top5', float('nan')):.4f}  loss {r.get('loss', float('nan')):.4f}"
+            lines.append(f"  {tag:<14} top1 {r['top1']:.4f}  top5 {r.get('top5', float('nan')):.4f}{_loss(r)}"
                          f"  (delta top1 {r['delta_top1']:+.4f})  L0 {r['l0']:.1f}  EV {r['explained_variance']:.4f}"
                          f"  dead {r['dead_fraction']:.3f}")
             if "accuracy_recovered" in r:

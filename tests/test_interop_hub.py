@@ -85,6 +85,9 @@ def test_push_dry_run_writes_saelens_layout(tmp_path, offline_cache, capsys):
     assert rc == 0, capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "staged").iterdir()) == ["README.md", "cfg.json", "sae_weights.safetensors"]
     assert "load_sae(\"hf://me/saes/layer2\")" in (tmp_path / "staged" / "README.md").read_text()
+    # staged again into the same folder (its README.md beside the export): allowed, as any re-export
+    assert cli.main(["push", "--sae", str(tmp_path / "sae"), "--repo", "me/saes", "--subfolder", "layer2",
+                     "--dry_run", "--out", str(tmp_path / "staged")]) == 0, capsys.readouterr().err
     sae_lens = pytest.importorskip("sae_lens")
     sl = sae_lens.SAE.load_from_disk(str(tmp_path / "staged"))
     x = torch.randn(20, 16, generator=torch.Generator().manual_seed(4)) * 3

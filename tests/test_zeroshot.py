@@ -595,12 +595,35 @@ def test_visae_select_alone_reselects_a_residual_layer_sweep_by_spliced_accuracy
     assert chosen2 != chosen and after[chosen2]["recon"]["top1"] == max(rest.values()), (chosen2, rest)
 
 
+def test_site_mismatch_reports_only_real_differences():
+    """What the activations an SAE was trained on and those it is scored on may differ in, and what is no difference:
+    an imported SAE's unknown layer or guessed token, a negative block index resolved by the ``read`` record."""
+    from visae.zeroshot import site_mismatch
+
+    final = {"model": "m", "layer": None, "token": None, "read": "image_embedding"}
+    b1 = {"model": "m", "layer": 1, "token": "patch", "read": "residual_after_block_1"}
+    assert site_mismatch(final, b1) == ["layer: trained on the final embedding, scored on block 1"]
+    assert site_mismatch(b1, final) == ["layer: trained on block 1, scored on the final embedding"]
+    assert site_mismatch(b1, dict(b1, token="cls")) == ["token: trained on 'patch', scored on 'cls'"]
+    assert site_mismatch(b1, dict(b1, layer=2, read="residual_after_block_2")) == [
+        "layer: trained on residual_after_block_1, scored on residual_after_block_2"]
+    assert site_mismatch(b1, dict(b1, model="other")) == ["model: trained on 'm', scored on 'other'"]
+    assert site_mismatch(dict(b1, random_init=True), dict(b1, random_init=False)) == [
+        "random_init: trained on True, scored on False"]
+    # no difference: -1 and its resolved index; an imported SAE's unknown layer and guessed token; no record at all
+    assert site_mismatch(dict(b1, layer=-1), dict(b1, layer=3, read="residual_after_block_1")) == []
+    assert site_mismatch({"model": "m", "layer": "unknown", "token": "all"}, b1) == []
+    assert site_mismatch({"model": "m", "layer": 1, "token": "all"}, b1) == []
+    assert site_mismatch({}, b1) == [] and site_mismatch({"model": "m", "layer": "final"}, final) == []
+
+
 @pytest.mark.slow
 def test_an_sae_is_not_scored_on_other_activations_than_its_own(residual_sweep, tmp_path, capsys):
     """The newcomer's report: `visae zeroshot --shards <final embedding> --sae <a block-1 patch SAE>` printed a
     reconstruction top-1, and `visae select --val_shards` of other activations scored every trial on them and
     published a best/. Both now refuse, naming the field, before any scoring; a selection set that is the sweep's
     training set is warned about; planned trials without weights are named in the summary."""
+    import dataclasses
     import shutil
 
     from visae.extract import ExtractConfig, extract
@@ -615,6 +638,14 @@ def test_an_sae_is_not_scored_on_other_activations_than_its_own(residual_sweep, 
     err = capsys.readouterr().err
     assert rc == 2 and "was not trained on the activations of --shards" in err
     assert "layer: trained on block 1, scored on the final embedding" in err and not (tmp_path / "zs.json").exists()
+    # a sweep asked to select on them is refused before it trains anything
+    from visae.sweep import SweepConfig, SweepError, SweepSelection, sweep
+
+    with pytest.raises(SweepError, match="holds other activations than --shards"):
+        sweep(SweepConfig(out=str(tmp_path / "sw_new"), l1_coeffs=(1e-3,), expansion_factors=(2,),
+                          train=dataclasses.replace(SweepConfig().train, shards=str(d / "s"), num_epochs=1),
+                          selection=SweepSelection(val_shards=str(final.path))))
+    assert not (tmp_path / "sw_new" / "trials").exists()
     sw = tmp_path / "sw"
     shutil.copytree(d / "sw", sw)
     before = (sw / "selection.json").read_text()

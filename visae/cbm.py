@@ -586,10 +586,7 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
     from visae.config import absolute_paths, changed_settings
 
     rec = absolute_paths(dataclasses.asdict(cfg), ("sae", "concepts", "train_shards", "val_shards", "text_cache", "out"))
-    diffs = changed_settings(Path(cfg.out) / "cbm.json", rec, ("batch_size", "device", "text_cache"))
-    if diffs:  # a rerun replaces the CBM (written atomically, cbm.json last); say so when it was made otherwise
-        log.warning("%s holds a CBM made with other settings; replacing it (%s)", Path(cfg.out) / "cbm.json",
-                    "; ".join(diffs))
+    replaced = changed_settings(Path(cfg.out) / "cbm.json", rec, ("batch_size", "device", "text_cache"))
     if Path(cfg.train_shards).resolve() == Path(cfg.val_shards).resolve():
         import warnings
 
@@ -686,6 +683,8 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
         "path": fit["path"],
     }
     out = Path(cfg.out)
+    if replaced:  # a rerun replaces the CBM (written atomically, cbm.json last); say so when it was made otherwise
+        log.warning("%s holds a CBM made with other settings; replacing it (%s)", out / "cbm.json", "; ".join(replaced))
     model.save(out, result)
     n = min(cfg.n_explain, len(y_v))
     lines = []

@@ -671,7 +671,6 @@ def _name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) ->
         raise NamingError(f"backbone {backbone.name!r} has no text tower; naming needs a CLIP model")
     ss = _open_shards_for(cfg, sae, source, where)  # checked before any expensive work
     out = Path(cfg.out)
-    _note_replaced(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
 
     words = load_vocabulary(cfg.vocab, cfg.vocab_size, stopwords=cfg.stopwords, alpha_only=cfg.alpha_only)
@@ -698,6 +697,7 @@ def _name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) ->
     active = (stats.count > 0) if (stats is not None and cfg.skip_dead) else None
     res = match_names(decoder_directions(sae, cfg.member), emb, vocab.words, top_k=cfg.top_k, unique=cfg.unique_names,
                       min_z=cfg.min_z, min_score=cfg.min_score, subtract_mean=cfg.subtract_mean, active=active)
+    _note_replaced(out, cfg)  # said once the run is past every check, just before it writes
     write_concepts(out, res, cfg, backbone, stats, source, vocab)
     return out
 
@@ -803,6 +803,9 @@ def check_concepts_sae(doc: dict[str, Any], sae_dir: str | Path | None, member: 
         raise NamingError(f"{where}: names the latents of another SAE ({doc.get('sae')}, weights sha256 {rec[:12]}...), "
                           f"not of {sae_dir} (weights sha256 {got[:12]}...); pass the SAE it was made for, or name "
                           "this one (visae name)")
+    if rec and not got:
+        log.warning("%s records the weights digest of the SAE it names; %s has none to compare it with (not a local "
+                    "visae SAE directory with checksums): not checked", where, sae_dir)
     if not rec and doc.get("sae") and Path(str(doc["sae"])).resolve() != Path(str(sae_dir)).resolve():
         log.warning("%s was made for the SAE %s (no weights digest recorded to compare); using it for %s", where,
                     doc["sae"], sae_dir)

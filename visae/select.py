@@ -560,7 +560,13 @@ def _resolve(value: float | None, recorded: Any) -> float | None:
 
 
 def select(cfg: SelectConfig) -> dict[str, Any]:
-    """Score (cached) and rank every trial of ``cfg.sweep``; write leaderboard, plot, selection.json and best/."""
+    """Score (cached) and rank every trial of ``cfg.sweep``; write leaderboard, plot, selection.json and best/.
+
+    Raises SelectError before any scoring for an unknown metric or rule, a selection set of other activations than
+    the sweep trained on (model, random_init, layer, token), no scored trial, or no trial meeting the constraints
+    (then selection.json and best/ are kept as they were). Warns (stderr) when the selection set is the training set;
+    planned trials without weights are listed in the summary and in selection.json ``trials_missing``.
+    """
     if not cfg.sweep:
         raise SelectError("--sweep is required: a sweep directory (made by `visae sweep`)")
     out = Path(cfg.sweep)

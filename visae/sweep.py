@@ -486,9 +486,15 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
         sel = cfg.selection
         if sel.val_shards:
             try:
-                ShardSet(sel.val_shards)
+                val = ShardSet(sel.val_shards)
             except ShardError as e:
                 raise SweepError(f"--val_shards {sel.val_shards}: {e}") from None
+            from visae.zeroshot import site_mismatch
+
+            diffs = site_mismatch(shards.source, val.source)  # found after training every trial, it was too late
+            if diffs:
+                raise SweepError(f"--val_shards {sel.val_shards} holds other activations than --shards "
+                                 f"{shards.path}: {'; '.join(diffs)}")
         for flag in ("classnames_file", "templates_file"):
             path = getattr(sel.classifier, flag)
             if path is not None and not Path(path).is_file():

@@ -676,26 +676,52 @@ def residual_layer(source: dict[str, Any]) -> int | None:
 def site_mismatch(trained_on: dict[str, Any], scored_on: dict[str, Any]) -> list[str]:
     """How the activations an SAE was trained on (``trained_on``: a ``source`` record, e.g. its cfg.json
     ``extra.shards.source``) differ from those it is asked to be scored on (``scored_on``: a shard set's
-    ``source``): ``["layer: trained on 'final embedding', scored on 2", ...]`` over model, layer (a block index or
-    the final embedding) and token (for a residual layer), each compared only where both record it. Empty when they
-    agree: an SAE of the final embedding scored on a block's patch tokens (or the reverse) gave a number and no
-    error."""
+    ``source``): ``["layer: trained on the final embedding, scored on block 2", ...]``. Empty when they agree, and
+    for whatever either side does not record plainly (an imported SAE's ``layer: "unknown"`` or guessed token
+    ``"all"``; a negative block index without the resolved ``read`` record to compare): only a real difference is
+    reported. Compared: model, random_init, layer (a block index or the final embedding) and, for a residual layer,
+    token (cls / patch / mean). An SAE of the final embedding scored on a block's patch tokens (or the reverse) gave
+    a number and no error."""
     if not trained_on or not scored_on:
         return []
     out = []
     a, b = trained_on.get("model"), scored_on.get("model")
     if a and b and str(a) != str(b):
         out.append(f"model: trained on {a!r}, scored on {b!r}")
-    la, lb = residual_layer(trained_on), residual_layer(scored_on)
-    if ("layer" in trained_on and "layer" in scored_on) and la != lb:
+    ra, rb = trained_on.get("random_init"), scored_on.get("random_init")
+    if isinstance(ra, bool) and isinstance(rb, bool) and ra != rb:
+        out.append(f"random_init: trained on {ra}, scored on {rb}")
+
+    def site(src: dict[str, Any]) -> tuple[bool, int | None]:
+        """(known, block): block None for the final embedding; known False for a record that does not say."""
+        if "layer" not in src:
+            return False, None
+        layer = src.get("layer")
+        if layer is None or (isinstance(layer, str) and layer.strip().lower() in _FINAL_LAYERS):
+            return True, None
+        return (True, residual_layer(src)) if residual_layer(src) is not None else (False, None)
+
+    (ka, la), (kb, lb) = site(trained_on), site(scored_on)
+    if not (ka and kb):
+        return out
+    if (la is None) != (lb is None):
         def say(x: int | None) -> str:
             return "the final embedding" if x is None else f"block {x}"
 
         out.append(f"layer: trained on {say(la)}, scored on {say(lb)}")
-    elif la is not None and lb is not None:
-        ta, tb = trained_on.get("token"), scored_on.get("token")
-        if ta and tb and str(ta) != str(tb):
-            out.append(f"token: trained on {ta!r}, scored on {tb!r}")
+        return out
+    if la is None:
+        return out
+    if la != lb:
+        read_a, read_b = trained_on.get("read"), scored_on.get("read")
+        if read_a and read_b:  # resolved records ("residual_after_block_11") settle -1 against 11
+            if read_a != read_b:
+                out.append(f"layer: trained on {read_a}, scored on {read_b}")
+        elif la >= 0 and lb >= 0:
+            out.append(f"layer: trained on block {la}, scored on block {lb}")
+    ta, tb = trained_on.get("token"), scored_on.get("token")
+    if ta in ("cls", "patch", "mean") and tb in ("cls", "patch", "mean") and ta != tb:
+        out.append(f"token: trained on {ta!r}, scored on {tb!r}")
     return out
 
 
@@ -903,7 +929,11 @@ def spliced_selection(data: ShardSet | ShardView, *, images: str | None = None, 
 
 
 def zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
-    """Run the evaluation that ``cfg`` describes; returns (and with ``cfg.out`` writes) the result dict."""
+    """Run the evaluation that ``cfg`` describes; returns (and with ``cfg.out`` writes) the result dict.
+
+    Raises ZeroShotError before any scoring when ``--sae`` was trained on other activations than ``--shards`` hold
+    (:func:`site_mismatch`: model, random_init, layer, token), and for shards or a classifier that cannot be scored.
+    """
     if not cfg.shards:
         raise ZeroShotError("--shards is required: a labelled shard set of the model's final image embedding")
     ss = ShardSet(cfg.shards)

@@ -96,6 +96,20 @@ def _matching_stats(path: Path, n_examples: int, d_sae: int, cfg: BrowseConfig) 
     return st
 
 
+def _check_site_out(out: Path) -> None:
+    """Refuse an ``--out`` that holds something other than a site: the build replaces the whole directory (built
+    beside, swapped in), so ``--out runs/sae`` would have deleted a trained SAE. An absent or empty directory (hidden
+    files aside: the lock) or an earlier site (``site.json`` or ``index.html``) passes. Raises ValueError naming it."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a site directory")
+    names = [f.name for f in out.iterdir() if not f.name.startswith(".")]
+    if names and not ({"site.json", "index.html"} & set(names)):
+        raise ValueError(f"--out {out} holds other files ({', '.join(sorted(names)[:5])}{', ...' if len(names) > 5 else ''}"
+                         "), not a site: the build replaces the whole directory; choose a new or empty --out")
+
+
 def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     """Write the site; returns the path of its index.html (``backbone``: an already loaded text model for naming).
 
@@ -103,6 +117,7 @@ def build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     """
     from visae.atomic import output_lock
 
+    _check_site_out(Path(cfg.out))
     if cfg.cbm:  # a bad CBM directory is refused before the site's directory is created or locked
         read_site_cbm(cfg.cbm, None, cfg.naming.member, cfg.naming.sae)
     if cfg.concepts:  # so are names made for another SAE (they would label this SAE's latents)
@@ -174,6 +189,8 @@ def read_site_cbm(path: str | Path, d_sae: int | None, member: int, sae_path: st
     if want and got and want != got:
         raise CBMError(f"{j}: a CBM of another SAE ({rec}, weights sha256 {want[:12]}...), not of {sae_path} (weights "
                        f"sha256 {got[:12]}...): its class pages would list this SAE's latents under its concepts")
+    if want and not got and d_sae is not None:
+        log.warning("%s records the weights digest of its SAE; %s has none to compare it with: not checked", j, sae_path)
     if not want and d_sae is not None and rec and os.path.realpath(str(rec)) != os.path.realpath(str(sae_path)):
         log.warning("%s was trained on the SAE %s, the site shows %s: the class pages assume they are the same SAE",
                     j, rec, sae_path)

@@ -46,7 +46,8 @@ def check_out_dir(out: Any, writes: Sequence[str], what: str) -> None:
         return
     if not out.is_dir():
         raise InteropError(f"{what}: {out} is a file, not a directory")
-    other = sorted(f.name for f in out.iterdir() if f.name not in writes and not f.name.startswith(".visae"))
+    # hidden files pass: the lock (.visae.lock), a killed write's temp files (.cfg.json.<pid>.<hex>.tmp), .DS_Store
+    other = sorted(f.name for f in out.iterdir() if f.name not in writes and not f.name.startswith("."))
     if other:
         raise InteropError(f"{what}: {out} already holds other files ({', '.join(other[:5])}"
                            f"{', ...' if len(other) > 5 else ''}); write into a new or empty directory")

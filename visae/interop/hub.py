@@ -177,7 +177,7 @@ def push_sae(cfg: PushConfig) -> dict[str, Any]:
         ctx = tempfile.TemporaryDirectory(prefix="visae_push_")
         staged = Path(ctx.name)
     try:
-        export_saelens(sae, staged, member=cfg.member)
+        export_saelens(sae, staged, member=cfg.member, beside=("README.md",))
         (staged / "README.md").write_text(_model_card(sae if sae.n_models == 1 else sae.member(cfg.member),
                                                       cfg.repo or "org/repo", sub))
         files = sorted(p.name for p in staged.iterdir())

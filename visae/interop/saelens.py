@@ -40,7 +40,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -204,13 +204,17 @@ def _hook_name(src: dict[str, Any]) -> str | None:
 
 
 def export_saelens(sae: Any, out: str | Path, *, member: int = 0, model_name: str | None = None,
-                   hook_name: str | None = None) -> Path:
+                   hook_name: str | None = None, beside: Sequence[str] = ()) -> Path:
     """Write ``sae`` (one member of a stack) as a SAELens >= 6 directory that ``sae_lens.SAE.load_from_disk`` loads.
 
     The SAELens SAE gives the same reconstructions as ``sae`` on raw activations (up to float
     rounding of the folded factors). ``metadata.model_name`` / ``hook_name`` come from the
     SAE's recorded source (``blocks.L.hook_resid_post`` for a residual layer L) unless given.
     Files are written atomically, cfg.json last. Returns ``out``.
+
+    Raises InteropError for an architecture SAELens has no equivalent of, or an ``out`` that holds anything but an
+    earlier export (and the files ``beside``, which a caller writes next to it: ``visae push``'s README.md), before
+    anything is written (:func:`visae.interop.check_out_dir`).
     """
     from safetensors.torch import save as st_save
 
@@ -259,7 +263,7 @@ def export_saelens(sae: Any, out: str | Path, *, member: int = 0, model_name: st
         "visae": {"architecture": arch, "cfg": sae.cfg.to_dict(), "extra": sae.extra},
     }
     out = Path(out)
-    check_out_dir(out, (SAELENS_WEIGHTS, SAELENS_CFG), "export_saelens")
+    check_out_dir(out, (SAELENS_WEIGHTS, SAELENS_CFG, *beside), "export_saelens")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / SAELENS_WEIGHTS, st_save(state, metadata={"format": "pt"}))
     atomic_write_text(out / SAELENS_CFG, json.dumps(cfg, indent=1, default=str))

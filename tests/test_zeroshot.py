@@ -617,6 +617,36 @@ def test_site_mismatch_reports_only_real_differences():
     assert site_mismatch({}, b1) == [] and site_mismatch({"model": "m", "layer": "final"}, final) == []
 
 
+@pytest.mark.filterwarnings("ignore:--train_shards and --val_shards are the same shard set")
+def test_cbm_recovery_and_browse_refuse_an_sae_on_other_activations(tmp_path):
+    """Siblings of the zeroshot / select check (the review's find): `visae cbm`, concept recovery and `visae browse`
+    ran an SAE over a shard set of the same width but other activations (here: the final embedding for an SAE of
+    block 1's patch tokens) and checked only the width. Each refuses, naming the difference, before any work."""
+    from visae.browse import BrowseConfig, build_site
+    from visae.cbm import CBMConfig, CBMError, train_cbm
+    from visae.naming import NameConfig
+    from visae.recovery import concept_recovery
+
+    d = 8
+    sae_src = {"model": "visae-tiny-test", "layer": 1, "token": "patch", "read": "residual_after_block_1"}
+    final = {"model": "visae-tiny-test", "layer": None, "token": None, "read": "image_embedding"}
+    with ShardWriter(tmp_path / "s", d=d, source=final) as w:
+        w.add(np.random.default_rng(0).standard_normal((30, d)).astype(np.float32), ids=[f"{i:04d}" for i in range(30)],
+              labels=np.arange(30) % 3)
+    sae = build_sae(SAEConfig(architecture="relu", d_in=d, d_sae=16))
+    sae.save(tmp_path / "sae", extra={"shards": {"path": str(tmp_path / "elsewhere"), "source": sae_src}})
+    why = "layer: trained on block 1, scored on the final embedding"
+    with pytest.raises(CBMError, match=f"was not trained on the activations of --train_shards .*{why}"):
+        train_cbm(CBMConfig(sae=str(tmp_path / "sae"), train_shards=str(tmp_path / "s"), val_shards=str(tmp_path / "s"),
+                            latents="all", zero_shot=False, out=str(tmp_path / "cbm")))
+    with pytest.raises(ValueError, match=f"not the activations the SAE was trained on .*{why}"):
+        concept_recovery(str(tmp_path / "sae"), tmp_path / "s")
+    with pytest.raises(ValueError, match=f"not the activations SAE .* was trained on .*{why}"):
+        build_site(BrowseConfig(out=str(tmp_path / "site"), naming=NameConfig(sae=str(tmp_path / "sae"),
+                                                                              shards=str(tmp_path / "s"))))
+    assert not (tmp_path / "cbm").exists() and not (tmp_path / "site" / "index.html").exists()
+
+
 @pytest.mark.slow
 def test_an_sae_is_not_scored_on_other_activations_than_its_own(residual_sweep, tmp_path, capsys):
     """The newcomer's report: `visae zeroshot --shards <final embedding> --sae <a block-1 patch SAE>` printed a

@@ -602,6 +602,12 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
             raise CBMError(f"--sae {cfg.sae}: {e}") from None
     if sae.d_in != train.d:
         raise CBMError(f"--sae has d_in={sae.d_in} but the shard sets have d={train.d}")
+    from visae.zeroshot import sae_shards_mismatch
+
+    for flag, ss in (("--train_shards", train), ("--val_shards", val)):
+        diffs = sae_shards_mismatch(sae, ss)
+        if diffs:  # same width, other activations (another layer or token): codes of rows the SAE never saw
+            raise CBMError(f"--sae {cfg.sae} was not trained on the activations of {flag} {ss.path}: {'; '.join(diffs)}")
     names = [""] * sae.d_sae
     if cfg.concepts:
         try:

@@ -249,6 +249,11 @@ def concept_recovery(sae: Any, shards: str | Path | ShardSet, *, member: int = 0
             check_concepts_sae(concepts, sae, member, where)
         sae = load_sae(sae, device=device)
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
+    from visae.zeroshot import sae_shards_mismatch
+
+    diffs = sae_shards_mismatch(sae, ss)
+    if diffs:
+        raise ValueError(f"{ss.path}: not the activations the SAE was trained on ({'; '.join(diffs)})")
     factors = list(factors) if factors is not None else _default_factors(ss)
     if not factors:
         raise ValueError(f"{ss.path}: no factor columns to score (columns: {list(ss.manifest.get('columns', {}))})")

@@ -69,6 +69,7 @@ __all__ = [
     "classifier_for_shards",
     "residual_layer",
     "site_mismatch",
+    "sae_shards_mismatch",
     "splice_problem",
     "SplicedSelection",
     "selection_images",
@@ -725,6 +726,15 @@ def site_mismatch(trained_on: dict[str, Any], scored_on: dict[str, Any]) -> list
     return out
 
 
+def sae_shards_mismatch(sae: Any, ss: Any) -> list[str]:
+    """:func:`site_mismatch` of an SAE's recorded training activations (cfg.json ``extra``; a stacked SAE's first
+    member) and a shard set's ``source``: what every command that runs an SAE over a shard set checks first."""
+    from visae.splice import _sae_source
+
+    one = sae.member(0) if getattr(sae, "n_models", 1) > 1 else sae
+    return site_mismatch(_sae_source(one) or _sae_source(sae), getattr(ss, "source", None) or {})
+
+
 def splice_problem(source: dict[str, Any], images: str | None = None) -> str | None:
     """Why the SAEs of activations described by manifest ``source`` cannot be zero-shot scored through the splice
     (naming the field), or None when they can. Cheap: no model is loaded and no image decoded.
@@ -939,9 +949,8 @@ def zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     ss = ShardSet(cfg.shards)
     if cfg.sae:  # an SAE of other activations than these gave a number (its reconstructions of the wrong rows)
         from visae.sae import load_sae
-        from visae.splice import _sae_source
 
-        diffs = site_mismatch(_sae_source(load_sae(cfg.sae, device=cfg.device)), ss.source)
+        diffs = sae_shards_mismatch(load_sae(cfg.sae, device=cfg.device), ss)
         if diffs:
             raise ZeroShotError(f"--sae {cfg.sae} was not trained on the activations of --shards {ss.path} "
                                 f"({'; '.join(diffs)}): score it on a shard set of its own model, layer and token")

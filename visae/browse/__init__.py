@@ -145,6 +145,11 @@ def _build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     if shards is None:
         raise ValueError(f"SAE {cfg.naming.sae}: pass --shards (its cfg.json records no shard set that still exists)")
     ss = ShardSet(shards)
+    from visae.zeroshot import sae_shards_mismatch
+
+    diffs = sae_shards_mismatch(sae, ss)
+    if diffs:  # same width, other activations: the top images would be another layer's
+        raise ValueError(f"--shards {shards}: not the activations SAE {cfg.naming.sae} was trained on ({'; '.join(diffs)})")
     cbm = read_site_cbm(cfg.cbm, sae.d_sae, cfg.naming.member, cfg.naming.sae) if cfg.cbm else None
     site = Path(cfg.out)
     # Built beside, swapped in when complete (visae.atomic.staged_dir): a build that fails or is

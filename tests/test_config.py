@@ -262,6 +262,8 @@ def test_absolute_paths_resolves_the_named_path_fields_only(tmp_path, monkeypatc
     assert got == {"out": str(tmp_path / "o"), "shards": "", "vocab": None, "n": 3, "pretrained": str(tmp_path / "w.pt"),
                    "naming": {"sae": str(tmp_path.parent / "s"), "pretrained": "laion2b_s34b_b79k"}}, got
     assert rec["out"] == "o"  # a copy
+    # a URI is no local path: hf://org/repo was recorded as <cwd>/hf:/org/repo
+    assert absolute_paths({"sae": "hf://org/repo/layer8"}, ("sae",)) == {"sae": "hf://org/repo/layer8"}
 
 
 @pytest.mark.parametrize("flags, field", [

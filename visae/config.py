@@ -201,7 +201,8 @@ def absolute_paths(record: dict[str, Any], fields: Sequence[str], *, if_file: Se
     """A copy of a config record (:func:`config_to_dict`) with its dotted ``fields`` that hold a file or directory
     made absolute paths (``~`` expanded, from the current directory; empty, null and absent kept): the record then
     says which was used, read from anywhere (recorded as typed, a relative path did not). ``if_file``: fields that
-    hold a path or a name (a pretrained tag), made absolute only when such a file exists.
+    hold a path or a name (a pretrained tag), made absolute only when such a file exists. URIs (``hf://org/repo``,
+    ``https://...``) are kept as typed.
     """
     import json
 
@@ -212,6 +213,8 @@ def absolute_paths(record: dict[str, Any], fields: Sequence[str], *, if_file: Se
         for p in parents:
             node = node.get(p) if isinstance(node.get(p), dict) else {}
         v = node.get(leaf)
+        if "://" in str(v):  # a URI (hf://org/repo, pipe: is not one) stays as typed: it is no local path
+            continue
         if isinstance(v, str) and v and (name not in if_file or os.path.isfile(os.path.expanduser(v))):
             node[leaf] = os.path.abspath(os.path.expanduser(v))
     return out

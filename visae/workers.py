@@ -44,6 +44,33 @@ def resolve_workers(workers: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_IN_TASK = False  # in a worker process: whether a task is running (Ctrl-C interrupts it), else idle
+
+
+def _worker_sigint(signum: int, frame: Any) -> None:
+    """A worker's SIGINT handler: Ctrl-C reaches the whole process group. During a task it interrupts the task (the
+    caller stops at once, the task's KeyboardInterrupt comes back as its result); an idle worker ignores it and
+    exits when the caller shuts the pool down (interrupted while reading its next task from the pipe, it printed
+    a traceback of a half-read message: "EOFError: Ran out of input")."""
+    if _IN_TASK:
+        raise KeyboardInterrupt
+
+
+def _worker_init() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, _worker_sigint)
+
+
+def _in_worker(fn: Callable[[Any], Any], task: Any) -> Any:
+    global _IN_TASK
+    _IN_TASK = True
+    try:
+        return fn(task)
+    finally:
+        _IN_TASK = False
+
+
 def map_in_order(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int = 1) -> Iterator[Any]:
     """``fn(task)`` for each of ``tasks``, yielded in the order of ``tasks``.
 
@@ -63,11 +90,11 @@ def map_in_order(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int = 
     from concurrent.futures import ProcessPoolExecutor
 
     n = min(workers, len(tasks))
-    ex = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+    ex = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
     # At most one task per worker handed over at a time: a task handed over cannot be cancelled, so after Ctrl-C
     # (which interrupts the running ones too) or an error nothing more starts.
     todo = iter(tasks)
-    running = deque(ex.submit(fn, t) for t in itertools.islice(todo, n))
+    running = deque(ex.submit(_in_worker, fn, t) for t in itertools.islice(todo, n))
     from concurrent.futures.process import BrokenProcessPool
 
     try:
@@ -80,7 +107,7 @@ def map_in_order(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int = 
                     "--workers; run_demo / generate_world* from Python) must call it under 'if __name__ == \"__main__\":' "
                     "(spawned workers re-run the script's top level), or use 1 worker") from e
             for t in itertools.islice(todo, 1):
-                running.append(ex.submit(fn, t))
+                running.append(ex.submit(_in_worker, fn, t))
             yield result
     finally:
         ex.shutdown(wait=True, cancel_futures=True)

@@ -304,7 +304,7 @@ def test_hierarchy_matryoshka_recovers_parents_batchtopk_absorbs_them():
     for rm, rb, ev_prefix, l0_prefix, in_prefix, ev_small in checks:
         assert rm["recovered"].sum() >= 0.8 * P, msg
         # absorbed: 30 % or more of the parents lost (measured 5-8 of 16 recovered over the benchmark's seeds 0-2 and
-        # 5 / 5 for this test's two members on two machines; the bound sits one seed spread above the highest)
+        # 5 / 5 for this test's two members at 1 and 2 threads on the AVX512 machine; the bound sits one seed spread above the highest)
         assert rb["recovered"].sum() <= 0.7 * P, msg
         assert rm["recovered"].sum() >= rb["recovered"].sum() + 4, msg
         # absorption itself: BatchTopK's best parent latents are silent on many with-child examples

@@ -65,6 +65,7 @@ __all__ = [
     "name_concepts",
     "read_concepts",
     "sae_weights_sha256",
+    "recorded_sae_mismatch",
     "check_concepts_sae",
     "main",
 ]
@@ -782,33 +783,43 @@ def sae_weights_sha256(sae_dir: str | Path) -> str | None:
     return digest if isinstance(digest, str) else None
 
 
+def recorded_sae_mismatch(doc: dict[str, Any], sae_dir: str | Path | None, where: str,
+                          warn: bool = True) -> str | None:
+    """Whether a record made for an SAE (``doc``: concepts.json, cbm.json, with ``sae`` and ``sae_weights_sha256``)
+    belongs to another SAE than ``sae_dir``: ``"of another SAE (<its path>, weights sha256 ...), not of <sae_dir>
+    (...)"`` when the recorded weights digest differs from ``sae_dir``'s, else None. A copy of the same SAE (a
+    sweep's ``best/``) has the same digest. What cannot be decided is logged (``warn``; ``where`` names the record):
+    a digest recorded but none to compare (``sae_dir`` not a local visae SAE with checksums), or an older record with
+    no digest whose ``sae`` path differs (the SAE may have been moved)."""
+    if sae_dir is None or not str(sae_dir):
+        return None
+    rec, got = doc.get("sae_weights_sha256"), sae_weights_sha256(sae_dir)
+    if rec and got and rec != got:
+        return f"of another SAE ({doc.get('sae')}, weights sha256 {rec[:12]}...), not of {sae_dir} (weights sha256 {got[:12]}...)"
+    if warn and rec and not got:
+        log.warning("%s records the weights digest of its SAE; %s has none to compare it with (not a local visae SAE "
+                    "directory with checksums): not checked", where, sae_dir)
+    if warn and not rec and doc.get("sae") and Path(str(doc["sae"])).resolve() != Path(str(sae_dir)).resolve():
+        log.warning("%s was made for the SAE %s (no weights digest recorded to compare); using it for %s", where,
+                    doc["sae"], sae_dir)
+    return None
+
+
 def check_concepts_sae(doc: dict[str, Any], sae_dir: str | Path | None, member: int, where: str) -> None:
     """Refuse a naming result (``concepts.json`` read by :func:`read_concepts`) made for another SAE than the one a
     command was given (``--sae sae_dir``, member ``member``): its names would be shown on, or used for, the other
-    SAE's latents.
-
-    The SAE is known by its weights' SHA-256 (``sae_weights_sha256``, recorded since 2026-12-01), so a copy of the
-    same SAE (a sweep's ``best/``) passes; a file without it is compared by its ``sae`` path only and a different
-    path is logged, not refused (the SAE may have been moved). ``where``: the file, for the message.
+    SAE's latents. The SAE is known by its weights' SHA-256 (:func:`recorded_sae_mismatch`). ``where``: the file,
+    for the message.
 
     Raises NamingError naming ``where``, the recorded SAE and the given one, when the digests differ or ``member`` is
     not the recorded member.
     """
     if int(doc.get("member") or 0) != int(member):
         raise NamingError(f"{where}: names member {doc.get('member')} of its SAE, but member {member} is asked for")
-    if sae_dir is None or not str(sae_dir):
-        return
-    rec, got = doc.get("sae_weights_sha256"), sae_weights_sha256(sae_dir)
-    if rec and got and rec != got:
-        raise NamingError(f"{where}: names the latents of another SAE ({doc.get('sae')}, weights sha256 {rec[:12]}...), "
-                          f"not of {sae_dir} (weights sha256 {got[:12]}...); pass the SAE it was made for, or name "
-                          "this one (visae name)")
-    if rec and not got:
-        log.warning("%s records the weights digest of the SAE it names; %s has none to compare it with (not a local "
-                    "visae SAE directory with checksums): not checked", where, sae_dir)
-    if not rec and doc.get("sae") and Path(str(doc["sae"])).resolve() != Path(str(sae_dir)).resolve():
-        log.warning("%s was made for the SAE %s (no weights digest recorded to compare); using it for %s", where,
-                    doc["sae"], sae_dir)
+    other = recorded_sae_mismatch(doc, sae_dir, where)
+    if other:
+        raise NamingError(f"{where}: names the latents {other}; pass the SAE it was made for, or name this one "
+                          "(visae name)")
 
 
 def read_concepts(path: str | Path) -> dict[str, Any]:

@@ -947,22 +947,19 @@ def zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     if not cfg.shards:
         raise ZeroShotError("--shards is required: a labelled shard set of the model's final image embedding")
     ss = ShardSet(cfg.shards)
-    if cfg.sae:  # an SAE of other activations than these gave a number (its reconstructions of the wrong rows)
+    sae = None
+    if cfg.sae:  # loaded before the model and the images: a bad SAE dir fails fast
         from visae.sae import load_sae
 
-        diffs = sae_shards_mismatch(load_sae(cfg.sae, device=cfg.device), ss)
+        sae = load_sae(cfg.sae, device=cfg.device)
+        diffs = sae_shards_mismatch(sae, ss)  # other activations than these gave a number (the wrong rows' scores)
         if diffs:
             raise ZeroShotError(f"--sae {cfg.sae} was not trained on the activations of --shards {ss.path} "
                                 f"({'; '.join(diffs)}): score it on a shard set of its own model, layer and token")
     if residual_layer(ss.source) is not None:
-        return _zeroshot_spliced(cfg, ss)
+        return _zeroshot_spliced(cfg, ss, sae)
     clf, column, facts = classifier_for_shards(
         ss, random_init=cfg.random_init, device=cfg.device, progress=cfg.progress, **asdict(cfg.classifier))
-    sae = None
-    if cfg.sae:
-        from visae.sae import load_sae
-
-        sae = load_sae(cfg.sae, device=cfg.device)
     res = evaluate(ss, clf, sae, label_column=column, batch_size=cfg.batch_size, device=cfg.device,
                    progress=cfg.progress)
     res.update({**facts, **_recorded_paths(cfg)})
@@ -985,16 +982,14 @@ def _recorded_paths(cfg: ZeroShotConfig) -> dict[str, Any]:
     return {"shards": rec["shards"], "sae": rec["sae"], "config": rec}
 
 
-def _zeroshot_spliced(cfg: ZeroShotConfig, ss: ShardSet) -> dict[str, Any]:
-    """``visae zeroshot`` on residual-layer shards: the SAE spliced into the model over the shards' images."""
-    if not cfg.sae:
+def _zeroshot_spliced(cfg: ZeroShotConfig, ss: ShardSet, sae: Any) -> dict[str, Any]:
+    """``visae zeroshot`` on residual-layer shards: the SAE (``sae``, loaded from ``cfg.sae``) spliced into the model
+    over the shards' images."""
+    if sae is None:
         problem = final_embedding_problem(ss.source)
         raise ZeroShotError(f"{ss.path}: {problem}; a residual layer has no zero-shot score of its own. Pass --sae to "
                             "score an SAE on it through the splice (the model with the SAE's reconstruction at that "
                             "block), or extract without --layer for the final image embedding")
-    from visae.sae import load_sae
-
-    sae = load_sae(cfg.sae, device=cfg.device)  # before the model and the images: a bad SAE dir fails fast
     sel, facts = spliced_selection(ss, images=cfg.images, random_init=cfg.random_init, device=cfg.device,
                                    batch_size=cfg.image_batch_size, progress=cfg.progress, **asdict(cfg.classifier))
     from visae.splice import SpliceError, splice_target

@@ -187,18 +187,11 @@ def read_site_cbm(path: str | Path, d_sae: int | None, member: int, sae_path: st
     if d_sae is not None and any(not 0 <= x < d_sae for x in lat + used):
         raise CBMError(f"{w}: latent ids from {min(lat + used)} to {max(lat + used)}, but the SAE has d_sae={d_sae}: "
                        "a CBM of another SAE")
-    rec = doc.get("sae")
-    from visae.naming import sae_weights_sha256
+    from visae.naming import recorded_sae_mismatch
 
-    want, got = doc.get("sae_weights_sha256"), (sae_weights_sha256(sae_path) if sae_path else None)
-    if want and got and want != got:
-        raise CBMError(f"{j}: a CBM of another SAE ({rec}, weights sha256 {want[:12]}...), not of {sae_path} (weights "
-                       f"sha256 {got[:12]}...): its class pages would list this SAE's latents under its concepts")
-    if want and not got and d_sae is not None:
-        log.warning("%s records the weights digest of its SAE; %s has none to compare it with: not checked", j, sae_path)
-    if not want and d_sae is not None and rec and os.path.realpath(str(rec)) != os.path.realpath(str(sae_path)):
-        log.warning("%s was trained on the SAE %s, the site shows %s: the class pages assume they are the same SAE",
-                    j, rec, sae_path)
+    other = recorded_sae_mismatch(doc, sae_path, str(j), warn=d_sae is not None)  # warned once, at the second call
+    if other:
+        raise CBMError(f"{j}: a CBM {other}: its class pages would list this SAE's latents under its concepts")
     return {**doc, "latents": lat, "cbm_dir": str(path)}
 
 

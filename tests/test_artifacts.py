@@ -364,8 +364,8 @@ def test_name_refuses_shards_of_another_model_unless_overridden(tmp_path, tiny):
     (tmp_path / "vocab.txt").write_text("cat\ndog\nsea\n")
     kw = dict(sae=str(sae_dir), vocab=str(tmp_path / "vocab.txt"), vocab_size=0, text_cache=None,
               out=str(tmp_path / "c"))
-    with pytest.raises(NamingError, match=r"other holds activations of something else .*model: 'visae-tiny-test' "
-                                          r"expected, 'ViT-B-32' in the shard set.*--allow_other_shards"):
+    with pytest.raises(NamingError, match=r"other holds activations of something else .*model: trained on "
+                                          r"'visae-tiny-test', scored on 'ViT-B-32'.*--allow_other_shards"):
         name_concepts(NameConfig(shards=str(other.path), **kw), backbone=tiny)
     with pytest.raises(NamingError, match=r"width d=\d+ but the SAE has d_in"):
         name_concepts(NameConfig(shards=str(wide.path), **kw), backbone=tiny)

@@ -230,6 +230,7 @@ def test_yaml_file_not_utf8_is_a_config_error_naming_it(tmp_path):
     (["select", "--batch_size", "0"], "SelectConfig.batch_size = 0"),  # range() step 0 inside scoring
     (["select", "--max_l0", "-1"], "SelectConfig.max_l0 = -1.0"),  # no trial met it, after scoring them all
     (["select", "--max_dead", "nan"], "SelectConfig.max_dead = nan"),
+    (["select", "--max_dead", "2"], "SelectConfig.max_dead = 2.0: expected a fraction in [0, 1]"),  # a count: no constraint
     (["push", "--sae", "s", "--dry_run", "--member", "-1"], "PushConfig.member = -1"),  # an empty slice in export
     (["train-toy-clip", "--checkpoint_every", "0"], "ToyClipConfig.checkpoint_every = 0"),  # ZeroDivisionError
     (["train-toy-clip", "--threads", "-1"], "ToyClipConfig.threads = -1"),  # ignored: all cores

@@ -209,6 +209,8 @@ def test_bad_rule_settings_exit_2_with_one_line_before_scoring(tmp_path, fake_sc
     (dict(rule="sparsest_within", max_drop=-1.0), "must be >= 0"),
     (dict(rule="sparsest_within", max_drop=float("nan")), "must be >= 0"),
     (dict(rule="sparsest_within", max_drop=1.0, metric="explained_variance"), "needs a zero-shot metric"),
+    (dict(max_dead=2.0), r"max_dead = 2.0: expected a fraction in \[0, 1\]"),
+    (dict(max_dead=-0.1), r"max_dead = -0.1: expected a fraction"),
 ])
 def test_sweep_selection_refuses_bad_rule_settings(kw, expect):
     with pytest.raises(ConfigError, match=expect):

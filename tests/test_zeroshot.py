@@ -617,6 +617,33 @@ def test_site_mismatch_reports_only_real_differences():
     assert site_mismatch({}, b1) == [] and site_mismatch({"model": "m", "layer": "final"}, final) == []
 
 
+def test_site_mismatch_compares_the_pretrained_weights(tmp_path):
+    """Other pretrained weights of the same architecture are other activations: tags compare by name, two checkpoint
+    files by content (a copy elsewhere is the same weights; a moved file that is not here by its name); a tag
+    against a file, a random-init side or a side that records none cannot be told and is no difference."""
+    from visae.zeroshot import same_weights, site_mismatch
+
+    b1 = {"model": "m", "random_init": False, "layer": 1, "token": "patch", "read": "residual_after_block_1"}
+    assert site_mismatch(dict(b1, pretrained="openai"), dict(b1, pretrained="laion2b_s34b_b79k")) == [
+        "pretrained: trained on 'openai', scored on 'laion2b_s34b_b79k'"]
+    assert site_mismatch(dict(b1, pretrained="openai"), dict(b1, pretrained="openai")) == []
+    a, copy, other = tmp_path / "a" / "w.safetensors", tmp_path / "b" / "w.safetensors", tmp_path / "other.safetensors"
+    for path, data in ((a, b"weights-1"), (copy, b"weights-1"), (other, b"weights-2")):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data)
+    assert same_weights(str(a), str(copy)) is True  # same content, another directory
+    assert same_weights(str(a), str(other)) is False
+    assert site_mismatch(dict(b1, pretrained=str(a)), dict(b1, pretrained=str(other))) == [
+        f"pretrained: trained on {str(a)!r}, scored on {str(other)!r}"]
+    (tmp_path / "w2.safetensors").write_bytes(b"weights-2")  # same size as a, other content
+    assert same_weights(str(a), str(tmp_path / "w2.safetensors")) is False
+    assert same_weights("/gone/w.safetensors", str(a)) is True  # not here: judged by its name
+    assert same_weights("/gone/ep10.pt", "/gone/ep20.pt") is False
+    assert same_weights("shipped", str(a)) is None and same_weights(None, "openai") is None
+    assert site_mismatch(dict(b1, pretrained="shipped"), dict(b1, pretrained=str(a))) == []
+    assert site_mismatch(dict(b1, random_init=True, pretrained=None), dict(b1, random_init=True, pretrained=None)) == []
+
+
 @pytest.mark.filterwarnings("ignore:--train_shards and --val_shards are the same shard set")
 def test_cbm_recovery_and_browse_refuse_an_sae_on_other_activations(tmp_path):
     """Siblings of the zeroshot / select check (the review's find): `visae cbm`, concept recovery and `visae browse`

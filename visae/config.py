@@ -29,6 +29,7 @@ import dataclasses
 import inspect
 import io
 import logging
+import math
 import os
 import re
 import sys
@@ -150,6 +151,20 @@ def check_bounds(cfg: Any, bounds: dict[str, tuple[float | None, float | None]],
         want = f"in [{low}, {high}]" if low is not None and high is not None else (f">= {low}" if high is None else f"<= {high}")
         note = (notes or {}).get(name, "")
         raise ConfigError(f"{type(cfg).__name__}.{name} = {v!r}: expected {want}{' ' + note if note else ''}")
+
+
+def check_fraction_constraint(cfg: Any, name: str) -> None:
+    """Refuse the constraint ``cfg.<name>`` unless it is None (unset), ``inf`` (no constraint) or a fraction in
+    [0, 1]: a dead-latent share of 2 (a count typed for a fraction) constrains nothing and was taken silently.
+
+    Raises:
+        ConfigError: ``"<Class>.<name> = <value>: expected a fraction in [0, 1] (inf: no constraint)"``.
+    """
+    v = getattr(cfg, name)
+    if v is None or v == math.inf or 0.0 <= v <= 1.0:
+        return
+    raise ConfigError(f"{type(cfg).__name__}.{name} = {v!r}: expected a fraction in [0, 1] (inf: no constraint; "
+                      "null: the sweep's setting)")
 
 
 def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config", *, base: Any = None,

@@ -598,21 +598,23 @@ def _fmt(x: float) -> Any:
 def check_shards_for_sae(ss: Any, source: dict[str, Any] | None, where: str, allow_other: bool = False) -> None:
     """A shard set given for an SAE must hold activations of what the SAE was trained on.
 
-    Compares the shard manifest's provenance with the SAE's recorded training source (model,
-    pretrained tag, layer, token; :func:`visae.shards.provenance_differences`). Raises NamingError
-    on a difference unless ``allow_other``; warns when either side records none (an artifact from
-    another tool: provenance unknown).
+    Compares the shard manifest's ``source`` with the SAE's recorded training source by the check every
+    command that runs an SAE over a shard set makes (:func:`visae.zeroshot.site_mismatch`: model, random_init,
+    pretrained weights, layer, token). Raises NamingError on a difference unless ``allow_other``; warns when
+    either side records no model (an artifact from another tool: provenance unknown).
     """
     import warnings
 
-    from visae.shards import provenance_differences
+    from visae.zeroshot import site_mismatch
 
-    diffs = provenance_differences(source, ss.source)
-    if diffs is None:
+    got = getattr(ss, "source", None) or {}
+    if not (source or {}).get("model") or not got.get("model"):
         warnings.warn(f"{where}: the provenance of shard set {ss.path} or of the SAE's training data is unknown "
                       "(not recorded, e.g. made by another tool): it cannot be checked that they match", UserWarning,
                       stacklevel=3)
-    elif diffs and not allow_other:
+        return
+    diffs = site_mismatch(source, got)
+    if diffs and not allow_other:
         raise NamingError(f"{where}: shard set {ss.path} holds activations of something else than the SAE was trained "
                           f"on ({'; '.join(diffs)}); pass the right --shards, or --allow_other_shards to use it anyway")
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from visae.atomic import atomic_write_text, save_figure
-from visae.config import ConfigError, absolute_paths, check_bounds, parse_config
+from visae.config import ConfigError, absolute_paths, check_bounds, check_fraction_constraint, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
 from visae.shards import ShardError, ShardSet
@@ -94,9 +94,9 @@ class SelectConfig:
                               "not with rule best")
         # refused before any trial is scored: a batch size of 0 failed inside scoring (range() step 0), a negative
         # one scored no rows; a negative (or NaN) constraint excluded every trial, only after all were scored
-        check_bounds(self, {"batch_size": (1, None), **{k: (0.0, None) for k in ("max_l0", "max_dead")
-                                                         if getattr(self, k) is not None}},
-                     {"max_l0": "(null: the sweep's setting; inf: none)", "max_dead": "(null: the sweep's setting; inf: none)"})
+        check_bounds(self, {"batch_size": (1, None), **({"max_l0": (0.0, None)} if self.max_l0 is not None else {})},
+                     {"max_l0": "(null: the sweep's setting; inf: none)"})
+        check_fraction_constraint(self, "max_dead")
 
 
 # ----------------------------------------------------------------------------- scoring

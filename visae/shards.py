@@ -56,7 +56,6 @@ __all__ = [
     "Batch",
     "merge_shard_sets",
     "subset_shard_set",
-    "provenance_differences",
 ]
 
 
@@ -339,19 +338,6 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             raise ShardError(f"{mpath}: shard {n!r} is listed more than once (its examples would be read twice)")
         seen.add(n)
     return m
-
-
-PROVENANCE_FIELDS = ("model", "pretrained", "layer", "token")
-
-
-def provenance_differences(expected: Mapping[str, Any] | None, got: Mapping[str, Any] | None) -> list[str] | None:
-    """How shard-set provenance ``got`` (manifest ``source``) differs from ``expected`` (e.g. the source an SAE
-    was trained on) in model, pretrained tag, layer and token; ``None`` when either side records no model
-    (provenance unknown: an artifact from another tool). Returns "field: expected X, got Y" strings."""
-    if not expected or not got or not expected.get("model") or not got.get("model"):
-        return None
-    return [f"{k}: {expected.get(k)!r} expected, {got.get(k)!r} in the shard set" for k in PROVENANCE_FIELDS
-            if expected.get(k) != got.get(k)]
 
 
 def _file_record(path: Path) -> dict[str, Any]:

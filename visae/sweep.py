@@ -49,7 +49,7 @@ from typing import Any, Literal, Optional, Sequence
 import numpy as np
 
 from visae.atomic import atomic_dir
-from visae.config import ConfigError, absolute_paths, config_to_dict, parse_config
+from visae.config import ConfigError, absolute_paths, check_fraction_constraint, config_to_dict, parse_config
 from visae.resources import config_yaml
 from visae.shards import ShardError, ShardSet
 from visae.train import TrainConfig
@@ -103,10 +103,9 @@ class SweepSelection:
     def __post_init__(self) -> None:
         if self.eval_batch_size <= 0:
             raise ConfigError(f"SweepSelection.eval_batch_size must be positive, got {self.eval_batch_size}")
-        for name in ("max_l0", "max_dead"):
-            v = getattr(self, name)
-            if v is not None and not v >= 0:
-                raise ConfigError(f"SweepSelection.{name} must be >= 0 (or None: no constraint), got {v}")
+        if self.max_l0 is not None and not self.max_l0 >= 0:
+            raise ConfigError(f"SweepSelection.max_l0 must be >= 0 (or None: no constraint), got {self.max_l0}")
+        check_fraction_constraint(self, "max_dead")
         if self.max_drop is not None and not self.max_drop >= 0:
             raise ConfigError(f"SweepSelection.max_drop must be >= 0 percentage points, got {self.max_drop}")
         if self.rule == "sparsest_within":

@@ -674,15 +674,42 @@ def residual_layer(source: dict[str, Any]) -> int | None:
     return None
 
 
+def _looks_like_file(tag: str) -> bool:
+    return "/" in tag or "\\" in tag or tag.lower().endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt"))
+
+
+def same_weights(a: Any, b: Any) -> bool | None:
+    """Whether two ``pretrained`` records (a shard set's or an SAE's ``source``) name the same weights: True, False,
+    or None when it cannot be told. Tags (``"openai"``, ``"laion2b_s34b_b79k"``, ``"shipped"``, ``hf-hub:...``)
+    compare by name; two local checkpoint files by content (SHA-256 when both exist here, else by file name, since a
+    moved or copied checkpoint keeps its name); a tag against a file, or a side that records none, cannot be told."""
+    if not isinstance(a, str) or not isinstance(b, str) or not a.strip() or not b.strip():
+        return None
+    if a == b:
+        return True
+    fa, fb = _looks_like_file(a), _looks_like_file(b)
+    if fa != fb:
+        return None
+    if not fa:
+        return False
+    pa, pb = Path(a), Path(b)
+    if pa.is_file() and pb.is_file():
+        from visae.integrity import sha256_file
+
+        return pa.resolve() == pb.resolve() or (pa.stat().st_size == pb.stat().st_size
+                                                and sha256_file(pa) == sha256_file(pb))
+    return pa.name == pb.name
+
+
 def site_mismatch(trained_on: dict[str, Any], scored_on: dict[str, Any]) -> list[str]:
     """How the activations an SAE was trained on (``trained_on``: a ``source`` record, e.g. its cfg.json
     ``extra.shards.source``) differ from those it is asked to be scored on (``scored_on``: a shard set's
     ``source``): ``["layer: trained on the final embedding, scored on block 2", ...]``. Empty when they agree, and
     for whatever either side does not record plainly (an imported SAE's ``layer: "unknown"`` or guessed token
     ``"all"``; a negative block index without the resolved ``read`` record to compare): only a real difference is
-    reported. Compared: model, random_init, layer (a block index or the final embedding) and, for a residual layer,
-    token (cls / patch / mean). An SAE of the final embedding scored on a block's patch tokens (or the reverse) gave
-    a number and no error."""
+    reported. Compared: model, random_init, the pretrained weights (:func:`same_weights`), layer (a block index or
+    the final embedding) and, for a residual layer, token (cls / patch / mean). An SAE of the final embedding
+    scored on a block's patch tokens (or the reverse) gave a number and no error."""
     if not trained_on or not scored_on:
         return []
     out = []
@@ -692,6 +719,10 @@ def site_mismatch(trained_on: dict[str, Any], scored_on: dict[str, Any]) -> list
     ra, rb = trained_on.get("random_init"), scored_on.get("random_init")
     if isinstance(ra, bool) and isinstance(rb, bool) and ra != rb:
         out.append(f"random_init: trained on {ra}, scored on {rb}")
+    elif ra is not True and rb is not True:
+        pa, pb = trained_on.get("pretrained"), scored_on.get("pretrained")
+        if same_weights(pa, pb) is False:
+            out.append(f"pretrained: trained on {pa!r}, scored on {pb!r}")
 
     def site(src: dict[str, Any]) -> tuple[bool, int | None]:
         """(known, block): block None for the final embedding; known False for a record that does not say."""

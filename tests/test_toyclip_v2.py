@@ -251,3 +251,92 @@ def test_records_hold_absolute_paths_and_resume_a_record_written_as_typed(tmp_pa
     other = dataclasses.replace(cfg, negatives_exclude=str(tmp_path / "other.txt"))
     with pytest.raises(ValueError, match="negatives_exclude"):
         toyclip._resume(ckpt, other, toyclip._config_record(other), model, None, opt)
+
+
+def test_patch_labels_name_the_object_under_each_patch():
+    """Each 8 x 8 patch gets the factors of the object covering most of it when that covers >= a quarter of the
+    patch, else the 'no object' class; patches in the ViT's row-major order."""
+    scenes = w2.sample_scenes(2, seed=3, max_objects=2, occlusion=0.0)
+    _, labs, _ = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE)
+    labs = np.zeros_like(labs)
+    labs[0, 0:8, 8:16] = 1  # patch 1 (row 0, column 1): object 0 fully
+    labs[0, 8:12, 0:8] = 1  # patch 8 (row 1, column 0): half object 0 ...
+    labs[0, 12:16, 0:8] = 2  # ... half object 1 (ties go to the first object)
+    labs[0, 56:58, 56:64] = 1  # patch 63: a quarter exactly
+    labs[0, 48:49, 48:64] = 1  # patches 54, 55: an eighth each
+    labs[1, :, :] = 1
+    got = toyclip.patch_labels(scenes, labs, ["shape", "colour_family", "texture"], min_cover=0.25)
+    assert got.shape == (2, 64, 3)
+    fam = w2.colour_families()
+    o0, none = scenes[0].objects[0], [len(w2.FACTORS[f]) for f in ("shape", "colour_family", "texture")]
+    want0 = [o0.shape, fam[o0.colour], o0.texture]
+    for p in (1, 8, 63):
+        assert got[0, p].tolist() == want0, p
+    for p in (0, 2, 54, 55, 9):
+        assert got[0, p].tolist() == none, p
+    o1 = scenes[1].objects[0]
+    assert (got[1] == np.array([o1.shape, fam[o1.colour], o1.texture])).all()
+    half = toyclip.patch_labels(scenes, labs, ["shape"], min_cover=0.5)  # the quarter-covered patch is background now
+    assert half[0, 8, 0] == o0.shape and half[0, 63, 0] == none[0] and half[0, 1, 0] == o0.shape
+    with pytest.raises(ValueError, match="patch_labels"):
+        toyclip.patch_labels(scenes[:1], labs, ["shape"])
+
+
+def test_dense_loss_balances_object_and_background_patches():
+    """Half the loss is the object patches' mean cross-entropy, half the background's, whatever their counts."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 4)  # 3 values + no object
+    tok = torch.randn(2, 10, 6)
+    y = torch.full((2, 10, 1), 3)
+    y[0, :2, 0] = torch.tensor([0, 1])  # 2 object patches of 20
+    loss, acc = toyclip.dense_loss(tok, [head], y, [3])
+    ce = torch.nn.functional.cross_entropy(head(torch.nn.functional.layer_norm(tok, (6,))).flatten(0, 1),
+                                           y.flatten(), reduction="none")
+    obj = y.flatten() != 3
+    torch.testing.assert_close(loss, (ce[obj].mean() + ce[~obj].mean()) / 2)
+    assert 0.0 <= acc["0"] <= 1.0
+    loss_bg, acc_bg = toyclip.dense_loss(tok, [head], torch.full((2, 10, 1), 3), [3])  # no object patch: background only
+    torch.testing.assert_close(loss_bg, ce[~obj].new_tensor(
+        torch.nn.functional.cross_entropy(head(torch.nn.functional.layer_norm(tok, (6,))).flatten(0, 1),
+                                          torch.full((20,), 3)).item()))
+    assert np.isnan(acc_bg["0"])
+
+
+def test_dense_heads_and_init_fine_tune(tmp_path):
+    """init starts from a weights file (checked before any work); the per-patch heads add their loss and accuracy to
+    the log and are not exported; bad dense settings are refused at construction."""
+    from safetensors.torch import load_file
+
+    from visae.backbones import BackboneError
+    from visae.config import ConfigError
+
+    base = toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(
+        out=str(tmp_path / "base"), n_train=48, max_objects=2, steps=1, batch_size=16, warmup=1, curriculum_steps=0,
+        single_object_fraction=0.0, eval_n=8, eval_every=0, negatives_per_step=0, negatives_exclude="",
+        threads=1, progress=False), [])
+    cfg = toyclip.ToyClipV2Config(out=str(tmp_path / "ft"), init=str(base), dense_weight=1.0, dense_layer=2,
+                                  dense_factors="shape,colour_family", n_train=48, max_objects=2, steps=2,
+                                  batch_size=16, warmup=1, curriculum_steps=0, single_object_fraction=0.0, lr=1e-3,
+                                  eval_n=8, eval_every=0, negatives_per_step=0, negatives_exclude="", threads=1,
+                                  progress=False)
+    path = toyclip.train_toy_clip_v2(cfg, [])
+    log = [json.loads(x) for x in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["dense"]) and set(r["dense_acc"]) == {"shape", "colour_family"} for r in log)
+    a, b = load_file(str(base)), load_file(str(path))
+    assert set(a) == set(b)  # the heads are not part of the model
+    # the run started from the base: after 2 steps at lr 1e-3 its weights are near the base's, not a random init's
+    k = "visual.trunk.blocks.0.attn.qkv.weight"
+    assert (b[k].float() - a[k].float()).abs().max() < 0.01 < (a[k].float()).abs().max()
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["config"]["init"] == str(base) and card["config"]["dense_layer"] == 2
+    with pytest.raises(ConfigError, match="ToyClipV2Config.init: weights file .*not found"):
+        toyclip.train_toy_clip_v2(dataclasses.replace(cfg, init=str(tmp_path / "no.safetensors"),
+                                                      out=str(tmp_path / "never")), [])
+    v1 = toyclip.export_fp16(torch.nn.Linear(2, 2), tmp_path / "v1.safetensors", toyclip.MODEL_NAME)
+    with pytest.raises(BackboneError, match="weights of 'visae-toyclip'"):
+        toyclip.train_toy_clip_v2(dataclasses.replace(cfg, init=str(v1), out=str(tmp_path / "never")), [])
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(ValueError, match="dense_factors"):
+        toyclip.ToyClipV2Config(dense_factors="shape,size")
+    with pytest.raises(ConfigError, match="dense_layer"):
+        toyclip.ToyClipV2Config(dense_layer=4)

@@ -496,7 +496,8 @@ def export_fp16(model: torch.nn.Module, path: str | Path, name: str = MODEL_NAME
 # v2 config fields added after runs were made, with the value that reproduces those runs (model: v1's patchify tower;
 # aux_factor_weights: equal weights; no pretraining; canonical textures).
 _ADDED_FIELDS = {"model": MODEL_NAME, "aux_factor_weights": "", "pretrain_steps": 0, "pretrain_factor_weights": "shape:1",
-                 "texture_style_jitter": 0.0}
+                 "texture_style_jitter": 0.0, "init": "", "dense_weight": 0.0, "dense_layer": 1, "dense_min_cover": 0.5,
+                 "dense_factors": "colour_family,shape,texture"}
 # Fields that may change between a run and its resumption without changing the result.
 _VOLATILE = ("out", "export", "resume", "progress", "eval_every", "checkpoint_every", "device", "threads")
 # File and directory fields, recorded (config.json, checkpoint, card) as absolute paths: the record then says which
@@ -508,7 +509,7 @@ def _config_record(cfg: Any) -> dict[str, Any]:
     """``cfg`` as the JSON record a run writes, its :data:`_PATH_FIELDS` absolute."""
     from visae.config import absolute_paths
 
-    return absolute_paths(dataclasses.asdict(cfg), _PATH_FIELDS)  # (v1 has no negatives_exclude: left out)
+    return absolute_paths(dataclasses.asdict(cfg), _PATH_FIELDS, if_file=("init",))  # (v1 has no negatives_exclude: left out)
 
 
 def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Module,
@@ -531,11 +532,11 @@ def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Modu
         from visae.config import ConfigError, absolute_paths
 
         # both sides' paths absolute: a record of an older visae (as typed) is read as from the current directory
-        old = {k: v for k, v in absolute_paths(state["config"], _PATH_FIELDS).items() if k not in _VOLATILE}
+        old = {k: v for k, v in absolute_paths(state["config"], _PATH_FIELDS, if_file=("init",)).items() if k not in _VOLATILE}
         for k, before in _ADDED_FIELDS.items():  # a checkpoint from before the field existed: what it trained with
             if k in cfg_dict and k not in old:
                 old[k] = before
-        new = {k: v for k, v in absolute_paths(cfg_dict, _PATH_FIELDS).items() if k not in _VOLATILE}
+        new = {k: v for k, v in absolute_paths(cfg_dict, _PATH_FIELDS, if_file=("init",)).items() if k not in _VOLATILE}
         if old != new:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise ConfigError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --no_resume")
@@ -785,6 +786,20 @@ class ToyClipV2Config:
                 "embedding (docs/toyclip_v2_recipe.md, section 7); 0: off"})
     pretrain_factor_weights: str = field(default="shape:1", metadata={
         "help": "the heads' weights during pretrain_steps, 'factor:weight,...' (unnamed factors 0)"})
+    init: str = field(default="", metadata={
+        "help": "start from these weights instead of the seeded random init: a visae-toyclip2 .safetensors file of "
+                "this architecture, or 'shipped' (the shipped weights); empty: random init"})
+    dense_weight: float = field(default=0.0, metadata={
+        "help": "weight of per-patch factor heads on the patch tokens after block dense_layer: every patch "
+                "classifies the dense_factors of the object covering most of it (>= dense_min_cover of the patch), or "
+                "'no object', so that patch tokens describe what lies under them (docs/toyclip_v2_recipe.md, "
+                "section 14); 0: off"})
+    dense_layer: int = field(default=1, metadata={"help": "block (0-based) whose output patch tokens the per-patch heads read"})
+    dense_min_cover: float = field(default=0.5, metadata={
+        "help": "a patch is labelled with the object covering most of it when that covers at least this fraction of "
+                "the patch, else 'no object'"})
+    dense_factors: str = field(default="colour_family,shape,texture", metadata={
+        "help": "object factors the per-patch heads classify, comma-separated (of colour_family, shape, texture)"})
     concept_captions: bool = field(default=True, metadata={"help": "add one caption per coarse factor value every step"})
     negatives_per_step: int = field(default=64, metadata={"help": "captions of words outside the world added every step (true of no image)"})
     negatives_exclude: str = field(default="../shared/vocab/20k.txt", metadata={
@@ -807,10 +822,76 @@ class ToyClipV2Config:
             "max_objects": (1, len(COUNTS)), "occlusion": (0.0, 1.0), "colour_jitter": (0.0, None),
             "texture_style_jitter": (0.0, 1.0), "single_object_fraction": (0.0, 1.0), "curriculum_steps": (0, None),
             "aux_logit_scale": (0.0, None), "pretrain_steps": (0, None), "negatives_per_step": (0, None),
-            "n_negative_words": (0, None)})
+            "n_negative_words": (0, None), "dense_weight": (0.0, None), "dense_layer": (0, 3),
+            "dense_min_cover": (0.0, 1.0)})
+        dense_factor_list(self.dense_factors)  # ValueError naming the field for an unknown factor
 
 
 V2_COARSE = ("colour_family", "shape", "texture", "size", "hpos", "vpos", "background")
+DENSE_FACTORS = ("colour_family", "shape", "texture")  # the object factors a per-patch head may classify
+
+
+def dense_factor_list(spec: str) -> list[str]:
+    """The per-patch heads' factors from ``"colour_family,shape,texture"`` (order kept, repeats refused).
+
+    Raises:
+        ValueError: ``ToyClipV2Config.dense_factors``: an unknown or repeated factor (the known ones are listed).
+    """
+    out = [x.strip() for x in spec.split(",") if x.strip()]
+    bad = [x for x in out if x not in DENSE_FACTORS]
+    if bad or len(set(out)) != len(out):
+        raise ValueError(f"ToyClipV2Config.dense_factors = {spec!r}: expected distinct factors of {list(DENSE_FACTORS)}")
+    return out
+
+
+def patch_labels(scenes: Sequence[Any], label_maps: np.ndarray, factors: Sequence[str], patch: int = 8,
+                 min_cover: float = 0.25) -> np.ndarray:
+    """Per-patch targets of the dense heads: int64 ``[n, G*G, len(factors)]`` (G = image size / ``patch``, patches
+    in row-major order as the ViT reads them): the value of each factor of the object covering most of the patch's
+    pixels (``label_maps``: ``[n, S, S]``, 0 background, k + 1 object k, as ``visae.world2`` renders them), or
+    ``len(FACTORS[f])`` ("no object") when no object covers ``min_cover`` of the patch.
+
+    Raises:
+        ValueError: the label maps' size is not a multiple of ``patch``, or their count is not the scenes'.
+    """
+    from visae import world2 as w2
+
+    n, S = len(label_maps), label_maps.shape[1]
+    if S % patch or n != len(scenes):
+        raise ValueError(f"patch_labels: {n} label maps of {S} px for {len(scenes)} scenes and patch {patch}")
+    G, K = S // patch, max(len(sc.objects) for sc in scenes)
+    blocks = label_maps.reshape(n, G, patch, G, patch).transpose(0, 1, 3, 2, 4).reshape(n, G * G, patch * patch)
+    counts = np.stack([(blocks == k + 1).sum(-1) for k in range(K)], -1)  # [n, G*G, K]
+    best, cover = counts.argmax(-1), counts.max(-1) / float(patch * patch)
+    fam = w2.colour_families()
+    vals = np.full((n, K, len(factors)), -1, np.int64)
+    for i, sc in enumerate(scenes):
+        for k, o in enumerate(sc.objects):
+            for j, f in enumerate(factors):
+                vals[i, k, j] = {"colour_family": fam[o.colour], "shape": o.shape, "texture": o.texture}[f]
+    out = np.take_along_axis(vals, best[:, :, None].repeat(len(factors), -1), axis=1)
+    none = np.array([len(w2.FACTORS[f]) for f in factors], np.int64)
+    return np.where((cover >= min_cover)[:, :, None], out, none[None, None, :])
+
+
+def dense_loss(tokens: torch.Tensor, heads: Sequence[torch.nn.Module], labels: torch.Tensor,
+               none: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over the per-patch heads of a balanced cross-entropy: half the mean over patches on an object, half the
+    mean over 'no object' patches (most patches are background; unbalanced, the heads learn 'no object').
+
+    ``tokens``: ``[B, P, d]`` patch tokens; ``labels``: ``[B, P, H]`` (:func:`patch_labels`); ``none[h]``: head h's
+    'no object' class. Returns (loss, each head's accuracy on the object patches of the batch).
+    """
+    x = F.layer_norm(tokens, tokens.shape[-1:])
+    total, acc = tokens.new_zeros(()), {}
+    for h, head in enumerate(heads):
+        logits, y = head(x).flatten(0, 1), labels[:, :, h].flatten()
+        ce = F.cross_entropy(logits, y, reduction="none")
+        obj = y != none[h]
+        parts = [ce[m].mean() for m in (obj, ~obj) if bool(m.any())]
+        total = total + sum(parts) / len(parts)
+        acc[str(h)] = round(float((logits[obj].argmax(1) == y[obj]).float().mean()), 4) if bool(obj.any()) else float("nan")
+    return total / len(heads), acc
 
 
 def aux_factor_loss(logits: Sequence[torch.Tensor], labels: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
@@ -1082,6 +1163,27 @@ class _CaptionSamplerV2(_CaptionSampler):
         return self._tokens(texts), cons, texts
 
 
+def _init_weights_file(cfg: ToyClipV2Config) -> Path | None:
+    """The weights file ``cfg.init`` names (None for a random init), checked before any work.
+
+    Raises:
+        ConfigError: the file does not exist, or 'shipped' for an architecture whose shipped weights are absent.
+        BackboneError: the file's metadata names another architecture.
+    """
+    from visae.backbones import _check_toy_weights_file
+    from visae.config import ConfigError
+
+    if not cfg.init:
+        return None
+    path = Path({MODEL_NAME: TOYCLIP_WEIGHTS, MODEL_NAME_V2: TOYCLIP2_WEIGHTS}[cfg.model]) if cfg.init == TOYCLIP_TAG \
+        else Path(cfg.init)
+    if not path.is_file():
+        raise ConfigError(f"ToyClipV2Config.init: weights file {path} not found (expected a {cfg.model} .safetensors "
+                          f"file, or '{TOYCLIP_TAG}')")
+    _check_toy_weights_file(str(path), cfg.model)
+    return path
+
+
 def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *, stop_after: int | None = None) -> Path | None:
     """Train visae-toyclip v2 on ``visae.world2`` (same architecture and packaging as v1); returns the
     exported fp16 weights (card ``.json`` beside it, with the held-out evaluation of ``evaluate_v2``).
@@ -1123,6 +1225,8 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
                           "word a line, e.g. ../shared/vocab/20k.txt; empty: exclude nothing)")
     naming_words = read_word_list(cfg.negatives_exclude, "negatives_exclude: word list") if cfg.negatives_exclude else None
     negs = negative_words(naming_words, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step > 0 else []
+    init = _init_weights_file(cfg)  # ConfigError / BackboneError before any work
+    dense_f = dense_factor_list(cfg.dense_factors) if cfg.dense_weight > 0 else []
     out = Path(cfg.out)
     with output_lock(out, "visae.toyclip.main_v2"):  # one writer of the run directory at a time
         export = Path(cfg.export) if cfg.export else out / f"{cfg.model}.safetensors"
@@ -1131,15 +1235,28 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
         register_toy_model(cfg.model)
         torch.manual_seed(cfg.seed)
         model = open_clip.create_model(cfg.model, device=cfg.device)
+        if init is not None:
+            from safetensors.torch import load_file
+
+            model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(init)).items()})
         model.train()
         tokenizer = open_clip.get_tokenizer(cfg.model)
         g = torch.Generator().manual_seed(1234)
         d_embed = int(open_clip.get_model_config(cfg.model)["embed_dim"])
-        heads = torch.nn.ModuleList(torch.nn.Linear(d_embed, len(w2.FACTORS[f])) for f in w2.MAIN_FACTORS)
+        n_main = len(w2.MAIN_FACTORS)
+        width = int(model.visual.trunk.embed_dim) if dense_f else 0
+        # one list: the embedding's factor heads, then the per-patch heads (their extra class: no object)
+        heads = torch.nn.ModuleList([torch.nn.Linear(d_embed, len(w2.FACTORS[f])) for f in w2.MAIN_FACTORS]
+                                    + [torch.nn.Linear(width, len(w2.FACTORS[f]) + 1) for f in dense_f])
         with torch.no_grad():
             for h in heads:
                 h.weight.copy_(torch.randn(h.weight.shape, generator=g) * 0.1)
                 h.bias.zero_()
+        dense_none = [len(w2.FACTORS[f]) for f in dense_f]
+        dense_out: list[torch.Tensor] = []
+        if dense_f:  # the block's output (class token first) is kept for the per-patch heads
+            model.visual.trunk.blocks[cfg.dense_layer].register_forward_hook(
+                lambda _m, _i, o: dense_out.append(o) if model.training else None)
         params = _param_groups(model, cfg.weight_decay) + [{"params": list(heads.parameters()), "weight_decay": 0.0}]
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
         ckpt = out / "checkpoint.pt"
@@ -1154,7 +1271,9 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
         it = range(0, cfg.n_train, 1000)
         for s0 in (tqdm(it, desc="world2 train scenes", disable=not cfg.progress)):
             scenes += w2.sample_scenes(min(1000, cfg.n_train - s0), cfg.seed, s0, **kw)
-        images, _, factors = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE, style_jitter=cfg.texture_style_jitter)
+        images, label_maps, factors = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE, style_jitter=cfg.texture_style_jitter)
+        dense_y = patch_labels(scenes, label_maps, dense_f, min_cover=cfg.dense_min_cover) if dense_f else None
+        del label_maps
         held_sc = w2.sample_scenes(300, cfg.eval_seed, max_objects=1, occlusion=0.0)
         held_img, _, held_rows = w2._render_rows(held_sc, "pil", w2.IMAGE_SIZE)
         try:
@@ -1185,6 +1304,7 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
             for grp in opt.param_groups:
                 grp["lr"] = _lr_at(step, cfg)
             x = images_to_tensor(images[idx]).to(cfg.device)
+            dense_out.clear()
             img = F.normalize(model.encode_image(x), dim=-1)
             pretraining = step < cfg.pretrain_steps
             if pretraining:  # the factor heads alone (pretrain_factor_weights): no captions, the text tower waits
@@ -1209,12 +1329,17 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
                 loss = multi_positive_clip_loss(img, txt, model.logit_scale.exp(), pos)
             if cfg.aux_weight > 0 or pretraining:
                 y = torch.from_numpy(fac[:, main_cols]).to(cfg.device)
-                aux_logits = [cfg.aux_logit_scale * h(img) for h in heads]
+                aux_logits = [cfg.aux_logit_scale * h(img) for h in heads[:n_main]]
                 aux = aux_factor_loss(aux_logits, y, pre_w if pretraining else head_w)
                 loss = loss + (aux if pretraining else cfg.aux_weight * aux)
                 with torch.no_grad():  # the heads' accuracy on this batch: how far each factor is linearly readable
                     aux_acc = {f: round(float((lg.argmax(1) == y[:, i])[y[:, i] >= 0].float().mean()), 4)
                                for i, (f, lg) in enumerate(zip(w2.MAIN_FACTORS, aux_logits))}
+            if dense_f:
+                tok = dense_out[-1][:, -dense_y.shape[1]:]  # the patch tokens (after the class token)
+                dense, dense_acc = dense_loss(tok, heads[n_main:], torch.from_numpy(dense_y[idx]).to(cfg.device),
+                                              dense_none)
+                loss = loss + cfg.dense_weight * dense
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1227,6 +1352,9 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
             if cfg.aux_weight > 0 or pretraining:
                 rec["aux"] = round(float(aux.detach()), 5)
                 rec["aux_acc"] = aux_acc
+            if dense_f:
+                rec["dense"] = round(float(dense.detach()), 5)
+                rec["dense_acc"] = {f: dense_acc[str(i)] for i, f in enumerate(dense_f)}
             if pretraining:
                 rec["pretrain"] = True
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:

@@ -354,6 +354,32 @@ def test_incomplete_shard_set_is_refused_by_train_and_name(tmp_path, tiny):
     assert tree_hash(path) == before
 
 
+def test_name_checks_the_shards_as_every_command_does(tmp_path):
+    """visae name's shard check is zeroshot.site_mismatch: a block counted from the end and its resolved index are
+    one block (the check of its own refused them), other pretrained weights are not; unknown provenance warns."""
+    from visae.naming import NamingError, check_shards_for_sae
+
+    b11 = {"model": "ViT-B-32", "pretrained": "openai", "random_init": False, "layer": 11, "token": "cls",
+           "read": "residual_after_block_11"}
+    ss = _write_shards(tmp_path / "b11", source=b11)
+    check_shards_for_sae(ss, dict(b11, layer=-1), "SAE x")  # -1 of a 12-block model, recorded resolved
+    check_shards_for_sae(ss, dict(b11, pretrained="OpenAI"), "SAE x")  # open_clip reads tags case-blind
+    with pytest.raises(NamingError, match=r"pretrained: trained on 'laion2b_s34b_b79k', given 'openai'"):
+        check_shards_for_sae(ss, dict(b11, pretrained="laion2b_s34b_b79k"), "SAE x")
+    with pytest.raises(NamingError, match=r"layer: trained on block -2, given block -1"):
+        check_shards_for_sae(_write_shards(tmp_path / "m1", source=dict(b11, layer=-1, read=None)),
+                             dict(b11, layer=-2, read=None), "SAE x")
+    check_shards_for_sae(ss, dict(b11, pretrained="laion2b_s34b_b79k"), "SAE x", allow_other=True)
+    with pytest.warns(UserWarning, match="provenance .* is unknown"):
+        check_shards_for_sae(_write_shards(tmp_path / "none", source={}), b11, "SAE x")
+    # the model's weights are checked too: names from another text tower would live in another space
+    from visae.naming import NameConfig, _resolve_model
+
+    with pytest.raises(NamingError, match=r"weights 'openai' .* but --pretrained is 'laion2b_s34b_b79k'"):
+        _resolve_model(NameConfig(sae="x", model="ViT-B-32", pretrained="laion2b_s34b_b79k"), b11, "SAE x")
+    assert _resolve_model(NameConfig(sae="x", model="ViT-B-32", pretrained="OpenAI"), b11, "SAE x")[1] == "OpenAI"
+
+
 def test_name_refuses_shards_of_another_model_unless_overridden(tmp_path, tiny):
     from visae.naming import NameConfig, NamingError, name_concepts
 
@@ -365,7 +391,7 @@ def test_name_refuses_shards_of_another_model_unless_overridden(tmp_path, tiny):
     kw = dict(sae=str(sae_dir), vocab=str(tmp_path / "vocab.txt"), vocab_size=0, text_cache=None,
               out=str(tmp_path / "c"))
     with pytest.raises(NamingError, match=r"other holds activations of something else .*model: trained on "
-                                          r"'visae-tiny-test', scored on 'ViT-B-32'.*--allow_other_shards"):
+                                          r"'visae-tiny-test', given 'ViT-B-32'.*--allow_other_shards"):
         name_concepts(NameConfig(shards=str(other.path), **kw), backbone=tiny)
     with pytest.raises(NamingError, match=r"width d=\d+ but the SAE has d_in"):
         name_concepts(NameConfig(shards=str(wide.path), **kw), backbone=tiny)

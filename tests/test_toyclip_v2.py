@@ -307,11 +307,10 @@ def test_dense_heads_and_init_fine_tune(tmp_path):
     the log and are not exported; bad dense settings are refused at construction."""
     from safetensors.torch import load_file
 
-    from visae.backbones import BackboneError
     from visae.config import ConfigError
 
-    base = toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(
-        out=str(tmp_path / "base"), n_train=48, max_objects=2, steps=1, batch_size=16, warmup=1, curriculum_steps=0,
+    base = toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(  # another seed: another init than the fine-tune's own
+        out=str(tmp_path / "base"), seed=1, n_train=48, max_objects=2, steps=1, batch_size=16, warmup=1, curriculum_steps=0,
         single_object_fraction=0.0, eval_n=8, eval_every=0, negatives_per_step=0, negatives_exclude="",
         threads=1, progress=False), [])
     cfg = toyclip.ToyClipV2Config(out=str(tmp_path / "ft"), init=str(base), dense_weight=1.0, dense_layer=2,
@@ -324,19 +323,31 @@ def test_dense_heads_and_init_fine_tune(tmp_path):
     assert all(np.isfinite(r["dense"]) and set(r["dense_acc"]) == {"shape", "colour_family"} for r in log)
     a, b = load_file(str(base)), load_file(str(path))
     assert set(a) == set(b)  # the heads are not part of the model
-    # the run started from the base: after 2 steps at lr 1e-3 its weights are near the base's, not a random init's
+    # the run started from the base (seed 1): after 2 steps at lr 1e-3 its weights are near the base's, far from the
+    # seed-0 random init it would have started from otherwise
     k = "visual.trunk.blocks.0.attn.qkv.weight"
-    assert (b[k].float() - a[k].float()).abs().max() < 0.01 < (a[k].float()).abs().max()
+    toyclip.register_v2()
+    torch.manual_seed(0)
+    import open_clip
+
+    own = open_clip.create_model("visae-toyclip2").state_dict()[k]
+    assert (b[k].float() - a[k].float()).abs().max() < 0.01 < (b[k].float() - own).abs().max()
     card = json.loads(path.with_suffix(".json").read_text())
     assert card["config"]["init"] == str(base) and card["config"]["dense_layer"] == 2
     with pytest.raises(ConfigError, match="ToyClipV2Config.init: weights file .*not found"):
         toyclip.train_toy_clip_v2(dataclasses.replace(cfg, init=str(tmp_path / "no.safetensors"),
                                                       out=str(tmp_path / "never")), [])
     v1 = toyclip.export_fp16(torch.nn.Linear(2, 2), tmp_path / "v1.safetensors", toyclip.MODEL_NAME)
-    with pytest.raises(BackboneError, match="weights of 'visae-toyclip'"):
+    with pytest.raises(ConfigError, match="holds weights of 'visae-toyclip'"):
         toyclip.train_toy_clip_v2(dataclasses.replace(cfg, init=str(v1), out=str(tmp_path / "never")), [])
+    (tmp_path / "w.pt").write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match="w.pt is not a readable safetensors file"):
+        toyclip.train_toy_clip_v2(dataclasses.replace(cfg, init=str(tmp_path / "w.pt"), out=str(tmp_path / "never")), [])
     assert not (tmp_path / "never").exists()
-    with pytest.raises(ValueError, match="dense_factors"):
-        toyclip.ToyClipV2Config(dense_factors="shape,size")
-    with pytest.raises(ConfigError, match="dense_layer"):
-        toyclip.ToyClipV2Config(dense_layer=4)
+    for kw, msg in ((dict(dense_factors="shape,size"), "dense_factors"), (dict(dense_layer=4), "dense_layer"),
+                    (dict(dense_min_cover=0.0), r"dense_min_cover = 0.0: expected in \(0, 1\]"),
+                    (dict(dense_weight=1.0, dense_factors=""), "dense_factors is empty"),
+                    (dict(dense_weight=1.0, model="visae-toyclip"), "needs model 'visae-toyclip2'")):
+        with pytest.raises(ConfigError, match=msg):
+            toyclip.ToyClipV2Config(**kw)
+    assert toyclip.main_v2(["--dense_factors", "shape,size"]) == 2  # a usage error, one line

@@ -612,6 +612,10 @@ def test_site_mismatch_reports_only_real_differences():
         "random_init: trained on True, scored on False"]
     # no difference: -1 and its resolved index; an imported SAE's unknown layer and guessed token; no record at all
     assert site_mismatch(dict(b1, layer=-1), dict(b1, layer=3, read="residual_after_block_1")) == []
+    # two blocks counted from the end, without the resolved record: other blocks all the same
+    assert site_mismatch(dict(b1, layer=-1, read=None), dict(b1, layer=-2, read=None)) == [
+        "layer: trained on block -1, scored on block -2"]
+    assert site_mismatch(dict(b1, layer=-1, read=None), dict(b1, layer=11, read=None)) == []  # depth unknown here
     assert site_mismatch({"model": "m", "layer": "unknown", "token": "all"}, b1) == []
     assert site_mismatch({"model": "m", "layer": 1, "token": "all"}, b1) == []
     assert site_mismatch({}, b1) == [] and site_mismatch({"model": "m", "layer": "final"}, final) == []
@@ -640,6 +644,21 @@ def test_site_mismatch_compares_the_pretrained_weights(tmp_path):
     assert same_weights("/gone/w.safetensors", str(a)) is True  # not here: judged by its name
     assert same_weights("/gone/ep10.pt", "/gone/ep20.pt") is False
     assert same_weights("shipped", str(a)) is None and same_weights(None, "openai") is None
+    # tags as open_clip reads them; hf-hub ids whole (they hold a '/', but are no file)
+    assert same_weights("LAION2B-S34B-B79K", "laion2b_s34b_b79k") is True
+    assert same_weights("hf-hub:laion/CLIP-ViT-B-32", "hf-hub:openai/CLIP-ViT-B-32") is False
+    assert same_weights("hf-hub:laion/CLIP-ViT-B-32", "hf-hub:laion/CLIP-ViT-B-32") is True
+    # a relative and an absolute path to one file, a symlink to it
+    (tmp_path / "link.safetensors").symlink_to(a)
+    assert same_weights(str(tmp_path / "link.safetensors"), str(a)) is True
+    import os
+
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert same_weights("a/w.safetensors", str(a)) is True
+    finally:
+        os.chdir(cwd)
     assert site_mismatch(dict(b1, pretrained="shipped"), dict(b1, pretrained=str(a))) == []
     assert site_mismatch(dict(b1, random_init=True, pretrained=None), dict(b1, random_init=True, pretrained=None)) == []
 

@@ -153,9 +153,10 @@ def check_bounds(cfg: Any, bounds: dict[str, tuple[float | None, float | None]],
         raise ConfigError(f"{type(cfg).__name__}.{name} = {v!r}: expected {want}{' ' + note if note else ''}")
 
 
-def check_fraction_constraint(cfg: Any, name: str) -> None:
+def check_fraction_constraint(cfg: Any, name: str, null: str = "no constraint") -> None:
     """Refuse the constraint ``cfg.<name>`` unless it is None (unset), ``inf`` (no constraint) or a fraction in
     [0, 1]: a dead-latent share of 2 (a count typed for a fraction) constrains nothing and was taken silently.
+    ``null``: what None means for this config, said in the message.
 
     Raises:
         ConfigError: ``"<Class>.<name> = <value>: expected a fraction in [0, 1] (inf: no constraint)"``.
@@ -164,7 +165,7 @@ def check_fraction_constraint(cfg: Any, name: str) -> None:
     if v is None or v == math.inf or 0.0 <= v <= 1.0:
         return
     raise ConfigError(f"{type(cfg).__name__}.{name} = {v!r}: expected a fraction in [0, 1] (inf: no constraint; "
-                      "null: the sweep's setting)")
+                      f"null: {null})")
 
 
 def config_from_dict(cls: type[C], data: dict[str, Any], source: str = "config", *, base: Any = None,

@@ -563,6 +563,7 @@ def _greedy_unique(index: Any, queries: np.ndarray, concepts: np.ndarray, thr: n
 
 def _resolve_model(cfg: NameConfig, source: dict[str, Any] | None, where: str) -> tuple[str, Optional[str], bool, int]:
     from visae.backbones import parse_backbone_name
+    from visae.zeroshot import same_weights
 
     seed = int((source or {}).get("seed", 0) or 0)
     if cfg.model is None:
@@ -578,6 +579,10 @@ def _resolve_model(cfg: NameConfig, source: dict[str, Any] | None, where: str) -
                                   f"but --model is {name!r}; text embeddings of another model live in another space")
             if pre is None:
                 pre = src_pre
+            elif not bool(source.get("random_init", False)) and same_weights(src_pre, pre) is False:
+                raise NamingError(f"{where}: the SAE was trained on {src_name} image embeddings of weights {src_pre!r} "
+                                  f"(extra.shards.source.pretrained) but --pretrained is {pre!r}; text embeddings of "
+                                  "other weights live in another space")
     rand = cfg.random_init if cfg.random_init is not None else bool((source or {}).get("random_init", False))
     return name, pre, rand, seed
 
@@ -613,7 +618,7 @@ def check_shards_for_sae(ss: Any, source: dict[str, Any] | None, where: str, all
                       "(not recorded, e.g. made by another tool): it cannot be checked that they match", UserWarning,
                       stacklevel=3)
         return
-    diffs = site_mismatch(source, got)
+    diffs = site_mismatch(source, got, used="given")
     if diffs and not allow_other:
         raise NamingError(f"{where}: shard set {ss.path} holds activations of something else than the SAE was trained "
                           f"on ({'; '.join(diffs)}); pass the right --shards, or --allow_other_shards to use it anyway")

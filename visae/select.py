@@ -96,7 +96,7 @@ class SelectConfig:
         # one scored no rows; a negative (or NaN) constraint excluded every trial, only after all were scored
         check_bounds(self, {"batch_size": (1, None), **({"max_l0": (0.0, None)} if self.max_l0 is not None else {})},
                      {"max_l0": "(null: the sweep's setting; inf: none)"})
-        check_fraction_constraint(self, "max_dead")
+        check_fraction_constraint(self, "max_dead", null="the sweep's setting")
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -793,7 +793,7 @@ class ToyClipV2Config:
         "help": "weight of per-patch factor heads on the patch tokens after block dense_layer: every patch "
                 "classifies the dense_factors of the object covering most of it (>= dense_min_cover of the patch), or "
                 "'no object', so that patch tokens describe what lies under them (docs/toyclip_v2_recipe.md, "
-                "section 14); 0: off"})
+                "section 14); like the embedding's factor heads they also train during pretrain_steps; 0: off"})
     dense_layer: int = field(default=1, metadata={"help": "block (0-based) whose output patch tokens the per-patch heads read"})
     dense_min_cover: float = field(default=0.5, metadata={
         "help": "a patch is labelled with the object covering most of it when that covers at least this fraction of "
@@ -824,7 +824,17 @@ class ToyClipV2Config:
             "aux_logit_scale": (0.0, None), "pretrain_steps": (0, None), "negatives_per_step": (0, None),
             "n_negative_words": (0, None), "dense_weight": (0.0, None), "dense_layer": (0, 3),
             "dense_min_cover": (0.0, 1.0)})
-        dense_factor_list(self.dense_factors)  # ValueError naming the field for an unknown factor
+        from visae.config import ConfigError
+
+        factors = dense_factor_list(self.dense_factors)  # ConfigError naming the field for an unknown factor
+        if not self.dense_min_cover > 0:  # 0 would label every background patch with the first object
+            raise ConfigError(f"ToyClipV2Config.dense_min_cover = {self.dense_min_cover!r}: expected in (0, 1]")
+        if self.dense_weight > 0 and not factors:
+            raise ConfigError("ToyClipV2Config.dense_factors is empty but dense_weight > 0: name the factors the "
+                              f"per-patch heads classify (of {list(DENSE_FACTORS)}), or set dense_weight 0")
+        if self.dense_weight > 0 and self.model != MODEL_NAME_V2:
+            raise ConfigError(f"ToyClipV2Config.dense_weight > 0 needs model {MODEL_NAME_V2!r} (its timm image tower), "
+                              f"not {self.model!r}")
 
 
 V2_COARSE = ("colour_family", "shape", "texture", "size", "hpos", "vpos", "background")
@@ -835,17 +845,19 @@ def dense_factor_list(spec: str) -> list[str]:
     """The per-patch heads' factors from ``"colour_family,shape,texture"`` (order kept, repeats refused).
 
     Raises:
-        ValueError: ``ToyClipV2Config.dense_factors``: an unknown or repeated factor (the known ones are listed).
+        ConfigError: ``ToyClipV2Config.dense_factors``: an unknown or repeated factor (the known ones are listed).
     """
+    from visae.config import ConfigError
+
     out = [x.strip() for x in spec.split(",") if x.strip()]
     bad = [x for x in out if x not in DENSE_FACTORS]
     if bad or len(set(out)) != len(out):
-        raise ValueError(f"ToyClipV2Config.dense_factors = {spec!r}: expected distinct factors of {list(DENSE_FACTORS)}")
+        raise ConfigError(f"ToyClipV2Config.dense_factors = {spec!r}: expected distinct factors of {list(DENSE_FACTORS)}")
     return out
 
 
 def patch_labels(scenes: Sequence[Any], label_maps: np.ndarray, factors: Sequence[str], patch: int = 8,
-                 min_cover: float = 0.25) -> np.ndarray:
+                 min_cover: float = 0.5) -> np.ndarray:
     """Per-patch targets of the dense heads: int64 ``[n, G*G, len(factors)]`` (G = image size / ``patch``, patches
     in row-major order as the ViT reads them): the value of each factor of the object covering most of the patch's
     pixels (``label_maps``: ``[n, S, S]``, 0 background, k + 1 object k, as ``visae.world2`` renders them), or
@@ -871,7 +883,8 @@ def patch_labels(scenes: Sequence[Any], label_maps: np.ndarray, factors: Sequenc
                 vals[i, k, j] = {"colour_family": fam[o.colour], "shape": o.shape, "texture": o.texture}[f]
     out = np.take_along_axis(vals, best[:, :, None].repeat(len(factors), -1), axis=1)
     none = np.array([len(w2.FACTORS[f]) for f in factors], np.int64)
-    return np.where((cover >= min_cover)[:, :, None], out, none[None, None, :])
+    on = (cover >= min_cover) & (counts.max(-1) > 0)  # a patch no object touches is background at any min_cover
+    return np.where(on[:, :, None], out, none[None, None, :])
 
 
 def dense_loss(tokens: torch.Tensor, heads: Sequence[torch.nn.Module], labels: torch.Tensor,
@@ -1164,23 +1177,31 @@ class _CaptionSamplerV2(_CaptionSampler):
 
 
 def _init_weights_file(cfg: ToyClipV2Config) -> Path | None:
-    """The weights file ``cfg.init`` names (None for a random init), checked before any work.
+    """The weights file ``cfg.init`` names (None for a random init), checked before any work: a readable
+    ``.safetensors`` file whose metadata, when it names an architecture (``export_fp16`` writes it), names ``cfg.model``.
 
     Raises:
-        ConfigError: the file does not exist, or 'shipped' for an architecture whose shipped weights are absent.
-        BackboneError: the file's metadata names another architecture.
+        ConfigError: the file does not exist, is not safetensors, or holds weights of another architecture.
     """
-    from visae.backbones import _check_toy_weights_file
+    from safetensors import SafetensorError, safe_open
+
     from visae.config import ConfigError
 
     if not cfg.init:
         return None
     path = Path({MODEL_NAME: TOYCLIP_WEIGHTS, MODEL_NAME_V2: TOYCLIP2_WEIGHTS}[cfg.model]) if cfg.init == TOYCLIP_TAG \
-        else Path(cfg.init)
+        else Path(cfg.init).expanduser()
+    want = f"expected a {cfg.model} .safetensors file (visae.toyclip.export_fp16), or '{TOYCLIP_TAG}'"
     if not path.is_file():
-        raise ConfigError(f"ToyClipV2Config.init: weights file {path} not found (expected a {cfg.model} .safetensors "
-                          f"file, or '{TOYCLIP_TAG}')")
-    _check_toy_weights_file(str(path), cfg.model)
+        raise ConfigError(f"ToyClipV2Config.init: weights file {path} not found ({want})")
+    try:
+        with safe_open(str(path), "pt") as f:
+            arch = (f.metadata() or {}).get("model")
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"ToyClipV2Config.init: {path} is not a readable safetensors file ({e}; {want})") from None
+    if arch and arch != cfg.model:
+        raise ConfigError(f"ToyClipV2Config.init: {path} holds weights of {arch!r} (its safetensors metadata 'model'), "
+                          f"not of --model {cfg.model!r}")
     return path
 
 
@@ -1225,7 +1246,7 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
                           "word a line, e.g. ../shared/vocab/20k.txt; empty: exclude nothing)")
     naming_words = read_word_list(cfg.negatives_exclude, "negatives_exclude: word list") if cfg.negatives_exclude else None
     negs = negative_words(naming_words, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step > 0 else []
-    init = _init_weights_file(cfg)  # ConfigError / BackboneError before any work
+    init = _init_weights_file(cfg)  # ConfigError before any work
     dense_f = dense_factor_list(cfg.dense_factors) if cfg.dense_weight > 0 else []
     out = Path(cfg.out)
     with output_lock(out, "visae.toyclip.main_v2"):  # one writer of the run directory at a time

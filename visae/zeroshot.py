@@ -300,7 +300,8 @@ def check_source(source: dict[str, Any], model: str, pretrained: str | None, whe
     if bool(source.get("random_init", False)) != bool(random_init):
         raise ZeroShotError(f"{where}: source.random_init is {bool(source.get('random_init', False))} but the "
                             f"classifier's backbone has random_init={bool(random_init)}; their weights differ")
-    if not random_init and pretrained is not None and src_pre is not None and str(src_pre) != str(pretrained):
+    if not random_init and same_weights(None if src_pre is None else str(src_pre),
+                                        None if pretrained is None else str(pretrained)) is False:
         raise ZeroShotError(f"{where}: activations come from {src_model} weights {src_pre!r} (source.pretrained) "
                             f"but the classifier uses {pretrained!r}")
     problem = final_embedding_problem(source) if require_final else None
@@ -675,24 +676,31 @@ def residual_layer(source: dict[str, Any]) -> int | None:
 
 
 def _looks_like_file(tag: str) -> bool:
+    if tag.startswith(("hf-hub:", "hf_hub:")):
+        return False
     return "/" in tag or "\\" in tag or tag.lower().endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt"))
 
 
 def same_weights(a: Any, b: Any) -> bool | None:
-    """Whether two ``pretrained`` records (a shard set's or an SAE's ``source``) name the same weights: True, False,
-    or None when it cannot be told. Tags (``"openai"``, ``"laion2b_s34b_b79k"``, ``"shipped"``, ``hf-hub:...``)
-    compare by name; two local checkpoint files by content (SHA-256 when both exist here, else by file name, since a
-    moved or copied checkpoint keeps its name); a tag against a file, or a side that records none, cannot be told."""
+    """Whether two ``pretrained`` records (a shard set's or an SAE's ``source``, a classifier's ``--pretrained``) name
+    the same weights: True, False, or None when it cannot be told. Tags compare by name as open_clip reads them
+    (case and ``-`` / ``_`` ignored: ``LAION2B-S34B-B79K`` is ``laion2b_s34b_b79k``; ``hf-hub:org/name`` whole); two
+    local checkpoint files by content (SHA-256 when both exist here, so a relative and an absolute path, a symlink or
+    a copy are the same; else by file name, since a moved checkpoint keeps its name); a tag against a file (the
+    ``shipped`` tag and the shipped file), or a side that records none, cannot be told."""
     if not isinstance(a, str) or not isinstance(b, str) or not a.strip() or not b.strip():
         return None
+    a, b = a.strip(), b.strip()
     if a == b:
         return True
     fa, fb = _looks_like_file(a), _looks_like_file(b)
     if fa != fb:
         return None
     if not fa:
-        return False
-    pa, pb = Path(a), Path(b)
+        if a.startswith(("hf-hub:", "hf_hub:")) or b.startswith(("hf-hub:", "hf_hub:")):
+            return a.split(":", 1)[-1] == b.split(":", 1)[-1]
+        return a.lower().replace("-", "_") == b.lower().replace("-", "_")
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
     if pa.is_file() and pb.is_file():
         from visae.integrity import sha256_file
 
@@ -701,7 +709,7 @@ def same_weights(a: Any, b: Any) -> bool | None:
     return pa.name == pb.name
 
 
-def site_mismatch(trained_on: dict[str, Any], scored_on: dict[str, Any]) -> list[str]:
+def site_mismatch(trained_on: dict[str, Any], scored_on: dict[str, Any], used: str = "scored on") -> list[str]:
     """How the activations an SAE was trained on (``trained_on``: a ``source`` record, e.g. its cfg.json
     ``extra.shards.source``) differ from those it is asked to be scored on (``scored_on``: a shard set's
     ``source``): ``["layer: trained on the final embedding, scored on block 2", ...]``. Empty when they agree, and
@@ -709,20 +717,21 @@ def site_mismatch(trained_on: dict[str, Any], scored_on: dict[str, Any]) -> list
     ``"all"``; a negative block index without the resolved ``read`` record to compare): only a real difference is
     reported. Compared: model, random_init, the pretrained weights (:func:`same_weights`), layer (a block index or
     the final embedding) and, for a residual layer, token (cls / patch / mean). An SAE of the final embedding
-    scored on a block's patch tokens (or the reverse) gave a number and no error."""
+    scored on a block's patch tokens (or the reverse) gave a number and no error. ``used``: how the messages say the
+    second side is used (``"given"`` where nothing is scored)."""
     if not trained_on or not scored_on:
         return []
     out = []
     a, b = trained_on.get("model"), scored_on.get("model")
     if a and b and str(a) != str(b):
-        out.append(f"model: trained on {a!r}, scored on {b!r}")
+        out.append(f"model: trained on {a!r}, {used} {b!r}")
     ra, rb = trained_on.get("random_init"), scored_on.get("random_init")
     if isinstance(ra, bool) and isinstance(rb, bool) and ra != rb:
-        out.append(f"random_init: trained on {ra}, scored on {rb}")
+        out.append(f"random_init: trained on {ra}, {used} {rb}")
     elif ra is not True and rb is not True:
         pa, pb = trained_on.get("pretrained"), scored_on.get("pretrained")
         if same_weights(pa, pb) is False:
-            out.append(f"pretrained: trained on {pa!r}, scored on {pb!r}")
+            out.append(f"pretrained: trained on {pa!r}, {used} {pb!r}")
 
     def site(src: dict[str, Any]) -> tuple[bool, int | None]:
         """(known, block): block None for the final embedding; known False for a record that does not say."""
@@ -740,7 +749,7 @@ def site_mismatch(trained_on: dict[str, Any], scored_on: dict[str, Any]) -> list
         def say(x: int | None) -> str:
             return "the final embedding" if x is None else f"block {x}"
 
-        out.append(f"layer: trained on {say(la)}, scored on {say(lb)}")
+        out.append(f"layer: trained on {say(la)}, {used} {say(lb)}")
         return out
     if la is None:
         return out
@@ -748,12 +757,12 @@ def site_mismatch(trained_on: dict[str, Any], scored_on: dict[str, Any]) -> list
         read_a, read_b = trained_on.get("read"), scored_on.get("read")
         if read_a and read_b:  # resolved records ("residual_after_block_11") settle -1 against 11
             if read_a != read_b:
-                out.append(f"layer: trained on {read_a}, scored on {read_b}")
-        elif la >= 0 and lb >= 0:
-            out.append(f"layer: trained on block {la}, scored on block {lb}")
+                out.append(f"layer: trained on {read_a}, {used} {read_b}")
+        elif (la >= 0) == (lb >= 0):  # two indices counted from the same end name other blocks
+            out.append(f"layer: trained on block {la}, {used} block {lb}")
     ta, tb = trained_on.get("token"), scored_on.get("token")
     if ta in ("cls", "patch", "mean") and tb in ("cls", "patch", "mean") and ta != tb:
-        out.append(f"token: trained on {ta!r}, scored on {tb!r}")
+        out.append(f"token: trained on {ta!r}, {used} {tb!r}")
     return out
 
 
@@ -973,7 +982,8 @@ def zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     """Run the evaluation that ``cfg`` describes; returns (and with ``cfg.out`` writes) the result dict.
 
     Raises ZeroShotError before any scoring when ``--sae`` was trained on other activations than ``--shards`` hold
-    (:func:`site_mismatch`: model, random_init, layer, token), and for shards or a classifier that cannot be scored.
+    (:func:`site_mismatch`: model, random_init, pretrained weights, layer, token), and for shards or a classifier that
+    cannot be scored.
     """
     if not cfg.shards:
         raise ZeroShotError("--shards is required: a labelled shard set of the model's final image embedding")

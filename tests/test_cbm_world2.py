@@ -12,7 +12,9 @@ of classes; removing a class's top concept lowers it by >= 20 points in 208 / 19
 machine (2026-12-01, AVX512; other SAEs from the same seeds): 1.01 / 0.97 / 0.97 x the probe (51.4 / 49.6 / 49.4 %),
 top-2 47 / 47 / 50 %, 207 / 199 / 210 classes; 80 epochs instead of 40 change none of it (1.00 / 0.97 / 0.97 x). Asserted:
 guards that hold for every measured seed with a margin (>= 0.80 x the probe, the refit >= 2 points above the lasso,
-the median class >= 20 points lower without its top concept). Not asserted: the issue's >= 0.95 x (met by 5 of the 6
+the median class >= 20 points lower without its top concept; >= 90 % of the classes at >= 20 % accuracy >= 20 points
+lower, measured 95-98 %: a class under 20 % cannot lose 20 points, and those are all but 5-10 of the per-class
+target's failures). Not asserted: the issue's >= 0.95 x (met by 5 of the 6
 SAEs measured, 0.89 the lowest), the 80 % top-2 and the every-class intervention targets (strict
 xfails), and the other classes' change (2.7-3.7 points pooled on 3,000 validation images, 12 a class).
 """
@@ -175,7 +177,23 @@ def test_world2_cbm_intervention_lowers_the_median_class(world2_interventions):
     assert np.median(own) <= -0.20
 
 
-@pytest.mark.xfail(strict=True, reason="not met in every class (issue 14): 187-210 of 253 classes over SAE seeds 0-2")
+def test_world2_cbm_intervention_where_a_drop_of_20_points_is_possible(world2_cbm, world2_interventions):
+    """A class the CBM gets right in fewer than 20 % of its validation images cannot lose 20 points. Among the
+    classes it gets right in >= 20 %, removing the top concept lowers >= 90 % of them by >= 20 points: measured on the
+    AMD EPYC machine of 2026-12-01 with SAE seeds 0 / 1 / 2: 207 of 217, 199 of 208, 210 of 215 (95-98 %); the classes
+    under 20 % (36 / 45 / 38) are every failure of the per-class target but 5-10 (the strict xfail below)."""
+    m, codes, y = world2_cbm["model"], world2_cbm["codes"], world2_cbm["y"]
+    ok = m.predict(codes) == y
+    base = {r["class"]: Fraction(int(ok[y == r["class"]].sum()), r["n"]) for r in world2_interventions}
+    feasible = [r for r in world2_interventions if base[r["class"]] >= Fraction(20, 100)]
+    hit = [r for r in feasible if r["own"] <= Fraction(-20, 100)]
+    short = [(r["name"], float(base[r["class"]]), float(r["own"]), r["concepts"]) for r in feasible if r not in hit]
+    print(f"{len(hit)} of {len(feasible)} classes at >= 20 % lose >= 20 points; short: {short}")
+    assert len(feasible) >= 150 and len(hit) >= 0.9 * len(feasible), short
+
+
+@pytest.mark.xfail(strict=True, reason="not met in every class (issue 14): 187-210 of 253 classes over SAE seeds 0-2; "
+                                       "36-45 classes are below 20 % accuracy, where a 20-point drop is impossible")
 def test_world2_cbm_intervention_removes_every_class(world2_interventions):
     rows = world2_interventions
     assert all(r["own"] <= Fraction(-20, 100) for r in rows)

@@ -429,3 +429,34 @@ def test_names_of_another_sae_are_refused_before_any_work(toy, tmp_path, capsys,
         train_cbm(dataclasses.replace(small, target_concepts_per_class=1.0, n_lambdas=3))
     msgs = [r.getMessage() for r in caplog.records if "holds a CBM made with other settings" in r.getMessage()]
     assert len(msgs) == 1 and "target_concepts_per_class: 2.0 -> 1.0" in msgs[0] and "n_lambdas: 4 -> 3" in msgs[0], msgs
+
+
+def test_train_and_val_sets_must_name_their_classes_alike(toy, tmp_path):
+    """A validation set whose manifest names the classes otherwise than the training set's (other classes, or the same
+    in another order) is refused before any work: label i would be one class in training and another in validation.
+    A set that names none is taken as meaning the other's classes, with a warning (the newcomer's report: a training
+    set without names and a validation set with 1,000 ImageNet names passed without a word)."""
+    import shutil
+
+    cfg = toy["cfg"]
+    for kind in ("reversed", "none"):
+        val = shutil.copytree(cfg.val_shards, tmp_path / f"val_{kind}")
+        man = json.loads((val / "manifest.json").read_text())
+        names = man["label_names"]["colour_shape"]
+        if kind == "reversed":
+            man["label_names"]["colour_shape"] = names[::-1]
+        else:
+            del man["label_names"]["colour_shape"]
+        (val / "manifest.json").write_text(json.dumps(man))
+        small = CBMConfig(sae=cfg.sae, concepts=cfg.concepts, train_shards=cfg.train_shards, val_shards=str(val),
+                          label_column="colour_shape", zero_shot=False, max_iter=30, n_lambdas=4, bisect_steps=1,
+                          target_concepts_per_class=2.0, refit=False, out=str(tmp_path / f"cbm_{kind}"))
+        if kind == "reversed":
+            with pytest.raises(CBMError, match=f"name their 'colour_shape' labels otherwise .*label 0 is {names[0]!r} "
+                                               f"vs {names[-1]!r}"):
+                train_cbm(small)
+            assert not (tmp_path / "cbm_reversed").exists()
+        else:
+            with pytest.warns(UserWarning, match="only the training set names its 'colour_shape' labels"):
+                res = train_cbm(small)
+            assert res["classes"][0]["name"] == names[0]

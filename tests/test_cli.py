@@ -148,7 +148,7 @@ def test_a_sweep_typo_then_the_corrected_command_runs(small_shards, tmp_path, ca
     rc, cap = _run_sweep(argv + ["--architecture", "relu"], capsys)
     assert rc == 0, cap.err
     assert cap.out.strip() == str(out) and (out / "selection.json").is_file()
-    assert "trained 1 of 1 trials" in cap.err and "chosen:" in cap.err  # the summary
+    assert "1 of 1 planned trials finished" in cap.err and "chosen:" in cap.err  # the summary
 
 
 def test_bare_boolean_flags_and_bad_values(small_shards, tmp_path, capsys):
@@ -206,3 +206,30 @@ def test_an_os_error_is_one_line_with_a_hint_that_fits_it(error, hint, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("visae x: error: ") and hint in err
     assert ("free space" in err) == (hint == "free space")
+
+
+def test_a_visae_warning_is_one_line_naming_the_command():
+    """A UserWarning raised in visae's code printed as Python formats it (file, line number, the source line); on the
+    command line it is one line under the command's name, and other packages' warnings keep Python's format. (In a
+    child process: pytest records warnings instead of printing them.)"""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys, warnings
+        from visae.cli import run_main
+        from visae.train import data
+
+        def fn(argv):
+            warnings.warn_explicit("the lr warm-up\\nwill not complete", UserWarning, data.__file__, 10)
+            warnings.warn_explicit("elsewhere", UserWarning, "/site-packages/other/mod.py", 3)
+            return 0
+
+        rc = run_main("visae train", fn, [])
+        assert warnings.formatwarning.__name__ == "formatwarning", warnings.formatwarning  # restored
+        sys.exit(rc)
+    """
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "visae train: warning: the lr warm-up; will not complete\n" in p.stderr, p.stderr  # one_line joins lines
+    assert "mod.py:3: UserWarning: elsewhere" in p.stderr, p.stderr

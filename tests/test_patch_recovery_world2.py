@@ -223,8 +223,8 @@ def test_end_to_end_on_a_random_toyclip2(world, tmp_path, capsys, monkeypatch):
     assert (got["config"]["sae"], got["config"]["out"]) == (str(tmp_path / "sae"), str(tmp_path / "pr.json"))
     assert [r.get("in_box") for r in got["values"]] == [None if r.get("in_box") != r.get("in_box") else r.get("in_box")
                                                         for r in res["values"]]
-    # bad input: one line naming the problem, exit 1, nothing written
-    assert cli.main(argv[:5] + ["--world_dir", str(tmp_path / "gone"), "--out", str(tmp_path / "no.json")]) == 1
+    # bad input: one line naming the problem, a usage error (exit 2), nothing written
+    assert cli.main(argv[:5] + ["--world_dir", str(tmp_path / "gone"), "--out", str(tmp_path / "no.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("visae patch-recovery: error: ") and "gone" in err[0], err
     assert not (tmp_path / "no.json").exists()

@@ -216,3 +216,22 @@ def test_sweep_selection_refuses_bad_rule_settings(kw, expect):
     with pytest.raises(ConfigError, match=expect):
         SweepSelection(**kw)
     SweepSelection(rule="sparsest_within", max_drop=0.0)  # zero tolerance is allowed
+
+
+def test_a_degenerate_trial_is_never_chosen(tmp_path):
+    """A diverged trial (every latent dead, EV -1.7e8: what a sweep with lr 100 trained) tied on score with working
+    ones won the lower-L0 tie-break with its L0 of 0; it is infeasible under every rule, and says why. A short run
+    slightly below EV 0 is kept."""
+    trials = {"ok": (0.80, 20.0, 0.0), "dead": (0.80, 0.0, 1.0), "neg": (0.79, 10.0, 0.0), "short": (0.78, 5.0, 0.0)}
+    _sweep(tmp_path, trials)
+    scores = _scores(trials)
+    scores["dead"]["result"]["recon"]["explained_variance"] = -1.7e8
+    scores["neg"]["result"]["recon"]["explained_variance"] = -3.0  # diverged with live latents
+    scores["short"]["result"]["recon"]["explained_variance"] = -0.05
+    for rule, kw in (("best", {}), ("sparsest_within", {"max_drop": 50.0})):
+        rows = {r["trial"]: r for r in leaderboard(tmp_path / "sw", scores, "zeroshot_top1", None, None, rule=rule, **kw)}
+        assert not rows["dead"]["feasible"] and "every latent dead (L0 0)" in rows["dead"]["excluded_by"]
+        assert "explained variance -1.7e+08 < -1" in rows["dead"]["excluded_by"]
+        assert not rows["neg"]["feasible"] and "explained variance -3 < -1 (diverged)" == rows["neg"]["excluded_by"].split("; ")[-1].removeprefix("degenerate: ")
+        assert rows["short"]["feasible"]
+        assert [k for k, r in rows.items() if r["chosen"]] == (["ok"] if rule == "best" else ["short"])

@@ -407,3 +407,21 @@ def test_a_sweep_shorter_than_its_warmups_says_so(tmp_path, planted, capsys):
     assert f"visae sweep: warning: the run is {steps} steps" in err, err
     summary = format_summary(tmp_path / "sw")
     assert f"warning: the run ended at step {steps}, before its lr and lambda warm-up completed" in summary, summary
+
+
+def test_sweep_refuses_a_selection_set_of_other_classes_before_training(tmp_path):
+    """A selection set whose manifest names 3 classes against a 2-class benchmark was refused only after every trial
+    had trained (the newcomer's report: 1,000 ImageNet names against 20 classes, hours into a real grid)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with ShardWriter(tmp_path / "s", 8, source={"model": "m"}, label_names={"label": ["a", "b", "c"]}) as w:
+        w.add(x, ids=[str(i) for i in range(64)], labels=rng.integers(0, 3, 64))
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    cfg = _cfg(tmp_path / "s", tmp_path / "sw", metric="zeroshot_top1", benchmark="files",
+               classnames_file=str(tmp_path / "classes.txt"))
+    with pytest.raises(SweepError, match=r"label_names\['label'\] has 3 classes but the zero-shot benchmark has 2"):
+        sweep(cfg)
+    assert not (tmp_path / "sw" / "trials").exists()

@@ -768,3 +768,17 @@ def test_world2_benchmarks_and_auto_detection(tmp_path):
         with ShardWriter(tmp_path / fmt, 4, source=src) as w:
             w.add(np.ones((2, 4), np.float32), ids=["a", "b"])
         assert _auto_benchmark(ShardSet(tmp_path / fmt), "label") == want
+
+
+def test_empty_benchmark_files_are_named(tmp_path):
+    """An empty class-names file gave 'label 19 is out of range for a 0-class benchmark', an empty templates file a
+    traceback; both now name the file and what was expected."""
+    from visae.zeroshot import benchmark_classes
+
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    with pytest.raises(ZeroShotError, match=r"--classnames_file .*empty.txt: no class names"):
+        benchmark_classes("files", str(tmp_path / "empty.txt"))
+    with pytest.raises(ZeroShotError, match=r"--templates_file .*empty.txt: no templates"):
+        benchmark_classes("files", str(tmp_path / "classes.txt"), str(tmp_path / "empty.txt"))
+    assert benchmark_classes("files", str(tmp_path / "classes.txt"))[0] == ["cat", "dog"]

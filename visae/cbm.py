@@ -539,8 +539,8 @@ def concept_features(sae: Any, shards: ShardSet, label_column: str, *, member: i
     return codes[idx], torch.from_numpy(labels[keep]), x[idx]
 
 
-def _classnames(train: ShardSet, column: str, n_classes: int) -> list[str]:
-    names = train.label_names.get(column) or []
+def _classnames(train: ShardSet, column: str, n_classes: int, val: ShardSet | None = None) -> list[str]:
+    names = train.label_names.get(column) or (val.label_names.get(column) if val is not None else None) or []
     if len(names) >= n_classes:
         return list(names)
     return [str(i) for i in range(n_classes)]
@@ -625,6 +625,18 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
         if cfg.label_column != "label" and cfg.label_column not in ss.manifest.get("columns", {}):
             raise CBMError(f"--{name} {ss.path}: no column {cfg.label_column!r}; columns: "
                            f"['label', {', '.join(map(repr, ss.manifest.get('columns', {})))}]")
+    names_t, names_v = (ss.label_names.get(cfg.label_column) or [] for ss in (train, val))
+    if names_t and names_v and list(names_t) != list(names_v):  # label i would be one class in train, another in val
+        bad = next((i for i, (a, b) in enumerate(zip(names_t, names_v)) if a != b), min(len(names_t), len(names_v)))
+        raise CBMError(f"--train_shards and --val_shards name their {cfg.label_column!r} labels otherwise (manifest "
+                       f"label_names: {len(names_t)} vs {len(names_v)} classes; label {bad} is "
+                       f"{names_t[bad] if bad < len(names_t) else None!r} vs {names_v[bad] if bad < len(names_v) else None!r})")
+    if bool(names_t) != bool(names_v):
+        import warnings
+
+        warnings.warn(f"only the {'training' if names_t else 'validation'} set names its {cfg.label_column!r} labels "
+                      "(manifest label_names); the class indices of the two sets are taken to mean the same classes",
+                      UserWarning, stacklevel=2)
 
     sae.eval()
     codes_t, y_t, x_t = concept_features(sae, train, cfg.label_column, member=cfg.member, batch_size=cfg.batch_size,
@@ -632,7 +644,7 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
     codes_v, y_v, x_v = concept_features(sae, val, cfg.label_column, member=cfg.member, batch_size=cfg.batch_size,
                                          device=cfg.device)
     C = int(max(y_t.max(), y_v.max())) + 1
-    classnames = _classnames(train, cfg.label_column, C)
+    classnames = _classnames(train, cfg.label_column, C, val)
     if cfg.latents == "named":
         cand = [j for j in range(sae.d_sae) if names[j]]
     else:

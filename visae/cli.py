@@ -69,6 +69,16 @@ def run_main(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] |
     instead. ``visae <command>`` runs every stage through it, and so does each module's ``python -m visae.<module>``.
     ``argv`` defaults to ``sys.argv[1:]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    import warnings
+
+    def one_line_warning(message, category, filename, lineno, line=None):  # noqa: ANN001 (warnings' signature)
+        # visae's own warnings are messages for the user ("visae train: warning: ..."), not a source line to debug
+        if category is UserWarning and "/visae/" in str(filename).replace("\\", "/"):
+            return f"{prog}: warning: {one_line(message)}\n"
+        return default_format(message, category, filename, lineno, line)
+
+    default_format = warnings.formatwarning
+    warnings.formatwarning = one_line_warning
     try:
         return int(fn(argv) or 0)
     except VisaeError as e:
@@ -92,6 +102,8 @@ def run_main(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] |
             hint = "free space or fix the path's permissions and rerun the same command (it continues from what was committed)"
         print(f"{prog}: error: {e.strerror or e}{where}; {hint}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = default_format
 
 
 def one_line(e: BaseException) -> str:

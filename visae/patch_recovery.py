@@ -74,7 +74,10 @@ WORLD2_OBJECT_FACTORS = ("shape", "colour_family", "colour", "texture")  # world
 
 class PatchRecoveryError(VisaeError, ValueError):
     """Bad input to patch-level recovery: not a patch-token set, a set of neither synthetic world, a world record
-    missing or unlike the shards, an unknown factor; the message names the file / field and what was expected."""
+    missing or unlike the shards, an unknown factor; the message names the file / field and what was expected.
+    A usage error on the command line (exit status 2), as zeroshot's refusals of such input are."""
+
+    exit_code = 2
 
 
 def box_coverage(boxes: np.ndarray, grid: Sequence[int], image_size: int) -> np.ndarray:

@@ -284,10 +284,27 @@ def _drop_points(row: dict[str, Any], metric: str) -> float | None:
     return 100.0 * (float(clean) - row["score"])
 
 
+def degenerate_reasons(row: dict[str, Any]) -> list[str]:
+    """Why a trial's reconstructions are no SAE's worth choosing, whatever the constraints: every latent dead (L0 0:
+    the reconstruction is the decoder bias), or an explained variance below -1 or not finite (a squared error over
+    twice the data's variance: a diverged run; an untrained SAE whose codes are all 0 has EV 0, a short run of a
+    working one may be a little below 0 and is kept). Empty when neither. Such a trial scores near a constant
+    predictor's zero-shot accuracy; tied with the others within noise, it won the lower-L0 tie-break (L0 0)."""
+    out = []
+    l0, ev = row.get("l0"), row.get("explained_variance")
+    if isinstance(l0, (int, float)) and l0 == 0:
+        out.append("degenerate: every latent dead (L0 0)")
+    if isinstance(ev, (int, float)) and not ev >= -1:
+        out.append(f"degenerate: explained variance {ev:.3g} < -1 (diverged)")
+    return out
+
+
 def leaderboard(out: Path, scores: dict[str, dict[str, Any]], metric: str, max_l0: float | None,
                 max_dead: float | None, rule: str = "best", max_drop: float | None = None) -> list[dict[str, Any]]:
     """One row per scored trial, in the rule's order; marks feasible, Pareto-optimal (L0 vs metric) and chosen.
 
+    A trial is infeasible when unfinished, outside ``max_l0`` / ``max_dead``, of a non-finite score, or degenerate
+    (:func:`degenerate_reasons`: every latent dead, or explained variance < -1: diverged).
     ``rule`` "best": the feasible trial with the highest metric (ties: lower L0, then name) is
     chosen. "sparsest_within": a trial is feasible only if, besides the constraints, its
     zero-shot drop ``drop_pts`` = 100 (clean - reconstruction accuracy) <= ``max_drop``
@@ -322,6 +339,7 @@ def leaderboard(out: Path, scores: dict[str, dict[str, Any]], metric: str, max_l
             why.append(f"dead {row['dead_fraction']:.3f} > {max_dead:g}")
         if not math.isfinite(row["score"]):
             why.append("score not finite")
+        why += degenerate_reasons(row)
         row["drop_pts"] = _drop_points(row, metric)
         row["within_max_drop"] = None
         if rule == "sparsest_within":

@@ -500,13 +500,18 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
                 raise SweepError(f"--{flag} {path}: no such file")
         if sel.metric != "explained_variance":
             from visae.backbones import parse_backbone_name
-            from visae.zeroshot import benchmark_classes
+            from visae.zeroshot import _resolve_label_column, benchmark_classes, check_label_names
 
             try:
                 if sel.classifier.model:
                     _check_model_name(*parse_backbone_name(sel.classifier.model, sel.classifier.pretrained))
                 if sel.classifier.benchmark != "auto":
-                    benchmark_classes(sel.classifier.benchmark, sel.classifier.classnames_file, sel.classifier.templates_file)
+                    names, _, column = benchmark_classes(sel.classifier.benchmark, sel.classifier.classnames_file,
+                                                         sel.classifier.templates_file)
+                    # the selection set's label names against the benchmark's classes: found after training every
+                    # trial, it was too late
+                    target = val if sel.val_shards else shards
+                    check_label_names(target, _resolve_label_column(target, sel.classifier.label_column, column), names)
             except (ValueError, OSError) as e:
                 raise SweepError(f"selection: {e}") from None
             _check_zeroshot_selectable(cfg, shards)
@@ -581,7 +586,8 @@ def _sweep_locked(cfg: SweepConfig, shards: Any, tcfg: Any, out: Path) -> Path:
 
 
 def format_summary(out: str | Path) -> str:
-    """The sweep's trials (finished, of planned), the best one's held-out EV / L0 / dead fraction, where they are."""
+    """The sweep's trials (finished by this run or an earlier one, of planned), the best one's held-out EV / L0 /
+    dead fraction, where they are."""
     from visae.sweepdir import SweepDir
 
     out = Path(out)
@@ -599,7 +605,7 @@ def format_summary(out: str | Path) -> str:
         if extra.get("finished"):
             rows.append((name, extra.get("val") or {}))
             flags |= set(extra.get("warnings") or [])  # the trainer's: random-weight backbone, warm-ups not done
-    lines = [f"trained {len(rows)} of {len(names)} trials in {out / 'trials'}"]
+    lines = [f"{len(rows)} of {len(names)} planned trials finished in {out / 'trials'}"]
     evs = [(n, v) for n, v in rows if v.get("explained_variance") is not None]  # null: undefined (no spread)
     if evs:
         name, val = max(evs, key=lambda r: r[1]["explained_variance"])

@@ -210,7 +210,8 @@ def benchmark_classes(benchmark: str, classnames_file: str | None = None,
     ``files``: names / templates from text files.
 
     Raises:
-        ZeroShotError: an unknown benchmark or benchmark name; ``files`` without a class-names file.
+        ZeroShotError: an unknown benchmark or benchmark name; ``files`` without a class-names file, or with an empty
+            class-names or templates file.
     """
     if benchmark == "imagenet":
         import open_clip
@@ -229,8 +230,13 @@ def benchmark_classes(benchmark: str, classnames_file: str | None = None,
         if not classnames_file:
             raise ZeroShotError("benchmark 'files' needs --classnames_file (one class name a line)")
         names = [ln.strip() for ln in Path(classnames_file).read_text().splitlines() if ln.strip()]
+        if not names:
+            raise ZeroShotError(f"--classnames_file {classnames_file}: no class names (expected one class name a line)")
         templates = (["{}"] if not templates_file else
                      [ln.strip() for ln in Path(templates_file).read_text().splitlines() if ln.strip()])
+        if not templates:
+            raise ZeroShotError(f"--templates_file {templates_file}: no templates (expected one template a line, with "
+                                "'{}' where the class name goes, e.g. 'a photo of a {}.')")
         return names, _template_strings(templates), None
     raise ZeroShotError(f"unknown benchmark {benchmark!r}; expected imagenet, toy, toy:<factor>, world2, "
                         "world2:<factor> or files")
@@ -441,6 +447,26 @@ def _sae_forward(sae: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return x_hat, f
 
 
+def check_label_names(ss: ShardSet, label_column: str, classnames: Sequence[str]) -> None:
+    """Refuse a shard set whose manifest names its labels (``label_names[label_column]``) otherwise than the benchmark
+    ``classnames``: another number of classes, or the same classes in another order (label i would be scored against
+    another class's text). Cheap (the manifest only): commands run it before any work. A set that names no labels
+    passes (its labels are checked against the class count while scored).
+
+    Raises:
+        ZeroShotError: naming the shard set, the field and both counts or the first label that differs.
+    """
+    names = ss.label_names.get(label_column)
+    C = len(classnames)
+    if names is not None and len(names) not in (0, C):
+        raise ZeroShotError(f"{ss.path}: manifest label_names[{label_column!r}] has {len(names)} classes but the "
+                            f"zero-shot benchmark has {C}")
+    if names and list(names) != list(classnames) and sorted(names) == sorted(classnames):
+        bad = next(i for i, (a, b) in enumerate(zip(names, classnames)) if a != b)
+        raise ZeroShotError(f"{ss.path}: label {bad} is {names[bad]!r} in manifest label_names[{label_column!r}] "
+                            f"but {classnames[bad]!r} in the zero-shot benchmark: same classes, different order")
+
+
 def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier | None, sae: Any = None, *,
              label_column: str = "label", batch_size: int = 8192, ks: Sequence[int] = (1, 5),
              device: str | torch.device = "cpu", progress: bool = False, sae_chunk_elems: int = 1 << 25
@@ -467,16 +493,7 @@ def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier | None, 
             raise ZeroShotError(f"{ss.path}: activations have d={ss.d} but the classifier's text embeddings have "
                                 f"D={classifier.weights.shape[1]}; not the same model's embedding space")
         C = classifier.num_classes
-        names = ss.label_names.get(label_column)
-        if names is not None and len(names) not in (0, C):
-            raise ZeroShotError(f"{ss.path}: manifest label_names[{label_column!r}] has {len(names)} classes but the "
-                                f"zero-shot benchmark has {C}")
-        if names and list(names) != list(classifier.classnames) and sorted(names) == sorted(classifier.classnames):
-            # the same classes in another order: label i would be scored against the wrong text embedding
-            bad = next(i for i, (a, b) in enumerate(zip(names, classifier.classnames)) if a != b)
-            raise ZeroShotError(f"{ss.path}: label {bad} is {names[bad]!r} in manifest label_names[{label_column!r}] "
-                                f"but {classifier.classnames[bad]!r} in the zero-shot benchmark: same classes, "
-                                "different order")
+        check_label_names(ss, label_column, classifier.classnames)
         ks = tuple(k for k in ks if k <= C) or (1,)
         classifier = ZeroShotClassifier(classifier.weights.to(dev), classifier.logit_scale, classifier.classnames,
                                         classifier.key)
@@ -643,6 +660,7 @@ def _classifier_and_backbone(ss: ShardSet, *, model: str, pretrained: str | None
         benchmark = _auto_benchmark(ss, label_column or "label")
     classnames, templates, bench_column = benchmark_classes(benchmark, classnames_file, templates_file)
     column = _resolve_label_column(ss, label_column, bench_column)
+    check_label_names(ss, column, classnames)  # before the text tower embeds C x T prompts
     load_pre = None if pretrained in (None, "shipped") else pretrained
     backbone = load_backbone(model, load_pre, random_init=random_init, device=device,
                              seed=int(src.get("seed", 0) or 0))

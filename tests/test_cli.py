@@ -222,7 +222,8 @@ def test_a_visae_warning_is_one_line_naming_the_command():
 
         def fn(argv):
             warnings.warn_explicit("the lr warm-up\\nwill not complete", UserWarning, data.__file__, 10)
-            warnings.warn_explicit("elsewhere", UserWarning, "/site-packages/other/mod.py", 3)
+            warnings.warn_explicit("elsewhere", UserWarning, "/home/u/visae/.venv/site-packages/torch/mod.py", 3)
+            warnings.warn_explicit("no spread", RuntimeWarning, data.__file__, 20)
             return 0
 
         rc = run_main("visae train", fn, [])
@@ -232,4 +233,5 @@ def test_a_visae_warning_is_one_line_naming_the_command():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "visae train: warning: the lr warm-up; will not complete\n" in p.stderr, p.stderr  # one_line joins lines
-    assert "mod.py:3: UserWarning: elsewhere" in p.stderr, p.stderr
+    assert "torch/mod.py:3: UserWarning: elsewhere" in p.stderr, p.stderr  # another package, under a visae checkout
+    assert "visae train: warning: no spread\n" in p.stderr, p.stderr

@@ -228,6 +228,8 @@ def test_end_to_end_on_a_random_toyclip2(world, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("visae patch-recovery: error: ") and "gone" in err[0], err
     assert not (tmp_path / "no.json").exists()
+    assert cli.main(["patch-recovery", "--sae", str(tmp_path / "no_sae"), "--shards", str(shards.path)]) == 2
+    assert "visae patch-recovery: error: " in capsys.readouterr().err
 
 
 def test_box_coverage_of_continuous_overlapping_boxes():

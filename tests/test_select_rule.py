@@ -235,3 +235,15 @@ def test_a_degenerate_trial_is_never_chosen(tmp_path):
         assert not rows["neg"]["feasible"] and "explained variance -3 < -1 (diverged)" == rows["neg"]["excluded_by"].split("; ")[-1].removeprefix("degenerate: ")
         assert rows["short"]["feasible"]
         assert [k for k, r in rows.items() if r["chosen"]] == (["ok"] if rule == "best" else ["short"])
+
+
+def test_a_sweep_of_degenerate_trials_only_says_so(tmp_path, fake_scores, monkeypatch):
+    """When every trial diverged the error blamed constraints that were not set; it now says every trial is
+    degenerate and what to change, and the leaderboard's table shows why each trial is excluded."""
+    trials = {"a": (0.2, 0.0, 1.0), "b": (0.2, 0.0, 1.0)}
+    sw = _sweep(tmp_path, trials)
+    monkeypatch.setattr(visae.select, "score_trials", lambda out, names=None, **kw: _scores(trials))
+    with pytest.raises(SelectError, match=r"every one of the 2 trials is degenerate .*lower lr or lambda"):
+        select(SelectConfig(sweep=str(sw), progress=False))
+    md = (sw / "leaderboard.md").read_text()
+    assert "excluded_by" in md and "degenerate: every latent dead (L0 0)" in md

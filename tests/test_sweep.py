@@ -425,3 +425,13 @@ def test_sweep_refuses_a_selection_set_of_other_classes_before_training(tmp_path
     with pytest.raises(SweepError, match=r"label_names\['label'\] has 3 classes but the zero-shot benchmark has 2"):
         sweep(cfg)
     assert not (tmp_path / "sw" / "trials").exists()
+    # the default benchmark "auto" is resolved and checked the same way (a 1,000-class ImageNet set, 3 names)
+    with ShardWriter(tmp_path / "inet", 8, source={"model": "m", "dataset": "/data/imagenet/val"},
+                     label_names={"label": ["a", "b", "c"]}) as w:
+        w.add(x, ids=[str(i) for i in range(64)], labels=rng.integers(0, 3, 64))
+    with pytest.raises(SweepError, match=r"has 3 classes but the zero-shot benchmark has 1000"):
+        sweep(_cfg(tmp_path / "inet", tmp_path / "sw", metric="zeroshot_top1"))
+    # no selection set at all: refused before training too (select found it after every trial had trained)
+    with pytest.raises(SweepError, match="no selection set: no --val_shards and --val_fraction 0"):
+        sweep(_cfg(tmp_path / "s", tmp_path / "sw", val_fraction=0.0))
+    assert not (tmp_path / "sw" / "trials").exists()

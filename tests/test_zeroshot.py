@@ -782,3 +782,6 @@ def test_empty_benchmark_files_are_named(tmp_path):
     with pytest.raises(ZeroShotError, match=r"--templates_file .*empty.txt: no templates"):
         benchmark_classes("files", str(tmp_path / "classes.txt"), str(tmp_path / "empty.txt"))
     assert benchmark_classes("files", str(tmp_path / "classes.txt"))[0] == ["cat", "dog"]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ZeroShotError, match=r"--classnames_file .*latin1.txt is not UTF-8 text \(byte 3\)"):
+        benchmark_classes("files", str(tmp_path / "latin1.txt"))

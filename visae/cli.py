@@ -71,9 +71,12 @@ def run_main(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] |
     argv = list(sys.argv[1:] if argv is None else argv)
     import warnings
 
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
     def one_line_warning(message, category, filename, lineno, line=None):  # noqa: ANN001 (warnings' signature)
-        # visae's own warnings are messages for the user ("visae train: warning: ..."), not a source line to debug
-        if category is UserWarning and "/visae/" in str(filename).replace("\\", "/"):
+        # visae's own warnings are messages for the user ("visae train: warning: ..."), not a source line to debug;
+        # other packages' (torch's, also under a checkout named visae) keep Python's format
+        if issubclass(category, (UserWarning, RuntimeWarning)) and os.path.abspath(str(filename)).startswith(package):
             return f"{prog}: warning: {one_line(message)}\n"
         return default_format(message, category, filename, lineno, line)
 

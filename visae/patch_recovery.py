@@ -526,9 +526,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"visae patch-recovery: error: {e}", file=sys.stderr)
         return 2
-    res = patch_recovery(cfg.sae, cfg.shards, world_seed=cfg.world_seed, world_dir=cfg.world_dir,
-                         factors=cfg.factors or None, object_factors=cfg.object_factors or None, auroc_at=cfg.auroc_at,
-                         heat_at=cfg.heat_at, n_top=cfg.n_top, image_score=cfg.image_score)
+    from visae.sae import SAEFormatError
+    from visae.shards import ShardError
+
+    try:
+        res = patch_recovery(cfg.sae, cfg.shards, world_seed=cfg.world_seed, world_dir=cfg.world_dir,
+                             factors=cfg.factors or None, object_factors=cfg.object_factors or None,
+                             auroc_at=cfg.auroc_at, heat_at=cfg.heat_at, n_top=cfg.n_top, image_score=cfg.image_score)
+    except (ShardError, SAEFormatError) as e:  # a missing or bad --sae / --shards: a usage error, as in zeroshot
+        print(f"visae patch-recovery: error: {e}", file=sys.stderr)
+        return 2
     from visae.config import absolute_paths
 
     # file and directory arguments recorded absolute: as typed (relative) they did not say which from elsewhere

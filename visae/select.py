@@ -286,15 +286,16 @@ def _drop_points(row: dict[str, Any], metric: str) -> float | None:
 
 def degenerate_reasons(row: dict[str, Any]) -> list[str]:
     """Why a trial's reconstructions are no SAE's worth choosing, whatever the constraints: every latent dead (L0 0:
-    the reconstruction is the decoder bias), or an explained variance below -1 or not finite (a squared error over
+    the reconstruction is the decoder bias), or an explained variance below -1 or infinite (a squared error over
     twice the data's variance: a diverged run; an untrained SAE whose codes are all 0 has EV 0, a short run of a
     working one may be a little below 0 and is kept). Empty when neither. Such a trial scores near a constant
-    predictor's zero-shot accuracy; tied with the others within noise, it won the lower-L0 tie-break (L0 0)."""
+    predictor's zero-shot accuracy; tied with the others within noise, it won the lower-L0 tie-break (L0 0). An EV
+    of NaN (a selection set without spread: undefined) is no reason."""
     out = []
     l0, ev = row.get("l0"), row.get("explained_variance")
     if isinstance(l0, (int, float)) and l0 == 0:
         out.append("degenerate: every latent dead (L0 0)")
-    if isinstance(ev, (int, float)) and not ev >= -1:
+    if isinstance(ev, (int, float)) and (ev < -1 or math.isinf(ev)):  # NaN: undefined (no spread), not a fault
         out.append(f"degenerate: explained variance {ev:.3g} < -1 (diverged)")
     return out
 
@@ -434,8 +435,9 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
         md_cols.append("within_max_drop")
     if any(r.get("recovered") is not None for r in rows):
         md_cols.append("recovered")
-    md_cols += ["l0", "dead_fraction",
-               "explained_variance", "feasible", "pareto", "tied", "chosen"]
+    md_cols += ["l0", "dead_fraction", "explained_variance", "feasible", "pareto", "tied", "chosen"]
+    if any(r.get("excluded_by") for r in rows):  # why a trial is not feasible: a constraint, or degenerate
+        md_cols.append("excluded_by")
     clean = next((r["clean_top1"] for r in rows if r.get("clean_top1") is not None), None)
     cons = ", ".join(f"{k} <= {v:g}" for k, v in constraints.items() if v is not None) or "none"
     lines = [f"# Sweep leaderboard: {out}", "",
@@ -455,7 +457,7 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
         lines.append(f"Chosen: none (no trial meets the constraints with a drop of at most {max_drop:g} points; "
                      "see drop_pts and excluded_by).")
     else:
-        lines.append("Chosen: none (no trial meets the constraints).")
+        lines.append("Chosen: none (no trial meets the constraints; see excluded_by).")
     if any(r.get("drop_pts") is not None for r in rows):
         lines.append("drop_pts: clean minus reconstruction zero-shot accuracy of the metric, percentage points "
                      "(drop_vs_l0.png plots it against L0).")
@@ -526,7 +528,7 @@ def _plot(out: Path, rows: list[dict[str, Any]], metric: str, max_l0: float | No
     _mark_chosen_and_l0_axis(ax, rows, "score", "chosen")
     ax.set_ylabel({"zeroshot_top1": "zero-shot top-1 of reconstructions", "zeroshot_top5":
                    "zero-shot top-5 of reconstructions"}.get(metric, metric))
-    ax.set_title(f"{out.name}: {len(rows)} trials" + (" (hollow: excluded by constraints)"
+    ax.set_title(f"{out.name}: {len(rows)} trials" + (" (hollow: excluded by constraints or degenerate)"
                                                        if any(not r["feasible"] for r in rows) else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -624,6 +626,12 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                 "config": absolute_paths(asdict(cfg), ("sweep", "val_shards"))}  # paths absolute, not as typed
         if chosen is None:  # a failed selection changes neither best/ nor selection.json
             kept = " (the previous selection.json and best/ are kept)" if sd.best_dir.is_dir() else ""
+            degenerate = [r for r in rows if "degenerate: " in r["excluded_by"]]
+            if rows and len(degenerate) == len(rows):  # no constraint or tolerance is to blame: every run failed
+                raise SelectError(f"{out}: every one of the {len(rows)} trials is degenerate (every latent dead, or "
+                                  "explained variance < -1: diverged), e.g. " + f"{rows[0]['trial']}: "
+                                  f"{rows[0]['excluded_by']}; train with a lower lr or lambda (see "
+                                  f"{sd.leaderboard_md}, column excluded_by){kept}")
             if rule == "sparsest_within":
                 others = [r for r in rows if r["drop_pts"] is not None and not any(
                     w for w in r["excluded_by"].split("; ") if w and not w.startswith("drop "))]

@@ -483,6 +483,9 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
             raise SweepError("--wandb: the wandb package is not installed (pip install wandb)")
     if cfg.select:
         sel = cfg.selection
+        if not sel.val_shards and not tcfg.val_fraction > 0:  # found by select after training every trial
+            raise SweepError("no selection set: no --val_shards and --val_fraction 0 holds nothing out of --shards; "
+                             "pass --val_shards, a --val_fraction > 0, or --no_select")
         if sel.val_shards:
             try:
                 val = ShardSet(sel.val_shards)
@@ -500,18 +503,19 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
                 raise SweepError(f"--{flag} {path}: no such file")
         if sel.metric != "explained_variance":
             from visae.backbones import parse_backbone_name
-            from visae.zeroshot import _resolve_label_column, benchmark_classes, check_label_names
+            from visae.zeroshot import _auto_benchmark, _resolve_label_column, benchmark_classes, check_label_names
 
             try:
                 if sel.classifier.model:
                     _check_model_name(*parse_backbone_name(sel.classifier.model, sel.classifier.pretrained))
-                if sel.classifier.benchmark != "auto":
-                    names, _, column = benchmark_classes(sel.classifier.benchmark, sel.classifier.classnames_file,
-                                                         sel.classifier.templates_file)
-                    # the selection set's label names against the benchmark's classes: found after training every
-                    # trial, it was too late
-                    target = val if sel.val_shards else shards
-                    check_label_names(target, _resolve_label_column(target, sel.classifier.label_column, column), names)
+                # the selection set's label names against the benchmark's classes (the benchmark "auto" resolved as
+                # scoring will): found after training every trial, it was too late
+                target = val if sel.val_shards else shards
+                bench = sel.classifier.benchmark
+                if bench == "auto":
+                    bench = _auto_benchmark(target, sel.classifier.label_column or "label")
+                names, _, column = benchmark_classes(bench, sel.classifier.classnames_file, sel.classifier.templates_file)
+                check_label_names(target, _resolve_label_column(target, sel.classifier.label_column, column), names)
             except (ValueError, OSError) as e:
                 raise SweepError(f"selection: {e}") from None
             _check_zeroshot_selectable(cfg, shards)

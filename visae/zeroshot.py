@@ -229,11 +229,17 @@ def benchmark_classes(benchmark: str, classnames_file: str | None = None,
     if benchmark == "files":
         if not classnames_file:
             raise ZeroShotError("benchmark 'files' needs --classnames_file (one class name a line)")
-        names = [ln.strip() for ln in Path(classnames_file).read_text().splitlines() if ln.strip()]
+        def lines(path: str, flag: str) -> list[str]:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ZeroShotError(f"{flag} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+            return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+        names = lines(classnames_file, "--classnames_file")
         if not names:
             raise ZeroShotError(f"--classnames_file {classnames_file}: no class names (expected one class name a line)")
-        templates = (["{}"] if not templates_file else
-                     [ln.strip() for ln in Path(templates_file).read_text().splitlines() if ln.strip()])
+        templates = ["{}"] if not templates_file else lines(templates_file, "--templates_file")
         if not templates:
             raise ZeroShotError(f"--templates_file {templates_file}: no templates (expected one template a line, with "
                                 "'{}' where the class name goes, e.g. 'a photo of a {}.')")

@@ -294,12 +294,12 @@ def test_dense_loss_balances_object_and_background_patches():
                                            y.flatten(), reduction="none")
     obj = y.flatten() != 3
     torch.testing.assert_close(loss, (ce[obj].mean() + ce[~obj].mean()) / 2)
-    assert 0.0 <= acc["0"] <= 1.0
+    assert 0.0 <= acc[0] <= 1.0
     loss_bg, acc_bg = toyclip.dense_loss(tok, [head], torch.full((2, 10, 1), 3), [3])  # no object patch: background only
     torch.testing.assert_close(loss_bg, ce[~obj].new_tensor(
         torch.nn.functional.cross_entropy(head(torch.nn.functional.layer_norm(tok, (6,))).flatten(0, 1),
                                           torch.full((20,), 3)).item()))
-    assert np.isnan(acc_bg["0"])
+    assert np.isnan(acc_bg[0])
 
 
 def test_dense_heads_and_init_fine_tune(tmp_path):

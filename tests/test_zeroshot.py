@@ -648,6 +648,7 @@ def test_site_mismatch_compares_the_pretrained_weights(tmp_path):
     assert same_weights("LAION2B-S34B-B79K", "laion2b_s34b_b79k") is True
     assert same_weights("hf-hub:laion/CLIP-ViT-B-32", "hf-hub:openai/CLIP-ViT-B-32") is False
     assert same_weights("hf-hub:laion/CLIP-ViT-B-32", "hf-hub:laion/CLIP-ViT-B-32") is True
+    assert same_weights("hf-hub:laion/CLIP-ViT-B-32", "laion2b_s34b_b79k") is None  # one weights, two names: untold
     # a relative and an absolute path to one file, a symlink to it
     (tmp_path / "link.safetensors").symlink_to(a)
     assert same_weights(str(tmp_path / "link.safetensors"), str(a)) is True

@@ -626,11 +626,10 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                 "config": absolute_paths(asdict(cfg), ("sweep", "val_shards"))}  # paths absolute, not as typed
         if chosen is None:  # a failed selection changes neither best/ nor selection.json
             kept = " (the previous selection.json and best/ are kept)" if sd.best_dir.is_dir() else ""
-            degenerate = [r for r in rows if "degenerate: " in r["excluded_by"]]
-            if rows and len(degenerate) == len(rows):  # no constraint or tolerance is to blame: every run failed
+            if rows and all(degenerate_reasons(r) for r in rows):  # no constraint or tolerance to blame
                 raise SelectError(f"{out}: every one of the {len(rows)} trials is degenerate (every latent dead, or "
-                                  "explained variance < -1: diverged), e.g. " + f"{rows[0]['trial']}: "
-                                  f"{rows[0]['excluded_by']}; train with a lower lr or lambda (see "
+                                  f"explained variance < -1: diverged), e.g. {rows[0]['trial']}: "
+                                  f"{'; '.join(degenerate_reasons(rows[0]))}; train with a lower lr or lambda (see "
                                   f"{sd.leaderboard_md}, column excluded_by){kept}")
             if rule == "sparsest_within":
                 others = [r for r in rows if r["drop_pts"] is not None and not any(

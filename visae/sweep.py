@@ -503,19 +503,16 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
                 raise SweepError(f"--{flag} {path}: no such file")
         if sel.metric != "explained_variance":
             from visae.backbones import parse_backbone_name
-            from visae.zeroshot import _auto_benchmark, _resolve_label_column, benchmark_classes, check_label_names
+            from visae.zeroshot import resolve_benchmark
 
             try:
                 if sel.classifier.model:
                     _check_model_name(*parse_backbone_name(sel.classifier.model, sel.classifier.pretrained))
-                # the selection set's label names against the benchmark's classes (the benchmark "auto" resolved as
-                # scoring will): found after training every trial, it was too late
-                target = val if sel.val_shards else shards
-                bench = sel.classifier.benchmark
-                if bench == "auto":
-                    bench = _auto_benchmark(target, sel.classifier.label_column or "label")
-                names, _, column = benchmark_classes(bench, sel.classifier.classnames_file, sel.classifier.templates_file)
-                check_label_names(target, _resolve_label_column(target, sel.classifier.label_column, column), names)
+                # the benchmark resolved and the selection set's label names checked as scoring will: found after
+                # training every trial, it was too late
+                resolve_benchmark(val if sel.val_shards else shards, sel.classifier.benchmark,
+                                  sel.classifier.label_column, sel.classifier.classnames_file,
+                                  sel.classifier.templates_file)
             except (ValueError, OSError) as e:
                 raise SweepError(f"selection: {e}") from None
             _check_zeroshot_selectable(cfg, shards)

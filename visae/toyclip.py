@@ -503,13 +503,14 @@ _VOLATILE = ("out", "export", "resume", "progress", "eval_every", "checkpoint_ev
 # File and directory fields, recorded (config.json, checkpoint, card) as absolute paths: the record then says which
 # were used, read from anywhere; a record of an older visae (as typed) is read as from the current directory.
 _PATH_FIELDS = ("out", "export", "negatives_exclude")
+_IF_FILE = ("init",)  # a path or the tag "shipped": made absolute only when such a file exists
 
 
 def _config_record(cfg: Any) -> dict[str, Any]:
     """``cfg`` as the JSON record a run writes, its :data:`_PATH_FIELDS` absolute."""
     from visae.config import absolute_paths
 
-    return absolute_paths(dataclasses.asdict(cfg), _PATH_FIELDS, if_file=("init",))  # (v1 has no negatives_exclude: left out)
+    return absolute_paths(dataclasses.asdict(cfg), _PATH_FIELDS, if_file=_IF_FILE)  # (v1 has no negatives_exclude: left out)
 
 
 def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Module,
@@ -532,11 +533,11 @@ def _resume(ckpt: Path, cfg: Any, cfg_dict: dict[str, Any], model: torch.nn.Modu
         from visae.config import ConfigError, absolute_paths
 
         # both sides' paths absolute: a record of an older visae (as typed) is read as from the current directory
-        old = {k: v for k, v in absolute_paths(state["config"], _PATH_FIELDS, if_file=("init",)).items() if k not in _VOLATILE}
+        old = {k: v for k, v in absolute_paths(state["config"], _PATH_FIELDS, if_file=_IF_FILE).items() if k not in _VOLATILE}
         for k, before in _ADDED_FIELDS.items():  # a checkpoint from before the field existed: what it trained with
             if k in cfg_dict and k not in old:
                 old[k] = before
-        new = {k: v for k, v in absolute_paths(cfg_dict, _PATH_FIELDS, if_file=("init",)).items() if k not in _VOLATILE}
+        new = {k: v for k, v in absolute_paths(cfg_dict, _PATH_FIELDS, if_file=_IF_FILE).items() if k not in _VOLATILE}
         if old != new:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise ConfigError(f"{ckpt}: made with a different config {diff} (old, new); use another --out or --no_resume")
@@ -888,22 +889,22 @@ def patch_labels(scenes: Sequence[Any], label_maps: np.ndarray, factors: Sequenc
 
 
 def dense_loss(tokens: torch.Tensor, heads: Sequence[torch.nn.Module], labels: torch.Tensor,
-               none: Sequence[int]) -> tuple[torch.Tensor, dict[str, float]]:
+               none: Sequence[int]) -> tuple[torch.Tensor, list[float]]:
     """Mean over the per-patch heads of a balanced cross-entropy: half the mean over patches on an object, half the
     mean over 'no object' patches (most patches are background; unbalanced, the heads learn 'no object').
 
     ``tokens``: ``[B, P, d]`` patch tokens; ``labels``: ``[B, P, H]`` (:func:`patch_labels`); ``none[h]``: head h's
-    'no object' class. Returns (loss, each head's accuracy on the object patches of the batch).
+    'no object' class. Returns (loss, each head's accuracy on the object patches of the batch, NaN without any).
     """
     x = F.layer_norm(tokens, tokens.shape[-1:])
-    total, acc = tokens.new_zeros(()), {}
+    total, acc = tokens.new_zeros(()), []
     for h, head in enumerate(heads):
         logits, y = head(x).flatten(0, 1), labels[:, :, h].flatten()
         ce = F.cross_entropy(logits, y, reduction="none")
         obj = y != none[h]
         parts = [ce[m].mean() for m in (obj, ~obj) if bool(m.any())]
         total = total + sum(parts) / len(parts)
-        acc[str(h)] = round(float((logits[obj].argmax(1) == y[obj]).float().mean()), 4) if bool(obj.any()) else float("nan")
+        acc.append(round(float((logits[obj].argmax(1) == y[obj]).float().mean()), 4) if bool(obj.any()) else float("nan"))
     return total / len(heads), acc
 
 
@@ -1375,7 +1376,7 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
                 rec["aux_acc"] = aux_acc
             if dense_f:
                 rec["dense"] = round(float(dense.detach()), 5)
-                rec["dense_acc"] = {f: dense_acc[str(i)] for i, f in enumerate(dense_f)}
+                rec["dense_acc"] = dict(zip(dense_f, dense_acc))
             if pretraining:
                 rec["pretrain"] = True
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:

@@ -36,6 +36,7 @@ metadata columns are loaded, and the work is done in batches of ``batch_size`` r
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -644,6 +645,25 @@ def classifier_for_shards(ss: ShardSet, *, model: str = "", pretrained: str | No
     return clf, column, facts
 
 
+def resolve_benchmark(ss: ShardSet, benchmark: str, label_column: str, classnames_file: str | None,
+                      templates_file: str | None) -> tuple[str, list[str], list[str], str]:
+    """(benchmark, class names, templates, label column) with which ``ss`` is scored: ``"auto"`` resolved from the
+    manifest, the label column from ``label_column`` or the benchmark's, and the manifest's label names checked
+    against the classes (:func:`check_label_names`). Cheap (manifest and text files only): what scoring and a
+    sweep's pre-flight both run before any model is loaded or any trial trained.
+
+    Raises:
+        ZeroShotError: the benchmark cannot be told or is unknown, its files are empty or not UTF-8, or the label
+            names do not fit its classes.
+    """
+    if benchmark == "auto":
+        benchmark = _auto_benchmark(ss, label_column or "label")
+    classnames, templates, bench_column = benchmark_classes(benchmark, classnames_file, templates_file)
+    column = _resolve_label_column(ss, label_column, bench_column)
+    check_label_names(ss, column, classnames)
+    return benchmark, classnames, templates, column
+
+
 def _classifier_and_backbone(ss: ShardSet, *, model: str, pretrained: str | None, random_init: bool, benchmark: str,
                              label_column: str, classnames_file: str | None, templates_file: str | None,
                              text_cache: str | Path | None, device: str, progress: bool, final: bool
@@ -662,11 +682,8 @@ def _classifier_and_backbone(ss: ShardSet, *, model: str, pretrained: str | None
     if pretrained is None and not random_init:
         pretrained = src.get("pretrained")
     check_source(src, model, pretrained, where=str(ss.path), random_init=random_init, require_final=final)
-    if benchmark == "auto":
-        benchmark = _auto_benchmark(ss, label_column or "label")
-    classnames, templates, bench_column = benchmark_classes(benchmark, classnames_file, templates_file)
-    column = _resolve_label_column(ss, label_column, bench_column)
-    check_label_names(ss, column, classnames)  # before the text tower embeds C x T prompts
+    benchmark, classnames, templates, column = resolve_benchmark(ss, benchmark, label_column, classnames_file,
+                                                                 templates_file)
     load_pre = None if pretrained in (None, "shipped") else pretrained
     backbone = load_backbone(model, load_pre, random_init=random_init, device=device,
                              seed=int(src.get("seed", 0) or 0))
@@ -721,16 +738,31 @@ def same_weights(a: Any, b: Any) -> bool | None:
     if fa != fb:
         return None
     if not fa:
-        if a.startswith(("hf-hub:", "hf_hub:")) or b.startswith(("hf-hub:", "hf_hub:")):
-            return a.split(":", 1)[-1] == b.split(":", 1)[-1]
+        ha, hb = (x.startswith(("hf-hub:", "hf_hub:")) for x in (a, b))
+        if ha != hb:  # a hub repo against a tag: the same weights may be published under both
+            return None
+        if ha:
+            return a.split(":", 1)[1] == b.split(":", 1)[1]
         return a.lower().replace("-", "_") == b.lower().replace("-", "_")
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     if pa.is_file() and pb.is_file():
-        from visae.integrity import sha256_file
-
         return pa.resolve() == pb.resolve() or (pa.stat().st_size == pb.stat().st_size
-                                                and sha256_file(pa) == sha256_file(pb))
+                                                and _file_digest(pa) == _file_digest(pb))
     return pa.name == pb.name
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a checkpoint file, computed once per (file, size, modification time) in a process: one command
+    compares the same checkpoint against several shard sets."""
+    st = path.stat()
+    return _digest_of(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    from visae.integrity import sha256_file
+
+    return sha256_file(path)
 
 
 def site_mismatch(trained_on: dict[str, Any], scored_on: dict[str, Any], used: str = "scored on") -> list[str]:

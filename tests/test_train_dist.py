@@ -101,6 +101,14 @@ def _worker(rank: int, world: int, port: int, job: str, shards: str, out: str, k
 
     _float64_sae()
     cfg = _cfg(Path(shards), Path(out), checkpoint_every_steps=2 if job == "kill" else 0)
+    if job == "train_fn":  # visae.train.train under torchrun: joins the group, trains, leaves the group
+        import torch.distributed as dist
+
+        from visae.train import train
+
+        train(cfg)
+        (Path(out) / f"left{rank}.txt").write_text(str(not dist.is_initialized()))
+        return
     dp = DataParallel.from_env(cfg.dist_timeout, "cpu")
     if job == "kill" and rank == 1:
         orig = Trainer._step
@@ -111,13 +119,16 @@ def _worker(rank: int, world: int, port: int, job: str, shards: str, out: str, k
             orig(self, x)
 
         Trainer._step = step
-    res = _run(cfg, dp)
-    if job == "train":
-        res |= {f"resample.{k}": v for k, v in _resample_case(Path(shards), dp).items()}
-        # BatchTopK: its running threshold (a buffer updated from each rank's rows) must stay replicated
-        btk = _run(_cfg(Path(shards), Path(out) / "btk", architecture="batchtopk", k=4, num_epochs=1), dp)
-        res |= {f"batchtopk.{k}": v for k, v in btk.items()}
-    torch.save(res, Path(out) / f"rank{rank}.pt")
+    try:
+        res = _run(cfg, dp)
+        if job == "train":
+            res |= {f"resample.{k}": v for k, v in _resample_case(Path(shards), dp).items()}
+            # BatchTopK: its running threshold (a buffer updated from each rank's rows) must stay replicated
+            btk = _run(_cfg(Path(shards), Path(out) / "btk", architecture="batchtopk", k=4, num_epochs=1), dp)
+            res |= {f"batchtopk.{k}": v for k, v in btk.items()}
+        torch.save(res, Path(out) / f"rank{rank}.pt")
+    finally:
+        dp.close()  # leaving the group after a peer died must not hang either (the kill test times rank 0)
 
 
 def _bound(steps: int, cfg: TrainConfig) -> float:
@@ -234,3 +245,11 @@ def test_rank_slices_of_every_epoch_make_the_one_process_batches(shards, buffer_
                 assert max(sizes) - min(sizes) <= 1  # as even as the rows allow (a rank may get none)
                 assert np.array_equal(np.concatenate([p[j].index for p in parts]), b.index)
                 assert np.array_equal(np.concatenate([p[j].acts for p in parts]), b.acts)
+
+
+def test_train_under_torchrun_leaves_the_process_group(shards, tmp_path):
+    """``visae.train.train`` destroys the group it joined (a gloo group alive at exit aborts the teardown now and then)."""
+    mp.start_processes(_worker, args=(2, _free_port(), "train_fn", str(shards), str(tmp_path), -1), nprocs=2,
+                       start_method="spawn")
+    assert [(tmp_path / f"left{r}.txt").read_text() for r in (0, 1)] == ["True", "True"]
+    assert (tmp_path / "weights.safetensors").is_file()

@@ -66,15 +66,18 @@ def train(cfg: TrainConfig) -> Path:
         raise TrainError("--out is required: the directory for the SAE")
     # Under torchrun (WORLD_SIZE > 1): one SAE trained data-parallel; rank 0 holds the lock and writes.
     dp = DataParallel.from_env(cfg.dist_timeout, cfg.device)
-    with output_lock(cfg.out, "visae train") if dp.is_writer else nullcontext():
-        if not dp.is_writer:
-            dp.barrier()  # rank 0 has generated --synthetic data and validated the shards
-        shards = open_shards(cfg)
-        if dp.is_writer:
-            _check_shards(shards, cfg.validate_shards)
-            dp.barrier()
-        sae_cfg = sae_config_for(cfg, shards)
-        result = train_stack(shards, sae_cfg, [cfg.lr], [cfg.l1_coeff], cfg, [Path(cfg.out)], dp=dp)
+    try:
+        with output_lock(cfg.out, "visae train") if dp.is_writer else nullcontext():
+            if not dp.is_writer:
+                dp.barrier()  # rank 0 has generated --synthetic data and validated the shards
+            shards = open_shards(cfg)
+            if dp.is_writer:
+                _check_shards(shards, cfg.validate_shards)
+                dp.barrier()
+            sae_cfg = sae_config_for(cfg, shards)
+            result = train_stack(shards, sae_cfg, [cfg.lr], [cfg.l1_coeff], cfg, [Path(cfg.out)], dp=dp)
+    finally:
+        dp.close()  # leave the process group before the interpreter's teardown
     return result.out_dirs[0]
 
 

@@ -61,6 +61,7 @@ class DataParallel:
         self.rank = dist.get_rank(group) if on else 0
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank)) if on else 0
         self.backend = dist.get_backend(group) if on else None
+        self.owns_group = False  # set by from_env when it joined the default group itself (close() leaves it)
 
     @property
     def reduce_device(self) -> torch.device:
@@ -81,9 +82,22 @@ class DataParallel:
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if not dist.is_initialized():
+        joined = not dist.is_initialized()
+        if joined:
             dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-        return cls(dist.group.WORLD)
+        dp = cls(dist.group.WORLD)
+        dp.owns_group = joined
+        return dp
+
+    def close(self) -> None:
+        """Leave the process group :meth:`from_env` joined (``destroy_process_group``); a no-op otherwise.
+
+        Call it before the process exits: a gloo group left alive aborts the interpreter's teardown now and then
+        ("terminate called without an active exception", SIGABRT, pytorch/pytorch#190489), and NCCL warns.
+        """
+        if self.owns_group and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+        self.owns_group = False
 
     @property
     def active(self) -> bool:

@@ -175,3 +175,50 @@ def test_tune_refuses_bad_input_before_writing(tmp_path, base_run, tokenizer):
         tt.TextTuneConfig(steps=0)
     with pytest.raises(ConfigError, match="raise --hard_candidates"):
         tt.hard_negative_words(tokenizer, set(), n_candidates=3)
+    with pytest.raises(ConfigError, match="direction_weight"):
+        tt.TextTuneConfig(direction_weight=1.0, hard_negatives_per_step=0)
+    with pytest.raises(ConfigError, match="direction_margin"):
+        tt.TextTuneConfig(direction_margin=-0.1)
+
+
+
+def test_direction_penalty_is_the_hinge_over_shared_token_pairs_and_trains_down(base_run, tokenizer):
+    """The penalty of ``direction_weight``: bare hard negatives against the concept directions of the world words they
+    share a token with, relative to bare random words; the text tower can lower it."""
+    from visae import world2 as w2
+
+    init, _ = base_run
+    model, _, _ = toyclip.create_toyclip(init, model=toyclip.MODEL_NAME_V2)
+    model.eval()
+    world = w2.sample_world2(200, 3, max_objects=1, occlusion=0.0)
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(toyclip.encode_world_images(model, world.images), dim=-1)
+    pen = tt._DirectionPenalty(tokenizer, emb, world.factors, ["incurred", "configured", "table"])
+    assert "red" in pen.words and pen.words.index("red") in pen.shares["incurred"]
+    assert pen.shares["incurred"] == pen.shares["configured"]  # both share only red</w>
+    ref = ["river", "pencil", "house", "music", "garden"]
+    words = ["incurred", "table", "configured"]
+    # by hand: margin 1 makes every sharing pair count
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(model.encode_text(tokenizer(words + ref)), dim=-1) @ pen.dirs.T
+        med = e[3:].median(0).values
+        want = [float((e[i, j] - med[j] + 1.0) ** 2) for i, h in enumerate(words) for j in pen.shares[h]]
+        got = float(pen(model, words, ref, 1.0, "cpu"))
+    assert want and got == pytest.approx(float(np.mean(want)), rel=1e-5)
+    # a few Adam steps on the text tower alone, at margin 0.05, lower it
+    tt._freeze_image_side(model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    first = float(pen(model, words, ref, 0.05, "cpu").detach())
+    for _ in range(20):
+        loss = pen(model, words, ref, 0.05, "cpu")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 0 and float(pen(model, words, ref, 0.05, "cpu").detach()) < 0.5 * first
+
+
+def test_tune_with_the_direction_penalty_logs_it(tmp_path, base_run):
+    path = tt.tune_text_tower(_cfg(tmp_path, base_run, direction_weight=5.0), [])
+    log = [json.loads(x) for x in (tmp_path / "tune" / "log.jsonl").read_text().splitlines()]
+    assert all("direction_penalty" in r and r["direction_penalty"] >= 0 for r in log)
+    assert json.loads(path.with_suffix(".json").read_text())["config"]["direction_weight"] == 5.0

@@ -70,6 +70,7 @@ __all__ = [
     "shift_scene",
     "subword_tokens",
     "subword_inheritance",
+    "concept_directions",
     "inheritance_eval_v2",
     "main_v2",
 ]
@@ -839,6 +840,7 @@ class ToyClipV2Config:
 
 
 V2_COARSE = ("colour_family", "shape", "texture", "size", "hpos", "vpos", "background")
+INHERITANCE_FACTORS = ("colour_family", "shape", "texture", "size")  # whose value words have concept directions
 DENSE_FACTORS = ("colour_family", "shape", "texture")  # the object factors a per-patch head may classify
 
 
@@ -1025,6 +1027,27 @@ def subword_tokens(tokenizer, words: Sequence[str]) -> list[frozenset[int]]:
     return [frozenset(s) for s in token_sequences(tokenizer, words)]
 
 
+def concept_directions(img: torch.Tensor, columns: dict[str, tuple[np.ndarray, Sequence[str]]]) -> dict[str, torch.Tensor]:
+    """Each one-word lower-case value name of ``columns`` (factor -> (int labels ``[n]``, -1 = absent; value names))
+    -> its concept direction ``unit(mean of img over the rows with the value - mean over the rows with any value of
+    that column)`` ``[D]``, from image embeddings ``img`` ``[n, D]`` (the first column that names a word wins).
+    What a latent of the value approximates (:func:`subword_inheritance`); values with no row are left out."""
+    import re
+
+    dirs: dict[str, torch.Tensor] = {}
+    for labels, names in columns.values():
+        labels = np.asarray(labels)
+        ok = labels >= 0
+        if not ok.any():
+            continue
+        base = img[torch.from_numpy(ok)].mean(0)
+        for v, name in enumerate(names):
+            sel = labels == v
+            if sel.any() and re.fullmatch(r"[a-z]+", name) and name not in dirs:
+                dirs[name] = F.normalize(img[torch.from_numpy(sel)].mean(0) - base, dim=0)
+    return dirs
+
+
 @torch.no_grad()
 def subword_inheritance(model, tokenizer, images: np.ndarray, columns: dict[str, tuple[np.ndarray, Sequence[str]]],
                         heldout_words: Sequence[str], batch_size: int = 512) -> dict[str, Any]:
@@ -1056,25 +1079,13 @@ def subword_inheritance(model, tokenizer, images: np.ndarray, columns: dict[str,
     Raises:
         ValueError: ``images`` and a column's labels differ in length.
     """
-    import re
-
     for fac, (labels, _) in columns.items():  # before the image pass, and before the model leaves train mode
         if len(labels) != len(images):
             raise ValueError(f"subword_inheritance: column {fac!r} has {len(labels)} labels for {len(images)} images")
     was = model.training
     model.eval()
     img = encode_world_images(model, images).double()
-    dirs: dict[str, torch.Tensor] = {}
-    for labels, names in columns.values():
-        labels = np.asarray(labels)
-        ok = labels >= 0
-        if not ok.any():
-            continue
-        base = img[torch.from_numpy(ok)].mean(0)
-        for v, name in enumerate(names):
-            sel = labels == v
-            if sel.any() and re.fullmatch(r"[a-z]+", name) and name not in dirs:
-                dirs[name] = F.normalize(img[torch.from_numpy(sel)].mean(0) - base, dim=0)
+    dirs = concept_directions(img, columns)
     world = sorted(dirs)
     held = sorted({h for h in heldout_words if h and h not in dirs})
 
@@ -1118,7 +1129,7 @@ def inheritance_eval_v2(model, tokenizer, seed: int, n: int, naming_words: Seque
     excl = world2_words() | set(seen)
     held = [w for w in naming_words if w not in excl]
     world = w2.sample_world2(n, seed, max_objects=1, occlusion=0.0)
-    cols = {f: (world.factors[:, w2.FACTOR_INDEX[f]], w2.FACTORS[f]) for f in ("colour_family", "shape", "texture", "size")}
+    cols = {f: (world.factors[:, w2.FACTOR_INDEX[f]], w2.FACTORS[f]) for f in INHERITANCE_FACTORS}
     r = subword_inheritance(model, tokenizer, world.images, cols, held)
     r["worst"] = r["worst"][:10]
     return r

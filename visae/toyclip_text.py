@@ -87,6 +87,13 @@ class TextTuneConfig:
         "help": "hard negatives and development words are drawn from wordfreq's N most frequent English words (less "
                 "the naming list: with the 20k list, N must be well above 20,000)"})
     token_negatives_per_step: int = field(default=128, metadata={"help": "token negatives a step (token_negatives)"})
+    direction_weight: float = field(default=0.0, metadata={
+        "help": "weight of the direction penalty (0: off): each drawn hard negative, embedded as a bare word, is pushed "
+                "below the median cosine of bare random negatives with the concept direction of every world word it "
+                "shares a token with (directions from the pool's single-object scenes; tc.concept_directions)"})
+    direction_margin: float = field(default=0.05, metadata={
+        "help": "direction penalty: how far below the random negatives' median cosine a hard negative must lie "
+                "(squared hinge)"})
     dev_fraction: float = field(default=0.2, metadata={
         "help": "share of the hard-negative candidates (by a hash of the word) kept out of training as a development "
                 "set: the inheritance measured on them chooses a recipe without looking at the naming list's words"})
@@ -107,8 +114,13 @@ class TextTuneConfig:
             "n_pool": (1, None), "steps": (1, None), "batch_size": (1, None), "lr": (0.0, None), "warmup": (0, None),
             "weight_decay": (0.0, None), "single_object_fraction": (0.0, 1.0), "negatives_per_step": (0, None),
             "n_negative_words": (1, None), "hard_negatives_per_step": (0, None), "hard_candidates": (1, None),
-            "token_negatives_per_step": (0, None), "dev_fraction": (0.0, 0.9), "eval_n": (1, None), "checkpoint_every": (1, None),
+            "token_negatives_per_step": (0, None), "dev_fraction": (0.0, 0.9), "direction_weight": (0.0, None),
+            "direction_margin": (0.0, 1.0), "eval_n": (1, None), "checkpoint_every": (1, None),
             "threads": (0, None), "seed": (0, None), "eval_seed": (0, None)})
+        if self.direction_weight > 0 and not (self.hard_negatives_per_step and self.negatives_per_step):
+            raise ConfigError("TextTuneConfig.direction_weight > 0 pushes hard negatives below random ones: it needs "
+                              f"hard_negatives_per_step > 0 and negatives_per_step > 0 (got {self.hard_negatives_per_step} "
+                              f"and {self.negatives_per_step})")
         if not self.negatives_exclude:
             raise ConfigError("TextTuneConfig.negatives_exclude is empty: the naming list must be kept out of the "
                               "negatives (and is the inheritance evaluation's unseen words)")
@@ -263,6 +275,41 @@ def _image_pool(model, scenes: Sequence[Any], jitter: float, progress: bool) -> 
     return torch.cat(embs), np.concatenate(rows)
 
 
+class _DirectionPenalty:
+    """The direction penalty of ``TextTuneConfig.direction_weight``: bare hard negatives below bare random negatives.
+
+    Built once from the pool's single-object embeddings ``emb`` ``[n, D]`` and factor rows ``factors`` ``[n, F]``:
+    the concept direction ``d_w`` of every world word (:func:`visae.toyclip.concept_directions` over
+    :data:`visae.toyclip.INHERITANCE_FACTORS`, as the inheritance evaluation defines them, but from training scenes) and,
+    for each hard word, the world words it shares a BPE token with. A call embeds the drawn hard words ``words`` and
+    random negatives ``ref`` as bare words (as the naming stage embeds a vocabulary) and returns
+    ``mean over (h, w) sharing a token of relu(cos(t_h, d_w) - median_r cos(t_r, d_w) + margin)^2`` (a scalar
+    tensor; the medians detached), 0 when no drawn word shares a token with a direction's word.
+    """
+
+    def __init__(self, tokenizer, emb: torch.Tensor, factors: np.ndarray, hard_words: Sequence[str]):
+        from visae import world2 as w2
+
+        cols = {f: (factors[:, w2.FACTOR_INDEX[f]], w2.FACTORS[f]) for f in tc.INHERITANCE_FACTORS}
+        dirs = tc.concept_directions(emb.double(), cols)
+        self.words = sorted(dirs)
+        self.dirs = torch.stack([dirs[w] for w in self.words]).float()  # [n_w, D]
+        toks = tc.subword_tokens(tokenizer, self.words)
+        self.shares = {h: [j for j, t in enumerate(toks) if t & th]
+                       for h, th in zip(hard_words, tc.subword_tokens(tokenizer, list(hard_words)))}
+        self.tokenizer = tokenizer
+
+    def __call__(self, model, words: Sequence[str], ref: Sequence[str], margin: float, device: str) -> torch.Tensor:
+        e = F.normalize(model.encode_text(self.tokenizer(list(words) + list(ref)).to(device)), dim=-1)
+        cos = e @ self.dirs.to(device).T  # [len(words) + len(ref), n_w]
+        med = cos[len(words):].detach().median(0).values
+        mask = torch.zeros(len(words), len(self.words), dtype=torch.bool, device=device)
+        for i, h in enumerate(words):
+            mask[i, self.shares.get(h, [])] = True
+        gap = F.relu(cos[:len(words)] - med + margin)[mask]
+        return gap.pow(2).mean() if gap.numel() else cos.sum() * 0.0
+
+
 def _freeze_image_side(model) -> None:
     """Freeze the image tower and the logit scale (and bias): only the text tower trains."""
     for n, p in model.named_parameters():
@@ -368,6 +415,7 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
                                     single_object_fraction=cfg.single_object_fraction)
         sampler = tc._CaptionSamplerV2(tokenizer)
         n_f = len(w2.FACTORS)
+        penalty = _DirectionPenalty(tokenizer, emb[single], factors[single], hard_words) if cfg.direction_weight > 0 else None
         model.train()
         model.visual.eval()
         scale = model.logit_scale.detach().exp()
@@ -415,12 +463,19 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
             uniq, inv = torch.unique(tokens, dim=0, return_inverse=True)
             txt = F.normalize(model.encode_text(uniq.to(cfg.device)), dim=-1)[inv.to(cfg.device)]
             loss = tc.multi_positive_clip_loss(emb[idx].to(cfg.device), txt, scale, pos)
+            pen = None
+            if penalty is not None:
+                ref = [negs[int(i)] for i in rng.integers(len(negs), size=cfg.negatives_per_step)]
+                pen = penalty(model, words, ref, cfg.direction_margin, cfg.device)
+                loss = loss + cfg.direction_weight * pen
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
             rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": tc._lr_at(step - 1, cfg),
                    "wall": round(time.time() - t_start, 1), "cpu": round(time.process_time() - cpu_start, 1)}
+            if pen is not None:
+                rec["direction_penalty"] = round(float(pen.detach()), 6)
             log.end_step(rec, step, cfg.steps, cfg.checkpoint_every, save_ckpt)
         train_seconds = log.finish()
 

@@ -3,16 +3,18 @@
 What holds and what does not (measured here on 400 held-out single-object scenes of world seed 424242, which no
 training or evaluation run used; the card's own 1,000-scene evaluation and BENCHMARKS.md agree):
 
-- the card describes the file shipped (sha256, size <= 15 MB in fp16, command, seed, training time, the world
-  format it was trained on);
-- renderer 2 (scikit-image, other geometry): horizontal third 0.94 and size 0.915 (>= 0.90, met); colour family
-  0.795, shape 0.705, texture 0.33 (not met: strict xfails carrying these figures);
-- shifting every object by 4 px costs <= 3 points on each non-position factor (met; no factor lost a point);
-- sub-word inheritance: 17.6 % of held-out words sharing a token with a world word (9 of 51 pairs) are no closer
-  than the median distractor (target >= 55 %: strict xfail).
+- the card describes the file shipped (sha256, size <= 15 MB in fp16, the two stages' commands, seeds and training
+  times, the world format it was trained on);
+- renderer 2 (scikit-image, other geometry): horizontal third 0.95 and size 0.925 (>= 0.90, met); colour family
+  0.7925, shape 0.69, texture 0.3175 (not met: strict xfails carrying these figures);
+- shifting every object by 4 px costs <= 3 points on each non-position factor (met; no factor lost more than 0.25);
+- sub-word inheritance: 76.5 % of held-out words sharing a token with a world word (39 of 51 pairs) are no closer
+  than the median distractor (target >= 55 %: met since the text tower's stage with the direction penalty; the
+  image tower alone 17.6 %).
 
-These weights are the best training run so far (docs/toyclip_v2_recipe.md, section 12: world format 2, 6,500 steps),
-shipped so that the world2 demo runs without a training hour; the targets they miss stay open in issue 12.
+These weights are the best image tower trained so far (docs/toyclip_v2_recipe.md, section 12: world format 2, 6,500
+steps) with its text tower tuned alone by ``visae tune-toy-clip-text`` (section 15); shipped so that the world2 demo
+runs without a training hour; the targets they miss stay open in issue 12.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ N, SEED = 400, 424242
 VOCAB_20K = Path(__file__).resolve().parents[1].parent / "shared" / "vocab" / "20k.txt"
 
 # Renderer-2 zero-shot on the 400 scenes, measured with these weights; the factors short of 0.90 are xfails.
-_R2_MISSES = {"colour_family": 0.795, "shape": 0.705, "texture": 0.33}
+_R2_MISSES = {"colour_family": 0.7925, "shape": 0.69, "texture": 0.3175}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,12 @@ def test_card_describes_the_shipped_file():
     assert card["model"] == tc.MODEL_NAME_V2 and card["world"] == "visae.world2"
     assert card["world_version"] == w2.FORMAT_VERSION  # trained on the scenes this visae draws
     assert card["sha256"] == hashlib.sha256(data).hexdigest() and card["bytes"] == len(data) <= 15 * 2**20
-    assert card["config"]["seed"] == 0 and card["command"].startswith("visae.toyclip.main_v2 ")
+    # two stages: the v2 trainer (the image tower and the first text tower), then the text tower tuned alone
+    base = card["base"]
+    assert base["config"]["seed"] == 0 and base["command"].startswith("visae.toyclip.main_v2 ")
+    assert base["train_seconds"] > 0 and base["steps"] == base["config"]["steps"]
+    assert card["config"]["seed"] == 0 and card["command"].startswith("visae.toyclip_text.main ")
+    assert card["config"]["init_sha256"] == base["sha256"] and card["config"]["direction_weight"] > 0
     assert card["train_seconds"] > 0 and card["steps"] == card["config"]["steps"]
     negs = tc.read_word_list(tc.TOYCLIP2_NEGATIVES)
     assert len(negs) == card["negatives"]["n"]
@@ -95,11 +102,19 @@ def test_a_4px_shift_costs_at_most_3_points(shipped, scenes):
     assert max(cost.values()) <= 0.03, cost
 
 
-@pytest.mark.xfail(strict=True, reason="not met yet (issue 12): 17.6 % of shared-token pairs pass (target 55 %)")
 def test_held_out_words_do_not_inherit_a_world_words_meaning(shipped):
+    """Issue 12's inheritance target (>= 55 % of the held-out words sharing a token with a world word no closer to its
+    concept than the median distractor), and the world words themselves still the closest to their concepts (>= 80 % of
+    them above >= 95 % of the distractors), or the text stage would have bought the first by losing the words naming
+    needs: a run without the stage's anchor term left rectangle, heptagon and trapezoid below 95-99.9 % of them.
+    Measured on these scenes: 76.5 % of 51 pairs; 8 of 10 world words at >= 0.998, large 0.77 and crosshatched 0.67
+    (textures and sizes, whose directions 400 scenes fix least; the image tower's first text tower: large 0.88,
+    crosshatched 0.05 on the card's 1,000 scenes)."""
     if not VOCAB_20K.is_file():
         pytest.skip(f"{VOCAB_20K} (the naming list) is not beside the checkout")
     model, tok = shipped
     r = tc.inheritance_eval_v2(model, tok, SEED, N, tc.read_word_list(VOCAB_20K), tc.read_word_list(tc.TOYCLIP2_NEGATIVES))
     assert r["n_pairs"] >= 20, r["n_pairs"]
     assert r["fraction_no_closer"] >= 0.55, {k: r[k] for k in ("fraction_no_closer", "n_pairs")}
+    own = {w: v["word_percentile"] for w, v in r["per_word"].items()}
+    assert len(own) >= 5 and np.mean([p >= 0.95 for p in own.values()]) >= 0.8, own

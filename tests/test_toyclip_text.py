@@ -182,9 +182,10 @@ def test_tune_refuses_bad_input_before_writing(tmp_path, base_run, tokenizer):
 
 
 
-def test_direction_penalty_is_the_hinge_over_shared_token_pairs_and_trains_down(base_run, tokenizer):
+def test_direction_penalty_is_the_hinge_over_shared_token_pairs_plus_the_anchor_and_trains_down(base_run, tokenizer):
     """The penalty of ``direction_weight``: bare hard negatives against the concept directions of the world words they
-    share a token with, relative to bare random words; the text tower can lower it."""
+    share a token with, relative to bare random words; the anchor: the world's naming vocabulary's drift from the base
+    embeddings. The text tower can lower the push while the anchor holds the world's words."""
     from visae import world2 as w2
 
     init, _ = base_run
@@ -193,32 +194,49 @@ def test_direction_penalty_is_the_hinge_over_shared_token_pairs_and_trains_down(
     world = w2.sample_world2(200, 3, max_objects=1, occlusion=0.0)
     with torch.no_grad():
         emb = torch.nn.functional.normalize(toyclip.encode_world_images(model, world.images), dim=-1)
-    pen = tt._DirectionPenalty(tokenizer, emb, world.factors, ["incurred", "configured", "table"])
+    pen = tt._DirectionPenalty(model, tokenizer, emb, world.factors, ["incurred", "configured", "table"], "cpu")
     assert "red" in pen.words and pen.words.index("red") in pen.shares["incurred"]
     assert pen.shares["incurred"] == pen.shares["configured"]  # both share only red</w>
+    assert "ring" in pen.anchors and "striped background" in pen.anchors and len(pen.base) == len(pen.anchors)
     ref = ["river", "pencil", "house", "music", "garden"]
     words = ["incurred", "table", "configured"]
-    # by hand: margin 1 makes every sharing pair count
+    anchor_idx = [pen.anchors.index(a) for a in ("red", "ring", "rectangle")]
+    # by hand: margin 1 makes every sharing pair count; the base model has not moved, so the anchor is 0
     with torch.no_grad():
         e = torch.nn.functional.normalize(model.encode_text(tokenizer(words + ref)), dim=-1) @ pen.dirs.T
         med = e[3:].median(0).values
         want = [float((e[i, j] - med[j] + 1.0) ** 2) for i, h in enumerate(words) for j in pen.shares[h]]
-        got = float(pen(model, words, ref, 1.0, "cpu"))
-    assert want and got == pytest.approx(float(np.mean(want)), rel=1e-5)
-    # a few Adam steps on the text tower alone, at margin 0.05, lower it
+        push, anchor = pen(model, words, ref, anchor_idx, 1.0, "cpu")
+    assert want and float(push) == pytest.approx(float(np.mean(want)), rel=1e-5)
+    assert float(anchor) <= 1e-10  # the same weights embed the same text (float32 rounding at most)
+    # Adam steps on the text tower alone, on the push only: it falls, and the anchor measures the words it moved
     tt._freeze_image_side(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    first = float(pen(model, words, ref, 0.05, "cpu").detach())
-    for _ in range(20):
-        loss = pen(model, words, ref, 0.05, "cpu")
+    first = float(pen(model, words, ref, anchor_idx, 0.05, "cpu")[0].detach())
+    for _ in range(30):
+        loss = pen(model, words, ref, anchor_idx, 0.05, "cpu")[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert first > 0 and float(pen(model, words, ref, 0.05, "cpu").detach()) < 0.5 * first
+    push, anchor = (float(x.detach()) for x in pen(model, words, ref, anchor_idx, 0.05, "cpu"))
+    assert first > 0 and push < 0.5 * first, (first, push)
+    assert anchor > 1e-4, anchor  # "red" itself moved with its token: what the anchor term exists to hold
 
 
 def test_tune_with_the_direction_penalty_logs_it(tmp_path, base_run):
     path = tt.tune_text_tower(_cfg(tmp_path, base_run, direction_weight=5.0), [])
     log = [json.loads(x) for x in (tmp_path / "tune" / "log.jsonl").read_text().splitlines()]
-    assert all("direction_penalty" in r and r["direction_penalty"] >= 0 for r in log)
+    assert all(r["direction_push"] >= 0 and r["direction_anchor"] >= 0 for r in log)
+    assert log[0]["direction_anchor"] <= 1e-10 < max(r["direction_anchor"] for r in log)  # starts at the base
     assert json.loads(path.with_suffix(".json").read_text())["config"]["direction_weight"] == 5.0
+
+
+def test_a_tuned_model_as_base_draws_the_root_trainers_world():
+    """Tuning a stage's output again: the pool's world settings are the v2 trainer's at the root of the card chain
+    (the stage's own config has no world settings; its defaults would draw another world)."""
+    root = {"config": {"seed": 3, "max_objects": 2, "occlusion": 0.0, "colour_jitter": 4.0, "texture_style_jitter": 1.0}}
+    stage = {"config": {"seed": 0, "steps": 10}, "base": root}
+    a, ja = tt._pool_scenes(root, 20)
+    b, jb = tt._pool_scenes({"config": {"seed": 1}, "base": stage}, 20)
+    assert ja == jb == 1.0 and [repr(x) for x in a] == [repr(x) for x in b]
+    assert max(len(x.objects) for x in b) <= 2

@@ -20,8 +20,11 @@ lambda-1e-4 one, which recovers 9 values where the best recovers 20 (selected 20
 found values right, the sweep's 8 SAEs pooled 88 of 98. Before the background phrases entered the
 vocabulary (visae.demo.world2_vocabulary) the same demo named 12 of 22 right: its 8 background latents got
 distractors. The previous weights (format 1): clean 0.577, spread 7.4, Spearman 0.81, 13 = best 13, 13 of 17.
-The demo (conftest.world2_demo_dir, shared with the other world2 ground-truth tests) takes about 60-130 s on 2 idle
-cores.
+Since 2026-12-01 17:40 UTC the shipped weights' text tower is tuned against sub-word inheritance (the image tower
+unchanged; docs/toyclip_v2_recipe.md section 15): on the AVX512 machine seeds 0 / 1 / 2 give Spearman 0.60 / 0.63 /
+0.62, selected 9 / 19, 10 / 19, 18 / 22, found values named right by the selected SAE 9 of 13, 10 of 14, 16 of 24 and
+by the sweep's 8 SAEs 89 of 98, 82 of 93, 92 of 109 (stage 1's text tower: 88, 86, 94). The demo
+(conftest.world2_demo_dir, shared with the other world2 ground-truth tests) takes about 60-130 s on 2 idle cores.
 """
 
 from __future__ import annotations

@@ -104,12 +104,13 @@ def test_a_4px_shift_costs_at_most_3_points(shipped, scenes):
 
 def test_held_out_words_do_not_inherit_a_world_words_meaning(shipped):
     """Issue 12's inheritance target (>= 55 % of the held-out words sharing a token with a world word no closer to its
-    concept than the median distractor), and the world words themselves still the closest to their concepts (>= 80 % of
-    them above >= 95 % of the distractors), or the text stage would have bought the first by losing the words naming
-    needs: a run without the stage's anchor term left rectangle, heptagon and trapezoid below 95-99.9 % of them.
-    Measured on these scenes: 76.5 % of 51 pairs; 8 of 10 world words at >= 0.998, large 0.77 and crosshatched 0.67
-    (textures and sizes, whose directions 400 scenes fix least; the image tower's first text tower: large 0.88,
-    crosshatched 0.05 on the card's 1,000 scenes)."""
+    concept than the median distractor), and the colour-family and shape words among the scored world words still above
+    >= 95 % of the distractors on their own concepts, or the text stage would have bought the first by losing the
+    words naming needs: a run without the stage's anchor term left rectangle, heptagon and trapezoid below 95-99.9 %
+    of them. Measured on these scenes: 76.5 % of 51 pairs; red 0.998, heptagon, parallelogram, rectangle, semicircle,
+    trapezoid 1.0. Texture and size words are reported, not asserted (their directions are the least fixed by 400
+    scenes and weak with the first text tower too): gridded 0.999, speckled 1.0, crosshatched 0.67, large 0.77
+    (first text tower, card's 1,000 scenes: crosshatched 0.05, large 0.88)."""
     if not VOCAB_20K.is_file():
         pytest.skip(f"{VOCAB_20K} (the naming list) is not beside the checkout")
     model, tok = shipped
@@ -117,4 +118,5 @@ def test_held_out_words_do_not_inherit_a_world_words_meaning(shipped):
     assert r["n_pairs"] >= 20, r["n_pairs"]
     assert r["fraction_no_closer"] >= 0.55, {k: r[k] for k in ("fraction_no_closer", "n_pairs")}
     own = {w: v["word_percentile"] for w, v in r["per_word"].items()}
-    assert len(own) >= 5 and np.mean([p >= 0.95 for p in own.values()]) >= 0.8, own
+    kept = {w: p for w, p in own.items() if w in set(w2.FACTORS["colour_family"]) | set(w2.FACTORS["shape"])}
+    assert len(kept) >= 4 and min(kept.values()) >= 0.95, own

@@ -194,7 +194,8 @@ def test_direction_penalty_is_the_hinge_over_shared_token_pairs_plus_the_anchor_
     world = w2.sample_world2(200, 3, max_objects=1, occlusion=0.0)
     with torch.no_grad():
         emb = torch.nn.functional.normalize(toyclip.encode_world_images(model, world.images), dim=-1)
-    pen = tt._DirectionPenalty(model, tokenizer, emb, world.factors, ["incurred", "configured", "table"], "cpu")
+    anchors, base = tt._DirectionPenalty.anchor_embeddings(model, tokenizer, "cpu")
+    pen = tt._DirectionPenalty(tokenizer, emb, world.factors, ["incurred", "configured", "table"], anchors, base, "cpu")
     assert "red" in pen.words and pen.words.index("red") in pen.shares["incurred"]
     assert pen.shares["incurred"] == pen.shares["configured"]  # both share only red</w>
     assert "ring" in pen.anchors and "striped background" in pen.anchors and len(pen.base) == len(pen.anchors)
@@ -228,6 +229,10 @@ def test_tune_with_the_direction_penalty_logs_it(tmp_path, base_run):
     log = [json.loads(x) for x in (tmp_path / "tune" / "log.jsonl").read_text().splitlines()]
     assert all(r["direction_push"] >= 0 and r["direction_anchor"] >= 0 for r in log)
     assert log[0]["direction_anchor"] <= 1e-10 < max(r["direction_anchor"] for r in log)  # starts at the base
+    # no anchor: nothing embedded for it, the term is 0 every step
+    tt.tune_text_tower(_cfg(tmp_path / "na", base_run, direction_weight=5.0, anchor_weight=0.0), [])
+    log = [json.loads(x) for x in (tmp_path / "na" / "tune" / "log.jsonl").read_text().splitlines()]
+    assert all(r["direction_anchor"] == 0.0 for r in log) and any(r["direction_push"] > 0 for r in log)
     assert json.loads(path.with_suffix(".json").read_text())["config"]["direction_weight"] == 5.0
 
 

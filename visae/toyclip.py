@@ -498,7 +498,9 @@ def export_fp16(model: torch.nn.Module, path: str | Path, name: str = MODEL_NAME
 # aux_factor_weights: equal weights; no pretraining; canonical textures).
 _ADDED_FIELDS = {"model": MODEL_NAME, "aux_factor_weights": "", "pretrain_steps": 0, "pretrain_factor_weights": "shape:1",
                  "texture_style_jitter": 0.0, "init": "", "dense_weight": 0.0, "dense_layer": 1, "dense_min_cover": 0.5,
-                 "dense_factors": "colour_family,shape,texture"}
+                 "dense_factors": "colour_family,shape,texture",
+                 # the text stage's (visae.toyclip_text): checkpoints made before the direction penalty ran without it
+                 "direction_weight": 0.0, "direction_margin": 0.05, "anchor_weight": 100.0, "anchors_per_step": 128}
 # Fields that may change between a run and its resumption without changing the result.
 _VOLATILE = ("out", "export", "resume", "progress", "eval_every", "checkpoint_every", "device", "threads")
 # File and directory fields, recorded (config.json, checkpoint, card) as absolute paths: the record then says which

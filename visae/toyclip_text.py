@@ -305,16 +305,17 @@ class _DirectionPenalty:
 
     * push: ``mean over (h, w) sharing a token of relu(cos(t_h, d_w) - median_r cos(t_r, d_w) + margin)^2`` (the
       medians detached; 0 when no drawn word shares a token with a direction's word);
-    * anchor: ``mean over the anchor entries a of ||t_a - t_a(base)||^2``: the push moves the shared tokens, and
+    * anchor: ``mean over the anchor entries a of ||t_a - t_a(base)||^2`` (``base`` from
+      :meth:`anchor_embeddings` of the init weights; 0 and not embedded when ``anchor_idx`` is empty): the push moves the shared tokens, and
       without the anchor it takes the world's own words along. Two earlier forms: none (a first run left "rectangle"
       below 99.9 % of the distractors) and a hinge keeping each world word above the random words on its own direction
       (inheritance 80 %, but shape latents of the demo's SAEs were then named by colour names and background phrases:
       the words kept their rank among distractors, not among the world's other words).
     """
 
-    def __init__(self, model, tokenizer, emb: torch.Tensor, factors: np.ndarray, hard_words: Sequence[str], device: str):
+    def __init__(self, tokenizer, emb: torch.Tensor, factors: np.ndarray, hard_words: Sequence[str],
+                 anchors: Sequence[str], base: torch.Tensor, device: str):
         from visae import world2 as w2
-        from visae.demo import world2_vocabulary
 
         cols = {f: (factors[:, w2.FACTOR_INDEX[f]], w2.FACTORS[f]) for f in tc.INHERITANCE_FACTORS}
         dirs = tc.concept_directions(emb.double(), cols)
@@ -324,10 +325,26 @@ class _DirectionPenalty:
         self.shares = {h: [j for j, t in enumerate(toks) if t & th]
                        for h, th in zip(hard_words, tc.subword_tokens(tokenizer, list(hard_words)))}
         self.tokenizer = tokenizer
-        self.anchors = world2_vocabulary(0)
-        with torch.no_grad():
-            self.base = torch.cat([F.normalize(model.encode_text(tokenizer(self.anchors[i:i + 512]).to(device)), dim=-1)
-                                   for i in range(0, len(self.anchors), 512)])  # [n_a, D]
+        self.anchors = list(anchors)
+        self.base = base.to(device)  # [n_a, D]: the base model's unit bare-text embeddings of the anchors
+        if len(self.base) != len(self.anchors):
+            raise ValueError(f"_DirectionPenalty: {len(self.base)} base embeddings for {len(self.anchors)} anchors")
+
+    @staticmethod
+    @torch.no_grad()
+    def anchor_embeddings(model, tokenizer, device: str) -> tuple[list[str], torch.Tensor]:
+        """The anchor entries (the demo's world2 naming vocabulary without distractors) and ``model``'s unit
+        bare-text embeddings of them ``[n_a, D]``; taken from the base weights before a checkpoint is loaded, so a
+        resumed run anchors to the same targets as an uninterrupted one."""
+        from visae.demo import world2_vocabulary
+
+        anchors = world2_vocabulary(0)
+        was = model.training
+        model.eval()
+        base = torch.cat([F.normalize(model.encode_text(tokenizer(anchors[i:i + 512]).to(device)), dim=-1)
+                          for i in range(0, len(anchors), 512)])
+        model.train(was)
+        return anchors, base
 
     def __call__(self, model, words: Sequence[str], ref: Sequence[str], anchor_idx: Sequence[int], margin: float,
                  device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,6 +355,8 @@ class _DirectionPenalty:
         mask = torch.zeros(n_h, len(self.words), dtype=torch.bool, device=device)
         for i, h in enumerate(words):
             mask[i, self.shares.get(h, [])] = True
+        # torch's median of an even count is the lower middle value (the inheritance measure's np.median averages
+        # the two): a difference of one rank among the random words, immaterial to a hinge with a margin
         gap = F.relu(cos[:n_h] - cos[n_h:].detach().median(0).values + margin)[mask]
         push = gap.pow(2).mean() if gap.numel() else cos.sum() * 0.0
         drift = e[n_h + n_r:] - self.base[torch.as_tensor(list(anchor_idx), dtype=torch.long, device=device)]
@@ -397,6 +416,7 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
     model, _, tokenizer = tc.create_toyclip(init, device=cfg.device, model=tc.MODEL_NAME_V2)
     model.eval()
     _freeze_image_side(model)
+    anchors = _DirectionPenalty.anchor_embeddings(model, tokenizer, cfg.device) if cfg.direction_weight > 0 else None
     base_negs = _base_negatives(init, base, naming)
     negs = tc.negative_words(naming, seed=cfg.seed, n=cfg.n_negative_words) if cfg.negatives_per_step else []
     hard_by_tok = (hard_negative_words(tokenizer, set(naming), cfg.hard_candidates, cfg.dev_fraction)
@@ -414,6 +434,9 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
     # the pool's scenes are drawn (not rendered) first: too few single-object scenes is refused before any work
     scenes, jitter = _pool_scenes(base, cfg.n_pool)
     n_single = sum(len(sc.objects) == 1 for sc in scenes)
+    if cfg.direction_weight > 0 and n_single == 0:
+        raise ConfigError(f"n_pool: no single-object scene among the base run's first {cfg.n_pool} training scenes: "
+                          "the direction penalty takes its concept directions from them; raise n_pool")
     if cfg.single_object_fraction > 0 and n_single < cfg.batch_size:
         raise ConfigError(f"n_pool: only {n_single} single-object scenes among the base run's first {cfg.n_pool} "
                           f"training scenes, fewer than batch_size={cfg.batch_size} (single_object_fraction "
@@ -450,8 +473,8 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
                                     single_object_fraction=cfg.single_object_fraction)
         sampler = tc._CaptionSamplerV2(tokenizer)
         n_f = len(w2.FACTORS)
-        penalty = (_DirectionPenalty(model, tokenizer, emb[single], factors[single], hard_words, cfg.device)
-                   if cfg.direction_weight > 0 else None)
+        penalty = (_DirectionPenalty(tokenizer, emb[single], factors[single], hard_words, *anchors, cfg.device)
+                   if anchors is not None else None)
         model.train()
         model.visual.eval()
         scale = model.logit_scale.detach().exp()
@@ -502,7 +525,8 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
             pen = None
             if penalty is not None:
                 ref = [negs[int(i)] for i in rng.integers(len(negs), size=cfg.negatives_per_step)]
-                anchor_idx = rng.choice(len(penalty.anchors), min(cfg.anchors_per_step, len(penalty.anchors)), replace=False)
+                anchor_idx = (rng.choice(len(penalty.anchors), min(cfg.anchors_per_step, len(penalty.anchors)), replace=False)
+                              if cfg.anchor_weight > 0 else [])
                 pen = penalty(model, words, ref, anchor_idx, cfg.direction_margin, cfg.device)
                 loss = loss + cfg.direction_weight * pen[0] + cfg.anchor_weight * pen[1]
             opt.zero_grad(set_to_none=True)
@@ -512,7 +536,7 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
             rec = {"step": step, "loss": round(float(loss.detach()), 5), "lr": tc._lr_at(step - 1, cfg),
                    "wall": round(time.time() - t_start, 1), "cpu": round(time.process_time() - cpu_start, 1)}
             if pen is not None:
-                rec["direction_push"], rec["direction_anchor"] = (round(float(x.detach()), 6) for x in pen)
+                rec["direction_push"], rec["direction_anchor"] = (float(f"{float(x.detach()):.4g}") for x in pen)
             log.end_step(rec, step, cfg.steps, cfg.checkpoint_every, save_ckpt)
         train_seconds = log.finish()
 

@@ -96,7 +96,12 @@ class DataParallel:
         ("terminate called without an active exception", SIGABRT, pytorch/pytorch#190489), and NCCL warns.
         """
         if self.owns_group and self.dist.is_initialized():
-            self.dist.destroy_process_group()
+            try:
+                self.dist.destroy_process_group()
+            except Exception as e:  # in a finally after a failed collective: never hide the error that ended the run
+                import warnings
+
+                warnings.warn(f"leaving the process group failed: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
         self.owns_group = False
 
     @property

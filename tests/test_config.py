@@ -280,3 +280,30 @@ def test_toy_clip_v2_refuses_a_count_or_fraction_out_of_range_naming_the_field(t
     assert main_v2(["--out", "out", *flags]) == 2
     err = capsys.readouterr().err
     assert field in err and "expected" in err and not list(tmp_path.iterdir()), err
+
+
+def test_check_bounds_refuses_infinities_unless_they_mean_no_constraint():
+    """A bound with no upper limit let ``inf`` through: ``--direction_weight inf`` trained NaN weights and exited 0."""
+    import math
+
+    from visae.config import check_bounds
+    from visae.select import SelectConfig
+    from visae.toyclip_text import TextTuneConfig
+
+    @dataclass(frozen=True)
+    class C:
+        w: float = 1.0
+        n: int = 1
+
+    check_bounds(C(), {"w": (0.0, None), "n": (1, None)})
+    for bad in (math.inf, -math.inf, math.nan):
+        with pytest.raises(ConfigError, match="C.w"):
+            check_bounds(C(w=bad), {"w": (0.0, None)})
+    with pytest.raises(ConfigError, match="a finite value >= 0.0"):
+        check_bounds(C(w=math.inf), {"w": (0.0, None)})
+    check_bounds(C(w=math.inf), {"w": (0.0, None)}, allow_inf=("w",))  # where inf means "no constraint"
+    with pytest.raises(ConfigError, match="direction_weight"):
+        TextTuneConfig(direction_weight=math.inf)
+    with pytest.raises(ConfigError, match="lr"):
+        TextTuneConfig(lr=math.inf)
+    assert SelectConfig(sweep="s", max_l0=math.inf).max_l0 == math.inf  # documented: inf = no L0 constraint

@@ -245,3 +245,12 @@ def test_a_tuned_model_as_base_draws_the_root_trainers_world():
     b, jb = tt._pool_scenes({"config": {"seed": 1}, "base": stage}, 20)
     assert ja == jb == 1.0 and [repr(x) for x in a] == [repr(x) for x in b]
     assert max(len(x.objects) for x in b) <= 2
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_reaches_the_weights(tmp_path, base_run):
+    """An absurd weight (finite, so the config takes it) overflows the update; the next loss is not finite and the run
+    stops there, naming the step, with no export written."""
+    cfg = _cfg(tmp_path, base_run, direction_weight=1e308, steps=6)
+    with pytest.raises(RuntimeError, match="the loss is"):
+        tt.tune_text_tower(cfg, [])
+    assert not (tmp_path / "tune" / "visae-toyclip2.safetensors").exists()

@@ -37,7 +37,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Collection, Optional, Sequence, TypeVar
 
 import yaml
 
@@ -136,19 +136,25 @@ def _field_default(cls: type, name: str) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
-def check_bounds(cfg: Any, bounds: dict[str, tuple[float | None, float | None]], notes: dict[str, str] | None = None) -> None:
+def check_bounds(cfg: Any, bounds: dict[str, tuple[float | None, float | None]], notes: dict[str, str] | None = None,
+                 allow_inf: Collection[str] = ()) -> None:
     """Refuse the fields of the config ``cfg`` (a dataclass) outside their bounds, ``{field: (low, high)}``, both
-    inclusive, None for no bound (a NaN is outside every bound): a count, a size or a fraction out of range is named
-    at parse time instead of being taken silently (clamped, or acting as 0 or 1).
+    inclusive, None for no bound (a NaN is outside every bound; so is an infinity, unless the field is in
+    ``allow_inf``, where it means "no constraint"): a count, a size or a fraction out of range is named at parse
+    time instead of being taken silently (clamped, or acting as 0 or 1; an infinite weight or rate trains NaN weights).
 
     Raises:
-        ConfigError: ``"<Class>.<field> = <value>: expected >= low | <= high | in [low, high]"`` and ``notes[field]``.
+        ConfigError: ``"<Class>.<field> = <value>: expected >= low | <= high | in [low, high]"`` (with "a finite
+            value" for an infinity) and ``notes[field]``.
     """
     for name, (low, high) in bounds.items():
         v = getattr(cfg, name)
-        if (low is None or v >= low) and (high is None or v <= high):
+        finite = name in allow_inf or not (isinstance(v, float) and math.isinf(v))
+        if finite and (low is None or v >= low) and (high is None or v <= high):
             continue
         want = f"in [{low}, {high}]" if low is not None and high is not None else (f">= {low}" if high is None else f"<= {high}")
+        if not finite:
+            want = f"a finite value {want}"
         note = (notes or {}).get(name, "")
         raise ConfigError(f"{type(cfg).__name__}.{name} = {v!r}: expected {want}{' ' + note if note else ''}")
 

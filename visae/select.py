@@ -95,7 +95,7 @@ class SelectConfig:
         # refused before any trial is scored: a batch size of 0 failed inside scoring (range() step 0), a negative
         # one scored no rows; a negative (or NaN) constraint excluded every trial, only after all were scored
         check_bounds(self, {"batch_size": (1, None), **({"max_l0": (0.0, None)} if self.max_l0 is not None else {})},
-                     {"max_l0": "(null: the sweep's setting; inf: none)"})
+                     {"max_l0": "(null: the sweep's setting; inf: none)"}, allow_inf=("max_l0",))
         check_fraction_constraint(self, "max_dead", null="the sweep's setting")
 
 

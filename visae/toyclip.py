@@ -391,6 +391,15 @@ def _positives(factors: np.ndarray, cons: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(ok.all(-1))
 
 
+def _check_loss_finite(loss: torch.Tensor, step: int, ckpt: Path) -> None:
+    """Stop a toy-CLIP run at a non-finite loss before the step is taken (so no NaN reaches the weights, a
+    checkpoint or an export). Raises RuntimeError naming the step and the last checkpoint, which stays intact."""
+    if not bool(torch.isfinite(loss.detach())):
+        raise RuntimeError(f"step {step + 1}: the loss is {float(loss.detach())} (a weight or rate too large?); "
+                           f"stopped before the step: the weights are unchanged and {ckpt} (if any) holds the last "
+                           "checkpoint")
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -632,6 +641,7 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
                 y = torch.from_numpy(fac[:, [tw.FACTOR_INDEX[f] for f in tw.MAIN_FACTORS]]).to(cfg.device)
                 aux = sum(F.cross_entropy(h(img), y[:, i]) for i, h in enumerate(heads)) / len(heads)
                 loss = loss + cfg.aux_weight * aux
+            _check_loss_finite(loss, step, ckpt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -1375,6 +1385,7 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
                 dense, dense_acc = dense_loss(tok, heads[n_main:], torch.from_numpy(dense_y[idx]).to(cfg.device),
                                               dense_none)
                 loss = loss + cfg.dense_weight * dense
+            _check_loss_finite(loss, step, ckpt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -95,17 +95,17 @@ class TextTuneConfig:
                 "the naming list: with the 20k list, N must be well above 20,000)"})
     token_negatives_per_step: int = field(default=128, metadata={"help": "token negatives a step (token_negatives)"})
     direction_weight: float = field(default=10.0, metadata={
-        "help": "weight of the direction penalty (0: off): each drawn hard negative, embedded as a bare word, is pushed "
-                "below the median cosine of bare random negatives with the concept direction of every world word it "
-                "shares a token with (directions from the pool's single-object scenes; tc.concept_directions), and "
-                "the world's naming vocabulary anchored to the base model's embedding (anchor_weight)"})
+        "help": "weight of the direction penalty (0: off; needs hard_negatives_per_step and negatives_per_step > 0): "
+                "each hard negative, as a bare word, pushed below the random words' median cosine with the concept "
+                "direction of every world word it shares a token with"})
     direction_margin: float = field(default=0.05, metadata={
-        "help": "direction penalty: how far below the random negatives' median cosine a hard negative must lie "
-                "(squared hinge)"})
+        "help": "direction penalty: how far below the random words' median cosine a hard negative must lie "
+                "(squared hinge; in [0, 1])"})
     anchor_weight: float = field(default=100.0, metadata={
         "help": "with the direction penalty: weight of the anchor, the squared distance of the world's naming "
-                "vocabulary's bare-text embeddings from the base model's"})
-    anchors_per_step: int = field(default=128, metadata={"help": "anchor entries (of the world's naming vocabulary) a step"})
+                "vocabulary's bare-text embeddings from the base model's (0: no anchor)"})
+    anchors_per_step: int = field(default=128, metadata={"help": "anchor entries (of the world's naming vocabulary) "
+                                                                 "a step (>= 1; unused at anchor_weight 0)"})
     dev_fraction: float = field(default=0.2, metadata={
         "help": "share of the hard-negative candidates (by a hash of the word) kept out of training as a development "
                 "set: the inheritance measured on them chooses a recipe without looking at the naming list's words"})
@@ -230,6 +230,8 @@ def token_negatives(world_seqs: Sequence[Sequence[int]], k: int, rng: np.random.
 def _base_card(init: Path) -> dict[str, Any]:
     """The base model's card (``<init>.json``), checked against the weights. Raises ConfigError (a usage error)."""
     card_path = init.with_suffix(".json")
+    if init.is_dir():
+        raise ConfigError(f"init: {init} is a directory; expected the v2 trainer's fp16 .safetensors export")
     if not init.is_file():
         raise ConfigError(f"init: weights {init} not found (expected the v2 trainer's fp16 .safetensors export)")
     if not card_path.is_file():
@@ -529,6 +531,7 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
                               if cfg.anchor_weight > 0 else [])
                 pen = penalty(model, words, ref, anchor_idx, cfg.direction_margin, cfg.device)
                 loss = loss + cfg.direction_weight * pen[0] + cfg.anchor_weight * pen[1]
+            tc._check_loss_finite(loss, step, ckpt)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

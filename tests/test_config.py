@@ -307,3 +307,16 @@ def test_check_bounds_refuses_infinities_unless_they_mean_no_constraint():
     with pytest.raises(ConfigError, match="lr"):
         TextTuneConfig(lr=math.inf)
     assert SelectConfig(sweep="s", max_l0=math.inf).max_l0 == math.inf  # documented: inf = no L0 constraint
+    # the same kind in the checks written by hand: `visae train --lr inf` trained 50 steps to a NaN loss
+    from visae.cbm import CBMConfig, CBMError
+    from visae.sweep import SweepConfig
+    from visae.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="TrainConfig.lr must be positive and finite"):
+        TrainConfig(lr=math.inf)
+    with pytest.raises(ConfigError, match="lrs must be positive and finite"):
+        SweepConfig(lrs=(1e-3, math.inf))
+    with pytest.raises(ConfigError, match="l1_coeffs must be >= 0 and finite"):
+        SweepConfig(l1_coeffs=(math.inf,))
+    with pytest.raises(CBMError, match="target_concepts_per_class must be positive and finite"):
+        CBMConfig(target_concepts_per_class=math.inf)

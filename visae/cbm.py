@@ -111,8 +111,8 @@ class CBMConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
             raise CBMError(f"CBMConfig.alpha must be in (0, 1], got {self.alpha}")
-        if not self.target_concepts_per_class > 0:
-            raise CBMError(f"CBMConfig.target_concepts_per_class must be positive, got {self.target_concepts_per_class}")
+        if not (self.target_concepts_per_class > 0 and math.isfinite(self.target_concepts_per_class)):
+            raise CBMError(f"CBMConfig.target_concepts_per_class must be positive and finite, got {self.target_concepts_per_class}")
         for name in ("n_lambdas", "max_iter", "batch_size", "refit_iter"):
             if int(getattr(self, name)) < 1:
                 raise CBMError(f"CBMConfig.{name} must be >= 1, got {getattr(self, name)}")

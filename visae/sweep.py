@@ -151,10 +151,10 @@ class SweepConfig:
                 raise ConfigError(f"SweepConfig.{name} is empty")
             if len(set(vals)) != len(vals):
                 raise ConfigError(f"SweepConfig.{name} has repeated values {list(vals)}")
-        if any(not v > 0 for v in self.lrs):
-            raise ConfigError(f"SweepConfig.lrs must be positive, got {list(self.lrs)}")
-        if any(not v >= 0 for v in self.l1_coeffs):
-            raise ConfigError(f"SweepConfig.l1_coeffs must be >= 0, got {list(self.l1_coeffs)}")
+        if any(not (v > 0 and math.isfinite(v)) for v in self.lrs):
+            raise ConfigError(f"SweepConfig.lrs must be positive and finite, got {list(self.lrs)}")
+        if any(not (v >= 0 and math.isfinite(v)) for v in self.l1_coeffs):
+            raise ConfigError(f"SweepConfig.l1_coeffs must be >= 0 and finite, got {list(self.l1_coeffs)}")
         if any(int(e) < 1 for e in self.expansion_factors):
             raise ConfigError(f"SweepConfig.expansion_factors must be >= 1, got {list(self.expansion_factors)}")
         if self.max_group_size < 0:

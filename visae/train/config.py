@@ -7,6 +7,7 @@ fields of the same name, passed on by :func:`visae.train.data.sae_config_for`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -140,8 +141,9 @@ class TrainConfig:
                     "resample_examples", "dead_window_steps", "shuffle_buffer", "synthetic_examples", "synthetic_d",
                     "synthetic_atoms", "lr", "dist_timeout")
         for name in positive:
-            if not getattr(self, name) > 0:  # (not x > 0: a NaN is refused too)
-                raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):  # (not x > 0: a NaN is refused too; an inf lr trained NaN weights)
+                raise ConfigError(f"TrainConfig.{name} must be positive and finite, got {v}")
         if self.l1_convention not in ("unit", "raw"):
             raise ConfigError(f"TrainConfig.l1_convention must be 'unit' or 'raw', got {self.l1_convention!r}")
         # taken silently before: a dense_threshold outside [0, 1] counted every latent or none as dense, a

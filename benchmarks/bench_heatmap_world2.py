@@ -21,7 +21,8 @@ Prints one table row per (layer, SAE) and writes everything to ``OUT/results.jso
 ``--out`` reuses the world, the shards and finished SAEs.
 
     python benchmarks/bench_heatmap_world2.py --out runs/heatmap_world2 [--weights FILE] [--n 2000] [--seed 5000] \
-        [--max_objects 1] [--layers 1,2,3] [--saes topk:k=8:x=4,topk:k=8:x=16] [--probe] [--figure PNG]
+        [--max_objects 1] [--layers 1,2,3] [--saes topk:k=8:x=4,topk:k=8:x=16] [--probe] [--figure PNG] \
+        [--model visae-toyclip2-reg4]
 
 ``--weights``: the v2 toy CLIP's weights file; default the shipped one (``visae.toyclip.TOYCLIP2_WEIGHTS``),
 required when that is absent. SAE specs: ``topk:k=K:x=EXPANSION``, ``relu:l1=COEFF:x=EXPANSION`` or
@@ -285,7 +286,9 @@ def pick_concepts(results: list[dict[str, Any]], n: int) -> list[dict[str, Any]]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/heatmap_world2", help="work directory (world, shards, SAEs, results.json)")
-    ap.add_argument("--weights", default=None, help="visae-toyclip2 weights file (default: the shipped one)")
+    ap.add_argument("--weights", default=None, help="the model's weights file (default: visae-toyclip2's shipped one)")
+    ap.add_argument("--model", default="visae-toyclip2", help="the toy CLIP architecture of --weights: visae-toyclip2 "
+                    "or visae-toyclip2-reg4 (4 register tokens; no weights ship, --weights needed)")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=5000, help="world seed (the toy CLIP trained on seed 0's scenes)")
     ap.add_argument("--max_objects", type=int, default=1, help="objects per image: 1 .. max_objects (1-4)")
@@ -300,10 +303,13 @@ def main(argv: list[str] | None = None) -> int:
                     "the one with the most heat in the box per object factor (1: off)")
     a = ap.parse_args(argv)
 
-    weights = Path(a.weights) if a.weights else default_weights()
+    if a.model not in ("visae-toyclip2", "visae-toyclip2-reg4"):
+        print(f"bench_heatmap_world2: --model {a.model}: expected visae-toyclip2 or visae-toyclip2-reg4", file=sys.stderr)
+        return 2
+    weights = Path(a.weights) if a.weights else default_weights() if a.model == "visae-toyclip2" else None
     if weights is None:
-        print("bench_heatmap_world2: no shipped visae-toyclip2 weights in this checkout (visae.toyclip.TOYCLIP2_WEIGHTS); "
-              "pass --weights FILE", file=sys.stderr)
+        print(f"bench_heatmap_world2: no shipped {a.model} weights in this checkout (visae.toyclip.TOYCLIP2_WEIGHTS "
+              "ships visae-toyclip2's); pass --weights FILE", file=sys.stderr)
         return 2
     if not weights.is_file():
         print(f"bench_heatmap_world2: --weights {weights}: no such file", file=sys.stderr)
@@ -330,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     with clock("world"):
         world = generate_world2(out / "world", a.n, a.seed, max_objects=a.max_objects, progress=False, workers=1)
     with clock("extract"):
-        sets = extract(ExtractConfig(images=str(world), out=str(out / "shards"), model="visae-toyclip2",
+        sets = extract(ExtractConfig(images=str(world), out=str(out / "shards"), model=a.model,
                                      pretrained=str(weights), layer=",".join(map(str, layers)), token="patch",
                                      batch_size=200, num_workers=0, threads=a.threads, progress=False))
     sets = sets if isinstance(sets, dict) else {layers[0]: sets}

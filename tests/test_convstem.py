@@ -85,6 +85,43 @@ def test_toyclip2_backbone_random_init_and_weights_file(tmp_path):
         assert not torch.equal(shipped.model.encode_image(x), got)
 
 
+def test_register_variant_has_four_distinct_registers_and_loads_from_a_file(tmp_path):
+    """visae-toyclip2-reg4: the residual stream holds the class token, 4 register tokens and the 64 patch tokens
+    (``num_prefix_tokens`` 5, so ``token="patch"`` gives the 64 patches); the registers are drawn apart (timm's std
+    1e-6 would leave them one token: same gradient, no position embedding); a build is reproducible from the torch
+    seed; exported weights load back bit for bit; with no file the backbone refuses (none ship) instead of loading
+    random weights, and a visae-toyclip2 file is refused by its metadata."""
+    import open_clip
+
+    from visae.backbones import BackboneError
+
+    bb = load_backbone("visae-toyclip2-reg4", random_init=True, seed=3)
+    assert (bb.width, bb.num_prefix_tokens, bb.has_cls_token, len(bb.blocks)) == (96, 5, True, 4)
+    reg = bb.model.visual.trunk.reg_token.detach()[0]
+    assert reg.shape == (4, 96)
+    cos = torch.nn.functional.normalize(reg, dim=1) @ torch.nn.functional.normalize(reg, dim=1).T
+    assert float((cos - torch.eye(4)).abs().max()) < 0.6  # 96-d draws: |cos| ~ 0.1; one token copied: 1.0
+    x = torch.randn(2, 3, 64, 64)
+    layers = bb.encode_layers(x, [0, 3], token="patch")
+    assert {k: tuple(v.shape) for k, v in layers.items()} == {0: (2, 64, 96), 3: (2, 64, 96)}
+    toyclip.register_v2_reg4()
+    states = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        states.append(open_clip.create_model("visae-toyclip2-reg4").state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    path = toyclip.export_fp16(bb.model, tmp_path / "w.safetensors", toyclip.MODEL_NAME_V2_REG4)
+    again = load_backbone("visae-toyclip2-reg4", str(path))
+    with torch.no_grad():
+        assert torch.equal(bb.model.half().float().encode_image(x), again.model.encode_image(x))
+    with pytest.raises(BackboneError, match="random_init"):
+        load_backbone("visae-toyclip2-reg4")
+    v2 = toyclip.export_fp16(load_backbone("visae-toyclip2", random_init=True).model, tmp_path / "v2.safetensors",
+                             toyclip.MODEL_NAME_V2)
+    with pytest.raises(BackboneError, match=r"weights of 'visae-toyclip2'.*not 'visae-toyclip2-reg4'"):
+        load_backbone("visae-toyclip2-reg4", str(v2))
+
+
 def test_stem_receptive_field_is_its_cell_and_seven_pixels_around_it():
     """The receptive field ConvStemPatchEmbed's docstring states, pixel by pixel: token (r, c) reads rows and columns
     8r - 7 .. 8r + 14 (8c - 7 .. 8c + 14): its cell 8r .. 8r + 7 and 7 pixels on each side, centred on the cell. A

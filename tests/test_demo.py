@@ -202,6 +202,8 @@ def test_a_world_without_shipped_weights_and_an_unknown_world_are_refused_before
     """A world whose toy CLIP ships no weights (world2's until they shipped) needs --pretrained."""
     import dataclasses
 
+    from visae import toyclip
+
     monkeypatch.setitem(demo.WORLDS, "world2", dataclasses.replace(demo.WORLDS["world2"], shipped=False))
     out = tmp_path / "out"
     assert demo.main(["--out", str(out), "--world", "world2"]) == 2
@@ -209,6 +211,14 @@ def test_a_world_without_shipped_weights_and_an_unknown_world_are_refused_before
     assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2"]) == 2
     assert "visae-toyclip2 has no shipped weights yet" in capsys.readouterr().err and not out.exists()
     monkeypatch.undo()
+    # world2's register variant ships no weights; it is world2's model, not the first toy world's
+    assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2-reg4"]) == 2
+    assert "visae-toyclip2-reg4 has no shipped weights yet" in capsys.readouterr().err and not out.exists()
+    assert demo.main(["--out", str(out), "--world", "toy", "--model", "visae-toyclip2-reg4"]) == 2
+    assert "toy CLIP of the 'world2' world" in capsys.readouterr().err and not out.exists()
+    assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2-reg4", "--pretrained",
+                      str(toyclip.TOYCLIP2_WEIGHTS)]) == 2  # weights of the plain architecture: refused by metadata
+    assert "not 'visae-toyclip2-reg4'" in capsys.readouterr().err and not out.exists()
     assert demo.main(["--out", str(out), "--world", "world3"]) == 2
     assert "expected one of ['toy', 'world2']" in capsys.readouterr().err and not out.exists()
     assert demo.main(["--out", str(out), "--distractors", str(tmp_path / "nope.txt")]) == 2

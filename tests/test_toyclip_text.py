@@ -254,3 +254,30 @@ def test_a_non_finite_loss_stops_the_run_before_it_reaches_the_weights(tmp_path,
     with pytest.raises(RuntimeError, match="the loss is"):
         tt.tune_text_tower(cfg, [])
     assert not (tmp_path / "tune" / "visae-toyclip2.safetensors").exists()
+
+
+def test_the_register_variant_trains_with_per_patch_heads_and_its_text_stage_keeps_the_architecture(tmp_path, base_run):
+    """visae-toyclip2-reg4 through both stages: the v2 trainer (per-patch heads on its patch tokens, behind the 5
+    prefix tokens) exports ``visae-toyclip2-reg4.safetensors`` with a card of that model; the text stage takes it as
+    its base, writes the same architecture and keeps the image tower (registers included) bit for bit; the file loads
+    as a backbone of that name only."""
+    from visae.backbones import BackboneError, load_backbone
+
+    _, naming = base_run
+    base = toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(
+        out=str(tmp_path / "base"), model="visae-toyclip2-reg4", n_train=64, max_objects=1, steps=2, batch_size=16,
+        warmup=1, dense_weight=1.0, dense_layer=1, eval_n=32, eval_every=0, negatives_per_step=4,
+        negatives_exclude=str(naming), n_negative_words=30, threads=1, progress=False), [])
+    assert base.name == "visae-toyclip2-reg4.safetensors"
+    assert json.loads(base.with_suffix(".json").read_text())["model"] == "visae-toyclip2-reg4"
+    log = [json.loads(x) for x in (tmp_path / "base" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["dense"]) for r in log)
+    path = tt.tune_text_tower(_cfg(tmp_path, (base, naming), steps=2, checkpoint_every=1), [])
+    assert path.name == "visae-toyclip2-reg4.safetensors"
+    assert json.loads(path.with_suffix(".json").read_text())["model"] == "visae-toyclip2-reg4"
+    before, after = load_file(str(base)), load_file(str(path))
+    assert "visual.trunk.reg_token" in after
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
+    assert load_backbone("visae-toyclip2-reg4", str(path)).num_prefix_tokens == 5
+    with pytest.raises(BackboneError, match="not 'visae-toyclip2'"):
+        load_backbone("visae-toyclip2", str(path))

@@ -347,7 +347,13 @@ def test_dense_heads_and_init_fine_tune(tmp_path):
     for kw, msg in ((dict(dense_factors="shape,size"), "dense_factors"), (dict(dense_layer=4), "dense_layer"),
                     (dict(dense_min_cover=0.0), r"dense_min_cover = 0.0: expected in \(0, 1\]"),
                     (dict(dense_weight=1.0, dense_factors=""), "dense_factors is empty"),
-                    (dict(dense_weight=1.0, model="visae-toyclip"), "needs model 'visae-toyclip2'")):
+                    (dict(dense_weight=1.0, model="visae-toyclip"), "needs a model with the timm image tower"),
+                    (dict(init="shipped", model="visae-toyclip2-reg4"), None)):
+        if msg is None:  # valid on its own; refused by the run, before anything is written
+            with pytest.raises(ConfigError, match="no weights ship for 'visae-toyclip2-reg4'"):
+                toyclip.train_toy_clip_v2(dataclasses.replace(cfg, **kw, out=str(tmp_path / "never")), [])
+            assert not (tmp_path / "never").exists()
+            continue
         with pytest.raises(ConfigError, match=msg):
             toyclip.ToyClipV2Config(**kw)
     assert toyclip.main_v2(["--dense_factors", "shape,size"]) == 2  # a usage error, one line

@@ -749,14 +749,15 @@ def _check_toy_weights_file(path: str | None, expected: str) -> None:
 def _toy_backbone(model: str, register: Any, shipped: Any, pretrained: str | None, *, random_init: bool, device: Any,
                   seed: int, **kw: Any) -> Backbone:
     """A toy CLIP (``visae.toyclip``; ``register`` makes open_clip know it): ``pretrained`` None loads the shipped
-    weights file ``shipped`` (the backbone then records the tag ``"shipped"``), ``"shipped"`` the same through the
-    tag, anything else is a weights file of this architecture (checked before anything is built)."""
+    weights file ``shipped`` (the backbone then records the tag ``"shipped"``; an architecture without shipped
+    weights, ``shipped`` None, then needs a file or ``random_init``), ``"shipped"`` the same through the tag,
+    anything else is a weights file of this architecture (checked before anything is built)."""
     register()
     if not random_init:
         _check_toy_weights_file(pretrained, model)
     bb = _open_clip_backbone(model, pretrained, random_init=random_init, device=device, seed=seed, display_name=model,
-                             weights_path=None if pretrained else str(shipped), **kw)
-    if not random_init and pretrained is None:
+                             weights_path=None if pretrained or shipped is None else str(shipped), **kw)
+    if not random_init and pretrained is None and shipped is not None:
         bb.pretrained = "shipped"
     return bb
 
@@ -775,6 +776,15 @@ def _load_toyclip2(name: str, pretrained: str | None, *, random_init: bool, devi
     from visae import toyclip
 
     return _toy_backbone(toyclip.MODEL_NAME_V2, toyclip.register_v2, toyclip.TOYCLIP2_WEIGHTS, pretrained,
+                         random_init=random_init, device=device, seed=seed, **kw)
+
+
+def _load_toyclip2_reg4(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int,
+                        **kw: Any) -> Backbone:
+    """visae-toyclip2-reg4 (visae-toyclip2 with 4 register tokens; no weights ship): a weights file or random_init."""
+    from visae import toyclip
+
+    return _toy_backbone(toyclip.MODEL_NAME_V2_REG4, toyclip.register_v2_reg4, None, pretrained,
                          random_init=random_init, device=device, seed=seed, **kw)
 
 
@@ -819,4 +829,6 @@ register_backbone("timm:", _load_timm, description="timm image models: 'timm:vit
 register_backbone("visae-toyclip", _load_toyclip, exact=True, description="the project's small CLIP trained on the toy world")
 register_backbone("visae-toyclip2", _load_toyclip2, exact=True,
                   description="the toy CLIP with a conv-stem image tower (visae.convstem), for visae.world2 (shipped weights)")
+register_backbone("visae-toyclip2-reg4", _load_toyclip2_reg4, exact=True,
+                  description="visae-toyclip2 with 4 register tokens (a weights file or random_init; none ship)")
 register_backbone(TINY_CLIP_NAME, _load_tiny_clip, exact=True, description="a tiny random CLIP for tests (random_init or a checkpoint file)")

@@ -11,7 +11,9 @@ equal steps (the recipe notebook, section 7).
 The model is a timm ``VisionTransformer`` (class token, pre-norm blocks, final LayerNorm) whose patch
 embedding is :class:`ConvStemPatchEmbed`; everything after the embedding is timm's, so visae's backbone
 hooks (``trunk.blocks``: the residual stream after each block, ``[B, 1 + N, width]``) and open_clip's timm
-tower (``vision_cfg.timm_model_name``) work unchanged. :func:`register` makes the timm name known.
+tower (``vision_cfg.timm_model_name``) work unchanged. :func:`register` makes the timm names known:
+``visae_toyvit_convstem`` and ``visae_toyvit_convstem_reg4``, the same tower with 4 register tokens (Darcet et al.
+2024; the image tower of ``visae-toyclip2-reg4``).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ConvStemPatchEmbed", "TIMM_NAME", "register"]
+__all__ = ["ConvStemPatchEmbed", "REGISTER_INIT_STD", "TIMM_NAME", "TIMM_NAME_REG4", "register"]
 
 TIMM_NAME = "visae_toyvit_convstem"
+TIMM_NAME_REG4 = "visae_toyvit_convstem_reg4"
+REGISTER_INIT_STD = 0.02
 
 
 class ConvStemPatchEmbed(nn.Module):
@@ -121,14 +125,31 @@ def _toyvit_convstem(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return model
 
 
+def _toyvit_convstem_reg4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """:func:`_toyvit_convstem` with 4 register tokens (Darcet et al. 2024, "Vision Transformers Need Registers"):
+    learnt tokens after the class token, ``[B, 1 + 4 + 64, 96]`` in the residual stream (``num_prefix_tokens`` 5),
+    that give attention a place for image-wide information other than the background patches, so that patch
+    tokens keep describing what lies under them (issue 14's heatmaps; docs/toyclip_v2_recipe.md, section 17).
+    Without position embeddings (``no_embed_class``, as timm's register ViTs) and at timm's init (std 1e-6) the 4
+    tokens receive the same gradient and stay one token copied 4 times (measured: pairwise cosine 1.0000 after
+    6,500 steps); they are redrawn at std ``REGISTER_INIT_STD`` after timm's init, from the global torch generator
+    (so a seeded build is reproducible)."""
+    kwargs.setdefault("reg_tokens", 4)
+    kwargs.setdefault("no_embed_class", True)
+    model = _toyvit_convstem(pretrained, **kwargs)
+    nn.init.normal_(model.reg_token, std=REGISTER_INIT_STD)
+    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "architecture": TIMM_NAME_REG4}
+    return model
+
+
 def register() -> str:
-    """Make ``timm.create_model("visae_toyvit_convstem")`` (and so open_clip's timm tower) know the model
-    (idempotent); returns the name."""
+    """Make ``timm.create_model("visae_toyvit_convstem")`` and ``"visae_toyvit_convstem_reg4"`` (and so open_clip's
+    timm towers) know the models (idempotent); returns the first name."""
     import timm
     from timm.models import register_model
 
-    if TIMM_NAME not in timm.list_models(TIMM_NAME):
-        fn = _toyvit_convstem
-        fn.__name__ = TIMM_NAME
-        register_model(fn)
+    for name, fn in ((TIMM_NAME, _toyvit_convstem), (TIMM_NAME_REG4, _toyvit_convstem_reg4)):
+        if name not in timm.list_models(name):
+            fn.__name__ = name
+            register_model(fn)
     return TIMM_NAME

@@ -168,8 +168,8 @@ class DemoConfig:
             raise ConfigError(f"DemoConfig.seed + world_seed_offset = {self.seed} + {self.world_seed_offset}: "
                               "expected >= 0 (the world's seed)")
         want = WORLDS[self.world].model
-        other = {w.model: name for name, w in WORLDS.items()}.get(self.model)
-        if other is not None and self.model != want:
+        other = {m: name for name, w in WORLDS.items() for m in (w.model, *w.variants)}.get(self.model)
+        if other is not None and other != self.world:
             raise ConfigError(
                 f"DemoConfig.model = {self.model!r} is the toy CLIP of the {other!r} world, not of --world "
                 f"{self.world}: world {self.world!r} wants {want!r} (leave --model empty for it); a toy CLIP knows "
@@ -396,13 +396,15 @@ class DemoWorld:
     ``generate(out_dir, n, seed, progress, workers)`` writes the world (toyworld layout: world.json + world.jsonl)
     with ``workers`` processes (0: one per CPU core; the same files whatever the number);
     ``vocabulary(n_distractors, distractors)`` is the naming vocabulary of ``--vocab toy``; ``model`` the toy CLIP
-    trained on it; ``shipped`` whether that model's weights ship with the package (else ``--pretrained`` is needed).
+    trained on it; ``shipped`` whether that model's weights ship with the package (else ``--pretrained`` is needed);
+    ``variants`` other toy CLIP architectures of the same world, whose weights never ship (``--pretrained`` FILE).
     """
 
     generate: Callable[[Path, int, int, bool, int], Any]
     vocabulary: Callable[[int, str], list[str]]
     model: str
     shipped: bool
+    variants: tuple[str, ...] = ()
 
 
 def _generate_toy(out: Path, n: int, seed: int, progress: bool, workers: int = 1) -> Any:
@@ -422,7 +424,8 @@ def _generate_world2(out: Path, n: int, seed: int, progress: bool, workers: int 
 # name -> world; a new world is one entry
 WORLDS: dict[str, DemoWorld] = {
     "toy": DemoWorld(_generate_toy, toy_vocabulary, "visae-toyclip", shipped=True),
-    "world2": DemoWorld(_generate_world2, world2_vocabulary, "visae-toyclip2", shipped=True),
+    "world2": DemoWorld(_generate_world2, world2_vocabulary, "visae-toyclip2", shipped=True,
+                        variants=("visae-toyclip2-reg4",)),
 }
 
 
@@ -488,10 +491,10 @@ def _check_toy_weights(run: DemoConfig, world: DemoWorld) -> None:
     Raises:
         ConfigError: naming the flag and the file.
     """
-    if run.model not in {w.model for w in WORLDS.values()}:
+    if run.model not in {m for w in WORLDS.values() for m in (w.model, *w.variants)}:
         return
     if run.pretrained in (None, "shipped"):  # "shipped": the tag the backbone records for the shipped weights
-        if not world.shipped:
+        if not world.shipped or run.model != world.model:
             raise ConfigError(f"--world {run.world}: its model {run.model} has no shipped weights yet; pass "
                               "--pretrained FILE (weights trained by visae.toyclip, docs/toyclip_v2_recipe.md)")
         return

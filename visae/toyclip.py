@@ -48,6 +48,7 @@ __all__ = [
     "TOYCLIP_CARD",
     "TOYCLIP_TAG",
     "MODEL_NAME_V2",
+    "MODEL_NAME_V2_REG4",
     "TOYCLIP2_WEIGHTS",
     "TOYCLIP2_CARD",
     "TOYCLIP2_NEGATIVES",
@@ -91,6 +92,9 @@ MODEL_CONFIG_V2 = Path(__file__).resolve().parent / "model_configs" / f"{MODEL_N
 TOYCLIP2_WEIGHTS = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME_V2}.safetensors"
 TOYCLIP2_CARD = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME_V2}.json"
 TOYCLIP2_NEGATIVES = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME_V2}.negatives.txt"
+# visae-toyclip2 with 4 register tokens in the image tower (visae.convstem; docs/toyclip_v2_recipe.md, section 17).
+MODEL_NAME_V2_REG4 = "visae-toyclip2-reg4"
+MODEL_CONFIG_V2_REG4 = Path(__file__).resolve().parent / "model_configs" / f"{MODEL_NAME_V2_REG4}.json"
 
 
 def register() -> str:
@@ -120,16 +124,31 @@ def register_v2() -> str:
     ``load_backbone("visae-toyclip2")`` load the shipped weights; other weights are a file
     (``pretrained=<file>``).
     """
+    return _register_v2_arch(MODEL_NAME_V2, MODEL_CONFIG_V2, TOYCLIP2_WEIGHTS)
+
+
+def register_v2_reg4() -> str:
+    """Make open_clip know "visae-toyclip2-reg4" (idempotent); returns the name: visae-toyclip2 with 4 register
+    tokens in the image tower (``visae.convstem``'s ``visae_toyvit_convstem_reg4``; Darcet et al. 2024). No
+    weights ship for it: train them (``main_v2 --model visae-toyclip2-reg4``) and load the file
+    (``pretrained=<file>``)."""
+    return _register_v2_arch(MODEL_NAME_V2_REG4, MODEL_CONFIG_V2_REG4, None)
+
+
+def _register_v2_arch(name: str, config: Path, shipped: Path | None) -> str:
+    """Register the conv-stem timm towers, the model config ``config`` under ``name`` and, when ``shipped`` is a
+    weights file, the pretrained tag ``"shipped"`` for it."""
     from open_clip import pretrained as oc_pretrained
 
     from visae import convstem
 
     convstem.register()
-    _add_model_config(MODEL_NAME_V2, MODEL_CONFIG_V2)
-    tags = oc_pretrained._PRETRAINED.setdefault(MODEL_NAME_V2, {})
-    if TOYCLIP_TAG not in tags:
-        tags[TOYCLIP_TAG] = oc_pretrained._pcfg(file=str(TOYCLIP2_WEIGHTS), quick_gelu=False)
-    return MODEL_NAME_V2
+    _add_model_config(name, config)
+    if shipped is not None:
+        tags = oc_pretrained._PRETRAINED.setdefault(name, {})
+        if TOYCLIP_TAG not in tags:
+            tags[TOYCLIP_TAG] = oc_pretrained._pcfg(file=str(shipped), quick_gelu=False)
+    return name
 
 
 def _add_model_config(name: str, path: Path) -> None:
@@ -143,7 +162,10 @@ def _add_model_config(name: str, path: Path) -> None:
 
 
 # The toy CLIP architectures: name -> the function that registers it with open_clip.
-TOY_MODELS = {MODEL_NAME: register, MODEL_NAME_V2: register_v2}
+TOY_MODELS = {MODEL_NAME: register, MODEL_NAME_V2: register_v2, MODEL_NAME_V2_REG4: register_v2_reg4}
+# The architectures with the conv-stem timm image tower (per-patch heads, world2 training) and the shipped weights.
+V2_MODELS = (MODEL_NAME_V2, MODEL_NAME_V2_REG4)
+SHIPPED_WEIGHTS = {MODEL_NAME: TOYCLIP_WEIGHTS, MODEL_NAME_V2: TOYCLIP2_WEIGHTS}
 
 
 def register_toy_model(name: str) -> str:
@@ -159,7 +181,8 @@ def register_toy_model(name: str) -> str:
 
 def create_toyclip(weights: str | Path | None = None, device: str = "cpu", model: str = MODEL_NAME):
     """``(model, preprocess, tokenizer)`` through open_clip; ``weights=None`` is a random init;
-    ``model``: the architecture (``"visae-toyclip"`` v1, ``"visae-toyclip2"``: conv stem).
+    ``model``: the architecture, one of :data:`TOY_MODELS` (``"visae-toyclip"`` v1, ``"visae-toyclip2"``: conv stem,
+    ``"visae-toyclip2-reg4"``: conv stem and 4 register tokens).
 
     Raises:
         ValueError: an unknown ``model``.
@@ -169,10 +192,10 @@ def create_toyclip(weights: str | Path | None = None, device: str = "cpu", model
 
     register_toy_model(model)
     if weights is not None and not Path(weights).is_file():
-        how = ("they ship in assets/toyclip/ (or train them: python scripts/train_toy_clip.py --export <file>)"
-               if model == MODEL_NAME else
-               "they ship in assets/toyclip/ (or train them: python -c 'from visae.toyclip import main_v2; main_v2()' --out DIR, "
-               "docs/toyworld.md)")
+        train = ("python scripts/train_toy_clip.py --export <file>" if model == MODEL_NAME else
+                 f"python -c 'from visae.toyclip import main_v2; main_v2()' --model {model} --out DIR, docs/toyworld.md")
+        how = f"they ship in assets/toyclip/ (or train them: {train})" if model in SHIPPED_WEIGHTS else \
+            f"none ship for this architecture: train them ({train})"
         raise FileNotFoundError(f"{model} weights {weights} not found; {how}")
     net, _, preprocess = open_clip.create_model_and_transforms(
         model, pretrained=str(weights) if weights is not None else None, device=device)
@@ -764,8 +787,9 @@ class ToyClipV2Config:
     out: str = field(default="runs/toyclip2", metadata={"help": "run directory: checkpoint.pt, log.jsonl, metrics.json, negatives.txt"})
     export: str = field(default="", metadata={"help": "fp16 weights (.safetensors, card .json beside); empty: <out>/<model>.safetensors"})
     model: str = field(default="visae-toyclip2", metadata={
-        "help": "architecture: visae-toyclip2 (conv-stem ViT image tower, visae.convstem) or visae-toyclip (v1's "
-                "patchify ViT); both 64 px, patch 8, width 96, 4 blocks, the same text tower"})
+        "help": "architecture: visae-toyclip2 (conv-stem ViT image tower, visae.convstem), visae-toyclip2-reg4 (the "
+                "same with 4 register tokens) or visae-toyclip (v1's patchify ViT); all 64 px, patch 8, width 96, "
+                "4 blocks, the same text tower"})
     seed: int = field(default=0, metadata={"help": "seed of the training scenes, the init, the batches and the negatives"})
     n_train: int = field(default=40000, metadata={"help": "training scenes (rendered in memory by the PIL renderer)"})
     max_objects: int = field(default=4, metadata={"help": "objects per training scene: 1 .. max_objects"})
@@ -846,9 +870,9 @@ class ToyClipV2Config:
         if self.dense_weight > 0 and not factors:
             raise ConfigError("ToyClipV2Config.dense_factors is empty but dense_weight > 0: name the factors the "
                               f"per-patch heads classify (of {list(DENSE_FACTORS)}), or set dense_weight 0")
-        if self.dense_weight > 0 and self.model != MODEL_NAME_V2:
-            raise ConfigError(f"ToyClipV2Config.dense_weight > 0 needs model {MODEL_NAME_V2!r} (its timm image tower), "
-                              f"not {self.model!r}")
+        if self.dense_weight > 0 and self.model not in V2_MODELS:
+            raise ConfigError(f"ToyClipV2Config.dense_weight > 0 needs a model with the timm image tower "
+                              f"({' or '.join(V2_MODELS)}), not {self.model!r}")
 
 
 V2_COARSE = ("colour_family", "shape", "texture", "size", "hpos", "vpos", "background")
@@ -1213,8 +1237,10 @@ def _init_weights_file(cfg: ToyClipV2Config) -> Path | None:
 
     if not cfg.init:
         return None
-    path = Path({MODEL_NAME: TOYCLIP_WEIGHTS, MODEL_NAME_V2: TOYCLIP2_WEIGHTS}[cfg.model]) if cfg.init == TOYCLIP_TAG \
-        else Path(cfg.init).expanduser()
+    if cfg.init == TOYCLIP_TAG and cfg.model not in SHIPPED_WEIGHTS:
+        raise ConfigError(f"ToyClipV2Config.init: no weights ship for {cfg.model!r} (shipped: {sorted(SHIPPED_WEIGHTS)}); "
+                          "give a weights file")
+    path = Path(SHIPPED_WEIGHTS[cfg.model]) if cfg.init == TOYCLIP_TAG else Path(cfg.init).expanduser()
     want = f"expected a {cfg.model} .safetensors file (visae.toyclip.export_fp16), or '{TOYCLIP_TAG}'"
     if not path.is_file():
         raise ConfigError(f"ToyClipV2Config.init: weights file {path} not found ({want})")

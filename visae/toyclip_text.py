@@ -243,9 +243,9 @@ def _base_card(init: Path) -> dict[str, Any]:
         raise ConfigError(f"init: card {card_path} is not JSON ({e})") from None
     if not isinstance(card, dict) or not card.get("sha256"):
         raise ConfigError(f"init: card {card_path} has no sha256 of its weights (expected the v2 trainer's card)")
-    if card.get("model") != tc.MODEL_NAME_V2 or card.get("world") != "visae.world2":
+    if card.get("model") not in tc.V2_MODELS or card.get("world") != "visae.world2":
         raise ConfigError(f"init: {card_path} is a card of model {card.get('model')!r} on {card.get('world')!r}; "
-                          f"expected {tc.MODEL_NAME_V2!r} on 'visae.world2'")
+                          f"expected one of {list(tc.V2_MODELS)} on 'visae.world2'")
     if card["sha256"] != tc._file_sha256(init):
         raise ConfigError(f"init: {init} does not match its card {card_path} (sha256 differs)")
     return card
@@ -407,7 +407,8 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
         raise ConfigError(f"negatives_exclude: word list {cfg.negatives_exclude} not found (expected one word a line, "
                           "e.g. ../shared/vocab/20k.txt)")
     out = Path(cfg.out)
-    export = Path(cfg.export) if cfg.export else out / f"{tc.MODEL_NAME_V2}.safetensors"
+    arch = base["model"]  # the base's architecture (visae-toyclip2 or its register variant): the tuned model's too
+    export = Path(cfg.export) if cfg.export else out / f"{arch}.safetensors"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {out} is a file; expected a run directory (made if missing)")
     if export.resolve() == init:
@@ -415,7 +416,7 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
     if any(q.exists() and not q.is_dir() for q in export.resolve().parents):
         raise ConfigError(f"export: a parent of {export} is a file; expected a directory to write the weights into")
     naming = tc.read_word_list(cfg.negatives_exclude, "negatives_exclude: word list")
-    model, _, tokenizer = tc.create_toyclip(init, device=cfg.device, model=tc.MODEL_NAME_V2)
+    model, _, tokenizer = tc.create_toyclip(init, device=cfg.device, model=arch)
     model.eval()
     _freeze_image_side(model)
     anchors = _DirectionPenalty.anchor_embeddings(model, tokenizer, cfg.device) if cfg.direction_weight > 0 else None
@@ -550,14 +551,14 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
                    and not torch.equal(before[k], now[k].to(before[k].dtype))]
         if changed:
             raise RuntimeError(f"the image tower changed in {len(changed)} tensors ({changed[:3]}...): it must stay frozen")
-        tc.export_fp16(model, export, tc.MODEL_NAME_V2)
-        shipped, _, _ = tc.create_toyclip(export, model=tc.MODEL_NAME_V2)
+        tc.export_fp16(model, export, arch)
+        shipped, _, _ = tc.create_toyclip(export, model=arch)
         metrics = tc.evaluate_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n)
         metrics["subword_inheritance"] = tc.inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n, naming, seen)
         if dev:
             metrics["subword_inheritance_dev"] = tc.inheritance_eval_v2(shipped, tokenizer, cfg.eval_seed, cfg.eval_n, dev, seen)
         card = {
-            "model": tc.MODEL_NAME_V2, "version": 2, "world": "visae.world2", "world_version": w2.FORMAT_VERSION,
+            "model": arch, "version": 2, "world": "visae.world2", "world_version": w2.FORMAT_VERSION,
             **tc._run_record(export, "visae.toyclip_text.main " + " ".join(argv if argv is not None else sys.argv[1:]),
                              t_start, cpu_start),
             "stage": "text tower (visae.toyclip_text): image tower frozen, bit for bit the base's",

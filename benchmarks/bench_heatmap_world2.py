@@ -4,7 +4,8 @@ The whole measurement of BENCHMARKS.md, "Patch heatmaps on world2 (issue 14)", i
 
 1. a world2 world (``visae.world2.generate_world2``: ``--n`` images of world ``--seed``, ``--max_objects``);
 2. the v2 toy CLIP's patch tokens after each block of ``--layers`` in one forward pass (``visae extract --model
-   visae-toyclip2 --pretrained WEIGHTS --layer 1,2,3 --token patch``);
+   visae-toyclip2 --pretrained WEIGHTS --layer 1,2,3 --token patch``; ``--model visae-toyclip2-reg4``: the register
+   variant, whose weights do not ship);
 3. per layer, every SAE of ``--saes`` trained on them (``visae train``, 20 epochs of 1,024 rows, lr 2e-3, no
    resampling; the v1 table's recipe);
 4. ``visae.patch_recovery.patch_recovery`` on each: image-level AUROC (max over patches) of every latent for every
@@ -180,7 +181,8 @@ def probe(shards: Any, factors: tuple[str, ...], steps: int = 400, seed: int = 0
     return out
 
 
-def make_figure(picks: list[dict[str, Any]], world_dir: Path, png: Path, n_show: int = 4) -> None:
+def make_figure(picks: list[dict[str, Any]], world_dir: Path, png: Path, n_show: int = 4,
+                model: str = "visae-toyclip2") -> None:
     """One row per picked concept: its ``n_show`` top images (the site's ranking), the latent's patch heat overlaid
     (scaled per row to the row's maximum, as the site scales a concept's heatmaps), and the boxes of the objects
     that have the value (solid) and of the other objects (dotted). ``picks``: dicts with sae_dir, shards, layer, sae,
@@ -238,7 +240,7 @@ def make_figure(picks: list[dict[str, Any]], world_dir: Path, png: Path, n_show:
         below = ", best-localised below 0.95" if p.get("below") else ""
         axes[r, 0].set_title(f'{p["factor"]}={p["value"]}{below} ({p["sae"]}, layer {p["layer"]}): AUROC {p["latent_auroc"]:.3f}, '
                              f'in box {p["in_box"]:.2f}, peak on box {p["peak_on_box"]:.2f}', fontsize=7, loc="left")
-    fig.suptitle("world2, visae-toyclip2 patch-token SAEs: a latent's top images with its heat per patch;\n"
+    fig.suptitle(f"world2, {model} patch-token SAEs: a latent's top images with its heat per patch;\n"
                  "box of the object with the value (cyan), other objects (dotted)", fontsize=8)
     fig.subplots_adjust(left=0.07, right=0.99, bottom=0.01, top=1 - 0.75 / (1.95 * len(picks) + 0.75))
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -308,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     weights = Path(a.weights) if a.weights else default_weights() if a.model == "visae-toyclip2" else None
     if weights is None:
-        print(f"bench_heatmap_world2: no shipped {a.model} weights in this checkout (visae.toyclip.TOYCLIP2_WEIGHTS "
-              "ships visae-toyclip2's); pass --weights FILE", file=sys.stderr)
+        print(f"bench_heatmap_world2: no weights for {a.model}: only visae-toyclip2's ship (visae.toyclip.TOYCLIP2_WEIGHTS, "
+              "absent from this checkout if that is the model); pass --weights FILE", file=sys.stderr)
         return 2
     if not weights.is_file():
         print(f"bench_heatmap_world2: --weights {weights}: no such file", file=sys.stderr)
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         with clock("figure"):
             picks = pick_concepts(results, a.figure_rows)
             if picks:
-                make_figure(picks, Path(world), Path(a.figure))
+                make_figure(picks, Path(world), Path(a.figure), model=a.model)
                 print(f"figure: {a.figure} ({', '.join(p['factor'] + '=' + p['value'] for p in picks)})")
             else:
                 print("figure: no value has a latent at AUROC >= 0.95; nothing drawn")

@@ -213,7 +213,7 @@ def test_a_world_without_shipped_weights_and_an_unknown_world_are_refused_before
     monkeypatch.undo()
     # world2's register variant ships no weights; it is world2's model, not the first toy world's
     assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2-reg4"]) == 2
-    assert "visae-toyclip2-reg4 has no shipped weights yet" in capsys.readouterr().err and not out.exists()
+    assert "visae-toyclip2-reg4 has no shipped weights (a variant" in capsys.readouterr().err and not out.exists()
     assert demo.main(["--out", str(out), "--world", "toy", "--model", "visae-toyclip2-reg4"]) == 2
     assert "toy CLIP of the 'world2' world" in capsys.readouterr().err and not out.exists()
     assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2-reg4", "--pretrained",

@@ -10,10 +10,11 @@ equal steps (the recipe notebook, section 7).
 
 The model is a timm ``VisionTransformer`` (class token, pre-norm blocks, final LayerNorm) whose patch
 embedding is :class:`ConvStemPatchEmbed`; everything after the embedding is timm's, so visae's backbone
-hooks (``trunk.blocks``: the residual stream after each block, ``[B, 1 + N, width]``) and open_clip's timm
-tower (``vision_cfg.timm_model_name``) work unchanged. :func:`register` makes the timm names known:
-``visae_toyvit_convstem`` and ``visae_toyvit_convstem_reg4``, the same tower with 4 register tokens (Darcet et al.
-2024; the image tower of ``visae-toyclip2-reg4``).
+hooks (``trunk.blocks``: the residual stream after each block, ``[B, num_prefix_tokens + N, width]``) and open_clip's
+timm tower (``vision_cfg.timm_model_name``) work unchanged. :func:`register` makes the timm names known:
+``visae_toyvit_convstem`` (``num_prefix_tokens`` 1) and ``visae_toyvit_convstem_reg4``, the same tower with 4
+register tokens after the class token and position embeddings on the patch tokens only (Darcet et al. 2024; the
+image tower of ``visae-toyclip2-reg4``; ``num_prefix_tokens`` 5).
 """
 
 from __future__ import annotations
@@ -130,13 +131,17 @@ def _toyvit_convstem_reg4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     learnt tokens after the class token, ``[B, 1 + 4 + 64, 96]`` in the residual stream (``num_prefix_tokens`` 5),
     that give attention a place for image-wide information other than the background patches, so that patch
     tokens keep describing what lies under them (issue 14's heatmaps; docs/toyclip_v2_recipe.md, section 17).
-    Without position embeddings (``no_embed_class``, as timm's register ViTs) and at timm's init (std 1e-6) the 4
-    tokens receive the same gradient and stay one token copied 4 times (measured: pairwise cosine 1.0000 after
-    6,500 steps); they are redrawn at std ``REGISTER_INIT_STD`` after timm's init, from the global torch generator
+    No token before the patches gets a position embedding (``no_embed_class``, as timm's register ViTs; the class
+    token neither, unlike ``visae_toyvit_convstem``). At timm's init (std 1e-6) the 4 registers then receive nearly
+    the same gradient and end as one token copied 4 times (measured: pairwise cosine 1.0000 after 6,500 steps,
+    docs/toyclip_v2_recipe.md section 17); they are redrawn at std ``REGISTER_INIT_STD`` after timm's init, from the global torch generator
     (so a seeded build is reproducible)."""
+    if pretrained:
+        raise ValueError(f"{TIMM_NAME_REG4}: no pretrained weights in timm (none ship for visae-toyclip2-reg4: train "
+                         "them, docs/toyworld.md)")
     kwargs.setdefault("reg_tokens", 4)
     kwargs.setdefault("no_embed_class", True)
-    model = _toyvit_convstem(pretrained, **kwargs)
+    model = _toyvit_convstem(False, **kwargs)
     nn.init.normal_(model.reg_token, std=REGISTER_INIT_STD)
     model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "architecture": TIMM_NAME_REG4}
     return model

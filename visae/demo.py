@@ -495,7 +495,8 @@ def _check_toy_weights(run: DemoConfig, world: DemoWorld) -> None:
         return
     if run.pretrained in (None, "shipped"):  # "shipped": the tag the backbone records for the shipped weights
         if not world.shipped or run.model != world.model:
-            raise ConfigError(f"--world {run.world}: its model {run.model} has no shipped weights yet; pass "
+            how = "yet" if run.model == world.model else "(a variant of the world's model; none ship)"
+            raise ConfigError(f"--world {run.world}: its model {run.model} has no shipped weights {how}; pass "
                               "--pretrained FILE (weights trained by visae.toyclip, docs/toyclip_v2_recipe.md)")
         return
     from visae.backbones import BackboneError, _check_toy_weights_file

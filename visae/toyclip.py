@@ -825,8 +825,9 @@ class ToyClipV2Config:
     pretrain_factor_weights: str = field(default="shape:1", metadata={
         "help": "the heads' weights during pretrain_steps, 'factor:weight,...' (unnamed factors 0)"})
     init: str = field(default="", metadata={
-        "help": "start from these weights instead of the seeded random init: a visae-toyclip2 .safetensors file of "
-                "this architecture, or 'shipped' (the shipped weights); empty: random init"})
+        "help": "start from these weights instead of the seeded random init: a .safetensors file of this "
+                "architecture (--model), or 'shipped' (the shipped weights; visae-toyclip and visae-toyclip2 only: "
+                "none ship for visae-toyclip2-reg4); empty: random init"})
     dense_weight: float = field(default=0.0, metadata={
         "help": "weight of per-patch factor heads on the patch tokens after block dense_layer: every patch "
                 "classifies the dense_factors of the object covering most of it (>= dense_min_cover of the patch), or "

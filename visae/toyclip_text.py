@@ -69,14 +69,15 @@ __all__ = ["TextTuneConfig", "candidate_words", "is_dev_word", "hard_negative_wo
 
 @dataclass(frozen=True)
 class TextTuneConfig:
-    """Tune the text tower of a trained visae-toyclip2 against sub-word inheritance (image tower frozen)."""
+    """Tune the text tower of a trained visae-toyclip2 (or its register variant visae-toyclip2-reg4) against sub-word
+    inheritance (image tower frozen; the tuned model keeps its base's architecture)."""
 
     out: str = field(default="runs/toyclip2_text", metadata={
         "help": "run directory: config.json, checkpoint.pt, log.jsonl, negatives.txt, dev_words.txt, metrics.json (the card)"})
     init: str = field(default="runs/toyclip2/visae-toyclip2.safetensors", metadata={
         "help": "the trained v2 weights (fp16 .safetensors) with their card (.json) beside them, as the v2 trainer "
                 "exports them; the card's world settings draw the image pool"})
-    export: str = field(default="", metadata={"help": "fp16 weights out (.safetensors, card .json beside); empty: <out>/visae-toyclip2.safetensors"})
+    export: str = field(default="", metadata={"help": "fp16 weights out (.safetensors, card .json beside); empty: <out>/<the base card's model>.safetensors, e.g. <out>/visae-toyclip2.safetensors"})
     seed: int = field(default=0, metadata={"help": "seed of the batches, the captions and the negatives"})
     n_pool: int = field(default=20000, metadata={
         "help": "the base run's first N training scenes (its world seed and settings) whose image embeddings are "

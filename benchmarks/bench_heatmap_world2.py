@@ -23,7 +23,7 @@ Prints one table row per (layer, SAE) and writes everything to ``OUT/results.jso
 
     python benchmarks/bench_heatmap_world2.py --out runs/heatmap_world2 [--weights FILE] [--n 2000] [--seed 5000] \
         [--max_objects 1] [--layers 1,2,3] [--saes topk:k=8:x=4,topk:k=8:x=16] [--probe] [--figure PNG] \
-        [--model visae-toyclip2-reg4]
+        [--model visae-toyclip2-reg4] [--sae_seeds 0,1,2]
 
 ``--weights``: the v2 toy CLIP's weights file; default the shipped one (``visae.toyclip.TOYCLIP2_WEIGHTS``),
 required when that is absent. SAE specs: ``topk:k=K:x=EXPANSION``, ``relu:l1=COEFF:x=EXPANSION`` or
@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", default="1,2,3")
     ap.add_argument("--saes", default="topk:k=8:x=4,topk:k=16:x=4,relu:l1=1e-3:x=4")
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--sae_seeds", default="0", help="comma-separated SAE training seeds: one SAE per seed and spec "
+                    "(a cell moves by a few hundredths with the seed)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--probe", action="store_true", help="also the single-direction upper bound per layer")
     ap.add_argument("--figure", default=None, help="write the heatmap figure of the best concepts here (PNG)")
@@ -318,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     saes = [parse_sae(s) for s in a.saes.split(",") if s.strip()]
     layers = [int(x) for x in a.layers.split(",")]
+    try:
+        sae_seeds = [int(x) for x in a.sae_seeds.split(",")]
+    except ValueError:
+        print(f"bench_heatmap_world2: --sae_seeds {a.sae_seeds}: expected comma-separated integers", file=sys.stderr)
+        return 2
     if not 1 <= a.max_objects <= 4:
         print(f"bench_heatmap_world2: --max_objects {a.max_objects}: expected 1-4", file=sys.stderr)
         return 2
@@ -360,13 +367,14 @@ def main(argv: list[str] | None = None) -> int:
                 v = np.array(list(d.values()))
                 print(f"probe layer {L} {fac}: {int((v >= 0.95).sum())}/{len(v)} >= 0.95, median {np.median(v):.3f}, "
                       + ", ".join(f"{k} {x:.2f}" for k, x in d.items()), flush=True)
-        for name, kw in saes:
+        for (base_name, kw), sae_seed in ((s, sd) for s in saes for sd in sae_seeds):
+            name = base_name if sae_seed == 0 else f"{base_name}_s{sae_seed}"  # seed 0: the directory of older runs
             sae_dir = out / "sae" / f"layer_{L}_{name}"
             done = sae_dir / "train_summary.json"
             if not (done.is_file() and json.loads(done.read_text()).get("finished")):
                 with clock("train"):
                     train(TrainConfig(shards=str(ss.path), out=str(sae_dir), num_epochs=a.epochs, batch_size=1024, lr=2e-3,
-                                      resample_every=0, seed=0, progress=False, plot=False, overwrite=True, **kw))
+                                      resample_every=0, seed=sae_seed, progress=False, plot=False, overwrite=True, **kw))
             with clock("patch_recovery"):
                 res = patch_recovery(str(sae_dir), ss, factors=("shape", "colour_family", "texture", "size", "background"),
                                      object_factors=OBJECT_FACTORS)

@@ -1,5 +1,6 @@
 """Feature extraction: sources, read-outs, norms, resumption, bad inputs, torchrun, CLI."""
 
+import dataclasses
 import io
 import json
 import os
@@ -333,6 +334,33 @@ def test_resume_after_kill_equals_uninterrupted(folder, tmp_path, token, layer, 
         extract(_cfg(folder, out, **dict(kw, dtype="float16")))
     with pytest.raises(ValueError, match=f"shard_size: {shard_size} on disk, {shard_size + 1} now"):
         extract(_cfg(folder, out, **dict(kw, shard_size=shard_size + 1)))
+    with pytest.raises(ValueError, match="seed: 0 on disk, 1 now"):  # other random weights
+        extract(_cfg(folder, out, **dict(kw, seed=1)))
+
+
+def test_a_finished_output_of_other_weights_is_refused_not_returned(tmp_path, monkeypatch):
+    """The weights a finished output was made with are part of the request: a rerun with another weights file got
+    the old rows back with "wrote ..." (the newcomer's report); the same file named relatively or absolutely, a tag
+    against the same tag, and the default weights against the name a backbone records for them are the same."""
+    from visae.extract import _same_request
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    cfg = _cfg(tmp_path, tmp_path / "out", model="visae-toyclip2", random_init=False, pretrained=str(a))
+    src = {"model": "visae-toyclip2", "random_init": False, "layer": None, "token": None, "dataset": "d", "limit": None}
+    assert _same_request({**src, "pretrained": str(a)}, cfg, "d") == []
+    monkeypatch.chdir(tmp_path)
+    assert _same_request({**src, "pretrained": "a.safetensors"}, cfg, "d") == []
+    assert _same_request({**src, "pretrained": str(b)}, cfg, "d") == [f"pretrained: {str(b)!r} on disk, {str(a)!r} now"]
+    assert _same_request({**src, "pretrained": "shipped"}, cfg, "d") != []  # the shipped weights, now a file
+    default = dataclasses.replace(cfg, pretrained=None)
+    assert _same_request({**src, "pretrained": "shipped"}, default, "d") == []
+    assert _same_request({**src, "pretrained": str(a)}, default, "d") != []  # a file, now the default
+    tagged = dataclasses.replace(cfg, model="ViT-B-32", pretrained="laion2b_s34b_b79k")
+    src32 = {**src, "model": "ViT-B-32"}
+    assert _same_request({**src32, "pretrained": "laion2b_s34b_b79k"}, tagged, "d") == []
+    assert _same_request({**src32, "pretrained": "openai"}, tagged, "d") != []
 
 
 def test_torchrun_two_ranks_equal_one_rank(tars, tmp_path):

@@ -357,3 +357,6 @@ def test_dense_heads_and_init_fine_tune(tmp_path):
         with pytest.raises(ConfigError, match=msg):
             toyclip.ToyClipV2Config(**kw)
     assert toyclip.main_v2(["--dense_factors", "shape,size"]) == 2  # a usage error, one line
+    # refused by the run's own checks (not the parser): one line and exit 2 too, not a traceback, nothing written
+    assert toyclip.main_v2(["--model", "visae-toyclip2-reg4", "--init", "shipped", "--out", str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()

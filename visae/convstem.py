@@ -134,8 +134,11 @@ def _toyvit_convstem_reg4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     No token before the patches gets a position embedding (``no_embed_class``, as timm's register ViTs; the class
     token neither, unlike ``visae_toyvit_convstem``). At timm's init (std 1e-6) the 4 registers then receive nearly
     the same gradient and end as one token copied 4 times (measured: pairwise cosine 1.0000 after 6,500 steps,
-    docs/toyclip_v2_recipe.md section 17); they are redrawn at std ``REGISTER_INIT_STD`` after timm's init, from the global torch generator
-    (so a seeded build is reproducible)."""
+    docs/toyclip_v2_recipe.md section 17); they are redrawn at std ``REGISTER_INIT_STD`` after timm's init, from
+    the global torch generator (so a seeded build is reproducible).
+
+    Raises:
+        ValueError: ``pretrained`` (no weights in timm), or the stem's errors (:class:`ConvStemPatchEmbed`)."""
     if pretrained:
         raise ValueError(f"{TIMM_NAME_REG4}: no pretrained weights in timm (none ship for visae-toyclip2-reg4: train "
                          "them, docs/toyworld.md)")

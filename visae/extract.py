@@ -471,7 +471,29 @@ def _same_request(manifest_source: dict[str, Any], cfg: ExtractConfig, dataset: 
     name, tag = parse_backbone_name(cfg.model, None if cfg.random_init else cfg.pretrained)
     if manifest_source.get("model") != name:
         diffs.append(f"model: {manifest_source.get('model')!r} on disk, {name!r} now")
+    if not cfg.random_init and not _same_weights(manifest_source.get("pretrained"), tag):
+        diffs.append(f"pretrained: {manifest_source.get('pretrained')!r} on disk, {tag!r} now")
+    if cfg.random_init and "seed" in manifest_source and manifest_source["seed"] != cfg.seed:
+        diffs.append(f"seed: {manifest_source['seed']!r} on disk, {cfg.seed!r} now")
     return diffs
+
+
+def _same_weights(recorded: Any, now: str | None) -> bool:
+    """Whether the weights a finished output records (``source.pretrained``: a tag, a file path as given, or the name
+    a backbone gives its default weights, e.g. ``"shipped"``) are the ones this request names (``now``: its tag or
+    file, None for the model's default). A file on either side must be the same file (relative or absolute); the
+    default matches any recorded name that is not a file. A file's contents are not compared (the manifest does not
+    hash them)."""
+    def is_file(x: Any) -> bool:
+        return isinstance(x, str) and os.path.isfile(x)
+
+    if recorded == now:
+        return True
+    if is_file(recorded) and is_file(now):
+        return os.path.samefile(recorded, now)
+    if now is None:
+        return not is_file(recorded)
+    return False
 
 
 def _same_storage(out: Path, index: dict[str, Any], cfg: ExtractConfig, several: bool) -> list[str]:

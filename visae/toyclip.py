@@ -1468,5 +1468,9 @@ def main_v2(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"toyclip v2: error: {e}", file=sys.stderr)
         return 2
-    train_toy_clip_v2(cfg, argv)
+    try:
+        train_toy_clip_v2(cfg, argv)
+    except ConfigError as e:  # inputs checked before any work (an init file, a word list): a usage error too
+        print(f"toyclip v2: error: {e}", file=sys.stderr)
+        return 2
     return 0

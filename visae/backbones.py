@@ -506,8 +506,10 @@ def _open_clip_backbone(
     if pretrained is None and weights_path is None and not random_init:
         # random weights by accident are a silent disaster: ask for them explicitly
         tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise BackboneError(f"{model_name}: no weights asked for; give a pretrained tag ({', '.join(tags) or 'none known'}) "
-                            f"as '{model_name}:<tag>' or pretrained=..., a checkpoint file, or random_init=True")
+        tag_hint = (f"a pretrained tag ({', '.join(tags)}) as '{model_name}:<tag>' or pretrained=<tag> (--pretrained), "
+                    if tags else "")
+        raise BackboneError(f"{model_name}: no weights asked for; give {tag_hint}a checkpoint file as pretrained=<file> "
+                            "(--pretrained FILE), or random_init=True (--random_init)")
     meta: dict[str, Any] = {}
     force_pp: dict[str, Any] = {}
     quick_gelu = False

@@ -289,8 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/heatmap_world2", help="work directory (world, shards, SAEs, results.json)")
     ap.add_argument("--weights", default=None, help="the model's weights file (default: visae-toyclip2's shipped one)")
-    ap.add_argument("--model", default="visae-toyclip2", help="the toy CLIP architecture of --weights: visae-toyclip2 "
-                    "or visae-toyclip2-reg4 (4 register tokens; no weights ship, --weights needed)")
+    from visae.toyclip import V2_MODELS
+
+    ap.add_argument("--model", default="visae-toyclip2", choices=V2_MODELS, help="the toy CLIP architecture of "
+                    "--weights (visae-toyclip2-reg4: 4 register tokens; no weights ship, --weights needed)")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=5000, help="world seed (the toy CLIP trained on seed 0's scenes)")
     ap.add_argument("--max_objects", type=int, default=1, help="objects per image: 1 .. max_objects (1-4)")
@@ -307,9 +309,6 @@ def main(argv: list[str] | None = None) -> int:
                     "the one with the most heat in the box per object factor (1: off)")
     a = ap.parse_args(argv)
 
-    if a.model not in ("visae-toyclip2", "visae-toyclip2-reg4"):
-        print(f"bench_heatmap_world2: --model {a.model}: expected visae-toyclip2 or visae-toyclip2-reg4", file=sys.stderr)
-        return 2
     weights = Path(a.weights) if a.weights else default_weights() if a.model == "visae-toyclip2" else None
     if weights is None:
         print(f"bench_heatmap_world2: no weights for {a.model}: only visae-toyclip2's ship (visae.toyclip.TOYCLIP2_WEIGHTS, "

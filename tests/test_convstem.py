@@ -89,8 +89,8 @@ def test_register_variant_has_four_distinct_registers_and_loads_from_a_file(tmp_
     """visae-toyclip2-reg4: the residual stream holds the class token, 4 register tokens and the 64 patch tokens
     (``num_prefix_tokens`` 5, so ``token="patch"`` gives the 64 patches); the registers are drawn at std 0.02 (at
     timm's std 1e-6 they trained into one token copied 4 times, docs/toyclip_v2_recipe.md section 17); a build is
-    reproducible from the torch seed; exported weights load back bit for bit; with no file the backbone refuses (none ship) instead of loading
-    random weights, and a visae-toyclip2 file is refused by its metadata."""
+    reproducible from the torch seed; exported weights load back bit for bit; with no file the backbone refuses (none
+    ship) instead of loading random weights, and a visae-toyclip2 file is refused by its metadata."""
     import open_clip
 
     from visae.backbones import BackboneError

@@ -1,10 +1,13 @@
 """The concept bottleneck classifier on world2's 253 colour-family x shape classes (issue 14, item 1) with the v2 toy CLIP.
 
-    python benchmarks/bench_cbm_world2.py [--weights FILE] [--out DIR] [--n_train 10000,20000,40000] [--n_val 15000]
+    python benchmarks/bench_cbm_world2.py [--model NAME] [--weights FILE] [--out DIR] [--n_train 10000,20000,40000] [--n_val 15000]
 
 Setup (BENCHMARKS.md, "Concept bottleneck classifier on world2 (issue 14)"):
 
-1. The world2 demo (``visae demo --config configs/demo_world2.yaml --pretrained FILE``, 10,000 single-object images
+``--model``: the v2 toy CLIP architecture (default world2's, ``visae.toyclip.WORLD2_MODEL``); ``--weights``: its
+weights (default its shipped file, ``visae.toyclip.SHIPPED_WEIGHTS``).
+
+1. The world2 demo (``visae demo --config configs/demo_world2.yaml --model NAME --pretrained FILE``, 10,000 single-object images
    of world seed 5000): its selected SAE (``<demo>/sweep/best``) and its names (``<demo>/concepts``, world2's
    vocabulary). Run here unless ``--demo`` holds a finished one (``demo.json``).
 2. Two more single-object worlds (``generate_world2(max_objects=1)``, as the demo's): a training world (seed
@@ -41,10 +44,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def _default_weights() -> str | None:
+def _default_weights(model: str) -> str | None:
+    """The shipped weights file of ``model`` if this checkout has it, else None."""
     from visae import toyclip
 
-    w = getattr(toyclip, "TOYCLIP2_WEIGHTS", None)
+    w = getattr(toyclip, "SHIPPED_WEIGHTS", {}).get(model)
     return str(w) if w is not None and Path(w).is_file() else None
 
 
@@ -54,17 +58,19 @@ def _timed(fn, *a, **kw) -> tuple[Any, dict[str, float]]:
     return out, {"wall_s": round(time.perf_counter() - w0, 1), "cpu_s": round(benchlib.cpu_seconds() - c0, 1)}
 
 
-def run_demo(demo: Path, weights: str, threads: int) -> dict[str, float] | None:
-    """The world2 demo into ``demo`` (skipped when ``demo.json`` exists)."""
+def run_demo(demo: Path, model: str, weights: str, threads: int) -> dict[str, float] | None:
+    """The world2 demo with the toy CLIP ``model`` (weights file ``weights``) into ``demo`` (skipped when
+    ``demo.json`` exists)."""
     if (demo / "demo.json").is_file():
         return None
     cmd = [sys.executable, "-m", "visae.cli", "demo", "--config", str(benchlib.REPO / "configs" / "demo_world2.yaml"),
-           "--pretrained", weights, "--threads", str(threads), "--out", str(demo), "--no_progress"]
+           "--model", model, "--pretrained", weights, "--threads", str(threads), "--out", str(demo), "--no_progress"]
     _, t = _timed(subprocess.run, cmd, check=True)
     return t
 
 
-def world_shards(out: Path, n: int, seed: int, weights: str, threads: int) -> tuple[Path, dict[str, float] | None]:
+def world_shards(out: Path, n: int, seed: int, model: str, weights: str,
+                 threads: int) -> tuple[Path, dict[str, float] | None]:
     """A single-object world2 of ``n`` images (seed ``seed``) embedded by the weights -> its shard set (one of more
     images already there is kept: the callers take a prefix)."""
     from visae.extract import ExtractConfig, extract
@@ -80,7 +86,7 @@ def world_shards(out: Path, n: int, seed: int, weights: str, threads: int) -> tu
 
     def build():
         generate_world2(out / "world", n, seed, max_objects=1, progress=False, workers=threads)
-        extract(ExtractConfig(images=str(out / "world"), source="toyworld", out=str(shards), model="visae-toyclip2",
+        extract(ExtractConfig(images=str(out / "world"), source="toyworld", out=str(shards), model=model,
                               pretrained=weights, batch_size=250, num_workers=0, threads=threads, device="cpu",
                               dtype="float32", progress=False))
 
@@ -149,8 +155,11 @@ def evaluate(cbm_dir: Path, sae_dir: Path, val: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--weights", default=_default_weights(),
-                    help="visae-toyclip2 weights (.safetensors); default: the shipped file (visae.toyclip.TOYCLIP2_WEIGHTS)")
+    from visae.toyclip import V2_MODELS, WORLD2_MODEL
+
+    ap.add_argument("--model", default=WORLD2_MODEL, choices=V2_MODELS, help="the v2 toy CLIP architecture")
+    ap.add_argument("--weights", default="",
+                    help="its weights (.safetensors); default: its shipped file (visae.toyclip.SHIPPED_WEIGHTS)")
     ap.add_argument("--out", default="runs/bench_cbm_world2", help="work directory (every stage resumes)")
     ap.add_argument("--demo", default="", help="a finished world2 demo (default: <out>/demo, run when absent)")
     ap.add_argument("--sae", default="", help="an SAE dir to use instead of the demo's selected one (<demo>/sweep/best)")
@@ -168,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="", help="also write the result here")
     a = ap.parse_args(argv)
+    a.weights = a.weights or _default_weights(a.model)
     if not a.weights or not Path(a.weights).is_file():
-        ap.error(f"--weights {a.weights!r}: no such file (visae-toyclip2 weights; none shipped in this checkout)")
+        ap.error(f"--weights {a.weights!r}: no such file ({a.model} weights; none shipped in this checkout)")
     sizes = sorted({int(s) for s in a.n_train.split(",")})
     if sizes[0] < 1 or a.n_val < 1:
         ap.error("--n_train and --n_val must be positive")
@@ -179,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     demo = Path(a.demo) if a.demo else out / "demo"
     times: dict[str, Any] = {}
-    t = run_demo(demo, a.weights, a.threads)
+    t = run_demo(demo, a.model, a.weights, a.threads)
     if t:
         times["demo"] = t
-    train_full, t = world_shards(out / "train", sizes[-1], a.train_seed, a.weights, a.threads)
+    train_full, t = world_shards(out / "train", sizes[-1], a.train_seed, a.model, a.weights, a.threads)
     if t:
         times["train_world_and_extract"] = {**t, "images": sizes[-1]}
-    val, t = world_shards(out / "val", a.n_val, a.val_seed, a.weights, a.threads)
+    val, t = world_shards(out / "val", a.n_val, a.val_seed, a.model, a.weights, a.threads)
     if t:
         times["val_world_and_extract"] = {**t, "images": a.n_val}
     val = prefix_shards(val, a.n_val, out / f"val_{a.n_val}")
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "top2_named_right", "train_cbm")}), file=sys.stderr, flush=True)
         runs.append(row)
     sel = json.loads((demo / "sweep" / "selection.json").read_text()) if (demo / "sweep" / "selection.json").is_file() else {}
-    result = {"weights": a.weights, "demo": str(demo), "sae": str(sae_dir), "concepts": str(concepts),
+    result = {"model": a.model, "weights": a.weights, "demo": str(demo), "sae": str(sae_dir), "concepts": str(concepts),
               "selected_trial": None if a.sae else sel.get("trial"),
               "times": times, "runs": runs}
     benchlib.report("bench_cbm_world2.py", result, a.json or str(out / "result.json"), argv)

@@ -23,10 +23,10 @@ Prints one table row per (layer, SAE) and writes everything to ``OUT/results.jso
 
     python benchmarks/bench_heatmap_world2.py --out runs/heatmap_world2 [--weights FILE] [--n 2000] [--seed 5000] \
         [--max_objects 1] [--layers 1,2,3] [--saes topk:k=8:x=4,topk:k=8:x=16] [--probe] [--figure PNG] \
-        [--model visae-toyclip2-reg4] [--sae_seeds 0,1,2]
+        [--model visae-toyclip2] [--sae_seeds 0,1,2]
 
-``--weights``: the v2 toy CLIP's weights file; default the shipped one (``visae.toyclip.TOYCLIP2_WEIGHTS``),
-required when that is absent. SAE specs: ``topk:k=K:x=EXPANSION``, ``relu:l1=COEFF:x=EXPANSION`` or
+``--model``: the v2 toy CLIP architecture, default world2's (``visae.toyclip.WORLD2_MODEL``); ``--weights``: its
+weights file, default its shipped one (``visae.toyclip.SHIPPED_WEIGHTS``), required when that is absent. SAE specs: ``topk:k=K:x=EXPANSION``, ``relu:l1=COEFF:x=EXPANSION`` or
 ``matryoshka:k=K:x=EXPANSION[:levels=L]``, comma-separated.
 """
 
@@ -48,11 +48,12 @@ OBJECT_FACTORS = ("colour_family", "shape", "texture")  # scored per object, hea
 TABLE_FACTORS = ("colour_family", "shape", "texture", "size")
 
 
-def default_weights() -> Path | None:
-    """The shipped v2 toy CLIP weights (``visae.toyclip.TOYCLIP2_WEIGHTS``) if this checkout has them, else None."""
+def default_weights(model: str) -> Path | None:
+    """The shipped weights of the v2 toy CLIP ``model`` (``visae.toyclip.SHIPPED_WEIGHTS``) if this checkout has
+    them, else None."""
     from visae import toyclip
 
-    p = getattr(toyclip, "TOYCLIP2_WEIGHTS", None)
+    p = getattr(toyclip, "SHIPPED_WEIGHTS", {}).get(model)
     return Path(p) if p is not None and Path(p).is_file() else None
 
 
@@ -182,7 +183,7 @@ def probe(shards: Any, factors: tuple[str, ...], steps: int = 400, seed: int = 0
 
 
 def make_figure(picks: list[dict[str, Any]], world_dir: Path, png: Path, n_show: int = 4,
-                model: str = "visae-toyclip2") -> None:
+                model: str = "visae-toyclip2-reg4") -> None:
     """One row per picked concept: its ``n_show`` top images (the site's ranking), the latent's patch heat overlaid
     (scaled per row to the row's maximum, as the site scales a concept's heatmaps), and the boxes of the objects
     that have the value (solid) and of the other objects (dotted). ``picks``: dicts with sae_dir, shards, layer, sae,
@@ -288,11 +289,11 @@ def pick_concepts(results: list[dict[str, Any]], n: int) -> list[dict[str, Any]]
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/heatmap_world2", help="work directory (world, shards, SAEs, results.json)")
-    ap.add_argument("--weights", default=None, help="the model's weights file (default: visae-toyclip2's shipped one)")
-    from visae.toyclip import V2_MODELS
+    ap.add_argument("--weights", default=None, help="the model's weights file (default: its shipped one)")
+    from visae.toyclip import V2_MODELS, WORLD2_MODEL
 
-    ap.add_argument("--model", default="visae-toyclip2", choices=V2_MODELS, help="the toy CLIP architecture of "
-                    "--weights (visae-toyclip2-reg4: 4 register tokens; no weights ship, --weights needed)")
+    ap.add_argument("--model", default=WORLD2_MODEL, choices=V2_MODELS, help="the toy CLIP architecture of "
+                    f"--weights (default world2's, {WORLD2_MODEL}: 4 register tokens; visae-toyclip2: without)")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=5000, help="world seed (the toy CLIP trained on seed 0's scenes)")
     ap.add_argument("--max_objects", type=int, default=1, help="objects per image: 1 .. max_objects (1-4)")
@@ -309,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
                     "the one with the most heat in the box per object factor (1: off)")
     a = ap.parse_args(argv)
 
-    weights = Path(a.weights) if a.weights else default_weights() if a.model == "visae-toyclip2" else None
+    weights = Path(a.weights) if a.weights else default_weights(a.model)
     if weights is None:
-        print(f"bench_heatmap_world2: no weights for {a.model}: only visae-toyclip2's ship (visae.toyclip.TOYCLIP2_WEIGHTS, "
-              "absent from this checkout if that is the model); pass --weights FILE", file=sys.stderr)
+        print(f"bench_heatmap_world2: no shipped weights for {a.model} in this checkout "
+              "(visae.toyclip.SHIPPED_WEIGHTS); pass --weights FILE", file=sys.stderr)
         return 2
     if not weights.is_file():
         print(f"bench_heatmap_world2: --weights {weights}: no such file", file=sys.stderr)

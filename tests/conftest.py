@@ -78,7 +78,7 @@ def toy_world_embeddings():
 
 @pytest.fixture(scope="session")
 def world2_demo_dir(tmp_path_factory) -> Path:
-    """The demo as a user runs it (its default world is world2, with the shipped ``visae-toyclip2``) with the 20k naming
+    """The demo as a user runs it (its default world is world2, with the shipped ``visae-toyclip2-reg4``) with the 20k naming
     list as distractors (``visae demo --distractors ../shared/vocab/20k.txt``, 2 threads): its output
     directory (world/, shards/, sweep/, concepts/, site/, recovery.json). Built once per session (~100-200 s of CPU)
     and shared by the world2 ground-truth tests. Skips when the naming list is not beside the checkout."""

@@ -3,23 +3,20 @@ with world2's naming truth, ``intervention_effects``) on hand-set models, and th
 colour-family x shape classes with the shipped v2 toy CLIP.
 
 Ground truth (``test_world2_cbm_*``): the session's world2 demo (conftest.world2_demo_dir: 10,000 single-object scenes
-of world seed 5000) split 7,000 / 3,000; a Matryoshka SAE (BatchTopK k 8, 768 latents, 40 epochs, seed 0) trained on
-the 7,000 and named with the demo's vocabulary (world2's words and the 20k list); ``visae cbm`` on the named concepts,
-lasso path to 5 concepts per class, then the refit on them. Measured with SAE seeds 0 / 1 / 2 (BENCHMARKS.md, "Concept
-bottleneck classifier on world2"): CBM 51.5 / 49.4 / 45.4 % against a probe of 50.9 % (1.01 / 0.97 / 0.89 x), the
-lasso's own weights 43.2 / 44.3 / 38.8 %; two largest weights on the class's family and shape words in 53 / 51 / 53 %
-of classes; removing a class's top concept lowers it by >= 20 points in 208 / 197 / 201 of 253 classes. On another
-machine (2026-12-01, AVX512; other SAEs from the same seeds): 1.01 / 0.97 / 0.97 x the probe (51.4 / 49.6 / 49.4 %),
-top-2 47 / 47 / 50 %, 207 / 199 / 210 classes; 80 epochs instead of 40 change none of it (1.00 / 0.97 / 0.97 x).
-With the text tower shipped since 2026-12-01 17:40 UTC (the same image features, other names; seed 0, AVX512):
-CBM 51.4 % against the probe's 50.9 %, top-2 43.9 % (misses: "vermillion" with a distractor- or other-shape-named
-latent, e.g. red diamond -> vermillion, parallelogram). Asserted:
-guards that hold for every measured seed with a margin (>= 0.80 x the probe, the refit >= 2 points above the lasso,
-the median class >= 20 points lower without its top concept; >= 90 % of the classes at >= 20 % accuracy >= 20 points
-lower, measured 95-98 %: a class under 20 % cannot lose 20 points, and those are all but 5-10 of the per-class
-target's failures). Not asserted: the issue's >= 0.95 x (met by 5 of the 6
-SAEs measured, 0.89 the lowest), the 80 % top-2 and the every-class intervention targets (strict
-xfails), and the other classes' change (2.7-3.7 points pooled on 3,000 validation images, 12 a class).
+of world seed 5000, world2's shipped model ``visae-toyclip2-reg4``) split 7,000 / 3,000; a Matryoshka SAE (BatchTopK
+k 8, 768 latents, 40 epochs, seed 0) trained on the 7,000 and named with the demo's vocabulary (world2's words and the
+20k list); ``visae cbm`` on the named concepts, lasso path to 5 concepts per class, then the refit on them. Measured
+with SAE seeds 0 / 1 / 2 (BENCHMARKS.md, "Concept bottleneck classifier on world2"; AMD EPYC machine, 2026-12-01):
+CBM 60.2 / 55.6 / 61.1 % against a probe of 56.0 % (1.08 / 0.99 / 1.09 x), the lasso's own weights 57.4 / 53.4 /
+59.8 %; two largest weights on the class's family and shape words in 63 / 59 / 61 % of classes (misses: shape
+latents named by 20k-list words, e.g. red arrow -> fire engine red, id); removing a class's top concept lowers it by
+>= 20 points in 221 / 217 / 229 of 253 classes, and the other classes' pooled accuracy by at most 1.2 / 1.0 / 0.9
+points. With ``visae-toyclip2`` (world2's model before): 1.01 / 0.97 / 0.89 x the probe, top-2 44-53 %, 187-210
+classes, the other classes 2.7-3.7 points. Asserted: the issue's >= 0.95 x the probe (measured 0.99-1.09) and
+guards that hold for every measured seed with a margin (the refit >= 0.5 points above the lasso, the median class >= 20 points lower without its top
+concept; >= 90 % of the classes at >= 20 % accuracy >= 20 points lower, measured 96-98 %: a class under 20 % cannot
+lose 20 points; the other classes' pooled accuracy within the issue's 2 points for every intervention). Not
+asserted: the 80 % top-2 and the every-class intervention targets (strict xfails).
 """
 
 from __future__ import annotations
@@ -136,8 +133,9 @@ def _summary(w):
 
 
 def test_world2_cbm_accuracy_against_the_probe(world2_cbm):
-    """<= 5 concepts per class, named concepts only; >= 0.80 x the clean probe (measured 0.89-1.01 over SAE seeds); the
-    refit on the lasso's concepts >= 2 points above the lasso's own weights (measured +5.1 to +8.3)."""
+    """<= 5 concepts per class, named concepts only; the issue's >= 0.95 x the clean probe (measured 0.99-1.09 over SAE
+    seeds; with ``visae-toyclip2`` 0.89-1.01, when this was a 0.80 guard); the refit on the lasso's concepts >= 0.5 points (15 of the 3,000 images) above the
+    lasso's own weights (measured +2.8 / +2.3 / +1.3; with ``visae-toyclip2`` +5.1 to +8.3, when the guard was 2 points)."""
     res = world2_cbm["res"]
     t = res["top1"]
     msg = _summary(world2_cbm)
@@ -145,8 +143,8 @@ def test_world2_cbm_accuracy_against_the_probe(world2_cbm):
     assert res["num_classes"] == 253 and res["n_val"] == 3000
     assert res["concepts_per_class"] <= 5.0, msg
     assert all(x["name"] for c in res["classes"] for x in c["concepts"])
-    assert t["cbm"] >= 0.80 * t["linear_probe"], msg
-    assert t["cbm"] >= res["refit"]["val_top1"]["lasso"] + 0.02, msg
+    assert t["cbm"] >= 0.95 * t["linear_probe"], msg
+    assert t["cbm"] >= res["refit"]["val_top1"]["lasso"] + 0.005, msg
     assert 0.40 <= t["zero_shot"] <= 0.85, msg  # the benchmark of issue 12 item 2 on these 3,000 scenes
 
 
@@ -155,8 +153,8 @@ def _top2(model):
 
 
 @pytest.mark.xfail(strict=True, reason="not met (issue 14): the two largest weights name the class's family and shape "
-                                       "in 47-53 % of classes over SAE seeds 0-2 on two machines (target 80 %); 44 % at "
-                                       "seed 0 with the stage-2 text tower's names")
+                                       "in 59-63 % of classes over SAE seeds 0-2 (target 80 %); shape latents named by "
+                                       "20k-list words")
 def test_world2_cbm_top_weights_are_the_class_words(world2_cbm):
     got = _top2(world2_cbm["model"])
     frac = float(np.mean([g["ok"] for g in got]))
@@ -170,8 +168,10 @@ def world2_interventions(world2_cbm):
 
 
 def test_world2_cbm_intervention_lowers_the_median_class(world2_interventions):
-    """Removing each class's top concept lowers the median class by >= 20 points (measured 40-50 over SAE seeds), a
-    guard, not the issue's per-class target (below)."""
+    """Removing each class's top concept lowers the median class by >= 20 points (measured 56-63 over SAE seeds), a
+    guard, not the issue's per-class target (below); the other classes' pooled accuracy moves by <= 2 points (issue 14:
+    "other classes change by <= 2 points"; measured at most 0.9-1.2 over SAE seeds 0-2; pooled over each
+    intervention's other classes' validation images, about 12 a class)."""
     rows = world2_interventions
     own = [float(r["own"]) for r in rows]
     pooled = max(abs(float(r["other_pooled"])) for r in rows)
@@ -179,13 +179,14 @@ def test_world2_cbm_intervention_lowers_the_median_class(world2_interventions):
           f"{-100 * np.median(own):.1f} points; other classes pooled: worst {100 * pooled:.2f} points")
     assert len(rows) == 253
     assert np.median(own) <= -0.20
+    assert pooled <= 0.02, pooled
 
 
 def test_world2_cbm_intervention_where_a_drop_of_20_points_is_possible(world2_cbm, world2_interventions):
     """A class the CBM gets right in fewer than 20 % of its validation images cannot lose 20 points. Among the
     classes it gets right in >= 20 %, removing the top concept lowers >= 90 % of them by >= 20 points: measured on the
-    AMD EPYC machine of 2026-12-01 with SAE seeds 0 / 1 / 2: 207 of 217, 199 of 208, 210 of 215 (95-98 %); the classes
-    under 20 % (36 / 45 / 38) are every failure of the per-class target but 5-10 (the strict xfail below)."""
+    AMD EPYC machine of 2026-12-01 with SAE seeds 0 / 1 / 2: 221 of 229, 217 of 225, 229 of 233 (96-98 %); the classes
+    under 20 % (24 / 28 / 20) are every failure of the per-class target but 4-8 (the strict xfail below)."""
     m, codes, y = world2_cbm["model"], world2_cbm["codes"], world2_cbm["y"]
     ok = m.predict(codes) == y
     base = {r["class"]: Fraction(int(ok[y == r["class"]].sum()), r["n"]) for r in world2_interventions}
@@ -196,8 +197,8 @@ def test_world2_cbm_intervention_where_a_drop_of_20_points_is_possible(world2_cb
     assert len(feasible) >= 150 and len(hit) >= 0.9 * len(feasible), short
 
 
-@pytest.mark.xfail(strict=True, reason="not met in every class (issue 14): 187-210 of 253 classes over SAE seeds 0-2; "
-                                       "36-45 classes are below 20 % accuracy, where a 20-point drop is impossible")
+@pytest.mark.xfail(strict=True, reason="not met in every class (issue 14): 217-229 of 253 classes over SAE seeds 0-2; "
+                                       "20-28 classes are below 20 % accuracy, where a 20-point drop is impossible")
 def test_world2_cbm_intervention_removes_every_class(world2_interventions):
     rows = world2_interventions
     assert all(r["own"] <= Fraction(-20, 100) for r in rows)

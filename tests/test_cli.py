@@ -1,5 +1,3 @@
-import importlib
-
 import pytest
 
 from visae import cli
@@ -19,8 +17,7 @@ def test_unknown_subcommand_is_an_error(capsys):
 
 @pytest.mark.parametrize("name", sorted(cli.SUBCOMMANDS))
 def test_every_subcommand_has_main_and_help(name, capsys):
-    module = importlib.import_module(cli.SUBCOMMANDS[name][0])
-    assert callable(getattr(module, "main", None)), f"{module.__name__} has no main()"
+    assert callable(cli.entry_point(name)), f"{cli.SUBCOMMANDS[name][0]} is not a function"
     with pytest.raises(SystemExit) as e:
         cli.main([name, "--help"])
     assert e.value.code == 0

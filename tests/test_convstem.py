@@ -89,8 +89,8 @@ def test_register_variant_has_four_distinct_registers_and_loads_from_a_file(tmp_
     """visae-toyclip2-reg4: the residual stream holds the class token, 4 register tokens and the 64 patch tokens
     (``num_prefix_tokens`` 5, so ``token="patch"`` gives the 64 patches); the registers are drawn at std 0.02 (at
     timm's std 1e-6 they trained into one token copied 4 times, docs/toyclip_v2_recipe.md section 17); a build is
-    reproducible from the torch seed; exported weights load back bit for bit; with no file the backbone refuses (none
-    ship) instead of loading random weights, and a visae-toyclip2 file is refused by its metadata."""
+    reproducible from the torch seed; exported weights load back bit for bit; with no file the backbone loads the
+    shipped weights (world2's model) and records the tag; a visae-toyclip2 file is refused by its metadata."""
     import open_clip
 
     from visae.backbones import BackboneError
@@ -115,8 +115,12 @@ def test_register_variant_has_four_distinct_registers_and_loads_from_a_file(tmp_
     again = load_backbone("visae-toyclip2-reg4", str(path))
     with torch.no_grad():
         assert torch.equal(bb.model.half().float().encode_image(x), again.model.encode_image(x))
+    shipped = load_backbone("visae-toyclip2-reg4")
+    assert shipped.pretrained == "shipped" and shipped.num_prefix_tokens == 5
+    assert not torch.equal(shipped.model.visual.trunk.reg_token, again.model.visual.trunk.reg_token)
+    # a model with no pretrained tags and no file: the message offers the flags, not a '<name>:<tag>' form
     with pytest.raises(BackboneError, match=r"no weights asked for; give a checkpoint file .*--pretrained FILE.*--random_init"):
-        load_backbone("visae-toyclip2-reg4")  # no tag to offer: the message does not suggest 'visae-toyclip2-reg4:<tag>'
+        load_backbone("visae-tiny-test")
     v2 = toyclip.export_fp16(load_backbone("visae-toyclip2", random_init=True).model, tmp_path / "v2.safetensors",
                              toyclip.MODEL_NAME_V2)
     with pytest.raises(BackboneError, match=r"weights of 'visae-toyclip2'.*not 'visae-toyclip2-reg4'"):

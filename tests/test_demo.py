@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from visae import demo  # noqa: E402
 from visae.config import config_from_dict, config_to_dict, parse_config  # noqa: E402
-from visae.toyclip import TOYCLIP2_WEIGHTS, TOYCLIP_WEIGHTS  # noqa: E402
+from visae.toyclip import SHIPPED_WEIGHTS, TOYCLIP_WEIGHTS, WORLD2_MODEL  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -199,26 +199,25 @@ def test_bad_vocab_file_and_an_older_demo_directory_are_refused_before_any_stage
 
 def test_a_world_without_shipped_weights_and_an_unknown_world_are_refused_before_anything_is_written(
         tmp_path, capsys, monkeypatch):
-    """A world whose toy CLIP ships no weights (world2's until they shipped) needs --pretrained."""
-    import dataclasses
-
+    """A world whose toy CLIP ships no weights (world2's until they shipped) needs --pretrained; a weights file of
+    the world's other architecture is refused by its metadata; a world's toy CLIP is refused on the other world."""
     from visae import toyclip
 
-    monkeypatch.setitem(demo.WORLDS, "world2", dataclasses.replace(demo.WORLDS["world2"], shipped=False))
+    monkeypatch.delitem(toyclip.SHIPPED_WEIGHTS, toyclip.WORLD2_MODEL)
     out = tmp_path / "out"
     assert demo.main(["--out", str(out), "--world", "world2"]) == 2
-    assert "has no shipped weights yet; pass --pretrained FILE" in capsys.readouterr().err and not out.exists()
-    assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2"]) == 2
-    assert "visae-toyclip2 has no shipped weights yet" in capsys.readouterr().err and not out.exists()
+    assert f"the model {toyclip.WORLD2_MODEL} has no shipped weights; pass --pretrained FILE" in capsys.readouterr().err
+    assert not out.exists()
     monkeypatch.undo()
-    # world2's register variant ships no weights; it is world2's model, not the first toy world's
-    assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2-reg4"]) == 2
-    assert "visae-toyclip2-reg4 has no shipped weights (a variant" in capsys.readouterr().err and not out.exists()
+    # world2's model (4 registers) and the one before it (visae-toyclip2) are both world2's, not the first world's
     assert demo.main(["--out", str(out), "--world", "toy", "--model", "visae-toyclip2-reg4"]) == 2
     assert "toy CLIP of the 'world2' world" in capsys.readouterr().err and not out.exists()
     assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2-reg4", "--pretrained",
                       str(toyclip.TOYCLIP2_WEIGHTS)]) == 2  # weights of the plain architecture: refused by metadata
     assert "not 'visae-toyclip2-reg4'" in capsys.readouterr().err and not out.exists()
+    assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2", "--pretrained",
+                      str(toyclip.TOYCLIP2_REG4_WEIGHTS)]) == 2  # and the reverse
+    assert "weights of 'visae-toyclip2-reg4'" in capsys.readouterr().err and not out.exists()
     assert demo.main(["--out", str(out), "--world", "world3"]) == 2
     assert "expected one of ['toy', 'world2']" in capsys.readouterr().err and not out.exists()
     assert demo.main(["--out", str(out), "--distractors", str(tmp_path / "nope.txt")]) == 2
@@ -226,13 +225,13 @@ def test_a_world_without_shipped_weights_and_an_unknown_world_are_refused_before
 
 
 def test_world2_demo_runs_every_stage_on_its_own_world_benchmark_and_vocabulary(tmp_path, capsys):
-    """The demo on world2 (weights: a random-initialised visae-toyclip2, so no signal is asserted): its world, the
+    """The demo on world2 (weights: a random-initialised world2 model, so no signal is asserted): its world, the
     253-class family x shape selection benchmark, world2's words plus a distractors file, world2's factors."""
     from visae import toyclip, world2
     from visae.backbones import load_backbone
 
-    weights = toyclip.export_fp16(load_backbone("visae-toyclip2", random_init=True).model, tmp_path / "w.safetensors",
-                                  toyclip.MODEL_NAME_V2)
+    weights = toyclip.export_fp16(load_backbone(WORLD2_MODEL, random_init=True).model, tmp_path / "w.safetensors",
+                                  WORLD2_MODEL)
     (tmp_path / "d.txt").write_text("incurred\nwellbutrin\ncrimson\n")
     out = tmp_path / "out"
     assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(weights), "--quick",
@@ -240,7 +239,7 @@ def test_world2_demo_runs_every_stage_on_its_own_world_benchmark_and_vocabulary(
                       str(tmp_path / "d.txt"), "--text_cache", str(tmp_path / "tc")]) == 0
     assert "img/s" not in capsys.readouterr().err  # --no_progress reaches every bar (browse's thumbnails too)
     assert json.loads((out / "world" / "world.json").read_text())["format"] == world2.FORMAT_NAME
-    assert json.loads((out / "shards" / "manifest.json").read_text())["source"]["model"] == "visae-toyclip2"
+    assert json.loads((out / "shards" / "manifest.json").read_text())["source"]["model"] == WORLD2_MODEL
     score = next((out / "sweep" / "trials").glob("*/zeroshot.json"))
     assert '"world2"' in score.read_text()
     words = (out / "vocab.txt").read_text().split("\n")
@@ -274,7 +273,7 @@ def test_weights_that_cannot_serve_the_model_are_refused_before_anything_is_writ
     out = tmp_path / "out"
     assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(TOYCLIP_WEIGHTS)]) == 2
     err = capsys.readouterr().err
-    assert "--pretrained" in err and "'visae-toyclip'" in err and "not 'visae-toyclip2'" in err and not out.exists()
+    assert "--pretrained" in err and "'visae-toyclip'" in err and f"not '{WORLD2_MODEL}'" in err and not out.exists()
     assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(tmp_path / "nope.safetensors")]) == 2
     assert "nope.safetensors: no such weights file" in capsys.readouterr().err and not out.exists()
 
@@ -336,17 +335,17 @@ def test_a_toy_clip_on_the_other_toy_world_is_refused_before_anything_is_written
     model stays allowed."""
     out = tmp_path / "out"
     for argv, model, world, want in ((["--world", "world2", "--model", "visae-toyclip"], "visae-toyclip", "world2",
-                                      "visae-toyclip2"),
+                                      "visae-toyclip2-reg4"),
                                      (["--world", "toy", "--model", "visae-toyclip2"], "visae-toyclip2", "toy",
                                       "visae-toyclip"),
-                                     (["--model", "visae-toyclip"], "visae-toyclip", "world2", "visae-toyclip2")):
+                                     (["--model", "visae-toyclip"], "visae-toyclip", "world2", "visae-toyclip2-reg4")):
         assert demo.main(["--out", str(out), *argv]) == 2
         err = capsys.readouterr().err
         assert f"DemoConfig.model = '{model}' is the toy CLIP of" in err and f"--world {world}" in err, err
         assert f"wants '{want}'" in err and not out.exists(), err
     cfg = demo.DemoConfig(world="world2", model="ViT-B-32", pretrained="openai")
     assert demo.effective(cfg).model == "ViT-B-32" and demo.effective(cfg).pretrained == "openai"
-    assert demo.effective(demo.DemoConfig(world="world2")).model == "visae-toyclip2"
+    assert demo.effective(demo.DemoConfig(world="world2")).model == "visae-toyclip2-reg4"
 
 
 @pytest.mark.parametrize("flags,field", [
@@ -401,7 +400,7 @@ def test_file_arguments_are_recorded_as_absolute_paths_and_keywords_as_typed(tmp
     (tmp_path / "d.txt").write_text("crimson\nincurred\n")
     (tmp_path / "v.txt").write_text("red\ncircle\n")
     (tmp_path / "wordfreq").write_text("not read\n")
-    shutil.copy(TOYCLIP2_WEIGHTS, tmp_path / "w.safetensors")  # the default world's toy CLIP
+    shutil.copy(SHIPPED_WEIGHTS[WORLD2_MODEL], tmp_path / "w.safetensors")  # the default world's toy CLIP
 
     def recorded(out):
         return json.loads((tmp_path / out / demo.STATE).read_text())["config"]

@@ -1,7 +1,7 @@
 """Patch-level ground truth on world2 (issue 14 item 2 on issue 12's world): ``visae.patch_recovery``'s world2 adapter
 reads every object's factors and box from the world's record (objects 3 and 4 are in no shard column), planted heat
 on an object's patches / on the background / on its mask gives the shares it must, and the whole path runs on a
-random-initialised visae-toyclip2's patch tokens (no targets asserted there: random weights carry no concepts)."""
+random-initialised visae-toyclip2-reg4's patch tokens (no targets asserted there: random weights carry no concepts)."""
 
 import json
 
@@ -180,7 +180,8 @@ def test_planted_heat_on_the_object_the_background_and_the_mask(world, tmp_path)
 
 
 def test_end_to_end_on_a_random_toyclip2(world, tmp_path, capsys, monkeypatch):
-    """world2 -> ``visae extract --layer 1 --token patch`` with a random-initialised visae-toyclip2 -> a random TopK SAE
+    """world2 -> ``visae extract --layer 1 --token patch`` with a random-initialised world2 model (visae-toyclip2-reg4:
+    class and 4 register tokens before the 64 patches, so the 8 x 8 grid is read past 5 prefix tokens) -> a random TopK SAE
     -> ``patch_recovery`` with every latent's heat measured (``auroc_at=0``): the documented fields, shares in [0, 1];
     ``visae patch-recovery`` gives the same result as JSON, and a bad world directory as one line."""
     from visae.extract import ExtractConfig, extract
@@ -188,7 +189,7 @@ def test_end_to_end_on_a_random_toyclip2(world, tmp_path, capsys, monkeypatch):
     from visae.sae import SAEConfig, build_sae
 
     wdir, _ = world
-    shards = extract(ExtractConfig(images=str(wdir), out=str(tmp_path / "shards"), model="visae-toyclip2",
+    shards = extract(ExtractConfig(images=str(wdir), out=str(tmp_path / "shards"), model="visae-toyclip2-reg4",
                                    random_init=True, layer=1, token="patch", batch_size=48, num_workers=0, threads=1,
                                    progress=False))
     sae = build_sae(SAEConfig(architecture="topk", d_in=shards.d, d_sae=16, k=4),

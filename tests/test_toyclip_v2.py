@@ -195,7 +195,7 @@ def test_aux_factor_weights():
 
 
 def test_create_toyclip_errors_name_the_architecture(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"visae-toyclip2 weights .*nothere\.safetensors not found; they ship in assets/toyclip/ .*main_v2"):
+    with pytest.raises(FileNotFoundError, match=r"visae-toyclip2 weights .*nothere\.safetensors not found; they ship in assets/toyclip/ .*visae train-toy-clip2 --model visae-toyclip2 "):
         toyclip.create_toyclip(tmp_path / "nothere.safetensors", model=toyclip.MODEL_NAME_V2)
     with pytest.raises(FileNotFoundError, match=r"visae-toyclip weights .* they ship in assets/toyclip/"):
         toyclip.create_toyclip(tmp_path / "nothere.safetensors")
@@ -302,7 +302,7 @@ def test_dense_loss_balances_object_and_background_patches():
     assert np.isnan(acc_bg[0])
 
 
-def test_dense_heads_and_init_fine_tune(tmp_path):
+def test_dense_heads_and_init_fine_tune(tmp_path, monkeypatch):
     """init starts from a weights file (checked before any work); the per-patch heads add their loss and accuracy to
     the log and are not exported; bad dense settings are refused at construction."""
     from safetensors.torch import load_file
@@ -350,7 +350,8 @@ def test_dense_heads_and_init_fine_tune(tmp_path):
                     (dict(dense_weight=1.0, model="visae-toyclip"), "needs a model with the timm image tower")):
         with pytest.raises(ConfigError, match=msg):
             toyclip.ToyClipV2Config(**kw)
-    # valid on its own; refused by the run, before anything is written: no weights ship for the register variant
+    # valid on its own; refused by the run, before anything is written, for an architecture whose weights do not ship
+    monkeypatch.delitem(toyclip.SHIPPED_WEIGHTS, "visae-toyclip2-reg4")
     with pytest.raises(ConfigError, match="no weights ship for 'visae-toyclip2-reg4'"):
         toyclip.train_toy_clip_v2(dataclasses.replace(cfg, init="shipped", model="visae-toyclip2-reg4",
                                                       out=str(tmp_path / "never")), [])

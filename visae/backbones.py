@@ -773,8 +773,8 @@ def _load_toyclip(name: str, pretrained: str | None, *, random_init: bool, devic
 
 
 def _load_toyclip2(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int, **kw: Any) -> Backbone:
-    """visae-toyclip2 (conv-stem ViT image tower, a timm tower inside open_clip; for :mod:`visae.world2`): the
-    shipped weights, a weights file or random_init."""
+    """visae-toyclip2 (conv-stem ViT image tower, a timm tower inside open_clip; world2's model before its register
+    variant): the shipped weights, a weights file or random_init."""
     from visae import toyclip
 
     return _toy_backbone(toyclip.MODEL_NAME_V2, toyclip.register_v2, toyclip.TOYCLIP2_WEIGHTS, pretrained,
@@ -783,10 +783,11 @@ def _load_toyclip2(name: str, pretrained: str | None, *, random_init: bool, devi
 
 def _load_toyclip2_reg4(name: str, pretrained: str | None, *, random_init: bool, device: Any, seed: int,
                         **kw: Any) -> Backbone:
-    """visae-toyclip2-reg4 (visae-toyclip2 with 4 register tokens; no weights ship): a weights file or random_init."""
+    """visae-toyclip2-reg4 (visae-toyclip2 with 4 register tokens; world2's model): the shipped weights, a weights
+    file or random_init."""
     from visae import toyclip
 
-    return _toy_backbone(toyclip.MODEL_NAME_V2_REG4, toyclip.register_v2_reg4, None, pretrained,
+    return _toy_backbone(toyclip.MODEL_NAME_V2_REG4, toyclip.register_v2_reg4, toyclip.TOYCLIP2_REG4_WEIGHTS, pretrained,
                          random_init=random_init, device=device, seed=seed, **kw)
 
 
@@ -830,7 +831,8 @@ register_backbone("", _load_open_clip, description="any open_clip model: 'ViT-B-
 register_backbone("timm:", _load_timm, description="timm image models: 'timm:vit_base_patch16_224.augreg_in21k'")
 register_backbone("visae-toyclip", _load_toyclip, exact=True, description="the project's small CLIP trained on the toy world")
 register_backbone("visae-toyclip2", _load_toyclip2, exact=True,
-                  description="the toy CLIP with a conv-stem image tower (visae.convstem), for visae.world2 (shipped weights)")
+                  description="the toy CLIP with a conv-stem image tower (visae.convstem), for visae.world2 (shipped weights; "
+                              "world2's model before visae-toyclip2-reg4)")
 register_backbone("visae-toyclip2-reg4", _load_toyclip2_reg4, exact=True,
-                  description="visae-toyclip2 with 4 register tokens (a weights file or random_init; none ship)")
+                  description="visae-toyclip2 with 4 register tokens: visae.world2's model (shipped weights)")
 register_backbone(TINY_CLIP_NAME, _load_tiny_clip, exact=True, description="a tiny random CLIP for tests (random_init or a checkpoint file)")

@@ -17,7 +17,7 @@ from typing import Callable
 
 from visae.errors import VisaeError
 
-# subcommand -> (module, one-line description)
+# subcommand -> (module, or "module:function" for an entry point other than the module's main; one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("visae.demo", "end to end on the synthetic world: generate, extract, sweep, select, name, browse"),
     "extract": ("visae.extract", "run a vision model over images and write a shard set of activations"),
@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "browse": ("visae.browse", "write (and optionally serve) a static site of named concepts with top images"),
     "toyworld": ("visae.toyworld", "generate images of the synthetic world with their factor labels"),
     "train-toy-clip": ("visae.toyclip", "train the project's small CLIP on the synthetic world"),
+    "train-toy-clip2": ("visae.toyclip:main_v2", "train the v2 toy CLIP on world2 (world2's shipped model: --config "
+                        "configs/toy_clip_v2_reg4.yaml)"),
     "tune-toy-clip-text": ("visae.toyclip_text", "stage 2 of visae-toyclip2: tune its text tower alone against sub-word inheritance"),
     "cbm": ("visae.cbm", "concept bottleneck classifier over named SAE concepts: accuracy, explanations, interventions"),
     "recovery": ("visae.recovery", "score how well an SAE recovers the synthetic world's known concepts (AUROC, naming)"),
@@ -58,7 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"visae: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return run_main(f"visae {name}", lambda args: importlib.import_module(SUBCOMMANDS[name][0]).main(args), rest)
+    return run_main(f"visae {name}", lambda args: entry_point(name)(args), rest)
+
+
+def entry_point(name: str) -> Callable[[list[str]], int | None]:
+    """The function ``visae <name>`` runs: the ``main`` of the module of :data:`SUBCOMMANDS`, or the function its
+    ``"module:function"`` names (imported only now, so ``visae --help`` stays fast)."""
+    module, _, function = SUBCOMMANDS[name][0].partition(":")
+    return getattr(importlib.import_module(module), function or "main")
 
 
 def run_main(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:

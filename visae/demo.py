@@ -1,7 +1,7 @@
 """The whole pipeline on a synthetic world, offline, in minutes: ``visae demo`` / ``python scripts/demo.py``.
 
 The world is ``visae.world2`` by default (issue 12's richer world: 253 colour-family x shape classes, the shipped
-``visae-toyclip2``); ``--world toy`` (or ``--config configs/demo_toy.yaml``, which also sets that world's sweep grid)
+``visae-toyclip2-reg4``); ``--world toy`` (or ``--config configs/demo_toy.yaml``, which also sets that world's sweep grid)
 runs the first toy world with ``visae-toyclip``.
 
 Stages (each writes its artifact under ``--out``; a rerun skips the finished ones)::
@@ -128,7 +128,7 @@ class DemoConfig:
         "help": "the demo's world has seed seed + this (not the toy CLIP's training world, seed 0)"})
     world: str = field(default="world2", metadata={
         "help": "synthetic world (visae.demo.WORLDS): world2 (visae.world2, single-object scenes, 253 colour-family x "
-                "shape classes, visae-toyclip2) or toy (visae.toyworld, 48 colour x shape classes, visae-toyclip; "
+                "shape classes, visae-toyclip2-reg4) or toy (visae.toyworld, 48 colour x shape classes, visae-toyclip; "
                 "configs/demo_toy.yaml also sets its sweep grid)"})
     model: str = field(default="", metadata={"help": "backbone; empty: the world's toy CLIP"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "other toy CLIP weights (.safetensors); null: the shipped ones"})
@@ -396,14 +396,14 @@ class DemoWorld:
     ``generate(out_dir, n, seed, progress, workers)`` writes the world (toyworld layout: world.json + world.jsonl)
     with ``workers`` processes (0: one per CPU core; the same files whatever the number);
     ``vocabulary(n_distractors, distractors)`` is the naming vocabulary of ``--vocab toy``; ``model`` the toy CLIP
-    trained on it; ``shipped`` whether that model's weights ship with the package (else ``--pretrained`` is needed);
-    ``variants`` other toy CLIP architectures of the same world, whose weights never ship (``--pretrained`` FILE).
+    trained on it (the default ``--model``); ``variants`` other toy CLIP architectures of the same world (``--model``).
+    Whether a model's weights ship with the package (else ``--pretrained`` FILE is needed) is
+    :data:`visae.toyclip.SHIPPED_WEIGHTS`'s to say.
     """
 
     generate: Callable[[Path, int, int, bool, int], Any]
     vocabulary: Callable[[int, str], list[str]]
     model: str
-    shipped: bool
     variants: tuple[str, ...] = ()
 
 
@@ -423,9 +423,9 @@ def _generate_world2(out: Path, n: int, seed: int, progress: bool, workers: int 
 
 # name -> world; a new world is one entry
 WORLDS: dict[str, DemoWorld] = {
-    "toy": DemoWorld(_generate_toy, toy_vocabulary, "visae-toyclip", shipped=True),
-    "world2": DemoWorld(_generate_world2, world2_vocabulary, "visae-toyclip2", shipped=True,
-                        variants=("visae-toyclip2-reg4",)),
+    "toy": DemoWorld(_generate_toy, toy_vocabulary, "visae-toyclip"),
+    # visae-toyclip2-reg4 (4 register tokens) since 2026-12-01; visae-toyclip2 was world2's model before it
+    "world2": DemoWorld(_generate_world2, world2_vocabulary, "visae-toyclip2-reg4", variants=("visae-toyclip2",)),
 }
 
 
@@ -494,9 +494,10 @@ def _check_toy_weights(run: DemoConfig, world: DemoWorld) -> None:
     if run.model not in {m for w in WORLDS.values() for m in (w.model, *w.variants)}:
         return
     if run.pretrained in (None, "shipped"):  # "shipped": the tag the backbone records for the shipped weights
-        if not world.shipped or run.model != world.model:
-            how = "yet" if run.model == world.model else "(a variant of the world's model; none ship)"
-            raise ConfigError(f"--world {run.world}: its model {run.model} has no shipped weights {how}; pass "
+        from visae.toyclip import SHIPPED_WEIGHTS
+
+        if run.model not in SHIPPED_WEIGHTS:
+            raise ConfigError(f"--world {run.world}: the model {run.model} has no shipped weights; pass "
                               "--pretrained FILE (weights trained by visae.toyclip, docs/toyclip_v2_recipe.md)")
         return
     from visae.backbones import BackboneError, _check_toy_weights_file

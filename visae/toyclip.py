@@ -52,6 +52,14 @@ __all__ = [
     "TOYCLIP2_WEIGHTS",
     "TOYCLIP2_CARD",
     "TOYCLIP2_NEGATIVES",
+    "TOYCLIP2_REG4_WEIGHTS",
+    "TOYCLIP2_REG4_CARD",
+    "TOYCLIP2_REG4_NEGATIVES",
+    "WORLD2_MODEL",
+    "V2_MODELS",
+    "SHIPPED_WEIGHTS",
+    "SHIPPED_CARDS",
+    "SHIPPED_NEGATIVES",
     "register",
     "create_toyclip",
     "load_toyclip",
@@ -92,9 +100,15 @@ MODEL_CONFIG_V2 = Path(__file__).resolve().parent / "model_configs" / f"{MODEL_N
 TOYCLIP2_WEIGHTS = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME_V2}.safetensors"
 TOYCLIP2_CARD = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME_V2}.json"
 TOYCLIP2_NEGATIVES = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME_V2}.negatives.txt"
-# visae-toyclip2 with 4 register tokens in the image tower (visae.convstem; docs/toyclip_v2_recipe.md, section 17).
+# visae-toyclip2 with 4 register tokens in the image tower (visae.convstem; docs/toyclip_v2_recipe.md, sections 17-18),
+# world2's model since 2026-12-01: its shipped weights, card and the negative words of its training and text stage.
 MODEL_NAME_V2_REG4 = "visae-toyclip2-reg4"
 MODEL_CONFIG_V2_REG4 = Path(__file__).resolve().parent / "model_configs" / f"{MODEL_NAME_V2_REG4}.json"
+TOYCLIP2_REG4_WEIGHTS = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME_V2_REG4}.safetensors"
+TOYCLIP2_REG4_CARD = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME_V2_REG4}.json"
+TOYCLIP2_REG4_NEGATIVES = shipped_dir("assets") / "toyclip" / f"{MODEL_NAME_V2_REG4}.negatives.txt"
+# The toy CLIP of visae.world2 (the demo's default world, its ground-truth tests and benchmarks).
+WORLD2_MODEL = MODEL_NAME_V2_REG4
 
 
 def register() -> str:
@@ -129,10 +143,10 @@ def register_v2() -> str:
 
 def register_v2_reg4() -> str:
     """Make open_clip know "visae-toyclip2-reg4" (idempotent); returns the name: visae-toyclip2 with 4 register
-    tokens in the image tower (``visae.convstem``'s ``visae_toyvit_convstem_reg4``; Darcet et al. 2024). No
-    weights ship for it: train them (``main_v2 --model visae-toyclip2-reg4``) and load the file
-    (``pretrained=<file>``)."""
-    return _register_v2_arch(MODEL_NAME_V2_REG4, MODEL_CONFIG_V2_REG4, None)
+    tokens in the image tower (``visae.convstem``'s ``visae_toyvit_convstem_reg4``; Darcet et al. 2024, "Vision
+    Transformers Need Registers"), world2's model (:data:`WORLD2_MODEL`), with the pretrained tag ``"shipped"`` (the
+    local file ``TOYCLIP2_REG4_WEIGHTS``); other weights are a file (``pretrained=<file>``)."""
+    return _register_v2_arch(MODEL_NAME_V2_REG4, MODEL_CONFIG_V2_REG4, TOYCLIP2_REG4_WEIGHTS)
 
 
 def _register_v2_arch(name: str, config: Path, shipped: Path | None) -> str:
@@ -165,7 +179,10 @@ def _add_model_config(name: str, path: Path) -> None:
 TOY_MODELS = {MODEL_NAME: register, MODEL_NAME_V2: register_v2, MODEL_NAME_V2_REG4: register_v2_reg4}
 # The architectures with the conv-stem timm image tower (per-patch heads, world2 training) and the shipped weights.
 V2_MODELS = (MODEL_NAME_V2, MODEL_NAME_V2_REG4)
-SHIPPED_WEIGHTS = {MODEL_NAME: TOYCLIP_WEIGHTS, MODEL_NAME_V2: TOYCLIP2_WEIGHTS}
+SHIPPED_WEIGHTS = {MODEL_NAME: TOYCLIP_WEIGHTS, MODEL_NAME_V2: TOYCLIP2_WEIGHTS, MODEL_NAME_V2_REG4: TOYCLIP2_REG4_WEIGHTS}
+# Each shipped model's card and the negative words its training used (kept out of naming evaluations).
+SHIPPED_CARDS = {MODEL_NAME: TOYCLIP_CARD, MODEL_NAME_V2: TOYCLIP2_CARD, MODEL_NAME_V2_REG4: TOYCLIP2_REG4_CARD}
+SHIPPED_NEGATIVES = {MODEL_NAME_V2: TOYCLIP2_NEGATIVES, MODEL_NAME_V2_REG4: TOYCLIP2_REG4_NEGATIVES}
 
 
 def register_toy_model(name: str) -> str:
@@ -193,7 +210,7 @@ def create_toyclip(weights: str | Path | None = None, device: str = "cpu", model
     register_toy_model(model)
     if weights is not None and not Path(weights).is_file():
         train = ("python scripts/train_toy_clip.py --export <file>" if model == MODEL_NAME else
-                 f"python -c 'from visae.toyclip import main_v2; main_v2()' --model {model} --out DIR, docs/toyworld.md")
+                 f"visae train-toy-clip2 --model {model} --out DIR, docs/toyworld.md")
         how = f"they ship in assets/toyclip/ (or train them: {train})" if model in SHIPPED_WEIGHTS else \
             f"none ship for this architecture: train them ({train})"
         raise FileNotFoundError(f"{model} weights {weights} not found; {how}")
@@ -208,13 +225,18 @@ def load_toyclip(device: str = "cpu"):
     return create_toyclip(TOYCLIP_WEIGHTS, device=device)
 
 
-def load_toyclip2(device: str = "cpu"):
-    """The shipped v2 toy CLIP (``visae-toyclip2``, for :mod:`visae.world2`): ``(model, preprocess, tokenizer)``.
+def load_toyclip2(device: str = "cpu", model: str = WORLD2_MODEL):
+    """A shipped v2 toy CLIP, by default world2's (:data:`WORLD2_MODEL`, ``visae-toyclip2-reg4``; ``model=
+    "visae-toyclip2"``: the previous one, without registers): ``(model, preprocess, tokenizer)``.
 
     Raises:
+        ValueError: ``model`` is not a v2 architecture with shipped weights.
         FileNotFoundError: the shipped weights are missing (an incomplete install).
     """
-    return create_toyclip(TOYCLIP2_WEIGHTS, device=device, model=MODEL_NAME_V2)
+    if model not in V2_MODELS or model not in SHIPPED_WEIGHTS:
+        raise ValueError(f"load_toyclip2: no shipped v2 weights for {model!r}; shipped: "
+                         f"{sorted(m for m in V2_MODELS if m in SHIPPED_WEIGHTS)}")
+    return create_toyclip(SHIPPED_WEIGHTS[model], device=device, model=model)
 
 
 _MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)  # open_clip's OPENAI_DATASET_MEAN
@@ -1460,17 +1482,19 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
 
 
 def main_v2(argv: list[str] | None = None) -> int:
-    """``python -c 'from visae.toyclip import main_v2; main_v2()' --out ...`` (options: configs/toy_clip_v2.yaml)."""
+    """``visae train-toy-clip2 --out ...`` (options: configs/toy_clip_v2.yaml; world2's shipped model's recipe:
+    ``--config configs/toy_clip_v2_reg4.yaml``)."""
     from visae.config import ConfigError, parse_config
 
+    prog = "visae train-toy-clip2"
     try:
-        cfg = parse_config(ToyClipV2Config, argv, default_yaml=config_yaml("toy_clip_v2.yaml"), prog="toyclip v2")
+        cfg = parse_config(ToyClipV2Config, argv, default_yaml=config_yaml("toy_clip_v2.yaml"), prog=prog)
     except ConfigError as e:
-        print(f"toyclip v2: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     try:
         train_toy_clip_v2(cfg, argv)
     except ConfigError as e:  # inputs checked before any work (an init file, a word list): a usage error too
-        print(f"toyclip v2: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -32,7 +32,8 @@ chooses a recipe without spending the naming list.
 Measured on the stage-1 weights (docs/toyclip_v2_recipe.md, sections 13 and 15): without the penalty inheritance
 15.7 % -> 27.5 % of 51 pairs; with it (the defaults) 76.5 % (target 55 %), 52.5 % on the development words, zero-shot
 within 1.3 points on both renderers, the demo's naming and selection where they were. The shipped ``visae-toyclip2``
-is that run's output.
+is that run's output. World2's model since, ``visae-toyclip2-reg4``, is this stage with ``--steps 2000`` on the
+register tower (section 18: 80.4 % of the 51 pairs, 74.5 % of the development words, zero-shot within 1 point).
 
 Output: fp16 weights with a card that nests the base model's card (its command, seed, training time), this stage's
 command, config, seed and time, the words it trained on (``negatives.txt``, the base run's negatives included), and

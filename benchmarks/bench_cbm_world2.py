@@ -4,8 +4,9 @@
 
 Setup (BENCHMARKS.md, "Concept bottleneck classifier on world2 (issue 14)"):
 
-``--model``: the v2 toy CLIP architecture (default world2's, ``visae.toyclip.WORLD2_MODEL``); ``--weights``: its
-weights (default its shipped file, ``visae.toyclip.SHIPPED_WEIGHTS``).
+``--model``: the v2 toy CLIP architecture (default: the one ``--weights`` records in its safetensors metadata, else
+world2's, ``visae.toyclip.WORLD2_MODEL``); ``--weights``: its weights (default its shipped file,
+``visae.toyclip.SHIPPED_WEIGHTS``). A demo or shard set already in ``--out`` made with other weights is refused.
 
 1. The world2 demo (``visae demo --config configs/demo_world2.yaml --model NAME --pretrained FILE``, 10,000 single-object images
    of world seed 5000): its selected SAE (``<demo>/sweep/best``) and its names (``<demo>/concepts``, world2's
@@ -44,14 +45,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def _default_weights(model: str) -> str | None:
-    """The shipped weights file of ``model`` if this checkout has it, else None."""
-    from visae import toyclip
-
-    w = getattr(toyclip, "SHIPPED_WEIGHTS", {}).get(model)
-    return str(w) if w is not None and Path(w).is_file() else None
-
-
 def _timed(fn, *a, **kw) -> tuple[Any, dict[str, float]]:
     w0, c0 = time.perf_counter(), benchlib.cpu_seconds()
     out = fn(*a, **kw)
@@ -62,6 +55,8 @@ def run_demo(demo: Path, model: str, weights: str, threads: int) -> dict[str, fl
     """The world2 demo with the toy CLIP ``model`` (weights file ``weights``) into ``demo`` (skipped when
     ``demo.json`` exists)."""
     if (demo / "demo.json").is_file():
+        cfg = json.loads((demo / "demo_state.json").read_text())["config"]
+        benchlib.check_made_with(demo / "demo_state.json", cfg, model, weights)
         return None
     cmd = [sys.executable, "-m", "visae.cli", "demo", "--config", str(benchlib.REPO / "configs" / "demo_world2.yaml"),
            "--model", model, "--pretrained", weights, "--threads", str(threads), "--out", str(demo), "--no_progress"]
@@ -79,8 +74,12 @@ def world_shards(out: Path, n: int, seed: int, model: str, weights: str,
 
     shards = out / "shards"
     try:
-        if len(ShardSet(shards)) >= n:
+        ss = ShardSet(shards)
+        if len(ss) >= n:
+            benchlib.check_made_with(shards / "manifest.json", ss.manifest["source"], model, weights)
             return shards, None
+    except benchlib.MadeWithOtherWeights:
+        raise
     except Exception:  # noqa: BLE001 - absent or incomplete: (re)build; generate and extract resume
         pass
 
@@ -157,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     from visae.toyclip import V2_MODELS, WORLD2_MODEL
 
-    ap.add_argument("--model", default=WORLD2_MODEL, choices=V2_MODELS, help="the v2 toy CLIP architecture")
+    ap.add_argument("--model", default=None, choices=V2_MODELS, help="the v2 toy CLIP architecture (default: the "
+                    f"'model' of --weights' safetensors metadata, else world2's, {WORLD2_MODEL})")
     ap.add_argument("--weights", default="",
                     help="its weights (.safetensors); default: its shipped file (visae.toyclip.SHIPPED_WEIGHTS)")
     ap.add_argument("--out", default="runs/bench_cbm_world2", help="work directory (every stage resumes)")
@@ -177,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="", help="also write the result here")
     a = ap.parse_args(argv)
-    a.weights = a.weights or _default_weights(a.model)
-    if not a.weights or not Path(a.weights).is_file():
-        ap.error(f"--weights {a.weights!r}: no such file ({a.model} weights; none shipped in this checkout)")
+    try:
+        a.model, a.weights = benchlib.toy_model_and_weights(a.model, a.weights, WORLD2_MODEL, V2_MODELS)
+    except ValueError as e:
+        ap.error(str(e))
     sizes = sorted({int(s) for s in a.n_train.split(",")})
     if sizes[0] < 1 or a.n_val < 1:
         ap.error("--n_train and --n_val must be positive")
@@ -189,13 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     demo = Path(a.demo) if a.demo else out / "demo"
     times: dict[str, Any] = {}
-    t = run_demo(demo, a.model, a.weights, a.threads)
-    if t:
-        times["demo"] = t
-    train_full, t = world_shards(out / "train", sizes[-1], a.train_seed, a.model, a.weights, a.threads)
-    if t:
-        times["train_world_and_extract"] = {**t, "images": sizes[-1]}
-    val, t = world_shards(out / "val", a.n_val, a.val_seed, a.model, a.weights, a.threads)
+    try:  # reused outputs must be this model's and weights' (a rerun after a change of model is refused)
+        t = run_demo(demo, a.model, a.weights, a.threads)
+        if t:
+            times["demo"] = t
+        train_full, t = world_shards(out / "train", sizes[-1], a.train_seed, a.model, a.weights, a.threads)
+        if t:
+            times["train_world_and_extract"] = {**t, "images": sizes[-1]}
+        val, t = world_shards(out / "val", a.n_val, a.val_seed, a.model, a.weights, a.threads)
+    except benchlib.MadeWithOtherWeights as e:
+        print(f"bench_cbm_world2: {e}", file=sys.stderr)
+        return 2
     if t:
         times["val_world_and_extract"] = {**t, "images": a.n_val}
     val = prefix_shards(val, a.n_val, out / f"val_{a.n_val}")

@@ -25,8 +25,9 @@ Prints one table row per (layer, SAE) and writes everything to ``OUT/results.jso
         [--max_objects 1] [--layers 1,2,3] [--saes topk:k=8:x=4,topk:k=8:x=16] [--probe] [--figure PNG] \
         [--model visae-toyclip2] [--sae_seeds 0,1,2]
 
-``--model``: the v2 toy CLIP architecture, default world2's (``visae.toyclip.WORLD2_MODEL``); ``--weights``: its
-weights file, default its shipped one (``visae.toyclip.SHIPPED_WEIGHTS``), required when that is absent. SAE specs: ``topk:k=K:x=EXPANSION``, ``relu:l1=COEFF:x=EXPANSION`` or
+``--model``: the v2 toy CLIP architecture, default the one ``--weights`` records in its safetensors metadata, else
+world2's (``visae.toyclip.WORLD2_MODEL``); ``--weights``: its weights file, default its shipped one
+(``visae.toyclip.SHIPPED_WEIGHTS``), required when that is absent. SAE specs: ``topk:k=K:x=EXPANSION``, ``relu:l1=COEFF:x=EXPANSION`` or
 ``matryoshka:k=K:x=EXPANSION[:levels=L]``, comma-separated.
 """
 
@@ -46,15 +47,6 @@ import numpy as np  # noqa: E402
 
 OBJECT_FACTORS = ("colour_family", "shape", "texture")  # scored per object, heat measured
 TABLE_FACTORS = ("colour_family", "shape", "texture", "size")
-
-
-def default_weights(model: str) -> Path | None:
-    """The shipped weights of the v2 toy CLIP ``model`` (``visae.toyclip.SHIPPED_WEIGHTS``) if this checkout has
-    them, else None."""
-    from visae import toyclip
-
-    p = getattr(toyclip, "SHIPPED_WEIGHTS", {}).get(model)
-    return Path(p) if p is not None and Path(p).is_file() else None
 
 
 def parse_sae(spec: str) -> tuple[str, dict[str, Any]]:
@@ -292,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", default=None, help="the model's weights file (default: its shipped one)")
     from visae.toyclip import V2_MODELS, WORLD2_MODEL
 
-    ap.add_argument("--model", default=WORLD2_MODEL, choices=V2_MODELS, help="the toy CLIP architecture of "
-                    f"--weights (default world2's, {WORLD2_MODEL}: 4 register tokens; visae-toyclip2: without)")
+    ap.add_argument("--model", default=None, choices=V2_MODELS, help="the toy CLIP architecture of --weights (default: "
+                    f"the one its safetensors metadata records, else world2's, {WORLD2_MODEL}: 4 register tokens; "
+                    "visae-toyclip2: without)")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=5000, help="world seed (the toy CLIP trained on seed 0's scenes)")
     ap.add_argument("--max_objects", type=int, default=1, help="objects per image: 1 .. max_objects (1-4)")
@@ -310,14 +303,12 @@ def main(argv: list[str] | None = None) -> int:
                     "the one with the most heat in the box per object factor (1: off)")
     a = ap.parse_args(argv)
 
-    weights = Path(a.weights) if a.weights else default_weights(a.model)
-    if weights is None:
-        print(f"bench_heatmap_world2: no shipped weights for {a.model} in this checkout "
-              "(visae.toyclip.SHIPPED_WEIGHTS); pass --weights FILE", file=sys.stderr)
+    try:  # before any work: the weights' own model, or the shipped file of --model
+        a.model, weights = benchlib.toy_model_and_weights(a.model, a.weights, WORLD2_MODEL, V2_MODELS)
+    except ValueError as e:
+        print(f"bench_heatmap_world2: {e}", file=sys.stderr)
         return 2
-    if not weights.is_file():
-        print(f"bench_heatmap_world2: --weights {weights}: no such file", file=sys.stderr)
-        return 2
+    weights = Path(weights)
     saes = [parse_sae(s) for s in a.saes.split(",") if s.strip()]
     layers = [int(x) for x in a.layers.split(",")]
     try:

@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # this checkout's visae, even when another copy is installed
     sys.path.insert(0, str(REPO))
 
-__all__ = ["REPO", "alternate", "median", "median_ratio", "summary", "machine_info", "describe_machine", "report"]
+__all__ = ["REPO", "alternate", "median", "median_ratio", "summary", "machine_info", "describe_machine", "report",
+           "toy_model_and_weights", "check_made_with", "MadeWithOtherWeights"]
 
 
 def alternate(cases: Mapping[str, Callable[[], Any]], repeats: int, *, verbose: bool = True) -> dict[str, list[Any]]:
@@ -147,3 +148,66 @@ def report(name: str, result: dict[str, Any], json_path: str | None = None, argv
 
         atomic_write_text(path, text + "\n")
     return result
+
+
+# ----------------------------------------------------------------------------- toy CLIP weights of a benchmark
+
+
+def toy_model_and_weights(model: str | None, weights: str | None, default_model: str,
+                          allowed: Sequence[str] | None = None) -> tuple[str, str]:
+    """The toy CLIP architecture and weights file a benchmark runs: ``weights`` given, its architecture is the
+    ``model`` of its safetensors metadata (``visae.toyclip.export_fp16`` records it), which a given ``model`` must
+    equal; no ``weights``, the shipped file of ``model`` (default ``default_model``, ``visae.toyclip.SHIPPED_WEIGHTS``).
+    Checked before any work, so a benchmark is not run on one model's weights under the other's name.
+
+    Raises:
+        ValueError: a missing or unreadable weights file, a ``model`` other than the file's, a model outside
+            ``allowed``, no shipped weights for ``model`` in this checkout (each message names the flag).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from visae import toyclip
+
+    recorded = None
+    if weights:
+        if not Path(weights).is_file():
+            raise ValueError(f"--weights {weights}: no such file")
+        try:
+            with safe_open(str(weights), "pt") as f:
+                recorded = (f.metadata() or {}).get("model")
+        except SafetensorError as e:
+            raise ValueError(f"--weights {weights}: not a readable safetensors file ({e})") from None
+        if model and recorded and model != recorded:
+            raise ValueError(f"--weights {weights} holds {recorded!r} weights (its safetensors metadata), not --model {model!r}")
+    model = model or recorded or default_model
+    if allowed is not None and model not in allowed:
+        raise ValueError(f"--model {model!r}: this benchmark runs {' or '.join(allowed)}")
+    if not weights:
+        shipped = toyclip.SHIPPED_WEIGHTS.get(model)
+        if shipped is None or not Path(shipped).is_file():
+            raise ValueError(f"no shipped weights for {model} in this checkout; pass --weights FILE")
+        weights = str(shipped)
+    return model, str(weights)
+
+
+class MadeWithOtherWeights(ValueError):
+    """A benchmark's reusable output (a demo, a shard set) was made with another model or weights file."""
+
+
+def check_made_with(path: Path, record: Mapping[str, Any], model: str, weights: str) -> None:
+    """Refuse to reuse an output whose record (a shard manifest's ``source``, a demo's config: ``model`` and
+    ``pretrained``) names another model or weights file than ``model`` / ``weights``; a ``pretrained`` of None or
+    ``"shipped"`` stands for the model's shipped file.
+
+    Raises:
+        MadeWithOtherWeights: naming ``path``, both models and both weights.
+    """
+    from visae import toyclip
+
+    rec_model, rec_w = record.get("model"), record.get("pretrained")
+    shipped = toyclip.SHIPPED_WEIGHTS.get(rec_model)
+    rec_file = shipped if rec_w in (None, "shipped") else rec_w
+    same = rec_model == model and rec_file is not None and Path(rec_file).resolve() == Path(weights).resolve()
+    if not same:
+        raise MadeWithOtherWeights(f"{path}: made with {rec_model} ({rec_w or 'shipped'}), not {model} ({weights}); "
+                                   "use another --out")

@@ -76,8 +76,15 @@ def test_local_checkpoint_roundtrip(tmp_path, tiny):
 
 
 def test_unknown_names():
-    with pytest.raises(BackboneError, match="unknown open_clip model"):
+    from visae.backbones import check_backbone_name
+
+    with pytest.raises(BackboneError, match="unknown backbone 'ViT-Nope-1'.*open_clip.list_models"):
         load_backbone("ViT-Nope-1", random_init=True)
+    # checked without building anything; a typo of one of visae's own models is offered the model, not 200 names
+    with pytest.raises(BackboneError, match=r"unknown backbone 'visae-toyclip2-reg'; did you mean 'visae-toyclip2-reg4'"):
+        check_backbone_name("visae-toyclip2-reg:shipped")
+    for ok in ("visae-toyclip2-reg4", "visae-toyclip2:shipped", "ViT-B-32:openai", "timm:anything", "hf-hub:org/repo"):
+        check_backbone_name(ok)
     with pytest.raises(BackboneError, match="unknown timm model"):
         load_backbone("timm:not_a_model_xyz", random_init=True)
     with pytest.raises(BackboneError, match="neither a known pretrained tag"):

@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +54,28 @@ def test_benchmarks_live_outside_the_package_and_scripts_shadow_nothing():
     for folder in ("scripts", "benchmarks"):
         clash = [p.name for p in (REPO / folder).glob("*.py") if p.stem in sys.stdlib_module_names]
         assert not clash, f"{folder}/ shadows the standard library: {clash}"
+
+
+def test_a_toy_benchmark_runs_the_model_its_weights_record():
+    """``toy_model_and_weights``: --weights alone gives the model its safetensors metadata records (an old command
+    with visae-toyclip2 weights keeps running that model, not world2's newer default); no --weights gives the shipped
+    file of --model or of the default; a --model other than the file's, a model the benchmark does not run, a missing
+    or non-safetensors file are refused before any work. ``check_made_with`` refuses an output of other weights."""
+    from visae import toyclip as tc
+
+    v2 = tc.V2_MODELS
+    assert benchlib.toy_model_and_weights(None, None, tc.WORLD2_MODEL, v2) == (
+        tc.WORLD2_MODEL, str(tc.SHIPPED_WEIGHTS[tc.WORLD2_MODEL]))
+    assert benchlib.toy_model_and_weights(None, str(tc.TOYCLIP2_WEIGHTS), tc.WORLD2_MODEL, v2) == (
+        "visae-toyclip2", str(tc.TOYCLIP2_WEIGHTS))
+    for model, weights, msg in (("visae-toyclip2-reg4", str(tc.TOYCLIP2_WEIGHTS), "holds 'visae-toyclip2' weights"),
+                                (None, str(tc.TOYCLIP_WEIGHTS), "this benchmark runs visae-toyclip2 or"),
+                                (None, "/nonexistent.safetensors", "no such file"),
+                                (None, str(tc.TOYCLIP2_REG4_CARD), "not a readable safetensors file")):
+        with pytest.raises(ValueError, match=msg):
+            benchlib.toy_model_and_weights(model, weights, tc.WORLD2_MODEL, v2)
+    reg4 = str(tc.SHIPPED_WEIGHTS[tc.WORLD2_MODEL])
+    benchlib.check_made_with(Path("m"), {"model": tc.WORLD2_MODEL, "pretrained": "shipped"}, tc.WORLD2_MODEL, reg4)
+    benchlib.check_made_with(Path("m"), {"model": tc.WORLD2_MODEL, "pretrained": reg4}, tc.WORLD2_MODEL, reg4)
+    with pytest.raises(benchlib.MadeWithOtherWeights, match="made with visae-toyclip2 .*use another --out"):
+        benchlib.check_made_with(Path("m"), {"model": "visae-toyclip2", "pretrained": None}, tc.WORLD2_MODEL, reg4)

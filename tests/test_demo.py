@@ -71,6 +71,9 @@ def test_demo_rerun_skips_finished_stages(quick_demo, capsys):
     # another demo's directory: refused with one line on stderr (exit 2), not a traceback
     assert demo.main(argv + ["--seed", "1"]) == 2
     assert "other settings" in capsys.readouterr().err
+    # made with the world's own model, asked with another: the error says how to finish the run
+    assert demo.main(argv + ["--model", "ViT-B-32", "--pretrained", "openai"]) == 2
+    assert "to finish it, rerun with --model visae-toyclip" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- the config: nested stage configs
@@ -218,6 +221,8 @@ def test_a_world_without_shipped_weights_and_an_unknown_world_are_refused_before
     assert demo.main(["--out", str(out), "--world", "world2", "--model", "visae-toyclip2", "--pretrained",
                       str(toyclip.TOYCLIP2_REG4_WEIGHTS)]) == 2  # and the reverse
     assert "weights of 'visae-toyclip2-reg4'" in capsys.readouterr().err and not out.exists()
+    assert demo.main(["--out", str(out), "--model", "visae-toyclip2-reg"]) == 2  # a typo: before the world stage
+    assert "did you mean 'visae-toyclip2-reg4'" in capsys.readouterr().err and not out.exists()
     assert demo.main(["--out", str(out), "--world", "world3"]) == 2
     assert "expected one of ['toy', 'world2']" in capsys.readouterr().err and not out.exists()
     assert demo.main(["--out", str(out), "--distractors", str(tmp_path / "nope.txt")]) == 2
@@ -269,13 +274,19 @@ def test_selection_vs_recovery_is_spearman_of_the_leaderboard(tmp_path):
 
 def test_weights_that_cannot_serve_the_model_are_refused_before_anything_is_written(tmp_path, capsys):
     """A toy CLIP's weights are checked before the world is generated (a full world2 world takes minutes): a
-    weights file of the other toy architecture (the shipped v1 file for world2), a file that does not exist."""
+    weights file of the other toy architecture (the shipped v1 file for world2), a file that does not exist, a file
+    that is not safetensors (the model card)."""
     out = tmp_path / "out"
     assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(TOYCLIP_WEIGHTS)]) == 2
     err = capsys.readouterr().err
     assert "--pretrained" in err and "'visae-toyclip'" in err and f"not '{WORLD2_MODEL}'" in err and not out.exists()
     assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(tmp_path / "nope.safetensors")]) == 2
     assert "nope.safetensors: no such weights file" in capsys.readouterr().err and not out.exists()
+    # the card beside the weights is not the weights: one line, before the world stage (it crashed in torch.load)
+    card = SHIPPED_WEIGHTS[WORLD2_MODEL].with_suffix(".json")
+    assert demo.main(["--out", str(out), "--world", "world2", "--pretrained", str(card)]) == 2
+    err = capsys.readouterr().err
+    assert "not a .safetensors file" in err and len(err.strip().splitlines()) == 1 and not out.exists(), err
 
 
 def test_an_unreadable_word_list_is_refused_before_anything_is_written(tmp_path, capsys):

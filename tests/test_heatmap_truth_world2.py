@@ -5,7 +5,7 @@ scenes, a TopK SAE on the patch tokens after block 0 has a colour-family latent 
 heat of the best detected colour family (the value whose best latent has the highest AUROC), as the site computes it,
 lies on the object; at least one value meets the issue's whole per-value criterion (a latent at AUROC >= 0.95 with
 >= 80 % of its heat, area-weighted, in the object's box). The issue's full criterion (>= 5 such values, colour and
-shape among them) is a non-strict xfail: measured with this test's settings (2026-12-01, an AMD EPYC where torch
+shape among them) is a strict xfail: measured with this test's settings (2026-12-01, an AMD EPYC where torch
 2.14.1 runs its AVX512 kernels), SAE seeds 0 / 1 / 2 pass 2 / 5 / 6 values after block 0 (colour families and the
 gradient texture) and 2 / 5 / 3 after block 1, never a shape (shape latents at 0.85-0.95 do sit on the object, after
 block 1: stars, ring, crescent).
@@ -97,7 +97,7 @@ def test_values_meet_the_issues_per_value_criterion(recovery):
     assert len(res["summary"]["passing"]) >= 1, table
 
 
-@pytest.mark.xfail(strict=False, reason="issue 14 item 2 not met: >= 5 values with colour and shape among them; "
+@pytest.mark.xfail(strict=True, reason="issue 14 item 2 not met: >= 5 values with colour and shape among them; "
                    "measured 2 / 5 / 6 values for SAE seeds 0 / 1 / 2 after block 0, never a shape (module docstring)")
 def test_the_issues_full_heatmap_criterion(recovery):
     res, table = recovery

@@ -130,6 +130,25 @@ def test_batches_follow_the_single_object_curriculum():
         toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(model="visae-toyclip3", out="/nonexistent/x"), [])
 
 
+def test_input_errors_are_one_line_before_anything_is_written(tmp_path, capsys):
+    """``visae train-toy-clip2``'s input errors (checked by the config or before the run directory is made) are one line
+    naming the field and exit 2, and leave nothing behind: an unknown architecture, a head-weight spec that does not
+    parse, too few single-object scenes for a batch (64 scenes of up to 4 objects hold about 12), --out a file."""
+    from visae import cli
+
+    (tmp_path / "afile").write_text("x")
+    for argv, words in ((["--model", "visae-toyclip3"], ["ToyClipV2Config.model", "visae-toyclip2-reg4"]),
+                        (["--aux_factor_weights", "shap:3"], ["ToyClipV2Config.aux_factor_weights", "shap:3"]),
+                        (["--n_train", "64", "--batch_size", "16"], ["ToyClipV2Config.n_train = 64", "single-object",
+                                                                     "batch_size = 16"]),
+                        (["--out", str(tmp_path / "afile")], ["ToyClipV2Config.out", "a file"])):
+        out = ["--out", str(tmp_path / "run")] if "--out" not in argv else []
+        rc = cli.main(["train-toy-clip2", *out, *argv, "--negatives_exclude", "", "--no_progress", "--threads", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and all(w in err[0] for w in words), (argv, err)
+        assert not (tmp_path / "run").exists() and (tmp_path / "afile").read_text() == "x"
+
+
 def test_resume_of_a_checkpoint_from_before_the_model_field(tmp_path):
     """A v2 run checkpointed before ToyClipV2Config.model existed (v1's patchify tower, no 'model' in its config)
     resumes with --model visae-toyclip and is refused, naming the field, under the default visae-toyclip2."""

@@ -301,6 +301,44 @@ def parse_backbone_name(name: str, pretrained: str | None) -> tuple[str, str | N
     return schema + name, pretrained or tag or None
 
 
+def _family(full: str) -> tuple[_Family, str]:
+    """The family that builds the parsed name ``full`` (later registrations first) and the name it receives."""
+    for fam in BACKBONE_FAMILIES:
+        if (fam.exact and full == fam.prefix) or (not fam.exact and full.startswith(fam.prefix)):
+            return fam, full if fam.exact else full[len(fam.prefix):]
+    raise BackboneError(f"no backbone family matches {full!r}")  # pragma: no cover - "" prefix catches all
+
+
+def _unknown_open_clip_model(name: str) -> BackboneError:
+    """The error for an open_clip model name open_clip does not know: the closest names (visae's own models
+    first) and where the full lists are."""
+    import difflib
+
+    import open_clip
+
+    ours = [f.prefix for f in BACKBONE_FAMILIES if f.exact]
+    close = difflib.get_close_matches(name, ours + open_clip.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return BackboneError(f"unknown backbone {name!r}{hint} (visae's own: {', '.join(ours)}; the {len(open_clip.list_models())} "
+                         "open_clip models: open_clip.list_models(); timm models as 'timm:<name>')")
+
+
+def check_backbone_name(name: str) -> None:
+    """Refuse, without building anything, a backbone name no family can build: for now an open_clip name that
+    open_clip's registry does not hold (``hf-hub:`` / ``local-dir:`` names and ``timm:`` names are checked when
+    loaded). For commands that check their inputs before any work (``visae demo`` before its world stage).
+
+    Raises:
+        BackboneError: an unknown name, with the closest known names.
+    """
+    import open_clip
+
+    full, _ = parse_backbone_name(name, None)
+    fam, rest = _family(full)
+    if fam.prefix == "" and not rest.startswith(("hf-hub:", "local-dir:")) and open_clip.get_model_config(rest) is None:
+        raise _unknown_open_clip_model(rest)
+
+
 def load_backbone(
     name: str,
     pretrained: str | None = None,
@@ -321,15 +359,12 @@ def load_backbone(
     neither cached nor downloadable, :class:`BackboneError` for unknown names.
     """
     full, pretrained = parse_backbone_name(name, pretrained)
-    for fam in BACKBONE_FAMILIES:
-        if (fam.exact and full == fam.prefix) or (not fam.exact and full.startswith(fam.prefix)):
-            rest = full if fam.exact else full[len(fam.prefix):]
-            bb = fam.loader(rest, pretrained, random_init=random_init, device=device, seed=seed, **(model_kwargs or {}))
-            bb.model.eval()
-            for p in bb.model.parameters():
-                p.requires_grad_(False)
-            return bb
-    raise BackboneError(f"no backbone family matches {name!r}")  # pragma: no cover - "" prefix catches all
+    fam, rest = _family(full)
+    bb = fam.loader(rest, pretrained, random_init=random_init, device=device, seed=seed, **(model_kwargs or {}))
+    bb.model.eval()
+    for p in bb.model.parameters():
+        p.requires_grad_(False)
+    return bb
 
 
 # ----------------------------------------------------------------------------- weights resolution
@@ -502,7 +537,7 @@ def _open_clip_backbone(
         tokenizer = open_clip.get_tokenizer(model_name)
         return _wrap_open_clip(model_name, None, model, preprocess, tokenizer, random_init=False, meta={})
     if open_clip.get_model_config(model_name) is None:
-        raise BackboneError(f"unknown open_clip model {model_name!r}; known: {open_clip.list_models()} (or use 'timm:<name>')")
+        raise _unknown_open_clip_model(model_name)
     if pretrained is None and weights_path is None and not random_init:
         # random weights by accident are a silent disaster: ask for them explicitly
         tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -728,14 +763,20 @@ def _check_toy_weights_file(path: str | None, expected: str) -> None:
 
     ``visae.toyclip.export_fp16`` records the architecture in the safetensors metadata (``model``); a
     v1 file given to ``visae-toyclip2`` (or the reverse) would otherwise fail deep inside
-    ``load_state_dict`` with a list of every missing key. Files without that record pass unchecked.
+    ``load_state_dict`` with a list of every missing key. Files without that record pass unchecked. The toy CLIPs'
+    weights are safetensors files (what ``export_fp16`` writes): another file (a card ``.json``, a trainer's
+    ``checkpoint.pt``) is refused here rather than failing inside ``torch.load``.
 
     Raises:
-        BackboneError: the file's metadata names a model other than ``expected``, or the file is not
-            readable as safetensors (the message names the file).
+        BackboneError: the file's metadata names a model other than ``expected``, the file is not a
+            ``.safetensors`` file, or it is not readable as safetensors (the message names the file).
     """
-    if not path or not str(path).endswith(".safetensors") or not os.path.isfile(path):
+    if not path or not os.path.isfile(path):
         return
+    if not str(path).endswith(".safetensors"):
+        raise BackboneError(f"{path}: not a .safetensors file; {expected}'s weights are the .safetensors file that "
+                            "visae.toyclip.export_fp16 writes (e.g. assets/toyclip/<model>.safetensors), not its card "
+                            "or a training checkpoint")
     from safetensors import SafetensorError, safe_open
 
     try:

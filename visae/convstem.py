@@ -140,8 +140,8 @@ def _toyvit_convstem_reg4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     Raises:
         ValueError: ``pretrained`` (no weights in timm), or the stem's errors (:class:`ConvStemPatchEmbed`)."""
     if pretrained:
-        raise ValueError(f"{TIMM_NAME_REG4}: no pretrained weights in timm (none ship for visae-toyclip2-reg4: train "
-                         "them, docs/toyworld.md)")
+        raise ValueError(f"{TIMM_NAME_REG4}: no pretrained weights in timm; visae-toyclip2-reg4's weights load "
+                         "through open_clip (load_backbone('visae-toyclip2-reg4'))")
     kwargs.setdefault("reg_tokens", 4)
     kwargs.setdefault("no_embed_class", True)
     model = _toyvit_convstem(False, **kwargs)

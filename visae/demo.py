@@ -525,6 +525,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(run.out)
     _check_word_lists(run)
     world = WORLDS[run.world]
+    from visae.backbones import BackboneError, check_backbone_name
+
+    try:  # a typo in --model fails here, not after the world stage
+        check_backbone_name(run.model)
+    except BackboneError as e:
+        raise ConfigError(f"--model: {e}") from None
     _check_toy_weights(run, world)
     st = _state(out)
     recorded = config_to_dict(run)  # the whole config, nested ones included, as every stage ran it
@@ -535,8 +541,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if st.get("config") is not None and _identity(st["config"]) != key:
         old, new = _flat(_identity(st["config"])), _flat(key)
         diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
-        raise ValueError(f"{out / STATE}: this directory holds a demo with other settings {diff} (old, new); "
-                         "use another --out or delete it")
+        how = "use another --out or delete it"
+        was = diff.get("model", (None, None))[0]
+        if was in {m for w in WORLDS.values() for m in (w.model, *w.variants)} and was != run.model:
+            # e.g. a world2 demo made before the world's default model changed (visae-toyclip2 -> -reg4)
+            how = f"to finish it, rerun with --model {was}; else {how}"
+        raise ValueError(f"{out / STATE}: this directory holds a demo with other settings {diff} (old, new); {how}")
     out.mkdir(parents=True, exist_ok=True)
     if run.threads > 0:
         torch.set_num_threads(run.threads)

@@ -214,8 +214,11 @@ def create_toyclip(weights: str | Path | None = None, device: str = "cpu", model
         how = f"they ship in assets/toyclip/ (or train them: {train})" if model in SHIPPED_WEIGHTS else \
             f"none ship for this architecture: train them ({train})"
         raise FileNotFoundError(f"{model} weights {weights} not found; {how}")
-    net, _, preprocess = open_clip.create_model_and_transforms(
-        model, pretrained=str(weights) if weights is not None else None, device=device)
+    from visae.backbones import _quiet_random_init
+
+    with _quiet_random_init(weights is None):  # weights=None asks for the random init: no warning about it
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=str(weights) if weights is not None else None, device=device)
     net.eval()
     return net, preprocess, open_clip.get_tokenizer(model)
 
@@ -640,7 +643,10 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
 
         register()
         torch.manual_seed(cfg.seed)
-        model = open_clip.create_model(MODEL_NAME, device=cfg.device)
+        from visae.backbones import _quiet_random_init
+
+        with _quiet_random_init(True):  # a random init is what the trainer asks for (then init / resume load weights)
+            model = open_clip.create_model(MODEL_NAME, device=cfg.device)
         model.train()
         tokenizer = open_clip.get_tokenizer(MODEL_NAME)
         heads = _aux_heads(model) if cfg.aux_weight > 0 else None
@@ -810,7 +816,8 @@ class ToyClipV2Config:
     export: str = field(default="", metadata={"help": "fp16 weights (.safetensors, card .json beside); empty: <out>/<model>.safetensors"})
     model: str = field(default="visae-toyclip2", metadata={
         "help": "architecture: visae-toyclip2 (conv-stem ViT image tower, visae.convstem), visae-toyclip2-reg4 (the "
-                "same with 4 register tokens) or visae-toyclip (v1's patchify ViT); all 64 px, patch 8, width 96, "
+                "same with 4 register tokens: world2's shipped model, whose whole recipe is --config "
+                "configs/toy_clip_v2_reg4.yaml) or visae-toyclip (v1's patchify ViT); all 64 px, patch 8, width 96, "
                 "4 blocks, the same text tower"})
     seed: int = field(default=0, metadata={"help": "seed of the training scenes, the init, the batches and the negatives"})
     n_train: int = field(default=40000, metadata={"help": "training scenes (rendered in memory by the PIL renderer)"})
@@ -848,8 +855,8 @@ class ToyClipV2Config:
         "help": "the heads' weights during pretrain_steps, 'factor:weight,...' (unnamed factors 0)"})
     init: str = field(default="", metadata={
         "help": "start from these weights instead of the seeded random init: a .safetensors file of this "
-                "architecture (--model), or 'shipped' (the shipped weights; visae-toyclip and visae-toyclip2 only: "
-                "none ship for visae-toyclip2-reg4); empty: random init"})
+                "architecture (--model), or 'shipped' (the architecture's shipped weights, visae.toyclip.SHIPPED_WEIGHTS); "
+                "empty: random init"})
     dense_weight: float = field(default=0.0, metadata={
         "help": "weight of per-patch factor heads on the patch tokens after block dense_layer: every patch "
                 "classifies the dense_factors of the object covering most of it (>= dense_min_cover of the patch), or "
@@ -896,6 +903,13 @@ class ToyClipV2Config:
         if self.dense_weight > 0 and self.model not in V2_MODELS:
             raise ConfigError(f"ToyClipV2Config.dense_weight > 0 needs a model with the timm image tower "
                               f"({' or '.join(V2_MODELS)}), not {self.model!r}")
+        if self.model not in TOY_MODELS:
+            raise ConfigError(f"ToyClipV2Config.model = {self.model!r}: expected one of {sorted(TOY_MODELS)}")
+        for name in ("aux_factor_weights", "pretrain_factor_weights")[:2 if self.pretrain_steps else 1]:
+            try:
+                aux_factor_weights(getattr(self, name), default=1.0 if name == "aux_factor_weights" else 0.0)
+            except ValueError as e:
+                raise ConfigError(f"ToyClipV2Config.{name} = {getattr(self, name)!r}: {e}") from None
 
 
 V2_COARSE = ("colour_family", "shape", "texture", "size", "hpos", "vpos", "background")
@@ -1291,30 +1305,27 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     OutputLockedError at once).
 
     Raises:
-        ConfigError: the ``negatives_exclude`` list is missing; a checkpoint in ``out`` was made with another config
-            or on another world format (:func:`_resume`).
-        ValueError: an unknown ``model``; a head-weight spec that does not parse; fewer single-object scenes than a
-            batch (checked after rendering: left as it was).
+        ConfigError: the ``negatives_exclude`` list is missing; ``init`` is not a weights file of ``model``; ``out``
+            is a file; fewer single-object training scenes than a batch (each before anything is written); a
+            checkpoint in ``out`` was made with another config or on another world format (:func:`_resume`). (An
+            unknown ``model`` or a head-weight spec that does not parse: ConfigError from ``ToyClipV2Config``.)
         OutputLockedError: another process writes ``out``.
     """
     import open_clip
     from tqdm import tqdm
 
     from visae import world2 as w2
+    from visae.config import ConfigError
 
     t_start, cpu_start = time.time(), time.process_time()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     # Inputs first: a bad field or a missing exclude list fails before any work or write (the ranges of the counts and
     # fractions are ToyClipV2Config's own check, at construction).
-    if cfg.model not in TOY_MODELS:
-        raise ValueError(f"model must be one of {sorted(TOY_MODELS)}, got {cfg.model!r}")
-    head_w = aux_factor_weights(cfg.aux_factor_weights)
+    head_w = aux_factor_weights(cfg.aux_factor_weights)  # model and both weight specs: checked by ToyClipV2Config
     pre_w = aux_factor_weights(cfg.pretrain_factor_weights, default=0.0) if cfg.pretrain_steps else head_w
     # the naming list kept out of the negatives, and the final inheritance evaluation's unseen words: read once, here
     if cfg.negatives_exclude and not Path(cfg.negatives_exclude).is_file():  # a usage error (exit 2), before any work
-        from visae.config import ConfigError
-
         raise ConfigError(f"ToyClipV2Config.negatives_exclude: word list {cfg.negatives_exclude} not found (expected one "
                           "word a line, e.g. ../shared/vocab/20k.txt; empty: exclude nothing)")
     naming_words = read_word_list(cfg.negatives_exclude, "negatives_exclude: word list") if cfg.negatives_exclude else None
@@ -1322,13 +1333,28 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     init = _init_weights_file(cfg)  # ConfigError before any work
     dense_f = dense_factor_list(cfg.dense_factors) if cfg.dense_weight > 0 else []
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"ToyClipV2Config.out = {cfg.out}: a file, not a run directory")
+    # the training scenes (their factors only; rendered below): enough single-object ones for a batch, checked here
+    kw = dict(max_objects=cfg.max_objects, occlusion=cfg.occlusion, colour_jitter=cfg.colour_jitter)
+    scenes = []
+    for s0 in range(0, cfg.n_train, 1000):
+        scenes += w2.sample_scenes(min(1000, cfg.n_train - s0), cfg.seed, s0, **kw)
+    n_single = sum(len(sc.objects) == 1 for sc in scenes)
+    if (cfg.curriculum_steps > 0 or cfg.single_object_fraction > 0) and n_single < cfg.batch_size:
+        raise ConfigError(f"ToyClipV2Config.n_train = {cfg.n_train}: only {n_single} single-object scenes among them, "
+                          f"fewer than batch_size = {cfg.batch_size} (single_object_fraction / curriculum_steps draw "
+                          "whole batches of them); raise n_train or lower batch_size")
     with output_lock(out, "visae.toyclip.main_v2"):  # one writer of the run directory at a time
         export = Path(cfg.export) if cfg.export else out / f"{cfg.model}.safetensors"
         cfg_dict = _config_record(cfg)
 
         register_toy_model(cfg.model)
         torch.manual_seed(cfg.seed)
-        model = open_clip.create_model(cfg.model, device=cfg.device)
+        from visae.backbones import _quiet_random_init
+
+        with _quiet_random_init(True):  # a random init is what the trainer asks for (then init / resume load weights)
+            model = open_clip.create_model(cfg.model, device=cfg.device)
         if init is not None:
             from safetensors.torch import load_file
 
@@ -1360,11 +1386,6 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
         atomic_write_text(out / "negatives.txt", "".join(x + "\n" for x in negs))
 
         t_data = time.time()
-        kw = dict(max_objects=cfg.max_objects, occlusion=cfg.occlusion, colour_jitter=cfg.colour_jitter)
-        scenes = []
-        it = range(0, cfg.n_train, 1000)
-        for s0 in (tqdm(it, desc="world2 train scenes", disable=not cfg.progress)):
-            scenes += w2.sample_scenes(min(1000, cfg.n_train - s0), cfg.seed, s0, **kw)
         images, label_maps, factors = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE, style_jitter=cfg.texture_style_jitter)
         dense_y = patch_labels(scenes, label_maps, dense_f, min_cover=cfg.dense_min_cover) if dense_f else None
         del label_maps
@@ -1375,9 +1396,7 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
         except ImportError:
             held_img2 = held_rows2 = None
         single = np.flatnonzero(factors[:, w2.FACTOR_INDEX["n_objects"]] == 0)
-        if (cfg.curriculum_steps > 0 or cfg.single_object_fraction > 0) and len(single) < cfg.batch_size:
-            raise ValueError(f"single_object_fraction / curriculum_steps: only {len(single)} single-object scenes among "
-                             f"n_train={cfg.n_train}, fewer than batch_size={cfg.batch_size}; raise n_train")
+        assert len(single) == n_single, (len(single), n_single)  # the factors rendered are the scenes checked above
         data_seconds = time.time() - t_data
         sampler = _CaptionSamplerV2(tokenizer)
         main_cols = [w2.FACTOR_INDEX[f] for f in w2.MAIN_FACTORS]

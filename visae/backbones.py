@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from visae.errors import VisaeError
+from visae.logs import quiet_random_init
 
 log = logging.getLogger(__name__)
 
@@ -498,23 +499,6 @@ def _seeded(seed: int):
         yield
 
 
-class _DropRandomInitWarning(logging.Filter):
-    # open_clip warns "No pretrained weights loaded ... initialized randomly" on the root
-    # logger; with random_init that is what was asked for
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_random_init(active: bool):
-    f = _DropRandomInitWarning()
-    root = logging.getLogger()
-    if active:
-        root.addFilter(f)
-    try:
-        yield
-    finally:
-        root.removeFilter(f)
 
 
 def _open_clip_backbone(
@@ -567,7 +551,7 @@ def _open_clip_backbone(
             force_pp[k] = tag_cfg[k]
     # open_clip only warns when a tag was trained with QuickGELU and the config is not: follow the tag.
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-    with _seeded(seed), _quiet_random_init(random_init or ckpt is None):
+    with _seeded(seed), quiet_random_init(random_init or ckpt is None):
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name,
             pretrained=ckpt,

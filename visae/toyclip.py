@@ -214,9 +214,9 @@ def create_toyclip(weights: str | Path | None = None, device: str = "cpu", model
         how = f"they ship in assets/toyclip/ (or train them: {train})" if model in SHIPPED_WEIGHTS else \
             f"none ship for this architecture: train them ({train})"
         raise FileNotFoundError(f"{model} weights {weights} not found; {how}")
-    from visae.backbones import _quiet_random_init
+    from visae.logs import quiet_random_init
 
-    with _quiet_random_init(weights is None):  # weights=None asks for the random init: no warning about it
+    with quiet_random_init(weights is None):  # weights=None asks for the random init: no warning about it
         net, _, preprocess = open_clip.create_model_and_transforms(
             model, pretrained=str(weights) if weights is not None else None, device=device)
     net.eval()
@@ -643,9 +643,9 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
 
         register()
         torch.manual_seed(cfg.seed)
-        from visae.backbones import _quiet_random_init
+        from visae.logs import quiet_random_init
 
-        with _quiet_random_init(True):  # a random init is what the trainer asks for (then init / resume load weights)
+        with quiet_random_init(True):  # a random init is what the trainer asks for (then init / resume load weights)
             model = open_clip.create_model(MODEL_NAME, device=cfg.device)
         model.train()
         tokenizer = open_clip.get_tokenizer(MODEL_NAME)
@@ -1351,9 +1351,9 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
 
         register_toy_model(cfg.model)
         torch.manual_seed(cfg.seed)
-        from visae.backbones import _quiet_random_init
+        from visae.logs import quiet_random_init
 
-        with _quiet_random_init(True):  # a random init is what the trainer asks for (then init / resume load weights)
+        with quiet_random_init(True):  # a random init is what the trainer asks for (then init / resume load weights)
             model = open_clip.create_model(cfg.model, device=cfg.device)
         if init is not None:
             from safetensors.torch import load_file

@@ -499,8 +499,6 @@ def _seeded(seed: int):
         yield
 
 
-
-
 def _open_clip_backbone(
     model_name: str,
     pretrained: str | None,

@@ -172,6 +172,9 @@ def toy_model_and_weights(model: str | None, weights: str | None, default_model:
     if weights:
         if not Path(weights).is_file():
             raise ValueError(f"--weights {weights}: no such file")
+        if not str(weights).endswith(".safetensors"):
+            raise ValueError(f"--weights {weights}: not a .safetensors file (a toy CLIP's weights are the .safetensors "
+                             "file visae.toyclip.export_fp16 writes, not its card or a training checkpoint)")
         try:
             with safe_open(str(weights), "pt") as f:
                 recorded = (f.metadata() or {}).get("model")

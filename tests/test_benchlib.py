@@ -71,7 +71,7 @@ def test_a_toy_benchmark_runs_the_model_its_weights_record():
     for model, weights, msg in (("visae-toyclip2-reg4", str(tc.TOYCLIP2_WEIGHTS), "holds 'visae-toyclip2' weights"),
                                 (None, str(tc.TOYCLIP_WEIGHTS), "this benchmark runs visae-toyclip2 or"),
                                 (None, "/nonexistent.safetensors", "no such file"),
-                                (None, str(tc.TOYCLIP2_REG4_CARD), "not a readable safetensors file")):
+                                (None, str(tc.TOYCLIP2_REG4_CARD), "not a .safetensors file")):
         with pytest.raises(ValueError, match=msg):
             benchlib.toy_model_and_weights(model, weights, tc.WORLD2_MODEL, v2)
     reg4 = str(tc.SHIPPED_WEIGHTS[tc.WORLD2_MODEL])

@@ -74,6 +74,8 @@ def test_demo_rerun_skips_finished_stages(quick_demo, capsys):
     # made with the world's own model, asked with another: the error says how to finish the run
     assert demo.main(argv + ["--model", "ViT-B-32", "--pretrained", "openai"]) == 2
     assert "to finish it, rerun with --model visae-toyclip" in capsys.readouterr().err
+    assert demo.main(argv + ["--model", "ViT-B-32", "--pretrained", "openai", "--seed", "1"]) == 2
+    assert "to finish it" not in capsys.readouterr().err  # the model is not all that differs: no such hint
 
 
 # ----------------------------------------------------------------------------- the config: nested stage configs

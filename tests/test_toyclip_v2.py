@@ -141,7 +141,8 @@ def test_input_errors_are_one_line_before_anything_is_written(tmp_path, capsys):
                         (["--aux_factor_weights", "shap:3"], ["ToyClipV2Config.aux_factor_weights", "shap:3"]),
                         (["--n_train", "64", "--batch_size", "16"], ["ToyClipV2Config.n_train = 64", "single-object",
                                                                      "batch_size = 16"]),
-                        (["--out", str(tmp_path / "afile")], ["ToyClipV2Config.out", "a file"])):
+                        (["--out", str(tmp_path / "afile")], ["ToyClipV2Config.out", "is a file"]),
+                        (["--out", str(tmp_path / "afile" / "sub")], ["ToyClipV2Config.out", "afile is a file"])):
         out = ["--out", str(tmp_path / "run")] if "--out" not in argv else []
         rc = cli.main(["train-toy-clip2", *out, *argv, "--negatives_exclude", "", "--no_progress", "--threads", "1"])
         err = capsys.readouterr().err.strip().splitlines()

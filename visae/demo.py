@@ -543,7 +543,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
         how = "use another --out or delete it"
         was = diff.get("model", (None, None))[0]
-        if was in {m for w in WORLDS.values() for m in (w.model, *w.variants)} and was != run.model:
+        if (was in {m for w in WORLDS.values() for m in (w.model, *w.variants)} and was != run.model
+                and set(diff) <= {"model", "pretrained"}):  # the model alone differs: say how to finish the run
             # e.g. a world2 demo made before the world's default model changed (visae-toyclip2 -> -reg4)
             how = f"to finish it, rerun with --model {was}; else {how}"
         raise ValueError(f"{out / STATE}: this directory holds a demo with other settings {diff} (old, new); {how}")

@@ -1333,8 +1333,9 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     init = _init_weights_file(cfg)  # ConfigError before any work
     dense_f = dense_factor_list(cfg.dense_factors) if cfg.dense_weight > 0 else []
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"ToyClipV2Config.out = {cfg.out}: a file, not a run directory")
+    blocked = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"ToyClipV2Config.out = {cfg.out}: {blocked} is a file, not a directory")
     # the training scenes (their factors only; rendered below): enough single-object ones for a batch, checked here
     kw = dict(max_objects=cfg.max_objects, occlusion=cfg.occlusion, colour_jitter=cfg.colour_jitter)
     scenes = []

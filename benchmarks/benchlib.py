@@ -164,8 +164,6 @@ def toy_model_and_weights(model: str | None, weights: str | None, default_model:
         ValueError: a missing or unreadable weights file, a ``model`` other than the file's, a model outside
             ``allowed``, no shipped weights for ``model`` in this checkout (each message names the flag).
     """
-    from safetensors import SafetensorError, safe_open
-
     from visae import toyclip
 
     recorded = None
@@ -176,9 +174,8 @@ def toy_model_and_weights(model: str | None, weights: str | None, default_model:
             raise ValueError(f"--weights {weights}: not a .safetensors file (a toy CLIP's weights are the .safetensors "
                              "file visae.toyclip.export_fp16 writes, not its card or a training checkpoint)")
         try:
-            with safe_open(str(weights), "pt") as f:
-                recorded = (f.metadata() or {}).get("model")
-        except SafetensorError as e:
+            recorded = toyclip.recorded_model(weights)
+        except ValueError as e:
             raise ValueError(f"--weights {weights}: not a readable safetensors file ({e})") from None
         if model and recorded and model != recorded:
             raise ValueError(f"--weights {weights} holds {recorded!r} weights (its safetensors metadata), not --model {model!r}")

@@ -759,12 +759,11 @@ def _check_toy_weights_file(path: str | None, expected: str) -> None:
         raise BackboneError(f"{path}: not a .safetensors file; {expected}'s weights are the .safetensors file that "
                             "visae.toyclip.export_fp16 writes (e.g. assets/toyclip/<model>.safetensors), not its card "
                             "or a training checkpoint")
-    from safetensors import SafetensorError, safe_open
+    from visae.toyclip import recorded_model
 
     try:
-        with safe_open(str(path), "pt") as f:
-            model = (f.metadata() or {}).get("model")
-    except SafetensorError as e:
+        model = recorded_model(path)
+    except ValueError as e:
         raise BackboneError(f"{path}: not a readable safetensors file ({e})") from None
     if model and model != expected:
         raise BackboneError(f"{path}: weights of {model!r} (the file's safetensors metadata 'model'), not {expected!r}; "

@@ -168,7 +168,7 @@ class DemoConfig:
             raise ConfigError(f"DemoConfig.seed + world_seed_offset = {self.seed} + {self.world_seed_offset}: "
                               "expected >= 0 (the world's seed)")
         want = WORLDS[self.world].model
-        other = {m: name for name, w in WORLDS.items() for m in (w.model, *w.variants)}.get(self.model)
+        other = _toy_clip_world(self.model)
         if other is not None and other != self.world:
             raise ConfigError(
                 f"DemoConfig.model = {self.model!r} is the toy CLIP of the {other!r} world, not of --world "
@@ -429,6 +429,11 @@ WORLDS: dict[str, DemoWorld] = {
 }
 
 
+def _toy_clip_world(model: str | None) -> str | None:
+    """The world (a key of :data:`WORLDS`) whose toy CLIP ``model`` is (its model or a variant), else None."""
+    return next((name for name, w in WORLDS.items() if model in (w.model, *w.variants)), None)
+
+
 QUICK = DemoConfig(quick=True)
 
 
@@ -491,7 +496,7 @@ def _check_toy_weights(run: DemoConfig, world: DemoWorld) -> None:
     Raises:
         ConfigError: naming the flag and the file.
     """
-    if run.model not in {m for w in WORLDS.values() for m in (w.model, *w.variants)}:
+    if _toy_clip_world(run.model) is None:
         return
     if run.pretrained in (None, "shipped"):  # "shipped": the tag the backbone records for the shipped weights
         from visae.toyclip import SHIPPED_WEIGHTS
@@ -543,7 +548,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
         how = "use another --out or delete it"
         was = diff.get("model", (None, None))[0]
-        if (was in {m for w in WORLDS.values() for m in (w.model, *w.variants)} and was != run.model
+        if (_toy_clip_world(was) is not None and was != run.model
                 and set(diff) <= {"model", "pretrained"}):  # the model alone differs: say how to finish the run
             # e.g. a world2 demo made before the world's default model changed (visae-toyclip2 -> -reg4)
             how = f"to finish it, rerun with --model {was}; else {how}"

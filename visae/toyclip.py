@@ -530,6 +530,22 @@ def _write_card(card: dict[str, Any], export: Path, out: Path) -> None:
     atomic_write_text(out / "metrics.json", text)
 
 
+def recorded_model(path: str | Path) -> str | None:
+    """The architecture a weights file records in its safetensors metadata (``model``, written by :func:`export_fp16`),
+    or None when it records none.
+
+    Raises:
+        ValueError: the file is not readable as safetensors (the message is the reader's reason; callers name the file).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("model")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(str(e)) from None
+
+
 def export_fp16(model: torch.nn.Module, path: str | Path, name: str = MODEL_NAME) -> Path:
     """Write the model's state dict in fp16 safetensors (atomically); ``name``: the architecture, in the metadata.
 
@@ -1268,8 +1284,6 @@ def _init_weights_file(cfg: ToyClipV2Config) -> Path | None:
     Raises:
         ConfigError: the file does not exist, is not safetensors, or holds weights of another architecture.
     """
-    from safetensors import SafetensorError, safe_open
-
     from visae.config import ConfigError
 
     if not cfg.init:
@@ -1282,9 +1296,8 @@ def _init_weights_file(cfg: ToyClipV2Config) -> Path | None:
     if not path.is_file():
         raise ConfigError(f"ToyClipV2Config.init: weights file {path} not found ({want})")
     try:
-        with safe_open(str(path), "pt") as f:
-            arch = (f.metadata() or {}).get("model")
-    except (SafetensorError, OSError) as e:
+        arch = recorded_model(path)
+    except ValueError as e:
         raise ConfigError(f"ToyClipV2Config.init: {path} is not a readable safetensors file ({e}; {want})") from None
     if arch and arch != cfg.model:
         raise ConfigError(f"ToyClipV2Config.init: {path} holds weights of {arch!r} (its safetensors metadata 'model'), "

@@ -138,10 +138,16 @@ def main(argv: list[str] | None = None) -> int:
 
     finite = [r for r in pooled if math.isfinite(r["score"])]  # a diverged trial's score is NaN
     pooled_rho = spearman([r["score"] for r in finite], [r["recovery"] for r in finite])
-    print(f"\npooled over {len(pooled)} trials of {len(seeds)} seeds: Spearman(score, recovery) = {pooled_rho}")
+    # the rule's order pooled: each trial's rank within its own sweep (1 = chosen) against its recovery
+    pooled_rule = spearman([-r["rank"] for r in pooled], [r["recovery"] for r in pooled])
+    within = sum(bool(per_seed[s]["selected_within_one"]) for s in seeds)
+    print(f"\npooled over {len(pooled)} trials of {len(seeds)} seeds: Spearman(score, recovery) = {pooled_rho}, "
+          f"Spearman(rule's order, recovery) = {pooled_rule}; selected within one value of the best in {within} of "
+          f"{len(seeds)} seeds")
     print(f"machine: {benchlib.describe_machine()}")
     benchlib.report("bench_selection_truth.py", {"args": vars(args), "demo_args": demo_args, "per_seed": per_seed,
                                                  "pooled_spearman_score": pooled_rho,
+                                                 "pooled_spearman_rule": pooled_rule, "selected_within_one": within,
                                                  "max_drop_common_windows": [(a, b if math.isfinite(b) else None)
                                                                              for a, b in common]},
                     args.json, argv, echo=False)

@@ -118,6 +118,70 @@ def test_no_trial_within_the_tolerance_chooses_none(tmp_path):
     assert not any(x["chosen"] for x in rows) and not any(x["feasible"] for x in rows)
 
 
+def test_drop_standard_error_is_the_paired_one():
+    """The drop's standard error from the discordant counts: Var(clean_hit - recon_hit) / n over n examples, where the
+    difference is +1 on `lost` examples, -1 on `gained` ones, 0 elsewhere."""
+    from visae.select import drop_standard_error
+
+    n, lost, gained = 10_000, 400, 200
+    diffs = [1] * lost + [-1] * gained + [0] * (n - lost - gained)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / n  # the population variance of the per-example difference
+    want = 100 * (var / n) ** 0.5
+    # both sides are sums of n terms of size <= 1: relative rounding of a few n * eps at most
+    assert drop_standard_error(lost, gained, n) == pytest.approx(want, rel=8 * n * 2.0 ** -52)
+    assert drop_standard_error(0, 0, 5) == 0.0  # nothing changed: the drop is known exactly
+    # far smaller than the unpaired error of two accuracies of 0.69 on 10,000 examples each (0.65 points)
+    assert drop_standard_error(300, 300, 10_000) < 0.25 < 100 * (2 * 0.69 * 0.31 / 10_000) ** 0.5
+    for bad in ((1, 1, 0), (-1, 0, 10), (6, 5, 10)):
+        with pytest.raises(ValueError, match="drop_standard_error"):
+            drop_standard_error(*bad)
+
+
+def test_a_drop_within_two_standard_errors_of_max_drop_is_borderline(tmp_path):
+    """Under sparsest_within each row carries its drop's paired standard error (from the cached discordant counts)
+    and `borderline` when the drop is within 2 of them of max_drop; select says so (selection.json, the command's
+    note, leaderboard.md). Without the counts (a score cached by an older visae) both are None."""
+    _sweep(tmp_path)
+    scores = _scores()
+    # discordant counts consistent with each trial's drop (lost - gained = drop * n), 8 changed answers each
+    # beyond the net loss: SE = 100 sqrt(lost + gained - (lost - gained)^2 / n) / n
+    for k, (top1, _, _) in TRIALS.items():
+        net = round((CLEAN - top1) * N)
+        scores[k]["result"]["recon"].update({"lost_top1": net + 4, "gained_top1": 4})
+    rows = {r["trial"]: r for r in leaderboard(tmp_path / "sw", scores, "zeroshot_top1", None, 0.1, "sparsest_within",
+                                               1.0)}
+    from visae.select import drop_standard_error
+
+    for k in "abcde":
+        net = round((CLEAN - TRIALS[k][0]) * N)
+        assert rows[k]["drop_se_pts"] == drop_standard_error(net + 4, 4, N)
+    # |drop - 1.0| against 2 SE: b 0.2 vs 0.80, c 0.5 vs 0.72 (borderline); a 2.0 vs 1.22, d 1.0 vs 0.57, e 0.9 vs 0.60
+    assert {k for k, r in rows.items() if r["borderline"]} == {"b", "c"}
+    # rule best: no tolerance, no borderline
+    best = leaderboard(tmp_path / "sw", scores, "zeroshot_top1", None, 0.1)
+    assert all(r["borderline"] is None for r in best) and all(r["drop_se_pts"] is not None for r in best)
+    # an old cache without the counts
+    old = leaderboard(tmp_path / "sw", _scores(), "zeroshot_top1", None, 0.1, "sparsest_within", 1.0)
+    assert all(r["drop_se_pts"] is None and r["borderline"] is None for r in old)
+
+
+def test_select_reports_borderline_trials(tmp_path, monkeypatch, capsys):
+    _sweep(tmp_path, rule="sparsest_within", max_drop=1.0)
+    scores = _scores()
+    for k, (top1, _, _) in TRIALS.items():
+        scores[k]["result"]["recon"].update({"lost_top1": round((CLEAN - top1) * N) + 4, "gained_top1": 4})
+    monkeypatch.setattr(visae.select, "score_trials", lambda out, names=None, **kw: scores)
+    assert main(["--sweep", str(tmp_path / "sw"), "--max_dead", "0.1"]) == 0
+    out = capsys.readouterr().out
+    sel = json.loads((tmp_path / "sw" / "selection.json").read_text())
+    assert sel["trial"] == "c" and sel["borderline"] == ["c", "b"]  # in the leaderboard's order
+    assert "cannot tell whether they are within the tolerance" in out and "score within 2 standard errors" not in out
+    md = (tmp_path / "sw" / "leaderboard.md").read_text()
+    assert "borderline" in md and "drop_se_pts" in md
+    assert {r["trial"]: r["borderline"] for r in _csv(tmp_path / "sw")}["b"] == "True"
+
+
 # ----------------------------------------------------------------------------- select(): outputs
 
 

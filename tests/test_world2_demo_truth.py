@@ -3,26 +3,26 @@ it (``visae demo --distractors ../shared/vocab/20k.txt``), judged by the world.
 
 - item 2: the selection benchmark (253 colour-family x shape classes) is not saturated: clean top-1 in [0.40, 0.85],
   and the sweep's reconstructions spread over >= 5 points of zero-shot accuracy among trials with EV >= 0.7;
-- item 4: Spearman(selection score, recovery) >= 0.5 over the sweep's 8 trials (recovery: values with a latent at
-  AUROC >= 0.95 named right), and a trial within one value of the best recovery is among those the selection cannot
-  tell from the chosen one (tied within 2 standard errors); the selected SAE itself within one value of the best is a
-  non-strict xfail: it holds or not with the machine (below);
+- item 4: the demo selects by rule sparsest_within (the sparsest trial whose zero-shot accuracy on its own 10,000-scene
+  selection world is <= 2.0 points below clean; visae.demo.DEMO_MAX_DROP); Spearman(the rule's order, recovery) >= 0.5
+  over the sweep's 8 trials (recovery: values with a latent at AUROC >= 0.95 named right) and the rule's contract on
+  the demo's leaderboard; the selected SAE within one value of the best is a non-strict xfail: it holds on the machine
+  measured, with a margin another machine's float summation order may not keep (below);
 - item 5: with the 20k Discover-then-Name list as distractors (none of them a training negative of the model:
   tests/test_toyclip2_shipped.py), >= 70 % of the values found (best latent at AUROC >= 0.95) are named right, pooled
   over the sweep's 8 SAEs (the selected SAE's own share is a non-strict xfail, for the same reason); precision: the
   latents named with a word that names no value they detect are counted.
 
-Measured with world2's model since 2026-12-01 23:00 UTC, ``visae-toyclip2-reg4`` (4 register tokens; BENCHMARKS.md,
-"world2: selection against the ground truth"; docs/toyclip_v2_recipe.md section 18), on an AMD EPYC machine (torch's
-AVX512 kernels), seeds 0 / 1 / 2: clean 0.667 / 0.675 / 0.691, spread 7.7 / 7.1 / 8.1 points, Spearman 0.70 / 0.22 /
-0.60 (pooled 0.48), selected 14 / 22, 8 / 18, 14 / 22; the chosen-or-tied trials hold 22 of 22, 18 of 18, 22 of 22;
-found values named right by the selected SAE 14 of 16, 7 of 15, 13 of 21 and by the sweep's 8 SAEs 76 of 95, 81 of
-106, 77 of 98 (78 % pooled); at seed 0 362 of the 384 named latents carry a name no value supports. So seed 0 (this
-test's) passes item 4's Spearman and seed 1 does not: its six trials with EV >= 0.92 score within 1.6 points on the
-1,000 benchmark images while recovering 8-18 values. World2's model before (``visae-toyclip2``, the same machine):
-Spearman 0.60 / 0.63 / 0.62, selected 9 / 19, 10 / 19, 18 / 22, pooled naming 263 of 300 (88 %); on an earlier
-machine seed 0 selected 20 = best 20. The demo (conftest.world2_demo_dir, shared with the other world2 ground-truth
-tests) takes about 60-130 s on 2 idle cores.
+Measured with world2's model since 2026-12-01 23:00 UTC, ``visae-toyclip2-reg4`` (BENCHMARKS.md, "Selection since
+2026-12-02"), on an AMD EPYC machine (torch's AVX512 kernels), seeds 0-8: clean 0.685-0.703 on the selection world,
+spread 7.6-8.5 points, the chosen trial exp4 lambda 3e-4 (drop 0.86-1.37 points) = the best trial in 9 of 9 seeds
+(seed 0: 22 of 22), Spearman of the rule's order 0.63-0.80 (seed 0: 0.66; pooled 0.72; of the zero-shot score alone
+0.27-0.60, pooled 0.46: the score follows fidelity, the densest trials split values over more latents); the rule
+and its tolerance were fixed before seeds 6-8 ran and selected the best there (a first tolerance, 1.5 points on 5,000
+scenes, failed on seeds 3-5). Found values named right by the selected SAE 193 of 222 over the nine seeds (seed 0: 22
+of 24), by the sweeps' SAEs 767 of 976 (79 %; seed 0: 76 of 95); at seed 0 349 of the 384 named latents carry a name no
+value supports. The demo (conftest.world2_demo_dir, shared with the other world2 ground-truth tests) takes about 110 s
+on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -53,37 +53,49 @@ def test_the_selection_benchmark_is_not_saturated(world2_demo):
 
 
 def test_selection_follows_the_ground_truth(world2_demo, world2_demo_dir):
-    """Item 4's correlation: Spearman(zero-shot score, recovery) >= 0.5 over the sweep's 8 trials, at seed 0 (this
-    demo's): measured 0.70 with the 20k list (0.68 with wordfreq distractors); seeds 1 / 2 give 0.22 / 0.60 and the 3
-    seeds pooled 0.48 (module docstring), so the item over 3 seeds is not met with this model (visae-toyclip2: 0.60
-    pooled)."""
+    """Item 4's correlation: Spearman(the selection rule's order, recovery) >= 0.5 over the sweep's 8 trials, at seed
+    0 (this demo's). The demo selects by rule sparsest_within (the sparsest trial whose zero-shot accuracy on its
+    10,000-scene selection world is <= 2.0 points below clean), fixed before seeds 6-8 judged it: there 0.80 / 0.75 /
+    0.78 (pooled 0.77), the best trial selected in every seed; at seed 0 0.66 (module docstring). The zero-shot score
+    alone follows fidelity, not recovery: 0.41 / 0.44 / 0.36 at seeds 6-8, 0.49 at seed 0."""
     rec, _ = world2_demo
     svr = rec["selection_vs_recovery"]
-    print({k: svr[k] for k in ("spearman_score", "selected_recovery", "best_recovery")})
-    assert svr["n_trials"] == 8 and svr["spearman_score"] >= 0.5, svr
+    print({k: svr[k] for k in ("spearman_score", "spearman_rule", "selected_recovery", "best_recovery")})
+    assert svr["n_trials"] == 8 and svr["spearman_rule"] >= 0.5, svr
     # the plot that shows it (score against recovery, the selected trial marked) is written beside recovery.json
     assert (world2_demo_dir / demo.RECOVERY_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"(plotted: {demo.RECOVERY_PLOT})" in (world2_demo_dir / "recovery.txt").read_text()
 
 
-def test_the_best_trial_is_one_the_selection_cannot_tell_from_the_chosen(world2_demo):
-    """What survives of item 4's "within one value of the best" on every machine measured: a trial within one value of
-    the best recovery is the chosen one or among the trials the leaderboard marks tied with it (zero-shot score within
-    2 standard errors on the selection images), the set the demo tells the user it cannot separate. Measured: seeds
-    0 / 1 / 2 on the AVX512 machine, 6 / 6 / 6 such trials, holding 22 of best 22, 18 of 18, 22 of 22 (with
-    ``visae-toyclip2``: 5 / 6 / 5 trials, 20 of 20, 19 of 19, 22 of 22)."""
-    rec, board = world2_demo
-    recovery = rec["selection_vs_recovery"]["recovery"]
-    best = max(recovery.values())
-    cand = [r["trial"] for r in board if r["chosen"] == "True" or r["tied"] == "True"]
-    assert max(recovery[t] for t in cand) >= best - 1, ({t: recovery[t] for t in cand}, best)
+def test_the_demo_selects_the_sparsest_trial_within_its_tolerance(world2_demo, world2_demo_dir):
+    """The rule as the demo applies it, on its own selection world (10,000 scenes of seed + 9000, not the SAEs'
+    training world): the chosen trial's zero-shot drop below clean is <= max_drop (2.0 points), every sparser trial's
+    is above it, and the sweep draws the drop against L0 (the plot item 4 asks for, the chosen trial marked)."""
+    _, board = world2_demo
+    sel = json.loads((world2_demo_dir / "sweep" / "selection.json").read_text())
+    assert sel["rule"] == "sparsest_within" and sel["max_drop"] == demo.DEMO_MAX_DROP == 2.0, sel
+    n_val = {int(r["n_val"]) for r in board}
+    assert n_val == {10000}, n_val  # scored on the selection world, not the 1,000 held out of the training shards
+    chosen = next(r for r in board if r["chosen"] == "True")
+    assert float(chosen["drop_pts"]) <= 2.0, chosen
+    sparser = [r for r in board if float(r["l0"]) < float(chosen["l0"])]
+    assert sparser and all(float(r["drop_pts"]) > 2.0 for r in sparser), [(r["trial"], r["drop_pts"]) for r in sparser]
+    assert (world2_demo_dir / "sweep" / "drop_vs_l0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each drop carries its paired standard error; the trials within 2 of them of the tolerance are named (measured
+    # at seed 0: 0.24 points for the chosen trial, 0.30 for the two lambda 1e-3 trials, both borderline at 2.24-2.41)
+    se = {r["trial"]: float(r["drop_se_pts"]) for r in board}
+    assert all(0.0 < v < 0.5 for v in se.values()), se  # 10,000 paired examples: well under the unpaired 0.65
+    border = {r["trial"] for r in board if abs(float(r["drop_pts"]) - 2.0) <= 2 * se[r["trial"]]}
+    assert set(sel["borderline"]) == border, (sel["borderline"], border)
+    summary = json.loads((world2_demo_dir / "demo.json").read_text())["stages"]["sweep"]["selection"]
+    assert summary["borderline"] == sel["borderline"]
 
 
-@pytest.mark.xfail(strict=False, reason="not met reliably (issue 12 item 4): which of the trials tied on zero-shot score "
-                                        "is highest decides, and that moves with the machine's float summation order; "
-                                        "seeds 0 / 1 / 2 select 14 of best 22, 8 of 18, 14 of 22 (AVX512 machine of "
-                                        "2026-12-01); with visae-toyclip2 seed 0 gave 20 = best 20 on the machine of "
-                                        "2026-11-30, 9 of best 20 on the AVX512 machine")
+@pytest.mark.xfail(strict=False, reason="not asserted on every machine (issue 12 item 4): the rule selects the best "
+                                        "trial in 9 of 9 seeds on the AMD EPYC machine of 2026-12-02 (held-out seeds "
+                                        "6-8: 3 of 3), but the next sparser trial's drop is only 0.03-0.85 points "
+                                        "above the tolerance (seed 1: 2.03; seed 0, this demo's: 2.24), within what "
+                                        "another float summation order moves")
 def test_the_selected_sae_is_within_one_value_of_the_best(world2_demo):
     svr = world2_demo[0]["selection_vs_recovery"]
     assert svr["selected_recovery"] >= svr["best_recovery"] - 1, svr
@@ -93,7 +105,7 @@ def test_the_20k_list_names_the_recovered_values(world2_demo):
     """Item 5 over the sweep's 8 SAEs, each named from its own weights with the demo's vocabulary: of the values whose
     best latent has AUROC >= 0.95, >= 70 % carry the value's word (or an accepted synonym). Pooled over the sweep so that
     it judges the naming, not which SAE the selection picked (item 4, above): measured on the AVX512 machine 76 of 95
-    (80 %; seeds 1 / 2: 81 of 106, 77 of 98), the selected SAE alone 14 of 16."""
+    (80 %; seeds 1-8: 81 of 106 to 98 of 124, 79 % over seeds 0-8), the selected SAE alone 22 of 24."""
     rec, _ = world2_demo
     trials = rec["sweep_trials"]
     found = sum(t["n_found"] for t in trials.values())
@@ -113,9 +125,10 @@ def test_the_20k_list_names_the_recovered_values(world2_demo):
     assert 0 <= sel["n_unsupported_names"] <= sel["n_named_latents"] - len({v["best_latent"] for v in right_sel}), sel
 
 
-@pytest.mark.xfail(strict=False, reason="not met reliably (issue 12 item 5 on the selected SAE alone): 14 of 16, 7 of 15, "
-                                        "13 of 21 found values named right at seeds 0 / 1 / 2 (AVX512 machine; the "
-                                        "selection picks one of the tied trials)")
+@pytest.mark.xfail(strict=False, reason="not asserted on every machine (issue 12 item 5 on the selected SAE alone): "
+                                        "18-25 of 22-29 found values named right by the chosen trial at seeds 0-8 "
+                                        "(AMD EPYC machine, 2026-12-02: 82-92 %), but which trial is chosen moves with "
+                                        "the machine (the selection's xfail above), and another trial named 7 of 15")
 def test_the_selected_sae_names_70_percent_of_its_found_values(world2_demo):
     s = world2_demo[0]["summary"]
     assert s["n_found_named_right"] >= 0.70 * s["n_found"], s

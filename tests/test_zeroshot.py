@@ -185,6 +185,7 @@ def test_identity_sae_gives_exactly_the_clean_accuracy(tiny_shards):
     rec = res["recon"][0]
     assert rec["top1"] == res["clean"]["top1"] and rec["top5"] == res["clean"]["top5"]
     assert rec["delta_top1"] == 0.0
+    assert rec["lost_top1"] == rec["gained_top1"] == rec["lost_top5"] == rec["gained_top5"] == 0  # no answer changed
     # x_hat = x up to gamma_{d+4}(f32) |x| (above); a logit s cos(x, w) then moves by <= s gamma |w||x| / |x|, and
     # each side's logits are a d-term dot product and a normalisation (gamma_{2d+3} each): dz per example. The
     # cross-entropy and every log-probability move by <= 2 dz; the log-softmax over C classes adds its own
@@ -250,6 +251,33 @@ def test_stacked_members_scored_in_one_pass_equal_separate(tiny_shards):
         ev_t, ev_a = together["recon"][i]["explained_variance"], alone["explained_variance"]
         assert abs(ev_t - ev_a) <= dev, f"member {i}: EV {ev_t!r} vs {ev_a!r}, |diff| {abs(ev_t - ev_a):.3g} > bound {dev:.3g}"
     assert together["recon"][1]["l0"] < together["recon"][0]["l0"]
+
+
+def test_lost_and_gained_answers_are_counted_per_example(tiny_shards):
+    """The discordant counts of the paired comparison (the drop's standard error, visae.select.drop_standard_error):
+    lost = right on the clean embedding and wrong on the reconstruction, gained = the reverse, counted in the same
+    streaming pass; their difference is the change in hits exactly, and they equal the counts from the whole set in
+    memory (integer counts of argmax decisions: equal unless a logit sits within rounding of another)."""
+    from visae.ranking import topk_hits
+
+    _, ss, clf, _, y = tiny_shards
+    sae = _identity_sae(ss.d)
+    with torch.no_grad():  # a lossy identity (EV 0.90 here): top-5 answers change both ways, top-1 ones stay
+        sae.b_enc.add_(torch.randn(sae.b_enc.shape, generator=torch.Generator().manual_seed(3)) * 0.01)
+    res = evaluate(ss, clf, sae, batch_size=50)
+    rec, n = res["recon"][0], res["n"]
+    keep = y >= 0
+    raw = torch.from_numpy(ss.read(np.arange(len(ss)), raw=True))[torch.from_numpy(keep)]
+    lab = torch.from_numpy(y[keep]).long()
+    with torch.no_grad():
+        clean = topk_hits(clf.logits(raw / raw.norm(dim=1, keepdim=True)), lab, (1, 5))
+        recon = topk_hits(clf.logits(sae(raw)[0]), lab, (1, 5))
+    for k in (1, 5):
+        lost, gained = int((clean[k] & ~recon[k]).sum()), int((~clean[k] & recon[k]).sum())
+        assert (rec[f"lost_top{k}"], rec[f"gained_top{k}"]) == (lost, gained), k
+        # hits_recon - hits_clean = gained - lost, both integers; delta_top{k} is their difference / n
+        assert round(rec[f"delta_top{k}"] * n) == rec[f"gained_top{k}"] - rec[f"lost_top{k}"]
+    assert rec["lost_top5"] > 0 and rec["gained_top5"] > 0, rec
 
 
 # ----------------------------------------------------------------------------- refusals and the CLI

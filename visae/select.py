@@ -53,8 +53,11 @@ RULES = ("best", "sparsest_within")
 # each by eps relative to values <= 100, so a drop "equal" to max_drop may exceed it by that much (e.g. 100 * (0.996 -
 # 0.995) = 0.10000000000000009): it is compared with max_drop + _DROP_TOL points.
 _DROP_TOL = 4 * sys.float_info.epsilon * 100
+# rule sparsest_within: a trial whose drop is within this many paired standard errors of max_drop is "borderline"
+_BORDER_Z = 2.0
 
-__all__ = ["SelectConfig", "SelectError", "score_trials", "select", "select_if_complete", "leaderboard", "main"]
+__all__ = ["SelectConfig", "SelectError", "score_trials", "select", "select_if_complete", "leaderboard",
+           "drop_standard_error", "main"]
 
 
 class SelectError(VisaeError, ValueError):
@@ -284,6 +287,37 @@ def _drop_points(row: dict[str, Any], metric: str) -> float | None:
     return 100.0 * (float(clean) - row["score"])
 
 
+def drop_standard_error(lost: int, gained: int, n: int) -> float:
+    """Standard error, in percentage points, of a zero-shot drop measured as a paired difference on ``n`` examples.
+
+    ``lost``: examples the clean embeddings classify right and the reconstruction wrong; ``gained``: the reverse
+    (the discordant counts of McNemar's test). drop = 100 (lost - gained) / n, and over examples drawn independently
+    its variance is (lost + gained - (lost - gained)^2 / n) / n^2 (the variance of the per-example difference
+    clean_hit - recon_hit, in {-1, 0, 1}, over n). Pairing is what makes it small: two accuracies of 0.69 on 10,000
+    examples each have a standard error of 0.46 points, while a reconstruction that changes 6 % of the answers has a
+    drop known to about 0.24.
+
+    Raises:
+        ValueError: n < 1, a negative count, or lost + gained > n.
+    """
+    if n < 1 or lost < 0 or gained < 0 or lost + gained > n:
+        raise ValueError(f"drop_standard_error: need n >= 1 and 0 <= lost + gained <= n, got lost {lost}, gained "
+                         f"{gained}, n {n}")
+    var = (lost + gained - (lost - gained) ** 2 / n) / n ** 2
+    return 100.0 * math.sqrt(max(var, 0.0))
+
+
+def _drop_se(row: dict[str, Any], recon: dict[str, Any], metric: str) -> float | None:
+    """The paired standard error of ``row``'s drop (points), None when the score cache predates the counts."""
+    if not metric.startswith("zeroshot"):
+        return None
+    k = metric.split("_")[-1]
+    lost, gained, n = recon.get("lost_" + k), recon.get("gained_" + k), row.get("n_val")
+    if lost is None or gained is None or not n:
+        return None
+    return drop_standard_error(int(lost), int(gained), int(n))
+
+
 def degenerate_reasons(row: dict[str, Any]) -> list[str]:
     """Why a trial's reconstructions are no SAE's worth choosing, whatever the constraints: every latent dead (L0 0:
     the reconstruction is the decoder bias), or an explained variance below -1 or infinite (a squared error over
@@ -312,8 +346,11 @@ def leaderboard(out: Path, scores: dict[str, dict[str, Any]], metric: str, max_l
     (percentage points); the feasible trial with the lowest L0 is chosen (ties: higher metric,
     then name): the sparsest point of the sparsity-fidelity frontier that keeps the accuracy
     within tolerance (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", compare
-    SAEs on that frontier). Every row gets ``drop_pts`` (None without a clean zero-shot accuracy)
-    and ``within_max_drop`` (None under rule "best").
+    SAEs on that frontier). Every row gets ``drop_pts`` (None without a clean zero-shot accuracy),
+    ``drop_se_pts`` (its paired standard error, :func:`drop_standard_error`; None for a score cached
+    before visae recorded the discordant counts), ``within_max_drop`` and ``borderline`` (the drop
+    within 2 standard errors of ``max_drop``: the selection set cannot tell which side the trial is
+    on; both None under rule "best").
     """
     if rule not in RULES:
         raise SelectError(f"rule must be one of {RULES}, got {rule!r}")
@@ -342,9 +379,13 @@ def leaderboard(out: Path, scores: dict[str, dict[str, Any]], metric: str, max_l
             why.append("score not finite")
         why += degenerate_reasons(row)
         row["drop_pts"] = _drop_points(row, metric)
-        row["within_max_drop"] = None
+        row["drop_se_pts"] = _drop_se(row, r, metric)
+        row["within_max_drop"] = row["borderline"] = None
         if rule == "sparsest_within":
             row["within_max_drop"] = row["drop_pts"] is not None and row["drop_pts"] <= max_drop + _DROP_TOL
+            if row["drop_pts"] is not None and row["drop_se_pts"] is not None:
+                # the selection set cannot tell on which side of the tolerance this trial lies
+                row["borderline"] = abs(row["drop_pts"] - max_drop) <= _BORDER_Z * row["drop_se_pts"]
             if row["drop_pts"] is None:
                 why.append("no clean zero-shot accuracy to measure a drop against")
             elif not row["within_max_drop"]:
@@ -397,7 +438,7 @@ def _mark_ties(rows: list[dict[str, Any]], metric: str, z: float = 2.0) -> None:
 
 
 _COLUMNS = ["rank", "trial", "chosen", "tied", "feasible", "excluded_by", "pareto", "score", "recon_top1", "recon_top5",
-            "clean_top1", "clean_top5", "delta_top1", "drop_pts", "within_max_drop", "recovered", "ablated_top1", "l0", "dead_fraction", "explained_variance", "recon_loss",
+            "clean_top1", "clean_top5", "delta_top1", "drop_pts", "drop_se_pts", "within_max_drop", "borderline", "recovered", "ablated_top1", "l0", "dead_fraction", "explained_variance", "recon_loss",
             "kl_to_clean", "expansion", "d_sae", "lr", "l1_coeff", "architecture", "finished", "n_val"]
 
 
@@ -431,8 +472,10 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
     md_cols = ["rank", "trial", "score", "recon_top1", "recon_top5", "delta_top1"]
     if any(r.get("drop_pts") is not None for r in rows):
         md_cols.append("drop_pts")
+    if any(r.get("drop_se_pts") is not None for r in rows):
+        md_cols.append("drop_se_pts")
     if rule == "sparsest_within":
-        md_cols.append("within_max_drop")
+        md_cols += ["within_max_drop", "borderline"]
     if any(r.get("recovered") is not None for r in rows):
         md_cols.append("recovered")
     md_cols += ["l0", "dead_fraction", "explained_variance", "feasible", "pareto", "tied", "chosen"]
@@ -461,8 +504,17 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
     if any(r.get("drop_pts") is not None for r in rows):
         lines.append("drop_pts: clean minus reconstruction zero-shot accuracy of the metric, percentage points "
                      "(drop_vs_l0.png plots it against L0).")
+    if any(r.get("drop_se_pts") is not None for r in rows):
+        lines.append("drop_se_pts: its standard error, from the examples the reconstruction gets wrong where the "
+                     "clean embedding is right and the reverse (a paired difference on the same examples).")
+    border = [r["trial"] for r in rows if r.get("borderline")]
+    if border:
+        lines += ["", f"**{len(border)} trial(s) are borderline**: their drop is within 2 standard errors of max_drop "
+                  f"{max_drop:g} ({', '.join(border)}). The selection set cannot tell whether they are within the "
+                  "tolerance: with other selection examples the rule may choose differently. A larger selection set "
+                  "(--val_shards) narrows the error."]
     tied = [r["trial"] for r in rows if r.get("tied") and not r["chosen"]]
-    if tied:
+    if tied and rule != "sparsest_within":  # under sparsest_within a denser trial that scores alike is no rival
         lines += ["", f"**{len(tied)} other trial(s) tie with the chosen one**: their {metric} is within 2 standard "
                   f"errors of it on {rows[0].get('n_val')} selection examples ({', '.join(tied)}). The selection set "
                   "cannot tell them apart: the choice among them rests on differences within noise (and, for equal "
@@ -540,8 +592,8 @@ def _plot_drop(out: Path, rows: list[dict[str, Any]], metric: str, rule: str, ma
     """``drop_vs_l0.png``: every trial's zero-shot drop (clean - reconstruction, points) against its L0.
 
     The chosen trial is a red star, trials excluded by a constraint (or, under sparsest_within, by
-    the tolerance) are hollow, and the tolerance ``max_drop`` is a horizontal line when the rule
-    uses it. Returns False (and removes a stale plot) when no trial has a drop (metric not
+    the tolerance) are hollow, the tolerance ``max_drop`` is a horizontal line when the rule
+    uses it, and each drop with a standard error has a bar of +- 2 of them. Returns False (and removes a stale plot) when no trial has a drop (metric not
     zero-shot, or no clean accuracy).
     """
     path = SweepDir(out).drop_png
@@ -556,6 +608,11 @@ def _plot_drop(out: Path, rows: list[dict[str, Any]], metric: str, rule: str, ma
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.8))
+    with_se = [r for r in pts if r.get("drop_se_pts") is not None]
+    if with_se:  # +- 2 paired standard errors: how far the selection set places each drop
+        ax.errorbar([r["l0"] for r in with_se], [r["drop_pts"] for r in with_se],
+                    yerr=[2 * r["drop_se_pts"] for r in with_se], fmt="none", ecolor="grey", elinewidth=0.8,
+                    capsize=2, zorder=1, label="+- 2 standard errors")
     _scatter_trials(ax, pts, "drop_pts")
     ax.axhline(0.0, color="black", lw=0.8, ls="-", zorder=1)
     if rule == "sparsest_within" and max_drop is not None and math.isfinite(max_drop):
@@ -621,6 +678,8 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                 "n_within_max_drop": (sum(bool(r["feasible"]) for r in rows) if rule == "sparsest_within" else None),
                 "drop_plot": SweepDir(out).drop_png.name if drop_plot else None,
                 "row": chosen, "tied_with_chosen": [r["trial"] for r in rows if r.get("tied") and not r["chosen"]],
+                "borderline": ([r["trial"] for r in rows if r.get("borderline")] if rule == "sparsest_within"
+                               else None),
                 "n_trials_scored": len(scores), "trials_missing": missing,
                 "selection_set": next(iter(scores.values()))["key"],
                 "config": absolute_paths(asdict(cfg), ("sweep", "val_shards"))}  # paths absolute, not as typed
@@ -710,7 +769,12 @@ def format_selection(info: dict[str, Any], out: Path) -> str:
         drop = f"; its drop below clean: {info['drop_pts']:.2f} points" if info.get("drop_pts") is not None else ""
         lines.append(f"rule best: the highest {info['metric']} (ties: lower L0){drop}")
     tied = info.get("tied_with_chosen") or []
-    if tied:
+    border = info.get("borderline") or []
+    if border:
+        lines.append(f"note: {len(border)} trial(s) have a drop within 2 standard errors of max_drop "
+                     f"({', '.join(border[:4])}{', ...' if len(border) > 4 else ''}): the selection set cannot tell "
+                     "whether they are within the tolerance, so the choice may change with other selection examples")
+    if tied and rule != "sparsest_within":  # under sparsest_within a denser trial scoring alike is no rival
         lines.append(f"note: {len(tied)} other trial(s) score within 2 standard errors of the chosen one "
                      f"({', '.join(tied[:4])}{', ...' if len(tied) > 4 else ''}): the selection set cannot separate them")
     missing = info.get("trials_missing") or []

@@ -372,14 +372,24 @@ class _Acc:
     def __init__(self, shape: tuple[int, ...], ks: Sequence[int], device):
         self.ks = tuple(ks)
         self.hits = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k in self.ks}
+        # against reference hits (the clean embeddings' on the same examples): right there and wrong here (lost),
+        # wrong there and right here (gained): the paired comparison's discordant counts
+        self.lost = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k in self.ks}
+        self.gained = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k in self.ks}
         self.ce = torch.zeros(shape, dtype=torch.float64, device=device)
         self.kl = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.last_hits: dict[int, torch.Tensor] = {}
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, clean_logp: torch.Tensor | None = None,
-            want_logp: bool = False) -> torch.Tensor | None:
-        """logits [..., B, C]; clean_logp [B, C] (for the KL) -> log-probabilities when asked for."""
-        for k, hit in topk_hits(logits, labels, self.ks).items():
+            want_logp: bool = False, ref_hits: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """logits [..., B, C]; clean_logp [B, C] (for the KL); ref_hits {k: bool [B]} (for the discordant counts)
+        -> log-probabilities when asked for. The batch's hits {k: bool [..., B]} are left in ``last_hits``."""
+        self.last_hits = topk_hits(logits, labels, self.ks)
+        for k, hit in self.last_hits.items():
             self.hits[k] += hit.sum(-1)
+            if ref_hits is not None:
+                self.lost[k] += (ref_hits[k] & ~hit).sum(-1)
+                self.gained[k] += (~ref_hits[k] & hit).sum(-1)
         if clean_logp is None and not want_logp:
             # fused log-softmax + NLL: no [B, C] log-probability tensor
             flat = logits.reshape(-1, logits.shape[-1])
@@ -486,7 +496,10 @@ def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier | None, 
 
     Returns a JSON-able dict: ``clean`` {top1, top5, loss} (with a classifier), and when an
     SAE is given ``recon``, one dict per member: top1, top5, loss, kl_to_clean,
-    delta_top1/5 (recon - clean) with a classifier; l0, explained_variance, mse,
+    delta_top1/5 (recon - clean), lost_top1/5 and gained_top1/5 (examples right on the clean
+    embeddings and wrong on the reconstruction, and the reverse: delta = (gained - lost) / n,
+    and its paired standard error follows from them, :func:`visae.select.drop_standard_error`)
+    with a classifier; l0, explained_variance, mse,
     dead_fraction always. With a classifier, rows whose label is -1 are skipped (counted in
     ``n_unlabelled``) and every metric is over the labelled rows.
     """
@@ -549,6 +562,7 @@ def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier | None, 
             clean_logp = None
             if classifier is not None:
                 clean_logp = clean.add(classifier.logits(x), y, want_logp=sae is not None)
+                clean_hits = clean.last_hits
             if sae is None:
                 continue
             nrm = torch.from_numpy(norms).to(dev)
@@ -566,7 +580,8 @@ def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier | None, 
                 pred = x_hat / nrm[sl, None] if sae_unit else x_hat
                 sse += ((pred - target) ** 2).sum((1, 2)).double()
                 if rec is not None:
-                    rec.add(classifier.logits(x_hat), y[sl], clean_logp[sl])
+                    rec.add(classifier.logits(x_hat), y[sl], clean_logp[sl],
+                            ref_hits={k: h[sl] for k, h in clean_hits.items()})
             target_all = unit if sae_unit else raw
             sum_x += target_all.double().sum(0)
             sum_sq += (target_all.double() ** 2).sum()
@@ -598,6 +613,10 @@ def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier | None, 
                 m.update({"loss": float(rec.ce[s]) / n, "kl_to_clean": float(rec.kl[s]) / n})
                 for k in ks:
                     m[f"delta_top{k}"] = m[f"top{k}"] - out["clean"][f"top{k}"]
+                    # examples the clean embeddings get right and the reconstruction wrong, and the reverse: the
+                    # paired standard error of delta is sqrt(lost + gained - (gained - lost)^2 / n) / n
+                    m[f"lost_top{k}"] = int(rec.lost[k][s])
+                    m[f"gained_top{k}"] = int(rec.gained[k][s])
             m.update({
                 "l0": float(l0_sum[s]) / n,
                 "explained_variance": 1.0 - float(sse[s]) / total_var if total_var > 0 else float("nan"),

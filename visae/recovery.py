@@ -129,14 +129,14 @@ def sparse_auroc(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, labels: n
         mid = np.zeros(0)
     n0 = N - nz  # [d] non-firing examples: all tied at the bottom
     rank = n0[c] + mid + 1.0  # 1-based global rank of each non-zero within its latent
-    lab = labels[r]  # [nnz, V]
-    # Per latent and value: sum of ranks of positive non-zeros, and count of positive non-zeros.
-    rank_pos = np.zeros((n_latents, V))
-    cnt_pos = np.zeros((n_latents, V))
-    for j in range(V):
-        w = lab[:, j]
-        rank_pos[:, j] = np.bincount(c[w], weights=rank[w], minlength=n_latents)
-        cnt_pos[:, j] = np.bincount(c[w], minlength=n_latents)
+    # Per latent and value: sum of ranks of positive non-zeros, and count of positive non-zeros, as one sparse
+    # product [d, N] @ [N, V] each. Exact in float64 whatever the summation order while N * nnz < 2^53: the ranks
+    # are multiples of 1/2 no larger than N, so every partial sum is a representable multiple of 1/2.
+    from scipy import sparse
+
+    lab = labels.astype(np.float64)
+    rank_pos = np.asarray(sparse.csr_matrix((rank, (c, r)), shape=(n_latents, N)) @ lab)
+    cnt_pos = np.asarray(sparse.csr_matrix((np.ones(r.size), (c, r)), shape=(n_latents, N)) @ lab)
     zero_pos = n_pos[None, :] - cnt_pos  # positives among the non-firing examples
     rank_sum = rank_pos + zero_pos * (n0[:, None] + 1.0) / 2.0
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -80,7 +80,8 @@ def toy_world_embeddings():
 def world2_demo_dir(tmp_path_factory) -> Path:
     """The demo as a user runs it (its default world is world2, with the shipped ``visae-toyclip2-reg4``) with the 20k naming
     list as distractors (``visae demo --distractors ../shared/vocab/20k.txt``, 2 threads): its output
-    directory (world/, shards/, sweep/, concepts/, site/, recovery.json). Built once per session (~100-200 s of CPU)
+    directory (world/, select_world/, shards/, select_shards/, sweep/, concepts/, site/, recovery.json). Built once per
+    session (~170 s of CPU, ~105 s on 2 idle cores)
     and shared by the world2 ground-truth tests. Skips when the naming list is not beside the checkout."""
     from visae import demo
 

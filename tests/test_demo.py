@@ -367,7 +367,11 @@ def test_a_toy_clip_on_the_other_toy_world_is_refused_before_anything_is_written
     (["--seed", "-1"], "DemoConfig.seed = -1"), (["--world_seed_offset", "-5001"], "DemoConfig.seed + world_seed_offset"),
     (["--naming.top_k", "0"], "NameConfig.top_k = 0"),
     (["--naming.n_top", "-1"], "NameConfig.n_top = -1"), (["--naming.n_random", "-3"], "NameConfig.n_random = -3"),
-    (["--naming.text_batch_size", "0"], "NameConfig.text_batch_size = 0")])
+    (["--naming.text_batch_size", "0"], "NameConfig.text_batch_size = 0"),
+    (["--n_select_images", "-1"], "DemoConfig.n_select_images = -1"),
+    (["--select_seed_offset", "-9001"], "DemoConfig.seed + select_seed_offset"),
+    (["--select_seed_offset", "5000"], "the selection world would be the SAEs' training world"),
+    (["--sweep.rule", "best"], "max_drop (2) applies only with rule sparsest_within")])
 def test_a_count_out_of_range_is_refused_at_flag_time_naming_the_field(tmp_path, capsys, flags, field):
     """A negative n_distractors became 0 distractors, a negative --threads torch's default, --naming.top_k 0 one
     candidate, a negative n_top / n_random none: each is now a usage error naming the field, before any write."""
@@ -375,6 +379,34 @@ def test_a_count_out_of_range_is_refused_at_flag_time_naming_the_field(tmp_path,
     assert demo.main(["--out", str(out), *flags]) == 2
     err = capsys.readouterr().err
     assert field in err and "expected" in err and not out.exists(), err
+
+
+def test_the_selection_world_and_rule_as_the_demo_resolves_them(tmp_path, monkeypatch):
+    """The demo scores its sweep on a selection world of its own (<out>/select_shards, n_select_images scenes of seed
+    + select_seed_offset) and selects by rule sparsest_within at DEMO_MAX_DROP; n_select_images 0 falls back to the
+    held-out split; --quick selects its one SAE by rule best unless the rule or its tolerance was changed; a relative
+    --out with the demo's own value written in a YAML file (a recorded config) loads back."""
+    from visae.config import parse_config
+
+    def eff(*argv):
+        return demo.effective(parse_config(demo.DemoConfig, ["--out", "rel_out", *argv], default_yaml=demo.DEFAULT_YAML))
+
+    monkeypatch.chdir(tmp_path)
+    sel = eff().sweep.selection
+    assert sel.val_shards == str(tmp_path / "rel_out" / "select_shards") and sel.rule == "sparsest_within"
+    assert sel.max_drop == demo.DEMO_MAX_DROP == 2.0
+    assert eff("--n_select_images", "0").sweep.selection.val_shards == ""
+    q = eff("--quick")
+    assert (q.n_select_images, q.sweep.selection.val_shards, q.sweep.selection.rule) == (0, "", "best")
+    assert q.sweep.selection.max_drop is None
+    q = eff("--quick", "--quick_n_select_images", "50", "--sweep.max_drop", "3")  # a changed tolerance is kept
+    assert (q.n_select_images, q.sweep.selection.rule, q.sweep.selection.max_drop) == (50, "sparsest_within", 3.0)
+    assert q.sweep.selection.val_shards == str(tmp_path / "rel_out" / "select_shards")
+    assert eff("--sweep.rule", "best", "--sweep.max_drop", "None").sweep.selection.rule == "best"
+    y = tmp_path / "rec.yaml"
+    y.write_text("out: rel_out\nsweep:\n  selection:\n    val_shards: rel_out/select_shards\n")
+    cfg = demo.effective(parse_config(demo.DemoConfig, ["--config", str(y)], default_yaml=demo.DEFAULT_YAML))
+    assert cfg.sweep.selection.val_shards == str(tmp_path / "rel_out" / "select_shards")
 
 
 def test_stage_configs_refuse_counts_out_of_range():

@@ -180,6 +180,21 @@ def test_select_reports_borderline_trials(tmp_path, monkeypatch, capsys):
     md = (tmp_path / "sw" / "leaderboard.md").read_text()
     assert "borderline" in md and "drop_se_pts" in md
     assert {r["trial"]: r["borderline"] for r in _csv(tmp_path / "sw")}["b"] == "True"
+    assert sel["n_drop_se_unknown"] == 0
+    # a denser trial's side of the tolerance cannot change the choice: at max_drop 0.5 c (drop 0.5, L0 20) is chosen;
+    # d (drop 0, SE 0.28, L0 40) is borderline in its row but not listed; e (drop 0.1, L0 5) is excluded by max_dead
+    assert main(["--sweep", str(tmp_path / "sw"), "--max_dead", "0.1", "--max_drop", "0.5"]) == 0
+    sel = json.loads((tmp_path / "sw" / "selection.json").read_text())
+    rows = {r["trial"]: r for r in _csv(tmp_path / "sw")}
+    assert sel["trial"] == "c" and rows["d"]["borderline"] == "True" and rows["e"]["borderline"] == "True"
+    assert sel["borderline"] == ["c", "b"], sel["borderline"]
+    # scores without the counts (cached by an older visae): unknown, said, not "none borderline"
+    monkeypatch.setattr(visae.select, "score_trials", lambda out, names=None, **kw: _scores())
+    capsys.readouterr()
+    assert main(["--sweep", str(tmp_path / "sw"), "--max_dead", "0.1"]) == 0
+    sel = json.loads((tmp_path / "sw" / "selection.json").read_text())
+    assert sel["borderline"] is None and sel["n_drop_se_unknown"] == 3  # a (drop-excluded), b, c: d is denser
+    assert "standard error is unknown for 3 trial(s)" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- select(): outputs

@@ -7,15 +7,18 @@ runs the first toy world with ``visae-toyclip``.
 Stages (each writes its artifact under ``--out``; a rerun skips the finished ones)::
 
     world/      WORLDS[world].generate          images + factor labels + captions (+ boxes and masks on world2)
+    select_world/                               the selection world: n_select_images more scenes (0: none)
     shards/     visae.extract.extract           the shipped toy CLIP's image embeddings, factor columns
-    sweep/      visae.sweep.sweep               a small grid of SAEs, selected by the zero-shot accuracy
-                                                of the toy CLIP on their reconstructions -> sweep/best/
+    select_shards/                              the selection world's embeddings
+    sweep/      visae.sweep.sweep               a small grid of SAEs, scored by the zero-shot accuracy of the
+                                                toy CLIP on their reconstructions of the selection world and
+                                                selected by rule sparsest_within (max_drop 2 points) -> sweep/best/
     concepts/   visae.naming.name_concepts      each latent named by its decoder direction's nearest word
     site/       visae.browse.build_site         a static page per concept with its top images
     recovery.json  visae.recovery               did the SAE find the world's known concepts (AUROC), named right?
 
 Nothing is downloaded: the model is the world's toy CLIP with the weights in ``assets/toyclip/``.
-``--quick`` runs a reduced size (a thousand images, one SAE) for tests.
+``--quick`` runs a reduced size (a thousand images, no selection world, one SAE selected by rule best) for tests.
 
 Settings (:class:`DemoConfig`): the demo's own at the top (``--out``, ``--seed``, ``--model``, ...), passed on to
 every stage in one place (:data:`PROPAGATED`, :func:`resolve`); the sweep's and the naming's nested as their own
@@ -76,6 +79,8 @@ PROPAGATED: dict[str, str] = {
     "naming.progress": "progress",
     "naming.text_cache": "text_cache",
 }
+# Propagated from another top-level field but placed under <out> too: reset with out's copies when out is made absolute.
+_ALSO_UNDER_OUT = frozenset({"sweep.selection.val_shards"})
 # Not part of what a demo directory holds (a rerun may change them): left out when two runs' configs are compared.
 VOLATILE = ("progress", "threads", "text_cache")
 
@@ -132,7 +137,8 @@ class DemoConfig:
     ones (a nested size you changed is kept) and shrinks the grid to its first SAE.
     """
 
-    out: str = field(default="demo_out", metadata={"help": "output directory (world/, shards/, sweep/, concepts/, site/)"})
+    out: str = field(default="demo_out", metadata={
+        "help": "output directory (world/, select_world/, shards/, select_shards/, sweep/, concepts/, site/)"})
     quick: bool = field(default=False, metadata={
         "help": "reduced size (for tests): n_images, the epochs, batch size and n_top become the quick_* settings "
                 "(unless you changed the nested ones), the grid its first SAE, no training plots"})
@@ -142,9 +148,9 @@ class DemoConfig:
     world_seed_offset: int = field(default=5000, metadata={
         "help": "the demo's world has seed seed + this (not the toy CLIP's training world, seed 0)"})
     n_select_images: int = field(default=10000, metadata={
-        "help": "images of the selection world, on which the sweep scores its trials (held out from the SAEs, as "
-                "ImageNet's validation images are for SAEs trained on other images); 0: the held-out split of the "
-                "training shards (--sweep.train.val_fraction)"})
+        "help": "images of the selection world (<out>/select_world, its embeddings <out>/select_shards), on which the "
+                "sweep scores its trials (held out from the SAEs, as ImageNet's validation images are for SAEs "
+                "trained on other images); 0: the held-out split of the training shards (--sweep.val_fraction)"})
     select_seed_offset: int = field(default=9000, metadata={
         "help": "the selection world has seed seed + this (neither the demo's world nor the toy CLIP's)"})
     world: str = field(default="world2", metadata={
@@ -167,7 +173,7 @@ class DemoConfig:
     quick_n_images: int = field(default=1000, metadata={"help": "--quick: images"})
     quick_n_select_images: int = field(default=0, metadata={
         "help": "--quick: images of the selection world (0: the held-out split; --quick's one SAE is selected by "
-                "rule best unless you changed the rule)"})
+                "rule best unless you changed the rule or its max_drop)"})
     quick_num_epochs: int = field(default=20, metadata={"help": "--quick: epochs of the one SAE"})
     quick_batch_size: int = field(default=32, metadata={"help": "--quick: examples per step (enough steps to learn)"})
     quick_n_top: int = field(default=4, metadata={"help": "--quick: top images per concept"})
@@ -196,8 +202,8 @@ class DemoConfig:
             raise ConfigError(f"DemoConfig.seed + select_seed_offset = {self.seed} + {self.select_seed_offset}: "
                               "expected >= 0 (the selection world's seed)")
         if self.n_select_images > 0 and self.select_seed_offset == self.world_seed_offset:
-            raise ConfigError(f"DemoConfig.select_seed_offset = world_seed_offset = {self.world_seed_offset}: the "
-                              "selection world would be the SAEs' training world; give it another offset")
+            raise ConfigError(f"DemoConfig.select_seed_offset = world_seed_offset = {self.world_seed_offset}: expected "
+                              "another offset (the selection world would be the SAEs' training world)")
         want = WORLDS[self.world].model
         other = _toy_clip_world(self.model)
         if other is not None and other != self.world:
@@ -295,7 +301,7 @@ def effective(cfg: DemoConfig) -> DemoConfig:
         # which would conflict with the absolute top-level value); resolve() sets them
         defaults = {"sweep": _demo_sweep(), "naming": _demo_naming()}
         for path, source in PROPAGATED.items():
-            if source in changed:
+            if source in changed or (path in _ALSO_UNDER_OUT and "out" in changed):
                 head, rest = path.split(".", 1)
                 cfg = _with(cfg, path, _get(defaults[head], rest))
         cfg = dataclasses.replace(cfg, **changed)
@@ -839,7 +845,11 @@ def plot_selection_vs_recovery(svr: dict[str, Any], selected: str | None, path: 
     ax.set_xlabel(f"selection score ({metric})")
     ax.margins(x=0.18, y=0.08)
     ax.set_ylabel(f"recovery: factor values (of {svr['n_values']}) with a latent\nat AUROC >= 0.95 named right")
-    ax.set_title(f"selection vs ground truth, {len(pts)} trials: Spearman {_num(svr.get('spearman_score'))}; "
+    rho = f"Spearman {_num(svr.get('spearman_score'))}"
+    if svr.get("spearman_rule") is not None and svr.get("spearman_rule") != svr.get("spearman_score"):
+        # another rule than the highest score (e.g. sparsest_within): its order is what selects
+        rho = f"Spearman: score {_num(svr.get('spearman_score'))}, rule's order {_num(svr['spearman_rule'])}"
+    ax.set_title(f"selection vs ground truth, {len(pts)} trials: {rho}\n"
                  f"selected {svr.get('selected_recovery')}, best {svr.get('best_recovery')}", fontsize=10)
     ax.grid(alpha=0.3)
     if selected in svr["score"]:

@@ -130,8 +130,8 @@ def sparse_auroc(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, labels: n
     n0 = N - nz  # [d] non-firing examples: all tied at the bottom
     rank = n0[c] + mid + 1.0  # 1-based global rank of each non-zero within its latent
     # Per latent and value: sum of ranks of positive non-zeros, and count of positive non-zeros, as one sparse
-    # product [d, N] @ [N, V] each. Exact in float64 whatever the summation order while N * nnz < 2^53: the ranks
-    # are multiples of 1/2 no larger than N, so every partial sum is a representable multiple of 1/2.
+    # product [d, N] @ [N, V] each. Exact in float64 whatever the summation order while N * nnz < 2^52: the ranks
+    # are multiples of 1/2 no larger than N, so every partial sum is a multiple of 1/2 below 2^52, representable.
     from scipy import sparse
 
     lab = labels.astype(np.float64)

@@ -293,9 +293,9 @@ def drop_standard_error(lost: int, gained: int, n: int) -> float:
     ``lost``: examples the clean embeddings classify right and the reconstruction wrong; ``gained``: the reverse
     (the discordant counts of McNemar's test). drop = 100 (lost - gained) / n, and over examples drawn independently
     its variance is (lost + gained - (lost - gained)^2 / n) / n^2 (the variance of the per-example difference
-    clean_hit - recon_hit, in {-1, 0, 1}, over n). Pairing is what makes it small: two accuracies of 0.69 on 10,000
-    examples each have a standard error of 0.46 points, while a reconstruction that changes 6 % of the answers has a
-    drop known to about 0.24.
+    clean_hit - recon_hit, in {-1, 0, 1}, over n). Pairing is what makes it small: the difference of two independent
+    accuracies of 0.69 on 10,000 examples each has a standard error of 0.65 points, while a reconstruction that
+    changes 6 % of the answers has a drop known to about 0.24.
 
     Raises:
         ValueError: n < 1, a negative count, or lost + gained > n.
@@ -308,14 +308,41 @@ def drop_standard_error(lost: int, gained: int, n: int) -> float:
 
 
 def _drop_se(row: dict[str, Any], recon: dict[str, Any], metric: str) -> float | None:
-    """The paired standard error of ``row``'s drop (points), None when the score cache predates the counts."""
+    """The paired standard error of ``row``'s drop (points); None when the score has no discordant counts (cached by
+    visae before 2026-12-02, or a residual-layer SAE scored spliced into the model)."""
     if not metric.startswith("zeroshot"):
         return None
     k = metric.split("_")[-1]
     lost, gained, n = recon.get("lost_" + k), recon.get("gained_" + k), row.get("n_val")
     if lost is None or gained is None or not n:
         return None
-    return drop_standard_error(int(lost), int(gained), int(n))
+    try:
+        return drop_standard_error(int(lost), int(gained), int(n))
+    except ValueError as e:
+        raise SelectError(f"trial {row['trial']}: its cached score is inconsistent ({e}); rescore it (--rescore)") from None
+
+
+def _borderline_record(rows: list[dict[str, Any]], rule: str) -> dict[str, Any]:
+    """``selection.json``'s ``borderline`` (the candidates of :func:`_borderline_candidates` that are borderline; None
+    under rule best, or when one of them has no standard error) and ``n_drop_se_unknown``."""
+    if rule != "sparsest_within":
+        return {"borderline": None, "n_drop_se_unknown": None}
+    cand = _borderline_candidates(rows)
+    unknown = sum(r.get("borderline") is None for r in cand)
+    return {"borderline": None if unknown else [r["trial"] for r in cand if r["borderline"]],
+            "n_drop_se_unknown": unknown}
+
+
+def _borderline_candidates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Under sparsest_within, the rows whose side of the tolerance decides the choice: those that meet every other
+    constraint (feasible, or excluded by the drop alone) and are no denser than the chosen trial (all of them when
+    none is chosen). A borderline one among them may change the choice with other selection examples."""
+    chosen = next((r for r in rows if r["chosen"]), None)
+
+    def other_ok(r: dict[str, Any]) -> bool:
+        return r["within_max_drop"] is not None and all(w.startswith("drop ") for w in r["excluded_by"].split("; ") if w)
+
+    return [r for r in rows if other_ok(r) and (chosen is None or r["l0"] <= chosen["l0"])]
 
 
 def degenerate_reasons(row: dict[str, Any]) -> list[str]:
@@ -507,12 +534,18 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
     if any(r.get("drop_se_pts") is not None for r in rows):
         lines.append("drop_se_pts: its standard error, from the examples the reconstruction gets wrong where the "
                      "clean embedding is right and the reverse (a paired difference on the same examples).")
-    border = [r["trial"] for r in rows if r.get("borderline")]
-    if border:
-        lines += ["", f"**{len(border)} trial(s) are borderline**: their drop is within 2 standard errors of max_drop "
-                  f"{max_drop:g} ({', '.join(border)}). The selection set cannot tell whether they are within the "
-                  "tolerance: with other selection examples the rule may choose differently. A larger selection set "
-                  "(--val_shards) narrows the error."]
+    if rule == "sparsest_within":
+        cand = _borderline_candidates(rows)
+        border = [r["trial"] for r in cand if r.get("borderline")]
+        unknown = [r["trial"] for r in cand if r.get("borderline") is None]
+        if border:
+            lines += ["", f"**{len(border)} trial(s) are borderline**: the chosen one or sparser, their drop within 2 "
+                      f"standard errors of max_drop {max_drop:g} ({', '.join(border)}). The selection set cannot tell "
+                      "whether they are within the tolerance: with other selection examples the rule may choose "
+                      "differently. A larger selection set (--val_shards) narrows the error."]
+        if unknown:
+            lines += ["", f"The drop's standard error is unknown for {len(unknown)} trial(s) ({', '.join(unknown)}): "
+                      "scores cached by an older visae (--rescore) or SAEs scored spliced into the model."]
     tied = [r["trial"] for r in rows if r.get("tied") and not r["chosen"]]
     if tied and rule != "sparsest_within":  # under sparsest_within a denser trial that scores alike is no rival
         lines += ["", f"**{len(tied)} other trial(s) tie with the chosen one**: their {metric} is within 2 standard "
@@ -678,8 +711,7 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                 "n_within_max_drop": (sum(bool(r["feasible"]) for r in rows) if rule == "sparsest_within" else None),
                 "drop_plot": SweepDir(out).drop_png.name if drop_plot else None,
                 "row": chosen, "tied_with_chosen": [r["trial"] for r in rows if r.get("tied") and not r["chosen"]],
-                "borderline": ([r["trial"] for r in rows if r.get("borderline")] if rule == "sparsest_within"
-                               else None),
+                **_borderline_record(rows, rule),
                 "n_trials_scored": len(scores), "trials_missing": missing,
                 "selection_set": next(iter(scores.values()))["key"],
                 "config": absolute_paths(asdict(cfg), ("sweep", "val_shards"))}  # paths absolute, not as typed
@@ -771,9 +803,14 @@ def format_selection(info: dict[str, Any], out: Path) -> str:
     tied = info.get("tied_with_chosen") or []
     border = info.get("borderline") or []
     if border:
-        lines.append(f"note: {len(border)} trial(s) have a drop within 2 standard errors of max_drop "
-                     f"({', '.join(border[:4])}{', ...' if len(border) > 4 else ''}): the selection set cannot tell "
-                     "whether they are within the tolerance, so the choice may change with other selection examples")
+        lines.append(f"note: {len(border)} trial(s), the chosen one or sparser, have a drop within 2 standard errors of "
+                     f"max_drop ({', '.join(border[:4])}{', ...' if len(border) > 4 else ''}): the selection set cannot "
+                     "tell whether they are within the tolerance, so the choice may change with other selection "
+                     "examples")
+    if info.get("n_drop_se_unknown"):
+        lines.append(f"note: the drop's standard error is unknown for {info['n_drop_se_unknown']} trial(s) (scores "
+                     "cached by an older visae: --rescore; or SAEs scored spliced into the model), so whether the "
+                     "choice rests on noise is not known")
     if tied and rule != "sparsest_within":  # under sparsest_within a denser trial scoring alike is no rival
         lines.append(f"note: {len(tied)} other trial(s) score within 2 standard errors of the chosen one "
                      f"({', '.join(tied[:4])}{', ...' if len(tied) > 4 else ''}): the selection set cannot separate them")

@@ -326,7 +326,7 @@ def test_tokens_given_to_the_sae_by_hand_get_a_clear_error():
 def test_accuracy_recovered_has_the_right_end_points():
     """Zero-shot through the splice: an exact splice (error node) recovers 1, ablating every latent of an SAE
     whose b_dec is the tokens' mean recovers 0 (it is the mean-ablation baseline)."""
-    from visae.splice import accuracy_recovered, spliced_accuracy, zeroshot_baseline
+    from visae.splice import accuracy_recovered, spliced_accuracy, spliced_topk, zeroshot_baseline
     from visae.zeroshot import ZeroShotClassifier
 
     bb = _backbone("open_clip")
@@ -362,6 +362,14 @@ def test_accuracy_recovered_has_the_right_end_points():
     acc = spliced_accuracy(bb, _sae(bb, 1, "all", seed=9), batches, clf)  # a random SAE: somewhere, by the formula
     assert accuracy_recovered(acc, base) == pytest.approx((acc - base["ablated"]) / (1.0 - base["ablated"]))
     assert accuracy_recovered(0.5, {"clean": 0.5, "ablated": 0.5}) is None
+    # the paired counts against the clean pass (clean accuracy 1 here: nothing can be gained, every miss is lost)
+    assert base["clean_hits"][1].dtype == torch.bool and base["clean_hits"][1].tolist() == [True] * 32
+    disc: dict = {}
+    acc = spliced_topk(bb, ablate, batches, clf, ks=(1,), ref_hits=base["clean_hits"], discordant=disc,
+                       ablate=range(ablate.d_sae))
+    assert disc[1] == (round(32 * (1.0 - acc[1])), 0) and disc[1][0] > 0, (disc, acc)
+    with pytest.raises(SpliceError, match="ref_hits"):
+        spliced_topk(bb, exact, batches[:2], clf, ks=(1,), ref_hits=base["clean_hits"], discordant={})
 
 
 # ----------------------------------------------------------------------------- naming away from the text space (issue 13 item 5)

@@ -505,6 +505,10 @@ def test_residual_layer_sweep_is_selected_by_spliced_accuracy(residual_sweep):
         rec = s["recon"]["accuracy_recovered"]
         assert rec == (s["recon"]["top1"] - ablated) / (clean - ablated)
         assert 0.0 <= rec <= 1.0, (rec, s["recon"])
+        # the paired counts against the clean model over the same images: their difference is the change in hits
+        lost, gained = s["recon"]["lost_top1"], s["recon"]["gained_top1"]
+        assert 0 <= lost + gained <= s["n"] and round(s["recon"]["delta_top1"] * s["n"]) == gained - lost, s["recon"]
+    assert all(r["drop_se_pts"] != "" for r in rows)  # so the leaderboard has the drop's standard error
     chosen = json.loads((d / "sw" / "selection.json").read_text())["trial"]
     assert scores[chosen]["recon"]["top1"] == max(spliced) and rows[0]["trial"] == chosen
     # the plumbing (row ids -> images -> labels) against the splice run by hand on the world's own images

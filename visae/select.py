@@ -309,7 +309,7 @@ def drop_standard_error(lost: int, gained: int, n: int) -> float:
 
 def _drop_se(row: dict[str, Any], recon: dict[str, Any], metric: str) -> float | None:
     """The paired standard error of ``row``'s drop (points); None when the score has no discordant counts (cached by
-    visae before 2026-12-02, or a residual-layer SAE scored spliced into the model)."""
+    visae before 2026-12-02)."""
     if not metric.startswith("zeroshot"):
         return None
     k = metric.split("_")[-1]
@@ -545,7 +545,7 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
                       "differently. A larger selection set (--val_shards) narrows the error."]
         if unknown:
             lines += ["", f"The drop's standard error is unknown for {len(unknown)} trial(s) ({', '.join(unknown)}): "
-                      "scores cached by an older visae (--rescore) or SAEs scored spliced into the model."]
+                      "scores cached by an older visae (--rescore)."]
     tied = [r["trial"] for r in rows if r.get("tied") and not r["chosen"]]
     if tied and rule != "sparsest_within":  # under sparsest_within a denser trial that scores alike is no rival
         lines += ["", f"**{len(tied)} other trial(s) tie with the chosen one**: their {metric} is within 2 standard "
@@ -809,7 +809,7 @@ def format_selection(info: dict[str, Any], out: Path) -> str:
                      "examples")
     if info.get("n_drop_se_unknown"):
         lines.append(f"note: the drop's standard error is unknown for {info['n_drop_se_unknown']} trial(s) (scores "
-                     "cached by an older visae: --rescore; or SAEs scored spliced into the model), so whether the "
+                     "cached by an older visae: --rescore), so whether the "
                      "choice rests on noise is not known")
     if tied and rule != "sparsest_within":  # under sparsest_within a denser trial scoring alike is no rival
         lines.append(f"note: {len(tied)} other trial(s) score within 2 standard errors of the chosen one "

@@ -369,12 +369,13 @@ def _accuracy(backbone: Any, batches: Any, classifier: Any) -> tuple[int, int]:
     return hits[1], total
 
 
-def _topk_correct(backbone: Any, batches: Any, classifier: Any, ks: Sequence[int] = (1, 5)
-                  ) -> tuple[dict[int, int], int]:
+def _topk_correct(backbone: Any, batches: Any, classifier: Any, ks: Sequence[int] = (1, 5),
+                  hits: dict[int, list[Tensor]] | None = None) -> tuple[dict[int, int], int]:
     """({k: images whose label is in the top k}, images) of ``backbone.encode_image`` over ``batches``.
 
     Top-k with ties to the lower class index (:func:`visae.ranking.topk_hits`); k above the
-    number of classes is dropped.
+    number of classes is dropped. ``hits``: when given, each batch's per-image hits (bool [B], on the CPU) are
+    appended to ``hits[k]``, in the order of ``batches``.
     """
     from visae.ranking import topk_hits
 
@@ -386,6 +387,8 @@ def _topk_correct(backbone: Any, batches: Any, classifier: Any, ks: Sequence[int
         emb = backbone.encode_image(images.to(backbone.device))
         for k, hit in topk_hits(classifier.logits(emb.to(classifier.weights.device)), labels, ks).items():
             correct[k] += int(hit.sum())
+            if hits is not None:
+                hits.setdefault(k, []).append(hit.cpu())
         total += int(labels.numel())
     return correct, total
 
@@ -400,7 +403,9 @@ def zeroshot_baseline(backbone: Any, batches: Any, classifier: Any, *, layer: in
     the layer's ``token`` tokens by their mean over ``batches`` (computed during the clean pass
     unless ``mean`` [W] is given). Cost: two forward passes over the images. Returns
     ``{"clean", "ablated", "n", "layer", "token", "mean" [W], "baseline"}`` (``clean`` / ``ablated``:
-    top-1 accuracy) and ``clean_topk`` / ``ablated_topk``: ``{k: accuracy}`` for each of ``ks``.
+    top-1 accuracy), ``clean_topk`` / ``ablated_topk``: ``{k: accuracy}`` for each of ``ks``, and
+    ``clean_hits``: ``{k: bool [n]}``, each image's clean hit in the order of ``batches`` (the reference of
+    :func:`spliced_topk`'s discordant counts).
     """
     idx = backbone.resolve_layer(layer)
     if token not in SPLICE_TOKENS:
@@ -418,8 +423,9 @@ def zeroshot_baseline(backbone: Any, batches: Any, classifier: Any, *, layer: in
 
     with torch.no_grad():
         h = backbone.blocks[idx].register_forward_hook(capture) if mean is None else None
+        clean_hits: dict[int, list[Tensor]] = {}
         try:
-            c, n = _topk_correct(backbone, batches, classifier, ks=tuple(ks) + (1,))
+            c, n = _topk_correct(backbone, batches, classifier, ks=tuple(ks) + (1,), hits=clean_hits)
         finally:
             if h is not None:
                 h.remove()
@@ -431,6 +437,7 @@ def zeroshot_baseline(backbone: Any, batches: Any, classifier: Any, *, layer: in
             ca, _ = _topk_correct(backbone, batches, classifier, ks=tuple(ks) + (1,))
     return {"clean": c[1] / n, "ablated": ca[1] / n, "clean_topk": {k: v / n for k, v in c.items()},
             "ablated_topk": {k: v / n for k, v in ca.items()}, "n": n, "layer": idx, "token": token, "mean": mean,
+            "clean_hits": {k: torch.cat(v) for k, v in clean_hits.items()},
             "baseline": f"mean-ablation of the {token} tokens after block {idx} (their mean over the {n} images)"}
 
 
@@ -444,12 +451,28 @@ def spliced_accuracy(backbone: Any, sae: Any, batches: Any, classifier: Any, **s
 
 
 def spliced_topk(backbone: Any, sae: Any, batches: Any, classifier: Any, ks: Sequence[int] = (1, 5),
+                 ref_hits: dict[int, Tensor] | None = None, discordant: dict[int, tuple[int, int]] | None = None,
                  **splice_kw: Any) -> dict[int, float]:
-    """``{k: top-k zero-shot accuracy}`` of ``backbone`` with ``sae`` spliced in (one forward pass over ``batches``)."""
+    """``{k: top-k zero-shot accuracy}`` of ``backbone`` with ``sae`` spliced in (one forward pass over ``batches``).
+
+    With ``ref_hits`` ({k: bool [n]}, e.g. :func:`zeroshot_baseline`'s ``clean_hits`` over the same ``batches`` in the
+    same order) and a dict ``discordant``, fills ``discordant[k] = (lost, gained)``: images right in the reference
+    and wrong spliced, and the reverse (the paired counts of :func:`visae.select.drop_standard_error`).
+
+    Raises:
+        SpliceError: no images in ``batches``, or ``ref_hits`` of another length than the images.
+    """
+    hits: dict[int, list[Tensor]] | None = {} if ref_hits is not None and discordant is not None else None
     with torch.no_grad(), splice(backbone, sae, **splice_kw):
-        c, n = _topk_correct(backbone, batches, classifier, ks=ks)
+        c, n = _topk_correct(backbone, batches, classifier, ks=ks, hits=hits)
     if n == 0:
         raise SpliceError("spliced_topk: no images in batches")
+    if hits is not None:
+        for k, parts in hits.items():
+            ref, now = ref_hits[k].bool(), torch.cat(parts)
+            if ref.shape != now.shape:
+                raise SpliceError(f"spliced_topk: ref_hits[{k}] has {ref.numel()} images, the batches {now.numel()}")
+            discordant[k] = (int((ref & ~now).sum()), int((~ref & now).sum()))
     return {k: v / n for k, v in c.items()}
 
 

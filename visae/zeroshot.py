@@ -952,19 +952,24 @@ class SplicedSelection:
         return self._base
 
     def score(self, sae: Any, name: str = "") -> dict[str, Any]:
-        """One SAE (one member) spliced in: ``{topK, delta_topK, ablated_topK, accuracy_recovered}``."""
+        """One SAE (one member) spliced in: ``{topK, delta_topK, lost_topK, gained_topK, accuracy_recovered}``
+        (lost / gained: images right on the clean model and wrong spliced, and the reverse)."""
         from visae.splice import SpliceError, accuracy_recovered, spliced_topk
 
         base = self.baseline()
+        disc: dict[int, tuple[int, int]] = {}
         try:
             with torch.inference_mode():
                 acc = spliced_topk(self.backbone, sae, self._iter(f"spliced zero-shot {name}".strip()), self.classifier,
-                                   ks=self.ks, layer=self.layer, token=self.token)
+                                   ks=self.ks, layer=self.layer, token=self.token, ref_hits=base["clean_hits"],
+                                   discordant=disc)
         except SpliceError as e:
             raise ZeroShotError(f"cannot splice SAE {name}: {e}".replace("  ", " ")) from None
         out: dict[str, Any] = {f"top{k}": acc[k] for k in self.ks}
         for k in self.ks:
             out[f"delta_top{k}"] = acc[k] - base["clean_topk"][k]
+            if k in disc:  # images right clean and wrong spliced, and the reverse
+                out[f"lost_top{k}"], out[f"gained_top{k}"] = disc[k]
         out["accuracy_recovered"] = accuracy_recovered(acc[1], base)
         return out
 

@@ -78,6 +78,27 @@ def test_demo_rerun_skips_finished_stages(quick_demo, capsys):
     assert "to finish it" not in capsys.readouterr().err  # the model is not all that differs: no such hint
 
 
+def test_demo_rerun_follows_a_reselected_sweep(quick_demo, capsys):
+    """`visae select --sweep <out>/sweep ...` may put another trial in best/ after the demo finished: a rerun then
+    names, browses and scores the new choice (it skipped them and reported the old trial). Simulated by concepts
+    recorded for other weights (the digest the naming checks), the quick demo having one trial to select."""
+    from visae.naming import sae_weights_sha256
+
+    out, argv = quick_demo
+    path = out / "concepts" / "concepts.json"
+    doc = json.loads(path.read_text())
+    doc["sae_weights_sha256"] = "0" * 64
+    path.write_text(json.dumps(doc))
+    assert demo.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "the sweep's selection changed since the naming" in err, err
+    assert "sweep: done before" in err and not any(f"{s}: done before" in err for s in ("name", "browse", "recovery"))
+    assert json.loads(path.read_text())["sae_weights_sha256"] == sae_weights_sha256(out / "sweep" / "best")
+    assert demo.main(argv) == 0  # and then everything is done
+    err = capsys.readouterr().err
+    assert all(f"{s}: done before" in err for s in demo.STAGES), err
+
+
 # ----------------------------------------------------------------------------- the config: nested stage configs
 
 

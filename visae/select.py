@@ -437,7 +437,11 @@ def leaderboard(out: Path, scores: dict[str, dict[str, Any]], metric: str, max_l
         r["chosen"] = False
     if rows and rows[0]["feasible"]:
         rows[0]["chosen"] = True
-        _mark_ties(rows, metric)
+        if rule == "sparsest_within":  # a denser trial that scores alike is no rival: the borderline ones are
+            for r in rows:
+                r["tied"] = None
+        else:
+            _mark_ties(rows, metric)
     return rows
 
 
@@ -722,15 +726,16 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                                   f"explained variance < -1: diverged), e.g. {rows[0]['trial']}: "
                                   f"{'; '.join(degenerate_reasons(rows[0]))}; train with a lower lr or lambda (see "
                                   f"{sd.leaderboard_md}, column excluded_by){kept}")
-            if rule == "sparsest_within":
-                others = [r for r in rows if r["drop_pts"] is not None and not any(
-                    w for w in r["excluded_by"].split("; ") if w and not w.startswith("drop "))]
+            others = [r for r in rows if r["drop_pts"] is not None and not any(
+                w for w in r["excluded_by"].split("; ") if w and not w.startswith("drop "))]
+            if rule == "sparsest_within" and others:  # the tolerance, not another constraint, excludes them all
                 least = min(others, key=lambda r: r["drop_pts"], default=None)
                 hint = (f"; the smallest drop among trials meeting the other constraints is {least['drop_pts']:.2f} "
                         f"points ({least['trial']}, L0 {least['l0']:.1f})" if least else "")
                 raise SelectError(f"{out}: no finished trial has a zero-shot drop within max_drop {max_drop:g} "
                                   f"points under the constraints ({constraints}){hint}; raise --max_drop or select "
-                                  f"with --rule best; see {sd.leaderboard_md} and {sd.drop_png}{kept}")
+                                  f"with --rule best (in visae demo: --sweep.max_drop, or --sweep.rule best "
+                                  f"--sweep.max_drop None); see {sd.leaderboard_md} and {sd.drop_png}{kept}")
             raise SelectError(f"{out}: no finished trial meets the constraints ({constraints}); see "
                               f"{sd.leaderboard_md} for each trial's L0 and dead fraction{kept}")
         sd.commit_selection(chosen["trial"], info)

@@ -117,8 +117,8 @@ class SweepSelection:
                                   f"clean minus reconstruction accuracy), got metric {self.metric}")
         elif self.max_drop is not None:
             raise ConfigError(f"SweepSelection.max_drop ({self.max_drop:g}) applies only with rule sparsest_within; "
-                              f"rule is {self.rule!r}: expected max_drop None with rule {self.rule} (its flag with "
-                              "None, YAML max_drop: null)")
+                              f"rule is {self.rule!r}: expected max_drop None with rule {self.rule} (visae demo: "
+                              "--sweep.max_drop None; visae sweep: --max_drop None; YAML: max_drop: null)")
 
 
 @dataclass(frozen=True)

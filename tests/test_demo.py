@@ -391,6 +391,7 @@ def test_a_toy_clip_on_the_other_toy_world_is_refused_before_anything_is_written
     (["--naming.text_batch_size", "0"], "NameConfig.text_batch_size = 0"),
     (["--n_select_images", "-1"], "DemoConfig.n_select_images = -1"),
     (["--select_seed_offset", "-9001"], "DemoConfig.seed + select_seed_offset"),
+    (["--select_seed_offset", "0"], "world seed 0 is the one the toy CLIPs were trained on"),
     (["--select_seed_offset", "5000"], "the selection world would be the SAEs' training world"),
     (["--sweep.rule", "best"], "max_drop (2) applies only with rule sparsest_within")])
 def test_a_count_out_of_range_is_refused_at_flag_time_naming_the_field(tmp_path, capsys, flags, field):

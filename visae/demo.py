@@ -204,6 +204,9 @@ class DemoConfig:
         if self.n_select_images > 0 and self.seed + self.select_seed_offset < 0:
             raise ConfigError(f"DemoConfig.seed + select_seed_offset = {self.seed} + {self.select_seed_offset}: "
                               "expected >= 0 (the selection world's seed)")
+        if self.n_select_images > 0 and self.seed + self.select_seed_offset == 0:
+            raise ConfigError(f"DemoConfig.seed + select_seed_offset = {self.seed} + {self.select_seed_offset} = 0: "
+                              "expected another offset (world seed 0 is the one the toy CLIPs were trained on)")
         if self.n_select_images > 0 and self.select_seed_offset == self.world_seed_offset:
             raise ConfigError(f"DemoConfig.select_seed_offset = world_seed_offset = {self.world_seed_offset}: expected "
                               "another offset (the selection world would be the SAEs' training world)")

@@ -575,21 +575,19 @@ def _selection_summary(sel: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _follow_reselection(st: dict[str, Any], out: Path, concepts_dir: Path, best: Path) -> None:
+def _follow_reselection(st: dict[str, Any], out: Path, concepts_dir: Path, swd: SweepDir) -> None:
     """A finished demo whose sweep was re-selected since (``visae select --sweep <out>/sweep ...`` put another trial in
     ``best/``): its concepts, site and recovery describe the SAE chosen before. Drop those stages from the state so
     that they run again on the new choice, and say so (they were skipped silently, the summary naming the old trial)."""
     from visae.naming import recorded_sae_mismatch
 
-    doc_path = concepts_dir / "concepts.json"
+    doc_path, best = concepts_dir / "concepts.json", swd.best_dir
     if "name" not in st["stages"] or not doc_path.is_file() or not (best / "cfg.json").is_file():
         return
     why = recorded_sae_mismatch(json.loads(doc_path.read_text()), best, str(doc_path), warn=False)
     if why is None:
         return
-    from visae.sweepdir import SweepDir
-
-    sel = SweepDir(best.parent).read_selection() or {}
+    sel = swd.read_selection() or {}
     _say(f"the sweep's selection changed since the naming (now {sel.get('trial')}, rule {sel.get('rule', 'best')}): "
          "naming, site and recovery run again for it")
     for name in ("name", "browse", "recovery"):
@@ -783,7 +781,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     stage("world", do_world)
     stage("extract", do_extract)
     stage("sweep", do_sweep)
-    _follow_reselection(st, out, concepts_dir, best)
+    _follow_reselection(st, out, concepts_dir, swd)
     stage("name", do_name)
     stage("browse", do_browse)
     stage("recovery", do_recovery)

@@ -338,11 +338,13 @@ def _borderline_candidates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     constraint (feasible, or excluded by the drop alone) and are no denser than the chosen trial (all of them when
     none is chosen). A borderline one among them may change the choice with other selection examples."""
     chosen = next((r for r in rows if r["chosen"]), None)
+    return [r for r in rows if r["within_max_drop"] is not None and _excluded_by_drop_alone(r)
+            and (chosen is None or r["l0"] <= chosen["l0"])]
 
-    def other_ok(r: dict[str, Any]) -> bool:
-        return r["within_max_drop"] is not None and all(w.startswith("drop ") for w in r["excluded_by"].split("; ") if w)
 
-    return [r for r in rows if other_ok(r) and (chosen is None or r["l0"] <= chosen["l0"])]
+def _excluded_by_drop_alone(row: dict[str, Any]) -> bool:
+    """Whether ``row`` meets every constraint but (perhaps) the tolerance: ``excluded_by`` lists only drop reasons."""
+    return all(w.startswith("drop ") for w in row["excluded_by"].split("; ") if w)
 
 
 def degenerate_reasons(row: dict[str, Any]) -> list[str]:
@@ -726,8 +728,7 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                                   f"explained variance < -1: diverged), e.g. {rows[0]['trial']}: "
                                   f"{'; '.join(degenerate_reasons(rows[0]))}; train with a lower lr or lambda (see "
                                   f"{sd.leaderboard_md}, column excluded_by){kept}")
-            others = [r for r in rows if r["drop_pts"] is not None and not any(
-                w for w in r["excluded_by"].split("; ") if w and not w.startswith("drop "))]
+            others = [r for r in rows if r["drop_pts"] is not None and _excluded_by_drop_alone(r)]
             if rule == "sparsest_within" and others:  # the tolerance, not another constraint, excludes them all
                 least = min(others, key=lambda r: r["drop_pts"], default=None)
                 hint = (f"; the smallest drop among trials meeting the other constraints is {least['drop_pts']:.2f} "

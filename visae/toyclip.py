@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from visae import toyworld as tw
 from visae.atomic import atomic_path, atomic_write_text, output_lock
+from visae.logs import quiet_random_init
 from visae.resources import config_yaml, shipped_dir
 
 __all__ = [
@@ -214,8 +215,6 @@ def create_toyclip(weights: str | Path | None = None, device: str = "cpu", model
         how = f"they ship in assets/toyclip/ (or train them: {train})" if model in SHIPPED_WEIGHTS else \
             f"none ship for this architecture: train them ({train})"
         raise FileNotFoundError(f"{model} weights {weights} not found; {how}")
-    from visae.logs import quiet_random_init
-
     with quiet_random_init(weights is None):  # weights=None asks for the random init: no warning about it
         net, _, preprocess = open_clip.create_model_and_transforms(
             model, pretrained=str(weights) if weights is not None else None, device=device)
@@ -659,8 +658,6 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
 
         register()
         torch.manual_seed(cfg.seed)
-        from visae.logs import quiet_random_init
-
         with quiet_random_init(True):  # a random init is what the trainer asks for (then init / resume load weights)
             model = open_clip.create_model(MODEL_NAME, device=cfg.device)
         model.train()
@@ -1365,8 +1362,6 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
 
         register_toy_model(cfg.model)
         torch.manual_seed(cfg.seed)
-        from visae.logs import quiet_random_init
-
         with quiet_random_init(True):  # a random init is what the trainer asks for (then init / resume load weights)
             model = open_clip.create_model(cfg.model, device=cfg.device)
         if init is not None:

@@ -406,7 +406,8 @@ def test_a_count_out_of_range_is_refused_at_flag_time_naming_the_field(tmp_path,
 def test_the_selection_world_and_rule_as_the_demo_resolves_them(tmp_path, monkeypatch):
     """The demo scores its sweep on a selection world of its own (<out>/select_shards, n_select_images scenes of seed
     + select_seed_offset) and selects by rule sparsest_within at DEMO_MAX_DROP; n_select_images 0 falls back to the
-    held-out split; --quick selects its one SAE by rule best unless the rule or its tolerance was changed; a relative
+    held-out split; --quick selects its one SAE by rule best unless the rule or its tolerance was changed and keeps
+    sizes given with it; a relative
     --out with the demo's own value written in a YAML file (a recorded config) loads back."""
     from visae.config import parse_config
 
@@ -418,9 +419,16 @@ def test_the_selection_world_and_rule_as_the_demo_resolves_them(tmp_path, monkey
     assert sel.val_shards == str(tmp_path / "rel_out" / "select_shards") and sel.rule == "sparsest_within"
     assert sel.max_drop == demo.DEMO_MAX_DROP == 2.0
     assert eff("--n_select_images", "0").sweep.selection.val_shards == ""
+    warn = demo._selection_warnings(eff("--n_select_images", "0"))  # the 10k-calibrated tolerance on 1,000 rows
+    assert len(warn) == 1 and "about 1,000 images" in warn[0] and "3.2x" in warn[0]
+    assert demo._selection_warnings(eff()) == demo._selection_warnings(eff("--quick")) == []
+    assert demo._selection_warnings(eff("--n_select_images", "0", "--sweep.max_drop", "5")) == []
     q = eff("--quick")
     assert (q.n_select_images, q.sweep.selection.val_shards, q.sweep.selection.rule) == (0, "", "best")
-    assert q.sweep.selection.max_drop is None
+    assert q.sweep.selection.max_drop is None and q.n_images == demo.QUICK.quick_n_images
+    q = eff("--quick", "--n_images", "3000", "--n_select_images", "2000")  # sizes given with --quick are kept
+    assert (q.n_images, q.n_select_images) == (3000, 2000)
+    assert q.sweep.selection.val_shards == str(tmp_path / "rel_out" / "select_shards")
     q = eff("--quick", "--quick_n_select_images", "50", "--sweep.max_drop", "3")  # a changed tolerance is kept
     assert (q.n_select_images, q.sweep.selection.rule, q.sweep.selection.max_drop) == (50, "sparsest_within", 3.0)
     assert q.sweep.selection.val_shards == str(tmp_path / "rel_out" / "select_shards")

@@ -231,6 +231,18 @@ def test_select_records_the_rule_and_draws_the_drop_plot(tmp_path, fake_scores):
     assert png.is_file()
 
 
+def test_the_summary_reports_the_metrics_own_k(tmp_path, fake_scores):
+    """Selected by zeroshot_top5, the summary line and the leaderboard give top-5 figures, not top-1 ones."""
+    sw = _sweep(tmp_path)
+    info = select(SelectConfig(sweep=str(sw), metric="zeroshot_top5", progress=False))
+    text = visae.select.format_selection(info, sw)
+    assert "clean zero-shot top-5 1.0000; reconstruction top-5 1.0000 (+0.0000)" in text and "top-1" not in text
+    assert "Clean zero-shot top-5 of the original embeddings: 1.0000." in (sw / "leaderboard.md").read_text()
+    info = select(SelectConfig(sweep=str(sw), progress=False))  # zeroshot_top1: its own line
+    assert "clean zero-shot top-1 0.9000; reconstruction top-1 0.9000 (+0.0000)" in visae.select.format_selection(info, sw)
+    assert "Clean zero-shot top-1 of the original embeddings: 0.9000." in (sw / "leaderboard.md").read_text()
+
+
 def test_the_sweep_plan_sets_the_rule_and_the_command_may_override_it(tmp_path, fake_scores):
     sw = _sweep(tmp_path, rule="sparsest_within", max_drop=1.0, max_dead=0.1)
     info = select(SelectConfig(sweep=str(sw), progress=False))
@@ -254,6 +266,7 @@ def test_no_trial_within_the_tolerance_is_an_error_that_keeps_the_previous_selec
     assert ((sw / "selection.json").read_bytes(), (sw / "best" / "selection.json").read_bytes()) == before
     md = (sw / "leaderboard.md").read_text()
     assert "Chosen: none (no trial meets the constraints with a drop of at most 1 points" in md
+    assert "`best/` still holds **d**, chosen by an earlier selection (rule best" in md  # what the reader finds there
     assert not any(r["chosen"] == "True" for r in _csv(sw))
     # the command: exit 2 and the reason on one line
     assert main(["--sweep", str(sw), "--rule", "sparsest_within", "--max_drop", "1", "--max_l0", "15",

@@ -137,14 +137,14 @@ class DemoConfig:
     to every stage (--seed is also the SAE training's and the naming's seed, --out places every stage's artifact,
     --progress and --text_cache reach the sweep and the naming); their copies in the nested configs have no flag
     (visae.demo.PROPAGATED lists them, configs/demo.yaml marks them). --quick replaces the sizes by the quick_*
-    ones (a nested size you changed is kept) and shrinks the grid to its first SAE.
+    ones (a size you changed, top-level or nested, is kept) and shrinks the grid to its first SAE.
     """
 
     out: str = field(default="demo_out", metadata={
         "help": "output directory (world/, select_world/, shards/, select_shards/, sweep/, concepts/, site/)"})
     quick: bool = field(default=False, metadata={
-        "help": "reduced size (for tests): n_images, the epochs, batch size and n_top become the quick_* settings "
-                "(unless you changed the nested ones), the grid its first SAE, no training plots"})
+        "help": "reduced size (for tests): n_images, n_select_images, the epochs, batch size and n_top become the "
+                "quick_* settings (unless you changed them), the grid its first SAE, no training plots"})
     n_images: int = field(default=10000, metadata={"help": "images of the world"})
     seed: int = field(default=0, metadata={
         "help": "seed of the world (its images), of the SAE training and of the naming's random image sample"})
@@ -271,8 +271,9 @@ def resolve(cfg: DemoConfig) -> DemoConfig:
 def effective(cfg: DemoConfig) -> DemoConfig:
     """The settings actually used (``--quick`` replaces sizes and shrinks the grid to one SAE), resolved.
 
-    Under ``--quick`` a nested size still at the demo's default (``sweep.train.num_epochs``, ``batch_size``,
-    ``plot``, ``naming.n_top``) takes the quick_* value; one that was changed (``--sweep.num_epochs 3``) is kept.
+    Under ``--quick`` a size still at the demo's default (``n_images``, ``n_select_images``,
+    ``sweep.train.num_epochs``, ``batch_size``, ``plot``, ``naming.n_top``) takes the quick_* value; one that was
+    changed (``--n_images 3000``, ``--sweep.num_epochs 3``) is kept.
     """
     if cfg.quick:
         d = DemoConfig()
@@ -291,7 +292,9 @@ def effective(cfg: DemoConfig) -> DemoConfig:
             # one SAE of 20 epochs on 1,000 images: the rule's tolerance would refuse it, and there is no choice to make
             sweep = dataclasses.replace(sweep, selection=dataclasses.replace(sweep.selection, rule="best", max_drop=None))
         naming = dataclasses.replace(naming, n_top=quick(naming.n_top, d.naming.n_top, cfg.quick_n_top))
-        cfg = dataclasses.replace(cfg, n_images=cfg.quick_n_images, n_select_images=cfg.quick_n_select_images,
+        cfg = dataclasses.replace(cfg, n_images=quick(cfg.n_images, d.n_images, cfg.quick_n_images),
+                                  n_select_images=quick(cfg.n_select_images, d.n_select_images,
+                                                        cfg.quick_n_select_images),
                                   sweep=sweep, naming=naming)
     if not cfg.model:
         cfg = dataclasses.replace(cfg, model=WORLDS[cfg.world].model)
@@ -597,6 +600,21 @@ def _follow_reselection(st: dict[str, Any], out: Path, concepts_dir: Path, swd: 
     _save_state(out, st)
 
 
+def _selection_warnings(run: DemoConfig) -> list[str]:
+    """What the resolved settings ``run`` (:func:`effective`) make of the selection that the user may not expect:
+    ``--n_select_images 0`` with the demo's own tolerance, which was fixed on a 10,000-image selection world."""
+    sel, train = run.sweep.selection, run.sweep.train
+    if run.n_select_images > 0 or sel.val_shards or sel.rule != "sparsest_within" or sel.max_drop != DEMO_MAX_DROP:
+        return []
+    n = int(run.n_images * train.val_fraction)
+    if n <= 0:
+        return []  # the sweep refuses it (no selection set) before any training
+    return [f"--n_select_images 0: the sweep selects on the held-out split of the shards (about {n:,} images) with "
+            f"max_drop {DEMO_MAX_DROP:g} points, a tolerance fixed on a {DemoConfig().n_select_images:,}-image "
+            f"selection world; the drop's standard error is then about {math.sqrt(DemoConfig().n_select_images / n):.1f}x "
+            "larger, so the choice may rest on noise (the leaderboard's drop_se_pts and borderline columns say how much)"]
+
+
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run (or finish) the demo; returns the summary also written to ``<out>/demo.json``.
 
@@ -617,6 +635,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     except BackboneError as e:
         raise ConfigError(f"--model: {e}") from None
     _check_toy_weights(run, world)
+    for msg in _selection_warnings(run):
+        _say(f"warning: {msg}")
     st = _state(out)
     recorded = config_to_dict(run)  # the whole config, nested ones included, as every stage ran it
     key = _identity(recorded)
@@ -874,12 +894,23 @@ def plot_selection_vs_recovery(svr: dict[str, Any], selected: str | None, path: 
     from visae.atomic import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.8))
+    at: dict[tuple[float, float], list[str]] = {}  # trials on one point get one label, not labels printed over each other
     for t, x, y in pts:
         star = t == selected
         ax.scatter([x], [y], s=240 if star else 36, marker="*" if star else "o", zorder=3,
                    color="tab:red" if star else "tab:blue", edgecolor="black" if star else "none",
                    label=f"selected: {t}" if star else None)
-        ax.annotate(t, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7, color="0.3")
+        at.setdefault((x, y), []).append(t)
+    # labels: the parts of the trial names that vary ("exp4_lr5e-3_lam1e-3" -> "exp4 lam1e-3" when every trial has
+    # lr5e-3); points at one height alternate above and below it, so neighbours' labels do not run into each other
+    common = set.intersection(*(set(t.split("_")) for t, _, _ in pts))
+    short = {t: " ".join(p for p in t.split("_") if p not in common) or t for t, _, _ in pts}
+    row: dict[float, int] = {}
+    for (x, y), names in sorted(at.items()):
+        k = row.get(y, 0)
+        row[y] = k + 1
+        ax.annotate(", ".join(short[t] for t in sorted(names)), (x, y), xytext=(5, 4 if k % 2 == 0 else -11),
+                    textcoords="offset points", fontsize=7, color="0.3")
     ax.set_xlabel(f"selection score ({metric})")
     ax.margins(x=0.18, y=0.08)
     ax.set_ylabel(f"recovery: factor values (of {svr['n_values']}) with a latent\nat AUROC >= 0.95 named right")

@@ -514,13 +514,14 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
     md_cols += ["l0", "dead_fraction", "explained_variance", "feasible", "pareto", "tied", "chosen"]
     if any(r.get("excluded_by") for r in rows):  # why a trial is not feasible: a constraint, or degenerate
         md_cols.append("excluded_by")
-    clean = next((r["clean_top1"] for r in rows if r.get("clean_top1") is not None), None)
+    kc = "clean_top5" if metric == "zeroshot_top5" else "clean_top1"  # the metric's own k
+    clean = next((r[kc] for r in rows if r.get(kc) is not None), None)
     cons = ", ".join(f"{k} <= {v:g}" for k, v in constraints.items() if v is not None) or "none"
     lines = [f"# Sweep leaderboard: {out}", "",
              f"Metric: **{metric}** (of reconstructions, on the selection set); constraints: {cons}.",
              _rule_text(rule, max_drop, metric)]
     if clean is not None:
-        lines.append(f"Clean zero-shot top-1 of the original embeddings: {clean:.4f}.")
+        lines.append(f"Clean zero-shot top-{kc[-1]} of the original embeddings: {clean:.4f}.")
     ablated = next((r["ablated_top1"] for r in rows if r.get("ablated_top1") is not None), None)
     if ablated is not None:
         lines.append(f"Residual-layer SAEs, scored spliced into the model (recon_top1: the model with the SAE's "
@@ -534,6 +535,15 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
                      "see drop_pts and excluded_by).")
     else:
         lines.append("Chosen: none (no trial meets the constraints; see excluded_by).")
+    if not chosen:
+        try:
+            kept = SweepDir(out).read_selection()
+        except (SweepError, OSError):
+            kept = None
+        if kept and kept.get("trial"):
+            lines.append(f"`best/` still holds **{kept['trial']}**, chosen by an earlier selection (rule "
+                         f"{kept.get('rule', 'best')}, max_drop {kept.get('max_drop')}, metric {kept.get('metric')}); "
+                         "this one changed nothing there.")
     if any(r.get("drop_pts") is not None for r in rows):
         lines.append("drop_pts: clean minus reconstruction zero-shot accuracy of the metric, percentage points "
                      "(drop_vs_l0.png plots it against L0).")
@@ -548,7 +558,8 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
             lines += ["", f"**{len(border)} trial(s) are borderline**: the chosen one or sparser, their drop within 2 "
                       f"standard errors of max_drop {max_drop:g} ({', '.join(border)}). The selection set cannot tell "
                       "whether they are within the tolerance: with other selection examples the rule may choose "
-                      "differently. A larger selection set (--val_shards) narrows the error."]
+                      "differently. A larger selection set (`visae select --val_shards`; "
+                      "in `visae demo`, --n_select_images) narrows the error."]
         if unknown:
             lines += ["", f"The drop's standard error is unknown for {len(unknown)} trial(s) ({', '.join(unknown)}): "
                       "scores cached by an older visae (--rescore)."]
@@ -557,7 +568,8 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
         lines += ["", f"**{len(tied)} other trial(s) tie with the chosen one**: their {metric} is within 2 standard "
                   f"errors of it on {rows[0].get('n_val')} selection examples ({', '.join(tied)}). The selection set "
                   "cannot tell them apart: the choice among them rests on differences within noise (and, for equal "
-                  "scores, on the lower L0). A larger selection set (--val_shards) or another criterion would be "
+                  "scores, on the lower L0). A larger selection set (`visae select --val_shards`; in `visae demo`, "
+                  "--n_select_images) or another criterion would be "
                   "needed to separate them."]
     lines += ["", "| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
     for r in rows:
@@ -795,9 +807,10 @@ def format_selection(info: dict[str, Any], out: Path) -> str:
     row = info.get("row") or {}
     lines = [f"chosen: {info['trial']}  ({info['metric']} {info['score']:.4f}, L0 {row.get('l0', float('nan')):.1f}, "
              f"dead {row.get('dead_fraction', float('nan')):.3f}, EV {row.get('explained_variance', float('nan')):.4f})"]
-    if row.get("clean_top1") is not None:
-        lines.append(f"clean zero-shot top-1 {row['clean_top1']:.4f}; reconstruction top-1 {row['recon_top1']:.4f} "
-                     f"({row['delta_top1']:+.4f})")
+    k = 5 if info["metric"] == "zeroshot_top5" and row.get("clean_top5") is not None else 1  # the metric's own k
+    clean, recon = row.get(f"clean_top{k}"), row.get(f"recon_top{k}")
+    if clean is not None and recon is not None:
+        lines.append(f"clean zero-shot top-{k} {clean:.4f}; reconstruction top-{k} {recon:.4f} ({recon - clean:+.4f})")
     rule = info.get("rule", "best")
     if rule == "sparsest_within":
         lines.append(f"rule sparsest_within: the lowest L0 of {info.get('n_within_max_drop')} trial(s) whose "

@@ -260,7 +260,7 @@ def test_no_trial_within_the_tolerance_is_an_error_that_keeps_the_previous_selec
     # max_l0 15 leaves a (drop 3.0) and e (drop 0.1, dead 0.5); max_dead 0.1 removes e: nothing within 1 point
     with pytest.raises(SelectError, match=r"no finished trial has a zero-shot drop within max_drop 1 points.*"
                                           r"smallest drop among trials meeting the other constraints is 3\.00 points "
-                                          r"\(a, L0 10\.0\).*previous selection.json and best/ are kept"):
+                                          r"\(a, L0 10\.0\).*previous selection.json and best/, which holds d, are kept"):
         select(SelectConfig(sweep=str(sw), rule="sparsest_within", max_drop=1.0, max_l0=15, max_dead=0.1,
                             progress=False))
     assert ((sw / "selection.json").read_bytes(), (sw / "best" / "selection.json").read_bytes()) == before
@@ -273,6 +273,24 @@ def test_no_trial_within_the_tolerance_is_an_error_that_keeps_the_previous_selec
                  "--max_dead", "0.1", "--no_progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "raise --max_drop or select with --rule best" in err
+
+
+def test_a_held_out_split_that_rounds_to_no_row_is_refused(tmp_path):
+    """Selecting on the training split's held-out part when val_fraction x rows rounds to 0 (as ShardSet.split
+    rounds) is a clear SelectError, not a score over no examples."""
+    import numpy as np
+
+    from visae.shards import ShardWriter
+
+    x = np.eye(8, dtype=np.float32)[np.arange(64) % 8]
+    with ShardWriter(tmp_path / "shards", 8, source={"model": "m"}) as w:
+        w.add(x, ids=[str(i) for i in range(64)])
+    sw = _sweep(tmp_path)
+    doc = json.loads((sw / "sweep.json").read_text())
+    doc["train_config"]["val_fraction"] = 0.005
+    (sw / "sweep.json").write_text(json.dumps(doc))
+    with pytest.raises(SelectError, match=r"val_fraction 0.005 of the 64 rows of .* holds out none"):
+        select(SelectConfig(sweep=str(sw), progress=False))
 
 
 # ----------------------------------------------------------------------------- bad settings, refused before any work

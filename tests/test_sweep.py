@@ -296,7 +296,7 @@ def test_reselection_obeys_constraints_without_rescoring(zs_sweep, monkeypatch):
     before = (sw / "selection.json").read_bytes(), (sw / "best" / "selection.json").read_bytes()
     deads = [float(r["dead_fraction"]) for r in rows]
     if min(deads) > 0:
-        with pytest.raises(SelectError, match="no finished trial meets.*previous selection.json and best/ are kept"):
+        with pytest.raises(SelectError, match="no finished trial meets.*previous selection.json and best/, which holds .*, are kept"):
             select(SelectConfig(sweep=str(sw), max_dead=min(deads) / 2, progress=False))
     with pytest.raises(SelectError, match="no finished trial meets"):
         select(SelectConfig(sweep=str(sw), max_l0=l0s[0] / 2, progress=False))
@@ -434,4 +434,7 @@ def test_sweep_refuses_a_selection_set_of_other_classes_before_training(tmp_path
     # no selection set at all: refused before training too (select found it after every trial had trained)
     with pytest.raises(SweepError, match="no selection set: no --val_shards and --val_fraction 0"):
         sweep(_cfg(tmp_path / "s", tmp_path / "sw", val_fraction=0.0))
+    # ... nor one that rounds to no row (0.005 of 64 rows: ShardSet.split holds out round(0.32) = 0)
+    with pytest.raises(SweepError, match=r"--val_fraction 0.005 of the 64 rows of --shards .* holds out none"):
+        sweep(_cfg(tmp_path / "s", tmp_path / "sw", val_fraction=0.005))
     assert not (tmp_path / "sw" / "trials").exists()

@@ -408,6 +408,44 @@ def test_drawn_family_labels_follow_the_jittered_colour():
     assert 0.10 <= changed[:, fi["colour_family"]].mean() <= 0.19
     with pytest.raises(Exception, match="family_label = 'painted'.*nominal"):
         toyclip.ToyClipV2Config(family_label="painted")
+    with pytest.raises(Exception, match="family_label = 'drawn' with colour_jitter 0"):
+        toyclip.ToyClipV2Config(family_label="drawn", colour_jitter=0.0)
+    with pytest.raises(Exception, match="freeze_text needs init"):
+        toyclip.ToyClipV2Config(freeze_text=True)
+    with pytest.raises(ValueError, match="300 scenes but factors of shape"):
+        toyclip.drawn_family_factors(jit[:300], rows)
+    # the per-patch heads' targets follow the same label: an object whose drawn family differs carries it on its patches
+    big = [i for i in np.flatnonzero(changed[:, fi["colour_family"]]) if jit[i].objects[0].radius >= 12][:3]
+    _, maps, _ = w2._render_rows([jit[i] for i in big], "pil", w2.IMAGE_SIZE)
+    nominal = toyclip.patch_labels([jit[i] for i in big], maps, ["colour_family"])[..., 0]
+    dr = toyclip.patch_labels([jit[i] for i in big], maps, ["colour_family"], family_label="drawn")[..., 0]
+    for j, i in enumerate(big):  # background ("no object") and other objects' patches agree; the main object's differ
+        on = nominal[j] == dr[j]
+        assert (~on).any() and (dr[j][~on] == drawn[i]).all() and (nominal[j][~on] == rows[i, fi["colour_family"]]).all()
+    assert len(big) == 3
+
+
+def test_family_label_drawn_reaches_the_training_batches(tmp_path, monkeypatch):
+    """With family_label drawn the captions' and heads' factor rows of a training batch carry the drawn colour's
+    family: every batch row is a row of drawn_family_factors of the training scenes, and some are no nominal row."""
+    from visae import world2 as w2
+
+    seen = []
+    real = toyclip._positives
+    monkeypatch.setattr(toyclip, "_positives", lambda fac, cons: (seen.append(np.array(fac)), real(fac, cons))[1])
+    kw = dict(n_train=64, max_objects=2, occlusion=0.3, batch_size=32, warmup=1, curriculum_steps=0,
+              single_object_fraction=0.0, eval_n=8, eval_every=0, negatives_per_step=0, negatives_exclude="", threads=1,
+              progress=False, steps=3)
+    toyclip.train_toy_clip_v2(toyclip.ToyClipV2Config(out=str(tmp_path / "d"), family_label="drawn", **kw), [])
+    scenes = w2.sample_scenes(64, 0, 0, max_objects=2, occlusion=0.3, colour_jitter=12.0)  # the trainer's scenes
+    nominal = np.stack([w2.scene_factors(sc) for sc in scenes])
+    drawn = toyclip.drawn_family_factors(scenes, nominal)
+    fi = w2.FACTOR_INDEX
+    cols = [i for i in range(nominal.shape[1]) if i != fi["occluded"]]  # occluded: from the render, not the scene
+    as_set = lambda a: {tuple(r[cols]) for r in a}  # noqa: E731
+    rows = np.concatenate(seen)
+    assert len(seen) == 3 and as_set(rows) <= as_set(drawn)
+    assert as_set(rows) - as_set(nominal)  # the batches hold rows whose family was rewritten
 
 
 def test_freeze_text_trains_the_image_tower_alone(tmp_path):

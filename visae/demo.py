@@ -606,9 +606,9 @@ def _selection_warnings(run: DemoConfig) -> list[str]:
     sel, train = run.sweep.selection, run.sweep.train
     if run.n_select_images > 0 or sel.val_shards or sel.rule != "sparsest_within" or sel.max_drop != DEMO_MAX_DROP:
         return []
-    n = int(run.n_images * train.val_fraction)
+    n = int(round(run.n_images * train.val_fraction))  # as ShardSet.split rounds
     if n <= 0:
-        return []  # the sweep refuses it (no selection set) before any training
+        return []  # the sweep refuses an empty held-out split (no selection set) before any training
     return [f"--n_select_images 0: the sweep selects on the held-out split of the shards (about {n:,} images) with "
             f"max_drop {DEMO_MAX_DROP:g} points, a tolerance fixed on a {DemoConfig().n_select_images:,}-image "
             f"selection world; the drop's standard error is then about {math.sqrt(DemoConfig().n_select_images / n):.1f}x "
@@ -902,7 +902,7 @@ def plot_selection_vs_recovery(svr: dict[str, Any], selected: str | None, path: 
                    label=f"selected: {t}" if star else None)
         at.setdefault((x, y), []).append(t)
     # labels: the parts of the trial names that vary ("exp4_lr5e-3_lam1e-3" -> "exp4 lam1e-3" when every trial has
-    # lr5e-3); points at one height alternate above and below it, so neighbours' labels do not run into each other
+    # lr5e-3); points at one height alternate above and below it, so neighbours at that height do not overprint
     common = set.intersection(*(set(t.split("_")) for t, _, _ in pts))
     short = {t: " ".join(p for p in t.split("_") if p not in common) or t for t, _, _ in pts}
     row: dict[float, int] = {}

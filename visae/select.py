@@ -157,6 +157,9 @@ def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = 
                                   "holds nothing out (val_fraction 0); pass --val_shards")
             data = ss.split(vf, seed=seed)[1]
             subset = f"split(val_fraction={vf}, seed={seed})"
+            if len(data) == 0:
+                raise SelectError(f"{out}: no selection set: val_fraction {vf:g} of the {len(ss)} rows of "
+                                  f"{tcfg['shards']} holds out none (rounded to 0); pass --val_shards")
     except ShardError as e:
         raise SelectError(f"selection shard set: {e}") from None
     _check_selection_set(out, tcfg, ss, bool(val))
@@ -536,14 +539,12 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
     else:
         lines.append("Chosen: none (no trial meets the constraints; see excluded_by).")
     if not chosen:
-        try:
-            kept = SweepDir(out).read_selection()
-        except (SweepError, OSError):
-            kept = None
-        if kept and kept.get("trial"):
-            lines.append(f"`best/` still holds **{kept['trial']}**, chosen by an earlier selection (rule "
-                         f"{kept.get('rule', 'best')}, max_drop {kept.get('max_drop')}, metric {kept.get('metric')}); "
-                         "this one changed nothing there.")
+        kept = _kept_selection(SweepDir(out))
+        if kept:
+            rule_then = kept.get("rule", "best")
+            tol = f", max_drop {kept['max_drop']:g} points" if rule_then == "sparsest_within" and kept.get("max_drop") is not None else ""
+            lines.append(f"`best/` still holds **{kept['trial']}**, chosen by an earlier selection (rule {rule_then}{tol}, "
+                         f"metric {kept.get('metric')}); this one changed nothing there.")
     if any(r.get("drop_pts") is not None for r in rows):
         lines.append("drop_pts: clean minus reconstruction zero-shot accuracy of the metric, percentage points "
                      "(drop_vs_l0.png plots it against L0).")
@@ -734,7 +735,9 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                 "selection_set": next(iter(scores.values()))["key"],
                 "config": absolute_paths(asdict(cfg), ("sweep", "val_shards"))}  # paths absolute, not as typed
         if chosen is None:  # a failed selection changes neither best/ nor selection.json
-            kept = " (the previous selection.json and best/ are kept)" if sd.best_dir.is_dir() else ""
+            prev = _kept_selection(sd)
+            kept = (f" (the previous selection.json and best/, which holds {prev['trial']}, are kept)" if prev
+                    else " (the previous selection.json and best/ are kept)" if sd.best_dir.is_dir() else "")
             if rows and all(degenerate_reasons(r) for r in rows):  # no constraint or tolerance to blame
                 raise SelectError(f"{out}: every one of the {len(rows)} trials is degenerate (every latent dead, or "
                                   f"explained variance < -1: diverged), e.g. {rows[0]['trial']}: "
@@ -801,6 +804,18 @@ def select_if_complete(out: str | Path) -> dict[str, Any] | None:
 def _device(doc: dict[str, Any]) -> str:
     dev = doc.get("train_config", {}).get("device", "cpu")
     return dev if dev else "cpu"
+
+
+def _kept_selection(sd: SweepDir) -> dict[str, Any] | None:
+    """The selection that ``best/`` holds (its ``best/selection.json``), or None when there is no ``best/`` or it
+    cannot be read."""
+    if not (sd.best_dir / "selection.json").is_file():
+        return None
+    try:
+        doc = sd.read_selection()
+    except (SweepError, OSError):
+        return None
+    return doc if doc and doc.get("trial") else None
 
 
 def format_selection(info: dict[str, Any], out: Path) -> str:

@@ -832,8 +832,16 @@ def drawn_family_factors(scenes: Sequence[Any], factors: np.ndarray) -> np.ndarr
     actually drawn (``world2.family_of_rgb`` of its ``rgb``, jitter included) instead of its named colour's:
     ``colour_family``, ``colour_family2`` and ``family_shape`` rewritten, the rest (the named ``colour`` included)
     kept. Without colour jitter the two agree (every named colour's own RGB has its table family), so only jittered
-    training scenes change. Returns a new array."""
+    training scenes change. Returns a new array.
+
+    Raises:
+        ValueError: ``factors`` is not one row per scene.
+    """
     from visae import world2 as w2
+
+    if np.ndim(factors) != 2 or len(factors) != len(scenes):
+        raise ValueError(f"drawn_family_factors: {len(scenes)} scenes but factors of shape {np.shape(factors)}; "
+                         "expected one factor row per scene")
 
     fi = w2.FACTOR_INDEX
     out = np.array(factors, copy=True)
@@ -866,9 +874,10 @@ class ToyClipV2Config:
     family_label: str = field(default="nominal", metadata={
         "help": "the colour family a training scene's captions and factor heads say: nominal (the family of the named "
                 "colour the object was drawn from, as world2 records it) or drawn (world2.family_of_rgb of the "
-                "jittered colour actually drawn). With colour_jitter 12, 1 in 7 nominal labels contradicts the drawn "
-                "colour and a colour-only classifier is capped at 0.95 on the held-out scenes; drawn labels are a "
-                "function of the pixels (docs/toyclip_v2_recipe.md, section 19)"})
+                "jittered colour actually drawn; the fine colour name stays the named colour's). With colour_jitter "
+                "12, 1 in 7 nominal labels contradicts the drawn colour, and an ideal colour-only classifier trained "
+                "on them scores 0.948 on the (unjittered) held-out scenes; drawn labels are a function of the pixels "
+                "(docs/toyclip_v2_recipe.md, section 19). drawn needs colour_jitter > 0"})
     texture_style_jitter: float = field(default=0.0, metadata={
         "help": "in [0, 1]: training scenes draw their textures in a per-scene style (visae.world2.texture_style: line "
                 "widths, duty cycle, dot size, contrast, speckle grain) so that texture kinds, not one drawing of each, "
@@ -945,6 +954,13 @@ class ToyClipV2Config:
         factors = dense_factor_list(self.dense_factors)  # ConfigError naming the field for an unknown factor
         if self.family_label not in FAMILY_LABELS:
             raise ConfigError(f"ToyClipV2Config.family_label = {self.family_label!r}: expected one of {list(FAMILY_LABELS)}")
+        if self.family_label == "drawn" and not self.colour_jitter > 0:
+            raise ConfigError("ToyClipV2Config.family_label = 'drawn' with colour_jitter 0: without jitter every object "
+                              "is drawn in its named colour and the two labels agree; set colour_jitter > 0 or "
+                              "family_label nominal")
+        if self.freeze_text and not self.init:
+            raise ConfigError("ToyClipV2Config.freeze_text needs init (a weights file or 'shipped'): from the random "
+                              "init the text tower would stay random")
         if not self.dense_min_cover > 0:  # 0 would label every background patch with the first object
             raise ConfigError(f"ToyClipV2Config.dense_min_cover = {self.dense_min_cover!r}: expected in (0, 1]")
         if self.dense_weight > 0 and not factors:
@@ -983,14 +999,17 @@ def dense_factor_list(spec: str) -> list[str]:
 
 
 def patch_labels(scenes: Sequence[Any], label_maps: np.ndarray, factors: Sequence[str], patch: int = 8,
-                 min_cover: float = 0.5) -> np.ndarray:
+                 min_cover: float = 0.5, family_label: str = "nominal") -> np.ndarray:
     """Per-patch targets of the dense heads: int64 ``[n, G*G, len(factors)]`` (G = image size / ``patch``, patches
     in row-major order as the ViT reads them): the value of each factor of the object covering most of the patch's
     pixels (``label_maps``: ``[n, S, S]``, 0 background, k + 1 object k, as ``visae.world2`` renders them), or
-    ``len(FACTORS[f])`` ("no object") when no object covers ``min_cover`` of the patch.
+    ``len(FACTORS[f])`` ("no object") when no object covers ``min_cover`` of the patch. ``family_label``: an
+    object's colour family is its named colour's ("nominal") or that of the colour drawn ("drawn",
+    :func:`drawn_family_factors`).
 
     Raises:
-        ValueError: the label maps' size is not a multiple of ``patch``, or their count is not the scenes'.
+        ValueError: the label maps' size is not a multiple of ``patch``, or their count is not the scenes', or an
+            unknown ``family_label``.
     """
     from visae import world2 as w2
 
@@ -1001,12 +1020,17 @@ def patch_labels(scenes: Sequence[Any], label_maps: np.ndarray, factors: Sequenc
     blocks = label_maps.reshape(n, G, patch, G, patch).transpose(0, 1, 3, 2, 4).reshape(n, G * G, patch * patch)
     counts = np.stack([(blocks == k + 1).sum(-1) for k in range(K)], -1)  # [n, G*G, K]
     best, cover = counts.argmax(-1), counts.max(-1) / float(patch * patch)
-    fam = w2.colour_families()
+    if family_label not in FAMILY_LABELS:
+        raise ValueError(f"patch_labels: family_label {family_label!r}, expected one of {list(FAMILY_LABELS)}")
+    objs = [o for sc in scenes for o in sc.objects]
+    fams = iter((w2.family_of_rgb(np.array([o.rgb for o in objs], np.float64)) if family_label == "drawn"
+                 else w2.colour_families()[[o.colour for o in objs]]).tolist())  # one family per object, in order
     vals = np.full((n, K, len(factors)), -1, np.int64)
     for i, sc in enumerate(scenes):
         for k, o in enumerate(sc.objects):
+            fk = next(fams)
             for j, f in enumerate(factors):
-                vals[i, k, j] = {"colour_family": fam[o.colour], "shape": o.shape, "texture": o.texture}[f]
+                vals[i, k, j] = {"colour_family": fk, "shape": o.shape, "texture": o.texture}[f]
     out = np.take_along_axis(vals, best[:, :, None].repeat(len(factors), -1), axis=1)
     none = np.array([len(w2.FACTORS[f]) for f in factors], np.int64)
     on = (cover >= min_cover) & (counts.max(-1) > 0)  # a patch no object touches is background at any min_cover
@@ -1439,7 +1463,8 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
         images, label_maps, factors = w2._render_rows(scenes, "pil", w2.IMAGE_SIZE, style_jitter=cfg.texture_style_jitter)
         if cfg.family_label == "drawn":
             factors = drawn_family_factors(scenes, factors)
-        dense_y = patch_labels(scenes, label_maps, dense_f, min_cover=cfg.dense_min_cover) if dense_f else None
+        dense_y = (patch_labels(scenes, label_maps, dense_f, min_cover=cfg.dense_min_cover, family_label=cfg.family_label)
+                   if dense_f else None)
         del label_maps
         held_sc = w2.sample_scenes(300, cfg.eval_seed, max_objects=1, occlusion=0.0)
         held_img, _, held_rows = w2._render_rows(held_sc, "pil", w2.IMAGE_SIZE)

@@ -452,10 +452,8 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
         cfg_dict["init"] = str(init)
         cfg_dict["init_sha256"] = tc._file_sha256(init)
 
-        # the trainers' decay rule (matrices decay), over the text tower's parameters only
-        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]}
-                  for g in tc._param_groups(model, cfg.weight_decay)]
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        # the trainers' decay rule (matrices decay), over the trainable (text tower's) parameters only
+        opt = torch.optim.AdamW(tc._param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
         ckpt = out / "checkpoint.pt"
         step, train_seconds = tc._resume(ckpt, cfg, cfg_dict, model, None, opt, world_version=w2.FORMAT_VERSION)
         # written once the checkpoint's config is accepted: a refused rerun leaves the run's record as it was

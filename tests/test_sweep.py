@@ -431,6 +431,11 @@ def test_sweep_refuses_a_selection_set_of_other_classes_before_training(tmp_path
         w.add(x, ids=[str(i) for i in range(64)], labels=rng.integers(0, 3, 64))
     with pytest.raises(SweepError, match=r"has 3 classes but the zero-shot benchmark has 1000"):
         sweep(_cfg(tmp_path / "inet", tmp_path / "sw", metric="zeroshot_top1"))
+    # a label column the selection set lacks (a typo): refused before training, not after every trial trained
+    with pytest.raises(SweepError, match=r"label column 'nope' not in the shard set; columns: \['label'"):
+        sweep(_cfg(tmp_path / "s", tmp_path / "sw", metric="zeroshot_top1", benchmark="files",
+                   classnames_file=str(tmp_path / "classes.txt"), label_column="nope"))
+    assert not (tmp_path / "sw" / "trials").exists()
     # no selection set at all: refused before training too (select found it after every trial had trained)
     with pytest.raises(SweepError, match="no selection set: no --val_shards and --val_fraction 0"):
         sweep(_cfg(tmp_path / "s", tmp_path / "sw", val_fraction=0.0))

@@ -435,9 +435,7 @@ def iter_labelled_batches(data: ShardSet | ShardView, batch_size: int, label_col
                           ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Stream (unit rows [B, d] float32, norms [B] float32, labels [B] int64), one shard at a time."""
     ss, rows = _view_rows(data)
-    if label_column != "label" and label_column not in ss.manifest["columns"]:
-        raise ZeroShotError(f"{ss.path}: label column {label_column!r} not in the shard set; columns: "
-                            f"['label', {', '.join(map(repr, ss.manifest['columns']))}]")
+    check_label_column(ss, label_column)
     for i in range(ss.num_shards):
         sel = rows[i]
         if sel is not None and sel.size == 0:
@@ -632,6 +630,14 @@ def evaluate(data: ShardSet | ShardView, classifier: ZeroShotClassifier | None, 
 # ----------------------------------------------------------------------------- the stage
 
 
+def check_label_column(ss: ShardSet, label_column: str) -> None:
+    """Raise ZeroShotError naming the shard set and its columns when ``label_column`` is not one of them
+    (``label`` always is)."""
+    if label_column != "label" and label_column not in ss.manifest["columns"]:
+        raise ZeroShotError(f"{ss.path}: label column {label_column!r} not in the shard set; columns: "
+                            f"['label', {', '.join(map(repr, ss.manifest['columns']))}]")
+
+
 def _resolve_label_column(ss: ShardSet, explicit: str, bench_column: str | None) -> str:
     if explicit:
         return explicit
@@ -672,13 +678,14 @@ def resolve_benchmark(ss: ShardSet, benchmark: str, label_column: str, classname
     sweep's pre-flight both run before any model is loaded or any trial trained.
 
     Raises:
-        ZeroShotError: the benchmark cannot be told or is unknown, its files are empty or not UTF-8, or the label
-            names do not fit its classes.
+        ZeroShotError: the benchmark cannot be told or is unknown, its files are empty or not UTF-8, the label column
+            is not in the shard set, or the label names do not fit its classes.
     """
     if benchmark == "auto":
         benchmark = _auto_benchmark(ss, label_column or "label")
     classnames, templates, bench_column = benchmark_classes(benchmark, classnames_file, templates_file)
     column = _resolve_label_column(ss, label_column, bench_column)
+    check_label_column(ss, column)  # a typo'd --label_column: found here, not after scoring starts
     check_label_names(ss, column, classnames)
     return benchmark, classnames, templates, column
 
@@ -995,8 +1002,7 @@ def selection_images(data: ShardSet | ShardView, label_column: str, images: str 
 
     ss, rows = _view_rows(data)
     src = ss.source
-    if label_column != "label" and label_column not in ss.manifest["columns"]:
-        raise ZeroShotError(f"{ss.path}: label column {label_column!r} not in the shard set")
+    check_label_column(ss, label_column)
     ids: dict[str, int] = {}
     for i in range(ss.num_shards):
         sel = rows[i]

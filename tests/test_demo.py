@@ -511,3 +511,30 @@ def test_file_arguments_are_recorded_as_absolute_paths_and_keywords_as_typed(tmp
                       "--sweep.classnames_file", "classes.txt", "--sweep.label_column", "label"]) == 2
     err = capsys.readouterr().err
     assert "stopped at the world stage" in err and "other settings" not in err, err
+
+
+def test_demo_rerun_retrains_a_trial_whose_weights_were_damaged(quick_demo, capsys):
+    """A finished demo whose selected trial's weights were truncated, then deleted: the rerun says so, trains the
+    trial again (the damaged directory set aside, not deleted) and names, browses and scores the retrained SAE; it
+    used to skip the sweep and fail in recovery, or report success without the trial. (Last in this module: it
+    retrains the shared demo's trial.)"""
+    out, argv = quick_demo
+    trials = out / "sweep" / "trials"
+    (t,) = [p for p in trials.iterdir() if not p.name.startswith(".")]
+    w = t / "weights.safetensors"
+    size = w.stat().st_size
+    with open(w, "r+b") as f:
+        f.truncate(size // 2)
+    assert demo.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"sweep: 1 trial(s) finished before lost their weights since ({w} is {size // 2} bytes" in err
+    assert "sweep: done before" not in err and "name: done before" not in err and "recovery: done before" not in err
+    assert w.stat().st_size == size and (trials / f".damaged-{t.name}" / "weights.safetensors").stat().st_size == size // 2
+    rec = json.loads((out / "recovery.json").read_text())
+    assert rec["selection_vs_recovery"]["n_trials"] == 1 and rec["selected_trial"] == t.name  # the retrained trial
+    w.unlink()
+    assert demo.main(argv) == 0
+    assert f"({w} is missing)" in capsys.readouterr().err and w.stat().st_size == size
+    assert demo.main(argv) == 0
+    err = capsys.readouterr().err
+    assert all(f"{s}: done before" in err for s in demo.STAGES)

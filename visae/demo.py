@@ -578,6 +578,23 @@ def _selection_summary(sel: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_finished_sweep(st: dict[str, Any], out: Path, swd: SweepDir) -> None:
+    """A finished demo whose sweep lost a trial's weights since, or has them truncated or replaced
+    (:meth:`SweepDir.damaged_trials`): the sweep stage and every later one run again (the sweep trains those trials
+    again, setting the damaged directories aside), and the user is told. Skipped, the demo named, browsed and scored
+    recovery without them and could report success with the selected trial missing."""
+    if "sweep" not in st["stages"] or not swd.plan_file.is_file():
+        return
+    damaged = swd.damaged_trials(swd.read_plan())
+    if not damaged:
+        return
+    _say(f"sweep: {len(damaged)} trial(s) finished before lost their weights since ({'; '.join(damaged.values())}): "
+         "the sweep trains them again, then naming, site and recovery run again")
+    for name in ("sweep", "name", "browse", "recovery"):
+        st["stages"].pop(name, None)
+    _save_state(out, st)
+
+
 def _follow_reselection(st: dict[str, Any], out: Path, concepts_dir: Path, swd: SweepDir) -> None:
     """A finished demo whose sweep was re-selected since (``visae select --sweep <out>/sweep ...`` put another trial in
     ``best/``): its concepts, site and recovery describe the SAE chosen before. Drop those stages from the state so
@@ -800,6 +817,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t0 = time.time()
     stage("world", do_world)
     stage("extract", do_extract)
+    _check_finished_sweep(st, out, swd)
     stage("sweep", do_sweep)
     _follow_reselection(st, out, concepts_dir, swd)
     stage("name", do_name)

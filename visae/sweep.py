@@ -345,6 +345,12 @@ def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any, said: Sequ
     trials = list(group.trials)
     if not sd.checkpoint_dir(group.name).exists():
         trials = [t for t in trials if not sd.trial_finished(t.name, t.lr, t.l1_coeff)]
+    for t in trials:  # a finished trial whose weights went missing or were damaged since: set aside, trained again
+        why = sd.weights_problem(t.name)
+        if (sd.trial_cfg(t.name).get("extra") or {}).get("finished") and why is not None:
+            aside = sd.set_aside(t.name)
+            print(f"visae sweep: trial {t.name} was finished but {why}: its directory is kept as {aside} and the "
+                  "trial trains again", file=sys.stderr, flush=True)
     if not trials:
         sd.write_done(group.name, [t.name for t in group.trials], note="every trial was already finished")
         return True

@@ -183,7 +183,7 @@ class SweepDir:
             return False
         trials = list(trials)
         return (isinstance(doc, dict) and doc.get("trials") == trials
-                and all((self.trial_dir(t) / WEIGHTS_FILE).is_file() for t in trials))
+                and all(self.weights_problem(t) is None for t in trials))
 
     def write_done(self, group: str, trials: Iterable[str], **facts: Any) -> None:
         """Mark a group finished: ``done.json`` = {"trials": [...], **facts} (steps, seconds, rate, note)."""
@@ -191,8 +191,42 @@ class SweepDir:
         atomic_write_json(self.group_dir(group) / DONE_FILE, {"trials": list(trials), **facts})
 
     def all_groups_done(self, plan: dict[str, Any]) -> bool:
-        """Every group of ``plan`` has its done.json (the sweep may select)."""
-        return all((self.group_dir(g["name"]) / DONE_FILE).is_file() for g in plan["groups"])
+        """Every group of ``plan`` is done (:meth:`group_done`: its done.json, and its trials' weights present and of
+        the recorded size): the sweep may select."""
+        return all(self.group_done(g["name"], g["trials"]) for g in plan["groups"])
+
+    def weights_problem(self, trial: str) -> str | None:
+        """Why the trial's weights cannot be its finished SAE, or None: the file is missing, or its size is not the
+        one its cfg.json recorded (truncated or replaced: a size check, no hashing; loading checks the SHA-256)."""
+        w = self.trial_dir(trial) / WEIGHTS_FILE
+        if not w.is_file():
+            return f"{w} is missing"
+        rec = ((self.trial_cfg(trial).get("checksums") or {}).get(WEIGHTS_FILE) or {}).get("bytes")
+        if isinstance(rec, int) and w.stat().st_size != rec:
+            return f"{w} is {w.stat().st_size} bytes, its cfg.json recorded {rec} (truncated or replaced)"
+        return None
+
+    def set_aside(self, trial: str) -> Path:
+        """Rename the trial's directory to ``trials/.damaged-<trial>[-k]`` (hidden from the trial listings, kept for
+        inspection) so that the trial can train again; returns the new path."""
+        k, dst = 0, self.trials_dir / f".damaged-{trial}"
+        while dst.exists():
+            k += 1
+            dst = self.trials_dir / f".damaged-{trial}-{k}"
+        self.trial_dir(trial).rename(dst)
+        return dst
+
+    def damaged_trials(self, plan: dict[str, Any]) -> dict[str, str]:
+        """``{trial: why}`` for the planned trials of groups marked done whose weights are missing or of another size
+        than recorded (:meth:`weights_problem`): a resumed sweep trains them again."""
+        out = {}
+        for g in plan["groups"]:
+            if (self.group_dir(g["name"]) / DONE_FILE).is_file():
+                for t in g["trials"]:
+                    why = self.weights_problem(t)
+                    if why is not None:
+                        out[t] = why
+        return out
 
     # ------------------------------------------------------------------ trials
     def trial_cfg(self, trial: str) -> dict[str, Any]:
@@ -208,7 +242,7 @@ class SweepDir:
         extra = self.trial_cfg(trial).get("extra") or {}
         sw = extra.get("sweep") or {}
         return (bool(extra.get("finished")) and sw.get("trial") == trial and sw.get("lr") == lr
-                and sw.get("l1_coeff") == l1_coeff and (self.trial_dir(trial) / WEIGHTS_FILE).is_file())
+                and sw.get("l1_coeff") == l1_coeff and self.weights_problem(trial) is None)
 
     def trial_record(self, trial: str) -> dict[str, Any]:
         """What the leaderboard shows of a trial, from its cfg.json: architecture, d_sae, expansion, lr, l1_coeff, finished."""

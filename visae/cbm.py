@@ -87,7 +87,9 @@ class CBMConfig:
     n_lambdas: int = field(default=16, metadata={"help": "geometric grid of the path, lam_max down to lam_max * 1e-3"})
     bisect_steps: int = field(default=6, metadata={"help": "bisection steps between the two grid points around the "
                                                            "target"})
-    max_iter: int = field(default=300, metadata={"help": "FISTA iterations per path point"})
+    max_iter: int = field(default=100, metadata={
+        "help": "FISTA iterations per path point (300 gave the same model as 100 on world2, BENCHMARKS.md, at 3x the "
+                "time)"})
     tol: float = field(default=1e-5, metadata={"help": "stop a path point when the largest weight change is below "
                                                        "this (standardised units)"})
     probe_l2: float = field(default=1e-4, metadata={"help": "L2 weight of the clean linear probe (mean cross entropy "
@@ -107,6 +109,8 @@ class CBMConfig:
     batch_size: int = field(default=4096, metadata={"help": "shard rows per SAE forward pass"})
     device: str = field(default="cpu", metadata={"help": "torch device"})
     out: str = field(default="runs/cbm", metadata={"help": "output directory"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar (stderr) over the path's points; "
+                                                          "--no_progress: none"})
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -266,13 +270,16 @@ def _accuracy(z: Tensor, y: Tensor, W: Tensor, b: Tensor) -> float:
 
 
 def fit_cbm_path(z: Tensor, y: Tensor, n_classes: int, target: float, *, alpha: float = 1.0, n_lambdas: int = 16,
-                 bisect_steps: int = 6, max_iter: int = 300, tol: float = 1e-5, z_val: Tensor | None = None,
-                 y_val: Tensor | None = None, nonneg: bool = False) -> dict[str, Any]:
+                 bisect_steps: int = 6, max_iter: int = 100, tol: float = 1e-5, z_val: Tensor | None = None,
+                 y_val: Tensor | None = None, nonneg: bool = False, progress: bool = False) -> dict[str, Any]:
     """The regularisation path down to ``target`` concepts per class (see the module docstring).
 
-    Returns {"W", "b", "lam", "concepts_per_class", "path": [{lam, concepts_per_class, train_top1, val_top1,
-    iterations}, ...]}: the chosen model is the one with the most concepts per class <= target.
+    ``progress``: a tqdm bar (stderr) over the path points (at most ``n_lambdas + bisect_steps``) with the concepts
+    per class reached. Returns {"W", "b", "lam", "concepts_per_class", "path": [{lam, concepts_per_class,
+    train_top1, val_top1, iterations}, ...]}: the chosen model is the one with the most concepts per class <= target.
     """
+    from tqdm.auto import tqdm
+
     C = n_classes
     b0 = torch.log(torch.bincount(y, minlength=C).to(z.dtype).clamp_min(1.0) / len(y))
     _, gW, _ = _ce_grad(_Design(z), y, torch.zeros(C, z.shape[1], dtype=z.dtype, device=z.device), b0)
@@ -290,6 +297,8 @@ def fit_cbm_path(z: Tensor, y: Tensor, n_classes: int, target: float, *, alpha: 
         if z_val is not None and y_val is not None:
             rec["val_top1"] = _accuracy(z_val, y_val, W, b)
         path.append(rec)
+        bar.update(1)
+        bar.set_postfix(concepts_per_class=f"{cpc:.2f}", target=target)
         if cpc <= target and (best is None or cpc > best["concepts_per_class"]
                               or (cpc == best["concepts_per_class"] and lam < best["lam"])):
             best = {"W": W, "b": b, "lam": lam, "concepts_per_class": cpc}
@@ -299,6 +308,7 @@ def fit_cbm_path(z: Tensor, y: Tensor, n_classes: int, target: float, *, alpha: 
     lams = lam_max * np.geomspace(1.0, 1e-3, n_lambdas)
     lo = hi = None  # lam above the target (sparser) / below it (denser)
     W_lo, b_lo = W, b
+    bar = tqdm(total=n_lambdas + bisect_steps, desc="cbm path", unit="point", disable=not progress, leave=False)
     for lam in lams:
         W, b, cpc = point(float(lam), W, b)
         if cpc <= target:
@@ -314,6 +324,7 @@ def fit_cbm_path(z: Tensor, y: Tensor, n_classes: int, target: float, *, alpha: 
                 lo, W_lo, b_lo = mid, Wm, bm
             else:
                 hi = mid
+    bar.close()
     assert best is not None  # lam_max gives W = 0, 0 concepts per class <= target
     best["path"] = sorted(path, key=lambda r: -r["lam"])
     return best
@@ -659,7 +670,7 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
 
     fit = fit_cbm_path(z_t, y_t, C, cfg.target_concepts_per_class, alpha=cfg.alpha, n_lambdas=cfg.n_lambdas,
                        bisect_steps=cfg.bisect_steps, max_iter=cfg.max_iter, tol=cfg.tol, z_val=z_v, y_val=y_v,
-                       nonneg=cfg.nonneg)
+                       nonneg=cfg.nonneg, progress=cfg.progress)
     cbm_top1 = _accuracy(z_v, y_v, fit["W"], fit["b"])
     refit: dict[str, Any] = {"done": False}
     if cfg.refit:

@@ -68,6 +68,8 @@ def test_demo_rerun_skips_finished_stages(quick_demo, capsys):
     err = capsys.readouterr().err
     assert all(f"{s}: done before" in err for s in demo.STAGES)
     assert json.loads((out / "demo.json").read_text())["stages"] == before
+    summary = json.loads((out / "demo.json").read_text())
+    assert demo.format_summary(summary).count(" s this run, the rest done before)") == 1  # not the stages' sum alone
     # another demo's directory: refused with one line on stderr (exit 2), not a traceback
     assert demo.main(argv + ["--seed", "1"]) == 2
     assert "other settings" in capsys.readouterr().err

@@ -50,6 +50,8 @@ def test_vocabulary_from_file(tmp_path):
     assert load_vocabulary(f, 0, stopwords=True, alpha_only=True) == ["cat", "dog", "t-shirt", "sea urchin", "zebra"]
     with pytest.raises(NamingError, match="does not exist"):
         load_vocabulary(tmp_path / "missing.txt")
+    with pytest.raises(NamingError, match="is a directory, not a file"):  # it exists: "does not exist" misled
+        load_vocabulary(tmp_path)
 
 
 def test_vocabulary_from_wordfreq_and_shared_list(shared_dir):

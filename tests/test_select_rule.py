@@ -313,6 +313,16 @@ def test_bad_rule_settings_exit_2_with_one_line_before_scoring(tmp_path, fake_sc
     assert fake_scores == [] and not (sw / "leaderboard.md").exists()
 
 
+def test_a_planned_rule_the_metric_cannot_serve_is_named_as_the_plans(tmp_path, fake_scores, capsys):
+    """--metric explained_variance on a sweep planned with sparsest_within: the error says the rule came from the
+    plan (the user never passed --rule) and how to select by that metric."""
+    sw = _sweep(tmp_path, rule="sparsest_within", max_drop=1.0)
+    assert main(["--sweep", str(sw), "--metric", "explained_variance", "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert ("--rule sparsest_within (the sweep's planned rule; select with --rule best to choose by "
+            "explained_variance) needs a zero-shot metric") in err and fake_scores == []
+
+
 @pytest.mark.parametrize("kw,expect", [
     (dict(rule="sparsest_within"), "needs max_drop"),
     (dict(max_drop=1.0), "applies only with rule sparsest_within"),

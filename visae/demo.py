@@ -979,7 +979,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     if rec.get("best_trial_in_sweep"):
         b = rec["best_trial_in_sweep"]
         lines.append(f"  (best recovery in the sweep: {b['trial']}, mean AUROC {b['mean_best_auroc']:.3f}; see recovery.txt)")
-    lines.append(f"  time: {summary['seconds_all_stages']:.0f} s over all stages. Open {s['browse']['index']} in a browser "
+    this_run = summary.get("seconds_this_run")
+    rerun = (f" ({this_run:.0f} s this run, the rest done before)"
+             if this_run is not None and this_run < summary["seconds_all_stages"] - 1 else "")
+    lines.append(f"  time: {summary['seconds_all_stages']:.0f} s over all stages{rerun}. Open {s['browse']['index']} in a browser "
                  f"(or serve it: visae browse serve {shlex.quote(str(Path(s['browse']['index']).parent))})")
     return "\n".join(lines)
 

@@ -189,7 +189,8 @@ def load_vocabulary(path: str | Path | None = None, size: int = 20000, *, stopwo
     else:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise NamingError(f"vocabulary file {p} does not exist (expected one word a line)")
+            what = "is a directory, not a file" if p.is_dir() else "does not exist"
+            raise NamingError(f"vocabulary file {p} {what} (expected one word a line)")
         try:
             lines = p.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as e:

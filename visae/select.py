@@ -786,8 +786,10 @@ def _resolve_rule(cfg: SelectConfig, scfg: dict[str, Any], metric: str) -> tuple
     if not max_drop >= 0:
         raise SelectError(f"max_drop must be >= 0 percentage points, got {max_drop}")
     if not metric.startswith("zeroshot"):
-        raise SelectError(f"--rule sparsest_within needs a zero-shot metric (the drop is clean minus reconstruction "
-                          f"accuracy), got --metric {metric}")
+        whose = "" if cfg.rule is not None else " (the sweep's planned rule; select with --rule best to choose by " \
+                                                  f"{metric})"
+        raise SelectError(f"--rule sparsest_within{whose} needs a zero-shot metric (the drop is clean minus "
+                          f"reconstruction accuracy), got --metric {metric}")
     return rule, max_drop
 
 

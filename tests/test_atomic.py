@@ -207,3 +207,29 @@ def test_a_command_refused_on_bad_input_leaves_no_directory(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert main([*argv, "--out", "runs/x"]) != 0
     assert "missing" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_an_output_path_taken_by_a_file_is_a_usage_error_before_any_work(tmp_path, capsys):
+    """--out naming a file (or under one): exit 2 with one line naming it, for the commands that lock their output
+    (output_lock), the demo (which creates its --out itself) and cbm (which wrote its --out only after every fit);
+    the file is left as it was."""
+    from visae.atomic import OutputPathError, output_lock
+    from visae.cli import main as visae
+
+    f = tmp_path / "results.txt"
+    f.write_text("keep")
+    for out in (f, f / "sub"):
+        with pytest.raises(OutputPathError, match=f"--out {out}: {f} is a file, not a directory; give visae x another"):
+            with output_lock(out, "visae x"):
+                pass
+    for argv in (["demo", "--out", str(f), "--no_progress"],
+                 ["name", "--sae", str(tmp_path / "no_sae"), "--out", str(f / "sub")]):
+        assert visae(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and f"{f} is a file, not a directory" in err, err
+    from visae.cbm import CBMConfig, train_cbm
+
+    with pytest.raises(OutputPathError, match="give visae cbm another --out"):  # before reading any input
+        train_cbm(CBMConfig(sae=str(tmp_path / "x"), concepts=str(tmp_path / "x"), train_shards=str(tmp_path / "x"),
+                            val_shards=str(tmp_path / "y"), out=str(f)))
+    assert f.read_text() == "keep"

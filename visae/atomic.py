@@ -48,7 +48,8 @@ from typing import Any, Iterator, Literal, Sequence
 from visae.errors import VisaeError
 
 __all__ = ["append_lines", "save_figure", "atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_dir", "staged_dir", "temp_name",
-           "remove_stale_temps", "output_lock", "OutputLockedError", "LOCK_FILE"]
+           "remove_stale_temps", "output_lock", "OutputLockedError", "OutputPathError", "check_output_path", "set_aside",
+           "LOCK_FILE"]
 
 LOCK_FILE = ".visae.lock"
 _TEMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
@@ -312,6 +313,34 @@ class OutputLockedError(VisaeError, RuntimeError):
     """Another process is writing the same output directory."""
 
 
+def set_aside(path: str | Path, name: str) -> Path:
+    """Move ``path`` (a file or directory) to the free sibling name ``name`` (or ``name-1``, ``name-2``, ...) in
+    one rename, keeping it for inspection rather than deleting it; returns the new path. A rename within a
+    directory is atomic: a kill leaves ``path`` either where it was or moved whole."""
+    path = Path(path)
+    k, dst = 0, path.parent / name
+    while dst.exists():
+        k += 1
+        dst = path.parent / f"{name}-{k}"
+    os.rename(path, dst)
+    return dst
+
+
+def check_output_path(out: str | Path, command: str = "visae") -> None:
+    """Raise :class:`OutputPathError` when output directory ``out`` or one of its parents exists as a file."""
+    out = Path(out)
+    blocked = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    if blocked is not None:
+        raise OutputPathError(f"--out {out}: {blocked} is a file, not a directory; give {command} another --out")
+
+
+class OutputPathError(VisaeError, NotADirectoryError):
+    """An output directory's path is taken by a file (``--out results.txt`` where a directory is wanted): a usage
+    error (exit 2), raised before anything is written."""
+
+    exit_code = 2
+
+
 _held: dict[str, list] = {}  # lock path -> [FileLock, depth]; re-entrant within this process
 _held_guard = threading.Lock()
 
@@ -338,10 +367,12 @@ def output_lock(out: str | Path, command: str = "visae", *, clean_temps: bool = 
     Raises:
         OutputLockedError: another process holds the lock (a second ``visae sweep --out X``
             while one runs); raised at once, nothing is written.
+        OutputPathError: ``out`` or one of its parents exists and is not a directory; nothing is written.
     """
     from filelock import FileLock, Timeout
 
     out = Path(out)
+    check_output_path(out, command)
     created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first: made by this call
     out.mkdir(parents=True, exist_ok=True)
     path = _lock_file(out)

@@ -588,14 +588,15 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
     (``--concepts``) made for another SAE or member (:func:`visae.naming.check_concepts_sae`), a missing label column.
     Warns (UserWarning) when the training and validation shard sets are the same directory.
     """
+    from visae.atomic import check_output_path
+    from visae.config import absolute_paths, changed_settings
     from visae.naming import NamingError, check_concepts_sae, read_concepts, sae_weights_sha256
     from visae.sae import SAEFormatError, load_sae
 
+    check_output_path(cfg.out, "visae cbm")  # found at the end, after every fit, it was too late
     train, val = _open(cfg.train_shards, "train_shards"), _open(cfg.val_shards, "val_shards")
     if train.d != val.d:
         raise CBMError(f"--train_shards has d={train.d}, --val_shards d={val.d}: not the same activations")
-    from visae.config import absolute_paths, changed_settings
-
     rec = absolute_paths(dataclasses.asdict(cfg), ("sae", "concepts", "train_shards", "val_shards", "text_cache", "out"))
     replaced = changed_settings(Path(cfg.out) / "cbm.json", rec, ("batch_size", "device", "text_cache"))
     if Path(cfg.train_shards).resolve() == Path(cfg.val_shards).resolve():

@@ -643,6 +643,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     run = effective(cfg)  # the nested configs carry the top-level settings from here on
     out = Path(run.out)
+    from visae.atomic import check_output_path
+
+    check_output_path(out, "visae demo")  # a file where --out should be: exit 2 before any work
     _check_word_lists(run)
     world = WORLDS[run.world]
     from visae.backbones import BackboneError, check_backbone_name

@@ -209,12 +209,9 @@ class SweepDir:
     def set_aside(self, trial: str) -> Path:
         """Rename the trial's directory to ``trials/.damaged-<trial>[-k]`` (hidden from the trial listings, kept for
         inspection) so that the trial can train again; returns the new path."""
-        k, dst = 0, self.trials_dir / f".damaged-{trial}"
-        while dst.exists():
-            k += 1
-            dst = self.trials_dir / f".damaged-{trial}-{k}"
-        self.trial_dir(trial).rename(dst)
-        return dst
+        from visae.atomic import set_aside
+
+        return set_aside(self.trial_dir(trial), f".damaged-{trial}")
 
     def damaged_trials(self, plan: dict[str, Any]) -> dict[str, str]:
         """``{trial: why}`` for the planned trials of groups marked done whose weights are missing or of another size

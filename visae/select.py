@@ -556,10 +556,11 @@ def _write_tables(out: Path, rows: list[dict[str, Any]], metric: str, constraint
         border = [r["trial"] for r in cand if r.get("borderline")]
         unknown = [r["trial"] for r in cand if r.get("borderline") is None]
         if border:
-            lines += ["", f"**{len(border)} trial(s) are borderline**: the chosen one or sparser, their drop within 2 "
-                      f"standard errors of max_drop {max_drop:g} ({', '.join(border)}). The selection set cannot tell "
-                      "whether they are within the tolerance: with other selection examples the rule may choose "
-                      "differently. A larger selection set (`visae select --val_shards`; "
+            lines += ["", f"**{len(border)} trial(s) that could change the choice are borderline**: the chosen one "
+                      f"or sparser, their drop within 2 standard errors of max_drop {max_drop:g} ({', '.join(border)}). "
+                      "The selection set cannot tell whether they are within the tolerance: with other selection "
+                      "examples the rule may choose differently. (The borderline column marks every trial whose drop "
+                      "lies that close to max_drop; a denser one cannot change the choice.) A larger selection set (`visae select --val_shards`; "
                       "in `visae demo`, --n_select_images) narrows the error."]
         if unknown:
             lines += ["", f"The drop's standard error is unknown for {len(unknown)} trial(s) ({', '.join(unknown)}): "

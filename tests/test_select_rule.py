@@ -367,3 +367,16 @@ def test_a_sweep_of_degenerate_trials_only_says_so(tmp_path, fake_scores, monkey
         select(SelectConfig(sweep=str(sw), progress=False))
     md = (sw / "leaderboard.md").read_text()
     assert "excluded_by" in md and "degenerate: every latent dead (L0 0)" in md
+
+
+def test_reselecting_a_demos_sweep_says_the_demo_is_stale(tmp_path):
+    """visae select on <demo>/sweep that changes best/: the demo's names, site and recovery describe the old trial,
+    and the command says how to refresh them (only then: same trial, or a sweep outside a demo, say nothing)."""
+    sw = tmp_path / "demo" / "sweep"
+    sw.mkdir(parents=True)
+    assert visae.select._demo_note(sw, {"trial": "a"}, {"trial": "b"}) is None  # not a demo's sweep
+    (tmp_path / "demo" / "demo_state.json").write_text("{}")
+    note = visae.select._demo_note(sw, {"trial": "a"}, {"trial": "b"})
+    assert note and "made from the previous choice (a)" in note and f"visae demo --out {tmp_path / 'demo'}" in note
+    assert visae.select._demo_note(sw, {"trial": "b"}, {"trial": "b"}) is None
+    assert visae.select._demo_note(sw, None, {"trial": "b"}) is None

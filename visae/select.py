@@ -865,12 +865,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(SelectConfig, argv, default_yaml=DEFAULT_YAML, prog="visae select",
                            description=(SelectConfig.__doc__ or "").strip())
+        before = _kept_selection(SweepDir(cfg.sweep))
         info = select(cfg)
     except (ConfigError, ShardError, SweepError, SelectError) as e:
         print(f"visae select: error: {e}", file=sys.stderr)
         return 2
     print(format_selection(info, Path(cfg.sweep)))
+    note = _demo_note(Path(cfg.sweep), before, info)
+    if note:
+        print(note)
     return 0
+
+
+def _demo_note(sweep: Path, before: dict[str, Any] | None, info: dict[str, Any]) -> str | None:
+    """When the sweep is a demo's (``<out>/sweep`` beside ``<out>/demo_state.json``) and this selection put another
+    trial in ``best/``: the demo's names, site and recovery still describe the previous one; say how to refresh them."""
+    demo_dir = sweep.resolve().parent
+    if not (demo_dir / "demo_state.json").is_file() or not before or before.get("trial") == info.get("trial"):
+        return None
+    return (f"note: {demo_dir} is a demo whose concepts/, site/ and recovery were made from the previous choice "
+            f"({before.get('trial')}); rerun the demo with the same settings (visae demo --out {demo_dir} ...) to name, "
+            "browse and score the new one")
 
 
 if __name__ == "__main__":

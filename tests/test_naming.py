@@ -440,3 +440,19 @@ def test_vocabulary_entries_the_tower_cannot_represent(tiny, caplog):
     # no two names share an embedding: every pair of kept words is below the merge threshold
     cos = v.emb.double() @ v.emb.double().T
     assert (cos - 2 * torch.eye(len(v.words), dtype=torch.float64)).max() <= NEAR_DUPLICATE_COSINE
+
+
+def test_a_record_of_the_same_path_with_other_weights_says_the_sae_changed(tmp_path):
+    """concepts recorded for <dir> whose weights changed since (a re-selected best/, an SAE retrained in place): the
+    message says so, instead of "another SAE (<dir>), not of <dir>" naming one path twice."""
+    from visae.naming import recorded_sae_mismatch, sae_weights_sha256
+    from visae.sae import SAEConfig, build_sae
+
+    sae_dir = tmp_path / "best"
+    build_sae(SAEConfig(architecture="relu", d_in=4, d_sae=8), generator=torch.Generator().manual_seed(0)).save(sae_dir)
+    now = sae_weights_sha256(sae_dir)
+    why = recorded_sae_mismatch({"sae": str(sae_dir), "sae_weights_sha256": "0" * 64}, sae_dir, "concepts.json")
+    assert why == f"of an earlier SAE at {sae_dir} (its weights changed since: sha256 000000000000... then, {now[:12]}... now)"
+    why = recorded_sae_mismatch({"sae": str(tmp_path / "other"), "sae_weights_sha256": "0" * 64}, sae_dir, "c.json")
+    assert why.startswith(f"of another SAE ({tmp_path / 'other'}, weights sha256 000000000000...), not of {sae_dir}")
+    assert recorded_sae_mismatch({"sae": str(sae_dir), "sae_weights_sha256": now}, sae_dir, "c.json") is None

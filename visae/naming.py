@@ -795,7 +795,8 @@ def recorded_sae_mismatch(doc: dict[str, Any], sae_dir: str | Path | None, where
                           warn: bool = True) -> str | None:
     """Whether a record made for an SAE (``doc``: concepts.json, cbm.json, with ``sae`` and ``sae_weights_sha256``)
     belongs to another SAE than ``sae_dir``: ``"of another SAE (<its path>, weights sha256 ...), not of <sae_dir>
-    (...)"`` when the recorded weights digest differs from ``sae_dir``'s, else None. A copy of the same SAE (a
+    (...)"`` when the recorded weights digest differs from ``sae_dir``'s (``"of an earlier SAE at <sae_dir> (its
+    weights changed since ...)"`` when the recorded path is ``sae_dir`` itself), else None. A copy of the same SAE (a
     sweep's ``best/``) has the same digest. What cannot be decided is logged (``warn``; ``where`` names the record):
     a digest recorded but none to compare (``sae_dir`` not a local visae SAE with checksums), or an older record with
     no digest whose ``sae`` path differs (the SAE may have been moved)."""
@@ -803,6 +804,10 @@ def recorded_sae_mismatch(doc: dict[str, Any], sae_dir: str | Path | None, where
         return None
     rec, got = doc.get("sae_weights_sha256"), sae_weights_sha256(sae_dir)
     if rec and got and rec != got:
+        if doc.get("sae") and Path(str(doc["sae"])).resolve() == Path(str(sae_dir)).resolve():
+            # the same path, other weights: a sweep's best/ re-selected, an SAE retrained in place
+            return (f"of an earlier SAE at {sae_dir} (its weights changed since: sha256 {rec[:12]}... then, "
+                    f"{got[:12]}... now)")
         return f"of another SAE ({doc.get('sae')}, weights sha256 {rec[:12]}...), not of {sae_dir} (weights sha256 {got[:12]}...)"
     if warn and rec and not got:
         log.warning("%s records the weights digest of its SAE; %s has none to compare it with (not a local visae SAE "

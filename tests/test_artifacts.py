@@ -649,3 +649,14 @@ def test_a_moved_sweep_directory_resumes(tmp_path, capsys):
         sweep(SweepConfig(out=str(tmp_path / "moved"), train=dataclasses.replace(tcfg, max_steps=5), **kw))
     err = capsys.readouterr().err
     assert "resuming" in err and "moved/groups/" in err and "step 5" in err, err  # not refused for its new path
+
+
+def test_loading_an_unfinished_training_run_says_how_to_finish_it(tmp_path):
+    """An SAE directory of a killed `visae train` (a checkpoint/, no cfg.json yet) is not "not an SAE directory": the
+    error says the run is unfinished and how to finish it; a directory with neither stays "not an SAE directory"."""
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    with pytest.raises(SAEFormatError, match=r"run holds an unfinished training run .*rerun `visae train` with the same"):
+        load_sae(tmp_path / "run")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SAEFormatError, match="is not an SAE directory"):
+        load_sae(tmp_path / "empty")

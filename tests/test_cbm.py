@@ -400,6 +400,7 @@ def test_names_of_another_sae_are_refused_before_any_work(toy, tmp_path, capsys,
                  "--val_shards", cfg.val_shards, "--label_column", "colour_shape", "--out", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"--concepts {cfg.concepts}" in err and "names the latents of another SAE" in err
+    assert "--concepts: --concepts" not in err  # the flag named once
     with pytest.raises(NamingError, match="names the latents of another SAE"):
         build_site(BrowseConfig(concepts=cfg.concepts, out=str(bad), naming=NameConfig(sae=str(tmp_path / "other"))))
     with pytest.raises(NamingError, match="names the latents of another SAE"):

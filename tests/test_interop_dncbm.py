@@ -89,3 +89,21 @@ def test_dncbm_errors(tmp_path):
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(InteropError, match=r"decoder._weight has shape \[1, 32, 5\], expected \[1, 32, 96\]"):
         import_dncbm(tmp_path / "bad.pt")
+
+
+class _NotATensor:  # a pickled object: weights_only loading refuses it
+    pass
+
+
+def test_dncbm_unreadable_files_name_the_cause_without_torchs_retry_advice(tmp_path):
+    """A damaged file and a file holding pickled objects are refused naming the file and the cause; torch's advice to
+    retry with weights_only=False (running the file's code) is not passed on."""
+    (tmp_path / "garbage.pt").write_bytes(b"garbage bytes here")
+    torch.save({"obj": _NotATensor()}, tmp_path / "objects.pt")
+    for name, cause in (("garbage.pt", "not a torch checkpoint, or damaged"),
+                        ("objects.pt", "it holds objects other than tensors (Unsupported global")):
+        with pytest.raises(InteropError) as info:
+            import_dncbm(tmp_path / name)
+        msg = str(info.value)
+        assert msg.startswith(f"{tmp_path / name}: not a readable torch state_dict") and cause in msg, msg
+        assert "weights_only=True and runs no pickled code" in msg and "set to `False`" not in msg

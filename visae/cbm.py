@@ -625,8 +625,8 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
         try:
             doc = read_concepts(cfg.concepts)
             check_concepts_sae(doc, cfg.sae or None, cfg.member, f"--concepts {cfg.concepts}")
-        except NamingError as e:
-            raise CBMError(f"--concepts: {e}") from None
+        except NamingError as e:  # its message names --concepts already when check_concepts_sae raised it
+            raise CBMError(str(e) if str(e).startswith("--concepts") else f"--concepts {cfg.concepts}: {e}") from None
         if int(doc.get("num_concepts", sae.d_sae)) != sae.d_sae:
             raise CBMError(f"--concepts {cfg.concepts} names {doc.get('num_concepts')} latents, the SAE has {sae.d_sae}")
         for c in doc["concepts"]:

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 from visae.errors import VisaeError
 from visae.interop.layouts import detect_layout, import_hint
 
-__all__ = ["InteropError", "detect_layout", "import_hint", "sae_from_matrices", "check_out_dir"]
+__all__ = ["InteropError", "detect_layout", "import_hint", "sae_from_matrices", "check_out_dir", "torch_load_error"]
 
 
 class InteropError(VisaeError, ValueError):
@@ -102,3 +102,22 @@ def sae_from_matrices(architecture: str, *, W_enc: Any, b_enc: Any, W_dec: Any,
     sae.load_state_dict(state)
     sae.extra = dict(extra or {})
     return sae.eval()
+
+
+def torch_load_error(e: BaseException) -> str:
+    """What ``torch.load(..., weights_only=True)`` said, as one clause without torch's advice to retry with
+    ``weights_only=False`` (which runs the file's pickled code: wrong for a damaged file, unsafe for an untrusted
+    one): the exception's type and the first line of its message, and that visae loads tensors only."""
+    import re
+
+    msg = str(e)
+    if "Weights only load failed" in msg:
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", msg, re.S)
+        detail = " ".join(m.group(1).split()) if m else ""
+        if "Unsupported global" in detail:
+            what = f"it holds objects other than tensors ({detail.split(' was not')[0]})"
+        else:
+            what = f"not a torch checkpoint, or damaged ({detail or 'unreadable'})"
+    else:
+        what = next((ln.strip() for ln in msg.splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {what}; visae loads checkpoints with weights_only=True and runs no pickled code"

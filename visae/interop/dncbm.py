@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from visae.interop import InteropError, check_out_dir, sae_from_matrices
+from visae.interop import InteropError, check_out_dir, sae_from_matrices, torch_load_error
 
 __all__ = ["import_dncbm", "DNCBM_COMMIT", "DNCBM_FILE"]
 
@@ -71,7 +71,7 @@ def import_dncbm(path: str | Path, out: str | Path | None = None, *, model: str 
     try:
         state = torch.load(str(f), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle / zip errors of every kind: name the file
-        raise InteropError(f"{f}: not a readable torch state_dict ({type(e).__name__}: {e})") from None
+        raise InteropError(f"{f}: not a readable torch state_dict ({torch_load_error(e)})") from None
     if not isinstance(state, dict):
         raise InteropError(f"{f}: expected a state_dict (dict of tensors), got {type(state).__name__}")
     missing = [k for k in _KEYS if k not in state]

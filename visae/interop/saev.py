@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from visae.interop import InteropError, check_out_dir
+from visae.interop import InteropError, check_out_dir, torch_load_error
 
 __all__ = ["convert_saev_shards", "import_saev_sae", "read_saev_metadata", "SAEV_PROTOCOL", "SAEV_COMMIT"]
 
@@ -227,7 +227,7 @@ def import_saev_sae(path: str | Path, out: str | Path | None = None, *, model: s
     try:
         state = torch.load(io.BytesIO(rest), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure: name the file
-        raise InteropError(f"{f}: the state_dict after the header cannot be read ({type(e).__name__}: {e})") from None
+        raise InteropError(f"{f}: the state_dict after the header cannot be read ({torch_load_error(e)})") from None
     missing = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k not in state]
     if missing:
         raise InteropError(f"{f}: missing tensor(s) {missing} (has {sorted(state)})")

@@ -624,6 +624,9 @@ def load_sae(path: str | Path, device: Any = "cpu") -> SAE:
     if not path.is_dir():
         raise SAEFormatError(f"SAE directory {path} does not exist")
     if not cfg_path.is_file():
+        if (path / "checkpoint").is_dir():  # visae.train.CHECKPOINT_DIR: a run killed before it saved its SAE
+            raise SAEFormatError(f"{path} holds an unfinished training run (a checkpoint/, no {CFG_FILE} yet): rerun "
+                                 "`visae train` with the same settings to finish it, then use it")
         raise SAEFormatError(f"{cfg_path} is missing: {path} is not an SAE directory (expected {CFG_FILE} + {WEIGHTS_FILE})")
     if not w_path.is_file():
         raise SAEFormatError(f"{w_path} is missing (the weights of the SAE described by {cfg_path})")

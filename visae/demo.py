@@ -144,7 +144,8 @@ class DemoConfig:
         "help": "output directory (world/, select_world/, shards/, select_shards/, sweep/, concepts/, site/)"})
     quick: bool = field(default=False, metadata={
         "help": "reduced size (for tests): n_images, n_select_images, the epochs, batch size and n_top become the "
-                "quick_* settings (unless you changed them), the grid its first SAE, no training plots"})
+                "quick_* settings (unless you changed them), the warm-ups fit the shorter run, the grid its first "
+                "SAE, no training plots"})
     n_images: int = field(default=10000, metadata={"help": "images of the world"})
     seed: int = field(default=0, metadata={
         "help": "seed of the world (its images), of the SAE training and of the naming's random image sample"})
@@ -286,6 +287,16 @@ def effective(cfg: DemoConfig) -> DemoConfig:
             train, num_epochs=quick(train.num_epochs, d.sweep.train.num_epochs, cfg.quick_num_epochs),
             batch_size=quick(train.batch_size, d.sweep.train.batch_size, cfg.quick_batch_size),
             plot=quick(train.plot, d.sweep.train.plot, False))
+        # the warm-ups at their defaults (lambda 1,000 steps, lr 200) outlast the quick run (580 steps): lambda never
+        # reached its value and the sweep warned the run "cannot have learnt". Scaled to end within the run's first
+        # half (lambda) and tenth (lr), as the full demo's end within its 1,440 steps.
+        n_train = quick(cfg.n_images, d.n_images, cfg.quick_n_images) * (1.0 - train.val_fraction)
+        steps = train.num_epochs * math.ceil(round(n_train) / train.batch_size)
+        train = dataclasses.replace(
+            train, l1_warmup_steps=quick(train.l1_warmup_steps, d.sweep.train.l1_warmup_steps,
+                                         min(d.sweep.train.l1_warmup_steps, steps // 2)),
+            lr_warmup_steps=quick(train.lr_warmup_steps, d.sweep.train.lr_warmup_steps,
+                                  min(d.sweep.train.lr_warmup_steps, steps // 10)))
         sweep = dataclasses.replace(cfg.sweep, train=train, lrs=cfg.sweep.lrs[-1:], l1_coeffs=cfg.sweep.l1_coeffs[:1],
                                     expansion_factors=cfg.sweep.expansion_factors[:1])
         if (sweep.selection.rule, sweep.selection.max_drop) == (d.sweep.selection.rule, d.sweep.selection.max_drop):

@@ -660,3 +660,28 @@ def test_loading_an_unfinished_training_run_says_how_to_finish_it(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SAEFormatError, match="is not an SAE directory"):
         load_sae(tmp_path / "empty")
+
+
+def test_an_sae_saved_twice_gives_the_same_bytes_whatever_the_metadata_order(tmp_path):
+    """safetensors writes its metadata map in a random order; visae's files sort it (safetensors_bytes), so the same
+    SAE saved in two processes has one SHA-256 (a retrained-identical sweep trial does not look changed), and the
+    file still loads as a safetensors file with the same tensors and metadata."""
+    from safetensors import safe_open
+
+    code = ("import sys, torch; from visae.sae import SAEConfig, build_sae; "
+            "build_sae(SAEConfig(architecture='relu', d_in=8, d_sae=16), generator=torch.Generator().manual_seed(0))"
+            ".save(sys.argv[1])")
+    digests = set()
+    for i in range(4):  # separate processes: each draws its own hash seed, where the order came from
+        out = tmp_path / f"s{i}"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True, env={**os.environ, "PYTHONHASHSEED": str(i)})
+        digests.add(hashlib.sha256((out / "weights.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    with safe_open(str(tmp_path / "s0" / "weights.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "visae.sae", "format_version": "1", "architecture": "relu"}
+        assert sorted(f.keys()) == ["W_dec", "W_enc", "b_dec", "b_enc"]
+    load_sae(tmp_path / "s0")  # its recorded checksum matches
+    from visae.integrity import safetensors_bytes
+
+    meta = {"format": "visae.sae", "format_version": "1", "architecture": "relu", "x": "y"}
+    assert len({safetensors_bytes({"a": torch.zeros(3)}, meta) for _ in range(20)}) == 1  # raw save: ~6 orders in 20

@@ -534,7 +534,7 @@ def test_demo_rerun_retrains_a_trial_whose_weights_were_damaged(quick_demo, caps
         f.truncate(size // 2)
     assert demo.main(argv) == 0
     err = capsys.readouterr().err
-    assert f"sweep: 1 trial(s) finished before lost their weights since ({w} is {size // 2} bytes" in err
+    assert f"sweep: weights of the finished sweep were lost or damaged since ({w} is {size // 2} bytes" in err
     assert "sweep: done before" not in err and "name: done before" not in err and "recovery: done before" not in err
     assert w.stat().st_size == size and (trials / f".damaged-{t.name}" / "weights.safetensors").stat().st_size == size // 2
     rec = json.loads((out / "recovery.json").read_text())
@@ -542,6 +542,10 @@ def test_demo_rerun_retrains_a_trial_whose_weights_were_damaged(quick_demo, caps
     w.unlink()
     assert demo.main(argv) == 0
     assert f"({w} is missing)" in capsys.readouterr().err and w.stat().st_size == size
+    best = out / "sweep" / "best" / "weights.safetensors"  # the selected SAE's copy, read by the later stages
+    best.write_bytes(best.read_bytes()[:100])
+    assert demo.main(argv) == 0
+    assert f"({best} is 100 bytes" in capsys.readouterr().err and best.stat().st_size == size
     assert demo.main(argv) == 0
     err = capsys.readouterr().err
     assert all(f"{s}: done before" in err for s in demo.STAGES)

@@ -443,3 +443,55 @@ def test_sweep_refuses_a_selection_set_of_other_classes_before_training(tmp_path
     with pytest.raises(SweepError, match=r"--val_fraction 0.005 of the 64 rows of --shards .* holds out none"):
         sweep(_cfg(tmp_path / "s", tmp_path / "sw", val_fraction=0.005))
     assert not (tmp_path / "sw" / "trials").exists()
+
+
+def test_a_damaged_trial_is_refused_by_select_and_trained_again_by_the_sweep(planted, tmp_path, capsys):
+    """One trial of a 4-trial group truncated after the sweep: select refuses it (naming the trial and the fix, not a
+    bare checksum error, and a cached score cannot carry it into best/), the group is no longer done, and the same
+    sweep command trains that trial alone again (bit for bit the same on one machine), its old directory set aside
+    and a second set-aside taking the next free name; a trial whose cfg.json records no checksums is not flagged."""
+    import shutil
+
+    from visae.select import select_if_complete
+    from visae.sweepdir import SweepDir
+
+    cfg = _cfg(planted, tmp_path / "sw")
+    sweep(cfg)
+    sd = SweepDir(tmp_path / "sw")
+    plan = sd.read_plan()
+    (g,) = plan["groups"]
+    t = g["trials"][1]
+    w = sd.trial_dir(t) / "weights.safetensors"
+    good = w.read_bytes()
+    others = {o: (sd.trial_dir(o) / "weights.safetensors").stat().st_mtime_ns for o in g["trials"] if o != t}
+    w.write_bytes(good[: len(good) // 2])
+    assert sd.damaged_trials(plan) == {t: f"{w} is {len(good) // 2} bytes, its cfg.json recorded {len(good)} "
+                                          "(truncated or replaced)"}
+    assert not sd.group_done(g["name"], g["trials"]) and select_if_complete(tmp_path / "sw") is None
+    with pytest.raises(SelectError, match=rf"1 trial\(s\) have damaged weights \({w} is .*rerun the same `visae sweep`"):
+        select(SelectConfig(sweep=str(tmp_path / "sw"), progress=False))
+    capsys.readouterr()
+    sweep(cfg)
+    err = capsys.readouterr().err
+    assert f"trial {t} was finished but {w} is {len(good) // 2} bytes" in err and "training group exp2 (1 of 4 trials" in err
+    assert w.read_bytes() == good and sd.damaged_trials(plan) == {}
+    assert {o: (sd.trial_dir(o) / "weights.safetensors").stat().st_mtime_ns for o in others} == others  # untouched
+    aside = sd.trials_dir / f".damaged-{t}"
+    assert (aside / "weights.safetensors").stat().st_size == len(good) // 2
+    assert t not in [p.name for p in sd.trials_dir.iterdir() if p.name.startswith(".")] and t in sd.trials_with_weights()
+    w.unlink()
+    sweep(cfg)
+    assert (sd.trials_dir / f".damaged-{t}-1").is_dir() and w.read_bytes() == good
+    # an SAE directory without the checksums record (another tool's): only its weights file is checked
+    doc = json.loads((sd.trial_dir(t) / "cfg.json").read_text())
+    doc.pop("checksums")
+    bare = tmp_path / "bare"
+    shutil.copytree(sd.trial_dir(t), bare)
+    (bare / "cfg.json").write_text(json.dumps(doc))
+    (bare / "weights.safetensors").write_bytes(b"short")
+    from visae.sweepdir import weights_problem
+
+    assert weights_problem(bare) is None
+    doc["checksums"] = {"weights.safetensors": "abc"}
+    (bare / "cfg.json").write_text(json.dumps(doc))
+    assert "checksums record of weights.safetensors is malformed" in weights_problem(bare)

@@ -319,19 +319,31 @@ def set_aside(path: str | Path, name: str) -> Path:
     directory is atomic: a kill leaves ``path`` either where it was or moved whole."""
     path = Path(path)
     k, dst = 0, path.parent / name
-    while dst.exists():
-        k += 1
-        dst = path.parent / f"{name}-{k}"
-    os.rename(path, dst)
-    return dst
+    while True:
+        while os.path.lexists(dst):
+            k += 1
+            dst = path.parent / f"{name}-{k}"
+        if path.is_dir():
+            try:
+                os.rename(path, dst)  # fails (not replaces) if another process made dst a non-empty directory meanwhile
+                return dst
+            except OSError:
+                if not os.path.lexists(dst):
+                    raise
+                continue
+        os.link(path, dst)  # a file: link fails if dst appeared meanwhile (rename would replace it), then unlink
+        os.unlink(path)
+        return dst
 
 
 def check_output_path(out: str | Path, command: str = "visae") -> None:
     """Raise :class:`OutputPathError` when output directory ``out`` or one of its parents exists as a file."""
     out = Path(out)
-    blocked = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
+    blocked = next((q for q in (out, *out.parents) if (q.exists() and not q.is_dir()) or (q.is_symlink() and not q.exists())),
+                   None)  # a file, or a dangling link (mkdir would fail on it)
     if blocked is not None:
-        raise OutputPathError(f"--out {out}: {blocked} is a file, not a directory; give {command} another --out")
+        what = "a dangling link" if blocked.is_symlink() and not blocked.exists() else "a file, not a directory"
+        raise OutputPathError(f"--out {out}: {blocked} is {what}; give {command} another --out")
 
 
 class OutputPathError(VisaeError, NotADirectoryError):

@@ -598,7 +598,7 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
     if train.d != val.d:
         raise CBMError(f"--train_shards has d={train.d}, --val_shards d={val.d}: not the same activations")
     rec = absolute_paths(dataclasses.asdict(cfg), ("sae", "concepts", "train_shards", "val_shards", "text_cache", "out"))
-    replaced = changed_settings(Path(cfg.out) / "cbm.json", rec, ("batch_size", "device", "text_cache"))
+    replaced = changed_settings(Path(cfg.out) / "cbm.json", rec, ("batch_size", "device", "text_cache", "progress"))
     if Path(cfg.train_shards).resolve() == Path(cfg.val_shards).resolve():
         import warnings
 

@@ -290,8 +290,9 @@ def effective(cfg: DemoConfig) -> DemoConfig:
         # the warm-ups at their defaults (lambda 1,000 steps, lr 200) outlast the quick run (580 steps): lambda never
         # reached its value and the sweep warned the run "cannot have learnt". Scaled to end within the run's first
         # half (lambda) and tenth (lr), as the full demo's end within its 1,440 steps.
-        n_train = quick(cfg.n_images, d.n_images, cfg.quick_n_images) * (1.0 - train.val_fraction)
-        steps = train.num_epochs * math.ceil(round(n_train) / train.batch_size)
+        from visae.train.data import planned_steps
+
+        steps = planned_steps(quick(cfg.n_images, d.n_images, cfg.quick_n_images), train)
         train = dataclasses.replace(
             train, l1_warmup_steps=quick(train.l1_warmup_steps, d.sweep.train.l1_warmup_steps,
                                          min(d.sweep.train.l1_warmup_steps, steps // 2)),
@@ -596,11 +597,16 @@ def _check_finished_sweep(st: dict[str, Any], out: Path, swd: SweepDir) -> None:
     recovery without them and could report success with the selected trial missing."""
     if "sweep" not in st["stages"] or not swd.plan_file.is_file():
         return
-    damaged = swd.damaged_trials(swd.read_plan())
+    from visae.sweepdir import weights_problem
+
+    damaged = list(swd.damaged_trials(swd.read_plan()).values())
+    best = weights_problem(swd.best_dir) if swd.best_dir.is_dir() else f"{swd.best_dir} is missing"
+    if best is not None:
+        damaged.append(best)  # the selected SAE's copy, which naming, site and recovery read: the sweep selects again
     if not damaged:
         return
-    _say(f"sweep: {len(damaged)} trial(s) finished before lost their weights since ({'; '.join(damaged.values())}): "
-         "the sweep trains them again, then naming, site and recovery run again")
+    _say(f"sweep: weights of the finished sweep were lost or damaged since ({'; '.join(damaged)}): the sweep trains "
+         "what it must again and selects, then naming, site and recovery run again")
     for name in ("sweep", "name", "browse", "recovery"):
         st["stages"].pop(name, None)
     _save_state(out, st)

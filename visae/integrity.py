@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["sha256_bytes", "sha256_file", "sample_digest", "tensors_digest", "json_digest", "check_finite",
-           "SAMPLE_BLOCK"]
+           "safetensors_bytes", "SAMPLE_BLOCK"]
 
 SAMPLE_BLOCK = 1 << 16
 _CHUNK = 1 << 22
@@ -100,3 +100,24 @@ def check_finite(tensors: Mapping[str, Any], where: str, error: type[Exception])
             n_bad = int((~torch.isfinite(t)).sum())
             raise error(f"{where}: tensor {name!r} holds {n_bad} non-finite value(s) (NaN/Inf); the weights are "
                         "damaged or the run diverged: retrain or restore this file")
+
+
+def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save(tensors, metadata)`` with its header's ``__metadata__`` keys in sorted order, so
+    that equal tensors and metadata always give equal bytes (and SHA-256s). safetensors writes the metadata map in
+    a random order from one process to the next: the same SAE saved twice got two digests, and an SAE retrained bit
+    for bit looked changed to every check by digest. The header keeps its length (padded with spaces, as the
+    format allows), so the tensors' offsets are unchanged; readers see the same file."""
+    from safetensors.torch import save as st_save
+
+    data = st_save(dict(tensors), metadata=dict(metadata) if metadata else None)
+    n = int.from_bytes(data[:8], "little")
+    head = json.loads(data[8:8 + n])
+    meta = head.get("__metadata__")
+    if not meta or len(meta) < 2:
+        return data
+    ordered = {"__metadata__": dict(sorted(meta.items())), **{k: v for k, v in head.items() if k != "__metadata__"}}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # not expected (the same content); keep safetensors' own bytes rather than a wrong header
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n:]

@@ -219,6 +219,10 @@ def score_trials(out: str | Path, names: Sequence[str] | None = None, *, val_sha
 
     Returns {trial name: score doc} where score doc = {"key", "weights", "result"} and
     ``result`` has ``clean`` (when zero-shot applies) and ``recon`` (one member's metrics).
+
+    Raises:
+        SelectError: a trial's weights are of another size than its cfg.json recorded (truncated or replaced:
+            ``SweepDir.weights_problem``), before any scoring; the same ``visae sweep`` command trains it again.
     """
     import dataclasses
 
@@ -233,6 +237,11 @@ def score_trials(out: str | Path, names: Sequence[str] | None = None, *, val_sha
     trials = sd.trials_with_weights(names)
     if not trials:
         return {}
+    damaged = {t: why for t in trials if (why := sd.weights_problem(t)) is not None}
+    if damaged:  # scored from a cached score, it could have been chosen and copied damaged into best/
+        raise SelectError(f"{out}: {len(damaged)} trial(s) have damaged weights ({'; '.join(damaged.values())}); rerun "
+                          "the same `visae sweep` command to train them again (their directories are set aside), "
+                          "then select")
     ctx = _selection_context(out, doc, val_shards, device, metric, progress)
     scores: dict[str, dict[str, Any]] = {}
     todo: list[str] = []

@@ -331,12 +331,14 @@ def prepare_init(out: Path, expansion: int, shards: ShardSet, tcfg: Any) -> Path
     return path
 
 
-def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any, said: Sequence[str] = ()) -> bool:
+def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any, said: Sequence[str] = (), tag: str = "") -> bool:
     """Train (or resume) one group's stack; returns whether it finished.
 
     Trials already finished (e.g. by a run with another world size, whose split differed)
     are left alone; the rest train as one stack. ``said``: warnings the sweep has printed already
     (its plan's, ``visae sweep: warning: ...``); the trainer's UserWarning of the same text is not repeated.
+    With the group's checkpoint kept (``train.keep_checkpoint``) the whole stack resumes from it and every trial's
+    directory is written again (a damaged trial among them included). ``tag``: the rank's prefix of the messages.
     """
     from visae.train import sae_config_for, train_stack
 
@@ -349,8 +351,12 @@ def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any, said: Sequ
         why = sd.weights_problem(t.name)
         if (sd.trial_cfg(t.name).get("extra") or {}).get("finished") and why is not None:
             aside = sd.set_aside(t.name)
-            print(f"visae sweep: trial {t.name} was finished but {why}: its directory is kept as {aside} and the "
-                  "trial trains again", file=sys.stderr, flush=True)
+            print(f"visae sweep: {tag}trial {t.name} was finished but {why}: its directory is kept as {aside} (delete "
+                  "it when done with it) and the trial trains again", file=sys.stderr, flush=True)
+    if trials:
+        part = f"{len(trials)} of {len(group.trials)}" if len(trials) < len(group.trials) else f"{len(trials)}"
+        print(f"visae sweep: {tag}training group {group.name} ({part} trials, expansion {group.expansion})",
+              file=sys.stderr, flush=True)
     if not trials:
         sd.write_done(group.name, [t.name for t in group.trials], note="every trial was already finished")
         return True
@@ -585,9 +591,7 @@ def _sweep_locked(cfg: SweepConfig, shards: Any, tcfg: Any, out: Path) -> Path:
         if SweepDir(out).group_done(g.name, [t.name for t in g.trials]):
             print(f"visae sweep: {tag}group {g.name} already done, skipped", file=sys.stderr)
             continue
-        print(f"visae sweep: {tag}training group {g.name} ({len(g.trials)} trials, expansion {g.expansion})",
-              file=sys.stderr)
-        if not train_group(out, g, shards, tcfg, said):
+        if not train_group(out, g, shards, tcfg, said, tag=tag):
             unfinished.append(g.name)
     if unfinished:
         print(f"visae sweep: {tag}groups {unfinished} stopped before their last epoch (max_steps); rerun the same "

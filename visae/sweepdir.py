@@ -100,6 +100,33 @@ def check_plan(doc: Any, where: str = PLAN_FILE) -> dict[str, Any]:
     return doc
 
 
+def weights_problem(sae_dir: str | Path) -> str | None:
+    """Why ``sae_dir``'s weights cannot be the SAE its cfg.json describes, or None: the weights file is missing, or
+    its size is not the one cfg.json recorded under ``checksums`` (truncated or replaced; a size check, no hashing:
+    loading checks the SHA-256), or that record is malformed. An SAE directory without the record (another tool's,
+    an older visae's) is only checked for its weights file."""
+    d = Path(sae_dir)
+    w = d / WEIGHTS_FILE
+    if not w.is_file():
+        return f"{w} is missing"
+    try:
+        doc = json.loads((d / "cfg.json").read_text())
+    except (OSError, ValueError):
+        return None  # no readable cfg.json: loading says what is wrong with it
+    sums = doc.get("checksums") if isinstance(doc, dict) else None
+    if sums is None:
+        return None
+    entry = sums.get(WEIGHTS_FILE) if isinstance(sums, dict) else None
+    rec = entry.get("bytes") if isinstance(entry, dict) else "malformed"
+    if rec is None:
+        return None  # a record without the size (an older visae's): the SHA-256 is checked on loading
+    if not isinstance(rec, int) or isinstance(rec, bool):
+        return f"{d / 'cfg.json'}: its checksums record of {WEIGHTS_FILE} is malformed"
+    if w.stat().st_size != rec:
+        return f"{w} is {w.stat().st_size} bytes, its cfg.json recorded {rec} (truncated or replaced)"
+    return None
+
+
 class SweepDir:
     """One sweep directory (need not exist yet): its paths and files. See docs/sweep_format.md."""
 
@@ -196,15 +223,8 @@ class SweepDir:
         return all(self.group_done(g["name"], g["trials"]) for g in plan["groups"])
 
     def weights_problem(self, trial: str) -> str | None:
-        """Why the trial's weights cannot be its finished SAE, or None: the file is missing, or its size is not the
-        one its cfg.json recorded (truncated or replaced: a size check, no hashing; loading checks the SHA-256)."""
-        w = self.trial_dir(trial) / WEIGHTS_FILE
-        if not w.is_file():
-            return f"{w} is missing"
-        rec = ((self.trial_cfg(trial).get("checksums") or {}).get(WEIGHTS_FILE) or {}).get("bytes")
-        if isinstance(rec, int) and w.stat().st_size != rec:
-            return f"{w} is {w.stat().st_size} bytes, its cfg.json recorded {rec} (truncated or replaced)"
-        return None
+        """Why the trial's weights cannot be its finished SAE, or None (:func:`weights_problem` of its directory)."""
+        return weights_problem(self.trial_dir(trial))
 
     def set_aside(self, trial: str) -> Path:
         """Rename the trial's directory to ``trials/.damaged-<trial>[-k]`` (hidden from the trial listings, kept for
@@ -214,8 +234,9 @@ class SweepDir:
         return set_aside(self.trial_dir(trial), f".damaged-{trial}")
 
     def damaged_trials(self, plan: dict[str, Any]) -> dict[str, str]:
-        """``{trial: why}`` for the planned trials of groups marked done whose weights are missing or of another size
-        than recorded (:meth:`weights_problem`): a resumed sweep trains them again."""
+        """``{trial: why}`` for the planned trials whose weights are missing or of another size than recorded
+        (:meth:`weights_problem`; trials of a group not yet done are still training and not listed): a resumed sweep
+        trains them again."""
         out = {}
         for g in plan["groups"]:
             if (self.group_dir(g["name"]) / DONE_FILE).is_file():

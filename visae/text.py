@@ -284,12 +284,11 @@ def _cache_load(path: Path, n: int) -> torch.Tensor | None:
 
 
 def _cache_save(path: Path, emb: torch.Tensor, meta: dict[str, str]) -> None:
-    from safetensors.torch import save
-
     from visae.atomic import atomic_write_bytes
+    from visae.integrity import safetensors_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save({"embeddings": emb.contiguous()}, metadata=meta))
+    atomic_write_bytes(path, safetensors_bytes({"embeddings": emb.contiguous()}, meta))
 
 
 # ----------------------------------------------------------------------------- public API

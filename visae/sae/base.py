@@ -558,16 +558,15 @@ class SAE(nn.Module):
         ``extra`` (JSON-able: training config, shard source, metrics) is stored in cfg.json under
         ``"extra"`` and kept on ``self.extra``.
         """
-        from safetensors.torch import save as st_save
-
         from visae.atomic import atomic_write_bytes, atomic_write_text, staged_dir
+        from visae.integrity import safetensors_bytes
 
         path = Path(path)
         if extra is not None:
             self.extra = dict(extra)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "architecture": self.architecture}
-        data = st_save(tensors, metadata=meta)
+        data = safetensors_bytes(tensors, meta)  # metadata in a fixed order: equal SAEs, equal bytes
         doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **self.cfg.to_dict(), "extra": self.extra}
         doc = json.loads(json.dumps(doc, default=_json_default))  # as a reader will parse it
         doc[CHECKSUMS_FIELD] = {WEIGHTS_FILE: {"sha256": sha256_bytes(data), "bytes": len(data)},
@@ -625,8 +624,10 @@ def load_sae(path: str | Path, device: Any = "cpu") -> SAE:
         raise SAEFormatError(f"SAE directory {path} does not exist")
     if not cfg_path.is_file():
         if (path / "checkpoint").is_dir():  # visae.train.CHECKPOINT_DIR: a run killed before it saved its SAE
+            how = ("`visae sweep` (this is a sweep group's directory; its SAEs go to <sweep>/trials/)"
+                   if path.parent.name == "groups" else "`visae train`")
             raise SAEFormatError(f"{path} holds an unfinished training run (a checkpoint/, no {CFG_FILE} yet): rerun "
-                                 "`visae train` with the same settings to finish it, then use it")
+                                 f"{how} with the same settings to finish it, then use it")
         raise SAEFormatError(f"{cfg_path} is missing: {path} is not an SAE directory (expected {CFG_FILE} + {WEIGHTS_FILE})")
     if not w_path.is_file():
         raise SAEFormatError(f"{w_path} is missing (the weights of the SAE described by {cfg_path})")

@@ -199,16 +199,14 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     """One safetensors file (tensors + JSON state in its metadata), written atomically."""
-    from safetensors.torch import save as st_save
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    from visae.integrity import tensors_digest
+    from visae.integrity import safetensors_bytes, tensors_digest
 
     t = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     state_json = json.dumps(state)
     meta = {"format": CHECKPOINT_FORMAT, "version": str(CHECKPOINT_VERSION), "state": state_json,
             "sha256": tensors_digest(t, state_json)}  # of its own tensors and state; verified by load_checkpoint
-    atomic_write_bytes(path, st_save(t, metadata=meta))
+    atomic_write_bytes(path, safetensors_bytes(t, meta))
 
 
 def load_checkpoint(path: str | Path, device: Any = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

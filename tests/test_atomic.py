@@ -223,7 +223,8 @@ def test_an_output_path_taken_by_a_file_is_a_usage_error_before_any_work(tmp_pat
             with output_lock(out, "visae x"):
                 pass
     for argv in (["demo", "--out", str(f), "--no_progress"],
-                 ["name", "--sae", str(tmp_path / "no_sae"), "--out", str(f / "sub")]):
+                 ["name", "--sae", str(tmp_path / "no_sae"), "--out", str(f / "sub")],
+                 ["toyworld", "--out", str(f), "--n", "4"]):
         assert visae(argv) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and f"{f} is a file, not a directory" in err, err
@@ -233,3 +234,7 @@ def test_an_output_path_taken_by_a_file_is_a_usage_error_before_any_work(tmp_pat
         train_cbm(CBMConfig(sae=str(tmp_path / "x"), concepts=str(tmp_path / "x"), train_shards=str(tmp_path / "x"),
                             val_shards=str(tmp_path / "y"), out=str(f)))
     assert f.read_text() == "keep"
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # mkdir fails on it: refused the same way
+    with pytest.raises(OutputPathError, match="dangling is a dangling link"):
+        with output_lock(tmp_path / "dangling" / "out", "visae x"):
+            pass

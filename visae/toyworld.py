@@ -570,6 +570,9 @@ def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fra
 
     workers = resolve_workers(workers)
     out = Path(out_dir)
+    from visae.atomic import check_output_path
+
+    check_output_path(out, "the world generator")  # a file at --out: exit 2, not a bare 'Not a directory'
     (out / "images").mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT_NAME,

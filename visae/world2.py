@@ -1079,6 +1079,9 @@ def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: 
 
     workers = resolve_workers(workers)
     out = Path(out_dir)
+    from visae.atomic import check_output_path
+
+    check_output_path(out, "the world generator")  # a file at --out: exit 2, not a bare 'Not a directory'
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "factors": {k: list(v) for k, v in FACTORS.items()},
             "main_factors": list(MAIN_FACTORS), "seed": int(seed), "n": int(n), "image_size": int(image_size),
             "max_objects": int(max_objects), "occlusion": float(occlusion), "label": "family_shape", "absent": ABSENT,

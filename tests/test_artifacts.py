@@ -672,7 +672,7 @@ def test_an_sae_saved_twice_gives_the_same_bytes_whatever_the_metadata_order(tmp
             "build_sae(SAEConfig(architecture='relu', d_in=8, d_sae=16), generator=torch.Generator().manual_seed(0))"
             ".save(sys.argv[1])")
     digests = set()
-    for i in range(4):  # separate processes: each draws its own hash seed, where the order came from
+    for i in range(2):  # separate processes (the in-process check below repeats it 20 times)
         out = tmp_path / f"s{i}"
         subprocess.run([sys.executable, "-c", code, str(out)], check=True, env={**os.environ, "PYTHONHASHSEED": str(i)})
         digests.add(hashlib.sha256((out / "weights.safetensors").read_bytes()).hexdigest())

@@ -534,7 +534,7 @@ def test_demo_rerun_retrains_a_trial_whose_weights_were_damaged(quick_demo, caps
         f.truncate(size // 2)
     assert demo.main(argv) == 0
     err = capsys.readouterr().err
-    assert f"sweep: weights of the finished sweep were lost or damaged since ({w} is {size // 2} bytes" in err
+    assert f"sweep: the finished sweep was damaged since ({w} is {size // 2} bytes" in err
     assert "sweep: done before" not in err and "name: done before" not in err and "recovery: done before" not in err
     assert w.stat().st_size == size and (trials / f".damaged-{t.name}" / "weights.safetensors").stat().st_size == size // 2
     rec = json.loads((out / "recovery.json").read_text())
@@ -546,6 +546,14 @@ def test_demo_rerun_retrains_a_trial_whose_weights_were_damaged(quick_demo, caps
     best.write_bytes(best.read_bytes()[:100])
     assert demo.main(argv) == 0
     assert f"({best} is 100 bytes" in capsys.readouterr().err and best.stat().st_size == size
+    data = bytearray(best.read_bytes())  # one byte flipped, the size kept: best/ is checked in full
+    data[-1] ^= 1
+    best.write_bytes(bytes(data))
+    assert demo.main(argv) == 0
+    assert f"({best} has another SHA-256 than its cfg.json recorded" in capsys.readouterr().err
+    (t / "cfg.json").unlink()  # a trial whose cfg.json went missing is damaged too
+    assert demo.main(argv) == 0
+    assert f"({t / 'cfg.json'} is missing)" in capsys.readouterr().err and (t / "cfg.json").is_file()
     assert demo.main(argv) == 0
     err = capsys.readouterr().err
     assert all(f"{s}: done before" in err for s in demo.STAGES)

@@ -95,6 +95,16 @@ class _NotATensor:  # a pickled object: weights_only loading refuses it
     pass
 
 
+def test_dncbm_non_finite_weights_are_refused_at_import(tmp_path):
+    """An all-NaN encoder imported without complaint and failed only when named; now the import names the tensor."""
+    state = _dncbm_state()
+    state["encoder._weight"] = torch.full_like(state["encoder._weight"], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(InteropError, match=r"tensor 'W_enc' holds \d+ non-finite value"):
+        import_dncbm(tmp_path / "nan.pt", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_dncbm_unreadable_files_name_the_cause_without_torchs_retry_advice(tmp_path):
     """A damaged file and a file holding pickled objects are refused naming the file and the cause; torch's advice to
     retry with weights_only=False (running the file's code) is not passed on."""

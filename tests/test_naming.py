@@ -52,6 +52,9 @@ def test_vocabulary_from_file(tmp_path):
         load_vocabulary(tmp_path / "missing.txt")
     with pytest.raises(NamingError, match="is a directory, not a file"):  # it exists: "does not exist" misled
         load_vocabulary(tmp_path)
+    bom = tmp_path / "bom.txt"  # a byte-order mark (Windows editors) dropped the first word as not a word
+    bom.write_bytes(b"\xef\xbb\xbfred\ncircle\n")
+    assert load_vocabulary(bom, 0) == ["red", "circle"]
 
 
 def test_vocabulary_from_wordfreq_and_shared_list(shared_dir):

@@ -439,6 +439,9 @@ def test_sweep_refuses_a_selection_set_of_other_classes_before_training(tmp_path
     # no selection set at all: refused before training too (select found it after every trial had trained)
     with pytest.raises(SweepError, match="no selection set: no --val_shards and --val_fraction 0"):
         sweep(_cfg(tmp_path / "s", tmp_path / "sw", val_fraction=0.0))
+    # ... nor a training split of no row (0.995 of 64 rows holds out round(63.68) = 64)
+    with pytest.raises(SweepError, match=r"--val_fraction 0.995 holds out all 64 rows of --shards .* none left to train"):
+        sweep(_cfg(tmp_path / "s", tmp_path / "sw", val_fraction=0.995))
     # ... nor one that rounds to no row (0.005 of 64 rows: ShardSet.split holds out round(0.32) = 0)
     with pytest.raises(SweepError, match=r"--val_fraction 0.005 of the 64 rows of --shards .* holds out none"):
         sweep(_cfg(tmp_path / "s", tmp_path / "sw", val_fraction=0.005))
@@ -482,6 +485,20 @@ def test_a_damaged_trial_is_refused_by_select_and_trained_again_by_the_sweep(pla
     w.unlink()
     sweep(cfg)
     assert (sd.trials_dir / f".damaged-{t}-1").is_dir() and w.read_bytes() == good
+    # a retrain killed midway leaves a checkpoint of that one member: its resume takes the trials the checkpoint
+    # holds (by lr and lambda), not the whole group (whose 4 members the trainer refused as another config)
+    from safetensors.torch import save_file
+
+    from visae.sweep import _checkpoint_trials, plan_trials
+
+    trials = [x for x in plan_trials(cfg)]
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    save_file({"x": torch.zeros(1)}, str(ck / "checkpoint.safetensors"),
+              metadata={"state": json.dumps({"lrs": [trials[1].lr], "l1_coeffs": [trials[1].l1_coeff]})})
+    assert _checkpoint_trials(ck, trials) == [trials[1]]
+    (ck / "checkpoint.safetensors").write_bytes(b"garbage")  # unreadable: every trial (the trainer says what is wrong)
+    assert _checkpoint_trials(ck, trials) == trials
     # an SAE directory without the checksums record (another tool's): only its weights file is checked
     doc = json.loads((sd.trial_dir(t) / "cfg.json").read_text())
     doc.pop("checksums")

@@ -324,6 +324,8 @@ def fit_cbm_path(z: Tensor, y: Tensor, n_classes: int, target: float, *, alpha: 
                 lo, W_lo, b_lo = mid, Wm, bm
             else:
                 hi = mid
+    bar.total = bar.n  # the path stops when it has crossed the target: done, not "11 of 22"
+    bar.refresh()
     bar.close()
     assert best is not None  # lam_max gives W = 0, 0 concepts per class <= target
     best["path"] = sorted(path, key=lambda r: -r["lam"])

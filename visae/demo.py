@@ -590,23 +590,30 @@ def _selection_summary(sel: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_finished_sweep(st: dict[str, Any], out: Path, swd: SweepDir) -> None:
+def _check_finished_sweep(st: dict[str, Any], out: Path, swd: SweepDir, sel: Any) -> None:
     """A finished demo whose sweep lost a trial's weights since, or has them truncated or replaced
     (:meth:`SweepDir.damaged_trials`): the sweep stage and every later one run again (the sweep trains those trials
     again, setting the damaged directories aside), and the user is told. Skipped, the demo named, browsed and scored
-    recovery without them and could report success with the selected trial missing."""
+    recovery without them and could report success with the selected trial missing. ``sel``: the demo's
+    SweepSelection (a choice made since by ``visae select`` with another rule is replaced, and the user is told)."""
     if "sweep" not in st["stages"] or not swd.plan_file.is_file():
         return
     from visae.sweepdir import weights_problem
 
     damaged = list(swd.damaged_trials(swd.read_plan()).values())
-    best = weights_problem(swd.best_dir) if swd.best_dir.is_dir() else f"{swd.best_dir} is missing"
+    # the selected SAE's copy, which naming, site and recovery read, checked in full (small): the sweep selects again
+    best = weights_problem(swd.best_dir, full=True) if swd.best_dir.is_dir() else f"{swd.best_dir} is missing"
     if best is not None:
-        damaged.append(best)  # the selected SAE's copy, which naming, site and recovery read: the sweep selects again
+        damaged.append(best)
     if not damaged:
         return
-    _say(f"sweep: weights of the finished sweep were lost or damaged since ({'; '.join(damaged)}): the sweep trains "
-         "what it must again and selects, then naming, site and recovery run again")
+    _say(f"sweep: the finished sweep was damaged since ({'; '.join(damaged)}): the sweep trains what it must again "
+         "and selects, then naming, site and recovery run again")
+    kept = swd.read_selection() if (swd.best_dir / "selection.json").is_file() else None
+    if kept and (kept.get("rule"), kept.get("max_drop"), kept.get("metric")) != (sel.rule, sel.max_drop, sel.metric):
+        _say(f"note: the sweep selects with the demo's rule ({sel.rule}, max_drop {sel.max_drop}, {sel.metric}), not "
+             f"with the one a later `visae select` used ({kept.get('rule')}, chose {kept.get('trial')}): run that "
+             "select again afterwards to keep it")
     for name in ("sweep", "name", "browse", "recovery"):
         st["stages"].pop(name, None)
     _save_state(out, st)
@@ -837,7 +844,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t0 = time.time()
     stage("world", do_world)
     stage("extract", do_extract)
-    _check_finished_sweep(st, out, swd)
+    _check_finished_sweep(st, out, swd, run.sweep.selection)
     stage("sweep", do_sweep)
     _follow_reselection(st, out, concepts_dir, swd)
     stage("name", do_name)

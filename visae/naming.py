@@ -192,7 +192,7 @@ def load_vocabulary(path: str | Path | None = None, size: int = 20000, *, stopwo
             what = "is a directory, not a file" if p.is_dir() else "does not exist"
             raise NamingError(f"vocabulary file {p} {what} (expected one word a line)")
         try:
-            lines = p.read_text(encoding="utf-8").splitlines()
+            lines = p.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark is not part of the first word
         except UnicodeDecodeError as e:
             raise NamingError(f"vocabulary file {p} is not UTF-8 text: {e}") from None
         words = [ln.strip() for ln in lines if ln.strip()]

@@ -331,6 +331,24 @@ def prepare_init(out: Path, expansion: int, shards: ShardSet, tcfg: Any) -> Path
     return path
 
 
+def _checkpoint_trials(ckpt_dir: Path, trials: list[Trial]) -> list[Trial]:
+    """The group's trials a stack checkpoint holds, in its order (its recorded lrs and lambdas); all of ``trials``
+    when it cannot be read or does not name them (the trainer then says what differs)."""
+    from safetensors import safe_open
+
+    from visae.train.config import CHECKPOINT_FILE
+
+    try:
+        with safe_open(str(ckpt_dir / CHECKPOINT_FILE), framework="pt") as f:
+            state = json.loads((f.metadata() or {}).get("state", "{}"))
+    except Exception:  # noqa: BLE001 - unreadable: the trainer's resume reports it
+        return trials
+    pairs = list(zip(state.get("lrs") or [], state.get("l1_coeffs") or []))
+    by = {(t.lr, t.l1_coeff): t for t in trials}
+    held = [by.get((float(a), float(b))) for a, b in pairs]
+    return held if pairs and all(held) else trials
+
+
 def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any, said: Sequence[str] = (), tag: str = "") -> bool:
     """Train (or resume) one group's stack; returns whether it finished.
 
@@ -347,6 +365,8 @@ def train_group(out: Path, group: Group, shards: ShardSet, tcfg: Any, said: Sequ
     trials = list(group.trials)
     if not sd.checkpoint_dir(group.name).exists():
         trials = [t for t in trials if not sd.trial_finished(t.name, t.lr, t.l1_coeff)]
+    else:  # resume the members the checkpoint holds: all of them, or the trials retrained after damage
+        trials = _checkpoint_trials(sd.checkpoint_dir(group.name), trials)
     for t in trials:  # a finished trial whose weights went missing or were damaged since: set aside, trained again
         why = sd.weights_problem(t.name)
         if (sd.trial_cfg(t.name).get("extra") or {}).get("finished") and why is not None:
@@ -499,11 +519,15 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
         if not sel.val_shards and not tcfg.val_fraction > 0:  # found by select after training every trial
             raise SweepError("no selection set: no --val_shards and --val_fraction 0 holds nothing out of --shards; "
                              "pass --val_shards, a --val_fraction > 0, or --no_select")
-        if not sel.val_shards and tcfg.shards:
+        if tcfg.shards:
             try:
                 n_rows = len(ShardSet(tcfg.shards))
             except ShardError:
                 n_rows = None  # a bad --shards is refused below with its own message
+            if n_rows is not None and n_rows - int(round(n_rows * tcfg.val_fraction)) <= 0:
+                raise SweepError(f"--val_fraction {tcfg.val_fraction:g} holds out all {n_rows} rows of --shards "
+                                 f"{tcfg.shards}: none left to train on; pass a smaller --val_fraction")
+        if not sel.val_shards and tcfg.shards:
             if n_rows is not None and int(round(n_rows * tcfg.val_fraction)) == 0:  # as ShardSet.split rounds
                 raise SweepError(f"no selection set: --val_fraction {tcfg.val_fraction:g} of the {n_rows} rows of "
                                  f"--shards {tcfg.shards} holds out none (rounded to 0); pass --val_shards, a larger "

@@ -100,19 +100,24 @@ def check_plan(doc: Any, where: str = PLAN_FILE) -> dict[str, Any]:
     return doc
 
 
-def weights_problem(sae_dir: str | Path) -> str | None:
-    """Why ``sae_dir``'s weights cannot be the SAE its cfg.json describes, or None: the weights file is missing, or
-    its size is not the one cfg.json recorded under ``checksums`` (truncated or replaced; a size check, no hashing:
-    loading checks the SHA-256), or that record is malformed. An SAE directory without the record (another tool's,
-    an older visae's) is only checked for its weights file."""
+def weights_problem(sae_dir: str | Path, full: bool = False) -> str | None:
+    """Why ``sae_dir`` (a visae SAE directory: a sweep trial, ``best/``) cannot be the SAE its cfg.json describes, or
+    None: the weights file or cfg.json is missing or unreadable, the weights' size is not the one cfg.json recorded
+    under ``checksums`` (truncated, or replaced by another size), or that record is malformed. ``full``: also their
+    SHA-256 (reads the whole file: a same-size replacement or a flipped byte); without it, such damage is found when
+    the SAE is loaded. A cfg.json without the record (an older visae's) is only checked for the files."""
+    from visae.integrity import sha256_file
+
     d = Path(sae_dir)
     w = d / WEIGHTS_FILE
     if not w.is_file():
         return f"{w} is missing"
     try:
         doc = json.loads((d / "cfg.json").read_text())
+    except FileNotFoundError:
+        return f"{d / 'cfg.json'} is missing"
     except (OSError, ValueError):
-        return None  # no readable cfg.json: loading says what is wrong with it
+        return f"{d / 'cfg.json'} is unreadable"
     sums = doc.get("checksums") if isinstance(doc, dict) else None
     if sums is None:
         return None
@@ -124,6 +129,8 @@ def weights_problem(sae_dir: str | Path) -> str | None:
         return f"{d / 'cfg.json'}: its checksums record of {WEIGHTS_FILE} is malformed"
     if w.stat().st_size != rec:
         return f"{w} is {w.stat().st_size} bytes, its cfg.json recorded {rec} (truncated or replaced)"
+    if full and isinstance(entry.get("sha256"), str) and sha256_file(w) != entry["sha256"]:
+        return f"{w} has another SHA-256 than its cfg.json recorded (damaged or replaced)"
     return None
 
 

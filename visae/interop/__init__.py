@@ -77,7 +77,8 @@ def sae_from_matrices(architecture: str, *, W_enc: Any, b_enc: Any, W_dec: Any,
     W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] in visae's convention
     (``pre = (x - b_dec) W_enc + b_enc``, ``x_hat = f W_dec + b_dec``); ``extra_tensors`` are
     architecture tensors without the member axis (``threshold`` [], ``log_threshold`` [d_sae]).
-    ``cfg`` holds further :class:`visae.sae.SAEConfig` fields. Raises :class:`InteropError` on shapes.
+    ``cfg`` holds further :class:`visae.sae.SAEConfig` fields. Raises :class:`InteropError` on shapes and on
+    non-finite (NaN / Inf) values, naming the tensor.
     """
     import torch
 
@@ -99,6 +100,9 @@ def sae_from_matrices(architecture: str, *, W_enc: Any, b_enc: Any, W_dec: Any,
     state = {"W_enc": W_enc[None], "b_enc": b_enc[None], "W_dec": W_dec[None], "b_dec": b_dec[None]}
     for k, v in (extra_tensors or {}).items():
         state[k] = v.detach().to(torch.float32).cpu()[None]
+    from visae.integrity import check_finite
+
+    check_finite(state, where, InteropError)  # imported, it failed only when named or browsed ("retrain" it)
     sae.load_state_dict(state)
     sae.extra = dict(extra or {})
     return sae.eval()

@@ -423,6 +423,11 @@ def test_the_selection_world_and_rule_as_the_demo_resolves_them(tmp_path, monkey
     assert sel.val_shards == str(tmp_path / "rel_out" / "select_shards") and sel.rule == "sparsest_within"
     assert sel.max_drop == demo.DEMO_MAX_DROP == 2.0
     assert eff("--n_select_images", "0").sweep.selection.val_shards == ""
+    from visae.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--n_images 4 with --sweep.val_fraction 0.1 holds out no image to select"):
+        demo.run_demo(eff("--quick", "--n_images", "4"))  # refused before anything is written
+    assert not (tmp_path / "rel_out").exists()
     warn = demo._selection_warnings(eff("--n_select_images", "0"))  # the 10k-calibrated tolerance on 1,000 rows
     assert len(warn) == 1 and "about 1,000 images" in warn[0] and "3.2x" in warn[0]
     assert demo._selection_warnings(eff()) == demo._selection_warnings(eff("--quick")) == []

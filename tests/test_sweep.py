@@ -471,7 +471,7 @@ def test_a_damaged_trial_is_refused_by_select_and_trained_again_by_the_sweep(pla
     assert sd.damaged_trials(plan) == {t: f"{w} is {len(good) // 2} bytes, its cfg.json recorded {len(good)} "
                                           "(truncated or replaced)"}
     assert not sd.group_done(g["name"], g["trials"]) and select_if_complete(tmp_path / "sw") is None
-    with pytest.raises(SelectError, match=rf"1 trial\(s\) have damaged weights \({w} is .*rerun the same `visae sweep`"):
+    with pytest.raises(SelectError, match=rf"1 trial\(s\) are damaged \({w} is .*rerun the same `visae sweep`"):
         select(SelectConfig(sweep=str(tmp_path / "sw"), progress=False))
     capsys.readouterr()
     sweep(cfg)

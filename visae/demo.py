@@ -679,6 +679,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     except BackboneError as e:
         raise ConfigError(f"--model: {e}") from None
     _check_toy_weights(run, world)
+    vf = run.sweep.train.val_fraction
+    if not run.n_select_images and not run.sweep.selection.val_shards and int(round(run.n_images * vf)) == 0:
+        raise ConfigError(f"--n_images {run.n_images} with --sweep.val_fraction {vf:g} holds out no image to select "
+                          "on (--n_select_images 0): raise --n_images or give --n_select_images")
     for msg in _selection_warnings(run):
         _say(f"warning: {msg}")
     st = _state(out)

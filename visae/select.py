@@ -239,9 +239,11 @@ def score_trials(out: str | Path, names: Sequence[str] | None = None, *, val_sha
         return {}
     damaged = {t: why for t in trials if (why := sd.weights_problem(t)) is not None}
     if damaged:  # scored from a cached score, it could have been chosen and copied damaged into best/
-        raise SelectError(f"{out}: {len(damaged)} trial(s) have damaged weights ({'; '.join(damaged.values())}); rerun "
-                          "the same `visae sweep` command to train them again (their directories are set aside), "
-                          "then select")
+        demo_dir = out.resolve().parent
+        how = (f"rerun the demo (visae demo --out {demo_dir} with its settings)" if (demo_dir / "demo_state.json").is_file()
+               else "rerun the same `visae sweep` command")
+        raise SelectError(f"{out}: {len(damaged)} trial(s) are damaged ({'; '.join(damaged.values())}); {how} to train "
+                          "them again (their directories are set aside), then select")
     ctx = _selection_context(out, doc, val_shards, device, metric, progress)
     scores: dict[str, dict[str, Any]] = {}
     todo: list[str] = []

@@ -440,8 +440,9 @@ def test_sweep_refuses_a_selection_set_of_other_classes_before_training(tmp_path
     with pytest.raises(SweepError, match="no selection set: no --val_shards and --val_fraction 0"):
         sweep(_cfg(tmp_path / "s", tmp_path / "sw", val_fraction=0.0))
     # ... nor a training split of no row (0.995 of 64 rows holds out round(63.68) = 64)
-    with pytest.raises(SweepError, match=r"--val_fraction 0.995 holds out all 64 rows of --shards .* none left to train"):
-        sweep(_cfg(tmp_path / "s", tmp_path / "sw", val_fraction=0.995))
+    for selecting in (True, False):  # a sweep that does not select trains on the split too
+        with pytest.raises(SweepError, match=r"--val_fraction 0.995 holds out all 64 rows of --shards .* none left"):
+            sweep(_cfg(tmp_path / "s", tmp_path / "sw", val_fraction=0.995, select=selecting))
     # ... nor one that rounds to no row (0.005 of 64 rows: ShardSet.split holds out round(0.32) = 0)
     with pytest.raises(SweepError, match=r"--val_fraction 0.005 of the 64 rows of --shards .* holds out none"):
         sweep(_cfg(tmp_path / "s", tmp_path / "sw", val_fraction=0.005))

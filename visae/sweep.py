@@ -514,21 +514,17 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
 
         if importlib.util.find_spec("wandb") is None:
             raise SweepError("--wandb: the wandb package is not installed (pip install wandb)")
+    n_rows = len(shards)
+    if n_rows - int(round(n_rows * tcfg.val_fraction)) <= 0:  # as ShardSet.split rounds; selecting or not
+        raise SweepError(f"--val_fraction {tcfg.val_fraction:g} holds out all {n_rows} rows of --shards "
+                         f"{tcfg.shards}: none left to train on; pass a smaller --val_fraction")
     if cfg.select:
         sel = cfg.selection
         if not sel.val_shards and not tcfg.val_fraction > 0:  # found by select after training every trial
             raise SweepError("no selection set: no --val_shards and --val_fraction 0 holds nothing out of --shards; "
                              "pass --val_shards, a --val_fraction > 0, or --no_select")
-        if tcfg.shards:
-            try:
-                n_rows = len(ShardSet(tcfg.shards))
-            except ShardError:
-                n_rows = None  # a bad --shards is refused below with its own message
-            if n_rows is not None and n_rows - int(round(n_rows * tcfg.val_fraction)) <= 0:
-                raise SweepError(f"--val_fraction {tcfg.val_fraction:g} holds out all {n_rows} rows of --shards "
-                                 f"{tcfg.shards}: none left to train on; pass a smaller --val_fraction")
-        if not sel.val_shards and tcfg.shards:
-            if n_rows is not None and int(round(n_rows * tcfg.val_fraction)) == 0:  # as ShardSet.split rounds
+        if not sel.val_shards:
+            if int(round(n_rows * tcfg.val_fraction)) == 0:  # as ShardSet.split rounds
                 raise SweepError(f"no selection set: --val_fraction {tcfg.val_fraction:g} of the {n_rows} rows of "
                                  f"--shards {tcfg.shards} holds out none (rounded to 0); pass --val_shards, a larger "
                                  "--val_fraction, or --no_select")

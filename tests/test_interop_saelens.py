@@ -152,6 +152,10 @@ def test_import_and_export_do_not_write_over_another_directory(tmp_path):
     with pytest.raises(InteropError, match="not an earlier import"):
         import_saelens(tmp_path / "sl", out=tmp_path / "bare")
     assert load_sae(tmp_path / "bare").cfg == sae.cfg
+    (tmp_path / "afile").write_text("x")  # a file at the directory's place, or above it: refused, nothing written
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(InteropError, match=f"export_saelens: --out {out}: {tmp_path / 'afile'} is a file"):
+            export_saelens(sae, out)
 
 
 def test_load_sae_points_to_the_importer_and_refusals(tmp_path):

@@ -130,8 +130,9 @@ def test_tune_refuses_bad_input_before_writing(tmp_path, base_run, tokenizer):
     with pytest.raises(ConfigError, match="overwrite its base"):
         tt.tune_text_tower(_cfg(tmp_path, base_run, export=str(init)), [])
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(ConfigError, match="is a file"):
-        tt.tune_text_tower(_cfg(tmp_path, base_run, out=str(tmp_path / "afile")), [])
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):  # the file at out or above it (was: out only)
+        with pytest.raises(ConfigError, match=f"out: --out {out}: {tmp_path / 'afile'} is a file"):
+            tt.tune_text_tower(_cfg(tmp_path, base_run, out=str(out)), [])
     with pytest.raises(ConfigError, match="parent of"):
         tt.tune_text_tower(_cfg(tmp_path, base_run, export=str(tmp_path / "afile" / "w.safetensors")), [])
     with pytest.raises(ConfigError, match="single-object scenes"):  # 8 scenes cannot fill a batch of 16

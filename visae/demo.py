@@ -649,7 +649,7 @@ def _selection_warnings(run: DemoConfig) -> list[str]:
         return []
     n = int(round(run.n_images * train.val_fraction))  # as ShardSet.split rounds
     if n <= 0:
-        return []  # the sweep refuses an empty held-out split (no selection set) before any training
+        return []  # an empty held-out split is refused by run_demo before any work
     return [f"--n_select_images 0: the sweep selects on the held-out split of the shards (about {n:,} images) with "
             f"max_drop {DEMO_MAX_DROP:g} points, a tolerance fixed on a {DemoConfig().n_select_images:,}-image "
             f"selection world; the drop's standard error is then about {math.sqrt(DemoConfig().n_select_images / n):.1f}x "

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["rank_of_label", "topk_hits"]
+__all__ = ["rank_of_label", "topk_hits", "discordant"]
 
 
 def rank_of_label(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -53,3 +53,10 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> 
                 for k in ks:
                     hits[k].view(-1, ambiguous.shape[-1])[m, rows] = rank < k
     return hits
+
+
+def discordant(ref: torch.Tensor, now: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paired comparison's discordant counts of two hit masks over the same examples (bool ``[..., N]``, the
+    last axis the examples): ``(lost, gained)`` = (right in ``ref`` and wrong in ``now``, the reverse), summed over
+    the last axis (shape ``[...]``). What :func:`visae.select.drop_standard_error` takes."""
+    return (ref & ~now).sum(-1), (~ref & now).sum(-1)

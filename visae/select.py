@@ -757,9 +757,9 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
                                   f"{sd.leaderboard_md}, column excluded_by){kept}")
             others = [r for r in rows if r["drop_pts"] is not None and _excluded_by_drop_alone(r)]
             if rule == "sparsest_within" and others:  # the tolerance, not another constraint, excludes them all
-                least = min(others, key=lambda r: r["drop_pts"], default=None)
+                least = min(others, key=lambda r: r["drop_pts"])
                 hint = (f"; the smallest drop among trials meeting the other constraints is {least['drop_pts']:.2f} "
-                        f"points ({least['trial']}, L0 {least['l0']:.1f})" if least else "")
+                        f"points ({least['trial']}, L0 {least['l0']:.1f})")
                 raise SelectError(f"{out}: no finished trial has a zero-shot drop within max_drop {max_drop:g} "
                                   f"points under the constraints ({constraints}){hint}; raise --max_drop or select "
                                   f"with --rule best (in visae demo: --sweep.max_drop, or --sweep.rule best "

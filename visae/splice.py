@@ -462,6 +462,8 @@ def spliced_topk(backbone: Any, sae: Any, batches: Any, classifier: Any, ks: Seq
     Raises:
         SpliceError: no images in ``batches``, or ``ref_hits`` of another length than the images.
     """
+    from visae.ranking import discordant as discordant_counts  # (the argument ``discordant`` is the output dict)
+
     hits: dict[int, list[Tensor]] | None = {} if ref_hits is not None and discordant is not None else None
     with torch.no_grad(), splice(backbone, sae, **splice_kw):
         c, n = _topk_correct(backbone, batches, classifier, ks=ks, hits=hits)
@@ -472,7 +474,8 @@ def spliced_topk(backbone: Any, sae: Any, batches: Any, classifier: Any, ks: Seq
             ref, now = ref_hits[k].bool(), torch.cat(parts)
             if ref.shape != now.shape:
                 raise SpliceError(f"spliced_topk: ref_hits[{k}] has {ref.numel()} images, the batches {now.numel()}")
-            discordant[k] = (int((ref & ~now).sum()), int((~ref & now).sum()))
+            lost, gained = discordant_counts(ref, now)
+            discordant[k] = (int(lost), int(gained))
     return {k: v / n for k, v in c.items()}
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from visae import toyworld as tw
-from visae.atomic import atomic_path, atomic_write_text, output_lock
+from visae.atomic import OutputPathError, atomic_path, atomic_write_text, check_output_path, output_lock
 from visae.logs import quiet_random_init
 from visae.resources import config_yaml, shipped_dir
 
@@ -1406,9 +1406,10 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
     init = _init_weights_file(cfg)  # ConfigError before any work
     dense_f = dense_factor_list(cfg.dense_factors) if cfg.dense_weight > 0 else []
     out = Path(cfg.out)
-    blocked = next((q for q in (out, *out.parents) if q.exists() and not q.is_dir()), None)
-    if blocked is not None:
-        raise ConfigError(f"ToyClipV2Config.out = {cfg.out}: {blocked} is a file, not a directory")
+    try:
+        check_output_path(out, "the toy CLIP trainer")
+    except OutputPathError as e:
+        raise ConfigError(f"ToyClipV2Config.out = {cfg.out}: {e}") from None
     # the training scenes (their factors only; rendered below): enough single-object ones for a batch, checked here
     kw = dict(max_objects=cfg.max_objects, occlusion=cfg.occlusion, colour_jitter=cfg.colour_jitter)
     scenes = []

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from visae import toyclip as tc
-from visae.atomic import atomic_write_text, output_lock
+from visae.atomic import OutputPathError, atomic_write_text, check_output_path, output_lock
 from visae.config import ConfigError
 from visae.resources import config_yaml
 
@@ -411,8 +411,10 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
     out = Path(cfg.out)
     arch = base["model"]  # the base's architecture (visae-toyclip2 or its register variant): the tuned model's too
     export = Path(cfg.export) if cfg.export else out / f"{arch}.safetensors"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out: {out} is a file; expected a run directory (made if missing)")
+    try:  # out, or a parent of it, is a file (or a dangling link)
+        check_output_path(out, "visae tune-toy-clip-text")
+    except OutputPathError as e:
+        raise ConfigError(f"out: {e}; expected a run directory (made if missing)") from None
     if export.resolve() == init:
         raise ConfigError(f"export: {export} is the base's weights file (init): the tuned model would overwrite its base")
     if any(q.exists() and not q.is_dir() for q in export.resolve().parents):

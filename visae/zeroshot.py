@@ -49,7 +49,7 @@ import torch
 
 from visae.atomic import atomic_write_text
 from visae.errors import VisaeError
-from visae.ranking import rank_of_label, topk_hits  # noqa: F401 - re-exported (zeroshot's public API)
+from visae.ranking import discordant, rank_of_label, topk_hits  # noqa: F401 - re-exported (zeroshot's public API)
 from visae.resources import config_yaml
 from visae.shards import ShardError, ShardSet, ShardView
 
@@ -388,8 +388,9 @@ class _Acc:
         for k, hit in self.last_hits.items():
             self.hits[k] += hit.sum(-1)
             if ref_hits is not None:
-                self.lost[k] += (ref_hits[k] & ~hit).sum(-1)
-                self.gained[k] += (~ref_hits[k] & hit).sum(-1)
+                lost, gained = discordant(ref_hits[k], hit)
+                self.lost[k] += lost
+                self.gained[k] += gained
         if clean_logp is None and not want_logp:
             # fused log-softmax + NLL: no [B, C] log-probability tensor
             flat = logits.reshape(-1, logits.shape[-1])

@@ -41,11 +41,15 @@ def check_out_dir(out: Any, writes: Sequence[str], what: str) -> None:
     naming the directory and what is in it; an absent or empty directory, or one with only ``writes``, passes."""
     from pathlib import Path
 
+    from visae.atomic import OutputPathError, check_output_path
+
     out = Path(out)
+    try:  # out, or a parent of it, is a file (or a dangling link)
+        check_output_path(out, what)
+    except OutputPathError as e:
+        raise InteropError(f"{what}: {e}") from None
     if not out.exists():
         return
-    if not out.is_dir():
-        raise InteropError(f"{what}: {out} is a file, not a directory")
     # hidden files pass: the lock (.visae.lock), a killed write's temp files (.cfg.json.<pid>.<hex>.tmp), .DS_Store
     other = sorted(f.name for f in out.iterdir() if f.name not in writes and not f.name.startswith("."))
     if other:

@@ -167,6 +167,46 @@ def test_interventions_and_explanations():
         m2.latents_named("blue")
 
 
+def test_cbm_json_commits_the_other_files(tmp_path, monkeypatch):
+    """cbm.json is written last and records the other files' SHA-256: a run killed before it leaves the earlier
+    cbm.json beside new weights / explanations, which load_cbm refuses instead of mixing two runs; damage is named."""
+    from pathlib import Path
+
+    import visae.atomic
+    from visae.cbm import load_cbm
+
+    def model(sign):
+        return ConceptBottleneck(W=sign * torch.tensor([[2.0, 0.0], [0.0, 1.0]]), b=torch.zeros(2),
+                                 latents=torch.tensor([7, 3]), scale=torch.ones(2), names=["red", "circle"],
+                                 classnames=["a", "b"])
+
+    out = tmp_path / "cbm"
+    model(1.0).save(out, {"note": "first"}, files={"examples.jsonl": b'{"index": 0}\n'})
+    m, doc = load_cbm(out)
+    assert doc["note"] == "first" and set(doc["files"]) == {"cbm.safetensors", "examples.jsonl"}
+    assert torch.equal(m.W, model(1.0).W)
+    first = (out / "cbm.json").read_bytes()
+    real = visae.atomic.atomic_write_text
+
+    def killed(path, text, *a, **k):
+        if Path(path).name == "cbm.json":
+            raise KeyboardInterrupt
+        return real(path, text, *a, **k)
+
+    monkeypatch.setattr(visae.atomic, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):  # the second run: its weights and examples written, killed before cbm.json
+        model(-1.0).save(out, {"note": "second"}, files={"examples.jsonl": b'{"index": 1}\n'})
+    monkeypatch.undo()
+    assert (out / "cbm.json").read_bytes() == first
+    with pytest.raises(CBMError, match=r"cbm.safetensors does not belong to it .*rerun visae cbm"):
+        load_cbm(out)
+    model(1.0).save(out, {"note": "third"})  # a finished run commits its own files again
+    assert load_cbm(out)[1]["note"] == "third"
+    (out / "cbm.json").write_text("{")
+    with pytest.raises(CBMError, match="cbm.json is not valid JSON"):
+        load_cbm(out)
+
+
 # ----------------------------------------------------------------------------- the toy world, once per module
 
 

@@ -232,3 +232,30 @@ def test_a_visae_warning_is_one_line_naming_the_command():
     assert "visae train: warning: the lr warm-up; will not complete\n" in p.stderr, p.stderr  # one_line joins lines
     assert "torch/mod.py:3: UserWarning: elsewhere" in p.stderr, p.stderr  # another package, under a visae checkout
     assert "visae train: warning: no spread\n" in p.stderr, p.stderr
+
+
+# the same fault, the same exit status in every command (visae.errors): an --sae that is not an SAE directory
+_SAE_COMMANDS = {
+    "name": ["--out", "{o}"],
+    "zeroshot": ["--label_column", "label"],
+    "browse": ["--out", "{o}"],
+    "cbm": ["--concepts", "{o}", "--label_column", "label", "--out", "{o}"],
+    "recovery": [],
+    "patch-recovery": [],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SAE_COMMANDS))
+@pytest.mark.parametrize("sae", ["missing", "empty"])
+def test_a_bad_sae_is_exit_2_and_one_line_in_every_command(name, sae, small_shards, tmp_path, capsys):
+    d = tmp_path / sae
+    if sae == "empty":
+        d.mkdir()
+    extra = [a.format(o=tmp_path / "o") for a in _SAE_COMMANDS[name]]
+    shard_flags = (["--train_shards", str(small_shards), "--val_shards", str(small_shards)] if name == "cbm"
+                   else ["--shards", str(small_shards)])
+    rc = cli.main([name, "--sae", str(d), *shard_flags, *extra])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"visae {name}: error: ") and str(d) in err, err
+    assert not (tmp_path / "o").exists()

@@ -126,6 +126,13 @@ def test_every_project_error_derives_from_visae_error():
                 if not issubclass(obj, VisaeError):
                     bad.append(f"{mod}.{name}")
     assert not bad, f"errors that do not derive from visae.errors.VisaeError: {bad}"
+    # the exit-status rule of visae.errors: 2 for a bad input, 1 only where good input could not finish here
+    by_code = {}
+    for f in found:
+        mod, _, name = f.rpartition(".")
+        by_code.setdefault(getattr(importlib.import_module(mod), name).exit_code, set()).add(name)
+    assert set(by_code) == {1, 2}, by_code
+    assert by_code[1] == {"OutputLockedError", "WorkerStartError", "HubUnreachableError"}, by_code[1]
     for expected in ("visae.config.ConfigError", "visae.shards.ShardError", "visae.train.TrainError",
                      "visae.sae.base.SAEFormatError", "visae.sweepdir.SweepError", "visae.select.SelectError"):
         assert any(f.endswith(expected.rpartition(".")[2]) for f in found), expected
@@ -146,7 +153,7 @@ def test_cli_prints_a_project_error_as_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(cli.SUBCOMMANDS, "fake", ("fake_stage_module", "a stage that fails"))
     monkeypatch.setattr(cli.importlib, "import_module", lambda name: Stage)
     monkeypatch.delenv("VISAE_TRACEBACK", raising=False)
-    assert cli.main(["fake"]) == 1
+    assert cli.main(["fake"]) == 2  # a bad artifact given: exit 2, as every stage's own main says it (visae.errors)
     err = capsys.readouterr().err
     assert err == f"visae fake: error: {tmp_path}/sweep.json: field 'version' is 7; (upgrade visae)\n"
     assert cli.main(["fake"]) == 2  # a usage error

@@ -310,7 +310,10 @@ def remove_stale_temps(root: str | Path) -> list[Path]:
 
 
 class OutputLockedError(VisaeError, RuntimeError):
-    """Another process is writing the same output directory."""
+    """Another process is writing the same output directory (exit status 1: the input is fine, wait or choose
+    another ``--out``)."""
+
+    exit_code = 1
 
 
 def set_aside(path: str | Path, name: str) -> Path:

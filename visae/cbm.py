@@ -420,19 +420,23 @@ class ConceptBottleneck:
                                       "contribution": float(c[j])} for j in order]})
         return out
 
-    def save(self, path: str | Path, doc: dict[str, Any]) -> Path:
-        """Write ``cbm.safetensors`` and then ``cbm.json`` (``doc`` + names), each atomically."""
-        from safetensors.torch import save as st_save
-
+    def save(self, path: str | Path, doc: dict[str, Any], files: dict[str, bytes] | None = None) -> Path:
+        """Write ``cbm.safetensors``, then each of ``files`` (name -> bytes, e.g. ``examples.jsonl``), then
+        ``cbm.json`` (``doc`` + names), each atomically. ``cbm.json`` is the commit: it records every other file's
+        SHA-256 (``files``), so a run killed before it leaves files that :func:`load_cbm` refuses beside the
+        earlier ``cbm.json`` rather than mixing two runs."""
         from visae.atomic import atomic_write_bytes, atomic_write_text
+        from visae.integrity import safetensors_bytes, sha256_bytes
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {"W": self.W.float().contiguous().cpu(), "b": self.b.float().contiguous().cpu(),
                    "latents": self.latents.long().contiguous().cpu(), "scale": self.scale.float().contiguous().cpu()}
-        atomic_write_bytes(path / "cbm.safetensors", st_save(tensors, metadata={"format": CBM_FORMAT}))
+        written = {"cbm.safetensors": safetensors_bytes(tensors, {"format": CBM_FORMAT}), **(files or {})}
+        for name, data in written.items():
+            atomic_write_bytes(path / name, data)
         full = {"format": CBM_FORMAT, "version": CBM_VERSION, **doc, "concept_names": self.names,
-                "classnames": self.classnames}
+                "classnames": self.classnames, "files": {k: sha256_bytes(v) for k, v in written.items()}}
         atomic_write_text(path / "cbm.json", json.dumps(full, indent=1, default=_json_default))
         return path
 
@@ -508,19 +512,42 @@ def _json_default(o: Any) -> Any:
 
 
 def load_cbm(path: str | Path) -> tuple[ConceptBottleneck, dict[str, Any]]:
-    """Read a CBM directory written by :func:`train_cbm` -> (model, cbm.json). Raises CBMError if malformed."""
+    """Read a CBM directory written by :func:`train_cbm` -> (model, cbm.json).
+
+    Raises CBMError naming the file when it is not a CBM directory, cbm.json is not valid JSON or not a CBM's, a
+    file it records (``files``: cbm.safetensors, examples.jsonl) is missing or has another SHA-256 (a ``visae cbm``
+    killed before it committed cbm.json, or a file copied from another run), or cbm.safetensors cannot be read or
+    lacks a tensor. A cbm.json without ``files`` (written before 2026-12-02) is read without that check."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from visae.integrity import sha256_file
 
     path = Path(path)
     j, w = path / "cbm.json", path / "cbm.safetensors"
     if not j.is_file() or not w.is_file():
         raise CBMError(f"{path} is not a CBM directory (expected cbm.json + cbm.safetensors)")
-    doc = json.loads(j.read_text())
-    if doc.get("format") != CBM_FORMAT:
-        raise CBMError(f"{j}: field 'format' is {doc.get('format')!r}, expected {CBM_FORMAT!r}")
-    t = load_file(str(w))
-    model = ConceptBottleneck(W=t["W"], b=t["b"], latents=t["latents"], scale=t["scale"],
-                              names=list(doc["concept_names"]), classnames=list(doc["classnames"]))
+    try:
+        doc = json.loads(j.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CBMError(f"{j} is not valid JSON ({e}): a damaged file; rerun visae cbm") from None
+    if not isinstance(doc, dict) or doc.get("format") != CBM_FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise CBMError(f"{j}: field 'format' is {got!r}, expected {CBM_FORMAT!r}")
+    for name, digest in (doc.get("files") or {}).items():
+        f = path / name
+        if not f.is_file() or sha256_file(f) != digest:
+            why = "is missing" if not f.is_file() else "does not belong to it (its SHA-256 differs from the one recorded)"
+            raise CBMError(f"{f} {why}: {j} records it; a visae cbm killed before it finished, or a file from "
+                           "another run; rerun visae cbm")
+    try:
+        t = load_file(str(w))
+        model = ConceptBottleneck(W=t["W"], b=t["b"], latents=t["latents"], scale=t["scale"],
+                                  names=list(doc["concept_names"]), classnames=list(doc["classnames"]))
+    except (SafetensorError, OSError) as e:
+        raise CBMError(f"{w} cannot be read ({e}): a damaged file; rerun visae cbm") from None
+    except KeyError as e:
+        raise CBMError(f"{path}: no {e} in cbm.safetensors / cbm.json: not a CBM visae wrote") from None
     return model, doc
 
 
@@ -717,14 +744,12 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
     out = Path(cfg.out)
     if replaced:  # a rerun replaces the CBM (written atomically, cbm.json last); say so when it was made otherwise
         log.warning("%s holds a CBM made with other settings; replacing it (%s)", out / "cbm.json", "; ".join(replaced))
-    model.save(out, result)
     n = min(cfg.n_explain, len(y_v))
     lines = []
     for i, e in enumerate(model.explain(codes_v[:n], top=cfg.top_concepts)):
         lines.append(json.dumps({"index": i, "label": int(y_v[i]), "label_name": classnames[int(y_v[i])], **e}))
-    from visae.atomic import atomic_write_text
-
-    atomic_write_text(out / "examples.jsonl", "\n".join(lines) + ("\n" if lines else ""))
+    examples = ("\n".join(lines) + ("\n" if lines else "")).encode()
+    model.save(out, result, files={"examples.jsonl": examples})  # cbm.json last: it commits the other two
     return json.loads((out / "cbm.json").read_text())
 
 
@@ -747,15 +772,15 @@ def format_result(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from visae.config import ConfigError, parse_config
+    from visae.config import parse_config
+    from visae.errors import report
     from visae.resources import config_yaml
 
     try:
         cfg = parse_config(CBMConfig, argv, default_yaml=config_yaml("cbm.yaml"), prog="visae cbm")
         res = train_cbm(cfg)
-    except (ConfigError, CBMError) as e:
-        print(f"visae cbm: error: {e}", file=sys.stderr)
-        return 2
+    except VisaeError as e:  # a bad flag, SAE, names or shard set (exit 2), a lock held (1): visae.errors
+        return report("visae cbm", e)
     print(format_result(res))
     print(f"wrote {cfg.out}/cbm.json, cbm.safetensors, examples.jsonl")
     return 0

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Callable
 
-from visae.errors import VisaeError
+from visae.errors import VisaeError, one_line, report
 
 # subcommand -> (module, or "module:function" for an entry point other than the module's main; one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -94,10 +94,7 @@ def run_main(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] |
     try:
         return int(fn(argv) or 0)
     except VisaeError as e:
-        if os.environ.get("VISAE_TRACEBACK"):
-            raise
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return int(getattr(e, "exit_code", 1))
+        return report(prog, e)
     except KeyboardInterrupt as e:  # Ctrl-C: what was saved and how to continue (visae.errors.Interrupted), no traceback
         if os.environ.get("VISAE_TRACEBACK"):
             raise
@@ -116,11 +113,6 @@ def run_main(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] |
         return 1
     finally:
         warnings.formatwarning = default_format
-
-
-def one_line(e: BaseException) -> str:
-    """The error's message on one line (its own line breaks become '; ')."""
-    return "; ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -137,15 +137,16 @@ class DemoConfig:
     to every stage (--seed is also the SAE training's and the naming's seed, --out places every stage's artifact,
     --progress and --text_cache reach the sweep and the naming); their copies in the nested configs have no flag
     (visae.demo.PROPAGATED lists them, configs/demo.yaml marks them). --quick replaces the sizes by the quick_*
-    ones (a size you changed, top-level or nested, is kept) and shrinks the grid to its first SAE.
+    ones (a size you changed, top-level or nested, is kept) and shrinks the grid to one SAE: the last learning rate
+    (the largest in the shipped grids, which the short run needs), the first lambda and the first expansion factor.
     """
 
     out: str = field(default="demo_out", metadata={
         "help": "output directory (world/, select_world/, shards/, select_shards/, sweep/, concepts/, site/)"})
     quick: bool = field(default=False, metadata={
         "help": "reduced size (for tests): n_images, n_select_images, the epochs, batch size and n_top become the "
-                "quick_* settings (unless you changed them), the warm-ups fit the shorter run, the grid its first "
-                "SAE, no training plots"})
+                "quick_* settings (unless you changed them), the warm-ups fit the shorter run, the grid one SAE "
+                "(its last lr, first lambda, first expansion), no training plots"})
     n_images: int = field(default=10000, metadata={"help": "images of the world"})
     seed: int = field(default=0, metadata={
         "help": "seed of the world (its images), of the SAE training and of the naming's random image sample"})
@@ -412,7 +413,7 @@ def _with_distractors(words: list[str], is_world_word: Callable[[str], bool], n_
                 seen.add(w.lower())
                 picked.append(w)
         if len(picked) < n_distractors:
-            raise ValueError(f"wordfreq gave only {len(picked)} distractor words, {n_distractors} asked for")
+            raise ConfigError(f"wordfreq gave only {len(picked)} distractor words, {n_distractors} asked for")
     return words + picked[:max(n_distractors, 0)]
 
 
@@ -689,7 +690,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     recorded = config_to_dict(run)  # the whole config, nested ones included, as every stage ran it
     key = _identity(recorded)
     if st.get("config") is not None and not isinstance(st["config"].get("sweep"), dict):
-        raise ValueError(f"{out / STATE}: this directory holds a demo made by an older visae (settings not nested as "
+        raise ConfigError(f"{out / STATE}: this directory holds a demo made by an older visae (settings not nested as "
                          "sweep: / naming:); use another --out or delete it")
     if st.get("config") is not None and _identity(st["config"]) != key:
         old, new = _flat(_identity(st["config"])), _flat(key)
@@ -700,7 +701,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 and set(diff) <= {"model", "pretrained"}):  # the model alone differs: say how to finish the run
             # e.g. a world2 demo made before the world's default model changed (visae-toyclip2 -> -reg4)
             how = f"to finish it, rerun with --model {was}; else {how}"
-        raise ValueError(f"{out / STATE}: this directory holds a demo with other settings {diff} (old, new); {how}")
+        raise ConfigError(f"{out / STATE}: this directory holds a demo with other settings {diff} (old, new); {how}")
     out.mkdir(parents=True, exist_ok=True)
     if run.threads > 0:
         torch.set_num_threads(run.threads)
@@ -753,12 +754,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         return info
 
     def do_sweep() -> dict[str, Any]:
+        from visae.select import SelectError
         from visae.sweep import sweep
 
         sweep(run.sweep)
         sel = swd.read_selection() or {}
         if not (best / "cfg.json").is_file():
-            raise RuntimeError(f"the sweep in {sweep_dir} selected no SAE (see its leaderboard)")
+            raise SelectError(f"the sweep in {sweep_dir} selected no SAE (see its leaderboard)")
         grid = run.sweep
         return {"dir": str(sweep_dir), "best": str(best),
                 "trials": len(grid.lrs) * len(grid.l1_coeffs) * len(grid.expansion_factors),
@@ -1031,14 +1033,15 @@ def _refuse_propagated_flags(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from visae.errors import VisaeError, report
+
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         _refuse_propagated_flags(argv)
         cfg = parse_config(DemoConfig, argv, default_yaml=DEFAULT_YAML, prog="visae demo")
         summary = run_demo(cfg)
-    except ValueError as e:  # ConfigError, another demo's directory, a stage's own error (all name what is wrong)
-        print(f"visae demo: error: {e}", file=sys.stderr)
-        return 2
+    except VisaeError as e:  # ConfigError, another demo's directory, a stage's own error (all name what is wrong)
+        return report("visae demo", e)
     print(format_summary(summary))
     return 0
 

@@ -2,8 +2,20 @@
 
 Every error visae raises on purpose (bad input, a missing or malformed artifact, a config a
 stage cannot run) derives from :class:`VisaeError`, so a caller can catch them all at once and
-tell them apart from bugs: ``visae.cli`` catches ``VisaeError`` once, prints one line
-(``visae <command>: error: <message>``) and exits with the error's ``exit_code``.
+tell them apart from bugs: ``visae.cli`` (and each stage's ``main``, through :func:`report`) prints it as
+one line (``visae <command>: error: <message>``) and exits with the error's ``exit_code``, the same
+in every command for the same kind of fault:
+
+- **2**: what the command was given is wrong -- a flag, a config file, or an artifact a flag names
+  (missing, malformed, made for something else). Fix the input and rerun.
+- **1**: the input is fine but the command could not finish here: another process holds the output
+  (``OutputLockedError``), worker processes did not start (``WorkerStartError``), the hub cannot be
+  reached (``HubError``); ``visae.cli`` also gives 1 for an ``OSError`` of the machine (disk full,
+  permissions).
+- **130**: Ctrl-C (:class:`Interrupted`).
+
+A plain ``ValueError`` / ``TypeError`` that is not a ``VisaeError`` is a bug (or a library function
+called with wrong arguments) and keeps its traceback.
 
 The stage errors keep their own modules and also derive from the builtin that fits them
 (``ValueError`` for bad values, ``FileNotFoundError`` for missing weights), so code that
@@ -20,17 +32,20 @@ from ``VisaeError``.
 
 from __future__ import annotations
 
-__all__ = ["VisaeError", "Interrupted"]
+import os
+import sys
+
+__all__ = ["VisaeError", "Interrupted", "one_line", "report"]
 
 
 class VisaeError(Exception):
     """Base of every error visae raises on purpose; its message names the file / field and what was expected.
 
-    ``exit_code`` is the command line's exit status for it: 1 (the command could not do its
-    work) unless a subclass says otherwise (``ConfigError``, a usage error: 2).
+    ``exit_code`` is the command line's exit status for it: 2 (what the command was given is wrong)
+    unless a subclass says the command could not finish with good input (1; the module docstring).
     """
 
-    exit_code: int = 1
+    exit_code: int = 2
 
 
 class Interrupted(KeyboardInterrupt):
@@ -39,3 +54,18 @@ class Interrupted(KeyboardInterrupt):
     A ``KeyboardInterrupt`` (so code that catches that still does); ``visae.cli`` prints its
     message on one line and exits with status 130 (128 + SIGINT), as a shell does.
     """
+
+
+def one_line(e: BaseException) -> str:
+    """The error's message on one line (its own line breaks become '; ')."""
+    return "; ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+
+
+def report(prog: str, e: VisaeError) -> int:
+    """Print ``<prog>: error: <message on one line>`` on stderr and return ``e.exit_code`` (a stage's ``main``
+    ends with ``except VisaeError as e: return report(prog, e)``). With ``VISAE_TRACEBACK=1`` in the environment
+    it raises ``e`` instead, traceback and all."""
+    if os.environ.get("VISAE_TRACEBACK"):
+        raise e
+    print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+    return int(getattr(e, "exit_code", 2))

@@ -908,19 +908,14 @@ def _dataset_path(spec: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from visae.backbones import BackboneError, WeightsNotAvailableError
-    from visae.images import SourceError
+
+    from visae.errors import VisaeError, report
 
     try:
         cfg = parse_config(ExtractConfig, argv, default_yaml=DEFAULT_YAML, prog="visae extract")
-    except ConfigError as e:
-        print(f"visae extract: error: {e}", file=sys.stderr)
-        return 2
-    try:
         ss = extract(cfg)
-    except (WeightsNotAvailableError, BackboneError, SourceError, ConfigError, ShardError) as e:
-        print(f"visae extract: error: {e}", file=sys.stderr)
-        return 2
+    except VisaeError as e:  # a bad flag, model, image source or output (exit 2), or a lock held (1): visae.errors
+        return report("visae extract", e)
     if int(os.environ.get("RANK", "0")) == 0:
         rep = json.loads((Path(cfg.out) / REPORT).read_text()) if (Path(cfg.out) / REPORT).exists() else {}
         listed = f", listed in {Path(cfg.out) / SKIPPED}" if rep.get("skipped") else ""

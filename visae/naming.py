@@ -149,7 +149,6 @@ class NameConfig:
     out: str = field(default="concepts", metadata={"help": "output directory"})
 
     def __post_init__(self) -> None:
-        from visae.config import ConfigError
 
         for f in ("min_z", "min_score"):
             v = getattr(self, f)
@@ -852,16 +851,13 @@ def read_concepts(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from visae.errors import VisaeError, report
+
     try:
         cfg = parse_config(NameConfig, argv, default_yaml=config_yaml("naming.yaml"), prog="visae name")
-    except ConfigError as e:
-        print(f"visae name: error: {e}", file=sys.stderr)
-        return 2
-    try:
         out = name_concepts(cfg)
-    except NamingError as e:
-        print(f"visae name: error: {e}", file=sys.stderr)
-        return 2
+    except VisaeError as e:  # a bad flag, SAE, shard set or vocabulary (exit 2; visae.errors)
+        return report("visae name", e)
     doc = read_concepts(out)
     print(f"named {doc['num_named']} of {doc['num_concepts']} concepts -> {out / 'concepts.json'}, {out / 'concepts.csv'}")
     return 0

@@ -518,24 +518,17 @@ class PatchRecoveryConfig:
 def main(argv: list[str] | None = None) -> int:
     """``visae patch-recovery``: print :func:`format_patch_recovery`'s table (and write the JSON with ``--out``)."""
     from visae.atomic import atomic_write_text
-    from visae.config import ConfigError, parse_config
+    from visae.config import parse_config
+    from visae.errors import VisaeError, report
     from visae.metrics import json_safe
 
     try:
         cfg = parse_config(PatchRecoveryConfig, argv, prog="visae patch-recovery")
-    except ConfigError as e:
-        print(f"visae patch-recovery: error: {e}", file=sys.stderr)
-        return 2
-    from visae.sae import SAEFormatError
-    from visae.shards import ShardError
-
-    try:
         res = patch_recovery(cfg.sae, cfg.shards, world_seed=cfg.world_seed, world_dir=cfg.world_dir,
                              factors=cfg.factors or None, object_factors=cfg.object_factors or None,
                              auroc_at=cfg.auroc_at, heat_at=cfg.heat_at, n_top=cfg.n_top, image_score=cfg.image_score)
-    except (ShardError, SAEFormatError) as e:  # a missing or bad --sae / --shards: a usage error, as in zeroshot
-        print(f"visae patch-recovery: error: {e}", file=sys.stderr)
-        return 2
+    except VisaeError as e:  # a bad flag, --sae, --shards or world (exit 2; visae.errors)
+        return report("visae patch-recovery", e)
     from visae.config import absolute_paths
 
     # file and directory arguments recorded absolute: as typed (relative) they did not say which from elsewhere

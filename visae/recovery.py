@@ -29,9 +29,11 @@ import numpy as np
 import torch
 
 from visae.atomic import atomic_write_text
+from visae.errors import VisaeError
 from visae.shards import ShardSet
 
 __all__ = [
+    "RecoveryError",
     "SYNONYMS",
     "sparse_auroc",
     "collect_codes",
@@ -41,6 +43,11 @@ __all__ = [
     "RecoveryConfig",
     "main",
 ]
+
+
+class RecoveryError(VisaeError, ValueError):
+    """An SAE and a shard set that cannot be scored against the world's factors: widths or activations that do not
+    match, a member out of range, no (or a missing) factor column (exit status 2)."""
 
 # Words that count as naming a value correctly (besides the value itself and its plural).
 SYNONYMS: dict[str, tuple[str, ...]] = {
@@ -149,9 +156,9 @@ def collect_codes(sae: Any, shards: ShardSet, *, member: int = 0, batch_size: in
                   progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stream a shard set through ``sae.encode``: sparse codes (rows [nnz] example index, cols [nnz] latent, vals [nnz])."""
     if sae.d_in != shards.d:
-        raise ValueError(f"SAE d_in={sae.d_in} but shard set {shards.path} has d={shards.d}")
+        raise RecoveryError(f"SAE d_in={sae.d_in} but shard set {shards.path} has d={shards.d}")
     if not 0 <= member < sae.n_models:
-        raise ValueError(f"member {member} out of range (stack of {sae.n_models})")
+        raise RecoveryError(f"member {member} out of range (stack of {sae.n_models})")
     norms = shards.metadata()["norm"]
     R, C, Vv = [], [], []
     batches: Iterable = shards.sequential_batches(batch_size)
@@ -253,16 +260,16 @@ def concept_recovery(sae: Any, shards: str | Path | ShardSet, *, member: int = 0
 
     diffs = sae_shards_mismatch(sae, ss)
     if diffs:
-        raise ValueError(f"{ss.path}: not the activations the SAE was trained on ({'; '.join(diffs)})")
+        raise RecoveryError(f"{ss.path}: not the activations the SAE was trained on ({'; '.join(diffs)})")
     factors = list(factors) if factors is not None else _default_factors(ss)
     if not factors:
-        raise ValueError(f"{ss.path}: no factor columns to score (columns: {list(ss.manifest.get('columns', {}))})")
+        raise RecoveryError(f"{ss.path}: no factor columns to score (columns: {list(ss.manifest.get('columns', {}))})")
     meta = ss.metadata()
     names = ss.label_names
     label_cols, value_info = [], []
     for fac in factors:
         if fac not in meta:
-            raise ValueError(f"{ss.path}: factor column {fac!r} missing (columns: {list(ss.manifest.get('columns', {}))})")
+            raise RecoveryError(f"{ss.path}: factor column {fac!r} missing (columns: {list(ss.manifest.get('columns', {}))})")
         vnames = names.get(fac)
         col = np.asarray(meta[fac])
         if vnames is None:
@@ -382,15 +389,17 @@ class RecoveryConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from visae.config import ConfigError, parse_config
+    from visae.config import parse_config
+
+    from visae.errors import VisaeError, report
 
     try:
         cfg = parse_config(RecoveryConfig, argv, prog="visae recovery")
-    except ConfigError as e:
-        print(f"visae recovery: error: {e}", file=sys.stderr)
-        return 2
-    res = concept_recovery(cfg.sae, cfg.shards, member=cfg.member, factors=cfg.factors or None, concepts=cfg.concepts,
-                           batch_size=cfg.batch_size, device=cfg.device, recovered_at=cfg.recovered_at, progress=cfg.progress)
+        res = concept_recovery(cfg.sae, cfg.shards, member=cfg.member, factors=cfg.factors or None,
+                               concepts=cfg.concepts, batch_size=cfg.batch_size, device=cfg.device,
+                               recovered_at=cfg.recovered_at, progress=cfg.progress)
+    except VisaeError as e:  # a bad flag, SAE, shard set or names (exit 2; visae.errors)
+        return report("visae recovery", e)
     from visae.config import absolute_paths
 
     # file and directory arguments recorded absolute: as typed (relative) they did not say which from elsewhere

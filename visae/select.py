@@ -873,14 +873,15 @@ def format_selection(info: dict[str, Any], out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from visae.errors import VisaeError, report
+
     try:
         cfg = parse_config(SelectConfig, argv, default_yaml=DEFAULT_YAML, prog="visae select",
                            description=(SelectConfig.__doc__ or "").strip())
         before = _kept_selection(SweepDir(cfg.sweep))
         info = select(cfg)
-    except (ConfigError, ShardError, SweepError, SelectError) as e:
-        print(f"visae select: error: {e}", file=sys.stderr)
-        return 2
+    except VisaeError as e:  # a bad flag, sweep or shard set (exit 2), a lock held (1): visae.errors
+        return report("visae select", e)
     print(format_selection(info, Path(cfg.sweep)))
     note = _demo_note(Path(cfg.sweep), before, info)
     if note:

@@ -668,12 +668,13 @@ def main(argv: list[str] | None = None) -> int:
 
     Prints the summary (:func:`format_summary`) on stderr and the sweep directory on stdout.
     """
+    from visae.errors import VisaeError, report
+
     try:
         cfg = parse_config(SweepConfig, argv, default_yaml=DEFAULT_YAML, prog="visae sweep")
         out = sweep(cfg)
-    except ValueError as e:  # ConfigError, ShardError, SweepError, TrainError, SelectError, ZeroShotError, ...
-        print(f"visae sweep: error: {e}", file=sys.stderr)
-        return 2
+    except VisaeError as e:  # ConfigError, ShardError, SweepError, TrainError, SelectError, ZeroShotError, ...
+        return report("visae sweep", e)
     print(format_summary(out), file=sys.stderr)
     print(out)
     return 0

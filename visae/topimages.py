@@ -40,10 +40,17 @@ import numpy as np
 import torch
 
 from visae.atomic import atomic_write_bytes
+from visae.errors import VisaeError
 from visae.shards import ShardError, ShardSet
 
-__all__ = ["TopImages", "compute_top_images", "hash_keys", "default_hist_edges", "patch_layout", "TOP_IMAGES_FILE",
+__all__ = ["TopImagesError", "TopImages", "compute_top_images", "hash_keys", "default_hist_edges", "patch_layout", "TOP_IMAGES_FILE",
            "IMAGE_SCORES"]
+
+
+class TopImagesError(VisaeError, ValueError, FileNotFoundError):
+    """A ``top_images.npz`` that is missing, lacks arrays, or is not the one its ``concepts.json`` committed (a
+    naming run killed between the two files, or another run's statistics): exit status 2. Also a
+    ``FileNotFoundError``, which a missing file raised before."""
 
 TOP_IMAGES_FILE = "top_images.npz"
 _M32 = 0xFFFFFFFF
@@ -130,13 +137,13 @@ class TopImages:
     @classmethod
     def load(cls, path: str | Path) -> "TopImages":
         """Read a ``top_images.npz``; when a ``concepts.json`` sits beside it, it must be the file that
-        concepts.json committed (its SHA-256, recorded by ``visae name``), else ValueError (a naming run
+        concepts.json committed (its SHA-256, recorded by ``visae name``), else TopImagesError (a naming run
         killed between the two files, or another run's statistics)."""
         path = Path(path)
         if path.is_dir():
             path = path / TOP_IMAGES_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist (written by `visae name` when the shard set is known)")
+            raise TopImagesError(f"{path} does not exist (written by `visae name` when the shard set is known)")
         _check_committed(path)
         with np.load(path, allow_pickle=False) as z:
             d = {k: z[k] for k in z.files}
@@ -145,7 +152,7 @@ class TopImages:
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
         missing = required - set(d)
         if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)}")
+            raise TopImagesError(f"{path}: missing arrays {sorted(missing)}")
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         for k in ("n_examples", "seed", "n_rows"):
             if k in d:
@@ -172,11 +179,11 @@ def _check_committed(path: Path) -> None:
     rec = doc.get("top_images_file") if isinstance(doc, dict) else None
     if not isinstance(rec, dict) or rec.get("name") != path.name:
         if isinstance(doc, dict) and "top_images_file" in doc and rec is None:
-            raise ValueError(f"{path} is not part of {concepts} (it records no top images): left over from another "
+            raise TopImagesError(f"{path} is not part of {concepts} (it records no top images): left over from another "
                              "run; rerun `visae name`")
         return  # written before visae recorded it: nothing to compare
     if sha256_file(path) != rec.get("sha256"):
-        raise ValueError(f"{path} does not belong to {concepts} (its SHA-256 differs from the one recorded there): "
+        raise TopImagesError(f"{path} does not belong to {concepts} (its SHA-256 differs from the one recorded there): "
                          "an interrupted `visae name` or another SAE's statistics; rerun `visae name`")
 
 

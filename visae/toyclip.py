@@ -39,10 +39,12 @@ import torch.nn.functional as F
 
 from visae import toyworld as tw
 from visae.atomic import OutputPathError, atomic_path, atomic_write_text, check_output_path, output_lock
+from visae.errors import VisaeError
 from visae.logs import quiet_random_init
 from visae.resources import config_yaml, shipped_dir
 
 __all__ = [
+    "DivergedError",
     "MODEL_NAME",
     "MODEL_CONFIG",
     "TOYCLIP_WEIGHTS",
@@ -84,6 +86,11 @@ __all__ = [
     "inheritance_eval_v2",
     "main_v2",
 ]
+
+
+class DivergedError(VisaeError, RuntimeError):
+    """A toy-CLIP training run (either stage) stopped at a non-finite loss, before the step: its weights, checkpoint
+    and exports stay as they were (exit status 2: lower the rate or a weight and rerun)."""
 
 MODEL_NAME = "visae-toyclip"
 MODEL_CONFIG = Path(__file__).resolve().parent / "model_configs" / f"{MODEL_NAME}.json"
@@ -444,9 +451,9 @@ def _positives(factors: np.ndarray, cons: np.ndarray) -> torch.Tensor:
 
 def _check_loss_finite(loss: torch.Tensor, step: int, ckpt: Path) -> None:
     """Stop a toy-CLIP run at a non-finite loss before the step is taken (so no NaN reaches the weights, a
-    checkpoint or an export). Raises RuntimeError naming the step and the last checkpoint, which stays intact."""
+    checkpoint or an export). Raises DivergedError naming the step and the last checkpoint, which stays intact."""
     if not bool(torch.isfinite(loss.detach())):
-        raise RuntimeError(f"step {step + 1}: the loss is {float(loss.detach())} (a weight or rate too large?); "
+        raise DivergedError(f"step {step + 1}: the loss is {float(loss.detach())} (a weight or rate too large?); "
                            f"stopped before the step: the weights are unchanged and {ckpt} (if any) holds the last "
                            "checkpoint")
 
@@ -750,14 +757,15 @@ def train_toy_clip(cfg: ToyClipConfig, argv: Sequence[str] | None = None, *, sto
 
 
 def main(argv: list[str] | None = None) -> int:
-    from visae.config import ConfigError, parse_config
+    from visae.config import parse_config
+
+    from visae.errors import VisaeError, report
 
     try:
         cfg = parse_config(ToyClipConfig, argv, default_yaml=config_yaml("toy_clip.yaml"), prog="visae train-toy-clip")
-    except ConfigError as e:
-        print(f"visae train-toy-clip: error: {e}", file=sys.stderr)
-        return 2
-    train_toy_clip(cfg, argv)
+        train_toy_clip(cfg, argv)
+    except VisaeError as e:
+        return report("visae train-toy-clip", e)
     return 0
 
 
@@ -1583,17 +1591,14 @@ def train_toy_clip_v2(cfg: ToyClipV2Config, argv: Sequence[str] | None = None, *
 def main_v2(argv: list[str] | None = None) -> int:
     """``visae train-toy-clip2 --out ...`` (options: configs/toy_clip_v2.yaml; world2's shipped model's recipe:
     ``--config configs/toy_clip_v2_reg4.yaml``)."""
-    from visae.config import ConfigError, parse_config
+    from visae.config import parse_config
 
     prog = "visae train-toy-clip2"
+    from visae.errors import VisaeError, report
+
     try:
         cfg = parse_config(ToyClipV2Config, argv, default_yaml=config_yaml("toy_clip_v2.yaml"), prog=prog)
-    except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        train_toy_clip_v2(cfg, argv)
-    except ConfigError as e:  # inputs checked before any work (an init file, a word list): a usage error too
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        train_toy_clip_v2(cfg, argv)  # inputs checked before any work (an init file, a word list)
+    except VisaeError as e:
+        return report(prog, e)
     return 0

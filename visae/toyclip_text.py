@@ -581,14 +581,15 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
 
 def main(argv: list[str] | None = None) -> int:
     """``visae tune-toy-clip-text --init W --out DIR`` (options: configs/toy_clip_v2_text.yaml)."""
-    from visae.config import ConfigError, parse_config
+    from visae.config import parse_config
+
+    from visae.errors import VisaeError, report
 
     try:
         cfg = parse_config(TextTuneConfig, argv, default_yaml=config_yaml("toy_clip_v2_text.yaml"), prog="visae tune-toy-clip-text")
-    except ConfigError as e:
-        print(f"visae tune-toy-clip-text: error: {e}", file=sys.stderr)
-        return 2
-    tune_text_tower(cfg, argv)
+        tune_text_tower(cfg, argv)
+    except VisaeError as e:
+        return report("visae tune-toy-clip-text", e)
     return 0
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,8 +42,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from visae.atomic import atomic_write_bytes, atomic_write_text
+from visae.errors import VisaeError
 
 __all__ = [
+    "WorldError",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "IMAGE_SIZE",
@@ -72,6 +73,11 @@ __all__ = [
     "ToyWorldConfig",
     "main",
 ]
+
+
+class WorldError(VisaeError, ValueError, FileNotFoundError):
+    """A world directory that is not the world asked for (another seed, size or format in ``--out``), not a world
+    at all, or incomplete (exit status 2). Also a ``FileNotFoundError``, which a missing world.json raised before."""
 
 FORMAT_NAME = "visae.toyworld"
 FORMAT_VERSION = 1
@@ -592,7 +598,7 @@ def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fra
         old = json.loads(wj.read_text())
         for k in ("seed", "n", "image_size", "two_object_fraction", "factors"):
             if old.get(k) != meta[k]:
-                raise ValueError(f"{wj}: existing world has {k}={old.get(k)!r}, asked for {meta[k]!r}; "
+                raise WorldError(f"{wj}: existing world has {k}={old.get(k)!r}, asked for {meta[k]!r}; "
                                  "use another out_dir or delete it")
     else:
         atomic_write_text(wj, json.dumps(meta, indent=1))
@@ -610,11 +616,11 @@ def read_world(world_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, An
     d = Path(world_dir)
     wj, jl = d / "world.json", d / "world.jsonl"
     if not wj.is_file() or not jl.is_file():
-        raise FileNotFoundError(f"{d} is not a toy world: world.json and world.jsonl are expected (visae toyworld --out {d})")
+        raise WorldError(f"{d} is not a toy world: world.json and world.jsonl are expected (visae toyworld --out {d})")
     meta = json.loads(wj.read_text())
     recs = [json.loads(line) for line in jl.read_text().splitlines() if line.strip()]
     if len(recs) != meta["n"]:
-        raise ValueError(f"{jl}: {len(recs)} records but world.json says n={meta['n']} (incomplete: rerun generation)")
+        raise WorldError(f"{jl}: {len(recs)} records but world.json says n={meta['n']} (incomplete: rerun generation)")
     return meta, recs
 
 
@@ -642,20 +648,17 @@ class ToyWorldConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from visae.config import ConfigError, parse_config
+    from visae.config import parse_config
     from visae.resources import config_yaml
+
+    from visae.errors import VisaeError, report
 
     try:
         cfg = parse_config(ToyWorldConfig, argv, default_yaml=config_yaml("toyworld.yaml"), prog="visae toyworld")
-    except ConfigError as e:
-        print(f"visae toyworld: error: {e}", file=sys.stderr)
-        return 2
-    try:
         out = generate_world(cfg.out, cfg.n, cfg.seed, two_object_fraction=cfg.two_object_fraction,
                              image_size=cfg.image_size, workers=cfg.workers)
-    except ValueError as e:  # another world in --out (named with what differs): one line, not a traceback
-        print(f"visae toyworld: error: {e}", file=sys.stderr)
-        return 2
+    except VisaeError as e:  # a bad flag, another world in --out (named with what differs): one line
+        return report("visae toyworld", e)
     from visae.config import absolute_paths
 
     # out recorded absolute (as every stage records its paths): the record says which directory from anywhere

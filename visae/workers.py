@@ -19,12 +19,19 @@ from typing import Any, Callable, Iterator, Sequence
 
 from visae.errors import VisaeError
 
-__all__ = ["resolve_workers", "map_in_order", "record_chunks", "resume_prefix", "WorkerStartError"]
+__all__ = ["resolve_workers", "map_in_order", "record_chunks", "resume_prefix", "WorkerStartError", "RecordFileError"]
 
 
 class WorkerStartError(VisaeError, RuntimeError):
     """The worker processes died before returning a result, typically because the calling script has no
-    ``if __name__ == "__main__":`` guard (a spawned worker re-runs the script's top level)."""
+    ``if __name__ == "__main__":`` guard (a spawned worker re-runs the script's top level). Exit status 1."""
+
+    exit_code = 1
+
+
+class RecordFileError(VisaeError, ValueError):
+    """A generator's record file (``world.jsonl``) holds more records than the run it belongs to: another run's
+    file, or a damaged one (exit status 2)."""
 
 
 def resolve_workers(workers: int) -> int:
@@ -119,14 +126,15 @@ def resume_prefix(jsonl: Any, n: int, chunk: int) -> list[str]:
     ``chunk``); the rerun renders from ``len(result)`` on.
 
     Raises:
-        ValueError: more than ``n`` lines.
+        RecordFileError: more than ``n`` lines.
     """
     from pathlib import Path
 
     jsonl = Path(jsonl)
     lines = jsonl.read_text().splitlines() if jsonl.exists() else []
     if len(lines) > n:
-        raise ValueError(f"{jsonl} has {len(lines)} lines but the world has n={n}")
+        raise RecordFileError(f"{jsonl} has {len(lines)} lines but the world has n={n}: another run's file or a "
+                              "damaged one; use another out_dir or delete it")
     return lines if len(lines) == n else lines[:len(lines) - len(lines) % chunk]
 
 

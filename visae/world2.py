@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from visae.atomic import atomic_write_bytes, atomic_write_text
+from visae.toyworld import WorldError
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "IMAGE_SIZE", "SHAPES", "TEXTURES", "FAMILIES", "SIZES",
@@ -1091,7 +1092,7 @@ def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: 
         old = json.loads(wj.read_text())
         for k in ("format", "version", "seed", "n", "image_size", "max_objects", "occlusion", "factors"):
             if old.get(k) != meta[k]:
-                raise ValueError(f"{wj}: existing world has {k}={str(old.get(k))[:80]!r}, asked for "
+                raise WorldError(f"{wj}: existing world has {k}={str(old.get(k))[:80]!r}, asked for "
                                  f"{str(meta[k])[:80]!r}; use another out_dir or delete it")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -1127,20 +1128,17 @@ class World2Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from visae.config import ConfigError, parse_config
+    from visae.config import parse_config
     from visae.resources import config_yaml
+
+    from visae.errors import VisaeError, report
 
     try:
         cfg = parse_config(World2Config, argv, default_yaml=config_yaml("world2.yaml"), prog="python -m visae.world2")
-    except ConfigError as e:
-        print(f"world2: error: {e}", file=sys.stderr)
-        return 2
-    try:
         out = generate_world2(cfg.out, cfg.n, cfg.seed, max_objects=cfg.max_objects, occlusion=cfg.occlusion,
                               image_size=cfg.image_size, workers=cfg.workers)
-    except ValueError as e:  # another world in --out (named with what differs): one line, not a traceback
-        print(f"world2: error: {e}", file=sys.stderr)
-        return 2
+    except VisaeError as e:  # a bad flag, another world in --out (named with what differs): one line
+        return report("python -m visae.world2", e)
     from visae.config import absolute_paths
 
     # out recorded absolute (as every stage records its paths): the record says which directory from anywhere

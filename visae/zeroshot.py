@@ -1173,14 +1173,14 @@ def format_result(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from visae.config import ConfigError, parse_config
+    from visae.config import parse_config
+    from visae.errors import report
 
     try:
         cfg = parse_config(ZeroShotConfig, argv, default_yaml=DEFAULT_YAML, prog="visae zeroshot")
         res = zeroshot(cfg)
-    except (ZeroShotError, ShardError, ConfigError) as e:
-        print(f"visae zeroshot: error: {e}", file=sys.stderr)
-        return 2
+    except VisaeError as e:  # a bad flag, SAE, shard set or labels (exit 2; visae.errors)
+        return report("visae zeroshot", e)
     print(format_result(res))
     if cfg.out:
         print(f"wrote {cfg.out}")

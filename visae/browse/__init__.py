@@ -26,10 +26,16 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from visae.config import ConfigError, absolute_paths, check_bounds, config_to_dict, parse_config
+from visae.errors import VisaeError
 from visae.naming import NameConfig
 from visae.resources import config_yaml
 
-__all__ = ["BrowseConfig", "build_site", "serve", "main"]
+__all__ = ["BrowseConfig", "BrowseError", "build_site", "serve", "main"]
+
+
+class BrowseError(VisaeError, ValueError):
+    """The site cannot be built or served from what was given: an ``--out`` that holds something else, an SAE,
+    shard set or names that do not fit together, a port out of range or in use (exit status 2)."""
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
@@ -99,14 +105,14 @@ def _matching_stats(path: Path, n_examples: int, d_sae: int, cfg: BrowseConfig) 
 def _check_site_out(out: Path) -> None:
     """Refuse an ``--out`` that holds something other than a site: the build replaces the whole directory (built
     beside, swapped in), so ``--out runs/sae`` would have deleted a trained SAE. An absent or empty directory (hidden
-    files aside: the lock) or an earlier site (``site.json`` or ``index.html``) passes. Raises ValueError naming it."""
+    files aside: the lock) or an earlier site (``site.json`` or ``index.html``) passes. Raises BrowseError naming it."""
     if not out.exists():
         return
     if not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a site directory")
+        raise BrowseError(f"--out {out} is a file, not a site directory")
     names = [f.name for f in out.iterdir() if not f.name.startswith(".")]
     if names and not ({"site.json", "index.html"} & set(names)):
-        raise ValueError(f"--out {out} holds other files ({', '.join(sorted(names)[:5])}{', ...' if len(names) > 5 else ''}"
+        raise BrowseError(f"--out {out} holds other files ({', '.join(sorted(names)[:5])}{', ...' if len(names) > 5 else ''}"
                          "), not a site: the build replaces the whole directory; choose a new or empty --out")
 
 
@@ -136,20 +142,20 @@ def _build_site(cfg: BrowseConfig, *, backbone: Any = None) -> Path:
     from visae.shards import ShardSet
 
     if not cfg.naming.sae:
-        raise ValueError("--sae is required: an SAE directory (cfg.json + weights.safetensors)")
+        raise BrowseError("--sae is required: an SAE directory (cfg.json + weights.safetensors)")
     sae = load_sae(cfg.naming.sae, device=cfg.naming.device)
     if not 0 <= cfg.naming.member < sae.n_models:
-        raise ValueError(f"SAE {cfg.naming.sae}: member {cfg.naming.member} out of range (stack of {sae.n_models})")
+        raise BrowseError(f"SAE {cfg.naming.sae}: member {cfg.naming.member} out of range (stack of {sae.n_models})")
     single = sae.member(cfg.naming.member) if sae.n_models > 1 else sae
     shards = Path(cfg.naming.shards) if cfg.naming.shards else _shards_path(NameConfig(member=cfg.naming.member), sae)
     if shards is None:
-        raise ValueError(f"SAE {cfg.naming.sae}: pass --shards (its cfg.json records no shard set that still exists)")
+        raise BrowseError(f"SAE {cfg.naming.sae}: pass --shards (its cfg.json records no shard set that still exists)")
     ss = ShardSet(shards)
     from visae.zeroshot import sae_shards_mismatch
 
     diffs = sae_shards_mismatch(sae, ss)
     if diffs:  # same width, other activations: the top images would be another layer's
-        raise ValueError(f"--shards {shards}: not the activations SAE {cfg.naming.sae} was trained on ({'; '.join(diffs)})")
+        raise BrowseError(f"--shards {shards}: not the activations SAE {cfg.naming.sae} was trained on ({'; '.join(diffs)})")
     cbm = read_site_cbm(cfg.cbm, sae.d_sae, cfg.naming.member, cfg.naming.sae) if cfg.cbm else None
     site = Path(cfg.out)
     # Built beside, swapped in when complete (visae.atomic.staged_dir): a build that fails or is
@@ -226,7 +232,7 @@ def _build_into(cfg: BrowseConfig, stage: Path, site: Path, sae: Any, single: An
                                    progress=cfg.naming.progress)  # --no_progress: no bar (it drew one)
     concepts = doc["concepts"]
     if len(concepts) != sae.d_sae:
-        raise ValueError(f"{cfg.concepts}: concepts.json has {len(concepts)} concepts but the SAE has d_sae={sae.d_sae}")
+        raise BrowseError(f"{cfg.concepts}: concepts.json has {len(concepts)} concepts but the SAE has d_sae={sae.d_sae}")
     for c in concepts:  # statistics of this shard set
         j = c["latent"]
         c["frequency"] = float(stats.frequency[j])
@@ -349,18 +355,18 @@ def serve(site: str | Path, port: int = 8000, *, block: bool = True) -> tuple[ht
     in a daemon thread (call ``server.shutdown()`` then ``server.server_close()`` to stop).
 
     Raises:
-        ValueError: the port is in use or cannot be bound (the message says which and what to do).
+        BrowseError: the port is out of range, in use or cannot be bound (the message says which and what to do).
     """
     if not 0 <= port <= 65535:  # bind() raised OverflowError for these (a traceback, not a message)
-        raise ValueError(f"port {port}: expected 0..65535 (0: any free port)")
+        raise BrowseError(f"port {port}: expected 0..65535 (0: any free port)")
     root = os.path.realpath(site)
     handler = functools.partial(type("_Handler", (_SiteHandler,), {"root": root}), directory=root)
     try:
         httpd = _SiteServer((HOST, port), handler)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            raise ValueError(f"port {port} on {HOST} is in use; pass --port 0 (any free port) or another port") from e
-        raise ValueError(f"cannot serve on {HOST}:{port}: {e.strerror or e}") from e
+            raise BrowseError(f"port {port} on {HOST} is in use; pass --port 0 (any free port) or another port") from e
+        raise BrowseError(f"cannot serve on {HOST}:{port}: {e.strerror or e}") from e
     url = f"http://{HOST}:{httpd.server_address[1]}/index.html"
     if not block:
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -393,11 +399,12 @@ def serve_main(argv: list[str]) -> int:
 
 def _serve_cli(site: str | Path, port: int, prog: str) -> int:
     """``serve`` for a command line: a bad port or site is one line on stderr and exit status 2."""
+    from visae.errors import report
+
     try:
         serve(site, port)
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+    except BrowseError as e:  # a port out of range or in use
+        return report(prog, e)
     return 0
 
 
@@ -405,16 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "serve":  # an existing site: served as it is, never rebuilt
         return serve_main(argv[1:])
+    from visae.errors import VisaeError, report
+
     try:
         cfg = parse_config(BrowseConfig, argv, default_yaml=config_yaml("browse.yaml"), prog="visae browse")
-    except ConfigError as e:
-        print(f"visae browse: error: {e}", file=sys.stderr)
-        return 2
-    try:
         index = build_site(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"visae browse: error: {e}", file=sys.stderr)
-        return 2
+    except VisaeError as e:  # a bad flag, SAE, shard set, names, CBM or --out (exit 2; visae.errors)
+        return report("visae browse", e)
     print(f"site written: {index}")
     return _serve_cli(index.parent, cfg.port, "visae browse") if cfg.serve else 0
 

@@ -29,11 +29,19 @@ from typing import Any
 
 from visae.interop import InteropError
 
-__all__ = ["HubError", "parse_hf_uri", "load_sae_from_hub", "push_sae", "PushConfig", "main"]
+__all__ = ["HubError", "HubUnreachableError", "parse_hf_uri", "load_sae_from_hub", "push_sae", "PushConfig", "main"]
 
 
 class HubError(InteropError):
-    """An hf:// SAE cannot be found, fetched, or pushed (offline and not cached, unknown repo, no token)."""
+    """An hf:// SAE cannot be found, fetched, or pushed (a malformed address, an unknown repo, no token; exit
+    status 2, as every bad input)."""
+
+
+class HubUnreachableError(HubError):
+    """The hub cannot be reached from here (offline mode, no network, an HTTP failure) and the cache does not hold
+    what was asked: exit status 1, the input was fine (``visae.errors``)."""
+
+    exit_code = 1
 
 
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -83,11 +91,11 @@ def load_sae_from_hub(uri: str, device: Any = "cpu", cache_dir: str | Path | Non
                        "private (log in with `huggingface-cli login` or set HF_TOKEN)") from None
     except LocalEntryNotFoundError:
         why = "offline mode is set (HF_HUB_OFFLINE=1)" if _offline() else "the hub cannot be reached"
-        raise HubError(f"{uri}: not in the Hugging Face cache ({cache}) and {why}. Pre-fill the cache on a "
+        raise HubUnreachableError(f"{uri}: not in the Hugging Face cache ({cache}) and {why}. Pre-fill the cache on a "
                        f"machine with network (`{fetch_cmd}`, then copy {cache} here or point HF_HUB_CACHE at it), "
                        "or unset HF_HUB_OFFLINE") from None
     except (HfHubHTTPError, OSError) as e:
-        raise HubError(f"{uri}: could not fetch from the hub ({type(e).__name__}: {e})") from None
+        raise HubUnreachableError(f"{uri}: could not fetch from the hub ({type(e).__name__}: {e})") from None
     folder = Path(local) / sub if sub else Path(local)
     return _load_folder(folder, uri, device)
 
@@ -163,7 +171,7 @@ def push_sae(cfg: PushConfig) -> dict[str, Any]:
     if cfg.dry_run and not cfg.out:
         raise HubError("--dry_run needs --out DIR (where the folder that would be uploaded is written)")
     if not cfg.dry_run and _offline():
-        raise HubError("cannot push: offline mode is set (HF_HUB_OFFLINE=1); use --dry_run --out DIR to stage "
+        raise HubUnreachableError("cannot push: offline mode is set (HF_HUB_OFFLINE=1); use --dry_run --out DIR to stage "
                        "the folder, or unset HF_HUB_OFFLINE")
     sub = cfg.subfolder.strip("/")
     try:

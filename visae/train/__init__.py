@@ -31,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from visae.config import ConfigError, parse_config
+from visae.config import parse_config
 from visae.metrics import CURVES_FILE, METRICS_FILE
 from visae.optim import StackedAdam  # noqa: F401 - part of the trainer's namespace (tests patch its step)
 from visae.resources import REPO  # noqa: F401 - REPO: the checkout, for scripts and tests
@@ -111,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
 
     Prints the summary (:func:`format_summary`) on stderr and the SAE directory on stdout.
     """
+    from visae.errors import VisaeError, report
+
     try:
         cfg = parse_config(TrainConfig, argv, default_yaml=DEFAULT_YAML, prog="visae train",
                            description=(TrainConfig.__doc__ or "").strip())
         out = train(cfg)
-    except (ConfigError, ShardError, TrainError) as e:
-        print(f"visae train: error: {e}", file=sys.stderr)
-        return 2
+    except VisaeError as e:  # a bad flag, shard set or --out (exit 2), a lock held (1): visae.errors
+        return report("visae train", e)
     import os
 
     if os.environ.get("RANK", "0") != "0":  # data-parallel: rank 0 speaks for the run

@@ -47,7 +47,10 @@ def test_vocabulary_from_file(tmp_path):
     f.write_text("the\ncat\n\n  dog  \ncat\nit's\n1st\nt-shirt\nsea urchin\nzebra\n", encoding="utf-8")
     assert load_vocabulary(f, 0) == ["the", "cat", "dog", "it's", "1st", "t-shirt", "sea urchin", "zebra"]
     assert load_vocabulary(f, 3) == ["the", "cat", "dog"]
-    assert load_vocabulary(f, 0, stopwords=True, alpha_only=True) == ["cat", "dog", "t-shirt", "sea urchin", "zebra"]
+    dropped = {}
+    assert load_vocabulary(f, 0, stopwords=True, alpha_only=True, dropped=dropped) == ["cat", "dog", "t-shirt",
+                                                                                      "sea urchin", "zebra"]
+    assert dropped == {"stopwords": 2, "not_wordlike": 1, "duplicates": 1}  # the, it's; 1st; the second cat
     with pytest.raises(NamingError, match="does not exist"):
         load_vocabulary(tmp_path / "missing.txt")
     with pytest.raises(NamingError, match="is a directory, not a file"):  # it exists: "does not exist" misled

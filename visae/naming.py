@@ -168,7 +168,8 @@ def _is_wordlike(w: str) -> bool:
 
 
 def load_vocabulary(path: str | Path | None = None, size: int = 20000, *, stopwords: bool = False,
-                    alpha_only: bool = False, extra: Sequence[str] = ()) -> list[str]:
+                    alpha_only: bool = False, extra: Sequence[str] = (), dropped: dict[str, int] | None = None
+                    ) -> list[str]:
     """The naming vocabulary: distinct words in frequency (file) order.
 
     Args:
@@ -178,6 +179,11 @@ def load_vocabulary(path: str | Path | None = None, size: int = 20000, *, stopwo
         stopwords: drop :data:`STOPWORDS`.
         alpha_only: drop entries with characters other than letters, inner hyphens and spaces.
         extra: words appended (after filtering the list, not filtered themselves).
+        dropped: a dict filled with how many entries each filter removed (``stopwords``, ``not_wordlike``,
+            ``duplicates``), after the ``size`` cut.
+
+    Raises:
+        NamingError: the file is missing, a directory or not UTF-8; nothing is left after filtering.
     """
     if path is None:
         import wordfreq
@@ -197,11 +203,16 @@ def load_vocabulary(path: str | Path | None = None, size: int = 20000, *, stopwo
         words = [ln.strip() for ln in lines if ln.strip()]
         if size > 0:
             words = words[:size]
+    n0 = len(words)
     if stopwords:
         words = [w for w in words if w.lower() not in STOPWORDS]
+    n1 = len(words)
     if alpha_only:
         words = [w for w in words if _is_wordlike(w)]
+    n2 = len(words) + len(extra)
     out = list(dict.fromkeys(list(words) + [str(w) for w in extra]))
+    if dropped is not None:
+        dropped.update(stopwords=n0 - n1, not_wordlike=n1 - (n2 - len(extra)), duplicates=n2 - len(out))
     if not out:
         raise NamingError(f"vocabulary {path or 'wordfreq'} is empty after filtering")
     return out
@@ -681,7 +692,13 @@ def _name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) ->
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    words = load_vocabulary(cfg.vocab, cfg.vocab_size, stopwords=cfg.stopwords, alpha_only=cfg.alpha_only)
+    dropped: dict[str, int] = {}
+    words = load_vocabulary(cfg.vocab, cfg.vocab_size, stopwords=cfg.stopwords, alpha_only=cfg.alpha_only,
+                            dropped=dropped)
+    if any(dropped.values()):
+        log.info("vocabulary %s: %d words kept; dropped %d stopwords (--stopwords), %d not word-like (--alpha_only), "
+                 "%d duplicates", cfg.vocab or "wordfreq:en", len(words), dropped["stopwords"],
+                 dropped["not_wordlike"], dropped["duplicates"])
     cache = Path(cfg.text_cache).expanduser() if cfg.text_cache else None
     vocab = embed_vocabulary(backbone, words, list(cfg.templates) or None, cache_dir=cache,
                              batch_size=cfg.text_batch_size, progress=cfg.progress)
@@ -706,12 +723,12 @@ def _name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) ->
     res = match_names(decoder_directions(sae, cfg.member), emb, vocab.words, top_k=cfg.top_k, unique=cfg.unique_names,
                       min_z=cfg.min_z, min_score=cfg.min_score, subtract_mean=cfg.subtract_mean, active=active)
     _note_replaced(out, cfg)  # said once the run is past every check, just before it writes
-    write_concepts(out, res, cfg, backbone, stats, source, vocab)
+    write_concepts(out, res, cfg, backbone, stats, source, vocab, dropped)
     return out
 
 
 def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any, stats: Any, source: Any,
-                   vocab: Optional[VocabularyEmbedding] = None) -> None:
+                   vocab: Optional[VocabularyEmbedding] = None, dropped: Optional[dict[str, int]] = None) -> None:
     n = len(res.names)
     concepts = []
     for j in range(n):
@@ -738,7 +755,7 @@ def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any,
         "member": cfg.member,
         "model": {"name": backbone.name, "pretrained": backbone.pretrained, "random_init": bool(getattr(backbone, "random_init", False))},
         "shard_source": source,
-        "vocabulary": {"source": rec["vocab"] or "wordfreq:en", "size": len(res.words),
+        "vocabulary": {"source": rec["vocab"] or "wordfreq:en", "size": len(res.words), "dropped": dropped or {},
                        "too_long": list(vocab.too_long) if vocab is not None else [],
                        "merged": dict(vocab.merged) if vocab is not None else {}},
         "decision": {"min_z": res.min_z if math.isfinite(res.min_z) else str(res.min_z), "min_score": res.min_score},

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from visae import demo  # noqa: E402
 from visae.config import config_from_dict, config_to_dict, parse_config  # noqa: E402
 from visae.toyclip import SHIPPED_WEIGHTS, TOYCLIP_WEIGHTS, WORLD2_MODEL  # noqa: E402
+from visae.toyworld import WorldError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -360,7 +361,7 @@ def test_threads_set_the_world_generations_worker_processes(tmp_path, monkeypatc
 
     def generate(out, n, seed, progress, workers):
         seen.append((n, seed, workers))
-        raise ValueError("stopped after the world stage's call")
+        raise WorldError("stopped after the world stage's call")  # a stage's own error: exit 2
 
     monkeypatch.setitem(demo.WORLDS, "world2", dataclasses.replace(demo.WORLDS["world2"], generate=generate))
     assert demo.main(["--out", str(tmp_path / "out"), "--threads", "2", "--no_progress", "--n_images", "40"]) == 2
@@ -480,7 +481,7 @@ def test_file_arguments_are_recorded_as_absolute_paths_and_keywords_as_typed(tmp
     import shutil
 
     def generate(out, n, seed, progress, workers):
-        raise ValueError("stopped at the world stage")
+        raise WorldError("stopped at the world stage")  # a stage's own error: exit 2
 
     monkeypatch.setitem(demo.WORLDS, "world2", dataclasses.replace(demo.WORLDS["world2"], generate=generate))
     monkeypatch.chdir(tmp_path)

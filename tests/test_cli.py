@@ -259,3 +259,37 @@ def test_a_bad_sae_is_exit_2_and_one_line_in_every_command(name, sae, small_shar
     assert rc == 2, err
     assert len(err.strip().splitlines()) == 1 and err.startswith(f"visae {name}: error: ") and str(d) in err, err
     assert not (tmp_path / "o").exists()
+
+
+# --device: its spelling checked when the flags are parsed, its availability before the stage writes (visae.devices)
+_DEVICE_COMMANDS = {
+    "name": ["--sae", "{d}/sae", "--out", "{d}/o"],
+    "extract": ["--model", "visae-tiny-test", "--random_init", "--images", "{d}", "--out", "{d}/o"],
+    "train": ["--shards", "{s}", "--out", "{d}/o"],
+    "sweep": ["--shards", "{s}", "--out", "{d}/o"],
+    "zeroshot": ["--sae", "{d}/sae", "--shards", "{s}", "--label_column", "label"],
+    "cbm": ["--sae", "{d}/sae", "--concepts", "{d}/c", "--train_shards", "{s}", "--val_shards", "{s}",
+            "--label_column", "label", "--out", "{d}/o"],
+    "select": ["--sweep", "{d}/sw"],
+    "recovery": ["--sae", "{d}/sae", "--shards", "{s}"],
+    "demo": ["--out", "{d}/o"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DEVICE_COMMANDS))
+@pytest.mark.parametrize("device", ["banana", "cuda:7"])
+def test_a_device_that_is_not_one_or_not_here_is_exit_2_before_anything_is_written(name, device, small_shards,
+                                                                                    tmp_path, capsys):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    flag = {"demo": "--sweep.device"}.get(name, "--device")
+    argv = [a.format(d=tmp_path, s=small_shards) for a in _DEVICE_COMMANDS[name]]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    rc = cli.main([name, *argv, flag, device])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert len(err.strip().splitlines()) == 1 and f"{device}" in err and "Traceback" not in err, err
+    assert ("not a torch device" in err) == (device == "banana"), err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

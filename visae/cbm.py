@@ -113,6 +113,9 @@ class CBMConfig:
                                                           "--no_progress: none"})
 
     def __post_init__(self) -> None:
+        from visae.devices import check_device
+
+        check_device(self.device, "CBMConfig.device")
         if not 0.0 < self.alpha <= 1.0:
             raise CBMError(f"CBMConfig.alpha must be in (0, 1], got {self.alpha}")
         if not (self.target_concepts_per_class > 0 and math.isfinite(self.target_concepts_per_class)):
@@ -772,12 +775,14 @@ def format_result(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from visae.devices import resolve_device
     from visae.config import parse_config
     from visae.errors import report
     from visae.resources import config_yaml
 
     try:
         cfg = parse_config(CBMConfig, argv, default_yaml=config_yaml("cbm.yaml"), prog="visae cbm")
+        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
         res = train_cbm(cfg)
     except VisaeError as e:  # a bad flag, SAE, names or shard set (exit 2), a lock held (1): visae.errors
         return report("visae cbm", e)

@@ -1039,6 +1039,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _refuse_propagated_flags(argv)
         cfg = parse_config(DemoConfig, argv, default_yaml=DEFAULT_YAML, prog="visae demo")
+        from visae.devices import resolve_device
+
+        resolve_device(cfg.sweep.train.device, "--sweep.device")  # devices this machine lacks: refused before any stage
+        resolve_device(cfg.naming.device, "--naming.device")
         summary = run_demo(cfg)
     except VisaeError as e:  # ConfigError, another demo's directory, a stage's own error (all name what is wrong)
         return report("visae demo", e)

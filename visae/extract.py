@@ -97,6 +97,9 @@ class ExtractConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar (images/s)"})
 
     def __post_init__(self) -> None:
+        from visae.devices import check_device
+
+        check_device(self.device, "ExtractConfig.device")
         # --layer: None, one block (int) or several ("all" / "4,8,11", syntax checked here: a usage error before any work)
         object.__setattr__(self, "layer", normalise_layer_spec(self.layer))
         # counts refused when the config is made (a negative --threads was ignored: torch's default, all cores)
@@ -278,11 +281,9 @@ def _auto_workers(device: torch.device) -> int:
 
 
 def _resolve_device(cfg: ExtractConfig, dist_info: _DistInfo) -> torch.device:
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_info.local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(cfg.device)
+    from visae.devices import resolve_device
+
+    return resolve_device(cfg.device, "--device", dist_info.local_rank)
 
 
 def _autocast(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager, str]:

@@ -149,6 +149,9 @@ class NameConfig:
     out: str = field(default="concepts", metadata={"help": "output directory"})
 
     def __post_init__(self) -> None:
+        from visae.devices import check_device
+
+        check_device(self.device, "NameConfig.device")
 
         for f in ("min_z", "min_score"):
             v = getattr(self, f)
@@ -868,10 +871,12 @@ def read_concepts(path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from visae.devices import resolve_device
     from visae.errors import VisaeError, report
 
     try:
         cfg = parse_config(NameConfig, argv, default_yaml=config_yaml("naming.yaml"), prog="visae name")
+        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
         out = name_concepts(cfg)
     except VisaeError as e:  # a bad flag, SAE, shard set or vocabulary (exit 2; visae.errors)
         return report("visae name", e)

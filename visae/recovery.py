@@ -381,6 +381,9 @@ class RecoveryConfig:
     progress: bool = field(default=True, metadata={"help": "progress bar (stderr) of the encoding pass; --no_progress: none"})
 
     def __post_init__(self) -> None:
+        from visae.devices import check_device
+
+        check_device(self.device, "RecoveryConfig.device")
         from visae.config import check_bounds
 
         # recovered_at, an AUROC threshold: outside [0, 1] everything or nothing counted
@@ -389,12 +392,14 @@ class RecoveryConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from visae.devices import resolve_device
     from visae.config import parse_config
 
     from visae.errors import VisaeError, report
 
     try:
         cfg = parse_config(RecoveryConfig, argv, prog="visae recovery")
+        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
         res = concept_recovery(cfg.sae, cfg.shards, member=cfg.member, factors=cfg.factors or None,
                                concepts=cfg.concepts, batch_size=cfg.batch_size, device=cfg.device,
                                recovered_at=cfg.recovered_at, progress=cfg.progress)

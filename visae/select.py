@@ -88,6 +88,9 @@ class SelectConfig:
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self) -> None:
+        from visae.devices import check_device
+
+        check_device(self.device, "SelectConfig.device")
         if self.rule is not None and self.rule not in RULES:
             raise ConfigError(f"SelectConfig.rule must be one of {RULES} (or null: the sweep's), got {self.rule!r}")
         if self.max_drop is not None and not self.max_drop >= 0:
@@ -878,6 +881,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(SelectConfig, argv, default_yaml=DEFAULT_YAML, prog="visae select",
                            description=(SelectConfig.__doc__ or "").strip())
+        from visae.devices import resolve_device
+
+        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
         before = _kept_selection(SweepDir(cfg.sweep))
         info = select(cfg)
     except VisaeError as e:  # a bad flag, sweep or shard set (exit 2), a lock held (1): visae.errors

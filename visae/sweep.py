@@ -489,7 +489,6 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
     Raises:
         SweepError: naming the flag and what is wrong.
     """
-    import torch
 
     from visae.train import sae_config_for
 
@@ -500,10 +499,9 @@ def check_sweep(cfg: SweepConfig) -> tuple[ShardSet, Any]:
     except ShardError as e:
         raise SweepError(f"--shards {cfg.train.shards}: {e}") from None
     tcfg = train_config_for(cfg)
-    try:
-        torch.device(tcfg.device)
-    except RuntimeError as e:
-        raise SweepError(f"--device {cfg.train.device!r}: {e}") from None
+    from visae.devices import resolve_device
+
+    resolve_device(tcfg.device)  # a device this machine lacks (ConfigError): refused before sweep.json is written
     for e in cfg.expansion_factors:
         try:
             sae_config_for(dataclasses.replace(tcfg, expansion_factor=int(e)), shards)

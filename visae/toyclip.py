@@ -338,6 +338,9 @@ class ToyClipConfig:
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
 
     def __post_init__(self) -> None:
+        from visae.devices import check_device
+
+        check_device(self.device, "ToyClipConfig.device")
         from visae.config import check_bounds
 
         # refused when the flags are parsed: a negative --threads was ignored (all cores), a negative eval_every /
@@ -763,6 +766,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_config(ToyClipConfig, argv, default_yaml=config_yaml("toy_clip.yaml"), prog="visae train-toy-clip")
+        from visae.devices import resolve_device
+
+        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
         train_toy_clip(cfg, argv)
     except VisaeError as e:
         return report("visae train-toy-clip", e)
@@ -950,6 +956,9 @@ class ToyClipV2Config:
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
 
     def __post_init__(self) -> None:
+        from visae.devices import check_device
+
+        check_device(self.device, "ToyClipV2Config.device")
         from visae.config import check_bounds
         from visae.world2 import COUNTS
 
@@ -1598,6 +1607,9 @@ def main_v2(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_config(ToyClipV2Config, argv, default_yaml=config_yaml("toy_clip_v2.yaml"), prog=prog)
+        from visae.devices import resolve_device
+
+        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
         train_toy_clip_v2(cfg, argv)  # inputs checked before any work (an init file, a word list)
     except VisaeError as e:
         return report(prog, e)

@@ -122,6 +122,9 @@ class TextTuneConfig:
     progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
 
     def __post_init__(self) -> None:
+        from visae.devices import check_device
+
+        check_device(self.device, "TextTuneConfig.device")
         from visae.config import check_bounds
 
         check_bounds(self, {
@@ -581,12 +584,14 @@ def tune_text_tower(cfg: TextTuneConfig, argv: Sequence[str] | None = None, *, s
 
 def main(argv: list[str] | None = None) -> int:
     """``visae tune-toy-clip-text --init W --out DIR`` (options: configs/toy_clip_v2_text.yaml)."""
+    from visae.devices import resolve_device
     from visae.config import parse_config
 
     from visae.errors import VisaeError, report
 
     try:
         cfg = parse_config(TextTuneConfig, argv, default_yaml=config_yaml("toy_clip_v2_text.yaml"), prog="visae tune-toy-clip-text")
+        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
         tune_text_tower(cfg, argv)
     except VisaeError as e:
         return report("visae tune-toy-clip-text", e)

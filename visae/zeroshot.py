@@ -135,6 +135,9 @@ class ZeroShotConfig:
                                          metadata={"help": "the zero-shot classifier (text tower, benchmark)"})
 
     def __post_init__(self) -> None:
+        from visae.devices import check_device
+
+        check_device(self.device, "ZeroShotConfig.device")
         from visae.config import check_bounds
 
         # a negative batch_size gave zero batches: no images scored
@@ -1173,11 +1176,13 @@ def format_result(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from visae.devices import resolve_device
     from visae.config import parse_config
     from visae.errors import report
 
     try:
         cfg = parse_config(ZeroShotConfig, argv, default_yaml=DEFAULT_YAML, prog="visae zeroshot")
+        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
         res = zeroshot(cfg)
     except VisaeError as e:  # a bad flag, SAE, shard set or labels (exit 2; visae.errors)
         return report("visae zeroshot", e)

@@ -409,6 +409,7 @@ def _serve_cli(site: str | Path, port: int, prog: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from visae.devices import resolve_device
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "serve":  # an existing site: served as it is, never rebuilt
         return serve_main(argv[1:])
@@ -416,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_config(BrowseConfig, argv, default_yaml=config_yaml("browse.yaml"), prog="visae browse")
+        resolve_device(cfg.naming.device)  # a device this machine lacks: refused before any work
         index = build_site(cfg)
     except VisaeError as e:  # a bad flag, SAE, shard set, names, CBM or --out (exit 2; visae.errors)
         return report("visae browse", e)

@@ -137,6 +137,9 @@ class TrainConfig:
     wandb_name: str = field(default="", metadata={"help": "wandb run name (default: the --out directory name)"})
 
     def __post_init__(self) -> None:
+        from visae.devices import check_device
+
+        check_device(self.device, "TrainConfig.device")
         positive = ("num_epochs", "batch_size", "expansion_factor", "k", "log_every", "init_examples",
                     "resample_examples", "dead_window_steps", "shuffle_buffer", "synthetic_examples", "synthetic_d",
                     "synthetic_atoms", "lr", "dist_timeout")

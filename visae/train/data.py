@@ -25,12 +25,10 @@ __all__ = ["resolve_device", "member_key", "backbone_random_init", "plan_warning
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
-    return dev
+    """``--device`` on this machine (:func:`visae.devices.resolve_device`; ConfigError for one it lacks)."""
+    from visae.devices import resolve_device as resolve
+
+    return resolve(name)
 
 
 def _seed_int(*parts: int) -> int:

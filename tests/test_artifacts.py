@@ -207,6 +207,10 @@ def test_a_second_writer_of_the_same_out_is_refused(tmp_path):
                                                               plot=False), lrs=(1e-3,), l1_coeffs=(1e-3,),
                               expansion_factors=(2,), select=False))
         assert cli_main(["train", "--shards", str(shards.path), "--out", str(out), "--num_epochs", "1"]) == 1
+        # visae select locks the sweep it was given (--sweep): it has no --out to offer, so it says only to wait
+        with pytest.raises(OutputLockedError, match=r"wait for it to finish$"):
+            with output_lock(out, "visae select", flag=None):
+                pass
         # within one process the lock is re-entrant (sweep selects under its own lock) -- tested by holding it twice
     finally:
         holder.kill()

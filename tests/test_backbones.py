@@ -223,3 +223,25 @@ def test_toyclip_shipped_weights_through_registry():
     x = torch.randn(2, 3, *bb.image_size)
     with torch.inference_mode():
         assert not torch.allclose(bb.encode_image(x), rnd.encode_image(x))  # asserts a change, not rounding
+
+
+@pytest.mark.parametrize("content", ["empty", "other_model", "garbage"])
+def test_a_pretrained_file_that_is_not_the_models_weights_is_one_named_error(content, tmp_path):
+    """--pretrained FILE that is empty, another model's state dict or not a checkpoint: a BackboneError naming the
+    model and the file (it was torch's unpickler / load_state_dict traceback, thousands of characters of keys)."""
+    import torch
+
+    from visae.backbones import BackboneError, load_backbone
+
+    f = tmp_path / f"{content}.pt"
+    if content == "empty":
+        f.write_bytes(b"")
+    elif content == "other_model":
+        torch.save({"W_enc": torch.zeros(4, 8)}, f)
+    else:
+        f.write_bytes(b"not a checkpoint\n" * 10)
+    with pytest.raises(BackboneError) as e:
+        load_backbone("visae-tiny-test", str(f))
+    msg = str(e.value)
+    assert msg.startswith("visae-tiny-test: --pretrained ") and str(f) in msg and "cannot be loaded" in msg
+    assert len(msg) < 700  # the key list cut short

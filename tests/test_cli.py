@@ -293,3 +293,16 @@ def test_a_device_that_is_not_one_or_not_here_is_exit_2_before_anything_is_writt
     assert len(err.strip().splitlines()) == 1 and f"{device}" in err and "Traceback" not in err, err
     assert ("not a torch device" in err) == (device == "banana"), err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("name,argv", [("name", ["--sae", "s"]), ("extract", ["--images", "i"]),
+                                       ("train", ["--shards", "s"]), ("browse", ["--sae", "s"]), ("demo", []),
+                                       ("sweep", ["--shards", "s"]), ("toyworld", [])])
+@pytest.mark.parametrize("out", ["", "  "])
+def test_an_empty_out_is_a_usage_error_not_the_current_directory(name, argv, out, tmp_path, monkeypatch, capsys):
+    """--out "" was Path("."): visae extract and visae name wrote their files into the working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([name, *argv, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--out is empty" in err, err
+    assert not list(tmp_path.iterdir())

@@ -208,6 +208,18 @@ def test_yaml_file_not_utf8_is_a_config_error_naming_it(tmp_path):
         load_yaml_config(Inner, p)
 
 
+def test_bad_yaml_and_a_config_directory_are_named_in_one_line(tmp_path, capsys):
+    from visae import cli
+
+    p = tmp_path / "x.yaml"
+    p.write_text("depth: [1,\nwidth: 2\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml is not valid YAML \(line 3, column 1: expected ',' or ']'"):
+        load_yaml_config(Inner, p)
+    assert cli.main(["train", "--config", str(tmp_path)]) == 2  # said "file does not exist" of a directory
+    err = capsys.readouterr().err
+    assert err.strip() == f"visae train: error: --config {tmp_path}: is a directory, not a YAML file"
+
+
 @pytest.mark.parametrize("argv, field", [
     (["browse", "--sae", "s", "--port", "70000"], "BrowseConfig.port = 70000"),  # an OverflowError after the site
     (["browse", "--sae", "s", "--thumb_size", "0"], "BrowseConfig.thumb_size = 0"),  # ZeroDivisionError in PIL

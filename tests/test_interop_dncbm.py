@@ -13,7 +13,7 @@ from visae.interop import InteropError
 from visae.interop.dncbm import import_dncbm
 from visae.sae import SAEFormatError, load_sae
 
-N, M = 32, 96  # n input features (CLIP embedding width), m learned features
+N, M = 512, 96  # n input features (ViT-B/16 image embedding width, the importer's default model), m learned features
 
 
 def _dncbm_state(C=1, seed=0):
@@ -87,7 +87,7 @@ def test_dncbm_errors(tmp_path):
     bad = _dncbm_state()
     bad["decoder._weight"] = bad["decoder._weight"][:, :, :5]
     torch.save(bad, tmp_path / "bad.pt")
-    with pytest.raises(InteropError, match=r"decoder._weight has shape \[1, 32, 5\], expected \[1, 32, 96\]"):
+    with pytest.raises(InteropError, match=r"decoder._weight has shape \[1, 512, 5\], expected \[1, 512, 96\]"):
         import_dncbm(tmp_path / "bad.pt")
 
 
@@ -117,3 +117,17 @@ def test_dncbm_unreadable_files_name_the_cause_without_torchs_retry_advice(tmp_p
         msg = str(info.value)
         assert msg.startswith(f"{tmp_path / name}: not a readable torch state_dict") and cause in msg, msg
         assert "weights_only=True and runs no pickled code" in msg and "set to `False`" not in msg
+
+
+def test_a_checkpoint_of_another_width_than_the_named_model_is_refused(tmp_path):
+    """A 768-wide checkpoint (DnCBM's clip_ViT-L/14) imported with the default model recorded ViT-B-16's image
+    embedding (512) as its source: naming and splicing would then load the wrong model."""
+    state = {k: torch.randn(*((1, 96, 768) if k == "encoder._weight" else (1, 768, 96) if k == "decoder._weight"
+                              else (1, 768) if k == "tied_bias" else (1, 96))) for k in
+             ("tied_bias", "encoder._weight", "encoder._bias", "decoder._weight")}
+    torch.save(state, tmp_path / "sparse_autoencoder_final.pt")
+    with pytest.raises(InteropError, match=r"768-wide embeddings but model='ViT-B-16:openai' embeds images in 512"):
+        import_dncbm(tmp_path / "sparse_autoencoder_final.pt")
+    sae = import_dncbm(tmp_path / "sparse_autoencoder_final.pt", model="ViT-L-14:openai")
+    assert sae.d_in == 768 and sae.extra["source"]["model"] == "ViT-L-14"
+    assert import_dncbm(tmp_path / "sparse_autoencoder_final.pt", model=None).extra["source"]["model"] is None

@@ -132,3 +132,29 @@ def test_push_refuses_offline_before_work(tmp_path, offline_cache, capsys):
     _sae().save(tmp_path / "sae")
     assert cli.main(["push", "--sae", str(tmp_path / "sae"), "--repo", "me/saes"]) == 1
     assert "offline mode is set" in capsys.readouterr().err
+
+
+def test_push_without_a_network_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
+    """No network and HF_HUB_OFFLINE unset: the hub client's connection error (httpx's, not an OSError) was a
+    traceback; now one line naming the repo and what to do, exit 1 (good input that could not finish here)."""
+    import httpx
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("VISAE_TRACEBACK", raising=False)
+
+    def create_repo(self, repo_id, **kw):
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    _sae().save(tmp_path / "sae")
+    assert cli.main(["push", "--sae", str(tmp_path / "sae"), "--repo", "me/saes"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot push to me/saes: ConnectError" in err and "--dry_run" in err
+
+    def other_bug(self, repo_id, **kw):
+        raise ZeroDivisionError("a bug, not the network")
+
+    monkeypatch.setattr(HfApi, "create_repo", other_bug)
+    with pytest.raises(ZeroDivisionError):  # anything else keeps its traceback
+        cli.main(["push", "--sae", str(tmp_path / "sae"), "--repo", "me/saes"])

@@ -303,6 +303,12 @@ def test_refusals():
     with pytest.raises(SpliceError, match="out of range"):
         with splice(bb, _sae(bb, 0, "cls"), ablate=[10_000]):
             pass
+    with pytest.raises(SpliceError, match=r"1\.5 is not a latent index"):  # was latent 1, silently
+        with splice(bb, _sae(bb, 0, "cls"), ablate=[1.5]):
+            pass
+    with pytest.raises(SpliceError, match=r"clamp: the values \{0: nan\} are not finite"):  # NaN embeddings
+        with splice(bb, _sae(bb, 0, "cls"), clamp={0: float("nan")}):
+            pass
     with pytest.raises(SpliceError, match="layer 7 out of range|out of range"):
         splice_target(bb, _sae(bb, 7, "cls"))
     # nothing left hooked after a refusal or a normal exit

@@ -339,14 +339,15 @@ def set_aside(path: str | Path, name: str) -> Path:
         return dst
 
 
-def check_output_path(out: str | Path, command: str = "visae") -> None:
-    """Raise :class:`OutputPathError` when output directory ``out`` or one of its parents exists as a file."""
+def check_output_path(out: str | Path, command: str = "visae", flag: str = "--out") -> None:
+    """Raise :class:`OutputPathError` when output directory ``out`` (given as ``flag``) or one of its parents exists
+    as a file."""
     out = Path(out)
     blocked = next((q for q in (out, *out.parents) if (q.exists() and not q.is_dir()) or (q.is_symlink() and not q.exists())),
                    None)  # a file, or a dangling link (mkdir would fail on it)
     if blocked is not None:
         what = "a dangling link" if blocked.is_symlink() and not blocked.exists() else "a file, not a directory"
-        raise OutputPathError(f"--out {out}: {blocked} is {what}; give {command} another --out")
+        raise OutputPathError(f"{flag} {out}: {blocked} is {what}; give {command} another {flag}")
 
 
 class OutputPathError(VisaeError, NotADirectoryError):
@@ -366,7 +367,8 @@ def _lock_file(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(out: str | Path, command: str = "visae", *, clean_temps: bool = True) -> Iterator[Path]:
+def output_lock(out: str | Path, command: str = "visae", *, clean_temps: bool = True,
+                flag: str | None = "--out") -> Iterator[Path]:
     """Hold the writer's lock of output directory ``out`` (created if missing) for the block.
 
     Args:
@@ -374,6 +376,8 @@ def output_lock(out: str | Path, command: str = "visae", *, clean_temps: bool = 
         command: names the command in the error message ("visae train").
         clean_temps: once the lock is held, remove stale temporary files under ``out``
             (:func:`remove_stale_temps`).
+        flag: the flag that named ``out``, for the messages (``--sweep`` for ``visae select``); None: a directory
+            the command cannot be pointed elsewhere for, so the locked message only says to wait.
 
     When the block raises and this call created ``out`` (and its missing parents) and nothing but
     lock files was put in it, they are removed again: a command refused on bad input leaves
@@ -387,7 +391,7 @@ def output_lock(out: str | Path, command: str = "visae", *, clean_temps: bool = 
     from filelock import FileLock, Timeout
 
     out = Path(out)
-    check_output_path(out, command)
+    check_output_path(out, command, flag or "--out")
     created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first: made by this call
     out.mkdir(parents=True, exist_ok=True)
     path = _lock_file(out)
@@ -403,7 +407,7 @@ def output_lock(out: str | Path, command: str = "visae", *, clean_temps: bool = 
         except Timeout:
             raise OutputLockedError(
                 f"{out}: another process is writing this output directory (lock {path} is held); wait for it to "
-                f"finish or give {command} another --out") from None
+                f"finish" + (f" or give {command} another {flag}" if flag else "")) from None
         entry = [lock, 1]
         with _held_guard:
             _held[key] = entry

@@ -26,10 +26,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -499,6 +500,25 @@ def _seeded(seed: int):
         yield
 
 
+@contextlib.contextmanager
+def _checkpoint_errors(model: str, ckpt: str | None) -> Iterator[None]:
+    """Turn the libraries' failures to load a local checkpoint file (``--pretrained FILE``: an empty or damaged file,
+    another model's weights, an SAE's) into one BackboneError naming the model and the file, instead of torch's
+    unpickler / ``load_state_dict`` traceback (its key list cut short). Other errors, and every error when ``ckpt`` is
+    not a local file, pass through."""
+    try:
+        yield
+    except (RuntimeError, EOFError, KeyError, ValueError, NotImplementedError, pickle.UnpicklingError,
+            AttributeError, IndexError) as e:
+        if not (ckpt and os.path.isfile(ckpt)):
+            raise
+        first = " ".join(str(e).split())
+        first = first if len(first) <= 300 else first[:300] + " ..."
+        raise BackboneError(f"{model}: --pretrained {ckpt} cannot be loaded as its weights ({type(e).__name__}: "
+                            f"{first or 'no message'}): an empty or damaged file, or the weights of another model "
+                            "(an SAE's weights.safetensors, another architecture's checkpoint)") from None
+
+
 def _open_clip_backbone(
     model_name: str,
     pretrained: str | None,
@@ -549,7 +569,8 @@ def _open_clip_backbone(
             force_pp[k] = tag_cfg[k]
     # open_clip only warns when a tag was trained with QuickGELU and the config is not: follow the tag.
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-    with _seeded(seed), quiet_random_init(random_init or ckpt is None):
+    with _seeded(seed), quiet_random_init(random_init or ckpt is None), \
+            _checkpoint_errors(display_name or model_name, ckpt):
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name,
             pretrained=ckpt,
@@ -693,7 +714,7 @@ def _load_timm(name: str, pretrained: str | None, *, random_init: bool, device: 
     if weights:
         kwargs["pretrained_cfg_overlay"] = {"file": weights}
     try:
-        with _seeded(seed):
+        with _seeded(seed), _checkpoint_errors(f"timm:{name}", weights if pretrained else None):
             model = timm.create_model(name, pretrained=use_pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):

@@ -265,7 +265,9 @@ def load_yaml_config(cls: type[C], path: str | Path, overrides: dict[str, Any] |
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if not isinstance(data, dict):
@@ -544,7 +546,8 @@ def parse_args(cls: type[C], argv: Sequence[str] | None = None, default_yaml: st
     try:
         given = _config_flag(argv)
         if given is not None and not Path(given).is_file():
-            raise ConfigError(f"--config {given}: file does not exist")
+            what = "is a directory, not a YAML file" if Path(given).is_dir() else "file does not exist"
+            raise ConfigError(f"--config {given}: {what}")
         path = given if given is not None else default_yaml
         base = load_yaml_config(cls, path) if path is not None and Path(path).is_file() else cls()
     except ConfigError as e:
@@ -577,6 +580,10 @@ def parse_args(cls: type[C], argv: Sequence[str] | None = None, default_yaml: st
             else:
                 os.environ["COLUMNS"] = old
         _usage_error(prog, _one_line(buf.getvalue()))
+    out_field = next((f for f in dataclasses.fields(cls) if f.name == "out"), None)
+    if (out_field is not None and isinstance(out_field.default, str) and out_field.default
+            and not str(getattr(args.cfg, "out", "x")).strip()):  # "" became Path("."): every file in the cwd
+        _usage_error(prog, "--out is empty: give an output directory (--out . for the current one)")
     return args.cfg, args.runtime
 
 

@@ -727,7 +727,7 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
     planned = [t["name"] for t in doc["trials"]]
     from visae.atomic import output_lock
 
-    with output_lock(out, "visae select"), sd.lock():
+    with output_lock(out, "visae select", flag=None), sd.lock():  # the sweep itself: no other place to write
         scores = score_trials(out, None, val_shards=cfg.val_shards, device=cfg.device, batch_size=cfg.batch_size,
                               rescore=cfg.rescore, progress=cfg.progress, metric=metric)
         if not scores:

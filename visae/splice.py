@@ -54,6 +54,7 @@ every SAE of that layer and token); shards of the layer are not enough, the mode
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -208,6 +209,8 @@ def _encode_active(sae: Any, x: Tensor, sparse: bool | None, need_dense: bool
 def _codes_vector(sae: Any, idx: Sequence[int], what: str) -> list[int]:
     out = []
     for j in idx:
+        if isinstance(j, bool) or int(j) != j:  # ablate=[1.5] was latent 1, silently; True was latent 1
+            raise SpliceError(f"{what}: {j!r} is not a latent index (an integer in 0..{sae.d_sae - 1})")
         j = int(j)
         if not 0 <= j < sae.d_sae:
             raise SpliceError(f"{what}: latent {j} out of range (the SAE has d_sae={sae.d_sae} latents, 0..{sae.d_sae - 1})")
@@ -250,6 +253,9 @@ def splice(backbone: Any, sae: Any, *, layer: int | None = None, token: str | No
         sae = sae.member(member)
     ablate_idx = _codes_vector(sae, list(ablate or ()), "ablate")
     clamp_map = {int(k): float(v) for k, v in (clamp or {}).items()}
+    bad = {k: v for k, v in clamp_map.items() if not math.isfinite(v)}
+    if bad:  # a NaN clamp made every embedding NaN
+        raise SpliceError(f"clamp: the values {bad} are not finite numbers (a code value in the SAE's units)")
     clamp_idx = _codes_vector(sae, list(clamp_map), "clamp")
     device = next(backbone.model.parameters()).device
     sae = sae.to(device).eval()

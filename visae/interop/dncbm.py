@@ -55,6 +55,18 @@ def _find(path: Path) -> Path:
                        f"and {path}/{DNCBM_FILE})")
 
 
+def _embedding_width(model: str) -> int | None:
+    """The image-embedding width of open_clip model config ``model`` (``embed_dim``), or None when open_clip does
+    not know the name (timm models, a checkpoint file): nothing to compare with."""
+    try:
+        import open_clip
+
+        cfg = open_clip.get_model_config(model)
+    except Exception:  # noqa: BLE001 - an unknown name: no width to check
+        return None
+    return int(cfg["embed_dim"]) if cfg and "embed_dim" in cfg else None
+
+
 def import_dncbm(path: str | Path, out: str | Path | None = None, *, model: str | None = "ViT-B-16:openai",
                  component: int = 0) -> Any:
     """Load a Discover-then-Name ``sparse_autoencoder_final.pt`` (file or its save dir) as a visae ReLU SAE.
@@ -63,7 +75,8 @@ def import_dncbm(path: str | Path, out: str | Path | None = None, *, model: str 
     source: ``ViT-B-16:openai`` for DnCBM's default ``clip_ViT-B/16``; ``None`` leaves it
     unknown). ``component`` picks one of ``n_components`` SAEs. The SAE works on raw
     embeddings ``[B, n]`` exactly as the original forward does. Saved to ``out`` when given.
-    Raises :class:`InteropError` naming the file and the missing / misshapen keys.
+    Raises :class:`InteropError` naming the file and the missing / misshapen keys, or when ``n`` is not the
+    image-embedding width of ``model`` (an open_clip config's ``embed_dim``).
     """
     from visae.backbones import parse_backbone_name
 
@@ -95,6 +108,11 @@ def import_dncbm(path: str | Path, out: str | Path | None = None, *, model: str 
                               "read": "image_embedding", "normalization": "none"}
     if model:
         source["model"], source["pretrained"] = parse_backbone_name(model, None)
+        width = _embedding_width(source["model"])
+        if width is not None and width != n:  # the source record would send names / splices to another model
+            raise InteropError(f"{f}: the SAE reads {n}-wide embeddings but model={model!r} embeds images in {width} "
+                               "dimensions; pass model= the CLIP it was trained on (DnCBM's clip_ViT-L/14: "
+                               "'ViT-L-14:openai', 768; clip_RN50: 'RN50:openai', 1024) or model=None (unknown)")
     extra = {"source": source,
              "imported_from": {"format": "discover-then-name", "path": str(f.resolve()), "repo_commit": DNCBM_COMMIT,
                                "component": component, "n_components": C,

@@ -47,6 +47,16 @@ class HubUnreachableError(HubError):
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _transport_error(e: BaseException) -> bool:
+    """Whether ``e`` is the hub client's failure to talk to the hub (an HTTP error status, a connection that cannot
+    be made): huggingface_hub's HTTP errors, OSError (requests' errors derive from it) and the HTTP libraries'
+    own (httpx's, which do not)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return isinstance(e, (HfHubHTTPError, OSError)) or type(e).__module__.split(".")[0] in (
+        "httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
 def parse_hf_uri(uri: str) -> tuple[str, str, str | None]:
     """``"hf://org/repo[/sub/folder][@revision]"`` -> (repo_id, subfolder ("" for the root), revision or None)."""
     if not uri.startswith("hf://"):
@@ -74,7 +84,7 @@ def load_sae_from_hub(uri: str, device: Any = "cpu", cache_dir: str | Path | Non
     repo / revision / folder does not exist, or when the hub cannot be reached.
     """
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+    from huggingface_hub.errors import (LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
     repo_id, sub, revision = parse_hf_uri(uri)
@@ -92,9 +102,11 @@ def load_sae_from_hub(uri: str, device: Any = "cpu", cache_dir: str | Path | Non
     except LocalEntryNotFoundError:
         why = "offline mode is set (HF_HUB_OFFLINE=1)" if _offline() else "the hub cannot be reached"
         raise HubUnreachableError(f"{uri}: not in the Hugging Face cache ({cache}) and {why}. Pre-fill the cache on a "
-                       f"machine with network (`{fetch_cmd}`, then copy {cache} here or point HF_HUB_CACHE at it), "
-                       "or unset HF_HUB_OFFLINE") from None
-    except (HfHubHTTPError, OSError) as e:
+                       f"machine with network (`{fetch_cmd}`, then copy {cache} here or point HF_HUB_CACHE at it)"
+                       + (", or unset HF_HUB_OFFLINE" if _offline() else "")) from None
+    except Exception as e:  # noqa: BLE001 - narrowed by _transport_error; anything else is re-raised
+        if not _transport_error(e):
+            raise
         raise HubUnreachableError(f"{uri}: could not fetch from the hub ({type(e).__name__}: {e})") from None
     folder = Path(local) / sub if sub else Path(local)
     return _load_folder(folder, uri, device)
@@ -194,11 +206,18 @@ def push_sae(cfg: PushConfig) -> dict[str, Any]:
             from huggingface_hub import HfApi
 
             api = HfApi()
-            api.create_repo(cfg.repo, private=cfg.private, exist_ok=True, repo_type="model")
-            info = api.upload_folder(repo_id=cfg.repo, folder_path=str(staged), path_in_repo=sub or None,
-                                     revision=cfg.revision or None,
-                                     commit_message=cfg.commit_message or f"visae push: {Path(cfg.sae).name}"
-                                     + (f" -> {sub}" if sub else ""))
+            try:
+                api.create_repo(cfg.repo, private=cfg.private, exist_ok=True, repo_type="model")
+                info = api.upload_folder(repo_id=cfg.repo, folder_path=str(staged), path_in_repo=sub or None,
+                                         revision=cfg.revision or None,
+                                         commit_message=cfg.commit_message or f"visae push: {Path(cfg.sae).name}"
+                                         + (f" -> {sub}" if sub else ""))
+            except Exception as e:  # noqa: BLE001 - narrowed by _transport_error; anything else is re-raised
+                if not _transport_error(e):
+                    raise
+                raise HubUnreachableError(f"cannot push to {cfg.repo}: {type(e).__name__}: {e} (no network, the hub "
+                                          "down, or no write access: log in with `huggingface-cli login` or set "
+                                          "HF_TOKEN; --dry_run --out DIR stages the folder without the hub)") from None
             url = str(getattr(info, "commit_url", info))
         return {"staged": str(staged) if cfg.out else None, "files": files, "url": url}
     finally:

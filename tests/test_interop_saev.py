@@ -117,6 +117,15 @@ def test_saev_shard_errors(tmp_path):
         load_sae(src)
     ss = convert_saev_shards(src, tmp_path / "o", layer=3, token="cls", dtype="float32")
     assert len(ss) == 10 and str(ss.shard_meta(0)["id"][3]) == "saev:3"
+    # saev's "ViT-B-16/openai" is open_clip's model and tag: recorded so that naming / splicing can load it
+    assert (ss.source["model"], ss.source["pretrained"]) == ("ViT-B-16", "openai")
+    # a zero activation vector: named by saev's example and token (the writer named visae's row)
+    mm = np.memmap(src / "acts000000.bin", dtype=np.float32, mode="r+", shape=(10, len(LAYERS), T, D))
+    mm[6, 0, 2, :] = 0.0
+    mm.flush()
+    del mm
+    with pytest.raises(InteropError, match=r"acts000000\.bin: saev:6#p1 \(layer 3, token patch\) is a zero"):
+        convert_saev_shards(src, tmp_path / "o2", layer=3)
 
 
 # ----------------------------------------------------------------------------- SAE checkpoints

@@ -96,11 +96,14 @@ def convert_saev_shards(src: str | Path, out: str | Path, *, layer: int, token: 
         token: "patch" (the content tokens, one row each, ids ``saev:<example>#p<k>``), "cls"
             (needs ``cls_token``; ids ``saev:<example>``) or "all" (every stored token).
         dtype, shard_size, normalization: of the visae shard set (docs/shard_format.md).
-        model: backbone registry name recorded as ``source.model`` (default: saev's ``ckpt``).
+        model: backbone registry name recorded as ``source.model`` (default: from saev's ``ckpt``: a CLIP
+            ``"ViT-B-16/openai"`` is open_clip's ``ViT-B-16`` with tag ``openai``; else the string as saev wrote it).
         chunk_bytes: upper bound on the bytes of saev file mapped and copied at once.
 
     Returns the :class:`visae.shards.ShardSet`. Raises :class:`InteropError` for a layer / token
-    the folder does not hold or a shard file of the wrong size, before writing anything.
+    the folder does not hold or a shard file of the wrong size, before writing anything; and, with
+    ``normalization="unit_norm"``, for a zero or non-finite activation vector (naming the saev file, example and
+    token; the rows before it stay committed).
     """
     from visae.shards import ShardSet, ShardWriter
 
@@ -134,7 +137,8 @@ def convert_saev_shards(src: str | Path, out: str | Path, *, layer: int, token: 
             raise InteropError(f"{f}: {f.stat().st_size} bytes cannot hold {n} examples of [L={L}, T={T}, D={D}] "
                                f"float32 ({n * ex_bytes} bytes; at most {per_shard} examples per shard)")
         files.append((f, n))
-    source = {"stage": "visae.interop.saev", "model": model or meta.get("ckpt"), "pretrained": None,
+    guess, tag = _backbone_of(meta) if model is None else (model, None)
+    source = {"stage": "visae.interop.saev", "model": guess, "pretrained": tag,
               "layer": int(layer), "token": token, "read": f"residual_after_block_{int(layer)}",
               "dataset": str(meta.get("dataset", "")),
               "saev": {"protocol": SAEV_PROTOCOL, "path": str(src.resolve()), "family": meta.get("family"),
@@ -164,12 +168,38 @@ def convert_saev_shards(src: str | Path, out: str | Path, *, layer: int, token: 
                     ids = [f"saev:{e}#t{k}" for e in g for k in range(n_tok)]
                 acts, ids = acts[done:], ids[done:]
                 done = 0
+                if normalization == "unit_norm":
+                    zero = np.flatnonzero(~(np.linalg.norm(acts, axis=1) > 0))
+                    if zero.size:  # unit_norm cannot scale it; the writer's message named visae's row, not saev's
+                        raise InteropError(f"{f}: {ids[int(zero[0])]} (layer {layer}, token {token}) is a zero or "
+                                           f"non-finite activation vector ({zero.size} such rows in examples "
+                                           f"{int(g[0])}-{int(g[-1])}), which unit_norm cannot scale; convert with "
+                                           "normalization='none', or drop those examples in saev")
                 writer.add(acts, ids)
             example0 += n
     return ShardSet(out)
 
 
 # ----------------------------------------------------------------------------- SAE checkpoints
+
+
+def _backbone_of(meta: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(visae backbone name, pretrained tag) for saev's ``family`` / ``ckpt``: a CLIP checkpoint written
+    ``"ViT-B-16/openai"`` (open_clip's model and tag joined by '/') becomes ``("ViT-B-16", "openai")`` when open_clip
+    knows the model; anything else is recorded as saev wrote it (name it with ``model=`` to name or splice later)."""
+    ckpt = meta.get("ckpt")
+    if not isinstance(ckpt, str):
+        return None, None
+    name, sep, tag = ckpt.partition("/")
+    if sep and str(meta.get("family", "clip")).lower() in ("clip", "open_clip", "open-clip") and tag:
+        try:
+            import open_clip
+
+            if open_clip.get_model_config(name) is not None:
+                return name, tag
+        except Exception:  # noqa: BLE001 - open_clip cannot say: keep saev's string
+            pass
+    return ckpt, None
 
 
 def _find_ckpt(path: Path) -> Path:

@@ -678,6 +678,11 @@ def load_sae(path: str | Path, device: Any = "cpu") -> SAE:
     return sae
 
 
+# weights rewritten on purpose (cast, pruned) by other code than SAE.save: what to do instead of retraining
+_REWRITTEN = ("(weights rewritten on purpose, e.g. cast to fp16: save them with visae's SAE.save, which records new "
+              "checksums, or delete the checksums field of cfg.json to load them unverified)")
+
+
 def _verify_checksums(checksums: Any, doc: dict[str, Any], data: bytes, cfg_path: Path, w_path: Path) -> None:
     """Check ``cfg.json``'s recorded checksums against its content and the weights' bytes; name the damaged file.
 
@@ -701,10 +706,10 @@ def _verify_checksums(checksums: Any, doc: dict[str, Any], data: bytes, cfg_path
                              f"{CHECKSUMS_FIELD!r} field to load it unverified)")
     if w.get("bytes") is not None and w["bytes"] != len(data):
         raise SAEFormatError(f"{w_path} is damaged: {len(data)} bytes, {cfg_path} recorded {w['bytes']} "
-                             "(truncated or replaced); restore it or retrain")
+                             f"(truncated or replaced); restore it or retrain {_REWRITTEN}")
     if sha256_bytes(data) != w["sha256"]:
         raise SAEFormatError(f"{w_path} is damaged: its SHA-256 differs from the one {cfg_path} recorded when it "
-                             "was written; restore it or retrain")
+                             f"was written; restore it or retrain {_REWRITTEN}")
 
 
 def _json_default(o: Any) -> Any:

@@ -215,6 +215,9 @@ def test_bad_yaml_and_a_config_directory_are_named_in_one_line(tmp_path, capsys)
     p.write_text("depth: [1,\nwidth: 2\n")
     with pytest.raises(ConfigError, match=r"x\.yaml is not valid YAML \(line 3, column 1: expected ',' or ']'"):
         load_yaml_config(Inner, p)
+    p.write_text("depth: 2\nwidth: 3\ndepth: 4\n")  # the safe loader kept depth 4 without a word
+    with pytest.raises(ConfigError, match=r"key 'depth' is given twice \(lines 1 and 3\)"):
+        load_yaml_config(Inner, p)
     assert cli.main(["train", "--config", str(tmp_path)]) == 2  # said "file does not exist" of a directory
     err = capsys.readouterr().err
     assert err.strip() == f"visae train: error: --config {tmp_path}: is a directory, not a YAML file"

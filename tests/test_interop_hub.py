@@ -158,3 +158,13 @@ def test_push_without_a_network_is_one_line_exit_1(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(HfApi, "create_repo", other_bug)
     with pytest.raises(ZeroDivisionError):  # anything else keeps its traceback
         cli.main(["push", "--sae", str(tmp_path / "sae"), "--repo", "me/saes"])
+
+
+@pytest.mark.parametrize("flags, what", [(["--repo", "bad repo"], "--repo 'bad repo'"),
+                                         (["--subfolder", "../../etc"], "--subfolder '../../etc'"),
+                                         (["--subfolder", "a//b"], "--subfolder 'a//b'")])
+def test_a_dry_run_checks_the_repo_and_subfolder_a_push_would_use(flags, what, tmp_path, capsys):
+    _sae().save(tmp_path / "sae")
+    assert cli.main(["push", "--sae", str(tmp_path / "sae"), "--dry_run", "--out", str(tmp_path / "st"), *flags]) == 2
+    assert what in capsys.readouterr().err
+    assert not (tmp_path / "st").exists()

@@ -178,8 +178,12 @@ def push_sae(cfg: PushConfig) -> dict[str, Any]:
 
     if not cfg.sae:
         raise HubError("--sae is required: the visae SAE directory to upload")
-    if not cfg.dry_run and not _REPO_RE.match(cfg.repo or ""):
+    if (cfg.repo or not cfg.dry_run) and not _REPO_RE.match(cfg.repo or ""):  # a dry run stages what a push sends
         raise HubError(f"--repo {cfg.repo!r}: expected a hub repo id org/name")
+    parts = cfg.subfolder.strip("/").split("/") if cfg.subfolder.strip("/") else []
+    if any(q in ("", ".", "..") for q in parts):
+        raise HubError(f"--subfolder {cfg.subfolder!r}: expected a folder inside the repo (names joined by '/', no "
+                       "'..', '.' or empty parts)")
     if cfg.dry_run and not cfg.out:
         raise HubError("--dry_run needs --out DIR (where the folder that would be uploaded is written)")
     if not cfg.dry_run and _offline():

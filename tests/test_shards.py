@@ -118,11 +118,11 @@ def test_exception_inside_writer_keeps_only_committed_shards(tmp_path):
 
 def test_resume_refuses_incompatible_settings(tmp_path):
     _write(tmp_path / "s", _data(10, 4), source={"model": "a"})
-    with pytest.raises(ShardError, match="'d'"):
+    with pytest.raises(ShardError, match="cannot resume.* d: 4 on disk, 5 now"):
         ShardWriter(tmp_path / "s", 5, shard_size=64, source={"model": "a"})
-    with pytest.raises(ShardError, match="'source'"):
+    with pytest.raises(ShardError, match="source.model: 'a' on disk, 'b' now"):
         ShardWriter(tmp_path / "s", 4, shard_size=64, source={"model": "b"})
-    with pytest.raises(ShardError, match="'shard_size'"):
+    with pytest.raises(ShardError, match="shard_size: 64 on disk, 65 now"):
         ShardWriter(tmp_path / "s", 4, shard_size=65, source={"model": "a"})
     with pytest.raises(ShardError, match="exists"):
         ShardWriter(tmp_path / "s", 4, shard_size=64, source={"model": "a"}, resume=False)

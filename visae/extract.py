@@ -62,7 +62,11 @@ __all__ = ["ExtractConfig", "extract", "main", "read_skipped", "normalise_layer_
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Run a vision model over images and write a shard set of its activations."""
+    """Run a vision model over images and write a shard set of its activations.
+
+    Raises ConfigError when made with flags that would be ignored (``random_init`` with a ``pretrained`` tag or
+    file; ``folder_labels`` with ``source`` imagenet, webdataset or toyworld), a bad ``--layer`` syntax or count.
+    """
 
     images: str = field(default="", metadata={"help": "image source: a folder (recursive), an ImageNet-layout folder, "
                                                         "webdataset tars (file, brace pattern, glob or directory), a streamed "
@@ -70,12 +74,14 @@ class ExtractConfig:
                                                         "or a toy-world directory"})
     source: Literal["auto", "folder", "imagenet", "webdataset", "toyworld"] = field(
         default="auto", metadata={"help": "kind of image source; auto detects it"})
-    folder_labels: bool = field(default=False, metadata={"help": "folder source: label = first-level sub-folder (sorted class names)"})
+    folder_labels: bool = field(default=False, metadata={"help": "folder source: label = first-level sub-folder (sorted class names, "
+                                                                  "empty class folders included); not with --source imagenet, "
+                                                                  "webdataset or toyworld"})
     out: str = field(default="runs/features", metadata={"help": "output shard-set directory (rerun the same command to resume)"})
     model: str = field(default="ViT-B-32:laion2b_s34b_b79k", metadata={"help": "backbone: open_clip name with tag (ViT-B-32:laion2b_s34b_b79k), "
                                                                                "timm:<name>, visae-toyclip (see docs/extraction.md)"})
     pretrained: Optional[str] = field(default=None, metadata={"help": "pretrained tag or local checkpoint file, when not in --model "
-                                                                       "(with random_init: only picks the tag's preprocessing)"})
+                                                                       "(not with --random_init, whose weights are random)"})
     random_init: bool = field(default=False, metadata={"help": "random weights (seeded): for tests and throughput benchmarks"})
     seed: int = field(default=0, metadata={"help": "seed of the random initialisation"})
     layer: Union[int, str, None] = field(default=None, metadata={"help": "read the residual stream after this block (0-based, -1 = last); "
@@ -100,6 +106,14 @@ class ExtractConfig:
         from visae.devices import check_device
 
         check_device(self.device, "ExtractConfig.device")
+        # flags that would be ignored: refused, not accepted silently
+        if self.random_init and self.pretrained is not None and self.pretrained.strip().lower() not in ("", "none", "null"):
+            raise ConfigError(f"--random_init with --pretrained {self.pretrained}: random_init gives random weights, so the "
+                              "pretrained weights would be ignored; drop one of the two (random weights with a tag's preprocessing: "
+                              "write the tag into --model, e.g. --model ViT-B-32:openai --random_init)")
+        if self.folder_labels and self.source in ("imagenet", "webdataset", "toyworld"):
+            raise ConfigError(f"--folder_labels with --source {self.source}: folder_labels labels a folder source by its "
+                              f"sub-folders; a {self.source} source has its own labels; drop --folder_labels or use --source folder")
         # --layer: None, one block (int) or several ("all" / "4,8,11", syntax checked here: a usage error before any work)
         object.__setattr__(self, "layer", normalise_layer_spec(self.layer))
         # counts refused when the config is made (a negative --threads was ignored: torch's default, all cores)
@@ -479,6 +493,45 @@ def _same_request(manifest_source: dict[str, Any], cfg: ExtractConfig, dataset: 
     return diffs
 
 
+def _check_same_items(out: Path, manifest_source: dict[str, Any], cfg: ExtractConfig) -> None:
+    """A finished output is returned as is only for the same images: the source is listed again (no image is
+    decoded) and its item count and ``items_sha256`` (ids and labels, :func:`visae.images.items_digest`) compared
+    with ``manifest_source.dataset_info``. A record without the digest (an older visae) is compared by count only.
+
+    Raises:
+        ShardError: files were added, removed or renamed (or labels changed) since the output was made.
+        visae.images.SourceError: the images cannot be listed any more.
+    """
+    from visae.images import items_digest, open_source
+
+    info = manifest_source.get("dataset_info") or {}
+    if not isinstance(info, dict) or info.get("num_items") is None:
+        return
+    src = open_source(cfg.images, cfg.source, folder_labels=cfg.folder_labels)
+    items = src.items[: cfg.limit] if cfg.limit is not None else src.items
+    n_now, n_rec = len(items), info["num_items"]
+    why = None
+    if n_now != n_rec:
+        why = f"{n_now} items listed now, {n_rec} recorded"
+    elif info.get("items_sha256") and items_digest(items) != info["items_sha256"]:
+        why = (f"{n_now} items listed now as recorded, but their ids or labels differ (source.dataset_info.items_sha256): "
+               "files renamed, replaced by others or relabelled")
+    if why:
+        raise ShardError(f"{out}: the images changed since this finished extraction was made ({why}); "
+                         "use --overwrite or another --out")
+
+
+def _finished_before(cfg: ExtractConfig) -> bool:
+    """Whether ``cfg.out`` holds a finished output that ``extract(cfg)`` returns as is (no --overwrite)."""
+    if cfg.overwrite:
+        return False
+    final = Path(cfg.out) / (LAYERS_INDEX if is_several_layers(cfg.layer) else MANIFEST)
+    try:
+        return bool(json.loads(final.read_text()).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _same_weights(recorded: Any, now: str | None) -> bool:
     """Whether the weights a finished output records (``source.pretrained``: a tag, a file path as given, or the name
     a backbone gives its default weights, e.g. ``"shipped"``) are the ones this request names (``now``: its tag or
@@ -802,6 +855,8 @@ def _extract_locked(cfg: ExtractConfig, out: Path, dist_info: Any, device: torch
                 if diffs:
                     raise ShardError(f"{out} already holds a finished extraction of something else ({'; '.join(diffs)}); "
                                      "use another --out or --overwrite")
+                if not is_stream_spec(str(cfg.images)):  # a stream has no item list to compare (not probed again)
+                    _check_same_items(out, m.get("source", {}), cfg)
                 dist_info.barrier()
                 if rank == 0:
                     for k in range(max(world, 1)):
@@ -914,19 +969,24 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_config(ExtractConfig, argv, default_yaml=DEFAULT_YAML, prog="visae extract")
+        done_before = _finished_before(cfg)
         ss = extract(cfg)
     except VisaeError as e:  # a bad flag, model, image source or output (exit 2), or a lock held (1): visae.errors
         return report("visae extract", e)
     if int(os.environ.get("RANK", "0")) == 0:
         rep = json.loads((Path(cfg.out) / REPORT).read_text()) if (Path(cfg.out) / REPORT).exists() else {}
         listed = f", listed in {Path(cfg.out) / SKIPPED}" if rep.get("skipped") else ""
+        counts = f"{rep.get('items', '?')} images, {rep.get('skipped', 0)} skipped{listed}"
         if isinstance(ss, dict):
             first = next(iter(ss.values()))
-            print(f"wrote {len(ss)} layers ({', '.join(map(str, ss))}) x {len(first)} rows of d={first.d} to "
-                  f"{Path(cfg.out)}/layer_<L>/ ({rep.get('items', '?')} images, {rep.get('skipped', 0)} skipped{listed})")
+            what = f"{len(ss)} layers ({', '.join(map(str, ss))}) x {len(first)} rows of d={first.d}"
+            where = f"{Path(cfg.out)}/layer_<L>/"
         else:
-            print(f"wrote {len(ss)} rows of d={ss.d} to {ss.path} ({rep.get('items', '?')} images, {rep.get('skipped', 0)} skipped"
-                  + listed + ")")
+            what, where = f"{len(ss)} rows of d={ss.d}", str(ss.path)
+        if done_before:  # a finished output of the same request and images, returned as is
+            print(f"already complete: {what} in {where} ({counts}; nothing to do; --overwrite to extract again)")
+        else:
+            print(f"wrote {what} to {where} ({counts})")
     return 0
 
 

@@ -9,7 +9,9 @@ the last committed id, and ranks take contiguous, disjoint slices.
 Kinds (``open_source(path, kind="auto")``):
 
 - ``folder``: every image file under a directory, recursively (ids: relative paths).
-  With ``folder_labels=True`` the first-level sub-folder is the class (sorted names).
+  With ``folder_labels=True`` the first-level sub-folder is the class (every first-level folder, sorted,
+  empty ones included so that class indices agree between splits; a warning names the empty ones).
+  A link to a folder inside the root is not followed (the folder is read under its own name).
 - ``imagenet``: wnid sub-folders (``train/n01440764/x.JPEG``) or files named
   ``<wnid>_<anything>.JPEG`` (as in ``imagenet-sample``); label = index of the wnid in
   the sorted list of the 1000 ILSVRC-2012 wnids (``visae/data/imagenet_wnids.txt``),
@@ -17,7 +19,8 @@ Kinds (``open_source(path, kind="auto")``):
 - ``webdataset``: local ``.tar`` shards, brace patterns (``shards/train-{000..099}.tar``),
   globs or a directory of tars; samples grouped by key as webdataset does (ids: keys,
   prefixed by the shard name when keys repeat across shards), label from an optional
-  ``cls`` member. Tars are indexed once (headers only), then members are read by offset.
+  ``cls`` member (:func:`parse_cls`: ASCII digits, 0 .. 2**63 - 1, else a counted skip); link
+  members and repeated member names are counted skips (pseudo-items ``<shard>#<kind>-<j>``). Tars are indexed once (headers only), then members are read by offset.
   ``pipe:`` commands and http(s) URLs are streamed instead (:mod:`visae.wds_stream`: no item
   list up front; :func:`visae.wds_stream.open_stream` returns a :class:`visae.wds_stream.StreamSource`;
   ``open_source`` refuses them, so that this module does not depend on the streaming one).
@@ -32,8 +35,10 @@ from __future__ import annotations
 
 import bisect
 import glob
+import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -44,6 +49,8 @@ from typing import Any
 from PIL import Image
 
 from visae.errors import VisaeError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -62,6 +69,8 @@ __all__ = [
     "rank_bounds",
     "STREAM_PREFIXES",
     "is_stream_spec",
+    "items_digest",
+    "parse_cls",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
@@ -117,8 +126,25 @@ class ImageSource:
         return len(self.items)
 
     def describe(self) -> dict[str, Any]:
-        """What goes into the shard manifest's source (JSON-able, deterministic)."""
-        return {"kind": self.kind, "path": self.root, "num_items": len(self.items), **self.info}
+        """What goes into the shard manifest's ``source.dataset_info`` (JSON-able, deterministic).
+
+        ``items_sha256`` (:func:`items_digest`) fingerprints the item list: a finished or unfinished
+        extraction of a folder whose files were added, removed or renamed since is refused, not returned.
+        """
+        return {"kind": self.kind, "path": self.root, "num_items": len(self.items),
+                "items_sha256": items_digest(self.items), **self.info}
+
+
+def items_digest(items: list[Item]) -> str:
+    """SHA-256 (hex) over the ordered item ids and their labels, one JSON ``[id, label]`` a line.
+
+    Equal for the same listing of the same images (a file replaced in place keeps it); any file added,
+    removed or renamed, or a label changed, changes it. Skip items (listed with an ``error``) count too."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update(json.dumps([it.id, it.label], ensure_ascii=True).encode("ascii"))
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -142,13 +168,35 @@ def load_image(item: Item) -> tuple[Image.Image | None, int, str]:
         if item.offset >= 0:
             data = _read_bytes(item.path, item.offset, item.size)
             if item.cls_offset >= 0:
-                label = int(_read_bytes(item.path, item.cls_offset, item.cls_size).decode().strip())
+                label = parse_cls(_read_bytes(item.path, item.cls_offset, item.cls_size))
             with Image.open(io.BytesIO(data)) as im:
                 return as_browser_rgb(im), label, ""
         with Image.open(item.path) as im:
             return as_browser_rgb(im), label, ""
     except Exception as e:  # noqa: BLE001 - any decode failure means: skip this image
         return None, label, f"{type(e).__name__}: {e}"
+
+
+_INT64_MAX = 2**63 - 1
+_CLS_DIGITS = re.compile(rb"^[0-9]+$")
+
+
+def parse_cls(data: bytes) -> int:
+    """A webdataset ``cls`` member -> its label: a class index written in ASCII digits (0 .. 2**63 - 1).
+
+    Surrounding ASCII whitespace is allowed. Raises SourceError (the sample becomes a counted skip, this
+    message its reason) for anything else: a sign (a negative label would be stored as "unknown"), other
+    digits (``'\u0663'``, which ``int()`` takes), a number past int64, text that is not a number."""
+    text = data.strip(b" \t\r\n\f\v")
+    shown = text[:40].decode("utf-8", "replace") + ("..." if len(text) > 40 else "")
+    if text.startswith(b"-") and _CLS_DIGITS.match(text[1:]):
+        raise SourceError(f"cls member is {shown!r}: a negative label; labels are class indices >= 0 "
+                          "(unlabelled samples have no cls member)")
+    if not _CLS_DIGITS.match(text):
+        raise SourceError(f"cls member is {shown!r}: expected a class index in ASCII digits 0-9")
+    if len(text) > 19 or int(text) > _INT64_MAX:
+        raise SourceError(f"cls member is {shown!r}: larger than the largest label (2**63 - 1 = {_INT64_MAX})")
+    return int(text)
 
 
 # ----------------------------------------------------------------------------- decoding policy
@@ -280,41 +328,76 @@ def decode_id(example_id: str) -> str:
     return unquote_to_bytes(example_id[len(ID_BYTES_PREFIX):]).decode("utf-8", "surrogateescape")
 
 
-def _list_files(root: Path) -> tuple[list[tuple[str, Path]], list[Item]]:
-    """Image files under ``root``, each read once: ([(relative name, path)] sorted, [skip items]).
+@dataclass
+class _Listing:
+    """What :func:`_list_files` found: image files, skip items, and the first-level folders walked."""
 
-    Symlinked folders are followed, but a folder already walked (a link loop such as ``loop -> .``,
-    or a second link to the same folder) is not walked again, and a file already listed through
-    another name (a symlink or hard link to it) is not read again: each becomes a skip item with
-    the reason, so it is counted in ``skipped.jsonl`` rather than read twice or lost silently.
+    files: list[tuple[str, Path]]
+    skips: list[Item]
+    top_dirs: list[str]
+
+
+def _under_root(target: str, root: Path) -> str | None:
+    """``target`` (a real path) relative to ``root`` (a real path) when the walk reaches it by its own name
+    (inside ``root``, no hidden component), else None."""
+    try:
+        rel = Path(target).relative_to(root)
+    except ValueError:
+        return None
+    if any(part.startswith(".") for part in rel.parts):
+        return None
+    return rel.as_posix()
+
+
+def _list_files(root: Path) -> _Listing:
+    """Image files under ``root`` (a resolved path), each read once, sorted by relative name.
+
+    Hidden files and folders (names starting with ``.``) and files without an image extension are
+    ignored by rule. Symlinked folders are followed, but a folder is read under one name only: a link
+    to a folder inside ``root`` (``a_alias -> cat``, a loop such as ``loop -> .``) is not followed, as
+    the folder is read under its own name; of two links to one folder outside ``root`` the first (by
+    name) is read. A file reached through a second name (a symlink or hard link) is read once, under
+    its real name rather than a symlink's. Each name not read becomes a skip item with the reason, so
+    it is counted in ``skipped.jsonl`` rather than read twice or lost silently.
     """
+    root = Path(os.path.realpath(root))
     seen_dirs: dict[tuple[int, int], str] = {}
-    found: list[tuple[str, Path, tuple[int, int]]] = []
+    found: list[tuple[str, Path, tuple[int, int], bool]] = []
     skips: list[Item] = []
+    top_dirs: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
         rel_dir = here.relative_to(root).as_posix()
         st = here.stat()
         seen_dirs.setdefault((st.st_dev, st.st_ino), rel_dir)
         keep = []
-        for d in sorted(dirnames):
+        # real folders before links, so that a link never takes the place of the folder it points to
+        for d in sorted(dirnames, key=lambda n: (os.path.islink(here / n), n)):
             if d.startswith("."):
                 continue
+            rel = (here / d).relative_to(root).as_posix()
             try:
                 dst = (here / d).stat()
             except OSError as e:
-                rel = (here / d).relative_to(root).as_posix()
                 skips.append(Item(id=encode_id(rel + "/"), path=str(here / d), error=f"folder cannot be read ({e.strerror})"))
                 continue
             key = (dst.st_dev, dst.st_ino)
+            if os.path.islink(here / d):
+                inside = _under_root(os.path.realpath(here / d), root)
+                if inside is not None:
+                    skips.append(Item(id=encode_id(rel + "/"), path=str(here / d),
+                                      error=f"folder link to {(inside + '/') if inside != '.' else '.'!r}, which is already "
+                                            "read under its own name (the link is not read twice)"))
+                    continue
             if key in seen_dirs:
-                rel = (here / d).relative_to(root).as_posix()
                 skips.append(Item(id=encode_id(rel + "/"), path=str(here / d),
                                   error=f"folder link to {seen_dirs[key] or '.'!r}, which is already read (not read twice)"))
                 continue
-            seen_dirs[key] = (here / d).relative_to(root).as_posix()
+            seen_dirs[key] = rel
             keep.append(d)
-        dirnames[:] = keep
+        dirnames[:] = sorted(keep)
+        if rel_dir == ".":
+            top_dirs = list(dirnames)
         for fn in filenames:
             if not fn.startswith(".") and fn.lower().endswith(IMAGE_EXTENSIONS):
                 f = here / fn
@@ -324,22 +407,23 @@ def _list_files(root: Path) -> tuple[list[tuple[str, Path]], list[Item]]:
                     skips.append(Item(id=encode_id(f.relative_to(root).as_posix()), path=str(f),
                                       error=f"cannot be read ({e.strerror})"))
                     continue
-                found.append((f.relative_to(root).as_posix(), f, (fst.st_dev, fst.st_ino)))
-    found.sort(key=lambda t: t[0])
+                found.append((f.relative_to(root).as_posix(), f, (fst.st_dev, fst.st_ino), os.path.islink(f)))
+    # of several names of one file, the first real one (not a symlink) by name is read
     first: dict[tuple[int, int], str] = {}
+    for rel, _f, key, _link in sorted(found, key=lambda t: (t[3], t[0])):
+        first.setdefault(key, rel)
     out: list[tuple[str, Path]] = []
-    for rel, f, key in found:
-        if key in first:
+    for rel, f, key, _ in sorted(found, key=lambda t: t[0]):
+        if first[key] != rel:
             skips.append(Item(id=encode_id(rel), path=str(f),
                               error=f"same file as {encode_id(first[key])!r} (a symlink or hard link), which is read once"))
             continue
-        first[key] = rel
         out.append((rel, f))
-    return out, skips
+    return _Listing(out, skips, sorted(top_dirs))
 
 
 def _list_images(root: Path) -> list[Path]:
-    return [f for _, f in _list_files(root)[0]]
+    return [f for _, f in _list_files(root).files]
 
 
 def _wnid_of(rel: Path) -> str | None:
@@ -350,17 +434,26 @@ def _wnid_of(rel: Path) -> str | None:
     return m.group(1) if m else None
 
 
-def _folder_source(root: Path, folder_labels: bool) -> ImageSource:
-    files, skips = _list_files(root)
+def _folder_source(root: Path, folder_labels: bool, listing: _Listing | None = None) -> ImageSource:
+    listing = listing or _list_files(root)
+    files, skips = listing.files, listing.skips
     if not files:
         raise SourceError(f"{root}: no image files found (extensions {', '.join(IMAGE_EXTENSIONS)})")
     rels = [Path(r) for r, _ in files]
     label_names: dict[str, list[str]] = {}
     labels = [-1] * len(files)
     if folder_labels:
-        classes = sorted({r.parts[0] for r in rels if len(r.parts) > 1})
-        if not classes:
-            raise SourceError(f"{root}: folder_labels=True but no images are inside sub-folders")
+        # every first-level folder is a class, an empty one too: class indices then stay the same in every split
+        classes = list(listing.top_dirs)
+        if not any(len(r.parts) > 1 for r in rels):
+            raise SourceError(f"{root}: folder_labels=True but no images are inside sub-folders "
+                              "(expected <class folder>/<image>)")
+        used = {r.parts[0] for r in rels if len(r.parts) > 1}
+        empty = [c for c in classes if c not in used]
+        if empty:
+            log.warning("%s: %d class folder(s) hold no images: %s; they stay classes (index kept), so labels match "
+                        "other splits with the same class folders", root, len(empty),
+                        ", ".join(repr(c + "/") for c in empty[:5]) + (", ..." if len(empty) > 5 else ""))
         index = {c: i for i, c in enumerate(classes)}
         labels = [index[r.parts[0]] if len(r.parts) > 1 else -1 for r in rels]
         label_names["label"] = classes
@@ -373,8 +466,9 @@ def _with_skips(items: list[Item], skips: list[Item]) -> list[Item]:
     return sorted(items + skips, key=lambda it: it.id)
 
 
-def _imagenet_source(root: Path) -> ImageSource:
-    files, skips = _list_files(root)
+def _imagenet_source(root: Path, listing: _Listing | None = None) -> ImageSource:
+    listing = listing or _list_files(root)
+    files, skips = listing.files, listing.skips
     if not files:
         raise SourceError(f"{root}: no image files found")
     wnids = imagenet_wnids()
@@ -396,9 +490,25 @@ def _imagenet_source(root: Path) -> ImageSource:
                        info={"wnids": "ILSVRC2012 (sorted)"})
 
 
-def _looks_imagenet(root: Path) -> bool:
-    files = _list_images(root)
-    return bool(files) and all(_wnid_of(f.relative_to(root)) is not None for f in files)
+def _looks_imagenet(root: Path, listing: _Listing) -> bool:
+    """Whether ``--source auto`` reads ``root`` as ImageNet: every image has a wnid in its folder or file name.
+
+    When more than half do but some do not, the folder is read as an unlabelled folder and a warning says
+    how many images (and which first-level folders) lack a wnid, with examples, and what to do."""
+    rels = [Path(r) for r, _ in listing.files]
+    lacking = [r for r in rels if _wnid_of(r) is None]
+    if rels and not lacking:
+        return True
+    if rels and len(rels) - len(lacking) > len(rels) / 2:
+        folders = sorted({r.parts[0] for r in lacking if len(r.parts) > 1 and not _WNID.match(r.parts[0])})
+        where = (f"; class folder(s) not named by a wnid: {', '.join(repr(f + '/') for f in folders[:3])}"
+                 + (", ..." if len(folders) > 3 else "")) if folders else ""
+        log.warning("%s: read as an unlabelled folder (every label -1): %d of %d images have ImageNet names "
+                    "(<wnid>/<file> or <wnid>_<name>.JPEG) but %d do not, e.g. %s%s; for ImageNet labels rename or remove "
+                    "them (--source imagenet refuses them by name), or pass --source folder to read them unlabelled",
+                    root, len(rels) - len(lacking), len(rels), len(lacking),
+                    ", ".join(repr(r.as_posix()) for r in lacking[:3]), where)
+    return False
 
 
 def _toyworld_source(root: Path) -> ImageSource:
@@ -467,17 +577,52 @@ def _expand_tars(spec: str) -> list[str]:
         out.extend(hits)
     if not out:
         raise SourceError(f"{spec}: no tar shards matched")
+    where: dict[str, str] = {}
+    for t in out:
+        real = os.path.realpath(t)
+        if real in where:
+            same = "" if where[real] == t else f" (as {where[real]!r} and {t!r})"
+            raise SourceError(f"{spec}: shard {t} is listed twice{same}; its samples would be read twice: list each shard once")
+        where[real] = t
     return out
 
 
+def tar_member_skip(ti: tarfile.TarInfo) -> str | None:
+    """Why a tar member that is not a regular file is skipped (counted), or None for a regular file or a folder
+    entry (folder entries hold no data: ignored by rule). Webdataset reads regular files only."""
+    if ti.isreg() or ti.isdir():
+        return None
+    if ti.issym() or ti.islnk():
+        kind = "symbolic" if ti.issym() else "hard"
+        return f"tar member {ti.name!r} is a {kind} link to {ti.linkname!r}: not read (links inside a tar are not followed)"
+    return f"tar member {ti.name!r} is not a regular file (tar type {ti.type!r}): not read"
+
+
+def no_image_reason(key: str, members: list[str], has_cls: bool) -> str:
+    """The skip reason of a sample ``key`` without an image member; ``members``: its members' names.
+
+    A member such as ``s7.a.jpg`` is read by webdataset as key ``s7``, extension ``a.jpg`` (the key ends at
+    the first dot of the file name): the reason says so, as that is why no image was found."""
+    dotted = [m for m in members if (ext := m[len(key) + 1:] if m.startswith(key + ".") else "")
+              and "." in ext and ext.rsplit(".", 1)[-1].lower() in WDS_IMAGE_EXTS]
+    if dotted:
+        m = dotted[0]
+        return (f"sample has no image member: webdataset reads {m!r} as key {key!r}, extension {m[len(key) + 1:]!r} "
+                f"(the key ends at the first dot of the file name; image extensions: {', '.join(WDS_IMAGE_EXTS)}); "
+                "rename the member without a dot in its key")
+    return f"sample has no image member (one of {WDS_IMAGE_EXTS})" + (": an orphan label" if has_cls else "")
+
+
 def _index_tar(path: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Samples of one tar (in member order): [{key, image (ext, offset, size), cls, error}], and index errors."""
+    """Samples of one tar (in member order): [{key, image (ext, offset, size), cls, members, error}], and the
+    tar's problems outside samples as ``(kind, reason)``: ``unreadable`` (the tar breaks off), ``repeated`` (a
+    member name given twice), ``link`` (a link or other non-file member)."""
     from webdataset.tariterators import base_plus_ext
 
     size = os.path.getsize(path)
     samples: dict[str, dict[str, Any]] = {}
     order: list[str] = []
-    errors: list[str] = []
+    errors: list[tuple[str, str]] = []
     names: set[str] = set()
     try:
         with tarfile.open(path, mode="r:") as tf:
@@ -485,24 +630,28 @@ def _index_tar(path: str) -> tuple[list[dict[str, Any]], list[str]]:
                 try:
                     ti = tf.next()
                 except (tarfile.ReadError, EOFError, OSError) as e:
-                    errors.append(f"{path}: tar unreadable after {len(order)} samples ({type(e).__name__}: {e})")
+                    errors.append(("unreadable", f"{path}: tar unreadable after {len(order)} samples ({type(e).__name__}: {e})"))
                     break
                 if ti is None:
                     break
                 if not ti.isreg():
+                    why = tar_member_skip(ti)
+                    if why and not os.path.basename(ti.name).startswith("__"):
+                        errors.append(("link", why))
                     continue
                 key, ext = base_plus_ext(ti.name)
                 if key is None or os.path.basename(ti.name).startswith("__"):
                     continue
                 if ti.name in names:  # webdataset itself refuses this; the first member of the name is used
-                    errors.append(f"repeated member name {ti.name!r} at byte {ti.offset}: skipped (the first "
-                                  f"member of that name is used)")
+                    errors.append(("repeated", f"repeated member name {ti.name!r} at byte {ti.offset}: skipped (the "
+                                               "first member of that name is used; the tar itself is readable)"))
                     continue
                 names.add(ti.name)
                 if key not in samples:
-                    samples[key] = {"key": key, "image": None, "cls": None, "error": ""}
+                    samples[key] = {"key": key, "image": None, "cls": None, "members": [], "error": ""}
                     order.append(key)
                 s = samples[key]
+                s["members"].append(ti.name)
                 ext = ext.lower()
                 if ti.offset_data + ti.size > size:
                     s["error"] = f"truncated tar member {ti.name} ({size - ti.offset_data} of {ti.size} bytes present)"
@@ -513,11 +662,24 @@ def _index_tar(path: str) -> tuple[list[dict[str, Any]], list[str]]:
             end = tf.offset
         # tarfile stops quietly at a damaged header past the first member: anything but zero
         # padding after the last member means samples were lost, which must not go unnoticed
-        if not errors and _nonzero_after(path, end):
-            errors.append(f"{path}: damaged tar header at byte {end} after {len(order)} samples; the rest of the shard is unreadable")
+        if not any(k == "unreadable" for k, _ in errors) and _nonzero_after(path, end):
+            errors.append(("unreadable", f"{path}: damaged tar header at byte {end} after {len(order)} samples; the rest "
+                                         "of the shard is unreadable"))
     except tarfile.ReadError as e:
-        errors.append(f"{path}: not a readable tar file ({e})")
+        errors.append(("unreadable", f"{path}: not a readable tar file ({e})"))
     return [samples[k] for k in order], errors
+
+
+def tar_problem_items(stem: str, errors: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``[(pseudo-item id, reason)]`` of a tar's ``(kind, reason)`` problems: ids ``<stem>#<kind>-<j>``, ``j``
+    counting within the kind (``unreadable``, ``repeated``, ``link``)."""
+    counts: dict[str, int] = {}
+    out = []
+    for kind, e in errors:
+        j = counts.get(kind, 0)
+        counts[kind] = j + 1
+        out.append((encode_id(f"{stem}#{kind}-{j}"), e))
+    return out
 
 
 def _nonzero_after(path: str, pos: int, chunk: int = 1 << 16) -> bool:
@@ -536,7 +698,7 @@ def _webdataset_source(spec: str) -> ImageSource:
     per_tar = [(t, *_index_tar(t)) for t in tars]
     keys = [s["key"] for _, ss, _ in per_tar for s in ss]
     if not keys:  # not one sample in any tar (garbage named .tar, an empty tar): nothing to extract
-        errs = [e for _, _, es in per_tar for e in es]
+        errs = [e for _, _, es in per_tar for _, e in es]
         raise SourceError(f"{spec}: the tar shards hold no samples" + (f" ({errs[0]})" if errs else ""))
     prefix = len(set(keys)) != len(keys)  # keys repeat across shards: qualify them with the shard name
     items: list[Item] = []
@@ -549,16 +711,15 @@ def _webdataset_source(spec: str) -> ImageSource:
             sid = encode_id(f"{stem}/{s['key']}" if prefix else s["key"])
             err = s["error"]
             if s["image"] is None and not err:
-                err = (f"sample has no image member (one of {WDS_IMAGE_EXTS})"
-                       + (": an orphan label" if s["cls"] is not None else ""))
+                err = no_image_reason(s["key"], s["members"], s["cls"] is not None)
             img = s["image"] or ("", 0, 0)
             cls = s["cls"] or (-1, -1)
             has_cls |= s["cls"] is not None
             items.append(Item(id=sid, path=t, offset=img[1], size=img[2], cls_offset=cls[0], cls_size=cls[1], error=err))
-        # a tar that breaks off (truncated header, garbage) or a repeated member becomes one skipped
-        # pseudo-item, in order
-        for j, e in enumerate(errs):
-            items.append(Item(id=encode_id(f"{stem}#unreadable-{j}"), path=t, error=e))
+        # a tar that breaks off (truncated header, garbage), a repeated member and a link member each become
+        # one skipped pseudo-item <shard>#<kind>-<j>, in order
+        for sid, e in tar_problem_items(stem, errs):
+            items.append(Item(id=sid, path=t, error=e))
     if not items:
         raise SourceError(f"{spec}: the tar shards hold no samples")
     if has_cls:  # a labelled set: a sample without its label is a missing part, not an unlabelled image
@@ -568,7 +729,13 @@ def _webdataset_source(spec: str) -> ImageSource:
                  if (it.offset >= 0 and it.size > 0 and it.cls_offset < 0 and not it.error) else it for it in items]
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
-        raise SourceError(f"{spec}: sample keys repeat within a shard; ids must be unique")
+        from collections import Counter
+
+        twice = next(i for i, c in Counter(ids).items() if c > 1)
+        tars_of = sorted({it.path for it in items if it.id == twice})
+        raise SourceError(f"{spec}: id {twice!r} is given by two samples ("
+                          + (f"tars {', '.join(tars_of)} share the file name {os.path.basename(tars_of[0])!r} and a key"
+                             if len(tars_of) > 1 else f"in {tars_of[0]}") + "); ids must be unique")
     src = ImageSource("webdataset", spec, items, info={"shards": len(tars), "has_cls": has_cls})
     src.boundaries = tar_starts
     return src
@@ -588,7 +755,16 @@ def is_stream_spec(spec: str) -> bool:
 
 
 def open_source(path: str | os.PathLike, kind: str = "auto", *, folder_labels: bool = False) -> ImageSource:
-    """List the images of ``path`` as an :class:`ImageSource` (see module docstring for kinds)."""
+    """List the images of ``path`` as an :class:`ImageSource` (see module docstring for kinds).
+
+    ``kind="auto"`` reads a folder as ``imagenet`` when every image has a wnid; when more than half do but
+    some do not, it is read as a ``folder`` and a warning (logger ``visae.images``) says which and what to do.
+
+    Raises:
+        SourceError: an unknown kind, a stream spec (pipe:/http(s)), a missing or empty source, images without
+            a wnid for ``kind="imagenet"``, ``folder_labels`` with a source that is not a folder, a tar shard
+            listed twice, ids that repeat.
+    """
     if kind not in SOURCE_KINDS:
         raise SourceError(f"source kind must be one of {SOURCE_KINDS}, got {kind!r}")
     spec = str(path)
@@ -596,17 +772,23 @@ def open_source(path: str | os.PathLike, kind: str = "auto", *, folder_labels: b
         raise SourceError(f"{spec}: a pipe:/http(s) source is a webdataset stream with no item list; only `visae extract` "
                           "reads streams (visae.wds_stream.open_stream); give local files here")
     p = Path(spec)
+    listing = None
     if kind == "auto":
         if p.is_dir() and (p / "world.json").is_file() and (p / "world.jsonl").is_file():
             kind = "toyworld"
         elif spec.endswith(".tar") or "{" in spec or "::" in spec or (p.is_dir() and any(p.glob("*.tar")) and not _list_images(p)):
             kind = "webdataset"
         elif p.is_dir():
-            kind = "imagenet" if not folder_labels and _looks_imagenet(p) else "folder"
+            listing = _list_files(p.resolve())
+            kind = "imagenet" if not folder_labels and _looks_imagenet(p.resolve(), listing) else "folder"
         elif not p.exists():
             raise SourceError(f"image source {spec} does not exist")
         else:
             raise SourceError(f"{spec}: expected a directory of images, a toy world directory or .tar shards")
+    if folder_labels and kind != "folder":
+        raise SourceError(f"{spec}: folder_labels (--folder_labels) applies to folder sources only; this is a {kind} source "
+                          "(its labels come from " + {"imagenet": "the wnids", "webdataset": "the cls members",
+                                                        "toyworld": "the world's label factor"}[kind] + ")")
     if kind == "webdataset":
         return _webdataset_source(spec)
     if not p.is_dir():
@@ -615,8 +797,8 @@ def open_source(path: str | os.PathLike, kind: str = "auto", *, folder_labels: b
     if kind == "toyworld":
         return _toyworld_source(root)
     if kind == "imagenet":
-        return _imagenet_source(root)
-    return _folder_source(root, folder_labels)
+        return _imagenet_source(root, listing)
+    return _folder_source(root, folder_labels, listing)
 
 
 def rank_bounds(source: ImageSource, rank: int, world_size: int) -> tuple[int, int]:

@@ -97,6 +97,31 @@ def _check_rows(acts: np.ndarray, where: str, first_row: int = 0) -> np.ndarray:
     return norms
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def field_diffs(old: Any, new: Any, path: str) -> list[str]:
+    """``["<path>: <old> on disk, <new> now", ...]`` for the leaves where two JSON-like values differ.
+
+    Nested dicts are compared key by key (``source.dataset_info.num_items: 98 on disk, 100 now``); a key
+    present on one side only shows ``(absent)`` on the other; other values are compared whole, each shown
+    truncated to 80 characters."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in list(old) + [k for k in new if k not in old]:
+            sub = f"{path}.{k}"
+            if k not in new:
+                out.append(f"{sub}: {_short(old[k])} on disk, (absent) now")
+            elif k not in old:
+                out.append(f"{sub}: (absent) on disk, {_short(new[k])} now")
+            else:
+                out += field_diffs(old[k], new[k], sub)
+        return out
+    return [] if old == new else [f"{path}: {_short(old)} on disk, {_short(new)} now"]
+
+
 # ----------------------------------------------------------------------------- writer
 
 
@@ -173,12 +198,13 @@ class ShardWriter:
             if not resume:
                 raise ShardError(f"{manifest_path} exists; pass resume=True to continue it or overwrite=True to replace it")
             old = _read_manifest(self.dir)
-            for key in ("d", "dtype", "shard_size", "normalization", "source", "columns"):
-                if old[key] != fresh[key]:
-                    raise ShardError(
-                        f"{manifest_path}: cannot resume, field '{key}' is {old[key]!r} on disk but {fresh[key]!r} now; "
-                        "use a new output directory or overwrite=True"
-                    )
+            diffs = [d for key in ("d", "dtype", "shard_size", "normalization", "source", "columns")
+                     for d in field_diffs(old.get(key), fresh[key], key)]
+            if diffs:
+                more = f"; and {len(diffs) - 6} more" if len(diffs) > 6 else ""
+                raise ShardError(f"{manifest_path}: cannot resume, it was written for something else: "
+                                 f"{'; '.join(diffs[:6])}{more}; use a new output directory or overwrite=True "
+                                 "(visae extract: --overwrite)")
             self.manifest = old
         else:
             self.manifest = fresh
@@ -312,7 +338,14 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise ShardError(f"shard set directory {path} does not exist")
     if not mpath.is_file():
-        raise ShardError(f"{mpath} is missing: {path} is not a shard set (or its writer never committed a shard)")
+        hint = ""
+        if (path / "layers.json").is_file():  # a several-layer extraction (visae extract --layer 4,8,11)
+            layer_sets = sorted((d for d in path.glob("layer_*") if d.name[6:].isdigit() and (d / MANIFEST).is_file()),
+                                key=lambda d: int(d.name[6:]))
+            hint = (f"; it is a several-layer extraction (layers.json): give one layer's shard set, "
+                    f"{', '.join(str(d) for d in layer_sets[:6]) or str(path / 'layer_<L>')}"
+                    + (", ..." if len(layer_sets) > 6 else ""))
+        raise ShardError(f"{mpath} is missing: {path} is not a shard set (or its writer never committed a shard){hint}")
     try:
         m = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:

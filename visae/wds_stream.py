@@ -6,13 +6,15 @@ A source string is a stream when one of its ``::``-joined parts starts with ``pi
 patterns and globs without such a part stay with the indexed reader of :mod:`visae.images` (random access).
 
 Reading uses the ``webdataset`` library: ``webdataset.gopen.gopen`` opens each URL (``curl`` for http(s),
-a shell for ``pipe:``) and ``webdataset.tariterators.tar_file_iterator`` walks the tar stream. Members
-are grouped into samples by key as webdataset does (consecutive members of one key); a sample is one
-item: its image member (one of :data:`visae.images.WDS_IMAGE_EXTS`), its label from an optional ``cls``
-member, id = :func:`visae.images.encode_id` of the key. A tar that breaks off while its transport
-succeeded becomes one skipped pseudo-item ``<shard>#unreadable-<j>`` after its samples, as for local
-tars; a transport failure (curl/pipe exit status, connection lost) stops the run with a
-:class:`~visae.images.SourceError` naming the URL, committed rows kept.
+a shell for ``pipe:``) and :func:`_tar_members` walks the tar stream (as
+``webdataset.tariterators.tar_file_iterator`` does, but counting link members as skips instead of passing
+over them). Members are grouped into samples by key as webdataset does (consecutive members of one key);
+a sample is one item: its image member (one of :data:`visae.images.WDS_IMAGE_EXTS`), its label from an
+optional ``cls`` member (:func:`visae.images.parse_cls`), id = :func:`visae.images.encode_id` of the key.
+A tar that breaks off while its transport succeeded becomes one skipped pseudo-item
+``<shard>#unreadable-<j>`` after its samples, as for local tars (a repeated member name or key:
+``<shard>#repeated-<j>``; a link member: ``<shard>#link-<j>``); a transport failure (curl/pipe exit status,
+connection lost) stops the run with a :class:`~visae.images.SourceError` naming the URL, committed rows kept.
 
 **Validation** (:func:`open_stream`, before anything is written): the brace expansion (a malformed or
 unbalanced range is an error), the URL schemes, then a probe of the bytes: every http(s) URL is asked
@@ -60,7 +62,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from visae.images import STREAM_PREFIXES, WDS_IMAGE_EXTS, Item, SourceError, as_browser_rgb, encode_id, is_stream_spec
+from visae.images import (STREAM_PREFIXES, WDS_IMAGE_EXTS, Item, SourceError, as_browser_rgb, encode_id, is_stream_spec,
+                           no_image_reason, parse_cls, tar_member_skip, tar_problem_items)
 
 __all__ = ["STREAM_PREFIXES", "PROGRESS", "StreamSource", "is_stream_spec", "expand_stream_urls", "open_stream",
            "StreamPlan", "plan_stream_part", "StreamBatches", "read_progress"]
@@ -90,7 +93,8 @@ def expand_stream_urls(spec: str) -> list[str]:
 
     Raises:
         SourceError: unbalanced braces, a brace range left unexpanded (``{000..}``, ``{a..9}``), an empty
-            ``pipe:`` command, or a scheme other than ``pipe:``, ``http(s)://``, ``file:`` / a local path.
+            ``pipe:`` command, a scheme other than ``pipe:``, ``http(s)://``, ``file:`` / a local path, or a URL
+            listed twice (its samples would be read twice).
     """
     from webdataset.shardlists import expand_urls
 
@@ -115,6 +119,11 @@ def expand_stream_urls(spec: str) -> list[str]:
         if m and len(m.group(1)) > 1:  # (a one-letter "scheme" is a Windows drive)
             raise SourceError(f"{u}: scheme {m.group(1)!r} is not read directly; supported: http://, https://, pipe:, "
                               f"local paths (e.g. 'pipe:aws s3 cp {u} -' or 'pipe:gsutil cat {u}')")
+    seen: set[str] = set()
+    for u in urls:
+        if u in seen:
+            raise SourceError(f"{spec!r}: shard {u} is listed twice; its samples would be read twice: list each shard once")
+        seen.add(u)
     return urls
 
 
@@ -292,7 +301,7 @@ def _url_items(url: str, k: int, on_open: Callable[[Any], None] | None = None) -
         SourceError: the transport failed (the URL cannot be opened, curl / the pipe command exited with an error).
     """
     from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+    from webdataset.tariterators import base_plus_ext
 
     stem = _shard_name(url, k)
     try:
@@ -301,7 +310,7 @@ def _url_items(url: str, k: int, on_open: Callable[[Any], None] | None = None) -
         raise SourceError(f"{url}: cannot be opened ({type(e).__name__}: {e})") from None
     if on_open is not None:
         on_open(stream)
-    errors: list[str] = []
+    errors: list[tuple[str, str]] = []
     seen_names: set[str] = set()
     seen_keys: set[str] = set()
     cur: dict[str, Any] | None = None
@@ -311,17 +320,22 @@ def _url_items(url: str, k: int, on_open: Callable[[Any], None] | None = None) -
             return None
         err = s["error"]
         if s["image"] is None and not err:
-            err = f"sample has no image member (one of {WDS_IMAGE_EXTS})" + (": an orphan label" if s["cls"] is not None else "")
+            err = no_image_reason(s["key"], s["members"], s["cls"] is not None)
         return encode_id(s["key"]), s["image"], s["cls"], err
 
     try:
         try:
-            for f in tar_file_iterator(stream):
+            for f in _tar_members(stream):
+                if f["skip"]:  # a link or other non-file member: counted, as for local tars
+                    if not os.path.basename(f["fname"]).startswith("__"):
+                        errors.append(("link", f["skip"]))
+                    continue
                 key, ext = base_plus_ext(f["fname"])
                 if key is None or os.path.basename(f["fname"]).startswith("__"):
                     continue
                 if f["fname"] in seen_names:
-                    errors.append(f"repeated member name {f['fname']!r}: skipped (the first member of that name is used)")
+                    errors.append(("repeated", f"repeated member name {f['fname']!r}: skipped (the first member of that "
+                                               "name is used; the tar itself is readable)"))
                     continue
                 seen_names.add(f["fname"])
                 if cur is None or key != cur["key"]:
@@ -329,12 +343,14 @@ def _url_items(url: str, k: int, on_open: Callable[[Any], None] | None = None) -
                     if done:
                         yield done
                     if key in seen_keys:
-                        errors.append(f"sample key {key!r} appears again after other samples (members of a sample must "
-                                      "be consecutive in a streamed tar): skipped")
+                        errors.append(("repeated", f"member {f['fname']!r}: sample key {key!r} appears again after other "
+                                                   "samples (members of a sample must be consecutive in a streamed tar): "
+                                                   "skipped; the tar itself is readable"))
                         cur = None
                         continue
                     seen_keys.add(key)
-                    cur = {"key": key, "image": None, "cls": None, "error": ""}
+                    cur = {"key": key, "image": None, "cls": None, "members": [], "error": ""}
+                cur["members"].append(f["fname"])
                 ext = ext.lower()
                 if ext in WDS_IMAGE_EXTS and cur["image"] is None:
                     cur["image"] = f["data"]
@@ -348,7 +364,7 @@ def _url_items(url: str, k: int, on_open: Callable[[Any], None] | None = None) -
             except Exception as ce:  # noqa: BLE001
                 raise SourceError(f"{url}: reading failed ({type(ce).__name__}: {ce}); the rows committed so far are "
                                   "kept: rerun the same command to continue") from None
-            errors.append(f"{stem}: tar stream unreadable after {len(seen_keys)} samples ({type(e).__name__}: {e})")
+            errors.append(("unreadable", f"{stem}: tar stream unreadable after {len(seen_keys)} samples ({type(e).__name__}: {e})"))
             if cur is not None:
                 cur["error"] = cur["error"] or f"tar stream broke off inside this sample ({type(e).__name__})"
         done = finish(cur)
@@ -360,13 +376,30 @@ def _url_items(url: str, k: int, on_open: Callable[[Any], None] | None = None) -
         except Exception as e:  # noqa: BLE001
             raise SourceError(f"{url}: reading failed ({type(e).__name__}: {e}); the rows committed so far are kept: "
                               "rerun the same command to continue") from None
-        for j, e in enumerate(errors):
-            yield encode_id(f"{stem}#unreadable-{j}"), None, None, e
+        for sid, e in tar_problem_items(stem, errors):
+            yield sid, None, None, e
     finally:
         try:
             stream.close()
         except Exception:  # noqa: BLE001, S110 - already reported above, or the consumer stopped early
             pass
+
+
+def _tar_members(fileobj: Any) -> Iterator[dict[str, Any]]:
+    """The members of a tar stream in order, as webdataset's ``tar_file_iterator`` reads them (regular files:
+    ``{"fname", "data", "skip": ""}``), plus its links and other non-file members (``data`` None, ``skip`` the
+    reason: :func:`visae.images.tar_member_skip`), which webdataset passes over silently; folder entries are
+    ignored. Raises what ``tarfile`` raises for a damaged stream."""
+    stream = tarfile.open(fileobj=fileobj, mode="r|*")
+    for ti in stream:
+        if ti.isreg():
+            f = stream.extractfile(ti)
+            yield {"fname": ti.name, "data": f.read() if f is not None else b"", "skip": ""}
+        else:
+            why = tar_member_skip(ti)
+            if why:
+                yield {"fname": ti.name, "data": None, "skip": why}
+        stream.members = []
 
 
 def _drain(stream: Any) -> None:
@@ -386,7 +419,7 @@ def decode_raw(raw: RawItem, preprocess: Callable[[Any], Any]) -> tuple[np.ndarr
     label = -1
     try:
         if raw.cls is not None:
-            label = int(raw.cls.decode().strip())
+            label = parse_cls(raw.cls)
         with Image.open(io.BytesIO(raw.image or b"")) as im:
             img = as_browser_rgb(im)
     except Exception as e:  # noqa: BLE001 - any decode failure means: skip this image

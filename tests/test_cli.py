@@ -306,3 +306,68 @@ def test_an_empty_out_is_a_usage_error_not_the_current_directory(name, argv, out
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--out is empty" in err, err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name, module, fn", [("name", "visae.naming", "name_concepts"),
+                                              ("zeroshot", "visae.zeroshot", "zeroshot"),
+                                              ("cbm", "visae.cbm", "train_cbm"),
+                                              ("recovery", "visae.recovery", "concept_recovery")])
+def test_device_auto_is_resolved_before_the_stage_runs(name, module, fn, small_shards, tmp_path, capsys, monkeypatch):
+    """--device auto passed the check but reached torch as the string 'auto' (RuntimeError traceback): each command
+    hands its stage the device 'auto' means here (cpu on this machine, cuda on a GPU one)."""
+    import importlib
+
+    import torch
+
+    from visae.config import ConfigError
+
+    seen = []
+
+    def stage(*a, **k):
+        seen.append(k.get("device", getattr(a[0], "device", None)))
+        raise ConfigError("stopped by the test")
+
+    monkeypatch.setattr(importlib.import_module(module), fn, stage)
+    argv = [a.format(d=tmp_path, s=small_shards) for a in _DEVICE_COMMANDS[name]]
+    assert cli.main([name, *argv, "--device", "auto"]) == 2
+    assert "stopped by the test" in capsys.readouterr().err
+    assert seen == ["cuda:0" if torch.cuda.is_available() else "cpu"]
+
+
+def test_train_device_auto_leaves_the_gpu_to_the_rank(monkeypatch):
+    """'auto' on a CUDA machine is 'cuda' without an index, which visae.train.dist.DataParallel turns into the rank's
+    own GPU; resolved to cuda:0 every rank of a torchrun landed on GPU 0."""
+    import torch
+
+    from visae.devices import resolve_device
+    from visae.train.data import resolve_device as train_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert train_device("auto") == torch.device("cuda") and train_device("auto").index is None
+    assert train_device("cuda:3") == torch.device("cuda", 3)
+    assert resolve_device("auto", local_rank=5) == torch.device("cuda", 5)  # extraction: the rank's GPU itself
+
+
+@pytest.mark.parametrize("argv, damaged", [
+    (["toyworld", "--n", "4", "--out", "{d}"], "world.json"),
+    (["demo", "--quick", "--out", "{d}"], "demo_state.json"),
+])
+def test_a_damaged_record_in_out_is_one_line_exit_2(argv, damaged, tmp_path, capsys, monkeypatch):
+    """A world.json / demo_state.json that is not JSON was a JSONDecodeError traceback (the mains caught any
+    ValueError before; now only project errors)."""
+    monkeypatch.delenv("VISAE_TRACEBACK", raising=False)
+    d = tmp_path / "out"
+    d.mkdir()
+    (d / damaged).write_text('{"seed": 1,')
+    assert cli.main([a.format(d=d) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"{d / damaged} is damaged" in err, err
+
+
+def test_a_missing_class_names_file_is_a_bad_input(small_shards, tmp_path, capsys):
+    """--classnames_file that does not exist: exit 2 naming the flag (it was the machine's OSError branch, exit 1)."""
+    rc = cli.main(["zeroshot", "--shards", str(small_shards), "--benchmark", "files", "--classnames_file",
+                   str(tmp_path / "nope.txt"), "--label_column", "label"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--classnames_file {tmp_path / 'nope.txt'}" in err, err

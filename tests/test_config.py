@@ -218,6 +218,14 @@ def test_bad_yaml_and_a_config_directory_are_named_in_one_line(tmp_path, capsys)
     p.write_text("depth: 2\nwidth: 3\ndepth: 4\n")  # the safe loader kept depth 4 without a word
     with pytest.raises(ConfigError, match=r"key 'depth' is given twice \(lines 1 and 3\)"):
         load_yaml_config(Inner, p)
+    import yaml
+
+    from visae.config import _UniqueKeyLoader
+
+    # merge keys may be overridden (not a repeat), unhashable keys keep the safe loader's error
+    assert yaml.load("b: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n", Loader=_UniqueKeyLoader)["d"] == {"x": 3, "y": 2}
+    with pytest.raises(yaml.YAMLError):
+        yaml.load("? [a, b]\n: 1\n", Loader=_UniqueKeyLoader)
     assert cli.main(["train", "--config", str(tmp_path)]) == 2  # said "file does not exist" of a directory
     err = capsys.readouterr().err
     assert err.strip() == f"visae train: error: --config {tmp_path}: is a directory, not a YAML file"

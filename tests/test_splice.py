@@ -306,6 +306,9 @@ def test_refusals():
     with pytest.raises(SpliceError, match=r"1\.5 is not a latent index"):  # was latent 1, silently
         with splice(bb, _sae(bb, 0, "cls"), ablate=[1.5]):
             pass
+    with pytest.raises(SpliceError, match=r"clamp: 1\.5 is not a latent index"):
+        with splice(bb, _sae(bb, 0, "cls"), clamp={1.5: 2.0}):
+            pass
     with pytest.raises(SpliceError, match=r"clamp: the values \{0: nan\} are not finite"):  # NaN embeddings
         with splice(bb, _sae(bb, 0, "cls"), clamp={0: float("nan")}):
             pass

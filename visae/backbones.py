@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Backbone",
     "BackboneError",
-    "WeightsNotAvailableError",
+    "WeightsNotAvailableError", "MissingCheckpointError",
     "load_backbone",
     "register_backbone",
     "BACKBONE_FAMILIES",
@@ -61,7 +61,17 @@ class BackboneError(VisaeError, ValueError):
 
 
 class WeightsNotAvailableError(VisaeError, FileNotFoundError):
-    """Pretrained weights are not on this machine and cannot be downloaded."""
+    """Pretrained weights are not on this machine and cannot be downloaded (offline, not in the cache; the package's
+    shipped file missing): exit status 1, the command is right and its surroundings stop it (``visae.errors``)."""
+
+    exit_code = 1
+
+
+class MissingCheckpointError(WeightsNotAvailableError):
+    """A checkpoint file named by ``--pretrained`` (or a tag that looks like a path) does not exist: a bad input,
+    exit status 2."""
+
+    exit_code = 2
 
 
 class _StopForward(Exception):
@@ -458,7 +468,7 @@ def _resolve_open_clip_weights(model_name: str, tag: str) -> tuple[str, dict[str
         if os.path.isfile(tag):
             return tag, {}
         if os.sep in tag or tag.endswith((".bin", ".pt", ".pth", ".safetensors", ".ckpt")):
-            raise WeightsNotAvailableError(f"{model_name}: checkpoint file {tag!r} does not exist")
+            raise MissingCheckpointError(f"{model_name}: checkpoint file {tag!r} does not exist")
         tags = open_clip.list_pretrained_tags_by_model(model_name)
         raise BackboneError(f"{model_name}: {tag!r} is neither a known pretrained tag ({tags}) nor an existing checkpoint file")
     if cfg.get("file"):
@@ -510,7 +520,8 @@ def _checkpoint_errors(model: str, ckpt: str | None) -> Iterator[None]:
         yield
     except (RuntimeError, EOFError, KeyError, ValueError, NotImplementedError, pickle.UnpicklingError,
             AttributeError, IndexError) as e:
-        if not (ckpt and os.path.isfile(ckpt)):
+        about_the_file = not (isinstance(e, torch.OutOfMemoryError) or "CUDA" in str(e) or "Unknown model" in str(e))
+        if not (ckpt and os.path.isfile(ckpt)) or not about_the_file:  # out of memory, a GPU fault, a typo'd name
             raise
         first = " ".join(str(e).split())
         first = first if len(first) <= 300 else first[:300] + " ..."
@@ -701,7 +712,7 @@ def _load_timm(name: str, pretrained: str | None, *, random_init: bool, device: 
 
         convstem.register()
     if pretrained and not random_init and not os.path.isfile(pretrained):
-        raise WeightsNotAvailableError(f"timm:{name}: checkpoint file {pretrained!r} does not exist (for timm pass tags in the name, e.g. timm:vit_base_patch16_224.augreg_in21k)")
+        raise MissingCheckpointError(f"timm:{name}: checkpoint file {pretrained!r} does not exist (for timm pass tags in the name, e.g. timm:vit_base_patch16_224.augreg_in21k)")
     kwargs: dict[str, Any] = dict(model_kwargs)
     weights = None
     if random_init:

@@ -782,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_config(CBMConfig, argv, default_yaml=config_yaml("cbm.yaml"), prog="visae cbm")
-        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
+        cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # 'auto' resolved; one this machine lacks refused
         res = train_cbm(cfg)
     except VisaeError as e:  # a bad flag, SAE, names or shard set (exit 2), a lock held (1): visae.errors
         return report("visae cbm", e)

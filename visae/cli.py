@@ -4,7 +4,8 @@ Each stage module exposes ``main(argv: list[str] | None = None) -> int``; this f
 dispatches, importing the stage lazily so ``visae --help`` stays fast. A project error
 (``visae.errors.VisaeError``) that reaches it is printed as one line,
 ``visae <command>: error: <message>``, and the command exits with the error's ``exit_code``
-(2 for a usage error, ``ConfigError``; 1 otherwise). ``VISAE_TRACEBACK=1`` shows the traceback
+(2 when the command's input must change, 1 when its surroundings stopped it: the rule is
+``visae.errors``). ``VISAE_TRACEBACK=1`` shows the traceback
 instead. Anything else is a bug and keeps its traceback.
 """
 
@@ -73,7 +74,7 @@ def entry_point(name: str) -> Callable[[list[str]], int | None]:
 def run_main(prog: str, fn: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """``fn(argv)`` (a stage's ``main``) with the command line's error handling, messages prefixed by ``prog`` (``"visae
     sweep"``, ``"python -m visae.world2"``): a ``VisaeError`` is one line on stderr
-    and its exit code (1 by default), Ctrl-C one line saying what was kept and how to continue (exit 130), an
+    and its exit code (2 by default, ``visae.errors``), Ctrl-C one line saying what was kept and how to continue (exit 130), an
     ``OSError`` of the machine (disk full, permissions) one line (exit 1); ``VISAE_TRACEBACK=1`` shows the traceback
     instead. ``visae <command>`` runs every stage through it, and so does each module's ``python -m visae.<module>``.
     ``argv`` defaults to ``sys.argv[1:]``."""

@@ -506,7 +506,16 @@ QUICK = DemoConfig(quick=True)
 
 def _state(out: Path) -> dict[str, Any]:
     p = out / STATE
-    return json.loads(p.read_text()) if p.is_file() else {"stages": {}}
+    if not p.is_file():
+        return {"stages": {}}
+    try:
+        st = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p} is damaged ({e}): delete it (the stages then run again, resuming what they can) or "
+                          "use another --out") from None
+    if not isinstance(st, dict):
+        raise ConfigError(f"{p}: expected a JSON object, got {type(st).__name__}; delete it or use another --out")
+    return st
 
 
 def _save_state(out: Path, st: dict[str, Any]) -> None:
@@ -1042,7 +1051,8 @@ def main(argv: list[str] | None = None) -> int:
         from visae.devices import resolve_device
 
         resolve_device(cfg.sweep.train.device, "--sweep.device")  # devices this machine lacks: refused before any stage
-        resolve_device(cfg.naming.device, "--naming.device")
+        cfg = dataclasses.replace(cfg, naming=dataclasses.replace(
+            cfg.naming, device=str(resolve_device(cfg.naming.device, "--naming.device"))))  # 'auto' resolved
         summary = run_demo(cfg)
     except VisaeError as e:  # ConfigError, another demo's directory, a stage's own error (all name what is wrong)
         return report("visae demo", e)

@@ -8,10 +8,13 @@ in every command for the same kind of fault:
 
 - **2**: what the command was given is wrong -- a flag, a config file, or an artifact a flag names
   (missing, malformed, made for something else). Fix the input and rerun.
-- **1**: the input is fine but the command could not finish here: another process holds the output
-  (``OutputLockedError``), worker processes did not start (``WorkerStartError``), the hub cannot be
-  reached (``HubError``); ``visae.cli`` also gives 1 for an ``OSError`` of the machine (disk full,
-  permissions).
+- **1**: the command is right but its surroundings stopped it, and the same command can be rerun
+  once they are fixed: another process holds the output (``OutputLockedError``), worker processes
+  died (``WorkerStartError``), the network or the hub failed or is switched off
+  (``HubUnreachableError``), pretrained weights are not on this machine and cannot be downloaded
+  (``WeightsNotAvailableError``; a checkpoint file that a flag names and that does not exist is
+  ``MissingCheckpointError``, 2); ``visae.cli`` also gives 1 for an ``OSError`` of the machine (disk
+  full, permissions).
 - **130**: Ctrl-C (:class:`Interrupted`).
 
 A plain ``ValueError`` / ``TypeError`` that is not a ``VisaeError`` is a bug (or a library function
@@ -22,9 +25,14 @@ The stage errors keep their own modules and also derive from the builtin that fi
 caught those builtins before still catches them:
 
     ConfigError (visae.config)      ShardError (visae.shards)       SAEFormatError (visae.sae.base)
-    TrainError (visae.train)        SweepError (visae.sweep)        SelectError (visae.select)
+    TrainError (visae.train)        SweepError (visae.sweepdir)     SelectError (visae.select)
     ZeroShotError (visae.zeroshot)  NamingError (visae.naming)      BackboneError (visae.backbones)
-    SourceError (visae.images)      WeightsNotAvailableError (visae.backbones)
+    SourceError (visae.images)      WeightsNotAvailableError, MissingCheckpointError (visae.backbones)
+    CBMError (visae.cbm)            BrowseError (visae.browse)      RecoveryError (visae.recovery)
+    TopImagesError (visae.topimages)  WorldError (visae.toyworld)   DivergedError (visae.toyclip)
+    SpliceError (visae.splice)      InteropError, HubError, HubUnreachableError (visae.interop)
+    PatchRecoveryError (visae.patch_recovery)  OutputLockedError, OutputPathError (visae.atomic)
+    WorkerStartError, RecordFileError (visae.workers)
 
 ``tests/test_imports.py`` checks that every public exception class of the package derives
 from ``VisaeError``.

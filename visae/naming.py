@@ -29,6 +29,8 @@ known, ``top_images.npz`` (see :mod:`visae.topimages`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import io
 import json
@@ -152,6 +154,9 @@ class NameConfig:
         from visae.devices import check_device
 
         check_device(self.device, "NameConfig.device")
+        bad = [t for t in self.templates if "{}" not in t]
+        if bad:  # it reached the text stage as a ValueError traceback, after the top images were computed
+            raise ConfigError(f"NameConfig.templates: {bad[0]!r} has no '{{}}' for the word (e.g. 'a photo of a {{}}.')")
 
         for f in ("min_z", "min_score"):
             v = getattr(self, f)
@@ -876,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_config(NameConfig, argv, default_yaml=config_yaml("naming.yaml"), prog="visae name")
-        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
+        cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # 'auto' resolved; one this machine lacks refused
         out = name_concepts(cfg)
     except VisaeError as e:  # a bad flag, SAE, shard set or vocabulary (exit 2; visae.errors)
         return report("visae name", e)

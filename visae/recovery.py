@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_config(RecoveryConfig, argv, prog="visae recovery")
-        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
+        cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # 'auto' resolved; one this machine lacks refused
         res = concept_recovery(cfg.sae, cfg.shards, member=cfg.member, factors=cfg.factors or None,
                                concepts=cfg.concepts, batch_size=cfg.batch_size, device=cfg.device,
                                recovered_at=cfg.recovered_at, progress=cfg.progress)

@@ -31,6 +31,8 @@ tolerance drawn under ``sparsest_within``; zero-shot metrics only), ``selection.
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import io
 import math
@@ -883,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
                            description=(SelectConfig.__doc__ or "").strip())
         from visae.devices import resolve_device
 
-        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
+        cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # 'auto' resolved; one this machine lacks refused
         before = _kept_selection(SweepDir(cfg.sweep))
         info = select(cfg)
     except VisaeError as e:  # a bad flag, sweep or shard set (exit 2), a lock held (1): visae.errors

@@ -252,6 +252,7 @@ def splice(backbone: Any, sae: Any, *, layer: int | None = None, token: str | No
     if sae.n_models > 1:
         sae = sae.member(member)
     ablate_idx = _codes_vector(sae, list(ablate or ()), "ablate")
+    _codes_vector(sae, list((clamp or {}).keys()), "clamp")  # clamp={1.5: v} was latent 1, silently
     clamp_map = {int(k): float(v) for k, v in (clamp or {}).items()}
     bad = {k: v for k, v in clamp_map.items() if not math.isfinite(v)}
     if bad:  # a NaN clamp made every embedding NaN

@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(ToyClipConfig, argv, default_yaml=config_yaml("toy_clip.yaml"), prog="visae train-toy-clip")
         from visae.devices import resolve_device
 
-        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
+        cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # 'auto' resolved; one this machine lacks refused
         train_toy_clip(cfg, argv)
     except VisaeError as e:
         return report("visae train-toy-clip", e)
@@ -1609,7 +1609,7 @@ def main_v2(argv: list[str] | None = None) -> int:
         cfg = parse_config(ToyClipV2Config, argv, default_yaml=config_yaml("toy_clip_v2.yaml"), prog=prog)
         from visae.devices import resolve_device
 
-        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
+        cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # 'auto' resolved; one this machine lacks refused
         train_toy_clip_v2(cfg, argv)  # inputs checked before any work (an init file, a word list)
     except VisaeError as e:
         return report(prog, e)

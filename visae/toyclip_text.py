@@ -45,6 +45,8 @@ the evaluation of :func:`visae.toyclip.evaluate_v2` and :func:`visae.toyclip.inh
 
 from __future__ import annotations
 
+import dataclasses
+
 import collections
 import json
 import sys
@@ -591,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_config(TextTuneConfig, argv, default_yaml=config_yaml("toy_clip_v2_text.yaml"), prog="visae tune-toy-clip-text")
-        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
+        cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # 'auto' resolved; one this machine lacks refused
         tune_text_tower(cfg, argv)
     except VisaeError as e:
         return report("visae tune-toy-clip-text", e)

@@ -46,6 +46,7 @@ from visae.errors import VisaeError
 
 __all__ = [
     "WorldError",
+    "read_world_json",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "IMAGE_SIZE",
@@ -595,7 +596,7 @@ def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fra
     }
     wj = out / "world.json"
     if wj.exists():
-        old = json.loads(wj.read_text())
+        old = read_world_json(wj)
         for k in ("seed", "n", "image_size", "two_object_fraction", "factors"):
             if old.get(k) != meta[k]:
                 raise WorldError(f"{wj}: existing world has {k}={old.get(k)!r}, asked for {meta[k]!r}; "
@@ -611,15 +612,30 @@ def generate_world(out_dir: str | Path, n: int, seed: int = 0, *, two_object_fra
     return out
 
 
+def read_world_json(path: str | Path) -> dict[str, Any]:
+    """A world directory's ``world.json`` (either world's) as a dict. Raises WorldError naming the file when it is
+    not JSON or not a mapping (a damaged file: the generation is rerun into a new directory, or it is deleted)."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WorldError(f"{path} is damaged ({e}); delete it or use another out_dir") from None
+    if not isinstance(doc, dict):
+        raise WorldError(f"{path}: expected a JSON object, got {type(doc).__name__}; delete it or use another out_dir")
+    return doc
+
+
 def read_world(world_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(world.json, list of world.jsonl records) of a generated world; checks it is complete."""
     d = Path(world_dir)
     wj, jl = d / "world.json", d / "world.jsonl"
     if not wj.is_file() or not jl.is_file():
         raise WorldError(f"{d} is not a toy world: world.json and world.jsonl are expected (visae toyworld --out {d})")
-    meta = json.loads(wj.read_text())
-    recs = [json.loads(line) for line in jl.read_text().splitlines() if line.strip()]
-    if len(recs) != meta["n"]:
+    meta = read_world_json(wj)
+    try:
+        recs = [json.loads(line) for line in jl.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise WorldError(f"{jl} is damaged (line {e.lineno}: {e.msg}); rerun the generation into a new directory") from None
+    if len(recs) != meta.get("n"):
         raise WorldError(f"{jl}: {len(recs)} records but world.json says n={meta['n']} (incomplete: rerun generation)")
     return meta, recs
 

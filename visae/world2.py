@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from visae.atomic import atomic_write_bytes, atomic_write_text
-from visae.toyworld import WorldError
+from visae.toyworld import WorldError, read_world_json
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "IMAGE_SIZE", "SHAPES", "TEXTURES", "FAMILIES", "SIZES",
@@ -1089,7 +1089,7 @@ def generate_world2(out_dir: str | Path, n: int, seed: int = 0, *, max_objects: 
             "renderer": "pil", "benchmarks": {k: v for k, v in classnames_and_templates().items() if not k.startswith("_")}}
     wj = out / "world.json"
     if wj.exists():
-        old = json.loads(wj.read_text())
+        old = read_world_json(wj)
         for k in ("format", "version", "seed", "n", "image_size", "max_objects", "occlusion", "factors"):
             if old.get(k) != meta[k]:
                 raise WorldError(f"{wj}: existing world has {k}={str(old.get(k))[:80]!r}, asked for "

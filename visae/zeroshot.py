@@ -36,6 +36,8 @@ metadata columns are loaded, and the work is done in batches of ``batch_size`` r
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import json
 import math
@@ -238,6 +240,8 @@ def benchmark_classes(benchmark: str, classnames_file: str | None = None,
                 text = Path(path).read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
                 raise ZeroShotError(f"{flag} {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+            except OSError as e:  # a missing file named by a flag: a bad input (exit 2), not the machine's fault
+                raise ZeroShotError(f"{flag} {path}: {e.strerror or e}") from None
             return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
         names = lines(classnames_file, "--classnames_file")
@@ -1182,7 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_config(ZeroShotConfig, argv, default_yaml=DEFAULT_YAML, prog="visae zeroshot")
-        resolve_device(cfg.device)  # a device this machine lacks: refused before any work
+        cfg = dataclasses.replace(cfg, device=str(resolve_device(cfg.device)))  # 'auto' resolved; one this machine lacks refused
         res = zeroshot(cfg)
     except VisaeError as e:  # a bad flag, SAE, shard set or labels (exit 2; visae.errors)
         return report("visae zeroshot", e)

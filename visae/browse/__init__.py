@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = parse_config(BrowseConfig, argv, default_yaml=config_yaml("browse.yaml"), prog="visae browse")
-        resolve_device(cfg.naming.device)  # a device this machine lacks: refused before any work
+        cfg = replace(cfg, naming=replace(cfg.naming, device=str(resolve_device(cfg.naming.device))))  # 'auto' resolved
         index = build_site(cfg)
     except VisaeError as e:  # a bad flag, SAE, shard set, names, CBM or --out (exit 2; visae.errors)
         return report("visae browse", e)

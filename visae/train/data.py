@@ -25,10 +25,13 @@ __all__ = ["resolve_device", "member_key", "backbone_random_init", "plan_warning
 
 
 def resolve_device(name: str) -> torch.device:
-    """``--device`` on this machine (:func:`visae.devices.resolve_device`; ConfigError for one it lacks)."""
+    """``--device`` on this machine (:func:`visae.devices.resolve_device`; ConfigError for one it lacks). ``auto``
+    with CUDA is ``cuda`` without an index: a data-parallel run's :class:`visae.train.dist.DataParallel` then puts
+    each rank on its own GPU (``cuda:LOCAL_RANK``); with an index every rank landed on GPU 0."""
     from visae.devices import resolve_device as resolve
 
-    return resolve(name)
+    dev = resolve(name)
+    return torch.device("cuda") if name == "auto" and dev.type == "cuda" else dev
 
 
 def _seed_int(*parts: int) -> int:

@@ -426,6 +426,47 @@ cfg_case("--config YAML with a wrong type", "lr: fast\n", "lr")
 cfg_case("--config YAML that does not parse", "lr: [1, 2\n  : :\n", "x.yaml")
 cfg_case("--config YAML that is a list", "- 1\n- 2\n", "x.yaml")
 cfg_case("--config YAML not UTF-8", b"lr: 0.001 # caf\xe9\n", "x.yaml")
+cfg_case("--config YAML with a key given twice (lr: 1e-3 ... lr: 1e-4)", "lr: 0.001\nnum_epochs: 1\nlr: 0.0001\n",
+         "given twice")
+
+
+# session of 2026-12-02: inputs of the newcomer round -------------------------------------------------
+def _changed_images(c, base):
+    shutil.copytree(base / "imgs", c / "imgs")
+    r = run(["extract", "--images", str(c / "imgs"), "--out", str(c / "sh"), *EX], c)
+    if r.returncode:
+        raise RuntimeError(r.stderr[-500:])
+    png(c / "imgs" / "added.png", (1, 200, 3))  # the folder changed since the finished extraction
+    return ["extract", "--images", str(c / "imgs"), "--out", str(c / "sh"), *EX]
+
+
+def _empty_weights(c, base):
+    (c / "w.pt").write_bytes(b"")
+    return ["extract", "--images", str(base / "imgs"), "--out", str(c / "new"), "--model", "visae-tiny-test",
+            "--pretrained", str(c / "w.pt"), *EX[3:]]
+
+
+def _damaged_world(c, base):
+    (c / "w").mkdir()
+    (c / "w" / "world.json").write_text('{"seed": 1,')
+    return ["toyworld", "--n", "4", "--out", str(c / "w"), "--threads", "1"]
+
+
+CASES += [
+    Case("extract: rerun of a finished extraction after an image was added", "extract", "error", _changed_images,
+         protect=("sh",), names="images changed"),
+    Case("extract --device cuda:99", "config", "error",
+         ext(lambda c, b: ["extract", "--images", str(b / "imgs"), "--out", str(c / "new"), *EX, "--device", "cuda:99"]),
+         names="cuda:99"),
+    Case("extract --pretrained an empty file", "extract", "error", _empty_weights, names="w.pt"),
+    Case("extract --out '' (the working directory)", "config", "error",
+         ext(lambda c, b: ["extract", "--images", str(b / "imgs"), "--out", "", *EX]),
+         lambda c, r: not (c / "manifest.json").exists(), names="--out"),
+    Case("toyworld into an --out whose world.json is damaged", "config", "error", _damaged_world, names="world.json"),
+    Case("name --templates without {}", "config", "error",
+         lambda c, b: ["name", "--sae", str(b / "sae"), "--vocab", str(b / "v.txt"), "--out", str(c / "o"),
+                       "--templates", "a photo", "--threads", "1"], names="templates"),
+]
 CASES.append(Case("--config file that does not exist", "config", "error",
                   lambda c, b: ["train", "--shards", str(b / "sh"), "--out", str(c / "o"), *TR, "--config",
                                 str(c / "nope.yaml")], names="nope.yaml"))

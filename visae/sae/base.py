@@ -670,8 +670,12 @@ def load_sae(path: str | Path, device: Any = "cpu") -> SAE:
     if expected != got:
         missing = sorted(set(expected) - set(got))
         bad = {k: (got[k], expected[k]) for k in expected if k in got and got[k] != expected[k]}
+        sizes = ""
+        if "W_enc" in got and len(got["W_enc"]) >= 2:  # [S, d_in, d_sae] or [d_in, d_sae]: say it in cfg.json's words
+            d_in, d_sae = got["W_enc"][-2:]
+            sizes = f"; the weights are d_in={d_in}, d_sae={d_sae}, cfg.json says d_in={cfg.d_in}, d_sae={cfg.d_sae}"
         raise SAEFormatError(f"{w_path}: tensors do not fit {cfg_path} (missing {missing}, unexpected "
-                             f"{sorted(set(got) - set(expected))}, shape (file, cfg) {bad})")
+                             f"{sorted(set(got) - set(expected))}, shape (file, cfg) {bad}){sizes}")
     sae.load_state_dict(state)
     sae.extra = extra
     sae.eval()

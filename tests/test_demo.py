@@ -131,6 +131,35 @@ def _fixed_inside(cfg, path):
     return False
 
 
+def test_a_copied_demo_directory_finishes_on_its_own_files(quick_demo, tmp_path, capsys):
+    """A demo directory copied elsewhere (the original then gone) read the original's world and shards (its stages
+    recorded absolute paths) and its sweep refused the copy's shards as "another config". Now the recorded paths
+    follow the directory and the sweep goes by the shards' content: a copy whose sweep lost its trials finishes."""
+    import shutil
+
+    out, argv = quick_demo
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for d in (copy / "sweep" / "trials").iterdir():  # the sweep's work lost (as after a kill): it must train again
+        shutil.rmtree(d)
+    for f in (copy / "sweep" / "groups").glob("*/done.json"):
+        f.unlink()
+    shutil.rmtree(copy / "sweep" / "best")
+    (copy / "sweep" / "selection.json").unlink()
+    hidden = out.parent / "hidden"
+    out.rename(hidden)  # the original is gone while the copy runs
+    try:
+        assert demo.main([a if a != str(out) else str(copy) for a in argv]) == 0
+    finally:
+        hidden.rename(out)
+    err = capsys.readouterr().err
+    assert "world: done before" in err and "extract: done before" in err
+    summary = json.loads((copy / "demo.json").read_text())
+    assert summary["stages"]["world"]["dir"] == str(copy / "world")
+    assert summary["stages"]["extract"]["dir"] == str(copy / "shards")
+    assert (copy / "sweep" / "best" / "cfg.json").is_file()
+
+
 def test_every_knob_is_declared_once():
     """The demo re-declares no stage's knob: a top-level field name appears in a nested config only where the demo
     passes the top-level value on (visae.demo.PROPAGATED) or the nested stage sets it itself (the sweep: each

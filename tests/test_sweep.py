@@ -19,7 +19,7 @@ from tolerances import assert_bitwise_equal  # noqa: E402
 from visae.backbones import load_backbone, register_tiny_clip  # noqa: E402
 from visae.sae import load_sae  # noqa: E402
 from visae.select import SelectConfig, SelectError, select  # noqa: E402
-from visae.shards import ShardWriter  # noqa: E402
+from visae.shards import ShardSet, ShardWriter  # noqa: E402
 from visae.sweep import (SweepConfig, SweepError, SweepSelection, assign_groups, plan_groups, plan_trials,  # noqa: E402
                          sweep, train_trial_alone)
 from visae.zeroshot import ClassifierConfig, build_classifier  # noqa: E402
@@ -223,6 +223,33 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(planted, tmp_path):
             assert_bitwise_equal(got[k], want[k], msg=f"{t.name}.{k}")  # resume restores every state: same steps
     assert json.loads((out / "selection.json").read_text())["trial"] == \
         json.loads((tmp_path / "ref" / "selection.json").read_text())["trial"]
+
+
+def test_a_sweep_copied_with_its_shard_set_continues_from_the_copy(planted, tmp_path):
+    """sweep.json records the shard set's absolute path; a sweep directory copied together with its shards (a demo
+    directory copied elsewhere) was refused as "another config". The set's content (its fingerprint, recorded in
+    sweep.json's data) decides now; a set with other content at the new path is still refused."""
+    import shutil
+
+    grid = dict(lrs=(1e-3,), l1_coeffs=(1e-4,), expansion_factors=(2,), num_epochs=1, select=False)
+    (tmp_path / "a").mkdir()
+    shutil.copytree(planted, tmp_path / "a" / "shards")
+    sweep(_cfg(tmp_path / "a" / "shards", tmp_path / "a" / "sweep", **grid))
+    plan = json.loads((tmp_path / "a" / "sweep" / "sweep.json").read_text())
+    assert plan["data"]["train.shards"] == ShardSet(tmp_path / "a" / "shards").fingerprint()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    t = plan_trials(_cfg(planted, tmp_path, **grid))[0].name
+    stamp = (tmp_path / "b" / "sweep" / "trials" / t / "weights.safetensors").stat().st_mtime_ns
+    sweep(_cfg(tmp_path / "b" / "shards", tmp_path / "b" / "sweep", **grid))  # the copy: same data, other paths
+    assert (tmp_path / "b" / "sweep" / "trials" / t / "weights.safetensors").stat().st_mtime_ns == stamp  # kept
+    assert json.loads((tmp_path / "b" / "sweep" / "sweep.json").read_text())["train_config"]["shards"] == \
+        str(tmp_path / "b" / "shards")
+    from visae.synthetic import make_planted_dictionary, write_planted_shards
+
+    write_planted_shards(tmp_path / "other", n=1536, dictionary=make_planted_dictionary(d=16, n_atoms=48, seed=1),
+                         shard_size=512, seed=1)
+    with pytest.raises(SweepError, match="train.shards"):
+        sweep(_cfg(tmp_path / "other", tmp_path / "b" / "sweep", **grid))
 
 
 # ----------------------------------------------------------------------------- selection

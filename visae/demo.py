@@ -515,7 +515,23 @@ def _state(out: Path) -> dict[str, Any]:
                           "use another --out") from None
     if not isinstance(st, dict):
         raise ConfigError(f"{p}: expected a JSON object, got {type(st).__name__}; delete it or use another --out")
+    was = (st.get("config") or {}).get("out") if isinstance(st.get("config"), dict) else None
+    now = str(out.resolve())
+    if isinstance(was, str) and was and was != now:  # a copied or moved demo directory: its stages' paths follow it
+        st["stages"] = _rebase(st.get("stages") or {}, was, now)
     return st
+
+
+def _rebase(x: Any, was: str, now: str) -> Any:
+    """``x`` (JSON) with every string that is ``was`` or a path under it moved to ``now`` (a demo directory copied
+    or moved: the stages recorded absolute paths inside the old one, and the copy read the old world and shards)."""
+    if isinstance(x, dict):
+        return {k: _rebase(v, was, now) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rebase(v, was, now) for v in x]
+    if isinstance(x, str) and (x == was or x.startswith(was + os.sep)):
+        return now + x[len(was):]
+    return x
 
 
 def _save_state(out: Path, st: dict[str, Any]) -> None:

@@ -436,12 +436,28 @@ _IF_FILE_FIELDS = ("selection.classifier.pretrained",)  # a checkpoint file, or 
 _TRAIN_PATH_FIELDS = ("shards",)
 
 
+# The shard sets of a sweep (dotted config fields), recorded in sweep.json's "data" by content (ShardSet.fingerprint)
+_DATA_FIELDS = ("train.shards", "selection.val_shards")
+
+
+def _fingerprint(path: Any) -> str | None:
+    """The content digest of the shard set at ``path`` (:meth:`visae.shards.ShardSet.fingerprint`), or None: no path,
+    or not a readable shard set there."""
+    if not path:
+        return None
+    try:
+        return ShardSet(path).fingerprint()
+    except (ShardError, OSError, ValueError, KeyError):
+        return None
+
+
 def _write_plan(out: Path, cfg: SweepConfig, tcfg: Any, trials: list[Trial], groups: list[Group], world: int) -> None:
     """Record (or check against) the sweep's config and plan: a rerun must describe the same trials."""
     doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
            "config": absolute_paths(config_to_dict(cfg), _PATH_FIELDS, if_file=_IF_FILE_FIELDS),
            "train_config": absolute_paths(config_to_dict(tcfg), _TRAIN_PATH_FIELDS), "world_size": world,
-           "trials": [t.to_dict() for t in trials], "groups": [g.to_dict() for g in groups]}
+           "trials": [t.to_dict() for t in trials], "groups": [g.to_dict() for g in groups],
+           "data": {k: _fingerprint(v) for k, v in _flat(config_to_dict(cfg)).items() if k in _DATA_FIELDS}}
     sd = SweepDir(out)
     path = sd.plan_file
     if sd.has_plan():
@@ -449,6 +465,11 @@ def _write_plan(out: Path, cfg: SweepConfig, tcfg: Any, trials: list[Trial], gro
         old_cfg = {k: v for k, v in _flat(absolute_paths(old.get("config", {}), _PATH_FIELDS, if_file=_IF_FILE_FIELDS)).items()
                    if not _resume_free(k)}
         new_cfg = {k: v for k, v in _flat(doc["config"]).items() if not _resume_free(k)}
+        for k in _DATA_FIELDS:  # a shard set moved or copied with the sweep (a copied demo directory): its content decides
+            if old_cfg.get(k) != new_cfg.get(k) and old_cfg.get(k) and new_cfg.get(k):
+                was = (old.get("data") or {}).get(k) or _fingerprint(old_cfg[k])
+                if was is not None and was == doc["data"].get(k):
+                    old_cfg[k] = new_cfg[k]
         if old_cfg != new_cfg:
             diff = {k: (old_cfg.get(k), new_cfg.get(k)) for k in sorted(old_cfg.keys() | new_cfg.keys())
                     if old_cfg.get(k, ...) != new_cfg.get(k, ...)}

@@ -47,6 +47,12 @@ def test_vocabulary_from_file(tmp_path):
     f.write_text("the\ncat\n\n  dog  \ncat\nit's\n1st\nt-shirt\nsea urchin\nzebra\n", encoding="utf-8")
     assert load_vocabulary(f, 0) == ["the", "cat", "dog", "it's", "1st", "t-shirt", "sea urchin", "zebra"]
     assert load_vocabulary(f, 3) == ["the", "cat", "dog"]
+    from visae.config import ConfigError
+    from visae.naming import NameConfig
+
+    for bad, why in (("{} {}", "exactly one"), ("a {} {", "stray brace"), ("a photo", "exactly one"), ("{0}", "exactly one")):
+        with pytest.raises(ConfigError, match=why):  # "{} {}" and "a {} {" were IndexError / ValueError tracebacks
+            NameConfig(templates=(bad,))
     dropped = {}
     assert load_vocabulary(f, 0, stopwords=True, alpha_only=True, dropped=dropped) == ["cat", "dog", "t-shirt",
                                                                                       "sea urchin", "zebra"]

@@ -252,6 +252,49 @@ def test_a_sweep_copied_with_its_shard_set_continues_from_the_copy(planted, tmp_
         sweep(_cfg(tmp_path / "other", tmp_path / "b" / "sweep", **grid))
 
 
+def test_stale_data_and_a_same_size_swap_are_not_selected_silently(planted, tmp_path):
+    """Three stale results a newcomer found (2026-12-02): (1) the training shards re-extracted in place: the sweep's
+    rerun skipped its finished groups and select scored them on the new held-out split, exit 0; (2) the selection set
+    re-extracted in place (same path and size): cached scores of the old set were used; (3) a trial's weights
+    replaced by another trial's file of the same size, mtime restored: the cached score carried it into best/."""
+    import os
+    import shutil
+
+    from visae.synthetic import make_planted_dictionary, write_planted_shards
+    from visae.sweepdir import SweepDir, SweepError as DirError
+
+    shards, val = tmp_path / "s", tmp_path / "v"
+    shutil.copytree(planted, shards)
+    shutil.copytree(planted, val)
+    cfg = _cfg(shards, tmp_path / "sw", val_shards=str(val))
+    sweep(cfg)
+    sd = SweepDir(tmp_path / "sw")
+    first = select(SelectConfig(sweep=str(tmp_path / "sw"), progress=False))
+    # (3) same-size swap with the mtime kept: refused when it would be published
+    names = sd.trials_with_weights()
+    chosen = first["trial"]
+    other = next(n for n in names if n != chosen)
+    w = sd.trial_dir(chosen) / "weights.safetensors"
+    st = w.stat()
+    shutil.copyfile(sd.trial_dir(other) / "weights.safetensors", w)
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(DirError, match=rf"cannot publish {chosen} .*another SHA-256"):
+        select(SelectConfig(sweep=str(tmp_path / "sw"), progress=False))
+    # (2) the selection set re-extracted in place: other content at the same path is scored again, not read from cache
+    shutil.rmtree(val)
+    write_planted_shards(val, n=1536, dictionary=make_planted_dictionary(d=16, n_atoms=48, seed=7), shard_size=512,
+                         seed=7)
+    key = json.loads((sd.trial_dir(other) / "zeroshot.json").read_text())["key"]
+    assert key["fingerprint"] != ShardSet(val).fingerprint()
+    assert sd.read_score(other, {**key, "fingerprint": ShardSet(val).fingerprint()}) is None
+    # (1) the training shards re-extracted in place: the sweep's rerun refuses, naming --shards
+    shutil.rmtree(shards)
+    write_planted_shards(shards, n=1536, dictionary=make_planted_dictionary(d=16, n_atoms=48, seed=8), shard_size=512,
+                         seed=8)
+    with pytest.raises(SweepError, match=r"--shards .*changed since this sweep trained on it"):
+        sweep(cfg)
+
+
 # ----------------------------------------------------------------------------- selection
 
 

@@ -91,7 +91,7 @@ def test_templates_are_mean_of_unit_prompt_embeddings():
     assert_close_derived(got, F.normalize(per.mean(0), dim=-1), n_terms=len(templates) + D + 4, scale=1.0,
                          dtype=torch.float32, msg="template mean")
     assert_close_derived(got.norm(dim=-1), torch.ones(3), n_terms=D + 6, scale=1.0, dtype=torch.float32, msg="norms")
-    with pytest.raises(ValueError, match="placeholder"):
+    with pytest.raises(ValueError, match="exactly one"):
         encode_texts(bb, words, ["no placeholder"])
 
 

@@ -154,9 +154,12 @@ class NameConfig:
         from visae.devices import check_device
 
         check_device(self.device, "NameConfig.device")
-        bad = [t for t in self.templates if "{}" not in t]
-        if bad:  # it reached the text stage as a ValueError traceback, after the top images were computed
-            raise ConfigError(f"NameConfig.templates: {bad[0]!r} has no '{{}}' for the word (e.g. 'a photo of a {{}}.')")
+        from visae.text import template_problem
+
+        for t in self.templates:  # they reached the text stage as a ValueError / IndexError traceback
+            why = template_problem(t)
+            if why:
+                raise ConfigError(f"NameConfig.templates: {why}")
 
         for f in ("min_z", "min_score"):
             v = getattr(self, f)

@@ -167,6 +167,11 @@ def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = 
                                   f"{tcfg['shards']} holds out none (rounded to 0); pass --val_shards")
     except ShardError as e:
         raise SelectError(f"selection shard set: {e}") from None
+    trained_on = (doc.get("data") or {}).get("train.shards")
+    if not val and trained_on and ss.fingerprint() != trained_on:  # the held-out split of data the SAEs never saw
+        raise SelectError(f"{out}: the training shard set {tcfg['shards']} changed since the sweep trained on it (its "
+                          "content differs from sweep.json's data): its held-out split is not the trials' any more; "
+                          "pass --val_shards, or sweep again into a new --out")
     _check_selection_set(out, tcfg, ss, bool(val))
     metric = metric or cfg.get("metric", "zeroshot_top1")
     from visae.zeroshot import residual_layer
@@ -186,8 +191,8 @@ def _selection_context(out: Path, doc: dict[str, Any], val_shards: str | None = 
         facts = {"zeroshot_unavailable": str(e)}
         if not isinstance(e, (ZeroShotError, ValueError, OSError)):
             print(f"visae select: no zero-shot classifier ({type(e).__name__}: {e})", file=sys.stderr)
-    key = {"format": SCORE_FORMAT, "data": str(ss.path.resolve()), "subset": subset, "n": len(data),
-           "classifier": None if classifier is None else {**classifier.key, "label_column": column,
+    key = {"format": SCORE_FORMAT, "data": str(ss.path.resolve()), "fingerprint": ss.fingerprint(), "subset": subset,
+           "n": len(data), "classifier": None if classifier is None else {**classifier.key, "label_column": column,
                                                            "benchmark": facts.get("benchmark")}}
     return _Context(data, classifier, column, key, facts)
 
@@ -207,8 +212,8 @@ def _spliced_context(out: Path, ss: ShardSet, data: Any, subset: str, clf: dict[
         raise SelectError(f"cannot zero-shot score on {ss.path} through the splice: {e}\n(select with --metric "
                           "explained_variance to choose by reconstruction alone)") from None
     column = facts["label_column"]
-    key = {"format": SCORE_FORMAT, "data": str(ss.path.resolve()), "subset": subset, "n": len(data),
-           "classifier": {**sel.classifier.key, "label_column": column, "benchmark": facts.get("benchmark")},
+    key = {"format": SCORE_FORMAT, "data": str(ss.path.resolve()), "fingerprint": ss.fingerprint(), "subset": subset,
+           "n": len(data), "classifier": {**sel.classifier.key, "label_column": column, "benchmark": facts.get("benchmark")},
            "splice": {**facts["splice"], "images": facts["images"], "n_images": facts["n_images"],
                       "baseline": "mean-ablation"}}
     return _Context(data, None, column, key, facts, splice=sel)

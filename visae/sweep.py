@@ -470,6 +470,12 @@ def _write_plan(out: Path, cfg: SweepConfig, tcfg: Any, trials: list[Trial], gro
                 was = (old.get("data") or {}).get(k) or _fingerprint(old_cfg[k])
                 if was is not None and was == doc["data"].get(k):
                     old_cfg[k] = new_cfg[k]
+        was = (old.get("data") or {}).get("train.shards")
+        if was and old_cfg.get("train.shards") == new_cfg.get("train.shards") and was != doc["data"]["train.shards"]:
+            # re-extracted in place: the finished trials were trained on other data (their scores would be mixed)
+            raise SweepError(f"--shards {cfg.train.shards}: the shard set changed since this sweep trained on it (its "
+                             "content differs from the one sweep.json records under data); use a new --out, or keep "
+                             "the new activations in another directory")
         if old_cfg != new_cfg:
             diff = {k: (old_cfg.get(k), new_cfg.get(k)) for k in sorted(old_cfg.keys() | new_cfg.keys())
                     if old_cfg.get(k, ...) != new_cfg.get(k, ...)}

@@ -345,8 +345,15 @@ class SweepDir:
         return best
 
     def publish_best(self, trial: str, info: dict[str, Any]) -> Path:
-        """``best/`` = a copy of trials/<trial> plus ``best/selection.json``, swapped in for the old one."""
+        """``best/`` = a copy of trials/<trial> plus ``best/selection.json``, swapped in for the old one.
+
+        Raises SweepError when the trial's weights are not the ones its cfg.json recorded (SHA-256, read whole: a
+        selection from cached scores never reads them, and a same-size replacement kept its size and mtime)."""
         src = self.trial_dir(trial)
+        why = weights_problem(src, full=True)
+        if why is not None:
+            raise SweepError(f"cannot publish {trial} to {self.best_dir}: {why}; delete {src} and rerun the same "
+                             "`visae sweep` command to train it again (or restore the file)")
         with atomic_dir(self.best_dir, if_exists="replace") as tmp:
             shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*.tmp"), dirs_exist_ok=True)
             atomic_write_json(tmp / SELECTION_FILE, info, default=str)

@@ -294,11 +294,26 @@ def _cache_save(path: Path, emb: torch.Tensor, meta: dict[str, str]) -> None:
 # ----------------------------------------------------------------------------- public API
 
 
+def template_problem(t: Any) -> str | None:
+    """Why ``t`` cannot be a prompt template (None when it can): a string with exactly one ``{}`` for the word and
+    nothing else ``str.format`` reads (``"{} {}"``, ``"a {} {"`` and ``"{0}"`` raised inside the text stage)."""
+    if not isinstance(t, str):
+        return f"prompt template {t!r} is not a string"
+    if t.count("{}") != 1:
+        return f"prompt template {t!r} must contain exactly one '{{}}' for the word, e.g. 'a photo of a {{}}.'"
+    try:
+        t.format("word")
+    except (ValueError, IndexError, KeyError):
+        return f"prompt template {t!r} has a stray brace (write {{{{ or }}}} for a literal one)"
+    return None
+
+
 def _check_templates(templates: Sequence[str]) -> list[str]:
     out = []
     for t in templates:
-        if not isinstance(t, str) or "{" not in t:
-            raise ValueError(f"prompt template {t!r} must be a string with a '{{}}' placeholder, e.g. 'a photo of a {{}}.'")
+        why = template_problem(t)
+        if why:
+            raise ValueError(why)
         out.append(t)
     if not out:
         raise ValueError("templates is an empty list; pass None for no templates")

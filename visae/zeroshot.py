@@ -178,8 +178,11 @@ def _template_strings(templates: Sequence[str | Callable[[str], str]]) -> list[s
     out = []
     for t in templates:
         s = t if isinstance(t, str) else t("{}")
-        if s.count("{}") != 1:
-            raise ZeroShotError(f"template {s!r} must contain exactly one '{{}}' for the class name")
+        from visae.text import template_problem
+
+        why = template_problem(s)
+        if why:
+            raise ZeroShotError(why.replace("for the word", "for the class name"))
         out.append(s)
     return out
 

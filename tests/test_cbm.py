@@ -410,6 +410,10 @@ def test_cli_and_errors(toy, tmp_path, capsys, monkeypatch):
     assert main(["cbm", "--sae", cfg.sae, "--concepts", cfg.concepts, "--train_shards", cfg.train_shards,
                  "--val_shards", cfg.val_shards, "--label_column", "colour_shape", "--refit_l2", "-1", "--out", str(bad)]) == 2
     assert "refit_l2" in capsys.readouterr().err
+    assert main(["cbm", "--sae", cfg.sae, "--concepts", cfg.concepts, "--train_shards", cfg.train_shards,
+                 "--val_shards", cfg.val_shards, "--label_column", "colour_shape", "--n_lambdas", "1",
+                 "--out", str(bad)]) == 2  # one path point is lam_max: a CBM of no concept, reported as a result
+    assert "n_lambdas must be >= 2" in capsys.readouterr().err
     assert not bad.exists()
 
 

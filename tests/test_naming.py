@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 import math
 
 import numpy as np
@@ -190,6 +191,41 @@ def _planted_sae(emb, vocab, tmp_path, source, n_random=8):
     sae_dir = tmp_path / "sae"
     sae.save(sae_dir, extra={"shards": {"path": str(shards), "source": source}})
     return sae_dir, shards
+
+
+@pytest.mark.parametrize("killed_at", ["concepts.json", "concepts.csv"])
+def test_a_killed_rerun_never_leaves_one_runs_table_beside_anothers_record(killed_at, tiny, emb, vocab, tmp_path,
+                                                                          monkeypatch):
+    """A rerun into the same --out (another vocabulary) killed while writing: the new run's concepts.csv stood beside
+    the old concepts.json (a newcomer's find). Now the old table goes first and the new one follows the record."""
+    import hashlib
+
+    import visae.naming as naming
+
+    vfile = tmp_path / "vocab.txt"
+    vfile.write_text("\n".join(vocab))
+    source = {"model": "visae-tiny-test", "pretrained": None, "random_init": True, "layer": None, "token": "cls"}
+    sae_dir, _ = _planted_sae(emb, vocab, tmp_path, source)
+    out = tmp_path / "concepts"
+    argv = ["--sae", str(sae_dir), "--vocab_size", "0", "--out", str(out), "--text_cache", str(tmp_path / "cache"),
+            "--no_stopwords", "--no_alpha_only", "--min_score", "-1", "--batch_size", "16"]
+    assert name_main([*argv, "--vocab", str(vfile)]) == 0
+    doc = json.loads((out / "concepts.json").read_text())
+    assert doc["csv_file"]["sha256"] == hashlib.sha256((out / "concepts.csv").read_bytes()).hexdigest()
+    (tmp_path / "other.txt").write_text("\n".join(reversed(vocab)))
+    real = naming.atomic_write_text
+
+    def killed(path, text, *a, **k):
+        if Path(path).name == killed_at:
+            raise KeyboardInterrupt
+        return real(path, text, *a, **k)
+
+    monkeypatch.setattr(naming, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        name_main([*argv, "--vocab", str(tmp_path / "other.txt")])
+    now = json.loads((out / "concepts.json").read_text())
+    assert (now == doc) == (killed_at == "concepts.json")  # the record is the old one until the new one is committed
+    assert not (out / "concepts.csv").exists()  # no table of either run beside it, until the rerun
 
 
 def test_name_concepts_cli_end_to_end(tiny, emb, vocab, tmp_path):

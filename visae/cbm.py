@@ -120,7 +120,10 @@ class CBMConfig:
             raise CBMError(f"CBMConfig.alpha must be in (0, 1], got {self.alpha}")
         if not (self.target_concepts_per_class > 0 and math.isfinite(self.target_concepts_per_class)):
             raise CBMError(f"CBMConfig.target_concepts_per_class must be positive and finite, got {self.target_concepts_per_class}")
-        for name in ("n_lambdas", "max_iter", "batch_size", "refit_iter"):
+        if int(self.n_lambdas) < 2:  # one point is lam_max, where every weight is 0: a classifier by bias alone
+            raise CBMError(f"CBMConfig.n_lambdas must be >= 2 (the first point, lam_max, uses no concept), got "
+                           f"{self.n_lambdas}")
+        for name in ("max_iter", "batch_size", "refit_iter"):
             if int(getattr(self, name)) < 1:
                 raise CBMError(f"CBMConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("bisect_steps", "n_explain", "top_concepts", "member"):
@@ -683,6 +686,14 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
                       UserWarning, stacklevel=2)
 
     sae.eval()
+    meta = train.metadata()
+    if cfg.label_column in meta:  # before the codes are computed: a one-class split trains no classifier
+        lab = np.asarray(meta[cfg.label_column])
+        present = np.unique(lab[lab >= 0])
+        if present.size < 2:
+            raise CBMError(f"--train_shards {train.path}: column {cfg.label_column!r} holds {present.size} class(es) "
+                           "among its labelled rows; a classifier needs at least 2 (another --label_column, or "
+                           "training shards with more classes)")
     codes_t, y_t, x_t = concept_features(sae, train, cfg.label_column, member=cfg.member, batch_size=cfg.batch_size,
                                          device=cfg.device)
     codes_v, y_v, x_v = concept_features(sae, val, cfg.label_column, member=cfg.member, batch_size=cfg.batch_size,
@@ -705,6 +716,9 @@ def train_cbm(cfg: CBMConfig, *, sae: Any = None) -> dict[str, Any]:
                        bisect_steps=cfg.bisect_steps, max_iter=cfg.max_iter, tol=cfg.tol, z_val=z_v, y_val=y_v,
                        nonneg=cfg.nonneg, progress=cfg.progress)
     cbm_top1 = _accuracy(z_v, y_v, fit["W"], fit["b"])
+    if not (fit["W"] != 0).any():
+        log.warning("the CBM uses no concept: every prediction is the classes' biases alone (the majority class); "
+                    "raise --target_concepts_per_class, --n_lambdas or --max_iter")
     refit: dict[str, Any] = {"done": False}
     if cfg.refit:
         W_r, b_r, it = refit_on_support(z_t, y_t, fit["W"], fit["b"], l2=cfg.refit_l2, max_iter=cfg.refit_iter,

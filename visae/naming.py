@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from visae.atomic import atomic_write_text
-from visae.integrity import sha256_file
+from visae.integrity import sha256_bytes, sha256_file
 from visae.config import ConfigError, absolute_paths, changed_settings, check_bounds, config_to_dict, parse_config
 from visae.errors import VisaeError
 from visae.resources import config_yaml
@@ -668,9 +668,11 @@ def name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) -> 
     """Run the naming stage; returns the output directory (concepts.json, concepts.csv[, top_images.npz]).
 
     Holds the lock of ``cfg.out`` while it runs. The files are committed as one step:
-    ``top_images.npz`` and ``concepts.csv`` first, ``concepts.json`` last, recording the SHA-256 of
-    the top-images file it belongs to (``TopImages.load`` checks it), so a run killed in between
-    never pairs one run's concepts with another's images.
+    the earlier run's ``concepts.csv`` is removed, ``top_images.npz`` written, then ``concepts.json`` (the commit
+    point, recording the SHA-256 of the top-images file it belongs to, which ``TopImages.load`` checks, and of the
+    CSV), then ``concepts.csv`` from it. A run killed in between never pairs one run's concepts with another's
+    images, and never leaves one run's table beside another's ``concepts.json`` (it left the new CSV beside the
+    old record: now at most no CSV, until the rerun).
     """
     from visae.atomic import output_lock
 
@@ -729,6 +731,7 @@ def _name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) ->
                                        progress=cfg.progress)
         except ShardError as e:
             raise NamingError(str(e)) from None
+        (out / "concepts.csv").unlink(missing_ok=True)  # the earlier run's table never outlives its concepts.json
         stats.save(out / "top_images.npz")
     active = (stats.count > 0) if (stats is not None and cfg.skip_dead) else None
     res = match_names(decoder_directions(sae, cfg.member), emb, vocab.words, top_k=cfg.top_k, unique=cfg.unique_names,
@@ -786,8 +789,10 @@ def write_concepts(out: Path, res: NamingResult, cfg: NameConfig, backbone: Any,
         alts = ";".join(f"{a['name']}:{a['score']:.4f}" for a in c["alternatives"] if a["score"] is not None)
         w.writerow([c["latent"], c["name"] or "", _csv(c["score"]), _csv(c["margin"]), _csv(c["z"]),
                     _csv(c["frequency"]), _csv(c["mean_activation"]), alts])
-    atomic_write_text(out / "concepts.csv", buf.getvalue())
-    atomic_write_text(out / "concepts.json", json.dumps(doc, indent=1, ensure_ascii=False))  # the commit point, last
+    (out / "concepts.csv").unlink(missing_ok=True)  # the earlier run's table goes before the new record is committed
+    doc["csv_file"] = {"name": "concepts.csv", "sha256": sha256_bytes(buf.getvalue().encode("utf-8"))}
+    atomic_write_text(out / "concepts.json", json.dumps(doc, indent=1, ensure_ascii=False))  # the commit point
+    atomic_write_text(out / "concepts.csv", buf.getvalue())  # its table, from the committed record: killed here, none
 
 
 def _csv(x: Any) -> str:

@@ -160,6 +160,24 @@ def test_a_copied_demo_directory_finishes_on_its_own_files(quick_demo, tmp_path,
     assert (copy / "sweep" / "best" / "cfg.json").is_file()
 
 
+def test_a_word_list_edited_in_place_is_refused_not_reused(tmp_path, monkeypatch, capsys):
+    """--distractors FILE edited after a demo ran: every stage was "done before" and the site kept names made from
+    the old words (a newcomer's find). The demo records its input files' SHA-256 and refuses a changed one."""
+    def generate(out, n, seed, progress, workers):
+        raise WorldError("stopped after the record")  # a stage's own error: exit 2, the state already written
+
+    monkeypatch.setitem(demo.WORLDS, "world2", dataclasses.replace(demo.WORLDS["world2"], generate=generate))
+    words = tmp_path / "d.txt"
+    words.write_text("crimson\nincurred\n")
+    argv = ["--out", str(tmp_path / "o"), "--distractors", str(words), "--no_progress"]
+    assert demo.main(argv) == 2 and "stopped after the record" in capsys.readouterr().err
+    assert demo.main(argv) == 2 and "stopped after the record" in capsys.readouterr().err  # unchanged: same demo
+    words.write_text("crimson\nzzyzx\n")
+    assert demo.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--distractors ({words}) changed since this demo read it" in err and "stopped" not in err, err
+
+
 def test_every_knob_is_declared_once():
     """The demo re-declares no stage's knob: a top-level field name appears in a nested config only where the demo
     passes the top-level value on (visae.demo.PROPAGATED) or the nested stage sets it itself (the sweep: each

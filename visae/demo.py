@@ -354,6 +354,25 @@ def _absolute_files(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _input_digests(recorded: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """``{field: {"path", "sha256"}}`` of the demo's file arguments that name files (``--vocab``, ``--distractors``,
+    ``--pretrained`` and the stages' files; keywords skipped): a rerun compares contents, since a file edited in
+    place kept its path and the demo would have reused names made from the old words."""
+    from visae.integrity import sha256_file
+
+    out = {}
+    for name, v in _absolute_files({k: _dotted(recorded, k) for k in _FILE_ARGS}).items():
+        if isinstance(v, str) and v and os.path.isfile(v):
+            out[name] = {"path": v, "sha256": sha256_file(v)}
+    return out
+
+
+def _dotted(d: dict[str, Any], path: str) -> Any:
+    for p in path.split("."):
+        d = d.get(p) if isinstance(d, dict) else None
+    return d
+
+
 def _identity(d: dict[str, Any]) -> dict[str, Any]:
     """A recorded (resolved) config as two runs' are compared: without the :data:`VOLATILE` fields, without
     ``out`` (the directory the record is in, however it was spelt), without the nested copies of
@@ -727,10 +746,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             # e.g. a world2 demo made before the world's default model changed (visae-toyclip2 -> -reg4)
             how = f"to finish it, rerun with --model {was}; else {how}"
         raise ConfigError(f"{out / STATE}: this directory holds a demo with other settings {diff} (old, new); {how}")
+    inputs = _input_digests(recorded)
+    changed = [k for k, v in (st.get("inputs") or {}).items()
+               if k in inputs and isinstance(v, dict) and inputs[k]["sha256"] != v.get("sha256")]
+    if changed:  # the same path, other content: every stage after the one that read it would be stale
+        raise ConfigError(f"{out / STATE}: the file given as --{changed[0]} ({inputs[changed[0]]['path']}) changed since "
+                          "this demo read it (its SHA-256 differs); use another --out, or delete it to run again")
     out.mkdir(parents=True, exist_ok=True)
     if run.threads > 0:
         torch.set_num_threads(run.threads)
     st["config"] = recorded
+    st["inputs"] = inputs
     _save_state(out, st)
     text_cache = run.naming.text_cache
     world_dir, shards_dir, sweep_dir = out / "world", Path(run.sweep.train.shards), Path(run.sweep.out)

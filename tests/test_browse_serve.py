@@ -74,10 +74,18 @@ def test_nul_byte_in_the_url_is_answered_400(site, request_line):
     assert reply.startswith(b"HTTP/1.0 400") or reply.startswith(b"HTTP/1.1 400"), reply[:80]
 
 
-def test_busy_port_is_a_clear_error(site):
+def test_busy_port_is_a_clear_error(site, tmp_path, capsys):
+    from visae.browse import PortInUseError
+    from visae.cli import main
+
     _, port = site
-    with pytest.raises(ValueError, match=rf"port {port} .* in use.*--port 0"):
+    with pytest.raises(PortInUseError, match=rf"port {port} .* in use.*--port 0"):
         serve(".", port, block=False)
+    (tmp_path / "index.html").write_text("<html></html>")
+    assert main(["browse", "serve", str(tmp_path), "--port", str(port)]) == 1  # another process holds it: exit 1
+    assert f"port {port}" in capsys.readouterr().err
+    assert main(["browse", "serve", str(tmp_path / "nosuchdir")]) == 2
+    assert "nosuchdir does not exist" in capsys.readouterr().err  # it said "holds no index.html"
 
 
 @pytest.mark.parametrize("port", [-1, 65536])

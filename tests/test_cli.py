@@ -371,3 +371,9 @@ def test_a_missing_class_names_file_is_a_bad_input(small_shards, tmp_path, capsy
                    str(tmp_path / "nope.txt"), "--label_column", "label"])
     err = capsys.readouterr().err
     assert rc == 2 and f"--classnames_file {tmp_path / 'nope.txt'}" in err, err
+
+
+def test_zeroshot_out_that_is_a_directory_is_refused_before_the_evaluation(small_shards, tmp_path, capsys):
+    """It ended, after the whole evaluation, with the machine's "Is a directory" (exit 1, the flag unnamed)."""
+    assert cli.main(["zeroshot", "--shards", str(small_shards), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a directory" in capsys.readouterr().err

@@ -132,7 +132,8 @@ def test_every_project_error_derives_from_visae_error():
         mod, _, name = f.rpartition(".")
         by_code.setdefault(getattr(importlib.import_module(mod), name).exit_code, set()).add(name)
     assert set(by_code) == {1, 2}, by_code
-    assert by_code[1] == {"OutputLockedError", "WorkerStartError", "HubUnreachableError", "WeightsNotAvailableError"}, \
+    assert by_code[1] == {"OutputLockedError", "WorkerStartError", "HubUnreachableError", "WeightsNotAvailableError",
+                          "PortInUseError"}, \
         by_code[1]
     for expected in ("visae.config.ConfigError", "visae.shards.ShardError", "visae.train.TrainError",
                      "visae.sae.base.SAEFormatError", "visae.sweepdir.SweepError", "visae.select.SelectError"):

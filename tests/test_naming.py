@@ -58,6 +58,10 @@ def test_vocabulary_from_file(tmp_path):
     assert load_vocabulary(f, 0, stopwords=True, alpha_only=True, dropped=dropped) == ["cat", "dog", "t-shirt",
                                                                                       "sea urchin", "zebra"]
     assert dropped == {"stopwords": 2, "not_wordlike": 1, "duplicates": 1}  # the, it's; 1st; the second cat
+    (tmp_path / "stop.txt").write_text("the\nand\n1st\n")
+    with pytest.raises(NamingError, match=r"empty after filtering: of its 3 entries 2 are stopwords \(--no_stopwords "
+                                          r"keeps them\) and 1 not word-like"):  # it did not say which filter
+        load_vocabulary(tmp_path / "stop.txt", 0, stopwords=True, alpha_only=True)
     with pytest.raises(NamingError, match="does not exist"):
         load_vocabulary(tmp_path / "missing.txt")
     with pytest.raises(NamingError, match="is a directory, not a file"):  # it exists: "does not exist" misled

@@ -225,7 +225,9 @@ def load_vocabulary(path: str | Path | None = None, size: int = 20000, *, stopwo
     if dropped is not None:
         dropped.update(stopwords=n0 - n1, not_wordlike=n1 - (n2 - len(extra)), duplicates=n2 - len(out))
     if not out:
-        raise NamingError(f"vocabulary {path or 'wordfreq'} is empty after filtering")
+        raise NamingError(f"vocabulary {path or 'wordfreq'} is empty after filtering: of its {n0} entries "
+                          f"{n0 - n1} are stopwords (--no_stopwords keeps them) and {n1 - (n2 - len(extra))} not "
+                          "word-like (--no_alpha_only keeps them)")
     return out
 
 

@@ -30,12 +30,18 @@ from visae.errors import VisaeError
 from visae.naming import NameConfig
 from visae.resources import config_yaml
 
-__all__ = ["BrowseConfig", "BrowseError", "build_site", "serve", "main"]
+__all__ = ["BrowseConfig", "BrowseError", "PortInUseError", "build_site", "serve", "main"]
 
 
 class BrowseError(VisaeError, ValueError):
     """The site cannot be built or served from what was given: an ``--out`` that holds something else, an SAE,
-    shard set or names that do not fit together, a port out of range or in use (exit status 2)."""
+    shard set or names that do not fit together, a port out of range (exit status 2)."""
+
+
+class PortInUseError(BrowseError):
+    """Another process holds the port (exit status 1: the command is right, its surroundings stopped it)."""
+
+    exit_code = 1
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
@@ -365,7 +371,7 @@ def serve(site: str | Path, port: int = 8000, *, block: bool = True) -> tuple[ht
         httpd = _SiteServer((HOST, port), handler)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            raise BrowseError(f"port {port} on {HOST} is in use; pass --port 0 (any free port) or another port") from e
+            raise PortInUseError(f"port {port} on {HOST} is in use; pass --port 0 (any free port) or another port") from e
         raise BrowseError(f"cannot serve on {HOST}:{port}: {e.strerror or e}") from e
     url = f"http://{HOST}:{httpd.server_address[1]}/index.html"
     if not block:
@@ -391,14 +397,15 @@ def serve_main(argv: list[str]) -> int:
     ap.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     args = ap.parse_args(argv)
     if not (Path(args.site) / "index.html").is_file():
-        print(f"visae browse serve: error: {args.site} holds no index.html (not a site written by `visae browse`; "
-              "build one with `visae browse --sae DIR --out SITE`)", file=sys.stderr)
+        what = "does not exist" if not Path(args.site).exists() else "holds no index.html (not a site written by `visae browse`)"
+        print(f"visae browse serve: error: {args.site} {what}; build one with `visae browse --sae DIR --out SITE`",
+              file=sys.stderr)
         return 2
     return _serve_cli(args.site, args.port, "visae browse serve")
 
 
 def _serve_cli(site: str | Path, port: int, prog: str) -> int:
-    """``serve`` for a command line: a bad port or site is one line on stderr and exit status 2."""
+    """``serve`` for a command line: a bad port is one line on stderr and exit status 2, a port in use 1."""
     from visae.errors import report
 
     try:

@@ -224,6 +224,8 @@ def test_bad_yaml_and_a_config_directory_are_named_in_one_line(tmp_path, capsys)
 
     # merge keys may be overridden (not a repeat), unhashable keys keep the safe loader's error
     assert yaml.load("b: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n", Loader=_UniqueKeyLoader)["d"] == {"x": 3, "y": 2}
+    nested = "x:\n  <<: &m\n    <<: {a: 1}\n    a: 5\n  c: 1\nz: *m\n"  # merged inline, aliased later: no repeat
+    assert yaml.load(nested, Loader=_UniqueKeyLoader) == yaml.safe_load(nested)
     with pytest.raises(yaml.YAMLError):
         yaml.load("? [a, b]\n: 1\n", Loader=_UniqueKeyLoader)
     assert cli.main(["train", "--config", str(tmp_path)]) == 2  # said "file does not exist" of a directory

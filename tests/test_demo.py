@@ -1,6 +1,7 @@
 """The demo end to end at the reduced (--quick) size: every artifact, resumption, and a real signal."""
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -162,7 +163,8 @@ def test_a_copied_demo_directory_finishes_on_its_own_files(quick_demo, tmp_path,
 
 def test_a_word_list_edited_in_place_is_refused_not_reused(tmp_path, monkeypatch, capsys):
     """--distractors FILE edited after a demo ran: every stage was "done before" and the site kept names made from
-    the old words (a newcomer's find). The demo records its input files' SHA-256 and refuses a changed one."""
+    the old words (a newcomer's find). The demo records its input files' SHA-256 and refuses one changed since the
+    stage that reads it finished; before that stage ran the new content is simply read."""
     def generate(out, n, seed, progress, workers):
         raise WorldError("stopped after the record")  # a stage's own error: exit 2, the state already written
 
@@ -171,8 +173,16 @@ def test_a_word_list_edited_in_place_is_refused_not_reused(tmp_path, monkeypatch
     words.write_text("crimson\nincurred\n")
     argv = ["--out", str(tmp_path / "o"), "--distractors", str(words), "--no_progress"]
     assert demo.main(argv) == 2 and "stopped after the record" in capsys.readouterr().err
-    assert demo.main(argv) == 2 and "stopped after the record" in capsys.readouterr().err  # unchanged: same demo
-    words.write_text("crimson\nzzyzx\n")
+    words.write_text("crimson\nzzyzx\n")  # edited before naming ran: read as it is now, not refused
+    assert demo.main(argv) == 2 and "stopped after the record" in capsys.readouterr().err
+    st = json.loads((tmp_path / "o" / demo.STATE).read_text())
+    assert st["inputs"]["distractors"]["sha256"] == hashlib.sha256(words.read_bytes()).hexdigest()
+    # once the naming stage has finished, a later edit is stale: refused, naming the file
+    st["stages"]["name"] = {"seconds": 1.0}
+    words.write_text("crimson\nother\n")
+    assert demo.stale_inputs(st, demo._input_digests(st["config"])) == ["distractors"]
+    assert demo.stale_inputs({**st, "stages": {}}, demo._input_digests(st["config"])) == []
+    (tmp_path / "o" / demo.STATE).write_text(json.dumps(st))
     assert demo.main(argv) == 2
     err = capsys.readouterr().err
     assert f"--distractors ({words}) changed since this demo read it" in err and "stopped" not in err, err

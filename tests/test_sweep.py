@@ -278,8 +278,12 @@ def test_stale_data_and_a_same_size_swap_are_not_selected_silently(planted, tmp_
     st = w.stat()
     shutil.copyfile(sd.trial_dir(other) / "weights.safetensors", w)
     os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
-    with pytest.raises(DirError, match=rf"cannot publish {chosen} .*another SHA-256"):
+    board = (tmp_path / "sw" / "leaderboard.csv").read_bytes()
+    with pytest.raises(SelectError, match=rf"the chosen trial {chosen} is damaged .*another SHA-256"):
         select(SelectConfig(sweep=str(tmp_path / "sw"), progress=False))
+    assert (tmp_path / "sw" / "leaderboard.csv").read_bytes() == board  # refused before the tables were rewritten
+    with pytest.raises(DirError, match=rf"cannot publish {chosen} .*another SHA-256"):  # the last guard, on its own
+        sd.publish_best(chosen, {})
     # (2) the selection set re-extracted in place: other content at the same path is scored again, not read from cache
     shutil.rmtree(val)
     write_planted_shards(val, n=1536, dictionary=make_planted_dictionary(d=16, n_atoms=48, seed=7), shard_size=512,

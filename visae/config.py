@@ -261,12 +261,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (the safe loader keeps the last one silently:
     ``lr: 1e-3`` ten lines above ``lr: 1e-4`` trained at 1e-4 without a word)."""
 
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+    def flatten_mapping(self, node: Any) -> None:
+        # checked here, once per node, before PyYAML rewrites a node with merge keys in place (a node merged
+        # inline and aliased later would otherwise be checked again in its flattened form: false repeats)
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            self._check_unique(node)
+        super().flatten_mapping(node)
+
+    def _check_unique(self, node: Any) -> None:
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base': the keys it merges may be overridden
                 continue
-            key = self.construct_object(key_node, deep=deep)
+            key = self.construct_object(key_node, deep=True)
             try:
                 again = key in seen
             except TypeError:  # an unhashable key: the safe loader's own error follows
@@ -276,7 +285,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"key {key!r} is given twice (lines {seen[key].line + 1} and "
                     f"{key_node.start_mark.line + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep=deep)
 
 
 def load_yaml_config(cls: type[C], path: str | Path, overrides: dict[str, Any] | None = None) -> C:

@@ -367,6 +367,22 @@ def _input_digests(recorded: dict[str, Any]) -> dict[str, dict[str, str]]:
     return out
 
 
+# which stage reads each file argument: a file edited before that stage finished is simply read as it is now
+_READ_BY = {"vocab": "name", "distractors": "name", "pretrained": "extract"}
+
+
+def stale_inputs(st: dict[str, Any], inputs: dict[str, dict[str, str]]) -> list[str]:
+    """The file arguments (fields of ``inputs``, :func:`_input_digests`) whose content differs from the one
+    ``st`` (demo_state.json) recorded when the stage that reads them (``name`` for the word lists, ``extract`` for
+    ``--pretrained``, ``sweep`` for the stages' own files) had finished; a file changed before that is not stale."""
+    out = []
+    for k, v in (st.get("inputs") or {}).items():
+        if k in inputs and isinstance(v, dict) and inputs[k]["sha256"] != v.get("sha256"):
+            if _READ_BY.get(k, "sweep") in (st.get("stages") or {}):
+                out.append(k)
+    return out
+
+
 def _dotted(d: dict[str, Any], path: str) -> Any:
     for p in path.split("."):
         d = d.get(p) if isinstance(d, dict) else None
@@ -536,7 +552,7 @@ def _state(out: Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: expected a JSON object, got {type(st).__name__}; delete it or use another --out")
     was = (st.get("config") or {}).get("out") if isinstance(st.get("config"), dict) else None
     now = str(out.resolve())
-    if isinstance(was, str) and was and was != now:  # a copied or moved demo directory: its stages' paths follow it
+    if isinstance(was, str) and was and str(Path(was).resolve()) != now:  # copied or moved: its stages' paths follow it
         st["stages"] = _rebase(st.get("stages") or {}, was, now)
     return st
 
@@ -747,9 +763,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             how = f"to finish it, rerun with --model {was}; else {how}"
         raise ConfigError(f"{out / STATE}: this directory holds a demo with other settings {diff} (old, new); {how}")
     inputs = _input_digests(recorded)
-    changed = [k for k, v in (st.get("inputs") or {}).items()
-               if k in inputs and isinstance(v, dict) and inputs[k]["sha256"] != v.get("sha256")]
-    if changed:  # the same path, other content: every stage after the one that read it would be stale
+    changed = stale_inputs(st, inputs)
+    if changed:  # the same path, other content, read by a stage that finished: its results would be stale
         raise ConfigError(f"{out / STATE}: the file given as --{changed[0]} ({inputs[changed[0]]['path']}) changed since "
                           "this demo read it (its SHA-256 differs); use another --out, or delete it to run again")
     out.mkdir(parents=True, exist_ok=True)

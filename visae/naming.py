@@ -670,7 +670,7 @@ def name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) -> 
     """Run the naming stage; returns the output directory (concepts.json, concepts.csv[, top_images.npz]).
 
     Holds the lock of ``cfg.out`` while it runs. The files are committed as one step:
-    the earlier run's ``concepts.csv`` is removed, ``top_images.npz`` written, then ``concepts.json`` (the commit
+    ``top_images.npz`` is written, the earlier run's ``concepts.csv`` removed, then ``concepts.json`` (the commit
     point, recording the SHA-256 of the top-images file it belongs to, which ``TopImages.load`` checks, and of the
     CSV), then ``concepts.csv`` from it. A run killed in between never pairs one run's concepts with another's
     images, and never leaves one run's table beside another's ``concepts.json`` (it left the new CSV beside the
@@ -733,7 +733,6 @@ def _name_concepts(cfg: NameConfig, *, backbone: Any = None, sae: Any = None) ->
                                        progress=cfg.progress)
         except ShardError as e:
             raise NamingError(str(e)) from None
-        (out / "concepts.csv").unlink(missing_ok=True)  # the earlier run's table never outlives its concepts.json
         stats.save(out / "top_images.npz")
     active = (stats.count > 0) if (stats is not None and cfg.skip_dead) else None
     res = match_names(decoder_directions(sae, cfg.member), emb, vocab.words, top_k=cfg.top_k, unique=cfg.unique_names,

@@ -46,7 +46,7 @@ from visae.config import ConfigError, absolute_paths, check_bounds, check_fracti
 from visae.errors import VisaeError
 from visae.resources import config_yaml
 from visae.shards import ShardError, ShardSet
-from visae.sweepdir import SCORE_FORMAT, SweepDir, SweepError
+from visae.sweepdir import SCORE_FORMAT, SweepDir, SweepError, weights_problem
 
 DEFAULT_YAML = config_yaml("select.yaml")
 METRICS = ("zeroshot_top1", "zeroshot_top5", "explained_variance")
@@ -740,6 +740,13 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
         if not scores:
             raise SelectError(f"{out}: no trained trials in {sd.trials_dir} yet; run the sweep first")
         rows = leaderboard(out, scores, metric, max_l0, max_dead, rule, max_drop)
+        chosen_now = next((r["trial"] for r in rows if r.get("chosen")), None)
+        why = weights_problem(sd.trial_dir(chosen_now), full=True) if chosen_now else None
+        if why is not None:  # found before the leaderboard marks it chosen (best/ would refuse it after the tables)
+            demo_dir = out.resolve().parent
+            how = (f"rerun the demo (visae demo --out {demo_dir} with its settings)" if (demo_dir / "demo_state.json")
+                   .is_file() else f"delete {sd.trial_dir(chosen_now)} and rerun the same `visae sweep` command")
+            raise SelectError(f"{out}: the chosen trial {chosen_now} is damaged ({why}); {how} to train it again")
         constraints = {"max_l0": max_l0, "max_dead": max_dead}
         _write_tables(out, rows, metric, constraints, rule, max_drop)
         _plot(out, rows, metric, max_l0)

@@ -297,14 +297,16 @@ def _cache_save(path: Path, emb: torch.Tensor, meta: dict[str, str]) -> None:
 def template_problem(t: Any) -> str | None:
     """Why ``t`` cannot be a prompt template (None when it can): a string with exactly one ``{}`` for the word and
     nothing else ``str.format`` reads (``"{} {}"``, ``"a {} {"`` and ``"{0}"`` raised inside the text stage)."""
+    import string
+
     if not isinstance(t, str):
         return f"prompt template {t!r} is not a string"
-    if t.count("{}") != 1:
-        return f"prompt template {t!r} must contain exactly one '{{}}' for the word, e.g. 'a photo of a {{}}.'"
     try:
-        t.format("word")
-    except (ValueError, IndexError, KeyError):
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(t) if name is not None]
+    except ValueError:
         return f"prompt template {t!r} has a stray brace (write {{{{ or }}}} for a literal one)"
+    if fields != [("", "", None)]:  # '{{}}' is a literal pair of braces, not a field
+        return f"prompt template {t!r} must contain exactly one '{{}}' for the word, e.g. 'a photo of a {{}}.'"
     return None
 
 

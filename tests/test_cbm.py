@@ -202,6 +202,9 @@ def test_cbm_json_commits_the_other_files(tmp_path, monkeypatch):
         load_cbm(out)
     model(1.0).save(out, {"note": "third"})  # a finished run commits its own files again
     assert load_cbm(out)[1]["note"] == "third"
+    model(1.0).save(out, {"note": "fourth"}, files={"examples.jsonl": b"{}\n"})
+    (out / "examples.jsonl").unlink()  # explanations deleted on purpose: the model still loads
+    assert load_cbm(out)[1]["note"] == "fourth"
     (out / "cbm.json").write_text("{")
     with pytest.raises(CBMError, match="cbm.json is not valid JSON"):
         load_cbm(out)

@@ -521,7 +521,8 @@ def load_cbm(path: str | Path) -> tuple[ConceptBottleneck, dict[str, Any]]:
     """Read a CBM directory written by :func:`train_cbm` -> (model, cbm.json).
 
     Raises CBMError naming the file when it is not a CBM directory, cbm.json is not valid JSON or not a CBM's, a
-    file it records (``files``: cbm.safetensors, examples.jsonl) is missing or has another SHA-256 (a ``visae cbm``
+    file it records (``files``: cbm.safetensors, examples.jsonl; the explanations may be deleted) is missing or has
+    another SHA-256 (a ``visae cbm``
     killed before it committed cbm.json, or a file copied from another run), or cbm.safetensors cannot be read or
     lacks a tensor. A cbm.json without ``files`` (written before 2026-12-02) is read without that check."""
     from safetensors import SafetensorError
@@ -540,8 +541,13 @@ def load_cbm(path: str | Path) -> tuple[ConceptBottleneck, dict[str, Any]]:
     if not isinstance(doc, dict) or doc.get("format") != CBM_FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise CBMError(f"{j}: field 'format' is {got!r}, expected {CBM_FORMAT!r}")
-    for name, digest in (doc.get("files") or {}).items():
+    files = doc.get("files") or {}
+    if not isinstance(files, dict):
+        raise CBMError(f"{j}: field 'files' is {type(files).__name__}, expected {{name: sha256}}")
+    for name, digest in files.items():
         f = path / name
+        if name == "examples.jsonl" and not f.exists():  # explanations only, deleted on purpose: the model stands
+            continue
         if not f.is_file() or sha256_file(f) != digest:
             why = "is missing" if not f.is_file() else "does not belong to it (its SHA-256 differs from the one recorded)"
             raise CBMError(f"{f} {why}: {j} records it; a visae cbm killed before it finished, or a file from "

@@ -744,9 +744,11 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
         why = weights_problem(sd.trial_dir(chosen_now), full=True) if chosen_now else None
         if why is not None:  # found before the leaderboard marks it chosen (best/ would refuse it after the tables)
             demo_dir = out.resolve().parent
-            how = (f"rerun the demo (visae demo --out {demo_dir} with its settings)" if (demo_dir / "demo_state.json")
-                   .is_file() else f"delete {sd.trial_dir(chosen_now)} and rerun the same `visae sweep` command")
-            raise SelectError(f"{out}: the chosen trial {chosen_now} is damaged ({why}); {how} to train it again")
+            again = ("the demo (visae demo --out {} with its settings)".format(demo_dir)
+                     if (demo_dir / "demo_state.json").is_file() else "the same `visae sweep` command")
+            raise SelectError(f"{out}: the chosen trial {chosen_now} is damaged ({why}); delete "
+                              f"{sd.trial_dir(chosen_now)} and rerun {again} to train it again (a same-size "
+                              "replacement passes the sweep's size check)")
         constraints = {"max_l0": max_l0, "max_dead": max_dead}
         _write_tables(out, rows, metric, constraints, rule, max_drop)
         _plot(out, rows, metric, max_l0)

@@ -1085,12 +1085,12 @@ def zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     if not cfg.shards:
         raise ZeroShotError("--shards is required: a labelled shard set of the model's final image embedding")
     if cfg.out:  # the result is one JSON file: checked before the evaluation, not after it
+        from visae.atomic import check_output_path
+
         o = Path(cfg.out)
-        blocked = next((q for q in o.parents if q.exists() and not q.is_dir()), None)
         if o.is_dir():
             raise ZeroShotError(f"--out {o} is a directory; give the result file's path (e.g. {o / 'zeroshot.json'})")
-        if blocked is not None:
-            raise ZeroShotError(f"--out {o}: {blocked} is a file, not a directory")
+        check_output_path(o.parent, "visae zeroshot")  # a parent that is a file (the shared check)
     ss = ShardSet(cfg.shards)
     sae = None
     if cfg.sae:  # loaded before the model and the images: a bad SAE dir fails fast
